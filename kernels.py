@@ -1,0 +1,236 @@
+"""kernels.py: the device, and the few ops that decide a transformer's speed.
+
+Each op has a portable torch path (CPU, CUDA, MPS) and an Ascend path through torch_npu's fused kernels, chosen by
+the device of the input. torch_npu is imported lazily and only when an NPU is in play, so nothing here needs it.
+
+    rms_norm(x, weight, eps)                      torch_npu.npu_rms_norm
+    apply_rotary(x, cos, sin)                     torch_npu.npu_rotary_mul
+    attention(q, k, v, causal, alibi, masks)      torch_npu.npu_fusion_attention (BNSD, or TND for packed docs)
+    swiglu(gate, up)                              torch_npu.npu_swiglu
+    cross_entropy(logits, targets, loss_mask)     (portable everywhere)
+
+Tests run the NPU path on CPU against a fake torch_npu that implements the documented semantics (force_npu()).
+"""
+
+import functools
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------------------------------
+# device and distributed backend
+
+
+@functools.cache
+def _npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+    except ImportError:
+        return False
+    return torch.npu.is_available()
+
+
+def device_type() -> str:
+    """'npu' | 'cuda' | 'mps' | 'cpu': the best accelerator this process can use."""
+    if _npu_available():
+        return "npu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def dist_backend(device: str | None = None) -> str:
+    """The torch.distributed backend that goes with a device type: hccl on NPU, nccl on CUDA, gloo otherwise."""
+    return {"npu": "hccl", "cuda": "nccl"}.get(device or device_type(), "gloo")
+
+
+_force_npu = False
+
+
+@contextmanager
+def force_npu(enabled: bool = True):
+    """Route every op through the torch_npu path whatever the device (tests do this with a fake torch_npu)."""
+    global _force_npu
+    previous, _force_npu = _force_npu, enabled
+    try:
+        yield
+    finally:
+        _force_npu = previous
+
+
+def _npu(x: torch.Tensor):
+    """The torch_npu module when x lives on an NPU (or the NPU path is forced), else None."""
+    if _force_npu or x.device.type == "npu":
+        import torch_npu
+
+        return torch_npu
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# elementwise ops
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight, the statistics in fp32 whatever x's dtype (as LLaMA and Baichuan compute it)."""
+    npu = _npu(x)
+    if npu is not None:
+        return npu.npu_rms_norm(x, weight, eps)[0]
+    return F.rms_norm(x, (x.size(-1),), weight, eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for rotate-half RoPE: (*positions.shape, head_dim) in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # (..., head_dim / 2)
+    angles = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout: the two halves share frequencies
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: x * cos + rotate_half(x) * sin. x (B, T, H, D); cos, sin broadcastable, e.g. (B|1, T, 1, D)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    npu = _npu(x)
+    if npu is not None:
+        return npu.npu_rotary_mul(x, cos, sin)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, the LLaMA feed-forward nonlinearity."""
+    npu = _npu(gate)
+    if npu is not None:
+        return npu.npu_swiglu(torch.cat([gate, up], dim=-1), dim=-1)
+    return F.silu(gate) * up
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# attention
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi head slopes as Bloom and Baichuan compute them, for any head count.
+
+    With p the largest power of two <= n_heads, the first p heads get 2^(-8i/p), i = 1..p; the remaining heads take
+    the odd-indexed slopes of the 2p series, 2^(-8i/2p) for i = 1, 3, 5, ...
+    """
+    p = 2 ** math.floor(math.log2(n_heads))
+    slopes = [2 ** (-8 * i / p) for i in range(1, p + 1)]
+    slopes += [2 ** (-8 * i / (2 * p)) for i in range(1, 2 * (n_heads - p), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device):
+    """(B|1, 1, T, S) bool, True where query i (at position q_start + i) may attend key j; None if all may."""
+    qpos = torch.arange(q_start, q_start + T, device=device)[:, None]
+    kpos = torch.arange(S, device=device)[None, :]
+    allowed = (kpos <= qpos)[None, None] if causal and (T > 1 or q_start + T < S) else None
+    if doc_ids is not None:  # packed sequences: attention stays inside each document
+        same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
+        allowed = same_doc if allowed is None else allowed & same_doc
+    if key_padding_mask is not None:
+        real = key_padding_mask[:, None, None, :S].bool()
+        allowed = real if allowed is None else allowed & real
+        # a padding query would see no key at all and softmax would give NaN: let it see itself
+        allowed = allowed | (kpos == qpos)
+    return allowed
+
+
+def _alibi_bias(slopes, T, S, q_start, device):
+    """(1, H, T, S) fp32 bias slope_h * (j - i): 0 on the diagonal, more negative with distance."""
+    qpos = torch.arange(q_start, q_start + T, device=device)[:, None]
+    kpos = torch.arange(S, device=device)[None, :]
+    return (slopes.float()[:, None, None] * (kpos - qpos)).unsqueeze(0)
+
+
+def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None, doc_ids=None, q_start=0):
+    """Scaled dot-product attention with causal, ALiBi, padding and packed-document masks.
+
+    q (B, H, T, D); k, v (B, H_kv, S, D) with H_kv dividing H (grouped-query attention). Query i sits at position
+    q_start + i and key j at position j, so with a KV cache S = q_start + T. key_padding_mask (B, >=S) bool, True
+    for real tokens; doc_ids (B, T) document index of every token of a packed sequence (needs S == T).
+    Returns (B, H, T, D).
+    """
+    B, H, T, D = q.shape
+    S = k.size(2)
+    npu = _npu(q)
+    if npu is not None and D % 16 == 0:  # the fused kernel needs head_dim % 16 == 0; others take the portable path
+        return _npu_attention(npu, q, k, v, causal, alibi_slopes, key_padding_mask, doc_ids, q_start)
+    allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, q.device)
+    mask, is_causal = allowed, False
+    if alibi_slopes is not None:
+        bias = _alibi_bias(alibi_slopes, T, S, q_start, q.device)
+        mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+        mask = mask.to(q.dtype)
+    elif allowed is not None and key_padding_mask is None and doc_ids is None and T == S:
+        mask, is_causal = None, True  # plain causal: let SDPA pick its fused kernel
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != k.size(1))
+
+
+@functools.cache
+def _npu_causal_mask(device) -> torch.Tensor:
+    # sparse modes 2 and 3 take this fixed 2048 x 2048 upper-triangular mask whatever the sequence length
+    return torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1)
+
+
+def _npu_attention(npu, q, k, v, causal, alibi_slopes, key_padding_mask, doc_ids, q_start):
+    B, H, T, D = q.shape
+    S = k.size(2)
+    scale = 1.0 / math.sqrt(D)
+    if doc_ids is not None and alibi_slopes is None and key_padding_mask is None and causal:
+        return _npu_packed_attention(npu, q, k, v, doc_ids, scale)
+    pse = None
+    if alibi_slopes is not None:  # the kernel computes scale * (pse + q k^T), so the bias goes in divided by scale
+        pse = (_alibi_bias(alibi_slopes, T, S, q_start, q.device) / scale).to(q.dtype)
+    if causal and key_padding_mask is None and doc_ids is None and T == S:
+        atten_mask, sparse_mode = _npu_causal_mask(q.device), 3  # right-down causal, no (T, S) mask built
+    else:
+        allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, q.device)
+        atten_mask, sparse_mode = (None if allowed is None else ~allowed), 0  # True = masked out
+    return npu.npu_fusion_attention(
+        q, k, v, H, "BNSD", pse=pse, atten_mask=atten_mask, scale=scale, sparse_mode=sparse_mode
+    )[0]
+
+
+def _npu_packed_attention(npu, q, k, v, doc_ids, scale):
+    """Packed documents in the TND layout: every document is its own causal sequence, none is padded."""
+    B, H, T, D = q.shape
+    ends = []  # cumulative end offset of every document over the flattened batch
+    for b, row in enumerate(doc_ids.tolist()):
+        ends += [b * T + t for t in range(1, T) if row[t] != row[t - 1]] + [(b + 1) * T]
+
+    def tnd(x):  # (B, N, T, D) -> (B*T, N, D)
+        return x.transpose(1, 2).reshape(B * T, x.size(1), D)
+
+    out = npu.npu_fusion_attention(
+        tnd(q), tnd(k), tnd(v), H, "TND", atten_mask=_npu_causal_mask(q.device), scale=scale, sparse_mode=3,
+        actual_seq_qlen=ends, actual_seq_kvlen=ends,
+    )[0]
+    return out.view(B, T, H, D).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loss
+
+
+def cross_entropy(logits, targets, loss_mask=None, z_loss: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy over the counted tokens, in fp32.
+
+    A token counts unless its target is -100 or its loss_mask is 0. z_loss adds Baichuan2's max-z term,
+    z_loss * mean(max(logits)^2), which keeps the logits from drifting upwards.
+    """
+    logits = logits.float().flatten(0, -2)  # (N, V)
+    targets = targets.flatten()
+    if loss_mask is not None:
+        targets = targets.masked_fill(loss_mask.flatten() == 0, -100)
+    counted = targets != -100
+    n = counted.sum().clamp(min=1)
+    loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / n
+    if z_loss:
+        loss = loss + z_loss * (logits.max(dim=-1).values.pow(2) * counted).sum() / n
+    return loss

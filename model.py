@@ -1,0 +1,464 @@
+"""model.py: one decoder-only transformer for the LLaMA, Baichuan, Baichuan2 and Aquila families.
+
+    RMSNorm -> attention (RoPE or ALiBi, multi-head or grouped-query) -> RMSNorm -> SwiGLU, repeated; no biases.
+
+The families differ only in numbers (ModelArgs) and in a few switches: pos_emb='alibi' for the 13B Baichuans,
+norm_head and z_loss for Baichuan2. The hot ops live in kernels.py. The checkpoint-dir format (config.json +
+safetensors, loaded by memory map) is defined at the bottom, so every script reads and writes it the same way.
+
+    from model import Transformer, PRESETS
+    model = Transformer(PRESETS["tiny"])
+    logits, loss = model(idx, targets)
+"""
+
+import json
+import math
+import os
+import struct
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: multi-head attention; fewer than n_heads: grouped-query attention
+    vocab_size: int = 32000
+    hidden_dim: int = 11008  # SwiGLU inner width
+    norm_eps: float = 1e-6
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    pos_emb: str = "rope"  # 'rope' | 'alibi'
+    tie_embeddings: bool = False
+    norm_head: bool = False  # Baichuan2: output rows L2-normalised in every forward
+    z_loss: float = 0.0  # Baichuan2's max-z loss weight
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"ModelArgs.{field}={getattr(self, field)!r}: {why}")
+
+        for name in ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                bad(name, "expected a positive integer")
+        if self.dim % self.n_heads:
+            bad("dim", f"must be divisible by n_heads={self.n_heads}")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            bad("n_kv_heads", f"must be a positive divisor of n_heads={self.n_heads}")
+        if self.pos_emb not in ("rope", "alibi"):
+            bad("pos_emb", "expected 'rope' or 'alibi'")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            bad("dim", f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.norm_head and self.tie_embeddings:
+            bad("norm_head", "a normalised head cannot be tied to the input embedding")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Published configurations. Parameter counts (tests/test_model.py checks them) are those of the released weights.
+PRESETS = {
+    # https://huggingface.co/huggyllama/llama-7b/blob/main/config.json  (6,738,415,616 parameters)
+    "llama-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=32000),
+    # https://huggingface.co/huggyllama/llama-13b/blob/main/config.json  (13,015,864,320)
+    "llama-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, vocab_size=32000),
+    # https://huggingface.co/baichuan-inc/Baichuan-7B/blob/main/config.json  (7,000,559,616)
+    "baichuan-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=64000, max_seq_len=4096),
+    # https://huggingface.co/baichuan-inc/Baichuan-13B-Base/blob/main/config.json  (13,264,901,120; ALiBi)
+    "baichuan-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, hidden_dim=13696, vocab_size=64000,
+                              max_seq_len=4096, pos_emb="alibi"),
+    # https://huggingface.co/baichuan-inc/Baichuan2-7B-Base/blob/main/config.json  (7,505,973,248; NormHead)
+    "baichuan2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=125696,
+                              max_seq_len=4096, norm_head=True),
+    # https://huggingface.co/baichuan-inc/Baichuan2-13B-Base/blob/main/config.json  (13,896,668,160; ALiBi, NormHead)
+    "baichuan2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, hidden_dim=13696, vocab_size=125696,
+                               max_seq_len=4096, pos_emb="alibi", norm_head=True),
+    # https://huggingface.co/BAAI/Aquila-7B/blob/main/config.json  (7,295,537,152; byte-level BPE, eps 1e-5)
+    "aquila-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=100008, norm_eps=1e-5),
+    # tests: small enough for a CPU in milliseconds, GQA so every path is exercised
+    "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=512, max_seq_len=128),
+    # bench.py's workload
+    "bench-llama": ModelArgs(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, vocab_size=32000, max_seq_len=256),
+}
+PRESET_FAMILY = {"llama-7b": "llama", "llama-13b": "llama", "baichuan-7b": "baichuan", "baichuan-13b": "baichuan",
+                 "baichuan2-7b": "baichuan2", "baichuan2-13b": "baichuan2", "aquila-7b": "aquila",
+                 "tiny": "llama", "bench-llama": "llama"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the network
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, (B, n_kv_heads, max_seq_len, head_dim): decoding never reallocates."""
+
+    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k, v):
+        B, _, T, _ = k.shape
+        if start_pos + T > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; asked for {start_pos + T}")
+        self.k[:B, :, start_pos : start_pos + T] = k
+        self.v[:B, :, start_pos : start_pos + T] = v
+        return self.k[:B, :, : start_pos + T], self.v[:B, :, : start_pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        # ALiBi slopes live with the heads they belong to, so tensor parallelism can slice them with wq
+        self.register_buffer("alibi_slopes", torch.empty(args.n_heads) if args.pos_emb == "alibi" else None,
+                             persistent=False)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, start_pos=0, key_padding_mask=None, doc_ids=None):
+        B, T, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds only its share of the heads
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        if cos is not None:
+            q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
+        y = kernels.attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes,
+                              key_padding_mask=key_padding_mask, doc_ids=doc_ids, q_start=start_pos)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x, cos, sin, **attn_kwargs):
+        h = x + self.attention(self.attention_norm(x), cos, sin, **attn_kwargs)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class NormHead(nn.Linear):
+    """Baichuan2's output layer: every row of the weight is L2-normalised before use, which steadies training."""
+
+    def forward(self, x):
+        return F.linear(x, F.normalize(self.weight, dim=-1))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        head = NormHead if args.norm_head else nn.Linear
+        self.output = None if args.tie_embeddings else head(args.dim, args.vocab_size, bias=False)
+        rope = args.pos_emb == "rope"
+        self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim) if rope else None,
+                             persistent=False)
+        self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim) if rope else None,
+                             persistent=False)
+        if self.tok_embeddings.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_buffers(self):
+        """(Re)compute the non-persistent tables, e.g. after building on the meta device."""
+        a = self.args
+        if self.rope_cos is not None:
+            positions = torch.arange(a.max_seq_len, device=self.rope_cos.device)
+            self.rope_cos, self.rope_sin = kernels.rope_cos_sin(positions, a.head_dim, a.rope_theta)
+        for layer in self.layers:
+            if layer.attention.alibi_slopes is not None:
+                slopes = kernels.alibi_slopes(a.n_heads)
+                layer.attention.alibi_slopes = slopes.to(layer.attention.alibi_slopes.device)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, init_std) weights; residual projections (wo, w2) scaled by 1/sqrt(2 * n_layers) as in GPT-2."""
+        std = self.args.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # norm gains
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
+            else:
+                nn.init.normal_(p, std=std)
+        self.init_buffers()
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
+        """Preallocate a KV cache for incremental decoding of up to batch_size sequences of max_seq_len tokens."""
+        a = self.args
+        weight = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, a.kv_heads, max_seq_len, a.head_dim,
+                                            dtype or weight.dtype, device or weight.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    def forward(self, idx, targets=None, *, loss_mask=None, start_pos=0, positions=None, key_padding_mask=None,
+                doc_ids=None):
+        """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
+
+        targets (B, T): next tokens, -100 ignored; loss_mask (B, T): 0 = not counted. start_pos: where idx starts in
+        the KV cache. positions (B|1, T): RoPE positions (default start_pos + arange(T); with doc_ids they restart at
+        every document). key_padding_mask (B, start_pos + T): True for real tokens. doc_ids (B, T): packed documents.
+        """
+        B, T = idx.shape
+        if positions is None:
+            positions = _doc_positions(doc_ids) if doc_ids is not None else \
+                torch.arange(start_pos, start_pos + T, device=idx.device)[None]
+        cos = sin = None
+        if self.rope_cos is not None:
+            cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B|1, T, 1, D)
+        h = self.tok_embeddings(idx)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids)
+        h = self.norm(h)
+        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        loss = None
+        if targets is not None:
+            loss = kernels.cross_entropy(logits, targets, loss_mask, self.args.z_loss)
+        return logits, loss
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and self.output is not None:  # a tied embedding is also the output layer: keep it
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    @classmethod
+    def from_checkpoint(cls, path, device=None, dtype=None) -> "Transformer":
+        """Load a checkpoint dir: built on the meta device, weights memory-mapped and assigned, never copied twice."""
+        args, _ = read_config(path)
+        with torch.device("meta"):
+            model = cls(args)
+        expected = model.state_dict()
+        tensors = load_tensors(path)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
+            raise CheckpointError(f"{path}: {what} for this config.json ({len(missing)} missing, "
+                                  f"{len(unexpected)} unexpected)")
+        for name, t in tensors.items():
+            if t.shape != expected[name].shape:
+                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, config.json implies "
+                                      f"{tuple(expected[name].shape)}")
+        state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in tensors.items()}
+        model.load_state_dict(state, assign=True)
+        # buffers were built on meta: materialise them where the weights are
+        weight = model.tok_embeddings.weight
+        for mod in model.modules():
+            for name, buf in mod.named_buffers(recurse=False):
+                if buf is not None and buf.is_meta:
+                    setattr(mod, name, torch.empty_like(buf, device=weight.device))
+        model.init_buffers()
+        return model
+
+
+def _doc_positions(doc_ids):
+    """Positions that restart at 0 where a new document starts: doc_ids (B, T) -> (B, T)."""
+    T = doc_ids.size(1)
+    t = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> int:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12 * n_layers * seq_len * dim."""
+    d, L = args.dim, args.n_layers
+    kv = args.kv_heads * args.head_dim
+    n = L * (2 * d * d + 2 * d * kv + 3 * d * args.hidden_dim + 2 * d) + d + args.vocab_size * d
+    return 6 * n + 12 * L * seq_len * d
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checkpoint dirs: config.json + model.safetensors (or shards with HF's index), memory-mapped on load
+
+
+class CheckpointError(ValueError):
+    """A checkpoint dir that is missing, truncated or does not match its config; the message names file and tensor."""
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def read_config(path) -> tuple[ModelArgs, dict]:
+    file = Path(path) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found (is {path} a checkpoint dir?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    try:
+        return ModelArgs.from_dict(config), config
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def _mmap_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Tensors of one .safetensors file as views of a private memory map: nothing is read until it is used."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+        if 8 + n > size:
+            raise CheckpointError(f"{file}: truncated or not a safetensors file (header of {n} bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{file}: corrupted safetensors header") from None
+    header.pop("__metadata__", None)
+    data = torch.from_file(str(file), shared=False, size=size, dtype=torch.uint8)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+        if end > data.numel() or end - begin != math.prod(info["shape"]) * dtype.itemsize:
+            raise CheckpointError(f"{file}: tensor {name} is truncated or corrupted "
+                                  f"(bytes {begin}..{end} of {data.numel()})")
+        raw = data[begin:end]
+        if (8 + n + begin) % dtype.itemsize:  # unaligned: views need alignment, so copy this one
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(info["shape"])
+    return tensors
+
+
+def load_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint dir, memory-mapped: model.safetensors, or the shards its index names."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map'") from None
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).exists():
+                raise CheckpointError(f"{path / shard}: shard named in {index.name} is missing")
+            tensors.update(_mmap_safetensors(path / shard))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointError(f"{index}: tensor {missing[0]} is not in the shard the index names")
+        return tensors
+    if not (path / "model.safetensors").exists():
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    return _mmap_safetensors(path / "model.safetensors")
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards as they come, so a converter holds at most one shard in memory.
+
+    One shard is named model.safetensors; several get HF's model-0000i-of-0000N.safetensors names and an index.
+    """
+
+    def __init__(self, path, max_shard_bytes: Optional[int] = None):
+        self.path, self.max_shard_bytes = Path(path), max_shard_bytes or 2**62
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.pending, self.pending_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
+
+    def add(self, name: str, tensor: torch.Tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self):
+        from safetensors.torch import save_file
+
+        file = self.path / f"shard-{len(self.files):05d}.tmp"
+        save_file(self.pending, str(file), metadata={"format": "pt"})
+        self.files.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self):
+        if self.pending or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            os.replace(self.files[0][0], self.path / "model.safetensors")
+            return
+        n = len(self.files)
+        for i, (file, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(file, self.path / final)
+            self.weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        (self.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_checkpoint(path, state_dict, args: ModelArgs, family: str, *, max_shard_bytes=None, extra_config=None):
+    """Write config.json and the weights of a checkpoint dir (tokenizer files are the caller's to copy)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {**asdict(args), "family": family, **(extra_config or {})}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    writer = ShardWriter(path, max_shard_bytes)
+    for name, tensor in state_dict.items():
+        writer.add(name, tensor)
+    writer.close()
