@@ -1,0 +1,633 @@
+"""
+Generate text from a checkpoint dir: streamed sampling, family-aware chat, int8/int4 weight-only quantisation.
+
+Run:
+  python sample.py --ckpt=ckpt/llama-7b --prompt="Once upon a time" --max_new_tokens=100
+  python sample.py --ckpt=ckpt/baichuan2-7b-chat --chat --system="You are helpful."   # /reset, /exit
+  echo -e "Hi\\nWhat is 2+2?" | python sample.py --ckpt=DIR --chat                   # scripted chat
+  python sample.py --ckpt=DIR --quantize=int4 --group_size=128 --save_quantized=DIR-int4   # then --ckpt=DIR-int4
+  python sample.py --ckpt=DIR --prompt_file=prompts.txt --temperature=0               # one batch, left padded
+
+Generated text goes to stdout as it decodes; everything else (settings, speed, warnings) goes to stderr.
+
+Library use:
+  from sample import generate
+  for token in generate(model, prompt_ids, 64, temperature=0.0, eos_id=tok.eos_id): ...
+
+How it is fast (gpt-fast style): a static KV cache allocated once per call (model.setup_cache), the prompt is
+prefilled in one forward, then one token per step; the per-step key padding mask and positions are views of
+buffers allocated once; only the last position's logits are sampled; everything runs under inference_mode; and
+`--compile` compiles the one-token decode step.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import model as model_lib
+
+# Published generation settings of each family's chat models; they apply in --chat unless a flag overrides them.
+FAMILY_GENERATION_DEFAULTS = {
+    # Baichuan2-{7,13}B-Chat generation_config.json
+    "baichuan2": dict(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.05),
+    # Baichuan-13B-Chat generation_config.json (Baichuan-7B has no official chat model; same settings)
+    "baichuan": dict(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.1),
+    # Llama-2-*-chat-hf generation_config.json (top_k 0 = off)
+    "llama": dict(temperature=0.6, top_k=None, top_p=0.9, repetition_penalty=1.0),
+    # FlagAI's AquilaChat examples: predict(..., top_p=0.95, topk=100, temperature=0.9)
+    "aquila": dict(temperature=0.9, top_k=100, top_p=0.95, repetition_penalty=1.0),
+}
+# Without --chat (base models, plain continuation), nanoGPT-like settings.
+PLAIN_GENERATION_DEFAULTS = dict(temperature=0.8, top_k=200, top_p=None, repetition_penalty=1.0)
+
+# Text a chat model may produce when it starts writing the next user turn itself; generation stops there.
+TEMPLATE_STOP_STRINGS = {
+    "vicuna": ["USER:"], "alpaca": ["### Instruction:"], "human-assistant": ["Human:"],
+    "chatml": ["<|im_end|>"], "llama-2": ["[INST]"], "aquila": ["###Human:", "### Human:"],
+}
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL-style penalty (as transformers' RepetitionPenaltyLogitsProcessor): for tokens already present,
+    positive logits are divided by `penalty` and negative ones multiplied. logits (B, V) float, seen (B, V) bool."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set logits outside the top-k / the top-p nucleus to -inf (the most likely token always stays). (B, V)."""
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop_sorted = (cum_probs - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Next token per row from last-position logits (B, V) float -> (B,) long. temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+def decode_one(model, token, start_pos, positions, key_padding_mask):
+    """One decode step: token (B, 1) -> last-position logits (B, V)."""
+    logits, _ = model(token, start_pos=start_pos, positions=positions, key_padding_mask=key_padding_mask)
+    return logits[:, -1]
+
+
+class CompiledDecode:
+    """decode_one under torch.compile; falls back to eager with a warning if this platform cannot compile."""
+
+    def __init__(self):
+        self.fn = torch.compile(decode_one, dynamic=None)
+        self.failed = False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                return self.fn(*args)
+            except Exception as e:  # inductor raises many types (no C++ compiler, unsupported op, ...)
+                self.failed = True
+                warnings.warn(f"sample.py: --compile failed on this platform ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); decoding without compile")
+        return decode_one(*args)
+
+
+def _as_rows(prompt_ids):
+    """A single prompt (list of ints or 1-D tensor) or a batch (list of lists or 2-D tensor) -> (rows, batched)."""
+    if isinstance(prompt_ids, torch.Tensor):
+        prompt_ids = prompt_ids.tolist()
+    if len(prompt_ids) > 0 and isinstance(prompt_ids[0], (list, tuple)):
+        return [list(r) for r in prompt_ids], True
+    return [list(prompt_ids)], False
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
+             repetition_penalty=1.0, eos_id=None, pad_id=0, seed=None, generator=None, decode_step=None):
+    """Yield generated tokens one step at a time (streaming).
+
+    prompt_ids: one prompt (list of ints / 1-D tensor) -> yields ints; or a batch (list of lists / 2-D tensor,
+    lengths may differ: rows are left padded) -> yields a list per step with one int per row, None for rows that
+    already produced eos. eos is yielded, then that row stops; iteration ends when every row has stopped or after
+    max_new_tokens. Close the generator (break) to stop early, e.g. on a stop string.
+    seed / generator make sampling reproducible. decode_step: e.g. CompiledDecode(); default eager decode_one.
+    """
+    rows, batched = _as_rows(prompt_ids)
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("generate: every prompt needs at least one token (e.g. bos)")
+    if max_new_tokens <= 0:
+        return
+    B, T = len(rows), max(len(r) for r in rows)
+    total = T + max_new_tokens
+    if total > model.args.max_seq_len:
+        raise ValueError(f"generate: prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's max_seq_len ({model.args.max_seq_len})")
+    param = next(model.parameters())
+    device = param.device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    decode_step = decode_step or decode_one
+
+    # left padding: (B, T) tokens and mask (True = real token); real tokens get positions 0..len-1
+    idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, total), dtype=torch.bool, device=device)  # (B, T + max_new_tokens), grown as views
+    for b, r in enumerate(rows):
+        idx[b, T - len(r):] = torch.tensor(r, dtype=torch.long, device=device)
+        mask[b, T - len(r):] = True
+    padded = len({len(r) for r in rows}) > 1
+    # no padding: let the model use its plain causal path (positions = start_pos + arange)
+    positions = (mask[:, :T].long().cumsum(-1) - 1).clamp(min=0) if padded else None  # (B, T)
+    next_pos = mask[:, :T].sum(-1, keepdim=True) if padded else None  # (B, 1) position of the next token
+
+    seen = torch.zeros((B, model.args.vocab_size), dtype=torch.bool, device=device)
+    if repetition_penalty != 1.0:
+        seen.scatter_(1, idx, mask[:, :T])  # pads do not count as present
+
+    model.setup_cache(B, total, dtype=param.dtype, device=device)
+    logits, _ = model(idx, start_pos=0, positions=positions, key_padding_mask=mask[:, :T] if padded else None)
+    logits = logits[:, -1]  # (B, V)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
+        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        token = token.masked_fill(finished, pad_id)
+        out = token.tolist()
+        if batched:
+            yield [None if f else t for t, f in zip(out, finished.tolist())]
+        else:
+            yield out[0]
+        if eos_id is not None:
+            finished |= token == eos_id
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if repetition_penalty != 1.0:
+            seen.scatter_(1, token[:, None], True)
+        mask[:, T + step] = True
+        logits = decode_step(model, token[:, None], T + step, next_pos,
+                             mask[:, :T + step + 1] if padded else None)
+        if padded:
+            next_pos += 1
+
+
+def apply_stop(text, stop):
+    """(text before the earliest stop string, whether one was found)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+def stream_text(tok, tokens, context_ids=(), stop=()):
+    """Turn a stream of token ids into a stream of text pieces.
+
+    Decodes incrementally without splitting multi-byte characters: a piece is released only when the decoded
+    text grew and does not end in U+FFFD (an incomplete UTF-8 sequence). Decoding starts from the last prompt
+    tokens (context_ids) so that leading spaces survive sentencepiece's stripping. Text that might be the start
+    of a stop string is held back; on a stop string the stream ends (closing `tokens`). eos is not printed.
+    """
+    ids = list(context_ids)[-4:]
+    prefix, read = 0, len(ids)
+    pending = ""  # decoded, not yet released because it may begin a stop string
+    for t in tokens:
+        if t == tok.eos_id:
+            break
+        ids.append(t)
+        before, after = tok.decode(ids[prefix:read]), tok.decode(ids[prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            continue
+        pending += after[len(before):]
+        prefix, read = read, len(ids)
+        pending, stopped = apply_stop(pending, stop)
+        if stopped:
+            if pending:
+                yield pending
+            tokens.close() if hasattr(tokens, "close") else None
+            return
+        keep = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+        if len(pending) > keep:
+            yield pending[:len(pending) - keep]
+            pending = pending[len(pending) - keep:]
+    if pending:
+        yield pending
+
+
+# -----------------------------------------------------------------------------
+# weight-only quantisation (gpt-fast style: small nn.Linear replacements, dequantised in the compute dtype)
+
+class Int8Linear(nn.Module):
+    """y = x @ (int8 weight * per-output-channel scale)^T. Symmetric: w ~ q * scale, q in [-127, 127]."""
+
+    def __init__(self, in_features, out_features, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def quantize_from(self, w):
+        scales = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127  # (out,)
+        self.weight.copy_(torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.scales.copy_(scales)
+        return self
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """Group-wise asymmetric 4-bit weights: w ~ q * scale + zero per group of `group_size` input columns,
+    q in [0, 15], two nibbles per byte (even column in the low nibble)."""
+
+    def __init__(self, in_features, out_features, group_size=128, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n_groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+
+    @torch.no_grad()
+    def quantize_from(self, w):
+        out_f, in_f = w.shape
+        g = w.float().reshape(out_f, in_f // self.group_size, self.group_size)  # (out, n_groups, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (out, n_groups)
+        scales = ((hi - lo) / 15).clamp(min=1e-8)
+        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
+        self.weight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))  # (out, in/2)
+        self.scales.copy_(scales)
+        self.zeros.copy_(lo)
+        return self
+
+    def dequantize(self, dtype):
+        q = torch.stack([self.weight & 0xF, self.weight >> 4], dim=-1)  # (out, in/2, 2)
+        q = q.reshape(self.out_features, -1, self.group_size).to(dtype)  # (out, n_groups, group_size)
+        w = q * self.scales.to(dtype)[..., None] + self.zeros.to(dtype)[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x):
+        return F.linear(x, self.dequantize(x.dtype))
+
+
+def quantize_model(model, mode, group_size=128, *, empty=False):
+    """Replace every nn.Linear by Int8Linear / Int4Linear in place. empty=True builds the modules without
+    quantising (to load a saved quantised state dict). Shapes that do not suit int4 raise a clear ValueError."""
+    if mode not in ("int8", "int4"):
+        raise ValueError(f"--quantize: expected int8 or int4, got {mode!r}")
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if mode == "int4":
+        for name, m in linears:
+            if group_size <= 0 or group_size % 2 or m.in_features % group_size:
+                raise ValueError(f"--group_size={group_size} does not suit layer {name} (weight "
+                                 f"{m.out_features}x{m.in_features}): it must be even and divide in_features "
+                                 f"{m.in_features}")
+    for name, m in linears:
+        w = m.weight
+        if mode == "int8":
+            q = Int8Linear(m.in_features, m.out_features, dtype=w.dtype, device=w.device)
+        else:
+            q = Int4Linear(m.in_features, m.out_features, group_size, dtype=w.dtype, device=w.device)
+        if not empty:
+            q.quantize_from(w)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    return model
+
+
+def model_bytes(model):
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def normalise_head(model):
+    """Baichuan2's NormHead re-normalises the output rows in every forward; for inference do it once, in fp32."""
+    head = model.output
+    if isinstance(head, model_lib.NormHead):
+        plain = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+        plain.weight = nn.Parameter(F.normalize(head.weight.float(), dim=-1).to(head.weight.dtype),
+                                    requires_grad=False)
+        model.output = plain
+    return model
+
+
+def load_model(ckpt, device, dtype):
+    """A checkpoint dir -> (Transformer in eval mode, config.json dict). Reads dirs written by --save_quantized."""
+    try:
+        args, config = model_lib.read_config(ckpt)
+        quant = config.get("quantization")
+        if not quant:
+            model = model_lib.Transformer.from_checkpoint(ckpt, device=device, dtype=dtype)
+            return normalise_head(model).eval(), config
+        tensors = model_lib.load_tensors(ckpt)
+    except model_lib.CheckpointError as e:
+        fail(str(e))
+    # build the quantised structure on meta, then assign the saved tensors (nothing materialised twice)
+    with torch.device("meta"):
+        model = model_lib.Transformer(args)
+    normalise_head(model)  # saved heads are already normalised: this only swaps the module type
+    quantize_model(model.to(dtype), quant["mode"], quant.get("group_size", 128), empty=True)
+    expected = model.state_dict()
+    if set(expected) != set(tensors):
+        fail(f"{ckpt}: quantised tensors do not match config.json "
+             f"(e.g. {sorted(set(expected) ^ set(tensors))[:1]})")
+    state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in tensors.items()}
+    model.load_state_dict(state, assign=True)
+    for mod in model.modules():  # non-persistent buffers (rope tables, alibi slopes) are still on meta
+        for name, buf in mod.named_buffers(recurse=False):
+            if buf is not None and buf.is_meta:
+                setattr(mod, name, torch.empty_like(buf, device=device))
+    model.init_buffers()
+    return model.eval(), config
+
+
+def save_quantized(model, src_ckpt, dst, mode, group_size, family):
+    if os.path.exists(dst) and os.listdir(dst):
+        raise SystemExit(f"sample.py: --save_quantized={dst}: directory exists and is not empty")
+    state = {k: v for k, v in model.state_dict().items()}
+    model_lib.write_checkpoint(dst, state, model.args, family,
+                               extra_config={"quantization": {"mode": mode, "group_size": group_size}})
+    import shutil
+    for f in TOKENIZER_FILES + ("tokenizer_config.json",):
+        if os.path.exists(os.path.join(src_ckpt, f)):
+            shutil.copy(os.path.join(src_ckpt, f), os.path.join(dst, f))
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def fail(msg):
+    raise SystemExit(f"sample.py: {msg}")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fit_prompt(ids, max_new_tokens, max_seq_len, policy, what, bos_id=None):
+    """Make prompt + max_new_tokens fit the context: a clear error, or keep the last tokens (and bos) with a
+    warning, as --on_long_prompt says."""
+    room = max_seq_len - max_new_tokens
+    if room < 1:
+        fail(f"--max_new_tokens={max_new_tokens}: leaves no room for a prompt in the model's max_seq_len "
+             f"{max_seq_len}")
+    if len(ids) <= room:
+        return ids
+    if policy == "error":
+        fail(f"{what}: {len(ids)} tokens + --max_new_tokens={max_new_tokens} exceed the model's max_seq_len "
+             f"{max_seq_len}; shorten it, lower --max_new_tokens, or pass --on_long_prompt=truncate")
+    keep_bos = bos_id is not None and ids[0] == bos_id
+    kept = ids[:1] + ids[len(ids) - room + 1:] if keep_bos else ids[len(ids) - room:]
+    log(f"sample.py: warning: {what}: {len(ids)} tokens do not fit with --max_new_tokens={max_new_tokens} in "
+        f"max_seq_len {max_seq_len}; keeping the last {len(kept)} tokens")
+    return kept
+
+
+def read_tokenizer_config(ckpt):
+    path = os.path.join(ckpt, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        fail(f"{path}: line {e.lineno}: expected JSON ({e.msg})")
+
+
+def resolve_template(flag, tok_config, family):
+    """--template, else tokenizer_config.json's chat_template, else the family's default."""
+    import prepare
+    name = flag or tok_config.get("chat_template") or prepare.FAMILY_TEMPLATE.get(family)
+    where = "--template" if flag else ("tokenizer_config.json chat_template" if tok_config.get("chat_template")
+                                       else f"family {family!r}")
+    if name is None:
+        fail(f"--chat: no chat template for family {family!r}; pass --template (one of "
+             f"{', '.join(sorted(prepare.TEMPLATES))})")
+    if name not in prepare.TEMPLATES:
+        fail(f"{where}: unknown chat template {name!r}; expected one of {', '.join(sorted(prepare.TEMPLATES))}")
+    return name
+
+
+def generation_settings(args, family, chat):
+    """Family chat defaults (or plain defaults), overridden by any flag given."""
+    settings = dict(FAMILY_GENERATION_DEFAULTS.get(family, PLAIN_GENERATION_DEFAULTS) if chat
+                    else PLAIN_GENERATION_DEFAULTS)
+    for k in settings:
+        if getattr(args, k) is not None:
+            settings[k] = getattr(args, k)
+    settings["top_k"] = settings["top_k"] or None  # 0 = off
+    return settings
+
+
+def timed_stream(pieces, stats, out):
+    """Write text pieces to `out` as they come; count time."""
+    t0 = time.perf_counter()
+    text = []
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        text.append(piece)
+    stats["seconds"] += time.perf_counter() - t0
+    return "".join(text)
+
+
+def counted(tokens, stats):
+    for t in tokens:
+        stats["tokens"] += 1
+        yield t
+
+
+def run_chat(model, tok, template, settings, *, system, max_new_tokens, on_long_prompt, stop, stdin, stdout,
+             generator=None, decode_step=None):
+    """Interactive chat: each user line is a turn; /reset clears the history, /exit (or end of input) quits."""
+    import prepare
+    history, stats = [], dict(tokens=0, seconds=0.0)
+    interactive = hasattr(stdin, "isatty") and stdin.isatty()
+    log(f"chat: template {template}, {settings}; /reset clears the history, /exit quits")
+    while True:
+        if interactive:
+            sys.stderr.write("user> ")
+            sys.stderr.flush()
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        line = line.rstrip("\n")
+        if line.strip() == "/reset":
+            history = []
+            log("(history cleared)")
+            continue
+        if not line.strip():
+            continue
+        messages = history + [{"role": "user", "content": line}]
+        ids, _ = prepare.encode_chat(tok, template, messages, system=system, add_generation_prompt=True)
+        # drop the oldest turns while the conversation does not fit; a single turn follows --on_long_prompt
+        while len(ids) + max_new_tokens > model.args.max_seq_len and len(messages) > 2:
+            messages = messages[2:]
+            ids, _ = prepare.encode_chat(tok, template, messages, system=system, add_generation_prompt=True)
+            log("sample.py: warning: conversation too long for the context; dropped the oldest turn")
+        ids = fit_prompt(ids, max_new_tokens, model.args.max_seq_len, on_long_prompt, "chat turn", tok.bos_id)
+        tokens = generate(model, ids, max_new_tokens, eos_id=tok.eos_id, pad_id=max(tok.pad_id or 0, 0),
+                          generator=generator, decode_step=decode_step, **settings)
+        if interactive:
+            sys.stderr.write("assistant> ")
+        reply = timed_stream(stream_text(tok, counted(tokens, stats), ids, stop), stats, stdout)
+        stdout.write("\n")
+        stdout.flush()
+        history = messages + [{"role": "assistant", "content": reply.strip()}]
+    return stats
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint dir (config.json, weights, tokenizer)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: start from bos)")
+    p.add_argument("--prompt_file", default=None, help="one prompt per line, generated as one left-padded batch")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8, or family chat)")
+    p.add_argument("--top_k", type=int, default=None, help="0 = off (default 200, or family chat default)")
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--repetition_penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; \\n and \\t understood)")
+    p.add_argument("--chat", action="store_true", help="interactive chat with the checkpoint's template")
+    p.add_argument("--system", default=None, help="system prompt for --chat")
+    p.add_argument("--template", default=None, help="chat template name (default: tokenizer_config.json / family)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation")
+    p.add_argument("--group_size", type=int, default=128, help="int4 group size (must divide in_features)")
+    p.add_argument("--save_quantized", default=None, help="write the quantised checkpoint to this dir")
+    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on accelerators, float32 on CPU")
+    p.add_argument("--device", default=None, help="default: kernels.device_type()")
+    p.add_argument("--on_long_prompt", choices=["error", "truncate"], default="error")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        fail(f"--max_new_tokens={args.max_new_tokens}: expected a positive integer")
+    if args.num_samples < 1:
+        fail(f"--num_samples={args.num_samples}: expected a positive integer")
+    if args.temperature is not None and args.temperature < 0:
+        fail(f"--temperature={args.temperature}: expected >= 0")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        fail(f"--top_p={args.top_p}: expected a value in (0, 1]")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        fail(f"--repetition_penalty={args.repetition_penalty}: expected > 0")
+    args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+    return args
+
+
+def main(argv=None, stdin=None, stdout=None):
+    args = parse_args(argv)
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
+        fail(f"--ckpt={args.ckpt}: no config.json there (expected a checkpoint dir from convert.py or train.py)")
+    if not any(os.path.isfile(os.path.join(args.ckpt, f)) for f in TOKENIZER_FILES):
+        fail(f"--ckpt={args.ckpt}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) in the checkpoint dir")
+    import kernels
+    import prepare
+    device = args.device or kernels.device_type()
+    dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
+    tok_config = read_tokenizer_config(args.ckpt)
+    family = model_lib.read_config(args.ckpt)[1].get("family", "llama")
+    template = resolve_template(args.template, tok_config, family) if args.chat else None
+    tok = prepare.load_tokenizer(args.ckpt)
+
+    t0 = time.perf_counter()
+    model, config = load_model(args.ckpt, device, dtype)
+    if args.quantize:
+        if config.get("quantization"):
+            fail(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({config['quantization']})")
+        try:
+            quantize_model(model, args.quantize, args.group_size)
+        except ValueError as e:
+            fail(str(e))
+    log(f"loaded {args.ckpt} ({family}, {model.num_params():,} params, {args.quantize or config.get('quantization', {}).get('mode', args.dtype or str(dtype)[6:])}) "
+        f"in {time.perf_counter() - t0:.1f}s; weights {model_bytes(model) / 2**20:.1f} MiB on {device}")
+    if args.save_quantized:
+        if not args.quantize:
+            fail("--save_quantized: also pass --quantize=int8|int4")
+        save_quantized(model, args.ckpt, args.save_quantized, args.quantize, args.group_size, family)
+        log(f"wrote {args.save_quantized}")
+        if args.prompt is None and args.prompt_file is None and not args.chat:
+            return
+
+    settings = generation_settings(args, family, args.chat)
+    generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    decode_step = CompiledDecode() if args.compile else None
+    pad_id = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
+    common = dict(eos_id=tok.eos_id, pad_id=pad_id, generator=generator, decode_step=decode_step, **settings)
+    max_seq_len = model.args.max_seq_len
+
+    if args.chat:
+        stop = args.stop + TEMPLATE_STOP_STRINGS.get(template, [])
+        stats = run_chat(model, tok, template, settings, system=args.system, max_new_tokens=args.max_new_tokens,
+                         on_long_prompt=args.on_long_prompt, stop=stop, stdin=stdin, stdout=stdout,
+                         generator=generator, decode_step=decode_step)
+    elif args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            fail(f"--prompt_file={args.prompt_file}: no such file")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        if not prompts:
+            fail(f"--prompt_file={args.prompt_file}: expected one prompt per line, found none")
+        rows = [fit_prompt(tok.encode(p, bos=True), args.max_new_tokens, max_seq_len, args.on_long_prompt,
+                           f"--prompt_file line {i + 1}", tok.bos_id) for i, p in enumerate(prompts)]
+        t0 = time.perf_counter()
+        outs = [[] for _ in rows]
+        n = 0
+        for step in generate(model, rows, args.max_new_tokens, **common):
+            for b, t in enumerate(step):
+                if t is not None and t != tok.eos_id:
+                    outs[b].append(t)
+                    n += 1
+        stats = dict(tokens=n, seconds=time.perf_counter() - t0)
+        for out in outs:
+            stdout.write(apply_stop(tok.decode(out), args.stop)[0] + "\n")
+    else:
+        ids = tok.encode(args.prompt or "", bos=True)
+        if not ids:
+            fail("--prompt: encodes to no tokens and the tokenizer has no bos token to start from")
+        ids = fit_prompt(ids, args.max_new_tokens, max_seq_len, args.on_long_prompt, "--prompt", tok.bos_id)
+        stats = dict(tokens=0, seconds=0.0)
+        for i in range(args.num_samples):
+            if i:
+                log("---------------")
+            tokens = generate(model, ids, args.max_new_tokens, **common)
+            timed_stream(stream_text(tok, counted(tokens, stats), ids, args.stop), stats, stdout)
+            stdout.write("\n")
+            stdout.flush()
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    log(f"{stats['tokens']} tokens in {stats['seconds']:.2f}s ({stats['tokens'] / max(stats['seconds'], 1e-9):.1f} "
+        f"tokens/s); weights {model_bytes(model) / 2**20:.1f} MiB, peak memory {peak / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
