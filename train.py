@@ -1,0 +1,770 @@
+"""train.py: pretraining and supervised fine-tuning of model.py's Transformer, with exact resume.
+
+    python train.py config/default.py                          # the default small model on data/default
+    python train.py config/default.py --max_iters=100 --dtype=bfloat16
+    python train.py config/default.py --init_from=resume       # continue the run in out_dir exactly
+    python train.py config/sft_tiny.py --init_from=path/to/checkpoint_dir   # fine-tune converted weights
+
+Configuration is nanoGPT-style: the defaults are the fields of `Config` below; each config/<recipe>.py assigns some
+of them as plain Python globals; `--key=value` overrides come last (values parsed with ast.literal_eval, anything
+that is not a Python literal is a string). Every value is type-checked against its default. The model is a preset
+of model.PRESETS (`model='tiny'`) plus overrides of any ModelArgs field (`--n_layers=4`).
+
+Data (prepare.py's output dir, see DESIGN.md): train.bin / val.bin memmapped tokens, train.mask.bin / val.mask.bin
+for instruction data (loss only on mask=1 tokens), meta.json. Training walks through the tokens in epochs of
+non-overlapping seq_len windows in an order drawn from (seed, epoch), so the data position is two integers.
+
+Checkpoints: out_dir/step_XXXXXXXX/, written under a temporary name and renamed when complete:
+    .metadata, *.distcp     torch.distributed.checkpoint of {"model": model state dict, "optim": optimiser state}
+                            (parameter names as in DESIGN.md, whatever the sharding: FSDP2 / TP runs save the same)
+    train_state.json        step, loss scaler, data position, config, counters
+    rng_rank{r}.json        each rank's torch RNG state
+    config.json             ModelArgs fields + "family" (the checkpoint-dir config, so convert.py can export)
+    tokenizer files         copied from the data dir
+convert.py's dcp_to_native() turns a step dir into a checkpoint dir; with export=True train.py does that at the end.
+
+Distributed (torchrun) runs the same code on a (dp, tp) device mesh; a single process is the trivial (1, 1) mesh
+and needs no process group.
+"""
+
+import ast
+import difflib
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from tqdm import tqdm
+
+import kernels
+from model import PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, flops_per_token, load_tensors, \
+    read_config
+
+# DCP warns on every save/load that no process group exists; in one process that is exactly the intent
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+@dataclass
+class Config:
+    # I/O
+    out_dir: str = "out/default"
+    data_dir: str = "data/default"
+    init_from: str = "scratch"  # 'scratch' | 'resume' (latest complete step in out_dir) | a checkpoint dir | a step dir
+    overwrite: bool = False  # allow init_from='scratch' to replace another run in out_dir
+    # model: a preset of model.PRESETS; any ModelArgs field can be overridden as a key of its own (--n_layers=4)
+    model: str = "tiny"
+    # batch: global_batch_size sequences per optimiser step = micro_batch_size * dp * gradient accumulation steps
+    seq_len: int = 128
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    # AdamW and the schedule: linear warmup to lr, then cosine decay to min_lr at lr_decay_iters
+    max_iters: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 1000
+    weight_decay: float = 0.1  # matrices only; norms gains are not decayed
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping
+    seed: int = 1337
+    # precision: 'float32' | 'bfloat16' (autocast) | 'float16' (autocast + dynamic loss scaling)
+    dtype: str = "float32"
+    loss_scale: float = 65536.0  # initial float16 loss scale
+    loss_scale_window: int = 1000  # good steps before the scale doubles
+    compile: bool = False
+    # eval, logs, checkpoints
+    eval_interval: int = 200
+    eval_iters: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 200
+    keep_last: int = 2  # step dirs kept in out_dir; 0 keeps all
+    export: bool = False  # write out_dir/export (a checkpoint dir for sample.py) at the end
+    peak_flops: float = 0.0  # per device, for MFU; 0 = measure a torch.mm peak at start
+
+
+MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def fail(msg: str):
+    """One clear line for a person, non-zero exit, no traceback."""
+    raise SystemExit(f"train.py: {msg}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# configuration: defaults < config files < --key=value
+
+
+def _expected_type(key):
+    """(type name, check) for a config key: a Config field or a ModelArgs field."""
+    default = getattr(Config, key) if key in Config.__dataclass_fields__ else MODEL_FIELDS[key].default
+    if default is None:  # Optional[int] fields such as n_kv_heads
+        return "int or None", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))
+    if isinstance(default, bool):
+        return "bool", lambda v: isinstance(v, bool)
+    if isinstance(default, int):
+        return "int", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(default, float):
+        return "float", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    return "str", lambda v: isinstance(v, str)
+
+
+def _set(values: dict, key: str, value, where: str):
+    known = list(Config.__dataclass_fields__) + list(MODEL_FIELDS)
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        fail(f"{where}: unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    type_name, ok = _expected_type(key)
+    if not ok(value):
+        fail(f"{where}: {key}={value!r} has type {type(value).__name__}, expected {type_name}")
+    if type_name == "float":
+        value = float(value)
+    values[key] = value
+
+
+def parse_config(argv) -> tuple[Config, dict]:
+    """argv (without the program name) -> (Config, ModelArgs overrides)."""
+    values = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:  # a bare --flag sets a bool key
+                if key in Config.__dataclass_fields__ and isinstance(getattr(Config, key), bool):
+                    _set(values, key, True, arg)
+                    continue
+                fail(f"{arg}: expected --key=value")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # not a Python literal: a string such as a path
+            _set(values, key, value, arg)
+        else:
+            path = Path(arg)
+            if not path.is_file():
+                fail(f"{arg}: config file not found (expected config/<recipe>.py or --key=value)")
+            namespace = {}
+            try:
+                exec(compile(path.read_text(), str(path), "exec"), namespace)
+            except Exception as e:  # a config file is the user's Python: report where it broke, in one line
+                line = getattr(e, "lineno", None)
+                fail(f"{path}" + (f": line {line}" if line else "") + f": {type(e).__name__}: {e}")
+            for key, value in namespace.items():
+                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
+                    _set(values, key, value, str(path))
+    train = {k: v for k, v in values.items() if k in Config.__dataclass_fields__}
+    model_overrides = {k: v for k, v in values.items() if k in MODEL_FIELDS}
+    return Config(**train), model_overrides
+
+
+def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs, str]:
+    """The run's ModelArgs and family: from the checkpoint when fine-tuning, else the preset; then the overrides."""
+    if cfg.init_from not in ("scratch", "resume"):
+        try:
+            base, config = read_config(cfg.init_from)
+        except CheckpointError as e:
+            fail(f"init_from: {e}")
+        family = config.get("family", "llama")
+    else:
+        if cfg.model not in PRESETS:
+            close = difflib.get_close_matches(cfg.model, list(PRESETS), n=1)
+            fail(f"model={cfg.model!r}: unknown preset" + (f"; did you mean {close[0]!r}?" if close else "")
+                 + f" (presets: {', '.join(PRESETS)})")
+        base, family = PRESETS[cfg.model], PRESET_FAMILY[cfg.model]
+        if "vocab_size" not in overrides:  # a model trained from scratch takes the data's vocabulary
+            base = replace(base, vocab_size=meta["vocab_size"])
+    try:
+        args = replace(base, **overrides)
+    except ValueError as e:
+        fail(str(e))
+    if cfg.seq_len > args.max_seq_len:
+        fail(f"seq_len={cfg.seq_len} is above the model's max_seq_len={args.max_seq_len}")
+    if meta["vocab_size"] > args.vocab_size:
+        fail(f"{cfg.data_dir}/meta.json: vocab_size={meta['vocab_size']} is larger than the model's "
+             f"vocab_size={args.vocab_size} (was the data prepared with this model's tokenizer?)")
+    return args, family
+
+
+def check_config(cfg: Config):
+    if cfg.dtype not in DTYPES:
+        fail(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
+    for key in ("seq_len", "micro_batch_size", "global_batch_size", "max_iters", "eval_iters", "log_interval",
+                "eval_interval", "ckpt_interval"):
+        if getattr(cfg, key) <= 0:
+            fail(f"{key}={getattr(cfg, key)}: expected a positive integer")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# distributed setup: a (dp, tp) device mesh; one process is the trivial (1, 1) mesh without a process group
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    dp: int = 1
+    dp_rank: int = 0
+    mesh: object = None  # torch DeviceMesh with dims ("dp", "tp"), None in one process
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = kernels.device_type()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device != "cpu":
+        getattr(torch, device).set_device(local_rank)
+    dist.init_process_group(kernels.dist_backend(device))
+    # data parallel only for now: tensor parallelism fills the "tp" dimension (issue 8)
+    mesh = init_device_mesh(device, (world_size, 1), mesh_dim_names=("dp", "tp"))
+    return Dist(rank, world_size, local_rank, dp=world_size, dp_rank=mesh.get_local_rank("dp"), mesh=mesh)
+
+
+def barrier(d: Dist):
+    if d.world_size > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(x: float, d: Dist) -> float:
+    if d.world_size == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=_device(d))
+    dist.all_reduce(t)
+    return t.item() / d.world_size
+
+
+def _device(d: Dist) -> torch.device:
+    kind = kernels.device_type()
+    return torch.device(kind, d.local_rank) if kind in ("cuda", "npu") else torch.device(kind)
+
+
+def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
+    """Build on the meta device, compile blocks, shard (FSDP2 over dp), then materialise and initialise."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if cfg.compile:
+        for layer in model.layers:  # per block, before sharding, as torchtitan does; state dict names unchanged
+            layer.compile()
+    if d.dp > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dtype = DTYPES[cfg.dtype]
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for layer in model.layers:
+            fully_shard(layer, mesh=d.mesh["dp"], mp_policy=mp)
+        fully_shard(model, mesh=d.mesh["dp"], mp_policy=mp)
+    model.to_empty(device=_device(d))
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run with this seed
+    model.init_weights()
+    return model
+
+
+def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices (embeddings, linear weights) only, not on norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type in ("cuda", "cpu", "npu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def get_lr(step: int, cfg: Config) -> float:
+    """Linear warmup over warmup_iters, then cosine from lr down to min_lr at lr_decay_iters, then min_lr."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+class LossScaler:
+    """Dynamic loss scaling for float16: the loss is multiplied by `scale` so small gradients survive in fp16.
+
+    A step whose gradients overflow is skipped and the scale halved; after `window` good steps in a row it doubles.
+    Disabled (scale 1, never skips) for float32 and bfloat16.
+    """
+
+    def __init__(self, enabled: bool, scale: float, window: int):
+        self.enabled, self.scale, self.window = enabled, scale if enabled else 1.0, window
+        self.good_steps = 0
+        self.skipped = 0
+
+    def unscale_(self, params):
+        if self.enabled:
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+
+    def update(self, finite: bool):
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale, self.good_steps, self.skipped = self.scale / 2, 0, self.skipped + 1
+            return
+        self.good_steps += 1
+        if self.good_steps == self.window:
+            self.scale, self.good_steps = self.scale * 2, 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict):
+        self.scale, self.good_steps, self.skipped = state["scale"], state["good_steps"], state["skipped"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def load_meta(data_dir: str) -> dict:
+    path = Path(data_dir)
+    if not path.is_dir():
+        fail(f"data_dir={data_dir}: not found (run `python prepare.py` first, or set --data_dir)")
+    file = path / "meta.json"
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        fail(f"{file}: not found (is {data_dir} a prepare.py output dir?)")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(f"{file}: not valid JSON ({e})")
+    if not isinstance(meta, dict):
+        fail(f"{file}: expected a JSON object")
+    for key, kind in (("dtype", str), ("vocab_size", int)):
+        if not isinstance(meta.get(key), kind):
+            fail(f"{file}: expected field {key!r} of type {kind.__name__}, got {meta.get(key)!r}")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        fail(f"{file}: dtype={meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    return meta
+
+
+class TokenSplit:
+    """One split's memmapped tokens, (B, T) windows of inputs, next-token targets and, for instruction data, masks."""
+
+    def __init__(self, data_dir: str, split: str, dtype: str, seq_len: int):
+        file = Path(data_dir) / f"{split}.bin"
+        if not file.exists():
+            fail(f"{file}: not found")
+        itemsize = np.dtype(dtype).itemsize
+        if file.stat().st_size % itemsize:
+            fail(f"{file}: size {file.stat().st_size} is not a multiple of {dtype}'s {itemsize} bytes")
+        self.tokens = np.memmap(file, dtype=dtype, mode="r")
+        mask_file = Path(data_dir) / f"{split}.mask.bin"
+        self.mask = None
+        if mask_file.exists():
+            self.mask = np.memmap(mask_file, dtype=np.uint8, mode="r")
+            if len(self.mask) != len(self.tokens):
+                fail(f"{mask_file}: {len(self.mask)} entries for {len(self.tokens)} tokens in {file.name}")
+        self.seq_len, self.file = seq_len, file
+        if len(self.tokens) < seq_len + 1:
+            fail(f"{file}: {len(self.tokens)} tokens, need at least seq_len + 1 = {seq_len + 1}")
+
+    def batch(self, starts, device):
+        """Windows starting at `starts` -> x (B, T), y (B, T) shifted by one, loss_mask (B, T) or None."""
+        T = self.seq_len
+        rows = np.stack([self.tokens[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
+        x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
+        mask = None
+        if self.mask is not None:  # the mask marks tokens that count as targets
+            mask = torch.from_numpy(np.stack([self.mask[s + 1 : s + T + 1] for s in starts]).astype(np.int64))
+            mask = mask.to(device, non_blocking=True)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), mask
+
+
+class EpochSampler:
+    """Non-overlapping windows in a random order per epoch; the state is (epoch, index), so resume is exact.
+
+    Epoch e shifts the window grid by an offset in [0, seq_len) and permutes the windows, both drawn from a generator
+    seeded with (seed, e). Each micro step takes the next micro_batch_size * dp windows; dp rank r gets its slice, so
+    the same global batch is seen whatever the mesh. The tail of an epoch too short for a micro step is dropped.
+    """
+
+    def __init__(self, n_tokens: int, seq_len: int, per_step: int, seed: int):
+        self.n_tokens, self.seq_len, self.per_step, self.seed = n_tokens, seq_len, per_step, seed
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._offset, self._order = None, 0, None
+        if self._windows(0) < per_step:
+            fail(f"train split has {n_tokens} tokens: fewer than one micro step of {per_step} windows of "
+                 f"{seq_len + 1} tokens; lower micro_batch_size or seq_len")
+
+    def _windows(self, offset):
+        return (self.n_tokens - 1 - offset) // self.seq_len
+
+    def _epoch_order(self):
+        if self._order_epoch != self.epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._offset = int(torch.randint(self.seq_len, (1,), generator=g))
+            if self._windows(self._offset) < self.per_step:
+                self._offset = 0
+            self._order = torch.randperm(self._windows(self._offset), generator=g).numpy()
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next_starts(self, dp_rank: int, dp: int) -> list[int]:
+        order = self._epoch_order()
+        if self.index + self.per_step > len(order):
+            self.epoch, self.index = self.epoch + 1, 0
+            order = self._epoch_order()
+        chunk = order[self.index : self.index + self.per_step]
+        self.index += self.per_step
+        mine = np.array_split(chunk, dp)[dp_rank]
+        return [self._offset + int(w) * self.seq_len for w in mine]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict):
+        self.seed, self.epoch, self.index = state["seed"], state["epoch"], state["index"]
+
+
+def unigram_entropy(split: TokenSplit, vocab_size: int, max_tokens: int = 100_000_000) -> float:
+    """Entropy (nats) of the token frequencies: the loss of a model that ignores context. Learning means beating it."""
+    tokens = np.asarray(split.tokens[:max_tokens])
+    if split.mask is not None:
+        tokens = tokens[np.asarray(split.mask[:max_tokens]) == 1]
+    p = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+STEP_DIR = re.compile(r"step_(\d{8})$")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+
+
+def step_dirs(out_dir: Path) -> list[Path]:
+    """Complete step dirs, oldest first (temporary names never match)."""
+    if not out_dir.is_dir():
+        return []
+    found = [p for p in out_dir.iterdir() if STEP_DIR.match(p.name) and (p / "train_state.json").exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dict, args: ModelArgs, family: str,
+                    cfg: Config, d: Dist) -> Path:
+    final = out_dir / f"step_{step:08d}"
+    tmp = out_dir / f".tmp_step_{step:08d}"
+    if d.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    rng = {"torch": torch.get_rng_state().tolist()}
+    if _device(d).type in ("cuda", "npu"):
+        rng["device"] = getattr(torch, _device(d).type).get_rng_state().tolist()
+    (tmp / f"rng_rank{d.rank}.json").write_text(json.dumps(rng))
+    barrier(d)
+    if d.master:
+        (tmp / "config.json").write_text(json.dumps({**asdict(args), "family": family}, indent=2))
+        for name in TOKENIZER_FILES:
+            if (Path(cfg.data_dir) / name).exists():
+                shutil.copy2(Path(cfg.data_dir) / name, tmp / name)
+        # written last: a step dir without train_state.json is never taken as complete
+        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        if cfg.keep_last > 0:
+            for old in step_dirs(out_dir)[: -cfg.keep_last]:
+                shutil.rmtree(old)
+    barrier(d)
+    return final
+
+
+def load_checkpoint(step_dir: Path, model, optimizer, d: Dist) -> dict:
+    """Restore model and optimiser (resharded to this mesh by DCP) and this rank's RNG; returns train_state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=step_dir)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = step_dir / f"rng_rank{d.rank}.json"
+    if rng_file.exists():  # a rank that did not exist in the saving run keeps its seeded RNG
+        rng = json.loads(rng_file.read_text())
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if "device" in rng and _device(d).type in ("cuda", "npu"):
+            getattr(torch, _device(d).type).set_rng_state(torch.tensor(rng["device"], dtype=torch.uint8))
+    return json.loads((step_dir / "train_state.json").read_text())
+
+
+def check_same_shape(path, saved: ModelArgs, args: ModelArgs):
+    diff = [f"{f}={getattr(saved, f)!r} (config has {getattr(args, f)!r})" for f in MODEL_FIELDS
+            if getattr(saved, f) != getattr(args, f)]
+    if diff:
+        fail(f"{path}: checkpoint of another model: " + ", ".join(diff))
+
+
+def load_weights(path: Path, model, args: ModelArgs):
+    """Weights only, from a checkpoint dir (config.json + safetensors) or a training step dir (DCP).
+
+    args came from the checkpoint's config.json (plus overrides), so a shape mismatch means an override changed one.
+    """
+    if (path / ".metadata").exists():  # a training step dir: read just the model from the DCP files
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        return
+    try:
+        tensors = load_tensors(path)
+    except CheckpointError as e:
+        fail(f"init_from: {e}")
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    expected = {k: tuple(v.shape) for k, v in full.items()}
+    for name in sorted(set(expected) | set(tensors)):
+        if name not in tensors or name not in expected:
+            fail(f"init_from={path}: tensor {name} is {'missing' if name not in tensors else 'unexpected'}")
+        if tuple(tensors[name].shape) != expected[name]:
+            fail(f"init_from={path}: tensor {name} has shape {tuple(tensors[name].shape)}, model expects "
+                 f"{expected[name]}")
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
+
+
+def prepare_out_dir(cfg: Config, d: Dist) -> Path:
+    """Refuse to mix two runs in one out_dir: init_from='scratch' needs an empty out_dir or --overwrite."""
+    out_dir = Path(cfg.out_dir)
+    previous = step_dirs(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "export") if p.exists()]
+    if cfg.init_from != "resume" and previous:
+        if not cfg.overwrite:
+            fail(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
+                 f"it, or --overwrite to replace it")
+        barrier(d)
+        if d.master:
+            for p in previous:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if d.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in out_dir.glob(".tmp_step_*"):  # left by a run killed while saving
+            shutil.rmtree(tmp, ignore_errors=True)
+    barrier(d)
+    return out_dir
+
+
+def export_checkpoint(step_dir: Path, dst: Path) -> Path:
+    """A step dir -> a checkpoint dir sample.py loads, by convert.py's dcp_to_native."""
+    try:
+        from convert import dcp_to_native
+    except ImportError as e:
+        print(f"train.py: export skipped: convert.dcp_to_native is not available ({e})", file=sys.stderr)
+        return None
+    dcp_to_native(step_dir, dst, overwrite=True)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# speed and memory
+
+
+def measure_peak_flops(device: torch.device, n: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of a float32 torch.mm on this device: the peak MFU is measured against when none is configured."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm up
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory: the accelerator's allocated memory, or the process's resident set on CPU."""
+    if device.type in ("cuda", "npu"):
+        return getattr(torch, device.type).max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@torch.no_grad()
+def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) -> float:
+    model.eval()
+    losses = []
+    for batch_starts in starts:
+        x, y, mask = val.batch(batch_starts, device)
+        with autocast:
+            _, loss = model(x, y, loss_mask=mask)
+        losses.append(loss.float().item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def main(argv=None) -> dict:
+    """Train; returns a summary (losses per step, last val loss, baseline, paths) for tests and callers."""
+    cfg, model_overrides = parse_config(sys.argv[1:] if argv is None else argv)
+    check_config(cfg)
+    d = setup_distributed()
+    device = _device(d)
+    meta = load_meta(cfg.data_dir)
+    args, family = model_args_for(cfg, model_overrides, meta)
+    micro_per_step = cfg.micro_batch_size * d.dp
+    if cfg.global_batch_size % micro_per_step:
+        fail(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
+             f"{micro_per_step}")
+    grad_accum = cfg.global_batch_size // micro_per_step
+    train_data = TokenSplit(cfg.data_dir, "train", meta["dtype"], cfg.seq_len)
+    val_data = TokenSplit(cfg.data_dir, "val", meta["dtype"], cfg.seq_len)
+    out_dir = prepare_out_dir(cfg, d)
+    log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if d.master else (lambda msg: None)
+
+    # model, optimiser, scaler, data; then the state they continue from
+    model = build_model(args, cfg, d)
+    optimizer = build_optimizer(model, cfg, device)
+    scaler = LossScaler(cfg.dtype == "float16", cfg.loss_scale, cfg.loss_scale_window)
+    sampler = EpochSampler(len(train_data.tokens), cfg.seq_len, micro_per_step, cfg.seed)
+    step, best_val = 0, None
+    if cfg.init_from == "resume":
+        found = step_dirs(out_dir)
+        if not found:
+            fail(f"init_from=resume: no complete step_XXXXXXXX dir in out_dir={out_dir}")
+        saved, _ = read_config(found[-1])
+        check_same_shape(found[-1], saved, args)
+        state = load_checkpoint(found[-1], model, optimizer, d)
+        step, best_val = state["step"], state.get("best_val_loss")
+        scaler.load_state_dict(state["loss_scaler"])
+        sampler.load_state_dict(state["data"])
+        log(f"resumed from {found[-1]} at step {step}")
+    elif cfg.init_from != "scratch":
+        load_weights(Path(cfg.init_from), model, args)
+        log(f"initialised weights from {cfg.init_from}")
+    model.train()
+
+    # evaluation batches are fixed (their own generator), so val losses are comparable and training RNG untouched
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    high = len(val_data.tokens) - cfg.seq_len
+    eval_starts = [np.array_split(torch.randint(high, (micro_per_step,), generator=g).numpy(), d.dp)[d.dp_rank]
+                   .tolist() for _ in range(cfg.eval_iters)]
+    autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "float32" else nullcontext()
+    params = [p for p in model.parameters() if p.requires_grad]
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    flops_token = flops_per_token(args, cfg.seq_len)
+    peak = cfg.peak_flops or measure_peak_flops(device)
+    baseline = unigram_entropy(train_data, args.vocab_size) if d.master else None
+    metrics = open(out_dir / "metrics.jsonl", "a") if d.master else None
+
+    def record(row):
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from} ({family}): "
+        f"{n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}; {len(train_data.tokens):,} train "
+        f"tokens; {tokens_per_step:,} tokens per step (grad_accum {grad_accum}, dp {d.dp}); dtype {cfg.dtype}")
+    log(f"unigram baseline (entropy of the train tokens): {baseline:.4f} nats; MFU against a peak of "
+        f"{peak / 1e9:.1f} GFLOP/s per device ({'configured' if cfg.peak_flops else 'measured torch.mm fp32'})")
+    record({"unigram_baseline": baseline, "n_params": n_params, "peak_flops": peak, "start_step": step})
+
+    def checkpoint(step):
+        train_state = {"step": step, "best_val_loss": best_val, "loss_scaler": scaler.state_dict(),
+                       "data": sampler.state_dict(), "world_size": d.world_size, "config": asdict(cfg),
+                       "model_overrides": model_overrides}
+        return save_checkpoint(out_dir, step, model, optimizer, train_state, args, family, cfg, d)
+
+    losses, val_loss, last_ckpt = {}, None, (step_dirs(out_dir) or [None])[-1]
+    bar = tqdm(total=cfg.max_iters, initial=step, disable=not d.master, dynamic_ncols=True, file=sys.stderr)
+    t_log, steps_since_log, t_start = time.perf_counter(), 0, time.perf_counter()
+    while step < cfg.max_iters:
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            x, y, mask = train_data.batch(sampler.next_starts(d.dp_rank, d.dp), device)
+            if d.dp > 1:  # FSDP2: reduce-scatter gradients only on the last micro step
+                model.set_requires_gradient_sync(micro == grad_accum - 1)
+            with autocast:
+                _, loss = model(x, y, loss_mask=mask)
+            loss = loss.float() / grad_accum
+            (loss * scaler.scale).backward()
+            loss_sum += loss.detach()
+        loss_value = mean_over_ranks(loss_sum.item(), d)
+        scaler.unscale_(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP / TP
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.item()
+        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if not finite and not scaler.enabled:
+            where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was written"
+            fail(f"step {step + 1}: loss {loss_value}, grad norm {grad_norm} is not finite in {cfg.dtype}; "
+                 f"stopping{where}")
+        if finite:
+            optimizer.step()
+        else:
+            log(f"step {step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
+        scaler.update(finite)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_since_log += 1
+        losses[step] = loss_value
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+
+        if step % cfg.log_interval == 0 or step == cfg.max_iters:
+            dt = time.perf_counter() - t_log
+            tokens_per_s = tokens_per_step * steps_since_log / dt / d.world_size  # per device
+            mfu = flops_token * tokens_per_s / peak
+            row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                   "mfu": mfu, "mem_gib": memory_gib(device), "skipped_steps": scaler.skipped,
+                   "loss_scale": scaler.scale, "elapsed_s": time.perf_counter() - t_start}
+            record(row)
+            log(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+                f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, mem {row['mem_gib']:.2f} GiB"
+                + (f", loss scale {scaler.scale:g}, skipped {scaler.skipped}" if scaler.enabled else ""))
+            t_log, steps_since_log = time.perf_counter(), 0
+        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+            val_loss = mean_over_ranks(evaluate(model, val_data, eval_starts, autocast, device), d)
+            best_val = val_loss if best_val is None else min(best_val, val_loss)
+            record({"step": step, "val_loss": val_loss, "unigram_baseline": baseline})
+            log(f"step {step}: val loss {val_loss:.4f} (unigram baseline {baseline:.4f})")
+            t_log = time.perf_counter()  # eval time is not training throughput
+        if step % cfg.ckpt_interval == 0 or step == cfg.max_iters:
+            last_ckpt = checkpoint(step)
+            t_log = time.perf_counter()
+    bar.close()
+    export_dir = None
+    if cfg.export and last_ckpt is not None:
+        if d.master:
+            export_dir = export_checkpoint(last_ckpt, out_dir / "export")
+            if export_dir:
+                log(f"exported {last_ckpt.name} to {export_dir} (python sample.py --ckpt={export_dir})")
+        barrier(d)
+    if metrics:
+        metrics.close()
+    summary = {"losses": losses, "val_loss": val_loss, "best_val_loss": best_val, "unigram_baseline": baseline,
+               "last_checkpoint": last_ckpt, "export_dir": export_dir, "skipped_steps": scaler.skipped,
+               "wall_s": time.perf_counter() - t_start}
+    if d.world_size > 1:
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
