@@ -1,0 +1,24 @@
+"""Shared test setup: the project root on sys.path, deterministic torch, and the fake torch_npu fixture."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def fake_npu(monkeypatch):
+    """Install the fake torch_npu and force kernels.py onto its NPU path for the duration of a test."""
+    import fake_torch_npu
+    import kernels
+
+    monkeypatch.setitem(sys.modules, "torch_npu", fake_torch_npu)
+    fake_torch_npu.calls.clear()
+    with kernels.force_npu():
+        yield fake_torch_npu

@@ -1,0 +1,155 @@
+"""kernels.py: the torch_npu path (through a fake torch_npu with the documented semantics) equals the portable path."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import kernels
+from model import PRESETS, Transformer
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def portable(fn, *args, **kwargs):
+    with kernels.force_npu(False):
+        return fn(*args, **kwargs)
+
+
+def test_device_and_backend_on_this_machine():
+    assert kernels.device_type() == "cpu"
+    assert [kernels.dist_backend(d) for d in ("npu", "cuda", "cpu", "mps")] == ["hccl", "nccl", "gloo", "gloo"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_npu_equals_portable(fake_npu, dtype):
+    x, w = torch.randn(2, 5, 64, dtype=dtype), torch.randn(64, dtype=dtype)
+    out = kernels.rms_norm(x, w, 1e-5)
+    assert fake_npu.calls["npu_rms_norm"] == 1
+    tol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, portable(kernels.rms_norm, x, w, 1e-5), **tol)
+
+
+def test_rotary_npu_equals_portable(fake_npu):
+    x = torch.randn(2, 6, 4, 16)
+    cos, sin = kernels.rope_cos_sin(torch.arange(6)[None], 16, 10000.0)
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    out = kernels.apply_rotary(x, cos, sin)
+    assert fake_npu.calls["npu_rotary_mul"] == 1
+    torch.testing.assert_close(out, portable(kernels.apply_rotary, x, cos, sin), **TOL)
+
+
+def test_swiglu_npu_equals_portable(fake_npu):
+    gate, up = torch.randn(3, 7, 40), torch.randn(3, 7, 40)
+    out = kernels.swiglu(gate, up)
+    assert fake_npu.calls["npu_swiglu"] == 1
+    torch.testing.assert_close(out, portable(kernels.swiglu, gate, up), **TOL)
+
+
+def qkv(B=2, H=4, H_kv=2, T=9, S=None, D=16):
+    torch.manual_seed(0)
+    S = S or T
+    return torch.randn(B, H, T, D), torch.randn(B, H_kv, S, D), torch.randn(B, H_kv, S, D)
+
+
+ATTENTION_CASES = {
+    "causal": dict(),
+    "causal-mha": dict(shape=dict(H_kv=4)),
+    "alibi": dict(alibi=True),
+    "padding": dict(padding=True),
+    "alibi-padding": dict(alibi=True, padding=True),
+    "packed-docs": dict(docs=True),
+    "decode-step": dict(shape=dict(T=1, S=9), q_start=8),
+    "chunked-prefill": dict(shape=dict(T=4, S=9), q_start=5, alibi=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ATTENTION_CASES))
+def test_attention_npu_equals_portable(fake_npu, case):
+    spec = ATTENTION_CASES[case]
+    q, k, v = qkv(**spec.get("shape", {}))
+    kwargs = dict(q_start=spec.get("q_start", 0))
+    if spec.get("alibi"):
+        kwargs["alibi_slopes"] = kernels.alibi_slopes(q.size(1))
+    if spec.get("padding"):
+        kwargs["key_padding_mask"] = torch.tensor([[True] * 9, [False] * 3 + [True] * 6])
+    if spec.get("docs"):
+        kwargs["doc_ids"] = torch.tensor([[0] * 4 + [1] * 5, [0] * 2 + [1] * 3 + [2] * 4])
+    out = kernels.attention(q, k, v, **kwargs)
+    assert fake_npu.calls["npu_fusion_attention"] == 1
+    torch.testing.assert_close(out, portable(kernels.attention, q, k, v, **kwargs), **TOL)
+
+
+def test_attention_with_unsupported_head_dim_takes_portable_path(fake_npu):
+    q, k, v = qkv(D=8)
+    out = kernels.attention(q, k, v)
+    assert "npu_fusion_attention" not in fake_npu.calls
+    torch.testing.assert_close(out, portable(kernels.attention, q, k, v), **TOL)
+
+
+MODEL_CASES = {"rope-gqa": dict(n_kv_heads=2), "alibi-mha": dict(pos_emb="alibi", n_kv_heads=None)}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_whole_model_forward_and_backward_on_npu_path(fake_npu, case):
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(PRESETS["tiny"], **MODEL_CASES[case]))
+    idx = torch.randint(0, 512, (2, 10))
+    pad = torch.tensor([[True] * 10, [False] * 4 + [True] * 6])
+    positions = (pad.long().cumsum(1) - 1).clamp(min=0)
+    logits, loss = model(idx, idx, key_padding_mask=pad, positions=positions)
+    loss.backward()
+    npu_grad = model.layers[0].attention.wq.weight.grad.clone()
+    model.zero_grad()
+    ref_logits, ref_loss = portable(model, idx, idx, key_padding_mask=pad, positions=positions)
+    ref_loss.backward()
+    assert {"npu_fusion_attention", "npu_rms_norm", "npu_swiglu"} <= set(fake_npu.calls)
+    torch.testing.assert_close(logits, ref_logits, **TOL)
+    torch.testing.assert_close(npu_grad, model.layers[0].attention.wq.weight.grad, **TOL)
+
+
+# the fake must reject what the real kernels reject, or the tests above prove little
+
+
+def test_fake_rejects_wrong_mask_shape(fake_npu):
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="atten_mask shape"):
+        fake_npu.npu_fusion_attention(q, k, v, 4, "BNSD", atten_mask=torch.ones(2, 4, 9, dtype=torch.bool), scale=1.0)
+
+
+def test_fake_rejects_sparse_mode_without_2048_mask(fake_npu):
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="2048x2048"):
+        fake_npu.npu_fusion_attention(q, k, v, 4, "BNSD", atten_mask=torch.ones(9, 9, dtype=torch.bool).triu(1),
+                                      sparse_mode=3)
+
+
+def test_fake_rejects_head_dim_and_dtype(fake_npu):
+    q, k, v = qkv(D=8)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        fake_npu.npu_fusion_attention(q, k, v, 4, "BNSD")
+    q, k, v = (t.double() for t in qkv())
+    with pytest.raises(RuntimeError, match="dtype"):
+        fake_npu.npu_fusion_attention(q, k, v, 4, "BNSD")
+    with pytest.raises(RuntimeError, match="r1/r2"):
+        fake_npu.npu_rotary_mul(torch.randn(1, 2, 2, 16), torch.randn(1, 2, 1, 16).bfloat16(),
+                                torch.randn(1, 2, 1, 16).bfloat16())
+
+
+def test_fake_attention_scale_and_pse_semantics(fake_npu):
+    # softmax(scale * (pse + q k^T)) v, checked by hand on one query
+    q, k, v = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 3, 16), torch.randn(1, 1, 3, 16)
+    pse = torch.randn(1, 1, 1, 3)
+    out = fake_npu.npu_fusion_attention(q, k, v, 1, "BNSD", pse=pse, scale=0.25)[0]
+    weights = (0.25 * (pse[0, 0, 0] + k[0, 0] @ q[0, 0, 0])).softmax(0)
+    torch.testing.assert_close(out[0, 0, 0], weights @ v[0, 0], **TOL)
+
+
+def test_cross_entropy_counts_only_unmasked_tokens():
+    logits = torch.randn(2, 3, 11)
+    targets = torch.tensor([[1, 2, -100], [4, 5, 6]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    loss = kernels.cross_entropy(logits, targets, mask)
+    keep = [(0, 0), (0, 1), (1, 1), (1, 2)]
+    ref = torch.stack([torch.nn.functional.cross_entropy(logits[b, t], targets[b, t]) for b, t in keep]).mean()
+    torch.testing.assert_close(loss, ref)
