@@ -1,0 +1,732 @@
+"""convert.py: weights in and out of our checkpoint dir (config.json + safetensors + tokenizer, see DESIGN.md).
+
+    python convert.py hf-to-native   --src hf/Baichuan2-7B-Base --dst ckpt/baichuan2-7b [--dtype bfloat16]
+    python convert.py native-to-hf   --src ckpt/baichuan2-7b --dst hf/out
+    python convert.py meta-to-native --src llama/llama-2-13b --dst ckpt/llama-2-13b
+    python convert.py apply-delta    --src hf/llama-7b --delta hf/vicuna-7b-delta-v1.1 --dst ckpt/vicuna-7b
+    python convert.py dcp-to-native  --src out/run/step_00001000 --dst ckpt/run-1000
+
+Every converter streams: source tensors are read one shard at a time (safetensors and .bin are memory-mapped) and the
+output is written shard by shard by model.py's ShardWriter, so memory holds about one input shard plus one output
+shard, never the model twice. Output goes to DST.tmp-PID and is renamed to DST when complete.
+
+Layouts. HF LLaMA q/k rows are already in rotate-half order, which is our native order: copied as they are. Meta's
+consolidated checkpoints interleave the rotary pairs, so their wq/wk are permuted on import. Baichuan's W_pack is
+[wq; wk; wv] stacked on rows. Baichuan2's NormHead is normalised once in fp32 for inference (norm_head=false), or
+kept raw with --for_training (norm_head=true, model.py normalises it in every forward).
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import CheckpointError, ModelArgs, ShardWriter, Transformer, load_tensors, read_config, write_checkpoint
+from model import _mmap_safetensors  # model.py owns safetensors reading: this is its one-file form
+
+FAMILIES = ("llama", "baichuan", "baichuan2", "aquila")
+BAICHUAN = ("baichuan", "baichuan2")
+# config.json "architectures" we read, and the family each one means
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "AquilaForCausalLM": "aquila", "AquilaModel": "aquila",
+                 "BaiChuanForCausalLM": "baichuan", "BaichuanForCausalLM": "baichuan"}
+BAICHUAN2_VOCAB = 125696  # Baichuan2's published vocabulary; Baichuan's is 64000
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+DEFAULT_SHARD = "2GB"
+
+
+def fail(msg):
+    raise SystemExit(f"convert.py: {msg}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# name maps: one table, read in both directions
+
+HF_LAYER = {  # HF per-layer suffix -> native per-layer suffix
+    "input_layernorm.weight": "attention_norm.weight",
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+}
+# tensors some HF checkpoints carry that are not weights (old LLaMA .bin files saved the rotary table)
+HF_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def native_shapes(args: ModelArgs) -> dict[str, tuple]:
+    """Name -> shape of every tensor of our model, from model.py itself (built on the meta device: free)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def hf_layout(args: ModelArgs, family: str) -> dict[str, list[str]]:
+    """HF tensor name -> the native tensors it holds, stacked on rows in this order (W_pack holds wq, wk, wv)."""
+    layout = {"model.embed_tokens.weight": ["tok_embeddings.weight"]}
+    for i in range(args.n_layers):
+        for hf, native in HF_LAYER.items():
+            if family in BAICHUAN and hf.startswith(("self_attn.q_", "self_attn.k_", "self_attn.v_")):
+                continue
+            layout[f"model.layers.{i}.{hf}"] = [f"layers.{i}.{native}"]
+        if family in BAICHUAN:
+            layout[f"model.layers.{i}.self_attn.W_pack.weight"] = [f"layers.{i}.attention.{w}.weight"
+                                                                   for w in ("wq", "wk", "wv")]
+    layout["model.norm.weight"] = ["norm.weight"]
+    if not args.tie_embeddings:
+        layout["lm_head.weight"] = ["output.weight"]
+    return layout
+
+
+def stacked_shape(parts: list[tuple]) -> tuple:
+    return (sum(p[0] for p in parts), *parts[0][1:])
+
+
+def check_shapes(found: dict[str, tuple], expected: dict[str, tuple], where, ignored=lambda name: False):
+    """Every expected tensor present with its shape and nothing else; the message names the tensor."""
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        fail(f"{where}: missing tensor {missing[0]} ({len(missing)} missing)")
+    unexpected = sorted(n for n in set(found) - set(expected) if not ignored(n))
+    if unexpected:
+        fail(f"{where}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected for this config)")
+    for name, shape in expected.items():
+        if tuple(found[name]) != tuple(shape):
+            fail(f"{where}: tensor {name} has shape {tuple(found[name])}, expected {tuple(shape)} from the config")
+
+
+def normalise_rows(w: torch.Tensor) -> torch.Tensor:
+    """Baichuan2's NormHead for inference: L2-normalise each output row once, in fp32."""
+    return F.normalize(w.float(), dim=-1).to(w.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading source files: safetensors or pickled .bin/.pth (weights_only), single or sharded with an index
+
+
+def load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict, memory-mapped; weights_only refuses pickles that would run code."""
+    try:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format: no mmap
+    except pickle.UnpicklingError as e:
+        fail(f"{file}: refused to unpickle: it holds more than plain tensors and could run code "
+             f"(weights_only=True): {str(e).splitlines()[0]}")
+    except (RuntimeError, EOFError, OSError) as e:
+        fail(f"{file}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        fail(f"{file}: expected a dict of tensor name -> tensor")
+    return sd
+
+
+def load_file(file: Path) -> dict[str, torch.Tensor]:
+    """One weights file, memory-mapped: nothing is read until a tensor is used."""
+    if file.suffix == ".safetensors":
+        try:
+            return _mmap_safetensors(file)
+        except CheckpointError as e:
+            fail(str(e))
+    return load_pickle(file)
+
+
+class HFSource:
+    """The weight files of an HF-style dir: model.safetensors / pytorch_model.bin, or shards named by an index."""
+
+    def __init__(self, src: Path):
+        self.src = src
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = src / index_name
+            if index.exists():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                    assert isinstance(weight_map, dict)
+                except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+                    fail(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> file")
+                self.files = sorted(set(weight_map.values()))
+                for f in self.files:
+                    if not (src / f).exists():
+                        fail(f"{src / f}: shard named in {index_name} is missing")
+                self.where = index
+                return
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (src / single).exists():
+                self.files, self.where = [single], src / single
+                return
+        fail(f"{src}: no model.safetensors, pytorch_model.bin or *.index.json found")
+
+    def shards(self):
+        """(file, {name: tensor}) one shard at a time; the previous shard's map is dropped before the next opens."""
+        for f in self.files:
+            yield self.src / f, load_file(self.src / f)
+
+    def shapes(self) -> dict[str, tuple]:
+        shapes = {}
+        for file, tensors in self.shards():
+            for name, t in tensors.items():
+                if name in shapes:
+                    fail(f"{file}: tensor {name} is also in another shard")
+                shapes[name] = tuple(t.shape)
+        return shapes
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HF config.json -> family and ModelArgs
+
+
+def read_json(file: Path, required=True) -> dict:
+    if not file.exists():
+        if required:
+            fail(f"{file}: not found")
+        return {}
+    try:
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(f"{file}: not valid JSON ({e})")
+    if not isinstance(d, dict):
+        fail(f"{file}: expected a JSON object")
+    return d
+
+
+def detect_family(cfg: dict, where) -> str:
+    archs = cfg.get("architectures") or []
+    family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    family = family or {"llama": "llama", "aquila": "aquila", "baichuan": "baichuan"}.get(cfg.get("model_type"))
+    if family is None:
+        fail(f"{where}: architectures {archs} (model_type {cfg.get('model_type')!r}) is not supported; supported: "
+             f"{', '.join(ARCHITECTURES)} (or pass --family {{{','.join(FAMILIES)}}})")
+    # Baichuan2 shares Baichuan's architecture name; its vocabulary and its z-loss setting tell them apart
+    if family == "baichuan" and (cfg.get("vocab_size") == BAICHUAN2_VOCAB or "z_loss_weight" in cfg):
+        family = "baichuan2"
+    return family
+
+
+def hf_args(cfg: dict, family: str, where, for_training=False) -> ModelArgs:
+    """ModelArgs from an HF config.json (LLaMA, Aquila, Baichuan and Baichuan2 all use LLaMA's field names)."""
+    def need(key):
+        if not isinstance(cfg.get(key), (int, float)):
+            fail(f"{where}: field {key!r} missing or not a number")
+        return cfg[key]
+
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if cfg.get(key, ok) != ok:
+            fail(f"{where}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        fail(f"{where}: rope type {rope_type!r} is not supported (only plain RoPE)")
+    dim, n_heads = need("hidden_size"), need("num_attention_heads")
+    if cfg.get("head_dim") not in (None, dim // n_heads):
+        fail(f"{where}: head_dim={cfg['head_dim']} is not hidden_size/num_attention_heads={dim // n_heads}")
+    n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+    alibi = family in BAICHUAN and ("max_position_embeddings" not in cfg or (dim, need("num_hidden_layers")) == (5120, 40))
+    try:
+        return ModelArgs(
+            dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
+            n_kv_heads=None if n_kv_heads == n_heads else n_kv_heads, vocab_size=need("vocab_size"),
+            hidden_dim=need("intermediate_size"), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_seq_len=cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 2048,
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            pos_emb="alibi" if alibi else "rope", tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            norm_head=family == "baichuan2" and for_training,
+            z_loss=float(cfg.get("z_loss_weight", 0.0)) if family == "baichuan2" else 0.0)
+    except (TypeError, ValueError) as e:
+        fail(f"{where}: {e}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# output: staged dir, weights, tokenizer
+
+
+@contextlib.contextmanager
+def staged(dst, overwrite: bool):
+    """Yield a temporary dir beside dst; on success it replaces dst, on failure it is removed."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        fail(f"{dst}: exists; pass --overwrite to replace it")
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    tmp.rename(dst)
+
+
+class Streamed:
+    """A state dict whose items are produced on demand: write_checkpoint only iterates .items(), so converting and
+    writing interleave and at most one output shard is held in memory."""
+
+    def __init__(self, items):
+        self._items = items
+
+    def items(self):
+        return self._items
+
+
+def cast(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def special_ids(*configs: dict) -> dict:
+    """bos/eos/pad ids from HF config.json / generation_config.json (the later one wins; eos may be a list)."""
+    ids = {}
+    for cfg in configs:
+        for kind in ("bos", "eos", "pad"):
+            v = cfg.get(f"{kind}_token_id")
+            v = v[0] if isinstance(v, list) and v else v
+            if isinstance(v, int) and v >= 0:
+                ids[f"{kind}_id"] = v
+    return ids
+
+
+def write_tokenizer(src: Path, dst: Path, ids: dict, template: str):
+    """Copy the tokenizer file and write our tokenizer_config.json: {bos_id, eos_id, pad_id, chat_template}."""
+    import prepare
+
+    if not any((src / f).exists() for f in TOKENIZER_FILES):
+        print(f"convert.py: warning: {src}: no tokenizer.model or tokenizer.json; add one to the output dir before "
+              f"sampling", file=sys.stderr)
+        config = {"bos_id": ids.get("bos_id"), "eos_id": ids.get("eos_id"),
+                  "pad_id": ids.get("pad_id", ids.get("eos_id")), "chat_template": template}
+        (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return
+    tok = prepare.load_tokenizer(src)  # reads HF's tokenizer_config.json (token strings) beside it
+    for kind in ("bos", "eos", "pad"):  # ids stated by the model's own config are the authority
+        if f"{kind}_id" in ids:
+            setattr(tok, f"{kind}_id", ids[f"{kind}_id"])
+    tok.save(dst, template=template)
+
+
+def family_template(family: str) -> str:
+    import prepare
+
+    return prepare.FAMILY_TEMPLATE[family]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# hf-to-native
+
+
+def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template=None, overwrite=False,
+                 max_shard_bytes=None):
+    src = Path(src)
+    cfg = read_json(src / "config.json")
+    family = family or detect_family(cfg, src / "config.json")
+    args = hf_args(cfg, family, src / "config.json", for_training)
+    source = HFSource(src)
+    layout = hf_layout(args, family)
+    shapes = native_shapes(args)
+    expected = {hf: stacked_shape([shapes[n] for n in natives]) for hf, natives in layout.items()}
+    tied_head = lambda name: HF_IGNORED.fullmatch(name) or (args.tie_embeddings and name == "lm_head.weight")
+    check_shapes(source.shapes(), expected, source.where, ignored=tied_head)
+
+    def tensors():
+        for _, shard in source.shards():
+            for hf_name, t in shard.items():
+                if hf_name not in layout:
+                    continue
+                natives = layout[hf_name]
+                parts = t.split([shapes[n][0] for n in natives]) if len(natives) > 1 else [t]
+                for name, part in zip(natives, parts):
+                    if name == "output.weight" and family == "baichuan2" and not for_training:
+                        part = normalise_rows(part)
+                    yield name, cast(part, dtype).clone()  # clone: a split's parts must not share storage
+            del shard
+
+    with staged(dst, overwrite) as tmp:
+        write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
+        ids = special_ids(cfg, read_json(src / "generation_config.json", False))
+        write_tokenizer(src, tmp, ids, template or family_template(family))
+    return args, family
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# native-to-hf
+
+
+def hf_config(args: ModelArgs, family: str, ids: dict, dtype: str) -> dict:
+    """LLaMA's config.json (transformers loads it natively), or Baichuan's for the Baichuan families."""
+    common = {"hidden_size": args.dim, "intermediate_size": args.hidden_dim, "num_attention_heads": args.n_heads,
+              "num_hidden_layers": args.n_layers, "rms_norm_eps": args.norm_eps, "vocab_size": args.vocab_size,
+              "hidden_act": "silu", "initializer_range": args.init_std, "tie_word_embeddings": args.tie_embeddings,
+              "bos_token_id": ids.get("bos_id"), "eos_token_id": ids.get("eos_id"),
+              "pad_token_id": ids.get("pad_id"), "torch_dtype": dtype, "use_cache": True}
+    if family in BAICHUAN:
+        # 7B configs state max_position_embeddings (RoPE); the ALiBi 13B configs only model_max_length
+        arch = "BaiChuanForCausalLM" if family == "baichuan" and args.pos_emb == "rope" else "BaichuanForCausalLM"
+        cfg = {"architectures": [arch], "model_type": "baichuan", **common, "model_max_length": args.max_seq_len}
+        if args.pos_emb == "rope":
+            cfg["max_position_embeddings"] = args.max_seq_len
+        if family == "baichuan2":
+            cfg["z_loss_weight"] = args.z_loss
+        return cfg
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
+            "num_key_value_heads": args.kv_heads, "max_position_embeddings": args.max_seq_len,
+            "rope_theta": args.rope_theta,  # transformers < 5 reads this, >= 5 reads rope_parameters
+            "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+            "attention_bias": False, "mlp_bias": False}
+
+
+def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
+    src = Path(src)
+    try:
+        args, cfg = read_config(src)
+        tensors = load_tensors(src)
+    except CheckpointError as e:
+        fail(str(e))
+    family = cfg.get("family", "llama")
+    if family not in FAMILIES:
+        fail(f"{src / 'config.json'}: family {family!r} is not one of {', '.join(FAMILIES)}")
+    check_shapes({n: tuple(t.shape) for n, t in tensors.items()}, native_shapes(args), src)
+    if family not in BAICHUAN and args.pos_emb != "rope":
+        fail(f"{src / 'config.json'}: pos_emb={args.pos_emb!r}: a LLaMA-architecture checkpoint needs 'rope'")
+    if family in BAICHUAN and args.kv_heads != args.n_heads:
+        fail(f"{src / 'config.json'}: n_kv_heads={args.n_kv_heads}: Baichuan's W_pack needs multi-head attention")
+    # LLaMA has no NormHead: normalise once so a plain head computes the same logits. Baichuan2 keeps whatever it
+    # has (its NormHead re-normalises, which leaves normalised rows unchanged).
+    normalise = args.norm_head and family != "baichuan2"
+
+    def hf_tensors():
+        for hf_name, natives in hf_layout(args, family).items():
+            t = torch.cat([tensors[n] for n in natives]) if len(natives) > 1 else tensors[natives[0]]
+            yield hf_name, cast(normalise_rows(t) if normalise and hf_name == "lm_head.weight" else t, dtype)
+
+    tok_cfg = read_json(src / "tokenizer_config.json", required=False)
+    ids = {k: tok_cfg[k] for k in ("bos_id", "eos_id", "pad_id") if isinstance(tok_cfg.get(k), int)}
+    out_dtype = str(dtype or next(iter(tensors.values())).dtype).removeprefix("torch.")
+    with staged(dst, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)  # HF's own file names and index layout
+        for name, t in hf_tensors():
+            writer.add(name, t)
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(hf_config(args, family, ids, out_dtype), indent=2))
+        gen = {k.replace("_id", "_token_id"): v for k, v in ids.items()}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        for f in TOKENIZER_FILES:
+            if (src / f).exists():
+                shutil.copyfile(src / f, tmp / f)
+    return args, family
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# meta-to-native
+
+# Meta's model-parallel layers: ColumnParallelLinear shards the output dim (0), RowParallelLinear the input dim (1).
+# tok_embeddings is split on dim 1 (ParallelEmbedding, LLaMA 1/2) or dim 0 (VocabParallelEmbedding, LLaMA 3): taken
+# from the shapes. Norms are replicated.
+META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
+META_IGNORED = re.compile(r"rope\.freqs|layers\.\d+\.attention\.inner_attention\.rope\.freqs")
+
+
+def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier=None) -> int:
+    """FeedForward width exactly as Meta's llama/model.py computes it."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def meta_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved rotary pairs (x0,x1),(x2,x3).. -> rotate-half halves, per head (DESIGN.md's map)."""
+    rows, cols = w.shape
+    head_dim = rows // n_heads
+    # (n_heads, head_dim/2, 2, dim) -> (n_heads, 2, head_dim/2, dim)
+    return w.view(n_heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def meta_merge(name: str, parts: list[torch.Tensor], shape: tuple) -> torch.Tensor:
+    if len(parts) == 1 or len(shape) == 1:
+        return parts[0]
+    kind = name.split(".")[-2]
+    dim = META_SPLIT_DIM.get(kind, 1 if parts[0].shape[0] == shape[0] else 0)
+    return torch.cat(parts, dim=dim)
+
+
+def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwrite=False, max_shard_bytes=None):
+    src = Path(src)
+    params = read_json(src / "params.json")
+    files = sorted(src.glob("consolidated.*.pth"))
+    if not files:
+        fail(f"{src}: no consolidated.XX.pth files")
+    if params.get("use_scaled_rope"):
+        fail(f"{src / 'params.json'}: use_scaled_rope (LLaMA 3.1 rope scaling) is not supported")
+    shards = [load_pickle(f) for f in files]
+    emb = shards[0].get("tok_embeddings.weight")
+    if emb is None:
+        fail(f"{files[0]}: missing tensor tok_embeddings.weight")
+    n = len(shards)
+    # vocab_size -1 means "from the tokenizer": read it off the embedding (split on dim 0 or 1)
+    vocab = params.get("vocab_size", -1)
+    if vocab in (-1, None):
+        vocab = emb.shape[0] if emb.shape[1] * n == params.get("dim") else emb.shape[0] * n
+    try:
+        dim = params["dim"]
+        args = ModelArgs(dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
+                         n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab,
+                         hidden_dim=meta_hidden_dim(dim, params.get("multiple_of", 256),
+                                                    params.get("ffn_dim_multiplier")),
+                         norm_eps=float(params.get("norm_eps", 1e-6)), max_seq_len=max_seq_len,
+                         rope_theta=float(params.get("rope_theta", 10000.0)))
+    except KeyError as e:
+        fail(f"{src / 'params.json'}: field {e.args[0]!r} missing")
+    except (TypeError, ValueError) as e:
+        fail(f"{src / 'params.json'}: {e}")
+    shapes = native_shapes(args)
+    for f, sd in zip(files, shards):
+        check_names = {k: shapes.get(k) for k in sd}
+        missing = sorted(set(shapes) - set(sd))
+        if missing:
+            fail(f"{f}: missing tensor {missing[0]} ({len(missing)} missing)")
+        unexpected = sorted(k for k, v in check_names.items() if v is None and not META_IGNORED.fullmatch(k))
+        if unexpected:
+            fail(f"{f}: unexpected tensor {unexpected[0]}")
+
+    def tensors():
+        for name, shape in shapes.items():
+            t = meta_merge(name, [sd[name] for sd in shards], shape)
+            if tuple(t.shape) != shape:
+                fail(f"{src}: tensor {name} merged from {n} shard(s) has shape {tuple(t.shape)}, expected {shape}")
+            if name.endswith("attention.wq.weight"):
+                t = meta_to_rotate_half(t, args.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                t = meta_to_rotate_half(t, args.kv_heads)
+            yield name, cast(t, dtype).clone()
+
+    with staged(dst, overwrite) as tmp:
+        write_checkpoint(tmp, Streamed(tensors()), args, "llama", max_shard_bytes=max_shard_bytes)
+        tok_dir = src if (src / "tokenizer.model").exists() else src.parent  # Meta ships it beside the model dirs
+        write_tokenizer(tok_dir, tmp, {}, template or family_template("llama"))
+    return args
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# apply-delta
+
+
+def open_native(path: Path):
+    """(args, family, name -> tensor) for a native checkpoint dir or an HF dir, tensors read on demand."""
+    cfg = read_json(path / "config.json")
+    if "family" in cfg:  # our own checkpoint dir
+        try:
+            args, _ = read_config(path)
+            tensors = load_tensors(path)
+        except CheckpointError as e:
+            fail(str(e))
+        check_shapes({n: tuple(t.shape) for n, t in tensors.items()}, native_shapes(args), path)
+        return args, cfg["family"], tensors.__getitem__
+    family = detect_family(cfg, path / "config.json")
+    args = hf_args(cfg, family, path / "config.json", for_training=True)  # raw head rows: deltas are raw
+    source = HFSource(path)
+    layout = hf_layout(args, family)
+    shapes = native_shapes(args)
+    expected = {hf: stacked_shape([shapes[n] for n in natives]) for hf, natives in layout.items()}
+    check_shapes(source.shapes(), expected, source.where,
+                 ignored=lambda n: HF_IGNORED.fullmatch(n) or (args.tie_embeddings and n == "lm_head.weight"))
+    where = {}  # native name -> (hf name, row offset, rows)
+    for hf_name, natives in layout.items():
+        offset = 0
+        for n in natives:
+            where[n] = (hf_name, offset, shapes[n][0])
+            offset += shapes[n][0]
+    files = {}
+    for f in source.files:  # name -> file, from the shard headers (cheap: memory-mapped)
+        files.update({name: f for name in load_file(path / f)})
+    opened = {}
+
+    def get(name):
+        hf_name, offset, rows = where[name]
+        f = files[hf_name]
+        if f not in opened:  # keep only the current shard mapped
+            opened.clear()
+            opened[f] = load_file(path / f)
+        return opened[f][hf_name][offset: offset + rows]
+
+    return args, family, get
+
+
+def apply_delta(base, delta, dst, dtype=None, template="vicuna", overwrite=False, max_shard_bytes=None):
+    """target = base + delta. A delta with a larger vocabulary (added tokens) keeps its extra rows as they are."""
+    base, delta = Path(base), Path(delta)
+    if Path(dst).exists() and not overwrite:
+        fail(f"{dst}: exists; pass --overwrite to replace it")
+    base_args, _, base_get = open_native(base)
+    args, family, delta_get = open_native(delta)
+    for field in ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim"):
+        if getattr(base_args, field) != getattr(args, field):
+            fail(f"{delta}: {field}={getattr(args, field)} but the base {base} has {getattr(base_args, field)}")
+    if base_args.vocab_size > args.vocab_size:
+        fail(f"{delta}: vocab_size={args.vocab_size} is smaller than the base's {base_args.vocab_size}")
+    base_names = native_shapes(base_args)
+
+    def tensors():
+        for name in native_shapes(args):
+            d = delta_get(name)
+            out = d.float().clone()
+            if name in base_names:
+                b = base_get(name)
+                out[: b.shape[0]] += b.float()  # rows past the base's vocabulary come from the delta alone
+            elif name == "output.weight":  # base tied, delta untied: the base's head is its embedding
+                b = base_get("tok_embeddings.weight")
+                out[: b.shape[0]] += b.float()
+            yield name, out.to(dtype or d.dtype)
+
+    with staged(dst, True) as tmp:
+        write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
+        tok_cfg = read_json(delta / "config.json")
+        ids = special_ids(tok_cfg, read_json(delta / "generation_config.json", False))
+        if "family" in tok_cfg:  # native delta: its tokenizer_config.json holds our ids
+            ours = read_json(delta / "tokenizer_config.json", False)
+            ids = {k: ours[k] for k in ("bos_id", "eos_id", "pad_id") if isinstance(ours.get(k), int)}
+        write_tokenizer(delta if any((delta / f).exists() for f in TOKENIZER_FILES) else base, tmp, ids,
+                        template)
+    return args, family
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# dcp-to-native (train.py imports dcp_to_native for its export)
+
+# prefixes torch.compile, activation checkpointing and FSDP1 add to parameter names
+WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=None):
+    """A train.py step dir (torch.distributed.checkpoint, state dict key "model", config.json and tokenizer beside
+    it) -> a checkpoint dir. Runs in one process without a process group; reads the model tensors in batches of
+    about one output shard, so memory stays near one shard whatever the model size."""
+    import torch.distributed.checkpoint as dcp
+
+    step = Path(step_dir)
+    if Path(dst).exists() and not overwrite:
+        fail(f"{dst}: exists; pass --overwrite to replace it")
+    try:
+        args, cfg = read_config(step)
+    except CheckpointError as e:
+        fail(str(e))
+    family = cfg.get("family", "llama")
+    try:
+        metadata = dcp.FileSystemReader(str(step)).read_metadata()
+    except Exception as e:  # a missing or corrupt .metadata surfaces as many exception types
+        fail(f"{step}: not a torch.distributed.checkpoint dir ({type(e).__name__}: {e})")
+    stored = {}  # native name -> (key under "model", size, dtype)
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and hasattr(md, "size"):
+            name = key[len("model."):]
+            for prefix in WRAPPER_PREFIXES:
+                name = name.replace(prefix, "")
+            stored[name] = (key[len("model."):], tuple(md.size), md.properties.dtype)
+    shapes = native_shapes(args)
+    check_shapes({n: s for n, (_, s, _) in stored.items()}, shapes, step)
+    batch_bytes = max_shard_bytes or parse_size(DEFAULT_SHARD)
+
+    def batches():
+        batch, size = [], 0
+        for name in shapes:
+            nbytes = torch.Size(stored[name][1]).numel() * stored[name][2].itemsize
+            if batch and size + nbytes > batch_bytes:
+                yield batch
+                batch, size = [], 0
+            batch.append(name)
+            size += nbytes
+        if batch:
+            yield batch
+
+    def tensors():
+        for batch in batches():
+            want = {stored[n][0]: torch.empty(stored[n][1], dtype=stored[n][2]) for n in batch}
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.simplefilter("ignore")
+                dcp.load({"model": want}, storage_reader=dcp.FileSystemReader(str(step)))
+            for n in batch:
+                yield n, cast(want.pop(stored[n][0]), dtype)
+
+    with staged(dst, True) as tmp:
+        write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes,
+                         extra_config={k: v for k, v in cfg.items()  # whatever else train.py recorded
+                                       if k != "family" and k not in args.__dataclass_fields__})
+        for f in TOKENIZER_FILES + ("tokenizer_config.json",):
+            if (step / f).exists():
+                shutil.copyfile(step / f, tmp / f)
+    return args, family
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", s.upper())
+    if not m:
+        fail(f"--max_shard_size={s}: expected a size such as 500MB or 2GB")
+    return int(float(m[1]) * 1024 ** " KMGT".index(m[2] or " "))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dst", required=True, help="output dir (refused if it exists, unless --overwrite)")
+    common.add_argument("--dtype", choices=DTYPES, default=None, help="output dtype (default: as stored)")
+    common.add_argument("--max_shard_size", default=DEFAULT_SHARD, help="output shard size (default %(default)s)")
+    common.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
+    template = argparse.ArgumentParser(add_help=False)
+    template.add_argument("--template", default=None, help="chat template name for tokenizer_config.json "
+                                                           "(default: the family's; e.g. vicuna)")
+
+    s = sub.add_parser("hf-to-native", parents=[common, template], help="Hugging Face dir -> checkpoint dir")
+    s.add_argument("--src", required=True, help="HF dir: config.json + safetensors or .bin (sharded or not)")
+    s.add_argument("--family", choices=FAMILIES, default=None, help="override the family read from config.json")
+    s.add_argument("--for_training", action="store_true",
+                   help="Baichuan2: keep the raw NormHead (norm_head=true) instead of normalising it once")
+    s = sub.add_parser("native-to-hf", parents=[common], help="checkpoint dir -> Hugging Face dir")
+    s.add_argument("--src", required=True, help="checkpoint dir")
+    s = sub.add_parser("meta-to-native", parents=[common, template], help="Meta consolidated.XX.pth -> checkpoint dir")
+    s.add_argument("--src", required=True, help="dir with params.json and consolidated.XX.pth")
+    s.add_argument("--max_seq_len", type=int, default=2048, help="context length (params.json does not say)")
+    s = sub.add_parser("apply-delta", parents=[common, template], help="base + Vicuna-style delta -> checkpoint dir")
+    s.add_argument("--src", required=True, help="base weights (HF dir or checkpoint dir)")
+    s.add_argument("--delta", required=True, help="delta weights (HF dir or checkpoint dir)")
+    s = sub.add_parser("dcp-to-native", parents=[common], help="train.py step dir -> checkpoint dir")
+    s.add_argument("--src", required=True, help="out_dir/step_XXXXXXXX")
+    a = p.parse_args(argv)
+
+    kw = dict(dtype=DTYPES.get(a.dtype), overwrite=a.overwrite, max_shard_bytes=parse_size(a.max_shard_size))
+    for flag in ("src", "delta"):
+        if getattr(a, flag, None) and not Path(getattr(a, flag)).is_dir():
+            fail(f"--{flag}={getattr(a, flag)}: not a directory")
+    if a.command == "hf-to-native":
+        args, family = hf_to_native(a.src, a.dst, a.family, for_training=a.for_training, template=a.template, **kw)
+    elif a.command == "native-to-hf":
+        args, family = native_to_hf(a.src, a.dst, **kw)
+    elif a.command == "meta-to-native":
+        args, family = meta_to_native(a.src, a.dst, max_seq_len=a.max_seq_len, template=a.template, **kw), "llama"
+    elif a.command == "apply-delta":
+        args, family = apply_delta(a.src, a.delta, a.dst, template=a.template or "vicuna", **kw)
+    else:
+        args, family = dcp_to_native(a.src, a.dst, **kw)
+    print(f"convert.py: wrote {a.dst} ({family}, {args.n_layers} layers, dim {args.dim}, {args.pos_emb})",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
