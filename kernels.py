@@ -234,3 +234,47 @@ def cross_entropy(logits, targets, loss_mask=None, z_loss: float = 0.0) -> torch
     if z_loss:
         loss = loss + z_loss * (logits.max(dim=-1).values.pow(2) * counted).sum() / n
     return loss
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NF4: 4-bit NormalFloat weights for QLoRA, in plain torch so it runs on any device
+
+# The 16 NF4 values of the QLoRA paper (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 table): quantiles of
+# N(0, 1) scaled to [-1, 1], with an exact zero.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+
+
+def nf4_quantize(w: torch.Tensor, block_size: int = 64, absmax_block_size: int = 256) -> dict[str, torch.Tensor]:
+    """Quantise w to NF4 with double quantisation.
+
+    Every block of 64 weights is scaled by its absmax into [-1, 1] and each weight becomes the index of the nearest
+    NF4 value (two per byte). The fp32 absmaxes are themselves quantised: centred on their mean and stored as int8
+    with one fp32 scale per 256 of them, so a weight costs 4 + 8/64 + 32/(64*256) = 4.127 bits.
+    """
+    if w.numel() % (2 * block_size):
+        raise ValueError(f"nf4_quantize: {w.numel()} weights is not a multiple of the block size {block_size}")
+    blocks = w.detach().float().reshape(-1, block_size)  # (n_blocks, 64)
+    absmax = blocks.abs().amax(dim=1)
+    code = NF4_CODE.to(w.device)
+    midpoints = (code[1:] + code[:-1]) / 2
+    idx = torch.bucketize(blocks / absmax.clamp(min=1e-12)[:, None], midpoints).to(torch.uint8)
+    packed = (idx[:, 0::2] << 4) | idx[:, 1::2]  # (n_blocks, 32): high nibble first
+    offset = absmax.mean()
+    centred = F.pad(absmax - offset, (0, -absmax.numel() % absmax_block_size)).view(-1, absmax_block_size)
+    scale = centred.abs().amax(dim=1).clamp(min=1e-12) / 127
+    absmax_q = (centred / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return {"packed": packed, "absmax_q": absmax_q, "absmax_scale": scale, "absmax_offset": offset}
+
+
+def nf4_dequantize(q: dict[str, torch.Tensor], shape, dtype=torch.float32) -> torch.Tensor:
+    """The weight of nf4_quantize back in `dtype`."""
+    packed = q["packed"]
+    n_blocks = packed.size(0)
+    absmax = (q["absmax_q"].float() * q["absmax_scale"][:, None]).flatten()[:n_blocks] + q["absmax_offset"]
+    idx = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(n_blocks, -1)  # (n_blocks, 64)
+    code = NF4_CODE.to(device=packed.device, dtype=dtype)
+    return (code[idx.long()] * absmax.to(dtype)[:, None]).view(shape)

@@ -329,6 +329,122 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# LoRA and QLoRA: train small low-rank adapters beside frozen (optionally 4-bit) base weights
+
+LORA_DEFAULT_TARGETS = "wq,wk,wv,wo,w1,w2,w3"  # every linear layer but the output head
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer stored in NF4 (kernels.nf4_quantize) and dequantised to the input's dtype per call."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        for name, t in kernels.nf4_quantize(linear.weight).items():
+            self.register_buffer(f"nf4_{name}", t)
+
+    @property
+    def weight(self) -> torch.Tensor:  # dequantised fp32, for merging and inspection
+        return self.dequantize(torch.float32)
+
+    def dequantize(self, dtype):
+        q = {name: getattr(self, f"nf4_{name}") for name in ("packed", "absmax_q", "absmax_scale", "absmax_offset")}
+        return kernels.nf4_dequantize(q, (self.out_features, self.in_features), dtype)
+
+    def forward(self, x):
+        return F.linear(x, self.dequantize(x.dtype))
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / rank) * B A dropout(x), with the base frozen and B zero at start (so y = base(x))."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base, self.rank, self.scale = base, rank, alpha / rank
+        device = base.nf4_packed.device if isinstance(base, NF4Linear) else base.weight.device
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises; B = 0 keeps y = base(x)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_a.to(x.dtype)),
+                                       self.lora_b.to(x.dtype)) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())
+
+
+def _linears(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
+
+
+def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0,
+               targets: str = LORA_DEFAULT_TARGETS, quantize_base: bool = False) -> list[str]:
+    """Freeze the model, optionally store its block linears in NF4 (QLoRA), and wrap the target linears in adapters.
+
+    targets: comma-separated patterns matched (fnmatch) against a linear layer's full name or its last part, e.g.
+    "wq,wv", "*.attention.*", "layers.0.*". Returns the names of the adapted layers.
+    """
+    import fnmatch
+
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"lora_rank={rank!r}: expected a positive integer")
+    names = [n for n, _ in _linears(model)]
+    adapted = set()
+    for pattern in [p.strip() for p in targets.split(",") if p.strip()]:
+        hits = {n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.rsplit(".", 1)[-1], pattern)}
+        if not hits:
+            raise ValueError(f"lora_targets: pattern {pattern!r} matches no linear layer "
+                             f"(they are named like {names[0]}, {names[-1]})")
+        adapted |= hits
+    model.requires_grad_(False)
+    for name, linear in _linears(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if quantize_base and name != "output":  # QLoRA quantises the blocks; embedding and head stay as they are
+            linear = NF4Linear(linear)
+        if name in adapted:
+            linear = LoRALinear(linear, rank, alpha, dropout)
+        setattr(parent, child, linear)
+    return sorted(adapted)
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """Only the adapter weights: what a LoRA run needs to save."""
+    return {n: p for n, p in model.named_parameters() if n.endswith((".lora_a", ".lora_b"))}
+
+
+def load_lora(model, tensors: dict[str, torch.Tensor]):
+    """Load adapter weights into a model prepared with apply_lora, checking names and shapes."""
+    own = lora_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"adapter: {'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]} "
+                              "(were the adapters trained with other lora_targets?)")
+    for name, t in tensors.items():
+        if t.shape != own[name].shape:
+            raise CheckpointError(f"adapter: tensor {name} has shape {tuple(t.shape)}, the base model needs "
+                                  f"{tuple(own[name].shape)}")
+        with torch.no_grad():
+            own[name].copy_(t)
+
+
+def merge_lora(model) -> Transformer:
+    """Fold every adapter into its base weight, leaving plain nn.Linear layers (NF4 bases are dequantised)."""
+    dtype = model.tok_embeddings.weight.dtype
+    for kind in (LoRALinear, NF4Linear):  # adapters first: their NF4 bases go with them
+        for name, module in list(model.named_modules()):
+            if isinstance(module, kind):
+                weight = module.merged_weight() if kind is LoRALinear else module.weight
+                merged = nn.Linear(weight.size(1), weight.size(0), bias=False, device=weight.device, dtype=dtype)
+                merged.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, merged)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # checkpoint dirs: config.json + model.safetensors (or shards with HF's index), memory-mapped on load
 
 

@@ -1,0 +1,147 @@
+"""LoRA and QLoRA in model.py, NF4 in kernels.py."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import kernels
+from model import (PRESETS, CheckpointError, LoRALinear, NF4Linear, Transformer, apply_lora, load_lora,
+                   lora_state_dict, merge_lora)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Transformer(dataclasses.replace(PRESETS["tiny"], **overrides))
+
+
+def test_nf4_code_is_the_published_normal_float_table():
+    # QLoRA's construction: quantiles of N(0, 1), 8 positive and 7 negative, with an exact zero, scaled to [-1, 1]
+    normal = torch.distributions.Normal(0.0, 1.0)
+    offset = 0.9677083
+    positive = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    values = values / values.abs().max()
+    torch.testing.assert_close(kernels.NF4_CODE.double(), values, rtol=0, atol=1e-6)
+
+
+def test_nf4_round_trip_error_is_within_the_code_spacing():
+    torch.manual_seed(0)
+    w = torch.randn(256, 512) * 0.02
+    q = kernels.nf4_quantize(w)
+    back = kernels.nf4_dequantize(q, w.shape)
+    absmax = w.view(-1, 64).abs().amax(1, keepdim=True)
+    half_gap = (kernels.NF4_CODE[1:] - kernels.NF4_CODE[:-1]).max() / 2
+    stored_absmax = (q["absmax_q"].float() * q["absmax_scale"][:, None]).flatten()[: absmax.numel()]
+    absmax_error = (stored_absmax + q["absmax_offset"] - absmax.flatten()).abs()[:, None]  # double quantisation
+    assert (absmax_error <= q["absmax_scale"].max() / 2 + 1e-7).all()
+    err = (back - w).view(-1, 64).abs()
+    assert (err <= half_gap * absmax + absmax_error + 1e-7).all()
+    # NF4 suits normal weights: clearly better than a uniform 4-bit grid over the same blocks
+    uniform = ((w.view(-1, 64) / absmax * 7).round() / 7 * absmax).view_as(w)
+    assert (back - w).pow(2).mean() < 0.8 * (uniform - w).pow(2).mean()
+    assert (back - w).pow(2).mean().sqrt() < 0.12 * w.std()
+
+
+def test_nf4_bits_per_parameter():
+    w = torch.randn(4096, 1024)
+    q = kernels.nf4_quantize(w)
+    bits = sum(t.numel() * t.element_size() * 8 for t in q.values()) / w.numel()
+    assert 4.12 < bits < 4.14, bits
+
+
+def test_lora_at_initialisation_leaves_outputs_unchanged():
+    model = tiny_model()
+    idx = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        before, _ = model(idx)
+        adapted = apply_lora(model, rank=4, alpha=8)
+        after, _ = model(idx)
+    assert len(adapted) == 2 * 7
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_only_adapter_weights_train_and_reach_the_optimiser():
+    model = tiny_model()
+    apply_lora(model, rank=4, alpha=8, targets="wq,wv")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(lora_state_dict(model)) and len(trainable) == 2 * 2 * 2
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    idx = torch.randint(0, 512, (2, 16))
+    for _ in range(3):
+        model(idx, idx)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    assert all(lora_state_dict(model)[n].abs().sum() > 0 for n in trainable if n.endswith("lora_b"))
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_merged_model_equals_model_with_adapters(quantize):
+    model = tiny_model()
+    apply_lora(model, rank=4, alpha=16, quantize_base=quantize)
+    with torch.no_grad():
+        for p in lora_state_dict(model).values():
+            p.normal_(std=0.05)  # trained-looking adapters
+    idx = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        with_adapters, _ = model.eval()(idx)
+        merge_lora(model)
+        merged, _ = model(idx)
+    assert not any(isinstance(m, (LoRALinear, NF4Linear)) for m in model.modules())
+    torch.testing.assert_close(merged, with_adapters, rtol=1e-4, atol=1e-4)
+
+
+def test_adapters_save_and_load_back():
+    model = tiny_model()
+    apply_lora(model, rank=2, alpha=4)
+    with torch.no_grad():
+        for p in lora_state_dict(model).values():
+            p.normal_()
+    saved = {n: p.detach().clone() for n, p in lora_state_dict(model).items()}
+    other = tiny_model()
+    apply_lora(other, rank=2, alpha=4)
+    load_lora(other, saved)
+    idx = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(other(idx)[0], model(idx)[0])
+
+
+def test_adapter_for_another_shape_is_refused():
+    model = tiny_model()
+    apply_lora(model, rank=2, alpha=4)
+    saved = lora_state_dict(model)
+    other = tiny_model(dim=128, n_heads=8, n_kv_heads=4)
+    apply_lora(other, rank=2, alpha=4)
+    with pytest.raises(CheckpointError, match=r"tensor layers\.0\.attention\.wq\.lora_a has shape \(2, 64\)"):
+        load_lora(other, saved)
+
+
+def test_qlora_stores_block_linears_in_nf4_and_lowers_the_loss():
+    model = tiny_model()
+    apply_lora(model, rank=8, alpha=16, dropout=0.05, quantize_base=True)
+    assert isinstance(model.layers[0].feed_forward.w2.base, NF4Linear)
+    assert isinstance(model.output, torch.nn.Linear)  # the head is neither quantised nor adapted
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    idx = torch.randint(0, 64, (4, 32))  # a small repeated batch the adapters can fit
+    losses = []
+    for _ in range(40):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses[::10]
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(rank=0), "lora_rank=0"), (dict(rank=-2), "lora_rank=-2"),
+    (dict(rank=4, targets="wq,attn_proj"), "pattern 'attn_proj' matches no linear layer"),
+])
+def test_bad_lora_settings_are_named(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        apply_lora(tiny_model(), alpha=8, **kwargs)
