@@ -18,6 +18,7 @@ load_tokenizer, Tokenizer, TEMPLATES, FAMILY_TEMPLATE, encode_chat.
 
 import argparse
 import glob
+import io
 import json
 import os
 import re
@@ -180,14 +181,15 @@ def train_sentencepiece(texts, out_dir, vocab_size=8192, seed=1337):
         spm.set_random_generator_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()  # not model_prefix: the model would record that (temporary) path and differ run to run
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size,
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
         remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
         user_defined_symbols=["<|im_start|>", "<|im_end|>"], unk_id=0, bos_id=1, eos_id=2, pad_id=3,
         input_sentence_size=0, shuffle_input_sentence=False, max_sentence_length=8192, num_threads=1,
         minloglevel=2)
-    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     return out_dir / "tokenizer.model"
 
 
@@ -414,3 +416,747 @@ def encode_chat(tok, template, messages, system=None, add_generation_prompt=Fals
         ids += new
         mask += [int(counts)] * len(new)
     return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# Inputs: files, directories and globs -> a stream of work items, in a fixed order
+
+FORMATS = {  # --format: what each record is; the container (txt, json, jsonl, parquet) follows the file
+    "auto": "by extension: .json/.jsonl/.parquet -> 'json' records, .bin/.idx -> megatron, anything else -> text",
+    "text": "plain UTF-8 text, one document per file",
+    "json": "JSON records (a .json list, .jsonl lines or .parquet rows) with the text in --text_field",
+    "jsonl": "same as json",
+    "parquet": "same as json",
+    "megatron": "Megatron-LM indexed dataset (prefix.bin + prefix.idx), already token ids",
+    "alpaca": "{instruction, input, output}; also alpaca-data-conversation ({conversations: [...]})",
+    "sharegpt": "{conversations: [{from: human|gpt, value}]} (or {messages: [{role, content}]}), multi-turn",
+    "conversation": "same as sharegpt",
+    "moss": "moss-003-sft: {meta_instruction, chat: {turn_1: {Human: '<|Human|>: ...<eoh>', MOSS: ...}}}",
+    "belle": "{instruction, input, output} (multi-turn 'Human:/Assistant:' inside instruction) or {conversations}",
+}
+INSTRUCTION_FORMATS = ("alpaca", "sharegpt", "conversation", "moss", "belle")
+RECORD_SUFFIXES = (".json", ".jsonl", ".parquet")
+TEXT_PIECE_BYTES = 4 << 20  # long text files are read and encoded in pieces of about this size (bounded memory)
+
+
+class DataError(Exception):
+    """A problem with one input record or file: reported as one line, then stop or skip (--on_error)."""
+
+
+@dataclass
+class Item:
+    """One unit of work for the tokenizer workers."""
+    doc: int                       # document number in input order: decides train or val
+    text: Optional[str] = None     # text formats
+    ids: Optional[np.ndarray] = None  # Megatron input: already tokens
+    messages: Optional[list] = None   # instruction formats
+    system: Optional[str] = None
+    first: bool = True             # a long text document arrives in several pieces
+    last: bool = True
+    nbytes: int = 0                # input bytes this item consumed (progress bar)
+
+
+def expand_inputs(specs):
+    """Files, directories (all files below, sorted) and globs -> a sorted, de-duplicated list of files."""
+    files = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        if not found:
+            raise SystemExit(f"prepare.py: --input {spec}: no such file, directory or glob match")
+        files += [p for p in found if p not in files]
+    return files
+
+
+def default_corpus_files():
+    """The Python standard library's .py files (sorted): the embedded default corpus, present on every machine."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "idlelib",
+            "turtledemo", "ensurepip", "tkinter"}  # tests and GUI code are mostly noise
+    files = sorted(p for p in root.rglob("*.py")
+                   if not set(p.relative_to(root).parts[:-1]) & skip and p.stat().st_size > 0)
+    if not files:
+        raise SystemExit(f"prepare.py: {root}: no standard library sources found for the default corpus")
+    return files
+
+
+def read_text_pieces(path):
+    """Yield (text, nbytes) pieces of a text file, cut after a newline so UTF-8 sequences stay whole."""
+    with open(path, "rb") as f:
+        rest = b""
+        while True:
+            block = f.read(TEXT_PIECE_BYTES)
+            data = rest + block
+            if not block:
+                if data:
+                    yield _decode(path, data), len(data)
+                return
+            cut = data.rfind(b"\n") + 1 or len(data)
+            piece, rest = data[:cut], data[cut:]
+            if piece:
+                yield _decode(path, piece), len(piece)
+
+
+def _decode(path, data):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: byte {e.start}: expected UTF-8 text")
+
+
+def read_records(path):
+    """Yield (where, record, nbytes) from a .json list, .jsonl lines, or .parquet rows; where = 'line N' / 'row N'.
+
+    A malformed JSON line is yielded as a DataError record, so that the caller can skip it and read on.
+    """
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})")
+        row = 0
+        per_row = path.stat().st_size / max(pf.metadata.num_rows, 1)
+        for batch in pf.iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                row += 1
+                yield f"row {row}", rec, int(per_row)
+        return
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):  # one JSON list: has to be parsed whole
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not valid JSON ({e})")
+        per_rec = path.stat().st_size // max(len(records), 1)
+        for i, rec in enumerate(records, 1):
+            yield f"item {i}", rec, per_rec
+        return
+    with open(path, "rb") as f:  # JSON lines: streamed
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                rec = DataError(f"{path}: line {n}: malformed JSON ({getattr(e, 'msg', e)})")
+            yield f"line {n}", rec, len(raw)
+
+
+def _field(rec, name, where, kinds=str, hint=""):
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if name not in rec:
+        raise DataError(f"{where}: missing field {name!r}{hint}")
+    if not isinstance(rec[name], kinds):
+        raise DataError(f"{where}: field {name!r} has type {type(rec[name]).__name__}")
+    return rec[name]
+
+
+def conversation_messages(turns, where):
+    """[{from, value}] or [{role, content}] -> messages with normalised roles."""
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: conversations[{i}]: expected an object with 'from' and 'value'")
+        role = turn.get("from", turn.get("role"))
+        content = turn.get("value", turn.get("content"))
+        if normalize_role(role) is None:
+            raise DataError(f"{where}: conversations[{i}]: unknown role {role!r} (expected human/user or gpt/assistant)")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: conversations[{i}]: expected a string 'value'")
+        messages.append({"role": normalize_role(role), "content": content})
+    return messages
+
+
+BELLE_TURN = re.compile(r"(?:^|\n)(Human|Assistant):\s?")
+
+
+def instruction_messages(rec, fmt, where):
+    """One record of an instruction format -> (messages, system)."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    system = rec.get("system") if isinstance(rec.get("system"), str) else None
+    if fmt == "moss":
+        system = rec.get("meta_instruction") if isinstance(rec.get("meta_instruction"), str) else None
+        chat = _field(rec, "chat", where, dict, " (moss-003-sft: {chat: {turn_1: {Human, MOSS}}})")
+        messages = []
+        for key in sorted(chat, key=lambda k: int(k.split("_")[-1]) if k.split("_")[-1].isdigit() else 0):
+            turn = chat[key]
+            for field, role, tag, end in (("Human", "user", "<|Human|>:", "<eoh>"), ("MOSS", "assistant", "<|MOSS|>:", "<eom>")):
+                text = _field(turn, field, f"{where}: chat.{key}")
+                text = text.strip()
+                text = text[len(tag):] if text.startswith(tag) else text
+                text = text[:-len(end)] if text.endswith(end) else text
+                messages.append({"role": role, "content": text.strip()})
+        return messages, system
+    if "conversations" in rec or (fmt in ("sharegpt", "conversation") and "messages" in rec):
+        turns = rec.get("conversations", rec.get("messages"))
+        if not isinstance(turns, list):
+            raise DataError(f"{where}: field 'conversations' has type {type(turns).__name__}, expected a list")
+        return conversation_messages(turns, where), system
+    if fmt in ("sharegpt", "conversation"):
+        raise DataError(f"{where}: missing field 'conversations' (a list of {{from, value}})")
+    instruction = _field(rec, "instruction", where)
+    output = _field(rec, "output", where)
+    inp = rec.get("input") or ""
+    if not isinstance(inp, str):
+        raise DataError(f"{where}: field 'input' has type {type(inp).__name__}")
+    if fmt == "belle" and instruction.lstrip().startswith("Human:"):
+        # BELLE multiturn_chat: "Human: ...\nAssistant: ...\nHuman: ...\nAssistant:" with the last reply in output
+        parts = BELLE_TURN.split(instruction.strip())[1:]
+        messages = [{"role": normalize_role(r), "content": c.strip()} for r, c in zip(parts[::2], parts[1::2])]
+        if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+            messages.pop()
+        return messages + [{"role": "assistant", "content": output}], system
+    user = {"role": "user", "content": instruction}
+    if inp:
+        user["input"] = inp  # the alpaca template has a with-input variant; others join it to the instruction
+    return [user, {"role": "assistant", "content": output}], system
+
+
+def read_items(files, fmt, text_field, max_chars, on_error, counters):
+    """Yield Items for all input files in order. Bad records/files: stop (SystemExit) or skip (warn, count)."""
+    doc, chars, megatron_seen = 0, 0, set()
+    for path in files:
+        if path.stat().st_size == 0:
+            _bad(DataError(f"{path}: file is empty"), on_error, counters)
+            continue
+        kind = fmt
+        if fmt == "auto":
+            kind = "megatron" if path.suffix in (".bin", ".idx") else "json" if path.suffix in RECORD_SUFFIXES else "text"
+        try:
+            if kind == "text":
+                if max_chars and chars >= max_chars:  # the cap applies between documents
+                    return
+                for i, (last, (text, nbytes)) in enumerate(_mark_last(read_text_pieces(path))):
+                    chars += len(text)
+                    yield Item(doc, text=text, first=i == 0, last=last, nbytes=nbytes)
+                doc += 1
+            elif kind == "megatron":
+                if path.with_suffix("") in megatron_seen:  # prefix.bin and prefix.idx are one dataset
+                    continue
+                megatron_seen.add(path.with_suffix(""))
+                for ids in read_megatron(path):
+                    yield Item(doc, ids=ids, nbytes=ids.nbytes)
+                    doc += 1
+            else:
+                if path.suffix not in RECORD_SUFFIXES:
+                    raise DataError(f"{path}: format {kind!r} expects a .json, .jsonl or .parquet file")
+                for where, rec, nbytes in read_records(path):
+                    if max_chars and chars >= max_chars:
+                        return
+                    try:
+                        if isinstance(rec, DataError):  # a malformed line: the rest of the file is still read
+                            raise rec
+                        if kind in INSTRUCTION_FORMATS:
+                            messages, system = instruction_messages(rec, kind, f"{path}: {where}")
+                            chars += sum(len(m["content"]) for m in messages)
+                            yield Item(doc, messages=messages, system=system, nbytes=nbytes)
+                        else:
+                            text = _field(rec, text_field, f"{path}: {where}",
+                                          hint=" (set --text_field, or --format for instruction data)")
+                            chars += len(text)
+                            yield Item(doc, text=text, nbytes=nbytes)
+                        doc += 1
+                    except DataError as e:
+                        _bad(e, on_error, counters)
+        except DataError as e:
+            _bad(e, on_error, counters)
+
+
+def _mark_last(iterable):
+    """Yield (is_last, x) for each x."""
+    it = iter(iterable)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for x in it:
+        yield False, prev
+        prev = x
+    yield True, prev
+
+
+def _bad(error, on_error, counters):
+    if on_error == "stop":
+        raise SystemExit(f"prepare.py: {error} (use --on_error=skip to skip bad records)")
+    counters["skipped"] = counters.get("skipped", 0) + 1
+    if counters["skipped"] <= 10 and not counters.get("quiet"):
+        print(f"prepare.py: skipped: {error}", file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# Megatron-LM indexed dataset (MMIDIDX): prefix.bin holds the tokens of all sequences back to back; prefix.idx:
+#   b"MMIDIDX\x00\x00", <Q version (1), <B dtype code, <Q sequence count, <Q document count (= len(document_index)),
+#   int32 sizes[sequence count], int64 pointers[sequence count] (byte offsets into .bin),
+#   int64 document_index[document count] (first sequence of each document, then the total).
+
+MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
+MEGATRON_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+                   8: np.uint16}
+
+
+def write_megatron_index(idx_path, doc_lengths, dtype):
+    """Write an .idx for a .bin holding documents of these lengths back to back (one sequence per document)."""
+    sizes = np.asarray(doc_lengths, dtype=np.int64)
+    code = {np.dtype(v): k for k, v in MEGATRON_DTYPES.items()}.get(np.dtype(dtype))
+    if code is None:
+        raise SystemExit(f"prepare.py: --megatron: dtype {np.dtype(dtype).name} has no Megatron code (use uint16)")
+    if sizes.size and sizes.max() > np.iinfo(np.int32).max:
+        raise SystemExit(f"prepare.py: {idx_path}: a document longer than 2^31 tokens does not fit Megatron's int32 sizes")
+    pointers = np.zeros(len(sizes), dtype=np.int64)
+    np.cumsum(sizes[:-1] * np.dtype(dtype).itemsize, out=pointers[1:])
+    document_index = np.arange(len(sizes) + 1, dtype=np.int64)
+    with open(idx_path, "wb") as f:
+        f.write(MEGATRON_MAGIC + struct.pack("<Q", 1) + struct.pack("<B", code))
+        f.write(struct.pack("<Q", len(sizes)) + struct.pack("<Q", len(document_index)))
+        f.write(sizes.astype(np.int32).tobytes() + pointers.tobytes() + document_index.tobytes())
+
+
+def read_megatron_index(idx_path):
+    """-> (dtype, sizes int32, pointers int64, document_index int64), checked against the layout and the .bin."""
+    idx_path = Path(idx_path)
+    data = np.memmap(idx_path, dtype=np.uint8, mode="r") if idx_path.stat().st_size else np.zeros(0, np.uint8)
+    head = 9 + 8 + 1 + 8 + 8
+    if len(data) < head or bytes(data[:9]) != MEGATRON_MAGIC:
+        raise DataError(f"{idx_path}: expected a Megatron index starting with {MEGATRON_MAGIC!r}")
+    version, = struct.unpack("<Q", bytes(data[9:17]))
+    code, = struct.unpack("<B", bytes(data[17:18]))
+    n_seq, n_doc = struct.unpack("<QQ", bytes(data[18:34]))
+    if version != 1:
+        raise DataError(f"{idx_path}: Megatron index version {version}, expected 1")
+    if code not in MEGATRON_DTYPES:
+        raise DataError(f"{idx_path}: unknown Megatron dtype code {code} (expected 1-8)")
+    if len(data) != head + n_seq * 4 + n_seq * 8 + n_doc * 8:
+        raise DataError(f"{idx_path}: {len(data)} bytes, expected {head + n_seq * 12 + n_doc * 8} for "
+                        f"{n_seq} sequences and {n_doc} document index entries")
+    sizes = np.frombuffer(data, np.int32, n_seq, head)
+    pointers = np.frombuffer(data, np.int64, n_seq, head + 4 * n_seq)
+    document_index = np.frombuffer(data, np.int64, n_doc, head + 12 * n_seq)
+    return np.dtype(MEGATRON_DTYPES[code]), sizes, pointers, document_index
+
+
+def read_megatron(path):
+    """Yield each document of a Megatron dataset (path: prefix, prefix.bin or prefix.idx) as a token array."""
+    prefix = Path(path).with_suffix("") if Path(path).suffix in (".bin", ".idx") else Path(path)
+    idx_path, bin_path = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
+    for p in (idx_path, bin_path):
+        if not p.is_file():
+            raise DataError(f"{p}: not found (a Megatron dataset needs both {prefix.name}.bin and .idx)")
+    dtype, sizes, pointers, document_index = read_megatron_index(idx_path)
+    if dtype.kind not in "ui":
+        raise DataError(f"{idx_path}: dtype {dtype.name} is not a token id type")
+    tokens = np.memmap(bin_path, dtype=np.uint8, mode="r") if bin_path.stat().st_size else np.zeros(0, np.uint8)
+    if len(sizes) and (pointers.min() < 0 or (pointers + sizes.astype(np.int64) * dtype.itemsize).max() > len(tokens)):
+        raise DataError(f"{idx_path}: sequence pointers run past the end of {bin_path} ({len(tokens)} bytes)")
+    if len(document_index) == 0 or document_index[0] != 0 or document_index[-1] != len(sizes) or \
+            np.any(np.diff(document_index) < 0):
+        raise DataError(f"{idx_path}: document index must rise from 0 to the sequence count {len(sizes)}")
+    for d in range(len(document_index) - 1):
+        seqs = range(document_index[d], document_index[d + 1])
+        yield np.concatenate([np.frombuffer(tokens, dtype, sizes[s], pointers[s]) for s in seqs] or
+                             [np.zeros(0, dtype)])
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing workers. Each gets the tokenizer path once (pool initializer) and chunks of Items; results come back
+# in input order, so the output does not depend on the number of workers.
+
+_worker = {}
+
+
+def init_worker(tokenizer_path, template, seq_len):
+    _worker.update(tok=load_tokenizer(tokenizer_path), template=template, seq_len=seq_len)
+
+
+def encode_sample(tok, template, messages, system, seq_len, stats):
+    """One conversation -> (ids, mask) ending with eos, at most seq_len tokens; None when nothing is left to learn.
+
+    Too long: trailing exchanges are dropped first, so that no reply is cut; only when the first exchange alone does
+    not fit is it truncated (counted as a cut reply), or dropped if its prompt already fills seq_len.
+    """
+    def encode(msgs):
+        ids, mask = encode_chat(tok, template, msgs, system)
+        if not ids or ids[-1] != tok.eos_id:  # every document ends with eos (a boundary marker, not a target)
+            ids, mask = ids + [tok.eos_id], mask + [0]
+        return ids, mask
+
+    ids, mask = encode(messages)
+    if seq_len and len(ids) > seq_len:
+        ends = [i + 1 for i, m in enumerate(messages[:-1]) if m["role"] == "assistant"]  # shorter prefixes
+        for end in reversed(ends):
+            ids, mask = encode(messages[:end])
+            if len(ids) <= seq_len:
+                stats["samples_shortened"] += 1
+                stats["turns_dropped"] += len(messages) - end
+                break
+        if len(ids) > seq_len:
+            ids, mask = ids[:seq_len], mask[:seq_len]
+            stats["replies_cut" if any(mask) else "dropped_too_long"] += 1
+            if not any(mask):
+                return None
+    if not any(mask):
+        stats["no_reply"] += 1
+        return None
+    return ids, mask
+
+
+def encode_chunk(items):
+    """Items -> (tokens, mask or None, [(doc, n_tokens, last)], stats). Runs in a worker process."""
+    tok, template, seq_len = _worker["tok"], _worker["template"], _worker["seq_len"]
+    stats = {"samples_shortened": 0, "turns_dropped": 0, "replies_cut": 0, "dropped_too_long": 0, "no_reply": 0}
+    pieces, masks, index = [], [], []
+    if items[0].messages is not None:
+        for item in items:
+            sample = encode_sample(tok, template, item.messages, item.system, seq_len, stats)
+            if sample is not None:
+                pieces.append(sample[0])
+                masks.append(sample[1])
+                index.append((item.doc, len(sample[0]), True))
+    else:
+        texts = [it.text for it in items if it.text is not None and it.first]
+        encoded = iter(tok.encode_batch(texts))  # one call: the loop runs in C++
+        for item in items:
+            if item.ids is not None:
+                ids = item.ids.tolist()
+                if not ids or ids[-1] != tok.eos_id:
+                    ids.append(tok.eos_id)
+            else:
+                # a continuation piece starts mid-document: no dummy-prefix space; bos/eos frame the whole document
+                ids = next(encoded) if item.first else tok.encode_continuation(item.text)
+                ids = ([tok.bos_id] if item.first and tok.bos_id is not None else []) + ids
+                ids = ids + ([tok.eos_id] if item.last else [])
+            pieces.append(ids)
+            index.append((item.doc, len(ids), item.last))
+    tokens = np.fromiter((t for p in pieces for t in p), dtype=np.int64, count=sum(len(p) for p in pieces))
+    mask = np.fromiter((m for p in masks for m in p), dtype=np.uint8, count=len(tokens)) if masks else None
+    return tokens, mask, index, stats
+
+
+def chunked(items, max_chars=1 << 20, max_items=1024):
+    """Group items into chunks of about max_chars characters (one chunk is one task for a worker)."""
+    chunk, chars = [], 0
+    for item in items:
+        chunk.append(item)
+        chars += len(item.text) if item.text is not None else item.nbytes
+        if chars >= max_chars or len(chunk) >= max_items:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def ordered_map(fn, chunks, workers, initargs):
+    """fn over chunks in order, with at most 2 * workers chunks in flight (Pool.imap would read ahead unbounded)."""
+    if workers <= 1:
+        init_worker(*initargs)
+        for chunk in chunks:
+            yield chunk, fn(chunk)
+        return
+    import multiprocessing as mp
+    with mp.get_context("fork").Pool(workers, initializer=init_worker, initargs=initargs) as pool:
+        pending = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(fn, (chunk,))))
+            if len(pending) >= 2 * workers:
+                chunk, result = pending.popleft()
+                yield chunk, result.get()
+        while pending:
+            chunk, result = pending.popleft()
+            yield chunk, result.get()
+
+
+# -----------------------------------------------------------------------------
+# Writing one split: tokens, masks and document offsets are appended as they come (memory stays bounded)
+
+class SplitWriter:
+    """{split}.bin tokens, {split}.mask.bin masks, {split}.docs.bin int64 document start offsets (+ the total).
+
+    With seq_len, a text document longer than seq_len is cut into seq_len-token documents (no tokens lost). With
+    pack, documents are placed whole into rows of exactly seq_len tokens; a row's free tail is padding (pad_id,
+    mask 0) that belongs to the row's last document.
+    """
+
+    def __init__(self, out_dir, split, dtype, with_mask, seq_len, pack, pad_id):
+        self.split, self.dtype, self.seq_len, self.pack, self.pad_id = split, dtype, seq_len, pack, pad_id
+        self.tokens_file = open(out_dir / f"{split}.bin", "wb")
+        self.mask_file = open(out_dir / f"{split}.mask.bin", "wb") if with_mask else None
+        self.docs_file = open(out_dir / f"{split}.docs.bin", "wb")
+        self.docs_file.write(np.zeros(1, np.int64).tobytes())
+        self.n_tokens = self.n_docs = self.docs_split = self.pad_tokens = 0
+        self.doc_len = 0       # tokens of the document being written
+        self.pending = []      # pack: pieces of the current document
+        self.row = []          # pack: documents of the current row
+
+    def add(self, ids, mask, last):
+        """Append a piece of the current document; last=True ends the document."""
+        if mask is None and self.mask_file is not None:
+            mask = np.ones(len(ids), np.uint8)  # packed text: everything but padding counts
+        if self.pack:
+            self.pending.append((ids, mask))
+            if last:
+                ids = np.concatenate([p[0] for p in self.pending])
+                mask = np.concatenate([p[1] for p in self.pending])
+                self.pending = []
+                for start in range(0, len(ids), self.seq_len):
+                    self._pack(ids[start:start + self.seq_len], mask[start:start + self.seq_len])
+                self.docs_split += (len(ids) - 1) // self.seq_len
+            return
+        while self.seq_len and self.doc_len + len(ids) > self.seq_len:
+            k = self.seq_len - self.doc_len
+            self._write(ids[:k], None if mask is None else mask[:k])
+            self._end_doc()
+            self.docs_split += 1
+            ids, mask = ids[k:], None if mask is None else mask[k:]
+        self._write(ids, mask)
+        if last and self.doc_len:
+            self._end_doc()
+
+    def _pack(self, ids, mask):
+        if sum(len(d[0]) for d in self.row) + len(ids) > self.seq_len:
+            self._flush_row()
+        self.row.append((ids, mask))
+
+    def _flush_row(self):
+        if not self.row:
+            return
+        n_pad = self.seq_len - sum(len(d[0]) for d in self.row)
+        for i, (ids, mask) in enumerate(self.row):
+            if i == len(self.row) - 1 and n_pad:
+                ids = np.concatenate([ids, np.full(n_pad, self.pad_id)])
+                mask = np.concatenate([mask, np.zeros(n_pad, np.uint8)])
+            self._write(ids, mask)
+            self._end_doc()
+        self.pad_tokens += n_pad
+        self.row = []
+
+    def _write(self, ids, mask):
+        self.tokens_file.write(np.asarray(ids).astype(self.dtype).tobytes())
+        if self.mask_file is not None:
+            self.mask_file.write(np.asarray(mask, dtype=np.uint8).tobytes())
+        self.n_tokens += len(ids)
+        self.doc_len += len(ids)
+
+    def _end_doc(self):
+        self.docs_file.write(struct.pack("<q", self.n_tokens))
+        self.n_docs += 1
+        self.doc_len = 0
+
+    def close(self):
+        if self.pack:
+            self._flush_row()
+        for f in (self.tokens_file, self.mask_file, self.docs_file):
+            if f is not None:
+                f.close()
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def is_val(doc, val_fraction):
+    """Documents go to val evenly spread through the input: exactly floor(n * val_fraction) of the first n."""
+    return int((doc + 1) * val_fraction) > int(doc * val_fraction)
+
+
+def training_lines(items, max_chars):
+    """Lines of text for tokenizer training, up to max_chars characters."""
+    n = 0
+    for item in items:
+        texts = [item.text] if item.text is not None else \
+            [item.system or ""] + [m["content"] + "\n" + m.get("input", "") for m in item.messages or []]
+        for text in texts:
+            for line in text.splitlines():
+                if line.strip():
+                    yield line
+                    n += len(line)
+                    if n >= max_chars:
+                        return
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Tokenize text or instruction data into memmapped token files for train.py.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="formats:\n" + "\n".join(f"  {k:13s} {v}" for k, v in FORMATS.items()) +
+               "\ntemplates:\n" + "\n".join(f"  {k:16s} {t.source}" for k, t in TEMPLATES.items()))
+    parser.add_argument("--input", nargs="+", help="files, directories or globs (default: the embedded corpus, "
+                                                   "the Python standard library's sources)")
+    parser.add_argument("--format", default="auto", help="record format, see below (default: auto)")
+    parser.add_argument("--text_field", default="text", help="JSON/parquet field holding the text (json formats)")
+    parser.add_argument("--tokenizer", help="a .model, a tokenizer.json, or a dir holding one (checkpoint or data "
+                                            "dir); default: train a sentencepiece BPE on the input")
+    parser.add_argument("--vocab_size", type=int, default=8192, help="when training a tokenizer")
+    parser.add_argument("--tokenizer_chars", type=int, default=20_000_000,
+                        help="characters of input used to train a tokenizer")
+    parser.add_argument("--template", help="chat template for instruction data (default: the tokenizer's)")
+    parser.add_argument("--out", help="output dir (default: data/default, or data/<first input's name>)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    parser.add_argument("--val_fraction", type=float, default=0.02, help="fraction of documents for val.bin")
+    parser.add_argument("--seq_len", type=int, default=0, help="max tokens per document: conversations are "
+                        "shortened (whole trailing turns first), text documents are cut; 0 = no limit")
+    parser.add_argument("--pack", action="store_true", help="place whole documents into rows of exactly seq_len "
+                                                            "tokens, padding each row's tail (mask 0)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"],
+                        help="token dtype (auto: uint16 if the vocab fits, else uint32)")
+    parser.add_argument("--megatron", action="store_true", help="also write Megatron-LM .idx files")
+    parser.add_argument("--on_error", default="stop", choices=["stop", "skip"],
+                        help="on a bad record or file: stop, or report it and skip it")
+    parser.add_argument("--max_chars", type=int, default=0, help="stop reading new documents after this many "
+                                                                 "characters (0 = all)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    args = parser.parse_args(argv)
+    if args.format not in FORMATS:
+        parser.exit(2, f"prepare.py: --format={args.format}: unknown format; expected one of {', '.join(FORMATS)}\n")
+    if args.template is not None and args.template not in TEMPLATES:
+        parser.exit(2, f"prepare.py: --template={args.template}: unknown template; expected one of "
+                       f"{', '.join(TEMPLATES)}\n")
+    for name, low in (("workers", 1), ("vocab_size", 260), ("seq_len", 0), ("max_chars", 0), ("tokenizer_chars", 1)):
+        if getattr(args, name) < low:
+            parser.exit(2, f"prepare.py: --{name}={getattr(args, name)}: expected an integer >= {low}\n")
+    if not 0 <= args.val_fraction < 1:
+        parser.exit(2, f"prepare.py: --val_fraction={args.val_fraction}: expected a number in [0, 1)\n")
+    if args.pack and not args.seq_len:
+        parser.exit(2, "prepare.py: --pack: needs --seq_len (the row length)\n")
+    return args
+
+
+def prepare(args):
+    """Run the whole pipeline into a temporary dir next to the output; rename it into place at the end."""
+    if args.input:
+        files, fmt, source = expand_inputs(args.input), args.format, [str(p) for p in expand_inputs(args.input)]
+        out = Path(args.out or Path("data") / Path(args.input[0].rstrip("/*")).stem)
+    else:
+        files, fmt = default_corpus_files(), "text"
+        source = [str(p) for p in files]
+        out = Path(args.out or "data/default")
+    instruction = fmt in INSTRUCTION_FORMATS
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"prepare.py: --out {out}: already exists (use --overwrite to replace it)")
+    if not args.tokenizer and any(f.suffix in (".bin", ".idx") for f in files) and fmt in ("auto", "megatron"):
+        raise SystemExit("prepare.py: --tokenizer: required for Megatron input (its tokens are already ids)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = _prepare_into(tmp, args, files, fmt, source, instruction)
+        if out.exists():  # --overwrite: swap the new dir in, then remove the old one
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives a failure or Ctrl-C
+        raise
+    return out, meta
+
+
+def _prepare_into(out_dir, args, files, fmt, source, instruction):
+    t0 = time.time()
+    counters = {}
+    if args.tokenizer:
+        tok = load_tokenizer(args.tokenizer)
+        tokenizer_path = tok.path
+    else:
+        # a list, not a generator: an input error raised inside sentencepiece's C++ loop would lose its message
+        lines = list(training_lines(read_items(files, fmt, args.text_field, args.max_chars, args.on_error,
+                                               {"quiet": True}), args.tokenizer_chars))
+        try:
+            tokenizer_path = train_sentencepiece(lines, out_dir, args.vocab_size)
+        except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small input
+            raise SystemExit(f"prepare.py: --vocab_size={args.vocab_size}: cannot train a tokenizer on this input "
+                             f"({str(e).strip().splitlines()[-1]})")
+        tok = load_tokenizer(tokenizer_path)
+        print(f"prepare.py: trained a {tok.vocab_size}-token sentencepiece BPE in {time.time() - t0:.1f}s",
+              file=sys.stderr)
+    template = args.template or (tok.chat_template if tok.chat_template in TEMPLATES else None)
+    if instruction and template is None:
+        raise SystemExit(f"prepare.py: --template: required for {fmt} data (one of {', '.join(TEMPLATES)})")
+    dtype = args.dtype if args.dtype != "auto" else "uint16" if tok.vocab_size <= 65536 else "uint32"
+    if tok.vocab_size > np.iinfo(dtype).max + 1:
+        raise SystemExit(f"prepare.py: --dtype={dtype}: vocab_size {tok.vocab_size} does not fit "
+                         f"(ids up to {np.iinfo(dtype).max}); use --dtype=uint32")
+    with_mask = instruction or args.pack
+    writers = {s: SplitWriter(out_dir, s, dtype, with_mask, args.seq_len, args.pack, tok.pad_id)
+               for s in ("train", "val")}
+    stats = {}
+    from tqdm import tqdm
+    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="prepare", disable=None)
+    t1 = time.time()
+    items = read_items(files, fmt, args.text_field, args.max_chars, args.on_error, counters)
+    initargs = (str(tokenizer_path), template, args.seq_len if instruction else 0)
+    for chunk, (tokens, mask, index, chunk_stats) in ordered_map(encode_chunk, chunked(items), args.workers, initargs):
+        if tokens.size and tokens.max() >= tok.vocab_size:
+            raise SystemExit(f"prepare.py: token id {tokens.max()} >= vocab_size {tok.vocab_size} (Megatron input "
+                             f"prepared with another tokenizer?)")
+        for k, v in chunk_stats.items():
+            stats[k] = stats.get(k, 0) + v
+        offset = 0
+        for doc, n, last in index:
+            split = "val" if is_val(doc, args.val_fraction) else "train"
+            writers[split].add(tokens[offset:offset + n], None if mask is None else mask[offset:offset + n], last)
+            offset += n
+        bar.update(sum(it.nbytes for it in chunk))
+        bar.set_postfix(tokens=writers["train"].n_tokens + writers["val"].n_tokens, refresh=False)
+    bar.close()
+    for w in writers.values():
+        w.close()
+    elapsed = time.time() - t1
+    n_tokens = sum(w.n_tokens for w in writers.values())
+    if n_tokens == 0:
+        raise SystemExit("prepare.py: --input: no documents left to write (all empty, skipped or dropped)")
+    if args.megatron:
+        for s in writers:
+            offsets = np.fromfile(out_dir / f"{s}.docs.bin", dtype=np.int64)
+            write_megatron_index(out_dir / f"{s}.idx", np.diff(offsets), dtype)
+    tok.save(out_dir, template)
+    stats = {k: v for k, v in stats.items() if v}
+    stats.update({f"{s}_docs_split": w.docs_split for s, w in writers.items() if w.docs_split})
+    stats.update({f"{s}_pad_tokens": w.pad_tokens for s, w in writers.items() if w.pad_tokens})
+    if counters.get("skipped"):
+        stats["skipped_records"] = counters["skipped"]
+    meta = {
+        "dtype": dtype, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+        "template": template, "tokenizer": tok.filename, "format": fmt, "source_files": source,
+        "train_tokens": writers["train"].n_tokens, "val_tokens": writers["val"].n_tokens,
+        "train_documents": writers["train"].n_docs, "val_documents": writers["val"].n_docs,
+        "has_mask": with_mask, "seq_len": args.seq_len, "packed": args.pack, "val_fraction": args.val_fraction,
+        "megatron": args.megatron, "stats": stats,
+        "layout": {
+            "tokens": "{split}.bin: token ids of all documents back to back; text documents are bos + text + eos, "
+                      "instruction documents are one chat-templated conversation ending with eos",
+            "documents": "{split}.docs.bin: int64 start offset of every document, then the total token count",
+            "mask": "{split}.mask.bin: uint8 per token, 1 = the token is a target that counts in the loss "
+                    "(assistant replies and their end token)",
+            "packed": "rows of exactly seq_len tokens, each holding whole documents; a row's tail is pad_id with "
+                      "mask 0 and belongs to its last document",
+        },
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tag = ", ".join(f"{k}={v}" for k, v in stats.items())
+    print(f"prepare.py: {n_tokens:,} tokens ({meta['train_documents']} train / {meta['val_documents']} val docs) in "
+          f"{elapsed:.1f}s = {n_tokens / max(elapsed, 1e-9):,.0f} tokens/s with {args.workers} worker(s)"
+          + (f"; {tag}" if tag else ""), file=sys.stderr)
+    if meta["val_documents"] == 0:
+        print(f"prepare.py: warning: val split is empty ({meta['train_documents']} documents, --val_fraction="
+              f"{args.val_fraction})", file=sys.stderr)
+    return meta
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out, meta = prepare(args)
+    print(f"prepare.py: wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
