@@ -38,7 +38,7 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -54,8 +54,6 @@ import kernels
 from model import PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, flops_per_token, load_tensors, \
     read_config
 
-# DCP warns on every save/load that no process group exists; in one process that is exactly the intent
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 @dataclass
@@ -456,6 +454,14 @@ STEP_DIR = re.compile(r"step_(\d{8})$")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 
 
+@contextmanager
+def quiet_dcp():
+    """DCP warns on every save/load without a process group: in one process that is exactly the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def step_dirs(out_dir: Path) -> list[Path]:
     """Complete step dirs, oldest first (temporary names never match)."""
     if not out_dir.is_dir():
@@ -473,7 +479,8 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dic
         tmp.mkdir(parents=True)
     barrier(d)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with quiet_dcp():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=d.world_size == 1)
     rng = {"torch": torch.get_rng_state().tolist()}
     if _device(d).type in ("cuda", "npu"):
         rng["device"] = getattr(torch, _device(d).type).get_rng_state().tolist()
@@ -500,7 +507,8 @@ def load_checkpoint(step_dir: Path, model, optimizer, d: Dist) -> dict:
     """Restore model and optimiser (resharded to this mesh by DCP) and this rank's RNG; returns train_state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=step_dir)
+    with quiet_dcp():
+        dcp.load(state, checkpoint_id=step_dir, no_dist=d.world_size == 1)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = step_dir / f"rng_rank{d.rank}.json"
     if rng_file.exists():  # a rank that did not exist in the saving run keeps its seeded RNG
@@ -525,7 +533,8 @@ def load_weights(path: Path, model, args: ModelArgs):
     """
     if (path / ".metadata").exists():  # a training step dir: read just the model from the DCP files
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=path)
+        with quiet_dcp():
+            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
         set_model_state_dict(model, state["model"])
         return
     try:

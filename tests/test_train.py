@@ -1,0 +1,258 @@
+"""Tests for train.py: learning, SFT masking, exact resume, float16 loss scaling, bfloat16, fine-tuning, bad input.
+
+Runs train.main(argv) in-process on tiny data dirs the tests write (numpy tokens + meta.json as prepare.py writes
+them); a couple of runs go through a subprocess to check what a user sees on the command line.
+
+    python -m pytest -q tests/test_train.py
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+import train
+from model import ModelArgs, Transformer, write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+V = 64  # vocabulary of the test data
+# tiny model (the 'tiny' preset: dim 64, 2 layers), tiny batches; no torch.mm peak measurement (peak_flops given)
+BASE = ["--model=tiny", "--seq_len=32", "--micro_batch_size=4", "--global_batch_size=8", "--log_interval=1",
+        "--eval_interval=1000", "--eval_iters=2", "--ckpt_interval=1000", "--peak_flops=1e9", "--warmup_iters=2",
+        "--lr_decay_iters=40", "--lr=3e-3", "--min_lr=3e-4"]
+
+
+def markov_tokens(n, seed):
+    """A Markov chain where every token has two equally likely successors: learnable, entropy ~ln 2 once learned."""
+    succ = np.random.default_rng(0).integers(0, V, size=(V, 2))
+    choice = np.random.default_rng(seed).integers(0, 2, size=n)
+    out = np.zeros(n, dtype=np.uint16)
+    for i in range(1, n):
+        out[i] = succ[out[i - 1], choice[i]]
+    return out
+
+
+def write_data(path, train_tokens, val_tokens, train_mask=None, val_mask=None):
+    path.mkdir(parents=True, exist_ok=True)
+    train_tokens.astype(np.uint16).tofile(path / "train.bin")
+    val_tokens.astype(np.uint16).tofile(path / "val.bin")
+    if train_mask is not None:
+        train_mask.astype(np.uint8).tofile(path / "train.mask.bin")
+        val_mask.astype(np.uint8).tofile(path / "val.mask.bin")
+    meta = {"dtype": "uint16", "vocab_size": V, "bos_id": 1, "eos_id": 2, "pad_id": 0,
+            "train_tokens": len(train_tokens), "val_tokens": len(val_tokens)}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 1,200 train tokens = 37 windows of 32: an epoch is under 5 steps of 8 sequences, so runs cross epochs
+    root = tmp_path_factory.mktemp("data")
+    return write_data(root / "markov", markov_tokens(1200, 1), markov_tokens(600, 2))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # a model this small gains nothing from threads, and on a busy shared CPU their spin-waits cost seconds a step
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(data_dir, out_dir, *extra):
+    return train.main(BASE + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra])
+
+
+def metric_rows(out_dir, key):
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if key in r]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# learning
+
+
+def test_loss_falls_below_unigram_baseline(data, tmp_path):
+    summary = run(data, tmp_path / "out", "--max_iters=40", "--eval_interval=40")
+    losses = summary["losses"]
+    assert losses[1] > math.log(V) - 0.3  # a random model starts near ln(V)
+    assert np.mean([losses[s] for s in range(36, 41)]) < losses[1] - 1.0
+    assert summary["val_loss"] < summary["unigram_baseline"] - 0.5
+    rows = metric_rows(tmp_path / "out", "tokens_per_s")
+    assert len(rows) == 40 and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 and r["grad_norm"] > 0 for r in rows)
+
+
+def test_sft_loss_counts_only_mask_one_targets(tmp_path):
+    # pairs (prompt, reply): prompts are random (unlearnable, mask 0), replies a function of the prompt (mask 1)
+    def pairs(n, seed):
+        prompts = np.random.default_rng(seed).integers(0, V // 2, size=n)
+        tokens = np.stack([prompts, V // 2 + (prompts * 7) % (V // 2)], axis=1).reshape(-1)
+        mask = np.tile([0, 1], n)
+        return tokens, mask
+
+    (tr, trm), (va, vam) = pairs(1500, 1), pairs(500, 2)
+    data_dir = write_data(tmp_path / "sft", tr, va, trm, vam)
+    # the batch's mask is the mask of the targets: only replies count
+    split = train.TokenSplit(str(data_dir), "train", "uint16", 32)
+    x, y, mask = split.batch([0, 7, 100], torch.device("cpu"))
+    assert torch.all((y >= V // 2) == (mask == 1))
+    # changing masked targets does not change the loss
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=V, hidden_dim=176, max_seq_len=64))
+    y_changed = torch.where(mask == 1, y, (y + 5) % V)
+    assert model(x, y, loss_mask=mask)[1].item() == model(x, y_changed, loss_mask=mask)[1].item()
+    assert model(x, y)[1].item() != model(x, y_changed)[1].item()
+    # training learns the replies: the counted loss goes to ~0, far below the ln(V/2) of the unmasked prompts
+    summary = run(data_dir, tmp_path / "out", "--max_iters=60", "--eval_interval=60", "--lr=1e-2")
+    assert summary["val_loss"] < 0.5
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# exact resume
+
+
+def test_resume_is_bitwise_exact(data, tmp_path):
+    # grad accumulation 4; step 6 checkpoints in the middle of the second epoch; steps 7-12 cross into the third
+    extra = ["--micro_batch_size=2", "--global_batch_size=8", "--max_iters=12", "--eval_interval=6", "--keep_last=1"]
+    full = run(data, tmp_path / "full", *extra, "--ckpt_interval=6")
+    run(data, tmp_path / "split", *extra, "--ckpt_interval=6", "--max_iters=6")
+    state = json.loads((tmp_path / "split" / "step_00000006" / "train_state.json").read_text())
+    assert state["data"]["epoch"] == 1 and state["data"]["index"] > 0  # a partly consumed epoch
+    resumed = run(data, tmp_path / "split", *extra, "--ckpt_interval=6", "--init_from=resume")
+    assert sorted(resumed["losses"]) == list(range(7, 13))
+    assert [resumed["losses"][s] for s in range(7, 13)] == [full["losses"][s] for s in range(7, 13)]
+    assert resumed["val_loss"] == full["val_loss"]
+    # keep_last=1 pruned step 6 once step 12 was written
+    assert [p.name for p in train.step_dirs(tmp_path / "split")] == ["step_00000012"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(data, tmp_path):
+    run(data, tmp_path / "out", "--max_iters=2")
+    with pytest.raises(SystemExit, match="checkpoint of another model: n_layers=2 .config has 3"):
+        run(data, tmp_path / "out", "--max_iters=4", "--init_from=resume", "--n_layers=3")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# precision
+
+
+def test_float16_loss_scaler_skips_overflow_and_recovers(data, tmp_path):
+    # a loss scale of 2^30 overflows float16 gradients: those steps are skipped and the scale halves until it fits
+    summary = run(data, tmp_path / "out", "--dtype=float16", "--loss_scale=1073741824.0", "--max_iters=30",
+                  "--eval_interval=30")
+    rows = metric_rows(tmp_path / "out", "loss_scale")
+    skipped = summary["skipped_steps"]
+    assert 1 <= skipped < 20
+    assert rows[-1]["loss_scale"] == 2.0**30 / 2**skipped
+    assert all(math.isfinite(r["loss"]) for r in rows[skipped:])
+    assert np.mean([r["loss"] for r in rows[-5:]]) < rows[skipped]["loss"] - 0.5  # learning after the skips
+    assert summary["val_loss"] < summary["unigram_baseline"]
+
+
+def test_bfloat16_runs_and_learns(data, tmp_path):
+    summary = run(data, tmp_path / "out", "--dtype=bfloat16", "--max_iters=20", "--eval_interval=20")
+    losses = list(summary["losses"].values())
+    assert all(math.isfinite(v) for v in losses) and np.mean(losses[-3:]) < losses[0] - 0.5
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    cross_entropy = kernels.cross_entropy
+
+    def poisoned(*args, **kwargs):  # NaN from the 9th micro batch on: step 5 with grad accumulation 2
+        calls["n"] += 1
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 9 else loss
+
+    monkeypatch.setattr(kernels, "cross_entropy", poisoned)
+    with pytest.raises(SystemExit, match=r"step 5: loss nan.*last good checkpoint is .*step_00000004"):
+        run(data, tmp_path / "out", "--micro_batch_size=4", "--max_iters=10", "--ckpt_interval=2", "--keep_last=0")
+    assert [p.name for p in train.step_dirs(tmp_path / "out")] == ["step_00000002", "step_00000004"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# fine-tuning
+
+
+def test_finetune_from_checkpoint_dir_starts_from_its_loss(data, tmp_path):
+    trained = run(data, tmp_path / "pre", "--max_iters=40")
+    step_dir = trained["last_checkpoint"]
+    # a checkpoint dir as convert.py writes it: config.json + model.safetensors (+ tokenizer files)
+    args, _ = train.read_config(step_dir)
+    model = Transformer(args)
+    train.load_weights(step_dir, model, args)
+    ckpt = tmp_path / "ckpt"
+    write_checkpoint(ckpt, model.state_dict(), args, "llama")
+    end_loss = np.mean([trained["losses"][s] for s in range(36, 41)])
+    for init in (ckpt, step_dir):  # a checkpoint dir, and a training step dir directly
+        tuned = run(data, tmp_path / f"tune_{init.name}", f"--init_from={init}", "--max_iters=2", "--lr=1e-5")
+        assert abs(tuned["losses"][1] - end_loss) < 0.3 < math.log(V) - tuned["losses"][1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# configuration and bad input
+
+
+def test_config_file_then_overrides(tmp_path):
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("import math\nlr = 6e-4\nmodel = 'tiny'\nn_layers = 3\n_private = 1\nmax_iters = 7\n")
+    cfg, model_overrides = train.parse_config([str(recipe), "--max_iters=9", "--out_dir=out/x", "--overwrite",
+                                               "--min_lr=0", "--n_kv_heads=None"])
+    assert (cfg.lr, cfg.max_iters, cfg.out_dir, cfg.overwrite, cfg.min_lr) == (6e-4, 9, "out/x", True, 0.0)
+    assert model_overrides == {"n_layers": 3, "n_kv_heads": None}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lrr=1e-3"], "unknown config key 'lrr'; did you mean 'lr'"),
+    (["--n_layer=4"], "unknown config key 'n_layer'; did you mean 'n_layers'"),
+    (["--max_iters=1.5"], "max_iters=1.5 has type float, expected int"),
+    (["--lr=fast"], "lr='fast' has type str, expected float"),
+    (["--compile=1"], "compile=1 has type int, expected bool"),
+    (["--dim=big"], "dim='big' has type str, expected int"),
+    (["--lr"], "--lr: expected --key=value"),
+    (["config/nope.py"], "config/nope.py: config file not found"),
+])
+def test_config_errors(argv, message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train.parse_config(argv)
+
+
+def test_bad_run_settings(data, tmp_path):
+    with pytest.raises(SystemExit, match="seq_len=256 is above the model's max_seq_len=128"):
+        run(data, tmp_path / "a", "--seq_len=256")
+    with pytest.raises(SystemExit, match="model='tiyn': unknown preset; did you mean 'tiny'"):
+        run(data, tmp_path / "a", "--model=tiyn")
+    with pytest.raises(SystemExit, match="meta.json: not found"):
+        run(tmp_path, tmp_path / "a")
+    with pytest.raises(SystemExit, match="global_batch_size=6 is not a multiple of micro_batch_size"):
+        run(data, tmp_path / "a", "--global_batch_size=6")
+    with pytest.raises(SystemExit, match="ModelArgs.n_kv_heads=3: must be a positive divisor of n_heads=4"):
+        run(data, tmp_path / "a", "--n_kv_heads=3")
+
+
+def test_existing_out_dir_needs_overwrite(data, tmp_path):
+    run(data, tmp_path / "out", "--max_iters=2")
+    before = (tmp_path / "out" / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit, match="holds another run .* --overwrite"):
+        run(data, tmp_path / "out", "--max_iters=2")
+    assert (tmp_path / "out" / "metrics.jsonl").read_text() == before
+    run(data, tmp_path / "out", "--max_iters=3", "--overwrite")
+    assert [p.name for p in train.step_dirs(tmp_path / "out")] == ["step_00000003"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data_dir=/nonexistent/data"], "train.py: data_dir=/nonexistent/data: not found"),
+    (["--learning_rate=1"], "train.py: --learning_rate=1: unknown config key 'learning_rate'"),
+])
+def test_cli_errors_are_one_line_without_traceback(argv, message):
+    proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().startswith(message) and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
