@@ -48,11 +48,11 @@ FAMILY_GENERATION_DEFAULTS = {
 # Without --chat (base models, plain continuation), nanoGPT-like settings.
 PLAIN_GENERATION_DEFAULTS = dict(temperature=0.8, top_k=200, top_p=None, repetition_penalty=1.0)
 
-# Text a chat model may produce when it starts writing the next user turn itself; generation stops there.
-TEMPLATE_STOP_STRINGS = {
-    "vicuna": ["USER:"], "alpaca": ["### Instruction:"], "human-assistant": ["Human:"],
-    "chatml": ["<|im_end|>"], "llama-2": ["[INST]"], "aquila": ["###Human:", "### Human:"],
-}
+# What ends an assistant reply besides eos, per chat template (prepare.TEMPLATES): text a model writes when it
+# starts the next turn itself, and special tokens (ints, or token strings looked up in the vocabulary).
+TEMPLATE_STOP_STRINGS = {"vicuna": ["USER:"], "alpaca": ["### Instruction:"], "human-assistant": ["Human:"],
+                         "llama-2": ["[INST]"], "aquila": ["###"]}
+TEMPLATE_STOP_TOKENS = {"baichuan": [195], "baichuan2": [195], "chatml": ["<|im_end|>"]}  # 195 = user token
 
 
 # -----------------------------------------------------------------------------
@@ -134,8 +134,8 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
 
     prompt_ids: one prompt (list of ints / 1-D tensor) -> yields ints; or a batch (list of lists / 2-D tensor,
     lengths may differ: rows are left padded) -> yields a list per step with one int per row, None for rows that
-    already produced eos. eos is yielded, then that row stops; iteration ends when every row has stopped or after
-    max_new_tokens. Close the generator (break) to stop early, e.g. on a stop string.
+    already produced eos. eos_id: an int or several (any of them ends a row); it is yielded, then that row stops;
+    iteration ends when every row has stopped or after max_new_tokens. Close the generator (break) to stop early, e.g. on a stop string.
     seed / generator make sampling reproducible. decode_step: e.g. CompiledDecode(); default eager decode_one.
     """
     rows, batched = _as_rows(prompt_ids)
@@ -153,6 +153,8 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     decode_step = decode_step or decode_one
+    end_ids = torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id or ())), dtype=torch.long,
+                           device=device)
 
     # left padding: (B, T) tokens and mask (True = real token); real tokens get positions 0..len-1
     idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
@@ -182,8 +184,8 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
             yield [None if f else t for t, f in zip(out, finished.tolist())]
         else:
             yield out[0]
-        if eos_id is not None:
-            finished |= token == eos_id
+        if len(end_ids):
+            finished |= torch.isin(token, end_ids)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         if repetition_penalty != 1.0:
@@ -201,19 +203,21 @@ def apply_stop(text, stop):
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
-def stream_text(tok, tokens, context_ids=(), stop=()):
+def stream_text(tok, tokens, context_ids=(), stop=(), end_ids=None):
     """Turn a stream of token ids into a stream of text pieces.
 
     Decodes incrementally without splitting multi-byte characters: a piece is released only when the decoded
     text grew and does not end in U+FFFD (an incomplete UTF-8 sequence). Decoding starts from the last prompt
     tokens (context_ids) so that leading spaces survive sentencepiece's stripping. Text that might be the start
-    of a stop string is held back; on a stop string the stream ends (closing `tokens`). eos is not printed.
+    of a stop string is held back; on a stop string the stream ends (closing `tokens`). End tokens (default
+    tok.eos_id) are not printed.
     """
+    end_ids = {tok.eos_id} if end_ids is None else set(end_ids)
     ids = list(context_ids)[-4:]
     prefix, read = 0, len(ids)
     pending = ""  # decoded, not yet released because it may begin a stop string
     for t in tokens:
-        if t == tok.eos_id:
+        if t in end_ids:
             break
         ids.append(t)
         before, after = tok.decode(ids[prefix:read]), tok.decode(ids[prefix:])
@@ -464,11 +468,20 @@ def counted(tokens, stats):
         yield t
 
 
+def chat_end_ids(tok, template):
+    """eos plus the template's own end-of-turn tokens (those the vocabulary has)."""
+    ids = {tok.eos_id}
+    for t in TEMPLATE_STOP_TOKENS.get(template, []):
+        ids.add(t if isinstance(t, int) else tok.token_to_id(t))
+    return sorted(i for i in ids if i is not None)
+
+
 def run_chat(model, tok, template, settings, *, system, max_new_tokens, on_long_prompt, stop, stdin, stdout,
              generator=None, decode_step=None):
     """Interactive chat: each user line is a turn; /reset clears the history, /exit (or end of input) quits."""
     import prepare
     history, stats = [], dict(tokens=0, seconds=0.0)
+    end_ids = chat_end_ids(tok, template)
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
     log(f"chat: template {template}, {settings}; /reset clears the history, /exit quits")
     while True:
@@ -493,11 +506,11 @@ def run_chat(model, tok, template, settings, *, system, max_new_tokens, on_long_
             ids, _ = prepare.encode_chat(tok, template, messages, system=system, add_generation_prompt=True)
             log("sample.py: warning: conversation too long for the context; dropped the oldest turn")
         ids = fit_prompt(ids, max_new_tokens, model.args.max_seq_len, on_long_prompt, "chat turn", tok.bos_id)
-        tokens = generate(model, ids, max_new_tokens, eos_id=tok.eos_id, pad_id=max(tok.pad_id or 0, 0),
+        tokens = generate(model, ids, max_new_tokens, eos_id=end_ids, pad_id=max(tok.pad_id or 0, 0),
                           generator=generator, decode_step=decode_step, **settings)
         if interactive:
             sys.stderr.write("assistant> ")
-        reply = timed_stream(stream_text(tok, counted(tokens, stats), ids, stop), stats, stdout)
+        reply = timed_stream(stream_text(tok, counted(tokens, stats), ids, stop, end_ids), stats, stdout)
         stdout.write("\n")
         stdout.flush()
         history = messages + [{"role": "assistant", "content": reply.strip()}]

@@ -7,13 +7,7 @@ import torch
 import model as model_lib
 import sample
 
-HF_TO_NATIVE = [("model.embed_tokens", "tok_embeddings"), ("model.norm", "norm"), ("lm_head", "output"),
-                ("model.layers", "layers"), ("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
-                ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"),
-                ("mlp.gate_proj", "feed_forward.w1"), ("mlp.down_proj", "feed_forward.w2"),
-                ("mlp.up_proj", "feed_forward.w3"), ("input_layernorm", "attention_norm"),
-                ("post_attention_layernorm", "ffn_norm")]
-VOCAB = 256
+VOCAB = 260  # byte tokens 0..255 and 4 specials (see byte_tokenizer)
 
 
 def tiny_hf_llama(n_kv_heads):
@@ -28,19 +22,12 @@ def tiny_hf_llama(n_kv_heads):
 
 
 def hf_to_checkpoint(hf, dst):
-    """HF LLaMA names map 1:1 onto ours (both use the rotate-half q/k layout)."""
-    state = {}
-    for name, t in hf.state_dict().items():
-        for a, b in HF_TO_NATIVE:
-            name = name.replace(a, b)
-        state[name] = t
-    c = hf.config
-    args = model_lib.ModelArgs(dim=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
-                               n_kv_heads=c.num_key_value_heads, vocab_size=c.vocab_size,
-                               hidden_dim=c.intermediate_size, norm_eps=c.rms_norm_eps,
-                               max_seq_len=c.max_position_embeddings, rope_theta=10000.0)
-    model_lib.write_checkpoint(dst, state, args, "llama")
-    return dst
+    """The HF model through convert.py hf-to-native, as users get their checkpoints."""
+    import convert
+
+    hf.save_pretrained(dst / "hf")
+    convert.main(["hf-to-native", "--src", str(dst / "hf"), "--dst", str(dst / "ckpt")])
+    return dst / "ckpt"
 
 
 @pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
@@ -241,3 +228,191 @@ def test_compiled_decode_gives_the_same_greedy_tokens(tiny, dtype):
     step = sample.CompiledDecode()
     assert list(sample.generate(m, PROMPT, 12, temperature=0, decode_step=step)) == eager
     assert not step.failed
+
+
+# -----------------------------------------------------------------------------
+# command line and chat
+
+
+def byte_tokenizer(dst, chat_template=None):
+    """A tokenizer.json whose ids are the UTF-8 bytes (no merges, so encoding is concatenation-invariant and the
+    ids of a template string can be written by hand) plus <s> 256, </s> 257, <|im_start|> 258, <|im_end|> 259."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # GPT-2's byte -> printable character table, so that id == byte value
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    extra = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
+    tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>", "<|im_start|>", "<|im_end|>"])
+    tok.save(str(dst / "tokenizer.json"))
+    config = {"bos_id": 256, "eos_id": 257, "pad_id": 257, "chat_template": chat_template}
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """The tiny GQA model's checkpoint dir with the byte tokenizer."""
+    d = hf_to_checkpoint(tiny_hf_llama(2), tmp_path_factory.mktemp("cli"))
+    byte_tokenizer(d)
+    return d
+
+
+def run_cli(argv, stdin=""):
+    import io
+
+    out = io.StringIO()
+    sample.main([str(a) for a in argv], stdin=io.StringIO(stdin), stdout=out)
+    return out.getvalue()
+
+
+def test_cli_streams_the_greedy_continuation(ckpt, tiny, capsys):
+    out = run_cli(["--ckpt", ckpt, "--prompt", "héllo", "--temperature", 0, "--max_new_tokens", 12])
+    ids = list(sample.generate(tiny, [256] + list("héllo".encode()), 12, temperature=0, eos_id=257))
+    want = bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+    assert out == want + "\n"
+    assert "tokens/s" in capsys.readouterr().err  # speed report on stderr, not in the text
+
+
+def test_cli_num_samples_with_seed_is_reproducible(ckpt):
+    argv = ["--ckpt", ckpt, "--prompt", "ab", "--seed", 7, "--num_samples", 2, "--max_new_tokens", 8]
+    first = run_cli(argv)
+    assert first == run_cli(argv)
+    assert len(first.split("\n")) >= 3  # two samples, each ended by a newline
+
+
+def test_cli_prompt_file_is_one_batch(ckpt, tiny, tmp_path):
+    (tmp_path / "p.txt").write_text("ab\nlonger prompt\n")
+    out = run_cli(["--ckpt", ckpt, "--prompt_file", tmp_path / "p.txt", "--temperature", 0, "--max_new_tokens", 6])
+    want = []
+    for p in ["ab", "longer prompt"]:
+        ids = [t for t in sample.generate(tiny, [256] + list(p.encode()), 6, temperature=0, eos_id=257) if t < 256]
+        want.append(bytes(ids).decode("utf-8", errors="replace"))
+    assert out == "\n".join(want) + "\n"
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match=r"--ckpt=.*nope: no config.json"):
+        run_cli(["--ckpt", tmp_path / "nope", "--prompt", "x"])
+
+
+def test_missing_tokenizer_is_a_clear_error(ckpt, tmp_path):
+    import shutil
+
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(ckpt / f, tmp_path / f)
+    with pytest.raises(SystemExit, match=r"--ckpt=.*: no tokenizer \(tokenizer.model or tokenizer.json\)"):
+        run_cli(["--ckpt", tmp_path, "--prompt", "x"])
+
+
+def test_too_long_prompt_errors_or_truncates_as_asked(ckpt, capsys):
+    argv = ["--ckpt", ckpt, "--prompt", "x" * 120, "--max_new_tokens", 20, "--temperature", 0]
+    with pytest.raises(SystemExit, match=r"--prompt: 121 tokens \+ --max_new_tokens=20 exceed .*max_seq_len 128"):
+        run_cli(argv)
+    out = run_cli(argv + ["--on_long_prompt", "truncate"])
+    assert out.endswith("\n") and "keeping the last 108 tokens" in capsys.readouterr().err
+
+
+def test_unknown_template_is_a_clear_error(ckpt):
+    with pytest.raises(SystemExit, match=r"--template: unknown chat template 'nope'; expected one of .*vicuna"):
+        run_cli(["--ckpt", ckpt, "--chat", "--template", "nope"], stdin="hi\n")
+
+
+def test_int4_group_size_not_suiting_shapes_is_a_clear_error(ckpt):
+    with pytest.raises(SystemExit, match=r"--group_size=48 does not suit layer layers.0.attention.wq \(weight 64x64\)"):
+        run_cli(["--ckpt", ckpt, "--quantize", "int4", "--group_size", 48, "--prompt", "x"])
+
+
+def test_cli_saves_and_reloads_a_quantized_checkpoint(ckpt, tmp_path):
+    argv = ["--prompt", "ab", "--temperature", 0, "--max_new_tokens", 8]
+    direct = run_cli(["--ckpt", ckpt, "--quantize", "int8", "--save_quantized", tmp_path / "q8"] + argv)
+    assert (tmp_path / "q8" / "tokenizer.json").exists()
+    assert run_cli(["--ckpt", tmp_path / "q8"] + argv) == direct
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a Transformer: records every prompt it is given and emits a fixed token script."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.args = model_lib.ModelArgs(dim=8, n_layers=1, n_heads=1, hidden_dim=8, vocab_size=VOCAB, max_seq_len=512)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.prompts = list(script), []
+
+    def setup_cache(self, *args, **kwargs):
+        pass
+
+    def num_params(self):
+        return 1
+
+    def forward(self, idx, start_pos=0, **kwargs):
+        if start_pos == 0:
+            self.prompts.append(idx[0].tolist())
+        logits = torch.zeros(idx.size(0), idx.size(1), VOCAB)
+        logits[..., self.script.pop(0)] = 1.0
+        return logits, None
+
+
+def ids_of(*parts):
+    """Token ids of template pieces: str -> UTF-8 bytes, int -> that id; <s> </s> <|im_start|> <|im_end|> named."""
+    specials = {"<s>": 256, "</s>": 257, "<|im_start|>": 258, "<|im_end|>": 259}
+    ids = []
+    for part in parts:
+        ids += [part] if isinstance(part, int) else [specials[part]] if part in specials else list(part.encode())
+    return ids
+
+
+# The second turn of: system "Be brief.", user "Hi there", assistant "Hello!", user "A joke?" -- written out by
+# hand from each published format (see prepare.TEMPLATES' sources).
+TWO_TURNS = {
+    "baichuan2": ids_of("Be brief.", 195, "Hi there", 196, "Hello!", "</s>", 195, "A joke?", 196),
+    "baichuan": ids_of("Be brief.", 195, "Hi there", 196, "Hello!", "</s>", 195, "A joke?", 196),
+    "vicuna": ids_of("<s>", "Be brief. USER: Hi there ASSISTANT: Hello!", "</s>", "USER: A joke? ASSISTANT:"),
+    "alpaca": ids_of("Be brief.\n\n### Instruction:\nHi there\n\n### Response:\nHello!", "</s>",
+                     "\n\n### Instruction:\nA joke?\n\n### Response:\n"),
+    "aquila": ids_of("Be brief.###Human: Hi there###Assistant: Hello!###Human: A joke?###Assistant:"),
+    "llama-2": ids_of("<s>", "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! ", "</s>",
+                      "<s>", "[INST] A joke? [/INST]"),
+    "chatml": ids_of("<|im_start|>", "system\nBe brief.", "<|im_end|>", "\n", "<|im_start|>", "user\nHi there",
+                     "<|im_end|>", "\n", "<|im_start|>", "assistant\nHello!", "<|im_end|>", "\n",
+                     "<|im_start|>", "user\nA joke?", "<|im_end|>", "\n", "<|im_start|>", "assistant\n"),
+    "human-assistant": ids_of("Be brief.\n\nHuman: Hi there\n\nAssistant: Hello!", "</s>",
+                              "\n\nHuman: A joke?\n\nAssistant:"),
+}
+# how each template's reply ends when the model writes it
+REPLY_END = {"chatml": ids_of("<|im_end|>"), "aquila": ids_of("###"), "baichuan": [195], "baichuan2": [195]}
+
+
+@pytest.mark.parametrize("template", sorted(TWO_TURNS))
+def test_chat_sends_the_templates_exact_token_ids(ckpt, monkeypatch, template):
+    reply = ids_of(" Hello!" if template in ("aquila", "llama-2") else "Hello!")
+    scripted = ScriptedModel(reply + REPLY_END.get(template, [257]) + [257] * 8)
+    monkeypatch.setattr(sample, "load_model", lambda *a: (scripted, {"family": "llama"}))
+    out = run_cli(["--ckpt", ckpt, "--chat", "--template", template, "--system", "Be brief.", "--temperature", 0],
+                  stdin="Hi there\nA joke?\n")
+    assert out.splitlines()[0].strip() == "Hello!"  # the reply's end token / stop string is not printed
+    assert len(scripted.prompts) == 2
+    assert scripted.prompts[1] == TWO_TURNS[template]
+
+
+def test_chat_reset_forgets_history_and_exit_quits(ckpt, monkeypatch):
+    scripted = ScriptedModel(ids_of("Hi", "</s>") * 3)
+    monkeypatch.setattr(sample, "load_model", lambda *a: (scripted, {"family": "baichuan2"}))
+    run_cli(["--ckpt", ckpt, "--chat", "--template", "baichuan2", "--temperature", 0],
+            stdin="one\n/reset\ntwo\n/exit\nthree\n")
+    assert scripted.prompts == [ids_of(195, "one", 196), ids_of(195, "two", 196)]
+
+
+def test_chat_uses_family_template_and_generation_defaults():
+    import argparse
+    import prepare
+
+    assert sample.resolve_template(None, {}, "baichuan2") == prepare.FAMILY_TEMPLATE["baichuan2"]
+    assert sample.resolve_template(None, {"chat_template": "vicuna"}, "baichuan2") == "vicuna"
+    assert sample.resolve_template("chatml", {"chat_template": "vicuna"}, "baichuan2") == "chatml"
+    flags = argparse.Namespace(temperature=None, top_k=None, top_p=0.5, repetition_penalty=None)
+    assert sample.generation_settings(flags, "baichuan2", chat=True) == dict(
+        temperature=0.3, top_k=5, top_p=0.5, repetition_penalty=1.05)  # the flag overrides one default
+    assert sample.generation_settings(flags, "baichuan", chat=True)["repetition_penalty"] == 1.1
