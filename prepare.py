@@ -584,7 +584,7 @@ def instruction_messages(rec, fmt, where):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     system = rec.get("system") if isinstance(rec.get("system"), str) else None
     if fmt == "moss":
-        system = rec.get("meta_instruction") if isinstance(rec.get("meta_instruction"), str) else None
+        system = rec.get("meta_instruction").strip() if isinstance(rec.get("meta_instruction"), str) else None
         chat = _field(rec, "chat", where, dict, " (moss-003-sft: {chat: {turn_1: {Human, MOSS}}})")
         messages = []
         for key in sorted(chat, key=lambda k: int(k.split("_")[-1]) if k.split("_")[-1].isdigit() else 0):
@@ -957,6 +957,28 @@ class SplitWriter:
                 f.close()
 
 
+def move_last_to_val(out_dir, writers, dtype):
+    """An empty val split (a small input) takes the train split's last document, or last row when packed."""
+    train, val = writers["train"], writers["val"]
+    offsets = np.fromfile(out_dir / "train.docs.bin", dtype=np.int64)
+    start = train.n_tokens - train.seq_len if train.pack else offsets[-2]
+    if start <= 0:
+        return False
+    k = int(np.searchsorted(offsets, start))  # first moved document
+    for name, itemsize in (("bin", np.dtype(dtype).itemsize), ("mask.bin", 1)):
+        if not (out_dir / f"train.{name}").exists():
+            continue
+        with open(out_dir / f"train.{name}", "r+b") as f:
+            f.seek(start * itemsize)
+            (out_dir / f"val.{name}").write_bytes(f.read())
+            f.truncate(start * itemsize)
+    (out_dir / "train.docs.bin").write_bytes(offsets[:k + 1].tobytes())
+    (out_dir / "val.docs.bin").write_bytes((offsets[k:] - start).tobytes())
+    val.n_tokens, val.n_docs = train.n_tokens - int(start), len(offsets) - 1 - k
+    train.n_tokens, train.n_docs = int(start), k
+    return True
+
+
 # -----------------------------------------------------------------------------
 # main
 
@@ -1110,6 +1132,8 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
     bar.close()
     for w in writers.values():
         w.close()
+    if args.val_fraction > 0 and writers["val"].n_docs == 0 and move_last_to_val(out_dir, writers, dtype):
+        print("prepare.py: the val split was empty: it holds the last train document instead", file=sys.stderr)
     elapsed = time.time() - t1
     n_tokens = sum(w.n_tokens for w in writers.values())
     if n_tokens == 0:
@@ -1146,7 +1170,7 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
     print(f"prepare.py: {n_tokens:,} tokens ({meta['train_documents']} train / {meta['val_documents']} val docs) in "
           f"{elapsed:.1f}s = {n_tokens / max(elapsed, 1e-9):,.0f} tokens/s with {args.workers} worker(s)"
           + (f"; {tag}" if tag else ""), file=sys.stderr)
-    if meta["val_documents"] == 0:
+    if meta["val_documents"] == 0 and args.val_fraction > 0:
         print(f"prepare.py: warning: val split is empty ({meta['train_documents']} documents, --val_fraction="
               f"{args.val_fraction})", file=sys.stderr)
     return meta
