@@ -54,7 +54,8 @@ class Tokenizer:
     def __init__(self, path, config=None):
         self.path = Path(path)
         config = config or {}
-        self.chat_template = config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
+        # ours names a template; HF's holds a Jinja string, which we cannot use
+        self.chat_template = config.get("chat_template") if config.get("chat_template") in TEMPLATES else None
         if self.path.suffix == ".json":
             from tokenizers import Tokenizer as HFTokenizer
             self.hf = HFTokenizer.from_file(str(self.path))
@@ -110,7 +111,7 @@ class Tokenizer:
     def encode_batch(self, texts):
         """list[str] -> list[list[int]] without special tokens; both backends run this loop in C++."""
         if self.sp is not None:
-            return self.sp.encode(texts)
+            return self.sp.encode(texts, num_threads=1)  # parallelism comes from --workers alone
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids):
