@@ -126,9 +126,6 @@ class Tokenizer:
             return i if self.sp.id_to_piece(i) == token else None  # sentencepiece maps unknown pieces to unk
         return self.hf.token_to_id(token)
 
-    def id_to_piece(self, i):
-        return self.sp.id_to_piece(i) if self.sp is not None else (self.hf.id_to_token(i) or "")
-
     @property
     def filename(self):
         return "tokenizer.model" if self.sp is not None else "tokenizer.json"
@@ -392,6 +389,8 @@ def encode_chat(tok, template, messages, system=None, add_generation_prompt=Fals
         if role == "system":
             system = m["content"] if system is None else system
             continue
+        if m.get("input") and template != "alpaca":  # only alpaca has an Input block; elsewhere it follows
+            m = {"role": role, "content": f"{m['content']}\n{m['input']}"}
         turns.append({**m, "role": role})
     segs = TEMPLATES[template].render(turns, system, add_generation_prompt)
     # merge adjacent text of the same kind: reference implementations encode whole prompt strings
@@ -489,25 +488,22 @@ def default_corpus_files():
 def read_text_pieces(path):
     """Yield (text, nbytes) pieces of a text file, cut after a newline so UTF-8 sequences stay whole."""
     with open(path, "rb") as f:
-        rest = b""
+        rest, offset = b"", 0
         while True:
             block = f.read(TEXT_PIECE_BYTES)
             data = rest + block
-            if not block:
-                if data:
-                    yield _decode(path, data), len(data)
-                return
-            cut = data.rfind(b"\n") + 1 or len(data)
+            cut = len(data) if not block else data.rfind(b"\n") + 1 or len(data)
+            while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:  # no newline: at least keep characters whole
+                cut -= 1
             piece, rest = data[:cut], data[cut:]
             if piece:
-                yield _decode(path, piece), len(piece)
-
-
-def _decode(path, data):
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: byte {e.start}: expected UTF-8 text")
+                try:
+                    yield piece.decode("utf-8"), len(piece)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: byte {offset + e.start}: expected UTF-8 text")
+                offset += len(piece)
+            if not block:
+                return
 
 
 def read_records(path):
@@ -636,9 +632,17 @@ def read_items(files, fmt, text_field, max_chars, on_error, counters):
             if kind == "text":
                 if max_chars and chars >= max_chars:  # the cap applies between documents
                     return
-                for i, (last, (text, nbytes)) in enumerate(_mark_last(read_text_pieces(path))):
-                    chars += len(text)
-                    yield Item(doc, text=text, first=i == 0, last=last, nbytes=nbytes)
+                pieces = 0
+                try:
+                    for last, (text, nbytes) in _mark_last(read_text_pieces(path)):
+                        chars += len(text)
+                        yield Item(doc, text=text, first=pieces == 0, last=last, nbytes=nbytes)
+                        pieces += 1
+                except DataError:
+                    if pieces:  # bad bytes further in: end the document already begun, then report the file
+                        yield Item(doc, text="", first=False, last=True)
+                        doc += 1
+                    raise
                 doc += 1
             elif kind == "megatron":
                 if path.with_suffix("") in megatron_seen:  # prefix.bin and prefix.idx are one dataset

@@ -575,3 +575,15 @@ def test_help_lists_formats_and_templates():
     assert r.returncode == 0
     for name in list(TEMPLATES) + list(prepare.FORMATS):
         assert name in r.stdout
+
+
+def test_invalid_utf8_text_file_is_reported_and_can_be_skipped(sp_path, sp, tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_bytes(b"Good line.\n" * 30 + b"bad \xff byte\n")
+    (tmp_path / "b.txt").write_text("Next document.")
+    monkeypatch.setattr(prepare, "TEXT_PIECE_BYTES", 64)  # the bad bytes come after pieces already written
+    base = ["--input", tmp_path / "a.txt", tmp_path / "b.txt", "--tokenizer", sp_path, "--val_fraction", "0"]
+    assert "a.txt: byte 334: expected UTF-8" in fails(None, *base, "--out", tmp_path / "o1")
+    meta = run(*base, "--out", tmp_path / "o2", "--on_error", "skip")
+    docs = documents(tmp_path / "o2", "train", meta)
+    assert meta["stats"]["skipped_records"] == 1 and len(docs) == 2  # the partial document is closed, not merged
+    assert sp.decode(docs[1][0]) == "Next document." and docs[0][0][-1] == sp.eos_id
