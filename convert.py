@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, ModelArgs, ShardWriter, Transformer, load_tensors, read_config, write_checkpoint
+from model import CheckpointError, ModelArgs, ShardWriter, Transformer, read_config, write_checkpoint
 from model import _mmap_safetensors  # model.py owns safetensors reading: this is its one-file form
 
 FAMILIES = ("llama", "baichuan", "baichuan2", "aquila")
@@ -65,6 +65,11 @@ HF_LAYER = {  # HF per-layer suffix -> native per-layer suffix
 }
 # tensors some HF checkpoints carry that are not weights (old LLaMA .bin files saved the rotary table)
 HF_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def hf_ignored(name: str, args: ModelArgs) -> bool:
+    """Not weights, or a tied head saved anyway (it is the embedding)."""
+    return bool(HF_IGNORED.fullmatch(name)) or (args.tie_embeddings and name == "lm_head.weight")
 
 
 def native_shapes(args: ModelArgs) -> dict[str, tuple]:
@@ -146,44 +151,56 @@ def load_file(file: Path) -> dict[str, torch.Tensor]:
     return load_pickle(file)
 
 
-class HFSource:
-    """The weight files of an HF-style dir: model.safetensors / pytorch_model.bin, or shards named by an index."""
+class WeightFiles:
+    """The weight files of a dir, HF's or ours: model.safetensors / pytorch_model.bin, or shards named by an index.
+
+    Only headers are read up front (shapes, which file holds what). Tensors are then read one shard at a time, so
+    memory-mapped pages of at most one input shard stay resident (model.load_tensors maps every shard at once).
+    """
 
     def __init__(self, src: Path):
-        self.src = src
+        self.src, index_map = src, None
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-            index = src / index_name
-            if index.exists():
+            if (src / index_name).exists():
+                self.where = src / index_name
                 try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                    assert isinstance(weight_map, dict)
+                    index_map = json.loads(self.where.read_text())["weight_map"]
+                    assert isinstance(index_map, dict)
                 except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-                    fail(f"{index}: expected a JSON object with a 'weight_map' of tensor name -> file")
-                self.files = sorted(set(weight_map.values()))
+                    fail(f"{self.where}: expected a JSON object with a 'weight_map' of tensor name -> file")
+                self.files = sorted(set(index_map.values()))
                 for f in self.files:
                     if not (src / f).exists():
                         fail(f"{src / f}: shard named in {index_name} is missing")
-                self.where = index
-                return
-        for single in ("model.safetensors", "pytorch_model.bin"):
-            if (src / single).exists():
-                self.files, self.where = [single], src / single
-                return
-        fail(f"{src}: no model.safetensors, pytorch_model.bin or *.index.json found")
+                break
+        else:
+            single = [f for f in ("model.safetensors", "pytorch_model.bin") if (src / f).exists()]
+            if not single:
+                fail(f"{src}: no model.safetensors, pytorch_model.bin or *.index.json found")
+            self.files, self.where = single[:1], src / single[0]
+        self.shapes, self.file_of = {}, {}
+        for f, tensors in self.shards():
+            for name, t in tensors.items():
+                if name in self.shapes:
+                    fail(f"{src / f}: tensor {name} is also in {self.file_of[name]}")
+                self.shapes[name], self.file_of[name] = tuple(t.shape), f
+        for name, f in (index_map or {}).items():
+            if self.file_of.get(name) != f:
+                fail(f"{self.where}: tensor {name} is not in {f}, the shard the index names")
+        self._open = (None, None)
 
     def shards(self):
-        """(file, {name: tensor}) one shard at a time; the previous shard's map is dropped before the next opens."""
+        """(file name, {name: tensor}) one shard at a time."""
         for f in self.files:
-            yield self.src / f, load_file(self.src / f)
+            yield f, load_file(self.src / f)
 
-    def shapes(self) -> dict[str, tuple]:
-        shapes = {}
-        for file, tensors in self.shards():
-            for name, t in tensors.items():
-                if name in shapes:
-                    fail(f"{file}: tensor {name} is also in another shard")
-                shapes[name] = tuple(t.shape)
-        return shapes
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by name, for random access; only its shard stays mapped."""
+        f = self.file_of[name]
+        if self._open[0] != f:
+            self._open = (None, None)  # unmap the previous shard before mapping the next
+            self._open = (f, load_file(self.src / f))
+        return self._open[1][name]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -288,6 +305,12 @@ def cast(t: torch.Tensor, dtype) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
+def own(t: torch.Tensor, dtype) -> torch.Tensor:
+    """A copy in dtype: detached from the input's memory map (so the shard can be unmapped) and from the other
+    parts of a split W_pack (safetensors refuses tensors that share storage)."""
+    return t.to(dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
+
+
 def special_ids(*configs: dict) -> dict:
     """bos/eos/pad ids from HF config.json / generation_config.json (the later one wins; eos may be a list)."""
     ids = {}
@@ -334,12 +357,11 @@ def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template
     cfg = read_json(src / "config.json")
     family = family or detect_family(cfg, src / "config.json")
     args = hf_args(cfg, family, src / "config.json", for_training)
-    source = HFSource(src)
+    source = WeightFiles(src)
     layout = hf_layout(args, family)
     shapes = native_shapes(args)
     expected = {hf: stacked_shape([shapes[n] for n in natives]) for hf, natives in layout.items()}
-    tied_head = lambda name: HF_IGNORED.fullmatch(name) or (args.tie_embeddings and name == "lm_head.weight")
-    check_shapes(source.shapes(), expected, source.where, ignored=tied_head)
+    check_shapes(source.shapes, expected, source.where, ignored=lambda n: hf_ignored(n, args))
 
     def tensors():
         for _, shard in source.shards():
@@ -351,7 +373,7 @@ def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template
                 for name, part in zip(natives, parts):
                     if name == "output.weight" and family == "baichuan2" and not for_training:
                         part = normalise_rows(part)
-                    yield name, cast(part, dtype).clone()  # clone: a split's parts must not share storage
+                    yield name, own(part, dtype)
             del shard
 
     with staged(dst, overwrite) as tmp:
@@ -390,15 +412,7 @@ def hf_config(args: ModelArgs, family: str, ids: dict, dtype: str) -> dict:
 
 def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
     src = Path(src)
-    try:
-        args, cfg = read_config(src)
-        tensors = load_tensors(src)
-    except CheckpointError as e:
-        fail(str(e))
-    family = cfg.get("family", "llama")
-    if family not in FAMILIES:
-        fail(f"{src / 'config.json'}: family {family!r} is not one of {', '.join(FAMILIES)}")
-    check_shapes({n: tuple(t.shape) for n, t in tensors.items()}, native_shapes(args), src)
+    args, family, source = open_checkpoint_dir(src)
     if family not in BAICHUAN and args.pos_emb != "rope":
         fail(f"{src / 'config.json'}: pos_emb={args.pos_emb!r}: a LLaMA-architecture checkpoint needs 'rope'")
     if family in BAICHUAN and args.kv_heads != args.n_heads:
@@ -409,12 +423,12 @@ def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
 
     def hf_tensors():
         for hf_name, natives in hf_layout(args, family).items():
-            t = torch.cat([tensors[n] for n in natives]) if len(natives) > 1 else tensors[natives[0]]
-            yield hf_name, cast(normalise_rows(t) if normalise and hf_name == "lm_head.weight" else t, dtype)
+            t = torch.cat([source.get(n) for n in natives]) if len(natives) > 1 else source.get(natives[0])
+            yield hf_name, own(normalise_rows(t) if normalise and hf_name == "lm_head.weight" else t, dtype)
 
     tok_cfg = read_json(src / "tokenizer_config.json", required=False)
     ids = {k: tok_cfg[k] for k in ("bos_id", "eos_id", "pad_id") if isinstance(tok_cfg.get(k), int)}
-    out_dtype = str(dtype or next(iter(tensors.values())).dtype).removeprefix("torch.")
+    out_dtype = str(dtype or source.get("tok_embeddings.weight").dtype).removeprefix("torch.")
     with staged(dst, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)  # HF's own file names and index layout
         for name, t in hf_tensors():
@@ -503,15 +517,23 @@ def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwr
             fail(f"{f}: unexpected tensor {unexpected[0]}")
 
     def tensors():
+        nonlocal shards
+        read = 0
         for name, shape in shapes.items():
+            # every tensor needs a piece of every shard; remapping the files now and then lets the pages already
+            # read go, so resident input stays about one output shard
+            if read > (max_shard_bytes or parse_size(DEFAULT_SHARD)):
+                shards, read = None, 0
+                shards = [load_pickle(f) for f in files]
             t = meta_merge(name, [sd[name] for sd in shards], shape)
+            read += t.numel() * t.element_size()
             if tuple(t.shape) != shape:
                 fail(f"{src}: tensor {name} merged from {n} shard(s) has shape {tuple(t.shape)}, expected {shape}")
             if name.endswith("attention.wq.weight"):
                 t = meta_to_rotate_half(t, args.n_heads)
             elif name.endswith("attention.wk.weight"):
                 t = meta_to_rotate_half(t, args.kv_heads)
-            yield name, cast(t, dtype).clone()
+            yield name, own(t, dtype)
 
     with staged(dst, overwrite) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, "llama", max_shard_bytes=max_shard_bytes)
@@ -524,43 +546,43 @@ def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwr
 # apply-delta
 
 
+def open_checkpoint_dir(path: Path):
+    """(args, family, WeightFiles) of one of our checkpoint dirs, its tensors checked against its config.json."""
+    try:
+        args, cfg = read_config(path)
+    except CheckpointError as e:
+        fail(str(e))
+    family = cfg.get("family", "llama")
+    if family not in FAMILIES:
+        fail(f"{path / 'config.json'}: family {family!r} is not one of {', '.join(FAMILIES)}")
+    source = WeightFiles(path)
+    check_shapes(source.shapes, native_shapes(args), source.where)
+    return args, family, source
+
+
 def open_native(path: Path):
-    """(args, family, name -> tensor) for a native checkpoint dir or an HF dir, tensors read on demand."""
+    """(args, family, native name -> tensor) for one of our checkpoint dirs or an HF dir, read on demand."""
+    if "family" in read_json(path / "config.json"):
+        args, family, source = open_checkpoint_dir(path)
+        return args, family, source.get
     cfg = read_json(path / "config.json")
-    if "family" in cfg:  # our own checkpoint dir
-        try:
-            args, _ = read_config(path)
-            tensors = load_tensors(path)
-        except CheckpointError as e:
-            fail(str(e))
-        check_shapes({n: tuple(t.shape) for n, t in tensors.items()}, native_shapes(args), path)
-        return args, cfg["family"], tensors.__getitem__
     family = detect_family(cfg, path / "config.json")
     args = hf_args(cfg, family, path / "config.json", for_training=True)  # raw head rows: deltas are raw
-    source = HFSource(path)
+    source = WeightFiles(path)
     layout = hf_layout(args, family)
     shapes = native_shapes(args)
     expected = {hf: stacked_shape([shapes[n] for n in natives]) for hf, natives in layout.items()}
-    check_shapes(source.shapes(), expected, source.where,
-                 ignored=lambda n: HF_IGNORED.fullmatch(n) or (args.tie_embeddings and n == "lm_head.weight"))
-    where = {}  # native name -> (hf name, row offset, rows)
+    check_shapes(source.shapes, expected, source.where, ignored=lambda n: hf_ignored(n, args))
+    where = {}  # native name -> (HF name, first row, rows)
     for hf_name, natives in layout.items():
         offset = 0
         for n in natives:
             where[n] = (hf_name, offset, shapes[n][0])
             offset += shapes[n][0]
-    files = {}
-    for f in source.files:  # name -> file, from the shard headers (cheap: memory-mapped)
-        files.update({name: f for name in load_file(path / f)})
-    opened = {}
 
     def get(name):
         hf_name, offset, rows = where[name]
-        f = files[hf_name]
-        if f not in opened:  # keep only the current shard mapped
-            opened.clear()
-            opened[f] = load_file(path / f)
-        return opened[f][hf_name][offset: offset + rows]
+        return source.get(hf_name)[offset: offset + rows]
 
     return args, family, get
 
