@@ -358,36 +358,65 @@ def load_meta(data_dir: str) -> dict:
 
 
 class TokenSplit:
-    """One split's memmapped tokens, (B, T) windows of inputs, next-token targets and, for instruction data, masks."""
+    """One split's memmapped tokens as (B, T) windows: inputs, next-token targets, loss masks, document ids.
 
-    def __init__(self, data_dir: str, split: str, dtype: str, seq_len: int):
+    Text is one stream of documents, read in windows at any offset. Data that prepare.py packed (`packed` in
+    meta.json) is rows of exactly seq_len tokens holding whole documents: windows are the rows, attention stays
+    within each document (doc_ids from {split}.docs.bin), and a row's last target (the next row's first token) does
+    not count.
+    """
+
+    def __init__(self, data_dir: str, split: str, meta: dict, seq_len: int):
         file = Path(data_dir) / f"{split}.bin"
         if not file.exists():
             fail(f"{file}: not found")
-        itemsize = np.dtype(dtype).itemsize
+        itemsize = np.dtype(meta["dtype"]).itemsize
         if file.stat().st_size % itemsize:
-            fail(f"{file}: size {file.stat().st_size} is not a multiple of {dtype}'s {itemsize} bytes")
-        self.tokens = np.memmap(file, dtype=dtype, mode="r")
+            fail(f"{file}: size {file.stat().st_size} is not a multiple of {meta['dtype']}'s {itemsize} bytes")
+        self.tokens = np.memmap(file, dtype=meta["dtype"], mode="r")
         mask_file = Path(data_dir) / f"{split}.mask.bin"
         self.mask = None
         if mask_file.exists():
             self.mask = np.memmap(mask_file, dtype=np.uint8, mode="r")
             if len(self.mask) != len(self.tokens):
                 fail(f"{mask_file}: {len(self.mask)} entries for {len(self.tokens)} tokens in {file.name}")
+        self.packed = bool(meta.get("packed"))
+        self.doc_starts = None
+        if self.packed:
+            if meta.get("seq_len") != seq_len:
+                fail(f"{Path(data_dir) / 'meta.json'}: the data is packed in rows of {meta.get('seq_len')} tokens; "
+                     f"train with --seq_len={meta.get('seq_len')}")
+            docs_file = Path(data_dir) / f"{split}.docs.bin"
+            if docs_file.exists():  # int64 start offset of every document, then the total
+                self.doc_starts = np.fromfile(docs_file, dtype=np.int64)[:-1]
         self.seq_len, self.file = seq_len, file
-        if len(self.tokens) < seq_len + 1:
-            fail(f"{file}: {len(self.tokens)} tokens, need at least seq_len + 1 = {seq_len + 1}")
+        if len(self.tokens) < seq_len + (0 if self.packed else 1):
+            fail(f"{file}: {len(self.tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+
+    def _rows(self, array, starts, length, pad):
+        out = np.full((len(starts), length), pad, dtype=np.int64)
+        for i, s in enumerate(starts):
+            piece = array[s : s + length]  # the last packed row has no next token to read
+            out[i, : len(piece)] = piece
+        return out
 
     def batch(self, starts, device):
-        """Windows starting at `starts` -> x (B, T), y (B, T) shifted by one, loss_mask (B, T) or None."""
+        """Windows starting at `starts` -> x (B, T), y (B, T) shifted by one, loss_mask (B, T) or None,
+        doc_ids (B, T) or None."""
         T = self.seq_len
-        rows = np.stack([self.tokens[s : s + T + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
+        rows = self._rows(self.tokens, starts, T + 1, 0)  # (B, T + 1)
         x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
-        mask = None
+        mask = doc_ids = None
         if self.mask is not None:  # the mask marks tokens that count as targets
-            mask = torch.from_numpy(np.stack([self.mask[s + 1 : s + T + 1] for s in starts]).astype(np.int64))
-            mask = mask.to(device, non_blocking=True)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), mask
+            mask = torch.from_numpy(self._rows(self.mask, [s + 1 for s in starts], T, 0))
+        if self.packed:
+            mask = torch.ones_like(y) if mask is None else mask
+            mask[:, -1] = 0  # the next row's first token belongs to another row
+            if self.doc_starts is not None:
+                positions = np.asarray(starts)[:, None] + np.arange(T)  # (B, T)
+                doc_ids = torch.from_numpy(np.searchsorted(self.doc_starts, positions, side="right"))
+        to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return to(x), to(y), to(mask), to(doc_ids)
 
 
 class EpochSampler:
@@ -398,8 +427,9 @@ class EpochSampler:
     the same global batch is seen whatever the mesh. The tail of an epoch too short for a micro step is dropped.
     """
 
-    def __init__(self, n_tokens: int, seq_len: int, per_step: int, seed: int):
-        self.n_tokens, self.seq_len, self.per_step, self.seed = n_tokens, seq_len, per_step, seed
+    def __init__(self, n_tokens: int, seq_len: int, per_step: int, seed: int, rows: bool = False):
+        # rows: packed data, whose windows are the fixed rows (no offset; the last row needs no next token)
+        self.n_tokens, self.seq_len, self.per_step, self.seed, self.rows = n_tokens, seq_len, per_step, seed, rows
         self.epoch, self.index = 0, 0
         self._order_epoch, self._offset, self._order = None, 0, None
         if self._windows(0) < per_step:
@@ -407,13 +437,13 @@ class EpochSampler:
                  f"{seq_len + 1} tokens; lower micro_batch_size or seq_len")
 
     def _windows(self, offset):
-        return (self.n_tokens - 1 - offset) // self.seq_len
+        return (self.n_tokens - offset - (0 if self.rows else 1)) // self.seq_len
 
     def _epoch_order(self):
         if self._order_epoch != self.epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             self._offset = int(torch.randint(self.seq_len, (1,), generator=g))
-            if self._windows(self._offset) < self.per_step:
+            if self.rows or self._windows(self._offset) < self.per_step:
                 self._offset = 0
             self._order = torch.randperm(self._windows(self._offset), generator=g).numpy()
             self._order_epoch = self.epoch
@@ -436,9 +466,9 @@ class EpochSampler:
         self.seed, self.epoch, self.index = state["seed"], state["epoch"], state["index"]
 
 
-def unigram_entropy(split: TokenSplit, vocab_size: int, max_tokens: int = 100_000_000) -> float:
+def unigram_entropy(split: TokenSplit, vocab_size: int, max_tokens: int = 20_000_000) -> float:
     """Entropy (nats) of the token frequencies: the loss of a model that ignores context. Learning means beating it."""
-    tokens = np.asarray(split.tokens[:max_tokens])
+    tokens = np.asarray(split.tokens[:max_tokens]).astype(np.int64)
     if split.mask is not None:
         tokens = tokens[np.asarray(split.mask[:max_tokens]) == 1]
     p = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
@@ -612,9 +642,9 @@ def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) 
     model.eval()
     losses = []
     for batch_starts in starts:
-        x, y, mask = val.batch(batch_starts, device)
+        x, y, mask, doc_ids = val.batch(batch_starts, device)
         with autocast:
-            _, loss = model(x, y, loss_mask=mask)
+            _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
         losses.append(loss.float().item())
     model.train()
     return sum(losses) / len(losses)
@@ -637,8 +667,8 @@ def main(argv=None) -> dict:
         fail(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
              f"{micro_per_step}")
     grad_accum = cfg.global_batch_size // micro_per_step
-    train_data = TokenSplit(cfg.data_dir, "train", meta["dtype"], cfg.seq_len)
-    val_data = TokenSplit(cfg.data_dir, "val", meta["dtype"], cfg.seq_len)
+    train_data = TokenSplit(cfg.data_dir, "train", meta, cfg.seq_len)
+    val_data = TokenSplit(cfg.data_dir, "val", meta, cfg.seq_len)
     out_dir = prepare_out_dir(cfg, d)
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if d.master else (lambda msg: None)
 
@@ -646,7 +676,7 @@ def main(argv=None) -> dict:
     model = build_model(args, cfg, d)
     optimizer = build_optimizer(model, cfg, device)
     scaler = LossScaler(cfg.dtype == "float16", cfg.loss_scale, cfg.loss_scale_window)
-    sampler = EpochSampler(len(train_data.tokens), cfg.seq_len, micro_per_step, cfg.seed)
+    sampler = EpochSampler(len(train_data.tokens), cfg.seq_len, micro_per_step, cfg.seed, rows=train_data.packed)
     step, best_val = 0, None
     if cfg.init_from == "resume":
         found = step_dirs(out_dir)
@@ -666,9 +696,10 @@ def main(argv=None) -> dict:
 
     # evaluation batches are fixed (their own generator), so val losses are comparable and training RNG untouched
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    high = len(val_data.tokens) - cfg.seq_len
-    eval_starts = [np.array_split(torch.randint(high, (micro_per_step,), generator=g).numpy(), d.dp)[d.dp_rank]
-                   .tolist() for _ in range(cfg.eval_iters)]
+    n_val = len(val_data.tokens) // cfg.seq_len if val_data.packed else len(val_data.tokens) - cfg.seq_len
+    stride = cfg.seq_len if val_data.packed else 1  # packed: whole rows
+    eval_starts = [(np.array_split(torch.randint(n_val, (micro_per_step,), generator=g).numpy(), d.dp)[d.dp_rank]
+                    * stride).tolist() for _ in range(cfg.eval_iters)]
     autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "float32" else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
@@ -705,11 +736,11 @@ def main(argv=None) -> dict:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(grad_accum):
-            x, y, mask = train_data.batch(sampler.next_starts(d.dp_rank, d.dp), device)
+            x, y, mask, doc_ids = train_data.batch(sampler.next_starts(d.dp_rank, d.dp), device)
             if d.dp > 1:  # FSDP2: reduce-scatter gradients only on the last micro step
                 model.set_requires_gradient_sync(micro == grad_accum - 1)
             with autocast:
-                _, loss = model(x, y, loss_mask=mask)
+                _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
             loss = loss.float() / grad_accum
             (loss * scaler.scale).backward()
             loss_sum += loss.detach()
