@@ -25,7 +25,6 @@ import re
 import shutil
 import sys
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -252,10 +251,13 @@ def hf_args(cfg: dict, family: str, where, for_training=False) -> ModelArgs:
     if cfg.get("head_dim") not in (None, dim // n_heads):
         fail(f"{where}: head_dim={cfg['head_dim']} is not hidden_size/num_attention_heads={dim // n_heads}")
     n_kv_heads = cfg.get("num_key_value_heads") or n_heads
-    alibi = family in BAICHUAN and ("max_position_embeddings" not in cfg or (dim, need("num_hidden_layers")) == (5120, 40))
+    # Baichuan's 13B models use ALiBi: their configs state only model_max_length, the RoPE 7B ones also
+    # max_position_embeddings
+    n_layers = need("num_hidden_layers")
+    alibi = family in BAICHUAN and ("max_position_embeddings" not in cfg or (dim, n_layers) == (5120, 40))
     try:
         return ModelArgs(
-            dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
+            dim=dim, n_layers=n_layers, n_heads=n_heads,
             n_kv_heads=None if n_kv_heads == n_heads else n_kv_heads, vocab_size=need("vocab_size"),
             hidden_dim=need("intermediate_size"), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_seq_len=cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 2048,
@@ -450,7 +452,7 @@ def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
 # tok_embeddings is split on dim 1 (ParallelEmbedding, LLaMA 1/2) or dim 0 (VocabParallelEmbedding, LLaMA 3): taken
 # from the shapes. Norms are replicated.
 META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
-META_IGNORED = re.compile(r"rope\.freqs|layers\.\d+\.attention\.inner_attention\.rope\.freqs")
+META_IGNORED = re.compile(r"rope\.freqs")  # LLaMA 1 saved its rotary table
 
 
 def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier=None) -> int:

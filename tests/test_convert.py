@@ -159,6 +159,40 @@ def test_aquila_copies_tokenizer_json_and_writes_ids(tmp_path):
     assert tok_cfg == {"bos_id": 100, "eos_id": 101, "pad_id": 0, "chat_template": "aquila"}
 
 
+# the published config.json files (fields that matter), as in each preset's linked repo
+PUBLISHED = {
+    "llama-7b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+                 "intermediate_size": 11008, "max_position_embeddings": 2048, "num_attention_heads": 32,
+                 "num_hidden_layers": 32, "rms_norm_eps": 1e-06, "vocab_size": 32000},
+    "baichuan-7b": {"architectures": ["BaiChuanForCausalLM"], "model_type": "baichuan", "hidden_size": 4096,
+                    "intermediate_size": 11008, "max_position_embeddings": 4096, "num_attention_heads": 32,
+                    "num_hidden_layers": 32, "rms_norm_eps": 1e-06, "vocab_size": 64000},
+    "baichuan-13b": {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 5120,
+                     "intermediate_size": 13696, "model_max_length": 4096, "num_attention_heads": 40,
+                     "num_hidden_layers": 40, "rms_norm_eps": 1e-06, "vocab_size": 64000},
+    "baichuan2-7b": {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 4096,
+                     "intermediate_size": 11008, "max_position_embeddings": 4096, "model_max_length": 4096,
+                     "num_attention_heads": 32, "num_hidden_layers": 32, "rms_norm_eps": 1e-06,
+                     "vocab_size": 125696, "z_loss_weight": 0},
+    "baichuan2-13b": {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan", "hidden_size": 5120,
+                      "intermediate_size": 13696, "model_max_length": 4096, "num_attention_heads": 40,
+                      "num_hidden_layers": 40, "rms_norm_eps": 1e-06, "vocab_size": 125696, "z_loss_weight": 0},
+    "aquila-7b": {"architectures": ["AquilaModel"], "model_type": "aquila", "hidden_size": 4096,
+                  "intermediate_size": 11008, "max_position_embeddings": 2048, "num_attention_heads": 32,
+                  "num_hidden_layers": 32, "rms_norm_eps": 1e-05, "vocab_size": 100008},
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED))
+def test_published_configs_read_as_their_presets(preset):
+    from model import PRESET_FAMILY, PRESETS
+
+    family = convert.detect_family(PUBLISHED[preset], "config.json")
+    assert family == PRESET_FAMILY[preset]
+    # --for_training keeps Baichuan2's NormHead, as the presets (built for training) have it
+    assert convert.hf_args(PUBLISHED[preset], family, "config.json", for_training=True) == PRESETS[preset]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Baichuan: W_pack, ALiBi, NormHead against references written here
 
@@ -379,26 +413,36 @@ def test_apply_delta_adds_weights_and_keeps_extra_vocab_rows(tmp_path):
 # training checkpoints (torch.distributed.checkpoint)
 
 
-def test_dcp_step_dir_exports_with_the_training_models_logits(tmp_path):
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_step_dir_exports_and_loads_in_sample_with_the_training_models_logits(tmp_path):
     import dataclasses
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    import sample
     from model import PRESETS
 
-    args = PRESETS["tiny"]
+    args = dataclasses.replace(PRESETS["tiny"], norm_head=True)  # a Baichuan2-style head, raw while training
     torch.manual_seed(0)
-    model = Transformer(args).eval()
-    step = tmp_path / "step_00000010"
-    with pytest.warns(UserWarning):  # "assuming the intent is to save in a single process"
-        dcp.save({"model": model.state_dict(), "optimizer": {"step": torch.tensor(10.0)}}, checkpoint_id=str(step))
-    (step / "config.json").write_text(json.dumps({**dataclasses.asdict(args), "family": "llama"}))
+    model = Transformer(args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randint(0, args.vocab_size, (2, 8)), torch.randint(0, args.vocab_size, (2, 8)))[1].backward()
+    optimizer.step()
+    # what train.py writes: DCP {"model", "optim"} without a process group, config.json and tokenizer beside it
+    step = tmp_path / "step_00000001"
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=step, no_dist=True)
+    (step / "config.json").write_text(json.dumps({**dataclasses.asdict(args), "family": "baichuan2"}))
     (step / "tokenizer_config.json").write_text(json.dumps({"bos_id": 1, "eos_id": 2, "pad_id": 3}))
     convert.dcp_to_native(step, tmp_path / "ckpt", max_shard_bytes=100_000)  # several batches and shards
     assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
     assert (tmp_path / "ckpt" / "tokenizer_config.json").exists()
+    assert read_config(tmp_path / "ckpt") == read_config(step)
+    loaded, _ = sample.load_model(tmp_path / "ckpt", "cpu", torch.float32)
     idx = torch.randint(0, args.vocab_size, (2, 10))
     with torch.no_grad():
-        assert torch.equal(native_logits(tmp_path / "ckpt", idx), model(idx)[0])
+        assert (loaded(idx)[0] - model.eval()(idx)[0]).abs().max() <= 1e-5
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -477,6 +521,22 @@ def test_existing_destination_refused_unless_overwrite(hf_dir, tmp_path):
     run("hf-to-native", "--src", hf_dir, "--dst", dst, "--overwrite")
     assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").exists()
     assert not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_dcp_dir_without_metadata_is_refused(tmp_path):
+    step = tmp_path / "step_00000001"
+    step.mkdir()
+    (step / "config.json").write_text(json.dumps({"family": "llama", "dim": 64, "n_heads": 4, "n_layers": 2}))
+    with pytest.raises(SystemExit, match="not a torch.distributed.checkpoint dir"):
+        run("dcp-to-native", "--src", step, "--dst", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["hf-to-native", "native-to-hf", "meta-to-native", "apply-delta", "dcp-to-native"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(command, "--help")
+    assert e.value.code == 0 and "--src" in capsys.readouterr().out
 
 
 def test_cli_bad_input_is_one_line_without_traceback(hf_dir, tmp_path):
