@@ -587,3 +587,20 @@ def test_invalid_utf8_text_file_is_reported_and_can_be_skipped(sp_path, sp, tmp_
     docs = documents(tmp_path / "o2", "train", meta)
     assert meta["stats"]["skipped_records"] == 1 and len(docs) == 2  # the partial document is closed, not merged
     assert sp.decode(docs[1][0]) == "Next document." and docs[0][0][-1] == sp.eos_id
+
+
+def test_text_without_newlines_is_cut_between_characters(tmp_path, monkeypatch):
+    text = "é🙂x" * 50  # multi-byte characters and no newline to cut after
+    (tmp_path / "u.txt").write_text(text)
+    monkeypatch.setattr(prepare, "TEXT_PIECE_BYTES", 7)
+    pieces = [t for t, _ in prepare.read_text_pieces(tmp_path / "u.txt")]
+    assert len(pieces) > 10 and "".join(pieces) == text
+
+
+def test_small_input_still_gets_a_val_document(sp_path, sp, tmp_path):
+    write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in sentences(5, seed=4)])
+    meta = run("--input", tmp_path / "t.jsonl", "--tokenizer", sp_path, "--out", tmp_path / "out")  # 2% of 5 docs
+    assert (meta["train_documents"], meta["val_documents"]) == (4, 1)
+    assert sp.decode(documents(tmp_path / "out", "val", meta)[0][0]) == sentences(5, seed=4)[-1]
+    tokens, _, offsets = load_split(tmp_path / "out", "train", meta)
+    assert offsets[-1] == len(tokens) == meta["train_tokens"] and len(offsets) == 5
