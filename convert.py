@@ -479,63 +479,67 @@ def meta_merge(name: str, parts: list[torch.Tensor], shape: tuple) -> torch.Tens
     return torch.cat(parts, dim=dim)
 
 
-def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwrite=False, max_shard_bytes=None):
-    src = Path(src)
-    params = read_json(src / "params.json")
-    files = sorted(src.glob("consolidated.*.pth"))
-    if not files:
-        fail(f"{src}: no consolidated.XX.pth files")
+def meta_args(params: dict, emb_shape: tuple, n_shards: int, where, max_seq_len: int) -> ModelArgs:
+    """ModelArgs from Meta's params.json; vocab_size -1 means "from the tokenizer": read off the embedding, which is
+    split on dim 1 (LLaMA 1/2) or dim 0 (LLaMA 3)."""
     if params.get("use_scaled_rope"):
-        fail(f"{src / 'params.json'}: use_scaled_rope (LLaMA 3.1 rope scaling) is not supported")
-    shards = [load_pickle(f) for f in files]
-    emb = shards[0].get("tok_embeddings.weight")
-    if emb is None:
-        fail(f"{files[0]}: missing tensor tok_embeddings.weight")
-    n = len(shards)
-    # vocab_size -1 means "from the tokenizer": read it off the embedding (split on dim 0 or 1)
+        fail(f"{where}: use_scaled_rope (LLaMA 3.1 rope scaling) is not supported")
     vocab = params.get("vocab_size", -1)
     if vocab in (-1, None):
-        vocab = emb.shape[0] if emb.shape[1] * n == params.get("dim") else emb.shape[0] * n
+        vocab = emb_shape[0] if emb_shape[1] * n_shards == params.get("dim") else emb_shape[0] * n_shards
     try:
         dim = params["dim"]
-        args = ModelArgs(dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
+        return ModelArgs(dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"],
                          n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab,
                          hidden_dim=meta_hidden_dim(dim, params.get("multiple_of", 256),
                                                     params.get("ffn_dim_multiplier")),
                          norm_eps=float(params.get("norm_eps", 1e-6)), max_seq_len=max_seq_len,
                          rope_theta=float(params.get("rope_theta", 10000.0)))
     except KeyError as e:
-        fail(f"{src / 'params.json'}: field {e.args[0]!r} missing")
+        fail(f"{where}: field {e.args[0]!r} missing")
     except (TypeError, ValueError) as e:
-        fail(f"{src / 'params.json'}: {e}")
+        fail(f"{where}: {e}")
+
+
+def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwrite=False, max_shard_bytes=None):
+    src = Path(src)
+    params = read_json(src / "params.json")
+    files = sorted(src.glob("consolidated.*.pth"))
+    if not files:
+        fail(f"{src}: no consolidated.XX.pth files")
+    headers = [{k: tuple(t.shape) for k, t in load_pickle(f).items()} for f in files]  # maps dropped right away
+    if "tok_embeddings.weight" not in headers[0]:
+        fail(f"{files[0]}: missing tensor tok_embeddings.weight")
+    args = meta_args(params, headers[0]["tok_embeddings.weight"], len(files), src / "params.json", max_seq_len)
     shapes = native_shapes(args)
-    for f, sd in zip(files, shards):
-        check_names = {k: shapes.get(k) for k in sd}
-        missing = sorted(set(shapes) - set(sd))
+    for f, names in zip(files, headers):
+        missing = sorted(set(shapes) - set(names))
         if missing:
             fail(f"{f}: missing tensor {missing[0]} ({len(missing)} missing)")
-        unexpected = sorted(k for k, v in check_names.items() if v is None and not META_IGNORED.fullmatch(k))
+        unexpected = sorted(k for k in names if k not in shapes and not META_IGNORED.fullmatch(k))
         if unexpected:
             fail(f"{f}: unexpected tensor {unexpected[0]}")
 
     def tensors():
-        nonlocal shards
-        read = 0
+        shards, read = [load_pickle(f) for f in files], 0
         for name, shape in shapes.items():
             # every tensor needs a piece of every shard; remapping the files now and then lets the pages already
             # read go, so resident input stays about one output shard
             if read > (max_shard_bytes or parse_size(DEFAULT_SHARD)):
-                shards, read = None, 0
-                shards = [load_pickle(f) for f in files]
+                shards = None  # unmap before mapping again
+                shards, read = [load_pickle(f) for f in files], 0
             t = meta_merge(name, [sd[name] for sd in shards], shape)
             read += t.numel() * t.element_size()
             if tuple(t.shape) != shape:
-                fail(f"{src}: tensor {name} merged from {n} shard(s) has shape {tuple(t.shape)}, expected {shape}")
+                fail(f"{src}: tensor {name} merged from {len(files)} shard(s) has shape {tuple(t.shape)}, "
+                     f"expected {shape}")
             if name.endswith("attention.wq.weight"):
                 t = meta_to_rotate_half(t, args.n_heads)
             elif name.endswith("attention.wk.weight"):
                 t = meta_to_rotate_half(t, args.kv_heads)
-            yield name, own(t, dtype)
+            out = own(t, dtype)
+            del t  # may be a view of the mapped file: keep no reference across a remap
+            yield name, out
 
     with staged(dst, overwrite) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, "llama", max_shard_bytes=max_shard_bytes)
