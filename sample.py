@@ -104,7 +104,8 @@ class CompiledDecode:
     """decode_one under torch.compile; falls back to eager with a warning if this platform cannot compile."""
 
     def __init__(self):
-        self.fn = torch.compile(decode_one, dynamic=None)
+        # dynamic: start_pos changes every step; one symbolic-shape graph instead of a recompile per value
+        self.fn = torch.compile(decode_one, dynamic=True)
         self.failed = False
 
     def __call__(self, *args):
