@@ -243,7 +243,8 @@ def render_vicuna(messages, system, gen):
     return segs
 
 
-ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
 ALPACA_SYSTEM_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                        "context. Write a response that appropriately completes the request.")
 
@@ -336,7 +337,7 @@ class Template:
 
 TEMPLATES = {
     "baichuan": Template(render_baichuan, "Baichuan-13B-Chat generation_utils.py (user 195, assistant 196)"),
-    "baichuan2": Template(render_baichuan, "Baichuan2-Chat generation_utils.py / fine-tune.py (user 195, assistant 196)"),
+    "baichuan2": Template(render_baichuan, "Baichuan2-Chat generation_utils.py, fine-tune.py (195, 196)"),
     "vicuna": Template(render_vicuna, "FastChat conversation.py vicuna_v1.1"),
     "alpaca": Template(render_alpaca, "tatsu-lab/stanford_alpaca PROMPT_DICT"),
     "aquila": Template(render_aquila, "FlagAI aquila-chat conversation template"),
@@ -565,7 +566,8 @@ def conversation_messages(turns, where):
         role = turn.get("from", turn.get("role"))
         content = turn.get("value", turn.get("content"))
         if normalize_role(role) is None:
-            raise DataError(f"{where}: conversations[{i}]: unknown role {role!r} (expected human/user or gpt/assistant)")
+            raise DataError(f"{where}: conversations[{i}]: unknown role {role!r} "
+                            f"(expected human/user or gpt/assistant)")
         if not isinstance(content, str):
             raise DataError(f"{where}: conversations[{i}]: expected a string 'value'")
         messages.append({"role": normalize_role(role), "content": content})
@@ -586,7 +588,8 @@ def instruction_messages(rec, fmt, where):
         messages = []
         for key in sorted(chat, key=lambda k: int(k.split("_")[-1]) if k.split("_")[-1].isdigit() else 0):
             turn = chat[key]
-            for field, role, tag, end in (("Human", "user", "<|Human|>:", "<eoh>"), ("MOSS", "assistant", "<|MOSS|>:", "<eom>")):
+            for field, role, tag, end in (("Human", "user", "<|Human|>:", "<eoh>"),
+                                          ("MOSS", "assistant", "<|MOSS|>:", "<eom>")):
                 text = _field(turn, field, f"{where}: chat.{key}")
                 text = text.strip()
                 text = text[len(tag):] if text.startswith(tag) else text
@@ -627,7 +630,8 @@ def read_items(files, fmt, text_field, max_chars, on_error, counters):
             continue
         kind = fmt
         if fmt == "auto":
-            kind = "megatron" if path.suffix in (".bin", ".idx") else "json" if path.suffix in RECORD_SUFFIXES else "text"
+            kind = ("megatron" if path.suffix in (".bin", ".idx") else
+                    "json" if path.suffix in RECORD_SUFFIXES else "text")
         try:
             if kind == "text":
                 if max_chars and chars >= max_chars:  # the cap applies between documents
@@ -715,7 +719,8 @@ def write_megatron_index(idx_path, doc_lengths, dtype):
     if code is None:
         raise SystemExit(f"prepare.py: --megatron: dtype {np.dtype(dtype).name} has no Megatron code (use uint16)")
     if sizes.size and sizes.max() > np.iinfo(np.int32).max:
-        raise SystemExit(f"prepare.py: {idx_path}: a document longer than 2^31 tokens does not fit Megatron's int32 sizes")
+        raise SystemExit(f"prepare.py: {idx_path}: a document longer than 2^31 tokens does not fit Megatron's "
+                         f"int32 sizes")
     pointers = np.zeros(len(sizes), dtype=np.int64)
     np.cumsum(sizes[:-1] * np.dtype(dtype).itemsize, out=pointers[1:])
     document_index = np.arange(len(sizes) + 1, dtype=np.int64)
@@ -1087,25 +1092,63 @@ def prepare(args):
     return out, meta
 
 
-def _prepare_into(out_dir, args, files, fmt, source, instruction):
-    t0 = time.time()
-    counters = {}
+def get_tokenizer(args, files, fmt, out_dir):
+    """--tokenizer, or a sentencepiece BPE trained on the input (deterministically) into out_dir."""
     if args.tokenizer:
-        tok = load_tokenizer(args.tokenizer)
-        tokenizer_path = tok.path
-    else:
-        # a list, not a generator: an input error raised inside sentencepiece's C++ loop would lose its message
-        lines = list(training_lines(read_items(files, fmt, args.text_field, args.max_chars, args.on_error,
-                                               {"quiet": True}), args.tokenizer_chars))
-        try:
-            tokenizer_path = train_sentencepiece(lines, out_dir, args.vocab_size)
-        except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small input
-            raise SystemExit(f"prepare.py: --vocab_size={args.vocab_size}: cannot train a tokenizer on this input "
-                             f"({str(e).strip().splitlines()[-1]})")
-        tok = load_tokenizer(tokenizer_path)
-        print(f"prepare.py: trained a {tok.vocab_size}-token sentencepiece BPE in {time.time() - t0:.1f}s",
-              file=sys.stderr)
-    template = args.template or (tok.chat_template if tok.chat_template in TEMPLATES else None)
+        return load_tokenizer(args.tokenizer)
+    t0 = time.time()
+    # a list, not a generator: an input error raised inside sentencepiece's C++ loop would lose its message
+    lines = list(training_lines(read_items(files, fmt, args.text_field, args.max_chars, args.on_error,
+                                           {"quiet": True}), args.tokenizer_chars))
+    try:
+        path = train_sentencepiece(lines, out_dir, args.vocab_size)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small input
+        raise SystemExit(f"prepare.py: --vocab_size={args.vocab_size}: cannot train a tokenizer on this input "
+                         f"({str(e).strip().splitlines()[-1]})")
+    tok = load_tokenizer(path)
+    print(f"prepare.py: trained a {tok.vocab_size}-token sentencepiece BPE in {time.time() - t0:.1f}s",
+          file=sys.stderr)
+    return tok
+
+
+def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes):
+    """Encode items with --workers processes and append them, in input order, to the train/val writers."""
+    from tqdm import tqdm
+    stats = {}
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None)
+    initargs = (str(tok.path), template, seq_len)
+    for chunk, (tokens, mask, index, chunk_stats) in ordered_map(encode_chunk, chunked(items), args.workers,
+                                                                 initargs):
+        if tokens.size and tokens.max() >= tok.vocab_size:
+            raise SystemExit(f"prepare.py: token id {tokens.max()} >= vocab_size {tok.vocab_size} (Megatron input "
+                             f"prepared with another tokenizer?)")
+        for k, v in chunk_stats.items():
+            stats[k] = stats.get(k, 0) + v
+        offset = 0
+        for doc, n, last in index:  # (document number, tokens, ends the document)
+            split = "val" if is_val(doc, args.val_fraction) else "train"
+            writers[split].add(tokens[offset:offset + n], None if mask is None else mask[offset:offset + n], last)
+            offset += n
+        bar.update(sum(it.nbytes for it in chunk))
+        bar.set_postfix(tokens=writers["train"].n_tokens + writers["val"].n_tokens, refresh=False)
+    bar.close()
+    return stats
+
+
+META_LAYOUT = {
+    "tokens": "{split}.bin: token ids of all documents back to back; text documents are bos + text + eos, "
+              "instruction documents are one chat-templated conversation ending with eos",
+    "documents": "{split}.docs.bin: int64 start offset of every document, then the total token count",
+    "mask": "{split}.mask.bin: uint8 per token, 1 = the token is a target that counts in the loss "
+            "(assistant replies and their end token)",
+    "packed": "rows of exactly seq_len tokens, each holding whole documents; a row's tail is pad_id with "
+              "mask 0 and belongs to its last document",
+}
+
+
+def _prepare_into(out_dir, args, files, fmt, source, instruction):
+    tok = get_tokenizer(args, files, fmt, out_dir)
+    template = args.template or tok.chat_template
     if instruction and template is None:
         raise SystemExit(f"prepare.py: --template: required for {fmt} data (one of {', '.join(TEMPLATES)})")
     dtype = args.dtype if args.dtype != "auto" else "uint16" if tok.vocab_size <= 65536 else "uint32"
@@ -1115,31 +1158,17 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
     with_mask = instruction or args.pack
     writers = {s: SplitWriter(out_dir, s, dtype, with_mask, args.seq_len, args.pack, tok.pad_id)
                for s in ("train", "val")}
-    stats = {}
-    from tqdm import tqdm
-    bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="prepare", disable=None)
-    t1 = time.time()
+    t0, counters = time.time(), {}
     items = read_items(files, fmt, args.text_field, args.max_chars, args.on_error, counters)
-    initargs = (str(tokenizer_path), template, args.seq_len if instruction else 0)
-    for chunk, (tokens, mask, index, chunk_stats) in ordered_map(encode_chunk, chunked(items), args.workers, initargs):
-        if tokens.size and tokens.max() >= tok.vocab_size:
-            raise SystemExit(f"prepare.py: token id {tokens.max()} >= vocab_size {tok.vocab_size} (Megatron input "
-                             f"prepared with another tokenizer?)")
-        for k, v in chunk_stats.items():
-            stats[k] = stats.get(k, 0) + v
-        offset = 0
-        for doc, n, last in index:
-            split = "val" if is_val(doc, args.val_fraction) else "train"
-            writers[split].add(tokens[offset:offset + n], None if mask is None else mask[offset:offset + n], last)
-            offset += n
-        bar.update(sum(it.nbytes for it in chunk))
-        bar.set_postfix(tokens=writers["train"].n_tokens + writers["val"].n_tokens, refresh=False)
-    bar.close()
-    for w in writers.values():
-        w.close()
+    try:
+        stats = tokenize_into(writers, items, tok, template, args, args.seq_len if instruction else 0,
+                              sum(f.stat().st_size for f in files))
+    finally:  # also on errors: the temporary dir is removed with closed files
+        for w in writers.values():
+            w.close()
     if args.val_fraction > 0 and writers["val"].n_docs == 0 and move_last_to_val(out_dir, writers, dtype):
         print("prepare.py: the val split was empty: it holds the last train document instead", file=sys.stderr)
-    elapsed = time.time() - t1
+    elapsed = time.time() - t0
     n_tokens = sum(w.n_tokens for w in writers.values())
     if n_tokens == 0:
         raise SystemExit("prepare.py: --input: no documents left to write (all empty, skipped or dropped)")
@@ -1148,33 +1177,25 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
             offsets = np.fromfile(out_dir / f"{s}.docs.bin", dtype=np.int64)
             write_megatron_index(out_dir / f"{s}.idx", np.diff(offsets), dtype)
     tok.save(out_dir, template)
+
     stats = {k: v for k, v in stats.items() if v}
     stats.update({f"{s}_docs_split": w.docs_split for s, w in writers.items() if w.docs_split})
     stats.update({f"{s}_pad_tokens": w.pad_tokens for s, w in writers.items() if w.pad_tokens})
     if counters.get("skipped"):
         stats["skipped_records"] = counters["skipped"]
-    meta = {
+    meta = {  # deterministic: no times or temporary paths, so the same input gives the same bytes
         "dtype": dtype, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
         "template": template, "tokenizer": tok.filename, "format": fmt, "source_files": source,
         "train_tokens": writers["train"].n_tokens, "val_tokens": writers["val"].n_tokens,
         "train_documents": writers["train"].n_docs, "val_documents": writers["val"].n_docs,
         "has_mask": with_mask, "seq_len": args.seq_len, "packed": args.pack, "val_fraction": args.val_fraction,
-        "megatron": args.megatron, "stats": stats,
-        "layout": {
-            "tokens": "{split}.bin: token ids of all documents back to back; text documents are bos + text + eos, "
-                      "instruction documents are one chat-templated conversation ending with eos",
-            "documents": "{split}.docs.bin: int64 start offset of every document, then the total token count",
-            "mask": "{split}.mask.bin: uint8 per token, 1 = the token is a target that counts in the loss "
-                    "(assistant replies and their end token)",
-            "packed": "rows of exactly seq_len tokens, each holding whole documents; a row's tail is pad_id with "
-                      "mask 0 and belongs to its last document",
-        },
+        "megatron": args.megatron, "stats": stats, "layout": META_LAYOUT,
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    tag = ", ".join(f"{k}={v}" for k, v in stats.items())
+    tag = "".join(f", {k}={v}" for k, v in stats.items())
     print(f"prepare.py: {n_tokens:,} tokens ({meta['train_documents']} train / {meta['val_documents']} val docs) in "
-          f"{elapsed:.1f}s = {n_tokens / max(elapsed, 1e-9):,.0f} tokens/s with {args.workers} worker(s)"
-          + (f"; {tag}" if tag else ""), file=sys.stderr)
+          f"{elapsed:.1f}s = {n_tokens / max(elapsed, 1e-9):,.0f} tokens/s with {args.workers} worker(s){tag}",
+          file=sys.stderr)
     if meta["val_documents"] == 0 and args.val_fraction > 0:
         print(f"prepare.py: warning: val split is empty ({meta['train_documents']} documents, --val_fraction="
               f"{args.val_fraction})", file=sys.stderr)
