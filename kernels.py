@@ -80,7 +80,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     npu = _npu(x)
     if npu is not None:
         return npu.npu_rms_norm(x, weight, eps)[0]
-    return F.rms_norm(x, (x.size(-1),), weight, eps)
+    return F.rms_norm(x, (x.size(-1),), weight.to(x.dtype), eps)  # one dtype: the fused CPU kernel needs it
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
