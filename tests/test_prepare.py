@@ -94,7 +94,7 @@ def write_jsonl(path, records):
     return path
 
 
-def fails(capsys_or_none, *argv):
+def fails(*argv):
     """prepare.main must exit with one line naming the problem; returns that line."""
     with pytest.raises(SystemExit) as e:
         prepare.main([str(a) for a in argv])
@@ -395,7 +395,7 @@ def test_megatron_idx_built_by_hand_is_read(sp_path, sp, tmp_path):
     assert [list(d) for d in prepare.read_megatron(tmp_path / "h16.bin")] == [[5, 6]]
     (tmp_path / "bad.bin").write_bytes(b"\x00" * 8)
     (tmp_path / "bad.idx").write_bytes(b"NOTMEGA" + b"\x00" * 40)
-    msg = fails(None, "--input", tmp_path / "bad.idx", "--tokenizer", sp_path, "--out", tmp_path / "o2")
+    msg = fails("--input", tmp_path / "bad.idx", "--tokenizer", sp_path, "--out", tmp_path / "o2")
     assert "bad.idx" in msg and "MMIDIDX" in msg and not (tmp_path / "o2").exists()
 
 
@@ -481,9 +481,9 @@ def test_seq_len_cuts_text_documents_without_losing_tokens(sp_path, sp, tmp_path
 # bad input: one line naming the problem, non-zero exit, no output left behind
 
 def test_missing_and_empty_inputs(sp_path, tmp_path):
-    assert "nope.txt" in fails(None, "--input", tmp_path / "nope.txt", "--tokenizer", sp_path, "--out", tmp_path / "o")
+    assert "nope.txt" in fails("--input", tmp_path / "nope.txt", "--tokenizer", sp_path, "--out", tmp_path / "o")
     (tmp_path / "empty.jsonl").write_text("")
-    assert "empty.jsonl: file is empty" in fails(None, "--input", tmp_path / "empty.jsonl", "--tokenizer", sp_path,
+    assert "empty.jsonl: file is empty" in fails("--input", tmp_path / "empty.jsonl", "--tokenizer", sp_path,
                                                  "--out", tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
@@ -493,7 +493,7 @@ def test_malformed_json_line_stops_or_is_skipped(sp_path, tmp_path):
     (tmp_path / "a.jsonl").write_text(f"{good}\n{good}\n{{not json\n{good}\n")
     args = ["--input", tmp_path / "a.jsonl", "--format", "alpaca", "--tokenizer", sp_path, "--template", "alpaca",
             "--out", tmp_path / "o", "--val_fraction", "0"]
-    msg = fails(None, *args)
+    msg = fails(*args)
     assert "a.jsonl: line 3: malformed JSON" in msg and "--on_error=skip" in msg
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))  # no half-written dir left
     meta = run(*args, "--on_error", "skip")
@@ -502,11 +502,11 @@ def test_malformed_json_line_stops_or_is_skipped(sp_path, tmp_path):
 
 def test_missing_field(sp_path, tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Q", "output": "A"}, {"instruction": "Q"}])
-    msg = fails(None, "--input", tmp_path / "a.jsonl", "--format", "alpaca", "--tokenizer", sp_path,
+    msg = fails("--input", tmp_path / "a.jsonl", "--format", "alpaca", "--tokenizer", sp_path,
                 "--template", "alpaca", "--out", tmp_path / "o")
     assert "a.jsonl: line 2: missing field 'output'" in msg
     write_jsonl(tmp_path / "t.jsonl", [{"content": "x"}])
-    assert "missing field 'text'" in fails(None, "--input", tmp_path / "t.jsonl", "--tokenizer", sp_path,
+    assert "missing field 'text'" in fails("--input", tmp_path / "t.jsonl", "--tokenizer", sp_path,
                                            "--out", tmp_path / "o")
 
 
@@ -519,7 +519,7 @@ def test_unknown_format_template_and_missing_template(sp_path, tmp_path):
     with pytest.raises(SystemExit) as e:
         prepare.main([str(a) for a in base + ["--format", "alpaca", "--template", "nope"]])
     assert e.value.code == 2
-    assert "--template: required" in fails(None, *base, "--format", "alpaca")
+    assert "--template: required" in fails(*base, "--format", "alpaca")
 
 
 def test_vocab_too_large_for_dtype(tmp_path):
@@ -530,7 +530,7 @@ def test_vocab_too_large_for_dtype(tmp_path):
     tk.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "a.txt").write_text("w1 w2 w69999")
     base = ["--input", tmp_path / "a.txt", "--tokenizer", tmp_path / "tokenizer.json", "--val_fraction", "0"]
-    assert "vocab_size 70003 does not fit" in fails(None, *base, "--dtype", "uint16", "--out", tmp_path / "o")
+    assert "vocab_size 70003 does not fit" in fails(*base, "--dtype", "uint16", "--out", tmp_path / "o")
     meta = run(*base, "--out", tmp_path / "o2")  # auto picks uint32
     assert meta["dtype"] == "uint32"
     assert list(np.fromfile(tmp_path / "o2" / "train.bin", np.uint32)) == [1, 4, 5, 70002, 2]
@@ -541,7 +541,7 @@ def test_existing_output_needs_overwrite(sp_path, tmp_path):
     base = ["--input", tmp_path / "a.txt", "--tokenizer", sp_path, "--out", tmp_path / "o", "--val_fraction", "0"]
     run(*base)
     (tmp_path / "o" / "marker").write_text("x")
-    assert "already exists (use --overwrite" in fails(None, *base)
+    assert "already exists (use --overwrite" in fails(*base)
     assert (tmp_path / "o" / "marker").exists()  # untouched
     run(*base, "--overwrite")
     assert not (tmp_path / "o" / "marker").exists() and (tmp_path / "o" / "meta.json").exists()
@@ -586,7 +586,7 @@ def test_invalid_utf8_text_file_is_reported_and_can_be_skipped(sp_path, sp, tmp_
     (tmp_path / "b.txt").write_text("Next document.")
     monkeypatch.setattr(prepare, "TEXT_PIECE_BYTES", 64)  # the bad bytes come after pieces already written
     base = ["--input", tmp_path / "a.txt", tmp_path / "b.txt", "--tokenizer", sp_path, "--val_fraction", "0"]
-    assert "a.txt: byte 334: expected UTF-8" in fails(None, *base, "--out", tmp_path / "o1")
+    assert "a.txt: byte 334: expected UTF-8" in fails(*base, "--out", tmp_path / "o1")
     meta = run(*base, "--out", tmp_path / "o2", "--on_error", "skip")
     docs = documents(tmp_path / "o2", "train", meta)
     assert meta["stats"]["skipped_records"] == 1 and len(docs) == 2  # the partial document is closed, not merged
@@ -608,3 +608,16 @@ def test_small_input_still_gets_a_val_document(sp_path, sp, tmp_path):
     assert sp.decode(documents(tmp_path / "out", "val", meta)[0][0]) == sentences(5, seed=4)[-1]
     tokens, _, offsets = load_split(tmp_path / "out", "train", meta)
     assert offsets[-1] == len(tokens) == meta["train_tokens"] and len(offsets) == 5
+
+
+def test_pack_text_cuts_long_documents_and_masks_only_padding(sp_path, sp, tmp_path):
+    texts = [" ".join(sentences(n, seed=n)) for n in (1, 2, 9)]  # the last is longer than a row
+    write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    L = 64
+    meta = run("--input", tmp_path / "t.jsonl", "--tokenizer", sp_path, "--seq_len", L, "--pack",
+               "--out", tmp_path / "out", "--val_fraction", "0")
+    tokens, mask, offsets = load_split(tmp_path / "out", "train", meta)
+    assert meta["has_mask"] and len(tokens) % L == 0 and meta["stats"]["train_docs_split"] > 0
+    assert np.sum(mask == 0) == meta["stats"]["train_pad_tokens"] and np.all(tokens[mask == 0] == sp.pad_id)
+    real = np.concatenate([tokens[a:b][mask[a:b] == 1] for a, b in zip(offsets[:-1], offsets[1:])])
+    assert list(real) == [t for text in texts for t in sp.encode(text, bos=True, eos=True)]  # nothing lost
