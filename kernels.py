@@ -77,10 +77,11 @@ def _npu(x: torch.Tensor):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight, the statistics in fp32 whatever x's dtype (as LLaMA and Baichuan compute it)."""
+    weight = weight.to(x.dtype)  # under autocast the gain is fp32; both fused kernels want one dtype
     npu = _npu(x)
     if npu is not None:
         return npu.npu_rms_norm(x, weight, eps)[0]
-    return F.rms_norm(x, (x.size(-1),), weight.to(x.dtype), eps)  # one dtype: the fused CPU kernel needs it
+    return F.rms_norm(x, (x.size(-1),), weight, eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,8 @@ def npu_rms_norm(x, gamma, epsilon=1e-6):
     """(x * rsqrt(mean(x^2) + eps) * gamma, rstd), statistics in fp32; gamma has x's trailing shape."""
     _count("npu_rms_norm")
     _check_dtype("npu_rms_norm", x=x, gamma=gamma)
+    if gamma.dtype != x.dtype:
+        raise RuntimeError("npu_rms_norm: gamma must have x's dtype")
     if tuple(gamma.shape) != tuple(x.shape[x.dim() - gamma.dim():]):
         raise RuntimeError(f"npu_rms_norm: gamma shape {tuple(gamma.shape)} does not match x {tuple(x.shape)}")
     xf = x.float()
