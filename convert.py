@@ -343,10 +343,13 @@ def write_tokenizer(src: Path, dst: Path, ids: dict, template: str):
     tok.save(dst, template=template)
 
 
-def family_template(family: str) -> str:
+def chat_template(template, family: str) -> str:
+    """--template, checked, or the family's default (prepare.py owns the templates)."""
     import prepare
 
-    return prepare.FAMILY_TEMPLATE[family]
+    if template is not None and template not in prepare.TEMPLATES:
+        fail(f"--template={template}: unknown; expected one of {', '.join(prepare.TEMPLATES)}")
+    return template or prepare.FAMILY_TEMPLATE[family]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -358,6 +361,7 @@ def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template
     src = Path(src)
     cfg = read_json(src / "config.json")
     family = family or detect_family(cfg, src / "config.json")
+    template = chat_template(template, family)
     args = hf_args(cfg, family, src / "config.json", for_training)
     source = WeightFiles(src)
     layout = hf_layout(args, family)
@@ -381,7 +385,7 @@ def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template
     with staged(dst, overwrite) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
         ids = special_ids(cfg, read_json(src / "generation_config.json", False))
-        write_tokenizer(src, tmp, ids, template or family_template(family))
+        write_tokenizer(src, tmp, ids, template)
     return args, family
 
 
@@ -442,7 +446,26 @@ def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
         for f in TOKENIZER_FILES:
             if (src / f).exists():
                 shutil.copyfile(src / f, tmp / f)
+        if any((src / f).exists() for f in TOKENIZER_FILES):
+            (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(src, ids), indent=2))
     return args, family
+
+
+def hf_tokenizer_config(src: Path, ids: dict) -> dict:
+    """HF's tokenizer_config.json names special tokens by their strings, and the class that reads the file."""
+    if (src / "tokenizer.model").exists():  # sentencepiece is the reference where both exist (as prepare.py)
+        import sentencepiece as spm
+        sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
+        cfg, n, piece = {"tokenizer_class": "LlamaTokenizer"}, sp.get_piece_size(), sp.id_to_piece
+    else:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+        cfg, n, piece = {"tokenizer_class": "PreTrainedTokenizerFast"}, tok.get_vocab_size(), tok.id_to_token
+    for kind in ("bos", "eos", "pad"):
+        i = ids.get(f"{kind}_id")
+        if isinstance(i, int) and 0 <= i < n:
+            cfg[f"{kind}_token"] = piece(i)
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -503,6 +526,7 @@ def meta_args(params: dict, emb_shape: tuple, n_shards: int, where, max_seq_len:
 
 def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwrite=False, max_shard_bytes=None):
     src = Path(src)
+    template = chat_template(template, "llama")
     params = read_json(src / "params.json")
     files = sorted(src.glob("consolidated.*.pth"))
     if not files:
@@ -544,7 +568,7 @@ def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwr
     with staged(dst, overwrite) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, "llama", max_shard_bytes=max_shard_bytes)
         tok_dir = src if (src / "tokenizer.model").exists() else src.parent  # Meta ships it beside the model dirs
-        write_tokenizer(tok_dir, tmp, {}, template or family_template("llama"))
+        write_tokenizer(tok_dir, tmp, {}, template)
     return args
 
 
@@ -596,6 +620,7 @@ def open_native(path: Path):
 def apply_delta(base, delta, dst, dtype=None, template="vicuna", overwrite=False, max_shard_bytes=None):
     """target = base + delta. A delta with a larger vocabulary (added tokens) keeps its extra rows as they are."""
     base, delta = Path(base), Path(delta)
+    template = chat_template(template, "llama")
     if Path(dst).exists() and not overwrite:
         fail(f"{dst}: exists; pass --overwrite to replace it")
     base_args, _, base_get = open_native(base)

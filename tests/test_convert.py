@@ -142,7 +142,7 @@ def test_dtype_flag_casts_every_tensor(tmp_path):
 
 
 def test_aquila_copies_tokenizer_json_and_writes_ids(tmp_path):
-    from tokenizers import Tokenizer, models
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     hf_llama().save_pretrained(tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -150,13 +150,20 @@ def test_aquila_copies_tokenizer_json_and_writes_ids(tmp_path):
                pad_token_id=0)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "hf" / "generation_config.json").unlink()  # it would win: it is what generation uses
-    vocab = {f"t{i}": i for i in range(V)}
-    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tmp_path / "hf" / "tokenizer.json"))
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
     run("hf-to-native", "--src", tmp_path / "hf", "--dst", tmp_path / "ckpt")
     assert read_config(tmp_path / "ckpt")[1]["family"] == "aquila"
     assert (tmp_path / "ckpt" / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
     tok_cfg = json.loads((tmp_path / "ckpt" / "tokenizer_config.json").read_text())
     assert tok_cfg == {"bos_id": 100, "eos_id": 101, "pad_id": 0, "chat_template": "aquila"}
+    # and back: HF's tokenizer_config.json names the tokens, so AutoTokenizer reads the dir
+    from transformers import AutoTokenizer
+    run("native-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "back")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("t100", "t101", "t0")
+    assert tok("t5 t7", add_special_tokens=False)["input_ids"] == [5, 7]
 
 
 # the published config.json files (fields that matter), as in each preset's linked repo
@@ -521,6 +528,12 @@ def test_existing_destination_refused_unless_overwrite(hf_dir, tmp_path):
     run("hf-to-native", "--src", hf_dir, "--dst", dst, "--overwrite")
     assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").exists()
     assert not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_unknown_template_is_refused(hf_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--template=vicunna: unknown; expected one of .*vicuna"):
+        run("hf-to-native", "--src", hf_dir, "--dst", tmp_path / "out", "--template", "vicunna")
+    assert not (tmp_path / "out").exists()
 
 
 def test_dcp_dir_without_metadata_is_refused(tmp_path):
