@@ -19,6 +19,7 @@ load_tokenizer, Tokenizer, TEMPLATES, FAMILY_TEMPLATE, encode_chat.
 import argparse
 import glob
 import io
+import itertools
 import json
 import os
 import re
@@ -487,14 +488,15 @@ def default_corpus_files():
 
 
 def read_text_pieces(path):
-    """Yield (text, nbytes) pieces of a text file, cut after a newline so UTF-8 sequences stay whole."""
+    """Yield (text, nbytes) pieces of a text file of about TEXT_PIECE_BYTES, cut where tokens would split anyway."""
     with open(path, "rb") as f:
         rest, offset = b"", 0
         while True:
             block = f.read(TEXT_PIECE_BYTES)
             data = rest + block
-            cut = len(data) if not block else data.rfind(b"\n") + 1 or len(data)
-            while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:  # no newline: at least keep characters whole
+            # cut after a newline, else before a space (tokenizers split words there), else between characters
+            cut = len(data) if not block else data.rfind(b"\n") + 1 or max(data.rfind(b" "), 0) or len(data)
+            while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:
                 cut -= 1
             piece, rest = data[:cut], data[cut:]
             if piece:
@@ -845,8 +847,8 @@ def encode_chunk(items):
                 ids = ids + ([tok.eos_id] if item.last else [])
             pieces.append(ids)
             index.append((item.doc, len(ids), item.last))
-    tokens = np.fromiter((t for p in pieces for t in p), dtype=np.int64, count=sum(len(p) for p in pieces))
-    mask = np.fromiter((m for p in masks for m in p), dtype=np.uint8, count=len(tokens)) if masks else None
+    tokens = np.array(list(itertools.chain.from_iterable(pieces)), dtype=np.int64)
+    mask = np.array(list(itertools.chain.from_iterable(masks)), dtype=np.uint8) if masks else None
     return tokens, mask, index, stats
 
 
@@ -911,13 +913,16 @@ class SplitWriter:
             mask = np.ones(len(ids), np.uint8)  # packed text: everything but padding counts
         if self.pack:
             self.pending.append((ids, mask))
-            if last:
+            if last or sum(len(p[0]) for p in self.pending) > self.seq_len:
                 ids = np.concatenate([p[0] for p in self.pending])
                 mask = np.concatenate([p[1] for p in self.pending])
-                self.pending = []
-                for start in range(0, len(ids), self.seq_len):
-                    self._pack(ids[start:start + self.seq_len], mask[start:start + self.seq_len])
-                self.docs_split += (len(ids) - 1) // self.seq_len
+                while len(ids) > self.seq_len:  # a long document: cut off full rows as they come (bounded memory)
+                    self._pack(ids[:self.seq_len], mask[:self.seq_len])
+                    self.docs_split += 1
+                    ids, mask = ids[self.seq_len:], mask[self.seq_len:]
+                self.pending = [] if last else [(ids, mask)]
+                if last:
+                    self._pack(ids, mask)
             return
         while self.seq_len and self.doc_len + len(ids) > self.seq_len:
             k = self.seq_len - self.doc_len

@@ -610,14 +610,20 @@ def test_small_input_still_gets_a_val_document(sp_path, sp, tmp_path):
     assert offsets[-1] == len(tokens) == meta["train_tokens"] and len(offsets) == 5
 
 
-def test_pack_text_cuts_long_documents_and_masks_only_padding(sp_path, sp, tmp_path):
+def test_pack_text_cuts_long_documents_and_masks_only_padding(sp_path, sp, tmp_path, monkeypatch):
     texts = [" ".join(sentences(n, seed=n)) for n in (1, 2, 9)]  # the last is longer than a row
-    write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(text.replace(". ", ".\n"))
     L = 64
-    meta = run("--input", tmp_path / "t.jsonl", "--tokenizer", sp_path, "--seq_len", L, "--pack",
-               "--out", tmp_path / "out", "--val_fraction", "0")
+    args = ["--input", str(tmp_path / "*.txt"), "--tokenizer", sp_path, "--seq_len", L, "--pack", "--val_fraction", "0"]
+    meta = run(*args, "--out", tmp_path / "out")
     tokens, mask, offsets = load_split(tmp_path / "out", "train", meta)
     assert meta["has_mask"] and len(tokens) % L == 0 and meta["stats"]["train_docs_split"] > 0
     assert np.sum(mask == 0) == meta["stats"]["train_pad_tokens"] and np.all(tokens[mask == 0] == sp.pad_id)
     real = np.concatenate([tokens[a:b][mask[a:b] == 1] for a, b in zip(offsets[:-1], offsets[1:])])
-    assert list(real) == [t for text in texts for t in sp.encode(text, bos=True, eos=True)]  # nothing lost
+    expected = [t for text in texts for t in sp.encode(text.replace(". ", ".\n"), bos=True, eos=True)]
+    assert list(real) == expected  # nothing lost
+    monkeypatch.setattr(prepare, "TEXT_PIECE_BYTES", 50)  # documents arriving in pieces pack the same way
+    run(*args, "--out", tmp_path / "pieces")
+    for name in ("train.bin", "train.mask.bin", "train.docs.bin"):
+        assert (tmp_path / "pieces" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
