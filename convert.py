@@ -326,7 +326,7 @@ def special_ids(*configs: dict) -> dict:
 
 
 def write_tokenizer(src: Path, dst: Path, ids: dict, template: str):
-    """Copy the tokenizer file and write our tokenizer_config.json: {bos_id, eos_id, pad_id, chat_template}."""
+    """Copy the tokenizer files and write our tokenizer_config.json: {bos_id, eos_id, pad_id, chat_template}."""
     import prepare
 
     if not any((src / f).exists() for f in TOKENIZER_FILES):
@@ -341,6 +341,9 @@ def write_tokenizer(src: Path, dst: Path, ids: dict, template: str):
         if f"{kind}_id" in ids:
             setattr(tok, f"{kind}_id", ids[f"{kind}_id"])
     tok.save(dst, template=template)
+    for f in TOKENIZER_FILES:  # LLaMA dirs ship both; tok.save copied the one it reads
+        if (src / f).exists() and not (dst / f).exists():
+            shutil.copyfile(src / f, dst / f)
 
 
 def chat_template(template, family: str) -> str:

@@ -166,6 +166,30 @@ def test_aquila_copies_tokenizer_json_and_writes_ids(tmp_path):
     assert tok("t5 t7", add_special_tokens=False)["input_ids"] == [5, 7]
 
 
+def test_llama_sentencepiece_tokenizer_ids_from_hf_token_strings(tmp_path):
+    import prepare
+
+    hf_llama(vocab=400).save_pretrained(tmp_path / "hf")
+    for f in ("generation_config.json",):  # leave the ids to the tokenizer files
+        (tmp_path / "hf" / f).unlink()
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if "token_id" not in k}))
+    text = [line for line in open(os.path.join(ROOT, "convert.py")) if line.strip()]
+    prepare.train_sentencepiece(text, tmp_path / "hf", vocab_size=400)  # unk 0, bos 1, eos 2, pad 3
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(  # HF's: token strings, eos as pad
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": {"content": "</s>"},
+         "pad_token": "</s>"}))
+    run("hf-to-native", "--src", tmp_path / "hf", "--dst", tmp_path / "ckpt", "--template", "vicuna")
+    assert (tmp_path / "ckpt" / "tokenizer.model").read_bytes() == (tmp_path / "hf" / "tokenizer.model").read_bytes()
+    ours = json.loads((tmp_path / "ckpt" / "tokenizer_config.json").read_text())
+    assert ours == {"bos_id": 1, "eos_id": 2, "pad_id": 2, "chat_template": "vicuna"}
+    assert prepare.load_tokenizer(tmp_path / "ckpt").eos_id == 2
+    run("native-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "back")
+    theirs = json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())
+    assert theirs == {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                      "pad_token": "</s>"}
+
+
 # the published config.json files (fields that matter), as in each preset's linked repo
 PUBLISHED = {
     "llama-7b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
