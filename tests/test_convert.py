@@ -36,14 +36,12 @@ def hf_llama(n_kv_heads=4, tied=False, vocab=V, seed=0, rope_theta=50000.0, eps=
     return model
 
 
-def save_hf(path, state_dict, config, generation_config=None):
+def save_hf(path, state_dict, config):
     """An HF dir written by hand (for layouts transformers has no class for, e.g. Baichuan's W_pack)."""
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path / "model.safetensors"),
               metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config))
-    if generation_config:
-        (path / "generation_config.json").write_text(json.dumps(generation_config))
     return path
 
 
@@ -170,8 +168,7 @@ def test_llama_sentencepiece_tokenizer_ids_from_hf_token_strings(tmp_path):
     import prepare
 
     hf_llama(vocab=400).save_pretrained(tmp_path / "hf")
-    for f in ("generation_config.json",):  # leave the ids to the tokenizer files
-        (tmp_path / "hf" / f).unlink()
+    (tmp_path / "hf" / "generation_config.json").unlink()  # leave the ids to the tokenizer files
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if "token_id" not in k}))
     text = [line for line in open(os.path.join(ROOT, "convert.py")) if line.strip()]
