@@ -251,7 +251,9 @@ ALPACA_SYSTEM_INPUT = ("Below is an instruction that describes a task, paired wi
 
 
 def render_alpaca(messages, system, gen):
-    # Stanford Alpaca prompt (with and without input); later turns repeat the Instruction/Response blocks.
+    # Stanford Alpaca prompt (with and without input); later turns repeat the Instruction/Response blocks. The reply
+    # starts on the line after "### Response:" as in Alpaca's README and alpaca-lora (its train.py appends the
+    # output right after the colon).
     first_input = next((m.get("input") for m in messages if m["role"] == "user"), None)
     header = system or (ALPACA_SYSTEM_INPUT if first_input else ALPACA_SYSTEM)
     segs = [(header, False)]
