@@ -435,6 +435,11 @@ def test_apply_delta_adds_weights_and_keeps_extra_vocab_rows(tmp_path):
         assert torch.equal(got[ours][:V], base[theirs] + delta[theirs][:V])
         assert torch.equal(got[ours][V:], delta[theirs][V:])
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == "vicuna"
+    # the base may also be one of our checkpoint dirs
+    run("hf-to-native", "--src", tmp_path / "base", "--dst", tmp_path / "base-native")
+    run("apply-delta", "--src", tmp_path / "base-native", "--delta", tmp_path / "delta", "--dst", tmp_path / "out2")
+    again = load_tensors(tmp_path / "out2")
+    assert all(torch.equal(again[k], got[k]) for k in got)
 
 
 # --------------------------------------------------------------------------------------------------------------------
