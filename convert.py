@@ -112,9 +112,9 @@ def check_shapes(found: dict[str, tuple], expected: dict[str, tuple], where, ign
             fail(f"{where}: tensor {name} has shape {tuple(found[name])}, expected {tuple(shape)} from the config")
 
 
-def normalise_rows(w: torch.Tensor) -> torch.Tensor:
-    """Baichuan2's NormHead for inference: L2-normalise each output row once, in fp32."""
-    return F.normalize(w.float(), dim=-1).to(w.dtype)
+def normalise_rows(w: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Baichuan2's NormHead for inference: L2-normalise each output row once, in fp32, then round once."""
+    return F.normalize(w.float(), dim=-1).to(dtype or w.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -372,18 +372,21 @@ def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template
     expected = {hf: stacked_shape([shapes[n] for n in natives]) for hf, natives in layout.items()}
     check_shapes(source.shapes, expected, source.where, ignored=lambda n: hf_ignored(n, args))
 
+    def to_native(hf_name, t):
+        """One HF tensor -> its native tensors (W_pack splits in three), copied out of the memory map."""
+        natives = layout[hf_name]
+        out = []
+        for name, part in zip(natives, t.split([shapes[n][0] for n in natives])):
+            if name == "output.weight" and family == "baichuan2" and not for_training:
+                part = normalise_rows(part, dtype)
+            out.append((name, own(part, dtype)))
+        return out
+
     def tensors():
         for _, shard in source.shards():
-            for hf_name, t in shard.items():
-                if hf_name not in layout:
-                    continue
-                natives = layout[hf_name]
-                parts = t.split([shapes[n][0] for n in natives]) if len(natives) > 1 else [t]
-                for name, part in zip(natives, parts):
-                    if name == "output.weight" and family == "baichuan2" and not for_training:
-                        part = normalise_rows(part)
-                    yield name, own(part, dtype)
-            del shard
+            for hf_name in [n for n in shard if n in layout]:
+                yield from to_native(hf_name, shard[hf_name])
+            del shard  # unmap this shard before the next is mapped
 
     with staged(dst, overwrite) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
