@@ -1,0 +1,141 @@
+"""bench.py: JSON fields of train/generate runs, --compare against transformers, --plot and its relative difference.
+
+Tiny models and one or two steps: these check that the numbers are there and sane, never how fast anything is.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_TRAIN = ["--preset=tiny", "--mode=train", "--batch_size=2", "--seq_len=32", "--steps=1", "--rounds=1",
+              "--warmup=0"]
+TINY_GENERATE = ["--preset=tiny", "--mode=generate", "--prompt_len=4", "--new_tokens=6", "--rounds=1", "--warmup=0"]
+
+
+def check_speed(row):
+    assert row["tokens_per_s"] > 0 and len(row["tokens_per_s_runs"]) >= 1
+    assert 0 < row["mfu"] < 10
+
+
+def test_train_prints_one_json_line_with_sane_fields():
+    out = subprocess.run([sys.executable, "bench.py", *TINY_TRAIN], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    check_speed(result)
+    assert result["mode"] == "train" and result["dtype"] == "float32" and result["device"] == "cpu"
+    assert result["mm_peak_flops"] > 0 and result["mm_size"] == 256  # tiny's FFN width 176 -> 256
+    assert result["peak_mem_gib"] > 0.05
+    # random tokens: the loss after one step is close to ln(vocab)
+    assert abs(result["last_loss"] - math.log(512)) < 0.5
+    expected = 6 * (bench.n_params_flops(bench.PRESETS["tiny"])) + 12 * 2 * 32 * 64
+    assert result["mfu_flops_per_token"] == expected
+
+
+def test_generate_counts_2n_flops_per_token():
+    result = bench.main(TINY_GENERATE)
+    check_speed(result)
+    args = bench.PRESETS["tiny"]
+    n = sum(p for p in [args.n_layers * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 176 + 2 * 64), 64, 512 * 64])
+    assert result["mfu_flops_per_token"] == 2 * n
+    assert result["new_tokens"] == 6 and result["batch_size"] == 1
+
+
+def test_bfloat16_train_reports_both_peaks():
+    result = bench.main([*TINY_TRAIN, "--dtype=bfloat16"])
+    check_speed(result)
+    assert result["mm_peak_flops"] > 0 and result["mm_peak_flops_fp32"] > 0
+    assert result["mfu_vs_fp32_peak"] == pytest.approx(result["mfu"] * result["mm_peak_flops"]
+                                                       / result["mm_peak_flops_fp32"], rel=0.01)
+
+
+@pytest.mark.slow
+def test_compare_train_runs_the_same_workload_as_transformers():
+    pytest.importorskip("transformers")
+    result = bench.main([*TINY_TRAIN, "--compare", "--rounds=2", "--steps=2"])
+    for name in ("ours", "transformers"):
+        check_speed(result[name])
+        assert len(result[name]["tokens_per_s_runs"]) == 2
+    assert result["ratio"] == pytest.approx(result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"],
+                                            rel=1e-2)
+    losses = result["first_round_last_loss"]  # same weights, data and optimiser: the same loss after two steps
+    assert losses["ours"] == pytest.approx(losses["transformers"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_compare_generate_gives_the_same_greedy_tokens():
+    pytest.importorskip("transformers")
+    result = bench.main([*TINY_GENERATE, "--compare"])
+    assert result["greedy_tokens_agree"] == 1.0
+    assert result["ratio"] > 0
+
+
+def write_metrics(path, losses, start_step=1):
+    rows = [{"unigram_baseline": 6.0, "n_params": 1, "peak_flops": 1.0, "start_step": 0}]
+    for i, loss in enumerate(losses):
+        rows.append({"step": start_step + i, "loss": loss, "lr": 1e-3, "tokens_per_s": 1.0, "mfu": 0.1})
+        rows.append({"step": start_step + i, "val_loss": 99.0, "unigram_baseline": 6.0})  # not a training loss
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_plot_writes_png_and_relative_difference(tmp_path):
+    a = write_metrics(tmp_path / "a.jsonl", [4.0, 3.0, 2.0, 1.0])
+    b = write_metrics(tmp_path / "b.jsonl", [4.04, 2.97, 2.0, 1.01, 0.5])  # step 5 exists only in b
+    out = tmp_path / "loss.png"
+    result = bench.main(["--plot", a, b, f"--out={out}"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rel = [0.01, 0.01, 0.0, 0.01]  # |b - a| / a on the four common steps
+    assert result["steps_compared"] == 4
+    assert result["rel_diff_max"] == pytest.approx(0.01)
+    assert result["rel_diff_mean"] == pytest.approx(sum(rel) / 4)
+    assert result["reference"] == a
+
+
+def test_plot_one_run_has_no_difference(tmp_path):
+    a = write_metrics(tmp_path / "a.jsonl", [4.0, 3.0])
+    result = bench.main(["--plot", a, f"--out={tmp_path / 'one.png'}"])
+    assert (tmp_path / "one.png").exists() and "rel_diff_max" not in result
+
+
+def test_plot_bad_input_names_the_file(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(SystemExit, match="nope.jsonl: no such file"):
+        bench.main(["--plot", str(missing), f"--out={tmp_path / 'x.png'}"])
+    empty = tmp_path / "val_only.jsonl"
+    empty.write_text(json.dumps({"step": 1, "val_loss": 3.0}) + "\n")
+    with pytest.raises(SystemExit, match="val_only.jsonl: no rows with 'step' and 'loss'"):
+        bench.main(["--plot", str(empty), f"--out={tmp_path / 'x.png'}"])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"step": 1, "loss": 2.0}\n{not json\n')
+    with pytest.raises(SystemExit, match="broken.jsonl: line 2"):
+        bench.main(["--plot", str(broken), f"--out={tmp_path / 'x.png'}"])
+
+
+def test_plot_does_not_overwrite_without_flag(tmp_path):
+    a = write_metrics(tmp_path / "a.jsonl", [4.0, 3.0])
+    out = tmp_path / "loss.png"
+    out.write_bytes(b"keep")
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        bench.main(["--plot", a, f"--out={out}"])
+    assert out.read_bytes() == b"keep"
+    bench.main(["--plot", a, f"--out={out}", "--overwrite"])
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_flags_are_one_line_errors():
+    with pytest.raises(SystemExit, match="--preset='nope': unknown"):
+        bench.main(["--preset=nope"])
+    with pytest.raises(SystemExit, match="--steps=0: expected a positive integer"):
+        bench.main(["--steps=0"])
+    with pytest.raises(SystemExit, match="--seq_len=999 is above the preset's max_seq_len=128"):
+        bench.main(["--preset=tiny", "--seq_len=999"])
