@@ -277,13 +277,32 @@ def baichuan13b_reference(sd, idx, n_heads, eps=1e-6, norm_head=False):
     return rms(h, sd["model.norm.weight"]) @ (F.normalize(head, dim=-1) if norm_head else head).T
 
 
-def test_baichuan13b_alibi_matches_plain_reference(tmp_path):
-    sd = to_w_pack(random_sd())
-    save_hf(tmp_path / "hf", sd, baichuan_config(alibi=True))
+def w_pack_sd(dim, n_heads, seed=0):
+    """A random Baichuan state dict of any width (L layers, FF inner, V vocabulary)."""
+    torch.manual_seed(seed)
+    sd = {"model.embed_tokens.weight": torch.randn(V, dim) * 0.1, "model.norm.weight": torch.rand(dim) + 0.5,
+          "lm_head.weight": torch.randn(V, dim) * 0.1}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        sd.update({p + "self_attn.W_pack.weight": torch.randn(3 * dim, dim) * 0.1,
+                   p + "self_attn.o_proj.weight": torch.randn(dim, dim) * 0.1,
+                   p + "mlp.gate_proj.weight": torch.randn(FF, dim) * 0.1,
+                   p + "mlp.up_proj.weight": torch.randn(FF, dim) * 0.1,
+                   p + "mlp.down_proj.weight": torch.randn(dim, FF) * 0.1,
+                   p + "input_layernorm.weight": torch.rand(dim) + 0.5,
+                   p + "post_attention_layernorm.weight": torch.rand(dim) + 0.5})
+    return sd
+
+
+@pytest.mark.parametrize("n_heads", [4, 6])  # 6: not a power of two, like the 13B models' 40 heads
+def test_baichuan13b_alibi_matches_plain_reference(tmp_path, n_heads):
+    dim = 8 * n_heads
+    sd = w_pack_sd(dim, n_heads)
+    save_hf(tmp_path / "hf", sd, baichuan_config(alibi=True) | {"hidden_size": dim, "num_attention_heads": n_heads})
     run("hf-to-native", "--src", tmp_path / "hf", "--dst", tmp_path / "ckpt")
     args, cfg = read_config(tmp_path / "ckpt")
-    assert cfg["family"] == "baichuan" and args.pos_emb == "alibi"
-    ref = baichuan13b_reference(sd, IDX, n_heads=4)
+    assert cfg["family"] == "baichuan" and args.pos_emb == "alibi" and args.n_heads == n_heads
+    ref = baichuan13b_reference(sd, IDX, n_heads=n_heads)
     assert (native_logits(tmp_path / "ckpt", IDX) - ref).abs().max() <= 1e-4
 
 
