@@ -444,6 +444,38 @@ def merge_lora(model) -> Transformer:
     return model
 
 
+ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json")
+
+
+def save_adapter(path, model, settings: dict):
+    """An adapter dir: adapter.safetensors (only the LoRA weights, a few MB for a 7B model) and adapter_config.json
+    (rank, alpha, dropout, targets, quantize_base, and whatever the caller records, e.g. the base checkpoint)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().float().contiguous() for n, p in lora_state_dict(model).items()}
+    save_file(tensors, str(path / ADAPTER_FILES[0]), metadata={"format": "pt"})
+    (path / ADAPTER_FILES[1]).write_text(json.dumps(settings, indent=2))
+
+
+def load_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(settings, tensors) of an adapter dir written by save_adapter."""
+    path = Path(path)
+    try:
+        settings = json.loads((path / ADAPTER_FILES[1]).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path / ADAPTER_FILES[1]}: not found (is {path} an adapter dir?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / ADAPTER_FILES[1]}: not valid JSON ({e})") from None
+    for key in ("rank", "alpha"):
+        if not isinstance(settings.get(key), (int, float)) or settings[key] <= 0:
+            raise CheckpointError(f"{path / ADAPTER_FILES[1]}: field {key!r} must be a positive number")
+    if not (path / ADAPTER_FILES[0]).exists():
+        raise CheckpointError(f"{path / ADAPTER_FILES[0]}: not found")
+    return settings, _mmap_safetensors(path / ADAPTER_FILES[0])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # checkpoint dirs: config.json + model.safetensors (or shards with HF's index), memory-mapped on load
 
