@@ -18,7 +18,7 @@ import torch
 
 import kernels
 import train
-from model import ModelArgs, Transformer, write_checkpoint
+from model import ModelArgs, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 V = 64  # vocabulary of the test data
@@ -205,16 +205,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(data, tmp_path
 
 
 def test_finetune_from_checkpoint_dir_starts_from_its_loss(data, tmp_path):
-    trained = run(data, tmp_path / "pre", "--max_iters=40")
-    step_dir = trained["last_checkpoint"]
-    # a checkpoint dir as convert.py writes it: config.json + model.safetensors (+ tokenizer files)
-    args, _ = train.read_config(step_dir)
-    model = Transformer(args)
-    train.load_weights(step_dir, model, args)
-    ckpt = tmp_path / "ckpt"
-    write_checkpoint(ckpt, model.state_dict(), args, "llama")
+    trained = run(data, tmp_path / "pre", "--max_iters=40", "--export")
+    export = trained["export_dir"]  # a checkpoint dir written by convert.dcp_to_native from the last step
+    assert (export / "config.json").exists() and Transformer.from_checkpoint(export).args.vocab_size == V
     end_loss = np.mean([trained["losses"][s] for s in range(36, 41)])
-    for init in (ckpt, step_dir):  # a checkpoint dir, and a training step dir directly
+    for init in (export, trained["last_checkpoint"]):  # a checkpoint dir, and a training step dir directly
         tuned = run(data, tmp_path / f"tune_{init.name}", f"--init_from={init}", "--max_iters=2", "--lr=1e-5")
         assert abs(tuned["losses"][1] - end_loss) < 0.3 < math.log(V) - tuned["losses"][1]
 
