@@ -5,6 +5,7 @@
     python convert.py meta-to-native --src llama/llama-2-13b --dst ckpt/llama-2-13b
     python convert.py apply-delta    --src hf/llama-7b --delta hf/vicuna-7b-delta-v1.1 --dst ckpt/vicuna-7b
     python convert.py dcp-to-native  --src out/run/step_00001000 --dst ckpt/run-1000
+    python convert.py merge-lora     --src ckpt/baichuan-7b --adapter out/qlora/adapter --dst ckpt/baichuan-7b-sft
 
 Every converter streams: source tensors are read one shard at a time (safetensors and .bin are memory-mapped) and the
 output is written shard by shard by model.py's ShardWriter, so memory holds about one input shard plus one output
@@ -30,7 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, ModelArgs, ShardWriter, Transformer, read_config, write_checkpoint
+from model import (CheckpointError, ModelArgs, ShardWriter, Transformer, load_adapter, read_config,
+                   write_checkpoint)
 from model import _mmap_safetensors  # model.py owns safetensors reading: this is its one-file form
 
 FAMILIES = ("llama", "baichuan", "baichuan2", "aquila")
@@ -730,6 +732,56 @@ def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=No
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# merge-lora: fold a LoRA run's adapters into its base weights
+
+
+def merge_lora(src, adapter, dst, dtype=None, overwrite=False, max_shard_bytes=None):
+    """W + (alpha / rank) * B A for every adapted layer, streamed tensor by tensor like the other converters.
+
+    The adapters are folded into the base checkpoint's own weights (for QLoRA too: the NF4 copy was only the
+    training-time store of those same weights)."""
+    if Path(dst).exists() and not overwrite:
+        fail(f"{dst}: exists; pass --overwrite to replace it")
+    args, family, source = open_checkpoint_dir(Path(src))
+    try:
+        settings, lora = load_adapter(adapter)
+    except CheckpointError as e:
+        fail(str(e))
+    scale = settings["alpha"] / settings["rank"]
+    shapes = native_shapes(args)
+    pairs = {}  # base weight name -> (A, B)
+    for name in sorted(lora):
+        layer, _, kind = name.rpartition(".")
+        if kind not in ("lora_a", "lora_b") or f"{layer}.weight" not in shapes:
+            fail(f"{adapter}: tensor {name} adapts no weight of the base {src}")
+        pairs.setdefault(f"{layer}.weight", {})[kind] = lora[name]
+    for weight, ab in pairs.items():
+        if len(ab) != 2:
+            fail(f"{adapter}: {weight} has only {', '.join(ab)}; an adapter needs lora_a and lora_b")
+        expected = ((settings["rank"], shapes[weight][1]), (shapes[weight][0], settings["rank"]))
+        for kind, want in zip(("lora_a", "lora_b"), expected):
+            if tuple(ab[kind].shape) != want:
+                fail(f"{adapter}: tensor {weight[:-7]}.{kind} has shape {tuple(ab[kind].shape)}, the base {src} "
+                     f"needs {want}")
+
+    def tensors():
+        for name in shapes:
+            w = source.get(name)
+            if name in pairs:
+                delta = scale * (pairs[name]["lora_b"].float() @ pairs[name]["lora_a"].float())
+                yield name, (w.float() + delta).to(dtype or w.dtype)
+            else:
+                yield name, own(w, dtype)
+
+    with staged(dst, True) as tmp:
+        write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
+        for f in TOKENIZER_FILES + ("tokenizer_config.json",):
+            if (Path(src) / f).exists():
+                shutil.copyfile(Path(src) / f, tmp / f)
+    return args, family
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -767,10 +819,13 @@ def main(argv=None):
     s.add_argument("--delta", required=True, help="delta weights (HF dir or checkpoint dir)")
     s = sub.add_parser("dcp-to-native", parents=[common], help="train.py step dir -> checkpoint dir")
     s.add_argument("--src", required=True, help="out_dir/step_XXXXXXXX")
+    s = sub.add_parser("merge-lora", parents=[common], help="base checkpoint dir + LoRA adapter dir -> checkpoint dir")
+    s.add_argument("--src", required=True, help="the base checkpoint dir the adapters were trained on")
+    s.add_argument("--adapter", required=True, help="adapter dir (adapter.safetensors + adapter_config.json)")
     a = p.parse_args(argv)
 
     kw = dict(dtype=DTYPES.get(a.dtype), overwrite=a.overwrite, max_shard_bytes=parse_size(a.max_shard_size))
-    for flag in ("src", "delta"):
+    for flag in ("src", "delta", "adapter"):
         if getattr(a, flag, None) and not Path(getattr(a, flag)).is_dir():
             fail(f"--{flag}={getattr(a, flag)}: not a directory")
     if a.command == "hf-to-native":
@@ -781,6 +836,8 @@ def main(argv=None):
         args, family = meta_to_native(a.src, a.dst, max_seq_len=a.max_seq_len, template=a.template, **kw), "llama"
     elif a.command == "apply-delta":
         args, family = apply_delta(a.src, a.delta, a.dst, template=a.template or "vicuna", **kw)
+    elif a.command == "merge-lora":
+        args, family = merge_lora(a.src, a.adapter, a.dst, **kw)
     else:
         args, family = dcp_to_native(a.src, a.dst, **kw)
     print(f"convert.py: wrote {a.dst} ({family}, {args.n_layers} layers, dim {args.dim}, {args.pos_emb})",

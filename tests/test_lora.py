@@ -145,3 +145,56 @@ def test_qlora_stores_block_linears_in_nf4_and_lowers_the_loss():
 def test_bad_lora_settings_are_named(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         apply_lora(tiny_model(), alpha=8, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# adapter dirs and convert.py merge-lora
+
+
+def trained_adapter(tmp_path, quantize=False):
+    """A base checkpoint dir, and an adapter dir with non-zero adapters trained (here: drawn) on it."""
+    from model import save_adapter, write_checkpoint
+
+    model = tiny_model()
+    write_checkpoint(tmp_path / "base", model.state_dict(), model.args, "llama")
+    apply_lora(model, rank=4, alpha=8, targets="wq,wv,w2", quantize_base=quantize)
+    with torch.no_grad():
+        for p in lora_state_dict(model).values():
+            p.normal_(std=0.05)
+    save_adapter(tmp_path / "adapter", model, dict(rank=4, alpha=8, dropout=0.0, targets="wq,wv,w2"))
+    return model.eval()
+
+
+def test_merge_lora_command_equals_model_with_adapters(tmp_path):
+    import convert
+
+    model = trained_adapter(tmp_path)
+    convert.main(["merge-lora", "--src", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                  "--dst", str(tmp_path / "merged")])
+    merged = Transformer.from_checkpoint(tmp_path / "merged")
+    idx = torch.randint(0, 512, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx)[0], model(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_merge_lora_into_a_base_of_another_shape_is_refused(tmp_path):
+    import convert
+    from model import write_checkpoint
+
+    trained_adapter(tmp_path)
+    other = tiny_model(hidden_dim=192)
+    write_checkpoint(tmp_path / "other", other.state_dict(), other.args, "llama")
+    with pytest.raises(SystemExit, match=r"feed_forward\.w2\.lora_a has shape \(4, 176\), the base .* needs \(4, 192\)"):
+        convert.main(["merge-lora", "--src", str(tmp_path / "other"), "--adapter", str(tmp_path / "adapter"),
+                      "--dst", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_lora_without_adapter_config_is_refused(tmp_path):
+    import convert
+
+    trained_adapter(tmp_path)
+    (tmp_path / "adapter" / "adapter_config.json").unlink()
+    with pytest.raises(SystemExit, match="adapter_config.json: not found"):
+        convert.main(["merge-lora", "--src", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                      "--dst", str(tmp_path / "merged")])
