@@ -274,7 +274,9 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
             fully_shard(layer, mesh=d.mesh["dp"], mp_policy=mp)
         fully_shard(model, mesh=d.mesh["dp"], mp_policy=mp)
     model.to_empty(device=_device(d))
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and in every run with this seed
+    # the same initial weights in every run with this seed. Under FSDP each rank initialises its own shard: on CUDA
+    # DTensor's RNG tracker makes the shards match a single process's draw, on CPU they do not (yet)
+    torch.manual_seed(cfg.seed)
     model.init_weights()
     return model
 
@@ -705,7 +707,7 @@ def main(argv=None) -> dict:
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     flops_token = flops_per_token(args, cfg.seq_len)
     peak = cfg.peak_flops or measure_peak_flops(device)
-    baseline = unigram_entropy(train_data, args.vocab_size) if d.master else None
+    baseline = unigram_entropy(train_data, args.vocab_size)
     metrics = open(out_dir / "metrics.jsonl", "a") if d.master else None
 
     def record(row):
