@@ -137,6 +137,10 @@ def _set(values: dict, key: str, value, where: str):
 
 def parse_config(argv) -> tuple[Config, dict]:
     """argv (without the program name) -> (Config, ModelArgs overrides)."""
+    if "-h" in argv or "--help" in argv:
+        keys = "\n".join(f"  --{k}={getattr(Config, k)!r}" for k in Config.__dataclass_fields__)
+        print(f"{__doc__}\nkeys and defaults:\n{keys}\n  and every ModelArgs field: {', '.join(MODEL_FIELDS)}")
+        raise SystemExit(0)
     values = {}
     for arg in argv:
         if arg.startswith("--"):
