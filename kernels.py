@@ -111,6 +111,74 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# matmul: bf16 on CPUs without bf16 units
+
+
+@functools.cache
+def _cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16, AMX, ARM BF16), as oneDNN sees it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _bf16_in_fp32(x: torch.Tensor) -> bool:
+    """True where a bf16 matmul on x's device should run on the fp32 units instead (see linear)."""
+    if x.device.type != "cpu" or _cpu_has_bf16_units():
+        return False
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+def _linear_bf16_via_fp32(x, weight):
+    return F.linear(x.to(torch.bfloat16).float(), weight.to(torch.bfloat16).float()).to(torch.bfloat16)
+
+
+class _LinearBf16ViaFp32(torch.autograd.Function):
+    """The bf16 linear of autocast, computed by the fp32 GEMM from the bf16-rounded operands.
+
+    Saves the bf16 operands (as autocast would) and rounds every result to bf16, gradients included, so the
+    numbers are a bf16 GEMM's: products of bf16 values are exact in fp32 and bf16 GEMMs accumulate in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
+        ctx.save_for_backward(xb, wb)
+        ctx.dtypes = x.dtype, weight.dtype
+        return F.linear(xb.float(), wb.float()).to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xb, wb = ctx.saved_tensors
+        g = grad.to(torch.bfloat16).float()  # (..., out)
+        grad_x = grad_w = None
+        with torch.autocast("cpu", enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ wb.float()).to(torch.bfloat16).to(ctx.dtypes[0])  # (..., in)
+            if ctx.needs_input_grad[1]:
+                gw = g.flatten(0, -2).T @ xb.float().flatten(0, -2)  # (out, in)
+                grad_w = gw.to(torch.bfloat16).to(ctx.dtypes[1])
+        return grad_x, grad_w
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T (no bias), the op behind every projection of the model.
+
+    bf16 (weights or CPU autocast) on a CPU without bf16 units: torch's bf16 GEMM falls back to a scalar loop there,
+    ~30x slower than fp32. The fp32 GEMM on the bf16-rounded operands gives a bf16 GEMM's result (exact products,
+    fp32 accumulation, bf16 output) at fp32 speed; bf16 weights stay bf16 in memory.
+    """
+    if not _bf16_in_fp32(x):
+        return F.linear(x, weight)
+    with torch.autocast("cpu", enabled=False):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _LinearBf16ViaFp32.apply(x, weight)
+        return _linear_bf16_via_fp32(x, weight)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # attention
 
 
@@ -170,6 +238,13 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None,
         mask = mask.to(q.dtype)
     elif allowed is not None and key_padding_mask is None and doc_ids is None and T == S:
         mask, is_causal = None, True  # plain causal: let SDPA pick its fused kernel
+    if _bf16_in_fp32(q):  # CPU without bf16 units: SDPA's bf16 GEMMs are scalar loops; same numbers in fp32
+        with torch.autocast("cpu", enabled=False):
+            q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
+            mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=H != k.size(1))
+            return y.to(torch.bfloat16)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != k.size(1))
 
 

@@ -118,6 +118,13 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose matmul is kernels.linear (bf16 on a CPU without bf16 units runs on its fp32 units)."""
+
+    def forward(self, x):
+        return kernels.linear(x, self.weight) if self.bias is None else super().forward(x)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values, (B, n_kv_heads, max_seq_len, head_dim): decoding never reallocates."""
 
@@ -140,10 +147,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wv = Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         # ALiBi slopes live with the heads they belong to, so tensor parallelism can slice them with wq
         self.register_buffer("alibi_slopes", torch.empty(args.n_heads) if args.pos_emb == "alibi" else None,
                              persistent=False)
@@ -168,9 +175,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w1 = Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x):
         return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))
@@ -193,7 +200,7 @@ class NormHead(nn.Linear):
     """Baichuan2's output layer: every row of the weight is L2-normalised before use, which steadies training."""
 
     def forward(self, x):
-        return F.linear(x, F.normalize(self.weight, dim=-1))
+        return kernels.linear(x, F.normalize(self.weight, dim=-1))
 
 
 class Transformer(nn.Module):
@@ -203,7 +210,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        head = NormHead if args.norm_head else nn.Linear
+        head = NormHead if args.norm_head else Linear
         self.output = None if args.tie_embeddings else head(args.dim, args.vocab_size, bias=False)
         rope = args.pos_emb == "rope"
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim) if rope else None,
@@ -269,7 +276,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids)
         h = self.norm(h)
-        logits = F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        logits = kernels.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
         loss = None
         if targets is not None:
             loss = kernels.cross_entropy(logits, targets, loss_mask, self.args.z_loss)

@@ -139,3 +139,29 @@ def test_bad_flags_are_one_line_errors():
         bench.main(["--steps=0"])
     with pytest.raises(SystemExit, match="--seq_len=999 is above the preset's max_seq_len=128"):
         bench.main(["--preset=tiny", "--seq_len=999"])
+
+
+def test_cpu_bf16_matmul_on_fp32_units_matches_torch_bf16(monkeypatch):
+    """The speed path for bf16 on CPUs without bf16 units gives torch's bf16 autocast numbers (loss and grads)."""
+    import torch
+
+    import kernels
+    from model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(bench.PRESETS["tiny"])
+    x, y = torch.randint(512, (2, 32)), torch.randint(512, (2, 32))
+
+    def loss_and_grads(fp32_units: bool):
+        monkeypatch.setattr(kernels, "_cpu_has_bf16_units", lambda: not fp32_units)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(x, y)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_fast, grads_fast = loss_and_grads(True)
+    loss_ref, grads_ref = loss_and_grads(False)
+    assert loss_fast == pytest.approx(loss_ref, rel=1e-3)
+    for name, g in grads_ref.items():  # bf16 rounding noise only
+        assert (grads_fast[name] - g).norm() <= 0.03 * g.norm(), name
