@@ -142,7 +142,8 @@ def parse_config(argv) -> tuple[Config, dict]:
         print(f"{__doc__}\nkeys and defaults:\n{keys}\n  and every ModelArgs field: {', '.join(MODEL_FIELDS)}")
         raise SystemExit(0)
     values = {}
-    for arg in argv:
+    # config files first, then --key=value, wherever they stand on the command line
+    for arg in sorted(argv, key=lambda a: a.startswith("--")):
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:  # a bare --flag sets a bool key

@@ -221,7 +221,7 @@ def test_finetune_from_checkpoint_dir_starts_from_its_loss(data, tmp_path):
 def test_config_file_then_overrides(tmp_path):
     recipe = tmp_path / "recipe.py"
     recipe.write_text("import math\nlr = 6e-4\nmodel = 'tiny'\nn_layers = 3\n_private = 1\nmax_iters = 7\n")
-    cfg, model_overrides = train.parse_config([str(recipe), "--max_iters=9", "--out_dir=out/x", "--overwrite",
+    cfg, model_overrides = train.parse_config(["--max_iters=9", str(recipe), "--out_dir=out/x", "--overwrite",
                                                "--min_lr=0", "--n_kv_heads=None"])
     assert (cfg.lr, cfg.max_iters, cfg.out_dir, cfg.overwrite, cfg.min_lr) == (6e-4, 9, "out/x", True, 0.0)
     assert model_overrides == {"n_layers": 3, "n_kv_heads": None}
