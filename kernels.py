@@ -99,7 +99,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if npu is not None:
         return npu.npu_rotary_mul(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.addcmul(x * cos, torch.cat([-x2, x1], dim=-1), sin)  # one pass fewer than a * b + c * d
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -196,9 +196,12 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 def _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device):
     """(B|1, 1, T, S) bool, True where query i (at position q_start + i) may attend key j; None if all may."""
+    needs_causal = causal and (T > 1 or q_start + T < S)
+    if not needs_causal and key_padding_mask is None and doc_ids is None:
+        return None  # e.g. one decoded token attending its whole cache: no tensors to build
     qpos = torch.arange(q_start, q_start + T, device=device)[:, None]
     kpos = torch.arange(S, device=device)[None, :]
-    allowed = (kpos <= qpos)[None, None] if causal and (T > 1 or q_start + T < S) else None
+    allowed = (kpos <= qpos)[None, None] if needs_causal else None
     if doc_ids is not None:  # packed sequences: attention stays inside each document
         same_doc = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
         allowed = same_doc if allowed is None else allowed & same_doc
@@ -230,14 +233,15 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None,
     npu = _npu(q)
     if npu is not None and D % 16 == 0:  # the fused kernel needs head_dim % 16 == 0; others take the portable path
         return _npu_attention(npu, q, k, v, causal, alibi_slopes, key_padding_mask, doc_ids, q_start)
-    allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, q.device)
+    plain_causal = causal and alibi_slopes is None and key_padding_mask is None and doc_ids is None and T == S
+    allowed = None if plain_causal else _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, q.device)
     mask, is_causal = allowed, False
     if alibi_slopes is not None:
         bias = _alibi_bias(alibi_slopes, T, S, q_start, q.device)
         mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
         mask = mask.to(q.dtype)
-    elif allowed is not None and key_padding_mask is None and doc_ids is None and T == S:
-        mask, is_causal = None, True  # plain causal: let SDPA pick its fused kernel
+    elif plain_causal:
+        mask, is_causal = None, True  # let SDPA pick its fused causal kernel; no (T, S) mask built
     if _bf16_in_fp32(q):  # CPU without bf16 units: SDPA's bf16 GEMMs are scalar loops; same numbers in fp32
         with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))

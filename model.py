@@ -266,12 +266,16 @@ class Transformer(nn.Module):
         every document). key_padding_mask (B, start_pos + T): True for real tokens. doc_ids (B, T): packed documents.
         """
         B, T = idx.shape
-        if positions is None:
-            positions = _doc_positions(doc_ids) if doc_ids is not None else \
-                torch.arange(start_pos, start_pos + T, device=idx.device)[None]
         cos = sin = None
-        if self.rope_cos is not None:
-            cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B|1, T, 1, D)
+        if positions is None and doc_ids is None:  # consecutive positions: the tables' rows are a view, no gather
+            if self.rope_cos is not None:
+                rows = slice(start_pos, start_pos + T)
+                cos, sin = self.rope_cos[None, rows, None], self.rope_sin[None, rows, None]  # (1, T, 1, D)
+        else:
+            if positions is None:
+                positions = _doc_positions(doc_ids)
+            if self.rope_cos is not None:
+                cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B|1, T, 1, D)
         h = self.tok_embeddings(idx)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids)
