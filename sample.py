@@ -136,8 +136,9 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     prompt_ids: one prompt (list of ints / 1-D tensor) -> yields ints; or a batch (list of lists / 2-D tensor,
     lengths may differ: rows are left padded) -> yields a list per step with one int per row, None for rows that
     already produced eos. eos_id: an int or several (any of them ends a row); it is yielded, then that row stops;
-    iteration ends when every row has stopped or after max_new_tokens. Close the generator (break) to stop early, e.g. on a stop string.
-    seed / generator make sampling reproducible. decode_step: e.g. CompiledDecode(); default eager decode_one.
+    iteration ends when every row has stopped or after max_new_tokens. Close the generator (break) to stop early,
+    e.g. on a stop string. seed / generator make sampling reproducible. decode_step: e.g. CompiledDecode().
+    The KV cache lives for the call only: the model is left without one, as it was.
     """
     rows, batched = _as_rows(prompt_ids)
     if any(len(r) == 0 for r in rows):
@@ -169,33 +170,36 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     next_pos = mask[:, :T].sum(-1, keepdim=True) if padded else None  # (B, 1) position of the next token
 
     seen = torch.zeros((B, model.args.vocab_size), dtype=torch.bool, device=device)
-    if repetition_penalty != 1.0:
-        seen.scatter_(1, idx, mask[:, :T])  # pads do not count as present
+    if repetition_penalty != 1.0:  # count occurrences so that pads (mask 0) never mark or unmark a token
+        seen = torch.zeros_like(seen, dtype=torch.long).scatter_add_(1, idx, mask[:, :T].long()) > 0
 
     model.setup_cache(B, total, dtype=param.dtype, device=device)
-    logits, _ = model(idx, start_pos=0, positions=positions, key_padding_mask=mask[:, :T] if padded else None)
-    logits = logits[:, -1]  # (B, V)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
-        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        token = token.masked_fill(finished, pad_id)
-        out = token.tolist()
-        if batched:
-            yield [None if f else t for t, f in zip(out, finished.tolist())]
-        else:
-            yield out[0]
-        if len(end_ids):
-            finished |= torch.isin(token, end_ids)
-        if step == max_new_tokens - 1 or bool(finished.all()):
-            break
-        if repetition_penalty != 1.0:
-            seen.scatter_(1, token[:, None], True)
-        mask[:, T + step] = True
-        logits = decode_step(model, token[:, None], T + step, next_pos,
-                             mask[:, :T + step + 1] if padded else None)
-        if padded:
-            next_pos += 1
+    try:  # the cache lives for this call only, even when the caller stops early (closing the generator)
+        logits, _ = model(idx, start_pos=0, positions=positions, key_padding_mask=mask[:, :T] if padded else None)
+        logits = logits[:, -1]  # (B, V)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
+            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            token = token.masked_fill(finished, pad_id)
+            out = token.tolist()
+            if batched:
+                yield [None if f else t for t, f in zip(out, finished.tolist())]
+            else:
+                yield out[0]
+            if len(end_ids):
+                finished |= torch.isin(token, end_ids)
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break
+            if repetition_penalty != 1.0:
+                seen.scatter_(1, token[:, None], True)
+            mask[:, T + step] = True
+            logits = decode_step(model, token[:, None], T + step, next_pos,
+                                 mask[:, :T + step + 1] if padded else None)
+            if padded:
+                next_pos += 1
+    finally:
+        model.clear_cache()
 
 
 def apply_stop(text, stop):

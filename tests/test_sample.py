@@ -344,6 +344,9 @@ class ScriptedModel(torch.nn.Module):
     def setup_cache(self, *args, **kwargs):
         pass
 
+    def clear_cache(self):
+        pass
+
     def num_params(self):
         return 1
 
