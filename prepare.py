@@ -1080,10 +1080,13 @@ def prepare(args):
         raise SystemExit(f"prepare.py: --out {out}: already exists (use --overwrite to replace it)")
     if not args.tokenizer and any(f.suffix in (".bin", ".idx") for f in files) and fmt in ("auto", "megatron"):
         raise SystemExit("prepare.py: --tokenizer: required for Megatron input (its tokens are already ids)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:  # a path under a regular file, or a read-only place, fails here before any work
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise SystemExit(f"prepare.py: --out {out}: cannot create it ({e.strerror}: {e.filename})")
     try:
         meta = _prepare_into(tmp, args, files, fmt, source, instruction)
         if out.exists():  # --overwrite: swap the new dir in, then remove the old one
