@@ -123,6 +123,35 @@ def normalise_rows(w: torch.Tensor, dtype=None) -> torch.Tensor:
 # reading source files: safetensors or pickled .bin/.pth (weights_only), single or sharded with an index
 
 
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint reads .metadata with a bare pickle.load; this one resolves only what DCP writes
+    there (its metadata classes, torch dtypes / Size / layouts, paths), so a crafted .metadata cannot run code."""
+
+    def find_class(self, module, name):
+        obj = getattr(sys.modules.get(module), name, None) if module in sys.modules else None
+        dcp_class = module.startswith("torch.distributed.checkpoint.") and isinstance(obj, type)
+        torch_value = module == "torch" and (name == "Size" or isinstance(obj, torch.dtype))
+        if (dcp_class or torch_value or (module, name) == ("torch.serialization", "_get_layout")
+                or (module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))):
+            return obj
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def check_dcp_metadata(step_dir):
+    """Refuse a DCP .metadata that holds anything but DCP's own metadata (call before dcp.load / read_metadata)."""
+    import torch.distributed.checkpoint.filesystem  # noqa: F401 (registers the classes find_class looks up)
+    import torch.distributed.checkpoint.metadata  # noqa: F401
+
+    file = Path(step_dir) / ".metadata"
+    try:
+        with open(file, "rb") as f:
+            _DcpMetadataUnpickler(f).load()
+    except FileNotFoundError:
+        fail(f"{step_dir}: not a torch.distributed.checkpoint dir ({file.name} not found)")
+    except Exception as e:  # noqa: BLE001 (a corrupt pickle surfaces as many exception types)
+        fail(f"{file}: refused to unpickle: not plain DCP metadata ({type(e).__name__}: {e})")
+
+
 def load_pickle(file: Path) -> dict[str, torch.Tensor]:
     """A torch.save'd state dict, memory-mapped; weights_only refuses pickles that would run code."""
     try:
@@ -283,7 +312,10 @@ def staged(dst, overwrite: bool):
         fail(f"{dst}: exists; pass --overwrite to replace it")
     tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:  # a dst under a regular file, or in a read-only place, fails here before any work
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        fail(f"--dst {dst}: cannot create it ({e.strerror}: {e.filename})")
     try:
         yield tmp
     except BaseException:
@@ -685,6 +717,7 @@ def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=No
     except CheckpointError as e:
         fail(str(e))
     family = cfg.get("family", "llama")
+    check_dcp_metadata(step)
     try:
         metadata = dcp.FileSystemReader(str(step)).read_metadata()
     except Exception as e:  # a missing or corrupt .metadata surfaces as many exception types

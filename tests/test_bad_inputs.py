@@ -312,8 +312,8 @@ UNTRUSTED = [
      r"pytorch_model-00001-of-00002\.bin.*refused", None),
     ("convert-meta-pth-pickle", lambda t, s: C("meta-to-native", "--src", _evil_meta(t), "--dst", t / "o"),
      r"consolidated\.00\.pth.*refused", None),
-    ("convert-apply-delta-pickle", lambda t, s: C("apply-delta", "--src", _hf_safetensors(t), "--delta",
-                                                  _evil_hf(t, name="delta"), "--dst", t / "o"),
+    ("convert-apply-delta-pickle", lambda t, s: C("apply-delta", "--src", s["ckpt"], "--delta", _evil_ckpt(t, s),
+                                                  "--dst", t / "o"),
      r"pytorch_model\.bin.*refused", None),
     ("convert-dcp-metadata-pickle", lambda t, s: C("dcp-to-native", "--src", fake_step_dir(t, s, t / "run"),
                                                    "--dst", t / "o"),
@@ -330,13 +330,6 @@ UNTRUSTED = [
     ("sample-ckpt-bin-pickle", lambda t, s: S("--ckpt", _evil_ckpt(t, s), "--max_new_tokens", "2"),
      r"model\.safetensors|c\b", None),
 ]
-
-
-def _hf_safetensors(t):
-    from safetensors.torch import save_file
-    d = hf_dir(t, "base")
-    save_file({"model.embed_tokens.weight": torch.zeros(128, 64)}, str(d / "model.safetensors"))
-    return d
 
 
 def _evil_hf(t, sharded=False, name="hf"):
