@@ -235,15 +235,19 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Normal(0, init_std) weights; residual projections (wo, w2) scaled by 1/sqrt(2 * n_layers) as in GPT-2."""
-        std = self.args.init_std
         for name, p in self.named_parameters():
-            if p.dim() == 1:  # norm gains
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
-            else:
-                nn.init.normal_(p, std=std)
+            self.init_parameter(name, p)
         self.init_buffers()
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor):
+        std = self.args.init_std
+        if p.dim() == 1:  # norm gains
+            nn.init.ones_(p)
+        elif name.endswith(("wo.weight", "w2.weight")):
+            nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
+        else:
+            nn.init.normal_(p, std=std)
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
         """Preallocate a KV cache for incremental decoding of up to batch_size sequences of max_seq_len tokens."""
@@ -391,11 +395,13 @@ def _linears(model):
 
 
 def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0,
-               targets: str = LORA_DEFAULT_TARGETS, quantize_base: bool = False) -> list[str]:
+               targets: str = LORA_DEFAULT_TARGETS, quantize_base: bool = False, fill=None) -> list[str]:
     """Freeze the model, optionally store its block linears in NF4 (QLoRA), and wrap the target linears in adapters.
 
     targets: comma-separated patterns matched (fnmatch) against a linear layer's full name or its last part, e.g.
     "wq,wv", "*.attention.*", "layers.0.*". Returns the names of the adapted layers.
+    fill(name, linear): gives a linear of a model built on the meta device its weights just before it is wrapped,
+    so a QLoRA model is quantised one layer at a time and never holds the whole full-precision base.
     """
     import fnmatch
 
@@ -411,6 +417,8 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0
         adapted |= hits
     model.requires_grad_(False)
     for name, linear in _linears(model):
+        if fill is not None:
+            fill(name, linear)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         if quantize_base and name != "output":  # QLoRA quantises the blocks; embedding and head stay as they are
@@ -421,9 +429,18 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0
     return sorted(adapted)
 
 
-def lora_state_dict(model) -> dict[str, torch.Tensor]:
-    """Only the adapter weights: what a LoRA run needs to save."""
-    return {n: p for n, p in model.named_parameters() if n.endswith((".lora_a", ".lora_b"))}
+def lora_state_dict(model, full: bool = False) -> dict[str, torch.Tensor]:
+    """Only the adapter weights: what a LoRA run needs to save. full=True: named as in a plain model whatever
+    compile / activation checkpointing added, and gathered whole from FSDP / TP shards (a collective: every rank
+    calls it)."""
+    out = {}
+    for n, p in model.named_parameters():
+        if n.endswith((".lora_a", ".lora_b")):
+            if full:
+                n = n.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")
+                p = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+            out[n] = p
+    return out
 
 
 def load_lora(model, tensors: dict[str, torch.Tensor]):
@@ -458,14 +475,15 @@ def merge_lora(model) -> Transformer:
 ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json")
 
 
-def save_adapter(path, model, settings: dict):
-    """An adapter dir: adapter.safetensors (only the LoRA weights, a few MB for a 7B model) and adapter_config.json
-    (rank, alpha, dropout, targets, quantize_base, and whatever the caller records, e.g. the base checkpoint)."""
+def save_adapter(path, tensors: dict[str, torch.Tensor], settings: dict):
+    """An adapter dir: adapter.safetensors (lora_state_dict's tensors, a few MB for a 7B model) and
+    adapter_config.json (rank, alpha, dropout, targets, quantize_base, and whatever the caller records, e.g. the
+    base checkpoint)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().float().contiguous() for n, p in lora_state_dict(model).items()}
+    tensors = {n: p.detach().float().contiguous().cpu() for n, p in tensors.items()}
     save_file(tensors, str(path / ADAPTER_FILES[0]), metadata={"format": "pt"})
     (path / ADAPTER_FILES[1]).write_text(json.dumps(settings, indent=2))
 

@@ -29,12 +29,14 @@ and needs no process group.
 
 import ast
 import difflib
+import hashlib
 import json
 import math
 import os
 import re
 import resource
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -46,13 +48,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from tqdm import tqdm
 
 import kernels
-from model import PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, flops_per_token, load_tensors, \
-    read_config
+from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, \
+    flops_per_token, load_tensors, lora_state_dict, read_config, save_adapter
 
 
 
@@ -93,6 +98,13 @@ class Config:
     keep_last: int = 2  # step dirs kept in out_dir; 0 keeps all
     export: bool = False  # write out_dir/export (a checkpoint dir for sample.py) at the end
     peak_flops: float = 0.0  # per device, for MFU; 0 = measure a torch.mm peak at start
+    # LoRA / QLoRA (model.py's LoRA section): adapters on the lora_targets linear layers of the base model in
+    # init_from; only they train. The run ends with out_dir/adapter and, with export, the merged checkpoint dir
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: str = LORA_DEFAULT_TARGETS  # comma-separated fnmatch patterns: "wq,wv", "*.attention.*"
+    qlora: bool = False  # keep the frozen block weights in 4-bit NF4, dequantised per matmul
 
 
 MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
@@ -209,6 +221,14 @@ def check_config(cfg: Config):
                 "eval_interval", "ckpt_interval"):
         if getattr(cfg, key) <= 0:
             fail(f"{key}={getattr(cfg, key)}: expected a positive integer")
+    if cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
+        fail(f"lora_rank={cfg.lora_rank}, lora_alpha={cfg.lora_alpha}, lora_dropout={cfg.lora_dropout}: expected "
+             "lora_rank >= 0 (0 = no adapters), lora_alpha > 0 and 0 <= lora_dropout < 1")
+    if cfg.qlora and not cfg.lora_rank:
+        fail("qlora=True trains adapters on a 4-bit base: set lora_rank too (e.g. --lora_rank=8)")
+    if cfg.lora_rank and cfg.init_from not in ("scratch", "resume") and (Path(cfg.init_from) / ".metadata").exists():
+        fail(f"init_from={cfg.init_from}: LoRA needs a checkpoint dir as its base; export the step dir first "
+             f"(python convert.py dcp-to-native --src={cfg.init_from} --dst=...)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -263,10 +283,56 @@ def _device(d: Dist) -> torch.device:
     return torch.device(kind, d.local_rank) if kind in ("cuda", "npu") else torch.device(kind)
 
 
-def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
-    """Build on the meta device, compile blocks, shard (FSDP2 over dp), then materialise and initialise."""
+def build_lora_model(args: ModelArgs, cfg: Config, device: torch.device) -> Transformer:
+    """The frozen base with adapters on cfg.lora_targets, built layer by layer from the meta device: each linear gets
+    its weights (memory-mapped from init_from, or drawn as from scratch) just before it is wrapped, and QLoRA quantises
+    it then, so the full-precision base never sits in memory as a whole. On resume the values are placeholders that
+    load_checkpoint overwrites (the step dirs hold the base too, so a resumed run does not need init_from)."""
     with torch.device("meta"):
         model = Transformer(args)
+    tensors = load_tensors(cfg.init_from) if cfg.init_from not in ("scratch", "resume") else None
+    frozen_dtype = DTYPES[cfg.dtype]  # frozen weights need no fp32 master copy: keep them in the compute dtype
+    torch.manual_seed(cfg.seed)
+
+    def fill(name: str, module: torch.nn.Module):
+        module.to_empty(device=device, recurse=False)
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if tensors is not None:
+                if full not in tensors or tensors[full].shape != p.shape:
+                    fail(f"init_from={cfg.init_from}: tensor {full} is missing or has another shape than the "
+                         f"config's {tuple(p.shape)}")
+                p.data = tensors[full].to(device=device, dtype=frozen_dtype)
+            else:
+                model.init_parameter(full, p)
+                p.data = p.data.to(frozen_dtype)
+
+    try:
+        adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                             quantize_base=cfg.qlora, fill=fill)
+    except ValueError as e:
+        fail(str(e))
+    for name, module in model.named_modules():  # what apply_lora did not reach: embeddings, norms, the head
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            fill(name, module)
+        for bname, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.is_meta:
+                setattr(module, bname, torch.empty_like(buf, device=device))
+    model.init_buffers()
+    for p in lora_state_dict(model).values():  # adapters train in fp32 whatever the frozen dtype
+        p.data = p.data.to(device=device, dtype=torch.float32)
+    model.lora_adapted = adapted
+    return model
+
+
+def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
+    """Build on the meta device, compile blocks, shard (FSDP2 over dp), then materialise and initialise.
+    A LoRA model comes from build_lora_model already materialised, with its base loaded: sharding keeps its values."""
+    if cfg.lora_rank:
+        model = build_lora_model(args, cfg, _device(d))
+    else:
+        with torch.device("meta"):
+            model = Transformer(args)
     if cfg.compile:
         for layer in model.layers:  # per block, before sharding, as torchtitan does; state dict names unchanged
             layer.compile()
@@ -278,6 +344,8 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
         for layer in model.layers:
             fully_shard(layer, mesh=d.mesh["dp"], mp_policy=mp)
         fully_shard(model, mesh=d.mesh["dp"], mp_policy=mp)
+    if cfg.lora_rank:
+        return model
     model.to_empty(device=_device(d))
     # the same initial weights in every run with this seed. Under FSDP each rank initialises its own shard: on CUDA
     # DTensor's RNG tracker makes the shards match a single process's draw, on CPU they do not (yet)
@@ -685,6 +753,7 @@ def main(argv=None) -> dict:
     scaler = LossScaler(cfg.dtype == "float16", cfg.loss_scale, cfg.loss_scale_window)
     sampler = EpochSampler(len(train_data.tokens), cfg.seq_len, micro_per_step, cfg.seed, rows=train_data.packed)
     step, best_val = 0, None
+    lora_base = str(Path(cfg.init_from).resolve()) if cfg.lora_rank and cfg.init_from != "scratch" else None
     if cfg.init_from == "resume":
         found = step_dirs(out_dir)
         if not found:
@@ -693,12 +762,20 @@ def main(argv=None) -> dict:
         check_same_shape(found[-1], saved, args)
         state = load_checkpoint(found[-1], model, optimizer, d)
         step, best_val = state["step"], state.get("best_val_loss")
+        lora_base = state.get("lora_base")
         scaler.load_state_dict(state["loss_scaler"])
         sampler.load_state_dict(state["data"])
         log(f"resumed from {found[-1]} at step {step}")
-    elif cfg.init_from != "scratch":
+    elif cfg.init_from != "scratch" and not cfg.lora_rank:  # a LoRA model was built on its base already
         load_weights(Path(cfg.init_from), model, args)
         log(f"initialised weights from {cfg.init_from}")
+    if cfg.lora_rank:
+        if cfg.init_from == "scratch":
+            log("warning: LoRA on a randomly initialised base (init_from='scratch'): fine for tests and memory "
+                "measurements, useless for fine-tuning")
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}: rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on "
+            f"{len(model.lora_adapted)} layers ({cfg.lora_targets}); {n_train:,} trainable parameters")
     model.train()
 
     # evaluation batches are fixed (their own generator), so val losses are comparable and training RNG untouched
@@ -731,7 +808,7 @@ def main(argv=None) -> dict:
     def checkpoint(step):
         train_state = {"step": step, "best_val_loss": best_val, "loss_scaler": scaler.state_dict(),
                        "data": sampler.state_dict(), "world_size": d.world_size, "config": asdict(cfg),
-                       "model_overrides": model_overrides}
+                       "model_overrides": model_overrides, "lora_base": lora_base}
         return save_checkpoint(out_dir, step, model, optimizer, train_state, args, family, cfg, d)
 
     losses, val_loss, last_ckpt = {}, None, (step_dirs(out_dir) or [None])[-1]
@@ -796,17 +873,34 @@ def main(argv=None) -> dict:
             last_ckpt = checkpoint(step)
             t_log = time.perf_counter()
     bar.close()
-    export_dir = None
+    export_dir = adapter_dir = None
+    if cfg.lora_rank:  # the adapters alone, a few MB: convert.py merge-lora folds them into any copy of the base
+        adapters = lora_state_dict(model, full=True)  # gathered from every rank
+        if d.master:
+            adapter_dir = out_dir / "adapter"
+            save_adapter(adapter_dir, adapters, dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                                     targets=cfg.lora_targets, quantize_base=cfg.qlora, base=lora_base,
+                                                     step=step))
+            log(f"adapters of step {step} saved to {adapter_dir}")
+        barrier(d)
     if cfg.export and last_ckpt is not None:
         if d.master:
-            export_dir = export_checkpoint(last_ckpt, out_dir / "export")
+            if not cfg.lora_rank:
+                export_dir = export_checkpoint(last_ckpt, out_dir / "export")
+            elif lora_base:  # merged into the base's own full-precision weights (for QLoRA too)
+                from convert import merge_lora
+
+                merge_lora(lora_base, adapter_dir, out_dir / "export", overwrite=True)
+                export_dir = out_dir / "export"
+            else:
+                log("export skipped: a LoRA run from scratch has no base checkpoint to merge into")
             if export_dir:
-                log(f"exported {last_ckpt.name} to {export_dir} (python sample.py --ckpt={export_dir})")
+                log(f"exported step {step} to {export_dir} (python sample.py --ckpt={export_dir})")
         barrier(d)
     if metrics:
         metrics.close()
     summary = {"losses": losses, "val_loss": val_loss, "best_val_loss": best_val, "unigram_baseline": baseline,
-               "last_checkpoint": last_ckpt, "export_dir": export_dir, "skipped_steps": scaler.skipped,
+               "last_checkpoint": last_ckpt, "export_dir": export_dir, "adapter_dir": adapter_dir, "skipped_steps": scaler.skipped,
                "wall_s": time.perf_counter() - t_start}
     if d.world_size > 1:
         dist.destroy_process_group()

@@ -161,7 +161,7 @@ def trained_adapter(tmp_path, quantize=False):
     with torch.no_grad():
         for p in lora_state_dict(model).values():
             p.normal_(std=0.05)
-    save_adapter(tmp_path / "adapter", model, dict(rank=4, alpha=8, dropout=0.0, targets="wq,wv,w2"))
+    save_adapter(tmp_path / "adapter", lora_state_dict(model), dict(rank=4, alpha=8, dropout=0.0, targets="wq,wv,w2"))
     return model.eval()
 
 
@@ -198,3 +198,77 @@ def test_merge_lora_without_adapter_config_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="adapter_config.json: not found"):
         convert.main(["merge-lora", "--src", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
                       "--dst", str(tmp_path / "merged")])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LoRA and QLoRA fine-tuning runs of train.py: on a base checkpoint dir, only adapters train, exact resume, export
+
+def lora_base(tmp_path):
+    """Markov data (test_train's) and a base checkpoint dir trained on it for a few steps."""
+    import train
+    from test_train import BASE, markov_tokens, write_data
+
+    data = write_data(tmp_path / "data", markov_tokens(1200, 1), markov_tokens(600, 2))
+    pre = train.main(BASE + [f"--data_dir={data}", f"--out_dir={tmp_path / 'pre'}", "--max_iters=15", "--export"])
+    return data, pre["export_dir"]
+
+
+def lora_run(data, out, *extra):
+    import train
+    from test_train import BASE
+
+    return train.main(BASE + [f"--data_dir={data}", f"--out_dir={out}", "--lr=1e-2", *extra])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    torch.set_num_threads(1)  # tiny models: threads only cost spin-waits on a shared CPU
+    return lora_base(tmp_path_factory.mktemp("lora"))
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_lora_run_trains_only_adapters_lowers_the_loss_and_exports_the_merge(base, tmp_path, qlora):
+    from model import load_adapter, load_lora, load_tensors
+
+    data, ckpt = base
+    flags = [f"--init_from={ckpt}", "--lora_rank=4", "--lora_alpha=8", "--lora_targets=wq,wv,w2", "--max_iters=12",
+             "--export"]
+    run = lora_run(data, tmp_path / "out", *flags, *(["--qlora", "--dtype=bfloat16"] if qlora else []))
+    losses = run["losses"]
+    assert sum(losses[s] for s in (10, 11, 12)) / 3 < losses[1] - 0.05
+    settings, adapters = load_adapter(run["adapter_dir"])
+    assert settings["rank"] == 4 and settings["quantize_base"] is qlora and settings["base"] == str(ckpt.resolve())
+    assert len(adapters) == 2 * 3 * 2 and all(n.endswith((".lora_a", ".lora_b")) for n in adapters)
+    # the export is the base's own weights plus B A on the adapted layers, the rest bit-identical
+    merged, original = load_tensors(run["export_dir"]), load_tensors(ckpt)
+    for name, w in original.items():
+        changed = not torch.equal(merged[name], w)
+        assert changed == name.endswith(("wq.weight", "wv.weight", "w2.weight")), name
+    # and it computes what the base with the trained adapters computes
+    model = Transformer.from_checkpoint(ckpt)
+    apply_lora(model, rank=4, alpha=8, targets="wq,wv,w2")
+    load_lora(model, adapters)
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(Transformer.from_checkpoint(run["export_dir"])(idx)[0], model(idx)[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_lora_resume_is_exact(base, tmp_path):
+    data, ckpt = base
+    flags = ["--lora_rank=4", "--qlora", f"--init_from={ckpt}", "--ckpt_interval=3"]
+    straight = lora_run(data, tmp_path / "a", *flags, "--max_iters=6")
+    lora_run(data, tmp_path / "b", *flags, "--max_iters=3")
+    resumed = lora_run(data, tmp_path / "b", *flags[:2], "--init_from=resume", "--ckpt_interval=3", "--max_iters=6")
+    assert [resumed["losses"][s] for s in (4, 5, 6)] == [straight["losses"][s] for s in (4, 5, 6)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--qlora"], "qlora=True trains adapters on a 4-bit base: set lora_rank"),
+    (["--lora_rank=-1"], "expected lora_rank >= 0"),
+    (["--lora_rank=4", "--lora_targets=wz"], "lora_targets: pattern 'wz' matches no linear layer"),
+])
+def test_lora_bad_settings_are_one_line(base, tmp_path, flags, message):
+    data, ckpt = base
+    with pytest.raises(SystemExit, match=message):
+        lora_run(data, tmp_path / "out", f"--init_from={ckpt}", "--max_iters=1", *flags)
