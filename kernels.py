@@ -114,7 +114,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 # matmul: bf16 on CPUs without bf16 units
 
 
-@functools.cache
 def _cpu_has_bf16_units() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16, AMX, ARM BF16), as oneDNN sees it."""
     try:
@@ -123,9 +122,13 @@ def _cpu_has_bf16_units() -> bool:
         return False
 
 
+# Asked once at import: the query is an op torch.compile cannot trace, so asking per matmul broke every graph.
+CPU_HAS_BF16_UNITS = _cpu_has_bf16_units()
+
+
 def _bf16_in_fp32(x: torch.Tensor) -> bool:
     """True where a bf16 matmul on x's device should run on the fp32 units instead (see linear)."""
-    if x.device.type != "cpu" or _cpu_has_bf16_units():
+    if x.device.type != "cpu" or CPU_HAS_BF16_UNITS:
         return False
     return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)

@@ -153,7 +153,7 @@ def test_cpu_bf16_matmul_on_fp32_units_matches_torch_bf16(monkeypatch):
     x, y = torch.randint(512, (2, 32)), torch.randint(512, (2, 32))
 
     def loss_and_grads(fp32_units: bool):
-        monkeypatch.setattr(kernels, "_cpu_has_bf16_units", lambda: not fp32_units)
+        monkeypatch.setattr(kernels, "CPU_HAS_BF16_UNITS", not fp32_units)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, loss = model(x, y)
@@ -165,3 +165,28 @@ def test_cpu_bf16_matmul_on_fp32_units_matches_torch_bf16(monkeypatch):
     assert loss_fast == pytest.approx(loss_ref, rel=1e-3)
     for name, g in grads_ref.items():  # bf16 rounding noise only
         assert (grads_fast[name] - g).norm() <= 0.03 * g.norm(), name
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_block_is_one_graph_without_recompiles(autocast):
+    """kernels asks the CPU about bf16 units once at import: a per-call query broke every compiled graph."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from model import Transformer
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = Transformer(bench.PRESETS["tiny"])
+    for layer in model.layers:
+        layer.compile(backend="eager")  # dynamo alone decides graphs and recompiles; no C++ build needed
+    x = torch.randint(512, (2, 16))
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, loss = model(x, x)
+        loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1  # both blocks share one graph, never rebuilt
+    assert not counters["graph_break"]
+    torch._dynamo.reset()
