@@ -154,6 +154,7 @@ class Attention(nn.Module):
         # ALiBi slopes live with the heads they belong to, so tensor parallelism can slice them with wq
         self.register_buffer("alibi_slopes", torch.empty(args.n_heads) if args.pos_emb == "alibi" else None,
                              persistent=False)
+        self.heads = slice(None)  # the heads this module computes: all, or a tensor-parallel rank's share
         self.cache: Optional[KVCache] = None
 
     def forward(self, x, cos, sin, start_pos=0, key_padding_mask=None, doc_ids=None):
@@ -229,7 +230,7 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = kernels.rope_cos_sin(positions, a.head_dim, a.rope_theta)
         for layer in self.layers:
             if layer.attention.alibi_slopes is not None:
-                slopes = kernels.alibi_slopes(a.n_heads)
+                slopes = kernels.alibi_slopes(a.n_heads)[layer.attention.heads]
                 layer.attention.alibi_slopes = slopes.to(layer.attention.alibi_slopes.device)
 
     @torch.no_grad()
@@ -287,7 +288,9 @@ class Transformer(nn.Module):
         logits = kernels.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
         loss = None
         if targets is not None:
-            loss = kernels.cross_entropy(logits, targets, loss_mask, self.args.z_loss)
+            vocab_sharded = type(logits).__name__ == "DTensor"  # tensor parallel: each rank holds a vocab slice
+            loss = (vocab_parallel_cross_entropy if vocab_sharded else kernels.cross_entropy)(
+                logits, targets, loss_mask, self.args.z_loss)
         return logits, loss
 
     def num_params(self, exclude_embedding: bool = False) -> int:
@@ -333,6 +336,23 @@ def _doc_positions(doc_ids):
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     return t - torch.where(starts, t, 0).cummax(dim=1).values
+
+
+def vocab_parallel_cross_entropy(logits, targets, loss_mask=None, z_loss: float = 0.0) -> torch.Tensor:
+    """kernels.cross_entropy for logits sharded on the vocabulary by tensor parallelism (a DTensor (B, T, V/tp)),
+    without building the full logits: the cross-entropy is F.cross_entropy under torch's loss_parallel (the caller
+    runs forward and backward inside that context, see train.py), the max-z term takes each rank's row maxima."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    loss = kernels.cross_entropy(logits, targets, loss_mask).full_tensor()  # the same value on every tp rank
+    if z_loss:
+        local_max = logits.to_local().float().flatten(0, -2).max(dim=-1, keepdim=True).values  # (N, 1)
+        row_max = DTensor.from_local(local_max, logits.device_mesh, [Shard(1)]).full_tensor().max(dim=-1).values
+        counted = targets.flatten() != -100
+        if loss_mask is not None:
+            counted &= loss_mask.flatten() != 0
+        loss = loss + z_loss * (row_max.pow(2) * counted).sum() / counted.sum().clamp(min=1)
+    return loss
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> int:

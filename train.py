@@ -29,10 +29,12 @@ and needs no process group.
 
 import ast
 import difflib
+import functools
 import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import resource
 import shutil
@@ -90,6 +92,13 @@ class Config:
     loss_scale: float = 65536.0  # initial float16 loss scale
     loss_scale_window: int = 1000  # good steps before the scale doubles
     compile: bool = False
+    # parallelism under torchrun: a (dp, tp) device mesh over the WORLD_SIZE processes
+    dp: int = 0  # data parallel (FSDP2) degree; 0 = WORLD_SIZE // tp
+    tp: int = 1  # tensor parallel degree (sequence-parallel norms); must divide n_heads, n_kv_heads and seq_len
+    # 'none' | 'full' (keep each block's input, recompute the block) | 'selective' (per op, as torchtitan: keep the
+    # attention outputs and every other matmul output, recompute the rest: norms, RoPE, SwiGLU, the other matmuls)
+    activation_checkpointing: str = "none"
+    dist_timeout_s: int = 600  # collective timeout: a dead or stuck rank makes the others exit after this long
     # eval, logs, checkpoints
     eval_interval: int = 200
     eval_iters: int = 20
@@ -108,6 +117,7 @@ class Config:
 
 
 MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
+MAX_SKIPPED_IN_A_ROW = 32  # float16 steps skipped in a row (loss scale / 2^32) before a run stops as diverged
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -242,27 +252,69 @@ class Dist:
     local_rank: int = 0
     dp: int = 1
     dp_rank: int = 0
+    tp: int = 1
+    tp_rank: int = 0
     mesh: object = None  # torch DeviceMesh with dims ("dp", "tp"), None in one process
+    own_group: bool = False  # this run joined the process group (and leaves it at the end)
 
     @property
     def master(self) -> bool:
         return self.rank == 0
 
 
-def setup_distributed() -> Dist:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+AC_MODES = ("none", "full", "selective")
+RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets beside WORLD_SIZE
+
+
+def setup_distributed(cfg: Config, args: ModelArgs) -> Dist:
+    """Check the mesh against the launch and the model, then join the process group and build the (dp, tp) mesh.
+
+    Every check runs before the first collective, on every rank: bad input is one clear line and an exit, never a
+    hang at the rendezvous. Collectives time out after dist_timeout_s, so a dead rank cannot hang the others.
+    """
+    from datetime import timedelta
+
+    env = os.environ
+    if not env.get("WORLD_SIZE", "1").isdigit() or int(env.get("WORLD_SIZE", "1")) < 1:
+        fail(f"WORLD_SIZE={env['WORLD_SIZE']!r}: expected a positive integer (torchrun sets it)")
+    world_size = int(env.get("WORLD_SIZE", "1"))
+    if cfg.activation_checkpointing not in AC_MODES:
+        fail(f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of {', '.join(AC_MODES)}")
+    if cfg.dist_timeout_s <= 0 or cfg.tp < 1 or cfg.dp < 0:
+        fail(f"dist_timeout_s={cfg.dist_timeout_s}, tp={cfg.tp}, dp={cfg.dp}: expected dist_timeout_s > 0, tp >= 1 "
+             "and dp >= 0 (0 = WORLD_SIZE // tp)")
+    dp = cfg.dp or max(1, world_size // cfg.tp)
+    if dp * cfg.tp != world_size:
+        fail(f"dp={dp} x tp={cfg.tp} = {dp * cfg.tp} processes, but WORLD_SIZE={world_size}: dp * tp must be the "
+             f"number of processes (--nnodes x --nproc_per_node of torchrun)")
+    if cfg.tp > 1:
+        for key, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("seq_len", cfg.seq_len)):
+            if n % cfg.tp:
+                fail(f"tp={cfg.tp} does not divide {key}={n}: each tensor-parallel rank holds whole attention heads "
+                     "and an equal slice of the sequence")
+        if args.tie_embeddings or cfg.lora_rank:
+            fail(f"tp={cfg.tp} with {'tie_embeddings' if args.tie_embeddings else 'lora_rank'}: not supported; "
+                 "use data parallelism (--tp=1)")
     if world_size == 1:
         return Dist()
+    missing = [k for k in RENDEZVOUS_ENV if k not in env]
+    if missing:
+        fail(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun --nproc_per_node=N "
+             "(and --nnodes, --node_rank, --master_addr across machines)")
+    if not (env["RANK"].isdigit() and env["LOCAL_RANK"].isdigit() and int(env["RANK"]) < world_size):
+        fail(f"RANK={env['RANK']!r}, LOCAL_RANK={env['LOCAL_RANK']!r}: expected integers, RANK < WORLD_SIZE")
     from torch.distributed.device_mesh import init_device_mesh
 
     device = kernels.device_type()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
     if device != "cpu":
         getattr(torch, device).set_device(local_rank)
-    dist.init_process_group(kernels.dist_backend(device))
-    # data parallel only for now: tensor parallelism fills the "tp" dimension (issue 8)
-    mesh = init_device_mesh(device, (world_size, 1), mesh_dim_names=("dp", "tp"))
-    return Dist(rank, world_size, local_rank, dp=world_size, dp_rank=mesh.get_local_rank("dp"), mesh=mesh)
+    own_group = not dist.is_initialized()  # a caller may have joined already, to run several trainings in a launch
+    if own_group:
+        dist.init_process_group(kernels.dist_backend(device), timeout=timedelta(seconds=cfg.dist_timeout_s))
+    mesh = init_device_mesh(device, (dp, cfg.tp), mesh_dim_names=("dp", "tp"))
+    return Dist(rank, world_size, local_rank, dp=dp, dp_rank=mesh.get_local_rank("dp"), tp=cfg.tp,
+                tp_rank=mesh.get_local_rank("tp"), mesh=mesh, own_group=own_group)
 
 
 def barrier(d: Dist):
@@ -271,11 +323,27 @@ def barrier(d: Dist):
 
 
 def mean_over_ranks(x: float, d: Dist) -> float:
+    return sum(gather_over_ranks(x, d)) / d.world_size
+
+
+def gather_over_ranks(x: float, d: Dist) -> list[float]:
+    """Every rank's value of x, in rank order (a collective: every rank calls it)."""
     if d.world_size == 1:
-        return x
+        return [x]
     t = torch.tensor([x], dtype=torch.float64, device=_device(d))
-    dist.all_reduce(t)
-    return t.item() / d.world_size
+    out = [torch.zeros_like(t) for _ in range(d.world_size)]
+    dist.all_gather(out, t)
+    return [v.item() for v in out]
+
+
+def loss_parallel_context(d: Dist):
+    """Forward and backward of a tensor-parallel model run in torch's loss_parallel: its logits are sharded on the
+    vocabulary and model.vocab_parallel_cross_entropy computes the loss on the shards."""
+    if d.tp == 1:
+        return nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
 
 
 def _device(d: Dist) -> torch.device:
@@ -325,17 +393,93 @@ def build_lora_model(args: ModelArgs, cfg: Config, device: torch.device) -> Tran
     return model
 
 
+def apply_activation_checkpointing(model: Transformer, mode: str):
+    """Keep less of each block's activations for the backward pass, and recompute the rest there.
+
+    'full': only the block's input is kept; the whole block runs again in the backward pass. 'selective': per op, as
+    torchtitan's op-level policy: attention outputs and every other matmul output are kept, the rest recomputed.
+    The block's forward is wrapped in place (not by checkpoint_wrapper), so parameter names stay as in DESIGN.md.
+    """
+    if mode == "none":
+        return
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    def selective_contexts():
+        mm_count = {False: 0, True: 0}  # per pass: the recompute must make the forward pass's choices again
+
+        def policy(ctx, op, *args, **kwargs):
+            if op is torch.ops.aten.mm.default:
+                mm_count[ctx.is_recompute] += 1
+                keep = mm_count[ctx.is_recompute] % 2 == 1
+            else:
+                keep = op.__name__.startswith(("_scaled_dot_product", "npu_fusion_attention"))
+            return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+        return create_selective_checkpoint_contexts(policy)
+
+    options = {"context_fn": selective_contexts} if mode == "selective" else {}
+    for layer in model.layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False, **options)
+
+
+def apply_tensor_parallel(model: Transformer, d: Dist):
+    """Tensor parallel over the mesh's "tp" dimension with sequence parallelism, as torchtitan does for LLaMA.
+
+    wq, wk, wv, w1, w3 are split by output columns (whole heads per rank: q and kv heads, so GQA and ALiBi slopes
+    split with them), wo and w2 by input rows. Between the matmuls the residual stream and the norms hold a slice of
+    the sequence, (B, T/tp, dim). The embedding is split by vocabulary rows, the output (NormHead too: each rank
+    normalises whole rows) by vocabulary columns; the loss is computed on the vocab-sharded logits.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    mesh = d.mesh["tp"]
+    parallelize_module(model, mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    })
+    heads = model.args.n_heads // d.tp
+    for layer in model.layers:
+        parallelize_module(layer, mesh, {
+            "attention_norm": SequenceParallel(),
+            # Attention(x, cos, sin): x gathered to the whole sequence; the RoPE tables are not sharded
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+        attention = layer.attention  # this rank's heads: model.init_buffers gives it their ALiBi slopes
+        attention.heads = slice(d.tp_rank * heads, (d.tp_rank + 1) * heads)
+        if attention.alibi_slopes is not None:
+            attention.alibi_slopes = torch.empty(heads, device=attention.alibi_slopes.device)
+
+
 def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
-    """Build on the meta device, compile blocks, shard (FSDP2 over dp), then materialise and initialise.
-    A LoRA model comes from build_lora_model already materialised, with its base loaded: sharding keeps its values."""
+    """The model, then (torchtitan's order) activation checkpointing, compile, tensor parallel, FSDP2 over dp.
+
+    Built on the meta device, so a rank allocates only its shards. A run from scratch on a mesh starts from the
+    weights one process draws with this seed: rank 0 draws the whole model on the CPU and broadcasts it, each rank
+    keeping its shards (set_model_state_dict with broadcast_from_rank0); a run that loads weights (resume, init_from)
+    skips the draw. A LoRA model comes from build_lora_model already materialised, with its base loaded: sharding
+    keeps its values.
+    """
     if cfg.lora_rank:
         model = build_lora_model(args, cfg, _device(d))
     else:
         with torch.device("meta"):
             model = Transformer(args)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         for layer in model.layers:  # per block, before sharding, as torchtitan does; state dict names unchanged
             layer.compile()
+    if d.tp > 1:
+        apply_tensor_parallel(model, d)
     if d.dp > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -347,11 +491,31 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
     if cfg.lora_rank:
         return model
     model.to_empty(device=_device(d))
-    # the same initial weights in every run with this seed. Under FSDP each rank initialises its own shard: on CUDA
-    # DTensor's RNG tracker makes the shards match a single process's draw, on CPU they do not (yet)
-    torch.manual_seed(cfg.seed)
-    model.init_weights()
+    model.init_buffers()
+    if d.world_size == 1:
+        torch.manual_seed(cfg.seed)
+        model.init_weights()
+    elif cfg.init_from == "scratch":
+        full = {}
+        if d.master:
+            with torch.device("meta"):
+                whole = Transformer(args)
+            whole.to_empty(device="cpu")
+            torch.manual_seed(cfg.seed)
+            whole.init_weights()  # the draw of one process on the CPU
+            full = whole.state_dict()
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
+
+
+def local_state_bytes(model, optimizer) -> int:
+    """Bytes of parameters and optimiser state held by this rank: its shards under FSDP and TP."""
+    def nbytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(nbytes(t) for t in [*model.parameters(), *state])
 
 
 def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -445,6 +609,8 @@ class TokenSplit:
         file = Path(data_dir) / f"{split}.bin"
         if not file.exists():
             fail(f"{file}: not found")
+        if file.stat().st_size == 0:
+            fail(f"{file}: empty (no tokens)")
         itemsize = np.dtype(meta["dtype"]).itemsize
         if file.stat().st_size % itemsize:
             fail(f"{file}: size {file.stat().st_size} is not a multiple of {meta['dtype']}'s {itemsize} bytes")
@@ -452,9 +618,9 @@ class TokenSplit:
         mask_file = Path(data_dir) / f"{split}.mask.bin"
         self.mask = None
         if mask_file.exists():
+            if mask_file.stat().st_size != len(self.tokens):  # one uint8 per token
+                fail(f"{mask_file}: {mask_file.stat().st_size} entries for {len(self.tokens)} tokens in {file.name}")
             self.mask = np.memmap(mask_file, dtype=np.uint8, mode="r")
-            if len(self.mask) != len(self.tokens):
-                fail(f"{mask_file}: {len(self.mask)} entries for {len(self.tokens)} tokens in {file.name}")
         self.packed = bool(meta.get("packed"))
         self.doc_starts = None
         if self.packed:
@@ -467,6 +633,15 @@ class TokenSplit:
         self.seq_len, self.file = seq_len, file
         if len(self.tokens) < seq_len + (0 if self.packed else 1):
             fail(f"{file}: {len(self.tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+
+    def check_ids(self, vocab_size: int, chunk: int = 1 << 24):
+        """Fail on a token id the model has no embedding for (data from another tokenizer): one chunked pass."""
+        for start in range(0, len(self.tokens), chunk):
+            piece = np.asarray(self.tokens[start : start + chunk])
+            if piece.max() >= vocab_size:
+                i = start + int(np.argmax(piece >= vocab_size))
+                fail(f"{self.file}: token id {int(self.tokens[i])} at position {i} is not below the model's "
+                     f"vocab_size={vocab_size} (prepared with another tokenizer?)")
 
     def _rows(self, array, starts, length, pad):
         out = np.full((len(starts), length), pad, dtype=np.int64)
@@ -567,6 +742,44 @@ def quiet_dcp():
         yield
 
 
+def crash_point(point: str, step: int):
+    """Fault injection for tests/test_reliability.py: TRAIN_CRASH_AT=<point>:<step> SIGKILLs this process there, as a
+    node failure or the OOM killer would (no cleanup). Points: step (gradients computed, weights not yet updated),
+    eval, save (checkpoint files written, not yet renamed), saved (just renamed)."""
+    if os.environ.get("TRAIN_CRASH_AT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def all_gather(obj, d: Dist) -> list:
+    """Every rank's obj in rank order (a list of one in a single process)."""
+    if d.world_size == 1:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def file_digest(path: Path, sync: bool = False) -> dict:
+    """{"size", "sha256"} of a file; sync also fsyncs it, so what the digest describes is on disk."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            size += len(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def fsync_dir(path: Path):
+    """Make a rename or a new file in path durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def step_dirs(out_dir: Path) -> list[Path]:
     """Complete step dirs, oldest first (temporary names never match)."""
     if not out_dir.is_dir():
@@ -575,10 +788,44 @@ def step_dirs(out_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def remove_step_dir(step_dir: Path):
+    """Renamed out of the step_XXXXXXXX namespace first, so a crash halfway through the delete leaves no half dir
+    that looks complete (prepare_out_dir removes the leftovers)."""
+    doomed = step_dir.with_name(f".old_{step_dir.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    step_dir.rename(doomed)
+    shutil.rmtree(doomed)
+
+
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dict, args: ModelArgs, family: str,
                     cfg: Config, d: Dist) -> Path:
+    """Write out_dir/step_XXXXXXXX: every file into a temporary dir, then the size and sha256 of each into
+    train_state.json, which is written last; then one rename. A crash at any point leaves either the previous
+    checkpoints alone or this one complete, and resume detects a file damaged later (verify_checkpoint)."""
     final = out_dir / f"step_{step:08d}"
     tmp = out_dir / f".tmp_step_{step:08d}"
+    with save_errors(tmp, out_dir):
+        _save_checkpoint(final, tmp, step, model, optimizer, train_state, args, family, cfg, d)
+    return final
+
+
+@contextmanager
+def save_errors(tmp: Path, out_dir: Path):
+    """A full disk or a lost mount while saving: one line that says which checkpoint is still intact."""
+    try:
+        yield
+    except (OSError, CheckpointException) as e:
+        if isinstance(e, CheckpointException) and e.failures:
+            e = next(iter(e.failures.values()))[0]
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = step_dirs(out_dir)
+        fail(f"{tmp}: writing the checkpoint failed ({type(e).__name__}: {(str(e) or '?').splitlines()[0]}); "
+             + (f"the last complete checkpoint is {intact[-1]}" if intact else "no complete checkpoint was written"))
+
+
+def _save_checkpoint(final: Path, tmp: Path, step: int, model, optimizer, train_state: dict, args: ModelArgs,
+                     family: str, cfg: Config, d: Dist):
+    out_dir = final.parent
     if d.master:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -596,32 +843,129 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dic
         for name in TOKENIZER_FILES:
             if (Path(cfg.data_dir) / name).exists():
                 shutil.copy2(Path(cfg.data_dir) / name, tmp / name)
+    barrier(d)
+    crash_point("save", step)
+    # each rank hashes (and fsyncs) a share of the files; the manifest goes into train_state.json
+    names = sorted(p.name for p in tmp.iterdir())
+    manifest = {k: v for part in all_gather({n: file_digest(tmp / n, sync=True) for n in names[d.rank::d.world_size]},
+                                            d) for k, v in part.items()}
+    if d.master:
         # written last: a step dir without train_state.json is never taken as complete
-        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
+        with open(tmp / "train_state.json", "w") as f:
+            f.write(json.dumps({**train_state, "files": manifest}, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if final.exists():  # a rerun of this step (after a resume): the old one goes once the new one is in place
+            final.rename(final.with_name(f".old_{final.name}"))
         os.rename(tmp, final)
+        fsync_dir(out_dir)
+        crash_point("saved", step)
+        shutil.rmtree(final.with_name(f".old_{final.name}"), ignore_errors=True)
         if cfg.keep_last > 0:
             for old in step_dirs(out_dir)[: -cfg.keep_last]:
-                shutil.rmtree(old)
+                remove_step_dir(old)
     barrier(d)
-    return final
+
+
+def verify_checkpoint(step_dir: Path, d: Dist) -> dict:
+    """train_state.json of a step dir whose files all have the size and sha256 recorded when it was written; else
+    CheckpointError naming the file and what is wrong. Each rank hashes a share; every rank gets the same verdict."""
+    file = step_dir / "train_state.json"
+    try:
+        state = json.loads(file.read_text())
+        assert isinstance(state, dict) and isinstance(state.get("step"), int)
+        assert isinstance(state.get("files", {}), dict)
+    except (OSError, UnicodeDecodeError, ValueError, AssertionError):
+        raise CheckpointError(f"{file}: unreadable or not a train.py train_state (truncated?)") from None
+    manifest = state.get("files", {})  # step dirs written before manifests have none: nothing to check against
+    problems = []
+    for name in sorted(manifest)[d.rank::d.world_size]:
+        path, want = step_dir / name, manifest[name]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, expected {want['size']} (truncated?)")
+        elif file_digest(path)["sha256"] != want["sha256"]:
+            problems.append(f"{path}: sha256 differs from the one recorded when it was written (corrupted)")
+    problems = [p for part in all_gather(problems, d) for p in part]
+    if problems:
+        raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return state
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's own planner unpickles a checkpoint's non-tensor entries (optimiser hyper-parameters) with
+    weights_only=False, which runs whatever code a crafted file holds; this one reads plain data only."""
+
+    def load_bytes(self, read_item, value):
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"entry {fqn}: refused to unpickle: it holds more than plain data and could run "
+                                  f"code (weights_only=True)") from None
+        if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes does
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def dcp_load(state: dict, step_dir: Path, no_dist: bool):
+    """dcp.load, safe on untrusted files: .metadata is first read by convert.py's allow-list unpickler (DCP reads it
+    with a bare pickle.load) and non-tensor entries go through SafeLoadPlanner. CheckpointError says what failed."""
+    from convert import check_dcp_metadata
+
+    try:
+        check_dcp_metadata(step_dir)
+    except SystemExit as e:  # convert.py's one-line message
+        raise CheckpointError(str(e).removeprefix("convert.py: ")) from None
+    try:
+        with quiet_dcp():
+            dcp.load(state, checkpoint_id=step_dir, planner=SafeLoadPlanner(), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:  # CheckpointException wraps each rank's error
+        if isinstance(e, CheckpointException) and e.failures:
+            e = next(iter(e.failures.values()))[0]
+        why = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {(str(e) or '?').splitlines()[0]}"
+        raise CheckpointError(f"{step_dir}: cannot be loaded: {why}") from None
 
 
 def load_checkpoint(step_dir: Path, model, optimizer, d: Dist) -> dict:
-    """Restore model and optimiser (resharded to this mesh by DCP) and this rank's RNG; returns train_state."""
+    """Restore model and optimiser (resharded to this mesh by DCP) and this rank's RNG; returns train_state.
+    CheckpointError if the DCP files cannot be read safely (verify_checkpoint has checked them against the manifest)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with quiet_dcp():
-        dcp.load(state, checkpoint_id=step_dir, no_dist=d.world_size == 1)
+    dcp_load(state, step_dir, no_dist=d.world_size == 1)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = step_dir / f"rng_rank{d.rank}.json"
     if rng_file.exists():  # a rank that did not exist in the saving run keeps its seeded RNG
-        rng = json.loads(rng_file.read_text())
+        try:
+            rng = json.loads(rng_file.read_text())
+        except ValueError:
+            raise CheckpointError(f"{rng_file}: not valid JSON") from None
         torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
         if "device" in rng and _device(d).type in ("cuda", "npu"):
             getattr(torch, _device(d).type).set_rng_state(torch.tensor(rng["device"], dtype=torch.uint8))
     return json.loads((step_dir / "train_state.json").read_text())
+
+
+def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist, log) -> tuple[Path, dict]:
+    """Load the latest intact step dir of out_dir: a damaged one is reported and the one before it is tried."""
+    found = step_dirs(out_dir)
+    if not found:
+        fail(f"init_from=resume: no complete step_XXXXXXXX dir in out_dir={out_dir}")
+    while found:
+        step_dir = found.pop()
+        try:
+            verify_checkpoint(step_dir, d)
+            saved, _ = read_config(step_dir)
+            check_same_shape(step_dir, saved, args)  # another model is a mistake in the config, not damage: fails
+            return step_dir, load_checkpoint(step_dir, model, optimizer, d)
+        except CheckpointError as e:
+            problem = str(e)
+            if found:
+                log(f"train.py: {step_dir.name} is damaged: {problem}; falling back to {found[-1].name}")
+    fail(f"init_from=resume: {problem}; no intact checkpoint left in out_dir={out_dir}")
 
 
 def check_same_shape(path, saved: ModelArgs, args: ModelArgs):
@@ -638,8 +982,12 @@ def load_weights(path: Path, model, args: ModelArgs):
     """
     if (path / ".metadata").exists():  # a training step dir: read just the model from the DCP files
         state = {"model": get_model_state_dict(model)}
-        with quiet_dcp():
-            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        try:
+            if (path / "train_state.json").exists():  # each rank checks every file here: init happens once
+                verify_checkpoint(path, Dist())
+            dcp_load(state, path, no_dist=not dist.is_initialized())
+        except CheckpointError as e:
+            fail(f"init_from={path}: {e}")
         set_model_state_dict(model, state["model"])
         return
     try:
@@ -661,17 +1009,23 @@ def prepare_out_dir(cfg: Config, d: Dist) -> Path:
     """Refuse to mix two runs in one out_dir: init_from='scratch' needs an empty out_dir or --overwrite."""
     out_dir = Path(cfg.out_dir)
     previous = step_dirs(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "export") if p.exists()]
-    if cfg.init_from != "resume" and previous:
-        if not cfg.overwrite:
-            fail(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
-                 f"it, or --overwrite to replace it")
-        barrier(d)
-        if d.master:
+    if cfg.init_from != "resume" and previous and not cfg.overwrite:
+        fail(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
+             f"it, or --overwrite to replace it")
+    if d.master:
+        try:  # a path under a file, a read-only dir or file system: one line now, not a traceback at the first save
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / f".write_test_{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            fail(f"out_dir={out_dir}: cannot write there ({e.strerror}: {e.filename})")
+    barrier(d)
+    if d.master:
+        if cfg.init_from != "resume":
             for p in previous:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if d.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in out_dir.glob(".tmp_step_*"):  # left by a run killed while saving
+        for tmp in [*out_dir.glob(".tmp_step_*"), *out_dir.glob(".old_step_*")]:  # left by a run killed saving
             shutil.rmtree(tmp, ignore_errors=True)
     barrier(d)
     return out_dir
@@ -733,10 +1087,10 @@ def main(argv=None) -> dict:
     """Train; returns a summary (losses per step, last val loss, baseline, paths) for tests and callers."""
     cfg, model_overrides = parse_config(sys.argv[1:] if argv is None else argv)
     check_config(cfg)
-    d = setup_distributed()
-    device = _device(d)
     meta = load_meta(cfg.data_dir)
     args, family = model_args_for(cfg, model_overrides, meta)
+    d = setup_distributed(cfg, args)
+    device = _device(d)
     micro_per_step = cfg.micro_batch_size * d.dp
     if cfg.global_batch_size % micro_per_step:
         fail(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
@@ -744,6 +1098,8 @@ def main(argv=None) -> dict:
     grad_accum = cfg.global_batch_size // micro_per_step
     train_data = TokenSplit(cfg.data_dir, "train", meta, cfg.seq_len)
     val_data = TokenSplit(cfg.data_dir, "val", meta, cfg.seq_len)
+    for split in (train_data, val_data):
+        split.check_ids(args.vocab_size)
     out_dir = prepare_out_dir(cfg, d)
     log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if d.master else (lambda msg: None)
 
@@ -755,17 +1111,12 @@ def main(argv=None) -> dict:
     step, best_val = 0, None
     lora_base = str(Path(cfg.init_from).resolve()) if cfg.lora_rank and cfg.init_from != "scratch" else None
     if cfg.init_from == "resume":
-        found = step_dirs(out_dir)
-        if not found:
-            fail(f"init_from=resume: no complete step_XXXXXXXX dir in out_dir={out_dir}")
-        saved, _ = read_config(found[-1])
-        check_same_shape(found[-1], saved, args)
-        state = load_checkpoint(found[-1], model, optimizer, d)
+        resumed_from, state = resume_checkpoint(out_dir, model, optimizer, args, d, log)
         step, best_val = state["step"], state.get("best_val_loss")
         lora_base = state.get("lora_base")
         scaler.load_state_dict(state["loss_scaler"])
         sampler.load_state_dict(state["data"])
-        log(f"resumed from {found[-1]} at step {step}")
+        log(f"resumed from {resumed_from} at step {step}")
     elif cfg.init_from != "scratch" and not cfg.lora_rank:  # a LoRA model was built on its base already
         load_weights(Path(cfg.init_from), model, args)
         log(f"initialised weights from {cfg.init_from}")
@@ -800,7 +1151,8 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from} ({family}): "
         f"{n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}; {len(train_data.tokens):,} train "
-        f"tokens; {tokens_per_step:,} tokens per step (grad_accum {grad_accum}, dp {d.dp}); dtype {cfg.dtype}")
+        f"tokens; {tokens_per_step:,} tokens per step (grad_accum {grad_accum}, dp {d.dp}, tp {d.tp}); "
+        f"dtype {cfg.dtype}; activation checkpointing {cfg.activation_checkpointing}")
     log(f"unigram baseline (entropy of the train tokens): {baseline:.4f} nats; MFU against a peak of "
         f"{peak / 1e9:.1f} GFLOP/s per device ({'configured' if cfg.peak_flops else 'measured torch.mm fp32'})")
     record({"unigram_baseline": baseline, "n_params": n_params, "peak_flops": peak, "start_step": step})
@@ -814,6 +1166,7 @@ def main(argv=None) -> dict:
     losses, val_loss, last_ckpt = {}, None, (step_dirs(out_dir) or [None])[-1]
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not d.master, dynamic_ncols=True, file=sys.stderr)
     t_log, steps_since_log, t_start = time.perf_counter(), 0, time.perf_counter()
+    skipped_in_a_row = 0
     while step < cfg.max_iters:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
@@ -823,10 +1176,11 @@ def main(argv=None) -> dict:
             x, y, mask, doc_ids = train_data.batch(sampler.next_starts(d.dp_rank, d.dp), device)
             if d.dp > 1:  # FSDP2: reduce-scatter gradients only on the last micro step
                 model.set_requires_gradient_sync(micro == grad_accum - 1)
-            with autocast:
-                _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
-            loss = loss.float() / grad_accum
-            (loss * scaler.scale).backward()
+            with loss_parallel_context(d):  # tensor parallel: forward and backward of the vocab-sharded loss
+                with autocast:
+                    _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
+                loss = loss.float() / grad_accum
+                (loss * scaler.scale).backward()
             loss_sum += loss.detach()
         loss_value = mean_over_ranks(loss_sum.item(), d)
         scaler.unscale_(params)
@@ -839,10 +1193,17 @@ def main(argv=None) -> dict:
             where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was written"
             fail(f"step {step + 1}: loss {loss_value}, grad norm {grad_norm} is not finite in {cfg.dtype}; "
                  f"stopping{where}")
+        crash_point("step", step + 1)
         if finite:
             optimizer.step()
+            skipped_in_a_row = 0
         else:
             log(f"step {step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
+            skipped_in_a_row += 1
+            if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
+                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was written"
+                fail(f"step {step + 1}: loss {loss_value}, grad norm {grad_norm} not finite in {skipped_in_a_row} "
+                     f"float16 steps in a row (loss scale down to {scaler.scale / 2:g}); stopping{where}")
         scaler.update(finite)
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -852,19 +1213,26 @@ def main(argv=None) -> dict:
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
 
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            dt = time.perf_counter() - t_log
-            tokens_per_s = tokens_per_step * steps_since_log / dt / d.world_size  # per device
-            mfu = flops_token * tokens_per_s / peak
+            # tokens/s per device and MFU (against each device's peak) as the mean over ranks; memory per device
+            rank_tokens_per_s = tokens_per_step * steps_since_log / (time.perf_counter() - t_log) / d.world_size
+            tokens_per_s = mean_over_ranks(rank_tokens_per_s, d)
+            mfu = mean_over_ranks(flops_token * rank_tokens_per_s / peak, d)
+            mem = gather_over_ranks(memory_gib(device), d)
+            state_bytes = [int(b) for b in gather_over_ranks(local_state_bytes(model, optimizer), d)]
             row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                   "mfu": mfu, "mem_gib": memory_gib(device), "skipped_steps": scaler.skipped,
+                   "mfu": mfu, "mem_gib": max(mem), "mem_gib_per_device": mem,
+                   "param_optim_bytes_per_device": state_bytes, "skipped_steps": scaler.skipped,
                    "loss_scale": scaler.scale, "elapsed_s": time.perf_counter() - t_start}
             record(row)
             log(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
-                f"{tokens_per_s:,.0f} tokens/s, MFU {mfu:.1%}, mem {row['mem_gib']:.2f} GiB"
+                f"{tokens_per_s:,.0f} tokens/s/device, MFU {mfu:.1%}, mem {max(mem):.2f} GiB"
+                + (f" (max over {d.world_size} devices)" if d.world_size > 1 else "")
                 + (f", loss scale {scaler.scale:g}, skipped {scaler.skipped}" if scaler.enabled else ""))
             t_log, steps_since_log = time.perf_counter(), 0
         if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            val_loss = mean_over_ranks(evaluate(model, val_data, eval_starts, autocast, device), d)
+            crash_point("eval", step)
+            with loss_parallel_context(d):
+                val_loss = mean_over_ranks(evaluate(model, val_data, eval_starts, autocast, device), d)
             best_val = val_loss if best_val is None else min(best_val, val_loss)
             record({"step": step, "val_loss": val_loss, "unigram_baseline": baseline})
             log(f"step {step}: val loss {val_loss:.4f} (unigram baseline {baseline:.4f})")
@@ -902,7 +1270,7 @@ def main(argv=None) -> dict:
     summary = {"losses": losses, "val_loss": val_loss, "best_val_loss": best_val, "unigram_baseline": baseline,
                "last_checkpoint": last_ckpt, "export_dir": export_dir, "adapter_dir": adapter_dir, "skipped_steps": scaler.skipped,
                "wall_s": time.perf_counter() - t_start}
-    if d.world_size > 1:
+    if d.own_group:
         dist.destroy_process_group()
     return summary
 
