@@ -573,9 +573,16 @@ def main(argv=None, stdin=None, stdout=None):
     device = args.device or kernels.device_type()
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     tok_config = read_tokenizer_config(args.ckpt)
-    family = model_lib.read_config(args.ckpt)[1].get("family", "llama")
+    try:
+        model_args, ckpt_config = model_lib.read_config(args.ckpt)
+    except model_lib.CheckpointError as e:  # malformed config.json: one line, not a traceback
+        fail(str(e))
+    family = ckpt_config.get("family", "llama")
     template = resolve_template(args.template, tok_config, family) if args.chat else None
     tok = prepare.load_tokenizer(args.ckpt)
+    if tok.vocab_size > model_args.vocab_size:  # ids past the embedding would crash mid-generation
+        fail(f"--ckpt={args.ckpt}: the tokenizer has {tok.vocab_size} tokens, the model's "
+             f"vocab_size={model_args.vocab_size} (a tokenizer from another model?)")
 
     t0 = time.perf_counter()
     model, config = load_model(args.ckpt, device, dtype)
@@ -591,7 +598,10 @@ def main(argv=None, stdin=None, stdout=None):
     if args.save_quantized:
         if not args.quantize:
             fail("--save_quantized: also pass --quantize=int8|int4")
-        save_quantized(model, args.ckpt, args.save_quantized, args.quantize, args.group_size, family)
+        try:
+            save_quantized(model, args.ckpt, args.save_quantized, args.quantize, args.group_size, family)
+        except OSError as e:  # read-only or full destination
+            fail(f"--save_quantized={args.save_quantized}: cannot write there ({e.strerror}: {e.filename})")
         log(f"wrote {args.save_quantized}")
         if args.prompt is None and args.prompt_file is None and not args.chat:
             return
@@ -611,8 +621,11 @@ def main(argv=None, stdin=None, stdout=None):
     elif args.prompt_file:
         if not os.path.isfile(args.prompt_file):
             fail(f"--prompt_file={args.prompt_file}: no such file")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            fail(f"--prompt_file={args.prompt_file}: not UTF-8 text (byte {e.start}: {e.reason})")
         if not prompts:
             fail(f"--prompt_file={args.prompt_file}: expected one prompt per line, found none")
         rows = [fit_prompt(tok.encode(p, bos=True), args.max_new_tokens, max_seq_len, args.on_long_prompt,
