@@ -114,6 +114,11 @@ class Config:
     lora_dropout: float = 0.0
     lora_targets: str = LORA_DEFAULT_TARGETS  # comma-separated fnmatch patterns: "wq,wv", "*.attention.*"
     qlora: bool = False  # keep the frozen block weights in 4-bit NF4, dequantised per matmul
+    # --dry_run: print parameters, per-device memory and step time of this config on its mesh, then exit (plan())
+    dry_run: bool = False
+    devices: int = 0  # devices the plan is for; 0 = the launched world size (WORLD_SIZE, else 1)
+    device_memory_gib: float = 64.0  # per device, what the plan's total is checked against (Ascend 910B: 64)
+    mfu: float = 0.4  # model FLOPs utilisation the plan's step time assumes
 
 
 MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
@@ -1080,6 +1085,168 @@ def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) 
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# --dry_run: what a config needs per device on its mesh, computed from ModelArgs without allocating the model
+
+
+# dense 16-bit peak per device when peak_flops is not set: the Ascend 910B the recipes name (313 TFLOP/s fp16/bf16,
+# Huawei's figure for the 910B3); recipes for other hardware set peak_flops (A100: 312e12)
+DEFAULT_PEAK_FLOPS = {"bfloat16": 313e12, "float16": 313e12}
+
+
+def nf4_bytes(n: int, block: int = 64, absmax_block: int = 256) -> int:
+    """Bytes kernels.nf4_quantize stores for n weights: 4-bit codes, one int8 absmax per block of 64 (padded to whole
+    groups of 256), one fp32 scale per group, one fp32 offset: ~4.13 bits per weight."""
+    groups = -(-(n // block) // absmax_block)
+    return n // 2 + groups * absmax_block + 4 * groups + 4
+
+
+def memory_plan(args: ModelArgs, cfg: Config, dp: int, tp: int, packed: bool) -> dict:
+    """Per-device bytes of one training step of `cfg` on a (dp, tp) mesh, term by term, plus parameter counts.
+
+    Storage, sharded over dp * tp (FSDP2 shards every block and the root over dp; TP splits them over tp):
+      full training: fp32 parameters (the master copy) 4 B, fp32 gradients 4 B, AdamW m and v 8 B per parameter;
+      LoRA: frozen base in the compute dtype (QLoRA: NF4 block linears, nf4_bytes), fp32 adapters + their grads + m, v.
+    Working weights (16-bit runs): FSDP all-gathers the root and two blocks (current + prefetched) in the compute
+    dtype; in one process autocast caches a 16-bit copy of every trainable linear weight; QLoRA dequantises each
+    linear and autograd keeps the result for backward (one block's worth under activation checkpointing).
+    Activations of one micro-batch of b sequences of T tokens, s bytes per element (2 in 16-bit, 4 in fp32), divided by
+    tp (sequence-parallel norms shard the rest). Per layer and token, the tensors a block keeps for backward:
+      attention: input x, normed x, q, k, v, attention output = 4d + 2kv;  feed-forward: residual h, normed h, gate,
+      up, swiglu output = 2d + 3f;  so s(6d + 2kv + 3f) (the per-layer estimate of Korthikanti et al. 2022, redone
+      for SwiGLU, RMSNorm, no dropout, and fused attention, which keeps only 4 B of softmax statistics per head).
+      Masks, per layer: ALiBi's bias (1, H, T, T) in s bytes, (b, H, T, T) with packed rows' document masks; a RoPE
+      model with packed rows keeps a (b, 1, T, T) bool mask. LoRA adds rank outputs (and dropout copies of the input).
+      Full checkpointing keeps only each block's input (s d per token and layer), selective (per op, see
+      apply_activation_checkpointing) also the outputs of wq, wv, w1, w2 and attention: s(4d + kv + f); both recompute
+      one block at a time in the backward pass.
+      The loss head holds b T V (s + 8) bytes: logits, their fp32 copy, fp32 log-softmax.
+    """
+    d, L, H, f = args.dim, args.n_layers, args.n_heads, args.hidden_dim
+    kv = args.kv_heads * args.head_dim
+    s = 2 if cfg.dtype in ("bfloat16", "float16") else 4
+    b, T, shard = cfg.micro_batch_size, cfg.seq_len, dp * tp
+    with torch.device("meta"):
+        model = Transformer(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    block_linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers.")]
+    n_block_linear = sum(m.weight.numel() for m in block_linears)
+    n_block = sum(p.numel() for p in model.layers[0].parameters())  # one block
+    n_root = n_params - L * n_block  # embedding, final norm, output head
+    lora_extra = 0  # activation bytes per token and layer that the adapters add
+    if cfg.lora_rank:
+        adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        for name in (n for n in adapted if n.startswith("layers.0.")):
+            lin = model.get_submodule(name)
+            lora_extra += s * cfg.lora_rank + (lin.base.in_features * (s + 1) if cfg.lora_dropout else 0)
+        frozen = n_params
+        if cfg.qlora:  # block linears in NF4, the rest (embedding, norms, head) in the compute dtype
+            weights = sum(nf4_bytes(m.weight.numel()) for m in block_linears) + s * (n_params - n_block_linear)
+        else:
+            weights = s * frozen
+        weights = (weights + 4 * n_train) / shard
+    else:
+        n_train = n_params
+        weights = 4 * n_params / shard
+    mem = {"weights": weights, "gradients": 4 * n_train / shard, "optimizer": 8 * n_train / shard}
+
+    ac = cfg.activation_checkpointing
+    block_bytes = s * n_block if not cfg.qlora else s * n_block_linear / L  # one block in the compute dtype
+    if s == 4 and not cfg.qlora:
+        working = 0.0  # fp32: the parameters are used as they are
+    elif dp > 1 and not cfg.qlora:
+        working = (s * n_root + 2 * block_bytes) / tp  # FSDP2's unsharded root and two blocks
+    elif cfg.qlora:
+        working = (block_bytes if ac != "none" else L * block_bytes) / tp  # dequantised weights kept for backward
+    elif cfg.lora_rank:
+        working = 0.0  # the frozen base is already in the compute dtype
+    else:
+        working = s * (n_block_linear + args.vocab_size * d) / tp  # autocast's cache of 16-bit linear weights
+    mem["working weights"] = working
+
+    per_token_layer = s * (6 * d + 2 * kv + 3 * f) + 4 * H + lora_extra  # + fused attention's softmax statistics
+    if args.pos_emb == "alibi":
+        mask_layer = (b if packed else 1) * H * T * T * s
+    else:
+        mask_layer = b * T * T if packed else 0
+    layer = (b * T * per_token_layer + mask_layer) / tp
+    head = b * T * args.vocab_size * (s + 8) / tp
+    kept = {"none": layer, "full": b * T * s * d / tp,  # selective: block input, outputs of wq, wv, w1, w2, attention
+            "selective": b * T * (s * (4 * d + kv + f) + 4 * H) / tp}
+    for mode in AC_MODES:  # all but 'none' recompute one block at a time in the backward pass
+        mem[f"activations ({mode})"] = L * kept[mode] + (layer if mode != "none" else 0) + head
+    mem["activations"] = mem[f"activations ({ac})"]
+    mem["total"] = sum(mem[k] for k in ("weights", "gradients", "optimizer", "working weights", "activations"))
+    return {"n_params": n_params, "n_trainable": n_train, "bytes": mem, "activation_checkpointing": ac}
+
+
+def plan(cfg: Config, model_overrides: dict) -> dict:
+    """--dry_run: print the parameter count, per-device memory and step time of this config on its mesh; build nothing
+    but a meta-device model. Returns the numbers (tests)."""
+    world = cfg.devices or int(os.environ.get("WORLD_SIZE", "1"))
+    tp = cfg.tp
+    dp = cfg.dp or world // tp
+    if dp * tp != world or dp < 1:
+        fail(f"dry run: dp={dp} x tp={tp} does not make devices={world}")
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        fail(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
+             f"{cfg.micro_batch_size * dp}")
+    notes = []
+    data = Path(cfg.data_dir) / "meta.json"
+    meta = load_meta(cfg.data_dir) if data.exists() else None
+    if cfg.init_from not in ("scratch", "resume") and not Path(cfg.init_from).exists():
+        notes.append(f"init_from={cfg.init_from} is not here: planned with the preset model={cfg.model!r}")
+        cfg = replace(cfg, init_from="scratch")
+    if meta is None:
+        notes.append(f"{data} is not here: the model's vocabulary and unpacked rows assumed (prepare.py --pack adds "
+                     "a per-sequence attention mask, in the plan once the data is here)")
+        vocab = PRESETS[cfg.model].vocab_size if cfg.model in PRESETS else 1
+        meta = {"vocab_size": model_overrides.get("vocab_size", vocab)}
+    args, family = model_args_for(cfg, model_overrides, meta)
+    for key, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("seq_len", cfg.seq_len)):
+        if n % tp:
+            fail(f"tp={tp} does not divide {key}={n}")
+    m = memory_plan(args, cfg, dp, tp, bool(meta.get("packed")))
+    mem = m["bytes"]
+
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    flops_token = flops_per_token(args, cfg.seq_len)
+    if cfg.lora_rank:  # frozen weights need no weight gradients: 4 FLOPs per weight instead of 6, adapters 6
+        n_matmul = (flops_token - 12 * args.n_layers * cfg.seq_len * args.dim) // 6
+        flops_token += -2 * n_matmul + 6 * m["n_trainable"]
+    peak = cfg.peak_flops or DEFAULT_PEAK_FLOPS.get(cfg.dtype, 0.0)
+    step_s = tokens_per_step * flops_token / (world * peak * cfg.mfu) if peak else None
+    capacity = cfg.device_memory_gib * 2**30
+    out = {**m, "family": family, "dp": dp, "tp": tp, "devices": world, "flops_per_token": flops_token,
+           "tokens_per_step": tokens_per_step, "peak_flops": peak, "step_s": step_s, "fits": mem["total"] <= capacity,
+           "grad_accum": cfg.global_batch_size // (cfg.micro_batch_size * dp)}
+
+    gib = lambda x: f"{x / 2**30:10.2f} GiB"  # noqa: E731
+    kind = ("QLoRA" if cfg.qlora else "LoRA") + f" rank {cfg.lora_rank}" if cfg.lora_rank else "full training"
+    lines = [f"plan: {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from} ({family}), "
+             f"{m['n_params']:,} parameters, {m['n_trainable']:,} trained ({kind})",
+             f"mesh: {world} device(s) = dp {dp} x tp {tp}; micro-batch {cfg.micro_batch_size} x {cfg.seq_len} tokens, "
+             f"global batch {cfg.global_batch_size} (grad accum {out['grad_accum']}); {cfg.dtype}; activation "
+             f"checkpointing {m['activation_checkpointing']}",
+             "per device:"]
+    for key in ("weights", "gradients", "optimizer", "working weights", *(f"activations ({m})" for m in AC_MODES)):
+        lines.append(f"  {key:34s}{gib(mem[key])}" + ("  <- this config" if key == f"activations ({cfg.activation_checkpointing})" else ""))
+    lines.append(f"  {'total':34s}{gib(mem['total'])}  {'fits' if out['fits'] else 'does NOT fit'} in "
+                 f"{cfg.device_memory_gib:g} GiB (device_memory_gib)")
+    lines.append(f"FLOPs per token {flops_token / 1e9:.2f} G; {tokens_per_step:,} tokens per step"
+                 + (f"; {cfg.max_iters:,} steps = {cfg.max_iters * tokens_per_step / meta['train_tokens']:.2f} epochs "
+                    f"of {cfg.data_dir}" if meta.get("train_tokens") else ""))
+    if step_s:
+        lines.append(f"step time at MFU {cfg.mfu:.0%} of {peak / 1e12:.0f} TFLOP/s x {world}: {step_s:.2f} s "
+                     f"({tokens_per_step / step_s / world:,.0f} tokens/s per device); {cfg.max_iters:,} steps = "
+                     f"{cfg.max_iters * step_s / 3600:.1f} h")
+    else:
+        lines.append("step time: set peak_flops (no default peak for float32)")
+    print("\n".join(lines + [f"note: {n}" for n in notes]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # the run
 
 
@@ -1087,6 +1254,8 @@ def main(argv=None) -> dict:
     """Train; returns a summary (losses per step, last val loss, baseline, paths) for tests and callers."""
     cfg, model_overrides = parse_config(sys.argv[1:] if argv is None else argv)
     check_config(cfg)
+    if cfg.dry_run:  # the plan only: no data, no model, no process group
+        return plan(cfg, model_overrides)
     meta = load_meta(cfg.data_dir)
     args, family = model_args_for(cfg, model_overrides, meta)
     d = setup_distributed(cfg, args)

@@ -1,0 +1,20 @@
+# Tiny twin of config/llama_7b_alpaca.py: the same code path (llama, alpaca template and format, packed rows,
+# bfloat16, full activation checkpointing), at CPU size.
+# tests/test_recipes.py runs it end to end (prepare -> train -> export -> sample). From the repo root:
+#   python prepare.py && python train.py config/default.py   # a llama-family base
+#   python prepare.py --input=chats.jsonl --format=alpaca --template=alpaca \
+#       --tokenizer=out/default/export --seq_len=256 --pack --out=data/tiny_alpaca
+#   python train.py config/llama_7b_alpaca_tiny.py
+#   python sample.py --ckpt=out/llama_7b_alpaca_tiny/export --chat --template=alpaca
+from pathlib import Path as _Path
+
+exec(_Path("config/llama_7b_alpaca.py").read_text())  # the full recipe (paths from the repo root), then:
+out_dir = "out/llama_7b_alpaca_tiny"
+data_dir = "data/tiny_alpaca"
+init_from = "out/default/export"  # sizes come from the base
+seq_len = 256
+devices, dp, tp = 1, 0, 1  # one process
+micro_batch_size, global_batch_size = 2, 4
+max_iters, warmup_iters, lr_decay_iters = 4, 1, 4
+eval_interval, eval_iters, log_interval, ckpt_interval = 4, 1, 1, 4
+peak_flops = 1e9  # no torch.mm measurement at start

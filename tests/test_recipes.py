@@ -1,0 +1,279 @@
+"""Tests for the config/ recipes: each published setup has a full recipe and a `_tiny` twin on the same code path.
+
+Every *_tiny.py twin runs end to end: prepare.py writes its data (the default corpus, or small synthetic chats the
+test writes in the recipe's format and template), train.py trains a few steps and exports, sample.py generates from
+the export (chat twins in their template); fine-tuning twins start from the export of their base twin, LoRA twins
+also leave out_dir/adapter and a merged export. Every full recipe passes `train.py --dry_run`, whose numbers are
+checked against hand calculations on a small case.
+
+    python -m pytest -q tests/test_recipes.py
+"""
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import prepare
+import sample
+import train
+from model import PRESET_FAMILY, PRESETS, ModelArgs, load_tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN_JOB = {"default.py", "sft_tiny.py"}  # the main job and its fine-tuning: not published setups, no twins
+TWINS = sorted(p.name for p in (ROOT / "config").glob("*_tiny.py") if p.name not in MAIN_JOB)
+FULL = sorted(p.replace("_tiny", "") for p in TWINS)
+# what a twin may change of its full recipe: sizes, mesh, schedule length, paths; everything else is the code path
+SIZE_KEYS = {"out_dir", "data_dir", "init_from", "devices", "dp", "tp", "seq_len", "micro_batch_size",
+             "global_batch_size", "max_iters", "warmup_iters", "lr_decay_iters", "eval_interval", "eval_iters",
+             "log_interval", "ckpt_interval", "peak_flops", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"}
+# the data each chat template's twins use: prepare.py --format for the synthetic records the test writes
+TEMPLATE_FORMAT = {"baichuan2": "sharegpt", "vicuna": "sharegpt", "alpaca": "alpaca", "human-assistant": "belle",
+                   "baichuan": "alpaca"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def at_root_with_one_thread():
+    # recipes and their twins use paths from the repo root (a twin reads its full recipe from config/)
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(ROOT)
+    torch.set_num_threads(1)  # tiny models gain nothing from threads on a shared CPU
+    yield
+    os.chdir(cwd)
+    torch.set_num_threads(threads)
+
+
+def parse(name, *extra):
+    return train.parse_config([f"config/{name}", *extra])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# synthetic instruction data, in the formats the published recipes use
+
+
+def arithmetic(i):
+    a, b = i % 7 + 1, i % 5 + 2
+    return [(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."),
+            (f"And {a} times {b}?", f"{a} times {b} is {a * b}.")]
+
+
+def write_records(path, fmt, n=160):
+    rows = []
+    for i in range(n):
+        turns = arithmetic(i)
+        if fmt == "sharegpt":  # multi-turn
+            rows.append({"conversations": [m for q, a in turns for m in ({"from": "human", "value": q},
+                                                                          {"from": "gpt", "value": a})]})
+        else:  # alpaca and belle records: instruction, input, output
+            rows.append({"instruction": turns[0][0], "input": "", "output": turns[0][1]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+class Lab:
+    """Data prepared once per kind and each twin run at most once, so twins share what they can."""
+
+    def __init__(self, root: Path):
+        self.root, self.data_dirs, self.summaries = root, {}, {}
+
+    def data(self, name: str) -> Path:
+        """A twin's data_dir by its name: tiny_text (the default corpus) or tiny_<template> (synthetic chats)."""
+        if name not in self.data_dirs:
+            out = self.root / name
+            if name == "tiny_text":
+                prepare.main(["--max_chars=300000", "--vocab_size=512", f"--out={out}"])
+            else:
+                template = name.removeprefix("tiny_")
+                fmt = TEMPLATE_FORMAT[template]
+                records = write_records(self.root / f"{name}.jsonl", fmt)
+                # every base was trained on tiny_text, so its tokenizer is theirs
+                prepare.main([f"--input={records}", f"--format={fmt}", f"--template={template}",
+                              f"--tokenizer={self.data('tiny_text')}", "--seq_len=256", "--pack", f"--out={out}"])
+            self.data_dirs[name] = out
+        return self.data_dirs[name]
+
+    def base(self, init_from: str) -> Path:
+        """The checkpoint dir a fine-tuning twin starts from: its base twin's export, or a small llama-family base
+        (the twins of LLaMA recipes name the main job's export, too slow to train here)."""
+        if init_from == "scratch":
+            return init_from
+        if init_from == "out/default/export":
+            if "llama base" not in self.summaries:
+                self.summaries["llama base"] = train.main([
+                    "--model=llama-7b", "--dim=64", "--n_layers=2", "--n_heads=4", "--hidden_dim=176",
+                    "--max_seq_len=256", "--seq_len=64", "--micro_batch_size=2", "--global_batch_size=2",
+                    "--max_iters=2", "--eval_iters=1", "--peak_flops=1e9", "--export",
+                    f"--data_dir={self.data('tiny_text')}", f"--out_dir={self.root / 'llama_base'}"])
+            return self.summaries["llama base"]["export_dir"]
+        base_twin = init_from.split("/")[1] + ".py"  # out/<name>_tiny/export
+        return self.run(base_twin)["export_dir"]
+
+    def run(self, twin: str) -> dict:
+        if twin not in self.summaries:
+            cfg, _ = parse(twin)
+            self.summaries[twin] = train.main([
+                f"config/{twin}", f"--data_dir={self.data(Path(cfg.data_dir).name)}",
+                f"--init_from={self.base(cfg.init_from)}", f"--out_dir={self.root / 'out' / twin[:-3]}"])
+        return self.summaries[twin]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    return Lab(tmp_path_factory.mktemp("recipes"))
+
+
+def generate(export: Path, template, capsys) -> int:
+    """sample.py on an export: a continuation, or one chat turn in the template; returns the tokens generated."""
+    argv = [f"--ckpt={export}", "--max_new_tokens=6", "--temperature=1.0", "--top_k=0", "--seed=0"]
+    out = io.StringIO()
+    capsys.readouterr()  # only sample.py's report below
+    if template:
+        sample.main(argv + ["--chat", f"--template={template}"], stdin=io.StringIO("What is 2 plus 3?\n"),
+                    stdout=out)
+    else:
+        sample.main(argv + ["--prompt=def "], stdout=out)
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if " tokens in " in line)
+    return int(line.split()[0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tiny twins: the same code path as their recipe, end to end
+
+
+def test_every_recipe_has_a_twin_and_every_twin_a_recipe():
+    recipes = {p.name for p in (ROOT / "config").glob("*.py")} - MAIN_JOB - set(TWINS)
+    assert recipes == set(FULL) and len(FULL) >= 13
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_twin_changes_only_sizes_of_its_recipe(twin):
+    full_cfg, full_model = parse(twin.replace("_tiny", ""))
+    cfg, model = parse(twin)
+    changed = {k for k, v in asdict(cfg).items() if getattr(full_cfg, k) != v}
+    changed |= {k for k in set(full_model) | set(model) if full_model.get(k) != model.get(k)}
+    assert changed <= SIZE_KEYS, changed - SIZE_KEYS
+    assert cfg.devices == 1 and cfg.max_iters <= 4  # a CPU test
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("twin", TWINS)
+def test_twin_runs_prepare_train_export_sample(twin, lab, capsys):
+    cfg, overrides = parse(twin)
+    summary = lab.run(twin)
+    assert len(summary["losses"]) == cfg.max_iters and all(math.isfinite(v) for v in summary["losses"].values())
+    export = Path(summary["export_dir"])
+    config = json.loads((export / "config.json").read_text())
+    if cfg.init_from == "scratch":  # the recipe's family and architecture switches, at tiny sizes
+        preset = replace(PRESETS[cfg.model], **overrides)
+        assert config["family"] == PRESET_FAMILY[cfg.model]
+        for key in ("pos_emb", "norm_head", "z_loss", "norm_eps", "dim", "n_layers"):
+            assert config[key] == getattr(preset, key), key
+    meta = json.loads((lab.data(Path(cfg.data_dir).name) / "meta.json").read_text())
+    assert meta.get("packed") == (cfg.init_from != "scratch")  # fine-tuning rows are packed with document masks
+    if cfg.lora_rank:
+        adapter = Path(summary["adapter_dir"])
+        settings = json.loads((adapter / "adapter_config.json").read_text())
+        assert (settings["rank"], settings["quantize_base"]) == (cfg.lora_rank, cfg.qlora)
+        base, merged = load_tensors(lab.base(cfg.init_from)), load_tensors(export)
+        targets = cfg.lora_targets.split(",")
+        for name, t in base.items():  # the merge changed exactly the adapted layers
+            adapted = name.endswith(".weight") and name.split(".")[-2] in targets and name.startswith("layers.")
+            assert torch.equal(merged[name].float(), t.float()) != adapted, name
+    assert generate(export, meta.get("template"), capsys) > 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# --dry_run: every full recipe, and the numbers by hand
+
+
+# DESIGN.md's exact parameter counts of the published models
+PUBLISHED_PARAMS = {"llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320, "baichuan-7b": 7_000_559_616,
+                    "baichuan-13b": 13_264_901_120, "baichuan2-7b": 7_505_973_248, "baichuan2-13b": 13_896_668_160,
+                    "aquila-7b": 7_295_537_152}
+
+
+@pytest.mark.parametrize("recipe", FULL)
+def test_full_recipe_dry_run_plans_its_mesh(recipe, capsys):
+    cfg, _ = parse(recipe)
+    out = train.main([f"config/{recipe}", "--dry_run"])
+    text = capsys.readouterr().out
+    assert out["n_params"] == PUBLISHED_PARAMS[cfg.model]
+    assert out["dp"] * out["tp"] == out["devices"] == cfg.devices and out["tp"] == cfg.tp
+    assert out["fits"], f"{recipe} does not fit its devices:\n{text}"
+    assert out["step_s"] > 0 and "step time at MFU" in text
+    if cfg.lora_rank:
+        assert out["n_trainable"] < out["n_params"] / 100
+    assert not Path(cfg.out_dir).exists()  # nothing written
+
+
+def test_dry_run_from_the_command_line():
+    run = subprocess.run([sys.executable, "train.py", "config/baichuan2_13b_pretrain.py", "--dry_run"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "16 device(s) = dp 2 x tp 8" in run.stdout and "fits in 64 GiB" in run.stdout
+
+
+def test_dry_run_of_a_mesh_that_does_not_add_up_is_one_line():
+    with pytest.raises(SystemExit) as e:
+        train.main(["config/baichuan2_13b_pretrain.py", "--dry_run", "--devices=8"])
+    assert str(e.value) == "train.py: dry run: dp=2 x tp=8 does not make devices=8"
+
+
+def hand_cfg(**kw):
+    base = dict(model="tiny", dtype="bfloat16", seq_len=32, micro_batch_size=2, global_batch_size=8, devices=2,
+                dp=2, tp=1, activation_checkpointing="none", peak_flops=1e12, mfu=0.5, max_iters=10)
+    return replace(train.Config(), **{**base, **kw})
+
+
+def test_dry_run_numbers_by_hand(tmp_path):
+    cfg = hand_cfg(data_dir=str(tmp_path / "no-data"))
+    out = train.plan(cfg, {})
+    d, L, H, kv, f, V = 64, 2, 4, 32, 176, 512  # the tiny preset: 4 heads of 16, 2 kv heads
+    block = 2 * d + d * d + 2 * d * kv + d * d + 3 * d * f  # norms, wq, wk, wv, wo, w1 w2 w3
+    n = V * d + L * block + d + V * d
+    assert out["n_params"] == out["n_trainable"] == n == 158_016
+    b, T, s = 2, 32, 2
+    mem = out["bytes"]
+    assert mem["weights"] == 4 * n / 2 and mem["gradients"] == 4 * n / 2 and mem["optimizer"] == 8 * n / 2
+    assert mem["working weights"] == s * (V * d + d + V * d) + 2 * s * block  # FSDP: root + two blocks
+    layer = b * T * (s * (6 * d + 2 * kv + 3 * f) + 4 * H)
+    head = b * T * V * (s + 8)
+    assert mem["activations (none)"] == L * layer + head == mem["activations"]
+    assert mem["activations (full)"] == L * b * T * s * d + layer + head
+    assert mem["activations (selective)"] == L * b * T * (s * (4 * d + kv + f) + 4 * H) + layer + head
+    assert mem["total"] == 16 * n / 2 + mem["working weights"] + L * layer + head
+    assert out["flops_per_token"] == 6 * (n - V * d) + 12 * L * T * d
+    assert out["step_s"] == pytest.approx(8 * 32 * out["flops_per_token"] / (2 * 1e12 * 0.5))
+    assert out["grad_accum"] == 2
+    # tensor parallel splits everything per device; full checkpointing is what the total then counts
+    tp = train.plan(hand_cfg(data_dir=str(tmp_path / "no-data"), dp=1, tp=2, activation_checkpointing="full"), {})
+    assert tp["bytes"]["weights"] == mem["weights"] and tp["bytes"]["activations"] == mem["activations (full)"] / 2
+
+
+def test_dry_run_lora_and_qlora_by_hand(tmp_path):
+    d, L, kv, f, r = 64, 2, 32, 176, 8
+    n = train.plan(hand_cfg(data_dir=str(tmp_path)), {})["n_params"]
+    lora = train.plan(hand_cfg(data_dir=str(tmp_path), devices=1, dp=1, lora_rank=r, lora_targets="wq,wv"), {})
+    adapters = L * (r * (d + d) + r * (d + kv))  # wq: 64 -> 64, wv: 64 -> 32
+    assert lora["n_trainable"] == adapters
+    mem = lora["bytes"]
+    assert mem["weights"] == 2 * n + 4 * adapters  # frozen base in bf16, fp32 adapters
+    assert mem["gradients"] == 4 * adapters and mem["optimizer"] == 8 * adapters and mem["working weights"] == 0
+    q = train.plan(hand_cfg(data_dir=str(tmp_path), devices=1, dp=1, lora_rank=r, qlora=True,
+                            activation_checkpointing="full"), {})
+    linears = [d * d, d * kv, d * kv, d * d, d * f, f * d, d * f]
+    nf4 = L * sum(m // 2 + 256 * -(-(m // 64) // 256) + 4 * -(-(m // 64) // 256) + 4 for m in linears)
+    assert train.nf4_bytes(4096 * 4096) * 8 / (4096 * 4096) == pytest.approx(4.127, abs=1e-3)
+    assert q["bytes"]["weights"] == nf4 + 2 * (n - L * sum(linears)) + 4 * q["n_trainable"]
+    assert q["bytes"]["working weights"] == 2 * sum(linears)  # one block dequantised at a time
+    # frozen weights skip their weight gradients: 4 FLOPs per weight instead of 6, adapters 6
+    full_flops = train.flops_per_token(PRESETS["tiny"], 32)
+    assert lora["flops_per_token"] == full_flops - 2 * (n - 512 * d) + 6 * adapters
