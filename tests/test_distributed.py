@@ -28,6 +28,7 @@ import train
 from model import PRESETS
 from test_train import V, markov_tokens, write_data
 
+pytestmark = pytest.mark.slow  # the file takes ~2 minutes on 2 cores, most of it in 4 torchrun launches
 ROOT = Path(__file__).resolve().parent.parent
 RTOL = 1e-5
 # the tiny preset is RoPE with grouped-query attention (4 heads, 2 kv heads); the ALiBi model is Baichuan2-13B's
@@ -139,24 +140,20 @@ def log_rows(out_dir):
 # the same training on every mesh
 
 
-@pytest.mark.slow
 def test_fsdp_dp2_matches_one_process(two_ranks, one_process):
     assert_same_losses(two_ranks["rope_dp2"][0], one_process["rope"][0], range(1, 7))
 
 
-@pytest.mark.slow
 def test_tensor_parallel_matches_one_process(two_ranks, one_process):
     assert_same_losses(two_ranks["alibi_tp2"][0], one_process["alibi"][0], range(1, 7))  # ALiBi slopes per rank
     assert_same_losses(two_ranks["rope_tp2_from_dp2"][0], one_process["rope"][0], range(4, 7))
 
 
-@pytest.mark.slow
 def test_2d_mesh_matches_one_process(four_ranks, one_process):
     assert_same_losses(four_ranks["rope_2x2"][0], one_process["rope"][0], range(1, 7))
     assert_same_losses(four_ranks["alibi_2x2_from_tp2"][0], one_process["alibi"][0], range(4, 7))
 
 
-@pytest.mark.slow
 def test_resume_on_another_mesh_continues_exactly(two_ranks, four_ranks, one_process):
     # dp=2 -> tp=2, 2x2 -> dp=4, tp=2 -> 2x2 (dp=2 -> dp=1: test_rank_death_...); steps 4-6 as if never stopped
     for run, model in (("rope_tp2_from_dp2", "rope"), ("rope_dp4_from_2x2", "rope"), ("alibi_2x2_from_tp2", "alibi")):
@@ -164,7 +161,6 @@ def test_resume_on_another_mesh_continues_exactly(two_ranks, four_ranks, one_pro
         assert_same_losses(runs[run][0], one_process[model][0], range(4, 7))
 
 
-@pytest.mark.slow
 def test_fsdp_cuts_parameter_and_optimiser_memory(two_ranks, four_ranks, one_process):
     """Bytes of parameters + AdamW state each rank holds: 1/dp of one process's (FSDP shards all three)."""
     def per_device(out_dir):
@@ -179,7 +175,6 @@ def test_fsdp_cuts_parameter_and_optimiser_memory(two_ranks, four_ranks, one_pro
     print(f"\nparameters + optimiser per rank: dp=1 {one:,} B, dp=2 {dp2}, dp=4 {dp4}, 2x2 {mesh_2x2}")
 
 
-@pytest.mark.slow
 def test_logs_memory_per_device_and_speed_over_ranks(four_ranks):
     for row in log_rows(four_ranks["rope_2x2"][1]):
         assert len(row["mem_gib_per_device"]) == 4 and row["mem_gib"] == max(row["mem_gib_per_device"]) > 0
@@ -202,7 +197,6 @@ def worker_pids(agent_pid):
     return pids
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
 def test_rank_death_ends_the_job_and_resume_continues(data, tmp_path):
     out = tmp_path / "run"
@@ -224,6 +218,7 @@ def test_rank_death_ends_the_job_and_resume_continues(data, tmp_path):
             if agent.poll() is None:
                 agent.kill()
     assert returncode != 0 and ended_after < 60, ended_after
+    print(f"\ntorchrun exited {ended_after:.1f} s after rank 1 was SIGKILLed")
     # resume the survivor's checkpoints in one process (dp=2 -> dp=1): as if the run had never stopped
     last = train.step_dirs(out)[-1]
     k = int(last.name.split("_")[1])
@@ -262,7 +257,6 @@ def test_bad_mesh_or_launch_is_one_line_before_any_collective(data, tmp_path, mo
     assert not dist.is_initialized()
 
 
-@pytest.mark.slow
 def test_bad_mesh_under_torchrun_stops_every_rank(data, tmp_path):
     started = time.monotonic()
     result = torchrun(2, "train.py", *common(data, f"--out_dir={tmp_path}", "--tp=2", "--n_kv_heads=1"), timeout=200)
