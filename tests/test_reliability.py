@@ -1,0 +1,272 @@
+"""Crash safety of train.py: kill -9 at many points then resume, damaged checkpoints, unsafe pickles, NaN/inf, full disk.
+
+One uninterrupted reference run (in-process, 8 steps, a checkpoint every 2) is shared by every test. Kills are real:
+train.py runs as a subprocess with TRAIN_CRASH_AT=<point>:<step>, which SIGKILLs it there (train.crash_point); the
+resume then runs in-process and must reproduce the reference's losses exactly (fp32, same seed, one thread).
+
+    python -m pytest -q tests/test_reliability.py
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from test_train import markov_tokens, write_data
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["--model=tiny", "--seq_len=32", "--micro_batch_size=4", "--global_batch_size=8", "--log_interval=1",
+        "--eval_interval=3", "--eval_iters=2", "--ckpt_interval=2", "--peak_flops=1e9", "--warmup_iters=2",
+        "--lr_decay_iters=40", "--lr=3e-3", "--min_lr=3e-4", "--max_iters=8"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the subprocesses run with OMP_NUM_THREADS=1 too: the same reduction order, so bitwise equal losses
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data") / "markov", markov_tokens(1200, 1), markov_tokens(600, 2))
+
+
+def run(data_dir, out_dir, *extra):
+    return train.main(ARGS + [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """The uninterrupted run: losses per step, val loss, and out_dir with step dirs 2, 4, 6, 8 (keep_last=0)."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    summary = run(data, out, "--keep_last=0")
+    assert [p.name for p in train.step_dirs(out)] == [f"step_0000000{i}" for i in (2, 4, 6, 8)]
+    return {**summary, "out": out}
+
+
+def assert_continues_reference(resumed, reference, start):
+    assert sorted(resumed["losses"]) == list(range(start + 1, 9))
+    assert [resumed["losses"][s] for s in range(start + 1, 9)] == [reference["losses"][s] for s in range(start + 1, 9)]
+    assert resumed["val_loss"] == reference["val_loss"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# kill -9, then resume
+
+# (TRAIN_CRASH_AT, step dirs on disk after the kill, leftover temporary dir, the step the resume starts from)
+KILLS = [
+    ("step:5", [2, 4], None, 4),  # gradients of step 5 computed, weights not updated
+    ("eval:6", [2, 4], None, 4),  # during the eval of step 6, before its checkpoint
+    ("save:6", [2, 4], ".tmp_step_00000006", 4),  # step 6's files written, not yet renamed
+    ("saved:6", [2, 4, 6], None, 6),  # just renamed, before keep_last pruned step 2
+]
+
+
+@pytest.fixture(scope="module")
+def killed(data, tmp_path_factory):
+    """Each kill point's out_dir after its SIGKILLed run (the subprocesses run side by side)."""
+    root = tmp_path_factory.mktemp("killed")
+
+    def kill_at(point):
+        out = root / point.replace(":", "_")
+        env = {**os.environ, "TRAIN_CRASH_AT": point, "OMP_NUM_THREADS": "1"}
+        argv = [sys.executable, str(ROOT / "train.py"), *ARGS, f"--data_dir={data}", f"--out_dir={out}",
+                "--keep_last=2"]
+        return out, subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=len(KILLS)) as pool:
+        return dict(zip([k[0] for k in KILLS], pool.map(kill_at, [k[0] for k in KILLS])))
+
+
+@pytest.mark.parametrize("point, dirs, leftover, start", KILLS, ids=[k[0] for k in KILLS])
+def test_kill_9_then_resume_matches_an_uninterrupted_run(point, dirs, leftover, start, killed, reference, data,
+                                                         capsys):
+    out, proc = killed[point]
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in train.step_dirs(out)] == [f"step_{i:08d}" for i in dirs]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == ([leftover] if leftover else [])
+    resumed = run(data, out, "--keep_last=2", "--init_from=resume")
+    assert f"resumed from {out / f'step_{start:08d}'} at step {start}" in capsys.readouterr().err
+    assert_continues_reference(resumed, reference, start)
+    # the temporary dir is gone; keep_last=2 holds
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["step_00000006", "step_00000008"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# damaged checkpoints: detected by size / sha256, reported, and the previous one is used
+
+
+def latest_is_4(reference, tmp_path):
+    """A copy of the reference out_dir without steps 6 and 8: step 4 is the latest, step 2 the one before."""
+    out = tmp_path / "out"
+    shutil.copytree(reference["out"], out)
+    for step in (6, 8):
+        shutil.rmtree(out / f"step_{step:08d}")
+    return out
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = [
+    ("truncated-distcp", "__0_0.distcp", truncate, r"__0_0\.distcp: \d+ bytes, expected \d+ \(truncated\?\)"),
+    ("flipped-byte-distcp", "__0_0.distcp", flip_a_byte, r"__0_0\.distcp: sha256 differs .*\(corrupted\)"),
+    ("missing-metadata", ".metadata", Path.unlink, r"\.metadata: missing"),
+    ("truncated-train-state", "train_state.json", truncate, r"train_state\.json: unreadable"),
+    ("flipped-byte-rng", "rng_rank0.json", flip_a_byte, r"rng_rank0\.json: sha256 differs"),
+]
+
+
+@pytest.mark.parametrize("name, file, damage, message", DAMAGE, ids=[d[0] for d in DAMAGE])
+def test_damaged_checkpoint_is_reported_and_the_previous_one_used(name, file, damage, message, reference, data,
+                                                                    tmp_path, capsys):
+    out = latest_is_4(reference, tmp_path)
+    damage(out / "step_00000004" / file)
+    resumed = run(data, out, "--keep_last=0", "--init_from=resume")
+    err = capsys.readouterr().err
+    assert re.search(r"step_00000004 is damaged: .*step_00000004/" + message + r".*; falling back to step_00000002",
+                     err), err
+    assert_continues_reference(resumed, reference, 2)
+
+
+def test_no_intact_checkpoint_fails_clearly(reference, data, tmp_path):
+    out = latest_is_4(reference, tmp_path)
+    truncate(out / "step_00000004" / "__0_0.distcp")
+    flip_a_byte(out / "step_00000002" / "__0_0.distcp")
+    with pytest.raises(SystemExit, match=r"init_from=resume: .*step_00000002/__0_0\.distcp: sha256 differs.*; no intact "
+                                         r"checkpoint left in out_dir="):
+        run(data, out, "--init_from=resume")
+
+
+def test_init_from_a_damaged_step_dir_fails_clearly(reference, data, tmp_path):
+    step = tmp_path / "step_00000004"
+    shutil.copytree(reference["out"] / "step_00000004", step)
+    flip_a_byte(step / "__0_0.distcp")
+    with pytest.raises(SystemExit, match=r"init_from=.*step_00000004: .*__0_0\.distcp: sha256 differs"):
+        run(data, tmp_path / "out", f"--init_from={step}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# untrusted checkpoints: a non-tensor DCP entry that would run code when unpickled
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_dcp_entry_that_runs_code_is_refused(reference, data, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from model import PRESETS, Transformer
+
+    # step 4 rewritten with an optimiser hyper-parameter replaced by a pickle that runs os.mkdir, manifest updated
+    cfg = train.Config()
+    model = Transformer(train.replace(PRESETS["tiny"], vocab_size=64))
+    model_sd, optim_sd = get_state_dict(model, train.build_optimizer(model, cfg, torch.device("cpu")))
+    state = {"model": model_sd, "optim": optim_sd}
+    with train.quiet_dcp():
+        dcp.load(state, checkpoint_id=reference["out"] / "step_00000004")
+    marker = tmp_path / "PWNED"
+    state["optim"]["param_groups"][0]["lr"] = Evil(str(marker))
+    step = tmp_path / "out" / "step_00000004"
+    shutil.copytree(reference["out"] / "step_00000004", step)
+    with train.quiet_dcp():
+        dcp.save(state, checkpoint_id=tmp_path / "evil")
+    for f in (tmp_path / "evil").iterdir():
+        shutil.copy(f, step / f.name)
+    train_state = json.loads((step / "train_state.json").read_text())
+    train_state["files"] = {n: train.file_digest(step / n) for n in train_state["files"]}
+    (step / "train_state.json").write_text(json.dumps(train_state))
+    # the file is truly dangerous: torch's own planner runs the payload
+    with train.quiet_dcp():
+        dcp.load({"optim": optim_sd}, checkpoint_id=step)
+    assert marker.exists()
+    marker.rmdir()
+    with pytest.raises(SystemExit, match=r"step_00000004: cannot be loaded: entry optim\.param_groups\.0\.lr: refused "
+                                         r"to unpickle"):
+        run(data, tmp_path / "out", "--init_from=resume")
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NaN / inf, and a full disk
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """poison(n): from the n-th training forward on, the final norm's output is NaN (so is the loss)."""
+    calls = {"n": 0, "from": None}
+    build_model = train.build_model
+
+    def build_poisoned(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if torch.is_grad_enabled():
+                calls["n"] += 1
+                if calls["n"] >= calls["from"]:
+                    return output * float("nan")
+        model.norm.register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(train, "build_model", build_poisoned)
+    return lambda n: calls.update({"from": n})
+
+
+def test_bfloat16_nan_stops_naming_the_step_and_keeps_last_checkpoint(poison, data, tmp_path):
+    poison(9)  # grad accumulation 2: the 9th micro batch is step 5's first
+    with pytest.raises(SystemExit, match=r"step 5: loss nan.* not finite in bfloat16; stopping; the last good "
+                                         r"checkpoint is .*step_00000004"):
+        run(data, tmp_path / "out", "--dtype=bfloat16", "--keep_last=0")
+    assert [p.name for p in train.step_dirs(tmp_path / "out")] == ["step_00000002", "step_00000004"]
+
+
+def test_float16_skips_nan_steps_then_stops_when_no_loss_scale_helps(poison, data, tmp_path, capsys):
+    poison(9)
+    with pytest.raises(SystemExit, match=r"step 36: loss nan.* not finite in 32 float16 steps in a row .*the last "
+                                         r"good checkpoint is .*step_00000034"):
+        run(data, tmp_path / "out", "--dtype=float16", "--max_iters=100", "--eval_interval=1000")
+    err = capsys.readouterr().err
+    scales = [float(re.search(rf"step {s}: float16 overflow \(loss scale ([\d.e+-]+)\): step skipped", err)[1])
+              for s in (5, 6, 36)]
+    assert scales[1] == scales[0] / 2 and scales[2] == pytest.approx(scales[0] / 2**31, rel=1e-5)  # halved each skip
+
+
+def test_full_disk_while_saving_names_the_last_complete_checkpoint(data, tmp_path, monkeypatch):
+    save = train.dcp.save
+
+    def save_then_fill_the_disk(state, checkpoint_id, **kwargs):
+        if "step_00000004" in str(checkpoint_id):
+            (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+        return save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+    monkeypatch.setattr(train.dcp, "save", save_then_fill_the_disk)
+    with pytest.raises(SystemExit, match=r"\.tmp_step_00000004: writing the checkpoint failed \(OSError: \[Errno 28\] "
+                                         r"No space left on device\); the last complete checkpoint is .*step_00000002"):
+        run(data, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["step_00000002"]
