@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels
 import prepare
 import sample
 import train
-from model import PRESET_FAMILY, PRESETS, ModelArgs, load_tensors
+from model import PRESET_FAMILY, PRESETS, ModelArgs, Transformer, load_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_JOB = {"default.py", "sft_tiny.py"}  # the main job and its fine-tuning: not published setups, no twins
@@ -277,3 +278,32 @@ def test_dry_run_lora_and_qlora_by_hand(tmp_path):
     # frozen weights skip their weight gradients: 4 FLOPs per weight instead of 6, adapters 6
     full_flops = train.flops_per_token(PRESETS["tiny"], 32)
     assert lora["flops_per_token"] == full_flops - 2 * (n - 512 * d) + 6 * adapters
+
+
+@pytest.mark.parametrize("pos_emb, dtype, packed", [("rope", "float32", False), ("alibi", "bfloat16", True)])
+def test_activation_estimate_matches_what_autograd_keeps(pos_emb, dtype, packed, monkeypatch):
+    # the bytes one forward leaves for backward (every saved tensor but the parameters), on an accelerator's kernels:
+    # bf16 matmuls and attention in bf16 (this CPU would detour through fp32 copies)
+    monkeypatch.setattr(kernels, "CPU_HAS_BF16_UNITS", True)
+    args = ModelArgs(dim=256, n_layers=4, n_heads=8, hidden_dim=688, vocab_size=2048, max_seq_len=256,
+                     pos_emb=pos_emb)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    b, T = 2, 256
+    x = torch.randint(0, args.vocab_size, (b, T))
+    doc_ids = (torch.arange(T) // 64).expand(b, T) if packed else None  # four documents per row
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=train.DTYPES[dtype], enabled=dtype != "float32"):
+        model(x, x, doc_ids=doc_ids)
+    cfg = replace(train.Config(), dtype=dtype, seq_len=T, micro_batch_size=b, global_batch_size=b)
+    mem = train.memory_plan(args, cfg, dp=1, tp=1, packed=packed)["bytes"]
+    planned = mem["activations (none)"] + mem["working weights"]  # with autocast's 16-bit weight copies
+    assert 0.9 < sum(saved.values()) / planned < 1.1
