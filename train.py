@@ -17,14 +17,18 @@ non-overlapping seq_len windows in an order drawn from (seed, epoch), so the dat
 Checkpoints: out_dir/step_XXXXXXXX/, written under a temporary name and renamed when complete:
     .metadata, *.distcp     torch.distributed.checkpoint of {"model": model state dict, "optim": optimiser state}
                             (parameter names as in DESIGN.md, whatever the sharding: FSDP2 / TP runs save the same)
-    train_state.json        step, loss scaler, data position, config, counters
+    train_state.json        step, loss scaler, data position, config, counters, and "files": the size and sha256 of
+                            every other file (resume checks them; a damaged step dir is reported, the one before used)
     rng_rank{r}.json        each rank's torch RNG state
     config.json             ModelArgs fields + "family" (the checkpoint-dir config, so convert.py can export)
     tokenizer files         copied from the data dir
 convert.py's dcp_to_native() turns a step dir into a checkpoint dir; with export=True train.py does that at the end.
 
 Distributed (torchrun) runs the same code on a (dp, tp) device mesh; a single process is the trivial (1, 1) mesh
-and needs no process group.
+and needs no process group. FSDP2 shards over dp, tensor + sequence parallelism splits each block over tp:
+
+    torchrun --standalone --nproc_per_node=4 train.py config/default.py --tp=2   # dp=2 x tp=2
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST0 --nproc_per_node=8 train.py ...   # and node_rank=1 on HOST1
 """
 
 import ast
@@ -468,11 +472,11 @@ def apply_tensor_parallel(model: Transformer, d: Dist):
 def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
     """The model, then (torchtitan's order) activation checkpointing, compile, tensor parallel, FSDP2 over dp.
 
-    Built on the meta device, so a rank allocates only its shards. A run from scratch on a mesh starts from the
-    weights one process draws with this seed: rank 0 draws the whole model on the CPU and broadcasts it, each rank
-    keeping its shards (set_model_state_dict with broadcast_from_rank0); a run that loads weights (resume, init_from)
-    skips the draw. A LoRA model comes from build_lora_model already materialised, with its base loaded: sharding
-    keeps its values.
+    Built on the meta device, so a rank allocates only its shards. A run from scratch starts from the same weights
+    whatever the mesh and the device: rank 0 draws the whole model on the CPU with this seed and broadcasts it, each
+    rank keeping its shards (set_model_state_dict with broadcast_from_rank0); a run that loads weights (resume,
+    init_from) skips the draw. A LoRA model comes from build_lora_model already materialised, with its base loaded:
+    sharding keeps its values.
     """
     if cfg.lora_rank:
         model = build_lora_model(args, cfg, _device(d))
@@ -497,19 +501,17 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
         return model
     model.to_empty(device=_device(d))
     model.init_buffers()
-    if d.world_size == 1:
-        torch.manual_seed(cfg.seed)
-        model.init_weights()
-    elif cfg.init_from == "scratch":
+    if cfg.init_from == "scratch":
         full = {}
         if d.master:
             with torch.device("meta"):
                 whole = Transformer(args)
             whole.to_empty(device="cpu")
             torch.manual_seed(cfg.seed)
-            whole.init_weights()  # the draw of one process on the CPU
+            whole.init_weights()
             full = whole.state_dict()
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world_size > 1)
+        set_model_state_dict(model, full, options=options)
     return model
 
 
@@ -1120,6 +1122,7 @@ def memory_plan(args: ModelArgs, cfg: Config, dp: int, tp: int, packed: bool) ->
       apply_activation_checkpointing) also the outputs of wq, wv, w1, w2 and attention: s(4d + kv + f); both recompute
       one block at a time in the backward pass.
       The loss head holds b T V (s + 8) bytes: logits, their fp32 copy, fp32 log-softmax.
+    tests/test_recipes.py checks activations + working weights against the bytes autograd saves (within 10%).
     """
     d, L, H, f = args.dim, args.n_layers, args.n_heads, args.hidden_dim
     kv = args.kv_heads * args.head_dim
@@ -1139,11 +1142,10 @@ def memory_plan(args: ModelArgs, cfg: Config, dp: int, tp: int, packed: bool) ->
         for name in (n for n in adapted if n.startswith("layers.0.")):
             lin = model.get_submodule(name)
             lora_extra += s * cfg.lora_rank + (lin.base.in_features * (s + 1) if cfg.lora_dropout else 0)
-        frozen = n_params
         if cfg.qlora:  # block linears in NF4, the rest (embedding, norms, head) in the compute dtype
             weights = sum(nf4_bytes(m.weight.numel()) for m in block_linears) + s * (n_params - n_block_linear)
         else:
-            weights = s * frozen
+            weights = s * n_params
         weights = (weights + 4 * n_train) / shard
     else:
         n_train = n_params
@@ -1183,6 +1185,10 @@ def memory_plan(args: ModelArgs, cfg: Config, dp: int, tp: int, packed: bool) ->
 def plan(cfg: Config, model_overrides: dict) -> dict:
     """--dry_run: print the parameter count, per-device memory and step time of this config on its mesh; build nothing
     but a meta-device model. Returns the numbers (tests)."""
+    if cfg.devices < 0 or not 0 < cfg.mfu <= 1 or cfg.device_memory_gib <= 0 or cfg.peak_flops < 0:
+        fail(f"devices={cfg.devices}, mfu={cfg.mfu}, device_memory_gib={cfg.device_memory_gib}, peak_flops="
+             f"{cfg.peak_flops}: expected devices >= 0 (0 = WORLD_SIZE), 0 < mfu <= 1, a positive memory size and "
+             "peak_flops >= 0")
     world = cfg.devices or int(os.environ.get("WORLD_SIZE", "1"))
     tp = cfg.tp
     dp = cfg.dp or world // tp
@@ -1229,8 +1235,9 @@ def plan(cfg: Config, model_overrides: dict) -> dict:
              f"global batch {cfg.global_batch_size} (grad accum {out['grad_accum']}); {cfg.dtype}; activation "
              f"checkpointing {m['activation_checkpointing']}",
              "per device:"]
-    for key in ("weights", "gradients", "optimizer", "working weights", *(f"activations ({m})" for m in AC_MODES)):
-        lines.append(f"  {key:34s}{gib(mem[key])}" + ("  <- this config" if key == f"activations ({cfg.activation_checkpointing})" else ""))
+    for key in ("weights", "gradients", "optimizer", "working weights", *(f"activations ({a})" for a in AC_MODES)):
+        this = key == f"activations ({cfg.activation_checkpointing})"
+        lines.append(f"  {key:34s}{gib(mem[key])}" + ("  <- this config" if this else ""))
     lines.append(f"  {'total':34s}{gib(mem['total'])}  {'fits' if out['fits'] else 'does NOT fit'} in "
                  f"{cfg.device_memory_gib:g} GiB (device_memory_gib)")
     lines.append(f"FLOPs per token {flops_token / 1e9:.2f} G; {tokens_per_step:,} tokens per step"
