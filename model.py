@@ -436,7 +436,8 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0
                              f"(they are named like {names[0]}, {names[-1]})")
         adapted |= hits
     model.requires_grad_(False)
-    for name, linear in _linears(model):
+    for name in names:  # by name: a list of the modules would keep every replaced full-precision weight alive
+        linear = model.get_submodule(name)
         if fill is not None:
             fill(name, linear)
         parent_name, _, child = name.rpartition(".")
