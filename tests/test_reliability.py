@@ -237,11 +237,12 @@ def poison(monkeypatch):
     return lambda n: calls.update({"from": n})
 
 
-def test_bfloat16_nan_stops_naming_the_step_and_keeps_last_checkpoint(poison, data, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_nan_stops_naming_the_step_and_keeps_last_checkpoint(dtype, poison, data, tmp_path):
     poison(9)  # grad accumulation 2: the 9th micro batch is step 5's first
-    with pytest.raises(SystemExit, match=r"step 5: loss nan.* not finite in bfloat16; stopping; the last good "
+    with pytest.raises(SystemExit, match=rf"step 5: loss nan.* not finite in {dtype}; stopping; the last good "
                                          r"checkpoint is .*step_00000004"):
-        run(data, tmp_path / "out", "--dtype=bfloat16", "--keep_last=0")
+        run(data, tmp_path / "out", f"--dtype={dtype}", "--keep_last=0")
     assert [p.name for p in train.step_dirs(tmp_path / "out")] == ["step_00000002", "step_00000004"]
 
 
