@@ -501,7 +501,10 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
         return model
     model.to_empty(device=_device(d))
     model.init_buffers()
-    if cfg.init_from == "scratch":
+    if cfg.init_from == "scratch" and d.world_size == 1 and _device(d).type == "cpu":
+        torch.manual_seed(cfg.seed)  # the very draws of the path below, without a second copy of the model
+        model.init_weights()
+    elif cfg.init_from == "scratch":
         full = {}
         if d.master:
             with torch.device("meta"):
