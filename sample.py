@@ -7,6 +7,7 @@ Run:
   echo -e "Hi\\nWhat is 2+2?" | python sample.py --ckpt=DIR --chat                   # scripted chat
   python sample.py --ckpt=DIR --quantize=int4 --group_size=128 --save_quantized=DIR-int4   # then --ckpt=DIR-int4
   python sample.py --ckpt=DIR --prompt_file=prompts.txt --temperature=0               # one batch, left padded
+  python sample.py --ckpt=ckpt/baichuan-7b --adapter=out/baichuan_7b_qlora/adapter --chat  # LoRA adapters of train.py
 
 Generated text goes to stdout as it decodes; everything else (settings, speed, warnings) goes to stderr.
 
@@ -377,6 +378,18 @@ def load_model(ckpt, device, dtype):
     return model.eval(), config
 
 
+def add_adapter(model, path):
+    """Fold a LoRA adapter dir into the model's weights: W + (alpha / rank) B A, then plain linears again."""
+    try:
+        settings, tensors = model_lib.load_adapter(path)
+        model_lib.apply_lora(model, int(settings["rank"]), settings["alpha"],
+                             targets=settings.get("targets", model_lib.LORA_DEFAULT_TARGETS))
+        model_lib.load_lora(model, tensors)
+    except (model_lib.CheckpointError, ValueError) as e:
+        fail(f"--adapter={path}: {e}")
+    model_lib.merge_lora(model)
+
+
 def save_quantized(model, src_ckpt, dst, mode, group_size, family):
     if os.path.exists(dst) and os.listdir(dst):
         raise SystemExit(f"sample.py: --save_quantized={dst}: directory exists and is not empty")
@@ -538,6 +551,8 @@ def parse_args(argv):
     p.add_argument("--chat", action="store_true", help="interactive chat with the checkpoint's template")
     p.add_argument("--system", default=None, help="system prompt for --chat")
     p.add_argument("--template", default=None, help="chat template name (default: tokenizer_config.json / family)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter dir (train.py's out_dir/adapter) folded into "
+                   "the weights at load")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation")
     p.add_argument("--group_size", type=int, default=128, help="int4 group size (must divide in_features)")
     p.add_argument("--save_quantized", default=None, help="write the quantised checkpoint to this dir")
@@ -586,6 +601,10 @@ def main(argv=None, stdin=None, stdout=None):
 
     t0 = time.perf_counter()
     model, config = load_model(args.ckpt, device, dtype)
+    if args.adapter:
+        if config.get("quantization"):
+            fail(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint")
+        add_adapter(model, args.adapter)
     if args.quantize:
         if config.get("quantization"):
             fail(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({config['quantization']})")

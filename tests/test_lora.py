@@ -252,6 +252,13 @@ def test_lora_run_trains_only_adapters_lowers_the_loss_and_exports_the_merge(bas
     with torch.no_grad():
         torch.testing.assert_close(Transformer.from_checkpoint(run["export_dir"])(idx)[0], model(idx)[0],
                                    rtol=1e-4, atol=1e-4)
+    # sample.py --adapter folds the adapter dir into the base at load: the same model again
+    import sample
+
+    folded, _ = sample.load_model(ckpt, "cpu", torch.float32)
+    sample.add_adapter(folded, run["adapter_dir"])
+    with torch.no_grad():
+        torch.testing.assert_close(folded(idx)[0], model(idx)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_lora_resume_is_exact(base, tmp_path):
