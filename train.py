@@ -62,8 +62,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 import kernels
-from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, \
-    flops_per_token, load_tensors, lora_state_dict, read_config, save_adapter
+from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, NF4Linear, Transformer, \
+    apply_lora, flops_per_token, load_tensors, lora_state_dict, read_config, save_adapter
 
 
 
@@ -1327,7 +1327,8 @@ def main(argv=None) -> dict:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters()) + sum(  # QLoRA's NF4 weights are buffers
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     log(f"model {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from} ({family}): "
         f"{n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}; {len(train_data.tokens):,} train "
         f"tokens; {tokens_per_step:,} tokens per step (grad_accum {grad_accum}, dp {d.dp}, tp {d.tp}); "
