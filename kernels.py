@@ -81,7 +81,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     npu = _npu(x)
     if npu is not None:
         return npu.npu_rms_norm(x, weight, eps)[0]
+    # training on plain tensors in eager mode; inference (a Function call costs more than the op on one token),
+    # DTensors (sequence parallel) and compiled graphs (inductor fuses the composite itself) take F.rms_norm
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if training and type(x) is torch.Tensor and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        return _RMSNorm.apply(x, weight, eps)
     return F.rms_norm(x, (x.size(-1),), weight, eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """F.rms_norm (same numbers) in two kernels' worth of passes instead of a dozen.
+
+    Forward: torch's fused one-pass kernel, which also returns 1/rms, so backward keeps only x and 1/rms. F.rms_norm
+    itself is a chain of six ops on CPU (pow, mean, add, rsqrt, mul, mul) whose backward autograd replays op by op.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.size(-1)], weight, eps)  # rstd (..., 1) fp32
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        # y = xhat * w, xhat = x * rstd:  dx = rstd * (g w - xhat * mean(g w xhat)),  dw = sum over rows of g xhat
+        x, weight, rstd = ctx.saved_tensors
+        g, xhat = grad.float(), x.float() * rstd
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            gw = g * weight
+            dot = (gw * xhat).mean(-1, keepdim=True)  # (..., 1)
+            grad_x = torch.addcmul(gw, xhat, dot, value=-1).mul_(rstd).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (g * xhat).flatten(0, -2).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,9 +204,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     bf16 (weights or CPU autocast) on a CPU without bf16 units: torch's bf16 GEMM falls back to a scalar loop there,
     ~30x slower than fp32. The fp32 GEMM on the bf16-rounded operands gives a bf16 GEMM's result (exact products,
-    fp32 accumulation, bf16 output) at fp32 speed; bf16 weights stay bf16 in memory.
+    fp32 accumulation, bf16 output) at fp32 speed; bf16 weights stay bf16 in memory. Except for a few rows (decoding):
+    there the weight's fp32 copy costs more than torch's bf16 matrix-vector loop (output layer of bench-llama, one
+    row: 4 ms native, 60 ms via fp32; the two break even near 4 rows for the small layers, 16 for the output layer).
     """
-    if not _bf16_in_fp32(x):
+    few_rows = x.numel() <= 4 * x.size(-1) and x.dtype == weight.dtype
+    if few_rows or not _bf16_in_fp32(x):
         return F.linear(x, weight)
     with torch.autocast("cpu", enabled=False):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
@@ -317,6 +353,79 @@ def cross_entropy(logits, targets, loss_mask=None, z_loss: float = 0.0) -> torch
     if z_loss:
         loss = loss + z_loss * (logits.max(dim=-1).values.pow(2) * counted).sum() / n
     return loss
+
+
+def linear_cross_entropy(h, weight, targets, loss_mask=None, z_loss: float = 0.0) -> torch.Tensor:
+    """cross_entropy(linear(h, weight), targets, loss_mask, z_loss), same numbers, without keeping the logits.
+
+    The training loss path: the logits are made a slice of rows at a time, and each slice becomes its own gradient
+    in place while it is still in cache, so one (N, vocab) buffer replaces the four that logits, log-softmax and
+    their gradients take (and their passes over memory). h (..., dim), weight (vocab, dim), targets (...).
+    Under autocast the matmuls run in the autocast dtype, the softmax in fp32, as linear + cross_entropy do.
+    """
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    round_bf16 = dtype == torch.bfloat16 and device == "cpu" and not CPU_HAS_BF16_UNITS
+    targets = targets.flatten()
+    if loss_mask is not None:
+        targets = targets.masked_fill(loss_mask.flatten() == 0, -100)
+    with torch.autocast(device, enabled=False):
+        h, weight = h.flatten(0, -2).to(dtype), weight.to(dtype)  # (N, dim), (vocab, dim)
+        if round_bf16:  # bf16 values on the fp32 units (see linear): exact products, fp32 sums
+            h, weight = h.float(), weight.float()
+        return _LinearCrossEntropy.apply(h, weight, targets, float(z_loss), round_bf16)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, z_loss, round_bf16):
+        N, V = h.size(0), weight.size(0)
+        counted = targets != -100
+        n = counted.sum().clamp(min=1)
+        rows = max(16, (1 << 22) // V // 16 * 16)  # a slice of logits ~16 MB in fp32: stays in a server's L3
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad = torch.empty(N, V, dtype=h.dtype, device=h.device) if needs_grad else None
+        total = torch.zeros((), device=h.device)
+        safe_targets = targets.clamp(min=0)[:, None]  # (N, 1); rows that do not count are masked by `counted`
+        for s in range(0, N, rows):
+            e = min(s + rows, N)
+            c = counted[s:e]
+            if grad is not None and h.dtype == torch.float32:
+                z = torch.mm(h[s:e], weight.T, out=grad[s:e])  # (rows, V): becomes its own gradient in place
+            else:
+                z = torch.mm(h[s:e], weight.T).float()
+            if round_bf16:
+                z.copy_(z.to(torch.bfloat16))  # the logits of a bf16 matmul
+            if z_loss:
+                z_max, z_arg = z.max(dim=-1)
+                total += z_loss * (z_max.square() * c).sum()
+            logp = torch.log_softmax(z, dim=-1, out=z)  # in place: one fused kernel, no (rows, V) temporaries
+            total -= (logp.gather(1, safe_targets[s:e]).squeeze(1) * c).sum()
+            if grad is None:
+                continue
+            # d loss / d logits = softmax - onehot(target) + 2 z_loss max onehot(argmax), then times counted / n,
+            # which backward applies to the (N, dim) operands instead of this (N, V) buffer
+            p = logp.exp_()
+            p.scatter_add_(1, safe_targets[s:e], p.new_full((e - s, 1), -1.0))
+            if z_loss:
+                p.scatter_add_(1, z_arg[:, None], (2 * z_loss * z_max)[:, None])
+            if round_bf16:
+                p.copy_(p.to(torch.bfloat16))  # the bf16 gradient autocast would pass on
+            elif p.data_ptr() != grad[s:e].data_ptr():
+                grad[s:e] = p  # rounds into a bf16 / fp16 buffer
+        ctx.save_for_backward(h, weight, grad, counted, n)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        h, weight, grad, counted, n = ctx.saved_tensors
+        scale = (counted * (grad_loss / n))[:, None]  # (N, 1) fp32: zero for rows that do not count
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = ((grad @ weight) * scale).to(h.dtype)  # (N, dim)
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.T @ (h * scale).to(h.dtype)  # (vocab, dim)
+        return grad_h, grad_w, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -285,6 +285,9 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids)
         h = self.norm(h)
+        head = self._plain_head_weight() if targets is not None and torch.is_grad_enabled() else None
+        if head is not None:  # training: the loss straight from h, the full logits never built (fast, less memory)
+            return None, kernels.linear_cross_entropy(h, head, targets, loss_mask, self.args.z_loss)
         logits = kernels.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
         loss = None
         if targets is not None:
@@ -292,6 +295,16 @@ class Transformer(nn.Module):
             loss = (vocab_parallel_cross_entropy if vocab_sharded else kernels.cross_entropy)(
                 logits, targets, loss_mask, self.args.z_loss)
         return logits, loss
+
+    def _plain_head_weight(self) -> Optional[torch.Tensor]:
+        """The output layer's weight when it is a plain matrix (not tensor-parallel, NF4 or adapted), else None."""
+        head = self.output
+        if head is not None and (type(head) not in (Linear, NormHead) or head._forward_hooks or head._forward_pre_hooks):
+            return None
+        weight = self.tok_embeddings.weight if head is None else head.weight
+        if type(weight) not in (torch.Tensor, nn.Parameter):  # a DTensor: sharded on the vocabulary
+            return None
+        return F.normalize(weight, dim=-1) if isinstance(head, NormHead) else weight
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

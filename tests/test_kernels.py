@@ -97,12 +97,14 @@ def test_whole_model_forward_and_backward_on_npu_path(fake_npu, case):
     idx = torch.randint(0, 512, (2, 10))
     pad = torch.tensor([[True] * 10, [False] * 4 + [True] * 6])
     positions = (pad.long().cumsum(1) - 1).clamp(min=0)
-    logits, loss = model(idx, idx, key_padding_mask=pad, positions=positions)
+    _, loss = model(idx, idx, key_padding_mask=pad, positions=positions)
     loss.backward()
     npu_grad = model.layers[0].attention.wq.weight.grad.clone()
     model.zero_grad()
-    ref_logits, ref_loss = portable(model, idx, idx, key_padding_mask=pad, positions=positions)
+    _, ref_loss = portable(model, idx, idx, key_padding_mask=pad, positions=positions)
     ref_loss.backward()
+    logits, _ = model(idx, key_padding_mask=pad, positions=positions)  # with targets training skips the logits
+    ref_logits, _ = portable(model, idx, key_padding_mask=pad, positions=positions)
     assert {"npu_fusion_attention", "npu_rms_norm", "npu_swiglu"} <= set(fake_npu.calls)
     torch.testing.assert_close(logits, ref_logits, **TOL)
     torch.testing.assert_close(npu_grad, model.layers[0].attention.wq.weight.grad, **TOL)
@@ -153,3 +155,97 @@ def test_cross_entropy_counts_only_unmasked_tokens():
     keep = [(0, 0), (0, 1), (1, 1), (1, 2)]
     ref = torch.stack([torch.nn.functional.cross_entropy(logits[b, t], targets[b, t]) for b, t in keep]).mean()
     torch.testing.assert_close(loss, ref)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the fused portable ops: the same numbers as the plain torch ops they replace
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_fused_forward_and_backward_equal_f_rms_norm(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 64, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(64)).to(dtype).requires_grad_()
+    g = torch.randn(3, 7, 64, dtype=dtype)
+
+    def run(fn):
+        x.grad = w.grad = None
+        y = fn()
+        y.backward(g)
+        return y.detach(), x.grad, w.grad
+
+    ours = run(lambda: kernels.rms_norm(x, w, 1e-6))
+    ref = run(lambda: torch.nn.functional.rms_norm(x, (64,), w, 1e-6))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def lce_case(dtype=torch.float32, V=65536):
+    """h (100, 8) and a vocabulary of 65536 rows: the loss runs in two slices of 64 rows; some targets not counted."""
+    torch.manual_seed(0)
+    h = torch.randn(4, 25, 8, dtype=dtype, requires_grad=True)
+    w = (0.5 * torch.randn(V, 8)).to(dtype).requires_grad_()
+    targets = torch.randint(V, (4, 25))
+    targets[0, :3] = -100
+    mask = torch.ones(4, 25, dtype=torch.long)
+    mask[1, 10:] = 0
+    return h, w, targets, mask
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_linear_cross_entropy_equals_linear_then_cross_entropy(z_loss):
+    h, w, targets, mask = lce_case()
+
+    def run(fn):
+        h.grad = w.grad = None
+        loss = fn()
+        (2.5 * loss).backward()  # a scaled loss (loss scaling, grad accumulation) scales the gradients
+        return loss.detach(), h.grad, w.grad
+
+    ours = run(lambda: kernels.linear_cross_entropy(h, w, targets, mask, z_loss))
+    ref = run(lambda: kernels.cross_entropy(h @ w.T, targets, mask, z_loss))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone, no gradient buffer
+        torch.testing.assert_close(kernels.linear_cross_entropy(h, w, targets, mask, z_loss), ref[0])
+
+
+@pytest.mark.parametrize("weights", ["float32-autocast", "bfloat16"])
+def test_linear_cross_entropy_in_bf16_is_within_bf16_rounding(weights):
+    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
+    h, w, targets, mask = lce_case(dtype, V=4096)
+    results = []
+    for fn in (kernels.linear_cross_entropy, lambda h, w, *a: kernels.cross_entropy(kernels.linear(h, w), *a)):
+        h.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+            loss = fn(h, w, targets, mask)
+        loss.backward()
+        assert h.grad.dtype == w.grad.dtype == dtype
+        results.append((loss.detach(), h.grad, w.grad))
+    (loss, gh, gw), (ref_loss, ref_gh, ref_gw) = results
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-3)
+    for g, ref in ((gh, ref_gh), (gw, ref_gw)):
+        assert (g.float() - ref.float()).norm() <= 0.01 * ref.float().norm()
+
+
+@pytest.mark.parametrize("head", ["output", "tied", "norm_head"])
+def test_model_training_loss_skips_logits_with_the_same_loss_and_gradients(head):
+    overrides = {"output": {}, "tied": dict(tie_embeddings=True), "norm_head": dict(norm_head=True, z_loss=1e-3)}
+    args = dataclasses.replace(PRESETS["tiny"], **overrides[head])
+    torch.manual_seed(0)
+    model = Transformer(args)
+    idx, targets = torch.randint(512, (2, 16)), torch.randint(512, (2, 16))
+    logits, loss = model(idx, targets)
+    assert logits is None  # the fused path ran
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = kernels.cross_entropy(model(idx)[0], targets, None, args.z_loss)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():
+        logits, loss = model(idx, targets)  # evaluation keeps the logits
+    assert logits is not None and loss.item() == pytest.approx(ref.item(), rel=1e-5)
