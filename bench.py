@@ -3,6 +3,7 @@
     python bench.py --preset=bench-llama --mode=train --dtype=float32            # one JSON line
     python bench.py --preset=bench-llama --mode=generate --dtype=bfloat16 --compile
     python bench.py --mode=train --compare        # ours and transformers' LlamaForCausalLM alternated, medians, ratio
+    python bench.py --mode=train --lora_rank=8 [--qlora]    # fine-tuning speed: LoRA adapters (on an NF4 base)
     python bench.py --plot out/a/metrics.jsonl out/b/metrics.jsonl --out=loss.png   # curves + relative difference
 
 Train mode times what train.py runs: forward with the loss, backward, grad clipping, train.py's AdamW, zero_grad;
@@ -13,6 +14,10 @@ per generated token (N = parameters except the input embedding; attention over t
 the best of several square torch.mm of the same dtype, sized like the model's largest matrix, in the same process.
 Peak memory is torch.{cuda,npu}.max_memory_allocated on accelerators, the process's ru_maxrss on CPU (in --compare
 the process holds both models, so it is one figure for the pair).
+
+--lora_rank=R trains rank-R adapters on every block linear (model.apply_lora, as train.py's lora_rank) with the base
+frozen, --qlora on an NF4 base. Their MFU counts 4 FLOPs per frozen weight (forward + input gradient), 6 per adapter
+weight, plus attention's 12 * n_layers * seq_len * dim.
 
 --compare builds transformers' LlamaForCausalLM with the same config (sdpa attention) and the same weights, the same
 batch and train.py's AdamW, then alternates ours and theirs for --rounds rounds (timings drift between runs; only
@@ -216,6 +221,10 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     n = mm_size(model_args)
     peak = mm_peak_flops(dtype, n, device)
     ours = build_ours(model_args, device, opt.seed)
+    if opt.lora_rank:
+        from model import apply_lora
+
+        apply_lora(ours, opt.lora_rank, alpha=2.0 * opt.lora_rank, quantize_base=opt.qlora)
     g = torch.Generator().manual_seed(opt.seed)
     result = {"mode": opt.mode, "preset": opt.preset, "dtype": opt.dtype, "device": device.type,
               "compile": opt.compile, "batch_size": opt.batch_size, "threads": torch.get_num_threads()}
@@ -224,9 +233,14 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         batch = (data[:, :-1], data[:, 1:])  # (B, T) inputs and next-token targets
         autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         flops_token = flops_per_token(model_args, opt.seq_len)
+        basis = "6N + 12*n_layers*seq_len*dim per trained token (DESIGN.md)"
+        if opt.lora_rank:
+            adapters = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+            flops_token += 6 * adapters - 2 * n_params_flops(model_args)
+            basis = "4N frozen + 6 per adapter weight + 12*n_layers*seq_len*dim per trained token"
+            result.update(lora_rank=opt.lora_rank, qlora=opt.qlora, trainable_params=adapters)
         tokens_per_call = opt.batch_size * opt.seq_len
-        result.update(seq_len=opt.seq_len, steps=opt.steps, mfu_flops_per_token=flops_token,
-                      mfu_basis="6N + 12*n_layers*seq_len*dim per trained token (DESIGN.md)")
+        result.update(seq_len=opt.seq_len, steps=opt.steps, mfu_flops_per_token=flops_token, mfu_basis=basis)
 
         def workload(model, hf):
             model.train()
@@ -390,6 +404,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1, 3 with --compile)")
     p.add_argument("--rounds", type=int, default=3, help="timings per model (medians reported)")
     p.add_argument("--compare", action="store_true", help="also run transformers' LlamaForCausalLM, alternated")
+    p.add_argument("--lora_rank", type=int, default=0, help="train: rank of LoRA adapters (0 = full training)")
+    p.add_argument("--qlora", action="store_true", help="train: --lora_rank adapters on an NF4-quantised base")
     p.add_argument("--device", default=None, help="default: kernels.device_type()")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", nargs="+", default=None, metavar="METRICS_JSONL", help="plot train.py loss curves")
@@ -403,6 +419,11 @@ def parse_args(argv):
             fail(f"--{key}={getattr(opt, key)}: expected a positive integer")
     if opt.warmup < 0:
         fail(f"--warmup={opt.warmup}: expected >= 0")
+    if opt.lora_rank < 0 or (opt.qlora and not opt.lora_rank):
+        fail(f"--lora_rank={opt.lora_rank}: expected a positive rank with --qlora, >= 0 otherwise")
+    if opt.lora_rank and (opt.mode != "train" or opt.compare):
+        fail("--lora_rank: fine-tuning speed is measured in --mode=train, without --compare (transformers has no "
+             "LoRA without peft)")
     return opt
 
 

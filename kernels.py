@@ -90,10 +90,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class _RMSNorm(torch.autograd.Function):
-    """F.rms_norm (same numbers) in two kernels' worth of passes instead of a dozen.
+    """F.rms_norm for training (same numbers) with a short backward that keeps only x and 1/rms.
 
-    Forward: torch's fused one-pass kernel, which also returns 1/rms, so backward keeps only x and 1/rms. F.rms_norm
-    itself is a chain of six ops on CPU (pow, mean, add, rsqrt, mul, mul) whose backward autograd replays op by op.
+    Forward: torch's _fused_rms_norm, which also returns 1/rms. Autograd through F.rms_norm instead records its
+    six ops (pow, mean, add, rsqrt, mul, mul), keeps their intermediates and replays ten in backward.
     """
 
     @staticmethod
@@ -358,9 +358,10 @@ def cross_entropy(logits, targets, loss_mask=None, z_loss: float = 0.0) -> torch
 def linear_cross_entropy(h, weight, targets, loss_mask=None, z_loss: float = 0.0) -> torch.Tensor:
     """cross_entropy(linear(h, weight), targets, loss_mask, z_loss), same numbers, without keeping the logits.
 
-    The training loss path: the logits are made a slice of rows at a time, and each slice becomes its own gradient
-    in place while it is still in cache, so one (N, vocab) buffer replaces the four that logits, log-softmax and
-    their gradients take (and their passes over memory). h (..., dim), weight (vocab, dim), targets (...).
+    The training loss path: the logits become their own gradient in place (softmax - onehot; the 1/n and the mask
+    are applied to the (N, dim) operands in backward), so one (N, vocab) buffer replaces the four that logits,
+    log-softmax and their gradients take, with fewer passes over them. Without gradients (or in bf16 on GPUs) the
+    logits are made a slice of rows at a time. h (..., dim), weight (vocab, dim), targets (...).
     Under autocast the matmuls run in the autocast dtype, the softmax in fp32, as linear + cross_entropy do.
     """
     device = h.device.type
@@ -382,18 +383,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         N, V = h.size(0), weight.size(0)
         counted = targets != -100
         n = counted.sum().clamp(min=1)
-        rows = max(16, (1 << 22) // V // 16 * 16)  # a slice of logits ~16 MB in fp32: stays in a server's L3
+        rows = max(16, (1 << 24) // V)  # fp32 logits made at a time where they are not the gradient buffer: ~64 MB
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad = torch.empty(N, V, dtype=h.dtype, device=h.device) if needs_grad else None
+        in_place = grad is not None and h.dtype == torch.float32
+        if in_place:  # one GEMM for all rows: GEMMs of row slices repack the whole weight each (~40% slower on CPU)
+            torch.mm(h, weight.T, out=grad)  # (N, V) logits, turned into their own gradient below
         total = torch.zeros((), device=h.device)
         safe_targets = targets.clamp(min=0)[:, None]  # (N, 1); rows that do not count are masked by `counted`
         for s in range(0, N, rows):
             e = min(s + rows, N)
             c = counted[s:e]
-            if grad is not None and h.dtype == torch.float32:
-                z = torch.mm(h[s:e], weight.T, out=grad[s:e])  # (rows, V): becomes its own gradient in place
-            else:
-                z = torch.mm(h[s:e], weight.T).float()
+            z = grad[s:e] if in_place else torch.mm(h[s:e], weight.T).float()  # (rows, V)
             if round_bf16:
                 z.copy_(z.to(torch.bfloat16))  # the logits of a bf16 matmul
             if z_loss:

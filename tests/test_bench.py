@@ -58,6 +58,17 @@ def test_bfloat16_train_reports_both_peaks():
                                                        / result["mm_peak_flops_fp32"], rel=0.01)
 
 
+@pytest.mark.parametrize("qlora", [False, True])
+def test_lora_train_counts_adapter_flops(qlora):
+    result = bench.main([*TINY_TRAIN, "--lora_rank=4", *(["--qlora"] if qlora else [])])
+    check_speed(result)
+    args = bench.PRESETS["tiny"]  # rank 4 on every block linear: (in + out) * 4 weights each
+    adapters = args.n_layers * 4 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 176))  # wq wo, wk wv, w1 w2 w3
+    assert result["trainable_params"] == adapters and result["qlora"] == qlora
+    assert result["mfu_flops_per_token"] == 4 * bench.n_params_flops(args) + 6 * adapters + 12 * 2 * 32 * 64
+    assert abs(result["last_loss"] - math.log(512)) < 0.5
+
+
 @pytest.mark.slow
 def test_compare_train_runs_the_same_workload_as_transformers():
     pytest.importorskip("transformers")
@@ -139,6 +150,10 @@ def test_bad_flags_are_one_line_errors():
         bench.main(["--steps=0"])
     with pytest.raises(SystemExit, match="--seq_len=999 is above the preset's max_seq_len=128"):
         bench.main(["--preset=tiny", "--seq_len=999"])
+    with pytest.raises(SystemExit, match="--lora_rank=0: expected a positive rank with --qlora"):
+        bench.main(["--qlora"])
+    with pytest.raises(SystemExit, match="--lora_rank: fine-tuning speed is measured in --mode=train"):
+        bench.main(["--mode=generate", "--lora_rank=8"])
 
 
 def test_cpu_bf16_matmul_on_fp32_units_matches_torch_bf16(monkeypatch):
