@@ -185,21 +185,6 @@ def test_bfloat16_runs_and_learns(data, tmp_path):
     assert all(math.isfinite(v) for v in losses) and np.mean(losses[-3:]) < losses[0] - 0.5
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(data, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    cross_entropy = kernels.cross_entropy
-
-    def poisoned(*args, **kwargs):  # NaN from the 9th micro batch on: step 5 with grad accumulation 2
-        calls["n"] += 1
-        loss = cross_entropy(*args, **kwargs)
-        return loss * float("nan") if calls["n"] >= 9 else loss
-
-    monkeypatch.setattr(kernels, "cross_entropy", poisoned)
-    with pytest.raises(SystemExit, match=r"step 5: loss nan.*last good checkpoint is .*step_00000004"):
-        run(data, tmp_path / "out", "--micro_batch_size=4", "--max_iters=10", "--ckpt_interval=2", "--keep_last=0")
-    assert [p.name for p in train.step_dirs(tmp_path / "out")] == ["step_00000002", "step_00000004"]
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # fine-tuning
 
