@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
 import train
 from model import ModelArgs, Transformer
 
