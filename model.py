@@ -400,7 +400,7 @@ class NF4Linear(nn.Module):
         return kernels.nf4_dequantize(q, (self.out_features, self.in_features), dtype)
 
     def forward(self, x):
-        return F.linear(x, self.dequantize(x.dtype))
+        return kernels.linear(x, self.dequantize(x.dtype))
 
 
 class LoRALinear(nn.Module):
@@ -416,8 +416,8 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_a.to(x.dtype)),
-                                       self.lora_b.to(x.dtype)) * self.scale
+        return self.base(x) + kernels.linear(kernels.linear(self.dropout(x), self.lora_a.to(x.dtype)),
+                                             self.lora_b.to(x.dtype)) * self.scale
 
     def merged_weight(self) -> torch.Tensor:
         return self.base.weight.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())
