@@ -13,7 +13,8 @@ batch_size prompts of prompt_len random tokens, new_tokens each) with the weight
 per generated token (N = parameters except the input embedding; attention over the cache is left out). The peak is
 the best of several square torch.mm of the same dtype, sized like the model's largest matrix, in the same process.
 Peak memory is torch.{cuda,npu}.max_memory_allocated on accelerators, the process's ru_maxrss on CPU (in --compare
-the process holds both models, so it is one figure for the pair).
+the process holds both models, so it is one figure for the pair). load_avg_1m is the machine's load at the end: on a
+shared CPU other processes take cores and memory bandwidth, so compare only figures from one --compare run.
 
 --lora_rank=R trains rank-R adapters on every block linear (model.apply_lora, as train.py's lora_rank) with the base
 frozen, --qlora on an NF4 base. Their MFU counts 4 FLOPs per frozen weight (forward + input gradient), 6 per adapter
@@ -95,6 +96,11 @@ def peak_memory_gib(device: torch.device) -> float:
 def reset_peak_memory(device: torch.device):
     if device.type in ("cuda", "npu"):
         getattr(torch, device.type).reset_peak_memory_stats(device)
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average at the end of the run: on a shared machine, how much else was running."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def n_params_flops(model_args: ModelArgs) -> int:
@@ -299,7 +305,8 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     if not opt.compare:
         timed = workload(ours, hf=False)
         runs = [timed() for _ in range(opt.rounds)]
-        result.update(summary([s for s, _ in runs]), peak_mem_gib=round(peak_memory_gib(device), 3))
+        result.update(summary([s for s, _ in runs]), peak_mem_gib=round(peak_memory_gib(device), 3),
+                      load_avg_1m=load_average())
         if opt.mode == "train":
             result["last_loss"] = round(runs[-1][1], 4)
         return result
@@ -322,6 +329,7 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
             (outputs["ours"] == outputs["transformers"]).float().mean().item()
         result["greedy_tokens_agree"] = round(float(same), 4)  # fraction of equal tokens (bf16 may diverge)
     result["peak_mem_gib"] = round(peak_memory_gib(device), 3)
+    result["load_avg_1m"] = load_average()
     return result
 
 
