@@ -211,9 +211,11 @@ def test_linear_cross_entropy_equals_linear_then_cross_entropy(z_loss):
         torch.testing.assert_close(kernels.linear_cross_entropy(h, w, targets, mask, z_loss), ref[0])
 
 
-@pytest.mark.parametrize("weights", ["float32-autocast", "bfloat16"])
-def test_linear_cross_entropy_in_bf16_is_within_bf16_rounding(weights):
-    dtype = torch.bfloat16 if weights == "bfloat16" else torch.float32
+@pytest.mark.parametrize("weights", ["float32-autocast", "bfloat16", "bfloat16-units"])
+def test_linear_cross_entropy_in_bf16_is_within_bf16_rounding(weights, monkeypatch):
+    dtype = torch.float32 if weights == "float32-autocast" else torch.bfloat16
+    if weights == "bfloat16-units":  # the path of GPUs and CPUs with bf16 units: bf16 GEMMs, a bf16 gradient buffer
+        monkeypatch.setattr(kernels, "CPU_HAS_BF16_UNITS", True)
     h, w, targets, mask = lce_case(dtype, V=4096)
     results = []
     for fn in (kernels.linear_cross_entropy, lambda h, w, *a: kernels.cross_entropy(kernels.linear(h, w), *a)):
