@@ -389,8 +389,12 @@ def plot(paths: list[str], out: str) -> dict:
         axes[1, 0].set_ylabel("relative loss difference")
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:  # a read-only or missing directory
+        fail(f"--out={out}: cannot write ({e.strerror})")
+    finally:
+        plt.close(fig)
     return result
 
 
