@@ -8,6 +8,8 @@ the device of the input. torch_npu is imported lazily and only when an NPU is in
     attention(q, k, v, causal, alibi, masks)      torch_npu.npu_fusion_attention (BNSD, or TND for packed docs)
     swiglu(gate, up)                              torch_npu.npu_swiglu
     cross_entropy(logits, targets, loss_mask)     (portable everywhere)
+    linear_cross_entropy(h, weight, targets, ...) (portable: the training loss without keeping the logits)
+    linear(x, weight)                             (portable: bf16 on CPUs without bf16 units runs on the fp32 units)
 
 Tests run the NPU path on CPU against a fake torch_npu that implements the documented semantics (force_npu()).
 """
