@@ -465,11 +465,87 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64, absmax_block_size: int =
     return {"packed": packed, "absmax_q": absmax_q, "absmax_scale": scale, "absmax_offset": offset}
 
 
-def nf4_dequantize(q: dict[str, torch.Tensor], shape, dtype=torch.float32) -> torch.Tensor:
-    """The weight of nf4_quantize back in `dtype`."""
+def nf4_absmax(q: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fp32 absmax of every block of 64 weights, back from its double quantisation."""
+    n_blocks = q["packed"].size(0)
+    return (q["absmax_q"].float() * q["absmax_scale"][:, None]).flatten()[:n_blocks] + q["absmax_offset"]
+
+
+# byte -> (value of its high nibble, value of its low nibble): one lookup decodes two weights
+_NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=-1)  # (256, 2)
+
+
+def nf4_dequantize(q: dict[str, torch.Tensor], shape, dtype=torch.float32, rows: tuple[int, int] | None = None,
+                   absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight of nf4_quantize back in `dtype` (code value x absmax, multiplied in `dtype`), or only its rows
+    [start, stop) when every row is a whole number of blocks. Decoding the packed bytes through a (256, 2) table
+    with int32 indices costs 6 bytes per weight of scratch, not the 8 of an int64 index per weight."""
     packed = q["packed"]
-    n_blocks = packed.size(0)
-    absmax = (q["absmax_q"].float() * q["absmax_scale"][:, None]).flatten()[:n_blocks] + q["absmax_offset"]
-    idx = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(n_blocks, -1)  # (n_blocks, 64)
-    code = NF4_CODE.to(device=packed.device, dtype=dtype)
-    return (code[idx.long()] * absmax.to(dtype)[:, None]).view(shape)
+    absmax = nf4_absmax(q) if absmax is None else absmax
+    if rows is not None and rows != (0, shape[0]):
+        per_row = packed.size(0) // shape[0]
+        packed, absmax = packed[rows[0] * per_row: rows[1] * per_row], absmax[rows[0] * per_row: rows[1] * per_row]
+        shape = (rows[1] - rows[0], shape[1])
+    pairs = _NF4_PAIRS.to(device=packed.device, dtype=dtype)
+    w = F.embedding(packed.int(), pairs).view(packed.size(0), -1)  # (blocks, 64)
+    return w.mul_(absmax.to(dtype)[:, None]).view(shape)
+
+
+NF4_CHUNK_WEIGHTS = 1 << 22
+
+
+def _nf4_row_chunks(q, shape, x):
+    """Row ranges to dequantise at a time: ~4M weights on a CPU (the fp32 copy stays in cache and memory never holds
+    a whole dequantised matrix), the whole matrix elsewhere or when rows do not hold whole blocks."""
+    out_f, in_f = shape
+    block = in_f * out_f // q["packed"].size(0)
+    step = out_f if x.device.type != "cpu" or in_f % block else max(1, NF4_CHUNK_WEIGHTS // in_f)
+    return [(s, min(s + step, out_f)) for s in range(0, out_f, step)]
+
+
+def _nf4_matmul(x, q, shape, dtype, transpose: bool):
+    """x @ W.T (or x @ W) for the NF4 weight W, rows dequantised chunk by chunk in `dtype`; bf16 GEMMs on a CPU
+    without bf16 units run on the fp32 units as in `linear`, with fp32 accumulation and one rounding at the end."""
+    via_fp32 = dtype == torch.bfloat16 and x.device.type == "cpu" and not CPU_HAS_BF16_UNITS
+    gemm = torch.float32 if via_fp32 else dtype
+    xs = x.to(dtype).to(gemm)
+    absmax = nf4_absmax(q)
+    chunks = _nf4_row_chunks(q, shape, x)
+    if transpose:  # (..., out) @ (out, in): sum over row chunks
+        out = None
+        for s, e in chunks:
+            part = (xs[..., s:e] @ nf4_dequantize(q, shape, dtype, (s, e), absmax).to(gemm)).float()
+            out = part if out is None else out.add_(part)
+        return out.to(dtype)
+    out = xs.new_empty(*x.shape[:-1], shape[0], dtype=dtype)
+    for s, e in chunks:
+        out[..., s:e] = F.linear(xs, nf4_dequantize(q, shape, dtype, (s, e), absmax).to(gemm))
+    return out
+
+
+class _NF4Linear(torch.autograd.Function):
+    """x @ W.T for a frozen NF4 weight. Saves only the 4-bit weight (no dequantised copy, not x: the weight takes
+    no gradient) and dequantises again for the input gradient, as QLoRA does."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax_q, absmax_scale, absmax_offset, shape, dtype):
+        ctx.save_for_backward(packed, absmax_q, absmax_scale, absmax_offset)
+        ctx.shape, ctx.dtype, ctx.x_dtype = shape, dtype, x.dtype
+        q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
+        return _nf4_matmul(x, q, shape, dtype, transpose=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q = dict(zip(("packed", "absmax_q", "absmax_scale", "absmax_offset"), ctx.saved_tensors))
+        grad_x = _nf4_matmul(grad, q, ctx.shape, ctx.dtype, transpose=True).to(ctx.x_dtype)
+        return grad_x, None, None, None, None, None, None
+
+
+def nf4_linear(x: torch.Tensor, q: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+    """x @ W.T for W = nf4_dequantize(q, shape), computed in x's dtype (or the autocast dtype) without ever holding
+    W whole on a CPU."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.is_floating_point() else x.dtype
+    with torch.autocast(dev, enabled=False):
+        return _NF4Linear.apply(x, q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"],
+                                tuple(shape), dtype)

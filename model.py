@@ -396,11 +396,13 @@ class NF4Linear(nn.Module):
         return self.dequantize(torch.float32)
 
     def dequantize(self, dtype):
-        q = {name: getattr(self, f"nf4_{name}") for name in ("packed", "absmax_q", "absmax_scale", "absmax_offset")}
-        return kernels.nf4_dequantize(q, (self.out_features, self.in_features), dtype)
+        return kernels.nf4_dequantize(self.nf4(), (self.out_features, self.in_features), dtype)
+
+    def nf4(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"nf4_{name}") for name in ("packed", "absmax_q", "absmax_scale", "absmax_offset")}
 
     def forward(self, x):
-        return kernels.linear(x, self.dequantize(x.dtype))
+        return kernels.nf4_linear(x, self.nf4(), (self.out_features, self.in_features))
 
 
 class LoRALinear(nn.Module):

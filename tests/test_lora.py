@@ -51,6 +51,31 @@ def test_nf4_bits_per_parameter():
     assert 4.12 < bits < 4.14, bits
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1 << 22, 64 * 5])  # whole matrix, and 5-row chunks with a ragged last one
+def test_nf4_linear_matches_the_dequantised_weight_and_saves_only_4_bits(monkeypatch, dtype, chunk):
+    monkeypatch.setattr(kernels, "NF4_CHUNK_WEIGHTS", chunk)
+    torch.manual_seed(0)
+    shape = (96, 64)
+    q = kernels.nf4_quantize(torch.randn(shape) * 0.02)
+    x = torch.randn(2, 7, 64, dtype=dtype, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = kernels.nf4_linear(x, q, shape)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    y2 = kernels.linear(x2, kernels.nf4_dequantize(q, shape, dtype))
+    (y2 * g).sum().backward()
+    assert y.dtype == x.grad.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)  # GEMM blocking
+    torch.testing.assert_close(y, y2, **tol)
+    torch.testing.assert_close(x.grad, x2.grad, **tol)
+    # what autograd keeps for backward is the 4-bit weight itself: no dequantised copy, no input
+    assert sum(t.numel() * t.element_size() for t in saved) <= sum(t.numel() * t.element_size() for t in q.values())
+    assert any(t.data_ptr() == q["packed"].data_ptr() for t in saved)
+
+
 def test_lora_at_initialisation_leaves_outputs_unchanged():
     model = tiny_model()
     idx = torch.randint(0, 512, (2, 12))
