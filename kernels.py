@@ -160,6 +160,10 @@ def _cpu_has_bf16_units() -> bool:
 # Asked once at import: the query is an op torch.compile cannot trace, so asking per matmul broke every graph.
 CPU_HAS_BF16_UNITS = _cpu_has_bf16_units()
 
+# Weights converted at a time (bf16 -> fp32 on the CPU, NF4 -> compute dtype) where a whole converted copy would
+# cost memory: 16 MB in fp32, so a 7B model's 1 GB output layer or 180 MB MLP weight is never copied whole.
+CHUNK_WEIGHTS = 1 << 22
+
 
 def _bf16_in_fp32(x: torch.Tensor) -> bool:
     """True where a bf16 matmul on x's device should run on the fp32 units instead (see linear)."""
@@ -169,8 +173,34 @@ def _bf16_in_fp32(x: torch.Tensor) -> bool:
                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
+def _row_slices(n_rows: int, row_len: int, device: torch.device) -> list[tuple[int, int]]:
+    """Weight rows to convert at a time: CHUNK_WEIGHTS on a CPU, all of them elsewhere."""
+    step = n_rows if device.type != "cpu" else max(1, CHUNK_WEIGHTS // row_len)
+    return [(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
+
+
+def _by_weight_rows(x, rows, slices, out_dtype, transpose=False):
+    """x @ W.T, or x @ W with transpose, where rows(s, e) gives W[s:e] converted to x's dtype, one slice at a time:
+    each slice's product fills its columns of the output, or (transpose) is summed in fp32; one rounding at the end."""
+    if len(slices) == 1:
+        w = rows(*slices[0])
+        return (x @ w if transpose else F.linear(x, w)).to(out_dtype)
+    if transpose:
+        out = None
+        for s, e in slices:
+            part = (x[..., s:e] @ rows(s, e)).float()
+            out = part if out is None else out.add_(part)
+        return out.to(out_dtype)
+    out = x.new_empty(*x.shape[:-1], slices[-1][1], dtype=out_dtype)
+    for s, e in slices:
+        out[..., s:e] = F.linear(x, rows(s, e))
+    return out
+
+
 def _linear_bf16_via_fp32(x, weight):
-    return F.linear(x.to(torch.bfloat16).float(), weight.to(torch.bfloat16).float()).to(torch.bfloat16)
+    wb = weight.to(torch.bfloat16)
+    return _by_weight_rows(x.to(torch.bfloat16).float(), lambda s, e: wb[s:e].float(),
+                           _row_slices(*weight.shape, x.device), torch.bfloat16)
 
 
 class _LinearBf16ViaFp32(torch.autograd.Function):
@@ -178,6 +208,7 @@ class _LinearBf16ViaFp32(torch.autograd.Function):
 
     Saves the bf16 operands (as autocast would) and rounds every result to bf16, gradients included, so the
     numbers are a bf16 GEMM's: products of bf16 values are exact in fp32 and bf16 GEMMs accumulate in fp32.
+    The weight is converted to fp32 a slice of rows at a time, never whole (a 7B output layer is 1 GB in fp32).
     """
 
     @staticmethod
@@ -185,19 +216,23 @@ class _LinearBf16ViaFp32(torch.autograd.Function):
         xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         ctx.save_for_backward(xb, wb)
         ctx.dtypes = x.dtype, weight.dtype
-        return F.linear(xb.float(), wb.float()).to(torch.bfloat16)
+        return _linear_bf16_via_fp32(xb, wb)
 
     @staticmethod
     def backward(ctx, grad):
         xb, wb = ctx.saved_tensors
         g = grad.to(torch.bfloat16).float()  # (..., out)
+        slices = _row_slices(*wb.shape, wb.device)
         grad_x = grad_w = None
         with torch.autocast("cpu", enabled=False):
-            if ctx.needs_input_grad[0]:
-                grad_x = (g @ wb.float()).to(torch.bfloat16).to(ctx.dtypes[0])  # (..., in)
-            if ctx.needs_input_grad[1]:
-                gw = g.flatten(0, -2).T @ xb.float().flatten(0, -2)  # (out, in)
-                grad_w = gw.to(torch.bfloat16).to(ctx.dtypes[1])
+            if ctx.needs_input_grad[0]:  # (..., in)
+                grad_x = _by_weight_rows(g, lambda s, e: wb[s:e].float(), slices, torch.bfloat16, transpose=True)
+                grad_x = grad_x.to(ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:  # (out, in), a slice of rows at a time
+                g, xf = g.flatten(0, -2), xb.float().flatten(0, -2)
+                grad_w = torch.empty(wb.shape, dtype=ctx.dtypes[1], device=wb.device)
+                for s, e in slices:
+                    grad_w[s:e] = (g[:, s:e].T @ xf).to(torch.bfloat16)
         return grad_x, grad_w
 
 
@@ -374,9 +409,24 @@ def linear_cross_entropy(h, weight, targets, loss_mask=None, z_loss: float = 0.0
         targets = targets.masked_fill(loss_mask.flatten() == 0, -100)
     with torch.autocast(device, enabled=False):
         h, weight = h.flatten(0, -2).to(dtype), weight.to(dtype)  # (N, dim), (vocab, dim)
-        if round_bf16:  # bf16 values on the fp32 units (see linear): exact products, fp32 sums
-            h, weight = h.float(), weight.float()
+        if round_bf16:  # bf16 values on the fp32 units (see linear): exact products, fp32 sums; the weight stays
+            h = h.float()  # bf16 and is converted a slice of rows at a time (_mm_rows): a 7B head is 1 GB in fp32
         return _LinearCrossEntropy.apply(h, weight, targets, float(z_loss), round_bf16)
+
+
+def _vocab_slices(weight, h):
+    """Weight rows to convert at a time when the weight is stored in another dtype than h: ~4M weights."""
+    step = weight.size(0) if weight.dtype == h.dtype else max(1, CHUNK_WEIGHTS // weight.size(1))
+    return [(s, min(s + step, weight.size(0))) for s in range(0, weight.size(0), step)]
+
+
+def _logits_into(out, h, weight):
+    """out (N, V) = h @ weight.T in h's dtype, weight converted a slice of rows at a time."""
+    if weight.dtype == h.dtype:
+        return torch.mm(h, weight.T, out=out)
+    for s, e in _vocab_slices(weight, h):
+        out[:, s:e] = h @ weight[s:e].to(h.dtype).T
+    return out
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -390,13 +440,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad = torch.empty(N, V, dtype=h.dtype, device=h.device) if needs_grad else None
         in_place = grad is not None and h.dtype == torch.float32
         if in_place:  # one GEMM for all rows: GEMMs of row slices repack the whole weight each (~40% slower on CPU)
-            torch.mm(h, weight.T, out=grad)  # (N, V) logits, turned into their own gradient below
+            _logits_into(grad, h, weight)  # (N, V) logits, turned into their own gradient below
         total = torch.zeros((), device=h.device)
         safe_targets = targets.clamp(min=0)[:, None]  # (N, 1); rows that do not count are masked by `counted`
         for s in range(0, N, rows):
             e = min(s + rows, N)
             c = counted[s:e]
-            z = grad[s:e] if in_place else torch.mm(h[s:e], weight.T).float()  # (rows, V)
+            z = grad[s:e] if in_place else _logits_into(h.new_empty(e - s, V), h[s:e], weight).float()  # (rows, V)
             if round_bf16:
                 z.copy_(z.to(torch.bfloat16))  # the logits of a bf16 matmul
             if z_loss:
@@ -425,9 +475,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = (counted * (grad_loss / n))[:, None]  # (N, 1) fp32: zero for rows that do not count
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_h = ((grad @ weight) * scale).to(h.dtype)  # (N, dim)
+            grad_h = sum(grad[:, s:e] @ weight[s:e].to(grad.dtype) for s, e in _vocab_slices(weight, h))
+            grad_h = (grad_h * scale).to(h.dtype)  # (N, dim)
         if ctx.needs_input_grad[1]:
-            grad_w = grad.T @ (h * scale).to(h.dtype)  # (vocab, dim)
+            grad_w = (grad.T @ (h * scale).to(h.dtype)).to(weight.dtype)  # (vocab, dim)
         return grad_h, grad_w, None, None, None
 
 
@@ -452,12 +503,16 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64, absmax_block_size: int =
     """
     if w.numel() % (2 * block_size):
         raise ValueError(f"nf4_quantize: {w.numel()} weights is not a multiple of the block size {block_size}")
-    blocks = w.detach().float().reshape(-1, block_size)  # (n_blocks, 64)
-    absmax = blocks.abs().amax(dim=1)
-    code = NF4_CODE.to(w.device)
-    midpoints = (code[1:] + code[:-1]) / 2
-    idx = torch.bucketize(blocks / absmax.clamp(min=1e-12)[:, None], midpoints).to(torch.uint8)
-    packed = (idx[:, 0::2] << 4) | idx[:, 1::2]  # (n_blocks, 32): high nibble first
+    blocks = w.detach().reshape(-1, block_size)  # (n_blocks, 64)
+    midpoints = (NF4_CODE[1:] + NF4_CODE[:-1]).to(w.device) / 2
+    absmax = torch.empty(blocks.size(0), device=w.device)
+    packed = torch.empty(blocks.size(0), block_size // 2, dtype=torch.uint8, device=w.device)
+    step = max(1, CHUNK_WEIGHTS // block_size)  # a few MB of scratch at a time, not 12 bytes per weight at once
+    for s in range(0, blocks.size(0), step):
+        chunk = blocks[s:s + step].float()
+        absmax[s:s + step] = chunk.abs().amax(dim=1)
+        idx = torch.bucketize(chunk / absmax[s:s + step].clamp(min=1e-12)[:, None], midpoints, out_int32=True)
+        packed[s:s + step] = ((idx[:, 0::2] << 4) | idx[:, 1::2]).to(torch.uint8)  # high nibble first
     offset = absmax.mean()
     centred = F.pad(absmax - offset, (0, -absmax.numel() % absmax_block_size)).view(-1, absmax_block_size)
     scale = centred.abs().amax(dim=1).clamp(min=1e-12) / 127
@@ -491,36 +546,17 @@ def nf4_dequantize(q: dict[str, torch.Tensor], shape, dtype=torch.float32, rows:
     return w.mul_(absmax.to(dtype)[:, None]).view(shape)
 
 
-NF4_CHUNK_WEIGHTS = 1 << 22
-
-
-def _nf4_row_chunks(q, shape, x):
-    """Row ranges to dequantise at a time: ~4M weights on a CPU (the fp32 copy stays in cache and memory never holds
-    a whole dequantised matrix), the whole matrix elsewhere or when rows do not hold whole blocks."""
-    out_f, in_f = shape
-    block = in_f * out_f // q["packed"].size(0)
-    step = out_f if x.device.type != "cpu" or in_f % block else max(1, NF4_CHUNK_WEIGHTS // in_f)
-    return [(s, min(s + step, out_f)) for s in range(0, out_f, step)]
-
-
 def _nf4_matmul(x, q, shape, dtype, transpose: bool):
-    """x @ W.T (or x @ W) for the NF4 weight W, rows dequantised chunk by chunk in `dtype`; bf16 GEMMs on a CPU
-    without bf16 units run on the fp32 units as in `linear`, with fp32 accumulation and one rounding at the end."""
+    """x @ W.T (or x @ W) for the NF4 weight W, its rows dequantised in `dtype` a slice at a time on a CPU (the
+    dequantised slice stays in cache; memory never holds a whole dequantised matrix); bf16 GEMMs on a CPU without
+    bf16 units run on the fp32 units as in `linear`."""
     via_fp32 = dtype == torch.bfloat16 and x.device.type == "cpu" and not CPU_HAS_BF16_UNITS
     gemm = torch.float32 if via_fp32 else dtype
-    xs = x.to(dtype).to(gemm)
     absmax = nf4_absmax(q)
-    chunks = _nf4_row_chunks(q, shape, x)
-    if transpose:  # (..., out) @ (out, in): sum over row chunks
-        out = None
-        for s, e in chunks:
-            part = (xs[..., s:e] @ nf4_dequantize(q, shape, dtype, (s, e), absmax).to(gemm)).float()
-            out = part if out is None else out.add_(part)
-        return out.to(dtype)
-    out = xs.new_empty(*x.shape[:-1], shape[0], dtype=dtype)
-    for s, e in chunks:
-        out[..., s:e] = F.linear(xs, nf4_dequantize(q, shape, dtype, (s, e), absmax).to(gemm))
-    return out
+    block = shape[0] * shape[1] // q["packed"].size(0)
+    slices = _row_slices(*shape, x.device) if shape[1] % block == 0 else [(0, shape[0])]  # whole blocks per slice
+    return _by_weight_rows(x.to(dtype).to(gemm), lambda s, e: nf4_dequantize(q, shape, dtype, (s, e), absmax).to(gemm),
+                           slices, dtype, transpose)
 
 
 class _NF4Linear(torch.autograd.Function):

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from model import PRESETS, Transformer
@@ -211,17 +212,25 @@ def test_linear_cross_entropy_equals_linear_then_cross_entropy(z_loss):
         torch.testing.assert_close(kernels.linear_cross_entropy(h, w, targets, mask, z_loss), ref[0])
 
 
-@pytest.mark.parametrize("weights", ["float32-autocast", "bfloat16", "bfloat16-units"])
+@pytest.mark.parametrize("weights", ["float32-autocast", "bfloat16", "bfloat16-sliced", "bfloat16-units"])
 def test_linear_cross_entropy_in_bf16_is_within_bf16_rounding(weights, monkeypatch):
     dtype = torch.float32 if weights == "float32-autocast" else torch.bfloat16
     if weights == "bfloat16-units":  # the path of GPUs and CPUs with bf16 units: bf16 GEMMs, a bf16 gradient buffer
         monkeypatch.setattr(kernels, "CPU_HAS_BF16_UNITS", True)
+    if weights == "bfloat16-sliced":  # a bf16 weight converted to fp32 in slices of 300 rows, the last one ragged
+        monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 300 * 64)
     h, w, targets, mask = lce_case(dtype, V=4096)
     results = []
     for fn in (kernels.linear_cross_entropy, lambda h, w, *a: kernels.cross_entropy(kernels.linear(h, w), *a)):
         h.grad = w.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+        saved = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.float32), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             loss = fn(h, w, targets, mask)
+        if fn is kernels.linear_cross_entropy and dtype == torch.bfloat16:  # no fp32 copy of the weight is kept
+            assert not any(t.dtype == torch.float32 and t.shape == w.shape for t in saved)
+            with torch.no_grad():
+                assert kernels.linear_cross_entropy(h, w, targets, mask).item() == pytest.approx(loss.item(), rel=1e-6)
         loss.backward()
         assert h.grad.dtype == w.grad.dtype == dtype
         results.append((loss.detach(), h.grad, w.grad))
@@ -251,3 +260,27 @@ def test_model_training_loss_skips_logits_with_the_same_loss_and_gradients(head)
     with torch.no_grad():
         logits, loss = model(idx, targets)  # evaluation keeps the logits
     assert logits is not None and loss.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 7 * 48])  # the whole weight, and slices of 7 rows (ragged last one)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_linear_on_fp32_units_is_a_bf16_gemm(monkeypatch, chunk, autocast):
+    """kernels.linear in bf16 on a CPU without bf16 units (the fp32 GEMM on bf16 operands, the weight converted a
+    slice at a time) against torch's own bf16 GEMM: forward and both gradients within one bf16 rounding."""
+    monkeypatch.setattr(kernels, "CPU_HAS_BF16_UNITS", False)
+    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", chunk)
+    torch.manual_seed(0)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    x = torch.randn(3, 10, 48, dtype=dtype, requires_grad=True)
+    w = torch.randn(40, 48, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 10, 40)
+    results = []
+    for fn in (kernels.linear, lambda x, w: F.linear(x.bfloat16(), w.bfloat16())):
+        x.grad = w.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x, w)
+        (y.float() * g).sum().backward()
+        results.append((y, x.grad, w.grad))
+    for ours, ref in zip(*results):
+        assert ours.dtype == ref.dtype
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=8e-3, atol=1e-2)

@@ -54,7 +54,7 @@ def test_nf4_bits_per_parameter():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [1 << 22, 64 * 5])  # whole matrix, and 5-row chunks with a ragged last one
 def test_nf4_linear_matches_the_dequantised_weight_and_saves_only_4_bits(monkeypatch, dtype, chunk):
-    monkeypatch.setattr(kernels, "NF4_CHUNK_WEIGHTS", chunk)
+    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", chunk)
     torch.manual_seed(0)
     shape = (96, 64)
     q = kernels.nf4_quantize(torch.randn(shape) * 0.02)
