@@ -410,14 +410,13 @@ def linear_cross_entropy(h, weight, targets, loss_mask=None, z_loss: float = 0.0
     with torch.autocast(device, enabled=False):
         h, weight = h.flatten(0, -2).to(dtype), weight.to(dtype)  # (N, dim), (vocab, dim)
         if round_bf16:  # bf16 values on the fp32 units (see linear): exact products, fp32 sums; the weight stays
-            h = h.float()  # bf16 and is converted a slice of rows at a time (_mm_rows): a 7B head is 1 GB in fp32
+            h = h.float()  # bf16 and is converted a slice of rows at a time (_logits_into): a 7B head is 1 GB in fp32
         return _LinearCrossEntropy.apply(h, weight, targets, float(z_loss), round_bf16)
 
 
 def _vocab_slices(weight, h):
-    """Weight rows to convert at a time when the weight is stored in another dtype than h: ~4M weights."""
-    step = weight.size(0) if weight.dtype == h.dtype else max(1, CHUNK_WEIGHTS // weight.size(1))
-    return [(s, min(s + step, weight.size(0))) for s in range(0, weight.size(0), step)]
+    """Weight rows to convert at a time where the weight is stored in another dtype than h: all of them otherwise."""
+    return [(0, weight.size(0))] if weight.dtype == h.dtype else _row_slices(*weight.shape, h.device)
 
 
 def _logits_into(out, h, weight):
