@@ -12,6 +12,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: tiny models gain nothing from threads (on a busy shared CPU their
+    spin-waits cost seconds a step), and in-process runs then reduce in the same order as subprocesses started
+    with OMP_NUM_THREADS=1, so their losses are bitwise equal."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fake_npu(monkeypatch):
     """Install the fake torch_npu and force kernels.py onto its NPU path for the duration of a test."""

@@ -23,19 +23,12 @@ import torch
 import train
 from test_train import markov_tokens, write_data
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--model=tiny", "--seq_len=32", "--micro_batch_size=4", "--global_batch_size=8", "--log_interval=1",
         "--eval_interval=3", "--eval_iters=2", "--ckpt_interval=2", "--peak_flops=1e9", "--warmup_iters=2",
         "--lr_decay_iters=40", "--lr=3e-3", "--min_lr=3e-4", "--max_iters=8"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the subprocesses run with OMP_NUM_THREADS=1 too: the same reduction order, so bitwise equal losses
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ import torch
 import train
 from model import ModelArgs, Transformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 V = 64  # vocabulary of the test data
 # tiny model (the 'tiny' preset: dim 64, 2 layers), tiny batches; no torch.mm peak measurement (peak_flops given)
@@ -55,15 +57,6 @@ def data(tmp_path_factory):
     # 1,200 train tokens = 37 windows of 32: an epoch is under 5 steps of 8 sequences, so runs cross epochs
     root = tmp_path_factory.mktemp("data")
     return write_data(root / "markov", markov_tokens(1200, 1), markov_tokens(600, 2))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a model this small gains nothing from threads, and on a busy shared CPU their spin-waits cost seconds a step
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(data_dir, out_dir, *extra):
