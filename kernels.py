@@ -474,7 +474,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = (counted * (grad_loss / n))[:, None]  # (N, 1) fp32: zero for rows that do not count
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_h = sum(grad[:, s:e] @ weight[s:e].to(grad.dtype) for s, e in _vocab_slices(weight, h))
+            grad_h = _by_weight_rows(grad, lambda s, e: weight[s:e].to(grad.dtype), _vocab_slices(weight, h),
+                                     grad.dtype, transpose=True)
             grad_h = (grad_h * scale).to(h.dtype)  # (N, dim)
         if ctx.needs_input_grad[1]:
             grad_w = (grad.T @ (h * scale).to(h.dtype)).to(weight.dtype)  # (vocab, dim)
