@@ -12,6 +12,9 @@ Train mode times what train.py runs: forward with the loss, backward, grad clipp
 batch_size prompts of prompt_len random tokens, new_tokens each) with the weights in --dtype; its MFU counts 2N FLOPs
 per generated token (N = parameters except the input embedding; attention over the cache is left out). The peak is
 the best of several square torch.mm of the same dtype, sized like the model's largest matrix, in the same process.
+Decoding is bound by memory, not FLOPs: generate mode also reports MBU, the bytes of those weights (as decoding holds
+them) times tokens/s over the best rate the device streams them in the same process, and --compare its ratio_bound,
+1 / transformers' MBU: the most any decoder reading every weight once per token could beat it by here.
 Peak memory is torch.{cuda,npu}.max_memory_allocated on accelerators, the process's ru_maxrss on CPU (in --compare
 the process holds both models, so it is one figure for the pair). load_avg_1m is the machine's load at the end: on a
 shared CPU other processes take cores and memory bandwidth, so compare only figures from one --compare run.
@@ -79,6 +82,23 @@ def mm_peak_flops(dtype, n: int, device: torch.device, repeats: int = 5, seconds
         best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
         if r >= 1 and time.perf_counter() - start > budget:
             break
+    return best
+
+
+def stream_peak_bytes(tensors: list[torch.Tensor], device: torch.device, repeats: int = 5) -> float:
+    """Best bytes/s at which the device reads `tensors` once: the weights one decoded token streams, so tokens/s
+    can be no more than this over their bytes (on a CPU the model does not fit in cache). The bytes are summed as
+    fp32 whatever the dtype: a bf16 sum on a CPU without bf16 units is bound by its conversions, not by memory."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    tensors = [t.reshape(-1).view(torch.float32) if t.numel() * t.element_size() % 4 == 0 else t for t in tensors]
+    best = 0.0
+    for _ in range(repeats + 1):  # the first pass warms up
+        synchronize(device)
+        t0 = time.perf_counter()
+        for t in tensors:
+            t.sum()
+        synchronize(device)
+        best = max(best, nbytes / (time.perf_counter() - t0))
     return best
 
 
@@ -298,6 +318,8 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         row = {"tokens_per_s": round(tokens_per_s, 2), "mfu": round(flops_token * tokens_per_s / peak, 4)}
         if dtype != torch.float32:
             row["mfu_vs_fp32_peak"] = round(flops_token * tokens_per_s / peak_fp32, 4)
+        if stream:  # generate: the fraction of the weight-streaming bound reached
+            row["mbu"] = round(result["bytes_per_token"] * tokens_per_s / stream, 4)
         row["tokens_per_s_runs"] = [round(tokens_per_call / s, 2) for s in seconds]
         return row
 
@@ -305,8 +327,20 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     if dtype != torch.float32:
         result["mm_peak_flops_fp32"] = round(peak_fp32)
     reset_peak_memory(device)
+    stream = None
+
+    def measure_stream():  # after workload(ours): the weights as decoding holds them (dtype, decode_layout)
+        nonlocal stream
+        weights = [t for name, t in [*ours.named_parameters(), *ours.named_buffers()]
+                   if t.dim() == 2 and not name.startswith(("tok_embeddings.", "rope_"))]
+        stream = stream_peak_bytes(weights, device)
+        result.update(bytes_per_token=sum(t.numel() * t.element_size() for t in weights),
+                      stream_peak_bytes_per_s=round(stream))
+
     if not opt.compare:
         timed = workload(ours, hf=False)
+        if opt.mode == "generate":
+            measure_stream()
         runs = [timed() for _ in range(opt.rounds)]
         result.update(summary([s for s, _ in runs]), peak_mem_gib=round(peak_memory_gib(device), 3),
                       load_avg_1m=load_average())
@@ -316,6 +350,8 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
 
     hf = build_hf(model_args, ours, device)
     timed = {"ours": workload(ours, hf=False), "transformers": workload(hf, hf=True)}
+    if opt.mode == "generate":
+        measure_stream()
     seconds, outputs = {k: [] for k in timed}, {}
     for _ in range(opt.rounds):  # alternate, so drifts in machine speed hit both alike
         for name, fn in timed.items():
@@ -325,6 +361,8 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     for name in timed:
         result[name] = summary(seconds[name])
     result["ratio"] = round(result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 3)
+    if stream:  # no decoder that reads every weight once per token can beat transformers by more than this
+        result["ratio_bound"] = round(1 / result["transformers"]["mbu"], 3)
     if opt.mode == "train":  # both took the same steps from the same weights and data: losses must agree
         result["first_round_last_loss"] = {k: round(v, 5) for k, v in outputs.items()}
     else:

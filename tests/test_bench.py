@@ -48,6 +48,11 @@ def test_generate_counts_2n_flops_per_token():
     n = sum(p for p in [args.n_layers * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 176 + 2 * 64), 64, 512 * 64])
     assert result["mfu_flops_per_token"] == 2 * n
     assert result["new_tokens"] == 6 and result["batch_size"] == 1
+    # the weight-streaming bound: the same N weights, 4 bytes each in fp32, and the fraction of it reached
+    assert result["bytes_per_token"] == 4 * n - 4 * (2 * args.n_layers + 1) * 64  # norm gains (1-D) not counted
+    assert result["stream_peak_bytes_per_s"] > 1e8
+    assert result["mbu"] == pytest.approx(result["bytes_per_token"] * result["tokens_per_s"]
+                                          / result["stream_peak_bytes_per_s"], rel=0.01)
 
 
 def test_bfloat16_train_reports_both_peaks():
@@ -88,6 +93,7 @@ def test_compare_generate_gives_the_same_greedy_tokens():
     result = bench.main([*TINY_GENERATE, "--compare"])
     assert result["greedy_tokens_agree"] == 1.0
     assert result["ratio"] > 0
+    assert result["ratio_bound"] == pytest.approx(1 / result["transformers"]["mbu"], rel=0.01)
 
 
 def write_metrics(path, losses, start_step=1):
