@@ -78,17 +78,32 @@ def _npu(x: torch.Tensor):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight, the statistics in fp32 whatever x's dtype (as LLaMA and Baichuan compute it)."""
+    """x / rms(x) * weight, the statistics in fp32 whatever x's dtype (as LLaMA and Baichuan compute it).
+
+    Under autocast the result comes in the autocast dtype: the projections reading it (wq, wk, wv; w1, w3) would
+    each cast the fp32 result and keep their own 16-bit copy for backward; the copies are the same numbers.
+    """
     weight = weight.to(x.dtype)  # under autocast the gain is fp32; both fused kernels want one dtype
     npu = _npu(x)
     if npu is not None:
-        return npu.npu_rms_norm(x, weight, eps)[0]
-    # training on plain tensors in eager mode; inference (a Function call costs more than the op on one token),
-    # DTensors (sequence parallel) and compiled graphs (inductor fuses the composite itself) take F.rms_norm
-    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if training and type(x) is torch.Tensor and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
-        return _RMSNorm.apply(x, weight, eps)
-    return F.rms_norm(x, (x.size(-1),), weight, eps)
+        y = npu.npu_rms_norm(x, weight, eps)[0]
+    elif _plain_training(x, weight):
+        y = _RMSNorm.apply(x, weight, eps)
+    else:
+        y = F.rms_norm(x, (x.size(-1),), weight, eps)
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and y.dtype == torch.float32:
+        y = y.to(torch.get_autocast_dtype(device))
+    return y
+
+
+def _plain_training(x: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether an op on x and other takes its own autograd.Function: training on plain CPU/CUDA tensors in eager mode.
+    Inference (a Function call costs more than the op on one token), DTensors (sequence and tensor parallel) and
+    compiled graphs (inductor fuses the composite itself) take the plain torch ops."""
+    return (torch.is_grad_enabled() and (x.requires_grad or other.requires_grad) and type(x) is torch.Tensor
+            and type(other) in (torch.Tensor, torch.nn.Parameter) and x.device.type in ("cpu", "cuda")
+            and not torch.compiler.is_compiling())
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -142,7 +157,26 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     npu = _npu(gate)
     if npu is not None:
         return npu.npu_swiglu(torch.cat([gate, up], dim=-1), dim=-1)
+    if _plain_training(gate, up):
+        return _SwiGLU.apply(gate, up)
     return F.silu(gate) * up
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up keeping only gate and up for backward (autograd also keeps silu(gate): one more hidden-sized
+    tensor per layer, a quarter of the feed-forward's activations). The same ops, so the same numbers."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -165,12 +199,12 @@ CPU_HAS_BF16_UNITS = _cpu_has_bf16_units()
 CHUNK_WEIGHTS = 1 << 22
 
 
-def _bf16_in_fp32(x: torch.Tensor) -> bool:
-    """True where a bf16 matmul on x's device should run on the fp32 units instead (see linear)."""
-    if x.device.type != "cpu" or CPU_HAS_BF16_UNITS:
+def _bf16_in_fp32(dtype: torch.dtype, device: torch.device) -> bool:
+    """True where a bf16 matmul of a tensor of this dtype and device should run on the fp32 units (see linear)."""
+    if device.type != "cpu" or CPU_HAS_BF16_UNITS:
         return False
-    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                       and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 def _row_slices(n_rows: int, row_len: int, device: torch.device) -> list[tuple[int, int]]:
@@ -246,7 +280,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     row: 4 ms native, 60 ms via fp32; the two break even near 4 rows for the small layers, 16 for the output layer).
     """
     few_rows = x.numel() <= 4 * x.size(-1) and x.dtype == weight.dtype
-    if few_rows or not _bf16_in_fp32(x):
+    if few_rows or not _bf16_in_fp32(x.dtype, x.device):
         return F.linear(x, weight)
     with torch.autocast("cpu", enabled=False):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
@@ -296,32 +330,53 @@ def _alibi_bias(slopes, T, S, q_start, device):
     return (slopes.float()[:, None, None] * (kpos - qpos)).unsqueeze(0)
 
 
-def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None, doc_ids=None, q_start=0):
+def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=True, key_padding_mask=None,
+                         doc_ids=None, device=None):
+    """The ALiBi bias `attention` would build for queries of this dtype and head_dim, built once for every layer.
+
+    Passed to each layer's attention (alibi_bias=), all layers add and save the same tensor instead of building their
+    own: (B|1, H, T, S) is 1.3 GB in bf16 for Baichuan-13B at 4096 tokens, and autograd kept one per layer (40).
+    On an NPU it is the kernel's pse (bias / scale); elsewhere the SDPA mask, -inf where a query may not look.
+    """
+    device = device or slopes.device
+    bias = _alibi_bias(slopes, T, S, q_start, device)
+    if _npu(slopes) is not None and head_dim % 16 == 0:
+        return (bias / (1.0 / math.sqrt(head_dim))).to(dtype)  # the kernel computes scale * (pse + q k^T)
+    allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device)
+    mask = (bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))).to(dtype)
+    return mask.float() if _bf16_in_fp32(dtype, device) else mask  # attention's SDPA runs in fp32 there
+
+
+def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None, doc_ids=None, q_start=0,
+              alibi_bias=None):
     """Scaled dot-product attention with causal, ALiBi, padding and packed-document masks.
 
     q (B, H, T, D); k, v (B, H_kv, S, D) with H_kv dividing H (grouped-query attention). Query i sits at position
     q_start + i and key j at position j, so with a KV cache S = q_start + T. key_padding_mask (B, >=S) bool, True
     for real tokens; doc_ids (B, T) document index of every token of a packed sequence (needs S == T).
+    alibi_bias: alibi_attention_bias(alibi_slopes, ...) for these arguments, built once and shared by the layers.
     Returns (B, H, T, D).
     """
     B, H, T, D = q.shape
     S = k.size(2)
     npu = _npu(q)
+    if alibi_slopes is not None and alibi_bias is None:
+        alibi_bias = alibi_attention_bias(alibi_slopes, q.dtype, D, T, S, q_start, causal=causal,
+                                          key_padding_mask=key_padding_mask, doc_ids=doc_ids, device=q.device)
     if npu is not None and D % 16 == 0:  # the fused kernel needs head_dim % 16 == 0; others take the portable path
-        return _npu_attention(npu, q, k, v, causal, alibi_slopes, key_padding_mask, doc_ids, q_start)
-    plain_causal = causal and alibi_slopes is None and key_padding_mask is None and doc_ids is None and T == S
-    allowed = None if plain_causal else _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, q.device)
-    mask, is_causal = allowed, False
-    if alibi_slopes is not None:
-        bias = _alibi_bias(alibi_slopes, T, S, q_start, q.device)
-        mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
-        mask = mask.to(q.dtype)
+        return _npu_attention(npu, q, k, v, causal, alibi_bias, key_padding_mask, doc_ids, q_start)
+    plain_causal = causal and alibi_bias is None and key_padding_mask is None and doc_ids is None and T == S
+    mask, is_causal = None, False
+    if alibi_bias is not None:
+        mask = alibi_bias  # the mask folded in
     elif plain_causal:
-        mask, is_causal = None, True  # let SDPA pick its fused causal kernel; no (T, S) mask built
-    if _bf16_in_fp32(q):  # CPU without bf16 units: SDPA's bf16 GEMMs are scalar loops; same numbers in fp32
+        is_causal = True  # let SDPA pick its fused causal kernel; no (T, S) mask built
+    else:
+        mask = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, q.device)
+    if _bf16_in_fp32(q.dtype, q.device):  # CPU without bf16 units: SDPA's bf16 GEMMs are scalar loops; same numbers in fp32
         with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
-            mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+            mask = mask.float() if mask is not None and mask.is_floating_point() else mask  # no-op if shared
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                enable_gqa=H != k.size(1))
             return y.to(torch.bfloat16)
@@ -334,15 +389,12 @@ def _npu_causal_mask(device) -> torch.Tensor:
     return torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1)
 
 
-def _npu_attention(npu, q, k, v, causal, alibi_slopes, key_padding_mask, doc_ids, q_start):
+def _npu_attention(npu, q, k, v, causal, pse, key_padding_mask, doc_ids, q_start):
     B, H, T, D = q.shape
     S = k.size(2)
     scale = 1.0 / math.sqrt(D)
-    if doc_ids is not None and alibi_slopes is None and key_padding_mask is None and causal:
+    if doc_ids is not None and pse is None and key_padding_mask is None and causal:
         return _npu_packed_attention(npu, q, k, v, doc_ids, scale)
-    pse = None
-    if alibi_slopes is not None:  # the kernel computes scale * (pse + q k^T), so the bias goes in divided by scale
-        pse = (_alibi_bias(alibi_slopes, T, S, q_start, q.device) / scale).to(q.dtype)
     if causal and key_padding_mask is None and doc_ids is None and T == S:
         atten_mask, sparse_mode = _npu_causal_mask(q.device), 3  # right-down causal, no (T, S) mask built
     else:

@@ -157,7 +157,7 @@ class Attention(nn.Module):
         self.heads = slice(None)  # the heads this module computes: all, or a tensor-parallel rank's share
         self.cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, start_pos=0, key_padding_mask=None, doc_ids=None):
+    def forward(self, x, cos, sin, start_pos=0, key_padding_mask=None, doc_ids=None, alibi_bias=None):
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds only its share of the heads
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
@@ -168,7 +168,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
-        y = kernels.attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes,
+        y = kernels.attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, alibi_bias=alibi_bias,
                               key_padding_mask=key_padding_mask, doc_ids=doc_ids, q_start=start_pos)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -282,8 +282,10 @@ class Transformer(nn.Module):
             if self.rope_cos is not None:
                 cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B|1, T, 1, D)
         h = self.tok_embeddings(idx)
+        alibi_bias = self._alibi_bias(h, T, start_pos, key_padding_mask, doc_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids)
+            h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
+                      alibi_bias=alibi_bias)
         h = self.norm(h)
         head = self._plain_head_weight() if targets is not None and torch.is_grad_enabled() else None
         if head is not None:  # training: the loss straight from h, the full logits never built (fast, less memory)
@@ -295,6 +297,17 @@ class Transformer(nn.Module):
             loss = (vocab_parallel_cross_entropy if vocab_sharded else kernels.cross_entropy)(
                 logits, targets, loss_mask, self.args.z_loss)
         return logits, loss
+
+    def _alibi_bias(self, h, T, start_pos, key_padding_mask, doc_ids) -> Optional[torch.Tensor]:
+        """ALiBi: the attention bias of this forward, built once and shared by every layer (see kernels)."""
+        attention = self.layers[0].attention if len(self.layers) else None
+        if attention is None or attention.alibi_slopes is None:
+            return None
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        S = start_pos + T if attention.cache is not None else T
+        return kernels.alibi_attention_bias(attention.alibi_slopes, dtype, self.args.head_dim, T, S, start_pos,
+                                            key_padding_mask=key_padding_mask, doc_ids=doc_ids, device=h.device)
 
     def _plain_head_weight(self) -> Optional[torch.Tensor]:
         """The output layer's weight when it is a plain matrix (not tensor-parallel, NF4 or adapted), else None."""

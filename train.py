@@ -1135,17 +1135,22 @@ def memory_plan(args: ModelArgs, cfg: Config, dp: int, tp: int, packed: bool) ->
     dtype; in one process autocast caches a 16-bit copy of every trainable linear weight; QLoRA dequantises each
     linear and autograd keeps the result for backward (one block's worth under activation checkpointing).
     Activations of one micro-batch of b sequences of T tokens, s bytes per element (2 in 16-bit, 4 in fp32), divided by
-    tp (sequence-parallel norms shard the rest). Per layer and token, the tensors a block keeps for backward:
+    tp (sequence-parallel norms shard the rest); the residual stream (block input x, mid-block h) stays fp32 under
+    autocast, 4 bytes. Per layer and token, the tensors a block keeps for backward:
       attention: input x, normed x, q, k, v, attention output = 4d + 2kv;  feed-forward: residual h, normed h, gate,
-      up, swiglu output = 2d + 3f;  so s(6d + 2kv + 3f) (the per-layer estimate of Korthikanti et al. 2022, redone
-      for SwiGLU, RMSNorm, no dropout, and fused attention, which keeps only 4 B of softmax statistics per head).
-      Masks, per layer: ALiBi's bias (1, H, T, T) in s bytes, (b, H, T, T) with packed rows' document masks; a RoPE
-      model with packed rows keeps a (b, 1, T, T) bool mask. LoRA adds rank outputs (and dropout copies of the input).
-      Full checkpointing keeps only each block's input (s d per token and layer), selective (per op, see
-      apply_activation_checkpointing) also the outputs of wq, wv, w1, w2 and attention: s(4d + kv + f); both recompute
-      one block at a time in the backward pass.
-      The loss head holds b T V (s + 8) bytes: logits, their fp32 copy, fp32 log-softmax.
-    tests/test_recipes.py checks activations + working weights against the bytes autograd saves (within 10%).
+      up, swiglu output = 2d + 3f;  so s(4d + 2kv + 3f) + 8d (the per-layer estimate of Korthikanti et al. 2022,
+      redone for SwiGLU, RMSNorm, no dropout, and fused attention, which keeps only 4 B of softmax statistics per head;
+      kernels.rms_norm hands the projections one 16-bit normed copy, kernels.swiglu keeps no silu(gate)).
+      Masks: ALiBi's bias (1, H, T, T) in s bytes, (b, H, T, T) with packed rows' document masks, built once per
+      forward and shared by the layers; a RoPE model with packed rows keeps a (b, 1, T, T) bool mask per layer. LoRA
+      adds rank outputs (and dropout copies of the input).
+      Full checkpointing keeps only each block's input (4d per token and layer), selective (per op, see
+      apply_activation_checkpointing) also the outputs of wq, wv, w1, w2 and attention: 4d + s(3d + kv + f); both
+      recompute one block at a time in the backward pass.
+      The loss head: the final norm's input and output, b T d (4 + s), and kernels.linear_cross_entropy's one (b T, V)
+      buffer in s bytes (the logits turned into their gradient); vocab-sharded (tp > 1) or adapted output layers
+      take the logits, their fp32 copy and fp32 log-softmax instead, b T V (s + 8) bytes.
+    tests/test_recipes.py checks activations + working weights against the bytes autograd saves (within 3%).
     """
     d, L, H, f = args.dim, args.n_layers, args.n_heads, args.hidden_dim
     kv = args.kv_heads * args.head_dim
@@ -1159,6 +1164,7 @@ def memory_plan(args: ModelArgs, cfg: Config, dp: int, tp: int, packed: bool) ->
     n_block = sum(p.numel() for p in model.layers[0].parameters())  # one block
     n_root = n_params - L * n_block  # embedding, final norm, output head
     lora_extra = 0  # activation bytes per token and layer that the adapters add
+    adapted = []
     if cfg.lora_rank:
         adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1189,17 +1195,16 @@ def memory_plan(args: ModelArgs, cfg: Config, dp: int, tp: int, packed: bool) ->
         working = s * (n_block_linear + args.vocab_size * d) / tp  # autocast's cache of 16-bit linear weights
     mem["working weights"] = working
 
-    per_token_layer = s * (6 * d + 2 * kv + 3 * f) + 4 * H + lora_extra  # + fused attention's softmax statistics
-    if args.pos_emb == "alibi":
-        mask_layer = (b if packed else 1) * H * T * T * s
-    else:
-        mask_layer = b * T * T if packed else 0
+    per_token_layer = s * (4 * d + 2 * kv + 3 * f) + 8 * d + 4 * H + lora_extra  # + attention's softmax statistics
+    alibi_mask = (b if packed else 1) * H * T * T * s / tp if args.pos_emb == "alibi" else 0  # one for all layers
+    mask_layer = b * T * T if packed and args.pos_emb != "alibi" else 0
     layer = (b * T * per_token_layer + mask_layer) / tp
-    head = b * T * args.vocab_size * (s + 8) / tp
-    kept = {"none": layer, "full": b * T * s * d / tp,  # selective: block input, outputs of wq, wv, w1, w2, attention
-            "selective": b * T * (s * (4 * d + kv + f) + 4 * H) / tp}
+    fused_loss = tp == 1 and "output" not in adapted  # (model.Transformer._plain_head_weight)
+    head = b * T * (d * (4 + s) + args.vocab_size * (s if fused_loss else s + 8)) / tp
+    kept = {"none": layer, "full": b * T * 4 * d / tp,  # selective: block input, outputs of wq, wv, w1, w2, attention
+            "selective": b * T * (4 * d + s * (3 * d + kv + f) + 4 * H) / tp}
     for mode in AC_MODES:  # all but 'none' recompute one block at a time in the backward pass
-        mem[f"activations ({mode})"] = L * kept[mode] + (layer if mode != "none" else 0) + head
+        mem[f"activations ({mode})"] = L * kept[mode] + (layer if mode != "none" else 0) + alibi_mask + head
     mem["activations"] = mem[f"activations ({ac})"]
     mem["total"] = sum(mem[k] for k in ("weights", "gradients", "optimizer", "working weights", "activations"))
     return {"n_params": n_params, "n_trainable": n_train, "bytes": mem, "activation_checkpointing": ac}

@@ -182,6 +182,37 @@ def test_rms_norm_fused_forward_and_backward_equal_f_rms_norm(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+def test_rms_norm_under_autocast_hands_out_one_16_bit_copy():
+    x, w = torch.randn(3, 7, 64, requires_grad=True), torch.randn(64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.rms_norm(x, w, 1e-6)
+        projections = [kernels.linear(y, torch.randn(16, 64)) for _ in range(3)]  # as wq, wk, wv read it
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (64,), w, 1e-6).to(torch.bfloat16), rtol=0, atol=0)
+    assert all(p.dtype == torch.bfloat16 for p in projections)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_keeps_only_gate_and_up_with_autograd_s_gradients(dtype):
+    torch.manual_seed(0)
+    gate, up = (torch.randn(3, 7, 40, dtype=dtype, requires_grad=True) for _ in range(2))
+    g = torch.randn(3, 7, 40, dtype=dtype)
+
+    def run(fn):
+        gate.grad = up.grad = None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fn()
+        y.backward(g)
+        return (y.detach(), gate.grad, up.grad), saved
+
+    ours, saved = run(lambda: kernels.swiglu(gate, up))
+    ref, ref_saved = run(lambda: torch.nn.functional.silu(gate) * up)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same ops: the same bits
+    assert len(ref_saved) == 3 and {t.data_ptr() for t in saved} == {gate.data_ptr(), up.data_ptr()}
+
+
 def lce_case(dtype=torch.float32, V=65536):
     """h (100, 8) and a vocabulary of 65536 rows: the loss runs in two slices of 64 rows; some targets not counted."""
     torch.manual_seed(0)

@@ -79,6 +79,33 @@ def test_alibi_attention_equals_plain_loop():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_alibi_bias_is_built_once_and_saved_once_for_all_layers(monkeypatch, autocast):
+    model = build(tiny(pos_emb="alibi", n_kv_heads=None, n_layers=3)).train()
+    T = 32
+    idx, targets = torch.randint(0, 512, (2, T)), torch.randint(0, 512, (2, T))
+    built, saved = [], {}
+    monkeypatch.setattr(kernels, "_alibi_bias", lambda *a, f=kernels._alibi_bias: built.append(1) or f(*a))
+
+    def pack(t):  # autograd's saved (.., T, T) float tensors: the bias (and nothing else with SDPA's fused kernel)
+        if t.dim() == 4 and t.shape[-2:] == (T, T) and t.is_floating_point():
+            saved[t.untyped_storage().data_ptr()] = t.shape
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        _, loss = model(idx, targets)
+    loss.backward()
+    assert len(built) == 1  # once per forward, not once per layer
+    assert list(saved.values()) == [(1, model.args.n_heads, T, T)]  # one copy kept for backward, not three
+    # the layers get what attention would have built itself
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        shared, _ = model(idx)
+        monkeypatch.setattr(type(model), "_alibi_bias", lambda *a: None)
+        per_layer, _ = model(idx)
+    torch.testing.assert_close(shared, per_layer, rtol=0, atol=0)
+
+
 CACHE_CASES = {"rope-mha": dict(n_kv_heads=None), "rope-gqa": dict(n_kv_heads=2),
                "alibi-mha": dict(pos_emb="alibi", n_kv_heads=None), "alibi-gqa": dict(pos_emb="alibi", n_kv_heads=2)}
 

@@ -245,18 +245,19 @@ def test_dry_run_numbers_by_hand(tmp_path):
     mem = out["bytes"]
     assert mem["weights"] == 4 * n / 2 and mem["gradients"] == 4 * n / 2 and mem["optimizer"] == 8 * n / 2
     assert mem["working weights"] == s * (V * d + d + V * d) + 2 * s * block  # FSDP: root + two blocks
-    layer = b * T * (s * (6 * d + 2 * kv + 3 * f) + 4 * H)
-    head = b * T * V * (s + 8)
+    layer = b * T * (s * (4 * d + 2 * kv + 3 * f) + 4 * 2 * d + 4 * H)  # residual x and h in fp32
+    head = b * T * (d * (4 + s) + V * s)  # the final norm's input and output, the fused loss's one (b T, V) buffer
     assert mem["activations (none)"] == L * layer + head == mem["activations"]
-    assert mem["activations (full)"] == L * b * T * s * d + layer + head
-    assert mem["activations (selective)"] == L * b * T * (s * (4 * d + kv + f) + 4 * H) + layer + head
+    assert mem["activations (full)"] == L * b * T * 4 * d + layer + head
+    assert mem["activations (selective)"] == L * b * T * (4 * d + s * (3 * d + kv + f) + 4 * H) + layer + head
     assert mem["total"] == 16 * n / 2 + mem["working weights"] + L * layer + head
     assert out["flops_per_token"] == 6 * (n - V * d) + 12 * L * T * d
     assert out["step_s"] == pytest.approx(8 * 32 * out["flops_per_token"] / (2 * 1e12 * 0.5))
     assert out["grad_accum"] == 2
     # tensor parallel splits everything per device; full checkpointing is what the total then counts
     tp = train.plan(hand_cfg(data_dir=str(tmp_path / "no-data"), dp=1, tp=2, activation_checkpointing="full"), {})
-    assert tp["bytes"]["weights"] == mem["weights"] and tp["bytes"]["activations"] == mem["activations (full)"] / 2
+    assert tp["bytes"]["weights"] == mem["weights"]  # vocab-sharded logits: no fused loss, logits + 2 fp32 copies
+    assert tp["bytes"]["activations"] == (L * b * T * 4 * d + layer + b * T * (d * (4 + s) + V * (s + 8))) / 2
 
 
 def test_dry_run_lora_and_qlora_by_hand(tmp_path):
@@ -306,4 +307,4 @@ def test_activation_estimate_matches_what_autograd_keeps(pos_emb, dtype, packed,
     cfg = replace(train.Config(), dtype=dtype, seq_len=T, micro_batch_size=b, global_batch_size=b)
     mem = train.memory_plan(args, cfg, dp=1, tp=1, packed=packed)["bytes"]
     planned = mem["activations (none)"] + mem["working weights"]  # with autocast's 16-bit weight copies
-    assert 0.9 < sum(saved.values()) / planned < 1.1
+    assert 0.97 < sum(saved.values()) / planned < 1.03
