@@ -343,8 +343,10 @@ def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=Tru
     if _npu(slopes) is not None and head_dim % 16 == 0:
         return (bias / (1.0 / math.sqrt(head_dim))).to(dtype)  # the kernel computes scale * (pse + q k^T)
     allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device)
-    mask = (bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))).to(dtype)
-    return mask.float() if _bf16_in_fp32(dtype, device) else mask  # attention's SDPA runs in fp32 there
+    mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+    # the bias stays fp32 where attention's SDPA runs in fp32 (bf16 on a CPU without bf16 units): in bf16, slope *
+    # distance rounds to steps of up to 16 at 4096 tokens. CUDA's fused kernels take only the query's dtype.
+    return mask if _bf16_in_fp32(dtype, device) else mask.to(dtype)
 
 
 def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None, doc_ids=None, q_start=0,
