@@ -375,10 +375,10 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None,
         is_causal = True  # let SDPA pick its fused causal kernel; no (T, S) mask built
     else:
         mask = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, q.device)
-    if _bf16_in_fp32(q.dtype, q.device):  # CPU without bf16 units: SDPA's bf16 GEMMs are scalar loops; same numbers in fp32
-        with torch.autocast("cpu", enabled=False):
+    if _bf16_in_fp32(q.dtype, q.device):  # CPU without bf16 units: SDPA's bf16 GEMMs are scalar loops; fp32 gives
+        with torch.autocast("cpu", enabled=False):  # the same numbers
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
-            mask = mask.float() if mask is not None and mask.is_floating_point() else mask  # no-op if shared
+            mask = mask.float() if mask is not None and mask.is_floating_point() else mask  # fp32 already if shared
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                enable_gqa=H != k.size(1))
             return y.to(torch.bfloat16)
