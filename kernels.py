@@ -73,6 +73,12 @@ def _npu(x: torch.Tensor):
     return None
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: the autocast dtype where autocast is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) and x.is_floating_point() else x.dtype
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # elementwise ops
 
@@ -91,10 +97,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         y = _RMSNorm.apply(x, weight, eps)
     else:
         y = F.rms_norm(x, (x.size(-1),), weight, eps)
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and y.dtype == torch.float32:
-        y = y.to(torch.get_autocast_dtype(device))
-    return y
+    return y.to(compute_dtype(x)) if y.dtype == torch.float32 else y
 
 
 def _plain_training(x: torch.Tensor, other: torch.Tensor) -> bool:
@@ -455,8 +458,7 @@ def linear_cross_entropy(h, weight, targets, loss_mask=None, z_loss: float = 0.0
     logits are made a slice of rows at a time. h (..., dim), weight (vocab, dim), targets (...).
     Under autocast the matmuls run in the autocast dtype, the softmax in fp32, as linear + cross_entropy do.
     """
-    device = h.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    device, dtype = h.device.type, compute_dtype(h)
     round_bf16 = dtype == torch.bfloat16 and device == "cpu" and not CPU_HAS_BF16_UNITS
     targets = targets.flatten()
     if loss_mask is not None:
@@ -634,8 +636,6 @@ class _NF4Linear(torch.autograd.Function):
 def nf4_linear(x: torch.Tensor, q: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
     """x @ W.T for W = nf4_dequantize(q, shape), computed in x's dtype (or the autocast dtype) without ever holding
     W whole on a CPU."""
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.is_floating_point() else x.dtype
-    with torch.autocast(dev, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         return _NF4Linear.apply(x, q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"],
-                                tuple(shape), dtype)
+                                tuple(shape), compute_dtype(x))

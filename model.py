@@ -300,14 +300,13 @@ class Transformer(nn.Module):
 
     def _alibi_bias(self, h, T, start_pos, key_padding_mask, doc_ids) -> Optional[torch.Tensor]:
         """ALiBi: the attention bias of this forward, built once and shared by every layer (see kernels)."""
-        attention = self.layers[0].attention if len(self.layers) else None
-        if attention is None or attention.alibi_slopes is None:
+        attention = self.layers[0].attention
+        if attention.alibi_slopes is None:
             return None
-        device = h.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         S = start_pos + T if attention.cache is not None else T
-        return kernels.alibi_attention_bias(attention.alibi_slopes, dtype, self.args.head_dim, T, S, start_pos,
-                                            key_padding_mask=key_padding_mask, doc_ids=doc_ids, device=h.device)
+        return kernels.alibi_attention_bias(attention.alibi_slopes, kernels.compute_dtype(h), self.args.head_dim, T,
+                                            S, start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
+                                            device=h.device)
 
     def _plain_head_weight(self) -> Optional[torch.Tensor]:
         """The output layer's weight when it is a plain matrix (not tensor-parallel, NF4 or adapted), else None."""
