@@ -319,11 +319,12 @@ def render_chatml(messages, system, gen):
 
 
 def render_human_assistant(messages, system, gen):
-    # Baichuan-7B QLoRA recipe: "Human: {u}\n\nAssistant: {a}</s>" (turns joined by a blank line)
-    segs = [(system + "\n\n", False)] if system else []
+    # Baichuan-7B QLoRA recipe (wp931120/baichuan_sft_lora): bos + "Human: {u}\n\nAssistant: {a}</s>", turns
+    # joined by a blank line
+    segs = [(BOS, False)] + ([(system + "\n\n", False)] if system else [])
     for role, content, _ in _turns(messages):
         if role == "user":
-            sep = "\n\n" if segs and segs[-1][0] == EOS else ""
+            sep = "\n\n" if segs[-1][0] == EOS else ""
             segs.append((f"{sep}Human: {content}\n\n", False))
         else:
             segs += [("Assistant:", False), (" " + content, True), (EOS, True)]
@@ -409,7 +410,10 @@ def encode_chat(tok, template, messages, system=None, add_generation_prompt=Fals
     for piece, counts in merged:
         if isinstance(piece, Special):
             i = _resolve(tok, piece)
-            new = [i] if i is not None else tok.encode_continuation(piece.name)
+            if i is not None:
+                new = [i]
+            else:  # a vocabulary without bos/eos gets none; other specials it lacks are spelled out as text
+                new = [] if piece in (BOS, EOS) else tok.encode_continuation(piece.name)
             fresh = piece == BOS
         elif isinstance(piece, int):
             new, fresh = [piece], True

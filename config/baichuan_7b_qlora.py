@@ -4,7 +4,8 @@
 # LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05) on all Linear4bit but lm_head; prepare_model_for_kbit_training,
 # which turns on gradient checkpointing; CUTOFF_LEN 1024; 1 epoch of Belle_open_source_0.5M.json minus 2,000 for
 # validation; batch 1 x 4 accumulation; lr 3e-4; Trainer defaults: AdamW 0.9/0.999, no weight decay, linear decay,
-# no warmup) and its README ("about 12 GB of GPU memory").
+# no warmup) and its README ("about 12 GB of GPU memory"). One departure: the source's loss counts every token
+# (labels = input_ids, prompt included); prepare.py's chat data counts the replies only, as the other SFT recipes do.
 #   python convert.py hf-to-native --src=hf/baichuan-7B --dst=checkpoints/baichuan-7b
 #   python prepare.py --input=Belle_open_source_0.5M.json --format=belle --template=human-assistant \
 #       --tokenizer=checkpoints/baichuan-7b --seq_len=1024 --pack --out=data/belle_baichuan

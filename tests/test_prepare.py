@@ -229,6 +229,15 @@ def test_generation_prompt_is_a_prefix_of_the_full_conversation(sp, template):
     assert mask[len(gen)] == 1  # the very next token is the reply
 
 
+@pytest.mark.parametrize("template", ["human-assistant", "vicuna", "llama-2"])
+def test_templates_start_with_bos_and_a_vocabulary_without_one_gets_none(sp, template, monkeypatch):
+    ids, mask = encode_chat(sp, template, CONV[:2])
+    assert ids[0] == sp.bos_id and mask[0] == 0
+    monkeypatch.setattr(sp, "bos_id", None)
+    without, without_mask = encode_chat(sp, template, CONV[:2])
+    assert without == [i for i in ids if i != ids[0]] and len(without_mask) == len(without)  # no "bos" spelled out
+
+
 def test_roles_are_normalised_and_unknown_roles_rejected(sp):
     a = encode_chat(sp, "vicuna", [{"role": "<|Human|>", "content": "hi"}, {"role": "gpt", "content": "yo"}])
     b = encode_chat(sp, "vicuna", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])

@@ -396,7 +396,7 @@ TWO_TURNS = {
     "chatml": ids_of("<|im_start|>", "system\nBe brief.", "<|im_end|>", "\n", "<|im_start|>", "user\nHi there",
                      "<|im_end|>", "\n", "<|im_start|>", "assistant\nHello!", "<|im_end|>", "\n",
                      "<|im_start|>", "user\nA joke?", "<|im_end|>", "\n", "<|im_start|>", "assistant\n"),
-    "human-assistant": ids_of("Be brief.\n\nHuman: Hi there\n\nAssistant: Hello!", "</s>",
+    "human-assistant": ids_of("<s>", "Be brief.\n\nHuman: Hi there\n\nAssistant: Hello!", "</s>",
                               "\n\nHuman: A joke?\n\nAssistant:"),
 }
 # how each template's reply ends when the model writes it
