@@ -359,34 +359,42 @@ def special_ids(*configs: dict) -> dict:
     return ids
 
 
-def write_tokenizer(src: Path, dst: Path, ids: dict, template: str):
-    """Copy the tokenizer files and write our tokenizer_config.json: {bos_id, eos_id, pad_id, chat_template}."""
+def write_tokenizer(src: Path, dst: Path, ids: dict, template, default: str):
+    """Copy the tokenizer files and write our tokenizer_config.json (prepare.Tokenizer.save: ids, whether text gets
+    bos/eos, chat template). The template: --template, else the one the model ships (its Jinja chat_template, kept
+    as it is: never replaced by a guess), else `default`, the family's built-in one."""
     import prepare
 
     if not any((src / f).exists() for f in TOKENIZER_FILES):
         print(f"convert.py: warning: {src}: no tokenizer.model or tokenizer.json; add one to the output dir before "
               f"sampling", file=sys.stderr)
         config = {"bos_id": ids.get("bos_id"), "eos_id": ids.get("eos_id"),
-                  "pad_id": ids.get("pad_id", ids.get("eos_id")), "chat_template": template}
+                  "pad_id": ids.get("pad_id", ids.get("eos_id")), "chat_template": template or default}
         (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         return
     tok = prepare.load_tokenizer(src)  # reads HF's tokenizer_config.json (token strings) beside it
     for kind in ("bos", "eos", "pad"):  # ids stated by the model's own config are the authority
         if f"{kind}_id" in ids:
             setattr(tok, f"{kind}_id", ids[f"{kind}_id"])
-    tok.save(dst, template=template)
+    tok.save(dst, template=template or (None if tok.chat_template else default))
     for f in TOKENIZER_FILES:  # LLaMA dirs ship both; tok.save copied the one it reads
         if (src / f).exists() and not (dst / f).exists():
             shutil.copyfile(src / f, dst / f)
 
 
-def chat_template(template, family: str) -> str:
-    """--template, checked, or the family's default (prepare.py owns the templates)."""
+def check_template(template):
+    """--template, checked (prepare.py owns the templates); None: the model's own, else its family's."""
     import prepare
 
     if template is not None and template not in prepare.TEMPLATES:
         fail(f"--template={template}: unknown; expected one of {', '.join(prepare.TEMPLATES)}")
-    return template or prepare.FAMILY_TEMPLATE[family]
+    return template
+
+
+def family_template(family: str) -> str:
+    import prepare
+
+    return prepare.FAMILY_TEMPLATE[family]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -398,7 +406,7 @@ def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template
     src = Path(src)
     cfg = read_json(src / "config.json")
     family = family or detect_family(cfg, src / "config.json")
-    template = chat_template(template, family)
+    template = check_template(template)
     args = hf_args(cfg, family, src / "config.json", for_training)
     source = WeightFiles(src)
     layout = hf_layout(args, family)
@@ -425,7 +433,7 @@ def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template
     with staged(dst, overwrite) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
         ids = special_ids(cfg, read_json(src / "generation_config.json", False))
-        write_tokenizer(src, tmp, ids, template)
+        write_tokenizer(src, tmp, ids, template, family_template(family))
     return args, family
 
 
@@ -492,19 +500,21 @@ def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
 
 
 def hf_tokenizer_config(src: Path, ids: dict) -> dict:
-    """HF's tokenizer_config.json names special tokens by their strings, and the class that reads the file."""
-    if (src / "tokenizer.model").exists():  # sentencepiece is the reference where both exist (as prepare.py)
-        import sentencepiece as spm
-        sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
-        cfg, n, piece = {"tokenizer_class": "LlamaTokenizer"}, sp.get_piece_size(), sp.id_to_piece
-    else:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(src / "tokenizer.json"))
-        cfg, n, piece = {"tokenizer_class": "PreTrainedTokenizerFast"}, tok.get_vocab_size(), tok.id_to_token
+    """HF's tokenizer_config.json names special tokens by their strings, and the class that reads the file; it says
+    whether text gets bos/eos (transformers reads a bare tokenizer.model as neither) and keeps a Jinja template."""
+    import prepare
+
+    tok = prepare.load_tokenizer(src)
+    cfg = {"tokenizer_class": "LlamaTokenizer" if tok.sp is not None else "PreTrainedTokenizerFast",
+           "add_bos_token": bool(tok.prefix), "add_eos_token": bool(tok.suffix)}
+    if tok.sp is not None:
+        cfg["legacy"] = tok.sp_legacy
     for kind in ("bos", "eos", "pad"):
-        i = ids.get(f"{kind}_id")
-        if isinstance(i, int) and 0 <= i < n:
-            cfg[f"{kind}_token"] = piece(i)
+        token = tok.id_to_token(ids.get(f"{kind}_id"))
+        if token is not None:
+            cfg[f"{kind}_token"] = token
+    if tok.chat_template and prepare.is_jinja(tok.chat_template):
+        cfg["chat_template"] = tok.chat_template
     return cfg
 
 
@@ -566,7 +576,7 @@ def meta_args(params: dict, emb_shape: tuple, n_shards: int, where, max_seq_len:
 
 def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwrite=False, max_shard_bytes=None):
     src = Path(src)
-    template = chat_template(template, "llama")
+    template = check_template(template)
     params = read_json(src / "params.json")
     files = sorted(src.glob("consolidated.*.pth"))
     if not files:
@@ -608,7 +618,7 @@ def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwr
     with staged(dst, overwrite) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, "llama", max_shard_bytes=max_shard_bytes)
         tok_dir = src if (src / "tokenizer.model").exists() else src.parent  # Meta ships it beside the model dirs
-        write_tokenizer(tok_dir, tmp, {}, template)
+        write_tokenizer(tok_dir, tmp, {}, template, family_template("llama"))
     return args
 
 
@@ -657,10 +667,11 @@ def open_native(path: Path):
     return args, family, get
 
 
-def apply_delta(base, delta, dst, dtype=None, template="vicuna", overwrite=False, max_shard_bytes=None):
-    """target = base + delta. A delta with a larger vocabulary (added tokens) keeps its extra rows as they are."""
+def apply_delta(base, delta, dst, dtype=None, template=None, overwrite=False, max_shard_bytes=None):
+    """target = base + delta. A delta with a larger vocabulary (added tokens) keeps its extra rows as they are.
+    Chat template: --template, else the delta's own, else vicuna (the deltas this exists for are Vicuna's)."""
     base, delta = Path(base), Path(delta)
-    template = chat_template(template, "llama")
+    template = check_template(template)
     if Path(dst).exists() and not overwrite:
         fail(f"{dst}: exists; pass --overwrite to replace it")
     base_args, _, base_get = open_native(base)
@@ -692,7 +703,7 @@ def apply_delta(base, delta, dst, dtype=None, template="vicuna", overwrite=False
             ours = read_json(delta / "tokenizer_config.json", False)
             ids = {k: ours[k] for k in ("bos_id", "eos_id", "pad_id") if isinstance(ours.get(k), int)}
         write_tokenizer(delta if any((delta / f).exists() for f in TOKENIZER_FILES) else base, tmp, ids,
-                        template)
+                        template, "vicuna")
     return args, family
 
 
@@ -868,7 +879,7 @@ def main(argv=None):
     elif a.command == "meta-to-native":
         args, family = meta_to_native(a.src, a.dst, max_seq_len=a.max_seq_len, template=a.template, **kw), "llama"
     elif a.command == "apply-delta":
-        args, family = apply_delta(a.src, a.delta, a.dst, template=a.template or "vicuna", **kw)
+        args, family = apply_delta(a.src, a.delta, a.dst, template=a.template, **kw)
     elif a.command == "merge-lora":
         args, family = merge_lora(a.src, a.adapter, a.dst, **kw)
     else:

@@ -42,21 +42,34 @@ import numpy as np
 BOS_NAMES = ("<s>", "<|startoftext|>", "<|begin_of_text|>", "<|endoftext|>")
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>")
 PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # LLaMA dirs ship both: sentencepiece is the reference
 
 
 class Tokenizer:
-    """encode/decode text; bos_id, eos_id, pad_id (eos when the vocabulary has no pad), vocab_size.
+    """encode/decode text; bos_id, eos_id, pad_id (eos when the vocabulary has no pad), vocab_size; the special tokens
+    the tokenizer itself puts around a text (`prefix`, `suffix`); its chat template (a built-in name or HF Jinja).
 
     `path` is the tokenizer file; `config` is the tokenizer_config.json dict found beside it (may be empty).
-    Our tokenizer_config.json holds {"bos_id", "eos_id", "pad_id", "chat_template"}; HF's holds token strings
-    ("bos_token": "<s>" or {"content": "<s>"}); both are understood.
+    Ours holds {"bos_id", "eos_id", "pad_id", "add_bos_token", "add_eos_token", "chat_template"}; HF's holds token
+    strings ("bos_token": "<s>" or {"content": "<s>"}); both are understood.
+
+    Which special tokens a text gets is the tokenizer's own convention, as transformers applies it: a tokenizer.json
+    beside the file decides through its post-processor (TemplateProcessing, or none); otherwise add_bos_token /
+    add_eos_token in tokenizer_config.json; otherwise sentencepiece's LLaMA default, bos and no eos. (transformers 5
+    reads a bare tokenizer.model as no bos; LLaMA's own code and transformers 4 add it, and every published LLaMA
+    tokenizer_config.json says add_bos_token explicitly.)
     """
 
-    def __init__(self, path, config=None):
+    def __init__(self, path, config=None, chat_template=None, template_file=None):
         self.path = Path(path)
         config = config or {}
-        # ours names a template; HF's holds a Jinja string, which we cannot use
-        self.chat_template = config.get("chat_template") if config.get("chat_template") in TEMPLATES else None
+        self.template_file = template_file or self.path.parent / "tokenizer_config.json"  # named in errors
+        template = chat_template or config.get("chat_template")
+        if isinstance(template, list):  # HF's named templates: [{"name": "default", "template": "..."}, ...]
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        self.chat_template = template if isinstance(template, str) and (template in TEMPLATES or
+                                                                         is_jinja(template)) else None
         if self.path.suffix == ".json":
             from tokenizers import Tokenizer as HFTokenizer
             self.hf = HFTokenizer.from_file(str(self.path))
@@ -71,6 +84,7 @@ class Tokenizer:
         self.eos_id = self._special_id(config, "eos", EOS_NAMES)
         pad = self._special_id(config, "pad", PAD_NAMES)
         self.pad_id = self.eos_id if pad is None else pad  # padding is always masked, so eos is a safe stand-in
+        self.prefix, self.suffix = self._framing(config)
         if self.sp is not None:
             # The same model without sentencepiece's dummy prefix ("▁" added before the text): template text
             # that continues a prompt must not gain a space. Appending a NormalizerSpec with add_dummy_prefix=false
@@ -78,6 +92,16 @@ class Tokenizer:
             import sentencepiece as spm
             self.sp_continue = spm.SentencePieceProcessor()
             self.sp_continue.load_from_serialized_proto(self.sp.serialized_model_proto() + b"\x1a\x02\x18\x00")
+            # rendered chat text: the control pieces (<s>, </s>, ...) and HF's added tokens are matched as tokens;
+            # as transformers' LlamaTokenizer, only text at the very start gets the "▁" prefix unless legacy=true
+            specials = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                        if self.sp.is_control(i) or self.sp.is_unknown(i)}
+            for i, t in (config.get("added_tokens_decoder") or {}).items():
+                if isinstance(t, dict) and isinstance(t.get("content"), str) and str(i).isdigit():
+                    specials[t["content"]] = int(i)
+            self.sp_specials = specials
+            self.sp_legacy = config.get("legacy") is True
+            self.sp_prefix_space = config.get("add_prefix_space") is not False
 
     def _special_id(self, config, kind, names):
         if isinstance(config.get(f"{kind}_id"), int) and config[f"{kind}_id"] >= 0:
@@ -95,19 +119,72 @@ class Tokenizer:
                 return self.token_to_id(name)
         return None
 
-    def encode(self, text, bos=False, eos=False):
+    def _framing(self, config):
+        """(prefix, suffix): the ids the tokenizer adds around a text (see the class docstring for who decides)."""
+        beside = self.path.parent / "tokenizer.json"
+        if beside.is_file():
+            hf = self.hf
+            if hf is None:
+                from tokenizers import Tokenizer as HFTokenizer
+                try:
+                    hf = HFTokenizer.from_file(str(beside))
+                except Exception as e:
+                    raise SystemExit(f"prepare.py: {beside}: cannot load tokenizer ({type(e).__name__}: {e})")
+            probe = "a"
+            plain, framed = hf.encode(probe, add_special_tokens=False).ids, hf.encode(probe).ids
+            at = next((i for i in range(len(framed) - len(plain) + 1) if framed[i:i + len(plain)] == plain), None)
+            if at is None:
+                raise SystemExit(f"prepare.py: {beside}: post_processor: expected special tokens around the text, "
+                                 f"got {framed} for {plain}")
+            return framed[:at], framed[at + len(plain):]
+        add_bos, add_eos = config.get("add_bos_token"), config.get("add_eos_token")
+        if not isinstance(add_bos, bool):
+            add_bos = self.sp is not None
+        bos = [self.bos_id] if add_bos and self.bos_id is not None else []
+        eos = [self.eos_id] if add_eos is True and self.eos_id is not None else []
+        return bos, eos
+
+    def encode(self, text, add_special_tokens=False):
+        """Text -> ids; add_special_tokens=True frames them as the tokenizer does (HF's tokenizer(text).input_ids)."""
         ids = self.sp.encode(text) if self.sp is not None else self.hf.encode(text, add_special_tokens=False).ids
-        if bos and self.bos_id is not None:
-            ids = [self.bos_id] + ids
-        if eos and self.eos_id is not None:
-            ids = ids + [self.eos_id]
-        return ids
+        return self.prefix + ids + self.suffix if add_special_tokens else ids
+
+    def frame_document(self, ids, first=True, last=True):
+        """A pretraining document: framed as the tokenizer frames text, always ending with eos (the separator)."""
+        end = self.suffix if self.suffix[-1:] == [self.eos_id] else self.suffix + [self.eos_id]
+        return (self.prefix if first else []) + ids + (end if last else [])
 
     def encode_continuation(self, text):
         """Encode text that continues earlier text (no dummy-prefix space; HF byte-level BPE adds none)."""
         if self.sp is not None:
             return self.sp_continue.encode(text)
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_rendered(self, text):
+        """Text rendered by a chat template, special-token strings in it ("<s>", "<|im_start|>") becoming their ids,
+        as transformers' apply_chat_template(tokenize=True) does -> (ids, [(start, end) character span per id])."""
+        if self.hf is not None:
+            enc = self.hf.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+        ids, spans = [], []
+        specials = sorted(self.sp_specials, key=len, reverse=True)
+        pattern = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+        pos = 0
+        for m in itertools.chain(pattern.finditer(text) if pattern else (), [None]):
+            end = m.start() if m else len(text)
+            if end > pos:
+                piece = text[pos:end]
+                prefix = self.sp_prefix_space and (pos == 0 or self.sp_legacy) and not piece.startswith(" ")
+                model = self.sp if prefix else self.sp_continue
+                char_at = _byte_to_char(piece)
+                for p in model.encode(piece, out_type="immutable_proto").pieces:
+                    ids.append(p.id)
+                    spans.append((pos + char_at[p.begin], pos + char_at[p.end]))
+            if m:
+                ids.append(self.sp_specials[m.group()])
+                spans.append((m.start(), m.end()))
+                pos = m.end()
+        return ids, spans
 
     def encode_batch(self, texts):
         """list[str] -> list[list[int]] without special tokens; both backends run this loop in C++."""
@@ -127,26 +204,52 @@ class Tokenizer:
             return i if self.sp.id_to_piece(i) == token else None  # sentencepiece maps unknown pieces to unk
         return self.hf.token_to_id(token)
 
+    def special_tokens(self):
+        """{string: id} of the tokens that text rendered by a chat template names by their strings."""
+        if self.sp is not None:
+            return self.sp_specials
+        return {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+
+    def id_to_token(self, i):
+        if i is None or not 0 <= i < self.vocab_size:
+            return None
+        return self.sp.id_to_piece(i) if self.sp is not None else self.hf.id_to_token(i)
+
     @property
     def filename(self):
         return "tokenizer.model" if self.sp is not None else "tokenizer.json"
 
     def save(self, out_dir, template=None):
-        """Copy the tokenizer file into out_dir and write tokenizer_config.json (ids and chat template name)."""
+        """Copy the tokenizer file into out_dir and write tokenizer_config.json: ids, whether text gets bos/eos, and
+        the chat template (a built-in name, or the model's own Jinja template)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if (out_dir / self.filename).resolve() != self.path.resolve():
             shutil.copyfile(self.path, out_dir / self.filename)
         config = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                  "chat_template": template or self.chat_template}
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+                  "add_bos_token": bool(self.prefix), "add_eos_token": bool(self.suffix),
+                  "chat_template": self.chat_template if template in (None, "hf") else template}
+        if self.sp is not None:
+            config["legacy"] = self.sp_legacy
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _byte_to_char(text):
+    """UTF-8 byte offset -> character offset, for every byte offset 0..len(bytes) of text."""
+    table = []
+    for i, ch in enumerate(text):
+        table += [i] * len(ch.encode("utf-8"))
+    return table + [len(text)]
 
 
 def load_tokenizer(path):
-    """A sentencepiece .model, an HF tokenizer.json, or a dir holding one (checkpoint dir, data dir)."""
+    """A sentencepiece .model, an HF tokenizer.json, or a dir holding one (checkpoint dir, data dir).
+
+    tokenizer_config.json beside it gives ids and conventions; a chat_template.jinja beside it (transformers' own
+    file for the template) takes precedence over the config's chat_template, as in transformers."""
     path = Path(path)
     if path.is_dir():
-        for name in ("tokenizer.model", "tokenizer.json"):  # LLaMA dirs ship both: sentencepiece is the reference
+        for name in TOKENIZER_FILES:
             if (path / name).is_file():
                 path = path / name
                 break
@@ -158,11 +261,19 @@ def load_tokenizer(path):
     config_path = path.parent / "tokenizer_config.json"
     if config_path.is_file():
         try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SystemExit(f"prepare.py: {config_path}: not valid JSON ({e})")
+        if not isinstance(config, dict):
+            raise SystemExit(f"prepare.py: {config_path}: expected a JSON object")
+    template, template_file = None, path.parent / "chat_template.jinja"
+    if template_file.is_file():
+        try:
+            template = template_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"prepare.py: {template_file}: not UTF-8 text ({e})")
     try:
-        return Tokenizer(path, config)
+        return Tokenizer(path, config, template, template_file if template else config_path)
     except SystemExit:
         raise
     except Exception as e:  # sentencepiece / tokenizers raise RuntimeError or OSError on corrupt files
@@ -193,10 +304,11 @@ def train_sentencepiece(texts, out_dir, vocab_size=8192, seed=1337):
 
 
 # -----------------------------------------------------------------------------
-# Chat templates. A template turns messages into segments: (piece, counts_in_loss), where a piece is text
+# Chat templates. A built-in template turns messages into segments: (piece, counts_in_loss), where a piece is text
 # (encoded on its own), an int (a literal token id, e.g. Baichuan's 195/196), or a Special (a named token such as
 # bos/eos, resolved with the tokenizer). Adjacent prompt text is merged before encoding, as the reference
-# implementations encode whole prompt strings.
+# implementations encode whole prompt strings. A model's own Hugging Face template (Jinja, in its
+# tokenizer_config.json) is used as transformers uses it: see the Jinja section below.
 
 @dataclass(frozen=True)
 class Special:
@@ -204,6 +316,8 @@ class Special:
 
 
 BOS, EOS = Special("bos"), Special("eos")
+START = Special("start")  # what the tokenizer puts before a text (bos or nothing): for references that tokenize the
+                          # whole prompt with the tokenizer's defaults
 IM_START, IM_END = Special("<|im_start|>"), Special("<|im_end|>")
 
 
@@ -232,8 +346,9 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 
 
 def render_vicuna(messages, system, gen):
-    # FastChat vicuna_v1.1: "{system} USER: {u} ASSISTANT: {a}</s>USER: {u} ASSISTANT:"
-    segs = [(BOS, False), ((system or VICUNA_SYSTEM) + " ", False)]
+    # FastChat vicuna_v1.1: "{system} USER: {u} ASSISTANT: {a}</s>USER: {u} ASSISTANT:", tokenized as one string
+    # with the tokenizer's defaults (LLaMA's: bos first)
+    segs = [(START, False), ((system or VICUNA_SYSTEM) + " ", False)]
     for role, content, _ in _turns(messages):
         if role == "user":
             segs.append((f"USER: {content} ", False))
@@ -250,21 +365,36 @@ ALPACA_SYSTEM_INPUT = ("Below is an instruction that describes a task, paired wi
                        "context. Write a response that appropriately completes the request.")
 
 
+ALPACA_PROMPT = re.compile(r"(Below is an instruction that describes a task.*?)?### Instruction:\n.*### Response:\s*",
+                           re.DOTALL)
+
+
+class TemplateError(ValueError):
+    """The messages do not suit the template (e.g. a prompt already formatted for it): one line, names the fix."""
+
+
 def render_alpaca(messages, system, gen):
-    # Stanford Alpaca prompt (with and without input); later turns repeat the Instruction/Response blocks. The reply
-    # starts on the line after "### Response:" as in Alpaca's README and alpaca-lora (its train.py appends the
-    # output right after the colon).
+    # Stanford Alpaca prompt (with and without input), tokenized with the tokenizer's defaults (LLaMA's: bos first);
+    # later turns repeat the Instruction/Response blocks. The reply starts on the line after "### Response:" as in
+    # Alpaca's README and alpaca-lora (its train.py appends the output right after the colon).
+    # A user turn that already is a whole alpaca prompt (FastChat's alpaca-data-conversation.json) is used as it is.
     first_input = next((m.get("input") for m in messages if m["role"] == "user"), None)
     header = system or (ALPACA_SYSTEM_INPUT if first_input else ALPACA_SYSTEM)
-    segs = [(header, False)]
-    for role, content, m in _turns(messages):
-        if role == "user":
-            block = f"\n\n### Instruction:\n{content}"
+    segs = [(START, False)]
+    for i, (role, content, m) in enumerate(_turns(messages)):
+        if role != "user":
+            segs += [(content, True), (EOS, True)]
+        elif ALPACA_PROMPT.fullmatch(content) and content.startswith(("Below is an instruction", "### Instruction:")):
+            segs.append((("" if i == 0 or content.startswith("Below") else "\n\n") + content.rstrip() + "\n", False))
+        elif "### Instruction:" in content or "### Response:" in content:
+            raise TemplateError("message %d already holds alpaca markers ('### Instruction:' / '### Response:') but is "
+                                "not a whole alpaca prompt: wrapping it again would nest two prompts; use "
+                                "--template=vicuna (as FastChat trains on this data) or clean the record" % i)
+        else:
+            block = ("" if i else header) + f"\n\n### Instruction:\n{content}"
             if m.get("input"):
                 block += f"\n\n### Input:\n{m['input']}"
             segs.append((block + "\n\n### Response:\n", False))
-        else:
-            segs += [(content, True), (EOS, True)]
     return segs  # the generation prompt already ends every user block
 
 
@@ -367,25 +497,18 @@ def normalize_role(role):
 
 
 def _resolve(tok, special):
-    if special == BOS:
-        return tok.bos_id
-    if special == EOS:
-        return tok.eos_id
-    i = tok.token_to_id(special.name)
+    """A Special -> its ids ([] where the vocabulary lacks bos/eos), or None: spell the name out as text."""
+    if special == START:
+        return tok.prefix
+    i = tok.bos_id if special == BOS else tok.eos_id if special == EOS else tok.token_to_id(special.name)
     if i is None and special == IM_END:
-        return tok.eos_id
-    return i  # None: encode the name as text
+        i = tok.eos_id
+    return [i] if i is not None else [] if special in (BOS, EOS) else None
 
 
-def encode_chat(tok, template, messages, system=None, add_generation_prompt=False):
-    """messages [{"role": "user"|"assistant"|"system", "content": str, ("input": str)}] -> (ids, loss_mask).
-
-    loss_mask[i] = 1 where ids[i] is part of an assistant reply or the token that ends it (eos, <|im_end|>).
-    A leading system message is used when `system` is None. With add_generation_prompt=True the ids end where the
-    assistant's reply starts.
-    """
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+def chat_messages(messages, template, system=None):
+    """Normalise roles; a leading system message is the system prompt unless `system` is given; an alpaca record's
+    input joins its instruction except in the alpaca template, which has an Input block -> (turns, system)."""
     turns = []
     for m in messages:
         role = normalize_role(m.get("role"))
@@ -394,10 +517,31 @@ def encode_chat(tok, template, messages, system=None, add_generation_prompt=Fals
         if role == "system":
             system = m["content"] if system is None else system
             continue
-        if m.get("input") and template != "alpaca":  # only alpaca has an Input block; elsewhere it follows
+        if m.get("input") and template != "alpaca":
             m = {"role": role, "content": f"{m['content']}\n{m['input']}"}
         turns.append({**m, "role": role})
-    segs = TEMPLATES[template].render(turns, system, add_generation_prompt)
+    return turns, system
+
+
+def encode_chat(tok, template, messages, system=None, add_generation_prompt=False, train_on_prompt=False):
+    """messages [{"role": "user"|"assistant"|"system", "content": str, ("input": str)}] -> (ids, loss_mask).
+
+    template: a name in TEMPLATES, or "hf" for the tokenizer's own Jinja chat template.
+    loss_mask[i] = 1 where ids[i] is part of an assistant reply or the token that ends it (eos, <|im_end|>); with
+    train_on_prompt, every token counts. A leading system message is used when `system` is None. With
+    add_generation_prompt=True the ids end where the assistant's reply starts.
+    """
+    if template != HF_TEMPLATE and template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)} or {HF_TEMPLATE}")
+    turns, system = chat_messages(messages, template, system)
+    if template == HF_TEMPLATE:
+        ids, mask = encode_jinja_chat(tok, turns, system, add_generation_prompt)
+    else:
+        ids, mask = _encode_segments(tok, TEMPLATES[template].render(turns, system, add_generation_prompt))
+    return ids, [1] * len(ids) if train_on_prompt else mask
+
+
+def _encode_segments(tok, segs):
     # merge adjacent text of the same kind: reference implementations encode whole prompt strings
     merged = []
     for piece, counts in segs:
@@ -409,12 +553,10 @@ def encode_chat(tok, template, messages, system=None, add_generation_prompt=Fals
     fresh = True  # text at the start, after bos or after a literal id (Baichuan encodes each content on its own)
     for piece, counts in merged:
         if isinstance(piece, Special):
-            i = _resolve(tok, piece)
-            if i is not None:
-                new = [i]
-            else:  # a vocabulary without bos/eos gets none; other specials it lacks are spelled out as text
-                new = [] if piece in (BOS, EOS) else tok.encode_continuation(piece.name)
-            fresh = piece == BOS
+            new = _resolve(tok, piece)
+            if new is None:  # a special token the vocabulary lacks is spelled out as text
+                new = tok.encode_continuation(piece.name)
+            fresh = piece in (BOS, START)
         elif isinstance(piece, int):
             new, fresh = [piece], True
         else:
@@ -424,6 +566,140 @@ def encode_chat(tok, template, messages, system=None, add_generation_prompt=Fals
         ids += new
         mask += [int(counts)] * len(new)
     return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# A model's own chat template: Hugging Face's Jinja `chat_template`, rendered as transformers' apply_chat_template
+# renders it (sandboxed Jinja, trim_blocks and lstrip_blocks, loop controls, its tojson, raise_exception,
+# strftime_now, {% generation %} blocks; bos_token/eos_token/unk_token/pad_token as strings), the text then
+# tokenized with special-token strings matched as tokens and no bos/eos added. The loss mask: the span of each
+# assistant reply in the rendered text and the special token that closes it. {% generation %} blocks mark the spans
+# where the template has them; otherwise they are found by rendering growing prefixes of the conversation: the text
+# up to a reply, rendered with the generation prompt, must be a prefix of the text that includes the reply.
+
+HF_TEMPLATE = "hf"
+_MARK = ("\ue000", "\ue001")  # private-use characters bracketing {% generation %} output while rendering
+
+
+def is_jinja(template):
+    return "{{" in template or "{%" in template
+
+
+def _jinja_template(source):
+    """Compile once per template string (cached on the function)."""
+    cache = _jinja_template.__dict__.setdefault("cache", {})
+    if source not in cache:
+        from datetime import datetime
+
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        class Generation(Extension):
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+            def _mark(self, caller):
+                return _MARK[0] + caller() + _MARK[1]
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[Generation, loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+        cache[source] = env.from_string(source)
+    return cache[source]
+
+
+def check_jinja_template(tok):
+    """Compile the tokenizer's template: a syntax error is one line naming where the template came from."""
+    import jinja2
+    try:
+        _jinja_template(tok.chat_template)
+    except jinja2.TemplateError as e:
+        raise SystemExit(f"prepare.py: {tok.template_file}: chat_template: {type(e).__name__}: {e}")
+
+
+def render_jinja(tok, messages, add_generation_prompt):
+    """-> (text, [(start, end) of each {% generation %} block] or None where the template has none)."""
+    import jinja2
+    specials = {f"{k}_token": tok.id_to_token(getattr(tok, f"{k}_id")) for k in ("bos", "eos", "pad")}
+    specials["unk_token"] = tok.id_to_token(tok.sp.unk_id()) if tok.sp is not None else None
+    if tok.pad_id == tok.eos_id:  # our pad falls back to eos; the template sees no pad token, as in transformers
+        specials["pad_token"] = None
+    try:
+        text = _jinja_template(tok.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+            **{k: v for k, v in specials.items() if v is not None})
+    except jinja2.TemplateError as e:
+        raise TemplateError(f"{tok.template_file}: chat_template: {e}") from None
+    if _MARK[0] not in text:
+        return text, None
+    spans, out, pos = [], [], 0
+    for part in re.split(f"([{_MARK[0]}{_MARK[1]}])", text):
+        if part == _MARK[0]:
+            start = pos
+        elif part == _MARK[1]:
+            spans.append((start, pos))
+        else:
+            out.append(part)
+            pos += len(part)
+    return "".join(out), spans
+
+
+def _reply_spans(tok, messages, text):
+    """Character spans of every assistant reply in `text` (the whole conversation rendered), each through the special
+    token that closes it, found by rendering the conversation up to each reply."""
+    specials = sorted(tok.special_tokens(), key=len, reverse=True)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, _ = render_jinja(tok, messages[:i], True)
+        upto, _ = render_jinja(tok, messages[:i + 1], False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise TemplateError(f"{tok.template_file}: chat_template: the conversation rendered up to message {i} "
+                                "is not a prefix of the whole, so its reply cannot be located; mark replies with "
+                                "{% generation %} or pass a built-in --template")
+        content = m["content"].strip()
+        at = upto.find(content, len(before)) if content else -1
+        end = at + len(content) if at >= 0 else len(upto.rstrip())
+        gap = len(upto[end:]) - len(upto[end:].lstrip(" "))  # e.g. llama-2's " </s>"
+        closing = next((s for s in specials if upto.startswith(s, end + gap)), None)
+        spans.append((len(before), end + gap + len(closing) if closing else end))
+    return spans
+
+
+def encode_jinja_chat(tok, turns, system, add_generation_prompt):
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": m["role"], "content": m["content"]} for m in turns]
+    if any(_MARK[0] in m["content"] or _MARK[1] in m["content"] for m in messages):
+        raise TemplateError("a message holds U+E000 or U+E001, which the template renderer reserves")
+    text, spans = render_jinja(tok, messages, add_generation_prompt)
+    ids, offsets = tok.encode_rendered(text)
+    if spans is None:
+        spans = _reply_spans(tok, messages, text)
+    mask = [int(any(a < e and s < b for s, e in spans)) for a, b in offsets]
+    return ids, mask
+
+
+def jinja_turn_end(tok):
+    """The special token that closes an assistant turn in the tokenizer's template (None if it has none)."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    text, _ = render_jinja(tok, probe, False)
+    start = text.rfind("Hello") + len("Hello")
+    rest = text[start:].lstrip(" ")
+    return next((i for s, i in sorted(tok.special_tokens().items(), key=lambda t: -len(t[0]))
+                 if rest.startswith(s)), None)
 
 
 # -----------------------------------------------------------------------------
@@ -462,6 +738,7 @@ class Item:
     first: bool = True             # a long text document arrives in several pieces
     last: bool = True
     nbytes: int = 0                # input bytes this item consumed (progress bar)
+    where: str = ""                # "file: line N", for errors found while encoding
 
 
 def expand_inputs(specs):
@@ -675,7 +952,8 @@ def read_items(files, fmt, text_field, max_chars, on_error, counters):
                         if kind in INSTRUCTION_FORMATS:
                             messages, system = instruction_messages(rec, kind, f"{path}: {where}")
                             chars += sum(len(m["content"]) for m in messages)
-                            yield Item(doc, messages=messages, system=system, nbytes=nbytes)
+                            yield Item(doc, messages=messages, system=system, nbytes=nbytes,
+                                       where=f"{path}: {where}")
                         else:
                             text = _field(rec, text_field, f"{path}: {where}",
                                           hint=" (set --text_field, or --format for instruction data)")
@@ -790,20 +1068,21 @@ def read_megatron(path):
 _worker = {}
 
 
-def init_worker(tokenizer_path, template, seq_len):
-    _worker.update(tok=load_tokenizer(tokenizer_path), template=template, seq_len=seq_len)
+def init_worker(tokenizer_path, template, seq_len, train_on_prompt=False):
+    _worker.update(tok=load_tokenizer(tokenizer_path), template=template, seq_len=seq_len,
+                   train_on_prompt=train_on_prompt)
 
 
-def encode_sample(tok, template, messages, system, seq_len, stats):
+def encode_sample(tok, template, messages, system, seq_len, stats, train_on_prompt=False):
     """One conversation -> (ids, mask) ending with eos, at most seq_len tokens; None when nothing is left to learn.
 
     Too long: trailing exchanges are dropped first, so that no reply is cut; only when the first exchange alone does
     not fit is it truncated (counted as a cut reply), or dropped if its prompt already fills seq_len.
     """
     def encode(msgs):
-        ids, mask = encode_chat(tok, template, msgs, system)
-        if not ids or ids[-1] != tok.eos_id:  # every document ends with eos (a boundary marker, not a target)
-            ids, mask = ids + [tok.eos_id], mask + [0]
+        ids, mask = encode_chat(tok, template, msgs, system, train_on_prompt=train_on_prompt)
+        if not ids or ids[-1] != tok.eos_id:  # every document ends with eos (a boundary marker; a target only
+            ids, mask = ids + [tok.eos_id], mask + [int(train_on_prompt)]  # where every token is)
         return ids, mask
 
     ids, mask = encode(messages)
@@ -827,13 +1106,19 @@ def encode_sample(tok, template, messages, system, seq_len, stats):
 
 
 def encode_chunk(items):
-    """Items -> (tokens, mask or None, [(doc, n_tokens, last)], stats). Runs in a worker process."""
+    """Items -> (tokens, mask or None, [(doc, n_tokens, last)], stats, errors). Runs in a worker process; a record the
+    template cannot render is left out and reported in errors (the main process stops or skips, per --on_error)."""
     tok, template, seq_len = _worker["tok"], _worker["template"], _worker["seq_len"]
     stats = {"samples_shortened": 0, "turns_dropped": 0, "replies_cut": 0, "dropped_too_long": 0, "no_reply": 0}
-    pieces, masks, index = [], [], []
+    pieces, masks, index, errors = [], [], [], []
     if items[0].messages is not None:
         for item in items:
-            sample = encode_sample(tok, template, item.messages, item.system, seq_len, stats)
+            try:
+                sample = encode_sample(tok, template, item.messages, item.system, seq_len, stats,
+                                       _worker["train_on_prompt"])
+            except TemplateError as e:
+                errors.append(f"{item.where}: --template={template}: {e}")
+                continue
             if sample is not None:
                 pieces.append(sample[0])
                 masks.append(sample[1])
@@ -847,15 +1132,14 @@ def encode_chunk(items):
                 if not ids or ids[-1] != tok.eos_id:
                     ids.append(tok.eos_id)
             else:
-                # a continuation piece starts mid-document: no dummy-prefix space; bos/eos frame the whole document
+                # a continuation piece starts mid-document: no dummy-prefix space; framing is for the whole document
                 ids = next(encoded) if item.first else tok.encode_continuation(item.text)
-                ids = ([tok.bos_id] if item.first and tok.bos_id is not None else []) + ids
-                ids = ids + ([tok.eos_id] if item.last else [])
+                ids = tok.frame_document(ids, item.first, item.last)
             pieces.append(ids)
             index.append((item.doc, len(ids), item.last))
     tokens = np.array(list(itertools.chain.from_iterable(pieces)), dtype=np.int64)
     mask = np.array(list(itertools.chain.from_iterable(masks)), dtype=np.uint8) if masks else None
-    return tokens, mask, index, stats
+    return tokens, mask, index, stats, errors
 
 
 def chunked(items, max_chars=1 << 20, max_items=1024):
@@ -1038,7 +1322,10 @@ def parse_args(argv=None):
     parser.add_argument("--vocab_size", type=int, default=8192, help="when training a tokenizer")
     parser.add_argument("--tokenizer_chars", type=int, default=20_000_000,
                         help="characters of input used to train a tokenizer")
-    parser.add_argument("--template", help="chat template for instruction data (default: the tokenizer's)")
+    parser.add_argument("--template", help="chat template for instruction data: a name below, or hf for the "
+                                           "tokenizer's own Jinja chat_template (default: the tokenizer's)")
+    parser.add_argument("--train_on_prompt", action="store_true", help="instruction data: every token of a "
+                        "conversation counts in the loss, prompts too (default: the assistant replies only)")
     parser.add_argument("--out", help="output dir (default: data/default, or data/<first input's name>)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     parser.add_argument("--val_fraction", type=float, default=0.02, help="fraction of documents for val.bin")
@@ -1057,9 +1344,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.format not in FORMATS:
         parser.exit(2, f"prepare.py: --format={args.format}: unknown format; expected one of {', '.join(FORMATS)}\n")
-    if args.template is not None and args.template not in TEMPLATES:
+    if args.template is not None and args.template not in (*TEMPLATES, HF_TEMPLATE):
         parser.exit(2, f"prepare.py: --template={args.template}: unknown template; expected one of "
-                       f"{', '.join(TEMPLATES)}\n")
+                       f"{', '.join(TEMPLATES)} or {HF_TEMPLATE}\n")
     for name, low in (("workers", 1), ("vocab_size", 260), ("seq_len", 0), ("max_chars", 0), ("tokenizer_chars", 1)):
         if getattr(args, name) < low:
             parser.exit(2, f"prepare.py: --{name}={getattr(args, name)}: expected an integer >= {low}\n")
@@ -1125,14 +1412,16 @@ def get_tokenizer(args, files, fmt, out_dir):
     return tok
 
 
-def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes):
+def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes, counters):
     """Encode items with --workers processes and append them, in input order, to the train/val writers."""
     from tqdm import tqdm
     stats = {}
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None)
-    initargs = (str(tok.path), template, seq_len)
-    for chunk, (tokens, mask, index, chunk_stats) in ordered_map(encode_chunk, chunked(items), args.workers,
-                                                                 initargs):
+    initargs = (str(tok.path), template, seq_len, args.train_on_prompt)
+    for chunk, (tokens, mask, index, chunk_stats, errors) in ordered_map(encode_chunk, chunked(items),
+                                                                         args.workers, initargs):
+        for error in errors:
+            _bad(DataError(error), args.on_error, counters)
         if tokens.size and tokens.max() >= tok.vocab_size:
             raise SystemExit(f"prepare.py: token id {tokens.max()} >= vocab_size {tok.vocab_size} (Megatron input "
                              f"prepared with another tokenizer?)")
@@ -1150,11 +1439,12 @@ def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes):
 
 
 META_LAYOUT = {
-    "tokens": "{split}.bin: token ids of all documents back to back; text documents are bos + text + eos, "
-              "instruction documents are one chat-templated conversation ending with eos",
+    "tokens": "{split}.bin: token ids of all documents back to back; text documents are the text framed as the "
+              "tokenizer frames it (LLaMA's: bos first) and end with eos, instruction documents are one "
+              "chat-templated conversation ending with eos",
     "documents": "{split}.docs.bin: int64 start offset of every document, then the total token count",
     "mask": "{split}.mask.bin: uint8 per token, 1 = the token is a target that counts in the loss "
-            "(assistant replies and their end token)",
+            "(assistant replies and their end token; every token with train_on_prompt)",
     "packed": "rows of exactly seq_len tokens, each holding whole documents; a row's tail is pad_id with "
               "mask 0 and belongs to its last document",
 }
@@ -1162,9 +1452,14 @@ META_LAYOUT = {
 
 def _prepare_into(out_dir, args, files, fmt, source, instruction):
     tok = get_tokenizer(args, files, fmt, out_dir)
-    template = args.template or tok.chat_template
+    own = tok.chat_template and (HF_TEMPLATE if is_jinja(tok.chat_template) else tok.chat_template)
+    template = args.template or own
     if instruction and template is None:
         raise SystemExit(f"prepare.py: --template: required for {fmt} data (one of {', '.join(TEMPLATES)})")
+    if template == HF_TEMPLATE:
+        if own != HF_TEMPLATE:
+            raise SystemExit(f"prepare.py: --template=hf: {tok.template_file} holds no Jinja chat_template")
+        check_jinja_template(tok)
     dtype = args.dtype if args.dtype != "auto" else "uint16" if tok.vocab_size <= 65536 else "uint32"
     if tok.vocab_size > np.iinfo(dtype).max + 1:
         raise SystemExit(f"prepare.py: --dtype={dtype}: vocab_size {tok.vocab_size} does not fit "
@@ -1176,7 +1471,7 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
     items = read_items(files, fmt, args.text_field, args.max_chars, args.on_error, counters)
     try:
         stats = tokenize_into(writers, items, tok, template, args, args.seq_len if instruction else 0,
-                              sum(f.stat().st_size for f in files))
+                              sum(f.stat().st_size for f in files), counters)
     finally:  # also on errors: the temporary dir is removed with closed files
         for w in writers.values():
             w.close()
@@ -1199,7 +1494,8 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
         stats["skipped_records"] = counters["skipped"]
     meta = {  # deterministic: no times or temporary paths, so the same input gives the same bytes
         "dtype": dtype, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-        "template": template, "tokenizer": tok.filename, "format": fmt, "source_files": source,
+        "template": template, "train_on_prompt": args.train_on_prompt and instruction, "tokenizer": tok.filename,
+        "format": fmt, "source_files": source,
         "train_tokens": writers["train"].n_tokens, "val_tokens": writers["val"].n_tokens,
         "train_documents": writers["train"].n_docs, "val_documents": writers["val"].n_docs,
         "has_mask": with_mask, "seq_len": args.seq_len, "packed": args.pack, "val_fraction": args.val_fraction,

@@ -21,7 +21,6 @@ buffers allocated once; only the last position's logits are sampled; everything 
 `--compile` compiles the one-token decode step.
 """
 import argparse
-import json
 import os
 import resource
 import sys
@@ -460,28 +459,23 @@ def fit_prompt(ids, max_new_tokens, max_seq_len, policy, what, bos_id=None):
     return kept
 
 
-def read_tokenizer_config(ckpt):
-    path = os.path.join(ckpt, "tokenizer_config.json")
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        fail(f"{path}: line {e.lineno}: expected JSON ({e.msg})")
-
-
-def resolve_template(flag, tok_config, family):
-    """--template, else tokenizer_config.json's chat_template, else the family's default."""
+def resolve_template(flag, tok, family):
+    """--template, else the checkpoint's own (a built-in name, or its Jinja template: "hf"), else the family's."""
     import prepare
-    name = flag or tok_config.get("chat_template") or prepare.FAMILY_TEMPLATE.get(family)
-    where = "--template" if flag else ("tokenizer_config.json chat_template" if tok_config.get("chat_template")
-                                       else f"family {family!r}")
+    own = tok.chat_template and (prepare.HF_TEMPLATE if prepare.is_jinja(tok.chat_template) else tok.chat_template)
+    name = flag or own or prepare.FAMILY_TEMPLATE.get(family)
+    names = ", ".join(sorted(prepare.TEMPLATES)) + f" or {prepare.HF_TEMPLATE}"
     if name is None:
-        fail(f"--chat: no chat template for family {family!r}; pass --template (one of "
-             f"{', '.join(sorted(prepare.TEMPLATES))})")
-    if name not in prepare.TEMPLATES:
-        fail(f"{where}: unknown chat template {name!r}; expected one of {', '.join(sorted(prepare.TEMPLATES))}")
+        fail(f"--chat: no chat template for family {family!r}; pass --template (one of {names})")
+    if name not in prepare.TEMPLATES and name != prepare.HF_TEMPLATE:
+        fail(f"--template: unknown chat template {name!r}; expected one of {names}")
+    if name == prepare.HF_TEMPLATE:
+        if own != prepare.HF_TEMPLATE:
+            fail(f"--template=hf: {tok.template_file} holds no Jinja chat_template")
+        try:
+            prepare.check_jinja_template(tok)
+        except SystemExit as e:
+            fail(str(e).removeprefix("prepare.py: "))
     return name
 
 
@@ -515,17 +509,28 @@ def counted(tokens, stats):
 
 
 def chat_end_ids(tok, template):
-    """eos plus the template's own end-of-turn tokens (those the vocabulary has)."""
+    """eos plus the template's own end-of-turn tokens (those the vocabulary has; for a model's Jinja template, the
+    special token that closes an assistant turn in it)."""
+    import prepare
     ids = {tok.eos_id}
+    if template == prepare.HF_TEMPLATE:
+        ids.add(prepare.jinja_turn_end(tok))
     for t in TEMPLATE_STOP_TOKENS.get(template, []):
         ids.add(t if isinstance(t, int) else tok.token_to_id(t))
     return sorted(i for i in ids if i is not None)
 
 
+def encode_turn(tok, template, messages, system):
+    import prepare
+    try:
+        return prepare.encode_chat(tok, template, messages, system=system, add_generation_prompt=True)[0]
+    except prepare.TemplateError as e:
+        fail(f"--chat: {e}")
+
+
 def run_chat(model, tok, template, settings, *, system, max_new_tokens, on_long_prompt, stop, stdin, stdout,
              generator=None, decode_step=None):
     """Interactive chat: each user line is a turn; /reset clears the history, /exit (or end of input) quits."""
-    import prepare
     history, stats = [], dict(tokens=0, seconds=0.0)
     end_ids = chat_end_ids(tok, template)
     interactive = hasattr(stdin, "isatty") and stdin.isatty()
@@ -545,11 +550,11 @@ def run_chat(model, tok, template, settings, *, system, max_new_tokens, on_long_
         if not line.strip():
             continue
         messages = history + [{"role": "user", "content": line}]
-        ids, _ = prepare.encode_chat(tok, template, messages, system=system, add_generation_prompt=True)
+        ids = encode_turn(tok, template, messages, system)
         # drop the oldest turns while the conversation does not fit; a single turn follows --on_long_prompt
         while len(ids) + max_new_tokens > model.args.max_seq_len and len(messages) > 2:
             messages = messages[2:]
-            ids, _ = prepare.encode_chat(tok, template, messages, system=system, add_generation_prompt=True)
+            ids = encode_turn(tok, template, messages, system)
             log("sample.py: warning: conversation too long for the context; dropped the oldest turn")
         ids = fit_prompt(ids, max_new_tokens, model.args.max_seq_len, on_long_prompt, "chat turn", tok.bos_id)
         tokens = generate(model, ids, max_new_tokens, eos_id=end_ids, pad_id=max(tok.pad_id or 0, 0),
@@ -578,7 +583,8 @@ def parse_args(argv):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; \\n and \\t understood)")
     p.add_argument("--chat", action="store_true", help="interactive chat with the checkpoint's template")
     p.add_argument("--system", default=None, help="system prompt for --chat")
-    p.add_argument("--template", default=None, help="chat template name (default: tokenizer_config.json / family)")
+    p.add_argument("--template", default=None, help="chat template: a built-in name, or hf for the checkpoint's own Jinja "
+                                                    "template (default: the checkpoint's, else the family's)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter dir (train.py's out_dir/adapter) folded into "
                    "the weights at load")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation")
@@ -615,14 +621,13 @@ def main(argv=None, stdin=None, stdout=None):
     import prepare
     device = args.device or kernels.device_type()
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
-    tok_config = read_tokenizer_config(args.ckpt)
     try:
         model_args, ckpt_config = model_lib.read_config(args.ckpt)
     except model_lib.CheckpointError as e:  # malformed config.json: one line, not a traceback
         fail(str(e))
     family = ckpt_config.get("family", "llama")
-    template = resolve_template(args.template, tok_config, family) if args.chat else None
     tok = prepare.load_tokenizer(args.ckpt)
+    template = resolve_template(args.template, tok, family) if args.chat else None
     if tok.vocab_size > model_args.vocab_size:  # ids past the embedding would crash mid-generation
         fail(f"--ckpt={args.ckpt}: the tokenizer has {tok.vocab_size} tokens, the model's "
              f"vocab_size={model_args.vocab_size} (a tokenizer from another model?)")
@@ -676,7 +681,7 @@ def main(argv=None, stdin=None, stdout=None):
             fail(f"--prompt_file={args.prompt_file}: not UTF-8 text (byte {e.start}: {e.reason})")
         if not prompts:
             fail(f"--prompt_file={args.prompt_file}: expected one prompt per line, found none")
-        rows = [fit_prompt(tok.encode(p, bos=True), args.max_new_tokens, max_seq_len, args.on_long_prompt,
+        rows = [fit_prompt(tok.encode(p, add_special_tokens=True), args.max_new_tokens, max_seq_len, args.on_long_prompt,
                            f"--prompt_file line {i + 1}", tok.bos_id) for i, p in enumerate(prompts)]
         t0 = time.perf_counter()
         outs = [[] for _ in rows]
@@ -690,7 +695,9 @@ def main(argv=None, stdin=None, stdout=None):
         for out in outs:
             stdout.write(apply_stop(tok.decode(out), args.stop)[0] + "\n")
     else:
-        ids = tok.encode(args.prompt or "", bos=True)
+        # the prompt gets the special tokens the tokenizer itself adds (transformers' tokenizer(prompt).input_ids);
+        # an empty prompt starts from bos
+        ids = tok.encode(args.prompt or "", add_special_tokens=True) or [tok.bos_id] * (tok.bos_id is not None)
         if not ids:
             fail("--prompt: encodes to no tokens and the tokenizer has no bos token to start from")
         ids = fit_prompt(ids, args.max_new_tokens, max_seq_len, args.on_long_prompt, "--prompt", tok.bos_id)

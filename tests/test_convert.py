@@ -155,7 +155,8 @@ def test_aquila_copies_tokenizer_json_and_writes_ids(tmp_path):
     assert read_config(tmp_path / "ckpt")[1]["family"] == "aquila"
     assert (tmp_path / "ckpt" / "tokenizer.json").read_bytes() == (tmp_path / "hf" / "tokenizer.json").read_bytes()
     tok_cfg = json.loads((tmp_path / "ckpt" / "tokenizer_config.json").read_text())
-    assert tok_cfg == {"bos_id": 100, "eos_id": 101, "pad_id": 0, "chat_template": "aquila"}
+    assert tok_cfg == {"bos_id": 100, "eos_id": 101, "pad_id": 0, "chat_template": "aquila",
+                       "add_bos_token": False, "add_eos_token": False}  # no post-processor: text gets neither
     # and back: HF's tokenizer_config.json names the tokens, so AutoTokenizer reads the dir
     from transformers import AutoTokenizer
     run("native-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "back")
@@ -179,12 +180,14 @@ def test_llama_sentencepiece_tokenizer_ids_from_hf_token_strings(tmp_path):
     run("hf-to-native", "--src", tmp_path / "hf", "--dst", tmp_path / "ckpt", "--template", "vicuna")
     assert (tmp_path / "ckpt" / "tokenizer.model").read_bytes() == (tmp_path / "hf" / "tokenizer.model").read_bytes()
     ours = json.loads((tmp_path / "ckpt" / "tokenizer_config.json").read_text())
-    assert ours == {"bos_id": 1, "eos_id": 2, "pad_id": 2, "chat_template": "vicuna"}
+    # nothing says otherwise: LLaMA's sentencepiece convention, bos and no eos
+    assert ours == {"bos_id": 1, "eos_id": 2, "pad_id": 2, "chat_template": "vicuna", "add_bos_token": True,
+                    "add_eos_token": False, "legacy": False}
     assert prepare.load_tokenizer(tmp_path / "ckpt").eos_id == 2
     run("native-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "back")
     theirs = json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())
     assert theirs == {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                      "pad_token": "</s>"}
+                      "pad_token": "</s>", "add_bos_token": True, "add_eos_token": False, "legacy": False}
 
 
 # the published config.json files (fields that matter), as in each preset's linked repo

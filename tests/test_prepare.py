@@ -110,7 +110,8 @@ def test_sentencepiece_round_trip_and_special_ids(sp):
     text = "Hello world.\n    def f(x):  return x  # two  spaces, é and 🙂\n"
     assert sp.decode(sp.encode(text)) == text  # identity normalisation, whitespace kept, byte fallback
     assert (sp.bos_id, sp.eos_id, sp.pad_id, sp.vocab_size) == (1, 2, 3, 400)
-    assert sp.encode("hi", bos=True, eos=True) == [1] + sp.encode("hi") + [2]
+    assert sp.encode("hi", add_special_tokens=True) == [1] + sp.encode("hi")  # LLaMA: bos, no eos
+    assert sp.frame_document(sp.encode("hi")) == [1] + sp.encode("hi") + [2]
     assert sp.token_to_id("<|im_end|>") is not None and sp.token_to_id("no-such-piece") is None
 
 
@@ -171,15 +172,16 @@ def test_baichuan2_ids_and_mask(sp):
 
 def test_vicuna_ids_mask_and_text(bpe, sp):
     # byte-level BPE: every segment is encoded exactly as the reference string would be split at the special tokens
-    enc, bos, eos = bpe.encode, bpe.bos_id, bpe.eos_id
+    enc, eos = bpe.encode, bpe.eos_id
     sys_ = prepare.VICUNA_SYSTEM
     ids, mask = encode_chat(bpe, "vicuna", CONV)
     p1 = enc(f"{sys_} USER: {CONV[0]['content']} ASSISTANT:")
     r1 = enc(" " + CONV[1]["content"])
     p2 = enc(f"USER: {CONV[2]['content']} ASSISTANT:")
     r2 = enc(" " + CONV[3]["content"])
-    assert ids == [bos] + p1 + r1 + [eos] + p2 + r2 + [eos]
-    assert mask == [0] * (1 + len(p1)) + [1] * (len(r1) + 1) + [0] * len(p2) + [1] * (len(r2) + 1)
+    # FastChat tokenizes the prompt with the tokenizer's defaults: this tokenizer.json adds no bos
+    assert bpe.prefix == [] and ids == p1 + r1 + [eos] + p2 + r2 + [eos]
+    assert mask == [0] * len(p1) + [1] * (len(r1) + 1) + [0] * len(p2) + [1] * (len(r2) + 1)
     # sentencepiece: the text is FastChat's vicuna_v1.1 prompt exactly (decode drops the control tokens)
     ids, mask = encode_chat(sp, "vicuna", CONV)
     assert sp.decode(ids) == (f"{sys_} USER: {CONV[0]['content']} ASSISTANT: {CONV[1]['content']}"
@@ -229,8 +231,19 @@ def test_generation_prompt_is_a_prefix_of_the_full_conversation(sp, template):
     assert mask[len(gen)] == 1  # the very next token is the reply
 
 
-@pytest.mark.parametrize("template", ["human-assistant", "vicuna", "llama-2"])
+@pytest.mark.parametrize("template", ["vicuna", "alpaca"])
+def test_templates_start_as_the_tokenizer_frames_text(sp, template, monkeypatch):
+    # their references tokenize the whole prompt with the tokenizer's defaults: LLaMA's sentencepiece adds bos
+    ids, mask = encode_chat(sp, template, CONV[:2])
+    assert sp.prefix == [sp.bos_id] and ids[0] == sp.bos_id and mask[0] == 0
+    monkeypatch.setattr(sp, "prefix", [])  # a tokenizer that adds nothing (e.g. add_bos_token: false)
+    without, without_mask = encode_chat(sp, template, CONV[:2])
+    assert without == ids[1:] and without_mask == mask[1:]
+
+
+@pytest.mark.parametrize("template", ["human-assistant", "llama-2"])
 def test_templates_start_with_bos_and_a_vocabulary_without_one_gets_none(sp, template, monkeypatch):
+    # their references put bos in front explicitly, whatever the tokenizer's own convention
     ids, mask = encode_chat(sp, template, CONV[:2])
     assert ids[0] == sp.bos_id and mask[0] == 0
     monkeypatch.setattr(sp, "bos_id", None)
@@ -352,7 +365,7 @@ def test_long_text_read_in_pieces_gives_the_same_tokens(sp_path, sp, tmp_path, m
     meta = run("--input", tmp_path / "big.txt", "--tokenizer", sp_path, "--out", tmp_path / "out",
                "--val_fraction", "0")
     tokens, _, offsets = load_split(tmp_path / "out", "train", meta)
-    assert list(offsets) == [0, len(tokens)] and list(tokens) == sp.encode(text, bos=True, eos=True)
+    assert list(offsets) == [0, len(tokens)] and list(tokens) == sp.frame_document(sp.encode(text))
 
 
 # -----------------------------------------------------------------------------
@@ -482,7 +495,7 @@ def test_seq_len_cuts_text_documents_without_losing_tokens(sp_path, sp, tmp_path
     meta = run("--input", tmp_path / "t.txt", "--tokenizer", sp_path, "--seq_len", 50, "--out", tmp_path / "out",
                "--val_fraction", "0")
     tokens, _, offsets = load_split(tmp_path / "out", "train", meta)
-    assert list(tokens) == sp.encode(text, bos=True, eos=True)
+    assert list(tokens) == sp.frame_document(sp.encode(text))
     assert all(np.diff(offsets) <= 50) and meta["stats"]["train_docs_split"] == len(offsets) - 2
 
 
@@ -542,7 +555,8 @@ def test_vocab_too_large_for_dtype(tmp_path):
     assert "vocab_size 70003 does not fit" in fails(*base, "--dtype", "uint16", "--out", tmp_path / "o")
     meta = run(*base, "--out", tmp_path / "o2")  # auto picks uint32
     assert meta["dtype"] == "uint32"
-    assert list(np.fromfile(tmp_path / "o2" / "train.bin", np.uint32)) == [1, 4, 5, 70002, 2]
+    # no post-processor in this tokenizer.json: the text gets no bos; eos still ends the document
+    assert list(np.fromfile(tmp_path / "o2" / "train.bin", np.uint32)) == [4, 5, 70002, 2]
 
 
 def test_existing_output_needs_overwrite(sp_path, tmp_path):
@@ -630,7 +644,7 @@ def test_pack_text_cuts_long_documents_and_masks_only_padding(sp_path, sp, tmp_p
     assert meta["has_mask"] and len(tokens) % L == 0 and meta["stats"]["train_docs_split"] > 0
     assert np.sum(mask == 0) == meta["stats"]["train_pad_tokens"] and np.all(tokens[mask == 0] == sp.pad_id)
     real = np.concatenate([tokens[a:b][mask[a:b] == 1] for a, b in zip(offsets[:-1], offsets[1:])])
-    expected = [t for text in texts for t in sp.encode(text.replace(". ", ".\n"), bos=True, eos=True)]
+    expected = [t for text in texts for t in sp.frame_document(sp.encode(text.replace(". ", ".\n")))]
     assert list(real) == expected  # nothing lost
     monkeypatch.setattr(prepare, "TEXT_PIECE_BYTES", 50)  # documents arriving in pieces pack the same way
     run(*args, "--out", tmp_path / "pieces")

@@ -252,7 +252,7 @@ def test_compiled_decode_gives_the_same_greedy_tokens(tiny, dtype):
 def byte_tokenizer(dst, chat_template=None):
     """A tokenizer.json whose ids are the UTF-8 bytes (no merges, so encoding is concatenation-invariant and the
     ids of a template string can be written by hand) plus <s> 256, </s> 257, <|im_start|> 258, <|im_end|> 259."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     # GPT-2's byte -> printable character table, so that id == byte value
     printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
@@ -262,6 +262,7 @@ def byte_tokenizer(dst, chat_template=None):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<s>", "</s>", "<|im_start|>", "<|im_end|>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])  # as LLaMA's
     tok.save(str(dst / "tokenizer.json"))
     config = {"bos_id": 256, "eos_id": 257, "pad_id": 257, "chat_template": chat_template}
     (dst / "tokenizer_config.json").write_text(json.dumps(config))
@@ -388,7 +389,7 @@ TWO_TURNS = {
     "baichuan2": ids_of("Be brief.", 195, "Hi there", 196, "Hello!", "</s>", 195, "A joke?", 196),
     "baichuan": ids_of("Be brief.", 195, "Hi there", 196, "Hello!", "</s>", 195, "A joke?", 196),
     "vicuna": ids_of("<s>", "Be brief. USER: Hi there ASSISTANT: Hello!", "</s>", "USER: A joke? ASSISTANT:"),
-    "alpaca": ids_of("Be brief.\n\n### Instruction:\nHi there\n\n### Response:\nHello!", "</s>",
+    "alpaca": ids_of("<s>", "Be brief.\n\n### Instruction:\nHi there\n\n### Response:\nHello!", "</s>",
                      "\n\n### Instruction:\nA joke?\n\n### Response:\n"),
     "aquila": ids_of("Be brief.###Human: Hi there###Assistant: Hello!###Human: A joke?###Assistant:"),
     "llama-2": ids_of("<s>", "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello! ", "</s>",
@@ -427,9 +428,12 @@ def test_chat_uses_family_template_and_generation_defaults():
     import argparse
     import prepare
 
-    assert sample.resolve_template(None, {}, "baichuan2") == prepare.FAMILY_TEMPLATE["baichuan2"]
-    assert sample.resolve_template(None, {"chat_template": "vicuna"}, "baichuan2") == "vicuna"
-    assert sample.resolve_template("chatml", {"chat_template": "vicuna"}, "baichuan2") == "chatml"
+    def tok(template):
+        return argparse.Namespace(chat_template=template)
+
+    assert sample.resolve_template(None, tok(None), "baichuan2") == prepare.FAMILY_TEMPLATE["baichuan2"]
+    assert sample.resolve_template(None, tok("vicuna"), "baichuan2") == "vicuna"
+    assert sample.resolve_template("chatml", tok("vicuna"), "baichuan2") == "chatml"
     flags = argparse.Namespace(temperature=None, top_k=None, top_p=0.5, repetition_penalty=None)
     assert sample.generation_settings(flags, "baichuan2", chat=True) == dict(
         temperature=0.3, top_k=5, top_p=0.5, repetition_penalty=1.05)  # the flag overrides one default
