@@ -177,7 +177,7 @@ class Tokenizer:
                 prefix = self.sp_prefix_space and (pos == 0 or self.sp_legacy) and not piece.startswith(" ")
                 model = self.sp if prefix else self.sp_continue
                 char_at = _byte_to_char(piece)
-                for p in model.encode(piece, out_type="immutable_proto").pieces:
+                for p in model.encode(piece, return_type="proto").pieces:  # begin/end: byte offsets
                     ids.append(p.id)
                     spans.append((pos + char_at[p.begin], pos + char_at[p.end]))
             if m:
