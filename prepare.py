@@ -94,12 +94,12 @@ class Tokenizer:
             self.sp_continue.load_from_serialized_proto(self.sp.serialized_model_proto() + b"\x1a\x02\x18\x00")
             # rendered chat text: the control pieces (<s>, </s>, ...) and HF's added tokens are matched as tokens;
             # as transformers' LlamaTokenizer, only text at the very start gets the "▁" prefix unless legacy=true
-            specials = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
-                        if self.sp.is_control(i) or self.sp.is_unknown(i)}
-            for i, t in (config.get("added_tokens_decoder") or {}).items():
-                if isinstance(t, dict) and isinstance(t.get("content"), str) and str(i).isdigit():
-                    specials[t["content"]] = int(i)
-            self.sp_specials = specials
+            added = {t["content"]: int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()
+                     if isinstance(t, dict) and isinstance(t.get("content"), str) and str(i).isdigit()
+                     and int(i) < self.vocab_size}
+            self.sp_specials = {**{self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                                   if self.sp.is_control(i) or self.sp.is_unknown(i)}, **added}
+            self.sp_added = added
             self.sp_legacy = config.get("legacy") is True
             self.sp_prefix_space = config.get("add_prefix_space") is not False
 
@@ -231,6 +231,9 @@ class Tokenizer:
                   "chat_template": self.chat_template if template in (None, "hf") else template}
         if self.sp is not None:
             config["legacy"] = self.sp_legacy
+            if self.sp_added:  # HF's added tokens matched in rendered chat text, kept as transformers writes them
+                config["added_tokens_decoder"] = {str(i): {"content": t, "special": True}
+                                                  for t, i in self.sp_added.items()}
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
