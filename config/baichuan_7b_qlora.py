@@ -4,11 +4,11 @@
 # LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05) on all Linear4bit but lm_head; prepare_model_for_kbit_training,
 # which turns on gradient checkpointing; CUTOFF_LEN 1024; 1 epoch of Belle_open_source_0.5M.json minus 2,000 for
 # validation; batch 1 x 4 accumulation; lr 3e-4; Trainer defaults: AdamW 0.9/0.999, no weight decay, linear decay,
-# no warmup) and its README ("about 12 GB of GPU memory"). One departure: the source's loss counts every token
-# (labels = input_ids, prompt included); prepare.py's chat data counts the replies only, as the other SFT recipes do.
+# no warmup) and its README ("about 12 GB of GPU memory"). The source's loss counts every token (labels = input_ids,
+# prompt included): prepare.py --train_on_prompt does the same.
 #   python convert.py hf-to-native --src=hf/baichuan-7B --dst=checkpoints/baichuan-7b
 #   python prepare.py --input=Belle_open_source_0.5M.json --format=belle --template=human-assistant \
-#       --tokenizer=checkpoints/baichuan-7b --seq_len=1024 --pack --out=data/belle_baichuan
+#       --train_on_prompt --tokenizer=checkpoints/baichuan-7b --seq_len=1024 --pack --out=data/belle_baichuan
 #   python train.py config/baichuan_7b_qlora.py       # -> out/baichuan_7b_qlora/adapter and the merged export
 #   python train.py config/baichuan_7b_qlora.py --dry_run
 out_dir = "out/baichuan_7b_qlora"
