@@ -1166,7 +1166,10 @@ def memory_plan(args: ModelArgs, cfg: Config, dp: int, tp: int, packed: bool) ->
     lora_extra = 0  # activation bytes per token and layer that the adapters add
     adapted = []
     if cfg.lora_rank:
-        adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        try:
+            adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        except ValueError as e:
+            fail(str(e))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         for name in (n for n in adapted if n.startswith("layers.0.")):
             adapter = model.get_submodule(name)  # LoRALinear, or a fused wqkv LoRA (dropout once, on its input)
