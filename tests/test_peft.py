@@ -81,6 +81,25 @@ def test_peft_adapter_merges_into_the_converted_base_like_merge_and_unload(tmp_p
     assert (ours - logits(Transformer.from_checkpoint(ckpt))).abs().max() > 0.1  # the adapters do change it
 
 
+def test_full_weights_saved_beside_peft_adapters_replace_the_base_as_peft_loads_them(tmp_path):
+    from peft import PeftModel
+
+    ckpt, peft_model = peft_llama(tmp_path, target_modules=["v_proj", "lm_head"])
+    adapter = save_peft(peft_model, tmp_path / "adapter")
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    head = "base_model.model.lm_head.base_layer.weight"  # PEFT saves it when the head is adapted
+    tensors[head] = tensors[head] + 0.5 * torch.randn_like(tensors[head])
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = merged_reference(PeftModel.from_pretrained(tiny_hf_llama(2), str(adapter)))
+    convert.main(["merge-lora", "--src", str(ckpt), "--adapter", str(adapter), "--dst", str(tmp_path / "merged")])
+    assert (logits(Transformer.from_checkpoint(tmp_path / "merged")) - reference).abs().max() <= 1e-4
+    model, _ = sample.load_model(ckpt, "cpu", torch.float32)
+    sample.add_adapter(model, adapter, "llama")
+    assert (logits(model) - reference).abs().max() <= 1e-4
+
+
 def test_sample_adapter_flag_folds_a_peft_adapter_like_merge_and_unload(tmp_path):
     ckpt, peft_model = peft_llama(tmp_path, target_modules=["q_proj", "v_proj", "down_proj"])
     adapter = save_peft(peft_model, tmp_path / "adapter")
@@ -300,6 +319,8 @@ def test_fused_adapter_trains_and_the_merged_model_equals_the_model_with_adapter
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.2, losses[::5]
     with torch.no_grad():
+        for p in lora_state_dict(model).values():  # every row of B non-zero, whatever training reached
+            p.add_(torch.randn_like(p) * 0.05)
         with_adapters = model.eval()(idx)[0]
         merge_lora(model)
         merged = model(idx)[0]
