@@ -14,7 +14,8 @@ shard, never the model twice. Output goes to DST.tmp-PID and is renamed to DST w
 Layouts. HF LLaMA q/k rows are already in rotate-half order, which is our native order: copied as they are. Meta's
 consolidated checkpoints interleave the rotary pairs, so their wq/wk are permuted on import. Baichuan's W_pack is
 [wq; wk; wv] stacked on rows. Baichuan2's NormHead is normalised once in fp32 for inference (norm_head=false), or
-kept raw with --for_training (norm_head=true, model.py normalises it in every forward).
+kept raw with --for_training (norm_head=true, model.py normalises it in every forward). LoRA adapter dirs are PEFT's
+format, named as the HF export of the base (W_pack's update splits by rows into wq, wk, wv like its weight).
 """
 
 import argparse
@@ -819,6 +820,8 @@ def low_rank_updates(pairs: dict, weights_of: dict[str, list[str]], rank_alpha, 
                 fail(f"{where}: tensor {name_of(module, kind)} has shape {tuple(ab[kind].shape)}, the base needs "
                      f"{want} (rank {rank})")
         for n, b in zip(natives, ab["b"].split(rows)):
+            if n in updates:  # e.g. a fused wqkv adapter and a wq adapter in one file
+                fail(f"{where}: {n} is adapted twice ({name_of(module, 'a')} and another adapter)")
             updates[n] = LowRank(ab["a"], b, scale)
     return updates
 
@@ -830,7 +833,7 @@ def read_adapter(path, args: ModelArgs, family: str) -> tuple[dict[str, LowRank]
     path = Path(path)
     cfg = read_json(path / ADAPTER_CONFIG)
     if "peft_type" in cfg:
-        return read_peft_adapter(path, cfg, args, family), read_peft_replacements(path, args, family)
+        return read_peft_adapter(path, cfg, args, family)
     if "rank" in cfg and "alpha" in cfg:
         return read_native_adapter(path, cfg, args), {}
     fail(f"{path / ADAPTER_CONFIG}: peft_type: missing (expected a PEFT LoRA adapter, peft_type 'LORA')")
@@ -935,7 +938,7 @@ def peft_rank_alpha(cfg: dict, module: str) -> tuple[int, float]:
     return rank, alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
 
 
-def read_peft_adapter(path: Path, cfg: dict, args: ModelArgs, family: str) -> dict[str, LowRank]:
+def read_peft_adapter(path: Path, cfg: dict, args: ModelArgs, family: str) -> tuple[dict, dict]:
     """PEFT's adapter_config.json + adapter_model.safetensors (or .bin): lora_A (r, in) and lora_B (out, r) per HF
     module. Baichuan's W_pack update B A is split by rows into wq, wk, wv. fan_in_fan_out only says the stored base is
     transposed (GPT-2's Conv1D); PEFT turns it off for nn.Linear, which every linear of these families is, so the
@@ -949,7 +952,7 @@ def read_peft_adapter(path: Path, cfg: dict, args: ModelArgs, family: str) -> di
         m = re.fullmatch(rf"{re.escape(PEFT_PREFIX)}(.+)\.lora_([AB])\.weight", name)
         if m is None:
             if name.startswith(PEFT_PREFIX) and name.endswith(".weight") and "lora_" not in name:
-                continue  # a full weight saved beside the adapters: read_peft_replacements
+                continue  # a full weight saved beside the adapters: peft_replacements
             fail(f"{file}: tensor {name} is not a LoRA weight (expected {PEFT_PREFIX}<module>.lora_A.weight / "
                  "lora_B.weight)")
         if m[1] not in linears:
@@ -961,14 +964,14 @@ def read_peft_adapter(path: Path, cfg: dict, args: ModelArgs, family: str) -> di
         odd = sorted(set(pairs) ^ selected)[0]
         fail(f"{file}: {odd} is {'adapted in the weights but not in' if odd in pairs else 'missing, but selected by'} "
              f"{ADAPTER_CONFIG}'s target_modules")
-    return low_rank_updates(pairs, linears, lambda m: peft_rank_alpha(cfg, m), native_shapes(args), file,
-                            lambda m, kind: f"{PEFT_PREFIX}{m}.lora_{kind.upper()}.weight")
+    updates = low_rank_updates(pairs, linears, lambda m: peft_rank_alpha(cfg, m), native_shapes(args), file,
+                               lambda m, kind: f"{PEFT_PREFIX}{m}.lora_{kind.upper()}.weight")
+    return updates, peft_replacements(file, tensors, args, family)
 
 
-def read_peft_replacements(path: Path, args: ModelArgs, family: str) -> dict[str, torch.Tensor]:
+def peft_replacements(file: Path, tensors: dict, args: ModelArgs, family: str) -> dict[str, torch.Tensor]:
     """Full weights in a PEFT adapter file (lm_head.base_layer.weight, model.embed_tokens.weight): as loaded by PEFT,
     they replace the base's. Their shapes must be the base's (a resized vocabulary is not supported)."""
-    file, tensors = peft_weights(path)
     layout, shapes = hf_layout(args, family), native_shapes(args)
     out = {}
     for name, t in tensors.items():
@@ -1071,7 +1074,9 @@ def merge_lora(src, adapter, dst, dtype=None, overwrite=False, max_shard_bytes=N
 
     def tensors():
         for name in native_shapes(args):
-            w = replaced.get(name, source.get(name))
+            w = source.get(name)
+            if name in replaced:  # in the base's dtype, as PEFT loads it into the base layer
+                w = replaced[name].to(w.dtype)
             if name in updates:
                 u = updates[name]
                 yield name, (w.float() + u.scale * (u.b.float() @ u.a.float())).to(dtype or w.dtype)
