@@ -65,8 +65,8 @@ def logits(model, idx=IDX):
 
 @pytest.mark.parametrize("weights, lora", [
     ("safetensors", dict(rank_pattern={"down_proj": 2}, alpha_pattern={"lm_head": 3})),
-    ("bin", dict(use_rslora=True)),
-], ids=["safetensors-patterns", "bin-rslora"])
+    ("bin", dict(use_rslora=True, layers_to_transform=[1])),
+], ids=["safetensors-patterns", "bin-rslora-layer1"])
 def test_peft_adapter_merges_into_the_converted_base_like_merge_and_unload(tmp_path, weights, lora):
     ckpt, peft_model = peft_llama(tmp_path, **lora)
     adapter = save_peft(peft_model, tmp_path / "adapter", safe_serialization=weights == "safetensors")
@@ -101,7 +101,8 @@ def test_full_weights_saved_beside_peft_adapters_replace_the_base_as_peft_loads_
 
 
 def test_sample_adapter_flag_folds_a_peft_adapter_like_merge_and_unload(tmp_path):
-    ckpt, peft_model = peft_llama(tmp_path, target_modules=["q_proj", "v_proj", "down_proj"])
+    # target_modules as a string: a regex the whole module name must match
+    ckpt, peft_model = peft_llama(tmp_path, target_modules=r"model\.layers\.\d+\.(self_attn\.[qv]_proj|mlp\.down_proj)")
     adapter = save_peft(peft_model, tmp_path / "adapter")
     reference = merged_reference(peft_model)
     model, _ = sample.load_model(ckpt, "cpu", torch.float32)
@@ -388,6 +389,8 @@ P = "base_model.model.model.layers.1.self_attn."
     (bad_config(r=0), r"adapter_config.json: r: expected a positive integer, got 0"),
     (bad_config(target_modules=["W_pack", "qkv_proj"]),
      r"adapter_config.json: target_modules: 'qkv_proj' names no linear layer of a baichuan model"),
+    (bad_config(target_modules="W_pack"),  # a string is a regex for the whole name, as in PEFT
+     r"adapter_config.json: target_modules: 'W_pack' matches no linear layer of a baichuan model"),
     (bad_config(target_modules=["W_pack"]), r"adapter_model.safetensors: model.layers.0.self_attn.o_proj is adapted "
                                             r"in the weights but not in adapter_config.json's target_modules"),
     (lambda a: (a / "adapter_model.safetensors").unlink(),
@@ -404,7 +407,7 @@ P = "base_model.model.model.layers.1.self_attn."
      r"tensor .*layers.1.self_attn.o_proj.lora_A.weight has shape \(2, 64\), the base needs \(4, 64\) \(rank 4\)"),
     (lambda a: (a / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}'),
      r"adapter_config.json: peft_type: missing \(expected a PEFT LoRA adapter"),
-], ids=["dora", "ia3", "bias", "modules_to_save", "pissa", "rank", "target", "untargeted", "no-weights",
+], ids=["dora", "ia3", "bias", "modules_to_save", "pissa", "rank", "target", "regex", "untargeted", "no-weights",
         "layer", "name", "rows", "rank-shape", "not-an-adapter"])
 def test_bad_peft_adapter_is_one_line_naming_file_and_field(tmp_path, edit, message):
     ckpt = tiny_baichuan(tmp_path)
