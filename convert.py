@@ -922,7 +922,8 @@ def peft_selected(cfg: dict, modules: list[str], where: Path, family: str) -> se
             found = [re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", m) for p in patterns] or [re.match(r".*?\.[^.]*\.(\d+)\.", m)]
             return next((int(f[1]) for f in found if f), None)
 
-        selected = {m for m in selected if index(m) in layers}
+        # a module named in full (lm_head) is taken whatever its layer, as PEFT does
+        selected = {m for m in selected if index(m) in layers or (isinstance(targets, list) and m in targets)}
     return selected
 
 

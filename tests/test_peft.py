@@ -3,6 +3,7 @@ against peft and transformers themselves; LoRA across the fused q/k/v projection
 
 import dataclasses
 import json
+import re
 import warnings
 
 import pytest
@@ -418,7 +419,7 @@ def test_bad_peft_adapter_is_one_line_naming_file_and_field(tmp_path, edit, mess
                       "--dst", str(tmp_path / "merged")])
     text = str(e.value)
     assert text.startswith("convert.py: ") and "\n" not in text
-    assert __import__("re").search(message, text), text
+    assert re.search(message, text), text
     assert not (tmp_path / "merged").exists()
 
 
