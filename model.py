@@ -156,13 +156,18 @@ class Attention(nn.Module):
                              persistent=False)
         self.heads = slice(None)  # the heads this module computes: all, or a tensor-parallel rank's share
         self.cache: Optional[KVCache] = None
+        self.wqkv: Optional[LoRA] = None  # one LoRA adapter across [wq; wk; wv] (Baichuan's W_pack), see apply_lora
 
     def forward(self, x, cos, sin, start_pos=0, key_padding_mask=None, doc_ids=None, alibi_bias=None):
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds only its share of the heads
-        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
-        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
-        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.wqkv is not None:  # the fused adapter's update, split like its rows
+            dq, dk, dv = self.wqkv(x).split([q.size(-1), k.size(-1), v.size(-1)], dim=-1)
+            q, k, v = q + dq, k + dk, v + dv
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = v.view(B, T, -1, self.head_dim)
         if cos is not None:
             q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
@@ -417,28 +422,81 @@ class NF4Linear(nn.Module):
         return kernels.nf4_linear(x, self.nf4(), (self.out_features, self.in_features))
 
 
-class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / rank) * B A dropout(x), with the base frozen and B zero at start (so y = base(x))."""
+class LoRA(nn.Module):
+    """A low-rank update scale * B A dropout(x), B zero at start; scale = alpha / rank. On its own it is the
+    adapter across the fused q/k/v projection (Attention.wqkv: one A shared by q, k and v, one B with their rows)."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0,
+                 device=None):
         super().__init__()
-        self.base, self.rank, self.scale = base, rank, alpha / rank
-        device = base.nf4_packed.device if isinstance(base, NF4Linear) else base.weight.device
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=device))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.scale = rank, alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, device=device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises; B = 0 keeps y = base(x)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.base(x) + kernels.linear(kernels.linear(self.dropout(x), self.lora_a.to(x.dtype)),
-                                             self.lora_b.to(x.dtype)) * self.scale
+        return kernels.linear(kernels.linear(self.dropout(x), self.lora_a.to(x.dtype)),
+                              self.lora_b.to(x.dtype)) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora_b.float() @ self.lora_a.float())
+
+
+class LoRALinear(LoRA):
+    """y = base(x) + (alpha / rank) * B A dropout(x), with the base frozen and B zero at start (so y = base(x))."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base.in_features, base.out_features, rank, alpha, dropout, device=_device_of(base))
+        self.base = base
+
+    def forward(self, x):
+        return self.base(x) + super().forward(x)
 
     def merged_weight(self) -> torch.Tensor:
-        return self.base.weight.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())
+        return self.base.weight.float() + self.delta_weight()
+
+
+def _device_of(linear: nn.Module) -> torch.device:
+    return linear.nf4_packed.device if isinstance(linear, NF4Linear) else linear.weight.device
 
 
 def _linears(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
+
+
+# The fused q/k/v projection as a LoRA target: our name, and HF Baichuan's (LLaMA-Efficient-Tuning's --lora_target)
+FUSED_QKV = ("wqkv", "W_pack")
+
+
+def _lora_targets(model, targets: str) -> set[str]:
+    """The names a lora_targets string selects: linear layers by fnmatch on the full name or its last part, and the
+    fused q/k/v projections (layers.{i}.attention.wqkv) by patterns whose last part is wqkv or W_pack."""
+    import fnmatch
+
+    names = [n for n, _ in _linears(model)]
+    fused = [f"layers.{i}.attention.wqkv" for i in range(len(model.layers))]
+    adapted = set()
+    for pattern in [p.strip() for p in targets.split(",") if p.strip()]:
+        head, _, last = pattern.rpartition(".")
+        if last in FUSED_QKV:
+            pattern, candidates = f"{head}.wqkv" if head else "wqkv", fused
+        else:
+            candidates = names
+        hits = {n for n in candidates
+                if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.rsplit(".", 1)[-1], pattern)}
+        if not hits:
+            raise ValueError(f"lora_targets: pattern {pattern!r} matches no linear layer "
+                             f"(they are named like {names[0]}, {names[-1]}, or wqkv / W_pack for q, k, v fused)")
+        adapted |= hits
+    for name in sorted(n for n in adapted if n.endswith(".wqkv")):
+        attention = name[: -len(".wqkv")]
+        both = [w for w in ("wq", "wk", "wv") if f"{attention}.{w}" in adapted]
+        if both:  # one update per weight keeps merging and PEFT's W_pack export unambiguous
+            raise ValueError(f"lora_targets: {attention} would get both the fused wqkv adapter and its own "
+                             f"{both[0]} adapter; choose one")
+    return adapted
 
 
 def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0,
@@ -446,24 +504,17 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0
     """Freeze the model, optionally store its block linears in NF4 (QLoRA), and wrap the target linears in adapters.
 
     targets: comma-separated patterns matched (fnmatch) against a linear layer's full name or its last part, e.g.
-    "wq,wv", "*.attention.*", "layers.0.*". Returns the names of the adapted layers.
+    "wq,wv", "*.attention.*", "layers.0.*"; "wqkv" (alias "W_pack") puts ONE adapter across the concatenated q/k/v
+    projection, as LoRA on Baichuan's W_pack does: A (rank, dim) shared, B (q + k + v rows, rank); dropout once.
+    Returns the names of the adapted layers (layers.{i}.attention.wqkv for the fused ones).
     fill(name, linear): gives a linear of a model built on the meta device its weights just before it is wrapped,
     so a QLoRA model is quantised one layer at a time and never holds the whole full-precision base.
     """
-    import fnmatch
-
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"lora_rank={rank!r}: expected a positive integer")
-    names = [n for n, _ in _linears(model)]
-    adapted = set()
-    for pattern in [p.strip() for p in targets.split(",") if p.strip()]:
-        hits = {n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.rsplit(".", 1)[-1], pattern)}
-        if not hits:
-            raise ValueError(f"lora_targets: pattern {pattern!r} matches no linear layer "
-                             f"(they are named like {names[0]}, {names[-1]})")
-        adapted |= hits
+    adapted = _lora_targets(model, targets)
     model.requires_grad_(False)
-    for name in names:  # by name: a list of the modules would keep every replaced full-precision weight alive
+    for name, _ in _linears(model):  # by name: a list of the modules would keep every replaced full-precision weight
         linear = model.get_submodule(name)
         if fill is not None:
             fill(name, linear)
@@ -474,6 +525,10 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0
         if name in adapted:
             linear = LoRALinear(linear, rank, alpha, dropout)
         setattr(parent, child, linear)
+    for name in sorted(n for n in adapted if n.endswith(".wqkv")):
+        attention = model.get_submodule(name[: -len(".wqkv")])
+        rows = sum(getattr(attention, w).out_features for w in ("wq", "wk", "wv"))
+        attention.wqkv = LoRA(attention.wq.in_features, rows, rank, alpha, dropout, device=_device_of(attention.wq))
     return sorted(adapted)
 
 
@@ -506,6 +561,7 @@ def load_lora(model, tensors: dict[str, torch.Tensor]):
             own[name].copy_(t)
 
 
+@torch.no_grad()
 def merge_lora(model) -> Transformer:
     """Fold every adapter into its base weight, leaving plain nn.Linear layers (NF4 bases are dequantised)."""
     dtype = model.tok_embeddings.weight.dtype
@@ -517,40 +573,14 @@ def merge_lora(model) -> Transformer:
                 merged.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), child, merged)
+    for layer in model.layers:  # the fused adapters last: their wq, wk, wv are plain linears by now
+        attention = layer.attention
+        if attention.wqkv is not None:
+            linears = [attention.wq, attention.wk, attention.wv]
+            for linear, delta in zip(linears, attention.wqkv.delta_weight().split([m.out_features for m in linears])):
+                linear.weight.copy_(linear.weight.float() + delta)
+            attention.wqkv = None
     return model
-
-
-ADAPTER_FILES = ("adapter.safetensors", "adapter_config.json")
-
-
-def save_adapter(path, tensors: dict[str, torch.Tensor], settings: dict):
-    """An adapter dir: adapter.safetensors (lora_state_dict's tensors, a few MB for a 7B model) and
-    adapter_config.json (rank, alpha, dropout, targets, quantize_base, and whatever the caller records, e.g. the
-    base checkpoint)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().float().contiguous().cpu() for n, p in tensors.items()}
-    save_file(tensors, str(path / ADAPTER_FILES[0]), metadata={"format": "pt"})
-    (path / ADAPTER_FILES[1]).write_text(json.dumps(settings, indent=2))
-
-
-def load_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(settings, tensors) of an adapter dir written by save_adapter."""
-    path = Path(path)
-    try:
-        settings = json.loads((path / ADAPTER_FILES[1]).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path / ADAPTER_FILES[1]}: not found (is {path} an adapter dir?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / ADAPTER_FILES[1]}: not valid JSON ({e})") from None
-    for key in ("rank", "alpha"):
-        if not isinstance(settings.get(key), (int, float)) or settings[key] <= 0:
-            raise CheckpointError(f"{path / ADAPTER_FILES[1]}: field {key!r} must be a positive number")
-    if not (path / ADAPTER_FILES[0]).exists():
-        raise CheckpointError(f"{path / ADAPTER_FILES[0]}: not found")
-    return settings, _mmap_safetensors(path / ADAPTER_FILES[0])
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -405,16 +405,21 @@ def load_model(ckpt, device, dtype):
     return model.eval(), config
 
 
-def add_adapter(model, path):
-    """Fold a LoRA adapter dir into the model's weights: W + (alpha / rank) B A, then plain linears again."""
+def add_adapter(model, path, family: str = "llama"):
+    """Fold a LoRA adapter dir (PEFT's, as train.py writes, or our older one) into the model's weights:
+    W + scale * B A on every adapted weight (convert.py reads the formats and checks them against the model)."""
+    import convert
+
     try:
-        settings, tensors = model_lib.load_adapter(path)
-        model_lib.apply_lora(model, int(settings["rank"]), settings["alpha"],
-                             targets=settings.get("targets", model_lib.LORA_DEFAULT_TARGETS))
-        model_lib.load_lora(model, tensors)
-    except (model_lib.CheckpointError, ValueError) as e:
-        fail(f"--adapter={path}: {e}")
-    model_lib.merge_lora(model)
+        updates, replaced = convert.read_adapter(path, model.args, family)
+    except SystemExit as e:  # convert.py's one-line error, said as ours
+        fail(f"--adapter={path}: {str(e).removeprefix('convert.py: ')}")
+    with torch.no_grad():
+        for name, w in replaced.items():
+            model.get_parameter(name).copy_(w)
+        for name, u in updates.items():
+            p = model.get_parameter(name)
+            p.copy_(p.float() + u.scale * (u.b.float() @ u.a.float()).to(p.device))
 
 
 def save_quantized(model, src_ckpt, dst, mode, group_size, family):
@@ -585,8 +590,8 @@ def parse_args(argv):
     p.add_argument("--system", default=None, help="system prompt for --chat")
     p.add_argument("--template", default=None, help="chat template: a built-in name, or hf for the checkpoint's own Jinja "
                                                     "template (default: the checkpoint's, else the family's)")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter dir (train.py's out_dir/adapter) folded into "
-                   "the weights at load")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter dir (train.py's out_dir/adapter, or any PEFT "
+                   "LoRA adapter of the checkpoint's HF export) folded into the weights at load")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation")
     p.add_argument("--group_size", type=int, default=128, help="int4 group size (must divide in_features)")
     p.add_argument("--save_quantized", default=None, help="write the quantised checkpoint to this dir")
@@ -637,7 +642,7 @@ def main(argv=None, stdin=None, stdout=None):
     if args.adapter:
         if config.get("quantization"):
             fail(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint")
-        add_adapter(model, args.adapter)
+        add_adapter(model, args.adapter, family)
     if args.quantize:
         if config.get("quantization"):
             fail(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({config['quantization']})")

@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 import kernels
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, NF4Linear, Transformer, \
-    apply_lora, flops_per_token, load_tensors, lora_state_dict, read_config, save_adapter
+    apply_lora, flops_per_token, load_tensors, lora_state_dict, read_config
 
 
 
@@ -1166,11 +1166,14 @@ def memory_plan(args: ModelArgs, cfg: Config, dp: int, tp: int, packed: bool) ->
     lora_extra = 0  # activation bytes per token and layer that the adapters add
     adapted = []
     if cfg.lora_rank:
-        adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        try:
+            adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        except ValueError as e:
+            fail(str(e))
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         for name in (n for n in adapted if n.startswith("layers.0.")):
-            lin = model.get_submodule(name)
-            lora_extra += s * cfg.lora_rank + (lin.base.in_features * (s + 1) if cfg.lora_dropout else 0)
+            adapter = model.get_submodule(name)  # LoRALinear, or a fused wqkv LoRA (dropout once, on its input)
+            lora_extra += s * cfg.lora_rank + (adapter.in_features * (s + 1) if cfg.lora_dropout else 0)
         if cfg.qlora:  # block linears in NF4, the rest (embedding, norms, head) in the compute dtype
             weights = sum(nf4_bytes(m.weight.numel()) for m in block_linears) + s * (n_params - n_block_linear)
         else:
@@ -1456,14 +1459,17 @@ def _main(argv):
             t_log = time.perf_counter()
     bar.close()
     export_dir = adapter_dir = None
-    if cfg.lora_rank:  # the adapters alone, a few MB: convert.py merge-lora folds them into any copy of the base
-        adapters = lora_state_dict(model, full=True)  # gathered from every rank
+    if cfg.lora_rank:  # the adapters alone, a few MB, in PEFT's format: convert.py merge-lora folds them into any
+        adapters = lora_state_dict(model, full=True)  # copy of the base; gathered from every rank
         if d.master:
+            from convert import write_peft_adapter
+
             adapter_dir = out_dir / "adapter"
-            save_adapter(adapter_dir, adapters, dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                                     targets=cfg.lora_targets, quantize_base=cfg.qlora, base=lora_base,
-                                                     step=step))
-            log(f"adapters of step {step} saved to {adapter_dir}")
+            write_peft_adapter(adapter_dir, adapters, args, family, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                               dropout=cfg.lora_dropout, base=lora_base,
+                               metadata={"lora_targets": cfg.lora_targets, "quantize_base": str(cfg.qlora),
+                                         "step": str(step)})
+            log(f"adapters of step {step} saved to {adapter_dir} (PEFT LoRA format)")
         barrier(d)
     if cfg.export and last_ckpt is not None:
         if d.master:

@@ -34,8 +34,10 @@ RTOL = 1e-5
 # the tiny preset is RoPE with grouped-query attention (4 heads, 2 kv heads); the ALiBi model is Baichuan2-13B's
 # kind: multi-head, NormHead, max-z loss
 ALIBI = ["--pos_emb=alibi", "--n_kv_heads=None", "--norm_head=True", "--z_loss=1e-3"]
-# adapters on an NF4 base (drawn from the seed: no base checkpoint needed here) with activation checkpointing
-QLORA = ["--lora_rank=4", "--lora_alpha=8", "--qlora", "--activation_checkpointing=full", "--lr=1e-2"]
+# adapters on an NF4 base (drawn from the seed: no base checkpoint needed here) with activation checkpointing; one
+# adapter across the fused q/k/v projection (Baichuan's W_pack), the others on single linears
+QLORA = ["--lora_rank=4", "--lora_alpha=8", "--qlora", "--lora_targets=W_pack,wo,w1,w2,w3",
+         "--activation_checkpointing=full", "--lr=1e-2"]
 
 # joins the process group once, then runs the jobs of a JSON file one after another; rank 0 writes their losses
 DRIVER = """

@@ -178,7 +178,8 @@ def test_bad_lora_settings_are_named(kwargs, needle):
 
 def trained_adapter(tmp_path, quantize=False):
     """A base checkpoint dir, and an adapter dir with non-zero adapters trained (here: drawn) on it."""
-    from model import save_adapter, write_checkpoint
+    import convert
+    from model import write_checkpoint
 
     model = tiny_model()
     write_checkpoint(tmp_path / "base", model.state_dict(), model.args, "llama")
@@ -186,7 +187,8 @@ def trained_adapter(tmp_path, quantize=False):
     with torch.no_grad():
         for p in lora_state_dict(model).values():
             p.normal_(std=0.05)
-    save_adapter(tmp_path / "adapter", lora_state_dict(model), dict(rank=4, alpha=8, dropout=0.0, targets="wq,wv,w2"))
+    convert.write_peft_adapter(tmp_path / "adapter", lora_state_dict(model), model.args, "llama", rank=4, alpha=8,
+                               dropout=0.0)
     return model.eval()
 
 
@@ -209,7 +211,7 @@ def test_merge_lora_into_a_base_of_another_shape_is_refused(tmp_path):
     trained_adapter(tmp_path)
     other = tiny_model(hidden_dim=192)
     write_checkpoint(tmp_path / "other", other.state_dict(), other.args, "llama")
-    with pytest.raises(SystemExit, match=r"feed_forward\.w2\.lora_a has shape \(4, 176\), the base .* needs \(4, 192\)"):
+    with pytest.raises(SystemExit, match=r"mlp\.down_proj\.lora_A\.weight has shape \(4, 176\), the base needs \(4, 192\)"):
         convert.main(["merge-lora", "--src", str(tmp_path / "other"), "--adapter", str(tmp_path / "adapter"),
                       "--dst", str(tmp_path / "merged")])
     assert not (tmp_path / "merged").exists()
@@ -245,6 +247,19 @@ def lora_run(data, out, *extra):
     return train.main(BASE + [f"--data_dir={data}", f"--out_dir={out}", "--lr=1e-2", *extra])
 
 
+def native_names(peft_tensors: dict) -> dict:
+    """A LLaMA model's PEFT adapter tensors under our names, through convert.HF_LAYER (one weight per HF module)."""
+    import re
+
+    import convert
+
+    out = {}
+    for name, t in peft_tensors.items():
+        m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight", name)
+        out[f"layers.{m[1]}.{convert.HF_LAYER[m[2] + '.weight'][: -len('.weight')]}.lora_{m[3].lower()}"] = t
+    return out
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     torch.set_num_threads(1)  # tiny models: threads only cost spin-waits on a shared CPU
@@ -253,7 +268,10 @@ def base(tmp_path_factory):
 
 @pytest.mark.parametrize("qlora", [False, True])
 def test_lora_run_trains_only_adapters_lowers_the_loss_and_exports_the_merge(base, tmp_path, qlora):
-    from model import load_adapter, load_lora, load_tensors
+    import json
+
+    from safetensors import safe_open
+    from model import load_lora, load_tensors
 
     data, ckpt = base
     flags = [f"--init_from={ckpt}", "--lora_rank=4", "--lora_alpha=8", "--lora_targets=wq,wv,w2", "--max_iters=12",
@@ -261,8 +279,12 @@ def test_lora_run_trains_only_adapters_lowers_the_loss_and_exports_the_merge(bas
     run = lora_run(data, tmp_path / "out", *flags, *(["--qlora", "--dtype=bfloat16"] if qlora else []))
     losses = run["losses"]
     assert sum(losses[s] for s in (10, 11, 12)) / 3 < losses[1] - 0.05
-    settings, adapters = load_adapter(run["adapter_dir"])
-    assert settings["rank"] == 4 and settings["quantize_base"] is qlora and settings["base"] == str(ckpt.resolve())
+    # the adapter dir is PEFT's (tests/test_peft.py loads it with peft); our settings ride in the safetensors header
+    settings = json.loads((run["adapter_dir"] / "adapter_config.json").read_text())
+    assert settings["r"] == 4 and settings["base_model_name_or_path"] == str(ckpt.resolve())
+    with safe_open(str(run["adapter_dir"] / "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata()["quantize_base"] == str(qlora)
+        adapters = native_names({n: f.get_tensor(n) for n in f.keys()})
     assert len(adapters) == 2 * 3 * 2 and all(n.endswith((".lora_a", ".lora_b")) for n in adapters)
     # the export is the base's own weights plus B A on the adapted layers, the rest bit-identical
     merged, original = load_tensors(run["export_dir"]), load_tensors(ckpt)

@@ -181,8 +181,8 @@ def test_twin_runs_prepare_train_export_sample(twin, lab, capsys):
     assert meta.get("packed") == (cfg.init_from != "scratch")  # fine-tuning rows are packed with document masks
     if cfg.lora_rank:
         adapter = Path(summary["adapter_dir"])
-        settings = json.loads((adapter / "adapter_config.json").read_text())
-        assert (settings["rank"], settings["quantize_base"]) == (cfg.lora_rank, cfg.qlora)
+        settings = json.loads((adapter / "adapter_config.json").read_text())  # PEFT's format
+        assert (settings["peft_type"], settings["r"], settings["lora_alpha"]) == ("LORA", cfg.lora_rank, cfg.lora_alpha)
         base, merged = load_tensors(lab.base(cfg.init_from)), load_tensors(export)
         targets = cfg.lora_targets.split(",")
         for name, t in base.items():  # the merge changed exactly the adapted layers
