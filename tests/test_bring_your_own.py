@@ -384,3 +384,13 @@ def test_a_template_that_fails_is_a_one_line_error_naming_the_file(tokenizers, t
         run("--input", tmp_path / "c.jsonl", "--format", "sharegpt", "--tokenizer", d, "--out", tmp_path / "o")
     assert "\n" not in str(e.value)
 
+
+
+def test_template_hf_without_a_jinja_template_is_a_one_line_error(tokenizers, tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"},
+                                                                    {"from": "gpt", "value": "Hello"}]}) + "\n")
+    with pytest.raises(SystemExit, match=r"--template=hf: .*tokenizer_config\.json holds no Jinja chat_template"):
+        run("--input", tmp_path / "c.jsonl", "--format", "sharegpt", "--tokenizer", tokenizers["bpe-plain"],
+            "--template", "hf", "--out", tmp_path / "o")
+    with pytest.raises(SystemExit, match=r"sample\.py: --template=hf: .*holds no Jinja chat_template"):
+        sample.resolve_template("hf", prepare.load_tokenizer(tokenizers["bpe-plain"]), "llama")
