@@ -228,7 +228,7 @@ class Tokenizer:
             shutil.copyfile(self.path, out_dir / self.filename)
         config = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
                   "add_bos_token": bool(self.prefix), "add_eos_token": bool(self.suffix),
-                  "chat_template": self.chat_template if template in (None, "hf") else template}
+                  "chat_template": self.chat_template if template in (None, HF_TEMPLATE) else template}
         if self.sp is not None:
             config["legacy"] = self.sp_legacy
             if self.sp_added:  # HF's added tokens matched in rendered chat text, kept as transformers writes them
@@ -388,7 +388,7 @@ def render_alpaca(messages, system, gen):
         if role != "user":
             segs += [(content, True), (EOS, True)]
         elif ALPACA_PROMPT.fullmatch(content) and content.startswith(("Below is an instruction", "### Instruction:")):
-            segs.append((("" if i == 0 or content.startswith("Below") else "\n\n") + content.rstrip() + "\n", False))
+            segs.append((("\n\n" if i else "") + content.rstrip() + "\n", False))
         elif "### Instruction:" in content or "### Response:" in content:
             raise TemplateError("message %d already holds alpaca markers ('### Instruction:' / '### Response:') but is "
                                 "not a whole alpaca prompt: wrapping it again would nest two prompts; use "
