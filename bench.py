@@ -7,7 +7,7 @@
     python bench.py --plot out/a/metrics.jsonl out/b/metrics.jsonl --out=loss.png   # curves + relative difference
 
 Train mode times what train.py runs: forward with the loss, backward, grad clipping, train.py's AdamW, zero_grad;
---dtype=bfloat16 is autocast over fp32 weights, as in train.py. MFU = flops_per_token (DESIGN.md:
+--dtype=bfloat16 is autocast over fp32 weights, as in train.py. MFU = flops_per_token (model.py:
 6N + 12 * n_layers * seq_len * dim) * tokens/s / peak. Generate mode times sample.generate (greedy, static KV cache,
 batch_size prompts of prompt_len random tokens, new_tokens each) with the weights in --dtype; its MFU counts 2N FLOPs
 per generated token (N = parameters except the input embedding; attention over the cache is left out). The peak is
@@ -259,7 +259,7 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         batch = (data[:, :-1], data[:, 1:])  # (B, T) inputs and next-token targets
         autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         flops_token = flops_per_token(model_args, opt.seq_len)
-        basis = "6N + 12*n_layers*seq_len*dim per trained token (DESIGN.md)"
+        basis = "6N + 12*n_layers*seq_len*dim per trained token (model.flops_per_token)"
         if opt.lora_rank:
             adapters = sum(p.numel() for p in ours.parameters() if p.requires_grad)
             flops_token += 6 * adapters - 2 * n_params_flops(model_args)

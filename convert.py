@@ -1,4 +1,4 @@
-"""convert.py: weights in and out of our checkpoint dir (config.json + safetensors + tokenizer, see DESIGN.md).
+"""convert.py: weights in and out of our checkpoint dir (config.json + safetensors + tokenizer).
 
     python convert.py hf-to-native   --src hf/Baichuan2-7B-Base --dst ckpt/baichuan2-7b [--dtype bfloat16]
     python convert.py native-to-hf   --src ckpt/baichuan2-7b --dst hf/out
@@ -539,7 +539,8 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier=None) -> int:
 
 
 def meta_to_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's interleaved rotary pairs (x0,x1),(x2,x3).. -> rotate-half halves, per head (DESIGN.md's map)."""
+    """Meta's interleaved rotary pairs (x0,x1),(x2,x3).. -> rotate-half halves, per head (the inverse of
+    transformers' LLaMA conversion permute)."""
     rows, cols = w.shape
     head_dim = rows // n_heads
     # (n_heads, head_dim/2, 2, dim) -> (n_heads, 2, head_dim/2, dim)

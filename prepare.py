@@ -6,7 +6,7 @@ Data preparation: raw text and instruction data -> memmapped token files that tr
     python prepare.py --input='data/raw/*.jsonl' --format=sharegpt --tokenizer=ckpt/baichuan2-7b \
                       --template=baichuan2 --seq_len=2048 --out=data/sft --workers=8
 
-Output dir (see DESIGN.md): train.bin / val.bin (uint16 or uint32 token ids, every document ends with eos),
+Output dir: train.bin / val.bin (uint16 or uint32 token ids, every document ends with eos),
 train.docs.bin / val.docs.bin (int64 token offsets of document starts, plus the total: exact document boundaries),
 train.mask.bin / val.mask.bin (uint8, instruction data only: 1 = this token is a target that counts in the loss),
 meta.json, and the tokenizer (tokenizer.model or tokenizer.json + tokenizer_config.json). `--megatron` adds

@@ -10,13 +10,13 @@ of them as plain Python globals; `--key=value` overrides come last (values parse
 that is not a Python literal is a string). Every value is type-checked against its default. The model is a preset
 of model.PRESETS (`model='tiny'`) plus overrides of any ModelArgs field (`--n_layers=4`).
 
-Data (prepare.py's output dir, see DESIGN.md): train.bin / val.bin memmapped tokens, train.mask.bin / val.mask.bin
+Data (prepare.py's output dir): train.bin / val.bin memmapped tokens, train.mask.bin / val.mask.bin
 for instruction data (loss only on mask=1 tokens), meta.json. Training walks through the tokens in epochs of
 non-overlapping seq_len windows in an order drawn from (seed, epoch), so the data position is two integers.
 
 Checkpoints: out_dir/step_XXXXXXXX/, written under a temporary name and renamed when complete:
     .metadata, *.distcp     torch.distributed.checkpoint of {"model": model state dict, "optim": optimiser state}
-                            (parameter names as in DESIGN.md, whatever the sharding: FSDP2 / TP runs save the same)
+                            (parameter names as in model.py, whatever the sharding: FSDP2 / TP runs save the same)
     train_state.json        step, loss scaler, data position, config, counters, and "files": the size and sha256 of
                             every other file (resume checks them; a damaged step dir is reported, the one before used)
     rng_rank{r}.json        each rank's torch RNG state
@@ -408,7 +408,7 @@ def apply_activation_checkpointing(model: Transformer, mode: str):
 
     'full': only the block's input is kept; the whole block runs again in the backward pass. 'selective': per op, as
     torchtitan's op-level policy: attention outputs and every other matmul output are kept, the rest recomputed.
-    The block's forward is wrapped in place (not by checkpoint_wrapper), so parameter names stay as in DESIGN.md.
+    The block's forward is wrapped in place (not by checkpoint_wrapper), so parameter names stay model.py's.
     """
     if mode == "none":
         return

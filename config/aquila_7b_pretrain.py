@@ -4,7 +4,8 @@
 # betas 0.9/0.98, eps 1e-6, weight decay 0.1; gradient clipping 1.0; activation checkpointing; WarmupLR), and
 # Ascend/AscendSpeed examples/aquila/pretrain_aquila_7B.sh (8 NPUs, seq 2048, micro-batch 2, global 64, 1024
 # iterations).
-# The initial scale 2^13 = 8192 is issue 12's figure (DeepSpeed's default would be 2^16).
+# The initial scale 2^13 = 8192 is the "loss_scale" of the FlagAI Aquila-7B document's deepspeed.json (DeepSpeed's
+# default would be 2^16).
 # Model: https://huggingface.co/BAAI/Aquila-7B (byte-level BPE tokenizer.json, vocab 100008, RMSNorm eps 1e-5).
 #   python convert.py hf-to-native --src=hf/Aquila-7B --dst=checkpoints/aquila-7b        # for its tokenizer.json
 #   python prepare.py --input='corpus/*.txt' --tokenizer=checkpoints/aquila-7b --out=data/aquila_7b_pretrain \
