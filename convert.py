@@ -28,14 +28,14 @@ import re
 import shutil
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, ModelArgs, ShardWriter, Transformer, read_config, write_checkpoint
-from model import _mmap_safetensors  # model.py owns safetensors reading: this is its one-file form
+from model import CheckpointError, ModelArgs, Transformer, load_safetensors, read_config
 
 FAMILIES = ("llama", "baichuan", "baichuan2", "aquila")
 BAICHUAN = ("baichuan", "baichuan2")
@@ -177,7 +177,7 @@ def load_file(file: Path) -> dict[str, torch.Tensor]:
     """One weights file, memory-mapped: nothing is read until a tensor is used."""
     if file.suffix == ".safetensors":
         try:
-            return _mmap_safetensors(file)
+            return load_safetensors(file)
         except CheckpointError as e:
             fail(str(e))
     return load_pickle(file)
@@ -304,6 +304,62 @@ def hf_args(cfg: dict, family: str, where, for_training=False) -> ModelArgs:
 
 # --------------------------------------------------------------------------------------------------------------------
 # output: staged dir, weights, tokenizer
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards as they come, so a converter holds at most one shard in memory.
+
+    One shard is named model.safetensors; several get HF's model-0000i-of-0000N.safetensors names and an index.
+    """
+
+    def __init__(self, path, max_shard_bytes: Optional[int] = None):
+        self.path, self.max_shard_bytes = Path(path), max_shard_bytes or 2**62
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.pending, self.pending_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
+
+    def add(self, name: str, tensor: torch.Tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self):
+        from safetensors.torch import save_file
+
+        file = self.path / f"shard-{len(self.files):05d}.tmp"
+        save_file(self.pending, str(file), metadata={"format": "pt"})
+        self.files.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self):
+        if self.pending or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            os.replace(self.files[0][0], self.path / "model.safetensors")
+            return
+        n = len(self.files)
+        for i, (file, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(file, self.path / final)
+            self.weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        (self.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_checkpoint(path, state_dict, args: ModelArgs, family: str, *, max_shard_bytes=None, extra_config=None):
+    """Write config.json and the weights of a checkpoint dir (tokenizer files are the caller's to copy)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {**asdict(args), "family": family, **(extra_config or {})}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    writer = ShardWriter(path, max_shard_bytes)
+    for name, tensor in state_dict.items():
+        writer.add(name, tensor)
+    writer.close()
+
+
 
 
 @contextlib.contextmanager

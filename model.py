@@ -3,8 +3,8 @@
     RMSNorm -> attention (RoPE or ALiBi, multi-head or grouped-query) -> RMSNorm -> SwiGLU, repeated; no biases.
 
 The families differ only in numbers (ModelArgs) and in a few switches: pos_emb='alibi' for the 13B Baichuans,
-norm_head and z_loss for Baichuan2. The hot ops live in kernels.py. The checkpoint-dir format (config.json +
-safetensors, loaded by memory map) is defined at the bottom, so every script reads and writes it the same way.
+norm_head and z_loss for Baichuan2. The hot ops live in kernels.py. Transformer.from_checkpoint loads a checkpoint
+dir (config.json + safetensors, memory-mapped); convert.py writes them and owns every other on-disk format.
 
     from model import Transformer, PRESETS
     model = Transformer(PRESETS["tiny"])
@@ -13,9 +13,7 @@ safetensors, loaded by memory map) is defined at the bottom, so every script rea
 
 import json
 import math
-import os
-import struct
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -349,14 +347,17 @@ class Transformer(nn.Module):
                                       f"{tuple(expected[name].shape)}")
         state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in tensors.items()}
         model.load_state_dict(state, assign=True)
-        # buffers were built on meta: materialise them where the weights are
-        weight = model.tok_embeddings.weight
-        for mod in model.modules():
+        model.materialize_buffers(model.tok_embeddings.weight.device)
+        return model
+
+    def materialize_buffers(self, device):
+        """Buffers of a model built on the meta device (rotary tables, ALiBi slopes, ...) made real on `device` and
+        filled; weights are the caller's to assign first."""
+        for mod in self.modules():
             for name, buf in mod.named_buffers(recurse=False):
                 if buf is not None and buf.is_meta:
-                    setattr(mod, name, torch.empty_like(buf, device=weight.device))
-        model.init_buffers()
-        return model
+                    setattr(mod, name, torch.empty_like(buf, device=device))
+        self.init_buffers()
 
 
 def _doc_positions(doc_ids):
@@ -591,11 +592,6 @@ class CheckpointError(ValueError):
     """A checkpoint dir that is missing, truncated or does not match its config; the message names file and tensor."""
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
 def read_config(path) -> tuple[ModelArgs, dict]:
     file = Path(path) / "config.json"
     try:
@@ -612,34 +608,17 @@ def read_config(path) -> tuple[ModelArgs, dict]:
         raise CheckpointError(f"{file}: {e}") from None
 
 
-def _mmap_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """Tensors of one .safetensors file as views of a private memory map: nothing is read until it is used."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
-        if 8 + n > size:
-            raise CheckpointError(f"{file}: truncated or not a safetensors file (header of {n} bytes, file {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{file}: corrupted safetensors header") from None
-    header.pop("__metadata__", None)
-    data = torch.from_file(str(file), shared=False, size=size, dtype=torch.uint8)[8 + n:]
-    tensors = {}
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
-        if end > data.numel() or end - begin != math.prod(info["shape"]) * dtype.itemsize:
-            raise CheckpointError(f"{file}: tensor {name} is truncated or corrupted "
-                                  f"(bytes {begin}..{end} of {data.numel()})")
-        raw = data[begin:end]
-        if (8 + n + begin) % dtype.itemsize:  # unaligned: views need alignment, so copy this one
-            raw = raw.clone()
-        tensors[name] = raw.view(dtype).view(info["shape"])
-    return tensors
+def load_safetensors(file) -> dict[str, torch.Tensor]:
+    """Tensors of one .safetensors file, memory-mapped by the safetensors library (which checks the header: dtypes,
+    shapes, offsets inside the file, no overlaps): nothing is read until a tensor is used, and writes to a tensor
+    never reach the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: truncated or corrupted safetensors file ({e})") from None
 
 
 def load_tensors(path) -> dict[str, torch.Tensor]:
@@ -655,65 +634,11 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
         for shard in sorted(set(weight_map.values())):
             if not (path / shard).exists():
                 raise CheckpointError(f"{path / shard}: shard named in {index.name} is missing")
-            tensors.update(_mmap_safetensors(path / shard))
+            tensors.update(load_safetensors(path / shard))
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise CheckpointError(f"{index}: tensor {missing[0]} is not in the shard the index names")
         return tensors
     if not (path / "model.safetensors").exists():
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    return _mmap_safetensors(path / "model.safetensors")
-
-
-class ShardWriter:
-    """Writes tensors into safetensors shards as they come, so a converter holds at most one shard in memory.
-
-    One shard is named model.safetensors; several get HF's model-0000i-of-0000N.safetensors names and an index.
-    """
-
-    def __init__(self, path, max_shard_bytes: Optional[int] = None):
-        self.path, self.max_shard_bytes = Path(path), max_shard_bytes or 2**62
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.pending, self.pending_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
-
-    def add(self, name: str, tensor: torch.Tensor):
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self.pending[name] = tensor.detach().contiguous()
-        self.pending_bytes += nbytes
-        self.total += nbytes
-
-    def _flush(self):
-        from safetensors.torch import save_file
-
-        file = self.path / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(file), metadata={"format": "pt"})
-        self.files.append((file, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self):
-        if self.pending or not self.files:
-            self._flush()
-        if len(self.files) == 1:
-            os.replace(self.files[0][0], self.path / "model.safetensors")
-            return
-        n = len(self.files)
-        for i, (file, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(file, self.path / final)
-            self.weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
-        (self.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def write_checkpoint(path, state_dict, args: ModelArgs, family: str, *, max_shard_bytes=None, extra_config=None):
-    """Write config.json and the weights of a checkpoint dir (tokenizer files are the caller's to copy)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config = {**asdict(args), "family": family, **(extra_config or {})}
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    writer = ShardWriter(path, max_shard_bytes)
-    for name, tensor in state_dict.items():
-        writer.add(name, tensor)
-    writer.close()
+    return load_safetensors(path / "model.safetensors")

@@ -397,11 +397,7 @@ def load_model(ckpt, device, dtype):
              f"(e.g. {sorted(set(expected) ^ set(tensors))[:1]})")
     state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in tensors.items()}
     model.load_state_dict(state, assign=True)
-    for mod in model.modules():  # non-persistent buffers (rope tables, alibi slopes) are still on meta
-        for name, buf in mod.named_buffers(recurse=False):
-            if buf is not None and buf.is_meta:
-                setattr(mod, name, torch.empty_like(buf, device=device))
-    model.init_buffers()
+    model.materialize_buffers(device)
     return model.eval(), config
 
 
@@ -426,8 +422,9 @@ def save_quantized(model, src_ckpt, dst, mode, group_size, family):
     if os.path.exists(dst) and os.listdir(dst):
         raise SystemExit(f"sample.py: --save_quantized={dst}: directory exists and is not empty")
     state = {k: v for k, v in model.state_dict().items()}
-    model_lib.write_checkpoint(dst, state, model.args, family,
-                               extra_config={"quantization": {"mode": mode, "group_size": group_size}})
+    import convert
+    convert.write_checkpoint(dst, state, model.args, family,
+                             extra_config={"quantization": {"mode": mode, "group_size": group_size}})
     import shutil
     for f in TOKENIZER_FILES + ("tokenizer_config.json",):
         if os.path.exists(os.path.join(src_ckpt, f)):

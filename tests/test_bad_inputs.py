@@ -24,7 +24,8 @@ import pytest
 import torch
 
 import prepare
-from model import PRESETS, Transformer, write_checkpoint
+from convert import write_checkpoint
+from model import PRESETS, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the a model data token chat user reply question answer code small large fast hello world city".split()

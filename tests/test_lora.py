@@ -179,7 +179,7 @@ def test_bad_lora_settings_are_named(kwargs, needle):
 def trained_adapter(tmp_path, quantize=False):
     """A base checkpoint dir, and an adapter dir with non-zero adapters trained (here: drawn) on it."""
     import convert
-    from model import write_checkpoint
+    from convert import write_checkpoint
 
     model = tiny_model()
     write_checkpoint(tmp_path / "base", model.state_dict(), model.args, "llama")
@@ -206,7 +206,7 @@ def test_merge_lora_command_equals_model_with_adapters(tmp_path):
 
 def test_merge_lora_into_a_base_of_another_shape_is_refused(tmp_path):
     import convert
-    from model import write_checkpoint
+    from convert import write_checkpoint
 
     trained_adapter(tmp_path)
     other = tiny_model(hidden_dim=192)

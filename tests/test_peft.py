@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import convert
 import sample
-from model import PRESETS, LoRALinear, Transformer, apply_lora, load_tensors, lora_state_dict, merge_lora, \
-    write_checkpoint
+from convert import write_checkpoint
+from model import PRESETS, LoRALinear, Transformer, apply_lora, load_tensors, lora_state_dict, merge_lora
 from test_convert import L, V, baichuan_config, save_hf, w_pack_sd
 from test_sample import byte_tokenizer, hf_to_checkpoint, run_cli, tiny_hf_llama
 
