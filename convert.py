@@ -35,14 +35,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from model import CheckpointError, ModelArgs, Transformer, load_safetensors, read_config
+from model import FAMILIES, CheckpointError, ModelArgs, Transformer, family_of_hf_config, load_safetensors, read_config
 
-FAMILIES = ("llama", "baichuan", "baichuan2", "aquila")
-BAICHUAN = ("baichuan", "baichuan2")
-# config.json "architectures" we read, and the family each one means
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "AquilaForCausalLM": "aquila", "AquilaModel": "aquila",
-                 "BaiChuanForCausalLM": "baichuan", "BaichuanForCausalLM": "baichuan"}
-BAICHUAN2_VOCAB = 125696  # Baichuan2's published vocabulary; Baichuan's is 64000
+BAICHUAN = ("baichuan", "baichuan2")  # W_pack, and Baichuan's own config.json
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 DEFAULT_SHARD = "2GB"
@@ -254,15 +249,11 @@ def read_json(file: Path, required=True) -> dict:
 
 
 def detect_family(cfg: dict, where) -> str:
-    archs = cfg.get("architectures") or []
-    family = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
-    family = family or {"llama": "llama", "aquila": "aquila", "baichuan": "baichuan"}.get(cfg.get("model_type"))
+    family = family_of_hf_config(cfg)  # model.FAMILIES says which names and marks mean which family
     if family is None:
-        fail(f"{where}: architectures {archs} (model_type {cfg.get('model_type')!r}) is not supported; supported: "
-             f"{', '.join(ARCHITECTURES)} (or pass --family {{{','.join(FAMILIES)}}})")
-    # Baichuan2 shares Baichuan's architecture name; its vocabulary and its z-loss setting tell them apart
-    if family == "baichuan" and (cfg.get("vocab_size") == BAICHUAN2_VOCAB or "z_loss_weight" in cfg):
-        family = "baichuan2"
+        supported = dict.fromkeys(a for f in FAMILIES.values() for a in f.architectures)
+        fail(f"{where}: architectures {cfg.get('architectures') or []} (model_type {cfg.get('model_type')!r}) is not "
+             f"supported; supported: {', '.join(supported)} (or pass --family {{{','.join(FAMILIES)}}})")
     return family
 
 
@@ -450,9 +441,7 @@ def check_template(template):
 
 
 def family_template(family: str) -> str:
-    import prepare
-
-    return prepare.FAMILY_TEMPLATE[family]
+    return FAMILIES[family].chat_template
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -509,7 +498,7 @@ def hf_config(args: ModelArgs, family: str, ids: dict, dtype: str) -> dict:
     if family in BAICHUAN:
         # 7B configs state max_position_embeddings (RoPE); the ALiBi 13B configs only model_max_length
         arch = "BaiChuanForCausalLM" if family == "baichuan" and args.pos_emb == "rope" else "BaichuanForCausalLM"
-        cfg = {"architectures": [arch], "model_type": "baichuan", **common, "model_max_length": args.max_seq_len}
+        cfg = {"architectures": [arch], "model_type": FAMILIES[family].model_type, **common, "model_max_length": args.max_seq_len}
         if args.pos_emb == "rope":
             cfg["max_position_embeddings"] = args.max_seq_len
         if family == "baichuan2":
@@ -1185,7 +1174,7 @@ def main(argv=None):
 
     s = sub.add_parser("hf-to-native", parents=[common, template], help="Hugging Face dir -> checkpoint dir")
     s.add_argument("--src", required=True, help="HF dir: config.json + safetensors or .bin (sharded or not)")
-    s.add_argument("--family", choices=FAMILIES, default=None, help="override the family read from config.json")
+    s.add_argument("--family", choices=list(FAMILIES), default=None, help="override the family read from config.json")
     s.add_argument("--for_training", action="store_true",
                    help="Baichuan2: keep the raw NormHead (norm_head=true) instead of normalising it once")
     s = sub.add_parser("native-to-hf", parents=[common], help="checkpoint dir -> Hugging Face dir")

@@ -97,9 +97,50 @@ PRESETS = {
     # bench.py's workload
     "bench-llama": ModelArgs(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, vocab_size=32000, max_seq_len=256),
 }
-PRESET_FAMILY = {"llama-7b": "llama", "llama-13b": "llama", "baichuan-7b": "baichuan", "baichuan-13b": "baichuan",
-                 "baichuan2-7b": "baichuan2", "baichuan2-13b": "baichuan2", "aquila-7b": "aquila",
-                 "tiny": "llama", "bench-llama": "llama"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one model family is outside its numbers: how Hugging Face names it, and how its chat models talk."""
+    architectures: tuple  # config.json "architectures" meaning this family; the first is what an export writes
+    model_type: str       # config.json "model_type"
+    presets: tuple        # the PRESETS of this family
+    chat_template: str    # built-in chat template (prepare.TEMPLATES) for a checkpoint that ships none
+    generation: dict      # sampling settings of its published chat models (sample.py --chat)
+    vocab_size: Optional[int] = None  # a vocabulary that tells it apart from a family with the same architecture
+    config_keys: tuple = ()           # config.json keys only this family writes
+
+
+FAMILIES = {
+    "llama": Family(("LlamaForCausalLM",), "llama", ("llama-7b", "llama-13b", "tiny", "bench-llama"), "llama-2",
+                    # Llama-2-*-chat-hf generation_config.json (top_k 0 = off)
+                    dict(temperature=0.6, top_k=None, top_p=0.9, repetition_penalty=1.0)),
+    "baichuan": Family(("BaiChuanForCausalLM", "BaichuanForCausalLM"), "baichuan", ("baichuan-7b", "baichuan-13b"),
+                       "baichuan",
+                       # Baichuan-13B-Chat generation_config.json (Baichuan-7B has no official chat model: the same)
+                       dict(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.1)),
+    # Baichuan2 shares Baichuan's architecture name: its vocabulary and its z-loss setting tell them apart
+    "baichuan2": Family(("BaichuanForCausalLM", "BaiChuanForCausalLM"), "baichuan", ("baichuan2-7b", "baichuan2-13b"), "baichuan2",
+                        # Baichuan2-{7,13}B-Chat generation_config.json
+                        dict(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.05),
+                        vocab_size=125696, config_keys=("z_loss_weight",)),
+    "aquila": Family(("AquilaForCausalLM", "AquilaModel"), "aquila", ("aquila-7b",), "aquila",
+                     # FlagAI's AquilaChat examples: predict(..., top_p=0.95, topk=100, temperature=0.9)
+                     dict(temperature=0.9, top_k=100, top_p=0.95, repetition_penalty=1.0)),
+}
+PRESET_FAMILY = {preset: name for name, family in FAMILIES.items() for preset in family.presets}
+
+
+def family_of_hf_config(cfg: dict) -> Optional[str]:
+    """The family an HF config.json describes (by its architectures, else model_type), or None."""
+    archs = cfg.get("architectures") or []
+    archs = archs if isinstance(archs, list) else []
+    found = [name for name, f in FAMILIES.items() if set(archs) & set(f.architectures)] or \
+            [name for name, f in FAMILIES.items() if cfg.get("model_type") == f.model_type]
+    marked = [name for name in found if FAMILIES[name].vocab_size == cfg.get("vocab_size") or
+              any(k in cfg for k in FAMILIES[name].config_keys)]
+    unmarked = [name for name in found if FAMILIES[name].vocab_size is None and not FAMILIES[name].config_keys]
+    return (marked or unmarked or [None])[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------

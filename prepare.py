@@ -13,7 +13,7 @@ meta.json, and the tokenizer (tokenizer.model or tokenizer.json + tokenizer_conf
 train.idx / val.idx so that train.bin / val.bin are also Megatron-LM indexed datasets.
 
 This file also owns the tokenizer and chat-template API that train.py and sample.py import:
-load_tokenizer, Tokenizer, TEMPLATES, FAMILY_TEMPLATE, encode_chat.
+load_tokenizer, Tokenizer, TEMPLATES, encode_chat (a family's default template: model.FAMILIES).
 """
 
 import argparse
@@ -470,20 +470,20 @@ def render_human_assistant(messages, system, gen):
 class Template:
     render: Callable  # (messages, system, add_generation_prompt) -> list of (piece, counts_in_loss)
     source: str       # where the format is published
+    stop: tuple = ()  # what ends a reply besides eos when a model writes on: the next turn's text, or its token
+                      # (an id, or a Special looked up in the vocabulary)
 
 
-TEMPLATES = {
-    "baichuan": Template(render_baichuan, "Baichuan-13B-Chat generation_utils.py (user 195, assistant 196)"),
-    "baichuan2": Template(render_baichuan, "Baichuan2-Chat generation_utils.py, fine-tune.py (195, 196)"),
-    "vicuna": Template(render_vicuna, "FastChat conversation.py vicuna_v1.1"),
-    "alpaca": Template(render_alpaca, "tatsu-lab/stanford_alpaca PROMPT_DICT"),
-    "aquila": Template(render_aquila, "FlagAI aquila-chat conversation template"),
-    "llama-2": Template(render_llama2, "meta-llama/llama generation.py chat_completion"),
-    "chatml": Template(render_chatml, "OpenAI ChatML"),
-    "human-assistant": Template(render_human_assistant, "Baichuan-7B QLoRA recipe"),
+TEMPLATES = {  # 195 = Baichuan's user token
+    "baichuan": Template(render_baichuan, "Baichuan-13B-Chat generation_utils.py (user 195, assistant 196)", (195,)),
+    "baichuan2": Template(render_baichuan, "Baichuan2-Chat generation_utils.py, fine-tune.py (195, 196)", (195,)),
+    "vicuna": Template(render_vicuna, "FastChat conversation.py vicuna_v1.1", ("USER:",)),
+    "alpaca": Template(render_alpaca, "tatsu-lab/stanford_alpaca PROMPT_DICT", ("### Instruction:",)),
+    "aquila": Template(render_aquila, "FlagAI aquila-chat conversation template", ("###",)),
+    "llama-2": Template(render_llama2, "meta-llama/llama generation.py chat_completion", ("[INST]",)),
+    "chatml": Template(render_chatml, "OpenAI ChatML", (IM_END,)),
+    "human-assistant": Template(render_human_assistant, "Baichuan-7B QLoRA recipe", ("Human:",)),
 }
-
-FAMILY_TEMPLATE = {"llama": "llama-2", "baichuan": "baichuan", "baichuan2": "baichuan2", "aquila": "aquila"}
 
 ROLE_NAMES = {  # every spelling the supported data formats use, lower-cased, <|...|> and ':' stripped
     "user": "user", "human": "user", "prompter": "user", "instruction": "user", "question": "user",

@@ -34,25 +34,9 @@ import torch.nn.functional as F
 
 import model as model_lib
 
-# Published generation settings of each family's chat models; they apply in --chat unless a flag overrides them.
-FAMILY_GENERATION_DEFAULTS = {
-    # Baichuan2-{7,13}B-Chat generation_config.json
-    "baichuan2": dict(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.05),
-    # Baichuan-13B-Chat generation_config.json (Baichuan-7B has no official chat model; same settings)
-    "baichuan": dict(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.1),
-    # Llama-2-*-chat-hf generation_config.json (top_k 0 = off)
-    "llama": dict(temperature=0.6, top_k=None, top_p=0.9, repetition_penalty=1.0),
-    # FlagAI's AquilaChat examples: predict(..., top_p=0.95, topk=100, temperature=0.9)
-    "aquila": dict(temperature=0.9, top_k=100, top_p=0.95, repetition_penalty=1.0),
-}
-# Without --chat (base models, plain continuation), nanoGPT-like settings.
+# In --chat, the published settings of the family's chat models (model.FAMILIES) apply unless a flag overrides them;
+# without --chat (base models, plain continuation), nanoGPT-like settings.
 PLAIN_GENERATION_DEFAULTS = dict(temperature=0.8, top_k=200, top_p=None, repetition_penalty=1.0)
-
-# What ends an assistant reply besides eos, per chat template (prepare.TEMPLATES): text a model writes when it
-# starts the next turn itself, and special tokens (ints, or token strings looked up in the vocabulary).
-TEMPLATE_STOP_STRINGS = {"vicuna": ["USER:"], "alpaca": ["### Instruction:"], "human-assistant": ["Human:"],
-                         "llama-2": ["[INST]"], "aquila": ["###"]}
-TEMPLATE_STOP_TOKENS = {"baichuan": [195], "baichuan2": [195], "chatml": ["<|im_end|>"]}  # 195 = user token
 
 
 # -----------------------------------------------------------------------------
@@ -465,7 +449,7 @@ def resolve_template(flag, tok, family):
     """--template, else the checkpoint's own (a built-in name, or its Jinja template: "hf"), else the family's."""
     import prepare
     own = tok.chat_template and (prepare.HF_TEMPLATE if prepare.is_jinja(tok.chat_template) else tok.chat_template)
-    name = flag or own or prepare.FAMILY_TEMPLATE.get(family)
+    name = flag or own or (family in model_lib.FAMILIES and model_lib.FAMILIES[family].chat_template) or None
     names = ", ".join(sorted(prepare.TEMPLATES)) + f" or {prepare.HF_TEMPLATE}"
     if name is None:
         fail(f"--chat: no chat template for family {family!r}; pass --template (one of {names})")
@@ -483,8 +467,8 @@ def resolve_template(flag, tok, family):
 
 def generation_settings(args, family, chat):
     """Family chat defaults (or plain defaults), overridden by any flag given."""
-    settings = dict(FAMILY_GENERATION_DEFAULTS.get(family, PLAIN_GENERATION_DEFAULTS) if chat
-                    else PLAIN_GENERATION_DEFAULTS)
+    family = model_lib.FAMILIES.get(family)
+    settings = dict(family.generation if chat and family else PLAIN_GENERATION_DEFAULTS)
     for k in settings:
         if getattr(args, k) is not None:
             settings[k] = getattr(args, k)
@@ -517,8 +501,9 @@ def chat_end_ids(tok, template):
     ids = {tok.eos_id}
     if template == prepare.HF_TEMPLATE:
         ids.add(prepare.jinja_turn_end(tok))
-    for t in TEMPLATE_STOP_TOKENS.get(template, []):
-        ids.add(t if isinstance(t, int) else tok.token_to_id(t))
+    for t in prepare.TEMPLATES[template].stop if template in prepare.TEMPLATES else ():
+        if not isinstance(t, str):  # strings are stop text, handled by stream_text
+            ids.add(t if isinstance(t, int) else tok.token_to_id(t.name))
     return sorted(i for i in ids if i is not None)
 
 
@@ -669,7 +654,7 @@ def main(argv=None, stdin=None, stdout=None):
     max_seq_len = model.args.max_seq_len
 
     if args.chat:
-        stop = args.stop + TEMPLATE_STOP_STRINGS.get(template, [])
+        stop = args.stop + [s for s in getattr(prepare.TEMPLATES.get(template), "stop", ()) if isinstance(s, str)]
         stats = run_chat(model, tok, template, settings, system=args.system, max_new_tokens=args.max_new_tokens,
                          on_long_prompt=args.on_long_prompt, stop=stop, stdin=stdin, stdout=stdout,
                          generator=generator, decode_step=decode_step)

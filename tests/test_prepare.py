@@ -257,8 +257,9 @@ def test_roles_are_normalised_and_unknown_roles_rejected(sp):
     assert a == b
     with pytest.raises(ValueError, match="role"):
         encode_chat(sp, "vicuna", [{"role": "narrator", "content": "hi"}])
-    assert prepare.FAMILY_TEMPLATE["baichuan2"] == "baichuan2"
-    assert set(prepare.FAMILY_TEMPLATE.values()) <= set(TEMPLATES)
+    from model import FAMILIES
+    assert FAMILIES["baichuan2"].chat_template == "baichuan2"
+    assert {f.chat_template for f in FAMILIES.values()} <= set(TEMPLATES)
 
 
 # -----------------------------------------------------------------------------

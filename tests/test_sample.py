@@ -431,7 +431,7 @@ def test_chat_uses_family_template_and_generation_defaults():
     def tok(template):
         return argparse.Namespace(chat_template=template)
 
-    assert sample.resolve_template(None, tok(None), "baichuan2") == prepare.FAMILY_TEMPLATE["baichuan2"]
+    assert sample.resolve_template(None, tok(None), "baichuan2") == model_lib.FAMILIES["baichuan2"].chat_template
     assert sample.resolve_template(None, tok("vicuna"), "baichuan2") == "vicuna"
     assert sample.resolve_template("chatml", tok("vicuna"), "baichuan2") == "chatml"
     flags = argparse.Namespace(temperature=None, top_k=None, top_p=0.5, repetition_penalty=None)
