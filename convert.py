@@ -35,11 +35,12 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from model import FAMILIES, CheckpointError, ModelArgs, Transformer, family_of_hf_config, load_safetensors, read_config
+import prepare
+from model import (FAMILIES, CheckpointError, ModelArgs, Transformer, family_of_hf_config, load_safetensors,
+                   read_config)
 
 BAICHUAN = ("baichuan", "baichuan2")  # W_pack, and Baichuan's own config.json
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 DEFAULT_SHARD = "2GB"
 
 
@@ -412,9 +413,7 @@ def write_tokenizer(src: Path, dst: Path, ids: dict, template, default: str):
     """Copy the tokenizer files and write our tokenizer_config.json (prepare.Tokenizer.save: ids, whether text gets
     bos/eos, chat template). The template: --template, else the one the model ships (its Jinja chat_template, kept
     as it is: never replaced by a guess), else `default`, the family's built-in one."""
-    import prepare
-
-    if not any((src / f).exists() for f in TOKENIZER_FILES):
+    if not any((src / f).exists() for f in prepare.TOKENIZER_FILES):
         print(f"convert.py: warning: {src}: no tokenizer.model or tokenizer.json; add one to the output dir before "
               f"sampling", file=sys.stderr)
         config = {"bos_id": ids.get("bos_id"), "eos_id": ids.get("eos_id"),
@@ -426,15 +425,13 @@ def write_tokenizer(src: Path, dst: Path, ids: dict, template, default: str):
         if f"{kind}_id" in ids:
             setattr(tok, f"{kind}_id", ids[f"{kind}_id"])
     tok.save(dst, template=template or (None if tok.chat_template else default))
-    for f in TOKENIZER_FILES:  # LLaMA dirs ship both; tok.save copied the one it reads
+    for f in prepare.TOKENIZER_FILES:  # LLaMA dirs ship both; tok.save copied the one it reads
         if (src / f).exists() and not (dst / f).exists():
             shutil.copyfile(src / f, dst / f)
 
 
 def check_template(template):
     """--template, checked (prepare.py owns the templates); None: the model's own, else its family's."""
-    import prepare
-
     if template is not None and template not in prepare.TEMPLATES:
         fail(f"--template={template}: unknown; expected one of {', '.join(prepare.TEMPLATES)}")
     return template
@@ -498,7 +495,8 @@ def hf_config(args: ModelArgs, family: str, ids: dict, dtype: str) -> dict:
     if family in BAICHUAN:
         # 7B configs state max_position_embeddings (RoPE); the ALiBi 13B configs only model_max_length
         arch = "BaiChuanForCausalLM" if family == "baichuan" and args.pos_emb == "rope" else "BaichuanForCausalLM"
-        cfg = {"architectures": [arch], "model_type": FAMILIES[family].model_type, **common, "model_max_length": args.max_seq_len}
+        cfg = {"architectures": [arch], "model_type": FAMILIES[family].model_type, **common,
+               "model_max_length": args.max_seq_len}
         if args.pos_emb == "rope":
             cfg["max_position_embeddings"] = args.max_seq_len
         if family == "baichuan2":
@@ -538,10 +536,10 @@ def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
         (tmp / "config.json").write_text(json.dumps(hf_config(args, family, ids, out_dtype), indent=2))
         gen = {k.replace("_id", "_token_id"): v for k, v in ids.items()}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        for f in TOKENIZER_FILES:
+        for f in prepare.TOKENIZER_FILES:
             if (src / f).exists():
                 shutil.copyfile(src / f, tmp / f)
-        if any((src / f).exists() for f in TOKENIZER_FILES):
+        if any((src / f).exists() for f in prepare.TOKENIZER_FILES):
             (tmp / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(src, ids), indent=2))
     return args, family
 
@@ -549,8 +547,6 @@ def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
 def hf_tokenizer_config(src: Path, ids: dict) -> dict:
     """HF's tokenizer_config.json names special tokens by their strings, and the class that reads the file; it says
     whether text gets bos/eos (transformers reads a bare tokenizer.model as neither) and keeps a Jinja template."""
-    import prepare
-
     tok = prepare.load_tokenizer(src)
     cfg = {"tokenizer_class": "LlamaTokenizer" if tok.sp is not None else "PreTrainedTokenizerFast",
            "add_bos_token": bool(tok.prefix), "add_eos_token": bool(tok.suffix)}
@@ -750,8 +746,8 @@ def apply_delta(base, delta, dst, dtype=None, template=None, overwrite=False, ma
         if "family" in tok_cfg:  # native delta: its tokenizer_config.json holds our ids
             ours = read_json(delta / "tokenizer_config.json", False)
             ids = {k: ours[k] for k in ("bos_id", "eos_id", "pad_id") if isinstance(ours.get(k), int)}
-        write_tokenizer(delta if any((delta / f).exists() for f in TOKENIZER_FILES) else base, tmp, ids,
-                        template, "vicuna")
+        has_tokenizer = any((delta / f).exists() for f in prepare.TOKENIZER_FILES)
+        write_tokenizer(delta if has_tokenizer else base, tmp, ids, template, "vicuna")
     return args, family
 
 
@@ -817,9 +813,7 @@ def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=No
         write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes,
                          extra_config={k: v for k, v in cfg.items()  # whatever else train.py recorded
                                        if k != "family" and k not in args.__dataclass_fields__})
-        for f in TOKENIZER_FILES + ("tokenizer_config.json",):
-            if (step / f).exists():
-                shutil.copyfile(step / f, tmp / f)
+        prepare.copy_tokenizer_files(step, tmp)
     return args, family
 
 
@@ -976,7 +970,8 @@ def peft_selected(cfg: dict, modules: list[str], where: Path, family: str) -> se
         patterns = [patterns] if isinstance(patterns, str) else patterns
 
         def index(m):
-            found = [re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", m) for p in patterns] or [re.match(r".*?\.[^.]*\.(\d+)\.", m)]
+            found = ([re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", m) for p in patterns]
+                     or [re.match(r".*?\.[^.]*\.(\d+)\.", m)])
             return next((int(f[1]) for f in found if f), None)
 
         # a module named in full (lm_head) is taken whatever its layer, as PEFT does
@@ -1143,9 +1138,7 @@ def merge_lora(src, adapter, dst, dtype=None, overwrite=False, max_shard_bytes=N
 
     with staged(dst, True) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
-        for f in TOKENIZER_FILES + ("tokenizer_config.json",):
-            if (Path(src) / f).exists():
-                shutil.copyfile(Path(src) / f, tmp / f)
+        prepare.copy_tokenizer_files(src, tmp)
     return args, family
 
 

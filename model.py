@@ -120,7 +120,8 @@ FAMILIES = {
                        # Baichuan-13B-Chat generation_config.json (Baichuan-7B has no official chat model: the same)
                        dict(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.1)),
     # Baichuan2 shares Baichuan's architecture name: its vocabulary and its z-loss setting tell them apart
-    "baichuan2": Family(("BaichuanForCausalLM", "BaiChuanForCausalLM"), "baichuan", ("baichuan2-7b", "baichuan2-13b"), "baichuan2",
+    "baichuan2": Family(("BaichuanForCausalLM", "BaiChuanForCausalLM"), "baichuan", ("baichuan2-7b", "baichuan2-13b"),
+                        "baichuan2",
                         # Baichuan2-{7,13}B-Chat generation_config.json
                         dict(temperature=0.3, top_k=5, top_p=0.85, repetition_penalty=1.05),
                         vocab_size=125696, config_keys=("z_loss_weight",)),

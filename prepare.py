@@ -43,6 +43,7 @@ BOS_NAMES = ("<s>", "<|startoftext|>", "<|begin_of_text|>", "<|endoftext|>")
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>")
 PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # LLaMA dirs ship both: sentencepiece is the reference
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "chat_template.jinja")  # ids, conventions, the chat template
 
 
 class Tokenizer:
@@ -235,6 +236,13 @@ class Tokenizer:
                 config["added_tokens_decoder"] = {str(i): {"content": t, "special": True}
                                                   for t, i in self.sp_added.items()}
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def copy_tokenizer_files(src, dst):
+    """Copy a dir's tokenizer files as they are (the model or json, its config, a chat_template.jinja)."""
+    for name in TOKENIZER_FILES + TOKENIZER_EXTRAS:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
 def _byte_to_char(text):

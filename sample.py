@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as model_lib
+import prepare
 
 # In --chat, the published settings of the family's chat models (model.FAMILIES) apply unless a flag overrides them;
 # without --chat (base models, plain continuation), nanoGPT-like settings.
@@ -345,7 +346,6 @@ def model_bytes(model):
 # -----------------------------------------------------------------------------
 # loading
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def normalise_head(model):
@@ -409,10 +409,7 @@ def save_quantized(model, src_ckpt, dst, mode, group_size, family):
     import convert
     convert.write_checkpoint(dst, state, model.args, family,
                              extra_config={"quantization": {"mode": mode, "group_size": group_size}})
-    import shutil
-    for f in TOKENIZER_FILES + ("tokenizer_config.json",):
-        if os.path.exists(os.path.join(src_ckpt, f)):
-            shutil.copy(os.path.join(src_ckpt, f), os.path.join(dst, f))
+    prepare.copy_tokenizer_files(src_ckpt, dst)
 
 
 # -----------------------------------------------------------------------------
@@ -447,7 +444,6 @@ def fit_prompt(ids, max_new_tokens, max_seq_len, policy, what, bos_id=None):
 
 def resolve_template(flag, tok, family):
     """--template, else the checkpoint's own (a built-in name, or its Jinja template: "hf"), else the family's."""
-    import prepare
     own = tok.chat_template and (prepare.HF_TEMPLATE if prepare.is_jinja(tok.chat_template) else tok.chat_template)
     name = flag or own or (family in model_lib.FAMILIES and model_lib.FAMILIES[family].chat_template) or None
     names = ", ".join(sorted(prepare.TEMPLATES)) + f" or {prepare.HF_TEMPLATE}"
@@ -497,7 +493,6 @@ def counted(tokens, stats):
 def chat_end_ids(tok, template):
     """eos plus the template's own end-of-turn tokens (those the vocabulary has; for a model's Jinja template, the
     special token that closes an assistant turn in it)."""
-    import prepare
     ids = {tok.eos_id}
     if template == prepare.HF_TEMPLATE:
         ids.add(prepare.jinja_turn_end(tok))
@@ -508,7 +503,6 @@ def chat_end_ids(tok, template):
 
 
 def encode_turn(tok, template, messages, system):
-    import prepare
     try:
         return prepare.encode_chat(tok, template, messages, system=system, add_generation_prompt=True)[0]
     except prepare.TemplateError as e:
@@ -570,8 +564,8 @@ def parse_args(argv):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; \\n and \\t understood)")
     p.add_argument("--chat", action="store_true", help="interactive chat with the checkpoint's template")
     p.add_argument("--system", default=None, help="system prompt for --chat")
-    p.add_argument("--template", default=None, help="chat template: a built-in name, or hf for the checkpoint's own Jinja "
-                                                    "template (default: the checkpoint's, else the family's)")
+    p.add_argument("--template", default=None, help="chat template: a built-in name, or hf for the checkpoint's own "
+                                                    "Jinja template (default: the checkpoint's, else the family's)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter dir (train.py's out_dir/adapter, or any PEFT "
                    "LoRA adapter of the checkpoint's HF export) folded into the weights at load")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation")
@@ -602,10 +596,9 @@ def main(argv=None, stdin=None, stdout=None):
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
         fail(f"--ckpt={args.ckpt}: no config.json there (expected a checkpoint dir from convert.py or train.py)")
-    if not any(os.path.isfile(os.path.join(args.ckpt, f)) for f in TOKENIZER_FILES):
-        fail(f"--ckpt={args.ckpt}: no tokenizer ({' or '.join(TOKENIZER_FILES)}) in the checkpoint dir")
+    if not any(os.path.isfile(os.path.join(args.ckpt, f)) for f in prepare.TOKENIZER_FILES):
+        fail(f"--ckpt={args.ckpt}: no tokenizer ({' or '.join(prepare.TOKENIZER_FILES)}) in the checkpoint dir")
     import kernels
-    import prepare
     device = args.device or kernels.device_type()
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     try:
@@ -668,8 +661,8 @@ def main(argv=None, stdin=None, stdout=None):
             fail(f"--prompt_file={args.prompt_file}: not UTF-8 text (byte {e.start}: {e.reason})")
         if not prompts:
             fail(f"--prompt_file={args.prompt_file}: expected one prompt per line, found none")
-        rows = [fit_prompt(tok.encode(p, add_special_tokens=True), args.max_new_tokens, max_seq_len, args.on_long_prompt,
-                           f"--prompt_file line {i + 1}", tok.bos_id) for i, p in enumerate(prompts)]
+        rows = [fit_prompt(tok.encode(p, add_special_tokens=True), args.max_new_tokens, max_seq_len,
+                           args.on_long_prompt, f"--prompt_file line {i + 1}", tok.bos_id) for i, p in enumerate(prompts)]
         t0 = time.perf_counter()
         outs = [[] for _ in rows]
         n = 0
