@@ -198,6 +198,18 @@ def test_float16_loss_scale_halves_on_overflow_and_doubles_after_window_good_ste
     assert max(expected) > min(expected[skipped.index(False):])  # the run saw the scale grow, not only shrink
 
 
+def test_loss_scaler_restarts_its_count_of_good_steps_after_an_overflow():
+    # an overflow in the middle of a window: in a training run overflows come right after the scale grew, when
+    # the count is 0 anyway, so the run above cannot see a count that is not restarted
+    overflows = [False, True, False, False, False, True, False, True, False, False, False, False, False]
+    scaler = train.LossScaler(enabled=True, scale=1024.0, window=3)
+    scales = []
+    for overflow in overflows:
+        scaler.update(finite=not overflow)
+        scales.append(scaler.scale)
+    assert scales == documented_scales(1024.0, 3, overflows)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # resume: the RNG that LoRA dropout draws from
 
