@@ -1078,7 +1078,8 @@ def export_checkpoint(step_dir: Path, dst: Path) -> Path:
 
 def measure_peak_flops(device: torch.device, n: int = 1024, seconds: float = 0.5) -> float:
     """FLOP/s of a float32 torch.mm on this device: the peak MFU is measured against when none is configured."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    g = torch.Generator().manual_seed(0)  # not the global RNG: a resumed run's restored state must stay untouched
+    a, b = torch.randn(n, n, generator=g).to(device), torch.randn(n, n, generator=g).to(device)
     a @ b  # warm up
     iters, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:

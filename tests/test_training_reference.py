@@ -1,0 +1,299 @@
+"""train.py's training loop against a reference written here, so a bug that changes the numbers of every run alike
+(a schedule off by a step, decay on the wrong parameters, clipping left out, a loss scale that grows wrong) fails.
+
+The comparisons in tests/test_train.py and tests/test_distributed.py set train.py against itself (resumed against
+uninterrupted, a mesh against one process): they cannot see such a bug. Here the reference is plain PyTorch and the
+documented recipe: torch.optim.AdamW with weight decay on matrices only, torch.nn.utils.clip_grad_norm_, linear
+warmup then cosine decay to min_lr, on the windows train.py's EpochSampler hands out and the weights of a checkpoint
+dir written by the test. train.py is used through train.main, its metrics.jsonl and export, EpochSampler and
+LossScaler (for the one case a run cannot show). Also: an interrupted LoRA run with dropout against an
+uninterrupted one, and the tensor-parallel loss with a loss mask against the formula kernels.py documents.
+
+    python -m pytest -q tests/test_training_reference.py
+"""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import train
+from model import PRESETS, ModelArgs, Transformer, load_tensors, write_checkpoint
+from test_train import V, markov_tokens, write_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the tiny preset on the test data's vocabulary: what a run with --init_from=resume builds before it loads the step
+ARGS = replace(PRESETS["tiny"], vocab_size=V)
+SEQ_LEN, MICRO, GLOBAL, SEED = 32, 2, 4, 7  # gradient accumulation of 2 micro batches of 2 sequences
+# steps 0, 1 warm up; steps 2, 3 decay; steps 4, 5 are at and past lr_decay_iters. A high lr and weight decay make
+# a wrong decay visible; a low grad_clip makes every step clip.
+RECIPE = dict(lr=1e-2, min_lr=1e-3, warmup_iters=2, lr_decay_iters=4, weight_decay=0.5, beta1=0.9, beta2=0.95,
+              grad_clip=0.5)
+STEPS = 6
+
+
+def documented_lr(step: int) -> float:
+    """Config's comment: linear warmup to lr, then cosine decay to min_lr at lr_decay_iters, then min_lr.
+    Warmup step s (0-based) takes lr * (s + 1) / (warmup_iters + 1), nanoGPT's convention (no step at lr 0)."""
+    lr, min_lr, warmup, decay = RECIPE["lr"], RECIPE["min_lr"], RECIPE["warmup_iters"], RECIPE["lr_decay_iters"]
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    if step >= decay:
+        return min_lr
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (decay - warmup)))
+
+
+def flags(**recipe):
+    return [f"--{k}={v}" for k, v in {**RECIPE, **recipe}.items()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Markov tokens with a loss mask (as prepare.py writes for instruction data): about a third of them are not
+    counted as targets, so the comparison covers train.py handing the mask to the loss."""
+    masks = [(np.random.default_rng(seed).random(n) > 0.3).astype(np.uint8) for seed, n in ((3, 1200), (4, 600))]
+    return write_data(tmp_path_factory.mktemp("ref") / "markov", markov_tokens(1200, 1), markov_tokens(600, 2),
+                      *masks)
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory):
+    """A checkpoint dir with weights drawn here: both loops start from it."""
+    torch.manual_seed(0)
+    model = Transformer(ARGS)
+    path = tmp_path_factory.mktemp("init") / "ckpt"
+    write_checkpoint(path, model.state_dict(), ARGS, "llama")
+    return path
+
+
+def reference_run(data_dir: Path, init: Path):
+    """The documented training loop in plain PyTorch: per-step losses and the final state dict."""
+    model = Transformer.from_checkpoint(init)
+    model.train()
+    matrices = [p for p in model.parameters() if p.dim() >= 2]  # embeddings and linear weights
+    gains = [p for p in model.parameters() if p.dim() < 2]  # norm gains
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": RECIPE["weight_decay"]},
+                                   {"params": gains, "weight_decay": 0.0}],
+                                  lr=RECIPE["lr"], betas=(RECIPE["beta1"], RECIPE["beta2"]))
+    tokens = np.fromfile(data_dir / "train.bin", dtype=np.uint16).astype(np.int64)
+    counts = np.fromfile(data_dir / "train.mask.bin", dtype=np.uint8).astype(bool)  # token i counts as a target
+    sampler = train.EpochSampler(len(tokens), SEQ_LEN, MICRO, SEED)
+    losses = []
+    for step in range(STEPS):
+        for group in optimizer.param_groups:
+            group["lr"] = documented_lr(step)
+        step_loss = 0.0
+        for _ in range(GLOBAL // MICRO):
+            starts = sampler.next_starts(0, 1)
+            windows = torch.tensor(np.stack([tokens[s : s + SEQ_LEN + 1] for s in starts]))
+            x, y = windows[:, :-1], windows[:, 1:]  # (B, T) inputs and next-token targets
+            counted = torch.tensor(np.stack([counts[s + 1 : s + SEQ_LEN + 1] for s in starts]))  # (B, T)
+            logits, _ = model(x)
+            # the mean over this micro batch's counted targets; the step's loss is the mean over micro batches
+            loss = F.cross_entropy(logits[counted], y[counted]) / (GLOBAL // MICRO)
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+    return losses, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def train_run(data_dir: Path, out_dir: Path, *extra):
+    return train.main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--seq_len={SEQ_LEN}",
+                       f"--micro_batch_size={MICRO}", f"--global_batch_size={GLOBAL}", f"--seed={SEED}",
+                       "--log_interval=1", "--eval_interval=1000", "--eval_iters=1", "--ckpt_interval=1000",
+                       "--peak_flops=1e9", *extra])
+
+
+def metric_rows(out_dir, key):
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if key in r]
+
+
+@pytest.fixture(scope="module")
+def runs(data, init_dir, tmp_path_factory):
+    """train.py and the reference on the same data and initial weights."""
+    out = tmp_path_factory.mktemp("train") / "out"
+    summary = train_run(data, out, f"--init_from={init_dir}", f"--max_iters={STEPS}", "--export", *flags())
+    trained = {k: v.clone() for k, v in load_tensors(summary["export_dir"]).items()}
+    ref_losses, ref_weights = reference_run(data, init_dir)
+    return summary, out, trained, ref_losses, ref_weights
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a few steps of train.py equal the reference loop
+
+
+def test_losses_equal_the_reference_loop(runs):
+    summary, _, _, ref_losses, _ = runs
+    assert sorted(summary["losses"]) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([summary["losses"][s + 1] for s in range(STEPS)], ref_losses, rtol=1e-5)
+
+
+def test_every_step_clips_so_the_comparison_covers_clipping(runs):
+    _, out, _, _, _ = runs
+    assert all(r["grad_norm"] > 2 * RECIPE["grad_clip"] for r in metric_rows(out, "grad_norm"))
+
+
+def test_lr_of_each_step_is_the_documented_schedule(runs):
+    _, out, _, _, _ = runs
+    logged = [r["lr"] for r in metric_rows(out, "lr")]
+    np.testing.assert_allclose(logged, [documented_lr(s) for s in range(STEPS)], rtol=1e-12)
+
+
+def assert_updates_equal(trained: dict, ref: dict, init: dict, names):
+    """Each tensor's change over the run equals the reference's to 0.1% (as a vector norm): the two loops compute
+    the loss gradient in different ways, and Adam magnifies rounding in near-zero gradient entries elementwise."""
+    for name in names:
+        update = (ref[name] - init[name]).norm()
+        assert update > 0 and (trained[name] - ref[name]).norm() <= 1e-3 * update, name
+
+
+def test_final_matrices_equal_the_reference_with_weight_decay(runs, init_dir):
+    _, _, trained, _, ref = runs
+    assert_updates_equal(trained, ref, load_tensors(init_dir), [name for name, w in ref.items() if w.dim() >= 2])
+
+
+def test_final_norm_gains_equal_the_reference_without_weight_decay(runs, init_dir):
+    _, _, trained, _, ref = runs
+    assert_updates_equal(trained, ref, load_tensors(init_dir), [name for name, w in ref.items() if w.dim() < 2])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# float16: the dynamic loss scale
+
+
+def documented_scales(initial: float, window: int, skipped: list[bool]) -> list[float]:
+    """Config's comments and LossScaler's docstring: a skipped (overflowing) step halves the scale and starts the
+    count of good steps again; window good steps in a row double it."""
+    scale, good, out = initial, 0, []
+    for overflow in skipped:
+        if overflow:
+            scale, good = scale / 2, 0
+        else:
+            good += 1
+            if good == window:
+                scale, good = scale * 2, 0
+        out.append(scale)
+    return out
+
+
+def test_float16_loss_scale_halves_on_overflow_and_doubles_after_window_good_steps(data, init_dir, tmp_path):
+    # 2^24 overflows float16 gradients at first; a window of 2 lets the scale grow back to overflow within the run
+    initial, window = 2.0**24, 2
+    train_run(data, tmp_path / "out", f"--init_from={init_dir}", "--dtype=float16", f"--loss_scale={initial}",
+              f"--loss_scale_window={window}", "--max_iters=12", *flags())
+    rows = metric_rows(tmp_path / "out", "loss_scale")
+    skipped = [r["skipped_steps"] > (rows[i - 1]["skipped_steps"] if i else 0) for i, r in enumerate(rows)]
+    assert any(skipped) and not all(skipped)
+    expected = documented_scales(initial, window, skipped)
+    assert [r["loss_scale"] for r in rows] == expected
+    assert max(expected) > min(expected[skipped.index(False):])  # the run saw the scale grow, not only shrink
+
+
+def test_loss_scaler_restarts_its_count_of_good_steps_after_an_overflow():
+    # an overflow in the middle of a window: in a training run overflows come right after the scale grew, when
+    # the count is 0 anyway, so the run above cannot see a count that is not restarted
+    overflows = [False, True, False, False, False, True, False, True, False, False, False, False, False]
+    scaler = train.LossScaler(enabled=True, scale=1024.0, window=3)
+    scales = []
+    for overflow in overflows:
+        scaler.update(finite=not overflow)
+        scales.append(scaler.scale)
+    assert scales == documented_scales(1024.0, 3, overflows)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# resume: the RNG that LoRA dropout draws from
+
+
+def test_interrupted_lora_run_with_dropout_equals_an_uninterrupted_one(data, init_dir, tmp_path):
+    # peak_flops=0: the run measures a torch.mm peak at start, as by default, which must not disturb the RNG either
+    lora = [f"--init_from={init_dir}", "--lora_rank=4", "--lora_alpha=8", "--lora_dropout=0.5", "--ckpt_interval=2",
+            "--peak_flops=0", *flags()]
+    straight = train_run(data, tmp_path / "straight", *lora, "--max_iters=4")
+    train_run(data, tmp_path / "split", *lora, "--max_iters=2")
+    resumed = train_run(data, tmp_path / "split", *lora, "--max_iters=4", "--init_from=resume")
+    assert [resumed["losses"][s] for s in (3, 4)] == [straight["losses"][s] for s in (3, 4)]
+    adapters = [load_file(run["adapter_dir"] / "adapter_model.safetensors") for run in (straight, resumed)]
+    assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tensor parallel loss: the max-z term counts the loss-masked positions only
+
+
+def documented_loss(logits, targets, loss_mask, z_loss):
+    """kernels.cross_entropy's docstring: mean cross-entropy over the counted tokens (loss_mask 1) plus
+    z_loss * mean over the same tokens of max(logits)^2."""
+    counted = loss_mask.flatten() == 1
+    rows, targets = logits.flatten(0, 1)[counted].double(), targets.flatten()[counted]
+    return F.cross_entropy(rows, targets) + z_loss * rows.max(dim=-1).values.pow(2).mean()
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A process group of this process alone and a 1-D mesh on it: tensor parallel code runs on one rank, its
+    logits a DTensor sharded (here: not split) on the vocabulary."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def masked_batch(batch=2, seq=8, vocab=V):
+    g = torch.Generator().manual_seed(3)
+    targets = torch.randint(0, vocab, (batch, seq), generator=g)
+    loss_mask = torch.zeros(batch, seq, dtype=torch.long)
+    loss_mask[:, seq // 2 :] = 1  # prompt positions (first half) do not count
+    return targets, loss_mask
+
+
+def test_vocab_parallel_loss_counts_only_masked_positions_in_cross_entropy_and_max_z(one_rank_mesh):
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from model import vocab_parallel_cross_entropy
+
+    targets, loss_mask = masked_batch()
+    # the largest logits sit on the uncounted positions: a max-z term over every position is far off
+    logits = torch.randn(*targets.shape, V, generator=torch.Generator().manual_seed(4)) * 2
+    logits[:, : targets.shape[1] // 2] *= 4
+    sharded = distribute_tensor(logits, one_rank_mesh, [Shard(-1)])
+    with loss_parallel():
+        loss = vocab_parallel_cross_entropy(sharded, targets, loss_mask, z_loss=0.1)
+    torch.testing.assert_close(loss.double(), documented_loss(logits, targets, loss_mask, 0.1), rtol=1e-5, atol=0)
+
+
+def test_tensor_parallel_model_passes_the_loss_mask_to_the_vocab_sharded_loss(one_rank_mesh):
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, loss_parallel, parallelize_module
+
+    torch.manual_seed(5)
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=V, max_seq_len=16,
+                                  z_loss=0.1, init_std=0.5))  # large weights: logits whose max-z term matters
+    targets, loss_mask = masked_batch()
+    idx = torch.roll(targets, 1, dims=1)
+    with torch.no_grad():
+        logits = model(idx)[0]
+    expected = documented_loss(logits, targets, loss_mask, 0.1)
+    # the output layer split by vocabulary columns, as train.py's tensor parallel plan does
+    parallelize_module(model, one_rank_mesh, {"output": ColwiseParallel(output_layouts=Shard(-1),
+                                                                        use_local_output=False)})
+    with loss_parallel():
+        sharded_logits, loss = model(idx, targets, loss_mask=loss_mask)
+    assert type(sharded_logits).__name__ == "DTensor"  # the vocab-sharded path, not the plain one
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
