@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train
-from model import PRESETS, ModelArgs, Transformer, load_tensors, write_checkpoint
+from convert import write_checkpoint
+from model import PRESETS, ModelArgs, Transformer, load_tensors
 from test_train import V, markov_tokens, write_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
