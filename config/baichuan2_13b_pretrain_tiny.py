@@ -6,14 +6,10 @@
 #   python sample.py --ckpt=out/baichuan2_13b_pretrain_tiny/export --prompt='def ' --max_new_tokens=20
 from pathlib import Path as _Path
 
-exec(_Path("config/baichuan2_13b_pretrain.py").read_text())  # the full recipe (paths from the repo root), then:
+exec(_Path("config/baichuan2_13b_pretrain.py").read_text())  # the full recipe (paths from the repo root)
+exec(_Path("config/_twin.py").read_text())  # CPU scale, then:
 out_dir = "out/baichuan2_13b_pretrain_tiny"
 data_dir = "data/tiny_text"
 init_from = "scratch"
 dim, n_layers, n_heads, hidden_dim, max_seq_len = 64, 2, 4, 176, 256  # the tiny preset's sizes, room for chats
 seq_len = 64
-devices, dp, tp = 1, 0, 1  # one process
-micro_batch_size, global_batch_size = 2, 4
-max_iters, warmup_iters, lr_decay_iters = 4, 1, 4
-eval_interval, eval_iters, log_interval, ckpt_interval = 4, 1, 1, 4
-peak_flops = 1e9  # no torch.mm measurement at start

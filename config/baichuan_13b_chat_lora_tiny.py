@@ -8,13 +8,9 @@
 #   python sample.py --ckpt=out/baichuan_13b_chat_lora_tiny/export --chat --template=baichuan
 from pathlib import Path as _Path
 
-exec(_Path("config/baichuan_13b_chat_lora.py").read_text())  # the full recipe (paths from the repo root), then:
+exec(_Path("config/baichuan_13b_chat_lora.py").read_text())  # the full recipe (paths from the repo root)
+exec(_Path("config/_twin.py").read_text())  # CPU scale, then:
 out_dir = "out/baichuan_13b_chat_lora_tiny"
 data_dir = "data/tiny_baichuan"
 init_from = "out/baichuan_13b_pretrain_tiny/export"  # sizes come from the base
 seq_len = 256
-devices, dp, tp = 1, 0, 1  # one process
-micro_batch_size, global_batch_size = 2, 4
-max_iters, warmup_iters, lr_decay_iters = 4, 1, 4
-eval_interval, eval_iters, log_interval, ckpt_interval = 4, 1, 1, 4
-peak_flops = 1e9  # no torch.mm measurement at start
