@@ -118,6 +118,11 @@ def reset_peak_memory(device: torch.device):
         getattr(torch, device.type).reset_peak_memory_stats(device)
 
 
+def figures(fraction: float) -> float:
+    """A utilisation to 4 significant figures (a loaded CPU can put MFU below 1e-4, where 4 decimals say nothing)."""
+    return float(f"{fraction:.4g}")
+
+
 def load_average() -> float | None:
     """The machine's 1-minute load average at the end of the run: on a shared machine, how much else was running."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
@@ -315,11 +320,11 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
 
     def summary(seconds: list[float]) -> dict:
         tokens_per_s = tokens_per_call / statistics.median(seconds)
-        row = {"tokens_per_s": round(tokens_per_s, 2), "mfu": round(flops_token * tokens_per_s / peak, 4)}
+        row = {"tokens_per_s": round(tokens_per_s, 2), "mfu": figures(flops_token * tokens_per_s / peak)}
         if dtype != torch.float32:
-            row["mfu_vs_fp32_peak"] = round(flops_token * tokens_per_s / peak_fp32, 4)
+            row["mfu_vs_fp32_peak"] = figures(flops_token * tokens_per_s / peak_fp32)
         if stream:  # generate: the fraction of the weight-streaming bound reached
-            row["mbu"] = round(result["bytes_per_token"] * tokens_per_s / stream, 4)
+            row["mbu"] = figures(result["bytes_per_token"] * tokens_per_s / stream)
         row["tokens_per_s_runs"] = [round(tokens_per_call / s, 2) for s in seconds]
         return row
 
