@@ -236,21 +236,20 @@ def _by_weight_rows(x, rows, slices, transpose=False):
     time: each slice's product fills its columns of the output, or (transpose) is summed in fp32; one rounding at the
     end. bf16 on a CPU without bf16 units multiplies fp32 copies of x and of each slice (_bf16_on_fp32_units)."""
     out_dtype = x.dtype
-    if _bf16_on_fp32_units(out_dtype, x.device):
-        x, bf16_rows = x.float(), rows
-        rows = lambda s, e: bf16_rows(s, e).float()  # noqa: E731
+    gemm = torch.float32 if _bf16_on_fp32_units(out_dtype, x.device) else out_dtype
+    x = x.to(gemm)
     if len(slices) == 1:
-        w = rows(*slices[0])
+        w = rows(*slices[0]).to(gemm)
         return (x @ w if transpose else F.linear(x, w)).to(out_dtype)
     if transpose:
         out = None
         for s, e in slices:
-            part = (x[..., s:e] @ rows(s, e)).float()
+            part = (x[..., s:e] @ rows(s, e).to(gemm)).float()
             out = part if out is None else out.add_(part)
         return out.to(out_dtype)
     out = x.new_empty(*x.shape[:-1], slices[-1][1], dtype=out_dtype)
     for s, e in slices:
-        out[..., s:e] = F.linear(x, rows(s, e))
+        out[..., s:e] = F.linear(x, rows(s, e).to(gemm))
     return out
 
 
@@ -297,10 +296,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if few_rows or not _bf16_on_fp32_units(compute_dtype(x), x.device):
         return F.linear(x, weight)
     with torch.autocast("cpu", enabled=False):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _LinearBf16ViaFp32.apply(x, weight)
-        wb = weight.to(torch.bfloat16)
-        return _by_weight_rows(x.to(torch.bfloat16), lambda s, e: wb[s:e], _row_slices(*wb.shape, wb.device))
+        return _LinearBf16ViaFp32.apply(x, weight)
 
 
 # --------------------------------------------------------------------------------------------------------------------
