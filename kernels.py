@@ -20,7 +20,7 @@ is imported lazily and only when an NPU is in play, so nothing here needs it.
 (1) Eager training on plain CPU/CUDA tensors (_plain_training): an autograd.Function with the torch ops' numbers and a
     shorter backward that keeps fewer tensors.
 (2) bf16 on a CPU without bf16 units (_bf16_on_fp32_units): torch's bf16 GEMMs are scalar loops there; the fp32
-    GEMM on the bf16 values, its result rounded to bf16, gives the same numbers at fp32 speed.
+    GEMM on the bf16 values, its result rounded to bf16, gives a bf16 GEMM's numbers at fp32 speed.
 
 Tests run the NPU path on CPU against a fake torch_npu that implements the documented semantics (force_npu()).
 """
@@ -211,7 +211,7 @@ CPU_HAS_BF16_UNITS = _cpu_has_bf16_units()
 
 def _bf16_on_fp32_units(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether matmuls in `dtype` (the compute dtype) on `device` run on the fp32 units: bf16 on a CPU without bf16
-    units, where torch's bf16 GEMM (and SDPA's) falls back to a scalar loop ~30x slower than the fp32 GEMM.
+    units, where torch's bf16 GEMM (and SDPA's) falls back to a scalar loop, 15-30x slower than the fp32 GEMM.
 
     The fp32 GEMM on bf16-rounded operands gives a bf16 GEMM's result: products of bf16 values are exact in fp32,
     bf16 GEMMs accumulate in fp32, and the result is rounded to bf16. The matmuls of linear (and nf4_linear, and the
@@ -354,9 +354,9 @@ def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=Tru
     if _npu(slopes) is not None and head_dim % 16 == 0:
         return (bias / (1.0 / math.sqrt(head_dim))).to(dtype)  # the kernel computes scale * (pse + q k^T)
     allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device)
-    mask = (bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))).to(dtype)  # CUDA's fused kernels
-    # take only the query's dtype; where SDPA runs in fp32 (2) the mask must be fp32 too, and converting it here
-    # rather than in each layer's attention lets every layer share (and autograd save) this one tensor
+    # in the query's dtype (CUDA's fused kernels take no other), held in fp32 where SDPA runs in fp32 (2): converted
+    # here, not in each layer's attention, so that every layer shares (and autograd saves) this one tensor
+    mask = (bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))).to(dtype)
     return mask.float() if _bf16_on_fp32_units(dtype, device) else mask
 
 
