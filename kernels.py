@@ -1,15 +1,26 @@
 """kernels.py: the device, and the few ops that decide a transformer's speed.
 
-Each op has a portable torch path (CPU, CUDA, MPS) and an Ascend path through torch_npu's fused kernels, chosen by
-the device of the input. torch_npu is imported lazily and only when an NPU is in play, so nothing here needs it.
+Every op picks its path from its inputs: the Ascend path (torch_npu's fused kernels) for inputs on an NPU, the
+portable torch path (CPU, CUDA, MPS) otherwise, and two variants of the portable path, marked (1) and (2). torch_npu
+is imported lazily and only when an NPU is in play, so nothing here needs it.
 
-    rms_norm(x, weight, eps)                      torch_npu.npu_rms_norm
-    apply_rotary(x, cos, sin)                     torch_npu.npu_rotary_mul
-    attention(q, k, v, causal, alibi, masks)      torch_npu.npu_fusion_attention (BNSD, or TND for packed docs)
-    swiglu(gate, up)                              torch_npu.npu_swiglu
-    cross_entropy(logits, targets, loss_mask)     (portable everywhere)
-    linear_cross_entropy(h, weight, targets, ...) (portable: the training loss without keeping the logits)
-    linear(x, weight)                             (portable: bf16 on CPUs without bf16 units runs on the fp32 units)
+    op                                     portable torch path                        Ascend path (torch_npu)
+    rms_norm(x, weight, eps)               F.rms_norm; (1) _RMSNorm                   npu_rms_norm
+    apply_rotary(x, cos, sin)              x * cos + rotate_half(x) * sin             npu_rotary_mul
+    attention(q, k, v, causal, alibi,      F.scaled_dot_product_attention;            npu_fusion_attention (BNSD,
+              masks)                       (2) the same in fp32                       TND for packed docs) where
+                                                                                      head_dim % 16 == 0
+    swiglu(gate, up)                       F.silu(gate) * up; (1) _SwiGLU             npu_swiglu
+    cross_entropy(logits, targets, mask)   F.cross_entropy in fp32                    portable
+    linear_cross_entropy(h, weight, ...)   _LinearCrossEntropy, no logits kept;       portable
+                                           (2) its GEMMs in fp32
+    linear(x, weight)                      F.linear; (2) _LinearBf16ViaFp32           portable
+    nf4_linear(x, q, shape)                _NF4Linear; (2) its GEMMs in fp32          portable
+
+(1) Eager training on plain CPU/CUDA tensors (_plain_training): an autograd.Function with the torch ops' numbers and a
+    shorter backward that keeps fewer tensors.
+(2) bf16 on a CPU without bf16 units (_bf16_on_fp32_units): torch's bf16 GEMMs are scalar loops there; the fp32
+    GEMM on the bf16 values, its result rounded to bf16, gives a bf16 GEMM's numbers at fp32 speed.
 
 Tests run the NPU path on CPU against a fake torch_npu that implements the documented semantics (force_npu()).
 """
@@ -183,7 +194,7 @@ class _SwiGLU(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# matmul: bf16 on CPUs without bf16 units
+# matmul, and bf16 on CPUs without bf16 units
 
 
 def _cpu_has_bf16_units() -> bool:
@@ -197,17 +208,21 @@ def _cpu_has_bf16_units() -> bool:
 # Asked once at import: the query is an op torch.compile cannot trace, so asking per matmul broke every graph.
 CPU_HAS_BF16_UNITS = _cpu_has_bf16_units()
 
+
+def _bf16_on_fp32_units(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether matmuls in `dtype` (the compute dtype) on `device` run on the fp32 units: bf16 on a CPU without bf16
+    units, where torch's bf16 GEMM (and SDPA's) falls back to a scalar loop, 15-30x slower than the fp32 GEMM.
+
+    The fp32 GEMM on bf16-rounded operands gives a bf16 GEMM's result: products of bf16 values are exact in fp32,
+    bf16 GEMMs accumulate in fp32, and the result is rounded to bf16. The matmuls of linear (and nf4_linear, and the
+    fused loss's backward, through _by_weight_rows), the fused loss's logits and attention's SDPA ask this.
+    """
+    return dtype == torch.bfloat16 and device.type == "cpu" and not CPU_HAS_BF16_UNITS
+
+
 # Weights converted at a time (bf16 -> fp32 on the CPU, NF4 -> compute dtype) where a whole converted copy would
 # cost memory: 16 MB in fp32, so a 7B model's 1 GB output layer or 180 MB MLP weight is never copied whole.
 CHUNK_WEIGHTS = 1 << 22
-
-
-def _bf16_in_fp32(dtype: torch.dtype, device: torch.device) -> bool:
-    """True where a bf16 matmul of a tensor of this dtype and device should run on the fp32 units (see linear)."""
-    if device.type != "cpu" or CPU_HAS_BF16_UNITS:
-        return False
-    return dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                       and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 def _row_slices(n_rows: int, row_len: int, device: torch.device) -> list[tuple[int, int]]:
@@ -216,35 +231,32 @@ def _row_slices(n_rows: int, row_len: int, device: torch.device) -> list[tuple[i
     return [(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
 
 
-def _by_weight_rows(x, rows, slices, out_dtype, transpose=False):
-    """x @ W.T, or x @ W with transpose, where rows(s, e) gives W[s:e] converted to x's dtype, one slice at a time:
-    each slice's product fills its columns of the output, or (transpose) is summed in fp32; one rounding at the end."""
+def _by_weight_rows(x, rows, slices, transpose=False):
+    """x @ W.T, or x @ W with transpose, in x's dtype, where rows(s, e) gives W[s:e] in x's dtype, one slice at a
+    time: each slice's product fills its columns of the output, or (transpose) is summed in fp32; one rounding at the
+    end. bf16 on a CPU without bf16 units multiplies fp32 copies of x and of each slice (_bf16_on_fp32_units)."""
+    out_dtype = x.dtype
+    gemm = torch.float32 if _bf16_on_fp32_units(out_dtype, x.device) else out_dtype
+    x = x.to(gemm)
     if len(slices) == 1:
-        w = rows(*slices[0])
+        w = rows(*slices[0]).to(gemm)
         return (x @ w if transpose else F.linear(x, w)).to(out_dtype)
     if transpose:
         out = None
         for s, e in slices:
-            part = (x[..., s:e] @ rows(s, e)).float()
+            part = (x[..., s:e] @ rows(s, e).to(gemm)).float()
             out = part if out is None else out.add_(part)
         return out.to(out_dtype)
     out = x.new_empty(*x.shape[:-1], slices[-1][1], dtype=out_dtype)
     for s, e in slices:
-        out[..., s:e] = F.linear(x, rows(s, e))
+        out[..., s:e] = F.linear(x, rows(s, e).to(gemm))
     return out
 
 
-def _linear_bf16_via_fp32(x, weight):
-    wb = weight.to(torch.bfloat16)
-    return _by_weight_rows(x.to(torch.bfloat16).float(), lambda s, e: wb[s:e].float(),
-                           _row_slices(*weight.shape, x.device), torch.bfloat16)
-
-
 class _LinearBf16ViaFp32(torch.autograd.Function):
-    """The bf16 linear of autocast, computed by the fp32 GEMM from the bf16-rounded operands.
+    """The bf16 linear of autocast on the fp32 units (_bf16_on_fp32_units), gradients included.
 
-    Saves the bf16 operands (as autocast would) and rounds every result to bf16, gradients included, so the
-    numbers are a bf16 GEMM's: products of bf16 values are exact in fp32 and bf16 GEMMs accumulate in fp32.
+    Saves the bf16 operands (as autocast would) and rounds every result to bf16, so the numbers are a bf16 GEMM's.
     The weight is converted to fp32 a slice of rows at a time, never whole (a 7B output layer is 1 GB in fp32).
     """
 
@@ -253,20 +265,19 @@ class _LinearBf16ViaFp32(torch.autograd.Function):
         xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
         ctx.save_for_backward(xb, wb)
         ctx.dtypes = x.dtype, weight.dtype
-        return _linear_bf16_via_fp32(xb, wb)
+        return _by_weight_rows(xb, lambda s, e: wb[s:e], _row_slices(*wb.shape, wb.device))
 
     @staticmethod
     def backward(ctx, grad):
         xb, wb = ctx.saved_tensors
-        g = grad.to(torch.bfloat16).float()  # (..., out)
         slices = _row_slices(*wb.shape, wb.device)
         grad_x = grad_w = None
         with torch.autocast("cpu", enabled=False):
             if ctx.needs_input_grad[0]:  # (..., in)
-                grad_x = _by_weight_rows(g, lambda s, e: wb[s:e].float(), slices, torch.bfloat16, transpose=True)
+                grad_x = _by_weight_rows(grad.to(torch.bfloat16), lambda s, e: wb[s:e], slices, transpose=True)
                 grad_x = grad_x.to(ctx.dtypes[0])
             if ctx.needs_input_grad[1]:  # (out, in), a slice of rows at a time
-                g, xf = g.flatten(0, -2), xb.float().flatten(0, -2)
+                g, xf = grad.to(torch.bfloat16).float().flatten(0, -2), xb.float().flatten(0, -2)
                 grad_w = torch.empty(wb.shape, dtype=ctx.dtypes[1], device=wb.device)
                 for s, e in slices:
                     grad_w[s:e] = (g[:, s:e].T @ xf).to(torch.bfloat16)
@@ -274,21 +285,18 @@ class _LinearBf16ViaFp32(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T (no bias), the op behind every projection of the model.
+    """x @ weight.T (no bias), the op behind every projection of the model: F.linear, except bf16 (weights or CPU
+    autocast) on a CPU without bf16 units, which takes _LinearBf16ViaFp32 (see _bf16_on_fp32_units).
 
-    bf16 (weights or CPU autocast) on a CPU without bf16 units: torch's bf16 GEMM falls back to a scalar loop there,
-    ~30x slower than fp32. The fp32 GEMM on the bf16-rounded operands gives a bf16 GEMM's result (exact products,
-    fp32 accumulation, bf16 output) at fp32 speed; bf16 weights stay bf16 in memory. Except for a few rows (decoding):
-    there the weight's fp32 copy costs more than torch's bf16 matrix-vector loop (output layer of bench-llama, one
-    row: 4 ms native, 60 ms via fp32; the two break even near 4 rows for the small layers, 16 for the output layer).
+    A few rows (decoding) stay on torch's bf16 matrix-vector loop there: the weight's fp32 copy costs more (output
+    layer of bench-llama, one row: 4 ms native, 60 ms via fp32; the two break even near 4 rows for the small layers,
+    16 for the output layer).
     """
     few_rows = x.numel() <= 4 * x.size(-1) and x.dtype == weight.dtype
-    if few_rows or not _bf16_in_fp32(x.dtype, x.device):
+    if few_rows or not _bf16_on_fp32_units(compute_dtype(x), x.device):
         return F.linear(x, weight)
     with torch.autocast("cpu", enabled=False):
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-            return _LinearBf16ViaFp32.apply(x, weight)
-        return _linear_bf16_via_fp32(x, weight)
+        return _LinearBf16ViaFp32.apply(x, weight)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -346,10 +354,10 @@ def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=Tru
     if _npu(slopes) is not None and head_dim % 16 == 0:
         return (bias / (1.0 / math.sqrt(head_dim))).to(dtype)  # the kernel computes scale * (pse + q k^T)
     allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device)
-    mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
-    # the bias stays fp32 where attention's SDPA runs in fp32 (bf16 on a CPU without bf16 units): in bf16, slope *
-    # distance rounds to steps of up to 16 at 4096 tokens. CUDA's fused kernels take only the query's dtype.
-    return mask if _bf16_in_fp32(dtype, device) else mask.to(dtype)
+    # in the query's dtype (CUDA's fused kernels take no other), held in fp32 where SDPA runs in fp32 (2): converted
+    # here, not in each layer's attention, so that every layer shares (and autograd saves) this one tensor
+    mask = (bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))).to(dtype)
+    return mask.float() if _bf16_on_fp32_units(dtype, device) else mask
 
 
 def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None, doc_ids=None, q_start=0,
@@ -378,8 +386,8 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None,
         is_causal = True  # let SDPA pick its fused causal kernel; no (T, S) mask built
     else:
         mask = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, q.device)
-    if _bf16_in_fp32(q.dtype, q.device):  # CPU without bf16 units: SDPA's bf16 GEMMs are scalar loops; fp32 gives
-        with torch.autocast("cpu", enabled=False):  # the same numbers
+    if _bf16_on_fp32_units(compute_dtype(q), q.device):  # fp32 SDPA on the bf16 values, the bf16 result
+        with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
             mask = mask.float() if mask is not None and mask.is_floating_point() else mask  # fp32 already if shared
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -459,14 +467,14 @@ def linear_cross_entropy(h, weight, targets, loss_mask=None, z_loss: float = 0.0
     Under autocast the matmuls run in the autocast dtype, the softmax in fp32, as linear + cross_entropy do.
     """
     device, dtype = h.device.type, compute_dtype(h)
-    round_bf16 = dtype == torch.bfloat16 and device == "cpu" and not CPU_HAS_BF16_UNITS
+    round_bf16 = _bf16_on_fp32_units(dtype, h.device)
     targets = targets.flatten()
     if loss_mask is not None:
         targets = targets.masked_fill(loss_mask.flatten() == 0, -100)
     with torch.autocast(device, enabled=False):
         h, weight = h.flatten(0, -2).to(dtype), weight.to(dtype)  # (N, dim), (vocab, dim)
-        if round_bf16:  # bf16 values on the fp32 units (see linear): exact products, fp32 sums; the weight stays
-            h = h.float()  # bf16 and is converted a slice of rows at a time (_logits_into): a 7B head is 1 GB in fp32
+        if round_bf16:  # bf16 values on the fp32 units, rounded as a bf16 GEMM's results; the weight stays bf16
+            h = h.float()  # and is converted a slice of rows at a time (_logits_into): a 7B head is 1 GB in fp32
         return _LinearCrossEntropy.apply(h, weight, targets, float(z_loss), round_bf16)
 
 
@@ -531,7 +539,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_h = _by_weight_rows(grad, lambda s, e: weight[s:e].to(grad.dtype), _vocab_slices(weight, h),
-                                     grad.dtype, transpose=True)
+                                     transpose=True)
             grad_h = (grad_h * scale).to(h.dtype)  # (N, dim)
         if ctx.needs_input_grad[1]:
             grad_w = (grad.T @ (h * scale).to(h.dtype)).to(weight.dtype)  # (vocab, dim)
@@ -603,16 +611,12 @@ def nf4_dequantize(q: dict[str, torch.Tensor], shape, dtype=torch.float32, rows:
 
 
 def _nf4_matmul(x, q, shape, dtype, transpose: bool):
-    """x @ W.T (or x @ W) for the NF4 weight W, its rows dequantised in `dtype` a slice at a time on a CPU (the
-    dequantised slice stays in cache; memory never holds a whole dequantised matrix); bf16 GEMMs on a CPU without
-    bf16 units run on the fp32 units as in `linear`."""
-    via_fp32 = dtype == torch.bfloat16 and x.device.type == "cpu" and not CPU_HAS_BF16_UNITS
-    gemm = torch.float32 if via_fp32 else dtype
+    """x @ W.T (or x @ W) in `dtype` for the NF4 weight W, its rows dequantised a slice at a time on a CPU (the
+    dequantised slice stays in cache; memory never holds a whole dequantised matrix)."""
     absmax = nf4_absmax(q)
     block = shape[0] * shape[1] // q["packed"].size(0)
     slices = _row_slices(*shape, x.device) if shape[1] % block == 0 else [(0, shape[0])]  # whole blocks per slice
-    return _by_weight_rows(x.to(dtype).to(gemm), lambda s, e: nf4_dequantize(q, shape, dtype, (s, e), absmax).to(gemm),
-                           slices, dtype, transpose)
+    return _by_weight_rows(x.to(dtype), lambda s, e: nf4_dequantize(q, shape, dtype, (s, e), absmax), slices, transpose)
 
 
 class _NF4Linear(torch.autograd.Function):

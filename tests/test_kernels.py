@@ -315,3 +315,42 @@ def test_bf16_linear_on_fp32_units_is_a_bf16_gemm(monkeypatch, chunk, autocast):
     for ours, ref in zip(*results):
         assert ours.dtype == ref.dtype
         torch.testing.assert_close(ours.float(), ref.float(), rtol=8e-3, atol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the op table and path (2): bf16 on a CPU without bf16 units
+
+
+def test_op_table_names_every_op_and_every_path():
+    table = kernels.__doc__
+    for op in ("rms_norm", "apply_rotary", "attention", "swiglu", "cross_entropy", "linear_cross_entropy", "linear",
+               "nf4_linear"):
+        assert f"\n    {op}(" in table, op
+    functions = [n for n, o in vars(kernels).items() if isinstance(o, type) and issubclass(o, torch.autograd.Function)]
+    assert functions and all(n in table for n in functions), functions
+    assert "_plain_training" in table and "_bf16_on_fp32_units" in table
+
+
+@pytest.mark.parametrize("case", ["causal", "alibi", "alibi-padding", "decode-step"])
+def test_bf16_attention_on_fp32_units_is_torch_bf16_sdpa(monkeypatch, case):
+    """Path (2) for attention: fp32 SDPA on the bf16 values against torch's own bf16 SDPA, the ALiBi bias included
+    (shared by the layers in fp32, holding the bf16 bias's values)."""
+    spec = ATTENTION_CASES[case]
+    q, k, v = (t.bfloat16() for t in qkv(**spec.get("shape", {})))
+    kwargs = dict(q_start=spec.get("q_start", 0))
+    if spec.get("padding"):
+        kwargs["key_padding_mask"] = torch.tensor([[True] * 9, [False] * 3 + [True] * 6])
+    results = []
+    for units in (False, True):
+        monkeypatch.setattr(kernels, "CPU_HAS_BF16_UNITS", units)
+        alibi = {}
+        if spec.get("alibi"):
+            slopes = kernels.alibi_slopes(q.size(1))
+            bias = kernels.alibi_attention_bias(slopes, torch.bfloat16, 16, q.size(2), k.size(2), **kwargs)
+            assert bias.dtype == (torch.bfloat16 if units else torch.float32)
+            torch.testing.assert_close(bias.float(), bias.bfloat16().float(), rtol=0, atol=0)
+            alibi = dict(alibi_slopes=slopes, alibi_bias=bias)
+        results.append(kernels.attention(q, k, v, **kwargs, **alibi))
+    fp32_units, torch_bf16 = results
+    assert fp32_units.dtype == torch_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(fp32_units.float(), torch_bf16.float(), rtol=8e-3, atol=1e-2)
