@@ -354,10 +354,11 @@ def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=Tru
     if _npu(slopes) is not None and head_dim % 16 == 0:
         return (bias / (1.0 / math.sqrt(head_dim))).to(dtype)  # the kernel computes scale * (pse + q k^T)
     allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device)
-    # in the query's dtype (CUDA's fused kernels take no other), held in fp32 where SDPA runs in fp32 (2): converted
-    # here, not in each layer's attention, so that every layer shares (and autograd saves) this one tensor
-    mask = (bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))).to(dtype)
-    return mask.float() if _bf16_on_fp32_units(dtype, device) else mask
+    # fp32 where SDPA runs in fp32 (2): slope * distance in bf16 rounds to steps of up to 16 at 4096 tokens; in the
+    # query's dtype elsewhere (CUDA's fused kernels take no other). Converted here, not in each layer's attention, so
+    # that every layer shares (and autograd saves) this one tensor
+    mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+    return mask if _bf16_on_fp32_units(dtype, device) else mask.to(dtype)
 
 
 def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None, doc_ids=None, q_start=0,

@@ -86,7 +86,8 @@ def test_alibi_bias_is_built_once_and_saved_once_for_all_layers(monkeypatch, aut
     T = 32
     idx, targets = torch.randint(0, 512, (2, T)), torch.randint(0, 512, (2, T))
     built, saved = [], {}
-    monkeypatch.setattr(kernels, "_alibi_bias", lambda *a, f=kernels._alibi_bias: built.append(1) or f(*a))
+    monkeypatch.setattr(kernels, "alibi_attention_bias",
+                        lambda *a, f=kernels.alibi_attention_bias, **k: built.append(1) or f(*a, **k))
 
     def pack(t):  # autograd's saved (.., T, T) float tensors: the bias (and nothing else with SDPA's fused kernel)
         if t.dim() == 4 and t.shape[-2:] == (T, T) and t.is_floating_point():
