@@ -422,10 +422,9 @@ def memory_plan(args: ModelArgs, cfg, dp: int, tp: int, packed: bool) -> dict:
       take the logits, their fp32 copy and fp32 log-softmax instead, b T V (s + 8) bytes.
     tests/test_recipes.py checks activations + working weights against the bytes autograd saves (within 3%).
     """
-    d, L, H, f = args.dim, args.n_layers, args.n_heads, args.hidden_dim
-    kv = args.kv_heads * args.head_dim
+    d, L = args.dim, args.n_layers
     s = 2 if cfg.dtype in ("bfloat16", "float16") else 4
-    b, T, shard = cfg.micro_batch_size, cfg.seq_len, dp * tp
+    shard = dp * tp
     with torch.device("meta"):
         model = Transformer(args)
     n_params = sum(p.numel() for p in model.parameters())
@@ -465,19 +464,28 @@ def memory_plan(args: ModelArgs, cfg, dp: int, tp: int, packed: bool) -> dict:
         working = s * (n_block_linear + args.vocab_size * d) / tp  # autocast's cache of 16-bit linear weights
     mem["working weights"] = working
 
+    fused_loss = tp == 1 and "output" not in adapted  # (model.Transformer._plain_head_weight)
+    for mode, nbytes in activation_bytes(args, cfg, tp, packed, s, lora_extra, fused_loss).items():
+        mem[f"activations ({mode})"] = nbytes
+    mem["activations"] = mem[f"activations ({ac})"]
+    mem["total"] = sum(mem[k] for k in ("weights", "gradients", "optimizer", "working weights", "activations"))
+    return {"n_params": n_params, "n_trainable": n_train, "bytes": mem, "activation_checkpointing": ac}
+
+
+def activation_bytes(args: ModelArgs, cfg, tp: int, packed: bool, s: int, lora_extra: int, fused_loss: bool) -> dict:
+    """memory_plan's activations per device, {activation checkpointing mode: bytes}, as its docstring derives them."""
+    d, L, H, f = args.dim, args.n_layers, args.n_heads, args.hidden_dim
+    kv = args.kv_heads * args.head_dim
+    b, T = cfg.micro_batch_size, cfg.seq_len
     per_token_layer = s * (4 * d + 2 * kv + 3 * f) + 8 * d + 4 * H + lora_extra  # + attention's softmax statistics
     alibi_mask = (b if packed else 1) * H * T * T * s / tp if args.pos_emb == "alibi" else 0  # one for all layers
     mask_layer = b * T * T if packed and args.pos_emb != "alibi" else 0
     layer = (b * T * per_token_layer + mask_layer) / tp
-    fused_loss = tp == 1 and "output" not in adapted  # (model.Transformer._plain_head_weight)
     head = b * T * (d * (4 + s) + args.vocab_size * (s if fused_loss else s + 8)) / tp
     kept = {"none": layer, "full": b * T * 4 * d / tp,  # selective: block input, outputs of wq, wv, w1, w2, attention
             "selective": b * T * (4 * d + s * (3 * d + kv + f) + 4 * H) / tp}
-    for mode in kept:  # all but 'none' recompute one block at a time in the backward pass
-        mem[f"activations ({mode})"] = L * kept[mode] + (layer if mode != "none" else 0) + alibi_mask + head
-    mem["activations"] = mem[f"activations ({ac})"]
-    mem["total"] = sum(mem[k] for k in ("weights", "gradients", "optimizer", "working weights", "activations"))
-    return {"n_params": n_params, "n_trainable": n_train, "bytes": mem, "activation_checkpointing": ac}
+    # all but 'none' recompute one block at a time in the backward pass
+    return {mode: L * kept[mode] + (layer if mode != "none" else 0) + alibi_mask + head for mode in kept}
 
 
 def training_plan(args: ModelArgs, family: str, cfg, dp: int, tp: int, meta: dict, notes=()) -> dict:

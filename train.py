@@ -938,6 +938,7 @@ def plan(cfg: Config, model_overrides: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# the run: main = setup, restore, train, finish
 
 
 @contextmanager
@@ -972,6 +973,7 @@ class Run:
     args: ModelArgs
     family: str
     d: Dist
+    device: torch.device  # this rank's
     out_dir: Path
     train_data: TokenSplit
     val_data: TokenSplit
@@ -989,10 +991,6 @@ class Run:
     skipped_in_a_row: int = 0  # float16 steps skipped in a row
     metrics: object = None  # metrics.jsonl, open on rank 0
     t_start: float = 0.0
-
-    @property
-    def device(self) -> torch.device:
-        return _device(self.d)
 
     def log(self, msg: str):
         if self.d.master:
@@ -1034,7 +1032,7 @@ def setup(cfg: Config, model_overrides: dict) -> Run:
         split.check_ids(args.vocab_size)
     out_dir = prepare_out_dir(cfg, d)
     model = build_model(args, cfg, d)
-    return Run(cfg, model_overrides, args, family, d, out_dir, train_data, val_data, model,
+    return Run(cfg, model_overrides, args, family, d, _device(d), out_dir, train_data, val_data, model,
                optimizer=build_optimizer(model, cfg, _device(d)),
                scaler=LossScaler(cfg.dtype == "float16", cfg.loss_scale, cfg.loss_scale_window),
                sampler=EpochSampler(len(train_data.tokens), cfg.seq_len, micro_per_step, cfg.seed,
