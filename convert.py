@@ -20,6 +20,7 @@ format, named as the HF export of the base (W_pack's update splits by rows into 
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -28,12 +29,15 @@ import re
 import shutil
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 import prepare
 from model import (FAMILIES, CheckpointError, ModelArgs, Transformer, family_of_hf_config, load_safetensors,
@@ -45,7 +49,8 @@ DEFAULT_SHARD = "2GB"
 
 
 def fail(msg):
-    raise SystemExit(f"convert.py: {msg}")
+    """Every converter reports a problem as CheckpointError naming the file and the field; main says it in one line."""
+    raise CheckpointError(msg)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -136,7 +141,8 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
 
 
 def check_dcp_metadata(step_dir):
-    """Refuse a DCP .metadata that holds anything but DCP's own metadata (call before dcp.load / read_metadata)."""
+    """CheckpointError for a DCP .metadata that holds anything but DCP's own metadata (SafeDcpReader calls it before
+    DCP reads the file)."""
     import torch.distributed.checkpoint.filesystem  # noqa: F401 (registers the classes find_class looks up)
     import torch.distributed.checkpoint.metadata  # noqa: F401
 
@@ -145,9 +151,10 @@ def check_dcp_metadata(step_dir):
         with open(file, "rb") as f:
             _DcpMetadataUnpickler(f).load()
     except FileNotFoundError:
-        fail(f"{step_dir}: not a torch.distributed.checkpoint dir ({file.name} not found)")
+        raise CheckpointError(f"{step_dir}: not a torch.distributed.checkpoint dir ({file.name} not found)") from None
     except Exception as e:  # noqa: BLE001 (a corrupt pickle surfaces as many exception types)
-        fail(f"{file}: refused to unpickle: not plain DCP metadata ({type(e).__name__}: {e})")
+        raise CheckpointError(f"{file}: refused to unpickle: not plain DCP metadata ({type(e).__name__}: {e})") \
+            from None
 
 
 def load_pickle(file: Path) -> dict[str, torch.Tensor]:
@@ -172,10 +179,7 @@ def load_pickle(file: Path) -> dict[str, torch.Tensor]:
 def load_file(file: Path) -> dict[str, torch.Tensor]:
     """One weights file, memory-mapped: nothing is read until a tensor is used."""
     if file.suffix == ".safetensors":
-        try:
-            return load_safetensors(file)
-        except CheckpointError as e:
-            fail(str(e))
+        return load_safetensors(file)
     return load_pickle(file)
 
 
@@ -672,10 +676,7 @@ def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwr
 
 def open_checkpoint_dir(path: Path):
     """(args, family, WeightFiles) of one of our checkpoint dirs, its tensors checked against its config.json."""
-    try:
-        args, cfg = read_config(path)
-    except CheckpointError as e:
-        fail(str(e))
+    args, cfg = read_config(path)
     family = cfg.get("family", "llama")
     if family not in FAMILIES:
         fail(f"{path / 'config.json'}: family {family!r} is not one of {', '.join(FAMILIES)}")
@@ -761,22 +762,19 @@ WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_
 def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=None):
     """A train.py step dir (torch.distributed.checkpoint, state dict key "model", config.json and tokenizer beside
     it) -> a checkpoint dir. Runs in one process without a process group; reads the model tensors in batches of
-    about one output shard, so memory stays near one shard whatever the model size."""
-    import torch.distributed.checkpoint as dcp
-
+    about one output shard, so memory stays near one shard whatever the model size. Read through dcp_load, the
+    one safe way step dirs are read."""
     step = Path(step_dir)
     if Path(dst).exists() and not overwrite:
         fail(f"{dst}: exists; pass --overwrite to replace it")
     try:
         args, cfg = read_config(step)
-    except CheckpointError as e:
-        fail(str(e))
-    family = cfg.get("family", "llama")
-    check_dcp_metadata(step)
-    try:
-        metadata = dcp.FileSystemReader(str(step)).read_metadata()
-    except Exception as e:  # a missing or corrupt .metadata surfaces as many exception types
+        metadata = SafeDcpReader(str(step)).read_metadata()
+    except CheckpointError:
+        raise
+    except Exception as e:  # a corrupt .metadata surfaces as many exception types
         fail(f"{step}: not a torch.distributed.checkpoint dir ({type(e).__name__}: {e})")
+    family = cfg.get("family", "llama")
     stored = {}  # native name -> (key under "model", size, dtype)
     for key, md in metadata.state_dict_metadata.items():
         if key.startswith("model.") and hasattr(md, "size"):
@@ -803,9 +801,7 @@ def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=No
     def tensors():
         for batch in batches():
             want = {stored[n][0]: torch.empty(stored[n][1], dtype=stored[n][2]) for n in batch}
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                warnings.simplefilter("ignore")
-                dcp.load({"model": want}, storage_reader=dcp.FileSystemReader(str(step)))
+            dcp_load({"model": want}, step)
             for n in batch:
                 yield n, cast(want.pop(stored[n][0]), dtype)
 
@@ -1143,6 +1139,235 @@ def merge_lora(src, adapter, dst, dtype=None, overwrite=False, max_shard_bytes=N
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# step dirs: train.py's checkpoints, out_dir/step_XXXXXXXX
+#
+#     .metadata, *.distcp     torch.distributed.checkpoint of {"model": ..., "optim": ...} (names as in model.py)
+#     rng_rank{r}.json        each rank's torch (and accelerator) RNG state
+#     config.json             ModelArgs fields + "family", as in a checkpoint dir (dcp_to_native exports from it)
+#     tokenizer files         copied from the data dir
+#     train_state.json        written last: step, counters, data position, config, and "files": {name: {"size",
+#                             "sha256"}} of every other file; a dir without it is never taken as complete
+# Written under .tmp_step_XXXXXXXX and renamed when complete; removed by renaming to .old_step_XXXXXXXX first. Every
+# step-dir function takes the processes writing or reading together as a Ranks (one process: the default), so the
+# format knows no process group. Errors are CheckpointError.
+
+STEP_DIR = re.compile(r"step_(\d{8})$")
+TRAIN_STATE = "train_state.json"
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The processes that write or read a step dir together: this one's rank, how many, and their collectives
+    (train.py passes its process group's barrier and all_gather_object)."""
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] = lambda: None
+    all_gather: Callable[[object], list] = lambda obj: [obj]
+
+
+def rng_file(step_dir: Path, rank: int) -> Path:
+    return Path(step_dir) / f"rng_rank{rank}.json"
+
+
+@contextlib.contextmanager
+def quiet_dcp():
+    """DCP warns on every save/load without a process group: in one process that is exactly the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def file_digest(path: Path, sync: bool = False) -> dict:
+    """{"size", "sha256"} of a file; sync also fsyncs it, so what the digest describes is on disk."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            size += len(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def fsync_dir(path: Path):
+    """Make a rename or a new file in path durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def step_dirs(out_dir: Path) -> list[Path]:
+    """Complete step dirs, oldest first (temporary names never match)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = [p for p in out_dir.iterdir() if STEP_DIR.match(p.name) and (p / TRAIN_STATE).exists()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def remove_step_dir(step_dir: Path):
+    """Renamed out of the step_XXXXXXXX namespace first, so a crash halfway through the delete leaves no half dir
+    that looks complete (remove_unfinished_step_dirs removes the leftovers)."""
+    doomed = step_dir.with_name(f".old_{step_dir.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    step_dir.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def remove_unfinished_step_dirs(out_dir: Path):
+    """What a run killed while saving or pruning left: temporary and half-deleted step dirs."""
+    for p in [*Path(out_dir).glob(".tmp_step_*"), *Path(out_dir).glob(".old_step_*")]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def write_step_dir(out_dir: Path, step: int, dcp_state: dict, rng: dict, config: dict, train_state: dict, *,
+                   tokenizer_dir=None, keep_last: int = 0, ranks: Ranks = Ranks(), on_event=None) -> Path:
+    """Write out_dir/step_XXXXXXXX: every file into a temporary dir, then the size and sha256 of each into
+    train_state.json, which is written last; then one rename, then keep_last pruning (0 keeps all). A crash at any
+    point leaves either the previous step dirs alone or this one complete. Every rank calls it with its own DCP
+    shards and RNG; rank 0 writes config, tokenizer and manifest. on_event(name, step) is called at "save" (files
+    written, not renamed) and "saved" (renamed, not pruned). A full disk or a lost mount: CheckpointError naming
+    the last complete step dir."""
+    final, tmp = Path(out_dir) / f"step_{step:08d}", Path(out_dir) / f".tmp_step_{step:08d}"
+    try:
+        _write_step_files(tmp, dcp_state, rng, config, tokenizer_dir, ranks)
+        if on_event:
+            on_event("save", step)
+        # each rank hashes (and fsyncs) a share of the files; the manifest goes into train_state.json
+        names = sorted(p.name for p in tmp.iterdir())
+        mine = {n: file_digest(tmp / n, sync=True) for n in names[ranks.rank::ranks.world_size]}
+        manifest = {k: v for part in ranks.all_gather(mine) for k, v in part.items()}
+        if ranks.rank == 0:
+            _publish_step_dir(tmp, final, {**train_state, "files": manifest})
+            if on_event:
+                on_event("saved", step)
+            shutil.rmtree(final.with_name(f".old_{final.name}"), ignore_errors=True)
+            for old in step_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
+                remove_step_dir(old)
+    except (OSError, dcp.api.CheckpointException) as e:
+        if isinstance(e, dcp.api.CheckpointException) and e.failures:
+            e = next(iter(e.failures.values()))[0]
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = step_dirs(out_dir)
+        raise CheckpointError(
+            f"{tmp}: writing the checkpoint failed ({type(e).__name__}: {(str(e) or '?').splitlines()[0]}); "
+            + (f"the last complete checkpoint is {intact[-1]}" if intact else "no complete checkpoint was written")
+        ) from None
+    ranks.barrier()
+    return final
+
+
+def _write_step_files(tmp: Path, dcp_state: dict, rng: dict, config: dict, tokenizer_dir, ranks: Ranks):
+    if ranks.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ranks.barrier()
+    with quiet_dcp():
+        dcp.save(dcp_state, checkpoint_id=tmp, no_dist=ranks.world_size == 1)
+    rng_file(tmp, ranks.rank).write_text(json.dumps(rng))
+    if ranks.rank == 0:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tokenizer_dir:
+            prepare.copy_tokenizer_files(tokenizer_dir, tmp)
+    ranks.barrier()
+
+
+def _publish_step_dir(tmp: Path, final: Path, train_state: dict):
+    """train_state.json last, then the rename that makes the step dir complete; durable at each step."""
+    with open(tmp / TRAIN_STATE, "w") as f:
+        f.write(json.dumps(train_state, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    if final.exists():  # a rerun of this step (after a resume): the old one goes once the new one is in place
+        final.rename(final.with_name(f".old_{final.name}"))
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def verify_step_dir(step_dir: Path, ranks: Ranks = Ranks()) -> dict:
+    """train_state.json of a step dir whose files all have the size and sha256 recorded when it was written; else
+    CheckpointError naming the file and what is wrong. Each rank hashes a share; every rank gets the same verdict."""
+    file = Path(step_dir) / TRAIN_STATE
+    try:
+        state = json.loads(file.read_text())
+        assert isinstance(state, dict) and isinstance(state.get("step"), int)
+        assert isinstance(state.get("files", {}), dict)
+    except (OSError, UnicodeDecodeError, ValueError, AssertionError):
+        raise CheckpointError(f"{file}: unreadable or not a train.py train_state (truncated?)") from None
+    manifest = state.get("files", {})  # step dirs written before manifests have none: nothing to check against
+    problems = []
+    for name in sorted(manifest)[ranks.rank::ranks.world_size]:
+        path, want = Path(step_dir) / name, manifest[name]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, expected {want['size']} (truncated?)")
+        elif file_digest(path)["sha256"] != want["sha256"]:
+            problems.append(f"{path}: sha256 differs from the one recorded when it was written (corrupted)")
+    problems = [p for part in ranks.all_gather(problems) for p in part]
+    if problems:
+        raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return state
+
+
+def read_step_dir(step_dir: Path, dcp_state: dict, rank: int = 0, no_dist: bool = True) -> tuple[dict, dict | None]:
+    """Load a step dir's DCP entries into dcp_state (in place, resharded by DCP to whatever shards it holds, safely:
+    dcp_load) -> (train_state, this rank's RNG state or None when the saving run had no such rank)."""
+    dcp_load(dcp_state, step_dir, no_dist=no_dist)
+    rng = None
+    if rng_file(step_dir, rank).exists():
+        try:
+            rng = json.loads(rng_file(step_dir, rank).read_text())
+        except ValueError:
+            raise CheckpointError(f"{rng_file(step_dir, rank)}: not valid JSON") from None
+    return json.loads((Path(step_dir) / TRAIN_STATE).read_text()), rng
+
+
+class SafeDcpReader(dcp.FileSystemReader):
+    """DCP reads .metadata with a bare pickle.load; this reader first reads it with the allow-list unpickler
+    (check_dcp_metadata), so a crafted .metadata is refused before anything of it runs."""
+
+    def read_metadata(self, *args, **kwargs):
+        check_dcp_metadata(self.path)
+        return super().read_metadata(*args, **kwargs)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's own planner unpickles a checkpoint's non-tensor entries (optimiser hyper-parameters) with
+    weights_only=False, which runs whatever code a crafted file holds; this one reads plain data only."""
+
+    def load_bytes(self, read_item, value):
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError:
+            raise CheckpointError(f"entry {fqn}: refused to unpickle: it holds more than plain data and could run "
+                                  f"code (weights_only=True)") from None
+        if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes does
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def dcp_load(state: dict, step_dir: Path, no_dist: bool = True):
+    """dcp.load, safe on untrusted files (SafeDcpReader, SafeLoadPlanner): the one way step dirs are read, by
+    train.py and dcp_to_native. CheckpointError says what failed."""
+    check_dcp_metadata(step_dir)  # before DCP's collectives: every rank refuses the same file the same way
+    try:
+        with quiet_dcp():
+            dcp.load(state, storage_reader=SafeDcpReader(str(step_dir)), planner=SafeLoadPlanner(), no_dist=no_dist)
+    except (Exception, dcp.api.CheckpointException) as e:  # CheckpointException wraps each rank's error
+        if isinstance(e, dcp.api.CheckpointException) and e.failures:
+            e = next(iter(e.failures.values()))[0]
+        why = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {(str(e) or '?').splitlines()[0]}"
+        raise CheckpointError(f"{step_dir}: cannot be loaded: {why}") from None
+
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -1186,22 +1411,27 @@ def main(argv=None):
                    "adapter_model.safetensors or .bin; train.py writes it) or our older adapter.safetensors")
     a = p.parse_args(argv)
 
-    kw = dict(dtype=DTYPES.get(a.dtype), overwrite=a.overwrite, max_shard_bytes=parse_size(a.max_shard_size))
-    for flag in ("src", "delta", "adapter"):
-        if getattr(a, flag, None) and not Path(getattr(a, flag)).is_dir():
-            fail(f"--{flag}={getattr(a, flag)}: not a directory")
-    if a.command == "hf-to-native":
-        args, family = hf_to_native(a.src, a.dst, a.family, for_training=a.for_training, template=a.template, **kw)
-    elif a.command == "native-to-hf":
-        args, family = native_to_hf(a.src, a.dst, **kw)
-    elif a.command == "meta-to-native":
-        args, family = meta_to_native(a.src, a.dst, max_seq_len=a.max_seq_len, template=a.template, **kw), "llama"
-    elif a.command == "apply-delta":
-        args, family = apply_delta(a.src, a.delta, a.dst, template=a.template, **kw)
-    elif a.command == "merge-lora":
-        args, family = merge_lora(a.src, a.adapter, a.dst, **kw)
-    else:
-        args, family = dcp_to_native(a.src, a.dst, **kw)
+    try:
+        kw = dict(dtype=DTYPES.get(a.dtype), overwrite=a.overwrite, max_shard_bytes=parse_size(a.max_shard_size))
+        for flag in ("src", "delta", "adapter"):
+            if getattr(a, flag, None) and not Path(getattr(a, flag)).is_dir():
+                fail(f"--{flag}={getattr(a, flag)}: not a directory")
+        if a.command == "hf-to-native":
+            args, family = hf_to_native(a.src, a.dst, a.family, for_training=a.for_training, template=a.template,
+                                        **kw)
+        elif a.command == "native-to-hf":
+            args, family = native_to_hf(a.src, a.dst, **kw)
+        elif a.command == "meta-to-native":
+            args = meta_to_native(a.src, a.dst, max_seq_len=a.max_seq_len, template=a.template, **kw)
+            family = "llama"
+        elif a.command == "apply-delta":
+            args, family = apply_delta(a.src, a.delta, a.dst, template=a.template, **kw)
+        elif a.command == "merge-lora":
+            args, family = merge_lora(a.src, a.adapter, a.dst, **kw)
+        else:
+            args, family = dcp_to_native(a.src, a.dst, **kw)
+    except CheckpointError as e:  # every problem, said in one line
+        raise SystemExit(f"convert.py: {e}") from None
     print(f"convert.py: wrote {a.dst} ({family}, {args.n_layers} layers, dim {args.dim}, {args.pos_emb})",
           file=sys.stderr)
 

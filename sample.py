@@ -392,8 +392,8 @@ def add_adapter(model, path, family: str = "llama"):
 
     try:
         updates, replaced = convert.read_adapter(path, model.args, family)
-    except SystemExit as e:  # convert.py's one-line error, said as ours
-        fail(f"--adapter={path}: {str(e).removeprefix('convert.py: ')}")
+    except model_lib.CheckpointError as e:
+        fail(f"--adapter={path}: {e}")
     with torch.no_grad():
         for name, w in replaced.items():
             model.get_parameter(name).copy_(w)
@@ -662,7 +662,8 @@ def main(argv=None, stdin=None, stdout=None):
         if not prompts:
             fail(f"--prompt_file={args.prompt_file}: expected one prompt per line, found none")
         rows = [fit_prompt(tok.encode(p, add_special_tokens=True), args.max_new_tokens, max_seq_len,
-                           args.on_long_prompt, f"--prompt_file line {i + 1}", tok.bos_id) for i, p in enumerate(prompts)]
+                           args.on_long_prompt, f"--prompt_file line {i + 1}", tok.bos_id)
+                for i, p in enumerate(prompts)]
         t0 = time.perf_counter()
         outs = [[] for _ in rows]
         n = 0

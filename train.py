@@ -4,6 +4,7 @@
     python train.py config/default.py --max_iters=100 --dtype=bfloat16
     python train.py config/default.py --init_from=resume       # continue the run in out_dir exactly
     python train.py config/sft_tiny.py --init_from=path/to/checkpoint_dir   # fine-tune converted weights
+    python train.py config/baichuan2_13b_sft.py --dry_run      # memory and step time on its mesh (bench.py's plan)
 
 Configuration is nanoGPT-style: the defaults are the fields of `Config` below; each config/<recipe>.py assigns some
 of them as plain Python globals; `--key=value` overrides come last (values parsed with ast.literal_eval, anything
@@ -14,15 +15,10 @@ Data (prepare.py's output dir): train.bin / val.bin memmapped tokens, train.mask
 for instruction data (loss only on mask=1 tokens), meta.json. Training walks through the tokens in epochs of
 non-overlapping seq_len windows in an order drawn from (seed, epoch), so the data position is two integers.
 
-Checkpoints: out_dir/step_XXXXXXXX/, written under a temporary name and renamed when complete:
-    .metadata, *.distcp     torch.distributed.checkpoint of {"model": model state dict, "optim": optimiser state}
-                            (parameter names as in model.py, whatever the sharding: FSDP2 / TP runs save the same)
-    train_state.json        step, loss scaler, data position, config, counters, and "files": the size and sha256 of
-                            every other file (resume checks them; a damaged step dir is reported, the one before used)
-    rng_rank{r}.json        each rank's torch RNG state
-    config.json             ModelArgs fields + "family" (the checkpoint-dir config, so convert.py can export)
-    tokenizer files         copied from the data dir
-convert.py's dcp_to_native() turns a step dir into a checkpoint dir; with export=True train.py does that at the end.
+Checkpoints: every ckpt_interval steps, out_dir/step_XXXXXXXX/ in convert.py's step dir format (its "step dirs"
+section): model and optimiser (torch.distributed.checkpoint, resharded on load), every rank's RNG, loss scaler, data
+position, and the size and sha256 of every file, written under a temporary name and renamed when complete; resume
+checks them and falls back past a damaged one. With export=True the last one becomes a checkpoint dir for sample.py.
 
 Distributed (torchrun) runs the same code on a (dp, tp) device mesh; a single process is the trivial (1, 1) mesh
 and needs no process group. FSDP2 shards over dp, tensor + sequence parallelism splits each block over tp:
@@ -35,18 +31,13 @@ import ast
 import ctypes
 import difflib
 import functools
-import hashlib
 import json
 import math
 import os
-import pickle
-import re
-import resource
 import shutil
 import signal
 import sys
 import time
-import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -54,18 +45,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from tqdm import tqdm
 
 import kernels
+from bench import mm_peak_flops, peak_memory_gib, training_plan
+from convert import (Ranks, dcp_load, dcp_to_native, file_digest, merge_lora, quiet_dcp, read_step_dir,  # noqa: F401
+                     remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_peft_adapter, write_step_dir)
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, NF4Linear, Transformer, \
     apply_lora, flops_per_token, load_tensors, lora_state_dict, read_config
-
 
 
 @dataclass
@@ -361,48 +350,6 @@ def _device(d: Dist) -> torch.device:
     return torch.device(kind, d.local_rank) if kind in ("cuda", "npu") else torch.device(kind)
 
 
-def build_lora_model(args: ModelArgs, cfg: Config, device: torch.device) -> Transformer:
-    """The frozen base with adapters on cfg.lora_targets, built layer by layer from the meta device: each linear gets
-    its weights (memory-mapped from init_from, or drawn as from scratch) just before it is wrapped, and QLoRA quantises
-    it then, so the full-precision base never sits in memory as a whole. On resume the values are placeholders that
-    load_checkpoint overwrites (the step dirs hold the base too, so a resumed run does not need init_from)."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    tensors = load_tensors(cfg.init_from) if cfg.init_from not in ("scratch", "resume") else None
-    frozen_dtype = DTYPES[cfg.dtype]  # frozen weights need no fp32 master copy: keep them in the compute dtype
-    torch.manual_seed(cfg.seed)
-
-    def fill(name: str, module: torch.nn.Module):
-        module.to_empty(device=device, recurse=False)
-        for pname, p in module.named_parameters(recurse=False):
-            full = f"{name}.{pname}" if name else pname
-            if tensors is not None:
-                if full not in tensors or tensors[full].shape != p.shape:
-                    fail(f"init_from={cfg.init_from}: tensor {full} is missing or has another shape than the "
-                         f"config's {tuple(p.shape)}")
-                p.data = tensors[full].to(device=device, dtype=frozen_dtype)
-            else:
-                model.init_parameter(full, p)
-                p.data = p.data.to(frozen_dtype)
-
-    try:
-        adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                             quantize_base=cfg.qlora, fill=fill)
-    except ValueError as e:
-        fail(str(e))
-    for name, module in model.named_modules():  # what apply_lora did not reach: embeddings, norms, the head
-        if any(p.is_meta for p in module.parameters(recurse=False)):
-            fill(name, module)
-        for bname, buf in module.named_buffers(recurse=False):
-            if buf is not None and buf.is_meta:
-                setattr(module, bname, torch.empty_like(buf, device=device))
-    model.init_buffers()
-    for p in lora_state_dict(model).values():  # adapters train in fp32 whatever the frozen dtype
-        p.data = p.data.to(device=device, dtype=torch.float32)
-    model.lora_adapted = adapted
-    return model
-
-
 def apply_activation_checkpointing(model: Transformer, mode: str):
     """Keep less of each block's activations for the backward pass, and recompute the rest there.
 
@@ -470,35 +417,19 @@ def apply_tensor_parallel(model: Transformer, d: Dist):
             attention.alibi_slopes = torch.empty(heads, device=attention.alibi_slopes.device)
 
 
-def set_mmap_threshold(nbytes: int):
-    """glibc: serve allocations of nbytes and more with mmap, so they go back to the OS when freed (smaller ones come
-    from its heap and are reused). Not glibc: no mallopt, nothing to do."""
-    try:
-        set_mmap_threshold.changed = bool(ctypes.CDLL(None).mallopt(-3, nbytes))  # M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError):
-        pass
-
-
-set_mmap_threshold.changed = False
-
-
 def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
-    """The model, then (torchtitan's order) activation checkpointing, compile, tensor parallel, FSDP2 over dp.
+    """The model of the run with its weights: the one way they come into being, in torchtitan's order (activation
+    checkpointing, compile, tensor parallel, FSDP2 over dp) on the meta device, so a rank allocates only its shards.
 
-    Built on the meta device, so a rank allocates only its shards. A run from scratch starts from the same weights
-    whatever the mesh and the device: rank 0 draws the whole model on the CPU with this seed and broadcasts it, each
-    rank keeping its shards (set_model_state_dict with broadcast_from_rank0); a run that loads weights (resume,
-    init_from) skips the draw. A LoRA model comes from build_lora_model already materialised, with its base loaded:
-    sharding keeps its values.
+    - scratch: drawn from cfg.seed, the same weights whatever the mesh and the device (draw_weights).
+    - init_from a checkpoint dir or a step dir (full fine-tuning): loaded and resharded to this mesh (load_weights).
+    - LoRA / QLoRA: the frozen base is filled layer by layer while the adapters go on (build_lora_model: each linear
+      memory-mapped from init_from, or drawn as from scratch, then quantised for QLoRA), never whole in full
+      precision; sharding keeps its values.
+    - resume: placeholders (uninitialised, or the draws above); restore() loads the step dir's weights together with
+      the optimiser state, which needs the optimiser built first.
     """
     if cfg.lora_rank:
-        # A multi-GB frozen base on the CPU, built and then dequantised a slice at a time, mixes long-lived buffers
-        # with GBs of short-lived scratch: glibc's heap fragments into GBs of holes (QLoRA baichuan-7b peaked at
-        # 8.5 GiB; 7.0 GiB and rising mid-step with the heap kept for blocks under 32 MB after building). With
-        # every block of 1 MB or more mmapped and returned at free it peaks at 5.5 GiB, for page faults that cost
-        # ~30% more wall time on that run and ~25% on bench-llama; so only LoRA on a CPU pays them.
-        if _device(d).type == "cpu":
-            set_mmap_threshold(1 << 20)
         model = build_lora_model(args, cfg, _device(d))
     else:
         with torch.device("meta"):
@@ -512,8 +443,7 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
     if d.dp > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        dtype = DTYPES[cfg.dtype]
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.dtype], reduce_dtype=torch.float32)
         for layer in model.layers:
             fully_shard(layer, mesh=d.mesh["dp"], mp_policy=mp)
         fully_shard(model, mesh=d.mesh["dp"], mp_policy=mp)
@@ -521,20 +451,68 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
         return model
     model.to_empty(device=_device(d))
     model.init_buffers()
-    if cfg.init_from == "scratch" and d.world_size == 1 and _device(d).type == "cpu":
+    if cfg.init_from == "scratch":
+        draw_weights(model, args, cfg, d)
+    elif cfg.init_from != "resume":
+        load_weights(Path(cfg.init_from), model, args)
+    return model
+
+
+def draw_weights(model, args: ModelArgs, cfg: Config, d: Dist):
+    """Weights from scratch: one CPU process draws them in place; otherwise rank 0 draws the whole model on the CPU
+    with the seed and broadcasts it, each rank keeping its shards (the same draws, so every mesh starts alike)."""
+    if d.world_size == 1 and _device(d).type == "cpu":
         torch.manual_seed(cfg.seed)  # the very draws of the path below, without a second copy of the model
         model.init_weights()
-    elif cfg.init_from == "scratch":
-        full = {}
-        if d.master:
-            with torch.device("meta"):
-                whole = Transformer(args)
-            whole.to_empty(device="cpu")
-            torch.manual_seed(cfg.seed)
-            whole.init_weights()
-            full = whole.state_dict()
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world_size > 1)
-        set_model_state_dict(model, full, options=options)
+        return
+    full = {}
+    if d.master:
+        with torch.device("meta"):
+            whole = Transformer(args)
+        whole.to_empty(device="cpu")
+        torch.manual_seed(cfg.seed)
+        whole.init_weights()
+        full = whole.state_dict()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=d.world_size > 1)
+    set_model_state_dict(model, full, options=options)
+
+
+def build_lora_model(args: ModelArgs, cfg: Config, device: torch.device) -> Transformer:
+    """The frozen base with adapters on cfg.lora_targets, built layer by layer from the meta device: each linear gets
+    its weights (memory-mapped from init_from, or drawn as from scratch) just before it is wrapped, and QLoRA quantises
+    it then, so the full-precision base never sits in memory as a whole. On resume the values are placeholders that
+    load_checkpoint overwrites (the step dirs hold the base too, so a resumed run does not need init_from)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    tensors = load_tensors(cfg.init_from) if cfg.init_from not in ("scratch", "resume") else None
+    frozen_dtype = DTYPES[cfg.dtype]  # frozen weights need no fp32 master copy: keep them in the compute dtype
+    torch.manual_seed(cfg.seed)
+
+    def fill(name: str, module: torch.nn.Module):
+        module.to_empty(device=device, recurse=False)
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if tensors is not None:
+                if full not in tensors or tensors[full].shape != p.shape:
+                    fail(f"init_from={cfg.init_from}: tensor {full} is missing or has another shape than the "
+                         f"config's {tuple(p.shape)}")
+                p.data = tensors[full].to(device=device, dtype=frozen_dtype)
+            else:
+                model.init_parameter(full, p)
+                p.data = p.data.to(frozen_dtype)
+
+    try:
+        adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
+                             quantize_base=cfg.qlora, fill=fill)
+    except ValueError as e:
+        fail(str(e))
+    for name, module in model.named_modules():  # what apply_lora did not reach: embeddings, norms, the head
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            fill(name, module)
+    model.materialize_buffers(device)
+    for p in lora_state_dict(model).values():  # adapters train in fp32 whatever the frozen dtype
+        p.data = p.data.to(device=device, dtype=torch.float32)
+    model.lora_adapted = adapted
     return model
 
 
@@ -757,26 +735,15 @@ def unigram_entropy(split: TokenSplit, vocab_size: int, max_tokens: int = 20_000
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# checkpoints
+# checkpoints: convert.py owns the step dir format (layout, manifest, atomic write, verification, safe loading);
+# here the model, optimiser and RNG go into it and come back, on every rank
 
 
-STEP_DIR = re.compile(r"step_(\d{8})$")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
-
-
-@contextmanager
-def quiet_dcp():
-    """DCP warns on every save/load without a process group: in one process that is exactly the intent."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
-
-
-def crash_point(point: str, step: int):
-    """Fault injection for tests/test_reliability.py: TRAIN_CRASH_AT=<point>:<step> SIGKILLs this process there, as a
-    node failure or the OOM killer would (no cleanup). Points: step (gradients computed, weights not yet updated),
-    eval, save (checkpoint files written, not yet renamed), saved (just renamed)."""
-    if os.environ.get("TRAIN_CRASH_AT") == f"{point}:{step}":
+def on_event(name: str, step: int):
+    """The one fault-injection hook, called where a run can die: "step" (gradients computed, weights not yet
+    updated), "eval", "save" (checkpoint files written, not yet renamed), "saved" (just renamed). Tests replace it, or
+    set TRAIN_CRASH_AT=<name>:<step> to SIGKILL the process there, as a node failure or the OOM killer would."""
+    if os.environ.get("TRAIN_CRASH_AT") == f"{name}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -789,194 +756,35 @@ def all_gather(obj, d: Dist) -> list:
     return out
 
 
-def file_digest(path: Path, sync: bool = False) -> dict:
-    """{"size", "sha256"} of a file; sync also fsyncs it, so what the digest describes is on disk."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-            size += len(chunk)
-        if sync:
-            os.fsync(f.fileno())
-    return {"size": size, "sha256": h.hexdigest()}
-
-
-def fsync_dir(path: Path):
-    """Make a rename or a new file in path durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def step_dirs(out_dir: Path) -> list[Path]:
-    """Complete step dirs, oldest first (temporary names never match)."""
-    if not out_dir.is_dir():
-        return []
-    found = [p for p in out_dir.iterdir() if STEP_DIR.match(p.name) and (p / "train_state.json").exists()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def remove_step_dir(step_dir: Path):
-    """Renamed out of the step_XXXXXXXX namespace first, so a crash halfway through the delete leaves no half dir
-    that looks complete (prepare_out_dir removes the leftovers)."""
-    doomed = step_dir.with_name(f".old_{step_dir.name}")
-    shutil.rmtree(doomed, ignore_errors=True)
-    step_dir.rename(doomed)
-    shutil.rmtree(doomed)
+def ranks_of(d: Dist) -> Ranks:
+    """The processes of this run as convert.py's step-dir functions take them: rank, count and collectives."""
+    return Ranks(d.rank, d.world_size, lambda: barrier(d), lambda obj: all_gather(obj, d))
 
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dict, args: ModelArgs, family: str,
                     cfg: Config, d: Dist) -> Path:
-    """Write out_dir/step_XXXXXXXX: every file into a temporary dir, then the size and sha256 of each into
-    train_state.json, which is written last; then one rename. A crash at any point leaves either the previous
-    checkpoints alone or this one complete, and resume detects a file damaged later (verify_checkpoint)."""
-    final = out_dir / f"step_{step:08d}"
-    tmp = out_dir / f".tmp_step_{step:08d}"
-    with save_errors(tmp, out_dir):
-        _save_checkpoint(final, tmp, step, model, optimizer, train_state, args, family, cfg, d)
-    return final
-
-
-@contextmanager
-def save_errors(tmp: Path, out_dir: Path):
-    """A full disk or a lost mount while saving: one line that says which checkpoint is still intact."""
-    try:
-        yield
-    except (OSError, CheckpointException) as e:
-        if isinstance(e, CheckpointException) and e.failures:
-            e = next(iter(e.failures.values()))[0]
-        shutil.rmtree(tmp, ignore_errors=True)
-        intact = step_dirs(out_dir)
-        fail(f"{tmp}: writing the checkpoint failed ({type(e).__name__}: {(str(e) or '?').splitlines()[0]}); "
-             + (f"the last complete checkpoint is {intact[-1]}" if intact else "no complete checkpoint was written"))
-
-
-def _save_checkpoint(final: Path, tmp: Path, step: int, model, optimizer, train_state: dict, args: ModelArgs,
-                     family: str, cfg: Config, d: Dist):
-    out_dir = final.parent
-    if d.master:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(d)
+    """out_dir/step_XXXXXXXX with this rank's shards of model and optimiser, its RNG, and train_state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with quiet_dcp():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=d.world_size == 1)
     rng = {"torch": torch.get_rng_state().tolist()}
     if _device(d).type in ("cuda", "npu"):
         rng["device"] = getattr(torch, _device(d).type).get_rng_state().tolist()
-    (tmp / f"rng_rank{d.rank}.json").write_text(json.dumps(rng))
-    barrier(d)
-    if d.master:
-        (tmp / "config.json").write_text(json.dumps({**asdict(args), "family": family}, indent=2))
-        for name in TOKENIZER_FILES:
-            if (Path(cfg.data_dir) / name).exists():
-                shutil.copy2(Path(cfg.data_dir) / name, tmp / name)
-    barrier(d)
-    crash_point("save", step)
-    # each rank hashes (and fsyncs) a share of the files; the manifest goes into train_state.json
-    names = sorted(p.name for p in tmp.iterdir())
-    manifest = {k: v for part in all_gather({n: file_digest(tmp / n, sync=True) for n in names[d.rank::d.world_size]},
-                                            d) for k, v in part.items()}
-    if d.master:
-        # written last: a step dir without train_state.json is never taken as complete
-        with open(tmp / "train_state.json", "w") as f:
-            f.write(json.dumps({**train_state, "files": manifest}, indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if final.exists():  # a rerun of this step (after a resume): the old one goes once the new one is in place
-            final.rename(final.with_name(f".old_{final.name}"))
-        os.rename(tmp, final)
-        fsync_dir(out_dir)
-        crash_point("saved", step)
-        shutil.rmtree(final.with_name(f".old_{final.name}"), ignore_errors=True)
-        if cfg.keep_last > 0:
-            for old in step_dirs(out_dir)[: -cfg.keep_last]:
-                remove_step_dir(old)
-    barrier(d)
-
-
-def verify_checkpoint(step_dir: Path, d: Dist) -> dict:
-    """train_state.json of a step dir whose files all have the size and sha256 recorded when it was written; else
-    CheckpointError naming the file and what is wrong. Each rank hashes a share; every rank gets the same verdict."""
-    file = step_dir / "train_state.json"
-    try:
-        state = json.loads(file.read_text())
-        assert isinstance(state, dict) and isinstance(state.get("step"), int)
-        assert isinstance(state.get("files", {}), dict)
-    except (OSError, UnicodeDecodeError, ValueError, AssertionError):
-        raise CheckpointError(f"{file}: unreadable or not a train.py train_state (truncated?)") from None
-    manifest = state.get("files", {})  # step dirs written before manifests have none: nothing to check against
-    problems = []
-    for name in sorted(manifest)[d.rank::d.world_size]:
-        path, want = step_dir / name, manifest[name]
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif path.stat().st_size != want["size"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, expected {want['size']} (truncated?)")
-        elif file_digest(path)["sha256"] != want["sha256"]:
-            problems.append(f"{path}: sha256 differs from the one recorded when it was written (corrupted)")
-    problems = [p for part in all_gather(problems, d) for p in part]
-    if problems:
-        raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return state
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's own planner unpickles a checkpoint's non-tensor entries (optimiser hyper-parameters) with
-    weights_only=False, which runs whatever code a crafted file holds; this one reads plain data only."""
-
-    def load_bytes(self, read_item, value):
-        fqn = read_item.dest_index.fqn
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError:
-            raise CheckpointError(f"entry {fqn}: refused to unpickle: it holds more than plain data and could run "
-                                  f"code (weights_only=True)") from None
-        if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes does
-            set_element(self.original_state_dict, self.mappings[fqn], obj)
-        else:
-            self.state_dict[fqn] = obj
-
-
-def dcp_load(state: dict, step_dir: Path, no_dist: bool):
-    """dcp.load, safe on untrusted files: .metadata is first read by convert.py's allow-list unpickler (DCP reads it
-    with a bare pickle.load) and non-tensor entries go through SafeLoadPlanner. CheckpointError says what failed."""
-    from convert import check_dcp_metadata
-
-    try:
-        check_dcp_metadata(step_dir)
-    except SystemExit as e:  # convert.py's one-line message
-        raise CheckpointError(str(e).removeprefix("convert.py: ")) from None
-    try:
-        with quiet_dcp():
-            dcp.load(state, checkpoint_id=step_dir, planner=SafeLoadPlanner(), no_dist=no_dist)
-    except (Exception, CheckpointException) as e:  # CheckpointException wraps each rank's error
-        if isinstance(e, CheckpointException) and e.failures:
-            e = next(iter(e.failures.values()))[0]
-        why = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {(str(e) or '?').splitlines()[0]}"
-        raise CheckpointError(f"{step_dir}: cannot be loaded: {why}") from None
+    return write_step_dir(out_dir, step, {"model": model_sd, "optim": optim_sd}, rng,
+                          {**asdict(args), "family": family}, train_state, tokenizer_dir=cfg.data_dir,
+                          keep_last=cfg.keep_last, ranks=ranks_of(d), on_event=on_event)
 
 
 def load_checkpoint(step_dir: Path, model, optimizer, d: Dist) -> dict:
     """Restore model and optimiser (resharded to this mesh by DCP) and this rank's RNG; returns train_state.
-    CheckpointError if the DCP files cannot be read safely (verify_checkpoint has checked them against the manifest)."""
+    CheckpointError if the DCP files cannot be read safely (verify_step_dir has checked them against the manifest)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp_load(state, step_dir, no_dist=d.world_size == 1)
+    train_state, rng = read_step_dir(step_dir, state, d.rank, no_dist=d.world_size == 1)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_file = step_dir / f"rng_rank{d.rank}.json"
-    if rng_file.exists():  # a rank that did not exist in the saving run keeps its seeded RNG
-        try:
-            rng = json.loads(rng_file.read_text())
-        except ValueError:
-            raise CheckpointError(f"{rng_file}: not valid JSON") from None
+    if rng:  # a rank that did not exist in the saving run keeps its seeded RNG
         torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
         if "device" in rng and _device(d).type in ("cuda", "npu"):
             getattr(torch, _device(d).type).set_rng_state(torch.tensor(rng["device"], dtype=torch.uint8))
-    return json.loads((step_dir / "train_state.json").read_text())
+    return train_state
 
 
 def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist, log) -> tuple[Path, dict]:
@@ -987,7 +795,7 @@ def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist,
     while found:
         step_dir = found.pop()
         try:
-            verify_checkpoint(step_dir, d)
+            verify_step_dir(step_dir, ranks_of(d))
             saved, _ = read_config(step_dir)
             check_same_shape(step_dir, saved, args)  # another model is a mistake in the config, not damage: fails
             return step_dir, load_checkpoint(step_dir, model, optimizer, d)
@@ -1014,7 +822,7 @@ def load_weights(path: Path, model, args: ModelArgs):
         state = {"model": get_model_state_dict(model)}
         try:
             if (path / "train_state.json").exists():  # each rank checks every file here: init happens once
-                verify_checkpoint(path, Dist())
+                verify_step_dir(path)
             dcp_load(state, path, no_dist=not dist.is_initialized())
         except CheckpointError as e:
             fail(f"init_from={path}: {e}")
@@ -1055,46 +863,13 @@ def prepare_out_dir(cfg: Config, d: Dist) -> Path:
         if cfg.init_from != "resume":
             for p in previous:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        for tmp in [*out_dir.glob(".tmp_step_*"), *out_dir.glob(".old_step_*")]:  # left by a run killed saving
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_unfinished_step_dirs(out_dir)
     barrier(d)
     return out_dir
 
 
-def export_checkpoint(step_dir: Path, dst: Path) -> Path:
-    """A step dir -> a checkpoint dir sample.py loads, by convert.py's dcp_to_native."""
-    try:
-        from convert import dcp_to_native
-    except ImportError as e:
-        print(f"train.py: export skipped: convert.dcp_to_native is not available ({e})", file=sys.stderr)
-        return None
-    dcp_to_native(step_dir, dst, overwrite=True)
-    return dst
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# speed and memory
-
-
-def measure_peak_flops(device: torch.device, n: int = 1024, seconds: float = 0.5) -> float:
-    """FLOP/s of a float32 torch.mm on this device: the peak MFU is measured against when none is configured."""
-    g = torch.Generator().manual_seed(0)  # not the global RNG: a resumed run's restored state must stay untouched
-    a, b = torch.randn(n, n, generator=g).to(device), torch.randn(n, n, generator=g).to(device)
-    a @ b  # warm up
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        iters += 1
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize()
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
-
-
-def memory_gib(device: torch.device) -> float:
-    """Peak memory: the accelerator's allocated memory, or the process's resident set on CPU."""
-    if device.type in ("cuda", "npu"):
-        return getattr(torch, device.type).max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+# evaluation
 
 
 @torch.no_grad()
@@ -1111,107 +886,7 @@ def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# --dry_run: what a config needs per device on its mesh, computed from ModelArgs without allocating the model
-
-
-# dense 16-bit peak per device when peak_flops is not set: the Ascend 910B the recipes name (313 TFLOP/s fp16/bf16,
-# Huawei's figure for the 910B3); recipes for other hardware set peak_flops (A100: 312e12)
-DEFAULT_PEAK_FLOPS = {"bfloat16": 313e12, "float16": 313e12}
-
-
-def nf4_bytes(n: int, block: int = 64, absmax_block: int = 256) -> int:
-    """Bytes kernels.nf4_quantize stores for n weights: 4-bit codes, one int8 absmax per block of 64 (padded to whole
-    groups of 256), one fp32 scale per group, one fp32 offset: ~4.13 bits per weight."""
-    groups = -(-(n // block) // absmax_block)
-    return n // 2 + groups * absmax_block + 4 * groups + 4
-
-
-def memory_plan(args: ModelArgs, cfg: Config, dp: int, tp: int, packed: bool) -> dict:
-    """Per-device bytes of one training step of `cfg` on a (dp, tp) mesh, term by term, plus parameter counts.
-
-    Storage, sharded over dp * tp (FSDP2 shards every block and the root over dp; TP splits them over tp):
-      full training: fp32 parameters (the master copy) 4 B, fp32 gradients 4 B, AdamW m and v 8 B per parameter;
-      LoRA: frozen base in the compute dtype (QLoRA: NF4 block linears, nf4_bytes), fp32 adapters + their grads + m, v.
-    Working weights (16-bit runs): FSDP all-gathers the root and two blocks (current + prefetched) in the compute
-    dtype; in one process autocast caches a 16-bit copy of every trainable linear weight; QLoRA dequantises each
-    linear and autograd keeps the result for backward (one block's worth under activation checkpointing).
-    Activations of one micro-batch of b sequences of T tokens, s bytes per element (2 in 16-bit, 4 in fp32), divided by
-    tp (sequence-parallel norms shard the rest); the residual stream (block input x, mid-block h) stays fp32 under
-    autocast, 4 bytes. Per layer and token, the tensors a block keeps for backward:
-      attention: input x, normed x, q, k, v, attention output = 4d + 2kv;  feed-forward: residual h, normed h, gate,
-      up, swiglu output = 2d + 3f;  so s(4d + 2kv + 3f) + 8d (the per-layer estimate of Korthikanti et al. 2022,
-      redone for SwiGLU, RMSNorm, no dropout, and fused attention, which keeps only 4 B of softmax statistics per head;
-      kernels.rms_norm hands the projections one 16-bit normed copy, kernels.swiglu keeps no silu(gate)).
-      Masks: ALiBi's bias (1, H, T, T) in s bytes, (b, H, T, T) with packed rows' document masks, built once per
-      forward and shared by the layers; a RoPE model with packed rows keeps a (b, 1, T, T) bool mask per layer. LoRA
-      adds rank outputs (and dropout copies of the input).
-      Full checkpointing keeps only each block's input (4d per token and layer), selective (per op, see
-      apply_activation_checkpointing) also the outputs of wq, wv, w1, w2 and attention: 4d + s(3d + kv + f); both
-      recompute one block at a time in the backward pass.
-      The loss head: the final norm's input and output, b T d (4 + s), and kernels.linear_cross_entropy's one (b T, V)
-      buffer in s bytes (the logits turned into their gradient); vocab-sharded (tp > 1) or adapted output layers
-      take the logits, their fp32 copy and fp32 log-softmax instead, b T V (s + 8) bytes.
-    tests/test_recipes.py checks activations + working weights against the bytes autograd saves (within 3%).
-    """
-    d, L, H, f = args.dim, args.n_layers, args.n_heads, args.hidden_dim
-    kv = args.kv_heads * args.head_dim
-    s = 2 if cfg.dtype in ("bfloat16", "float16") else 4
-    b, T, shard = cfg.micro_batch_size, cfg.seq_len, dp * tp
-    with torch.device("meta"):
-        model = Transformer(args)
-    n_params = sum(p.numel() for p in model.parameters())
-    block_linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers.")]
-    n_block_linear = sum(m.weight.numel() for m in block_linears)
-    n_block = sum(p.numel() for p in model.layers[0].parameters())  # one block
-    n_root = n_params - L * n_block  # embedding, final norm, output head
-    lora_extra = 0  # activation bytes per token and layer that the adapters add
-    adapted = []
-    if cfg.lora_rank:
-        try:
-            adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        except ValueError as e:
-            fail(str(e))
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        for name in (n for n in adapted if n.startswith("layers.0.")):
-            adapter = model.get_submodule(name)  # LoRALinear, or a fused wqkv LoRA (dropout once, on its input)
-            lora_extra += s * cfg.lora_rank + (adapter.in_features * (s + 1) if cfg.lora_dropout else 0)
-        if cfg.qlora:  # block linears in NF4, the rest (embedding, norms, head) in the compute dtype
-            weights = sum(nf4_bytes(m.weight.numel()) for m in block_linears) + s * (n_params - n_block_linear)
-        else:
-            weights = s * n_params
-        weights = (weights + 4 * n_train) / shard
-    else:
-        n_train = n_params
-        weights = 4 * n_params / shard
-    mem = {"weights": weights, "gradients": 4 * n_train / shard, "optimizer": 8 * n_train / shard}
-
-    ac = cfg.activation_checkpointing
-    block_bytes = s * n_block if not cfg.qlora else s * n_block_linear / L  # one block in the compute dtype
-    if s == 4 and not cfg.qlora:
-        working = 0.0  # fp32: the parameters are used as they are
-    elif dp > 1 and not cfg.qlora:
-        working = (s * n_root + 2 * block_bytes) / tp  # FSDP2's unsharded root and two blocks
-    elif cfg.qlora:
-        working = (block_bytes if ac != "none" else L * block_bytes) / tp  # dequantised weights kept for backward
-    elif cfg.lora_rank:
-        working = 0.0  # the frozen base is already in the compute dtype
-    else:
-        working = s * (n_block_linear + args.vocab_size * d) / tp  # autocast's cache of 16-bit linear weights
-    mem["working weights"] = working
-
-    per_token_layer = s * (4 * d + 2 * kv + 3 * f) + 8 * d + 4 * H + lora_extra  # + attention's softmax statistics
-    alibi_mask = (b if packed else 1) * H * T * T * s / tp if args.pos_emb == "alibi" else 0  # one for all layers
-    mask_layer = b * T * T if packed and args.pos_emb != "alibi" else 0
-    layer = (b * T * per_token_layer + mask_layer) / tp
-    fused_loss = tp == 1 and "output" not in adapted  # (model.Transformer._plain_head_weight)
-    head = b * T * (d * (4 + s) + args.vocab_size * (s if fused_loss else s + 8)) / tp
-    kept = {"none": layer, "full": b * T * 4 * d / tp,  # selective: block input, outputs of wq, wv, w1, w2, attention
-            "selective": b * T * (4 * d + s * (3 * d + kv + f) + 4 * H) / tp}
-    for mode in AC_MODES:  # all but 'none' recompute one block at a time in the backward pass
-        mem[f"activations ({mode})"] = L * kept[mode] + (layer if mode != "none" else 0) + alibi_mask + head
-    mem["activations"] = mem[f"activations ({ac})"]
-    mem["total"] = sum(mem[k] for k in ("weights", "gradients", "optimizer", "working weights", "activations"))
-    return {"n_params": n_params, "n_trainable": n_train, "bytes": mem, "activation_checkpointing": ac}
+# --dry_run: the plan of a config on its mesh (bench.py computes it)
 
 
 def plan(cfg: Config, model_overrides: dict) -> dict:
@@ -1244,256 +919,319 @@ def plan(cfg: Config, model_overrides: dict) -> dict:
     for key, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("seq_len", cfg.seq_len)):
         if n % tp:
             fail(f"tp={tp} does not divide {key}={n}")
-    m = memory_plan(args, cfg, dp, tp, bool(meta.get("packed")))
-    mem = m["bytes"]
-
-    tokens_per_step = cfg.global_batch_size * cfg.seq_len
-    flops_token = flops_per_token(args, cfg.seq_len)
-    if cfg.lora_rank:  # frozen weights need no weight gradients: 4 FLOPs per weight instead of 6, adapters 6
-        n_matmul = (flops_token - 12 * args.n_layers * cfg.seq_len * args.dim) // 6
-        flops_token += -2 * n_matmul + 6 * m["n_trainable"]
-    peak = cfg.peak_flops or DEFAULT_PEAK_FLOPS.get(cfg.dtype, 0.0)
-    step_s = tokens_per_step * flops_token / (world * peak * cfg.mfu) if peak else None
-    capacity = cfg.device_memory_gib * 2**30
-    out = {**m, "family": family, "dp": dp, "tp": tp, "devices": world, "flops_per_token": flops_token,
-           "tokens_per_step": tokens_per_step, "peak_flops": peak, "step_s": step_s, "fits": mem["total"] <= capacity,
-           "grad_accum": cfg.global_batch_size // (cfg.micro_batch_size * dp)}
-
-    gib = lambda x: f"{x / 2**30:10.2f} GiB"  # noqa: E731
-    kind = ("QLoRA" if cfg.qlora else "LoRA") + f" rank {cfg.lora_rank}" if cfg.lora_rank else "full training"
-    lines = [f"plan: {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from} ({family}), "
-             f"{m['n_params']:,} parameters, {m['n_trainable']:,} trained ({kind})",
-             f"mesh: {world} device(s) = dp {dp} x tp {tp}; micro-batch {cfg.micro_batch_size} x {cfg.seq_len} tokens, "
-             f"global batch {cfg.global_batch_size} (grad accum {out['grad_accum']}); {cfg.dtype}; activation "
-             f"checkpointing {m['activation_checkpointing']}",
-             "per device:"]
-    for key in ("weights", "gradients", "optimizer", "working weights", *(f"activations ({a})" for a in AC_MODES)):
-        this = key == f"activations ({cfg.activation_checkpointing})"
-        lines.append(f"  {key:34s}{gib(mem[key])}" + ("  <- this config" if this else ""))
-    lines.append(f"  {'total':34s}{gib(mem['total'])}  {'fits' if out['fits'] else 'does NOT fit'} in "
-                 f"{cfg.device_memory_gib:g} GiB (device_memory_gib)")
-    lines.append(f"FLOPs per token {flops_token / 1e9:.2f} G; {tokens_per_step:,} tokens per step"
-                 + (f"; {cfg.max_iters:,} steps = {cfg.max_iters * tokens_per_step / meta['train_tokens']:.2f} epochs "
-                    f"of {cfg.data_dir}" if meta.get("train_tokens") else ""))
-    if step_s:
-        lines.append(f"step time at MFU {cfg.mfu:.0%} of {peak / 1e12:.0f} TFLOP/s x {world}: {step_s:.2f} s "
-                     f"({tokens_per_step / step_s / world:,.0f} tokens/s per device); {cfg.max_iters:,} steps = "
-                     f"{cfg.max_iters * step_s / 3600:.1f} h")
-    else:
-        lines.append("step time: set peak_flops (no default peak for float32)")
-    print("\n".join(lines + [f"note: {n}" for n in notes]))
-    return out
+    try:
+        return training_plan(args, family, cfg, dp, tp, meta, notes)
+    except ValueError as e:  # lora_targets that match no layer
+        fail(str(e))
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# the run
+# the run: main = setup, restore, train, finish
+
+
+@contextmanager
+def freed_memory_returned_to_os(enabled: bool):
+    """glibc heap tuning for LoRA on a CPU: while enabled, every allocation of 1 MB or more is served by mmap and
+    returned to the OS when freed; then glibc's warm default (a heap for blocks under 32 MB) is back for a caller in
+    the same process. Not glibc: no mallopt, nothing to do.
+
+    Why: a multi-GB frozen base on the CPU, built and then dequantised a slice at a time, mixes long-lived buffers with
+    GBs of short-lived scratch, and glibc's heap fragments into GBs of holes (QLoRA baichuan-7b peaked at 8.5 GiB;
+    5.5 GiB with this), for page faults that cost ~30% more wall time; so only LoRA on a CPU pays them."""
+    def mallopt_mmap_threshold(nbytes: int) -> bool:
+        try:
+            return bool(ctypes.CDLL(None).mallopt(-3, nbytes))  # M_MMAP_THRESHOLD (malloc.h)
+        except (OSError, AttributeError):
+            return False
+
+    changed = enabled and mallopt_mmap_threshold(1 << 20)
+    try:
+        yield
+    finally:
+        if changed:
+            mallopt_mmap_threshold(32 << 20)
+
+
+@dataclass
+class Run:
+    """What the steps of a run share: set up by setup(), continued by restore(), advanced by train(), closed by
+    finish()."""
+    cfg: Config
+    model_overrides: dict
+    args: ModelArgs
+    family: str
+    d: Dist
+    device: torch.device  # this rank's
+    out_dir: Path
+    train_data: TokenSplit
+    val_data: TokenSplit
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: LossScaler
+    sampler: EpochSampler
+    grad_accum: int
+    losses: dict  # step -> training loss, this run's steps
+    lora_base: str | None  # the base checkpoint dir of a LoRA run
+    step: int = 0
+    best_val: float | None = None
+    val_loss: float | None = None
+    last_ckpt: Path | None = None
+    skipped_in_a_row: int = 0  # float16 steps skipped in a row
+    metrics: object = None  # metrics.jsonl, open on rank 0
+    t_start: float = 0.0
+
+    def log(self, msg: str):
+        if self.d.master:
+            tqdm.write(msg, file=sys.stderr)
+
+    def record(self, row: dict):
+        if self.metrics:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
 
 
 def main(argv=None) -> dict:
     """Train; returns a summary (losses per step, last val loss, baseline, paths) for tests and callers."""
-    try:
-        return _main(argv)
-    finally:  # a caller in the same process (tests) gets back a heap for blocks under 32 MB, as glibc's warm default
-        if set_mmap_threshold.changed:
-            set_mmap_threshold(32 << 20)
-            set_mmap_threshold.changed = False
-
-
-def _main(argv):
     cfg, model_overrides = parse_config(sys.argv[1:] if argv is None else argv)
     check_config(cfg)
     if cfg.dry_run:  # the plan only: no data, no model, no process group
         return plan(cfg, model_overrides)
+    with freed_memory_returned_to_os(cfg.lora_rank > 0 and kernels.device_type() == "cpu"):
+        try:
+            run = setup(cfg, model_overrides)
+            restore(run)
+            return finish(run, train(run))
+        except CheckpointError as e:  # from convert.py's step dir functions: one line, no traceback
+            fail(str(e))
+
+
+def setup(cfg: Config, model_overrides: dict) -> Run:
+    """Data, mesh, out_dir, the model with its weights (build_model), optimiser, loss scaler and data sampler."""
     meta = load_meta(cfg.data_dir)
     args, family = model_args_for(cfg, model_overrides, meta)
     d = setup_distributed(cfg, args)
-    device = _device(d)
     micro_per_step = cfg.micro_batch_size * d.dp
     if cfg.global_batch_size % micro_per_step:
         fail(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
              f"{micro_per_step}")
-    grad_accum = cfg.global_batch_size // micro_per_step
     train_data = TokenSplit(cfg.data_dir, "train", meta, cfg.seq_len)
     val_data = TokenSplit(cfg.data_dir, "val", meta, cfg.seq_len)
     for split in (train_data, val_data):
         split.check_ids(args.vocab_size)
     out_dir = prepare_out_dir(cfg, d)
-    log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if d.master else (lambda msg: None)
-
-    # model, optimiser, scaler, data; then the state they continue from
     model = build_model(args, cfg, d)
-    optimizer = build_optimizer(model, cfg, device)
-    scaler = LossScaler(cfg.dtype == "float16", cfg.loss_scale, cfg.loss_scale_window)
-    sampler = EpochSampler(len(train_data.tokens), cfg.seq_len, micro_per_step, cfg.seed, rows=train_data.packed)
-    step, best_val = 0, None
-    lora_base = str(Path(cfg.init_from).resolve()) if cfg.lora_rank and cfg.init_from != "scratch" else None
+    return Run(cfg, model_overrides, args, family, d, _device(d), out_dir, train_data, val_data, model,
+               optimizer=build_optimizer(model, cfg, _device(d)),
+               scaler=LossScaler(cfg.dtype == "float16", cfg.loss_scale, cfg.loss_scale_window),
+               sampler=EpochSampler(len(train_data.tokens), cfg.seq_len, micro_per_step, cfg.seed,
+                                    rows=train_data.packed),
+               grad_accum=cfg.global_batch_size // micro_per_step, losses={},
+               lora_base=str(Path(cfg.init_from).resolve()) if cfg.lora_rank and cfg.init_from != "scratch" else None)
+
+
+def restore(run: Run):
+    """Continue a run (init_from='resume': the latest intact step dir's weights, optimiser, counters, data position,
+    RNG), or say where the weights came from."""
+    cfg = run.cfg
     if cfg.init_from == "resume":
-        resumed_from, state = resume_checkpoint(out_dir, model, optimizer, args, d, log)
-        step, best_val = state["step"], state.get("best_val_loss")
-        lora_base = state.get("lora_base")
-        scaler.load_state_dict(state["loss_scaler"])
-        sampler.load_state_dict(state["data"])
-        log(f"resumed from {resumed_from} at step {step}")
-    elif cfg.init_from != "scratch" and not cfg.lora_rank:  # a LoRA model was built on its base already
-        load_weights(Path(cfg.init_from), model, args)
-        log(f"initialised weights from {cfg.init_from}")
+        resumed_from, state = resume_checkpoint(run.out_dir, run.model, run.optimizer, run.args, run.d, run.log)
+        run.step, run.best_val, run.lora_base = state["step"], state.get("best_val_loss"), state.get("lora_base")
+        run.scaler.load_state_dict(state["loss_scaler"])
+        run.sampler.load_state_dict(state["data"])
+        run.log(f"resumed from {resumed_from} at step {run.step}")
+    elif cfg.init_from != "scratch" and not cfg.lora_rank:  # build_model loaded them
+        run.log(f"initialised weights from {cfg.init_from}")
     if cfg.lora_rank:
         if cfg.init_from == "scratch":
-            log("warning: LoRA on a randomly initialised base (init_from='scratch'): fine for tests and memory "
-                "measurements, useless for fine-tuning")
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}: rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on "
-            f"{len(model.lora_adapted)} layers ({cfg.lora_targets}); {n_train:,} trainable parameters")
-    model.train()
+            run.log("warning: LoRA on a randomly initialised base (init_from='scratch'): fine for tests and memory "
+                    "measurements, useless for fine-tuning")
+        n_train = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+        run.log(f"{'QLoRA (NF4 base)' if cfg.qlora else 'LoRA'}: rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} on "
+                f"{len(run.model.lora_adapted)} layers ({cfg.lora_targets}); {n_train:,} trainable parameters")
+    run.last_ckpt = (step_dirs(run.out_dir) or [None])[-1]
 
-    # evaluation batches are fixed (their own generator), so val losses are comparable and training RNG untouched
+
+def eval_batches(run: Run) -> list[list[int]]:
+    """This rank's window starts of the eval_iters evaluation batches: fixed (their own generator), so val losses are
+    comparable and the training RNG untouched."""
+    cfg, val, d = run.cfg, run.val_data, run.d
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    n_val = len(val_data.tokens) // cfg.seq_len if val_data.packed else len(val_data.tokens) - cfg.seq_len
-    stride = cfg.seq_len if val_data.packed else 1  # packed: whole rows
-    eval_starts = [(np.array_split(torch.randint(n_val, (micro_per_step,), generator=g).numpy(), d.dp)[d.dp_rank]
-                    * stride).tolist() for _ in range(cfg.eval_iters)]
-    autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "float32" else nullcontext()
-    params = [p for p in model.parameters() if p.requires_grad]
-    tokens_per_step = cfg.global_batch_size * cfg.seq_len
-    flops_token = flops_per_token(args, cfg.seq_len)
-    peak = cfg.peak_flops or measure_peak_flops(device)
-    baseline = unigram_entropy(train_data, args.vocab_size)
-    metrics = open(out_dir / "metrics.jsonl", "a") if d.master else None
+    n_val = len(val.tokens) // cfg.seq_len if val.packed else len(val.tokens) - cfg.seq_len
+    stride = cfg.seq_len if val.packed else 1  # packed: whole rows
+    return [(np.array_split(torch.randint(n_val, (cfg.micro_batch_size * d.dp,), generator=g).numpy(),
+                            d.dp)[d.dp_rank] * stride).tolist() for _ in range(cfg.eval_iters)]
 
-    def record(row):
-        if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
 
-    n_params = sum(p.numel() for p in model.parameters()) + sum(  # QLoRA's NF4 weights are buffers
-        m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
-    log(f"model {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from} ({family}): "
-        f"{n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}; {len(train_data.tokens):,} train "
-        f"tokens; {tokens_per_step:,} tokens per step (grad_accum {grad_accum}, dp {d.dp}, tp {d.tp}); "
-        f"dtype {cfg.dtype}; activation checkpointing {cfg.activation_checkpointing}")
-    log(f"unigram baseline (entropy of the train tokens): {baseline:.4f} nats; MFU against a peak of "
-        f"{peak / 1e9:.1f} GFLOP/s per device ({'configured' if cfg.peak_flops else 'measured torch.mm fp32'})")
-    record({"unigram_baseline": baseline, "n_params": n_params, "peak_flops": peak, "start_step": step})
+def start_metrics(run: Run) -> tuple[float, float]:
+    """Open metrics.jsonl, log what is trained and the unigram baseline; -> (peak FLOP/s for MFU, baseline)."""
+    cfg, args, d = run.cfg, run.args, run.d
+    peak = cfg.peak_flops or mm_peak_flops(torch.float32, 1024, run.device, repeats=1, seconds=0.5)
+    baseline = unigram_entropy(run.train_data, args.vocab_size)
+    run.metrics = open(run.out_dir / "metrics.jsonl", "a") if d.master else None
+    n_params = sum(p.numel() for p in run.model.parameters()) + sum(  # QLoRA's NF4 weights are buffers
+        m.in_features * m.out_features for m in run.model.modules() if isinstance(m, NF4Linear))
+    run.log(f"model {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from} ({run.family}): "
+            f"{n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}; {len(run.train_data.tokens):,} "
+            f"train tokens; {cfg.global_batch_size * cfg.seq_len:,} tokens per step (grad_accum {run.grad_accum}, "
+            f"dp {d.dp}, tp {d.tp}); dtype {cfg.dtype}; activation checkpointing {cfg.activation_checkpointing}")
+    run.log(f"unigram baseline (entropy of the train tokens): {baseline:.4f} nats; MFU against a peak of "
+            f"{peak / 1e9:.1f} GFLOP/s per device ({'configured' if cfg.peak_flops else 'measured torch.mm fp32'})")
+    run.record({"unigram_baseline": baseline, "n_params": n_params, "peak_flops": peak, "start_step": run.step})
+    return peak, baseline
 
-    def checkpoint(step):
-        train_state = {"step": step, "best_val_loss": best_val, "loss_scaler": scaler.state_dict(),
-                       "data": sampler.state_dict(), "world_size": d.world_size, "config": asdict(cfg),
-                       "model_overrides": model_overrides, "lora_base": lora_base}
-        return save_checkpoint(out_dir, step, model, optimizer, train_state, args, family, cfg, d)
 
-    losses, val_loss, last_ckpt = {}, None, (step_dirs(out_dir) or [None])[-1]
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=not d.master, dynamic_ncols=True, file=sys.stderr)
-    t_log, steps_since_log, t_start = time.perf_counter(), 0, time.perf_counter()
-    skipped_in_a_row = 0
-    while step < cfg.max_iters:
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(grad_accum):
-            x, y, mask, doc_ids = train_data.batch(sampler.next_starts(d.dp_rank, d.dp), device)
-            if d.dp > 1:  # FSDP2: reduce-scatter gradients only on the last micro step
-                model.set_requires_gradient_sync(micro == grad_accum - 1)
-            with loss_parallel_context(d):  # tensor parallel: forward and backward of the vocab-sharded loss
-                with autocast:
-                    _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
-                loss = loss.float() / grad_accum
-                (loss * scaler.scale).backward()
-            loss_sum += loss.detach()
-        loss_value = mean_over_ranks(loss_sum.item(), d)
-        scaler.unscale_(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP / TP
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = grad_norm.item()
-        finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-        if not finite and not scaler.enabled:
-            where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was written"
-            fail(f"step {step + 1}: loss {loss_value}, grad norm {grad_norm} is not finite in {cfg.dtype}; "
-                 f"stopping{where}")
-        crash_point("step", step + 1)
-        if finite:
-            optimizer.step()
-            skipped_in_a_row = 0
-        else:
-            log(f"step {step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
-            skipped_in_a_row += 1
-            if skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
-                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was written"
-                fail(f"step {step + 1}: loss {loss_value}, grad norm {grad_norm} not finite in {skipped_in_a_row} "
-                     f"float16 steps in a row (loss scale down to {scaler.scale / 2:g}); stopping{where}")
-        scaler.update(finite)
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_since_log += 1
-        losses[step] = loss_value
+def train(run: Run) -> dict:
+    """The loop: a step, then a log line, an eval and a checkpoint when their intervals say so. -> the summary."""
+    cfg, d = run.cfg, run.d
+    run.model.train()
+    eval_starts = eval_batches(run)
+    autocast = torch.autocast(run.device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "float32" else nullcontext()
+    peak, baseline = start_metrics(run)
+    throughput = Throughput(run, peak)
+    run.t_start = time.perf_counter()
+    bar = tqdm(total=cfg.max_iters, initial=run.step, disable=not d.master, dynamic_ncols=True, file=sys.stderr)
+    while run.step < cfg.max_iters:
+        loss, lr, grad_norm = train_step(run, autocast)
+        run.step += 1
+        run.losses[run.step] = loss
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        due = lambda interval: run.step % interval == 0 or run.step == cfg.max_iters  # noqa: E731
+        if due(cfg.log_interval):
+            throughput.log(loss, lr, grad_norm)
+        if due(cfg.eval_interval):
+            on_event("eval", run.step)
+            with loss_parallel_context(d):
+                run.val_loss = mean_over_ranks(evaluate(run.model, run.val_data, eval_starts, autocast, run.device), d)
+            run.best_val = run.val_loss if run.best_val is None else min(run.best_val, run.val_loss)
+            run.record({"step": run.step, "val_loss": run.val_loss, "unigram_baseline": baseline})
+            run.log(f"step {run.step}: val loss {run.val_loss:.4f} (unigram baseline {baseline:.4f})")
+            throughput.restart()
+        if due(cfg.ckpt_interval):
+            run.last_ckpt = checkpoint(run)
+            throughput.restart()
+    bar.close()
+    return {"losses": run.losses, "val_loss": run.val_loss, "best_val_loss": run.best_val,
+            "unigram_baseline": baseline, "last_checkpoint": run.last_ckpt, "skipped_steps": run.scaler.skipped}
 
-        if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            # tokens/s per device and MFU (against each device's peak) as the mean over ranks; memory per device
-            rank_tokens_per_s = tokens_per_step * steps_since_log / (time.perf_counter() - t_log) / d.world_size
-            tokens_per_s = mean_over_ranks(rank_tokens_per_s, d)
-            mfu = mean_over_ranks(flops_token * rank_tokens_per_s / peak, d)
-            mem = gather_over_ranks(memory_gib(device), d)
-            state_bytes = [int(b) for b in gather_over_ranks(local_state_bytes(model, optimizer), d)]
-            row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                   "mfu": mfu, "mem_gib": max(mem), "mem_gib_per_device": mem,
-                   "param_optim_bytes_per_device": state_bytes, "skipped_steps": scaler.skipped,
-                   "loss_scale": scaler.scale, "elapsed_s": time.perf_counter() - t_start}
-            record(row)
-            log(f"step {step}: loss {loss_value:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+
+def train_step(run: Run, autocast) -> tuple[float, float, float]:
+    """One optimiser step over grad_accum micro-batches -> (loss, lr, grad norm). A float16 overflow skips the update;
+    a non-finite loss otherwise, or 32 skips in a row, stops the run naming the last good checkpoint."""
+    cfg, d, model, scaler = run.cfg, run.d, run.model, run.scaler
+    lr = get_lr(run.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(run.grad_accum):
+        x, y, mask, doc_ids = run.train_data.batch(run.sampler.next_starts(d.dp_rank, d.dp), run.device)
+        if d.dp > 1:  # FSDP2: reduce-scatter gradients only on the last micro step
+            model.set_requires_gradient_sync(micro == run.grad_accum - 1)
+        with loss_parallel_context(d):  # tensor parallel: forward and backward of the vocab-sharded loss
+            with autocast:
+                _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
+            loss = loss.float() / run.grad_accum
+            (loss * scaler.scale).backward()
+        loss_sum += loss.detach()
+    loss = mean_over_ranks(loss_sum.item(), d)
+    params = [p for p in model.parameters() if p.requires_grad]
+    scaler.unscale_(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # DTensor: FSDP/TP
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    where = f"; the last good checkpoint is {run.last_ckpt}" if run.last_ckpt else "; no checkpoint was written"
+    if not finite and not scaler.enabled:
+        fail(f"step {run.step + 1}: loss {loss}, grad norm {grad_norm} is not finite in {cfg.dtype}; stopping{where}")
+    on_event("step", run.step + 1)
+    if finite:
+        run.optimizer.step()
+        run.skipped_in_a_row = 0
+    else:
+        run.log(f"step {run.step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
+        run.skipped_in_a_row += 1
+        if run.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
+            fail(f"step {run.step + 1}: loss {loss}, grad norm {grad_norm} not finite in {run.skipped_in_a_row} "
+                 f"float16 steps in a row (loss scale down to {scaler.scale / 2:g}); stopping{where}")
+    scaler.update(finite)
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, lr, grad_norm
+
+
+class Throughput:
+    """The log line every log_interval steps: loss, lr, grad norm, tokens/s per device and MFU (means over ranks),
+    memory per device; to stderr and metrics.jsonl."""
+
+    def __init__(self, run: Run, peak: float):
+        self.run, self.peak = run, peak
+        self.flops_token = flops_per_token(run.args, run.cfg.seq_len)
+        self.t_log, self.first_step = time.perf_counter(), run.step
+
+    def restart(self):
+        """Time from now on (an eval or a checkpoint is not training throughput)."""
+        self.t_log = time.perf_counter()
+
+    def log(self, loss: float, lr: float, grad_norm: float):
+        run, d, scaler = self.run, self.run.d, self.run.scaler
+        tokens = run.cfg.global_batch_size * run.cfg.seq_len * (run.step - self.first_step)
+        rank_tokens_per_s = tokens / (time.perf_counter() - self.t_log) / d.world_size
+        tokens_per_s = mean_over_ranks(rank_tokens_per_s, d)
+        mfu = mean_over_ranks(self.flops_token * rank_tokens_per_s / self.peak, d)
+        mem = gather_over_ranks(peak_memory_gib(run.device), d)
+        state_bytes = [int(b) for b in gather_over_ranks(local_state_bytes(run.model, run.optimizer), d)]
+        run.record({"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                    "mfu": mfu, "mem_gib": max(mem), "mem_gib_per_device": mem,
+                    "param_optim_bytes_per_device": state_bytes, "skipped_steps": scaler.skipped,
+                    "loss_scale": scaler.scale, "elapsed_s": time.perf_counter() - run.t_start})
+        run.log(f"step {run.step}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
                 f"{tokens_per_s:,.0f} tokens/s/device, MFU {mfu:.1%}, mem {max(mem):.2f} GiB"
                 + (f" (max over {d.world_size} devices)" if d.world_size > 1 else "")
                 + (f", loss scale {scaler.scale:g}, skipped {scaler.skipped}" if scaler.enabled else ""))
-            t_log, steps_since_log = time.perf_counter(), 0
-        if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-            crash_point("eval", step)
-            with loss_parallel_context(d):
-                val_loss = mean_over_ranks(evaluate(model, val_data, eval_starts, autocast, device), d)
-            best_val = val_loss if best_val is None else min(best_val, val_loss)
-            record({"step": step, "val_loss": val_loss, "unigram_baseline": baseline})
-            log(f"step {step}: val loss {val_loss:.4f} (unigram baseline {baseline:.4f})")
-            t_log = time.perf_counter()  # eval time is not training throughput
-        if step % cfg.ckpt_interval == 0 or step == cfg.max_iters:
-            last_ckpt = checkpoint(step)
-            t_log = time.perf_counter()
-    bar.close()
+        self.t_log, self.first_step = time.perf_counter(), run.step
+
+
+def checkpoint(run: Run) -> Path:
+    """Save the run at its current step (save_checkpoint with everything needed to continue it exactly)."""
+    cfg = run.cfg
+    train_state = {"step": run.step, "best_val_loss": run.best_val, "loss_scaler": run.scaler.state_dict(),
+                   "data": run.sampler.state_dict(), "world_size": run.d.world_size, "config": asdict(cfg),
+                   "model_overrides": run.model_overrides, "lora_base": run.lora_base}
+    return save_checkpoint(run.out_dir, run.step, run.model, run.optimizer, train_state, run.args, run.family, cfg,
+                           run.d)
+
+
+def finish(run: Run, summary: dict) -> dict:
+    """The LoRA adapters (PEFT format) and, with export, a checkpoint dir for sample.py; close the run."""
+    cfg, d, step, out_dir = run.cfg, run.d, run.step, run.out_dir
     export_dir = adapter_dir = None
     if cfg.lora_rank:  # the adapters alone, a few MB, in PEFT's format: convert.py merge-lora folds them into any
-        adapters = lora_state_dict(model, full=True)  # copy of the base; gathered from every rank
+        adapters = lora_state_dict(run.model, full=True)  # copy of the base; gathered from every rank
         if d.master:
-            from convert import write_peft_adapter
-
             adapter_dir = out_dir / "adapter"
-            write_peft_adapter(adapter_dir, adapters, args, family, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                               dropout=cfg.lora_dropout, base=lora_base,
+            write_peft_adapter(adapter_dir, adapters, run.args, run.family, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                               dropout=cfg.lora_dropout, base=run.lora_base,
                                metadata={"lora_targets": cfg.lora_targets, "quantize_base": str(cfg.qlora),
                                          "step": str(step)})
-            log(f"adapters of step {step} saved to {adapter_dir} (PEFT LoRA format)")
+            run.log(f"adapters of step {step} saved to {adapter_dir} (PEFT LoRA format)")
         barrier(d)
-    if cfg.export and last_ckpt is not None:
+    if cfg.export and run.last_ckpt is not None:
         if d.master:
             if not cfg.lora_rank:
-                export_dir = export_checkpoint(last_ckpt, out_dir / "export")
-            elif lora_base:  # merged into the base's own full-precision weights (for QLoRA too)
-                from convert import merge_lora
-
-                merge_lora(lora_base, adapter_dir, out_dir / "export", overwrite=True)
                 export_dir = out_dir / "export"
+                dcp_to_native(run.last_ckpt, export_dir, overwrite=True)
+            elif run.lora_base:  # merged into the base's own full-precision weights (for QLoRA too)
+                export_dir = out_dir / "export"
+                merge_lora(run.lora_base, adapter_dir, export_dir, overwrite=True)
             else:
-                log("export skipped: a LoRA run from scratch has no base checkpoint to merge into")
+                run.log("export skipped: a LoRA run from scratch has no base checkpoint to merge into")
             if export_dir:
-                log(f"exported step {step} to {export_dir} (python sample.py --ckpt={export_dir})")
+                run.log(f"exported step {step} to {export_dir} (python sample.py --ckpt={export_dir})")
         barrier(d)
-    if metrics:
-        metrics.close()
-    summary = {"losses": losses, "val_loss": val_loss, "best_val_loss": best_val, "unigram_baseline": baseline,
-               "last_checkpoint": last_ckpt, "export_dir": export_dir, "adapter_dir": adapter_dir, "skipped_steps": scaler.skipped,
-               "wall_s": time.perf_counter() - t_start}
+    if run.metrics:
+        run.metrics.close()
     if d.own_group:
         dist.destroy_process_group()
-    return summary
+    return {**summary, "export_dir": export_dir, "adapter_dir": adapter_dir,
+            "wall_s": time.perf_counter() - run.t_start}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench
 import kernels
 import prepare
 import sample
@@ -273,7 +274,7 @@ def test_dry_run_lora_and_qlora_by_hand(tmp_path):
                             activation_checkpointing="full"), {})
     linears = [d * d, d * kv, d * kv, d * d, d * f, f * d, d * f]
     nf4 = L * sum(m // 2 + 256 * -(-(m // 64) // 256) + 4 * -(-(m // 64) // 256) + 4 for m in linears)
-    assert train.nf4_bytes(4096 * 4096) * 8 / (4096 * 4096) == pytest.approx(4.127, abs=1e-3)
+    assert bench.nf4_bytes(4096 * 4096) * 8 / (4096 * 4096) == pytest.approx(4.127, abs=1e-3)
     assert q["bytes"]["weights"] == nf4 + 2 * (n - L * sum(linears)) + 4 * q["n_trainable"]
     assert q["bytes"]["working weights"] == 2 * sum(linears)  # one block dequantised at a time
     # frozen weights skip their weight gradients: 4 FLOPs per weight instead of 6, adapters 6
@@ -305,6 +306,6 @@ def test_activation_estimate_matches_what_autograd_keeps(pos_emb, dtype, packed,
             torch.autocast("cpu", dtype=train.DTYPES[dtype], enabled=dtype != "float32"):
         model(x, x, doc_ids=doc_ids)
     cfg = replace(train.Config(), dtype=dtype, seq_len=T, micro_batch_size=b, global_batch_size=b)
-    mem = train.memory_plan(args, cfg, dp=1, tp=1, packed=packed)["bytes"]
+    mem = bench.memory_plan(args, cfg, dp=1, tp=1, packed=packed)["bytes"]
     planned = mem["activations (none)"] + mem["working weights"]  # with autocast's 16-bit weight copies
     assert 0.97 < sum(saved.values()) / planned < 1.03

@@ -1,7 +1,7 @@
 """Crash safety of train.py: kill -9 at many points then resume, damaged checkpoints, unsafe pickles, NaN/inf, full disk.
 
 One uninterrupted reference run (in-process, 8 steps, a checkpoint every 2) is shared by every test. Kills are real:
-train.py runs as a subprocess with TRAIN_CRASH_AT=<point>:<step>, which SIGKILLs it there (train.crash_point); the
+train.py runs as a subprocess with TRAIN_CRASH_AT=<point>:<step>, which SIGKILLs it there (train.on_event); the
 resume then runs in-process and must reproduce the reference's losses exactly (fp32, same seed, one thread).
 
     python -m pytest -q tests/test_reliability.py
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import train
 from test_train import markov_tokens, write_data
@@ -251,7 +252,7 @@ def test_float16_skips_nan_steps_then_stops_when_no_loss_scale_helps(poison, dat
 
 
 def test_full_disk_while_saving_names_the_last_complete_checkpoint(data, tmp_path, monkeypatch):
-    save = train.dcp.save
+    save = dcp.save
 
     def save_then_fill_the_disk(state, checkpoint_id, **kwargs):
         if "step_00000004" in str(checkpoint_id):
@@ -259,7 +260,7 @@ def test_full_disk_while_saving_names_the_last_complete_checkpoint(data, tmp_pat
             raise OSError(28, "No space left on device")
         return save(state, checkpoint_id=checkpoint_id, **kwargs)
 
-    monkeypatch.setattr(train.dcp, "save", save_then_fill_the_disk)
+    monkeypatch.setattr(dcp, "save", save_then_fill_the_disk)
     with pytest.raises(SystemExit, match=r"\.tmp_step_00000004: writing the checkpoint failed \(OSError: \[Errno 28\] "
                                          r"No space left on device\); the last complete checkpoint is .*step_00000002"):
         run(data, tmp_path / "out")
