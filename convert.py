@@ -1,4 +1,5 @@
-"""convert.py: weights in and out of our checkpoint dir (config.json + safetensors + tokenizer).
+"""convert.py: every on-disk format of weights: checkpoint dirs (config.json + safetensors + tokenizer) written and
+converted in and out, train.py's step dirs (manifest, verification, safe DCP loading), LoRA adapter dirs.
 
     python convert.py hf-to-native   --src hf/Baichuan2-7B-Base --dst ckpt/baichuan2-7b [--dtype bfloat16]
     python convert.py native-to-hf   --src ckpt/baichuan2-7b --dst hf/out
@@ -8,7 +9,7 @@
     python convert.py merge-lora     --src ckpt/baichuan-7b --adapter out/qlora/adapter --dst ckpt/baichuan-7b-sft
 
 Every converter streams: source tensors are read one shard at a time (safetensors and .bin are memory-mapped) and the
-output is written shard by shard by model.py's ShardWriter, so memory holds about one input shard plus one output
+output is written shard by shard by ShardWriter, so memory holds about one input shard plus one output
 shard, never the model twice. Output goes to DST.tmp-PID and is renamed to DST when complete.
 
 Layouts. HF LLaMA q/k rows are already in rotate-half order, which is our native order: copied as they are. Meta's
@@ -16,6 +17,8 @@ consolidated checkpoints interleave the rotary pairs, so their wq/wk are permute
 [wq; wk; wv] stacked on rows. Baichuan2's NormHead is normalised once in fp32 for inference (norm_head=false), or
 kept raw with --for_training (norm_head=true, model.py normalises it in every forward). LoRA adapter dirs are PEFT's
 format, named as the HF export of the base (W_pack's update splits by rows into wq, wk, wv like its weight).
+
+Every function here reports a problem as model.CheckpointError naming the file and the field; only main exits.
 """
 
 import argparse
