@@ -362,20 +362,21 @@ def bad_config(**change):
         json.loads((adapter / "adapter_config.json").read_text()) | change))
 
 
-def rename_tensor(old, new):
+def edit_tensors(change):
+    """An edit of an adapter dir: change(tensors) applied to its adapter_model.safetensors."""
     def edit(adapter):
         tensors = load_file(str(adapter / "adapter_model.safetensors"))
-        tensors[new] = tensors.pop(old)
+        change(tensors)
         save_file(tensors, str(adapter / "adapter_model.safetensors"))
     return edit
+
+
+def rename_tensor(old, new):
+    return edit_tensors(lambda tensors: tensors.__setitem__(new, tensors.pop(old)))
 
 
 def reshape_tensor(name, shape):
-    def edit(adapter):
-        tensors = load_file(str(adapter / "adapter_model.safetensors"))
-        tensors[name] = torch.zeros(shape)
-        save_file(tensors, str(adapter / "adapter_model.safetensors"))
-    return edit
+    return edit_tensors(lambda tensors: tensors.__setitem__(name, torch.zeros(shape)))
 
 
 P = "base_model.model.model.layers.1.self_attn."
