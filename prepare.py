@@ -205,6 +205,13 @@ class Tokenizer:
             return i if self.sp.id_to_piece(i) == token else None  # sentencepiece maps unknown pieces to unk
         return self.hf.token_to_id(token)
 
+    @property
+    def template_name(self):
+        """The tokenizer's own chat template as a --template value: a built-in name, "hf" for Jinja, or None."""
+        if self.chat_template is None:
+            return None
+        return HF_TEMPLATE if is_jinja(self.chat_template) else self.chat_template
+
     def special_tokens(self):
         """{string: id} of the tokens that text rendered by a chat template names by their strings."""
         if self.sp is not None:
@@ -1463,7 +1470,7 @@ META_LAYOUT = {
 
 def _prepare_into(out_dir, args, files, fmt, source, instruction):
     tok = get_tokenizer(args, files, fmt, out_dir)
-    own = tok.chat_template and (HF_TEMPLATE if is_jinja(tok.chat_template) else tok.chat_template)
+    own = tok.template_name
     template = args.template or own
     if instruction and template is None:
         raise SystemExit(f"prepare.py: --template: required for {fmt} data (one of {', '.join(TEMPLATES)})")

@@ -444,7 +444,7 @@ def fit_prompt(ids, max_new_tokens, max_seq_len, policy, what, bos_id=None):
 
 def resolve_template(flag, tok, family):
     """--template, else the checkpoint's own (a built-in name, or its Jinja template: "hf"), else the family's."""
-    own = tok.chat_template and (prepare.HF_TEMPLATE if prepare.is_jinja(tok.chat_template) else tok.chat_template)
+    own = tok.template_name
     name = flag or own or (family in model_lib.FAMILIES and model_lib.FAMILIES[family].chat_template) or None
     names = ", ".join(sorted(prepare.TEMPLATES)) + f" or {prepare.HF_TEMPLATE}"
     if name is None:
@@ -496,7 +496,7 @@ def chat_end_ids(tok, template):
     ids = {tok.eos_id}
     if template == prepare.HF_TEMPLATE:
         ids.add(prepare.jinja_turn_end(tok))
-    for t in prepare.TEMPLATES[template].stop if template in prepare.TEMPLATES else ():
+    for t in getattr(prepare.TEMPLATES.get(template), "stop", ()):
         if not isinstance(t, str):  # strings are stop text, handled by stream_text
             ids.add(t if isinstance(t, int) else tok.token_to_id(t.name))
     return sorted(i for i in ids if i is not None)

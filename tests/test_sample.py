@@ -429,7 +429,7 @@ def test_chat_uses_family_template_and_generation_defaults():
     import prepare
 
     def tok(template):
-        return argparse.Namespace(chat_template=template)
+        return argparse.Namespace(template_name=template)  # a built-in name
 
     assert sample.resolve_template(None, tok(None), "baichuan2") == model_lib.FAMILIES["baichuan2"].chat_template
     assert sample.resolve_template(None, tok("vicuna"), "baichuan2") == "vicuna"
