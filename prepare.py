@@ -12,8 +12,9 @@ train.mask.bin / val.mask.bin (uint8, instruction data only: 1 = this token is a
 meta.json, and the tokenizer (tokenizer.model or tokenizer.json + tokenizer_config.json). `--megatron` adds
 train.idx / val.idx so that train.bin / val.bin are also Megatron-LM indexed datasets.
 
-This file also owns the tokenizer and chat-template API that train.py and sample.py import:
-load_tokenizer, Tokenizer, TEMPLATES, encode_chat (a family's default template: model.FAMILIES).
+This file also owns the tokenizer and chat-template API that train.py and sample.py import: load_tokenizer,
+Tokenizer, TEMPLATES, encode_chat (a family's default template: model.FAMILIES); and the reader of its output dir
+that train.py trains from: read_meta, TokenSplit.
 """
 
 import argparse
@@ -1300,6 +1301,115 @@ def move_last_to_val(out_dir, writers, dtype):
     val.n_tokens, val.n_docs = train.n_tokens - int(start), len(offsets) - 1 - k
     train.n_tokens, train.n_docs = int(start), k
     return True
+
+
+# -----------------------------------------------------------------------------
+# Reading a data dir back (train.py's input): meta.json checked, each split's tokens memmapped and cut into windows
+
+
+def read_meta(data_dir) -> dict:
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise DataError(f"data_dir={data_dir}: not found (run `python prepare.py` first, or set --data_dir)")
+    file = path / "meta.json"
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{file}: not found (is {data_dir} a prepare.py output dir?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{file}: expected a JSON object")
+    for key, kind in (("dtype", str), ("vocab_size", int)):
+        if not isinstance(meta.get(key), kind):
+            raise DataError(f"{file}: expected field {key!r} of type {kind.__name__}, got {meta.get(key)!r}")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{file}: dtype={meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    return meta
+
+
+class TokenSplit:
+    """One split's memmapped tokens as (B, T) windows: inputs, next-token targets, loss masks, document ids.
+
+    Text is one stream of documents, read in windows at any offset. Data that was packed (`packed` in meta.json) is
+    rows of exactly seq_len tokens holding whole documents: windows are the rows, attention stays within each
+    document (doc_ids from {split}.docs.bin), and a row's last target (the next row's first token) does not count.
+    """
+
+    def __init__(self, data_dir, split: str, meta: dict, seq_len: int):
+        file = Path(data_dir) / f"{split}.bin"
+        if not file.exists():
+            raise DataError(f"{file}: not found")
+        if file.stat().st_size == 0:
+            raise DataError(f"{file}: empty (no tokens)")
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        if file.stat().st_size % itemsize:
+            raise DataError(f"{file}: size {file.stat().st_size} is not a multiple of {meta['dtype']}'s "
+                            f"{itemsize} bytes")
+        self.tokens = np.memmap(file, dtype=meta["dtype"], mode="r")
+        mask_file = Path(data_dir) / f"{split}.mask.bin"
+        self.mask = None
+        if mask_file.exists():
+            if mask_file.stat().st_size != len(self.tokens):  # one uint8 per token
+                raise DataError(f"{mask_file}: {mask_file.stat().st_size} entries for {len(self.tokens)} tokens in "
+                                f"{file.name}")
+            self.mask = np.memmap(mask_file, dtype=np.uint8, mode="r")
+        self.packed = bool(meta.get("packed"))
+        self.doc_starts = None
+        if self.packed:
+            if meta.get("seq_len") != seq_len:
+                raise DataError(f"{Path(data_dir) / 'meta.json'}: the data is packed in rows of {meta.get('seq_len')} "
+                                f"tokens; train with --seq_len={meta.get('seq_len')}")
+            docs_file = Path(data_dir) / f"{split}.docs.bin"
+            if docs_file.exists():  # int64 start offset of every document, then the total
+                self.doc_starts = np.fromfile(docs_file, dtype=np.int64)[:-1]
+        self.seq_len, self.file = seq_len, file
+        if len(self.tokens) < seq_len + (0 if self.packed else 1):
+            raise DataError(f"{file}: {len(self.tokens)} tokens, fewer than one window of seq_len + 1 = "
+                            f"{seq_len + 1}")
+
+    def check_ids(self, vocab_size: int, chunk: int = 1 << 24):
+        """Raise on a token id the model has no embedding for (data from another tokenizer): one chunked pass."""
+        for start in range(0, len(self.tokens), chunk):
+            piece = np.asarray(self.tokens[start : start + chunk])
+            if piece.max() >= vocab_size:
+                i = start + int(np.argmax(piece >= vocab_size))
+                raise DataError(f"{self.file}: token id {int(self.tokens[i])} at position {i} is not below the "
+                                f"model's vocab_size={vocab_size} (prepared with another tokenizer?)")
+
+    def _rows(self, array, starts, length, pad):
+        out = np.full((len(starts), length), pad, dtype=np.int64)
+        for i, s in enumerate(starts):
+            piece = array[s : s + length]  # the last packed row has no next token to read
+            out[i, : len(piece)] = piece
+        return out
+
+    def windows(self, starts):
+        """Windows starting at `starts` -> int64 arrays x (B, T), y (B, T) shifted by one, loss_mask (B, T) or None,
+        doc_ids (B, T) or None."""
+        T = self.seq_len
+        rows = self._rows(self.tokens, starts, T + 1, 0)  # (B, T + 1)
+        x, y = rows[:, :-1], rows[:, 1:]
+        mask = doc_ids = None
+        if self.mask is not None:  # the mask marks tokens that count as targets
+            mask = self._rows(self.mask, [s + 1 for s in starts], T, 0)
+        if self.packed:
+            mask = np.ones_like(y) if mask is None else mask
+            mask[:, -1] = 0  # the next row's first token belongs to another row
+            if self.doc_starts is not None:
+                positions = np.asarray(starts)[:, None] + np.arange(T)  # (B, T)
+                doc_ids = np.searchsorted(self.doc_starts, positions, side="right")
+        return x, y, mask, doc_ids
+
+
+def unigram_entropy(split: TokenSplit, vocab_size: int, max_tokens: int = 20_000_000) -> float:
+    """Entropy (nats) of the token frequencies: the loss of a model that ignores context. Learning means beating it."""
+    tokens = np.asarray(split.tokens[:max_tokens]).astype(np.int64)
+    if split.mask is not None:
+        tokens = tokens[np.asarray(split.mask[:max_tokens]) == 1]
+    p = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 # -----------------------------------------------------------------------------

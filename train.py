@@ -50,6 +50,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 import kernels
+import prepare
+from prepare import TokenSplit, unigram_entropy
 from bench import mm_peak_flops, peak_memory_gib, training_plan
 from convert import (Ranks, dcp_load, dcp_to_native, file_digest, merge_lora, quiet_dcp, read_step_dir,  # noqa: F401
                      remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_peft_adapter, write_step_dir)
@@ -584,97 +586,16 @@ class LossScaler:
 
 
 def load_meta(data_dir: str) -> dict:
-    path = Path(data_dir)
-    if not path.is_dir():
-        fail(f"data_dir={data_dir}: not found (run `python prepare.py` first, or set --data_dir)")
-    file = path / "meta.json"
     try:
-        meta = json.loads(file.read_text())
-    except FileNotFoundError:
-        fail(f"{file}: not found (is {data_dir} a prepare.py output dir?)")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        fail(f"{file}: not valid JSON ({e})")
-    if not isinstance(meta, dict):
-        fail(f"{file}: expected a JSON object")
-    for key, kind in (("dtype", str), ("vocab_size", int)):
-        if not isinstance(meta.get(key), kind):
-            fail(f"{file}: expected field {key!r} of type {kind.__name__}, got {meta.get(key)!r}")
-    if meta["dtype"] not in ("uint16", "uint32"):
-        fail(f"{file}: dtype={meta['dtype']!r}, expected 'uint16' or 'uint32'")
-    return meta
+        return prepare.read_meta(data_dir)
+    except prepare.DataError as e:
+        fail(str(e))
 
 
-class TokenSplit:
-    """One split's memmapped tokens as (B, T) windows: inputs, next-token targets, loss masks, document ids.
-
-    Text is one stream of documents, read in windows at any offset. Data that prepare.py packed (`packed` in
-    meta.json) is rows of exactly seq_len tokens holding whole documents: windows are the rows, attention stays
-    within each document (doc_ids from {split}.docs.bin), and a row's last target (the next row's first token) does
-    not count.
-    """
-
-    def __init__(self, data_dir: str, split: str, meta: dict, seq_len: int):
-        file = Path(data_dir) / f"{split}.bin"
-        if not file.exists():
-            fail(f"{file}: not found")
-        if file.stat().st_size == 0:
-            fail(f"{file}: empty (no tokens)")
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        if file.stat().st_size % itemsize:
-            fail(f"{file}: size {file.stat().st_size} is not a multiple of {meta['dtype']}'s {itemsize} bytes")
-        self.tokens = np.memmap(file, dtype=meta["dtype"], mode="r")
-        mask_file = Path(data_dir) / f"{split}.mask.bin"
-        self.mask = None
-        if mask_file.exists():
-            if mask_file.stat().st_size != len(self.tokens):  # one uint8 per token
-                fail(f"{mask_file}: {mask_file.stat().st_size} entries for {len(self.tokens)} tokens in {file.name}")
-            self.mask = np.memmap(mask_file, dtype=np.uint8, mode="r")
-        self.packed = bool(meta.get("packed"))
-        self.doc_starts = None
-        if self.packed:
-            if meta.get("seq_len") != seq_len:
-                fail(f"{Path(data_dir) / 'meta.json'}: the data is packed in rows of {meta.get('seq_len')} tokens; "
-                     f"train with --seq_len={meta.get('seq_len')}")
-            docs_file = Path(data_dir) / f"{split}.docs.bin"
-            if docs_file.exists():  # int64 start offset of every document, then the total
-                self.doc_starts = np.fromfile(docs_file, dtype=np.int64)[:-1]
-        self.seq_len, self.file = seq_len, file
-        if len(self.tokens) < seq_len + (0 if self.packed else 1):
-            fail(f"{file}: {len(self.tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
-
-    def check_ids(self, vocab_size: int, chunk: int = 1 << 24):
-        """Fail on a token id the model has no embedding for (data from another tokenizer): one chunked pass."""
-        for start in range(0, len(self.tokens), chunk):
-            piece = np.asarray(self.tokens[start : start + chunk])
-            if piece.max() >= vocab_size:
-                i = start + int(np.argmax(piece >= vocab_size))
-                fail(f"{self.file}: token id {int(self.tokens[i])} at position {i} is not below the model's "
-                     f"vocab_size={vocab_size} (prepared with another tokenizer?)")
-
-    def _rows(self, array, starts, length, pad):
-        out = np.full((len(starts), length), pad, dtype=np.int64)
-        for i, s in enumerate(starts):
-            piece = array[s : s + length]  # the last packed row has no next token to read
-            out[i, : len(piece)] = piece
-        return out
-
-    def batch(self, starts, device):
-        """Windows starting at `starts` -> x (B, T), y (B, T) shifted by one, loss_mask (B, T) or None,
-        doc_ids (B, T) or None."""
-        T = self.seq_len
-        rows = self._rows(self.tokens, starts, T + 1, 0)  # (B, T + 1)
-        x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
-        mask = doc_ids = None
-        if self.mask is not None:  # the mask marks tokens that count as targets
-            mask = torch.from_numpy(self._rows(self.mask, [s + 1 for s in starts], T, 0))
-        if self.packed:
-            mask = torch.ones_like(y) if mask is None else mask
-            mask[:, -1] = 0  # the next row's first token belongs to another row
-            if self.doc_starts is not None:
-                positions = np.asarray(starts)[:, None] + np.arange(T)  # (B, T)
-                doc_ids = torch.from_numpy(np.searchsorted(self.doc_starts, positions, side="right"))
-        to = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return to(x), to(y), to(mask), to(doc_ids)
+def batch_on(split: TokenSplit, starts, device):
+    """prepare.TokenSplit's windows at `starts` as tensors on `device`: x, y, loss_mask or None, doc_ids or None."""
+    return tuple(None if a is None else torch.from_numpy(a).to(device, non_blocking=True)
+                 for a in split.windows(starts))
 
 
 class EpochSampler:
@@ -722,16 +643,6 @@ class EpochSampler:
 
     def load_state_dict(self, state: dict):
         self.seed, self.epoch, self.index = state["seed"], state["epoch"], state["index"]
-
-
-def unigram_entropy(split: TokenSplit, vocab_size: int, max_tokens: int = 20_000_000) -> float:
-    """Entropy (nats) of the token frequencies: the loss of a model that ignores context. Learning means beating it."""
-    tokens = np.asarray(split.tokens[:max_tokens]).astype(np.int64)
-    if split.mask is not None:
-        tokens = tokens[np.asarray(split.mask[:max_tokens]) == 1]
-    p = np.bincount(tokens, minlength=vocab_size).astype(np.float64)
-    p = p[p > 0] / p.sum()
-    return float(-(p * np.log(p)).sum())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -877,7 +788,7 @@ def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) 
     model.eval()
     losses = []
     for batch_starts in starts:
-        x, y, mask, doc_ids = val.batch(batch_starts, device)
+        x, y, mask, doc_ids = batch_on(val, batch_starts, device)
         with autocast:
             _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
         losses.append(loss.float().item())
@@ -1014,10 +925,12 @@ def setup(cfg: Config, model_overrides: dict) -> Run:
     if cfg.global_batch_size % micro_per_step:
         fail(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
              f"{micro_per_step}")
-    train_data = TokenSplit(cfg.data_dir, "train", meta, cfg.seq_len)
-    val_data = TokenSplit(cfg.data_dir, "val", meta, cfg.seq_len)
-    for split in (train_data, val_data):
-        split.check_ids(args.vocab_size)
+    try:
+        train_data, val_data = (TokenSplit(cfg.data_dir, split, meta, cfg.seq_len) for split in ("train", "val"))
+        for split in (train_data, val_data):
+            split.check_ids(args.vocab_size)
+    except prepare.DataError as e:
+        fail(str(e))
     out_dir = prepare_out_dir(cfg, d)
     model = build_model(args, cfg, d)
     return Run(cfg, model_overrides, args, family, d, _device(d), out_dir, train_data, val_data, model,
@@ -1124,7 +1037,7 @@ def train_step(run: Run, autocast) -> tuple[float, float, float]:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(run.grad_accum):
-        x, y, mask, doc_ids = run.train_data.batch(run.sampler.next_starts(d.dp_rank, d.dp), run.device)
+        x, y, mask, doc_ids = batch_on(run.train_data, run.sampler.next_starts(d.dp_rank, d.dp), run.device)
         if d.dp > 1:  # FSDP2: reduce-scatter gradients only on the last micro step
             model.set_requires_gradient_sync(micro == run.grad_accum - 1)
         with loss_parallel_context(d):  # tensor parallel: forward and backward of the vocab-sharded loss

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import prepare
 import train
 from model import ModelArgs, Transformer
 
@@ -93,8 +94,8 @@ def test_sft_loss_counts_only_mask_one_targets(tmp_path):
     (tr, trm), (va, vam) = pairs(1500, 1), pairs(500, 2)
     data_dir = write_data(tmp_path / "sft", tr, va, trm, vam)
     # the batch's mask is the mask of the targets: only replies count
-    split = train.TokenSplit(str(data_dir), "train", {"dtype": "uint16"}, 32)
-    x, y, mask, _ = split.batch([0, 7, 100], torch.device("cpu"))
+    split = prepare.TokenSplit(str(data_dir), "train", {"dtype": "uint16"}, 32)
+    x, y, mask, _ = train.batch_on(split, [0, 7, 100], torch.device("cpu"))
     assert torch.all((y >= V // 2) == (mask == 1))
     # changing masked targets does not change the loss
     model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=V, hidden_dim=176, max_seq_len=64))
@@ -116,11 +117,11 @@ def test_packed_rows_are_windows_and_documents_stay_apart(tmp_path):
         np.append(doc_starts[doc_starts < n], n).astype(np.int64).tofile(data_dir / f"{split}.docs.bin")
     meta = json.loads((data_dir / "meta.json").read_text())
     (data_dir / "meta.json").write_text(json.dumps({**meta, "packed": True, "seq_len": 32}))
-    split = train.TokenSplit(str(data_dir), "train", {**meta, "packed": True, "seq_len": 32}, 32)
+    split = prepare.TokenSplit(str(data_dir), "train", {**meta, "packed": True, "seq_len": 32}, 32)
     sampler = train.EpochSampler(len(tokens), 32, 8, seed=0, rows=True)
     starts = [s for _ in range(10) for s in sampler.next_starts(0, 1)]
     assert sorted(starts[:40]) == list(range(0, rows * 32, 32))  # an epoch is every row once
-    x, y, mask, doc_ids = split.batch(starts[:4], torch.device("cpu"))
+    x, y, mask, doc_ids = train.batch_on(split, starts[:4], torch.device("cpu"))
     assert torch.all(mask[:, -1] == 0) and torch.all(mask[:, :-1] == 1)  # no target from the next row
     assert torch.all(doc_ids[:, 19] != doc_ids[:, 20]) and torch.all(doc_ids[:, :20] == doc_ids[:, :1])
     with pytest.raises(SystemExit, match="packed in rows of 32 tokens; train with --seq_len=32"):
