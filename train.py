@@ -53,7 +53,7 @@ import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
 from bench import mm_peak_flops, peak_memory_gib, training_plan
-from convert import (Ranks, dcp_load, dcp_to_native, file_digest, merge_lora, quiet_dcp, read_step_dir,  # noqa: F401
+from convert import (Ranks, dcp_load, dcp_to_native, merge_lora, read_step_dir,
                      remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_peft_adapter, write_step_dir)
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, NF4Linear, Transformer, \
     apply_lora, flops_per_token, load_tensors, lora_state_dict, read_config

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+import convert
 import train
 from test_train import markov_tokens, write_data
 
@@ -182,21 +183,21 @@ def test_dcp_entry_that_runs_code_is_refused(reference, data, tmp_path):
     model = Transformer(train.replace(PRESETS["tiny"], vocab_size=64))
     model_sd, optim_sd = get_state_dict(model, train.build_optimizer(model, cfg, torch.device("cpu")))
     state = {"model": model_sd, "optim": optim_sd}
-    with train.quiet_dcp():
+    with convert.quiet_dcp():
         dcp.load(state, checkpoint_id=reference["out"] / "step_00000004")
     marker = tmp_path / "PWNED"
     state["optim"]["param_groups"][0]["lr"] = Evil(str(marker))
     step = tmp_path / "out" / "step_00000004"
     shutil.copytree(reference["out"] / "step_00000004", step)
-    with train.quiet_dcp():
+    with convert.quiet_dcp():
         dcp.save(state, checkpoint_id=tmp_path / "evil")
     for f in (tmp_path / "evil").iterdir():
         shutil.copy(f, step / f.name)
     train_state = json.loads((step / "train_state.json").read_text())
-    train_state["files"] = {n: train.file_digest(step / n) for n in train_state["files"]}
+    train_state["files"] = {n: convert.file_digest(step / n) for n in train_state["files"]}
     (step / "train_state.json").write_text(json.dumps(train_state))
     # the file is truly dangerous: torch's own planner runs the payload
-    with train.quiet_dcp():
+    with convert.quiet_dcp():
         dcp.load({"optim": optim_sd}, checkpoint_id=step)
     assert marker.exists()
     marker.rmdir()
