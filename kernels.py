@@ -55,7 +55,7 @@ def _npu_available() -> bool:
 def device_type() -> str:
     """'npu' | 'cuda' | 'mps' | 'cpu': the best accelerator this process can use."""
     if _npu_available():
-        _npu_chip()  # says once which fused ops this part lacks
+        npu_chip()  # says once which fused ops this part lacks
         return "npu"
     if torch.cuda.is_available():
         return "cuda"
@@ -78,12 +78,12 @@ def force_npu(enabled: bool = True):
     enabled=False through the portable path even on an NPU (bench.py --mode=npu-check's reference)."""
     global _force_npu
     previous, _force_npu = _force_npu, enabled
-    _npu_chip.cache_clear()
+    npu_chip.cache_clear()
     try:
         yield
     finally:
         _force_npu = previous
-        _npu_chip.cache_clear()
+        npu_chip.cache_clear()
 
 
 def _on_npu(x: torch.Tensor) -> bool:
@@ -114,7 +114,7 @@ def npu_family(name: str) -> str:
 
 
 @functools.cache
-def _npu_chip() -> tuple[str, str]:
+def npu_chip() -> tuple[str, str]:
     """(name, family) of this process's NPU, read once; the fused ops it lacks are said once, here."""
     import torch_npu
 
@@ -143,7 +143,7 @@ def _npu_op(x: torch.Tensor, op: str):
         return None
     import torch_npu
 
-    return torch_npu if op in NPU_OPS[_npu_chip()[1]] else None
+    return torch_npu if op in NPU_OPS[npu_chip()[1]] else None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -236,7 +236,7 @@ def _rotary_fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
         _say_once(f"kernels: npu_rotary_mul takes head_dim < 896 (even), batch and heads < 1000; got x {tuple(x.shape)}: "
                   "apply_rotary takes the portable path")
         return False
-    name, family = _npu_chip()
+    name, family = npu_chip()
     if family in ("Atlas training", "Atlas inference") and (D != 128 or cos.size(0) != 1):
         _say_once(f"kernels: npu_rotary_mul on {name} takes head_dim 128 and one position table for the batch; got "
                   f"x {tuple(x.shape)}, cos {tuple(cos.shape)}: apply_rotary takes the portable path")

@@ -20,7 +20,7 @@ def on_part(fake, monkeypatch, name):
     """Make the fake NPU the part torch.npu.get_device_name() calls `name`, with nothing said yet."""
     monkeypatch.setattr(fake, "DEVICE_NAME", name)
     monkeypatch.setattr(kernels, "_said", set())
-    kernels._npu_chip.cache_clear()
+    kernels.npu_chip.cache_clear()
 
 
 def qkv(B=2, H=4, H_kv=2, T=9, S=None, D=16, dtype=torch.float32, grad=False):
@@ -320,3 +320,32 @@ def test_fake_inference_kernels_compute_and_reject_as_documented(fake_npu):
                                               atten_mask=torch.zeros(3, 3, dtype=torch.bool))
     causal = portable(kernels.attention, q.float(), k.float(), v.float())
     torch.testing.assert_close(out.float(), causal, rtol=1e-2, atol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# bench.py --mode=npu-check, the script for the first machine with an Ascend NPU
+
+
+def test_npu_check_runs_every_fused_op_and_catches_a_wrong_one(fake_npu, monkeypatch):
+    import bench
+
+    result = bench.run_npu_check(PRESETS["tiny"], 1, 64, 1, torch.device("cpu"))
+    assert result["ok"] and result["chip"] == "Ascend910B1" and len(result["cases"]) == 20
+    assert {r["kernel"] for r in result["cases"]} == set(bench.NPU_KERNELS)
+    assert all(r["ran"] == {r["kernel"]: r["ran"][r["kernel"]]} for r in result["cases"])  # that kernel alone
+    assert all(r["max_err"] > 0 and r["ms"] > 0 and r["portable_ms"] > 0 for r in result["cases"])
+    swapped = lambda x, dim=-1: fake_npu.F.silu(x.chunk(2, dim)[1]) * x.chunk(2, dim)[0]  # noqa: E731
+    monkeypatch.setattr(fake_npu, "npu_swiglu", swapped)  # the gate half taken from the wrong side
+    result = bench.run_npu_check(PRESETS["tiny"], 1, 64, 1, torch.device("cpu"))
+    assert not result["ok"] and {r["op"] for r in result["cases"] if not r["ok"]} == {"swiglu"}
+
+
+def test_npu_check_without_an_npu_says_so():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "bench.py", "--mode=npu-check"], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        "bench.py: --mode=npu-check: needs an Ascend NPU (torch_npu and a device); this machine's device is cpu"]
