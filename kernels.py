@@ -105,9 +105,9 @@ NPU_OPS = {
 
 
 def npu_family(name: str) -> str:
-    """The NPU_OPS family of an Ascend part as torch.npu.get_device_name() names it, e.g. 'Ascend910B3' -> 'Atlas A2'."""
-    for pattern, family in ((r"Ascend910B\d", "Atlas A2"), (r"Ascend910_93", "Atlas A3"), (r"Ascend910", "Atlas training"),
-                            (r"Ascend310P", "Atlas inference")):
+    """The NPU_OPS family of an Ascend part as torch.npu.get_device_name() names it: 'Ascend910B3' -> 'Atlas A2'."""
+    for pattern, family in ((r"Ascend910B\d", "Atlas A2"), (r"Ascend910_93", "Atlas A3"),
+                            (r"Ascend910", "Atlas training"), (r"Ascend310P", "Atlas inference")):
         if re.match(pattern, name):
             return family
     return "unknown"
@@ -230,11 +230,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def _rotary_fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether npu_rotary_mul takes x (B, T, H, D) (its BSND layout) with cos, sin (1|B, T, 1, D), as torch_npu 2.13
-    documents it: D < 896 and even, B and H under 1000; on the parts before the 910B only D = 128 and cos (1, T, 1, D)."""
+    documents it: D < 896 and even, B and H under 1000; on the parts before the 910B only D = 128, cos (1, T, 1, D)."""
     B, _, H, D = x.shape
     if D >= 896 or D % 2 or B >= 1000 or H >= 1000:
-        _say_once(f"kernels: npu_rotary_mul takes head_dim < 896 (even), batch and heads < 1000; got x {tuple(x.shape)}: "
-                  "apply_rotary takes the portable path")
+        _say_once(f"kernels: npu_rotary_mul takes head_dim < 896 (even), batch and heads < 1000; got x "
+                  f"{tuple(x.shape)}: apply_rotary takes the portable path")
         return False
     name, family = npu_chip()
     if family in ("Atlas training", "Atlas inference") and (D != 128 or cos.size(0) != 1):
