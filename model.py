@@ -332,7 +332,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(idx)
         alibi_bias = self._alibi_bias(h, T, start_pos, key_padding_mask, doc_ids)
         # the documents' ends, read off the device once per batch, where the NPU's packed-document kernel wants them
-        doc_ends = kernels.packed_doc_ends(doc_ids) if doc_ids is not None and kernels.wants_doc_ends(h) else None
+        doc_ends = None
+        if doc_ids is not None and alibi_bias is None and key_padding_mask is None and kernels.wants_doc_ends(h):
+            doc_ends = kernels.packed_doc_ends(doc_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
                       alibi_bias=alibi_bias, doc_ends=doc_ends)
