@@ -39,9 +39,10 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 from model import PRESETS, ModelArgs, Transformer, apply_lora, flops_per_token
@@ -384,6 +385,169 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# --mode=npu-check: every fused Ascend op against the portable path and an fp32 reference, on a real model's shapes
+
+NPU_KERNELS = ("npu_rms_norm", "npu_rotary_mul", "npu_swiglu", "npu_fusion_attention", "npu_incre_flash_attention",
+               "npu_prompt_flash_attention")
+
+
+def reference_attention(q, k, v, q_start=0, kv_len=None, key_padding_mask=None, alibi_slopes=None, doc_ids=None):
+    """Causal attention written out in fp32, softmax(q k^T / sqrt(D) + slope * (j - i)) v, with the masks
+    kernels.attention documents: query i (at position q_start + i) sees key j <= q_start + i of its own document
+    that is real (key_padding_mask), and always itself."""
+    B, H, T, D = q.shape
+    kv_len = kv_len or k.size(2)
+    k, v = (t[:, :, :kv_len].float().repeat_interleave(H // t.size(1), 1) for t in (k, v))
+    i = torch.arange(q_start, q_start + T, device=q.device)[:, None]
+    j = torch.arange(kv_len, device=q.device)[None, :]
+    s = q.float() @ k.transpose(-1, -2) / math.sqrt(D)
+    if alibi_slopes is not None:
+        s = s + alibi_slopes.float()[:, None, None] * (j - i)
+    allowed = j <= i
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])
+    if key_padding_mask is not None:
+        allowed = (allowed & key_padding_mask[:, None, None, :kv_len]) | (j == i)
+    return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+def _rotate_ref(x, cos, sin):
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def npu_check_cases(a: ModelArgs, B: int, T: int, device) -> list[dict]:
+    """The cases of --mode=npu-check for a model's shapes: each op in training (forward and backward) on B rows of
+    T tokens, attention with ALiBi (compressed past 1024 tokens), packed documents and left padding, and decoding:
+    a decode step and a prefill on a left-padded cache of T positions. kernel: the torch_npu op it must run on."""
+    H, H_kv, D = a.n_heads, a.kv_heads, a.head_dim
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    cos, sin = (t[None, :, None] for t in kernels.rope_cos_sin(torch.arange(T, device=device), D, a.rope_theta))
+    slopes = kernels.alibi_slopes(H).to(device)
+    docs = (torch.arange(T, device=device) * 8 // T).expand(B, T)  # 8 documents a row
+    Bi, kv_len, prompt = max(B, 4), T - T // 8, T // 2  # decoding: 4 rows at least, row r left padded by r * T / 16
+    pad = torch.arange(T, device=device)[None] >= (torch.arange(Bi + 1, device=device)[:, None] % 4) * (T // 16)
+    qkv = dict(q=randn(B, H, T, D), k=randn(B, H_kv, T, D), v=randn(B, H_kv, T, D))
+    cache = dict(k=randn(Bi, H_kv, T, D), v=randn(Bi, H_kv, T, D))
+    train_attention = dict(op="attention", kernel="npu_fusion_attention", fn=kernels.attention,
+                           ref=reference_attention, tensors=qkv, grad=("q", "k", "v"))
+    decode = dict(op="attention", kernel="npu_incre_flash_attention", fn=kernels.attention, ref=reference_attention,
+                  tensors=dict(q=randn(Bi, H, 1, D), **cache), grad=(),
+                  extra=dict(q_start=kv_len - 1, kv_len=kv_len, key_padding_mask=pad[:Bi, :kv_len]))
+    return [
+        dict(op="rms_norm", case="train", kernel="npu_rms_norm", fn=kernels.rms_norm, grad=("x", "weight"),
+             ref=lambda x, weight, eps: x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * weight,
+             tensors=dict(x=randn(B, T, a.dim), weight=1 + 0.1 * randn(a.dim)), extra=dict(eps=a.norm_eps)),
+        dict(op="apply_rotary", case="train", kernel="npu_rotary_mul", fn=kernels.apply_rotary, ref=_rotate_ref,
+             tensors=dict(x=randn(B, T, H, D)), extra=dict(cos=cos, sin=sin), grad=("x",)),
+        dict(op="swiglu", case="train", kernel="npu_swiglu", fn=kernels.swiglu, grad=("gate", "up"),
+             ref=lambda gate, up: F.silu(gate.float()) * up.float(),
+             tensors=dict(gate=randn(B, T, a.hidden_dim), up=randn(B, T, a.hidden_dim))),
+        dict(train_attention, case="train causal"),
+        dict(train_attention, case="train alibi" + (" (compressed pse)" if T > kernels.ALIBI_ROWS else ""),
+             extra=dict(alibi_slopes=slopes)),
+        dict(train_attention, case="train packed docs (TND)", extra=dict(doc_ids=docs)),
+        dict(train_attention, case="train alibi left-padded",
+             extra=dict(alibi_slopes=slopes, key_padding_mask=pad[1:B + 1])),
+        dict(decode, case="decode left-padded"),
+        dict(decode, case="decode alibi left-padded", extra=dict(decode["extra"], alibi_slopes=slopes)),
+        dict(decode, case="prefill alibi left-padded", kernel="npu_prompt_flash_attention",
+             tensors=dict(q=randn(Bi, H, prompt, D), **cache),
+             extra=dict(kv_len=prompt, key_padding_mask=pad[:Bi, :prompt], alibi_slopes=slopes)),
+    ]
+
+
+@contextmanager
+def counting_calls(npu, names):
+    """{name: calls} of the torch_npu functions `names` while in the block (kernels looks them up per call)."""
+    counts, originals = dict.fromkeys(names, 0), {n: getattr(npu, n) for n in names}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    for name, fn in originals.items():
+        setattr(npu, name, counted(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in originals.items():
+            setattr(npu, name, fn)
+
+
+def _run_case(case, tensors, device):
+    """Output and input gradients of one case (inference cases under inference_mode, without gradients)."""
+    grad = case["grad"]
+    xs = {n: t.detach().requires_grad_(n in grad) for n, t in tensors.items()}
+    with torch.inference_mode(not grad):
+        out = case["fn"](**xs, **case.get("extra", {}))
+    if not grad:
+        return out.float(), []
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    (out.float() * upstream).sum().backward()
+    return out.detach().float(), [xs[n].grad.float() for n in grad]
+
+
+def _median_ms(fn, rounds, device) -> float:
+    fn()  # warm up (kernel compilation, caches)
+    times = []
+    for _ in range(rounds):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return round(statistics.median(times), 3)
+
+
+def run_npu_check(a: ModelArgs, batch_size: int, seq_len: int, rounds: int, device) -> dict:
+    """Every case of npu_check_cases in bf16 and fp16: the fused path (it must call the case's torch_npu kernel) and
+    the portable path in that dtype, each against the fp32 reference on the same rounded inputs, output and input
+    gradients; ok where the fused error is at most twice the portable one plus one rounding step of the dtype."""
+    import torch_npu
+
+    name, family = kernels.npu_chip()
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16):
+        ulp = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+        for case in npu_check_cases(a, batch_size, seq_len, device):
+            tensors = {n: t.to(dtype) for n, t in case["tensors"].items()}
+            ref, ref_grads = _run_case(dict(case, fn=case["ref"]), {n: t.float() for n, t in tensors.items()}, device)
+
+            def errors(result):
+                out, grads = result
+                return ((out - ref).abs().max().item(),
+                        max([(x - r).abs().max().item() for x, r in zip(grads, ref_grads)], default=0.0))
+
+            with counting_calls(torch_npu, NPU_KERNELS) as ran:
+                fused = errors(_run_case(case, tensors, device))
+                fused_ms = _median_ms(lambda: _run_case(case, tensors, device), rounds, device)
+            with kernels.force_npu(False):
+                plain = errors(_run_case(case, tensors, device))
+                plain_ms = _median_ms(lambda: _run_case(case, tensors, device), rounds, device)
+            scale = [ref.abs().max().item()] + [r.abs().max().item() for r in ref_grads]
+            ok = ran[case["kernel"]] > 0 and all(e <= 2 * p + ulp * s for e, p, s in zip(fused, plain, scale))
+            rows.append(dict(op=case["op"], case=case["case"], dtype=str(dtype).split(".")[-1],
+                             kernel=case["kernel"], ran={k: n for k, n in ran.items() if n},
+                             max_err=fused[0], grad_max_err=fused[1], portable_max_err=plain[0],
+                             portable_grad_max_err=plain[1], ms=fused_ms, portable_ms=plain_ms, ok=ok))
+            r = rows[-1]
+            print(f"{r['dtype']:9s} {r['op']:13s} {r['case']:34s} {r['kernel']:27s} err {r['max_err']:.2e} "
+                  f"(portable {r['portable_max_err']:.2e}) grad {r['grad_max_err']:.2e} "
+                  f"({r['portable_grad_max_err']:.2e})  {r['ms']:9.3f} ms (portable {r['portable_ms']:9.3f})  "
+                  f"{'ok' if ok else 'FAIL'}", file=sys.stderr)
+    return {"mode": "npu-check", "device": device.type, "chip": name, "family": family, "heads": a.n_heads,
+            "kv_heads": a.kv_heads, "head_dim": a.head_dim, "batch_size": batch_size, "seq_len": seq_len,
+            "cases": rows, "ok": all(r["ok"] for r in rows)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # training plan (train.py --dry_run): what a config needs per device on its mesh and how long a step takes, computed
 # from ModelArgs without allocating the model
 
@@ -612,13 +776,16 @@ def plot(paths: list[str], out: str) -> dict:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="bench-llama", help="a model.PRESETS name")
+    p.add_argument("--preset", default=None, help="a model.PRESETS name (default bench-llama; npu-check: "
+                                                "baichuan2-13b)")
     p.add_argument("--model_args", default=None, help='ModelArgs overrides as JSON, e.g. \'{"n_layers": 4}\'')
-    p.add_argument("--mode", choices=["train", "generate"], default="train")
+    p.add_argument("--mode", choices=["train", "generate", "npu-check"], default="train",
+                   help="npu-check: every fused Ascend op against the portable path, on an NPU")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--compile", action="store_true", help="compile the blocks (train) / the decode step (generate)")
     p.add_argument("--batch_size", type=int, default=None, help="default 4 for train, 1 for generate")
-    p.add_argument("--seq_len", type=int, default=256, help="train: tokens per sequence")
+    p.add_argument("--seq_len", type=int, default=None, help="train: tokens per sequence (default 256; "
+                                                                "npu-check: 4096)")
     p.add_argument("--prompt_len", type=int, default=16, help="generate: prompt tokens")
     p.add_argument("--new_tokens", type=int, default=128, help="generate: tokens generated per prompt")
     p.add_argument("--steps", type=int, default=3, help="train: optimiser steps per timing")
@@ -633,6 +800,9 @@ def parse_args(argv):
     p.add_argument("--out", default="loss.png", help="--plot: the PNG to write")
     p.add_argument("--overwrite", action="store_true", help="--plot: replace an existing --out")
     opt = p.parse_args(argv)
+    check = opt.mode == "npu-check"
+    opt.preset = opt.preset or ("baichuan2-13b" if check else "bench-llama")
+    opt.seq_len = opt.seq_len if opt.seq_len is not None else (4096 if check else 256)
     opt.batch_size = opt.batch_size or (4 if opt.mode == "train" else 1)
     opt.warmup = opt.warmup if opt.warmup is not None else (3 if opt.compile else 1)
     for key in ("batch_size", "seq_len", "prompt_len", "new_tokens", "steps", "rounds"):
@@ -670,10 +840,18 @@ def main(argv=None) -> dict:
         if os.path.exists(opt.out) and not opt.overwrite:
             fail(f"--out={opt.out} exists; pass --overwrite to replace it")
         result = plot(opt.plot, opt.out)
+    elif opt.mode == "npu-check":
+        device = torch.device(opt.device or kernels.device_type())
+        if device.type != "npu":
+            fail(f"--mode=npu-check: needs an Ascend NPU (torch_npu and a device); this machine's device is "
+                 f"{device.type}")
+        result = run_npu_check(model_args_for(opt), opt.batch_size, opt.seq_len, opt.rounds, device)
     else:
         device = torch.device(opt.device or kernels.device_type())
         result = run_bench(opt, model_args_for(opt), device)
     print(json.dumps(result))
+    if result.get("ok") is False:
+        sys.exit(1)
     return result
 
 

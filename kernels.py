@@ -7,9 +7,11 @@ is imported lazily and only when an NPU is in play, so nothing here needs it.
     op                                     portable torch path                        Ascend path (torch_npu)
     rms_norm(x, weight, eps)               F.rms_norm; (1) _RMSNorm                   npu_rms_norm
     apply_rotary(x, cos, sin)              x * cos + rotate_half(x) * sin             npu_rotary_mul
-    attention(q, k, v, causal, alibi,      F.scaled_dot_product_attention;            npu_fusion_attention (BNSD,
-              masks)                       (2) the same in fp32                       TND for packed docs) where
-                                                                                      head_dim % 16 == 0
+    attention(q, k, v, causal, alibi,      F.scaled_dot_product_attention;            training: npu_fusion_attention
+              masks, kv cache)             (2) the same in fp32                       (BNSD; TND for packed docs);
+                                                                                      inference: npu_incre_flash_
+                                                                                      attention (decode steps),
+                                                                                      npu_prompt_flash_attention
     swiglu(gate, up)                       F.silu(gate) * up; (1) _SwiGLU             npu_swiglu
     cross_entropy(logits, targets, mask)   F.cross_entropy in fp32                    portable
     linear_cross_entropy(h, weight, ...)   _LinearCrossEntropy, no logits kept;       portable
@@ -22,11 +24,16 @@ is imported lazily and only when an NPU is in play, so nothing here needs it.
 (2) bf16 on a CPU without bf16 units (_bf16_on_fp32_units): torch's bf16 GEMMs are scalar loops there; the fp32
     GEMM on the bf16 values, its result rounded to bf16, gives a bf16 GEMM's numbers at fp32 speed.
 
-Tests run the NPU path on CPU against a fake torch_npu that implements the documented semantics (force_npu()).
+An Ascend op is used only on the parts torch_npu 2.13's documentation lists for it (NPU_OPS, by
+torch.npu.get_device_name()) and within the shapes it documents; otherwise the op takes the portable path and says
+so once on stderr. Tests run the NPU path on CPU against a fake torch_npu that implements the documented semantics
+and limits (force_npu()); bench.py --mode=npu-check compares every fused op with the portable path on a real NPU.
 """
 
 import functools
 import math
+import re
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -48,6 +55,7 @@ def _npu_available() -> bool:
 def device_type() -> str:
     """'npu' | 'cuda' | 'mps' | 'cpu': the best accelerator this process can use."""
     if _npu_available():
+        npu_chip()  # says once which fused ops this part lacks
         return "npu"
     if torch.cuda.is_available():
         return "cuda"
@@ -61,27 +69,81 @@ def dist_backend(device: str | None = None) -> str:
     return {"npu": "hccl", "cuda": "nccl"}.get(device or device_type(), "gloo")
 
 
-_force_npu = False
+_force_npu = None  # True: every op takes the torch_npu path; False: every op the portable path; None: by device
 
 
 @contextmanager
 def force_npu(enabled: bool = True):
-    """Route every op through the torch_npu path whatever the device (tests do this with a fake torch_npu)."""
+    """Route every op through the torch_npu path whatever the device (tests do this with a fake torch_npu), or with
+    enabled=False through the portable path even on an NPU (bench.py --mode=npu-check's reference)."""
     global _force_npu
     previous, _force_npu = _force_npu, enabled
+    npu_chip.cache_clear()
     try:
         yield
     finally:
         _force_npu = previous
+        npu_chip.cache_clear()
 
 
-def _npu(x: torch.Tensor):
-    """The torch_npu module when x lives on an NPU (or the NPU path is forced), else None."""
-    if _force_npu or x.device.type == "npu":
-        import torch_npu
+def _on_npu(x: torch.Tensor) -> bool:
+    return _force_npu if _force_npu is not None else x.device.type == "npu"
 
-        return torch_npu
-    return None
+
+# The fused ops and the Ascend parts torch_npu 2.13's documentation lists for each (its "supported models"): Atlas A2
+# is the 910B (Ascend910B1..B4, also in the Atlas 800I A2), Atlas A3 the Ascend910_93xx, the Atlas training series
+# the first 910s (Ascend910A, ProA, PremiumA, ProB and the bare Ascend910B), the Atlas inference series the 310P.
+# npu_rms_norm lists no parts. The 310P's decode and prefill kernels take fp16 only and no bias: not used here.
+NPU_OPS = {
+    "Atlas A2": {"npu_rms_norm", "npu_rotary_mul", "npu_swiglu", "npu_fusion_attention", "npu_incre_flash_attention",
+                 "npu_prompt_flash_attention"},
+    "Atlas A3": {"npu_rms_norm", "npu_rotary_mul", "npu_prompt_flash_attention"},
+    "Atlas training": {"npu_rms_norm", "npu_rotary_mul"},  # npu_rotary_mul with head_dim 128 only
+    "Atlas inference": {"npu_rms_norm", "npu_rotary_mul"},  # npu_rotary_mul with head_dim 128 only
+    "unknown": {"npu_rms_norm"},
+}
+
+
+def npu_family(name: str) -> str:
+    """The NPU_OPS family of an Ascend part as torch.npu.get_device_name() names it: 'Ascend910B3' -> 'Atlas A2'."""
+    for pattern, family in ((r"Ascend910B\d", "Atlas A2"), (r"Ascend910_93", "Atlas A3"),
+                            (r"Ascend910", "Atlas training"), (r"Ascend310P", "Atlas inference")):
+        if re.match(pattern, name):
+            return family
+    return "unknown"
+
+
+@functools.cache
+def npu_chip() -> tuple[str, str]:
+    """(name, family) of this process's NPU, read once; the fused ops it lacks are said once, here."""
+    import torch_npu
+
+    name = torch_npu.npu.get_device_name()
+    family = npu_family(name)
+    lacking = sorted(set().union(*NPU_OPS.values()) - NPU_OPS[family])
+    if lacking:
+        _say_once(f"kernels: {name} ({family}): torch_npu 2.13 documents {', '.join(lacking)} for other Ascend "
+                  "parts; the ops that would use them take the portable torch path")
+    return name, family
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str):
+    """Print a routing decision to stderr the first time it is made (an op falling back must not go unnoticed)."""
+    if message not in _said:
+        _said.add(message)
+        print(message, file=sys.stderr)
+
+
+def _npu_op(x: torch.Tensor, op: str):
+    """The torch_npu module when x is on an NPU (or the NPU path is forced) whose part has op, else None."""
+    if not _on_npu(x):
+        return None
+    import torch_npu
+
+    return torch_npu if op in NPU_OPS[npu_chip()[1]] else None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -101,7 +163,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     each cast the fp32 result and keep their own 16-bit copy for backward; the copies are the same numbers.
     """
     weight = weight.to(x.dtype)  # under autocast the gain is fp32; both fused kernels want one dtype
-    npu = _npu(x)
+    npu = _npu_op(x, "npu_rms_norm") if 2 <= x.dim() <= 8 else None
     if npu is not None:
         y = npu.npu_rms_norm(x, weight, eps)[0]
     elif _plain_training(x, weight):
@@ -159,16 +221,32 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE: x * cos + rotate_half(x) * sin. x (B, T, H, D); cos, sin broadcastable, e.g. (B|1, T, 1, D)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    npu = _npu(x)
-    if npu is not None:
+    npu = _npu_op(x, "npu_rotary_mul")
+    if npu is not None and _rotary_fits(x, cos):
         return npu.npu_rotary_mul(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.addcmul(x * cos, torch.cat([-x2, x1], dim=-1), sin)  # one pass fewer than a * b + c * d
 
 
+def _rotary_fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether npu_rotary_mul takes x (B, T, H, D) (its BSND layout) with cos, sin (1|B, T, 1, D), as torch_npu 2.13
+    documents it: D < 896 and even, B and H under 1000; on the parts before the 910B only D = 128, cos (1, T, 1, D)."""
+    B, _, H, D = x.shape
+    if D >= 896 or D % 2 or B >= 1000 or H >= 1000:
+        _say_once(f"kernels: npu_rotary_mul takes head_dim < 896 (even), batch and heads < 1000; got x "
+                  f"{tuple(x.shape)}: apply_rotary takes the portable path")
+        return False
+    name, family = npu_chip()
+    if family in ("Atlas training", "Atlas inference") and (D != 128 or cos.size(0) != 1):
+        _say_once(f"kernels: npu_rotary_mul on {name} takes head_dim 128 and one position table for the batch; got "
+                  f"x {tuple(x.shape)}, cos {tuple(cos.shape)}: apply_rotary takes the portable path")
+        return False
+    return True
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, the LLaMA feed-forward nonlinearity."""
-    npu = _npu(gate)
+    npu = _npu_op(gate, "npu_swiglu")
     if npu is not None:
         return npu.npu_swiglu(torch.cat([gate, up], dim=-1), dim=-1)
     if _plain_training(gate, up):
@@ -342,18 +420,30 @@ def _alibi_bias(slopes, T, S, q_start, device):
 
 
 def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=True, key_padding_mask=None,
-                         doc_ids=None, device=None):
+                         doc_ids=None, device=None, kv_len=None):
     """The ALiBi bias `attention` would build for queries of this dtype and head_dim, built once for every layer.
 
     Passed to each layer's attention (alibi_bias=), all layers add and save the same tensor instead of building their
     own: (B|1, H, T, S) is 1.3 GB in bf16 for Baichuan-13B at 4096 tokens, and autograd kept one per layer (40).
-    On an NPU it is the kernel's pse (bias / scale); elsewhere the SDPA mask, -inf where a query may not look.
+    S: the key positions of the k, v attention gets, of which the first kv_len (default S) are in use (a KV cache).
+    Its form is the one the kernel that will run wants (_npu_attention_kernel): the SDPA mask (-inf where a query may
+    not look) on the portable path; npu_fusion_attention's pse, bias / scale (it computes scale * (pse + q k^T)),
+    only its last 1024 rows for a long causal sequence (the documented ALiBi compression: the kernel keeps a pse
+    gradient the size of the pse); the inference kernels' pse_shift, the bias itself over the whole cache (they add
+    it to scale * q k^T). ALiBi models are multi-head: the kernel is picked for as many kv heads as query heads.
     """
     device = device or slopes.device
-    bias = _alibi_bias(slopes, T, S, q_start, device)
-    if _npu(slopes) is not None and head_dim % 16 == 0:
-        return (bias / (1.0 / math.sqrt(head_dim))).to(dtype)  # the kernel computes scale * (pse + q k^T)
-    allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device)
+    kv_len = S if kv_len is None else kv_len
+    H = slopes.numel()
+    kernel = _npu_attention_kernel(slopes, dtype, H, H, head_dim, T, S, doc_ids)
+    if kernel in ("ifa", "pfa"):
+        return _alibi_bias(slopes, T, S, q_start, device).to(dtype)
+    if kernel == "fa":
+        if _alibi_compressible(T, kv_len, q_start, causal, key_padding_mask, doc_ids):
+            T, q_start = ALIBI_ROWS, kv_len - ALIBI_ROWS
+        return (_alibi_bias(slopes, T, kv_len, q_start, device) * math.sqrt(head_dim)).to(dtype)
+    bias = _alibi_bias(slopes, T, kv_len, q_start, device)
+    allowed = _allowed(T, kv_len, q_start, causal, key_padding_mask, doc_ids, device)
     # fp32 where SDPA runs in fp32 (2): slope * distance in bf16 rounds to steps of up to 16 at 4096 tokens; in the
     # query's dtype elsewhere (CUDA's fused kernels take no other). Converted here, not in each layer's attention, so
     # that every layer shares (and autograd saves) this one tensor
@@ -361,32 +451,47 @@ def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=Tru
     return mask if _bf16_on_fp32_units(dtype, device) else mask.to(dtype)
 
 
+# npu_fusion_attention's ALiBi compression: for Sq > 1024 (Sq = Skv, a causal mask) it takes the last 1024 rows of the
+# bias (it repeats along the diagonals) instead of all Sq
+ALIBI_ROWS = 1024
+
+
+def _alibi_compressible(T, kv_len, q_start, causal, key_padding_mask, doc_ids) -> bool:
+    return T > ALIBI_ROWS and q_start == 0 and T == kv_len and causal and key_padding_mask is None and doc_ids is None
+
+
 def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None, doc_ids=None, q_start=0,
-              alibi_bias=None):
+              alibi_bias=None, kv_len=None, doc_ends=None):
     """Scaled dot-product attention with causal, ALiBi, padding and packed-document masks.
 
-    q (B, H, T, D); k, v (B, H_kv, S, D) with H_kv dividing H (grouped-query attention). Query i sits at position
-    q_start + i and key j at position j, so with a KV cache S = q_start + T. key_padding_mask (B, >=S) bool, True
-    for real tokens; doc_ids (B, T) document index of every token of a packed sequence (needs S == T).
+    q (B, H, T, D); k, v (B, H_kv, S, D) with H_kv dividing H (grouped-query attention), of which the first kv_len
+    positions (default S) are keys: a preallocated KV cache goes in whole (the NPU's inference kernels read it in
+    place). Query i sits at position q_start + i and key j at position j, so with a KV cache kv_len = q_start + T.
+    key_padding_mask (B, >=kv_len) bool, True for real tokens; doc_ids (B, T) document index of every token of a
+    packed sequence (needs kv_len == T), doc_ends its packed_doc_ends, computed once per batch.
     alibi_bias: alibi_attention_bias(alibi_slopes, ...) for these arguments, built once and shared by the layers.
     Returns (B, H, T, D).
     """
     B, H, T, D = q.shape
     S = k.size(2)
-    npu = _npu(q)
+    kv_len = S if kv_len is None else kv_len
+    kernel = _npu_attention_kernel(q, q.dtype, H, k.size(1), D, T, S, doc_ids)
     if alibi_slopes is not None and alibi_bias is None:
-        alibi_bias = alibi_attention_bias(alibi_slopes, q.dtype, D, T, S, q_start, causal=causal,
+        alibi_bias = alibi_attention_bias(alibi_slopes, q.dtype, D, T, S, q_start, causal=causal, kv_len=kv_len,
                                           key_padding_mask=key_padding_mask, doc_ids=doc_ids, device=q.device)
-    if npu is not None and D % 16 == 0:  # the fused kernel needs head_dim % 16 == 0; others take the portable path
-        return _npu_attention(npu, q, k, v, causal, alibi_bias, key_padding_mask, doc_ids, q_start)
-    plain_causal = causal and alibi_bias is None and key_padding_mask is None and doc_ids is None and T == S
+    if kernel in ("ifa", "pfa"):
+        return _npu_infer_attention(kernel, q, k, v, causal, alibi_bias, key_padding_mask, q_start, kv_len)
+    k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+    if kernel == "fa":
+        return _npu_attention(q, k, v, causal, alibi_bias, key_padding_mask, doc_ids, doc_ends, q_start)
+    plain_causal = causal and alibi_bias is None and key_padding_mask is None and doc_ids is None and T == kv_len
     mask, is_causal = None, False
     if alibi_bias is not None:
         mask = alibi_bias  # the mask folded in
     elif plain_causal:
         is_causal = True  # let SDPA pick its fused causal kernel; no (T, S) mask built
     else:
-        mask = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, q.device)
+        mask = _allowed(T, kv_len, q_start, causal, key_padding_mask, doc_ids, q.device)
     if _bf16_on_fp32_units(compute_dtype(q), q.device):  # fp32 SDPA on the bf16 values, the bf16 result
         with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
@@ -397,19 +502,51 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=H != k.size(1))
 
 
+def _npu_attention_kernel(x, dtype, H, H_kv, D, T, S, doc_ids) -> str | None:
+    """The torch_npu kernel attention runs on for these inputs (x: any tensor on their device), by the limits
+    torch_npu 2.13 documents, or None for the portable path.
+
+    'ifa' npu_incre_flash_attention (one-token decode steps) and 'pfa' npu_prompt_flash_attention (prefill), the
+    inference kernels, where no gradient is wanted: fp16 / bf16, head_dim a multiple of 16 up to 512, at most 256
+    query heads and 64 per kv head, keys up to 256K for a decode step. 'fa' npu_fusion_attention, the training
+    kernel (also inference where the others do not fit, e.g. fp32, packed documents): head_dim 1..768, at most 256
+    query heads, whole multiples of the kv heads.
+    """
+    if not _on_npu(x):
+        return None
+    if (not torch.is_grad_enabled() and doc_ids is None and dtype in (torch.float16, torch.bfloat16) and D % 16 == 0
+            and D <= 512 and H <= 256 and H % H_kv == 0 and H // H_kv <= 64):
+        if T == 1 and S <= 262144 and _npu_op(x, "npu_incre_flash_attention"):
+            return "ifa"
+        if _npu_op(x, "npu_prompt_flash_attention"):
+            return "pfa"
+    if not _npu_op(x, "npu_fusion_attention"):
+        return None
+    if D > 768 or H > 256 or H % H_kv:
+        _say_once(f"kernels: npu_fusion_attention takes head_dim 1..768 and 1..256 query heads, a whole multiple of "
+                  f"the kv heads; got head_dim {D}, {H} query and {H_kv} kv heads: attention takes the portable path")
+        return None
+    return "fa"
+
+
 @functools.cache
 def _npu_causal_mask(device) -> torch.Tensor:
-    # sparse modes 2 and 3 take this fixed 2048 x 2048 upper-triangular mask whatever the sequence length
-    return torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1)
+    """The fixed 2048 x 2048 upper-triangular mask sparse modes 2 and 3 take whatever the sequence length. Built
+    outside inference mode: the training kernel saves it for backward, which an inference tensor cannot be."""
+    with torch.inference_mode(False):
+        return torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1)
 
 
-def _npu_attention(npu, q, k, v, causal, pse, key_padding_mask, doc_ids, q_start):
+def _npu_attention(q, k, v, causal, pse, key_padding_mask, doc_ids, doc_ends, q_start):
+    """npu_fusion_attention in BNSD, or TND for packed documents; pse as alibi_attention_bias makes it for 'fa'."""
+    import torch_npu as npu
+
     B, H, T, D = q.shape
     S = k.size(2)
     scale = 1.0 / math.sqrt(D)
     if doc_ids is not None and pse is None and key_padding_mask is None and causal:
-        return _npu_packed_attention(npu, q, k, v, doc_ids, scale)
-    if causal and key_padding_mask is None and doc_ids is None and T == S:
+        return _npu_packed_attention(npu, q, k, v, doc_ends or packed_doc_ends(doc_ids), scale)
+    if causal and key_padding_mask is None and doc_ids is None and q_start + T == S:
         atten_mask, sparse_mode = _npu_causal_mask(q.device), 3  # right-down causal, no (T, S) mask built
     else:
         allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, q.device)
@@ -419,21 +556,72 @@ def _npu_attention(npu, q, k, v, causal, pse, key_padding_mask, doc_ids, q_start
     )[0]
 
 
-def _npu_packed_attention(npu, q, k, v, doc_ids, scale):
+# npu_fusion_attention's varlen (TND) limits: at most 1K sequences per call, at most 1M tokens
+TND_MAX_SEQS, TND_MAX_TOKENS = 1024, 1 << 20
+
+
+def packed_doc_ends(doc_ids: torch.Tensor) -> list[tuple[int, list[int]]]:
+    """The TND calls of packed rows: doc_ids (B, T) -> [(first token, cumulative end of each document from there)],
+    over the flattened batch, each call within npu_fusion_attention's varlen limits (TND_MAX_SEQS documents,
+    TND_MAX_TOKENS tokens). It reads the ends off the device once: model.Transformer.forward calls it once per
+    batch and hands the result to every layer's attention (doc_ends=)."""
+    new_doc = F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (0, 1), value=True)  # (B, T): a document ends at t
+    ends = (new_doc.flatten().nonzero().flatten() + 1).tolist()
+    calls = []
+    for end in ends:
+        if not calls or len(calls[-1][1]) == TND_MAX_SEQS or end - calls[-1][0] > TND_MAX_TOKENS:
+            calls.append((calls[-1][0] + calls[-1][1][-1] if calls else 0, []))
+        calls[-1][1].append(end - calls[-1][0])
+    return calls
+
+
+def wants_doc_ends(x: torch.Tensor) -> bool:
+    """Whether attention on x's device takes packed documents through npu_fusion_attention's TND layout, which wants
+    packed_doc_ends."""
+    return _on_npu(x) and _npu_op(x, "npu_fusion_attention") is not None
+
+
+def _npu_packed_attention(npu, q, k, v, calls, scale):
     """Packed documents in the TND layout: every document is its own causal sequence, none is padded."""
     B, H, T, D = q.shape
-    ends = []  # cumulative end offset of every document over the flattened batch
-    for b, row in enumerate(doc_ids.tolist()):
-        ends += [b * T + t for t in range(1, T) if row[t] != row[t - 1]] + [(b + 1) * T]
 
     def tnd(x):  # (B, N, T, D) -> (B*T, N, D)
         return x.transpose(1, 2).reshape(B * T, x.size(1), D)
 
-    out = npu.npu_fusion_attention(
-        tnd(q), tnd(k), tnd(v), H, "TND", atten_mask=_npu_causal_mask(q.device), scale=scale, sparse_mode=3,
-        actual_seq_qlen=ends, actual_seq_kvlen=ends,
-    )[0]
+    q, k, v = tnd(q), tnd(k), tnd(v)
+    outs = []
+    for start, ends in calls:
+        stop = start + ends[-1]
+        outs.append(npu.npu_fusion_attention(
+            q[start:stop], k[start:stop], v[start:stop], H, "TND", atten_mask=_npu_causal_mask(q.device), scale=scale,
+            sparse_mode=3, actual_seq_qlen=ends, actual_seq_kvlen=ends,
+        )[0])
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.view(B, T, H, D).transpose(1, 2)
+
+
+INT32_MAX = 2147483647  # the inference kernels' "no limit" for pre_tokens / next_tokens
+
+
+def _npu_infer_attention(kernel, q, k, v, causal, pse, key_padding_mask, q_start, kv_len):
+    """A decode step (npu_incre_flash_attention) or a prefill (npu_prompt_flash_attention) under inference, on the
+    KV cache in place: k, v (B, H_kv, S, D) whole, the first kv_len positions in use (actual_seq_lengths); they
+    compute softmax(scale * q k^T + pse_shift) with atten_mask True = masked out, both of width S."""
+    import torch_npu as npu
+
+    B, H, T, D = q.shape
+    H_kv, S = k.size(1), k.size(2)
+    allowed = _allowed(T, kv_len, q_start, causal, key_padding_mask, None, q.device)  # (B|1, 1, T, kv_len)
+    atten_mask = None if allowed is None else F.pad(~allowed, (0, S - kv_len), value=True)
+    kwargs = dict(pse_shift=pse, atten_mask=atten_mask, num_heads=H, scale_value=1.0 / math.sqrt(D),
+                  input_layout="BNSD", num_key_value_heads=H_kv)
+    k, v = k.contiguous(), v.contiguous()  # no copy for a cache; the kernels take no strided tensors
+    if kernel == "ifa":
+        return npu.npu_incre_flash_attention(q.contiguous(), k, v, actual_seq_lengths=[kv_len], **kwargs)
+    # the mask says what is causal: no band (pre_tokens / next_tokens, whose default next_tokens=0 cuts at i)
+    return npu.npu_prompt_flash_attention(q.contiguous(), k, v, actual_seq_lengths_kv=[kv_len], pre_tokens=INT32_MAX,
+                                          next_tokens=INT32_MAX, **kwargs)
+
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
         self.wqkv: Optional[LoRA] = None  # one LoRA adapter across [wq; wk; wv] (Baichuan's W_pack), see apply_lora
 
-    def forward(self, x, cos, sin, start_pos=0, key_padding_mask=None, doc_ids=None, alibi_bias=None):
+    def forward(self, x, cos, sin, start_pos=0, key_padding_mask=None, doc_ids=None, alibi_bias=None, doc_ends=None):
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds only its share of the heads
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -211,10 +211,13 @@ class Attention(nn.Module):
         if cos is not None:
             q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
+        kv_len = None
+        if self.cache is not None:  # attention gets the whole cache (B, n_kv_heads, max_seq_len, head_dim)
+            self.cache.update(start_pos, k, v)
+            k, v, kv_len = self.cache.k[:B], self.cache.v[:B], start_pos + T
         y = kernels.attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, alibi_bias=alibi_bias,
-                              key_padding_mask=key_padding_mask, doc_ids=doc_ids, q_start=start_pos)
+                              key_padding_mask=key_padding_mask, doc_ids=doc_ids, q_start=start_pos, kv_len=kv_len,
+                              doc_ends=doc_ends)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -328,9 +331,13 @@ class Transformer(nn.Module):
                 cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B|1, T, 1, D)
         h = self.tok_embeddings(idx)
         alibi_bias = self._alibi_bias(h, T, start_pos, key_padding_mask, doc_ids)
+        # the documents' ends, read off the device once per batch, where the NPU's packed-document kernel wants them
+        doc_ends = None
+        if doc_ids is not None and alibi_bias is None and key_padding_mask is None and kernels.wants_doc_ends(h):
+            doc_ends = kernels.packed_doc_ends(doc_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
-                      alibi_bias=alibi_bias)
+                      alibi_bias=alibi_bias, doc_ends=doc_ends)
         h = self.norm(h)
         head = self._plain_head_weight() if targets is not None and torch.is_grad_enabled() else None
         if head is not None:  # training: the loss straight from h, the full logits never built (fast, less memory)
@@ -348,10 +355,10 @@ class Transformer(nn.Module):
         attention = self.layers[0].attention
         if attention.alibi_slopes is None:
             return None
-        S = start_pos + T if attention.cache is not None else T
+        S = attention.cache.k.size(2) if attention.cache is not None else T  # keys attention gets: a whole cache
         return kernels.alibi_attention_bias(attention.alibi_slopes, kernels.compute_dtype(h), self.args.head_dim, T,
                                             S, start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
-                                            device=h.device)
+                                            device=h.device, kv_len=start_pos + T)
 
     def _plain_head_weight(self) -> Optional[torch.Tensor]:
         """The output layer's weight when it is a plain matrix (not tensor-parallel, NF4 or adapted), else None."""
