@@ -1,5 +1,6 @@
 """
-Generate text from a checkpoint dir: streamed sampling, family-aware chat, int8/int4 weight-only quantisation.
+Generate text from a checkpoint dir: streamed sampling, family-aware chat, int8/int4 weight-only quantisation,
+and an OpenAI-compatible HTTP server (--serve).
 
 Run:
   python sample.py --ckpt=ckpt/llama-7b --prompt="Once upon a time" --max_new_tokens=100
@@ -8,6 +9,7 @@ Run:
   python sample.py --ckpt=DIR --quantize=int4 --group_size=128 --save_quantized=DIR-int4   # then --ckpt=DIR-int4
   python sample.py --ckpt=DIR --prompt_file=prompts.txt --temperature=0               # one batch, left padded
   python sample.py --ckpt=ckpt/baichuan-7b --adapter=out/baichuan_7b_qlora/adapter --chat  # LoRA adapters of train.py
+  python sample.py --ckpt=ckpt/baichuan2-7b-chat --serve --port=8000    # the OpenAI API: /v1/chat/completions, ...
 
 Generated text goes to stdout as it decodes; everything else (settings, speed, warnings) goes to stderr.
 
@@ -88,6 +90,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 def sample_rows(logits, temperature, top_k, top_p, generator):
     """sample_next with each row's own settings: every argument a list with one entry per row of logits (B, V)."""
+    if not any(temperature):  # all greedy: one argmax for the batch
+        return logits.argmax(dim=-1)
     return torch.cat([sample_next(logits[b:b + 1], temperature[b], top_k[b], top_p[b], generator[b])
                       for b in range(logits.size(0))])
 
@@ -661,13 +665,14 @@ class ModelServer(ThreadingHTTPServer):
 
     def __init__(self, model, tok, *, host="127.0.0.1", port=8000, name="model", template=None, system=None,
                  plain_settings=None, chat_settings=None, max_new_tokens=256, seed=None, max_batch=8,
-                 batch_wait=0.01, decode_step=None, max_body=MAX_BODY_BYTES):
+                 batch_wait=0.01, decode_step=None, max_body=MAX_BODY_BYTES, access_log=True):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), APIHandler)
         self.model, self.tok, self.name, self.template, self.system = model, tok, name, template, system
         self.settings = {False: plain_settings or PLAIN_GENERATION_DEFAULTS}
         self.settings[True] = chat_settings or self.settings[False]
-        self.max_new_tokens, self.max_body, self.created = max_new_tokens, max_body, int(time.time())
+        self.max_new_tokens, self.max_body, self.access_log = max_new_tokens, max_body, access_log
+        self.created = int(time.time())
         self.device = next(model.parameters()).device
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         pad_id = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
@@ -787,6 +792,10 @@ class APIHandler(BaseHTTPRequestHandler):
             self.refuse(APIError(500, f"internal error ({type(e).__name__}); see the server's log"))
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = route
+
+    def log_message(self, format, *args):  # the access log, on stderr
+        if getattr(self.server, "access_log", True):
+            super().log_message(format, *args)
 
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (malformed request line, headers too long, ...) as JSON too."""
