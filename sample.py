@@ -475,6 +475,7 @@ class Job:
         self.cancelled = threading.Event()  # set by the request's side: a stop string ended it, or the client left
         self.error = None
         self.finish_reason, self.n_tokens = "length", 0
+        self.submitted = time.monotonic()
 
     def tokens(self, client_alive):
         """The request's side: the ids as they come. Closing it (stream_text does on a stop string) or the client
@@ -505,13 +506,14 @@ class Job:
 
 
 class Batcher:
-    """The one thread that runs the model. It waits for a job, then up to `wait` seconds for more (up to
-    max_batch), and decodes the oldest waiting jobs that fit the context together as one left-padded batch, each row
-    with its own settings. A batch ends when every row has ended: an end id, its max_tokens, a stop string or its
+    """The one thread that runs the model. It waits for a job, then until that job has waited `wait` seconds for
+    others (up to max_batch), and decodes the oldest waiting jobs that fit the context together as one left-padded
+    batch, each row with its own settings. A batch ends when every row has ended: an end id, its max_tokens, a stop string or its
     client gone; jobs arriving meanwhile form the next one. A batch that fails fails its jobs, not the server."""
 
     def __init__(self, model, pad_id, max_batch=8, wait=0.01, decode_step=None):
-        self.model, self.pad_id, self.max_batch, self.wait, self.decode_step = model, pad_id, max_batch, wait, decode_step
+        self.model, self.pad_id, self.decode_step = model, pad_id, decode_step
+        self.max_batch, self.wait = max_batch, wait
         self.waiting, self.closed = [], False
         self.cv = threading.Condition()
         self.batches = collections.deque(maxlen=1000)  # (rows, steps) of the latest batches
@@ -522,12 +524,22 @@ class Batcher:
         with self.cv:
             self.waiting.append(job)
             self.cv.notify()
+            if self.closed:
+                self.turn_away()
 
     def close(self):
         with self.cv:
             self.closed = True
             self.cv.notify()
         self.thread.join()
+        with self.cv:
+            self.turn_away()
+
+    def turn_away(self):
+        for job in self.waiting:
+            job.error = "the server is shutting down"
+            job.out.put(None)
+        self.waiting = []
 
     def next_batch(self):
         with self.cv:
@@ -536,7 +548,7 @@ class Batcher:
                 if self.waiting:
                     break
                 self.cv.wait(0.5)
-            deadline = time.monotonic() + self.wait
+            deadline = self.waiting[0].submitted + self.wait if self.waiting else 0
             while not self.closed and len(self.waiting) < self.max_batch and time.monotonic() < deadline:
                 self.cv.wait(max(deadline - time.monotonic(), 0))
             if self.closed:
@@ -804,7 +816,7 @@ class APIHandler(BaseHTTPRequestHandler):
     def refuse(self, error):
         """Answer with the error and close the connection (an unread body must not be taken for a request)."""
         try:
-            if getattr(self, "streaming", False):  # headers already sent: the error becomes the last event, as OpenAI streams it
+            if getattr(self, "streaming", False):  # headers sent: the error is the last event, as OpenAI's streams
                 self.send_event(error.body())
             else:
                 self.send_json(error.status, error.body(), [("Connection", "close"), *error.headers])

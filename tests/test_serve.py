@@ -98,7 +98,8 @@ def test_greedy_completion_equals_sample_py_streamed_or_not(ckpt, client):
     assert got.choices[0].text + "\n" == want
     assert got.usage.prompt_tokens == 1 + len("héllo wörld".encode()) and got.usage.completion_tokens == 12
     assert got.choices[0].finish_reason == "length"
-    chunks = list(client.completions.create(model="tiny", prompt="héllo wörld", max_tokens=12, temperature=0, stream=True))
+    chunks = list(client.completions.create(model="tiny", prompt="héllo wörld", max_tokens=12, temperature=0,
+                                            stream=True))
     assert "".join(c.choices[0].text for c in chunks) + "\n" == want
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
 
