@@ -779,7 +779,7 @@ class APIHandler(BaseHTTPRequestHandler):
 
     def route(self):
         self.streaming = False
-        path = urllib.parse.urlsplit(self.path).path.rstrip("/")
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).rstrip("/")
         try:
             method = self.ROUTES.get(path) or ("GET" if path.startswith("/v1/models/") else None)
             if method is None:

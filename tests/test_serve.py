@@ -346,6 +346,29 @@ def test_openai_client_raises_the_servers_error(client):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
 
 
+class FailingModel(SlowModel):
+    """The model, failing on any prompt that holds an "!" (33): as a batch that runs out of memory would."""
+
+    def forward(self, idx, *args, **kwargs):
+        if (idx == 33).any():
+            raise RuntimeError("out of memory (a test's)")
+        return self.inner(idx, *args, **kwargs)
+
+
+def test_a_failing_batch_answers_500_and_the_server_goes_on(ckpt):
+    server = start_server(ckpt, model=FailingModel(sample.load_model(ckpt, "cpu", torch.float32)[0], 0))
+    try:
+        status, _, text = raw(server, "POST", "/v1/completions", {"prompt": "hi!", "max_tokens": 4})
+        assert status == 500 and "Traceback" not in text
+        assert json.loads(text)["error"] == {"message": "generation failed: RuntimeError: out of memory (a test's)",
+                                             "type": "server_error", "param": None, "code": None}
+        status, _, text = raw(server, "POST", "/v1/completions", {"prompt": "hi!", "max_tokens": 4, "stream": True})
+        assert status == 200 and json.loads(text.split("\n\n")[0][6:])["error"]["type"] == "server_error"
+        assert client_for(server).completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens
+    finally:
+        stop_server(server)
+
+
 # -----------------------------------------------------------------------------
 # command line
 
