@@ -4,6 +4,7 @@
     python bench.py --preset=bench-llama --mode=generate --dtype=bfloat16 --compile
     python bench.py --mode=train --compare        # ours and transformers' LlamaForCausalLM alternated, medians, ratio
     python bench.py --mode=train --lora_rank=8 [--qlora]    # fine-tuning speed: LoRA adapters (on an NF4 base)
+    python bench.py --preset=bench-llama --mode=serve --batch_size=4   # 4 HTTP clients at once vs one after another
     python bench.py --plot out/a/metrics.jsonl out/b/metrics.jsonl --out=loss.png   # curves + relative difference
 
 It also holds the training plan behind `python train.py CONFIG --dry_run` (training_plan, memory_plan): per-device
@@ -26,18 +27,25 @@ shared CPU other processes take cores and memory bandwidth, so compare only figu
 frozen, --qlora on an NF4 base. Their MFU counts 4 FLOPs per frozen weight (forward + input gradient), 6 per adapter
 weight, plus attention's 12 * n_layers * seq_len * dim.
 
+Serve mode times sample.py's OpenAI-compatible server (in this process, on a free 127.0.0.1 port) with the weights as
+generate mode holds them: --batch_size clients each POST one greedy /v1/completions request (prompt_len random token
+ids, new_tokens each), first all at once from threads (the server decodes them as one batch), then one after another,
+alternated for --rounds rounds. It reports the total generated tokens/s of each (medians) and their ratio.
+
 --compare builds transformers' LlamaForCausalLM with the same config (sdpa attention) and the same weights, the same
 batch and train.py's AdamW, then alternates ours and theirs for --rounds rounds (timings drift between runs; only
 figures from one run are compared). The first losses / greedy tokens are printed so the workloads can be checked equal.
 """
 
 import argparse
+import http.client
 import json
 import math
 import os
 import resource
 import statistics
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 
@@ -548,6 +556,94 @@ def run_npu_check(a: ModelArgs, batch_size: int, seq_len: int, rounds: int, devi
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# serving: concurrent HTTP clients against sample.py's server
+
+
+class IdTokenizer:
+    """Serve mode's stand-in tokenizer for random weights: a token's text is its id. No eos: every request generates
+    exactly new_tokens."""
+
+    bos_id = eos_id = pad_id = None
+
+    def decode(self, ids):
+        return "".join(f"{i} " for i in ids)
+
+
+def post_completion(port: int, prompt: list[int], new_tokens: int) -> int:
+    """One greedy /v1/completions request -> the tokens it generated."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    conn.close()
+    if resp.status != 200:
+        raise RuntimeError(f"the server answered {resp.status}: {body}")
+    return body["usage"]["completion_tokens"]
+
+
+def time_clients(port: int, prompts: list[list[int]], new_tokens: int, at_once: bool) -> tuple[float, int]:
+    """One request per prompt, each from its own thread at the same time or one after another -> (seconds,
+    tokens generated)."""
+    counts = [0] * len(prompts)
+
+    def client(i):
+        counts[i] = post_completion(port, prompts[i], new_tokens)
+
+    t0 = time.perf_counter()
+    if at_once:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    else:
+        for i in range(len(prompts)):
+            client(i)
+    return time.perf_counter() - t0, sum(counts)
+
+
+def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
+    """--mode=serve: total tokens/s of --batch_size concurrent clients and of the same requests sent in turn."""
+    from sample import CompiledDecode, ModelServer, decode_layout
+
+    if opt.prompt_len + opt.new_tokens > model_args.max_seq_len:
+        fail(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
+             f"max_seq_len={model_args.max_seq_len}")
+    model = build_ours(model_args, device, opt.seed).to(DTYPES[opt.dtype]).eval()
+    model.init_buffers()  # RoPE tables back to fp32 after .to(dtype)
+    decode_layout(model)  # as sample.py loads it
+    g = torch.Generator().manual_seed(opt.seed)
+    prompts = torch.randint(model_args.vocab_size, (opt.batch_size, opt.prompt_len), generator=g).tolist()
+    greedy = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0)
+    server = ModelServer(model, IdTokenizer(), port=0, name="bench", plain_settings=greedy, max_batch=opt.batch_size,
+                         decode_step=CompiledDecode() if opt.compile else None, access_log=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port, expected = server.server_address[1], opt.batch_size * opt.new_tokens
+    seconds = {"concurrent": [], "sequential": []}
+    try:
+        for r in range(opt.warmup + opt.rounds):  # alternate, so drifts in machine speed hit both alike
+            for name in seconds:
+                s, tokens = time_clients(port, prompts, opt.new_tokens, at_once=name == "concurrent")
+                if tokens != expected:
+                    fail(f"{name} clients got {tokens} tokens, expected {expected}: a request was lost")
+                if r >= opt.warmup:
+                    seconds[name].append(s)
+    finally:
+        server.shutdown()
+        server.server_close()
+    result = {"mode": "serve", "preset": opt.preset, "dtype": opt.dtype, "device": device.type,
+              "clients": opt.batch_size, "prompt_len": opt.prompt_len, "new_tokens": opt.new_tokens}
+    for name, runs in seconds.items():
+        result[f"{name}_tokens_per_s"] = round(expected / statistics.median(runs), 2)
+        result[f"{name}_tokens_per_s_runs"] = [round(expected / s, 2) for s in runs]
+    result["ratio"] = round(result["concurrent_tokens_per_s"] / result["sequential_tokens_per_s"], 3)
+    result["largest_batch"] = max(rows for rows, _ in server.batcher.batches)
+    result["load_avg_1m"] = load_average()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # training plan (train.py --dry_run): what a config needs per device on its mesh and how long a step takes, computed
 # from ModelArgs without allocating the model
 
@@ -772,6 +868,7 @@ def plot(paths: list[str], out: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# command line
 
 
 def parse_args(argv):
@@ -779,11 +876,12 @@ def parse_args(argv):
     p.add_argument("--preset", default=None, help="a model.PRESETS name (default bench-llama; npu-check: "
                                                 "baichuan2-13b)")
     p.add_argument("--model_args", default=None, help='ModelArgs overrides as JSON, e.g. \'{"n_layers": 4}\'')
-    p.add_argument("--mode", choices=["train", "generate", "npu-check"], default="train",
+    p.add_argument("--mode", choices=["train", "generate", "serve", "npu-check"], default="train",
                    help="npu-check: every fused Ascend op against the portable path, on an NPU")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--compile", action="store_true", help="compile the blocks (train) / the decode step (generate)")
-    p.add_argument("--batch_size", type=int, default=None, help="default 4 for train, 1 for generate")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="default 4 for train, 1 for generate and npu-check; serve: clients (default 4)")
     p.add_argument("--seq_len", type=int, default=None, help="train: tokens per sequence (default 256; "
                                                                 "npu-check: 4096)")
     p.add_argument("--prompt_len", type=int, default=16, help="generate: prompt tokens")
@@ -803,7 +901,7 @@ def parse_args(argv):
     check = opt.mode == "npu-check"
     opt.preset = opt.preset or ("baichuan2-13b" if check else "bench-llama")
     opt.seq_len = opt.seq_len if opt.seq_len is not None else (4096 if check else 256)
-    opt.batch_size = opt.batch_size or (4 if opt.mode == "train" else 1)
+    opt.batch_size = opt.batch_size or (4 if opt.mode in ("train", "serve") else 1)
     opt.warmup = opt.warmup if opt.warmup is not None else (3 if opt.compile else 1)
     for key in ("batch_size", "seq_len", "prompt_len", "new_tokens", "steps", "rounds"):
         if getattr(opt, key) <= 0:
@@ -812,6 +910,8 @@ def parse_args(argv):
         fail(f"--warmup={opt.warmup}: expected >= 0")
     if opt.lora_rank < 0 or (opt.qlora and not opt.lora_rank):
         fail(f"--lora_rank={opt.lora_rank}: expected a positive rank with --qlora, >= 0 otherwise")
+    if opt.mode == "serve" and opt.compare:
+        fail("--compare: transformers has no server here; --mode=serve compares concurrent with sequential clients")
     if opt.lora_rank and (opt.mode != "train" or opt.compare):
         fail("--lora_rank: fine-tuning speed is measured in --mode=train, without --compare (transformers has no "
              "LoRA without peft)")
@@ -848,7 +948,7 @@ def main(argv=None) -> dict:
         result = run_npu_check(model_args_for(opt), opt.batch_size, opt.seq_len, opt.rounds, device)
     else:
         device = torch.device(opt.device or kernels.device_type())
-        result = run_bench(opt, model_args_for(opt), device)
+        result = (serve_bench if opt.mode == "serve" else run_bench)(opt, model_args_for(opt), device)
     print(json.dumps(result))
     if result.get("ok") is False:
         sys.exit(1)

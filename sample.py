@@ -1,5 +1,6 @@
 """
-Generate text from a checkpoint dir: streamed sampling, family-aware chat, int8/int4 weight-only quantisation.
+Generate text from a checkpoint dir: streamed sampling, family-aware chat, int8/int4 weight-only quantisation,
+and an OpenAI-compatible HTTP server (--serve).
 
 Run:
   python sample.py --ckpt=ckpt/llama-7b --prompt="Once upon a time" --max_new_tokens=100
@@ -8,6 +9,7 @@ Run:
   python sample.py --ckpt=DIR --quantize=int4 --group_size=128 --save_quantized=DIR-int4   # then --ckpt=DIR-int4
   python sample.py --ckpt=DIR --prompt_file=prompts.txt --temperature=0               # one batch, left padded
   python sample.py --ckpt=ckpt/baichuan-7b --adapter=out/baichuan_7b_qlora/adapter --chat  # LoRA adapters of train.py
+  python sample.py --ckpt=ckpt/baichuan2-7b-chat --serve --port=8000    # the OpenAI API: /v1/chat/completions, ...
 
 Generated text goes to stdout as it decodes; everything else (settings, speed, warnings) goes to stderr.
 
@@ -21,12 +23,22 @@ buffers allocated once; only the last position's logits are sampled; everything 
 `--compile` compiles the one-token decode step.
 """
 import argparse
+import collections
+import json
 import os
+import queue
 import resource
+import socket
 import sys
+import threading
 import time
+import traceback
+import urllib.parse
+import uuid
 import warnings
 from contextlib import nullcontext
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 import torch.nn as nn
@@ -46,7 +58,7 @@ PLAIN_GENERATION_DEFAULTS = dict(temperature=0.8, top_k=200, top_p=None, repetit
 def apply_repetition_penalty(logits, seen, penalty):
     """CTRL-style penalty (as transformers' RepetitionPenaltyLogitsProcessor): for tokens already present,
     positive logits are divided by `penalty` and negative ones multiplied. logits (B, V) float, seen (B, V) bool."""
-    if penalty == 1.0:
+    if not torch.is_tensor(penalty) and penalty == 1.0:  # penalty: a number, or one per row (B, 1)
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
@@ -74,6 +86,14 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     logits = filter_logits(logits / temperature, top_k, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def sample_rows(logits, temperature, top_k, top_p, generator):
+    """sample_next with each row's own settings: every argument a list with one entry per row of logits (B, V)."""
+    if not any(temperature):  # all greedy: one argmax for the batch
+        return logits.argmax(dim=-1)
+    return torch.cat([sample_next(logits[b:b + 1], temperature[b], top_k[b], top_p[b], generator[b])
+                      for b in range(logits.size(0))])
 
 
 # -----------------------------------------------------------------------------
@@ -123,7 +143,8 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     already produced eos. eos_id: an int or several (any of them ends a row); it is yielded, then that row stops;
     iteration ends when every row has stopped or after max_new_tokens. Close the generator (break) to stop early,
     e.g. on a stop string. seed / generator make sampling reproducible. decode_step: e.g. CompiledDecode().
-    The KV cache lives for the call only: the model is left without one, as it was.
+    Rows with their own settings (a server's requests): temperature, top_k, top_p, repetition_penalty and generator
+    all lists with one entry per row. The KV cache lives for the call only: the model is left without one, as it was.
     """
     rows, batched = _as_rows(prompt_ids)
     if any(len(r) == 0 for r in rows):
@@ -137,8 +158,13 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
                          f"model's max_seq_len ({model.args.max_seq_len})")
     param = next(model.parameters())
     device = param.device
-    if generator is None and seed is not None:
+    per_row = isinstance(temperature, (list, tuple))
+    if generator is None and seed is not None and not per_row:
         generator = torch.Generator(device=device).manual_seed(seed)
+    penalise = any(p != 1.0 for p in repetition_penalty) if per_row else repetition_penalty != 1.0
+    penalty = repetition_penalty  # a number, or (B, 1)
+    if per_row:
+        penalty = torch.tensor(repetition_penalty, dtype=torch.float32, device=device)[:, None]
     decode_step = decode_step or decode_one
     end_ids = torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id or ())), dtype=torch.long,
                            device=device)
@@ -155,7 +181,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     next_pos = mask[:, :T].sum(-1, keepdim=True) if padded else None  # (B, 1) position of the next token
 
     seen = torch.zeros((B, model.args.vocab_size), dtype=torch.bool, device=device)
-    if repetition_penalty != 1.0:  # count occurrences so that pads (mask 0) never mark or unmark a token
+    if penalise:  # count occurrences so that pads (mask 0) never mark or unmark a token
         seen = torch.zeros_like(seen, dtype=torch.long).scatter_add_(1, idx, mask[:, :T].long()) > 0
 
     model.setup_cache(B, total, dtype=param.dtype, device=device)
@@ -164,8 +190,11 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
         logits = logits[:, -1]  # (B, V)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
-            logits = apply_repetition_penalty(logits.float(), seen, repetition_penalty)
-            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            logits = apply_repetition_penalty(logits.float(), seen, penalty) if penalise else logits.float()
+            if per_row:
+                token = sample_rows(logits, temperature, top_k, top_p, generator)  # (B,)
+            else:
+                token = sample_next(logits, temperature, top_k, top_p, generator)
             token = token.masked_fill(finished, pad_id)
             out = token.tolist()
             if batched:
@@ -176,7 +205,7 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
                 finished |= torch.isin(token, end_ids)
             if step == max_new_tokens - 1 or bool(finished.all()):
                 break
-            if repetition_penalty != 1.0:
+            if penalise:
                 seen.scatter_(1, token[:, None], True)
             mask[:, T + step] = True
             logits = decode_step(model, token[:, None], T + step, next_pos,
@@ -413,6 +442,511 @@ def save_quantized(model, src_ckpt, dst, mode, group_size, family):
 
 
 # -----------------------------------------------------------------------------
+# serving: OpenAI-compatible HTTP (python sample.py --ckpt=DIR --serve)
+#
+# The standard library's ThreadingHTTPServer: one thread per connection parses, validates and tokenizes a request,
+# then hands a Job to the Batcher, whose single thread owns the model. Jobs waiting at the same time decode together
+# as one left-padded batch (generate with per-row settings); each row's tokens flow back through its Job's queue and
+# become text with stream_text, as in the terminal.
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class APIError(Exception):
+    """A request the server answers with an OpenAI-style error: status, message, the offending field, a code."""
+
+    def __init__(self, status, message, param=None, code=None, headers=()):
+        super().__init__(message)
+        self.status, self.param, self.code, self.headers = status, param, code, headers
+
+    def body(self):
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+class Job:
+    """One request's generation: prompt ids and sampling settings in; out of it, the generated ids (a queue the
+    Batcher fills, None last)."""
+
+    def __init__(self, ids, max_new_tokens, end_ids, sampling, generator):
+        self.ids, self.max_new_tokens, self.end_ids = ids, max_new_tokens, set(end_ids)
+        self.sampling, self.generator = sampling, generator  # temperature, top_k, top_p, repetition_penalty
+        self.out = queue.SimpleQueue()
+        self.cancelled = threading.Event()  # set by the request's side: a stop string ended it, or the client left
+        self.error = None
+        self.finish_reason, self.n_tokens = "length", 0
+        self.submitted = time.monotonic()
+
+    def tokens(self, client_alive):
+        """The request's side: the ids as they come. Closing it (stream_text does on a stop string) or the client
+        leaving ends the row; an end id or max_tokens ends it from the Batcher's side."""
+        try:
+            while True:
+                try:
+                    t = self.out.get(timeout=0.5)
+                except queue.Empty:
+                    if client_alive():
+                        continue
+                    return
+                if t is None:
+                    break
+                self.n_tokens += 1
+                if t in self.end_ids:
+                    self.finish_reason = "stop"
+                yield t
+                if not client_alive():
+                    return
+        except GeneratorExit:
+            self.finish_reason = "stop"
+            raise
+        finally:
+            self.cancelled.set()
+        if self.error:
+            raise APIError(500, f"generation failed: {self.error}")
+
+
+class Batcher:
+    """The one thread that runs the model. It waits for a job, then until that job has waited `wait` seconds for
+    others (up to max_batch), and decodes the oldest waiting jobs that fit the context together as one left-padded
+    batch, each row with its own settings. A batch ends when every row has ended: an end id, its max_tokens, a stop string or its
+    client gone; jobs arriving meanwhile form the next one. A batch that fails fails its jobs, not the server."""
+
+    def __init__(self, model, pad_id, max_batch=8, wait=0.01, decode_step=None):
+        self.model, self.pad_id, self.decode_step = model, pad_id, decode_step
+        self.max_batch, self.wait = max_batch, wait
+        self.waiting, self.closed = [], False
+        self.cv = threading.Condition()
+        self.batches = collections.deque(maxlen=1000)  # (rows, steps) of the latest batches
+        self.thread = threading.Thread(target=self.run, name="batcher", daemon=True)
+        self.thread.start()
+
+    def submit(self, job):
+        with self.cv:
+            self.waiting.append(job)
+            self.cv.notify()
+            if self.closed:
+                self.turn_away()
+
+    def close(self):
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        self.thread.join()
+        with self.cv:
+            self.turn_away()
+
+    def turn_away(self):
+        for job in self.waiting:
+            job.error = "the server is shutting down"
+            job.out.put(None)
+        self.waiting = []
+
+    def next_batch(self):
+        with self.cv:
+            while not self.closed:
+                self.waiting = [j for j in self.waiting if not j.cancelled.is_set()]  # clients that left waiting
+                if self.waiting:
+                    break
+                self.cv.wait(0.5)
+            deadline = self.waiting[0].submitted + self.wait if self.waiting else 0
+            while not self.closed and len(self.waiting) < self.max_batch and time.monotonic() < deadline:
+                self.cv.wait(max(deadline - time.monotonic(), 0))
+            if self.closed:
+                return None
+            batch, T, M = [], 0, 0
+            for job in self.waiting:  # oldest first; prompt and new tokens of the batch must fit the context
+                t, m = max(T, len(job.ids)), max(M, job.max_new_tokens)
+                if len(batch) < self.max_batch and t + m <= self.model.args.max_seq_len:
+                    batch.append(job)
+                    T, M = t, m
+            self.waiting = [j for j in self.waiting if all(j is not b for b in batch)]
+            return batch
+
+    def run(self):
+        while (batch := self.next_batch()) is not None:
+            self.decode(batch)
+
+    def decode(self, batch):
+        """Generate for the batch, handing each row's tokens to its job and None when the row ends."""
+        settings = {k: [job.sampling[k] for job in batch] for k in ("temperature", "top_k", "top_p",
+                                                                    "repetition_penalty")}
+        steps = generate(self.model, [job.ids for job in batch], max(job.max_new_tokens for job in batch),
+                         pad_id=self.pad_id, generator=[job.generator for job in batch],
+                         decode_step=self.decode_step, **settings)
+        live, n = dict(enumerate(batch)), 0
+        try:
+            for n, step in enumerate(steps, 1):
+                for b, job in list(live.items()):
+                    ended = job.cancelled.is_set()
+                    if not ended:
+                        job.out.put(step[b])
+                        ended = step[b] in job.end_ids or n == job.max_new_tokens
+                    if ended:
+                        del live[b]
+                        job.out.put(None)
+                if not live:
+                    break
+        except Exception as e:  # e.g. out of memory: these requests get a 500, the server goes on
+            log(f"sample.py: serve: a batch of {len(batch)} failed: {type(e).__name__}: {e}")
+            for job in live.values():
+                job.error = f"{type(e).__name__}: {e}"
+        finally:
+            steps.close()
+            for job in live.values():
+                job.out.put(None)
+            self.batches.append((len(batch), n))
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_stop(v):
+    return isinstance(v, str) or isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+# The fields both endpoints take: field -> (type check, the type, value check, the values). null = not given.
+# Fields of OpenAI's API this server does not implement are accepted only at the value that means "off".
+REQUEST_FIELDS = {
+    "model": (lambda v: isinstance(v, str), "a string", None, None),
+    "max_tokens": (_is_int, "an integer", lambda v: v >= 1, ">= 1"),
+    "max_completion_tokens": (_is_int, "an integer", lambda v: v >= 1, ">= 1"),
+    "temperature": (_is_number, "a number", lambda v: 0 <= v <= 2, "in [0, 2] (0 = greedy)"),
+    "top_p": (_is_number, "a number", lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (_is_int, "an integer", lambda v: v >= 0, ">= 0 (0 = off)"),
+    "repetition_penalty": (_is_number, "a number", lambda v: v > 0, "> 0 (1 = off)"),
+    "seed": (_is_int, "an integer", None, None),
+    "n": (_is_int, "an integer", lambda v: v == 1, "1 (one choice per request)"),
+    "stream": (lambda v: isinstance(v, bool), "a boolean", None, None),
+    "stream_options": (lambda v: isinstance(v, dict), "an object",
+                       lambda v: set(v) <= {"include_usage"} and isinstance(v.get("include_usage", False), bool),
+                       '{"include_usage": true or false}'),
+    "stop": (_is_stop, "a string or a list of strings",
+             lambda v: all([v] if isinstance(v, str) else v) and len([v] if isinstance(v, str) else v) <= 16,
+             "up to 16 non-empty strings"),
+    "user": (lambda v: isinstance(v, str), "a string", None, None),
+    "presence_penalty": (_is_number, "a number", lambda v: v == 0, "0 (not supported; repetition_penalty is)"),
+    "frequency_penalty": (_is_number, "a number", lambda v: v == 0, "0 (not supported; repetition_penalty is)"),
+    "logprobs": (lambda v: isinstance(v, (bool, int)), "a boolean or an integer", lambda v: not v,
+                 "false (not supported)"),
+    "echo": (lambda v: isinstance(v, bool), "a boolean", lambda v: not v, "false (not supported)"),
+    "best_of": (_is_int, "an integer", lambda v: v == 1, "1 (not supported)"),
+    "logit_bias": (lambda v: isinstance(v, dict), "an object", lambda v: not v, "{} (not supported)"),
+    "suffix": (lambda v: isinstance(v, str), "a string", lambda v: not v, '"" (not supported)'),
+}
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def read_fields(body, main_field):
+    """A request body checked against REQUEST_FIELDS -> {field: value} of those given; APIError 400 otherwise."""
+    if body.get(main_field) is None:
+        raise APIError(400, f"you must provide a {main_field!r} field", main_field)
+    fields = {}
+    for key, value in body.items():
+        if key == main_field or value is None:
+            continue
+        if key not in REQUEST_FIELDS:
+            raise APIError(400, f"Unrecognized request argument supplied: {key}", key)
+        type_ok, type_name, value_ok, values = REQUEST_FIELDS[key]
+        shown = json.dumps(value)[:60]
+        if not type_ok(value):
+            raise APIError(400, f"{key}: expected {type_name}, got {shown}", key)
+        if value_ok and not value_ok(value):
+            raise APIError(400, f"{key}={shown}: expected {values}", key)
+        fields[key] = value
+    return fields
+
+
+def lstrip_pieces(pieces):
+    """The text pieces without the leading whitespace of the whole (a chat reply, as run_chat keeps it)."""
+    started = False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        if piece:
+            yield piece
+
+
+class ModelServer(ThreadingHTTPServer):
+    """The HTTP server with what requests need: the model's name, tokenizer, chat template and default settings,
+    and the Batcher. port 0 picks a free port (server_address says which)."""
+
+    def __init__(self, model, tok, *, host="127.0.0.1", port=8000, name="model", template=None, system=None,
+                 plain_settings=None, chat_settings=None, max_new_tokens=256, seed=None, max_batch=8,
+                 batch_wait=0.01, decode_step=None, max_body=MAX_BODY_BYTES, access_log=True):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, port), APIHandler)
+        self.model, self.tok, self.name, self.template, self.system = model, tok, name, template, system
+        self.settings = {False: plain_settings or PLAIN_GENERATION_DEFAULTS}
+        self.settings[True] = chat_settings or self.settings[False]
+        self.max_new_tokens, self.max_body, self.access_log = max_new_tokens, max_body, access_log
+        self.created = int(time.time())
+        self.device = next(model.parameters()).device
+        self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        pad_id = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
+        self.batcher = Batcher(model, pad_id, max_batch, batch_wait, decode_step)
+
+    def server_close(self):
+        super().server_close()
+        self.batcher.close()
+
+    def model_card(self):
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "sample.py",
+                "max_model_len": self.model.args.max_seq_len}
+
+    def prompt_ids(self, prompt):
+        """/v1/completions' prompt: a string (encoded as --prompt is), a list of one string, or token ids."""
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        vocab = self.model.args.vocab_size
+        if isinstance(prompt, str):
+            ids = encode_prompt(self.tok, prompt)
+        elif isinstance(prompt, list) and prompt and all(_is_int(t) and 0 <= t < vocab for t in prompt):
+            ids = prompt
+        else:
+            raise APIError(400, f"prompt: expected a string, a list of one string or a list of token ids "
+                                f"(0 <= id < {vocab})", "prompt")
+        if not ids:
+            raise APIError(400, "prompt: encodes to no tokens and the tokenizer has no bos token", "prompt")
+        return ids
+
+    def chat_ids(self, messages):
+        """/v1/chat/completions' messages rendered with the chat template (the server's --system unless the
+        messages hold a system message), ending where the assistant's reply starts."""
+        if self.template is None:
+            raise APIError(400, f"{self.name} has no chat template; start the server with --template", "messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "messages: expected a non-empty list of {role, content} objects", "messages")
+        turns = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+                raise APIError(400, f"messages[{i}].role: expected one of {', '.join(CHAT_ROLES)}", "messages")
+            content = m.get("content")
+            if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                                 and isinstance(p.get("text"), str) for p in content):
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str) or set(m) - {"role", "content", "name"}:
+                raise APIError(400, f"messages[{i}]: expected role, content (a string or text parts) and an "
+                                    f"optional name", "messages")
+            turns.append({"role": CHAT_ROLES[m["role"]], "content": content})
+        system = None if any(t["role"] == "system" for t in turns) else self.system
+        try:
+            return prepare.encode_chat(self.tok, self.template, turns, system=system, add_generation_prompt=True)[0]
+        except ValueError as e:  # the template's own objections (prepare.TemplateError), unknown roles
+            raise APIError(400, f"messages: {e}", "messages")
+
+    def job(self, body, chat):
+        """A request body -> (Job, its stop strings, its fields); APIError for what does not suit."""
+        main_field = "messages" if chat else "prompt"
+        fields = read_fields(body, main_field)
+        if fields.get("model", self.name) != self.name:
+            raise APIError(404, f"The model {fields['model']!r} does not exist; this server serves {self.name!r}",
+                           "model", "model_not_found")
+        ids = self.chat_ids(body["messages"]) if chat else self.prompt_ids(body["prompt"])
+        context = self.model.args.max_seq_len
+        max_new = fields.get("max_completion_tokens", fields.get("max_tokens"))
+        max_new = max_new or min(self.max_new_tokens, context - len(ids))
+        if len(ids) + max_new > context or max_new < 1:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{len(ids) + max(max_new, 1)} tokens ({len(ids)} in the {main_field}, "
+                                f"{max(max_new, 1)} in the completion). Please reduce the length of the "
+                                f"{main_field} or completion.", main_field, "context_length_exceeded")
+        sampling = {k: fields.get(k, v) for k, v in self.settings[chat].items()}
+        sampling["top_k"] = sampling["top_k"] or None  # 0 = off
+        generator = self.generator
+        if "seed" in fields:
+            generator = torch.Generator(self.device).manual_seed(fields["seed"] % 2**64)
+        stop = fields.get("stop", [])
+        stop = [stop] if isinstance(stop, str) else stop
+        if chat:
+            stop = stop + chat_stop_strings(self.template)
+        end_ids = chat_end_ids(self.tok, self.template) if chat else [self.tok.eos_id]
+        return Job(ids, max_new, end_ids, sampling, generator), stop, fields
+
+
+class APIHandler(BaseHTTPRequestHandler):
+    """HTTP for one connection: routes, the JSON body, answers as JSON or as server-sent events."""
+
+    server_version = "sample.py"
+    protocol_version = "HTTP/1.1"  # keep-alive for JSON answers; an event stream ends by closing its connection
+    timeout = 60  # seconds a connection may stay silent before it is closed
+    ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+
+    def route(self):
+        self.streaming = False
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).rstrip("/")
+        try:
+            method = self.ROUTES.get(path) or ("GET" if path.startswith("/v1/models/") else None)
+            if method is None:
+                raise APIError(404, f"Invalid URL ({self.command} {self.path})", code="unknown_url")
+            if self.command != method:
+                raise APIError(405, f"{self.command} {path}: method not allowed; use {method}",
+                               code="method_not_allowed", headers=[("Allow", method)])
+            if path == "/v1/models":
+                self.send_json(200, {"object": "list", "data": [self.server.model_card()]})
+            elif path.startswith("/v1/models/"):
+                if path.split("/", 3)[3] != self.server.name:
+                    raise APIError(404, f"The model {path.split('/', 3)[3]!r} does not exist", "model",
+                                   "model_not_found")
+                self.send_json(200, self.server.model_card())
+            else:
+                self.complete(chat=path == "/v1/chat/completions")
+        except APIError as e:
+            self.refuse(e)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left or stalled
+            self.close_connection = True
+        except Exception as e:  # a bug: a 500 for the client, the traceback for the log; the server goes on
+            traceback.print_exc()
+            self.refuse(APIError(500, f"internal error ({type(e).__name__}); see the server's log"))
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = route
+
+    def log_message(self, format, *args):  # the access log, on stderr
+        if getattr(self.server, "access_log", True):
+            super().log_message(format, *args)
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (malformed request line, headers too long, ...) as JSON too."""
+        self.refuse(APIError(code, message or HTTPStatus(code).phrase))
+
+    def refuse(self, error):
+        """Answer with the error and close the connection (an unread body must not be taken for a request)."""
+        try:
+            if getattr(self, "streaming", False):  # headers sent: the error is the last event, as OpenAI's streams
+                self.send_event(error.body())
+            else:
+                self.send_json(error.status, error.body(), [("Connection", "close"), *error.headers])
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def send_json(self, status, obj, headers=()):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in headers:
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_event(self, data):
+        self.wfile.write(f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
+
+    def read_json(self):
+        length = self.headers.get("Content-Length")
+        if length is None or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise APIError(411, "send the request body with a Content-Length header")
+        if not length.strip().isdigit():
+            raise APIError(400, f"Content-Length: expected a number of bytes, got {length[:40]!r}")
+        if int(length) > self.server.max_body:
+            raise APIError(413, f"request body of {int(length)} bytes is over the limit of {self.server.max_body}",
+                           code="request_too_large")
+        try:
+            body = json.loads(self.rfile.read(int(length)))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise APIError(400, f"malformed JSON in the request body: {e}")
+        if not isinstance(body, dict):
+            raise APIError(400, "expected a JSON object as the request body")
+        return body
+
+    def client_alive(self):
+        """False once the client has closed its connection (a read would see its end)."""
+        sock, timeout = self.connection, self.connection.gettimeout()
+        sock.settimeout(0)
+        try:
+            return sock.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:  # nothing to read: still connected
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.settimeout(timeout)
+
+    def complete(self, chat):
+        """POST /v1/completions or /v1/chat/completions: queue the job, then answer as its tokens come."""
+        server = self.server
+        job, stop, fields = server.job(self.read_json(), chat)
+        server.batcher.submit(job)
+        tokens = job.tokens(self.client_alive)
+        pieces = stream_text(server.tok, tokens, job.ids, stop, job.end_ids)
+        pieces = lstrip_pieces(pieces) if chat else pieces
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": server.name}
+
+        def choice(text, finish=None, delta=False):
+            if not chat:
+                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            if delta:
+                return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+                        "finish_reason": finish}
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish}
+
+        try:
+            if not fields.get("stream"):
+                text = "".join(pieces)
+                self.send_json(200, {**head, "choices": [choice(text, job.finish_reason)], "usage": usage(job)})
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.streaming = True
+            head["object"] = "chat.completion.chunk" if chat else "text_completion"
+            if chat:
+                self.send_event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]})
+            for piece in pieces:
+                self.send_event({**head, "choices": [choice(piece, delta=True)]})
+            self.send_event({**head, "choices": [choice("", job.finish_reason, delta=True)]})
+            if (fields.get("stream_options") or {}).get("include_usage"):
+                self.send_event({**head, "choices": [], "usage": usage(job)})
+            self.send_event("[DONE]")
+        finally:
+            tokens.close()
+
+
+def usage(job):
+    return {"prompt_tokens": len(job.ids), "completion_tokens": job.n_tokens,
+            "total_tokens": len(job.ids) + job.n_tokens}
+
+
+def serve(model, tok, args, family, template, decode_step=None):
+    """python sample.py --serve: the OpenAI-compatible server on --host:--port until Ctrl-C."""
+    if template is None:  # no --template: the checkpoint's or the family's; without one only completions work
+        try:
+            template = resolve_template(None, tok, family)
+        except SystemExit as e:
+            log(f"sample.py: warning: {str(e).removeprefix('sample.py: ')}; /v1/chat/completions will refuse")
+    try:
+        server = ModelServer(model, tok, host=args.host, port=args.port, name=os.path.basename(
+            os.path.normpath(args.ckpt)), template=template, system=args.system,
+            plain_settings=generation_settings(args, family, chat=False),
+            chat_settings=generation_settings(args, family, chat=True), max_new_tokens=args.max_new_tokens,
+            seed=args.seed, max_batch=args.max_batch, decode_step=decode_step)
+    except OSError as e:  # port taken, address not on this machine
+        fail(f"--host={args.host} --port={args.port}: cannot listen there ({e.strerror or e})")
+    host, port = server.server_address[:2]
+    log(f"serving {server.name} at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 "
+        f"(chat template {template}, batches of up to {args.max_batch}); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log("stopped")
+    finally:
+        server.server_close()
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 def fail(msg):
@@ -502,6 +1036,17 @@ def chat_end_ids(tok, template):
     return sorted(i for i in ids if i is not None)
 
 
+def chat_stop_strings(template):
+    """The template's stop text (its turn markers where its model has no end-of-turn token), for stream_text."""
+    return [s for s in getattr(prepare.TEMPLATES.get(template), "stop", ()) if isinstance(s, str)]
+
+
+def encode_prompt(tok, text):
+    """A prompt with the special tokens the tokenizer itself adds (transformers' tokenizer(prompt).input_ids);
+    an empty prompt starts from bos. [] when there is nothing to start from."""
+    return tok.encode(text, add_special_tokens=True) or [tok.bos_id] * (tok.bos_id is not None)
+
+
 def encode_turn(tok, template, messages, system):
     try:
         return prepare.encode_chat(tok, template, messages, system=system, add_generation_prompt=True)[0]
@@ -576,6 +1121,10 @@ def parse_args(argv):
                    help="default: bfloat16 on accelerators, float32 on CPU")
     p.add_argument("--device", default=None, help="default: kernels.device_type()")
     p.add_argument("--on_long_prompt", choices=["error", "truncate"], default="error")
+    p.add_argument("--serve", action="store_true", help="serve the OpenAI API (/v1/completions, /v1/chat/completions)")
+    p.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="--serve: port (0 = any free one)")
+    p.add_argument("--max_batch", type=int, default=8, help="--serve: most requests decoded together")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         fail(f"--max_new_tokens={args.max_new_tokens}: expected a positive integer")
@@ -588,6 +1137,10 @@ def parse_args(argv):
     if args.repetition_penalty is not None and args.repetition_penalty <= 0:
         fail(f"--repetition_penalty={args.repetition_penalty}: expected > 0")
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+    if args.serve and (args.chat or args.prompt is not None or args.prompt_file or args.stop or args.num_samples > 1):
+        fail("--serve: takes prompts from HTTP requests; drop --chat, --prompt, --prompt_file, --stop, --num_samples")
+    if not 0 <= args.port <= 65535 or args.max_batch < 1:
+        fail(f"--port={args.port} --max_batch={args.max_batch}: expected a port in 0..65535 and a batch >= 1")
     return args
 
 
@@ -607,7 +1160,7 @@ def main(argv=None, stdin=None, stdout=None):
         fail(str(e))
     family = ckpt_config.get("family", "llama")
     tok = prepare.load_tokenizer(args.ckpt)
-    template = resolve_template(args.template, tok, family) if args.chat else None
+    template = resolve_template(args.template, tok, family) if args.chat or args.template else None
     if tok.vocab_size > model_args.vocab_size:  # ids past the embedding would crash mid-generation
         fail(f"--ckpt={args.ckpt}: the tokenizer has {tok.vocab_size} tokens, the model's "
              f"vocab_size={model_args.vocab_size} (a tokenizer from another model?)")
@@ -635,7 +1188,7 @@ def main(argv=None, stdin=None, stdout=None):
         except OSError as e:  # read-only or full destination
             fail(f"--save_quantized={args.save_quantized}: cannot write there ({e.strerror}: {e.filename})")
         log(f"wrote {args.save_quantized}")
-        if args.prompt is None and args.prompt_file is None and not args.chat:
+        if args.prompt is None and args.prompt_file is None and not args.chat and not args.serve:
             return
 
     decode_layout(model)
@@ -646,8 +1199,10 @@ def main(argv=None, stdin=None, stdout=None):
     common = dict(eos_id=tok.eos_id, pad_id=pad_id, generator=generator, decode_step=decode_step, **settings)
     max_seq_len = model.args.max_seq_len
 
+    if args.serve:
+        return serve(model, tok, args, family, template, decode_step)
     if args.chat:
-        stop = args.stop + [s for s in getattr(prepare.TEMPLATES.get(template), "stop", ()) if isinstance(s, str)]
+        stop = args.stop + chat_stop_strings(template)
         stats = run_chat(model, tok, template, settings, system=args.system, max_new_tokens=args.max_new_tokens,
                          on_long_prompt=args.on_long_prompt, stop=stop, stdin=stdin, stdout=stdout,
                          generator=generator, decode_step=decode_step)
@@ -676,9 +1231,7 @@ def main(argv=None, stdin=None, stdout=None):
         for out in outs:
             stdout.write(apply_stop(tok.decode(out), args.stop)[0] + "\n")
     else:
-        # the prompt gets the special tokens the tokenizer itself adds (transformers' tokenizer(prompt).input_ids);
-        # an empty prompt starts from bos
-        ids = tok.encode(args.prompt or "", add_special_tokens=True) or [tok.bos_id] * (tok.bos_id is not None)
+        ids = encode_prompt(tok, args.prompt or "")
         if not ids:
             fail("--prompt: encodes to no tokens and the tokenizer has no bos token to start from")
         ids = fit_prompt(ids, args.max_new_tokens, max_seq_len, args.on_long_prompt, "--prompt", tok.bos_id)

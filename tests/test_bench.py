@@ -55,6 +55,15 @@ def test_generate_counts_2n_flops_per_token():
                                           / result["stream_peak_bytes_per_s"], rel=0.01)
 
 
+def test_serve_times_concurrent_and_sequential_clients():
+    result = bench.main(["--preset=tiny", "--mode=serve", "--prompt_len=4", "--new_tokens=6", "--rounds=1",
+                         "--warmup=0", "--batch_size=3"])
+    assert result["clients"] == 3 and result["concurrent_tokens_per_s"] > 0 and result["sequential_tokens_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["concurrent_tokens_per_s"] / result["sequential_tokens_per_s"],
+                                            rel=0.01)
+    assert 1 <= result["largest_batch"] <= 3  # the server never batches more than --batch_size clients
+
+
 def test_bfloat16_train_reports_both_peaks():
     result = bench.main([*TINY_TRAIN, "--dtype=bfloat16"])
     check_speed(result)

@@ -98,6 +98,20 @@ def test_batch_equals_one_by_one(tiny):
     assert batched == [list(sample.generate(tiny, r, 12, temperature=0)) for r in rows]
 
 
+def test_batch_rows_keep_their_own_sampling_settings(tiny):
+    """Per-row settings (a server's requests in one batch): each row gets what it gets alone."""
+    rows = [[1, 5, 9], [1, 5, 9, 33, 70, 2, 3, 40], [4, 8]]
+    settings = [dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.0, seed=None),
+                dict(temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.0, seed=5),
+                dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.5, seed=None)]
+    per_row = {k: [s[k] for s in settings] for k in ("temperature", "top_k", "top_p", "repetition_penalty")}
+    generators = [None if s["seed"] is None else torch.Generator().manual_seed(s["seed"]) for s in settings]
+    steps = list(sample.generate(tiny, rows, 12, generator=generators, **per_row))
+    alone = [list(sample.generate(tiny, r, 12, **s)) for r, s in zip(rows, settings)]
+    assert [list(col) for col in zip(*steps)] == alone
+    assert alone[2] != list(sample.generate(tiny, rows[2], 12, temperature=0))  # the penalty did change row 2
+
+
 def test_batch_row_stops_at_eos(tiny):
     rows = [[1, 5, 9], [4, 8]]
     greedy0 = list(sample.generate(tiny, rows[0], 3, temperature=0))

@@ -1,0 +1,401 @@
+"""sample.py --serve: the OpenAI-compatible HTTP server, driven by the official `openai` client and raw HTTP.
+
+A tiny random LLaMA checkpoint with a byte tokenizer (test_sample's); the server runs in-process on a free
+127.0.0.1 port, except in the command-line test, which starts `python sample.py --serve` as users do.
+"""
+import argparse
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai  # the official client (requirements-dev.txt)
+import pytest
+import torch
+
+import prepare
+import sample
+import test_sample as ts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = ts.hf_to_checkpoint(ts.tiny_hf_llama(2), tmp_path_factory.mktemp("serve"))
+    ts.byte_tokenizer(d)
+    return d
+
+
+def start_server(ckpt, model=None, **kw):
+    """A ModelServer on a free port, as sample.py --serve builds it (decode layout, the family's chat template)."""
+    tok = prepare.load_tokenizer(ckpt)
+    if model is None:
+        model = sample.decode_layout(sample.load_model(ckpt, "cpu", torch.float32)[0])
+    flags = argparse.Namespace(temperature=None, top_k=None, top_p=None, repetition_penalty=None)
+    server = sample.ModelServer(model, tok, port=0, name="tiny", template=sample.resolve_template(None, tok, "llama"),
+                                plain_settings=sample.generation_settings(flags, "llama", chat=False),
+                                chat_settings=sample.generation_settings(flags, "llama", chat=True), **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop_server(server):
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    s = start_server(ckpt)
+    yield s
+    stop_server(s)
+
+
+def client_for(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused", max_retries=0,
+                         timeout=120, http_client=openai.DefaultHttpxClient(trust_env=False))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return client_for(server)
+
+
+def raw(server, method, path, body=None, headers=None):
+    """(status, headers, body text) of one request sent with the standard library's http.client."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=120)
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers=headers or {})
+    resp = conn.getresponse()
+    out = resp.status, dict(resp.getheaders()), resp.read().decode()
+    conn.close()
+    return out
+
+
+def cli(ckpt, *argv, stdin=""):
+    return ts.run_cli(["--ckpt", ckpt, "--temperature", 0, *argv], stdin=stdin)
+
+
+# -----------------------------------------------------------------------------
+# what comes back
+
+
+def test_models_lists_the_served_checkpoint(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+
+
+def test_greedy_completion_equals_sample_py_streamed_or_not(ckpt, client):
+    want = cli(ckpt, "--prompt", "héllo wörld", "--max_new_tokens", 12)  # the text plus a newline
+    got = client.completions.create(model="tiny", prompt="héllo wörld", max_tokens=12, temperature=0)
+    assert got.choices[0].text + "\n" == want
+    assert got.usage.prompt_tokens == 1 + len("héllo wörld".encode()) and got.usage.completion_tokens == 12
+    assert got.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model="tiny", prompt="héllo wörld", max_tokens=12, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) + "\n" == want
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+
+
+def test_greedy_chat_equals_sample_py_chat_with_its_system_prompt(ckpt, client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    want = cli(ckpt, "--chat", "--system", "Be brief.", "--max_new_tokens", 10, stdin="Hi there\n")
+    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    reply = got.choices[0].message
+    assert reply.role == "assistant" and reply.content == want[:-1].lstrip()  # no leading space, as --chat keeps it
+    tok = prepare.load_tokenizer(ckpt)
+    template = sample.resolve_template(None, tok, "llama")
+    rendered = prepare.encode_chat(tok, template, messages, add_generation_prompt=True)[0]
+    assert got.usage.prompt_tokens == len(rendered)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.content
+    assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+
+
+def test_stream_is_server_sent_events_ending_with_done(server):
+    status, headers, text = raw(server, "POST", "/v1/completions",
+                                {"prompt": "ab", "max_tokens": 4, "temperature": 0, "stream": True})
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][6:])
+    assert last["object"] == "text_completion" and last["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_string_ends_the_answer_before_it(client):
+    full = client.completions.create(model="tiny", prompt="ab", max_tokens=16, temperature=0).choices[0].text
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 1) if full[i:i + 2].isprintable())
+    cut = full.index(stop)
+    for stream in (False, True):
+        got = client.completions.create(model="tiny", prompt="ab", max_tokens=16, temperature=0, stop=[stop],
+                                        stream=stream)
+        chunks = list(got) if stream else [got]
+        assert "".join(c.choices[0].text for c in chunks) == full[:cut]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_end_of_turn_token_ends_a_chat_reply_with_stop(ckpt):
+    """The scripted model writes "Hi" then eos: the reply is "Hi", finish_reason stop, and eos counted once."""
+    scripted = ts.ScriptedModel(ts.ids_of("Hi", "</s>") + [257] * 4)
+    server = start_server(ckpt, model=scripted)
+    try:
+        got = client_for(server).chat.completions.create(model="tiny", max_tokens=8, temperature=0,
+                                                         messages=[{"role": "user", "content": "x"}])
+    finally:
+        stop_server(server)
+    assert got.choices[0].message.content == "Hi" and got.choices[0].finish_reason == "stop"
+    assert got.usage.completion_tokens == 3
+
+
+def test_seeded_sampling_is_reproducible(client):
+    ask = lambda seed: client.completions.create(model="tiny", prompt="ab", max_tokens=12, temperature=1.0,
+                                                 top_p=0.95, seed=seed, extra_body={"top_k": 50}).choices[0].text
+    assert ask(3) == ask(3)
+    assert ask(3) != ask(4)
+
+
+# -----------------------------------------------------------------------------
+# concurrency
+
+
+def test_concurrent_requests_decode_together_each_with_its_own_settings(server, client):
+    """Requests sent at once from threads share batches, and each answer is the one it gets alone: greedy rows,
+    seeded sampled rows and a repetition penalty side by side."""
+    asks = [dict(prompt="ab", temperature=0), dict(prompt="longer prompt", temperature=0),
+            dict(prompt="ab", temperature=1.0, seed=7, extra_body={"top_k": 40}),  # extensions go in extra_body
+            dict(prompt="x", temperature=0, extra_body={"repetition_penalty": 1.5})]
+    alone = [client.completions.create(model="tiny", max_tokens=10, **a).choices[0].text for a in asks]
+    server.batcher.wait, wait = 1.0, server.batcher.wait  # room for all four threads to arrive
+    try:
+        results = [None] * len(asks)
+
+        def ask(i):
+            results[i] = client.completions.create(model="tiny", max_tokens=10, **asks[i]).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+    finally:
+        server.batcher.wait = wait
+    assert results == alone
+    assert max(rows for rows, _ in list(server.batcher.batches)[-4:]) > 1
+
+
+def test_requests_that_do_not_fit_the_context_together_take_turns(server, client):
+    """128 positions: a 101-token prompt with 5 new tokens and a 3-token prompt with 100 cannot share a batch."""
+    server.batcher.wait, wait = 0.5, server.batcher.wait
+    try:
+        results = {}
+        asks = {"long": dict(prompt="y" * 100, max_tokens=5), "short": dict(prompt="ab", max_tokens=100)}
+        threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, client.completions.create(
+            model="tiny", temperature=0, **asks[k]))) for k in asks]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+    finally:
+        server.batcher.wait = wait
+    assert {k: r.usage.completion_tokens for k, r in results.items()} == {"long": 5, "short": 100}
+    assert [rows for rows, _ in list(server.batcher.batches)[-2:]] == [1, 1]
+
+
+class SlowModel(torch.nn.Module):
+    """The model, `seconds` slower per forward: long enough generations to leave in the middle of."""
+
+    def __init__(self, model, seconds):
+        super().__init__()
+        self.inner, self.args, self.seconds = model, model.args, seconds
+
+    def setup_cache(self, *args, **kwargs):
+        self.inner.setup_cache(*args, **kwargs)
+
+    def clear_cache(self):
+        self.inner.clear_cache()
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.seconds)
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_a_client_leaving_mid_answer_frees_its_slot(ckpt, stream):
+    model = sample.load_model(ckpt, "cpu", torch.float32)[0]
+    assert 257 not in sample.generate(model, [256, 97, 98], 100, temperature=0)  # no eos: 100 steps unless cut
+    server = start_server(ckpt, model=SlowModel(model, 0.03))
+    try:
+        body = json.dumps({"prompt": "ab", "max_tokens": 100, "temperature": 0, "stream": stream}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.server_address[1]))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        if stream:
+            received = b""
+            while b"data: " not in received:  # the answer has started
+                received += sock.recv(65536)
+        else:
+            time.sleep(0.5)
+        sock.close()
+        deadline = time.monotonic() + 30
+        while not server.batcher.batches and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (rows, steps), = server.batcher.batches
+        assert rows == 1 and steps < 60  # 100 steps take >= 3 s; it stopped soon after the client left
+        quick = client_for(server).completions.create(model="tiny", prompt="ab", max_tokens=2, temperature=0)
+        assert quick.usage.completion_tokens == 2  # and the server is free for the next one
+    finally:
+        stop_server(server)
+
+
+def test_bounded_load_loses_no_request(server, client):
+    """48 mixed requests from 6 threads (completions and chat, streamed and not, greedy and sampled) within 180 s:
+    every one answered in full."""
+    n_threads, per_thread, deadline = 6, 8, time.monotonic() + 180
+    answers, errors = [], []
+
+    def worker(k):
+        for i in range(per_thread):
+            try:
+                kw = dict(model="tiny", max_tokens=4 + (k + i) % 9, temperature=0 if i % 2 else 0.9, seed=k * 100 + i,
+                          stream=bool(i % 3 == 0))
+                if (k + i) % 2:
+                    out = client.chat.completions.create(messages=[{"role": "user", "content": f"hi {k} {i}"}], **kw)
+                else:
+                    out = client.completions.create(prompt=f"load {k} {i}", **kw)
+                chunks = list(out) if kw["stream"] else [out]
+                answers.append((kw["max_tokens"], chunks[-1].choices[0].finish_reason))
+            except Exception as e:  # counted, not raised: the test reports every lost request
+                errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]
+    [t.start() for t in threads]
+    for t in threads:
+        t.join(max(deadline - time.monotonic(), 0))
+    assert not any(t.is_alive() for t in threads), "load test over its time limit"
+    assert errors == []
+    assert len(answers) == n_threads * per_thread
+    assert all(reason in ("stop", "length") for _, reason in answers)
+    assert not server.batcher.waiting
+
+
+# -----------------------------------------------------------------------------
+# bad requests
+
+
+BAD = [
+    ("POST", "/v1/completions", b'{"prompt": "hi",', 400, None, None),
+    ("POST", "/v1/completions", b"[1, 2]", 400, None, None),
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": True}, 400, "max_tokens", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "stop": ["", "x"]}, 400, "stop", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "tools": []}, 400, "tools", None),
+    ("POST", "/v1/completions", {"prompt": 5}, 400, "prompt", None),
+    ("POST", "/v1/completions", {"prompt": [1, 99999]}, 400, "prompt", None),
+    ("POST", "/v1/completions", {"max_tokens": 5}, 400, "prompt", None),
+    ("POST", "/v1/completions", {"prompt": "x" * 120, "max_tokens": 20}, 400, "prompt", "context_length_exceeded"),
+    ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages", None),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages", None),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "model_not_found"),
+    ("GET", "/v1/models/gpt-4", None, 404, "model", "model_not_found"),
+    ("GET", "/v1/nope", None, 404, None, "unknown_url"),
+    ("GET", "/v1/completions", None, 405, None, "method_not_allowed"),
+    ("POST", "/v1/models", b"{}", 405, None, "method_not_allowed"),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status, param, code", BAD,
+                         ids=[f"{i}-{s}-{p or c}" for i, (*_, s, p, c) in enumerate(BAD)])
+def test_bad_request_gets_an_openai_error(server, method, path, body, status, param, code):
+    got, headers, text = raw(server, method, path, body, {"Content-Type": "application/json"})
+    assert got == status, text
+    error = json.loads(text)["error"]
+    assert error["type"] == "invalid_request_error" and error["message"] and "Traceback" not in text
+    assert (error["param"], error["code"]) == (param, code)
+    if status == 405:
+        assert headers["Allow"] in ("GET", "POST")
+
+
+def test_body_over_the_limit_is_413_and_the_server_goes_on(server, client):
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Length", str(sample.MAX_BODY_BYTES + 1))
+    conn.endheaders(b'{"prompt": "')  # the server answers from the header, without reading the body
+    resp = conn.getresponse()
+    assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
+    conn.close()
+    assert client.completions.create(model="tiny", prompt="ab", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_openai_client_raises_the_servers_error(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x" * 120, max_tokens=20)
+    assert e.value.code == "context_length_exceeded" and "maximum context length is 128" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+
+
+class FailingModel(SlowModel):
+    """The model, failing on any prompt that holds an "!" (33): as a batch that runs out of memory would."""
+
+    def forward(self, idx, *args, **kwargs):
+        if (idx == 33).any():
+            raise RuntimeError("out of memory (a test's)")
+        return self.inner(idx, *args, **kwargs)
+
+
+def test_a_failing_batch_answers_500_and_the_server_goes_on(ckpt):
+    server = start_server(ckpt, model=FailingModel(sample.load_model(ckpt, "cpu", torch.float32)[0], 0))
+    try:
+        status, _, text = raw(server, "POST", "/v1/completions", {"prompt": "hi!", "max_tokens": 4})
+        assert status == 500 and "Traceback" not in text
+        assert json.loads(text)["error"] == {"message": "generation failed: RuntimeError: out of memory (a test's)",
+                                             "type": "server_error", "param": None, "code": None}
+        status, _, text = raw(server, "POST", "/v1/completions", {"prompt": "hi!", "max_tokens": 4, "stream": True})
+        assert status == 200 and json.loads(text.split("\n\n")[0][6:])["error"]["type"] == "server_error"
+        assert client_for(server).completions.create(model="tiny", prompt="hi", max_tokens=3).usage.completion_tokens
+    finally:
+        stop_server(server)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def test_cli_serves_until_interrupted(ckpt):
+    want = cli(ckpt, "--prompt", "ab", "--max_new_tokens", 6)
+    proc = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(ckpt), "--serve", "--port", "0",
+                             "--temperature", "0", "--max_new_tokens", "6"], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        lines = []
+        while not lines or "serving" not in lines[-1]:
+            lines.append(proc.stderr.readline())
+            assert lines[-1], "".join(lines)  # the server exited before serving
+        port = int(lines[-1].split("127.0.0.1:")[1].split("/")[0])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60,
+                               http_client=openai.DefaultHttpxClient(trust_env=False))
+        got = client.completions.create(model=ckpt.name, prompt="ab")  # --max_new_tokens and --temperature apply
+        assert got.choices[0].text + "\n" == want
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_serve_refuses_terminal_only_flags(ckpt):
+    with pytest.raises(SystemExit, match="--serve: takes prompts from HTTP requests"):
+        ts.run_cli(["--ckpt", ckpt, "--serve", "--prompt", "x"])
