@@ -516,7 +516,7 @@ class Batcher:
         self.max_batch, self.wait = max_batch, wait
         self.waiting, self.closed = [], False
         self.cv = threading.Condition()
-        self.batches = collections.deque(maxlen=1000)  # (rows, steps) of the latest batches
+        self.batches = collections.deque(maxlen=1000)  # [rows, steps] of the latest batches
         self.thread = threading.Thread(target=self.run, name="batcher", daemon=True)
         self.thread.start()
 
@@ -573,9 +573,11 @@ class Batcher:
         steps = generate(self.model, [job.ids for job in batch], max(job.max_new_tokens for job in batch),
                          pad_id=self.pad_id, generator=[job.generator for job in batch],
                          decode_step=self.decode_step, **settings)
-        live, n = dict(enumerate(batch)), 0
+        live, record = dict(enumerate(batch)), [len(batch), 0]
+        self.batches.append(record)  # before any row ends, so a client that got its answer finds its batch here
         try:
             for n, step in enumerate(steps, 1):
+                record[1] = n
                 for b, job in list(live.items()):
                     ended = job.cancelled.is_set()
                     if not ended:
@@ -594,7 +596,6 @@ class Batcher:
             steps.close()
             for job in live.values():
                 job.out.put(None)
-            self.batches.append((len(batch), n))
 
 
 def _is_int(v):
