@@ -408,7 +408,7 @@ def memory_plan(args: ModelArgs, cfg, dp: int, tp: int, packed: bool) -> dict:
       full training: fp32 parameters (the master copy) 4 B, fp32 gradients 4 B, AdamW m and v 8 B per parameter;
       LoRA: frozen base in the compute dtype (QLoRA: NF4 block linears, nf4_bytes), fp32 adapters + their grads + m, v.
     Working weights (16-bit runs): FSDP all-gathers the root and two blocks (current + prefetched) in the compute
-    dtype; in one process autocast caches a 16-bit copy of every trainable linear weight; QLoRA dequantises each
+    dtype, or every block with zero_stage 1/2 (kept from forward to backward); in one process autocast caches a 16-bit copy of every trainable linear weight; QLoRA dequantises each
     linear and autograd keeps the result for backward (one block's worth under activation checkpointing).
     Activations of one micro-batch of b sequences of T tokens, s bytes per element (2 in 16-bit, 4 in fp32), divided by
     tp (sequence-parallel norms shard the rest); the residual stream (block input x, mid-block h) stays fp32 under
@@ -422,7 +422,8 @@ def memory_plan(args: ModelArgs, cfg, dp: int, tp: int, packed: bool) -> dict:
       adds rank outputs (and dropout copies of the input).
       Full checkpointing keeps only each block's input (4d per token and layer), selective (per op, see train.py's
       apply_activation_checkpointing) also the outputs of wq, wv, w1, w2 and attention: 4d + s(3d + kv + f); both
-      recompute one block at a time in the backward pass.
+      recompute one block at a time in the backward pass; with activation_checkpointing_layers = n only the first n
+      blocks are checkpointed, the others keep everything.
       The loss head: the final norm's input and output, b T d (4 + s), and kernels.linear_cross_entropy's one (b T, V)
       buffer in s bytes (the logits turned into their gradient); vocab-sharded (tp > 1) or adapted output layers
       take the logits, their fp32 copy and fp32 log-softmax instead, b T V (s + 8) bytes.
@@ -460,8 +461,8 @@ def memory_plan(args: ModelArgs, cfg, dp: int, tp: int, packed: bool) -> dict:
     block_bytes = s * n_block if not cfg.qlora else s * n_block_linear / L  # one block in the compute dtype
     if s == 4 and not cfg.qlora:
         working = 0.0  # fp32: the parameters are used as they are
-    elif dp > 1 and not cfg.qlora:
-        working = (s * n_root + 2 * block_bytes) / tp  # FSDP2's unsharded root and two blocks
+    elif dp > 1 and not cfg.qlora:  # FSDP2's unsharded root and two blocks; ZeRO-1/2 keep every block to backward
+        working = (s * n_root + (2 if cfg.zero_stage == 3 else L) * block_bytes) / tp
     elif cfg.qlora:
         working = (block_bytes if ac != "none" else L * block_bytes) / tp  # dequantised weights kept for backward
     elif cfg.lora_rank:
@@ -490,8 +491,11 @@ def activation_bytes(args: ModelArgs, cfg, tp: int, packed: bool, s: int, lora_e
     head = b * T * (d * (4 + s) + args.vocab_size * (s if fused_loss else s + 8)) / tp
     kept = {"none": layer, "full": b * T * 4 * d / tp,  # selective: block input, outputs of wq, wv, w1, w2, attention
             "selective": b * T * (4 * d + s * (3 * d + kv + f) + 4 * H) / tp}
-    # all but 'none' recompute one block at a time in the backward pass
-    return {mode: L * kept[mode] + (layer if mode != "none" else 0) + alibi_mask + head for mode in kept}
+    # all but 'none' recompute one block at a time in the backward pass, after the L - n blocks that keep everything
+    # (checkpointed: the first n) are done with theirs
+    n = cfg.activation_checkpointing_layers or L
+    return {mode: (L * layer if mode == "none" else n * kept[mode] + max(L - n, 1) * layer) + alibi_mask + head
+            for mode in kept}
 
 
 def training_plan(args: ModelArgs, family: str, cfg, dp: int, tp: int, meta: dict, notes=()) -> dict:
