@@ -261,6 +261,20 @@ def test_dry_run_numbers_by_hand(tmp_path):
     assert tp["bytes"]["activations"] == (L * b * T * 4 * d + layer + b * T * (d * (4 + s) + V * (s + 8))) / 2
 
 
+def test_dry_run_of_checkpointing_some_blocks_and_of_zero_stages(tmp_path):
+    d, kv, f, b, T, s, L = 64, 32, 176, 2, 32, 2, 4
+    plans = {key: train.plan(hand_cfg(data_dir=str(tmp_path), activation_checkpointing="full", **kw), {"n_layers": L})
+             for key, kw in (("all", {}), ("first 3", {"activation_checkpointing_layers": 3}),
+                             ("zero2", {"zero_stage": 2}))}
+    act = {k: v["bytes"]["activations"] for k, v in plans.items()}
+    layer = b * T * (s * (4 * d + 2 * kv + 3 * f) + 8 * d + 4 * 4)  # one block that keeps everything
+    assert act["all"] - act["first 3"] == b * T * 4 * d  # the fourth block's checkpoint, no longer kept
+    block = 2 * d + d * d + 2 * d * kv + d * d + 3 * d * f
+    working = {k: v["bytes"]["working weights"] for k, v in plans.items()}
+    assert working["zero2"] - working["all"] == s * (L - 2) * block  # every block gathered, not two
+    assert act["zero2"] == act["all"] and layer < act["all"]
+
+
 def test_dry_run_lora_and_qlora_by_hand(tmp_path):
     d, L, kv, f, r = 64, 2, 32, 176, 8
     n = train.plan(hand_cfg(data_dir=str(tmp_path)), {})["n_params"]
