@@ -5,6 +5,7 @@
     python bench.py --mode=train --compare        # ours and transformers' LlamaForCausalLM alternated, medians, ratio
     python bench.py --mode=train --lora_rank=8 [--qlora]    # fine-tuning speed: LoRA adapters (on an NF4 base)
     python bench.py --plot out/a/metrics.jsonl out/b/metrics.jsonl --out=loss.png   # curves + relative difference
+    python bench.py --plot ref/metrics.jsonl out/b/metrics.jsonl --max_rel_err=0.02   # exit 1 above the criterion
 
 It also holds the training plan behind `python train.py CONFIG --dry_run` (training_plan, memory_plan): per-device
 memory term by term and step time of a config on its mesh, estimated from ModelArgs without allocating the model.
@@ -571,13 +572,29 @@ def read_losses(path: str) -> dict[int, float]:
 
 
 def relative_difference(a: dict[int, float], b: dict[int, float]) -> dict:
-    """Per-step |loss_b - loss_a| / |loss_a| over the steps both runs logged (a is the reference)."""
+    """Per-step |loss_b - loss_a| / |loss_a| and |loss_b - loss_a| over the steps both runs logged (a is the
+    reference): their maxima and where they are, and the mean relative difference."""
     steps = sorted(set(a) & set(b))
     if not steps:
         fail("--plot: the two runs have no logged step in common")
     rel = [abs(b[s] - a[s]) / max(abs(a[s]), 1e-12) for s in steps]
+    absolute = [abs(b[s] - a[s]) for s in steps]
     return {"rel_diff_max": max(rel), "rel_diff_mean": sum(rel) / len(rel), "steps_compared": len(steps),
-            "worst_step": steps[rel.index(max(rel))]}
+            "worst_step": steps[rel.index(max(rel))], "abs_diff_max": max(absolute),
+            "worst_abs_step": steps[absolute.index(max(absolute))]}
+
+
+def check_criterion(result: dict, max_rel_err: float | None, max_abs_err: float | None) -> bool:
+    """Print the two curves' maximum relative and absolute errors as loss-alignment reports state them, against the
+    criterion given; -> whether they are within it."""
+    rel, absolute = result["rel_diff_max"], result["abs_diff_max"]
+    ok = (max_rel_err is None or rel <= max_rel_err) and (max_abs_err is None or absolute <= max_abs_err)
+    limits = " and ".join(f"{name} <= {limit:g}" for name, limit in (("relative", max_rel_err),
+                                                                     ("absolute", max_abs_err)) if limit is not None)
+    print(f"The maximum relative error is {rel:.4f} (step {result['worst_step']}), and the maximum absolute error is "
+          f"{absolute:.4f} (step {result['worst_abs_step']}) over {result['steps_compared']} common steps: "
+          f"{'within' if ok else 'NOT within'} {limits}", file=sys.stderr)
+    return ok
 
 
 def plot(paths: list[str], out: str) -> dict:
@@ -636,6 +653,10 @@ def parse_args(argv):
     p.add_argument("--plot", nargs="+", default=None, metavar="METRICS_JSONL", help="plot train.py loss curves")
     p.add_argument("--out", default="loss.png", help="--plot: the PNG to write")
     p.add_argument("--overwrite", action="store_true", help="--plot: replace an existing --out")
+    p.add_argument("--max_rel_err", type=float, default=None, help="--plot A B: exit 1 when a step's |B - A| / |A| "
+                   "is above this (AscendSpeed's loss alignment: 0.02)")
+    p.add_argument("--max_abs_err", type=float, default=None, help="--plot A B: exit 1 when a step's |B - A| is "
+                   "above this")
     opt = p.parse_args(argv)
     opt.batch_size = opt.batch_size or (4 if opt.mode == "train" else 1)
     opt.warmup = opt.warmup if opt.warmup is not None else (3 if opt.compile else 1)
@@ -646,6 +667,9 @@ def parse_args(argv):
         fail(f"--warmup={opt.warmup}: expected >= 0")
     if opt.lora_rank < 0 or (opt.qlora and not opt.lora_rank):
         fail(f"--lora_rank={opt.lora_rank}: expected a positive rank with --qlora, >= 0 otherwise")
+    for key in ("max_rel_err", "max_abs_err"):
+        if getattr(opt, key) is not None and (getattr(opt, key) < 0 or not opt.plot or len(opt.plot) != 2):
+            fail(f"--{key}={getattr(opt, key)}: expected a value >= 0 with --plot REFERENCE RUN (two metrics files)")
     if opt.lora_rank and (opt.mode != "train" or opt.compare):
         fail("--lora_rank: fine-tuning speed is measured in --mode=train, without --compare (transformers has no "
              "LoRA without peft)")
@@ -674,10 +698,14 @@ def main(argv=None) -> dict:
         if os.path.exists(opt.out) and not opt.overwrite:
             fail(f"--out={opt.out} exists; pass --overwrite to replace it")
         result = plot(opt.plot, opt.out)
+        if opt.max_rel_err is not None or opt.max_abs_err is not None:
+            result["within_criterion"] = check_criterion(result, opt.max_rel_err, opt.max_abs_err)
     else:
         device = torch.device(opt.device or kernels.device_type())
         result = run_bench(opt, model_args_for(opt), device)
     print(json.dumps(result))
+    if result.get("within_criterion") is False:
+        raise SystemExit(1)
     return result
 
 
