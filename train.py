@@ -80,6 +80,7 @@ class Config:
     lr_decay_iters: int = 1000
     weight_decay: float = 0.1  # matrices only; norms gains are not decayed
     warmup_start_lr: float = 0.0  # the warmup rises linearly from here (DeepSpeed WarmupLR's warmup_min_lr)
+    lr_decay: str = "cosine"  # 'cosine' | 'linear' (Hugging Face Trainer's default) from lr to min_lr
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -253,6 +254,8 @@ def check_config(cfg: Config):
         fail(f"loss_scale={cfg.loss_scale}, static_loss_scale={cfg.static_loss_scale}, loss_scale_hysteresis="
              f"{cfg.loss_scale_hysteresis}, min_loss_scale={cfg.min_loss_scale}: expected loss_scale > 0, "
              "static_loss_scale >= 0 (0 = dynamic), loss_scale_hysteresis >= 1 and min_loss_scale >= 0")
+    if cfg.lr_decay not in ("cosine", "linear"):
+        fail(f"lr_decay={cfg.lr_decay!r}: expected 'cosine' or 'linear'")
     if cfg.zero_stage not in (1, 2, 3):
         fail(f"zero_stage={cfg.zero_stage}: expected 1, 2 or 3 (the ZeRO stage the recipe's source names)")
     if cfg.activation_checkpointing_layers < 0 or cfg.adam_eps <= 0 or cfg.warmup_start_lr < 0:
@@ -573,13 +576,15 @@ def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Opt
 
 
 def get_lr(step: int, cfg: Config) -> float:
-    """Linear warmup from warmup_start_lr over warmup_iters, then cosine from lr down to min_lr at lr_decay_iters,
-    then min_lr."""
+    """Linear warmup from warmup_start_lr over warmup_iters, then cosine (or linear) from lr down to min_lr at
+    lr_decay_iters, then min_lr."""
     if step < cfg.warmup_iters:
         return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * (step + 1) / (cfg.warmup_iters + 1)
     if step >= cfg.lr_decay_iters:
         return cfg.min_lr
     progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    if cfg.lr_decay == "linear":
+        return cfg.min_lr + (1 - progress) * (cfg.lr - cfg.min_lr)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 

@@ -168,6 +168,23 @@ def test_warmup_start_lr_and_adam_eps_equal_the_reference(data, init_dir, tmp_pa
     assert lrs[0] == pytest.approx(4e-3 + 6e-3 / 3)  # a third of the way from the start lr
 
 
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_lr_decay_without_warmup_equals_transformers_schedules(decay):
+    # the schedules of the Hugging Face Trainer runs the recipes reproduce (lr_scheduler_type cosine / linear)
+    transformers = pytest.importorskip("transformers")
+    make = {"cosine": transformers.get_cosine_schedule_with_warmup,
+            "linear": transformers.get_linear_schedule_with_warmup}[decay]
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-5)
+    schedule = make(optimizer, num_warmup_steps=0, num_training_steps=40)
+    theirs = []
+    for _ in range(40):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    cfg = train.Config(lr=5e-5, min_lr=0.0, warmup_iters=0, lr_decay_iters=40, lr_decay=decay)
+    assert [train.get_lr(step, cfg) for step in range(40)] == pytest.approx(theirs, rel=1e-9, abs=1e-15)
+
+
 def assert_updates_equal(trained: dict, ref: dict, init: dict, names):
     """Each tensor's change over the run equals the reference's to 0.1% (as a vector norm): the two loops compute
     the loss gradient in different ways, and Adam magnifies rounding in near-zero gradient entries elementwise."""
