@@ -409,7 +409,8 @@ def memory_plan(args: ModelArgs, cfg, dp: int, tp: int, packed: bool) -> dict:
       full training: fp32 parameters (the master copy) 4 B, fp32 gradients 4 B, AdamW m and v 8 B per parameter;
       LoRA: frozen base in the compute dtype (QLoRA: NF4 block linears, nf4_bytes), fp32 adapters + their grads + m, v.
     Working weights (16-bit runs): FSDP all-gathers the root and two blocks (current + prefetched) in the compute
-    dtype, or every block with zero_stage 1/2 (kept from forward to backward); in one process autocast caches a 16-bit copy of every trainable linear weight; QLoRA dequantises each
+    dtype, or every block with zero_stage 1/2 (kept from forward to backward); in one process autocast caches a
+    16-bit copy of every trainable linear weight; QLoRA dequantises each
     linear and autograd keeps the result for backward (one block's worth under activation checkpointing).
     Activations of one micro-batch of b sequences of T tokens, s bytes per element (2 in 16-bit, 4 in fp32), divided by
     tp (sequence-parallel norms shard the rest); the residual stream (block input x, mid-block h) stays fp32 under

@@ -35,7 +35,8 @@ FULL = sorted(p.replace("_tiny", "") for p in TWINS)
 # what a twin may change of its full recipe: sizes, mesh, schedule length, paths; everything else is the code path
 SIZE_KEYS = {"out_dir", "data_dir", "init_from", "devices", "dp", "tp", "seq_len", "micro_batch_size",
              "global_batch_size", "max_iters", "warmup_iters", "lr_decay_iters", "eval_interval", "eval_iters",
-             "log_interval", "ckpt_interval", "peak_flops", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"}
+             "log_interval", "ckpt_interval", "peak_flops", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len",
+             "activation_checkpointing_layers"}  # a count of blocks scales with n_layers
 # the data each chat template's twins use: prepare.py --format for the synthetic records the test writes
 TEMPLATE_FORMAT = {"baichuan2": "sharegpt", "vicuna": "sharegpt", "alpaca": "alpaca", "human-assistant": "belle",
                    "baichuan": "alpaca"}
@@ -185,7 +186,8 @@ def test_twin_runs_prepare_train_export_sample(twin, lab, capsys):
         settings = json.loads((adapter / "adapter_config.json").read_text())  # PEFT's format
         assert (settings["peft_type"], settings["r"], settings["lora_alpha"]) == ("LORA", cfg.lora_rank, cfg.lora_alpha)
         base, merged = load_tensors(lab.base(cfg.init_from)), load_tensors(export)
-        targets = cfg.lora_targets.split(",")
+        targets = [t for name in cfg.lora_targets.split(",")  # W_pack (alias wqkv): one adapter on wq, wk, wv
+                   for t in (("wq", "wk", "wv") if name in ("W_pack", "wqkv") else (name,))]
         for name, t in base.items():  # the merge changed exactly the adapted layers
             adapted = name.endswith(".weight") and name.split(".")[-2] in targets and name.startswith("layers.")
             assert torch.equal(merged[name].float(), t.float()) != adapted, name
