@@ -13,7 +13,7 @@
 # |                    | table: batch 2, 2.35 s, 13944 tok/s;   |                               | 2048 / 2.35 s = 13944
 # |                    | deepspeed.json micro 64 (contradicts)  |                               | fixes it: 16
 # | sequence           | config.json max_seq_len 2048, table    | 2048                          |
-# | ZeRO               | deepspeed.json stage 2                 | zero_stage=2 (FSDP2)          | FSDP2 shards params too
+# | ZeRO               | deepspeed.json stage 2                 | zero_stage=2 (FSDP2)          | FSDP2 shards params
 # | fp16 loss scale    | deepspeed.json "loss_scale": 8192      | static_loss_scale=8192        |
 # |                    | (non-zero: static in DeepSpeed);       | (window 1000, hysteresis 2,   |
 # |                    | window 1000, hysteresis 2, min 1;      | min 1 as given: unused when   |
@@ -32,8 +32,8 @@
 # |                    | data, make_indexed_dataset.sh -> .bin  |                               |
 #
 # Document's figures: 8 x 910B3, batch 2, seq 2048, 2.35 s/step, 13,944 tokens/s over 8 devices (1,743 per device;
-# competitors A1 14,247, A8 13,375). Our --dry_run, 40% MFU of 313 TFLOP/s: 33.5 GiB per device of 64, 0.62 s/step,
-# 6,575 tokens/s per device. Generation as its 推理 section (interactive): python sample.py --ckpt=checkpoints/aquila-7b
+# competitors A1 14,247, A8 13,375). Our --dry_run, 40% MFU of 313 TFLOP/s: 33.1 GiB per device of 64, 1.46 s/step,
+# 2,811 tokens/s per device. Generation as its 推理 section (interactive): python sample.py --ckpt=checkpoints/aquila-7b
 #
 #   python convert.py hf-to-native --src=hf/Aquila-7B --dst=checkpoints/aquila-7b
 #   python prepare.py --input=alpaca-data-conversation.json --format=alpaca --template=alpaca --train_on_prompt \

@@ -28,8 +28,8 @@
 # Document's figures (16 NPUs, with FA): 1,350 tokens/s per device, 49.716 s/step, 116.61 TFLOP/s, "5.149
 # samples/s/p" (5.149 x 49.716 = 256: per job, not per device); reference 2,062 tokens/s per device. Loss against the
 # reference: maximum relative error 0.0266, maximum absolute error 0.0228, and "less than 0.02 throughout" (the two
-# disagree; 0.02 is the criterion it states). Our --dry_run, 40% MFU of 313 TFLOP/s: 34.9 GiB per device of 64,
-# 46.9 s/step, 1,397 tokens/s per device. Check a run against a reference run:
+# disagree; 0.02 is the criterion it states). Our --dry_run, 40% MFU of 313 TFLOP/s: 21.8 GiB per device of 64,
+# 46.9 s/step, 1,398 tokens/s per device. Check a run against a reference run:
 #   python bench.py --plot reference/metrics.jsonl out/baichuan2_13b_pretrain/metrics.jsonl --max_rel_err=0.02
 #
 # Data: MOSSMultiTurnHandler renders every turn as Baichuan's 195 + user, 196 + reply without the meta_instruction

@@ -20,8 +20,8 @@
 # | recompute          | script: budget 57344 MB                | none (the plan fits under it) |
 #
 # The document gives no figures for this run (its Performance table is the FA pretraining run). Our --dry_run, 40%
-# MFU of 313 TFLOP/s: 40.5 GiB per device of 64, 46.9 s/step, 1,397 tokens/s per device; padding rows cost compute
-# the plan counts as tokens.
+# MFU of 313 TFLOP/s: 21.8 GiB per device of 64 before the data is here (its padding masks then add to it), 46.9 s/step,
+# 1,398 tokens/s per device, padding counted as tokens.
 #
 #   python convert.py hf-to-native --src=hf/Baichuan2-13B-Base --dst=checkpoints/baichuan2-13b-base --for_training
 #   python prepare.py --input=moss-003-sft-no-tools.jsonl --format=moss --template=baichuan2 --drop_system \

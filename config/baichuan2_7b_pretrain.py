@@ -20,8 +20,8 @@
 # | recompute          | script: none                           | none                          |
 #
 # Document's figures (8 NPUs): 2,607 tokens/s per device, 24.97 s/step, 124 TFLOP/s, 5.125 samples/s (reference:
-# 3,969 tokens/s per device); the loss: only plots. Our --dry_run, 40% MFU of 313 TFLOP/s: 63.3 GiB per device of 64,
-# 25.3 s/step, 2,594 tokens/s per device.
+# 3,969 tokens/s per device); the loss: only plots. Our --dry_run, 40% MFU of 313 TFLOP/s: 27.1 GiB per device of 64,
+# 25.3 s/step, 2,587 tokens/s per device.
 # Compare a run's loss with a reference run (AscendSpeed's criterion: relative error under 2% at every step):
 #   python bench.py --plot reference/metrics.jsonl out/baichuan2_7b_pretrain/metrics.jsonl --max_rel_err=0.02
 #

@@ -21,8 +21,8 @@
 # | memory, time       | about 9 GB; about 60 hours             | dry run below                 |
 #
 # Document's figures: step 1000 of 48818 at loss 1.9935 (lr 4.9999996e-05), 4.33 s/it then; train_loss 1.2808 after
-# 1 epoch, 161,450 s (0.302 samples/s). Our --dry_run (one 64 GB device, 40% MFU of 313 TFLOP/s): 9.8 GiB, 0.47 s/step,
-# 1,642 tokens/s; a padded row counts as 768 tokens there.
+# 1 epoch, 161,450 s (0.302 samples/s). Our --dry_run (one 64 GB device, 40% MFU of 313 TFLOP/s): 8.9 GiB, 0.33 s/step,
+# 2,333 tokens/s; a padded row counts as 768 tokens there.
 #
 #   python convert.py hf-to-native --src=hf/Baichuan-13B-Chat --dst=checkpoints/baichuan-13b-chat
 #   python prepare.py --input=alpaca_gpt4_data_zh.json --format=alpaca --template=baichuan \

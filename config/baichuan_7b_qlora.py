@@ -24,7 +24,7 @@
 # | validation         | VAL_SET_SIZE (illegible)               | prepare.py's 2%               | our choice
 # | memory             | about 7 GB (显存占用为7G左右)          | dry run below                 |
 #
-# Our --dry_run (40% MFU of 313 TFLOP/s, one 64 GB device): 6.2 GiB, 0.93 s/step, 4,414 tokens/s; a padded row
+# Our --dry_run (40% MFU of 313 TFLOP/s, one 64 GB device): 5.7 GiB, 0.94 s/step, 4,365 tokens/s; a padded row
 # counts as 1024 tokens there. Measured on this repository's 2-core CPU (README "LoRA and QLoRA"): 5.46 GiB peak
 # RSS for one step at seq 512.
 #

@@ -6,7 +6,7 @@
 #
 # | value              | document says                          | we use                        | why different
 # | devices            | 双机16卡 (2 nodes x 8)                 | devices=16, dp=16             |
-# | ZeRO               | zero2                                  | zero_stage=2 (FSDP2)          | FSDP2 shards params too
+# | ZeRO               | zero2                                  | zero_stage=2 (FSDP2)          | FSDP2 shards params
 # | precision, epochs  | --fp16, 3 epochs                       | float16, 1219 steps           |
 # | weights            | Vicuna-13B = LLaMA-13B + delta v1.1    | init_from checkpoints/vicuna  |
 # | data               | alpaca-data-conversation               | the same, vicuna template     |
@@ -14,7 +14,7 @@
 # |                    | 2048, wd 0, gradient checkpointing     | accum, the rest the same      | ours (not given)
 #
 # Document's figures: 1,498 tokens/s per device on the NPUs (competitor A 1,386). Our --dry_run, 40% MFU of
-# 313 TFLOP/s: 38.9 GiB per device of 64, 12.9 s/step, 1,268 tokens/s per device (padding counted as tokens).
+# 313 TFLOP/s: 40.6 GiB per device of 64, 10.8 s/step, 1,524 tokens/s per device (padding counted as tokens).
 #
 #   python convert.py apply-delta --src=hf/llama-13b --delta=hf/vicuna-13b-delta-v1.1 --dst=checkpoints/vicuna-13b
 #   python prepare.py --input=playground/data/alpaca-data-conversation.json --format=sharegpt --template=vicuna \

@@ -9,7 +9,7 @@
 #
 # | value              | document says                          | we use                        | why different
 # | devices            | 单机8卡                                | devices=8, dp=8               |
-# | ZeRO               | zero1 (训练结果展示)                   | zero_stage=1 (FSDP2)          | FSDP2 shards params too
+# | ZeRO               | zero1 (训练结果展示)                   | zero_stage=1 (FSDP2)          | FSDP2 shards params
 # | precision          | --fp16                                 | float16, DeepSpeed defaults   |
 # | epochs             | 3                                      | 3: 1219 steps of 128 examples |
 # | weights            | Vicuna = LLaMA + delta v1.1 (apply_    | init_from checkpoints/vicuna  |
@@ -21,7 +21,7 @@
 # | memory             | > 60 GB free per device                | dry run below                 |
 #
 # Document's figures (3 epochs): 2,990 tokens/s per device on the NPUs (competitor A 2,452). Our --dry_run, 40% MFU of
-# 313 TFLOP/s: 33.0 GiB per device of 64, 13.3 s/step, 2,458 tokens/s per device (padding counted as tokens).
+# 313 TFLOP/s: 28.0 GiB per device of 64, 11.2 s/step, 2,921 tokens/s per device (padding counted as tokens).
 # Chat with the result as its 模型推理 does (fastchat.serve.cli): python sample.py --ckpt=out/vicuna_7b/export --chat
 #
 #   python convert.py apply-delta --src=hf/llama-7b --delta=hf/vicuna-7b-delta-v1.1 --dst=checkpoints/vicuna-7b
