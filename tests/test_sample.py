@@ -494,6 +494,16 @@ class Terminal:
         import os
         os.write(self.fd, data)
 
+    def converse(self, marker: str, inputs) -> int:
+        """Answer the program's n-th `marker` prompt with the n-th input; -> its exit code after the last."""
+        try:
+            for i, data in enumerate(inputs):
+                self.expect(marker, i + 1)
+                self.send(data)
+            return self.close()
+        finally:
+            self.proc.kill()
+
     def close(self, timeout=60):
         """Wait for the exit, reading what is left; -> the exit code."""
         import os
@@ -516,15 +526,7 @@ def test_no_prompt_on_a_terminal_asks_for_prompts_in_a_loop(ckpt):
     prompts = ["héllo", "ab"]
     wants = [run_cli(argv + ["--prompt", text]) for text in prompts]  # each prompt continued on its own (greedy)
     term = Terminal(argv)
-    try:
-        for i, text in enumerate(prompts):
-            term.expect("prompt> ", i + 1)
-            term.send(text.encode() + b"\n")
-        term.expect("prompt> ", 3)
-        term.send(b"/exit\n")
-        assert term.close() == 0
-    finally:
-        term.proc.kill()
+    assert term.converse("prompt> ", [text.encode() + b"\n" for text in prompts] + [b"/exit\n"]) == 0
     for text, want in zip(prompts, wants):  # the echoed prompt, then its continuation streamed to the terminal
         assert (text + "\n" + want).encode() in term.data, (want, term.text)
     assert " tokens in " in term.text  # the report at the end
@@ -536,19 +538,9 @@ def test_chat_on_a_terminal_takes_multiline_turns_resets_and_exits(ckpt):
     turn = "line one\nline two"
     want = run_cli(argv, stdin=turn + "\n").strip()  # the reply to the two lines as one turn (no history)
     term = Terminal(argv)
-    try:
-        term.expect("user [Ctrl-D on an empty line ends it]> ")
-        term.send(turn.encode() + b"\n\x04")  # Ctrl-D on an empty line ends the turn
-        term.expect("user [Ctrl-D", 2)
-        first = term.data
-        term.send(b"/reset\n")  # a command needs no Ctrl-D
-        term.expect("user [Ctrl-D", 3)
-        term.send(turn.encode() + b"\n\x04")
-        term.expect("user [Ctrl-D", 4)
-        term.send(b"/exit\n")
-        assert term.close() == 0
-    finally:
-        term.proc.kill()
-    assert ("assistant> " + want).encode() in first, (want, first)
+    # Ctrl-D on an empty line ends a turn; a command needs none
+    inputs = [turn.encode() + b"\n\x04", b"/reset\n", turn.encode() + b"\n\x04", b"/exit\n"]
+    assert term.converse("user [Ctrl-D on an empty line ends it]> ", inputs) == 0
     assert "(history cleared)" in term.text
-    assert term.data.count(("assistant> " + want).encode()) == 2  # after /reset the same turn gets the same first reply
+    # the reply to the whole turn, twice: after /reset the same turn gets the same first reply
+    assert term.data.count(("assistant> " + want).encode()) == 2, (want, term.text)
