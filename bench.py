@@ -6,6 +6,7 @@
     python bench.py --mode=train --lora_rank=8 [--qlora]    # fine-tuning speed: LoRA adapters (on an NF4 base)
     python bench.py --preset=bench-llama --mode=serve --batch_size=4   # 4 HTTP clients at once vs one after another
     python bench.py --plot out/a/metrics.jsonl out/b/metrics.jsonl --out=loss.png   # curves + relative difference
+    python bench.py --plot ref/metrics.jsonl out/b/metrics.jsonl --max_rel_err=0.02   # exit 1 above the criterion
 
 It also holds the training plan behind `python train.py CONFIG --dry_run` (training_plan, memory_plan): per-device
 memory term by term and step time of a config on its mesh, estimated from ModelArgs without allocating the model.
@@ -668,7 +669,8 @@ def memory_plan(args: ModelArgs, cfg, dp: int, tp: int, packed: bool) -> dict:
       full training: fp32 parameters (the master copy) 4 B, fp32 gradients 4 B, AdamW m and v 8 B per parameter;
       LoRA: frozen base in the compute dtype (QLoRA: NF4 block linears, nf4_bytes), fp32 adapters + their grads + m, v.
     Working weights (16-bit runs): FSDP all-gathers the root and two blocks (current + prefetched) in the compute
-    dtype; in one process autocast caches a 16-bit copy of every trainable linear weight; QLoRA dequantises each
+    dtype, or every block with zero_stage 1/2 (kept from forward to backward); in one process autocast caches a
+    16-bit copy of every trainable linear weight; QLoRA dequantises each
     linear and autograd keeps the result for backward (one block's worth under activation checkpointing).
     Activations of one micro-batch of b sequences of T tokens, s bytes per element (2 in 16-bit, 4 in fp32), divided by
     tp (sequence-parallel norms shard the rest); the residual stream (block input x, mid-block h) stays fp32 under
@@ -682,7 +684,8 @@ def memory_plan(args: ModelArgs, cfg, dp: int, tp: int, packed: bool) -> dict:
       adds rank outputs (and dropout copies of the input).
       Full checkpointing keeps only each block's input (4d per token and layer), selective (per op, see train.py's
       apply_activation_checkpointing) also the outputs of wq, wv, w1, w2 and attention: 4d + s(3d + kv + f); both
-      recompute one block at a time in the backward pass.
+      recompute one block at a time in the backward pass; with activation_checkpointing_layers = n only the first n
+      blocks are checkpointed, the others keep everything.
       The loss head: the final norm's input and output, b T d (4 + s), and kernels.linear_cross_entropy's one (b T, V)
       buffer in s bytes (the logits turned into their gradient); vocab-sharded (tp > 1) or adapted output layers
       take the logits, their fp32 copy and fp32 log-softmax instead, b T V (s + 8) bytes.
@@ -720,8 +723,8 @@ def memory_plan(args: ModelArgs, cfg, dp: int, tp: int, packed: bool) -> dict:
     block_bytes = s * n_block if not cfg.qlora else s * n_block_linear / L  # one block in the compute dtype
     if s == 4 and not cfg.qlora:
         working = 0.0  # fp32: the parameters are used as they are
-    elif dp > 1 and not cfg.qlora:
-        working = (s * n_root + 2 * block_bytes) / tp  # FSDP2's unsharded root and two blocks
+    elif dp > 1 and not cfg.qlora:  # FSDP2's unsharded root and two blocks; ZeRO-1/2 keep every block to backward
+        working = (s * n_root + (2 if cfg.zero_stage == 3 else L) * block_bytes) / tp
     elif cfg.qlora:
         working = (block_bytes if ac != "none" else L * block_bytes) / tp  # dequantised weights kept for backward
     elif cfg.lora_rank:
@@ -750,8 +753,11 @@ def activation_bytes(args: ModelArgs, cfg, tp: int, packed: bool, s: int, lora_e
     head = b * T * (d * (4 + s) + args.vocab_size * (s if fused_loss else s + 8)) / tp
     kept = {"none": layer, "full": b * T * 4 * d / tp,  # selective: block input, outputs of wq, wv, w1, w2, attention
             "selective": b * T * (4 * d + s * (3 * d + kv + f) + 4 * H) / tp}
-    # all but 'none' recompute one block at a time in the backward pass
-    return {mode: L * kept[mode] + (layer if mode != "none" else 0) + alibi_mask + head for mode in kept}
+    # all but 'none' recompute one block at a time in the backward pass, after the L - n blocks that keep everything
+    # (checkpointed: the first n) are done with theirs
+    n = cfg.activation_checkpointing_layers or L
+    return {mode: (L * layer if mode == "none" else n * kept[mode] + max(L - n, 1) * layer) + alibi_mask + head
+            for mode in kept}
 
 
 def training_plan(args: ModelArgs, family: str, cfg, dp: int, tp: int, meta: dict, notes=()) -> dict:
@@ -827,13 +833,29 @@ def read_losses(path: str) -> dict[int, float]:
 
 
 def relative_difference(a: dict[int, float], b: dict[int, float]) -> dict:
-    """Per-step |loss_b - loss_a| / |loss_a| over the steps both runs logged (a is the reference)."""
+    """Per-step |loss_b - loss_a| / |loss_a| and |loss_b - loss_a| over the steps both runs logged (a is the
+    reference): their maxima and where they are, and the mean relative difference."""
     steps = sorted(set(a) & set(b))
     if not steps:
         fail("--plot: the two runs have no logged step in common")
     rel = [abs(b[s] - a[s]) / max(abs(a[s]), 1e-12) for s in steps]
+    absolute = [abs(b[s] - a[s]) for s in steps]
     return {"rel_diff_max": max(rel), "rel_diff_mean": sum(rel) / len(rel), "steps_compared": len(steps),
-            "worst_step": steps[rel.index(max(rel))]}
+            "worst_step": steps[rel.index(max(rel))], "abs_diff_max": max(absolute),
+            "worst_abs_step": steps[absolute.index(max(absolute))]}
+
+
+def check_criterion(result: dict, max_rel_err: float | None, max_abs_err: float | None) -> bool:
+    """Print the two curves' maximum relative and absolute errors as loss-alignment reports state them, against the
+    criterion given; -> whether they are within it."""
+    rel, absolute = result["rel_diff_max"], result["abs_diff_max"]
+    ok = (max_rel_err is None or rel <= max_rel_err) and (max_abs_err is None or absolute <= max_abs_err)
+    limits = " and ".join(f"{name} <= {limit:g}" for name, limit in (("relative", max_rel_err),
+                                                                     ("absolute", max_abs_err)) if limit is not None)
+    print(f"The maximum relative error is {rel:.4f} (step {result['worst_step']}), and the maximum absolute error is "
+          f"{absolute:.4f} (step {result['worst_abs_step']}) over {result['steps_compared']} common steps: "
+          f"{'within' if ok else 'NOT within'} {limits}", file=sys.stderr)
+    return ok
 
 
 def plot(paths: list[str], out: str) -> dict:
@@ -897,6 +919,10 @@ def parse_args(argv):
     p.add_argument("--plot", nargs="+", default=None, metavar="METRICS_JSONL", help="plot train.py loss curves")
     p.add_argument("--out", default="loss.png", help="--plot: the PNG to write")
     p.add_argument("--overwrite", action="store_true", help="--plot: replace an existing --out")
+    p.add_argument("--max_rel_err", type=float, default=None, help="--plot A B: exit 1 when a step's |B - A| / |A| "
+                   "is above this (AscendSpeed's loss alignment: 0.02)")
+    p.add_argument("--max_abs_err", type=float, default=None, help="--plot A B: exit 1 when a step's |B - A| is "
+                   "above this")
     opt = p.parse_args(argv)
     check = opt.mode == "npu-check"
     opt.preset = opt.preset or ("baichuan2-13b" if check else "bench-llama")
@@ -912,6 +938,9 @@ def parse_args(argv):
         fail(f"--lora_rank={opt.lora_rank}: expected a positive rank with --qlora, >= 0 otherwise")
     if opt.mode == "serve" and opt.compare:
         fail("--compare: transformers has no server here; --mode=serve compares concurrent with sequential clients")
+    for key in ("max_rel_err", "max_abs_err"):
+        if getattr(opt, key) is not None and (getattr(opt, key) < 0 or not opt.plot or len(opt.plot) != 2):
+            fail(f"--{key}={getattr(opt, key)}: expected a value >= 0 with --plot REFERENCE RUN (two metrics files)")
     if opt.lora_rank and (opt.mode != "train" or opt.compare):
         fail("--lora_rank: fine-tuning speed is measured in --mode=train, without --compare (transformers has no "
              "LoRA without peft)")
@@ -940,6 +969,8 @@ def main(argv=None) -> dict:
         if os.path.exists(opt.out) and not opt.overwrite:
             fail(f"--out={opt.out} exists; pass --overwrite to replace it")
         result = plot(opt.plot, opt.out)
+        if opt.max_rel_err is not None or opt.max_abs_err is not None:
+            result["within_criterion"] = check_criterion(result, opt.max_rel_err, opt.max_abs_err)
     elif opt.mode == "npu-check":
         device = torch.device(opt.device or kernels.device_type())
         if device.type != "npu":
@@ -950,7 +981,7 @@ def main(argv=None) -> dict:
         device = torch.device(opt.device or kernels.device_type())
         result = (serve_bench if opt.mode == "serve" else run_bench)(opt, model_args_for(opt), device)
     print(json.dumps(result))
-    if result.get("ok") is False:
+    if result.get("ok") is False or result.get("within_criterion") is False:
         sys.exit(1)
     return result
 

@@ -39,7 +39,8 @@ class ModelArgs:
     tie_embeddings: bool = False
     norm_head: bool = False  # Baichuan2: output rows L2-normalised in every forward
     z_loss: float = 0.0  # Baichuan2's max-z loss weight
-    init_std: float = 0.02
+    init_std: float = 0.02  # weights from scratch: Normal(0, init_std) (HF's initializer_range)
+    init_scaled_residual: bool = True  # wo, w2 at init_std / sqrt(2 n_layers) as GPT-2; False: init_std (FlagAI)
 
     def __post_init__(self):
         def bad(field, why):
@@ -283,7 +284,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Normal(0, init_std) weights; residual projections (wo, w2) scaled by 1/sqrt(2 * n_layers) as in GPT-2."""
+        """Normal(0, init_std) weights; residual projections (wo, w2) scaled by 1/sqrt(2 * n_layers) as in GPT-2
+        unless init_scaled_residual is off."""
         for name, p in self.named_parameters():
             self.init_parameter(name, p)
         self.init_buffers()
@@ -293,7 +295,7 @@ class Transformer(nn.Module):
         std = self.args.init_std
         if p.dim() == 1:  # norm gains
             nn.init.ones_(p)
-        elif name.endswith(("wo.weight", "w2.weight")):
+        elif name.endswith(("wo.weight", "w2.weight")) and self.args.init_scaled_residual:
             nn.init.normal_(p, std=std / math.sqrt(2 * self.args.n_layers))
         else:
             nn.init.normal_(p, std=std)

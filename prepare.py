@@ -30,7 +30,7 @@ import sys
 import sysconfig
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -469,7 +469,7 @@ def render_chatml(messages, system, gen):
 
 def render_human_assistant(messages, system, gen):
     # Baichuan-7B QLoRA recipe (wp931120/baichuan_sft_lora): bos + "Human: {u}\n\nAssistant: {a}</s>", turns
-    # joined by a blank line
+    # joined by a blank line; a record's input follows its instruction with nothing between (input_sep)
     segs = [(BOS, False)] + ([(system + "\n\n", False)] if system else [])
     for role, content, _ in _turns(messages):
         if role == "user":
@@ -488,6 +488,7 @@ class Template:
     source: str       # where the format is published
     stop: tuple = ()  # what ends a reply besides eos when a model writes on: the next turn's text, or its token
                       # (an id, or a Special looked up in the vocabulary)
+    input_sep: str = "\n"  # between an alpaca-style record's instruction and input (LLaMA-Efficient-Tuning's)
 
 
 TEMPLATES = {  # 195 = Baichuan's user token
@@ -498,7 +499,7 @@ TEMPLATES = {  # 195 = Baichuan's user token
     "aquila": Template(render_aquila, "FlagAI aquila-chat conversation template", ("###",)),
     "llama-2": Template(render_llama2, "meta-llama/llama generation.py chat_completion", ("[INST]",)),
     "chatml": Template(render_chatml, "OpenAI ChatML", (IM_END,)),
-    "human-assistant": Template(render_human_assistant, "Baichuan-7B QLoRA recipe", ("Human:",)),
+    "human-assistant": Template(render_human_assistant, "Baichuan-7B QLoRA recipe", ("Human:",), input_sep=""),
 }
 
 ROLE_NAMES = {  # every spelling the supported data formats use, lower-cased, <|...|> and ':' stripped
@@ -537,7 +538,8 @@ def chat_messages(messages, template, system=None):
             system = m["content"] if system is None else system
             continue
         if m.get("input") and template != "alpaca":
-            m = {"role": role, "content": f"{m['content']}\n{m['input']}"}
+            sep = TEMPLATES[template].input_sep if template in TEMPLATES else "\n"
+            m = {"role": role, "content": f"{m['content']}{sep}{m['input']}"}
         turns.append({**m, "role": role})
     return turns, system
 
@@ -1201,12 +1203,13 @@ class SplitWriter:
     """{split}.bin tokens, {split}.mask.bin masks, {split}.docs.bin int64 document start offsets (+ the total).
 
     With seq_len, a text document longer than seq_len is cut into seq_len-token documents (no tokens lost). With
-    pack, documents are placed whole into rows of exactly seq_len tokens; a row's free tail is padding (pad_id,
-    mask 0) that belongs to the row's last document.
+    pack, documents are placed whole into rows of exactly seq_len tokens (one_per_row: one to a row); a row's free
+    tail is padding (pad_id, mask 0) that belongs to the row's last document.
     """
 
-    def __init__(self, out_dir, split, dtype, with_mask, seq_len, pack, pad_id):
+    def __init__(self, out_dir, split, dtype, with_mask, seq_len, pack, pad_id, one_per_row=False):
         self.split, self.dtype, self.seq_len, self.pack, self.pad_id = split, dtype, seq_len, pack, pad_id
+        self.one_per_row = one_per_row  # pack: each document (or seq_len piece of one) in a row of its own
         self.tokens_file = open(out_dir / f"{split}.bin", "wb")
         self.mask_file = open(out_dir / f"{split}.mask.bin", "wb") if with_mask else None
         self.docs_file = open(out_dir / f"{split}.docs.bin", "wb")
@@ -1244,7 +1247,7 @@ class SplitWriter:
             self._end_doc()
 
     def _pack(self, ids, mask):
-        if sum(len(d[0]) for d in self.row) + len(ids) > self.seq_len:
+        if self.one_per_row or sum(len(d[0]) for d in self.row) + len(ids) > self.seq_len:
             self._flush_row()
         self.row.append((ids, mask))
 
@@ -1461,6 +1464,10 @@ def parse_args(argv=None):
                         "shortened (whole trailing turns first), text documents are cut; 0 = no limit")
     parser.add_argument("--pack", action="store_true", help="place whole documents into rows of exactly seq_len "
                                                             "tokens, padding each row's tail (mask 0)")
+    parser.add_argument("--one_per_row", action="store_true", help="with --pack: one document per row, as trainers "
+                        "that pad every example (FastChat, LLaMA-Efficient-Tuning, Megatron's instruction data) do")
+    parser.add_argument("--drop_system", action="store_true", help="instruction data: leave out the records' system "
+                        "prompts (moss's meta_instruction), as AscendSpeed's MOSSMultiTurnHandler does")
     parser.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"],
                         help="token dtype (auto: uint16 if the vocab fits, else uint32)")
     parser.add_argument("--megatron", action="store_true", help="also write Megatron-LM .idx files")
@@ -1482,6 +1489,8 @@ def parse_args(argv=None):
         parser.exit(2, f"prepare.py: --val_fraction={args.val_fraction}: expected a number in [0, 1)\n")
     if args.pack and not args.seq_len:
         parser.exit(2, "prepare.py: --pack: needs --seq_len (the row length)\n")
+    if args.one_per_row and not args.pack:
+        parser.exit(2, "prepare.py: --one_per_row: needs --pack (and --seq_len, the row length)\n")
     return args
 
 
@@ -1546,6 +1555,8 @@ def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes, cou
     stats = {}
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None)
     initargs = (str(tok.path), template, seq_len, args.train_on_prompt)
+    if args.drop_system:
+        items = (replace(item, system=None) for item in items)
     for chunk, (tokens, mask, index, chunk_stats, errors) in ordered_map(encode_chunk, chunked(items),
                                                                          args.workers, initargs):
         for error in errors:
@@ -1593,7 +1604,7 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
         raise SystemExit(f"prepare.py: --dtype={dtype}: vocab_size {tok.vocab_size} does not fit "
                          f"(ids up to {np.iinfo(dtype).max}); use --dtype=uint32")
     with_mask = instruction or args.pack
-    writers = {s: SplitWriter(out_dir, s, dtype, with_mask, args.seq_len, args.pack, tok.pad_id)
+    writers = {s: SplitWriter(out_dir, s, dtype, with_mask, args.seq_len, args.pack, tok.pad_id, args.one_per_row)
                for s in ("train", "val")}
     t0, counters = time.time(), {}
     items = read_items(files, fmt, args.text_field, args.max_chars, args.on_error, counters)
@@ -1626,7 +1637,8 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
         "format": fmt, "source_files": source,
         "train_tokens": writers["train"].n_tokens, "val_tokens": writers["val"].n_tokens,
         "train_documents": writers["train"].n_docs, "val_documents": writers["val"].n_docs,
-        "has_mask": with_mask, "seq_len": args.seq_len, "packed": args.pack, "val_fraction": args.val_fraction,
+        "has_mask": with_mask, "seq_len": args.seq_len, "packed": args.pack, "one_per_row": args.one_per_row,
+        "val_fraction": args.val_fraction,
         "megatron": args.megatron, "stats": stats, "layout": META_LAYOUT,
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -5,6 +5,8 @@ and an OpenAI-compatible HTTP server (--serve).
 Run:
   python sample.py --ckpt=ckpt/llama-7b --prompt="Once upon a time" --max_new_tokens=100
   python sample.py --ckpt=ckpt/baichuan2-7b-chat --chat --system="You are helpful."   # /reset, /exit
+  python sample.py --ckpt=ckpt/vicuna-7b --chat --multiline      # FastChat's CLI: a turn ends with Ctrl-D
+  python sample.py --ckpt=ckpt/aquila-7b                         # on a terminal: a prompt at a time, as FlagAI's
   echo -e "Hi\\nWhat is 2+2?" | python sample.py --ckpt=DIR --chat                   # scripted chat
   python sample.py --ckpt=DIR --quantize=int4 --group_size=128 --save_quantized=DIR-int4   # then --ckpt=DIR-int4
   python sample.py --ckpt=DIR --prompt_file=prompts.txt --temperature=0               # one batch, left padded
@@ -1055,22 +1057,62 @@ def encode_turn(tok, template, messages, system):
         fail(f"--chat: {e}")
 
 
+EXIT, RESET = ("/exit", "!!exit"), ("/reset", "!!reset")  # ours and FastChat's CLI's spellings
+
+
+def is_terminal(stream) -> bool:
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def read_input(stdin, prompt: str, multiline: bool):
+    """One input of the user: a line, or with multiline every line up to an end of input (Ctrl-D on an empty line of
+    a terminal, as FastChat's --multiline); a command (/exit, /reset) on the first line ends it at once. The prompt
+    goes to stderr on a terminal. None at the end of input."""
+    if is_terminal(stdin):
+        sys.stderr.write(prompt + (" [Ctrl-D on an empty line ends it]" if multiline else "") + "> ")
+        sys.stderr.flush()
+    line = stdin.readline()
+    if not line:
+        return None
+    lines = [line.rstrip("\n")]
+    while multiline and lines[0].strip() not in EXIT + RESET:
+        line = stdin.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+    return "\n".join(lines)
+
+
+def run_prompts(model, tok, args, common, stdin, stdout) -> dict:
+    """Without --prompt on a terminal: read a prompt, stream its continuation, and again (FlagAI's interactive
+    generate.py); each prompt on its own, /exit or the end of input quits."""
+    stats = dict(tokens=0, seconds=0.0)
+    log("sample.py: type a prompt (Enter generates); /exit or Ctrl-D quits")
+    while (text := read_input(stdin, "prompt", args.multiline)) is not None and text.strip() not in EXIT:
+        if not text.strip():
+            continue
+        ids = fit_prompt(tok.encode(text, add_special_tokens=True), args.max_new_tokens, model.args.max_seq_len,
+                         args.on_long_prompt, "prompt", tok.bos_id)
+        timed_stream(stream_text(tok, counted(generate(model, ids, args.max_new_tokens, **common), stats), ids,
+                                 args.stop), stats, stdout)
+        stdout.write("\n")
+        stdout.flush()
+    return stats
+
+
 def run_chat(model, tok, template, settings, *, system, max_new_tokens, on_long_prompt, stop, stdin, stdout,
-             generator=None, decode_step=None):
-    """Interactive chat: each user line is a turn; /reset clears the history, /exit (or end of input) quits."""
+             generator=None, decode_step=None, multiline=False):
+    """Interactive chat: each user input is a turn (a line, or with multiline the lines up to Ctrl-D); /reset
+    clears the history, /exit (or end of input) quits; FastChat's !!reset and !!exit work too."""
     history, stats = [], dict(tokens=0, seconds=0.0)
     end_ids = chat_end_ids(tok, template)
-    interactive = hasattr(stdin, "isatty") and stdin.isatty()
+    interactive = is_terminal(stdin)
     log(f"chat: template {template}, {settings}; /reset clears the history, /exit quits")
     while True:
-        if interactive:
-            sys.stderr.write("user> ")
-            sys.stderr.flush()
-        line = stdin.readline()
-        if not line or line.strip() == "/exit":
+        line = read_input(stdin, "user", multiline)
+        if line is None or line.strip() in EXIT:
             break
-        line = line.rstrip("\n")
-        if line.strip() == "/reset":
+        if line.strip() in RESET:
             history = []
             log("(history cleared)")
             continue
@@ -1098,7 +1140,8 @@ def run_chat(model, tok, template, settings, *, system, max_new_tokens, on_long_
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint dir (config.json, weights, tokenizer)")
-    p.add_argument("--prompt", default=None, help="text to continue (default: start from bos)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: on a terminal, ask for "
+                   "prompts one after another; else start from bos)")
     p.add_argument("--prompt_file", default=None, help="one prompt per line, generated as one left-padded batch")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8, or family chat)")
@@ -1109,6 +1152,8 @@ def parse_args(argv):
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; \\n and \\t understood)")
     p.add_argument("--chat", action="store_true", help="interactive chat with the checkpoint's template")
+    p.add_argument("--multiline", action="store_true", help="interactive input of several lines, ended by Ctrl-D "
+                   "on an empty line (FastChat's CLI --multiline)")
     p.add_argument("--system", default=None, help="system prompt for --chat")
     p.add_argument("--template", default=None, help="chat template: a built-in name, or hf for the checkpoint's own "
                                                     "Jinja template (default: the checkpoint's, else the family's)")
@@ -1206,7 +1251,7 @@ def main(argv=None, stdin=None, stdout=None):
         stop = args.stop + chat_stop_strings(template)
         stats = run_chat(model, tok, template, settings, system=args.system, max_new_tokens=args.max_new_tokens,
                          on_long_prompt=args.on_long_prompt, stop=stop, stdin=stdin, stdout=stdout,
-                         generator=generator, decode_step=decode_step)
+                         generator=generator, decode_step=decode_step, multiline=args.multiline)
     elif args.prompt_file:
         if not os.path.isfile(args.prompt_file):
             fail(f"--prompt_file={args.prompt_file}: no such file")
@@ -1231,6 +1276,8 @@ def main(argv=None, stdin=None, stdout=None):
         stats = dict(tokens=n, seconds=time.perf_counter() - t0)
         for out in outs:
             stdout.write(apply_stop(tok.decode(out), args.stop)[0] + "\n")
+    elif args.prompt is None and is_terminal(stdin):
+        stats = run_prompts(model, tok, args, common, stdin, stdout)
     else:
         ids = encode_prompt(tok, args.prompt or "")
         if not ids:

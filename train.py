@@ -79,14 +79,20 @@ class Config:
     warmup_iters: int = 100
     lr_decay_iters: int = 1000
     weight_decay: float = 0.1  # matrices only; norms gains are not decayed
+    warmup_start_lr: float = 0.0  # the warmup rises linearly from here (DeepSpeed WarmupLR's warmup_min_lr)
+    lr_decay: str = "cosine"  # 'cosine' | 'linear' (Hugging Face Trainer's default) from lr to min_lr
     beta1: float = 0.9
     beta2: float = 0.95
+    adam_eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = no clipping
     seed: int = 1337
-    # precision: 'float32' | 'bfloat16' (autocast) | 'float16' (autocast + dynamic loss scaling)
+    # precision: 'float32' | 'bfloat16' (autocast) | 'float16' (autocast + loss scaling, DeepSpeed's fp16 semantics)
     dtype: str = "float32"
-    loss_scale: float = 65536.0  # initial float16 loss scale
-    loss_scale_window: int = 1000  # good steps before the scale doubles
+    loss_scale: float = 65536.0  # initial dynamic float16 loss scale (DeepSpeed: 2^initial_scale_power)
+    loss_scale_window: int = 1000  # good steps before the dynamic scale doubles
+    static_loss_scale: float = 0.0  # > 0: a fixed float16 loss scale (DeepSpeed's fp16 "loss_scale"); 0 = dynamic
+    loss_scale_hysteresis: int = 1  # overflows in a row before the dynamic scale halves (DeepSpeed's "hysteresis")
+    min_loss_scale: float = 0.0  # floor of the dynamic scale; an overflow at the floor stops the run (DeepSpeed's)
     compile: bool = False
     # parallelism under torchrun: a (dp, tp) device mesh over the WORLD_SIZE processes
     dp: int = 0  # data parallel (FSDP2) degree; 0 = WORLD_SIZE // tp
@@ -94,6 +100,12 @@ class Config:
     # 'none' | 'full' (keep each block's input, recompute the block) | 'selective' (per op, as torchtitan: keep the
     # attention outputs and every other matmul output, recompute the rest: norms, RoPE, SwiGLU, the other matmuls)
     activation_checkpointing: str = "none"
+    activation_checkpointing_layers: int = 0  # only the first N blocks (FlagAI's ckpoint_layer, Megatron's
+    # recompute_method=block); 0 = every block
+    # FSDP2 shards parameters, gradients and optimiser state over dp whatever the stage; the ZeRO stage a recipe names
+    # sets when gathered parameters are freed: 3 after each block's forward (reshard_after_forward), 1 or 2 at the
+    # end of its backward (ZeRO-1/2 keep whole parameters on every device: less communication, more memory)
+    zero_stage: int = 3
     dist_timeout_s: int = 600  # collective timeout: a dead or stuck rank makes the others exit after this long
     # eval, logs, checkpoints
     eval_interval: int = 200
@@ -219,6 +231,9 @@ def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs,
         fail(str(e))
     if cfg.seq_len > args.max_seq_len:
         fail(f"seq_len={cfg.seq_len} is above the model's max_seq_len={args.max_seq_len}")
+    if cfg.activation_checkpointing_layers > args.n_layers:
+        fail(f"activation_checkpointing_layers={cfg.activation_checkpointing_layers} is above the model's "
+             f"n_layers={args.n_layers}")
     if meta["vocab_size"] > args.vocab_size:
         fail(f"{cfg.data_dir}/meta.json: vocab_size={meta['vocab_size']} is larger than the model's "
              f"vocab_size={args.vocab_size} (was the data prepared with this model's tokenizer?)")
@@ -235,6 +250,18 @@ def check_config(cfg: Config):
     if cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
         fail(f"lora_rank={cfg.lora_rank}, lora_alpha={cfg.lora_alpha}, lora_dropout={cfg.lora_dropout}: expected "
              "lora_rank >= 0 (0 = no adapters), lora_alpha > 0 and 0 <= lora_dropout < 1")
+    if cfg.loss_scale <= 0 or cfg.static_loss_scale < 0 or cfg.loss_scale_hysteresis < 1 or cfg.min_loss_scale < 0:
+        fail(f"loss_scale={cfg.loss_scale}, static_loss_scale={cfg.static_loss_scale}, loss_scale_hysteresis="
+             f"{cfg.loss_scale_hysteresis}, min_loss_scale={cfg.min_loss_scale}: expected loss_scale > 0, "
+             "static_loss_scale >= 0 (0 = dynamic), loss_scale_hysteresis >= 1 and min_loss_scale >= 0")
+    if cfg.lr_decay not in ("cosine", "linear"):
+        fail(f"lr_decay={cfg.lr_decay!r}: expected 'cosine' or 'linear'")
+    if cfg.zero_stage not in (1, 2, 3):
+        fail(f"zero_stage={cfg.zero_stage}: expected 1, 2 or 3 (the ZeRO stage the recipe's source names)")
+    if cfg.activation_checkpointing_layers < 0 or cfg.adam_eps <= 0 or cfg.warmup_start_lr < 0:
+        fail(f"activation_checkpointing_layers={cfg.activation_checkpointing_layers}, adam_eps={cfg.adam_eps}, "
+             f"warmup_start_lr={cfg.warmup_start_lr}: expected activation_checkpointing_layers >= 0 (0 = all "
+             "blocks), adam_eps > 0 and warmup_start_lr >= 0")
     if cfg.qlora and not cfg.lora_rank:
         fail("qlora=True trains adapters on a 4-bit base: set lora_rank too (e.g. --lora_rank=8)")
     if cfg.lora_rank and cfg.init_from not in ("scratch", "resume") and (Path(cfg.init_from) / ".metadata").exists():
@@ -352,11 +379,13 @@ def _device(d: Dist) -> torch.device:
     return torch.device(kind, d.local_rank) if kind in ("cuda", "npu") else torch.device(kind)
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str):
+def apply_activation_checkpointing(model: Transformer, mode: str, n_blocks: int = 0):
     """Keep less of each block's activations for the backward pass, and recompute the rest there.
 
     'full': only the block's input is kept; the whole block runs again in the backward pass. 'selective': per op, as
     torchtitan's op-level policy: attention outputs and every other matmul output are kept, the rest recomputed.
+    n_blocks > 0 checkpoints only the first n_blocks blocks and runs the others as they are (FlagAI's Aquila
+    ckpoint_layer counts blocks from the input as Megatron's recompute_method=block does).
     The block's forward is wrapped in place (not by checkpoint_wrapper), so parameter names stay model.py's.
     """
     if mode == "none":
@@ -377,7 +406,7 @@ def apply_activation_checkpointing(model: Transformer, mode: str):
         return create_selective_checkpoint_contexts(policy)
 
     options = {"context_fn": selective_contexts} if mode == "selective" else {}
-    for layer in model.layers:
+    for layer in list(model.layers)[:n_blocks or None]:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False, **options)
 
 
@@ -436,19 +465,14 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
     else:
         with torch.device("meta"):
             model = Transformer(args)
-    apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.activation_checkpointing_layers)
     if cfg.compile:
         for layer in model.layers:  # per block, before sharding, as torchtitan does; state dict names unchanged
             layer.compile()
     if d.tp > 1:
         apply_tensor_parallel(model, d)
     if d.dp > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.dtype], reduce_dtype=torch.float32)
-        for layer in model.layers:
-            fully_shard(layer, mesh=d.mesh["dp"], mp_policy=mp)
-        fully_shard(model, mesh=d.mesh["dp"], mp_policy=mp)
+        apply_fsdp(model, cfg, d.mesh["dp"])
     if cfg.lora_rank:
         return model
     model.to_empty(device=_device(d))
@@ -458,6 +482,20 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
     elif cfg.init_from != "resume":
         load_weights(Path(cfg.init_from), model, args)
     return model
+
+
+def apply_fsdp(model: Transformer, cfg: Config, mesh):
+    """FSDP2 over the dp mesh: each block, then the root, with parameters gathered in the compute dtype and gradients
+    reduced in fp32. zero_stage 3 frees a block's gathered parameters after its forward and gathers them again for
+    its backward; stages 1 and 2 keep them until the backward (reshard_after_forward=False), as ZeRO-1/2 never free
+    whole parameters."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.dtype], reduce_dtype=torch.float32)
+    reshard = cfg.zero_stage == 3
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
 
 
 def draw_weights(model, args: ModelArgs, cfg: Config, d: Dist):
@@ -534,28 +572,38 @@ def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Opt
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type in ("cuda", "cpu", "npu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
 
 
 def get_lr(step: int, cfg: Config) -> float:
-    """Linear warmup over warmup_iters, then cosine from lr down to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup from warmup_start_lr over warmup_iters, then cosine (or linear) from lr down to min_lr at
+    lr_decay_iters, then min_lr."""
     if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / (cfg.warmup_iters + 1)
+        return cfg.warmup_start_lr + (cfg.lr - cfg.warmup_start_lr) * (step + 1) / (cfg.warmup_iters + 1)
     if step >= cfg.lr_decay_iters:
         return cfg.min_lr
     progress = (step - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    if cfg.lr_decay == "linear":
+        return cfg.min_lr + (1 - progress) * (cfg.lr - cfg.min_lr)
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 class LossScaler:
-    """Dynamic loss scaling for float16: the loss is multiplied by `scale` so small gradients survive in fp16.
+    """float16 loss scaling as DeepSpeed's fp16 config does it: the loss is multiplied by `scale` so that small
+    gradients survive in fp16, and a step whose gradients overflow is skipped.
 
-    A step whose gradients overflow is skipped and the scale halved; after `window` good steps in a row it doubles.
-    Disabled (scale 1, never skips) for float32 and bfloat16.
+    Dynamic (static=0, DeepSpeed's DynamicLossScaler): an overflow halves the scale, not below min_scale, once
+    `hysteresis` overflows have come without a rise in between (each earlier one only uses up one); after `window`
+    steps without an overflow the scale doubles and the hysteresis is refilled. Static (static > 0): the scale stays
+    `static`. Disabled (scale 1, never skips) for float32 and bfloat16.
     """
 
-    def __init__(self, enabled: bool, scale: float, window: int):
-        self.enabled, self.scale, self.window = enabled, scale if enabled else 1.0, window
+    def __init__(self, enabled: bool, scale: float, window: int, static: float = 0.0, hysteresis: int = 1,
+                 min_scale: float = 0.0):
+        self.enabled, self.dynamic = enabled, enabled and not static
+        self.scale = (static or scale) if enabled else 1.0
+        self.window, self.hysteresis, self.min_scale = window, hysteresis, min_scale
+        self.hysteresis_left = hysteresis
         self.good_steps = 0
         self.skipped = 0
 
@@ -564,21 +612,31 @@ class LossScaler:
             grads = [p.grad for p in params if p.grad is not None]
             torch._foreach_mul_(grads, 1.0 / self.scale)
 
+    def at_floor(self) -> bool:
+        """An overflow now would need a scale below min_scale: DeepSpeed stops the run there."""
+        return self.dynamic and self.min_scale > 0 and self.scale <= self.min_scale and self.hysteresis_left <= 1
+
     def update(self, finite: bool):
         if not self.enabled:
             return
         if not finite:
-            self.scale, self.good_steps, self.skipped = self.scale / 2, 0, self.skipped + 1
+            self.good_steps, self.skipped = 0, self.skipped + 1
+            if self.dynamic and self.hysteresis_left <= 1:
+                self.scale = max(self.scale / 2, self.min_scale)
+            elif self.dynamic:
+                self.hysteresis_left -= 1
             return
         self.good_steps += 1
-        if self.good_steps == self.window:
-            self.scale, self.good_steps = self.scale * 2, 0
+        if self.dynamic and self.good_steps == self.window:
+            self.scale, self.good_steps, self.hysteresis_left = self.scale * 2, 0, self.hysteresis
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped,
+                "hysteresis_left": self.hysteresis_left}
 
     def load_state_dict(self, state: dict):
         self.scale, self.good_steps, self.skipped = state["scale"], state["good_steps"], state["skipped"]
+        self.hysteresis_left = state.get("hysteresis_left", self.hysteresis)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -935,7 +993,8 @@ def setup(cfg: Config, model_overrides: dict) -> Run:
     model = build_model(args, cfg, d)
     return Run(cfg, model_overrides, args, family, d, _device(d), out_dir, train_data, val_data, model,
                optimizer=build_optimizer(model, cfg, _device(d)),
-               scaler=LossScaler(cfg.dtype == "float16", cfg.loss_scale, cfg.loss_scale_window),
+               scaler=LossScaler(cfg.dtype == "float16", cfg.loss_scale, cfg.loss_scale_window, cfg.static_loss_scale,
+                                 cfg.loss_scale_hysteresis, cfg.min_loss_scale),
                sampler=EpochSampler(len(train_data.tokens), cfg.seq_len, micro_per_step, cfg.seed,
                                     rows=train_data.packed),
                grad_accum=cfg.global_batch_size // micro_per_step, losses={},
@@ -1060,11 +1119,14 @@ def train_step(run: Run, autocast) -> tuple[float, float, float]:
         run.optimizer.step()
         run.skipped_in_a_row = 0
     else:
+        if scaler.at_floor():
+            fail(f"step {run.step + 1}: float16 overflow at min_loss_scale={scaler.min_scale:g}: no lower scale is "
+                 f"allowed; stopping{where}")
         run.log(f"step {run.step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
         run.skipped_in_a_row += 1
         if run.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
             fail(f"step {run.step + 1}: loss {loss}, grad norm {grad_norm} not finite in {run.skipped_in_a_row} "
-                 f"float16 steps in a row (loss scale down to {scaler.scale / 2:g}); stopping{where}")
+                 f"float16 steps in a row (last loss scale {scaler.scale:g}); stopping{where}")
     scaler.update(finite)
     run.optimizer.zero_grad(set_to_none=True)
     return loss, lr, grad_norm

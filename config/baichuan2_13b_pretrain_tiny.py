@@ -1,5 +1,5 @@
-# Tiny twin of config/baichuan2_13b_pretrain.py: the same code path (baichuan2 family, ALiBi, NormHead, max-z loss,
-# bfloat16, full activation checkpointing), from scratch, in one process instead of 2 x 8, at CPU size.
+# Tiny twin of config/baichuan2_13b_pretrain.py: the same code path (baichuan2 family, ALiBi, NormHead, bfloat16,
+# no activation checkpointing), from scratch, in one process instead of 2 x 8, at CPU size.
 # tests/test_recipes.py runs it end to end (prepare -> train -> export -> sample). From the repo root:
 #   python prepare.py --max_chars=300000 --vocab_size=512 --out=data/tiny_text
 #   python train.py config/baichuan2_13b_pretrain_tiny.py

@@ -1,3 +1,5 @@
+# Not a run of the five documents this project reproduces (see README "Recipes"): a further published setup, its
+# values from the source it names.
 # Baichuan2-7B multi-turn supervised fine-tuning on 8 devices (one node), bf16, gradient checkpointing.
 # Source: baichuan-inc/Baichuan2 README "fine-tune" (deepspeed fine-tune/fine-tune.py on
 # data/belle_chat_ramdon_10k.json: model_max_length 512, 4 epochs, 16 per device, lr 2e-5 constant, Adam 0.9/0.98

@@ -1,3 +1,5 @@
+# Not a run of the five documents this project reproduces (see README "Recipes"): a further published setup, its
+# values from the source it names.
 # Baichuan-13B (ALiBi) continued pretraining on 8 Ascend 910B NPUs (64 GB each), fp16, tensor parallel 8.
 # Source: Ascend/AscendSpeed examples/baichuan/pretrain_baichuan_ptd_13B.sh and its README (8 x Ascend910B1 64G,
 # TP 8 + sequence parallel, micro-batch 1, global 32, seq 4096, lr 1e-6 cosine to 1e-8, wd 0.1, Adam 0.9/0.95 eps 1e-5,

@@ -1,5 +1,6 @@
-# Tiny twin of config/baichuan_7b_pretrain.py: the same code path (baichuan family, RoPE, float16 with dynamic loss
-# scaling, full activation checkpointing, FSDP settings collapsed to one process), at CPU size.
+# Tiny twin of config/baichuan_7b_pretrain.py: the same code path (baichuan family, RoPE, float16 with DeepSpeed's
+# dynamic loss scaling from 256 with hysteresis 2, checkpointing of the first blocks only, ZeRO-2 settings collapsed
+# to one process), from scratch at CPU size.
 # tests/test_recipes.py runs it end to end (prepare -> train -> export -> sample). From the repo root:
 #   python prepare.py --max_chars=300000 --vocab_size=512 --out=data/tiny_text
 #   python train.py config/baichuan_7b_pretrain_tiny.py
@@ -13,3 +14,4 @@ data_dir = "data/tiny_text"
 init_from = "scratch"
 dim, n_layers, n_heads, hidden_dim, max_seq_len = 64, 2, 4, 176, 256  # the tiny preset's sizes, room for chats
 seq_len = 64
+activation_checkpointing_layers = 1  # the first of 2 blocks, as the recipe's first 30 of 32

@@ -1,3 +1,5 @@
+# Not a run of the five documents this project reproduces (see README "Recipes"): a further published setup, its
+# values from the source it names.
 # LLaMA-13B supervised fine-tuning on the Alpaca data on 4 x A100 80GB, bf16, FSDP, gradient checkpointing.
 # Source: tatsu-lab/stanford_alpaca README, fine-tuning table (LLaMA-13B: batch 128, lr 1e-5, 5 epochs, max length
 # 512, weight decay 0) and its torchrun/FSDP command (4 x A100 80GB, warmup 3%, cosine); template 'alpaca'.

@@ -1,3 +1,5 @@
+# Not a run of the five documents this project reproduces (see README "Recipes"): a further published setup, its
+# values from the source it names.
 # LLaMA-7B supervised fine-tuning on the Alpaca data (52K instructions) on 4 x A100 80GB, bf16, FSDP, gradient
 # checkpointing. Source: tatsu-lab/stanford_alpaca README (torchrun --nproc_per_node=4 train.py --bf16 True
 # --num_train_epochs 3 --per_device_train_batch_size 4 --gradient_accumulation_steps 8 --learning_rate 2e-5

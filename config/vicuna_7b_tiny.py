@@ -1,5 +1,6 @@
 # Tiny twin of config/vicuna_7b.py: the same code path (llama, multi-turn sharegpt chats in the vicuna v1.1 template,
-# packed rows, bfloat16, full activation checkpointing), at CPU size.
+# packed rows, float16 with DeepSpeed's dynamic loss scaling, ZeRO-1's settings in one
+# process, full activation checkpointing), at CPU size.
 # tests/test_recipes.py runs it end to end (prepare -> train -> export -> sample). From the repo root:
 #   python prepare.py && python train.py config/default.py   # a llama-family base
 #   python prepare.py --input=chats.jsonl --format=sharegpt --template=vicuna \

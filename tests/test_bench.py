@@ -127,6 +127,25 @@ def test_plot_writes_png_and_relative_difference(tmp_path):
     assert result["reference"] == a
 
 
+def test_plot_criterion_exits_non_zero_above_it_and_reports_both_errors(tmp_path, capsys):
+    a = write_metrics(tmp_path / "a.jsonl", [4.0, 3.0, 2.0, 1.0])
+    b = write_metrics(tmp_path / "b.jsonl", [4.04, 2.97, 2.05, 1.01])  # relative 0.01, 0.01, 0.025, 0.01
+    ok = bench.main(["--plot", a, b, f"--out={tmp_path / 'ok.png'}", "--max_rel_err=0.03", "--max_abs_err=0.06"])
+    assert ok["within_criterion"] is True and ok["abs_diff_max"] == pytest.approx(0.05) and ok["worst_abs_step"] == 3
+    assert "The maximum relative error is 0.0250 (step 3), and the maximum absolute error is 0.0500 (step 3)" in \
+        capsys.readouterr().err
+    run = subprocess.run([sys.executable, "bench.py", "--plot", a, b, f"--out={tmp_path / 'bad.png'}",
+                          "--max_rel_err=0.02"], capture_output=True, text=True, cwd=ROOT)  # AscendSpeed's 2%
+    assert run.returncode == 1 and "NOT within relative <= 0.02" in run.stderr, run.stderr
+    assert json.loads(run.stdout)["within_criterion"] is False
+    for i, flags in enumerate((["--max_abs_err=0.04"], ["--max_rel_err=0.03", "--max_abs_err=0.04"])):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--plot", a, b, f"--out={tmp_path / f'{i}.png'}", *flags])
+        assert e.value.code == 1 and "NOT within" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--max_rel_err=0.02: expected a value >= 0 with --plot REFERENCE RUN"):
+        bench.main(["--plot", a, f"--out={tmp_path / 'one.png'}", "--max_rel_err=0.02"])
+
+
 def test_plot_one_run_has_no_difference(tmp_path):
     a = write_metrics(tmp_path / "a.jsonl", [4.0, 3.0])
     result = bench.main(["--plot", a, f"--out={tmp_path / 'one.png'}"])

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
-from model import PRESETS
+from model import PRESETS, Transformer
 from test_train import V, markov_tokens, write_data
 
 pytestmark = pytest.mark.slow  # the file takes ~2 minutes on 2 cores, most of it in 4 torchrun launches
@@ -109,9 +109,11 @@ def launch(tmp_path, nproc, jobs):
 
 @pytest.fixture(scope="module")
 def two_ranks(data, one_process, tmp_path_factory):
-    """dp=2 from scratch; tp=2 resumed from its step 3 (dp=2 -> tp=2); the ALiBi model with tp=2 from scratch."""
+    """dp=2 from scratch (ZeRO-3 and ZeRO-2 resharding); tp=2 resumed from its step 3 (dp=2 -> tp=2); the ALiBi model
+    with tp=2 from scratch."""
     tmp = tmp_path_factory.mktemp("two")
     return launch(tmp, 2, [("rope_dp2", common(data, "--dp=2"), None),
+                           ("rope_dp2_zero2", common(data, "--dp=2", "--zero_stage=2"), None),
                            ("rope_tp2_from_dp2", common(data, "--tp=2", "--init_from=resume"),
                             tmp / "rope_dp2" / "step_00000003"),
                            ("alibi_tp2", common(data, *ALIBI, "--tp=2"), None),
@@ -147,6 +149,30 @@ def log_rows(out_dir):
 
 def test_fsdp_dp2_matches_one_process(two_ranks, one_process):
     assert_same_losses(two_ranks["rope_dp2"][0], one_process["rope"][0], range(1, 7))
+
+
+def test_fsdp_zero2_matches_one_process(two_ranks, one_process):
+    assert_same_losses(two_ranks["rope_dp2_zero2"][0], one_process["rope"][0], range(1, 7))
+
+
+def test_zero_stage_sets_when_fsdp_frees_gathered_parameters(tmp_path):
+    """ZeRO-1/2 (reshard_after_forward=False): a block's parameters stay whole from its forward to its backward;
+    ZeRO-3: sharded again right after the forward."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor
+
+        mesh, x = init_device_mesh("cpu", (1,)), torch.randint(V, (2, 32))
+        for stage, resharded in ((1, False), (2, False), (3, True)):
+            model = Transformer(replace(PRESETS["tiny"], vocab_size=V))
+            train.apply_fsdp(model, train.Config(zero_stage=stage), mesh)
+            loss = model(x, x)[1]  # between forward and backward: whole tensors, or shards (DTensors) again
+            assert isinstance(model.layers[0].attention.wq.weight, DTensor) == resharded, stage
+            loss.backward()
+            assert isinstance(model.layers[0].attention.wq.weight, DTensor)  # sharded once backward is done
+    finally:
+        dist.destroy_process_group()
 
 
 def test_fsdp_qlora_with_checkpointing_matches_one_process(two_ranks, one_process):
@@ -312,3 +338,24 @@ def test_activation_checkpointing_same_gradients_less_kept(pos_emb):
     assert attention and ops["full"][attention[0]] == 2 * ops["none"][attention[0]]
     assert ops["selective"][attention[0]] == ops["none"][attention[0]]
     assert ops["none"]["mm"] < ops["selective"]["mm"] < ops["full"]["mm"]
+
+
+def test_activation_checkpointing_of_the_first_blocks_only():
+    """activation_checkpointing_layers=n (FlagAI's ckpoint_layer): the first n blocks recompute, the rest do not; the
+    gradients stay those of no checkpointing."""
+    args = replace(PRESETS["tiny"], vocab_size=V, n_layers=3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(V, (2, 32), generator=g), torch.randint(V, (2, 32), generator=g)
+    grads, mms, wrapped = {}, {}, {}
+    for n in (0, 1, 2, 3):
+        cfg = train.Config(activation_checkpointing="full" if n else "none", activation_checkpointing_layers=n)
+        model = train.build_model(args, cfg, train.Dist())
+        wrapped[n] = ["forward" in vars(layer) for layer in model.layers]  # wrapped in place
+        with CountOps() as count:
+            model(x, y)[1].backward()
+        grads[n], mms[n] = {k: p.grad for k, p in model.named_parameters()}, count.counts["mm"]
+    assert wrapped == {0: [False] * 3, 1: [True, False, False], 2: [True, True, False], 3: [True] * 3}
+    assert mms[0] < mms[1] < mms[2] < mms[3] and mms[2] - mms[1] == mms[1] - mms[0]  # one block's matmuls each
+    for n in (1, 2, 3):
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(grads[n][name], grad, rtol=1e-6, atol=1e-7, msg=f"{n}: {name}")

@@ -211,6 +211,14 @@ def test_init_scales_residual_projections_by_depth():
     assert abs(std_wo - 0.02 / math.sqrt(16)) < 0.001
 
 
+def test_init_std_and_unscaled_residual_as_flagai():
+    # FlagAI's Aquila: every matrix Normal(0, initializer_range), the residual projections too
+    model = build(tiny(n_layers=8, dim=256, n_heads=4, hidden_dim=512, init_std=0.006, init_scaled_residual=False))
+    for w in (model.tok_embeddings.weight, model.layers[0].attention.wq.weight, model.layers[0].attention.wo.weight,
+              model.layers[3].feed_forward.w2.weight, model.output.weight):
+        assert abs(w.std().item() - 0.006) < 0.0005
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # checkpoint dirs
 

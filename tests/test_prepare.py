@@ -321,6 +321,12 @@ def test_moss_003_sft(sp_path, sp, tmp_path):
     assert sp.decode(ids) == ("You are an AI assistant whose name is MOSS. USER: First? ASSISTANT: First A."
                               "USER: And then? ASSISTANT: Then B.")
     assert mask_runs(sp, ids, mask) == ["First A.", "Then B."]
+    # AscendSpeed's MOSSMultiTurnHandler leaves meta_instruction out: --drop_system
+    meta = run("--input", tmp_path / "moss.jsonl", "--format", "moss", "--tokenizer", sp_path, "--template", "vicuna",
+               "--drop_system", "--out", tmp_path / "plain", "--val_fraction", "0.5")
+    ids, mask = documents(tmp_path / "plain", "train", meta)[0]
+    assert sp.decode(ids).startswith("A chat between a curious user")  # the template's own default system
+    assert "MOSS" not in sp.decode(ids) and mask_runs(sp, ids, mask) == ["First A.", "Then B."]
 
 
 def test_belle_single_multi_turn_and_conversations(sp_path, sp, tmp_path):
@@ -333,6 +339,16 @@ def test_belle_single_multi_turn_and_conversations(sp_path, sp, tmp_path):
     docs = documents(tmp_path / "out", "train", meta)
     assert sp.decode(docs[1][0]) == "Human: Hi!\n\nAssistant: Hello.\n\nHuman: Bye?\n\nAssistant: Bye."
     assert [mask_runs(sp, ids, mask) for ids, mask in docs] == [["Bonjour."], ["Hello.", "Bye."], ["A."]]
+
+
+def test_human_assistant_joins_instruction_and_input_with_nothing_between(sp_path, sp, tmp_path):
+    # baichuan_sft_lora's prompt: "Human: " + instruction + input + "\n\nAssistant: " (other templates: a newline)
+    write_jsonl(tmp_path / "b.jsonl", [{"instruction": "Translate:", "input": "hello", "output": "Bonjour."}])
+    for template, joined in (("human-assistant", "Human: Translate:hello\n\nAssistant: Bonjour."),
+                             ("vicuna", "USER: Translate:\nhello ASSISTANT: Bonjour.")):
+        meta = run("--input", tmp_path / "b.jsonl", "--format", "belle", "--tokenizer", sp_path, "--template",
+                   template, "--out", tmp_path / template, "--val_fraction", "0")
+        assert joined in sp.decode(documents(tmp_path / template, "train", meta)[0][0])
 
 
 def test_text_dir_glob_json_field_and_parquet_agree(sp_path, tmp_path):
@@ -459,6 +475,20 @@ def test_pack_keeps_documents_whole_in_rows(sp_path, sp, tmp_path):
                       for r in recs)
     got = sorted(sp.decode(tokens[a:b][tokens[a:b] != sp.pad_id]) for a, b in zip(starts[:-1], starts[1:]))
     assert got == expected
+
+
+def test_one_per_row_pads_every_document_to_a_row_of_its_own(sp_path, sp, tmp_path):
+    recs = [{"instruction": s, "output": " ".join(sentences(i % 4 + 1, seed=i))} for i, s in enumerate(sentences(12))]
+    write_jsonl(tmp_path / "a.jsonl", recs)
+    L = 512
+    meta = run("--input", tmp_path / "a.jsonl", "--format", "alpaca", "--tokenizer", sp_path, "--template", "vicuna",
+               "--seq_len", L, "--pack", "--one_per_row", "--out", tmp_path / "out", "--val_fraction", "0")
+    tokens, mask, offsets = load_split(tmp_path / "out", "train", meta)
+    assert meta["one_per_row"] and meta["train_documents"] == 12 and len(tokens) == 12 * L
+    assert [int(o) for o in offsets] == list(range(0, 12 * L + 1, L))  # a document starts every row
+    packed = run("--input", tmp_path / "a.jsonl", "--format", "alpaca", "--tokenizer", sp_path, "--template",
+                 "vicuna", "--seq_len", L, "--pack", "--out", tmp_path / "packed", "--val_fraction", "0")
+    assert packed["train_tokens"] < meta["train_tokens"]  # the same documents share rows without the flag
 
 
 def test_val_split_is_by_whole_documents(sp_path, sp, tmp_path):

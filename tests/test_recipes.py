@@ -35,7 +35,8 @@ FULL = sorted(p.replace("_tiny", "") for p in TWINS)
 # what a twin may change of its full recipe: sizes, mesh, schedule length, paths; everything else is the code path
 SIZE_KEYS = {"out_dir", "data_dir", "init_from", "devices", "dp", "tp", "seq_len", "micro_batch_size",
              "global_batch_size", "max_iters", "warmup_iters", "lr_decay_iters", "eval_interval", "eval_iters",
-             "log_interval", "ckpt_interval", "peak_flops", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len"}
+             "log_interval", "ckpt_interval", "peak_flops", "dim", "n_layers", "n_heads", "hidden_dim", "max_seq_len",
+             "activation_checkpointing_layers"}  # a count of blocks scales with n_layers
 # the data each chat template's twins use: prepare.py --format for the synthetic records the test writes
 TEMPLATE_FORMAT = {"baichuan2": "sharegpt", "vicuna": "sharegpt", "alpaca": "alpaca", "human-assistant": "belle",
                    "baichuan": "alpaca"}
@@ -185,7 +186,8 @@ def test_twin_runs_prepare_train_export_sample(twin, lab, capsys):
         settings = json.loads((adapter / "adapter_config.json").read_text())  # PEFT's format
         assert (settings["peft_type"], settings["r"], settings["lora_alpha"]) == ("LORA", cfg.lora_rank, cfg.lora_alpha)
         base, merged = load_tensors(lab.base(cfg.init_from)), load_tensors(export)
-        targets = cfg.lora_targets.split(",")
+        targets = [t for name in cfg.lora_targets.split(",")  # W_pack (alias wqkv): one adapter on wq, wk, wv
+                   for t in (("wq", "wk", "wv") if name in ("W_pack", "wqkv") else (name,))]
         for name, t in base.items():  # the merge changed exactly the adapted layers
             adapted = name.endswith(".weight") and name.split(".")[-2] in targets and name.startswith("layers.")
             assert torch.equal(merged[name].float(), t.float()) != adapted, name
@@ -259,6 +261,20 @@ def test_dry_run_numbers_by_hand(tmp_path):
     tp = train.plan(hand_cfg(data_dir=str(tmp_path / "no-data"), dp=1, tp=2, activation_checkpointing="full"), {})
     assert tp["bytes"]["weights"] == mem["weights"]  # vocab-sharded logits: no fused loss, logits + 2 fp32 copies
     assert tp["bytes"]["activations"] == (L * b * T * 4 * d + layer + b * T * (d * (4 + s) + V * (s + 8))) / 2
+
+
+def test_dry_run_of_checkpointing_some_blocks_and_of_zero_stages(tmp_path):
+    d, kv, f, b, T, s, L = 64, 32, 176, 2, 32, 2, 4
+    plans = {key: train.plan(hand_cfg(data_dir=str(tmp_path), activation_checkpointing="full", **kw), {"n_layers": L})
+             for key, kw in (("all", {}), ("first 3", {"activation_checkpointing_layers": 3}),
+                             ("zero2", {"zero_stage": 2}))}
+    act = {k: v["bytes"]["activations"] for k, v in plans.items()}
+    layer = b * T * (s * (4 * d + 2 * kv + 3 * f) + 8 * d + 4 * 4)  # one block that keeps everything
+    assert act["all"] - act["first 3"] == b * T * 4 * d  # the fourth block's checkpoint, no longer kept
+    block = 2 * d + d * d + 2 * d * kv + d * d + 3 * d * f
+    working = {k: v["bytes"]["working weights"] for k, v in plans.items()}
+    assert working["zero2"] - working["all"] == s * (L - 2) * block  # every block gathered, not two
+    assert act["zero2"] == act["all"] and layer < act["all"]
 
 
 def test_dry_run_lora_and_qlora_by_hand(tmp_path):

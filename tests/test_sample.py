@@ -452,3 +452,109 @@ def test_chat_uses_family_template_and_generation_defaults():
     assert sample.generation_settings(flags, "baichuan2", chat=True) == dict(
         temperature=0.3, top_k=5, top_p=0.5, repetition_penalty=1.05)  # the flag overrides one default
     assert sample.generation_settings(flags, "baichuan", chat=True)["repetition_penalty"] == 1.1
+
+
+def test_chat_multiline_turn_and_fastchat_commands(ckpt, monkeypatch):
+    scripted = ScriptedModel(ids_of("Hi", "</s>") * 3)
+    monkeypatch.setattr(sample, "load_model", lambda *a: (scripted, {"family": "baichuan2"}))
+    run_cli(["--ckpt", ckpt, "--chat", "--multiline", "--template", "baichuan2", "--temperature", 0],
+            stdin="first line\nsecond line\n")  # one turn: every line up to the end of input
+    assert scripted.prompts == [ids_of(195, "first line\nsecond line", 196)]
+    scripted = ScriptedModel(ids_of("Hi", "</s>") * 3)
+    monkeypatch.setattr(sample, "load_model", lambda *a: (scripted, {"family": "baichuan2"}))
+    run_cli(["--ckpt", ckpt, "--chat", "--template", "baichuan2", "--temperature", 0],
+            stdin="one\n!!reset\ntwo\n!!exit\nthree\n")  # FastChat's spellings
+    assert scripted.prompts == [ids_of(195, "one", 196), ids_of(195, "two", 196)]
+
+
+class Terminal:
+    """sample.py in a pseudo-terminal, as a person at a keyboard runs it: stdin, stdout and stderr a tty in line mode
+    (Ctrl-D on an empty line is an end of input) with echo; output bytes pass unchanged (no \\n -> \\r\\n)."""
+
+    def __init__(self, argv):
+        import os
+        import pty
+        import subprocess
+        import sys
+        import termios
+        from pathlib import Path
+
+        self.fd, child = pty.openpty()
+        attrs = termios.tcgetattr(child)
+        attrs[1] &= ~termios.OPOST  # oflag
+        termios.tcsetattr(child, termios.TCSANOW, attrs)
+        self.proc = subprocess.Popen([sys.executable, "sample.py", *map(str, argv)], stdin=child, stdout=child,
+                                     stderr=child, cwd=Path(__file__).resolve().parent.parent, close_fds=True)
+        os.close(child)
+        self.data = b""
+
+    @property
+    def text(self):
+        return self.data.decode("utf-8", "replace")
+
+    def expect(self, marker: str, count=1, timeout=120):
+        """Read until `marker` has appeared `count` times."""
+        import os
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.data.count(marker.encode()) < count:
+            assert time.monotonic() < deadline and self.proc.poll() is None, f"no {marker!r} in:\n{self.text}"
+            if select.select([self.fd], [], [], 1)[0]:
+                self.data += os.read(self.fd, 4096)
+
+    def send(self, data: bytes):
+        import os
+        os.write(self.fd, data)
+
+    def converse(self, marker: str, inputs) -> int:
+        """Answer the program's n-th `marker` prompt with the n-th input; -> its exit code after the last."""
+        try:
+            for i, data in enumerate(inputs):
+                self.expect(marker, i + 1)
+                self.send(data)
+            return self.close()
+        finally:
+            self.proc.kill()
+
+    def close(self, timeout=60):
+        """Wait for the exit, reading what is left; -> the exit code."""
+        import os
+
+        code = self.proc.wait(timeout=timeout)
+        while True:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:  # EIO: the terminal has no writer left
+                break
+            if not chunk:
+                break
+            self.data += chunk
+        os.close(self.fd)
+        return code
+
+
+def test_no_prompt_on_a_terminal_asks_for_prompts_in_a_loop(ckpt):
+    argv = ["--ckpt", ckpt, "--temperature", 0, "--max_new_tokens", 8]
+    prompts = ["héllo", "ab"]
+    wants = [run_cli(argv + ["--prompt", text]) for text in prompts]  # each prompt continued on its own (greedy)
+    term = Terminal(argv)
+    assert term.converse("prompt> ", [text.encode() + b"\n" for text in prompts] + [b"/exit\n"]) == 0
+    for text, want in zip(prompts, wants):  # the echoed prompt, then its continuation streamed to the terminal
+        assert (text + "\n" + want).encode() in term.data, (want, term.text)
+    assert " tokens in " in term.text  # the report at the end
+
+
+def test_chat_on_a_terminal_takes_multiline_turns_resets_and_exits(ckpt):
+    argv = ["--ckpt", ckpt, "--chat", "--multiline", "--template", "baichuan2", "--temperature", 0,
+            "--max_new_tokens", 6]
+    turn = "line one\nline two"
+    want = run_cli(argv, stdin=turn + "\n").strip()  # the reply to the two lines as one turn (no history)
+    term = Terminal(argv)
+    # Ctrl-D on an empty line ends a turn; a command needs none
+    inputs = [turn.encode() + b"\n\x04", b"/reset\n", turn.encode() + b"\n\x04", b"/exit\n"]
+    assert term.converse("user [Ctrl-D on an empty line ends it]> ", inputs) == 0
+    assert "(history cleared)" in term.text
+    # the reply to the whole turn, twice: after /reset the same turn gets the same first reply
+    assert term.data.count(("assistant> " + want).encode()) == 2, (want, term.text)

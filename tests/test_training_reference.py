@@ -40,12 +40,14 @@ RECIPE = dict(lr=1e-2, min_lr=1e-3, warmup_iters=2, lr_decay_iters=4, weight_dec
 STEPS = 6
 
 
-def documented_lr(step: int) -> float:
-    """Config's comment: linear warmup to lr, then cosine decay to min_lr at lr_decay_iters, then min_lr.
-    Warmup step s (0-based) takes lr * (s + 1) / (warmup_iters + 1), nanoGPT's convention (no step at lr 0)."""
-    lr, min_lr, warmup, decay = RECIPE["lr"], RECIPE["min_lr"], RECIPE["warmup_iters"], RECIPE["lr_decay_iters"]
+def documented_lr(step: int, recipe=RECIPE) -> float:
+    """Config's comment: linear warmup from warmup_start_lr (default 0) to lr, then cosine decay to min_lr at
+    lr_decay_iters, then min_lr. Warmup step s (0-based) takes start + (lr - start) * (s + 1) / (warmup_iters + 1),
+    nanoGPT's convention (no step at the start lr)."""
+    lr, min_lr, warmup, decay = recipe["lr"], recipe["min_lr"], recipe["warmup_iters"], recipe["lr_decay_iters"]
+    start = recipe.get("warmup_start_lr", 0.0)
     if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
+        return start + (lr - start) * (step + 1) / (warmup + 1)
     if step >= decay:
         return min_lr
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (decay - warmup)))
@@ -74,22 +76,23 @@ def init_dir(tmp_path_factory):
     return path
 
 
-def reference_run(data_dir: Path, init: Path):
+def reference_run(data_dir: Path, init: Path, recipe=RECIPE):
     """The documented training loop in plain PyTorch: per-step losses and the final state dict."""
     model = Transformer.from_checkpoint(init)
     model.train()
     matrices = [p for p in model.parameters() if p.dim() >= 2]  # embeddings and linear weights
     gains = [p for p in model.parameters() if p.dim() < 2]  # norm gains
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": RECIPE["weight_decay"]},
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": recipe["weight_decay"]},
                                    {"params": gains, "weight_decay": 0.0}],
-                                  lr=RECIPE["lr"], betas=(RECIPE["beta1"], RECIPE["beta2"]))
+                                  lr=recipe["lr"], betas=(recipe["beta1"], recipe["beta2"]),
+                                  eps=recipe.get("adam_eps", 1e-8))
     tokens = np.fromfile(data_dir / "train.bin", dtype=np.uint16).astype(np.int64)
     counts = np.fromfile(data_dir / "train.mask.bin", dtype=np.uint8).astype(bool)  # token i counts as a target
     sampler = train.EpochSampler(len(tokens), SEQ_LEN, MICRO, SEED)
     losses = []
     for step in range(STEPS):
         for group in optimizer.param_groups:
-            group["lr"] = documented_lr(step)
+            group["lr"] = documented_lr(step, recipe)
         step_loss = 0.0
         for _ in range(GLOBAL // MICRO):
             starts = sampler.next_starts(0, 1)
@@ -101,7 +104,7 @@ def reference_run(data_dir: Path, init: Path):
             loss = F.cross_entropy(logits[counted], y[counted]) / (GLOBAL // MICRO)
             loss.backward()
             step_loss += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), RECIPE["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
@@ -149,6 +152,37 @@ def test_lr_of_each_step_is_the_documented_schedule(runs):
     _, out, _, _, _ = runs
     logged = [r["lr"] for r in metric_rows(out, "lr")]
     np.testing.assert_allclose(logged, [documented_lr(s) for s in range(STEPS)], rtol=1e-12)
+
+
+def test_warmup_start_lr_and_adam_eps_equal_the_reference(data, init_dir, tmp_path):
+    # DeepSpeed WarmupLR's warmup_min_lr and Adam's eps as config keys; an eps this large changes every update
+    recipe = {**RECIPE, "warmup_start_lr": 4e-3, "adam_eps": 1e-3}
+    summary = train_run(data, tmp_path / "out", f"--init_from={init_dir}", f"--max_iters={STEPS}", *flags(**recipe))
+    ref_losses, _ = reference_run(data, init_dir, recipe)
+    default_losses, _ = reference_run(data, init_dir)
+    for step, loss in summary["losses"].items():
+        assert loss == pytest.approx(ref_losses[step - 1], rel=1e-5), step
+    assert summary["losses"][STEPS] != pytest.approx(default_losses[-1], rel=1e-4)  # the keys change the run
+    lrs = [r["lr"] for r in metric_rows(tmp_path / "out", "lr")]
+    assert lrs == pytest.approx([documented_lr(s, recipe) for s in range(STEPS)])
+    assert lrs[0] == pytest.approx(4e-3 + 6e-3 / 3)  # a third of the way from the start lr
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_lr_decay_without_warmup_equals_transformers_schedules(decay):
+    # the schedules of the Hugging Face Trainer runs the recipes reproduce (lr_scheduler_type cosine / linear)
+    transformers = pytest.importorskip("transformers")
+    make = {"cosine": transformers.get_cosine_schedule_with_warmup,
+            "linear": transformers.get_linear_schedule_with_warmup}[decay]
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-5)
+    schedule = make(optimizer, num_warmup_steps=0, num_training_steps=40)
+    theirs = []
+    for _ in range(40):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    cfg = train.Config(lr=5e-5, min_lr=0.0, warmup_iters=0, lr_decay_iters=40, lr_decay=decay)
+    assert [train.get_lr(step, cfg) for step in range(40)] == pytest.approx(theirs, rel=1e-9, abs=1e-15)
 
 
 def assert_updates_equal(trained: dict, ref: dict, init: dict, names):
@@ -215,6 +249,62 @@ def test_loss_scaler_restarts_its_count_of_good_steps_after_an_overflow():
 
 # --------------------------------------------------------------------------------------------------------------------
 # resume: the RNG that LoRA dropout draws from
+
+
+def deepspeed_scales(initial, window, hysteresis, min_scale, overflows):
+    """DeepSpeed's DynamicLossScaler.update_scale (deepspeed/runtime/fp16/loss_scaler.py, v0.9.2), step by step:
+    an overflow halves the scale (not below min_scale) only when the hysteresis is down to 1, else uses one up; the
+    scale doubles when (iteration - last overflow iteration) is a multiple of the window, refilling the hysteresis."""
+    scale, left, last_overflow, out = initial, hysteresis, -1, []
+    for it, overflow in enumerate(overflows):
+        if overflow:
+            if hysteresis == 1 or left == 1:
+                scale = max(scale / 2, min_scale)
+            else:
+                left -= 1
+            last_overflow = it
+        elif (it - last_overflow) % window == 0:
+            scale, left = scale * 2, hysteresis
+        out.append(scale)
+    return out
+
+
+def test_loss_scaler_hysteresis_and_floor_follow_deepspeed():
+    overflows = [True, True, False, False, False, True, False, True, True, True, False, False]
+    scaler = train.LossScaler(enabled=True, scale=64.0, window=3, hysteresis=2, min_scale=16.0)
+    scales, floors = [], []
+    for overflow in overflows:
+        floors.append(scaler.at_floor())
+        scaler.update(finite=not overflow)
+        scales.append(scaler.scale)
+    assert scales == deepspeed_scales(64.0, 3, 2, 16.0, overflows)
+    assert scales[:5] == [64.0, 32.0, 32.0, 32.0, 64.0]  # the first overflow is absorbed, the second halves
+    # DeepSpeed stops when an overflow would need a scale below min_loss_scale: here before the 10th step
+    assert floors.index(True) == 9 and scales[8] == 16.0 and overflows[9]
+    assert scaler.skipped == sum(overflows)
+
+
+def test_static_loss_scale_stays_and_skips_overflowing_steps(data, init_dir, tmp_path):
+    # DeepSpeed's fp16 "loss_scale" > 0: fixed, whatever overflows; an overflowing step is still skipped
+    scaler = train.LossScaler(enabled=True, scale=64.0, window=1, static=8192.0, hysteresis=2, min_scale=1.0)
+    for overflow in (True, True, True, False, False):
+        scaler.update(finite=not overflow)
+        assert scaler.scale == 8192.0 and not scaler.at_floor()
+    assert scaler.skipped == 3
+    train_run(data, tmp_path / "big", f"--init_from={init_dir}", "--dtype=float16", "--static_loss_scale=16777216.0",
+              "--max_iters=3", *flags())  # 2^24 overflows float16 gradients at every step
+    rows = metric_rows(tmp_path / "big", "loss_scale")
+    assert [(r["loss_scale"], r["skipped_steps"]) for r in rows] == [(2.0**24, 1), (2.0**24, 2), (2.0**24, 3)]
+    train_run(data, tmp_path / "ok", f"--init_from={init_dir}", "--dtype=float16", "--static_loss_scale=1024.0",
+              "--loss_scale_window=1", "--max_iters=3", *flags())
+    rows = metric_rows(tmp_path / "ok", "loss_scale")
+    assert [(r["loss_scale"], r["skipped_steps"]) for r in rows] == [(1024.0, 0)] * 3  # a window of 1 changes nothing
+
+
+def test_overflow_at_min_loss_scale_stops_the_run(data, init_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"step 1: float16 overflow at min_loss_scale=1.67772e\+07: no lower scale"):
+        train_run(data, tmp_path / "out", f"--init_from={init_dir}", "--dtype=float16", "--loss_scale=16777216.0",
+                  "--min_loss_scale=16777216.0", "--max_iters=3", *flags())
 
 
 def test_interrupted_lora_run_with_dropout_equals_an_uninterrupted_one(data, init_dir, tmp_path):
