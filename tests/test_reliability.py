@@ -263,6 +263,6 @@ def test_full_disk_while_saving_names_the_last_complete_checkpoint(data, tmp_pat
 
     monkeypatch.setattr(dcp, "save", save_then_fill_the_disk)
     with pytest.raises(SystemExit, match=r"\.tmp_step_00000004: writing the checkpoint failed \(OSError: \[Errno 28\] "
-                                         r"No space left on device\); the last complete checkpoint is .*step_00000002"):
+                                         r"No space left on device\); the last good checkpoint is .*step_00000002"):
         run(data, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["step_00000002"]
