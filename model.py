@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import shutil
 import types
 import typing
@@ -91,7 +92,7 @@ def check_value(name: str, value, kind, interval: Optional[str] = None):
         lo_open, lo, hi, hi_open = _interval(interval)
         ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
     if not ok:
-        raise ValueError(f"{name}={value!r}: expected {expected(kind, interval)}")
+        raise ValueError(f"{name}={reprlib.repr(value)}: expected {expected(kind, interval)}")
 
 
 def check_fields(obj, prefix: str = ""):

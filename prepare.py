@@ -953,7 +953,7 @@ def instruction_messages(rec, fmt, where):
     if "conversations" in rec or (fmt in ("sharegpt", "conversation") and "messages" in rec):
         turns = rec.get("conversations", rec.get("messages"))
         if not isinstance(turns, list):
-            raise DataError(f"{where}: field 'conversations' has type {type(turns).__name__}, expected a list")
+            raise DataError(f"{where}: field 'conversations' is {json_type(turns)}, expected a list")
         return conversation_messages(turns, where), system
     if fmt in ("sharegpt", "conversation"):
         raise DataError(f"{where}: missing field 'conversations' (a list of {{from, value}})")

@@ -10,7 +10,7 @@ variant the test asserts:
 Variants are generated: truncation at every header boundary, wrong types for each field, out-of-range numbers,
 hostile paths, nesting. One subprocess per format class then checks the real command line (exit code, stderr).
 
-    python -m pytest -q tests/test_fuzz_inputs.py        # FUZZ_REPORT=1 -s also prints the outcome counts
+    python -m pytest -q tests/test_fuzz_inputs.py        # FUZZ_REPORT=1 -s: the outcome counts; =all: every message
 """
 
 import contextlib
@@ -170,6 +170,8 @@ def fuzz(cls, variants, S, tmp_path):
         call, needle = setup(t, S)
         kind, msg = outcome(call, needle, t)
         tally[kind] += 1
+        if os.environ.get("FUZZ_REPORT") == "all":
+            print(f"{cls} | {name} | {kind} | {msg[:300]}")
         if kind != "clear":
             bad.append(f"{kind:9s} {name}: {msg[:240]!r} (expected to name {needle!r})")
     TALLY[cls] = tally
