@@ -1351,7 +1351,6 @@ def read_train_state(step_dir: Path) -> dict:
 def verify_step_dir(step_dir: Path, ranks: Ranks = Ranks()) -> dict:
     """train_state.json of a step dir whose files all have the size and sha256 recorded when it was written; else
     CheckpointError naming the file and what is wrong. Each rank hashes a share; every rank gets the same verdict."""
-    file = Path(step_dir) / TRAIN_STATE
     state = read_train_state(step_dir)
     manifest = state.get("files", {})  # step dirs written before manifests have none: nothing to check against
     problems = []

@@ -772,7 +772,7 @@ def parse_json(data, where, error=ValueError, unique_keys: bool = True):
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as e:
-        raise error(f"{where}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise error(f"{where}: not valid JSON: not UTF-8 text (byte {e.start}: {e.reason})") from None
     depth = _json_depth(text)
     if depth > MAX_JSON_DEPTH:
         raise error(f"{where}: JSON nested {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed")

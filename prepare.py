@@ -22,7 +22,6 @@ import glob
 import io
 import itertools
 import json
-import os
 import re
 import shutil
 import struct

@@ -58,7 +58,8 @@ from bench import memory_plan, mm_peak_flops, peak_memory_gib, training_plan
 from convert import (Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, read_step_dir,
                      remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_peft_adapter, write_step_dir)
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, NF4Linear, Transformer, \
-    apply_lora, check_json_fields, check_value, flops_per_token, load_tensors, lora_state_dict, ranged, read_config
+    apply_lora, check_json_fields, check_value, expected, flops_per_token, load_tensors, lora_state_dict, ranged, \
+    read_config
 
 
 @dataclass
@@ -92,11 +93,12 @@ class Config:
     compile: bool = False
     # parallelism under torchrun: a (dp, tp) device mesh over the WORLD_SIZE processes
     dp: int = ranged(0, "[0, inf)")  # data parallel (FSDP2) degree; 0 = WORLD_SIZE // tp
-    tp: int = ranged(1, "[1, inf)")  # tensor parallel degree (sequence-parallel norms); divides n_heads, n_kv_heads, seq_len
+    tp: int = ranged(1, "[1, inf)")  # tensor parallel degree (sequence-parallel norms); divides heads and seq_len
     # 'none' | 'full' (keep each block's input, recompute the block) | 'selective' (per op, as torchtitan: keep the
     # attention outputs and every other matmul output, recompute the rest: norms, RoPE, SwiGLU, the other matmuls)
     activation_checkpointing: str = "none"
-    dist_timeout_s: int = ranged(600, "[1, inf)")  # collective timeout: a dead or stuck rank makes the others exit after this long
+    # collective timeout: a dead or stuck rank makes the others exit after this long
+    dist_timeout_s: int = ranged(600, "[1, inf)")
     # eval, logs, checkpoints
     eval_interval: int = ranged(200, "[1, inf)")
     eval_iters: int = ranged(20, "[1, inf)")
@@ -115,7 +117,7 @@ class Config:
     # --dry_run: print parameters, per-device memory and step time of this config on its mesh, then exit (plan())
     dry_run: bool = False
     devices: int = ranged(0, "[0, inf)")  # devices the plan is for; 0 = the launched world size (WORLD_SIZE, else 1)
-    device_memory_gib: float = ranged(64.0, "(0, inf)")  # per device, what the plan's total is checked against (910B: 64)
+    device_memory_gib: float = ranged(64.0, "(0, inf)")  # per device, the plan's total is checked against (910B: 64)
     mfu: float = ranged(0.4, "(0, 1]")  # model FLOPs utilisation the plan's step time assumes
 
 
@@ -158,8 +160,9 @@ def config_line(e: BaseException, path: Path) -> str:
 def parse_config(argv) -> tuple[Config, dict]:
     """argv (without the program name) -> (Config, ModelArgs overrides)."""
     if "-h" in argv or "--help" in argv:
-        keys = "\n".join(f"  --{k}={getattr(Config, k)!r}" for k in Config.__dataclass_fields__)
-        print(f"{__doc__}\nkeys and defaults:\n{keys}\n  and every ModelArgs field: {', '.join(MODEL_FIELDS)}")
+        keys = "\n".join(f"  --{k}={getattr(Config, k)!r}".ljust(40) + expected(f.type, f.metadata.get("range"))
+                         for k, f in Config.__dataclass_fields__.items())
+        print(f"{__doc__}\nkeys, defaults and values:\n{keys}\n  and every ModelArgs field: {', '.join(MODEL_FIELDS)}")
         raise SystemExit(0)
     values = {}
     # config files first, then --key=value, wherever they stand on the command line

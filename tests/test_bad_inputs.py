@@ -112,7 +112,9 @@ def fake_step_dir(t, shared, out_dir):
     copy_ckpt(shared, step)
     import pickle
     write(step / ".metadata", pickle.dumps(Evil(str(t / "PWNED"))))
-    write(step / "train_state.json", json.dumps({"step": 1}))
+    state = {"step": 1, "loss_scaler": {"scale": 1.0, "good_steps": 0, "skipped": 0},
+             "data": {"seed": 1, "epoch": 0, "index": 0}}  # all the fields resume reads: only .metadata is bad
+    write(step / "train_state.json", json.dumps(state))
     return step
 
 

@@ -226,16 +226,15 @@ DEEP = "[" * 100_000 + "]" * 100_000
 
 def json_file_level(text_of_valid: str, key: str) -> list:
     """(name, bytes) malformed versions of a JSON object file whose valid text is given (key: one of its keys)."""
-    raw = text_of_valid.encode()
-    first = raw.index(b'"' + key.encode() + b'"')
+    raw, quoted = text_of_valid.encode(), b'"' + key.encode() + b'"'
+    first = raw.index(quoted)
     return [("empty", b""), ("truncated", raw[: len(raw) // 2]), ("a list", b"[]"), ("a number", b"5"),
             ("null", b"null"), ("deep nesting", DEEP.encode()),
             ("deep nesting in a field", raw[:first] + b'"deep_field": ' + DEEP.encode() + b", " + raw[first:]),
             ("stray byte", raw[:first] + b"\xff" + raw[first:]), ("utf-16", text_of_valid.encode("utf-16")),
             ("NaN literal", raw[:first] + b'"nan_field": NaN, ' + raw[first:]),
             ("huge integer literal", raw[:first] + b'"big": 1' + b"0" * 5000 + b", " + raw[first:]),
-            ("duplicate key", raw[:first] + raw[first:].replace(b'"' + key.encode() + b'"',
-                                                                b'"' + key.encode() + b'": 1, "' + key.encode() + b'"', 1))]
+            ("duplicate key", raw[:first] + raw[first:].replace(quoted, quoted + b": 1, " + quoted, 1))]
 
 
 def field_variants(original: dict, fields: dict) -> list:
@@ -676,7 +675,8 @@ def test_fuzz_megatron(S, tmp_path):
 
 def record_variants():
     text = [("deep nesting", DEEP), ("deep nesting in the text", '{"text": ' + DEEP + "}"),
-            ("huge integer", '{"text": 1' + "0" * 5000 + "}"), ("NaN", '{"text": NaN}'), ("Infinity", '{"text": Infinity}'),
+            ("huge integer", '{"text": 1' + "0" * 5000 + "}"), ("NaN", '{"text": NaN}'),
+            ("Infinity", '{"text": Infinity}'),
             ("lone surrogate", '{"text": "a \\ud800 b"}'), ("a number", "5"), ("a string", '"text"'), ("null", "null"),
             ("a list", "[1, 2]"), ("text is a number", '{"text": 5}'), ("text is null", '{"text": null}'),
             ("text is a list", '{"text": ["a"]}'), ("text is an object", '{"text": {"a": "b"}}'),
@@ -695,7 +695,8 @@ def record_variants():
               ("no instruction", {"output": "y"}), ("lone surrogate", {"instruction": "\ud800", "output": "y"})]
     out += [(f"alpaca {n}", "a.json", "alpaca", json.dumps([{"instruction": "i", "output": "o"}, r]).encode())
             for n, r in alpaca]
-    convs = [("a string", "x"), ("an object", {}), ("items numbers", [5]), ("from a number", [{"from": 5, "value": "x"}]),
+    convs = [("a string", "x"), ("an object", {}), ("items numbers", [5]),
+             ("from a number", [{"from": 5, "value": "x"}]),
              ("value a number", [{"from": "human", "value": 5}]), ("unknown role", [{"from": "alien", "value": "x"}]),
              ("no value", [{"from": "human"}]), ("content a list", [{"role": "user", "content": [{"type": "text"}]}]),
              ("deep", json.loads("[" * 500 + "]" * 500))]
