@@ -671,7 +671,10 @@ def main(argv=None) -> dict:
             fail(f"--out={opt.out} exists; pass --overwrite to replace it")
         result = plot(opt.plot, opt.out)
     else:
-        device = torch.device(opt.device or kernels.device_type())
+        try:
+            device = kernels.check_device(opt.device or kernels.device_type())
+        except ValueError as e:
+            fail(f"--device={opt.device}: {e}")
         result = run_bench(opt, model_args_for(opt), device)
     print(json.dumps(result))
     return result

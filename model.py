@@ -14,7 +14,6 @@ dir (config.json + safetensors, memory-mapped); convert.py writes them and owns 
 import contextlib
 import ctypes
 import functools
-import itertools
 import json
 import math
 import os
@@ -110,8 +109,8 @@ def check_json_fields(d: dict, table: dict, where, error=ValueError, required=()
         *parents, name = key.split(".")
         obj = d
         for i, part in enumerate(parents):
-            obj = obj.get(part, {}) if part in obj else None
-            if obj is None:
+            obj = obj.get(part)
+            if obj is None:  # absent (or null): so is the field
                 break
             if not isinstance(obj, dict):
                 raise error(f"{where}: {'.'.join(parents[:i + 1])}: expected an object, got {json_type(obj)}")
@@ -738,12 +737,15 @@ class CheckpointError(ValueError):
 MAX_JSON_DEPTH = 100  # deeper than any config, manifest or record of ours or Hugging Face's: refused, not recursed
 
 
-def _json_depth(text: str) -> int:
-    """How deeply the arrays and objects of JSON text nest (brackets inside strings do not count)."""
-    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:  # cannot be deeper: the common case costs two counts
-        return 0
-    brackets = re.sub(r'"(?:[^"\\]|\\.)*"|[^\[\]{}]+', "", text)
-    return max(itertools.accumulate(1 if c in "[{" else -1 for c in brackets), default=0)
+def _json_depth(value) -> int:
+    """How deeply the lists and objects of a parsed JSON value nest (a walk, not a recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, depth)
+            todo.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def _no_constant(name):
@@ -773,14 +775,17 @@ def parse_json(data, where, error=ValueError, unique_keys: bool = True):
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as e:
         raise error(f"{where}: not valid JSON: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    depth = _json_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise error(f"{where}: JSON nested {depth} levels deep, more than the {MAX_JSON_DEPTH} allowed")
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite,
-                          object_pairs_hook=_unique_keys if unique_keys else None)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite,
+                           object_pairs_hook=_unique_keys if unique_keys else None)
+    except RecursionError:  # json's scanner counts its depth against Python's recursion limit
+        raise error(f"{where}: JSON nested deeper than the {MAX_JSON_DEPTH} levels allowed") from None
     except ValueError as e:  # JSONDecodeError, and int() refusing a number of more than 4300 digits
         raise error(f"{where}: not valid JSON ({str(e).splitlines()[0]})") from None
+    # fewer brackets than the limit cannot nest deeper than it: the common case costs two counts
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _json_depth(value) > MAX_JSON_DEPTH:
+        raise error(f"{where}: JSON nested {_json_depth(value)} levels deep, more than the {MAX_JSON_DEPTH} allowed")
+    return value
 
 
 def load_json(file, error=CheckpointError) -> dict:
@@ -965,9 +970,9 @@ def _running(pid: int) -> bool:
 def remove_stale(dst: Path):
     """What a killed run left beside dst: its temporary dir (removed), and the old dst it had renamed aside (put back
     where dst is missing, else removed). Dirs of processes still running are theirs."""
-    for p in [*dst.parent.glob(f".{dst.name}.tmp-*"), *dst.parent.glob(f".{dst.name}.old-*"),
-              *dst.parent.glob(f"{dst.name}.tmp-*")]:  # the last: the names of older versions
-        pid = p.name.rpartition("-")[2]
+    prefixes = (f".{dst.name}.tmp-", f".{dst.name}.old-", f"{dst.name}.tmp-")  # the last: older versions' name
+    for p in sorted(dst.parent.iterdir()) if dst.parent.is_dir() else []:
+        pid = next((p.name[len(x):] for x in prefixes if p.name.startswith(x)), "")
         if not pid.isdigit() or _running(int(pid)):
             continue
         if ".old-" in p.name and not dst.exists():

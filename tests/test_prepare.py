@@ -565,7 +565,7 @@ def test_existing_output_needs_overwrite(sp_path, tmp_path):
     base = ["--input", tmp_path / "a.txt", "--tokenizer", sp_path, "--out", tmp_path / "o", "--val_fraction", "0"]
     run(*base)
     (tmp_path / "o" / "marker").write_text("x")
-    assert "already exists (use --overwrite" in fails(*base)
+    assert "exists; pass --overwrite" in fails(*base)
     assert (tmp_path / "o" / "marker").exists()  # untouched
     run(*base, "--overwrite")
     assert not (tmp_path / "o" / "marker").exists() and (tmp_path / "o" / "meta.json").exists()
