@@ -932,7 +932,7 @@ BELLE_TURN = re.compile(r"(?:^|\n)(Human|Assistant):\s?")
 def instruction_messages(rec, fmt, where):
     """One record of an instruction format -> (messages, system)."""
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {json_type(rec)}")
     system = _unicode(rec["system"], f"{where}: field 'system'") if isinstance(rec.get("system"), str) else None
     if fmt == "moss":
         system = (_unicode(rec["meta_instruction"].strip(), f"{where}: field 'meta_instruction'")

@@ -126,7 +126,7 @@ DAMAGE = [
     ("truncated-distcp", "__0_0.distcp", truncate, r"__0_0\.distcp: \d+ bytes, expected \d+ \(truncated\?\)"),
     ("flipped-byte-distcp", "__0_0.distcp", flip_a_byte, r"__0_0\.distcp: sha256 differs .*\(corrupted\)"),
     ("missing-metadata", ".metadata", Path.unlink, r"\.metadata: missing"),
-    ("truncated-train-state", "train_state.json", truncate, r"train_state\.json: unreadable"),
+    ("truncated-train-state", "train_state.json", truncate, r"train_state\.json: not valid JSON"),
     ("flipped-byte-rng", "rng_rank0.json", flip_a_byte, r"rng_rank0\.json: sha256 differs"),
 ]
 
