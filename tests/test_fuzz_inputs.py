@@ -256,6 +256,18 @@ def json_variants(file_name, original: dict, fields: dict, key: str):
             + [(f"{file_name} {n}", b) for n, b in json_file_level(as_text(original), key)])
 
 
+def in_a_copy(original: str, file_name: str, variants: list, entry) -> list:
+    """(name, setup) per (name, bytes) variant: the bytes written as file_name in a copy of the original dir S[original],
+    then entry(t, the copy) is the call, and file_name what its error must name."""
+    def variant(data):
+        def setup(t, S):
+            d = copy(S[original], t / "d")
+            write(d / file_name, data)
+            return entry(t, d), file_name
+        return setup
+    return [(name, variant(data)) for name, data in variants]
+
+
 INT_BAD = WRONG_TYPES + (64.5, 0, -1, 2 ** 40, 10 ** 400)
 FLOAT_BAD = ("1e-5", [1.0], None, True, 0, -1, float("inf"))
 
@@ -278,13 +290,7 @@ def native_config_variants():
 
 
 def fuzz_native_config(entry):
-    def variant(data):
-        def setup(t, S):
-            c = copy(S["ckpt"], t / "c")
-            write(c / "config.json", data)
-            return entry(t, c), "config.json"
-        return setup
-    return [(name, variant(data)) for name, data in native_config_variants()]
+    return in_a_copy("ckpt", "config.json", native_config_variants(), entry)
 
 
 def test_fuzz_checkpoint_config_json(S, tmp_path):
@@ -324,15 +330,10 @@ def test_fuzz_hf_config_json(S, tmp_path):
         "attention_bias": ("false", True), "architectures": ("LlamaForCausalLM", [5], 5),
         "model_type": (5, ["llama"]), "bos_token_id": ("x", -5, 1.5, [[1]], 10 ** 9), "eos_token_id": ([[2]], "x"),
         "pad_token_id": (True, 10 ** 9)})
-
-    def variant(data):
-        def setup(t, S):
-            h = copy(S["hf"], t / "hf")
-            write(h / "config.json", data)
-            return convert_cli("hf-to-native", "--src", h, "--dst", t / "o"), "config.json"
-        return setup
-    fuzz("HF config.json (convert)", [(n, variant(d)) for n, d in json_variants("config.json", hf, fields,
-                                                                                 "hidden_size")], S, tmp_path)
+    fuzz("HF config.json (convert)", in_a_copy("hf", "config.json", json_variants("config.json", hf, fields,
+                                                                                  "hidden_size"),
+                                               lambda t, d: convert_cli("hf-to-native", "--src", d, "--dst", t / "o")),
+         S, tmp_path)
 
 
 def test_fuzz_meta_params_json(S, tmp_path):
@@ -341,14 +342,8 @@ def test_fuzz_meta_params_json(S, tmp_path):
               "n_kv_heads": ("2", 0, 3), "multiple_of": ("16", 0, -16, 1.5), "ffn_dim_multiplier": ("x", -1, 0),
               "norm_eps": ("x", -1, 0), "vocab_size": ("x", -5, 0, 2 ** 40), "rope_theta": ("x", 0, -1),
               "use_scaled_rope": ("yes",)}
-
-    def variant(data):
-        def setup(t, S):
-            m = copy(S["meta"], t / "m")
-            write(m / "params.json", data)
-            return convert_cli("meta-to-native", "--src", m, "--dst", t / "o"), "params.json"
-        return setup
-    fuzz("params.json (convert)", [(n, variant(d)) for n, d in json_variants("params.json", params, fields, "dim")],
+    fuzz("params.json (convert)", in_a_copy("meta", "params.json", json_variants("params.json", params, fields, "dim"),
+                                            lambda t, d: convert_cli("meta-to-native", "--src", d, "--dst", t / "o")),
          S, tmp_path)
 
 
@@ -402,14 +397,8 @@ def safetensors_variants(file):
 
 
 def test_fuzz_safetensors_header(S, tmp_path):
-    def variant(data):
-        def setup(t, S):
-            c = copy(S["ckpt"], t / "c")
-            write(c / "model.safetensors", data)
-            return load_checkpoint_dir(c), "model.safetensors"
-        return setup
-    fuzz("safetensors", [(n, variant(d)) for n, d in safetensors_variants(S["ckpt"] / "model.safetensors")],
-         S, tmp_path)
+    fuzz("safetensors", in_a_copy("ckpt", "model.safetensors", safetensors_variants(S["ckpt"] / "model.safetensors"),
+                                  lambda t, d: load_checkpoint_dir(d)), S, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -482,16 +471,11 @@ def test_fuzz_tokenizer_config_json(S, tmp_path):
                                        {"-1": {"content": "<x>"}}),
               "bos_token": (5, {"content": 5}, ["<s>"])}
 
-    def variant(data, entry):
-        def setup(t, S):
-            c = copy(S["ckpt"], t / "c")
-            write(c / "tokenizer_config.json", data)
-            return (lambda: prepare.load_tokenizer(c)) if entry == "load" else \
-                sample_cli("--ckpt", c, "--prompt", "a", "--max_new_tokens", 2), "tokenizer_config.json"
-        return setup
     variants = json_variants("tokenizer_config.json", tc, fields, "bos_id")
-    fuzz("tokenizer_config.json", [(n, variant(d, "load")) for n, d in variants]
-         + [(f"{n} (sample)", variant(d, "sample")) for n, d in variants[:6]], S, tmp_path)
+    fuzz("tokenizer_config.json",
+         in_a_copy("ckpt", "tokenizer_config.json", variants, lambda t, d: lambda: prepare.load_tokenizer(d))
+         + in_a_copy("ckpt", "tokenizer_config.json", [(f"{n} (sample)", b) for n, b in variants[:6]],
+                     lambda t, d: sample_cli("--ckpt", d, "--prompt", "a", "--max_new_tokens", 2)), S, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
