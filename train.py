@@ -693,10 +693,11 @@ def load_checkpoint(step_dir: Path, model, optimizer, d: Dist) -> dict:
 
 
 # what restore() reads of a step dir's train_state.json (checkpoint() writes it): types and ranges
-TRAIN_STATE = {"step": (int, "[0, 2**63)"), "best_val_loss": Optional[float], "lora_base": Optional[str],
-               "loss_scaler.scale": (float, "(0, inf)"), "loss_scaler.good_steps": (int, "[0, inf)"),
-               "loss_scaler.skipped": (int, "[0, inf)"), "data.seed": (int, "[0, 2**63)"),
-               "data.epoch": (int, "[0, inf)"), "data.index": (int, "[0, inf)")}
+TRAIN_STATE_FIELDS = {"step": (int, "[0, 2**63)"), "best_val_loss": Optional[float], "lora_base": Optional[str],
+                      "loss_scaler.scale": (float, "(0, inf)"), "loss_scaler.good_steps": (int, "[0, inf)"),
+                      "loss_scaler.skipped": (int, "[0, inf)"), "data.seed": (int, "[0, 2**63)"),
+                      "data.epoch": (int, "[0, inf)"), "data.index": (int, "[0, inf)")}
+TRAIN_STATE_REQUIRED = [k for k in TRAIN_STATE_FIELDS if "." in k or k == "step"]
 
 
 def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist, log) -> tuple[Path, dict]:
@@ -707,8 +708,9 @@ def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist,
     while found:
         step_dir = found.pop()
         try:
-            check_json_fields(verify_step_dir(step_dir, ranks_of(d)), TRAIN_STATE, step_dir / "train_state.json",
-                              CheckpointError, required=[k for k in TRAIN_STATE if "." in k or k == "step"])
+            state = verify_step_dir(step_dir, ranks_of(d))
+            check_json_fields(state, TRAIN_STATE_FIELDS, step_dir / "train_state.json", CheckpointError,
+                              required=TRAIN_STATE_REQUIRED)
             saved, _ = read_config(step_dir)
             check_same_shape(step_dir, saved, args)  # another model is a mistake in the config, not damage: fails
             return step_dir, load_checkpoint(step_dir, model, optimizer, d)
