@@ -927,14 +927,33 @@ def peft_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     fail(f"{path / PEFT_WEIGHTS[0]}: not found (nor {PEFT_WEIGHTS[1]}): the PEFT adapter has no weights")
 
 
+# adapter_config.json: the fields read to select and scale the adapters, their types and ranges
+PEFT_FIELDS = {"r": (int, "[1, inf)"), "lora_alpha": (float, "(0, inf)"), "use_rslora": Optional[bool],
+               "target_modules": str | list | None, "exclude_modules": str | list | None,
+               "layers_to_transform": int | list | None, "layers_pattern": str | list | None,
+               "rank_pattern": Optional[dict], "alpha_pattern": Optional[dict]}
+
+
 def check_peft_config(cfg: dict, where: Path):
-    """Refuse, one field at a time, what is not a plain LoRA update W + scale * B A of linear layers."""
+    """Refuse, one field at a time, what is not a plain LoRA update W + scale * B A of linear layers, and fields of
+    the wrong type: names where names go, regular expressions that compile, ranks and alphas in range."""
     if cfg.get("peft_type") != "LORA":
         fail(f"{where}: peft_type: {cfg.get('peft_type')!r} is not supported (only 'LORA')")
-    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
-        fail(f"{where}: r: expected a positive integer, got {cfg.get('r')!r}")
-    if not isinstance(cfg.get("lora_alpha"), (int, float)) or cfg["lora_alpha"] <= 0:
-        fail(f"{where}: lora_alpha: expected a positive number, got {cfg.get('lora_alpha')!r}")
+    check_json_fields(cfg, PEFT_FIELDS, where, CheckpointError, required=("r", "lora_alpha"))
+    for key, kind, interval in (("rank_pattern", int, "[1, inf)"), ("alpha_pattern", float, "(0, inf)")):
+        for pattern, value in (cfg.get(key) or {}).items():
+            regex(pattern, where, key)
+            check_json_fields({pattern: value}, {pattern: (kind, interval)}, f"{where}: {key}", CheckpointError)
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):  # a string is a regex; a list, names
+        value = cfg.get(key)
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            fail(f"{where}: {key}: expected a list of module names, got {json.dumps(value)[:80]}")
+        for pattern in [value] if isinstance(value, str) else value if key == "layers_pattern" and value else []:
+            regex(pattern, where, key)  # layers_pattern's names go into a regex too
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, list) and not all(type(i) is int and i >= 0 for i in layers) or \
+            type(layers) is int and layers < 0:
+        fail(f"{where}: layers_to_transform: expected layer numbers >= 0, got {json.dumps(layers)[:80]}")
     if cfg.get("bias", "none") != "none":
         fail(f"{where}: bias: {cfg['bias']!r} is not supported (adapters with bias terms; expected 'none')")
     for key in PEFT_UNSUPPORTED:
@@ -944,9 +963,14 @@ def check_peft_config(cfg: dict, where: Path):
     if isinstance(init, str) and init.lower().startswith(PEFT_BASE_CHANGING_INIT):
         fail(f"{where}: init_lora_weights: {init!r} changed the base weights at initialisation; save the adapter "
              f"with PEFT's path_initial_model_for_weight_conversion to get one for the original base")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
-            fail(f"{where}: {key}: expected an object of module pattern -> number")
+
+
+def regex(pattern: str, where, key: str):
+    """CheckpointError unless pattern compiles (adapter configs name modules by regular expressions)."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        fail(f"{where}: {key}: {pattern!r} is not a regular expression ({e})")
 
 
 def peft_selected(cfg: dict, modules: list[str], where: Path, family: str) -> set[str]:

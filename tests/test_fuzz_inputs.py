@@ -36,7 +36,7 @@ import convert
 import prepare
 import sample
 import train
-from model import PRESETS, CheckpointError, Transformer
+from model import PRESETS, CheckpointError, Transformer, apply_lora, lora_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,6 +71,9 @@ def S(tmp_path_factory):
         convert.write_checkpoint(root / name, model.state_dict(), args, "llama", max_shard_bytes=shard)
         tok.save(root / name)
     convert.native_to_hf(root / "ckpt", root / "hf")
+    adapted = Transformer(args)
+    apply_lora(adapted, rank=4, alpha=8)
+    convert.write_peft_adapter(root / "adapter", lora_state_dict(adapted), args, "llama", rank=4, alpha=8, dropout=0.0)
     meta = root / "meta"  # Meta's layout: params.json + consolidated.00.pth (our tensor names are Meta's)
     meta.mkdir()
     (meta / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
@@ -80,7 +83,7 @@ def S(tmp_path_factory):
     with quiet():
         train.main(TRAIN + [f"--data_dir={root / 'data'}", f"--out_dir={root / 'run'}", "--ckpt_interval=1"])
     return {"root": root, "sp": sp, "data": root / "data", "ckpt": root / "ckpt", "sharded": root / "sharded",
-            "hf": root / "hf", "meta": meta, "run": root / "run", "corpus": corpus}
+            "hf": root / "hf", "meta": meta, "run": root / "run", "corpus": corpus, "adapter": root / "adapter"}
 
 
 @contextlib.contextmanager
@@ -345,6 +348,18 @@ def test_fuzz_meta_params_json(S, tmp_path):
     fuzz("params.json (convert)", in_a_copy("meta", "params.json", json_variants("params.json", params, fields, "dim"),
                                             lambda t, d: convert_cli("meta-to-native", "--src", d, "--dst", t / "o")),
          S, tmp_path)
+
+
+def test_fuzz_adapter_config_json(S, tmp_path):
+    adapter = json.loads((S["adapter"] / "adapter_config.json").read_text())
+    fields = {"r": ("4", 0, -1, 1.5, True), "lora_alpha": ("x", 0, -1, float("inf")), "peft_type": (5, "IA3"),
+              "rank_pattern": ([], {"q_proj": "x"}, {"q_proj": 0}, {"(": 4}), "alpha_pattern": ({"q_proj": "x"},),
+              "target_modules": (5, [5], "(", []), "exclude_modules": (5, [5], "("),
+              "layers_to_transform": ("x", ["x"], [-1]), "layers_pattern": (5, [5], ["("]), "use_rslora": ("yes",),
+              "bias": (5, "all")}
+    fuzz("adapter_config.json (merge-lora)", in_a_copy(
+        "adapter", "adapter_config.json", json_variants("adapter_config.json", adapter, fields, "r"),
+        lambda t, d: convert_cli("merge-lora", "--src", S["ckpt"], "--adapter", d, "--dst", t / "o")), S, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------------------------
