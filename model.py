@@ -767,16 +767,18 @@ def _unique_keys(pairs):
     return d
 
 
-def parse_json(data, where, error=ValueError, unique_keys: bool = True):
+def parse_json(data, where, error=ValueError, unique_keys: bool = True, allow_nan: bool = False):
     """Untrusted JSON (text or bytes) -> Python objects, or error(f"{where}: ...") in one line for bytes that are not
     UTF-8, malformed JSON, nesting deeper than MAX_JSON_DEPTH (never a RecursionError), NaN, Infinity or numbers that
-    do not fit, and (unique_keys) a key twice in one object."""
+    do not fit (allow_nan: Python's NaN and Infinity, as in a metrics log), and (unique_keys) a key twice in an
+    object."""
     try:
         text = data.decode("utf-8") if isinstance(data, bytes) else data
     except UnicodeDecodeError as e:
         raise error(f"{where}: not valid JSON: not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite,
+        value = json.loads(text, parse_constant=None if allow_nan else _no_constant,
+                           parse_float=None if allow_nan else _finite,
                            object_pairs_hook=_unique_keys if unique_keys else None)
     except RecursionError:  # json's scanner counts its depth against Python's recursion limit
         raise error(f"{where}: JSON nested deeper than the {MAX_JSON_DEPTH} levels allowed") from None
