@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from model import PRESETS, ModelArgs, Transformer, apply_lora, flops_per_token
+from model import PRESETS, ModelArgs, Transformer, apply_lora, check_json_fields, flops_per_token, parse_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -817,16 +817,18 @@ def read_losses(path: str) -> dict[int, float]:
     if not os.path.isfile(path):
         fail(f"--plot: {path}: no such file (expected a train.py metrics.jsonl)")
     losses = {}
-    with open(path) as f:
+    with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                fail(f"--plot: {path}: line {n}: expected a JSON object")
-            if isinstance(row, dict) and "step" in row and "loss" in row:
-                losses[int(row["step"])] = float(row["loss"])
+            where = f"--plot: {path}: line {n}"
+            try:  # train.py logs a non-finite loss as NaN or Infinity
+                row = parse_json(line, where, unique_keys=False, allow_nan=True)
+                if isinstance(row, dict) and "step" in row and "loss" in row:
+                    check_json_fields(row, {"step": (int, "[0, inf)"), "loss": float}, where)
+                    losses[row["step"]] = float(row["loss"])
+            except ValueError as e:
+                fail(str(e))
     if not losses:
         fail(f"--plot: {path}: no rows with 'step' and 'loss' (is it a train.py metrics.jsonl?)")
     return losses
@@ -953,11 +955,13 @@ def model_args_for(opt) -> ModelArgs:
     args = PRESETS[opt.preset]
     if opt.model_args:
         try:
-            overrides = json.loads(opt.model_args)
-            assert isinstance(overrides, dict)
-            args = ModelArgs(**{**args.__dict__, **overrides})
-        except (json.JSONDecodeError, AssertionError):
+            overrides = parse_json(opt.model_args, "--model_args")
+        except ValueError as e:
+            fail(str(e))
+        if not isinstance(overrides, dict):
             fail(f"--model_args={opt.model_args!r}: expected a JSON object of ModelArgs fields")
+        try:
+            args = ModelArgs(**{**args.__dict__, **overrides})
         except (TypeError, ValueError) as e:
             fail(f"--model_args: {e}")
     return args
@@ -978,7 +982,10 @@ def main(argv=None) -> dict:
                  f"{device.type}")
         result = run_npu_check(model_args_for(opt), opt.batch_size, opt.seq_len, opt.rounds, device)
     else:
-        device = torch.device(opt.device or kernels.device_type())
+        try:
+            device = kernels.check_device(opt.device or kernels.device_type())
+        except ValueError as e:
+            fail(f"--device={opt.device}: {e}")
         result = (serve_bench if opt.mode == "serve" else run_bench)(opt, model_args_for(opt), device)
     print(json.dumps(result))
     if result.get("ok") is False or result.get("within_criterion") is False:

@@ -43,8 +43,8 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 import prepare
-from model import (FAMILIES, CheckpointError, ModelArgs, Transformer, family_of_hf_config, load_safetensors,
-                   read_config)
+from model import (FAMILIES, CheckpointError, ModelArgs, Transformer, check_json_fields, check_output, check_value,
+                   family_of_hf_config, load_json, load_safetensors, read_config, read_weight_map, replace_dir)
 
 BAICHUAN = ("baichuan", "baichuan2")  # W_pack, and Baichuan's own config.json
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -198,15 +198,8 @@ class WeightFiles:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if (src / index_name).exists():
                 self.where = src / index_name
-                try:
-                    index_map = json.loads(self.where.read_text())["weight_map"]
-                    assert isinstance(index_map, dict)
-                except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
-                    fail(f"{self.where}: expected a JSON object with a 'weight_map' of tensor name -> file")
+                index_map = read_weight_map(self.where)  # shards: plain file names in src, present
                 self.files = sorted(set(index_map.values()))
-                for f in self.files:
-                    if not (src / f).exists():
-                        fail(f"{src / f}: shard named in {index_name} is missing")
                 break
         else:
             single = [f for f in ("model.safetensors", "pytorch_model.bin") if (src / f).exists()]
@@ -243,17 +236,33 @@ class WeightFiles:
 
 
 def read_json(file: Path, required=True) -> dict:
-    if not file.exists():
-        if required:
-            fail(f"{file}: not found")
+    """A JSON object file, checked as model.load_json checks one; {} for an absent one that is not required."""
+    if not required and not file.exists():
         return {}
-    try:
-        d = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        fail(f"{file}: not valid JSON ({e})")
-    if not isinstance(d, dict):
-        fail(f"{file}: expected a JSON object")
-    return d
+    return load_json(file)
+
+
+# HF config.json: the fields read, their types and ranges (an absent field takes its default)
+HF_CONFIG = {
+    **{k: (int, "[1, inf)") for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                                      "intermediate_size")},
+    **{k: (Optional[int], "[1, inf)") for k in ("num_key_value_heads", "head_dim", "max_position_embeddings",
+                                                "model_max_length")},
+    "rms_norm_eps": (float, "(0, 1)"), "rope_theta": (float, "(0, inf)"), "z_loss_weight": (float, "[0, inf)"),
+    "tie_word_embeddings": bool, "attention_bias": bool, "mlp_bias": bool, "hidden_act": str,
+    "model_type": str, "architectures": list, "rope_scaling": Optional[dict], "rope_parameters": Optional[dict],
+    **{f"{k}.{f}": str for k in ("rope_scaling", "rope_parameters") for f in ("rope_type", "type")},
+    **{f"{k}.rope_theta": (float, "(0, inf)") for k in ("rope_scaling", "rope_parameters")},
+}
+
+
+def read_hf_config(src: Path) -> dict:
+    """An HF config.json, every field this file reads of the right type and in range."""
+    cfg = read_json(src / "config.json")
+    check_json_fields(cfg, HF_CONFIG, src / "config.json", CheckpointError)
+    if not all(isinstance(a, str) for a in cfg.get("architectures", [])):
+        fail(f"{src / 'config.json'}: architectures={cfg['architectures']!r}: expected a list of strings")
+    return cfg
 
 
 def detect_family(cfg: dict, where) -> str:
@@ -275,7 +284,7 @@ def hf_args(cfg: dict, family: str, where, for_training=False) -> ModelArgs:
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, ok) != ok:
             fail(f"{where}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # read_hf_config checked them
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         fail(f"{where}: rope type {rope_type!r} is not supported (only plain RoPE)")
@@ -317,6 +326,7 @@ class ShardWriter:
         self.pending, self.pending_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
 
     def add(self, name: str, tensor: torch.Tensor):
+        check_finite({name: tensor}, self.path)
         nbytes = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
@@ -347,6 +357,15 @@ class ShardWriter:
         (self.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def check_finite(tensors: dict, where):
+    """CheckpointError naming the first floating tensor holding a NaN or an infinity: no checkpoint is written from
+    weights like that (a diverged run, a damaged source), so every one written can be trained or sampled from."""
+    for name, t in tensors.items():
+        local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
+        if torch.is_tensor(local) and local.is_floating_point() and not torch.isfinite(local).all():
+            fail(f"{where}: tensor {name} holds NaN or infinite values: not writing a checkpoint of it")
+
+
 def write_checkpoint(path, state_dict, args: ModelArgs, family: str, *, max_shard_bytes=None, extra_config=None):
     """Write config.json and the weights of a checkpoint dir (tokenizer files are the caller's to copy)."""
     path = Path(path)
@@ -361,26 +380,10 @@ def write_checkpoint(path, state_dict, args: ModelArgs, family: str, *, max_shar
 
 
 
-@contextlib.contextmanager
-def staged(dst, overwrite: bool):
-    """Yield a temporary dir beside dst; on success it replaces dst, on failure it is removed."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        fail(f"{dst}: exists; pass --overwrite to replace it")
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:  # a dst under a regular file, or in a read-only place, fails here before any work
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        fail(f"--dst {dst}: cannot create it ({e.strerror}: {e.filename})")
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dst.exists():
-        shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-    tmp.rename(dst)
+def staged(dst, overwrite: bool, inputs=()):
+    """A temporary dir beside dst (model.replace_dir): it replaces dst, atomically, once the block completes, and is
+    removed on failure; a dst that is one of the inputs, holds one or lies in one is refused."""
+    return replace_dir(dst, overwrite, "--dst", inputs, CheckpointError)
 
 
 class Streamed:
@@ -404,15 +407,21 @@ def own(t: torch.Tensor, dtype) -> torch.Tensor:
     return t.to(dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
 
 
-def special_ids(*configs: dict) -> dict:
-    """bos/eos/pad ids from HF config.json / generation_config.json (the later one wins; eos may be a list)."""
+def special_ids(vocab_size: int, *files: Path) -> dict:
+    """bos/eos/pad ids from HF config.json / generation_config.json (the later one wins; eos may be a list; null or a
+    -1 is none, as some LLaMA configs write for pad), each an id of the vocabulary."""
     ids = {}
-    for cfg in configs:
+    for file in files:
+        cfg = read_json(file, required=False)
         for kind in ("bos", "eos", "pad"):
             v = cfg.get(f"{kind}_token_id")
-            v = v[0] if isinstance(v, list) and v else v
-            if isinstance(v, int) and v >= 0:
-                ids[f"{kind}_id"] = v
+            if not (all(type(i) is int for i in v) if isinstance(v, list) else v is None or type(v) is int):
+                fail(f"{file}: {kind}_token_id={v!r}: expected a token id, a list of them, or null")
+            first = v[0] if isinstance(v, list) and v else None if isinstance(v, list) else v
+            if first is not None and not -1 <= first < vocab_size:
+                fail(f"{file}: {kind}_token_id={first}: not an id of the vocabulary (vocab_size {vocab_size}) nor -1")
+            if first is not None and first >= 0:
+                ids[f"{kind}_id"] = first
     return ids
 
 
@@ -455,7 +464,7 @@ def family_template(family: str) -> str:
 def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template=None, overwrite=False,
                  max_shard_bytes=None):
     src = Path(src)
-    cfg = read_json(src / "config.json")
+    cfg = read_hf_config(src)
     family = family or detect_family(cfg, src / "config.json")
     template = check_template(template)
     args = hf_args(cfg, family, src / "config.json", for_training)
@@ -481,9 +490,9 @@ def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template
                 yield from to_native(hf_name, shard[hf_name])
             del shard  # unmap this shard before the next is mapped
 
-    with staged(dst, overwrite) as tmp:
+    with staged(dst, overwrite, (src,)) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
-        ids = special_ids(cfg, read_json(src / "generation_config.json", False))
+        ids = special_ids(args.vocab_size, src / "config.json", src / "generation_config.json")
         write_tokenizer(src, tmp, ids, template, family_template(family))
     return args, family
 
@@ -532,10 +541,9 @@ def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
             t = torch.cat([source.get(n) for n in natives]) if len(natives) > 1 else source.get(natives[0])
             yield hf_name, own(normalise_rows(t) if normalise and hf_name == "lm_head.weight" else t, dtype)
 
-    tok_cfg = read_json(src / "tokenizer_config.json", required=False)
-    ids = {k: tok_cfg[k] for k in ("bos_id", "eos_id", "pad_id") if isinstance(tok_cfg.get(k), int)}
+    ids = prepare.special_ids_of(src / "tokenizer_config.json", args.vocab_size)
     out_dtype = str(dtype or source.get("tok_embeddings.weight").dtype).removeprefix("torch.")
-    with staged(dst, overwrite) as tmp:
+    with staged(dst, overwrite, (src,)) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)  # HF's own file names and index layout
         for name, t in hf_tensors():
             writer.add(name, t)
@@ -603,9 +611,17 @@ def meta_merge(name: str, parts: list[torch.Tensor], shape: tuple) -> torch.Tens
     return torch.cat(parts, dim=dim)
 
 
+# Meta's params.json: the fields read, their types and ranges
+META_PARAMS = {"dim": (int, "[1, inf)"), "n_layers": (int, "[1, inf)"), "n_heads": (int, "[1, inf)"),
+               "n_kv_heads": (Optional[int], "[1, inf)"), "vocab_size": (Optional[int], "[-1, inf)"),
+               "multiple_of": (int, "[1, inf)"), "ffn_dim_multiplier": (Optional[float], "(0, inf)"),
+               "norm_eps": (float, "(0, 1)"), "rope_theta": (float, "(0, inf)"), "use_scaled_rope": bool}
+
+
 def meta_args(params: dict, emb_shape: tuple, n_shards: int, where, max_seq_len: int) -> ModelArgs:
     """ModelArgs from Meta's params.json; vocab_size -1 means "from the tokenizer": read off the embedding, which is
     split on dim 1 (LLaMA 1/2) or dim 0 (LLaMA 3)."""
+    check_json_fields(params, META_PARAMS, where, CheckpointError, required=("dim", "n_layers", "n_heads"))
     if params.get("use_scaled_rope"):
         fail(f"{where}: use_scaled_rope (LLaMA 3.1 rope scaling) is not supported")
     vocab = params.get("vocab_size", -1)
@@ -619,8 +635,6 @@ def meta_args(params: dict, emb_shape: tuple, n_shards: int, where, max_seq_len:
                                                     params.get("ffn_dim_multiplier")),
                          norm_eps=float(params.get("norm_eps", 1e-6)), max_seq_len=max_seq_len,
                          rope_theta=float(params.get("rope_theta", 10000.0)))
-    except KeyError as e:
-        fail(f"{where}: field {e.args[0]!r} missing")
     except (TypeError, ValueError) as e:
         fail(f"{where}: {e}")
 
@@ -666,7 +680,7 @@ def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwr
             del t  # may be a view of the mapped file: keep no reference across a remap
             yield name, out
 
-    with staged(dst, overwrite) as tmp:
+    with staged(dst, overwrite, (src,)) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, "llama", max_shard_bytes=max_shard_bytes)
         tok_dir = src if (src / "tokenizer.model").exists() else src.parent  # Meta ships it beside the model dirs
         write_tokenizer(tok_dir, tmp, {}, template, family_template("llama"))
@@ -679,10 +693,8 @@ def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwr
 
 def open_checkpoint_dir(path: Path):
     """(args, family, WeightFiles) of one of our checkpoint dirs, its tensors checked against its config.json."""
-    args, cfg = read_config(path)
+    args, cfg = read_config(path)  # checks the family too
     family = cfg.get("family", "llama")
-    if family not in FAMILIES:
-        fail(f"{path / 'config.json'}: family {family!r} is not one of {', '.join(FAMILIES)}")
     source = WeightFiles(path)
     check_shapes(source.shapes, native_shapes(args), source.where)
     return args, family, source
@@ -693,7 +705,7 @@ def open_native(path: Path):
     if "family" in read_json(path / "config.json"):
         args, family, source = open_checkpoint_dir(path)
         return args, family, source.get
-    cfg = read_json(path / "config.json")
+    cfg = read_hf_config(path)
     family = detect_family(cfg, path / "config.json")
     args = hf_args(cfg, family, path / "config.json", for_training=True)  # raw head rows: deltas are raw
     source = WeightFiles(path)
@@ -743,13 +755,12 @@ def apply_delta(base, delta, dst, dtype=None, template=None, overwrite=False, ma
                 out[: b.shape[0]] += b.float()
             yield name, out.to(dtype or d.dtype)
 
-    with staged(dst, True) as tmp:
+    with staged(dst, overwrite, (base, delta)) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
-        tok_cfg = read_json(delta / "config.json")
-        ids = special_ids(tok_cfg, read_json(delta / "generation_config.json", False))
-        if "family" in tok_cfg:  # native delta: its tokenizer_config.json holds our ids
-            ours = read_json(delta / "tokenizer_config.json", False)
-            ids = {k: ours[k] for k in ("bos_id", "eos_id", "pad_id") if isinstance(ours.get(k), int)}
+        if "family" in read_json(delta / "config.json"):  # native delta: its tokenizer_config.json holds our ids
+            ids = prepare.special_ids_of(delta / "tokenizer_config.json", args.vocab_size)
+        else:
+            ids = special_ids(args.vocab_size, delta / "config.json", delta / "generation_config.json")
         has_tokenizer = any((delta / f).exists() for f in prepare.TOKENIZER_FILES)
         write_tokenizer(delta if has_tokenizer else base, tmp, ids, template, "vicuna")
     return args, family
@@ -766,10 +777,12 @@ def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=No
     """A train.py step dir (torch.distributed.checkpoint, state dict key "model", config.json and tokenizer beside
     it) -> a checkpoint dir. Runs in one process without a process group; reads the model tensors in batches of
     about one output shard, so memory stays near one shard whatever the model size. Read through dcp_load, the
-    one safe way step dirs are read."""
+    one safe way step dirs are read, after verify_step_dir (as resume does) when it has a train_state.json."""
     step = Path(step_dir)
     if Path(dst).exists() and not overwrite:
         fail(f"{dst}: exists; pass --overwrite to replace it")
+    if (step / TRAIN_STATE).exists():  # a train.py step dir: every file as its manifest recorded it, as resume checks
+        verify_step_dir(step)
     try:
         args, cfg = read_config(step)
         metadata = SafeDcpReader(str(step)).read_metadata()
@@ -808,7 +821,7 @@ def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=No
             for n in batch:
                 yield n, cast(want.pop(stored[n][0]), dtype)
 
-    with staged(dst, True) as tmp:
+    with staged(dst, overwrite, (step,)) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes,
                          extra_config={k: v for k, v in cfg.items()  # whatever else train.py recorded
                                        if k != "family" and k not in args.__dataclass_fields__})
@@ -914,14 +927,33 @@ def peft_weights(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     fail(f"{path / PEFT_WEIGHTS[0]}: not found (nor {PEFT_WEIGHTS[1]}): the PEFT adapter has no weights")
 
 
+# adapter_config.json: the fields read to select and scale the adapters, their types and ranges
+PEFT_FIELDS = {"r": (int, "[1, inf)"), "lora_alpha": (float, "(0, inf)"), "use_rslora": Optional[bool],
+               "target_modules": str | list | None, "exclude_modules": str | list | None,
+               "layers_to_transform": int | list | None, "layers_pattern": str | list | None,
+               "rank_pattern": Optional[dict], "alpha_pattern": Optional[dict]}
+
+
 def check_peft_config(cfg: dict, where: Path):
-    """Refuse, one field at a time, what is not a plain LoRA update W + scale * B A of linear layers."""
+    """Refuse, one field at a time, what is not a plain LoRA update W + scale * B A of linear layers, and fields of
+    the wrong type: names where names go, regular expressions that compile, ranks and alphas in range."""
     if cfg.get("peft_type") != "LORA":
         fail(f"{where}: peft_type: {cfg.get('peft_type')!r} is not supported (only 'LORA')")
-    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
-        fail(f"{where}: r: expected a positive integer, got {cfg.get('r')!r}")
-    if not isinstance(cfg.get("lora_alpha"), (int, float)) or cfg["lora_alpha"] <= 0:
-        fail(f"{where}: lora_alpha: expected a positive number, got {cfg.get('lora_alpha')!r}")
+    check_json_fields(cfg, PEFT_FIELDS, where, CheckpointError, required=("r", "lora_alpha"))
+    for key, kind, interval in (("rank_pattern", int, "[1, inf)"), ("alpha_pattern", float, "(0, inf)")):
+        for pattern, value in (cfg.get(key) or {}).items():
+            regex(pattern, where, key)
+            check_json_fields({pattern: value}, {pattern: (kind, interval)}, f"{where}: {key}", CheckpointError)
+    for key in ("target_modules", "exclude_modules", "layers_pattern"):  # a string is a regex; a list, names
+        value = cfg.get(key)
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            fail(f"{where}: {key}: expected a list of module names, got {json.dumps(value)[:80]}")
+        for pattern in [value] if isinstance(value, str) else value if key == "layers_pattern" and value else []:
+            regex(pattern, where, key)  # layers_pattern's names go into a regex too
+    layers = cfg.get("layers_to_transform")
+    if isinstance(layers, list) and not all(type(i) is int and i >= 0 for i in layers) or \
+            type(layers) is int and layers < 0:
+        fail(f"{where}: layers_to_transform: expected layer numbers >= 0, got {json.dumps(layers)[:80]}")
     if cfg.get("bias", "none") != "none":
         fail(f"{where}: bias: {cfg['bias']!r} is not supported (adapters with bias terms; expected 'none')")
     for key in PEFT_UNSUPPORTED:
@@ -931,9 +963,14 @@ def check_peft_config(cfg: dict, where: Path):
     if isinstance(init, str) and init.lower().startswith(PEFT_BASE_CHANGING_INIT):
         fail(f"{where}: init_lora_weights: {init!r} changed the base weights at initialisation; save the adapter "
              f"with PEFT's path_initial_model_for_weight_conversion to get one for the original base")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
-            fail(f"{where}: {key}: expected an object of module pattern -> number")
+
+
+def regex(pattern: str, where, key: str):
+    """CheckpointError unless pattern compiles (adapter configs name modules by regular expressions)."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        fail(f"{where}: {key}: {pattern!r} is not a regular expression ({e})")
 
 
 def peft_selected(cfg: dict, modules: list[str], where: Path, family: str) -> set[str]:
@@ -1135,7 +1172,7 @@ def merge_lora(src, adapter, dst, dtype=None, overwrite=False, max_shard_bytes=N
             else:
                 yield name, own(w, dtype)
 
-    with staged(dst, True) as tmp:
+    with staged(dst, overwrite, (src, adapter)) as tmp:
         write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
         prepare.copy_tokenizer_files(src, tmp)
     return args, family
@@ -1234,6 +1271,10 @@ def write_step_dir(out_dir: Path, step: int, dcp_state: dict, rng: dict, config:
     written, not renamed) and "saved" (renamed, not pruned). A full disk or a lost mount: CheckpointError naming
     the last complete step dir."""
     final, tmp = Path(out_dir) / f"step_{step:08d}", Path(out_dir) / f".tmp_step_{step:08d}"
+    bad = [e for e in ranks.all_gather(_finite_or_why(dcp_state.get("model", {}), final)) if e]
+    if bad:  # every rank refuses together
+        last = last_good_step_dir(out_dir)
+        fail(f"{bad[0]}; " + (f"the last good checkpoint is {last}" if last else "no good checkpoint was written"))
     try:
         _write_step_files(tmp, dcp_state, rng, config, tokenizer_dir, ranks)
         if on_event:
@@ -1253,13 +1294,33 @@ def write_step_dir(out_dir: Path, step: int, dcp_state: dict, rng: dict, config:
         if isinstance(e, dcp.api.CheckpointException) and e.failures:
             e = next(iter(e.failures.values()))[0]
         shutil.rmtree(tmp, ignore_errors=True)
-        intact = step_dirs(out_dir)
+        last = last_good_step_dir(out_dir)
         raise CheckpointError(
             f"{tmp}: writing the checkpoint failed ({type(e).__name__}: {(str(e) or '?').splitlines()[0]}); "
-            + (f"the last complete checkpoint is {intact[-1]}" if intact else "no complete checkpoint was written")
+            + (f"the last good checkpoint is {last}" if last else "no good checkpoint was written")
         ) from None
     ranks.barrier()
     return final
+
+
+def _finite_or_why(model_state: dict, where) -> Optional[str]:
+    try:
+        check_finite(model_state, where)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def last_good_step_dir(out_dir) -> Optional[Path]:
+    """The newest step dir of out_dir that verifies against its manifest (its weights were finite when written: no
+    other is ever written), or None: what "the last good checkpoint" names."""
+    for step_dir in reversed(step_dirs(out_dir)):
+        try:
+            verify_step_dir(step_dir)
+            return step_dir
+        except CheckpointError:
+            continue
+    return None
 
 
 def _write_step_files(tmp: Path, dcp_state: dict, rng: dict, config: dict, tokenizer_dir, ranks: Ranks):
@@ -1290,16 +1351,31 @@ def _publish_step_dir(tmp: Path, final: Path, train_state: dict):
     fsync_dir(final.parent)
 
 
+def read_train_state(step_dir: Path) -> dict:
+    """train_state.json of a step dir: a JSON object with the step and a manifest whose every entry is a plain file
+    name of the step dir (never a path out of it) with its size and sha256. CheckpointError names what is wrong."""
+    file = Path(step_dir) / TRAIN_STATE
+    state = load_json(file)
+    check_json_fields(state, {"step": (int, "[0, inf)"), "files": dict}, file, CheckpointError, required=("step",))
+    named = STEP_DIR.match(Path(step_dir).name)
+    if named and int(named[1]) != state["step"]:
+        fail(f"{file}: step={state['step']}, but the dir is {Path(step_dir).name}")
+    for name, want in state.get("files", {}).items():
+        if name in ("", ".", "..") or name != Path(name).name or "\0" in name:
+            fail(f"{file}: files: {name!r}: expected a file name in {step_dir} (no directories)")
+        if not isinstance(want, dict):
+            fail(f"{file}: files: {name}: expected an object with size and sha256, got {json.dumps(want)[:60]}")
+        check_json_fields(want, {"size": (int, "[0, inf)"), "sha256": str}, f"{file}: files: {name}",
+                          CheckpointError, required=("size", "sha256"))
+        if not re.fullmatch(r"[0-9a-f]{64}", want["sha256"]):
+            fail(f"{file}: files: {name}: sha256={want['sha256']!r}: expected 64 hex digits")
+    return state
+
+
 def verify_step_dir(step_dir: Path, ranks: Ranks = Ranks()) -> dict:
     """train_state.json of a step dir whose files all have the size and sha256 recorded when it was written; else
     CheckpointError naming the file and what is wrong. Each rank hashes a share; every rank gets the same verdict."""
-    file = Path(step_dir) / TRAIN_STATE
-    try:
-        state = json.loads(file.read_text())
-        assert isinstance(state, dict) and isinstance(state.get("step"), int)
-        assert isinstance(state.get("files", {}), dict)
-    except (OSError, UnicodeDecodeError, ValueError, AssertionError):
-        raise CheckpointError(f"{file}: unreadable or not a train.py train_state (truncated?)") from None
+    state = read_train_state(step_dir)
     manifest = state.get("files", {})  # step dirs written before manifests have none: nothing to check against
     problems = []
     for name in sorted(manifest)[ranks.rank::ranks.world_size]:
@@ -1320,13 +1396,13 @@ def read_step_dir(step_dir: Path, dcp_state: dict, rank: int = 0, no_dist: bool 
     """Load a step dir's DCP entries into dcp_state (in place, resharded by DCP to whatever shards it holds, safely:
     dcp_load) -> (train_state, this rank's RNG state or None when the saving run had no such rank)."""
     dcp_load(dcp_state, step_dir, no_dist=no_dist)
-    rng = None
-    if rng_file(step_dir, rank).exists():
-        try:
-            rng = json.loads(rng_file(step_dir, rank).read_text())
-        except ValueError:
-            raise CheckpointError(f"{rng_file(step_dir, rank)}: not valid JSON") from None
-    return json.loads((Path(step_dir) / TRAIN_STATE).read_text()), rng
+    rng, file = None, rng_file(step_dir, rank)
+    if file.exists():  # {"torch": [state bytes], "device": [...]}: lists of bytes
+        rng = load_json(file)
+        for key in ("torch", *(["device"] if "device" in rng else [])):
+            if not (isinstance(rng.get(key), list) and all(type(b) is int and 0 <= b < 256 for b in rng[key])):
+                fail(f"{file}: {key}: expected a list of bytes (integers 0..255), got {json.dumps(rng.get(key))[:60]}")
+    return read_train_state(step_dir), rng
 
 
 class SafeDcpReader(dcp.FileSystemReader):
@@ -1376,9 +1452,10 @@ def dcp_load(state: dict, step_dir: Path, no_dist: bool = True):
 
 def parse_size(s: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", s.upper())
-    if not m:
-        fail(f"--max_shard_size={s}: expected a size such as 500MB or 2GB")
-    return int(float(m[1]) * 1024 ** " KMGT".index(m[2] or " "))
+    n = int(float(m[1]) * 1024 ** " KMGT".index(m[2] or " ")) if m else 0
+    if n < 1:
+        fail(f"--max_shard_size={s}: expected a size of at least one byte, such as 500MB or 2GB")
+    return n
 
 
 def main(argv=None):
@@ -1416,9 +1493,17 @@ def main(argv=None):
 
     try:
         kw = dict(dtype=DTYPES.get(a.dtype), overwrite=a.overwrite, max_shard_bytes=parse_size(a.max_shard_size))
+        inputs = [getattr(a, flag) for flag in ("src", "delta", "adapter") if getattr(a, flag, None)]
         for flag in ("src", "delta", "adapter"):
             if getattr(a, flag, None) and not Path(getattr(a, flag)).is_dir():
                 fail(f"--{flag}={getattr(a, flag)}: not a directory")
+        check_output(a.dst, inputs, "--dst", CheckpointError)  # before any reading: never the input, nor in it
+        if a.command == "meta-to-native":
+            field = ModelArgs.__dataclass_fields__["max_seq_len"]  # the range ModelArgs declares for it
+            try:
+                check_value("max_seq_len", a.max_seq_len, int, field.metadata["range"])
+            except ValueError as e:
+                fail(f"--{e}")
         if a.command == "hf-to-native":
             args, family = hf_to_native(a.src, a.dst, a.family, for_training=a.for_training, template=a.template,
                                         **kw)

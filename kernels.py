@@ -69,6 +69,52 @@ def dist_backend(device: str | None = None) -> str:
     return {"npu": "hccl", "cuda": "nccl"}.get(device or device_type(), "gloo")
 
 
+def devices() -> list[str]:
+    """The devices this process can use, as --device takes them: cpu, cuda:0 ..., npu:0 ..., mps."""
+    have = ["cpu"]
+    if _npu_available():
+        have += [f"npu:{i}" for i in range(torch.npu.device_count())]
+    if torch.cuda.is_available():
+        have += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        have.append("mps")
+    return have
+
+
+def check_device(spec: str) -> torch.device:
+    """torch.device(spec) when this machine has that device; else ValueError saying which devices it has."""
+    have = devices()
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"{spec!r} is not a device name; this machine has {', '.join(have)}") from None
+    known = str(device) in have or (device.type == "cpu" and not device.index)
+    if not known and not (device.index is None and any(h.split(":")[0] == device.type for h in have)):
+        raise ValueError(f"{spec!r}: this machine has no such device; it has {', '.join(have)}")
+    return device
+
+
+def available_memory(device) -> int | None:
+    """Bytes a new allocation on device can still get, or None where this process cannot tell: an accelerator's
+    free memory; on a CPU what Linux calls available (MemAvailable + SwapFree), within this cgroup's limit."""
+    device = torch.device(device)
+    if device.type in ("cuda", "npu"):
+        return getattr(torch, device.type).mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        free = (int(info["MemAvailable"].split()[0]) + int(info["SwapFree"].split()[0])) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:  # cgroup v2: a container's own limit
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+        return min(free, int(limit) - used) if limit.isdigit() else free
+    except (OSError, ValueError):
+        return free
+
+
 _force_npu = None  # True: every op takes the torch_npu path; False: every op the portable path; None: by device
 
 

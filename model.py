@@ -11,9 +11,18 @@ dir (config.json + safetensors, memory-mapped); convert.py writes them and owns 
     logits, loss = model(idx, targets)
 """
 
+import contextlib
+import ctypes
+import functools
 import json
 import math
-from dataclasses import dataclass, fields
+import os
+import re
+import reprlib
+import shutil
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -24,34 +33,125 @@ import torch.nn.functional as F
 import kernels
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# declared ranges: a config field or a flag states the values it takes beside its default; check_value is the one
+# check of type and range, so every script says a value is out of range in the same words
+
+
+def ranged(default, interval: str):
+    """A dataclass field whose value must lie in `interval`, written as in mathematics: "[0, 1)", "(0, inf)",
+    "[0, 2**63)". NaN lies in no interval, and infinity only in one closed at inf. check_fields tests them all."""
+    return field(default=default, metadata={"range": interval})
+
+
+@functools.cache
+def _interval(text: str) -> tuple:
+    m = re.fullmatch(r"([\[(])\s*([^,]+?)\s*,\s*([^,]+?)\s*([\])])", text.strip())
+    power = [re.fullmatch(r"(-?\d+)\*\*(\d+)", b) for b in (m[2], m[3])]
+    lo, hi = (int(p[1]) ** int(p[2]) if p else int(b) if re.fullmatch(r"-?\d+", b) else float(b)
+              for p, b in zip(power, (m[2], m[3])))
+    return m[1] == "(", lo, hi, m[4] == ")"
+
+
+def _kinds(kind) -> tuple:
+    """The types an annotation allows: int -> (int,), Optional[int] and int | None -> (int, NoneType)."""
+    return typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+
+
+def _kind_ok(kind, value) -> bool:
+    for k in _kinds(kind):
+        if k is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:  # a bool is no integer here, though Python says it is one
+            ok = isinstance(value, k) and (k is bool or not isinstance(value, bool))
+        if ok:
+            return True
+    return False
+
+
+KIND_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", list: "a list",
+              dict: "an object"}
+
+
+def expected(kind, interval: Optional[str] = None) -> str:
+    """What a value of this kind and range is, in words: 'an integer >= 1', 'a finite number in [0, 1)'."""
+    kinds = _kinds(kind)
+    words = " or ".join(KIND_WORDS.get(k, k.__name__) for k in kinds if k is not type(None))
+    if interval:
+        lo_open, lo, hi, hi_open = _interval(interval)
+        words += (f" {'>' if lo_open else '>='} {lo}" if hi == math.inf and hi_open else f" in {interval}")
+    return words + (" or None" if type(None) in kinds else "")
+
+
+def check_value(name: str, value, kind, interval: Optional[str] = None):
+    """ValueError "name=value: expected ..." unless value is of kind (int, float, bool, str, Optional[...]) and lies
+    in interval (None: any). The one check behind every config field and flag with a declared range."""
+    ok = _kind_ok(kind, value)
+    if ok and interval is not None and value is not None and not isinstance(value, (bool, str)):
+        lo_open, lo, hi, hi_open = _interval(interval)
+        ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise ValueError(f"{name}={reprlib.repr(value)}: expected {expected(kind, interval)}")
+
+
+def check_fields(obj, prefix: str = ""):
+    """check_value on every field of a dataclass instance, with the range its field declares (see ranged)."""
+    for f in fields(obj):
+        check_value(prefix + f.name, getattr(obj, f.name), f.type, f.metadata.get("range"))
+
+
+def check_json_fields(d: dict, table: dict, where, error=ValueError, required=()):
+    """check_value on the fields of a JSON object read from a file: table = {key: kind or (kind, interval)}, a dotted
+    key reaching into an object ("loss_scaler.scale"); a key absent from d is fine unless it is in required. The
+    error names where (the file) and the field."""
+    for key, spec in table.items():
+        kind, interval = spec if isinstance(spec, tuple) else (spec, None)
+        *parents, name = key.split(".")
+        obj = d
+        for i, part in enumerate(parents):
+            obj = obj.get(part)
+            if obj is None:  # absent (or null): so is the field
+                break
+            if not isinstance(obj, dict):
+                raise error(f"{where}: {'.'.join(parents[:i + 1])}: expected an object, got {json_type(obj)}")
+        if obj is None or name not in obj:
+            if key in required:
+                raise error(f"{where}: missing field {key!r}")
+            continue
+        try:
+            check_value(key, obj[name], kind, interval)
+        except ValueError as e:
+            raise error(f"{where}: {e}") from None
+
+
+# Sizes have upper bounds far past any published model: a garbled size is refused here, before it overflows a
+# tensor's size or loops building layers; whether a model fits a device is checked before allocating it.
 @dataclass
 class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: Optional[int] = None  # None: multi-head attention; fewer than n_heads: grouped-query attention
-    vocab_size: int = 32000
-    hidden_dim: int = 11008  # SwiGLU inner width
-    norm_eps: float = 1e-6
-    max_seq_len: int = 2048
-    rope_theta: float = 10000.0
+    dim: int = ranged(4096, "[1, 2**20]")
+    n_layers: int = ranged(32, "[1, 2**16]")
+    n_heads: int = ranged(32, "[1, 2**16]")
+    n_kv_heads: Optional[int] = ranged(None, "[1, 2**16]")  # None: multi-head attention; fewer: grouped-query
+    vocab_size: int = ranged(32000, "[1, 2**31)")
+    hidden_dim: int = ranged(11008, "[1, 2**22]")  # SwiGLU inner width
+    norm_eps: float = ranged(1e-6, "(0, 1)")
+    max_seq_len: int = ranged(2048, "[1, 2**24]")
+    rope_theta: float = ranged(10000.0, "(0, inf)")
     pos_emb: str = "rope"  # 'rope' | 'alibi'
     tie_embeddings: bool = False
     norm_head: bool = False  # Baichuan2: output rows L2-normalised in every forward
-    z_loss: float = 0.0  # Baichuan2's max-z loss weight
-    init_std: float = 0.02  # weights from scratch: Normal(0, init_std) (HF's initializer_range)
+    z_loss: float = ranged(0.0, "[0, inf)")  # Baichuan2's max-z loss weight
+    init_std: float = ranged(0.02, "[0, inf)")  # weights from scratch: Normal(0, init_std) (HF's initializer_range)
     init_scaled_residual: bool = True  # wo, w2 at init_std / sqrt(2 n_layers) as GPT-2; False: init_std (FlagAI)
 
     def __post_init__(self):
         def bad(field, why):
             raise ValueError(f"ModelArgs.{field}={getattr(self, field)!r}: {why}")
 
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim", "max_seq_len"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                bad(name, "expected a positive integer")
+        check_fields(self, "ModelArgs.")
         if self.dim % self.n_heads:
             bad("dim", f"must be divisible by n_heads={self.n_heads}")
-        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
             bad("n_kv_heads", f"must be a positive divisor of n_heads={self.n_heads}")
         if self.pos_emb not in ("rope", "alibi"):
             bad("pos_emb", "expected 'rope' or 'alibi'")
@@ -643,28 +743,164 @@ class CheckpointError(ValueError):
     """A checkpoint dir that is missing, truncated or does not match its config; the message names file and tensor."""
 
 
-def read_config(path) -> tuple[ModelArgs, dict]:
-    file = Path(path) / "config.json"
+MAX_JSON_DEPTH = 100  # deeper than any config, manifest or record of ours or Hugging Face's: refused, not recursed
+
+
+def _json_depth(value) -> int:
+    """How deeply the lists and objects of a parsed JSON value nest (a walk, not a recursion)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, depth)
+            todo.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} does not fit a float")
+    return value
+
+
+def _unique_keys(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        raise ValueError(f"key {next(k for k, _ in pairs if k in seen or seen.add(k))!r} appears twice in an object")
+    return d
+
+
+def parse_json(data, where, error=ValueError, unique_keys: bool = True, allow_nan: bool = False):
+    """Untrusted JSON (text or bytes) -> Python objects, or error(f"{where}: ...") in one line for bytes that are not
+    UTF-8, malformed JSON, nesting deeper than MAX_JSON_DEPTH (never a RecursionError), NaN, Infinity or numbers that
+    do not fit (allow_nan: Python's NaN and Infinity, as in a metrics log), and (unique_keys) a key twice in an
+    object."""
     try:
-        config = json.loads(file.read_text())
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as e:
+        raise error(f"{where}: not valid JSON: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        value = json.loads(text, parse_constant=None if allow_nan else _no_constant,
+                           parse_float=None if allow_nan else _finite,
+                           object_pairs_hook=_unique_keys if unique_keys else None)
+    except RecursionError:  # json's scanner counts its depth against Python's recursion limit
+        raise error(f"{where}: JSON nested deeper than the {MAX_JSON_DEPTH} levels allowed") from None
+    except ValueError as e:  # JSONDecodeError, and int() refusing a number of more than 4300 digits
+        raise error(f"{where}: not valid JSON ({str(e).splitlines()[0]})") from None
+    # fewer brackets than the limit cannot nest deeper than it: the common case costs two counts
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _json_depth(value) > MAX_JSON_DEPTH:
+        raise error(f"{where}: JSON nested {_json_depth(value)} levels deep, more than the {MAX_JSON_DEPTH} allowed")
+    return value
+
+
+def load_json(file, error=CheckpointError) -> dict:
+    """A JSON file that must hold an object (config.json, an index, a manifest): parse_json's checks, and a missing or
+    unreadable file, each as error naming the file."""
+    try:
+        data = Path(file).read_bytes()
     except FileNotFoundError:
-        raise CheckpointError(f"{file}: not found (is {path} a checkpoint dir?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file}: expected a JSON object")
+        raise error(f"{file}: not found") from None
+    except OSError as e:
+        raise error(f"{file}: cannot read it ({e.strerror})") from None
+    obj = parse_json(data, file, error)
+    if not isinstance(obj, dict):
+        raise error(f"{file}: expected a JSON object, got {json_type(obj)}")
+    return obj
+
+
+def json_type(value) -> str:
+    """A JSON value's type as the file spells it, for messages."""
+    return {bool: "a bool", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def read_config(path) -> tuple[ModelArgs, dict]:
+    """(ModelArgs, the whole config.json) of a checkpoint dir: every field's type and declared range checked, and the
+    family one of FAMILIES."""
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise CheckpointError(f"{file}: not found (is {path} a checkpoint dir?)")
+    config = load_json(file)
+    family = config.get("family", "llama")
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise CheckpointError(f"{file}: family={family!r}: expected one of {', '.join(FAMILIES)}")
     try:
         return ModelArgs.from_dict(config), config
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: {e}") from None
 
 
+# safetensors: an 8-byte little-endian header length, the JSON header {name: {"dtype", "shape", "data_offsets"}},
+# then the tensors' bytes; data_offsets are relative to the end of the header
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                      "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+
+
+def read_safetensors_header(file) -> dict[str, tuple]:
+    """{name: (dtype, shape, (start, end))} of a .safetensors file, checked before the library maps it: a JSON object
+    of known dtypes, shapes of non-negative integers, byte ranges whose size matches the shape, inside the file,
+    overlapping no other tensor and together covering every data byte. CheckpointError names file and tensor."""
+    def bad(why):
+        raise CheckpointError(f"{file}: truncated or corrupted safetensors file: {why}")
+
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else None
+            if n is None or not 2 <= n <= min(size - 8, MAX_SAFETENSORS_HEADER):
+                bad(f"{size} bytes, the header length field says {n if n is not None else 'nothing'}")
+            header = parse_json(f.read(n), f"{file}: header", CheckpointError)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read it ({e.strerror})") from None
+    if not isinstance(header, dict):
+        bad(f"header: expected a JSON object, got {json_type(header)}")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        bad("header: __metadata__: expected an object of strings")
+    data_bytes, out = size - 8 - n, {}
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            bad(f"tensor {name!r}: expected an object with dtype, shape and data_offsets, got {json.dumps(entry)[:80]}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            bad(f"tensor {name!r}: dtype {dtype!r}: expected one of {', '.join(SAFETENSORS_DTYPES)}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            bad(f"tensor {name!r}: shape {json.dumps(shape)[:80]}: expected a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            bad(f"tensor {name!r}: data_offsets {json.dumps(offsets)[:80]}: expected [start, end], 0 <= start <= end")
+        if offsets[1] > data_bytes:
+            bad(f"tensor {name!r}: data_offsets {offsets} run past the end of the file ({data_bytes} data bytes: "
+                "truncated?)")
+        if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[dtype]:
+            bad(f"tensor {name!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, shape {shape} of "
+                f"{dtype} needs {math.prod(shape) * SAFETENSORS_DTYPES[dtype]}")
+        out[name] = (dtype, tuple(shape), tuple(offsets))
+    end, last = 0, None
+    for name, (_, _, (start, stop)) in sorted(out.items(), key=lambda kv: kv[1][2]):
+        if start < end:
+            bad(f"tensor {name!r}: bytes {start}..{stop} overlap tensor {last!r} (two tensors in the same bytes)")
+        if start > end:
+            bad(f"bytes {end}..{start} of the data belong to no tensor")
+        end, last = stop, name
+    if end != data_bytes:
+        bad(f"{data_bytes - end} bytes after the last tensor belong to no tensor")
+    return out
+
+
 def load_safetensors(file) -> dict[str, torch.Tensor]:
-    """Tensors of one .safetensors file, memory-mapped by the safetensors library (which checks the header: dtypes,
-    shapes, offsets inside the file, no overlaps): nothing is read until a tensor is used, and writes to a tensor
-    never reach the file."""
+    """Tensors of one .safetensors file, its header checked (read_safetensors_header), then memory-mapped by the
+    safetensors library: nothing is read until a tensor is used, and writes to a tensor never reach the file."""
     from safetensors import SafetensorError, safe_open
 
+    read_safetensors_header(file)
     try:
         with safe_open(str(file), framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
@@ -672,24 +908,128 @@ def load_safetensors(file) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: truncated or corrupted safetensors file ({e})") from None
 
 
+def read_weight_map(index) -> dict[str, str]:
+    """{tensor: shard file} of an HF index (model.safetensors.index.json, pytorch_model.bin.index.json), each shard a
+    plain file name in the index's own dir: never a path out of it. CheckpointError names the index and the entry."""
+    index = Path(index)
+    weight_map = load_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: weight_map: expected an object of tensor name -> shard file, got "
+                              f"{json_type(weight_map)}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or shard in ("", ".", "..") or shard != Path(shard).name or "\0" in shard \
+                or "\\" in shard:
+            raise CheckpointError(f"{index}: weight_map: tensor {name!r} -> {shard!r}: expected a file name in "
+                                  f"{index.parent} (no directories)")
+        if not (index.parent / shard).is_file():
+            raise CheckpointError(f"{index.parent / shard}: shard named in {index.name} is missing")
+    return weight_map
+
+
 def load_tensors(path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint dir, memory-mapped: model.safetensors, or the shards its index names."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map'") from None
-        tensors = {}
+        weight_map = read_weight_map(index)
+        tensors, file_of = {}, {}
         for shard in sorted(set(weight_map.values())):
-            if not (path / shard).exists():
-                raise CheckpointError(f"{path / shard}: shard named in {index.name} is missing")
-            tensors.update(load_safetensors(path / shard))
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
-            raise CheckpointError(f"{index}: tensor {missing[0]} is not in the shard the index names")
+            for name, t in load_safetensors(path / shard).items():
+                if name in tensors:
+                    raise CheckpointError(f"{path / shard}: tensor {name} is also in {file_of[name]}")
+                tensors[name], file_of[name] = t, shard
+        wrong = sorted(name for name, shard in weight_map.items() if file_of.get(name) != shard)
+        if wrong:
+            raise CheckpointError(f"{index}: tensor {wrong[0]} is not in the shard the index names")
         return tensors
     if not (path / "model.safetensors").exists():
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     return load_safetensors(path / "model.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# output dirs (checkpoint dirs, data dirs): never an input, and replaced whole or not at all
+
+
+def check_output(dst, inputs=(), flag="--out", error=ValueError) -> Path:
+    """dst as an output dir, or error naming the flag: refused when it is the current dir or holds it, an existing
+    file, one of inputs, or holds one of them or lies inside one (whatever --overwrite says)."""
+    dst = Path(dst)
+    target, here = dst.resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise error(f"{flag} {dst}: the current directory or one holding it; name a directory of its own")
+    if dst.exists() and not dst.is_dir():
+        raise error(f"{flag} {dst}: an existing file, not a directory: nothing is replaced")
+    for source in inputs:
+        resolved = Path(source).resolve()
+        if target == resolved or target in resolved.parents or resolved in target.parents:
+            how = "is" if target == resolved else "holds" if target in resolved.parents else "lies inside"
+            raise error(f"{flag} {dst} {how} the input {source}: the output would replace or mix with it")
+    return dst
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        pass
+    return True
+
+
+def remove_stale(dst: Path):
+    """What a killed run left beside dst: its temporary dir (removed), and the old dst it had renamed aside (put back
+    where dst is missing, else removed). Dirs of processes still running are theirs."""
+    prefixes = (f".{dst.name}.tmp-", f".{dst.name}.old-", f"{dst.name}.tmp-")  # the last: older versions' name
+    for p in sorted(dst.parent.iterdir()) if dst.parent.is_dir() else []:
+        pid = next((p.name[len(x):] for x in prefixes if p.name.startswith(x)), "")
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        if ".old-" in p.name and not dst.exists():
+            p.rename(dst)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
+
+
+@contextlib.contextmanager
+def replace_dir(dst, overwrite: bool, flag="--out", inputs=(), error=ValueError):
+    """Yield a new temporary dir beside dst to write the output into; when the block completes it becomes dst.
+    A kill at any point leaves dst old or new, whole: the new dir is complete before it is swapped in atomically
+    (renameat2), or, where the system cannot swap, the old dst is renamed aside, the new renamed in, the old removed,
+    and the next run puts an old dst left aside back. check_output's refusals come first; leftovers of killed runs
+    (remove_stale) go at the start."""
+    dst = check_output(dst, inputs, flag, error)
+    remove_stale(dst)
+    if dst.exists() and not overwrite:
+        raise error(f"{flag} {dst}: exists; pass --overwrite to replace it")
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    try:  # under a regular file, or in a read-only place: this fails before any work
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise error(f"{flag} {dst}: cannot create it ({e.strerror}: {e.filename})") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives a failure or Ctrl-C
+        raise
+    if not dst.exists():
+        tmp.rename(dst)
+    elif _exchange(tmp, dst):
+        shutil.rmtree(tmp)  # now the old one
+    else:
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old)

@@ -22,7 +22,6 @@ import glob
 import io
 import itertools
 import json
-import os
 import re
 import shutil
 import struct
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+from model import check_json_fields, check_value, json_type, load_json, parse_json, replace_dir
 
 # -----------------------------------------------------------------------------
 # Tokenizers: sentencepiece (.model) and HF tokenizers (tokenizer.json) behind one small interface
@@ -276,15 +277,8 @@ def load_tokenizer(path):
             raise SystemExit(f"prepare.py: {path}: expected a directory holding tokenizer.model or tokenizer.json")
     if not path.is_file():
         raise SystemExit(f"prepare.py: {path}: tokenizer file not found")
-    config = {}
     config_path = path.parent / "tokenizer_config.json"
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SystemExit(f"prepare.py: {config_path}: not valid JSON ({e})")
-        if not isinstance(config, dict):
-            raise SystemExit(f"prepare.py: {config_path}: expected a JSON object")
+    config = read_tokenizer_config(config_path) if config_path.is_file() else {}
     template, template_file = None, path.parent / "chat_template.jinja"
     if template_file.is_file():
         try:
@@ -292,11 +286,56 @@ def load_tokenizer(path):
         except UnicodeDecodeError as e:
             raise SystemExit(f"prepare.py: {template_file}: not UTF-8 text ({e})")
     try:
-        return Tokenizer(path, config, template, template_file if template else config_path)
+        tok = Tokenizer(path, config, template, template_file if template else config_path)
     except SystemExit:
         raise
     except Exception as e:  # sentencepiece / tokenizers raise RuntimeError or OSError on corrupt files
         raise SystemExit(f"prepare.py: {path}: cannot load tokenizer ({type(e).__name__}: {e})")
+    special_ids_of(config_path, tok.vocab_size, config)  # the ids it states are ids of this vocabulary
+    return tok
+
+
+# tokenizer_config.json, ours and HF's: what is read of it, and its types (special tokens by id or by string)
+TOKENIZER_CONFIG = {**{f"{k}_id": Optional[int] for k in ("bos", "eos", "pad")},
+                    **{f"{k}_token": str | dict | None for k in ("bos", "eos", "pad")},
+                    **{k: Optional[bool] for k in ("add_bos_token", "add_eos_token", "legacy", "add_prefix_space")},
+                    "chat_template": str | list | None, "added_tokens_decoder": Optional[dict]}
+
+
+def _config_error(msg):
+    """prepare.py's one-line exit, for model.py's checks."""
+    return SystemExit(f"prepare.py: {msg}")
+
+
+def read_tokenizer_config(file: Path) -> dict:
+    """tokenizer_config.json, each field read of its type: special tokens as {"content": str} or strings, HF's named
+    chat templates as [{"name", "template"}], added tokens as {"id": {"content": str}}."""
+    config = load_json(file, _config_error)
+    check_json_fields(config, TOKENIZER_CONFIG, file, _config_error)
+    for kind in ("bos", "eos", "pad"):
+        token = config.get(f"{kind}_token")
+        if isinstance(token, dict) and not isinstance(token.get("content"), str):
+            raise _config_error(f"{file}: {kind}_token: expected a string or an object with a string 'content'")
+    templates = config.get("chat_template")
+    if isinstance(templates, list) and not all(isinstance(t, dict) and isinstance(t.get("name"), str) and
+                                               isinstance(t.get("template"), str) for t in templates):
+        raise _config_error(f"{file}: chat_template: expected a string, or a list of {{name, template}} strings")
+    for i, t in (config.get("added_tokens_decoder") or {}).items():
+        if not (i.isdigit() and isinstance(t, dict) and isinstance(t.get("content"), str)):
+            raise _config_error(f"{file}: added_tokens_decoder: {i!r}: expected a token id -> {{\"content\": string}}")
+    return config
+
+
+def special_ids_of(file: Path, vocab_size: int, config: Optional[dict] = None) -> dict:
+    """{"bos_id", "eos_id", "pad_id"} stated by our tokenizer_config.json (absent or null: none), each an id below
+    vocab_size; {} when there is no such file."""
+    if config is None:
+        config = read_tokenizer_config(file) if Path(file).is_file() else {}
+    ids = {k: config[k] for k in ("bos_id", "eos_id", "pad_id") if config.get(k) is not None}
+    for k, v in ids.items():
+        if not 0 <= v < vocab_size:
+            raise _config_error(f"{file}: {k}={v}: not an id of the vocabulary (vocab_size {vocab_size})")
+    return ids
 
 
 def train_sentencepiece(texts, out_dir, vocab_size=8192, seed=1337):
@@ -834,10 +873,7 @@ def read_records(path):
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     if head.startswith(b"["):  # one JSON list: has to be parsed whole
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: not valid JSON ({e})")
+        records = parse_json(path.read_bytes(), path, DataError, unique_keys=False)
         per_rec = path.stat().st_size // max(len(records), 1)
         for i, rec in enumerate(records, 1):
             yield f"item {i}", rec, per_rec
@@ -847,20 +883,32 @@ def read_records(path):
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                rec = DataError(f"{path}: line {n}: malformed JSON ({getattr(e, 'msg', e)})")
+                rec = parse_json(raw, f"{path}: line {n}", DataError, unique_keys=False)
+            except DataError as e:
+                rec = e
             yield f"line {n}", rec, len(raw)
 
 
 def _field(rec, name, where, kinds=str, hint=""):
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {json_type(rec)}")
     if name not in rec:
         raise DataError(f"{where}: missing field {name!r}{hint}")
     if not isinstance(rec[name], kinds):
-        raise DataError(f"{where}: field {name!r} has type {type(rec[name]).__name__}")
-    return rec[name]
+        raise DataError(f"{where}: field {name!r} is {json_type(rec[name])}, expected "
+                        f"{'a string' if kinds is str else 'an object'}")
+    return _unicode(rec[name], f"{where}: field {name!r}") if kinds is str else rec[name]
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode(text, where):
+    """text, unless JSON's \\uXXXX escapes left half a surrogate pair in it: no UTF-8 (nor tokenizer) takes that."""
+    m = SURROGATE.search(text)
+    if m:
+        raise DataError(f"{where}: character {m.start()} is an unpaired surrogate {m.group()!a}: not Unicode text")
+    return text
 
 
 def conversation_messages(turns, where):
@@ -875,8 +923,8 @@ def conversation_messages(turns, where):
             raise DataError(f"{where}: conversations[{i}]: unknown role {role!r} "
                             f"(expected human/user or gpt/assistant)")
         if not isinstance(content, str):
-            raise DataError(f"{where}: conversations[{i}]: expected a string 'value'")
-        messages.append({"role": normalize_role(role), "content": content})
+            raise DataError(f"{where}: conversations[{i}]: expected a string 'value', got {json_type(content)}")
+        messages.append({"role": normalize_role(role), "content": _unicode(content, f"{where}: conversations[{i}]")})
     return messages
 
 
@@ -886,10 +934,11 @@ BELLE_TURN = re.compile(r"(?:^|\n)(Human|Assistant):\s?")
 def instruction_messages(rec, fmt, where):
     """One record of an instruction format -> (messages, system)."""
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-    system = rec.get("system") if isinstance(rec.get("system"), str) else None
+        raise DataError(f"{where}: expected a JSON object, got {json_type(rec)}")
+    system = _unicode(rec["system"], f"{where}: field 'system'") if isinstance(rec.get("system"), str) else None
     if fmt == "moss":
-        system = rec.get("meta_instruction").strip() if isinstance(rec.get("meta_instruction"), str) else None
+        system = (_unicode(rec["meta_instruction"].strip(), f"{where}: field 'meta_instruction'")
+                  if isinstance(rec.get("meta_instruction"), str) else None)
         chat = _field(rec, "chat", where, dict, " (moss-003-sft: {chat: {turn_1: {Human, MOSS}}})")
         messages = []
         for key in sorted(chat, key=lambda k: int(k.split("_")[-1]) if k.split("_")[-1].isdigit() else 0):
@@ -905,7 +954,7 @@ def instruction_messages(rec, fmt, where):
     if "conversations" in rec or (fmt in ("sharegpt", "conversation") and "messages" in rec):
         turns = rec.get("conversations", rec.get("messages"))
         if not isinstance(turns, list):
-            raise DataError(f"{where}: field 'conversations' has type {type(turns).__name__}, expected a list")
+            raise DataError(f"{where}: field 'conversations' is {json_type(turns)}, expected a list")
         return conversation_messages(turns, where), system
     if fmt in ("sharegpt", "conversation"):
         raise DataError(f"{where}: missing field 'conversations' (a list of {{from, value}})")
@@ -913,7 +962,8 @@ def instruction_messages(rec, fmt, where):
     output = _field(rec, "output", where)
     inp = rec.get("input") or ""
     if not isinstance(inp, str):
-        raise DataError(f"{where}: field 'input' has type {type(inp).__name__}")
+        raise DataError(f"{where}: field 'input' is {json_type(inp)}, expected a string")
+    _unicode(inp, f"{where}: field 'input'")
     if fmt == "belle" and instruction.lstrip().startswith("Human:"):
         # BELLE multiturn_chat: "Human: ...\nAssistant: ...\nHuman: ...\nAssistant:" with the last reply in output
         parts = BELLE_TURN.split(instruction.strip())[1:]
@@ -1070,16 +1120,28 @@ def read_megatron(path):
     dtype, sizes, pointers, document_index = read_megatron_index(idx_path)
     if dtype.kind not in "ui":
         raise DataError(f"{idx_path}: dtype {dtype.name} is not a token id type")
-    tokens = np.memmap(bin_path, dtype=np.uint8, mode="r") if bin_path.stat().st_size else np.zeros(0, np.uint8)
-    if len(sizes) and (pointers.min() < 0 or (pointers + sizes.astype(np.int64) * dtype.itemsize).max() > len(tokens)):
+    size = bin_path.stat().st_size
+    if size % dtype.itemsize:
+        raise DataError(f"{bin_path}: {size} bytes, not a whole number of {dtype.name} tokens")
+    tokens = np.memmap(bin_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    if len(sizes) and sizes.min() < 0:
+        raise DataError(f"{idx_path}: sequence {int(np.argmax(sizes < 0))} has a negative size {sizes.min()}")
+    if len(sizes) and (pointers.min() < 0 or np.any(pointers % dtype.itemsize)):
+        raise DataError(f"{idx_path}: sequence pointers must be non-negative multiples of {dtype.name}'s "
+                        f"{dtype.itemsize} bytes")
+    if len(sizes) and (pointers.max() > len(tokens) or
+                       (pointers + sizes.astype(np.int64) * dtype.itemsize).max() > len(tokens)):
         raise DataError(f"{idx_path}: sequence pointers run past the end of {bin_path} ({len(tokens)} bytes)")
     if len(document_index) == 0 or document_index[0] != 0 or document_index[-1] != len(sizes) or \
             np.any(np.diff(document_index) < 0):
         raise DataError(f"{idx_path}: document index must rise from 0 to the sequence count {len(sizes)}")
     for d in range(len(document_index) - 1):
         seqs = range(document_index[d], document_index[d + 1])
-        yield np.concatenate([np.frombuffer(tokens, dtype, sizes[s], pointers[s]) for s in seqs] or
+        doc = np.concatenate([np.frombuffer(tokens, dtype, sizes[s], pointers[s]) for s in seqs] or
                              [np.zeros(0, dtype)])
+        if dtype.kind == "i" and doc.size and doc.min() < 0:
+            raise DataError(f"{bin_path}: document {d} holds a negative token id {doc.min()}")
+        yield doc
 
 
 # -----------------------------------------------------------------------------
@@ -1310,24 +1372,23 @@ def move_last_to_val(out_dir, writers, dtype):
 # Reading a data dir back (train.py's input): meta.json checked, each split's tokens memmapped and cut into windows
 
 
+META_FIELDS = {"dtype": str, "vocab_size": (int, "[1, 2**32]"), "packed": bool, "seq_len": (int, "[0, inf)")}
+
+
 def read_meta(data_dir) -> dict:
+    """meta.json of a data dir, the fields train.py reads of their types and in range."""
     path = Path(data_dir)
     if not path.is_dir():
         raise DataError(f"data_dir={data_dir}: not found (run `python prepare.py` first, or set --data_dir)")
     file = path / "meta.json"
-    try:
-        meta = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{file}: not found (is {data_dir} a prepare.py output dir?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{file}: expected a JSON object")
-    for key, kind in (("dtype", str), ("vocab_size", int)):
-        if not isinstance(meta.get(key), kind):
-            raise DataError(f"{file}: expected field {key!r} of type {kind.__name__}, got {meta.get(key)!r}")
+    if not file.exists():
+        raise DataError(f"{file}: not found (is {data_dir} a prepare.py output dir?)")
+    meta = load_json(file, DataError)
+    check_json_fields(meta, META_FIELDS, file, DataError, required=("dtype", "vocab_size"))
     if meta["dtype"] not in ("uint16", "uint32"):
         raise DataError(f"{file}: dtype={meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    if meta.get("packed") and not meta.get("seq_len"):
+        raise DataError(f"{file}: packed data needs its row length, seq_len >= 1 (got {meta.get('seq_len')!r})")
     return meta
 
 
@@ -1363,9 +1424,12 @@ class TokenSplit:
             if meta.get("seq_len") != seq_len:
                 raise DataError(f"{Path(data_dir) / 'meta.json'}: the data is packed in rows of {meta.get('seq_len')} "
                                 f"tokens; train with --seq_len={meta.get('seq_len')}")
+            if len(self.tokens) % seq_len:
+                raise DataError(f"{file}: {len(self.tokens)} tokens are not whole rows of seq_len={seq_len} "
+                                "(meta.json says packed)")
             docs_file = Path(data_dir) / f"{split}.docs.bin"
-            if docs_file.exists():  # int64 start offset of every document, then the total
-                self.doc_starts = np.fromfile(docs_file, dtype=np.int64)[:-1]
+            if docs_file.exists():
+                self.doc_starts = read_doc_starts(docs_file, len(self.tokens))
         self.seq_len, self.file = seq_len, file
         if len(self.tokens) < seq_len + (0 if self.packed else 1):
             raise DataError(f"{file}: {len(self.tokens)} tokens, fewer than one window of seq_len + 1 = "
@@ -1405,6 +1469,19 @@ class TokenSplit:
         return x, y, mask, doc_ids
 
 
+def read_doc_starts(docs_file: Path, n_tokens: int) -> np.ndarray:
+    """{split}.docs.bin: int64 start offsets of the documents, then the total, rising from 0 to n_tokens."""
+    if docs_file.stat().st_size % 8 or docs_file.stat().st_size < 16:
+        raise DataError(f"{docs_file}: {docs_file.stat().st_size} bytes, expected int64 offsets (a multiple of 8, "
+                        "at least a start and the total)")
+    offsets = np.fromfile(docs_file, dtype=np.int64)
+    falls = bool(np.any(np.diff(offsets) < 0))
+    if offsets[0] != 0 or offsets[-1] != n_tokens or falls:
+        raise DataError(f"{docs_file}: document offsets must rise from 0 to the {n_tokens} tokens of its .bin (found "
+                        f"{offsets[0]} .. {offsets[-1]}{', falling on the way' if falls else ''})")
+    return offsets[:-1]
+
+
 def unigram_entropy(split: TokenSplit, vocab_size: int, max_tokens: int = 20_000_000) -> float:
     """Entropy (nats) of the token frequencies: the loss of a model that ignores context. Learning means beating it."""
     tokens = np.asarray(split.tokens[:max_tokens]).astype(np.int64)
@@ -1436,6 +1513,11 @@ def training_lines(items, max_chars):
                     n += len(line)
                     if n >= max_chars:
                         return
+
+
+# the flags with a range: kind and interval (model.check_value's words when one is out of it)
+FLAG_RANGES = {"workers": (int, "[1, inf)"), "vocab_size": (int, "[260, 2**31)"), "seq_len": (int, "[0, 2**24]"),
+               "max_chars": (int, "[0, inf)"), "tokenizer_chars": (int, "[1, inf)"), "val_fraction": (float, "[0, 1)")}
 
 
 def parse_args(argv=None):
@@ -1482,11 +1564,11 @@ def parse_args(argv=None):
     if args.template is not None and args.template not in (*TEMPLATES, HF_TEMPLATE):
         parser.exit(2, f"prepare.py: --template={args.template}: unknown template; expected one of "
                        f"{', '.join(TEMPLATES)} or {HF_TEMPLATE}\n")
-    for name, low in (("workers", 1), ("vocab_size", 260), ("seq_len", 0), ("max_chars", 0), ("tokenizer_chars", 1)):
-        if getattr(args, name) < low:
-            parser.exit(2, f"prepare.py: --{name}={getattr(args, name)}: expected an integer >= {low}\n")
-    if not 0 <= args.val_fraction < 1:
-        parser.exit(2, f"prepare.py: --val_fraction={args.val_fraction}: expected a number in [0, 1)\n")
+    for name, (kind, interval) in FLAG_RANGES.items():
+        try:
+            check_value(name, getattr(args, name), kind, interval)
+        except ValueError as e:
+            parser.exit(2, f"prepare.py: --{e}\n")
     if args.pack and not args.seq_len:
         parser.exit(2, "prepare.py: --pack: needs --seq_len (the row length)\n")
     if args.one_per_row and not args.pack:
@@ -1504,29 +1586,11 @@ def prepare(args):
         source = [str(p) for p in files]
         out = Path(args.out or "data/default")
     instruction = fmt in INSTRUCTION_FORMATS
-    if out.exists() and not args.overwrite:
-        raise SystemExit(f"prepare.py: --out {out}: already exists (use --overwrite to replace it)")
     if not args.tokenizer and any(f.suffix in (".bin", ".idx") for f in files) and fmt in ("auto", "megatron"):
         raise SystemExit("prepare.py: --tokenizer: required for Megatron input (its tokens are already ids)")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:  # a path under a regular file, or a read-only place, fails here before any work
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as e:
-        raise SystemExit(f"prepare.py: --out {out}: cannot create it ({e.strerror}: {e.filename})")
-    try:
+    inputs = [*files, *(args.input or []), *([args.tokenizer] if args.tokenizer else [])]
+    with replace_dir(out, args.overwrite, "--out", inputs, _config_error) as tmp:
         meta = _prepare_into(tmp, args, files, fmt, source, instruction)
-        if out.exists():  # --overwrite: swap the new dir in, then remove the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives a failure or Ctrl-C
-        raise
     return out, meta
 
 

@@ -53,6 +53,19 @@ import prepare
 # without --chat (base models, plain continuation), nanoGPT-like settings.
 PLAIN_GENERATION_DEFAULTS = dict(temperature=0.8, top_k=200, top_p=None, repetition_penalty=1.0)
 
+# The values each generation setting takes (the command line's flags, and any server's requests): kind, range
+SETTINGS = {"temperature": (float, "[0, inf)"), "top_k": (int, "[0, inf)"), "top_p": (float, "(0, 1]"),
+            "repetition_penalty": (float, "(0, inf)"), "max_new_tokens": (int, "[1, inf)"),
+            "num_samples": (int, "[1, inf)"), "seed": (int, "[0, 2**63)")}
+
+
+def check_settings(settings: dict):
+    """ValueError "name=value: expected ..." for the first setting of SETTINGS that is out of its range (None means
+    not set: the default applies); names outside SETTINGS are not looked at."""
+    for name, value in settings.items():
+        if name in SETTINGS and value is not None:
+            model_lib.check_value(name, value, *SETTINGS[name])
+
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -390,6 +403,9 @@ def normalise_head(model):
     return model
 
 
+QUANTIZATION = {"quantization": dict, "quantization.mode": str, "quantization.group_size": (int, "[1, inf)")}
+
+
 def load_model(ckpt, device, dtype):
     """A checkpoint dir -> (Transformer in eval mode, config.json dict). Reads dirs written by --save_quantized."""
     try:
@@ -405,7 +421,12 @@ def load_model(ckpt, device, dtype):
     with torch.device("meta"):
         model = model_lib.Transformer(args)
     normalise_head(model)  # saved heads are already normalised: this only swaps the module type
-    quantize_model(model.to(dtype), quant["mode"], quant.get("group_size", 128), empty=True)
+    where = os.path.join(ckpt, "config.json")
+    try:
+        model_lib.check_json_fields(config, QUANTIZATION, where, required=("quantization.mode",))
+        quantize_model(model.to(dtype), quant["mode"], quant.get("group_size", 128), empty=True)
+    except ValueError as e:
+        fail(f"{e}" if str(e).startswith(where) else f"{where}: quantization: {e}")
     expected = model.state_dict()
     if set(expected) != set(tensors):
         fail(f"{ckpt}: quantised tensors do not match config.json "
@@ -414,6 +435,20 @@ def load_model(ckpt, device, dtype):
     model.load_state_dict(state, assign=True)
     model.materialize_buffers(device)
     return model.eval(), config
+
+
+def check_memory(args, device, dtype, ckpt):
+    """Refuse, before loading, a model whose weights and one sequence's KV cache exceed the device's available
+    memory (counted on the meta device: nothing allocated)."""
+    import kernels
+
+    with torch.device("meta"):
+        n = model_lib.Transformer(args).num_params()
+    need = (n + 2 * args.n_layers * args.kv_heads * args.head_dim * args.max_seq_len) * dtype.itemsize
+    available = kernels.available_memory(device)
+    if available is not None and need > available:
+        fail(f"--ckpt={ckpt}: {n / 1e9:.2f}B parameters in {str(dtype)[6:]} need {need / 2**30:.1f} GiB on {device}, "
+             f"which has {available / 2**30:.1f} GiB available (try --dtype=bfloat16)")
 
 
 def add_adapter(model, path, family: str = "llama"):
@@ -434,13 +469,16 @@ def add_adapter(model, path, family: str = "llama"):
 
 
 def save_quantized(model, src_ckpt, dst, mode, group_size, family):
-    if os.path.exists(dst) and os.listdir(dst):
-        raise SystemExit(f"sample.py: --save_quantized={dst}: directory exists and is not empty")
+    """A checkpoint dir of the quantised weights, written whole or not at all (model.replace_dir); an existing dir is
+    taken only when empty, and never the source."""
     state = {k: v for k, v in model.state_dict().items()}
     import convert
-    convert.write_checkpoint(dst, state, model.args, family,
-                             extra_config={"quantization": {"mode": mode, "group_size": group_size}})
-    prepare.copy_tokenizer_files(src_ckpt, dst)
+    empty = os.path.isdir(dst) and not os.listdir(dst)
+    refuse = lambda msg: SystemExit(f"sample.py: {msg}")  # noqa: E731
+    with model_lib.replace_dir(dst, empty, "--save_quantized", (src_ckpt,), refuse) as tmp:
+        convert.write_checkpoint(tmp, state, model.args, family,
+                                 extra_config={"quantization": {"mode": mode, "group_size": group_size}})
+        prepare.copy_tokenizer_files(src_ckpt, tmp)
 
 
 # -----------------------------------------------------------------------------
@@ -1172,16 +1210,11 @@ def parse_args(argv):
     p.add_argument("--port", type=int, default=8000, help="--serve: port (0 = any free one)")
     p.add_argument("--max_batch", type=int, default=8, help="--serve: most requests decoded together")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        fail(f"--max_new_tokens={args.max_new_tokens}: expected a positive integer")
-    if args.num_samples < 1:
-        fail(f"--num_samples={args.num_samples}: expected a positive integer")
-    if args.temperature is not None and args.temperature < 0:
-        fail(f"--temperature={args.temperature}: expected >= 0")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        fail(f"--top_p={args.top_p}: expected a value in (0, 1]")
-    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
-        fail(f"--repetition_penalty={args.repetition_penalty}: expected > 0")
+    try:
+        check_settings(vars(args))
+        model_lib.check_value("group_size", args.group_size, int, "[1, inf)")
+    except ValueError as e:
+        fail(f"--{e}")
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     if args.serve and (args.chat or args.prompt is not None or args.prompt_file or args.stop or args.num_samples > 1):
         fail("--serve: takes prompts from HTTP requests; drop --chat, --prompt, --prompt_file, --stop, --num_samples")
@@ -1198,7 +1231,10 @@ def main(argv=None, stdin=None, stdout=None):
     if not any(os.path.isfile(os.path.join(args.ckpt, f)) for f in prepare.TOKENIZER_FILES):
         fail(f"--ckpt={args.ckpt}: no tokenizer ({' or '.join(prepare.TOKENIZER_FILES)}) in the checkpoint dir")
     import kernels
-    device = args.device or kernels.device_type()
+    try:
+        device = str(kernels.check_device(args.device)) if args.device else kernels.device_type()
+    except ValueError as e:
+        fail(f"--device={args.device}: {str(e).split(': ', 1)[-1]}")
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     try:
         model_args, ckpt_config = model_lib.read_config(args.ckpt)
@@ -1211,6 +1247,7 @@ def main(argv=None, stdin=None, stdout=None):
         fail(f"--ckpt={args.ckpt}: the tokenizer has {tok.vocab_size} tokens, the model's "
              f"vocab_size={model_args.vocab_size} (a tokenizer from another model?)")
 
+    check_memory(model_args, device, dtype, args.ckpt)
     t0 = time.perf_counter()
     model, config = load_model(args.ckpt, device, dtype)
     if args.adapter:
@@ -1231,7 +1268,7 @@ def main(argv=None, stdin=None, stdout=None):
             fail("--save_quantized: also pass --quantize=int8|int4")
         try:
             save_quantized(model, args.ckpt, args.save_quantized, args.quantize, args.group_size, family)
-        except OSError as e:  # read-only or full destination
+        except OSError as e:  # a full destination
             fail(f"--save_quantized={args.save_quantized}: cannot write there ({e.strerror}: {e.filename})")
         log(f"wrote {args.save_quantized}")
         if args.prompt is None and args.prompt_file is None and not args.chat and not args.serve:

@@ -38,9 +38,11 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -52,11 +54,12 @@ from tqdm import tqdm
 import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
-from bench import mm_peak_flops, peak_memory_gib, training_plan
-from convert import (Ranks, dcp_load, dcp_to_native, merge_lora, read_step_dir,
+from bench import memory_plan, mm_peak_flops, peak_memory_gib, training_plan
+from convert import (Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, read_step_dir,
                      remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_peft_adapter, write_step_dir)
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, NF4Linear, Transformer, \
-    apply_lora, flops_per_token, load_tensors, lora_state_dict, read_config
+    apply_lora, check_json_fields, check_value, expected, flops_per_token, load_tensors, lora_state_dict, ranged, \
+    read_config
 
 
 @dataclass
@@ -69,64 +72,69 @@ class Config:
     # model: a preset of model.PRESETS; any ModelArgs field can be overridden as a key of its own (--n_layers=4)
     model: str = "tiny"
     # batch: global_batch_size sequences per optimiser step = micro_batch_size * dp * gradient accumulation steps
-    seq_len: int = 128
-    micro_batch_size: int = 8
-    global_batch_size: int = 8
+    seq_len: int = ranged(128, "[1, 2**24]")
+    micro_batch_size: int = ranged(8, "[1, inf)")
+    global_batch_size: int = ranged(8, "[1, inf)")
     # AdamW and the schedule: linear warmup to lr, then cosine decay to min_lr at lr_decay_iters
-    max_iters: int = 1000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int = 1000
-    weight_decay: float = 0.1  # matrices only; norms gains are not decayed
-    warmup_start_lr: float = 0.0  # the warmup rises linearly from here (DeepSpeed WarmupLR's warmup_min_lr)
+    max_iters: int = ranged(1000, "[1, inf)")
+    lr: float = ranged(1e-3, "[0, inf)")
+    min_lr: float = ranged(1e-4, "[0, inf)")
+    warmup_iters: int = ranged(100, "[0, inf)")
+    lr_decay_iters: int = ranged(1000, "[0, inf)")
+    weight_decay: float = ranged(0.1, "[0, inf)")  # matrices only; norms gains are not decayed
+    warmup_start_lr: float = ranged(0.0, "[0, inf)")  # the warmup rises linearly from here (DeepSpeed WarmupLR's
+    # warmup_min_lr)
     lr_decay: str = "cosine"  # 'cosine' | 'linear' (Hugging Face Trainer's default) from lr to min_lr
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = no clipping
-    seed: int = 1337
+    beta1: float = ranged(0.9, "[0, 1)")
+    beta2: float = ranged(0.95, "[0, 1)")
+    adam_eps: float = ranged(1e-8, "(0, inf)")
+    grad_clip: float = ranged(1.0, "[0, inf)")  # 0 = no clipping
+    seed: int = ranged(1337, "[0, 2**63)")
     # precision: 'float32' | 'bfloat16' (autocast) | 'float16' (autocast + loss scaling, DeepSpeed's fp16 semantics)
     dtype: str = "float32"
-    loss_scale: float = 65536.0  # initial dynamic float16 loss scale (DeepSpeed: 2^initial_scale_power)
-    loss_scale_window: int = 1000  # good steps before the dynamic scale doubles
-    static_loss_scale: float = 0.0  # > 0: a fixed float16 loss scale (DeepSpeed's fp16 "loss_scale"); 0 = dynamic
-    loss_scale_hysteresis: int = 1  # overflows in a row before the dynamic scale halves (DeepSpeed's "hysteresis")
-    min_loss_scale: float = 0.0  # floor of the dynamic scale; an overflow at the floor stops the run (DeepSpeed's)
+    loss_scale: float = ranged(65536.0, "(0, inf)")  # initial dynamic float16 scale (DeepSpeed: 2^initial_scale_power)
+    loss_scale_window: int = ranged(1000, "[1, inf)")  # good steps before the dynamic scale doubles
+    static_loss_scale: float = ranged(0.0, "[0, inf)")  # > 0: a fixed float16 loss scale (DeepSpeed's fp16
+    # "loss_scale"); 0 = dynamic
+    loss_scale_hysteresis: int = ranged(1, "[1, inf)")  # overflows in a row before the dynamic scale halves
+    # (DeepSpeed's "hysteresis")
+    min_loss_scale: float = ranged(0.0, "[0, inf)")  # floor of the dynamic scale; an overflow at the floor stops the
+    # run (DeepSpeed's)
     compile: bool = False
     # parallelism under torchrun: a (dp, tp) device mesh over the WORLD_SIZE processes
-    dp: int = 0  # data parallel (FSDP2) degree; 0 = WORLD_SIZE // tp
-    tp: int = 1  # tensor parallel degree (sequence-parallel norms); must divide n_heads, n_kv_heads and seq_len
+    dp: int = ranged(0, "[0, inf)")  # data parallel (FSDP2) degree; 0 = WORLD_SIZE // tp
+    tp: int = ranged(1, "[1, inf)")  # tensor parallel degree (sequence-parallel norms); divides heads and seq_len
     # 'none' | 'full' (keep each block's input, recompute the block) | 'selective' (per op, as torchtitan: keep the
     # attention outputs and every other matmul output, recompute the rest: norms, RoPE, SwiGLU, the other matmuls)
     activation_checkpointing: str = "none"
-    activation_checkpointing_layers: int = 0  # only the first N blocks (FlagAI's ckpoint_layer, Megatron's
-    # recompute_method=block); 0 = every block
+    activation_checkpointing_layers: int = ranged(0, "[0, inf)")  # only the first N blocks (FlagAI's ckpoint_layer,
+    # Megatron's recompute_method=block); 0 = every block
     # FSDP2 shards parameters, gradients and optimiser state over dp whatever the stage; the ZeRO stage a recipe names
     # sets when gathered parameters are freed: 3 after each block's forward (reshard_after_forward), 1 or 2 at the
     # end of its backward (ZeRO-1/2 keep whole parameters on every device: less communication, more memory)
-    zero_stage: int = 3
-    dist_timeout_s: int = 600  # collective timeout: a dead or stuck rank makes the others exit after this long
+    zero_stage: int = ranged(3, "[1, 3]")
+    # collective timeout: a dead or stuck rank makes the others exit after this long
+    dist_timeout_s: int = ranged(600, "[1, inf)")
     # eval, logs, checkpoints
-    eval_interval: int = 200
-    eval_iters: int = 20
-    log_interval: int = 10
-    ckpt_interval: int = 200
-    keep_last: int = 2  # step dirs kept in out_dir; 0 keeps all
+    eval_interval: int = ranged(200, "[1, inf)")
+    eval_iters: int = ranged(20, "[1, inf)")
+    log_interval: int = ranged(10, "[1, inf)")
+    ckpt_interval: int = ranged(200, "[1, inf)")
+    keep_last: int = ranged(2, "[0, inf)")  # step dirs kept in out_dir; 0 keeps all
     export: bool = False  # write out_dir/export (a checkpoint dir for sample.py) at the end
-    peak_flops: float = 0.0  # per device, for MFU; 0 = measure a torch.mm peak at start
+    peak_flops: float = ranged(0.0, "[0, inf)")  # per device, for MFU; 0 = measure a torch.mm peak at start
     # LoRA / QLoRA (model.py's LoRA section): adapters on the lora_targets linear layers of the base model in
     # init_from; only they train. The run ends with out_dir/adapter and, with export, the merged checkpoint dir
-    lora_rank: int = 0  # 0 = full fine-tuning
-    lora_alpha: float = 16.0  # adapter output scaled by lora_alpha / lora_rank
-    lora_dropout: float = 0.0
+    lora_rank: int = ranged(0, "[0, inf)")  # 0 = full fine-tuning
+    lora_alpha: float = ranged(16.0, "(0, inf)")  # adapter output scaled by lora_alpha / lora_rank
+    lora_dropout: float = ranged(0.0, "[0, 1)")
     lora_targets: str = LORA_DEFAULT_TARGETS  # comma-separated fnmatch patterns: "wq,wv", "*.attention.*"
     qlora: bool = False  # keep the frozen block weights in 4-bit NF4, dequantised per matmul
     # --dry_run: print parameters, per-device memory and step time of this config on its mesh, then exit (plan())
     dry_run: bool = False
-    devices: int = 0  # devices the plan is for; 0 = the launched world size (WORLD_SIZE, else 1)
-    device_memory_gib: float = 64.0  # per device, what the plan's total is checked against (Ascend 910B: 64)
-    mfu: float = 0.4  # model FLOPs utilisation the plan's step time assumes
+    devices: int = ranged(0, "[0, inf)")  # devices the plan is for; 0 = the launched world size (WORLD_SIZE, else 1)
+    device_memory_gib: float = ranged(64.0, "(0, inf)")  # per device, the plan's total is checked against (910B: 64)
+    mfu: float = ranged(0.4, "(0, 1]")  # model FLOPs utilisation the plan's step time assumes
 
 
 MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
@@ -143,38 +151,34 @@ def fail(msg: str):
 # configuration: defaults < config files < --key=value
 
 
-def _expected_type(key):
-    """(type name, check) for a config key: a Config field or a ModelArgs field."""
-    default = getattr(Config, key) if key in Config.__dataclass_fields__ else MODEL_FIELDS[key].default
-    if default is None:  # Optional[int] fields such as n_kv_heads
-        return "int or None", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))
-    if isinstance(default, bool):
-        return "bool", lambda v: isinstance(v, bool)
-    if isinstance(default, int):
-        return "int", lambda v: isinstance(v, int) and not isinstance(v, bool)
-    if isinstance(default, float):
-        return "float", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    return "str", lambda v: isinstance(v, str)
-
-
 def _set(values: dict, key: str, value, where: str):
+    """values[key] = value once the key is known and the value of its field's type and in its declared range."""
     known = list(Config.__dataclass_fields__) + list(MODEL_FIELDS)
     if key not in known:
         close = difflib.get_close_matches(key, known, n=1)
         fail(f"{where}: unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    type_name, ok = _expected_type(key)
-    if not ok(value):
-        fail(f"{where}: {key}={value!r} has type {type(value).__name__}, expected {type_name}")
-    if type_name == "float":
-        value = float(value)
-    values[key] = value
+    f = Config.__dataclass_fields__.get(key) or MODEL_FIELDS[key]
+    try:
+        check_value(key, value, f.type, f.metadata.get("range"))
+    except ValueError as e:
+        fail(f"--{e}" if where.startswith("--") else f"{where}: {e}")
+    values[key] = float(value) if f.type is float else value
+
+
+def config_line(e: BaseException, path: Path) -> str:
+    """': line N' of a config file where e was raised (the innermost frame in that file), or ''."""
+    if isinstance(e, SyntaxError) and e.lineno:
+        return f": line {e.lineno}"
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
+    return f": line {lines[-1]}" if lines else ""
 
 
 def parse_config(argv) -> tuple[Config, dict]:
     """argv (without the program name) -> (Config, ModelArgs overrides)."""
     if "-h" in argv or "--help" in argv:
-        keys = "\n".join(f"  --{k}={getattr(Config, k)!r}" for k in Config.__dataclass_fields__)
-        print(f"{__doc__}\nkeys and defaults:\n{keys}\n  and every ModelArgs field: {', '.join(MODEL_FIELDS)}")
+        keys = "\n".join(f"  --{k}={getattr(Config, k)!r}".ljust(40) + expected(f.type, f.metadata.get("range"))
+                         for k, f in Config.__dataclass_fields__.items())
+        print(f"{__doc__}\nkeys, defaults and values:\n{keys}\n  and every ModelArgs field: {', '.join(MODEL_FIELDS)}")
         raise SystemExit(0)
     values = {}
     # config files first, then --key=value, wherever they stand on the command line
@@ -198,9 +202,8 @@ def parse_config(argv) -> tuple[Config, dict]:
             namespace = {}
             try:
                 exec(compile(path.read_text(), str(path), "exec"), namespace)
-            except Exception as e:  # a config file is the user's Python: report where it broke, in one line
-                line = getattr(e, "lineno", None)
-                fail(f"{path}" + (f": line {line}" if line else "") + f": {type(e).__name__}: {e}")
+            except (Exception, SystemExit) as e:  # a config file is the user's Python: say where it broke, one line
+                fail(f"{path}{config_line(e, path)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             for key, value in namespace.items():
                 if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
                     _set(values, key, value, str(path))
@@ -241,27 +244,11 @@ def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs,
 
 
 def check_config(cfg: Config):
+    """What the declared ranges (checked as each key is set) cannot say alone."""
     if cfg.dtype not in DTYPES:
         fail(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
-    for key in ("seq_len", "micro_batch_size", "global_batch_size", "max_iters", "eval_iters", "log_interval",
-                "eval_interval", "ckpt_interval"):
-        if getattr(cfg, key) <= 0:
-            fail(f"{key}={getattr(cfg, key)}: expected a positive integer")
-    if cfg.lora_rank < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
-        fail(f"lora_rank={cfg.lora_rank}, lora_alpha={cfg.lora_alpha}, lora_dropout={cfg.lora_dropout}: expected "
-             "lora_rank >= 0 (0 = no adapters), lora_alpha > 0 and 0 <= lora_dropout < 1")
-    if cfg.loss_scale <= 0 or cfg.static_loss_scale < 0 or cfg.loss_scale_hysteresis < 1 or cfg.min_loss_scale < 0:
-        fail(f"loss_scale={cfg.loss_scale}, static_loss_scale={cfg.static_loss_scale}, loss_scale_hysteresis="
-             f"{cfg.loss_scale_hysteresis}, min_loss_scale={cfg.min_loss_scale}: expected loss_scale > 0, "
-             "static_loss_scale >= 0 (0 = dynamic), loss_scale_hysteresis >= 1 and min_loss_scale >= 0")
     if cfg.lr_decay not in ("cosine", "linear"):
         fail(f"lr_decay={cfg.lr_decay!r}: expected 'cosine' or 'linear'")
-    if cfg.zero_stage not in (1, 2, 3):
-        fail(f"zero_stage={cfg.zero_stage}: expected 1, 2 or 3 (the ZeRO stage the recipe's source names)")
-    if cfg.activation_checkpointing_layers < 0 or cfg.adam_eps <= 0 or cfg.warmup_start_lr < 0:
-        fail(f"activation_checkpointing_layers={cfg.activation_checkpointing_layers}, adam_eps={cfg.adam_eps}, "
-             f"warmup_start_lr={cfg.warmup_start_lr}: expected activation_checkpointing_layers >= 0 (0 = all "
-             "blocks), adam_eps > 0 and warmup_start_lr >= 0")
     if cfg.qlora and not cfg.lora_rank:
         fail("qlora=True trains adapters on a 4-bit base: set lora_rank too (e.g. --lora_rank=8)")
     if cfg.lora_rank and cfg.init_from not in ("scratch", "resume") and (Path(cfg.init_from) / ".metadata").exists():
@@ -308,9 +295,6 @@ def setup_distributed(cfg: Config, args: ModelArgs) -> Dist:
     world_size = int(env.get("WORLD_SIZE", "1"))
     if cfg.activation_checkpointing not in AC_MODES:
         fail(f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of {', '.join(AC_MODES)}")
-    if cfg.dist_timeout_s <= 0 or cfg.tp < 1 or cfg.dp < 0:
-        fail(f"dist_timeout_s={cfg.dist_timeout_s}, tp={cfg.tp}, dp={cfg.dp}: expected dist_timeout_s > 0, tp >= 1 "
-             "and dp >= 0 (0 = WORLD_SIZE // tp)")
     dp = cfg.dp or max(1, world_size // cfg.tp)
     if dp * cfg.tp != world_size:
         fail(f"dp={dp} x tp={cfg.tp} = {dp * cfg.tp} processes, but WORLD_SIZE={world_size}: dp * tp must be the "
@@ -678,7 +662,7 @@ class EpochSampler:
 
     def _epoch_order(self):
         if self._order_epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**64)  # any int64 seed
             self._offset = int(torch.randint(self.seq_len, (1,), generator=g))
             if self.rows or self._windows(self._offset) < self.per_step:
                 self._offset = 0
@@ -750,10 +734,22 @@ def load_checkpoint(step_dir: Path, model, optimizer, d: Dist) -> dict:
     train_state, rng = read_step_dir(step_dir, state, d.rank, no_dist=d.world_size == 1)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if rng:  # a rank that did not exist in the saving run keeps its seeded RNG
-        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-        if "device" in rng and _device(d).type in ("cuda", "npu"):
-            getattr(torch, _device(d).type).set_rng_state(torch.tensor(rng["device"], dtype=torch.uint8))
+        try:
+            torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+            if "device" in rng and _device(d).type in ("cuda", "npu"):
+                getattr(torch, _device(d).type).set_rng_state(torch.tensor(rng["device"], dtype=torch.uint8))
+        except RuntimeError as e:  # a state of the wrong size
+            raise CheckpointError(f"{step_dir / f'rng_rank{d.rank}.json'}: not an RNG state of this torch "
+                                  f"({str(e).splitlines()[0]})") from None
     return train_state
+
+
+# what restore() reads of a step dir's train_state.json (checkpoint() writes it): types and ranges
+TRAIN_STATE_FIELDS = {"step": (int, "[0, 2**63)"), "best_val_loss": Optional[float], "lora_base": Optional[str],
+                      "loss_scaler.scale": (float, "(0, inf)"), "loss_scaler.good_steps": (int, "[0, inf)"),
+                      "loss_scaler.skipped": (int, "[0, inf)"), "data.seed": (int, "[0, 2**63)"),
+                      "data.epoch": (int, "[0, inf)"), "data.index": (int, "[0, inf)")}
+TRAIN_STATE_REQUIRED = [k for k in TRAIN_STATE_FIELDS if "." in k or k == "step"]
 
 
 def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist, log) -> tuple[Path, dict]:
@@ -764,7 +760,9 @@ def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist,
     while found:
         step_dir = found.pop()
         try:
-            verify_step_dir(step_dir, ranks_of(d))
+            state = verify_step_dir(step_dir, ranks_of(d))
+            check_json_fields(state, TRAIN_STATE_FIELDS, step_dir / "train_state.json", CheckpointError,
+                              required=TRAIN_STATE_REQUIRED)
             saved, _ = read_config(step_dir)
             check_same_shape(step_dir, saved, args)  # another model is a mistake in the config, not damage: fails
             return step_dir, load_checkpoint(step_dir, model, optimizer, d)
@@ -819,6 +817,12 @@ def prepare_out_dir(cfg: Config, d: Dist) -> Path:
     if cfg.init_from != "resume" and previous and not cfg.overwrite:
         fail(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
              f"it, or --overwrite to replace it")
+    for key in ("init_from", "data_dir"):  # what --overwrite removes must not be this run's input
+        source = Path(getattr(cfg, key)).resolve()
+        doomed = [p for p in previous if p.resolve() == source or p.resolve() in source.parents]
+        if cfg.init_from != "resume" and doomed:
+            fail(f"out_dir={out_dir} --overwrite would remove {doomed[0]}, which holds {key}={getattr(cfg, key)}; "
+                 "copy it out first or choose another out_dir")
     if d.master:
         try:  # a path under a file, a read-only dir or file system: one line now, not a traceback at the first save
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -861,10 +865,6 @@ def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) 
 def plan(cfg: Config, model_overrides: dict) -> dict:
     """--dry_run: print the parameter count, per-device memory and step time of this config on its mesh; build nothing
     but a meta-device model. Returns the numbers (tests)."""
-    if cfg.devices < 0 or not 0 < cfg.mfu <= 1 or cfg.device_memory_gib <= 0 or cfg.peak_flops < 0:
-        fail(f"devices={cfg.devices}, mfu={cfg.mfu}, device_memory_gib={cfg.device_memory_gib}, peak_flops="
-             f"{cfg.peak_flops}: expected devices >= 0 (0 = WORLD_SIZE), 0 < mfu <= 1, a positive memory size and "
-             "peak_flops >= 0")
     world = cfg.devices or int(os.environ.get("WORLD_SIZE", "1"))
     tp = cfg.tp
     dp = cfg.dp or world // tp
@@ -989,6 +989,7 @@ def setup(cfg: Config, model_overrides: dict) -> Run:
             split.check_ids(args.vocab_size)
     except prepare.DataError as e:
         fail(str(e))
+    check_memory(args, cfg, d, train_data.packed)
     out_dir = prepare_out_dir(cfg, d)
     model = build_model(args, cfg, d)
     return Run(cfg, model_overrides, args, family, d, _device(d), out_dir, train_data, val_data, model,
@@ -999,6 +1000,22 @@ def setup(cfg: Config, model_overrides: dict) -> Run:
                                     rows=train_data.packed),
                grad_accum=cfg.global_batch_size // micro_per_step, losses={},
                lora_base=str(Path(cfg.init_from).resolve()) if cfg.lora_rank and cfg.init_from != "scratch" else None)
+
+
+def check_memory(args: ModelArgs, cfg: Config, d: Dist, packed: bool):
+    """Refuse, before allocating any of it, a run whose planned bytes per device (bench.memory_plan, what --dry_run
+    prints) exceed the memory this device has available; the processes of one machine share its CPU memory."""
+    device = _device(d)
+    available = kernels.available_memory(device)
+    try:
+        plan = memory_plan(args, cfg, d.dp, d.tp, packed)
+    except ValueError as e:  # lora_targets that match no layer
+        fail(str(e))
+    need = plan["bytes"]["total"] * (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1)
+    if available is not None and need > available:
+        fail(f"the model (dim={args.dim}, n_layers={args.n_layers}, vocab_size={args.vocab_size}: "
+             f"{plan['n_params'] / 1e9:.2f}B parameters) needs {need / 2**30:.1f} GiB for this run on {device}, which "
+             f"has {available / 2**30:.1f} GiB available; see --dry_run for where it goes")
 
 
 def restore(run: Run):
@@ -1111,9 +1128,9 @@ def train_step(run: Run, autocast) -> tuple[float, float, float]:
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # DTensor: FSDP/TP
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    where = f"; the last good checkpoint is {run.last_ckpt}" if run.last_ckpt else "; no checkpoint was written"
     if not finite and not scaler.enabled:
-        fail(f"step {run.step + 1}: loss {loss}, grad norm {grad_norm} is not finite in {cfg.dtype}; stopping{where}")
+        fail(f"step {run.step + 1}: loss {loss}, grad norm {grad_norm} is not finite in {cfg.dtype}; stopping"
+             f"{last_good(run)}")
     on_event("step", run.step + 1)
     if finite:
         run.optimizer.step()
@@ -1121,15 +1138,21 @@ def train_step(run: Run, autocast) -> tuple[float, float, float]:
     else:
         if scaler.at_floor():
             fail(f"step {run.step + 1}: float16 overflow at min_loss_scale={scaler.min_scale:g}: no lower scale is "
-                 f"allowed; stopping{where}")
+                 f"allowed; stopping{last_good(run)}")
         run.log(f"step {run.step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
         run.skipped_in_a_row += 1
         if run.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
             fail(f"step {run.step + 1}: loss {loss}, grad norm {grad_norm} not finite in {run.skipped_in_a_row} "
-                 f"float16 steps in a row (last loss scale {scaler.scale:g}); stopping{where}")
+                 f"float16 steps in a row (last loss scale {scaler.scale:g}); stopping{last_good(run)}")
     scaler.update(finite)
     run.optimizer.zero_grad(set_to_none=True)
     return loss, lr, grad_norm
+
+
+def last_good(run: Run) -> str:
+    """'; the last good checkpoint is ...': the newest step dir that verifies (and so holds finite weights)."""
+    last = last_good_step_dir(run.out_dir)
+    return f"; the last good checkpoint is {last}" if last else "; no good checkpoint was written"
 
 
 class Throughput:
@@ -1167,7 +1190,8 @@ class Throughput:
 def checkpoint(run: Run) -> Path:
     """Save the run at its current step (save_checkpoint with everything needed to continue it exactly)."""
     cfg = run.cfg
-    train_state = {"step": run.step, "best_val_loss": run.best_val, "loss_scaler": run.scaler.state_dict(),
+    best = run.best_val if run.best_val is not None and math.isfinite(run.best_val) else None  # JSON has no NaN
+    train_state = {"step": run.step, "best_val_loss": best, "loss_scaler": run.scaler.state_dict(),
                    "data": run.sampler.state_dict(), "world_size": run.d.world_size, "config": asdict(cfg),
                    "model_overrides": run.model_overrides, "lora_base": run.lora_base}
     return save_checkpoint(run.out_dir, run.step, run.model, run.optimizer, train_state, run.args, run.family, cfg,

@@ -575,7 +575,7 @@ def test_existing_destination_refused_unless_overwrite(hf_dir, tmp_path):
     assert (dst / "keep.txt").read_text() == "mine"
     run("hf-to-native", "--src", hf_dir, "--dst", dst, "--overwrite")
     assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").exists()
-    assert not list(tmp_path.glob("out.tmp-*"))
+    assert not list(tmp_path.glob(".out.*")) and not list(tmp_path.glob("out.tmp-*"))
 
 
 def test_unknown_template_is_refused(hf_dir, tmp_path):

@@ -319,7 +319,7 @@ def test_lora_resume_is_exact(base, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--qlora"], "qlora=True trains adapters on a 4-bit base: set lora_rank"),
-    (["--lora_rank=-1"], "expected lora_rank >= 0"),
+    (["--lora_rank=-1"], "--lora_rank=-1: expected an integer >= 0"),
     (["--lora_rank=4", "--lora_targets=wz"], "lora_targets: pattern 'wz' matches no linear layer"),
 ])
 def test_lora_bad_settings_are_one_line(base, tmp_path, flags, message):

@@ -388,7 +388,7 @@ P = "base_model.model.model.layers.1.self_attn."
     (bad_config(bias="all"), r"adapter_config.json: bias: 'all' is not supported"),
     (bad_config(modules_to_save=["lm_head"]), r"adapter_config.json: modules_to_save: \['lm_head'\] is not supported"),
     (bad_config(init_lora_weights="pissa"), r"adapter_config.json: init_lora_weights: 'pissa' changed the base"),
-    (bad_config(r=0), r"adapter_config.json: r: expected a positive integer, got 0"),
+    (bad_config(r=0), r"adapter_config.json: r=0: expected an integer >= 1"),
     (bad_config(target_modules=["W_pack", "qkv_proj"]),
      r"adapter_config.json: target_modules: 'qkv_proj' names no linear layer of a baichuan model"),
     (bad_config(target_modules="W_pack"),  # a string is a regex for the whole name, as in PEFT

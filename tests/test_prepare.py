@@ -547,7 +547,7 @@ def test_malformed_json_line_stops_or_is_skipped(sp_path, tmp_path):
     args = ["--input", tmp_path / "a.jsonl", "--format", "alpaca", "--tokenizer", sp_path, "--template", "alpaca",
             "--out", tmp_path / "o", "--val_fraction", "0"]
     msg = fails(*args)
-    assert "a.jsonl: line 3: malformed JSON" in msg and "--on_error=skip" in msg
+    assert "a.jsonl: line 3: not valid JSON" in msg and "--on_error=skip" in msg
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))  # no half-written dir left
     meta = run(*args, "--on_error", "skip")
     assert meta["train_documents"] == 3 and meta["stats"]["skipped_records"] == 1
@@ -595,7 +595,7 @@ def test_existing_output_needs_overwrite(sp_path, tmp_path):
     base = ["--input", tmp_path / "a.txt", "--tokenizer", sp_path, "--out", tmp_path / "o", "--val_fraction", "0"]
     run(*base)
     (tmp_path / "o" / "marker").write_text("x")
-    assert "already exists (use --overwrite" in fails(*base)
+    assert "exists; pass --overwrite" in fails(*base)
     assert (tmp_path / "o" / "marker").exists()  # untouched
     run(*base, "--overwrite")
     assert not (tmp_path / "o" / "marker").exists() and (tmp_path / "o" / "meta.json").exists()

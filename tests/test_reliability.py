@@ -126,7 +126,7 @@ DAMAGE = [
     ("truncated-distcp", "__0_0.distcp", truncate, r"__0_0\.distcp: \d+ bytes, expected \d+ \(truncated\?\)"),
     ("flipped-byte-distcp", "__0_0.distcp", flip_a_byte, r"__0_0\.distcp: sha256 differs .*\(corrupted\)"),
     ("missing-metadata", ".metadata", Path.unlink, r"\.metadata: missing"),
-    ("truncated-train-state", "train_state.json", truncate, r"train_state\.json: unreadable"),
+    ("truncated-train-state", "train_state.json", truncate, r"train_state\.json: not valid JSON"),
     ("flipped-byte-rng", "rng_rank0.json", flip_a_byte, r"rng_rank0\.json: sha256 differs"),
 ]
 
@@ -263,6 +263,112 @@ def test_full_disk_while_saving_names_the_last_complete_checkpoint(data, tmp_pat
 
     monkeypatch.setattr(dcp, "save", save_then_fill_the_disk)
     with pytest.raises(SystemExit, match=r"\.tmp_step_00000004: writing the checkpoint failed \(OSError: \[Errno 28\] "
-                                         r"No space left on device\); the last complete checkpoint is .*step_00000002"):
+                                         r"No space left on device\); the last good checkpoint is .*step_00000002"):
         run(data, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["step_00000002"]
+
+
+def test_no_checkpoint_is_written_from_non_finite_weights(data, tmp_path, monkeypatch):
+    """A step whose update made a weight infinite (the loss of that step was still finite): its checkpoint is refused
+    and the run stops naming the previous one, which verifies; convert.py refuses such weights the same way."""
+    save = convert.write_step_dir
+
+    def poisoned_save(out_dir, step, dcp_state, *args, **kwargs):
+        if step == 4:
+            dcp_state["model"]["norm.weight"] = dcp_state["model"]["norm.weight"] * float("inf")
+        return save(out_dir, step, dcp_state, *args, **kwargs)
+
+    monkeypatch.setattr(train, "write_step_dir", poisoned_save)
+    with pytest.raises(SystemExit, match=r"step_00000004: tensor norm\.weight holds NaN or infinite values: not "
+                                         r"writing a checkpoint of it; the last good checkpoint is .*step_00000002"):
+        run(data, tmp_path / "out")
+    assert [p.name for p in train.step_dirs(tmp_path / "out")] == ["step_00000002"]
+    assert not list((tmp_path / "out").glob(".tmp_step_*"))
+    weights = {"tok_embeddings.weight": torch.zeros(4, 2), "norm.weight": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(convert.CheckpointError, match=r"tensor norm\.weight holds NaN or infinite values"):
+        convert.write_checkpoint(tmp_path / "ckpt", weights, train.PRESETS["tiny"], "llama")
+
+
+def test_the_last_good_checkpoint_is_the_newest_that_verifies(reference, tmp_path):
+    out = shutil.copytree(reference["out"], tmp_path / "out")
+    with open(out / "step_00000008" / "__0_0.distcp", "r+b") as f:  # a bit flip: same size, other sha256
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 1]))
+    (out / "step_00000006" / "rng_rank0.json").unlink()
+    assert convert.last_good_step_dir(out) == out / "step_00000004"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# convert.py killed while writing its output dir, and while swapping it in: the old dir or the new one, whole
+
+KILLED_CONVERT = """
+import os, pathlib, signal, sys
+import convert, model
+die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
+point = os.environ["KILL_AT"]
+if point == "write":  # the first output shard is on disk, the others are not
+    flush = convert.ShardWriter._flush
+    convert.ShardWriter._flush = lambda self: (flush(self), die())
+elif point == "swap":  # the new dir complete, not yet swapped in
+    model._exchange = die
+elif point == "swapped":  # swapped in, the old one not yet removed
+    exchange = model._exchange
+    model._exchange = lambda a, b: (exchange(a, b), die())
+elif point == "aside":  # where no atomic swap exists: the old dir renamed aside, the new one not yet in
+    model._exchange = lambda a, b: False
+    rename = pathlib.Path.rename
+    pathlib.Path.rename = lambda self, to: (rename(self, to), ".old-" in str(to) and die())[0]
+convert.main(sys.argv[1:])
+"""
+
+
+def files_of(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in Path(d).rglob("*") if p.is_file()}
+
+
+KILL_POINTS = {"write": "old", "swap": "old", "swapped": "new", "aside": "old"}  # kill point -> the dst it leaves
+
+
+@pytest.fixture(scope="module")
+def killed_converts(tmp_path_factory):
+    """Per kill point, a dir whose dst held an older conversion when `native-to-hf --overwrite` was SIGKILLed there
+    (the kills run side by side); and the files of the old dst and of the new one converted without a kill."""
+    from model import PRESETS, Transformer
+    root = tmp_path_factory.mktemp("killed_converts")
+    for name, seed in (("src", 0), ("older", 1)):
+        torch.manual_seed(seed)
+        model = Transformer(PRESETS["tiny"])
+        model.init_weights()
+        convert.write_checkpoint(root / name, model.state_dict(), PRESETS["tiny"], "llama")
+    flags = ["--max_shard_size", "100KB", "--overwrite"]
+    convert.main(["native-to-hf", "--src", str(root / "older"), "--dst", str(root / "old"), *flags])
+    convert.main(["native-to-hf", "--src", str(root / "src"), "--dst", str(root / "new"), *flags])
+
+    def kill(point):
+        shutil.copytree(root / "old", root / point / "dst")
+        argv = ["native-to-hf", "--src", str(root / "src"), "--dst", str(root / point / "dst"), *flags]
+        return subprocess.run([sys.executable, "-c", KILLED_CONVERT, *argv], cwd=ROOT, capture_output=True,
+                              env={**os.environ, "KILL_AT": point, "PYTHONPATH": str(ROOT)}, timeout=300)
+    with ThreadPoolExecutor(max_workers=len(KILL_POINTS)) as pool:
+        results = dict(zip(KILL_POINTS, pool.map(kill, KILL_POINTS)))
+    return {"root": root, "results": results, "old": files_of(root / "old"), "new": files_of(root / "new"),
+            "argv": ["native-to-hf", "--src", str(root / "src"), *flags]}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_9_of_convert_leaves_the_old_or_the_new_dir_whole(killed_converts, point):
+    from model import remove_stale
+    k, d = killed_converts, killed_converts["root"] / point
+    assert k["results"][point].returncode == -signal.SIGKILL, k["results"][point].stderr.decode()[-2000:]
+    left = k[KILL_POINTS[point]]
+    if point == "aside":  # dst is away for a moment; the old one lies whole beside it, and the next run puts it back
+        assert not (d / "dst").exists()
+        assert files_of(next(d.glob(".dst.old-*"))) == left
+    else:
+        assert files_of(d / "dst") == left
+    assert list(d.glob(".dst.tmp-*"))  # what the killed run left
+    remove_stale(d / "dst")  # the first thing the next run does
+    assert files_of(d / "dst") == left and not list(d.glob(".dst.*"))
+    convert.main([*k["argv"], "--dst", str(d / "dst")])
+    assert files_of(d / "dst") == k["new"] and not list(d.glob(".dst.*"))

@@ -208,10 +208,12 @@ def test_config_file_then_overrides(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--lrr=1e-3"], "unknown config key 'lrr'; did you mean 'lr'"),
     (["--n_layer=4"], "unknown config key 'n_layer'; did you mean 'n_layers'"),
-    (["--max_iters=1.5"], "max_iters=1.5 has type float, expected int"),
-    (["--lr=fast"], "lr='fast' has type str, expected float"),
-    (["--compile=1"], "compile=1 has type int, expected bool"),
-    (["--dim=big"], "dim='big' has type str, expected int"),
+    (["--max_iters=1.5"], "--max_iters=1.5: expected an integer >= 1"),
+    (["--lr=fast"], "--lr='fast': expected a finite number >= 0"),
+    (["--compile=1"], "--compile=1: expected true or false"),
+    (["--dim=big"], "--dim='big': expected an integer in "),
+    (["--lr=-0.001"], "--lr=-0.001: expected a finite number >= 0"),
+    (["--beta2=1.5"], "--beta2=1.5: expected a finite number in "),
     (["--lr"], "--lr: expected --key=value"),
     (["config/nope.py"], "config/nope.py: config file not found"),
 ])
