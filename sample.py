@@ -38,7 +38,6 @@ import traceback
 import urllib.parse
 import uuid
 import warnings
-from contextlib import nullcontext
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -650,17 +649,19 @@ def _is_stop(v):
     return isinstance(v, str) or isinstance(v, list) and all(isinstance(s, str) for s in v)
 
 
-# The fields both endpoints take: field -> (type check, the type, value check, the values). null = not given.
+# The fields both endpoints take: field -> (setting, narrower range) for a generation setting, else (type check, the
+# type, value check, the values). null = not given.
 # Fields of OpenAI's API this server does not implement are accepted only at the value that means "off".
 REQUEST_FIELDS = {
     "model": (lambda v: isinstance(v, str), "a string", None, None),
-    "max_tokens": (_is_int, "an integer", lambda v: v >= 1, ">= 1"),
-    "max_completion_tokens": (_is_int, "an integer", lambda v: v >= 1, ">= 1"),
-    "temperature": (_is_number, "a number", lambda v: 0 <= v <= 2, "in [0, 2] (0 = greedy)"),
-    "top_p": (_is_number, "a number", lambda v: 0 < v <= 1, "in (0, 1]"),
-    "top_k": (_is_int, "an integer", lambda v: v >= 0, ">= 0 (0 = off)"),
-    "repetition_penalty": (_is_number, "a number", lambda v: v > 0, "> 0 (1 = off)"),
-    "seed": (_is_int, "an integer", None, None),
+    # generation settings: kind and range as sample.py's flags (SETTINGS), narrowed where OpenAI's API is narrower
+    "max_tokens": ("max_new_tokens", None),
+    "max_completion_tokens": ("max_new_tokens", None),
+    "temperature": ("temperature", "[0, 2]"),  # 0 = greedy
+    "top_p": ("top_p", None),
+    "top_k": ("top_k", None),  # 0 = off
+    "repetition_penalty": ("repetition_penalty", None),  # 1 = off
+    "seed": ("seed", None),
     "n": (_is_int, "an integer", lambda v: v == 1, "1 (one choice per request)"),
     "stream": (lambda v: isinstance(v, bool), "a boolean", None, None),
     "stream_options": (lambda v: isinstance(v, dict), "an object",
@@ -692,8 +693,17 @@ def read_fields(body, main_field):
             continue
         if key not in REQUEST_FIELDS:
             raise APIError(400, f"Unrecognized request argument supplied: {key}", key)
-        type_ok, type_name, value_ok, values = REQUEST_FIELDS[key]
         shown = json.dumps(value)[:60]
+        if len(REQUEST_FIELDS[key]) == 2:  # a generation setting
+            setting, narrower = REQUEST_FIELDS[key]
+            kind, interval = SETTINGS[setting]
+            try:
+                model_lib.check_value(key, value, kind, narrower or interval)
+            except ValueError as e:
+                raise APIError(400, str(e), key) from None
+            fields[key] = value
+            continue
+        type_ok, type_name, value_ok, values = REQUEST_FIELDS[key]
         if not type_ok(value):
             raise APIError(400, f"{key}: expected {type_name}, got {shown}", key)
         if value_ok and not value_ok(value):
