@@ -21,17 +21,25 @@ buffers allocated once; only the last position's logits are sampled; everything 
 `--compile` compiles the one-token decode step.
 """
 import argparse
+import ctypes
+import functools
+import hashlib
 import os
+import platform
 import resource
+import shutil
+import subprocess
 import sys
 import time
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 import model as model_lib
 import prepare
 
@@ -258,10 +266,254 @@ def decode_layout(model):
 
 
 # -----------------------------------------------------------------------------
-# weight-only quantisation (gpt-fast style: small nn.Linear replacements, dequantised in the compute dtype)
+# weight-only quantisation: int8 per output channel, int4 per group of input columns
+#
+# Decoding a token multiplies one row of activations by every weight matrix, so its speed is the rate the weights
+# stream from memory: int8 and int4 read 4x and ~7x fewer bytes than fp32, if the product reads the stored bytes and
+# nothing more. Dequantising a matrix and calling F.linear also writes and rereads an fp32 copy of it (slower than
+# fp32 itself). One token through a 4096x11008 matrix on this project's 2-core AVX2 CPU (G weights/s, best of runs):
+#   fp32 torch.mm                                    ~3    (10-12 GB/s)
+#   torch._weight_int8pack_mm / _int4pack_mm_for_cpu  ~1.8 / ~1  (tuned for AVX-512 and AMX)
+#   torch.compile of a fused dequantise-and-dot       ~1-2.5  (inductor's int8 vector loads go through memory)
+#   dequantise 256 rows at a time, then torch.mv      ~1.5
+#   the C kernels below, int8 / int4                  ~15 / ~35  (the memory bound: ~20 / ~36)
+# So a few rows of activations on a CPU (a decode step) go through the C kernels, built for the CPU at hand on first use
+# and cached; prefill, other devices, and machines without a C compiler dequantise a block of rows at a time into a
+# buffer that stays in cache (dequantised_linear).
 
-class Int8Linear(nn.Module):
+DECODE_ROWS = 4  # activation rows up to which the C kernels beat dequantising (prefill has more)
+
+QUANT_KERNELS_C = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define AVX2 1
+static float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+/* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
+void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
+  #pragma omp parallel for schedule(static)
+  for (long n = 0; n < N; n++) {
+    const int8_t* wn = w + n * K;
+    for (long m = 0; m < M; m++) {
+      const float* xm = x + m * K;
+      float acc = 0;
+      long k = 0;
+#ifdef AVX2
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (; k + 32 <= K; k += 32)  /* 4 x 8 weights: sign-extend to int32, convert, multiply-add */
+        for (int j = 0; j < 4; j++)
+          a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                     _mm_loadl_epi64((const __m128i*)(wn + k + 8 * j)))),
+                                 _mm256_loadu_ps(xm + k + 8 * j), a[j]);
+      acc = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+#endif
+      for (; k < K; k++) acc += xm[k] * wn[k];
+      y[m * N + n] = acc * s[n];
+    }
+  }
+}
+
+/* y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15] two per byte
+   (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per group (step max|x| / 127) so
+   q . x is an integer dot product: 64 weights per step (vpmaddubsw), where converting each to fp32 would take 8. */
+void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
+                 long M, long N, long K, long gs) {
+  long G = K / gs, half = gs / 2;
+  int8_t* xq = malloc(M * K);                     /* per group: its even columns, then its odd ones */
+  float* step = malloc(2 * M * G * sizeof(float)); /* per group: the int8 step, then the sum of x */
+  float* sum = step + M * G;
+  for (long i = 0; i < M * G; i++) {
+    const float* xg = x + i * gs;
+    float amax = 0, total = 0;
+    for (long k = 0; k < gs; k++) { amax = fmaxf(amax, fabsf(xg[k])); total += xg[k]; }
+    float inv = amax > 0 ? 127 / amax : 0;
+    for (long b = 0; b < half; b++) {
+      xq[i * gs + b] = (int8_t)lrintf(xg[2 * b] * inv);
+      xq[i * gs + half + b] = (int8_t)lrintf(xg[2 * b + 1] * inv);
+    }
+    step[i] = amax / 127;
+    sum[i] = total;
+  }
+  #pragma omp parallel for schedule(static)
+  for (long n = 0; n < N; n++) {
+    for (long m = 0; m < M; m++) {
+      float acc = 0;
+#ifdef AVX2
+      __m256 vacc = _mm256_setzero_ps();
+      const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+#endif
+      for (long g = 0; g < G; g++) {
+        const uint8_t* p = w + n * (K / 2) + g * half;
+        const int8_t* even = xq + (m * G + g) * gs;
+        const int8_t* odd = even + half;
+        float scale = s[n * G + g] * step[m * G + g];
+        acc += z[n * G + g] * sum[m * G + g];
+        long b = 0;
+#ifdef AVX2
+        if (half >= 32) {
+          __m256i dot = _mm256_setzero_si256();
+          for (; b + 32 <= half; b += 32) {  /* 32 bytes = 64 weights: u8 nibbles x s8 activations -> int32 */
+            __m256i v = _mm256_loadu_si256((const __m256i*)(p + b));
+            __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+            __m256i pairs = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(even + b))),
+                _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(odd + b))));
+            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+          }
+          vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), vacc);
+        }
+#endif
+        int32_t dot = 0;
+        for (; b < half; b++) dot += (p[b] & 15) * even[b] + (p[b] >> 4) * odd[b];
+        acc += scale * dot;
+      }
+#ifdef AVX2
+      acc += hsum(vacc);
+#endif
+      y[m * N + n] = acc;
+    }
+  }
+  free(xq);
+  free(step);
+}
+"""
+
+
+def _cpu_id() -> str:
+    """What -march=native builds for: the CPU's feature flags (Linux) or its name, so that a cache shared between
+    machines never hands one CPU a binary built for another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+@functools.cache
+def quant_kernels():
+    """QUANT_KERNELS_C as a ctypes library: built with the C compiler ($CC, else cc) for this CPU on first use (about a
+    second) into ~/.cache/nanollama, then loaded from there. None, with one warning, where that fails (no compiler,
+    no OpenMP): the products are then dequantised a block at a time (dequantised_linear)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256("\n".join([QUANT_KERNELS_C, *cmd, platform.machine(), _cpu_id()]).encode()).hexdigest()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanollama"
+    lib = cache / f"quant_kernels_{key[:16]}.so"
+    try:
+        if not lib.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            src, tmp = lib.with_suffix(f".{os.getpid()}.c"), lib.with_suffix(f".{os.getpid()}.tmp")
+            src.write_text(QUANT_KERNELS_C)
+            try:
+                subprocess.run([*cmd, str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
+                os.replace(tmp, lib)  # atomic: a process building beside this one never loads half a file
+            finally:
+                src.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
+        c = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1:] or [type(e).__name__]
+        warnings.warn(f"sample.py: cannot build the quantised matmul kernels with {cc} ({why[0][:200]}); "
+                      f"dequantising blocks of weights instead (slower decoding)")
+        return None
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    c.int8_matmul.argtypes = [ptr] * 4 + [long] * 3
+    c.int4_matmul.argtypes = [ptr] * 5 + [long] * 4
+    return c
+
+
+def int8_dequantize(weight, scales, dtype):
+    """Int8Linear's weight (rows, in) int8 and scales (rows,) -> the weight in dtype."""
+    return weight.to(dtype) * scales[:, None].to(dtype)
+
+
+def int4_dequantize(weight, scales, zeros, dtype):
+    """Int4Linear's packed weight (rows, in/2) and scales, zeros (rows, groups) -> the weight (rows, in) in dtype."""
+    q = torch.stack([weight & 0xF, weight >> 4], dim=-1)  # (rows, in/2, 2): low nibble = even column
+    q = q.reshape(weight.size(0), scales.size(1), -1).to(dtype)  # (rows, groups, group_size)
+    return (q * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]).flatten(1)
+
+
+def dequantised_linear(x, dequantize, weight, *params):
+    """x @ W^T for W = dequantize(weight, *params, x.dtype): on a CPU a block of kernels.CHUNK_WEIGHTS weights (rows of
+    every tensor) at a time, reused from cache, so memory never holds a dequantised matrix; elsewhere all at once."""
+    if x.device.type != "cpu":
+        return kernels.linear(x, dequantize(weight, *params, x.dtype))
+    out = x.new_empty(*x.shape[:-1], weight.size(0))
+    step = max(1, kernels.CHUNK_WEIGHTS // x.size(-1))
+    for s in range(0, weight.size(0), step):
+        rows = slice(s, s + step)
+        out[..., rows] = kernels.linear(x, dequantize(weight[rows], *(p[rows] for p in params), x.dtype))
+    return out
+
+
+# The kernels as torch ops (a torch.compile'd decode step keeps them in its graph), dequantising where none was built.
+@torch.library.custom_op("nanollama::int8_matmul", mutates_args=())
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 @ (weight (N, K) int8 * scales (N,) fp32)^T."""
+    c = quant_kernels()
+    if c is None:
+        return dequantised_linear(x, int8_dequantize, weight, scales)
+    x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
+    y = x.new_empty(x.size(0), weight.size(0))
+    c.int8_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
+    return y
+
+
+@torch.library.custom_op("nanollama::int4_matmul", mutates_args=())
+def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 @ W^T for Int4Linear's packed weight (N, K/2) and fp32 scales, zeros (N, groups)."""
+    c = quant_kernels()
+    if c is None:
+        return dequantised_linear(x, int4_dequantize, weight, scales, zeros)
+    x, weight, scales, zeros = x.contiguous(), weight.contiguous(), scales.contiguous(), zeros.contiguous()
+    y = x.new_empty(x.size(0), weight.size(0))
+    c.int4_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), *y.shape,
+                  x.size(1), x.size(1) // scales.size(1))
+    return y
+
+
+@int8_matmul.register_fake
+@int4_matmul.register_fake
+def _(x, weight, *_):
+    return x.new_empty(x.size(0), weight.size(0))
+
+
+class QuantizedLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: a few fp32 rows on a CPU (a decode step) go through the kernel, reading
+    each stored byte once; more rows (prefill), other devices and dtypes through dequantised_linear."""
+
+    def forward(self, x):
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and x.dtype == self.scales.dtype == torch.float32 and rows <= DECODE_ROWS:
+            return self.matmul(x.reshape(rows, self.in_features), *self.stored()).view(*x.shape[:-1], -1)
+        return dequantised_linear(x, self.unpack, *self.stored())
+
+    def dequantize(self, dtype):
+        return self.unpack(*self.stored(), dtype)
+
+    @torch.no_grad()
+    def quantize_from(self, w):
+        """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a block of rows at a time: a few MB
+        of fp32 scratch whatever the size of w."""
+        step = max(1, kernels.CHUNK_WEIGHTS // self.in_features)
+        for s in range(0, self.out_features, step):
+            for t, part in zip(self.stored(), self.quantize_rows(w[s:s + step].float())):
+                t[s:s + step] = part
+        return self
+
+
+class Int8Linear(QuantizedLinear):
     """y = x @ (int8 weight * per-output-channel scale)^T. Symmetric: w ~ q * scale, q in [-127, 127]."""
+    matmul, unpack = staticmethod(int8_matmul), staticmethod(int8_dequantize)
 
     def __init__(self, in_features, out_features, dtype=torch.float32, device=None):
         super().__init__()
@@ -269,20 +521,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
 
-    @torch.no_grad()
-    def quantize_from(self, w):
-        scales = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127  # (out,)
-        self.weight.copy_(torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.scales.copy_(scales)
-        return self
+    def stored(self):
+        return self.weight, self.scales
 
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+    @staticmethod
+    def quantize_rows(w):
+        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # (rows,)
+        return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """Group-wise asymmetric 4-bit weights: w ~ q * scale + zero per group of `group_size` input columns,
     q in [0, 15], two nibbles per byte (even column in the low nibble)."""
+    matmul, unpack = staticmethod(int4_matmul), staticmethod(int4_dequantize)
 
     def __init__(self, in_features, out_features, group_size=128, dtype=torch.float32, device=None):
         super().__init__()
@@ -292,26 +543,15 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
 
-    @torch.no_grad()
-    def quantize_from(self, w):
-        out_f, in_f = w.shape
-        g = w.float().reshape(out_f, in_f // self.group_size, self.group_size)  # (out, n_groups, group_size)
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (out, n_groups)
+    def stored(self):
+        return self.weight, self.scales, self.zeros
+
+    def quantize_rows(self, w):
+        g = w.reshape(w.size(0), -1, self.group_size)  # (rows, n_groups, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (rows, n_groups)
         scales = ((hi - lo) / 15).clamp(min=1e-8)
-        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
-        self.weight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))  # (out, in/2)
-        self.scales.copy_(scales)
-        self.zeros.copy_(lo)
-        return self
-
-    def dequantize(self, dtype):
-        q = torch.stack([self.weight & 0xF, self.weight >> 4], dim=-1)  # (out, in/2, 2)
-        q = q.reshape(self.out_features, -1, self.group_size).to(dtype)  # (out, n_groups, group_size)
-        w = q * self.scales.to(dtype)[..., None] + self.zeros.to(dtype)[..., None]
-        return w.reshape(self.out_features, self.in_features)
-
-    def forward(self, x):
-        return F.linear(x, self.dequantize(x.dtype))
+        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).flatten(1)
+        return q[:, 0::2] | (q[:, 1::2] << 4), scales, lo  # (rows, in/2): even column in the low nibble
 
 
 def quantize_model(model, mode, group_size=128, *, empty=False):
@@ -336,6 +576,22 @@ def quantize_model(model, mode, group_size=128, *, empty=False):
             q.quantize_from(w)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    return model
+
+
+@torch.no_grad()
+def quantize_from_meta(model, mode, group_size, weight, device="cpu"):
+    """Make a model built on the meta device real, straight into its quantised form: every linear layer's weight comes
+    from weight(name) (fp32, or anything .float() turns into it: a memory-mapped tensor, a random one) one at a time and
+    is quantised a block of rows at a time; the other tensors (embedding, norms) are weight(name) as they are. So a 7B
+    model never exists in fp32: memory holds the quantised model plus one fp32 weight."""
+    quantize_model(model, mode, group_size, empty=True)
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantizedLinear):
+            mod.to_empty(device=device).quantize_from(weight(f"{name}.weight"))
+    rest = {name: weight(name).to(device=device, dtype=p.dtype) for name, p in model.named_parameters()}
+    model.load_state_dict(rest, strict=False, assign=True)
+    model.materialize_buffers(device)
     return model
 
 
@@ -598,7 +854,6 @@ def main(argv=None, stdin=None, stdout=None):
         fail(f"--ckpt={args.ckpt}: no config.json there (expected a checkpoint dir from convert.py or train.py)")
     if not any(os.path.isfile(os.path.join(args.ckpt, f)) for f in prepare.TOKENIZER_FILES):
         fail(f"--ckpt={args.ckpt}: no tokenizer ({' or '.join(prepare.TOKENIZER_FILES)}) in the checkpoint dir")
-    import kernels
     device = args.device or kernels.device_type()
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     try:
