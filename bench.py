@@ -141,10 +141,35 @@ def n_params_flops(model_args: ModelArgs) -> int:
 # the two models: ours and transformers' LlamaForCausalLM with the same config and weights
 
 
-def build_ours(model_args: ModelArgs, device, seed: int) -> Transformer:
+def quantized_kernel() -> dict:
+    """Which way quantised weights decode here (sample.quant_kernels: the C kernels, or dequantising blocks of rows
+    where they cannot be built) and the seconds the first call took to build them, or to load them from the cache."""
+    from sample import quant_kernels
+
+    t0 = time.perf_counter()
+    built = quant_kernels() is not None
+    return {"kernel": "c" if built else "dequantised", "kernel_build_s": round(time.perf_counter() - t0, 2)}
+
+
+def build_ours(model_args: ModelArgs, device, seed: int, quantize=None, group_size=128) -> Transformer:
+    """Our model with random weights; quantised straight from the meta device one weight at a time with quantize
+    (sample.quantize_from_meta: a 7B model is never whole in fp32)."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        return Transformer(model_args)
+    if not quantize:
+        with torch.device(device):
+            return Transformer(model_args)
+    from sample import quantize_from_meta
+
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+
+    def weight(name):  # drawn as Transformer.init_weights draws it
+        w = torch.empty(shapes[name], device=device)
+        model.init_parameter(name, w)
+        return w
+
+    return quantize_from_meta(model, quantize, group_size, weight, device)
 
 
 def build_hf(model_args: ModelArgs, ours: Transformer, device):
@@ -255,7 +280,12 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
              f"max_seq_len={model_args.max_seq_len}")
     n = mm_size(model_args)
     peak = mm_peak_flops(dtype, n, device)
-    ours = build_ours(model_args, device, opt.seed)
+    t0 = time.perf_counter()
+    try:
+        ours = build_ours(model_args, device, opt.seed, opt.quantize, opt.group_size)
+    except ValueError as e:  # a --group_size that does not suit the preset's shapes
+        fail(str(e))
+    build_s = time.perf_counter() - t0
     if opt.lora_rank:
         from model import apply_lora
 
@@ -263,6 +293,9 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(opt.seed)
     result = {"mode": opt.mode, "preset": opt.preset, "dtype": opt.dtype, "device": device.type,
               "compile": opt.compile, "batch_size": opt.batch_size, "threads": torch.get_num_threads()}
+    if opt.quantize:
+        result.update(quantize=opt.quantize, group_size=opt.group_size if opt.quantize == "int4" else None,
+                      build_s=round(build_s, 1), **quantized_kernel())
     if opt.mode == "train":
         data = torch.randint(model_args.vocab_size, (opt.batch_size, opt.seq_len + 1), generator=g).to(device)
         batch = (data[:, :-1], data[:, 1:])  # (B, T) inputs and next-token targets
@@ -310,8 +343,11 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
                     decode_step = CompiledDecode()
             fn = generate_hf if hf else generate_ours
             with torch.inference_mode():
-                for _ in range(opt.warmup):
+                for i in range(opt.warmup):
+                    t0 = time.perf_counter()
                     fn(model, prompt, opt.new_tokens, decode_step)
+                    if i == 0 and not hf:  # with --compile: tracing and compiling the decode step
+                        result["first_call_s"] = round(time.perf_counter() - t0, 2)
 
             def timed():
                 with torch.inference_mode():
@@ -332,7 +368,9 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         row["tokens_per_s_runs"] = [round(tokens_per_call / s, 2) for s in seconds]
         return row
 
-    result.update(mm_peak_flops=round(peak), mm_size=n, params=ours.num_params())
+    with torch.device("meta"):
+        params = Transformer(model_args).num_params()  # a quantised model's linears hold buffers, not parameters
+    result.update(mm_peak_flops=round(peak), mm_size=n, params=params)
     if dtype != torch.float32:
         result["mm_peak_flops_fp32"] = round(peak_fp32)
     reset_peak_memory(device)
@@ -341,7 +379,7 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     def measure_stream():  # after workload(ours): the weights as decoding holds them (dtype, decode_layout)
         nonlocal stream
         weights = [t for name, t in [*ours.named_parameters(), *ours.named_buffers()]
-                   if t.dim() == 2 and not name.startswith(("tok_embeddings.", "rope_"))]
+                   if (t.dim() == 2 or name.endswith(".scales")) and not name.startswith(("tok_embeddings.", "rope_"))]
         stream = stream_peak_bytes(weights, device)
         result.update(bytes_per_token=sum(t.numel() * t.element_size() for t in weights),
                       stream_peak_bytes_per_s=round(stream))
@@ -625,6 +663,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1, 3 with --compile)")
     p.add_argument("--rounds", type=int, default=3, help="timings per model (medians reported)")
     p.add_argument("--compare", action="store_true", help="also run transformers' LlamaForCausalLM, alternated")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="generate: weights quantised as sample.py --quantize does, built one weight at a time")
+    p.add_argument("--group_size", type=int, default=128, help="--quantize=int4: weights per scale and zero")
     p.add_argument("--lora_rank", type=int, default=0, help="train: rank of LoRA adapters (0 = full training)")
     p.add_argument("--qlora", action="store_true", help="train: --lora_rank adapters on an NF4-quantised base")
     p.add_argument("--device", default=None, help="default: kernels.device_type()")
@@ -642,6 +683,9 @@ def parse_args(argv):
         fail(f"--warmup={opt.warmup}: expected >= 0")
     if opt.lora_rank < 0 or (opt.qlora and not opt.lora_rank):
         fail(f"--lora_rank={opt.lora_rank}: expected a positive rank with --qlora, >= 0 otherwise")
+    if opt.quantize and (opt.mode != "generate" or opt.compare):
+        fail(f"--quantize={opt.quantize}: measured in --mode=generate, without --compare (transformers' model has "
+             f"no int8/int4 linears)")
     if opt.lora_rank and (opt.mode != "train" or opt.compare):
         fail("--lora_rank: fine-tuning speed is measured in --mode=train, without --compare (transformers has no "
              "LoRA without peft)")

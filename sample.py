@@ -270,18 +270,18 @@ def decode_layout(model):
 #
 # Decoding a token multiplies one row of activations by every weight matrix, so its speed is the rate the weights
 # stream from memory: int8 and int4 read 4x and ~7x fewer bytes than fp32, if the product reads the stored bytes and
-# nothing more. Dequantising a matrix and calling F.linear also writes and rereads an fp32 copy of it (slower than
-# fp32 itself). One token through a 4096x11008 matrix on this project's 2-core AVX2 CPU (G weights/s, best of runs):
-#   fp32 torch.mm                                    ~3    (10-12 GB/s)
-#   torch._weight_int8pack_mm / _int4pack_mm_for_cpu  ~1.8 / ~1  (tuned for AVX-512 and AMX)
-#   torch.compile of a fused dequantise-and-dot       ~1-2.5  (inductor's int8 vector loads go through memory)
-#   dequantise 256 rows at a time, then torch.mv      ~1.5
-#   the C kernels below, int8 / int4                  ~15 / ~35  (the memory bound: ~20 / ~36)
-# So a few rows of activations on a CPU (a decode step) go through the C kernels, built for the CPU at hand on first use
-# and cached; prefill, other devices, and machines without a C compiler dequantise a block of rows at a time into a
-# buffer that stays in cache (dequantised_linear).
-
-DECODE_ROWS = 4  # activation rows up to which the C kernels beat dequantising (prefill has more)
+# nothing more (dequantising a matrix for F.linear writes and rereads an fp32 copy: slower than fp32 itself). One
+# token through a 4096x4096 or 4096x11008 weight on this project's 2-core AVX2 CPU, best of alternated runs:
+#   fp32 torch.mm                                          4 G weights/s (16 GB/s, the memory bound)
+#   torch._weight_int8pack_mm / _weight_int4pack_mm_for_cpu  0.5-1.8 GB/s (written for AVX-512 and AMX)
+#   torch._int_mm (int8 x int8 -> int32), one row           0.2 GB/s
+#   torch.compile of a fused dequantise-and-dot             0.3-2.5 G weights/s a core (inductor's int8 loads
+#                                                           go through memory)
+#   dequantise a block of rows into cache, then F.linear    0.3-1 G weights/s (several passes per block)
+#   the C kernels below, int8 / int4                        15 / 24 G weights/s (14 / 13 GB/s)
+# and for 16-64 rows (prefill) the kernels still match or beat MKL's fp32 GEMM. So on a CPU every product goes through
+# them, built for the CPU at hand on first use and cached; other devices, and machines without a C compiler,
+# dequantise a block of rows at a time (dequantised_linear).
 
 QUANT_KERNELS_C = r"""
 #include <math.h>
@@ -297,9 +297,11 @@ static float hsum(__m256 v) {
 }
 #endif
 
+#define PARALLEL_WORK (1L << 18) /* multiply-adds below which one thread is faster than waking a second */
+
 /* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
 void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
-  #pragma omp parallel for schedule(static)
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
   for (long n = 0; n < N; n++) {
     const int8_t* wn = w + n * K;
     for (long m = 0; m < M; m++) {
@@ -322,66 +324,75 @@ void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long
 }
 
 /* y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15] two per byte
-   (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per group (step max|x| / 127) so
-   q . x is an integer dot product: 64 weights per step (vpmaddubsw), where converting each to fp32 would take 8. */
+   (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per block of 32 columns (step
+   max|x| / 127), so q . x runs in integers: 64 weights per step (vpmaddubsw) where fp32 would take 8 per step. The
+   codes are centred, (q - 8) * s + (z + 8 s), so that x's rounding errors are multiplied by |q - 8| <= 8. */
 void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
                  long M, long N, long K, long gs) {
-  long G = K / gs, half = gs / 2;
-  int8_t* xq = malloc(M * K);                     /* per group: its even columns, then its odd ones */
-  float* step = malloc(2 * M * G * sizeof(float)); /* per group: the int8 step, then the sum of x */
-  float* sum = step + M * G;
-  for (long i = 0; i < M * G; i++) {
-    const float* xg = x + i * gs;
-    float amax = 0, total = 0;
-    for (long k = 0; k < gs; k++) { amax = fmaxf(amax, fabsf(xg[k])); total += xg[k]; }
-    float inv = amax > 0 ? 127 / amax : 0;
-    for (long b = 0; b < half; b++) {
-      xq[i * gs + b] = (int8_t)lrintf(xg[2 * b] * inv);
-      xq[i * gs + half + b] = (int8_t)lrintf(xg[2 * b + 1] * inv);
+  long G = K / gs, C = (K + 63) / 64, B = (K + 31) / 32;  /* weight groups, 64-column chunks, 32-column blocks */
+  int8_t* xq = calloc(M * C * 64, 1);  /* per row and chunk: the int8 x of its 32 even columns, then of its odd */
+  int32_t* centre = malloc(M * C * 8 * sizeof(int32_t));  /* per chunk: 8 x the sum of xq under each int32 lane */
+  float* step = malloc((M * B + M * G) * sizeof(float));  /* per row: the step of each block, then x summed per group */
+  float* xsum = step + M * B;
+  for (long m = 0; m < M; m++) {
+    const float* xm = x + m * K;
+    for (long blk = 0; blk < B; blk++) {
+      float amax = 0;
+      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++) amax = fmaxf(amax, fabsf(xm[k]));
+      float inv = amax > 0 ? 127 / amax : 0;
+      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++)
+        xq[m * C * 64 + (k / 64) * 64 + (k % 2) * 32 + (k % 64) / 2] = (int8_t)lrintf(xm[k] * inv);
+      step[m * B + blk] = amax / 127;
     }
-    step[i] = amax / 127;
-    sum[i] = total;
+    for (long g = 0; g < G; g++) {
+      float t = 0;
+      for (long k = g * gs; k < g * gs + gs; k++) t += xm[k];
+      xsum[m * G + g] = t;
+    }
+    for (long i = 0; i < C * 8; i++) {  /* lane i % 8 of a chunk: bytes 4i..4i+3, their even and odd columns */
+      const int8_t* e = xq + m * C * 64 + (i / 8) * 64 + (i % 8) * 4;
+      centre[m * C * 8 + i] = 8 * (e[0] + e[1] + e[2] + e[3] + e[32] + e[33] + e[34] + e[35]);
+    }
   }
-  #pragma omp parallel for schedule(static)
+  long chunks = gs % 32 == 0 ? K / 64 : 0;  /* chunks of whole blocks, each block inside one group */
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
   for (long n = 0; n < N; n++) {
+    const uint8_t* p = w + n * (K / 2);
+    const float* sn = s + n * G;
     for (long m = 0; m < M; m++) {
+      const int8_t* xm = xq + m * C * 64;
+      const float* dx = step + m * B;
       float acc = 0;
+      long c = 0;
 #ifdef AVX2
-      __m256 vacc = _mm256_setzero_ps();
       const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-#endif
-      for (long g = 0; g < G; g++) {
-        const uint8_t* p = w + n * (K / 2) + g * half;
-        const int8_t* even = xq + (m * G + g) * gs;
-        const int8_t* odd = even + half;
-        float scale = s[n * G + g] * step[m * G + g];
-        acc += z[n * G + g] * sum[m * G + g];
-        long b = 0;
-#ifdef AVX2
-        if (half >= 32) {
-          __m256i dot = _mm256_setzero_si256();
-          for (; b + 32 <= half; b += 32) {  /* 32 bytes = 64 weights: u8 nibbles x s8 activations -> int32 */
-            __m256i v = _mm256_loadu_si256((const __m256i*)(p + b));
-            __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-            __m256i pairs = _mm256_add_epi16(
-                _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(even + b))),
-                _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(odd + b))));
-            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
-          }
-          vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), vacc);
-        }
-#endif
-        int32_t dot = 0;
-        for (; b < half; b++) dot += (p[b] & 15) * even[b] + (p[b] >> 4) * odd[b];
-        acc += scale * dot;
+      __m256 vacc = _mm256_setzero_ps();
+      for (long g = 0, end = gs; c < chunks; c++) {  /* 32 bytes = 64 weights, two blocks */
+        __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
+        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(xm + 64 * c))),
+                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xm + 64 * c + 32))));
+        __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),  /* lanes 0-3 the first block, 4-7 the second */
+                                       _mm256_loadu_si256((const __m256i*)(centre + (m * C + c) * 8)));
+        float s0 = sn[g] * dx[2 * c];
+        if (64 * c + 32 >= end) { g++; end += gs; }
+        float s1 = sn[g] * dx[2 * c + 1];
+        if (64 * c + 64 >= end) { g++; end += gs; }
+        __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
+        vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, vacc);
       }
-#ifdef AVX2
-      acc += hsum(vacc);
+      acc = hsum(vacc);
 #endif
+      for (long b = 32 * c; b < K / 2; b++) {  /* the rest, one byte (two weights) at a time */
+        const int8_t* xc = xm + (b / 32) * 64 + b % 32;
+        acc += sn[2 * b / gs] * dx[b / 16] * (float)(((p[b] & 15) - 8) * xc[0] + ((p[b] >> 4) - 8) * xc[32]);
+      }
+      for (long g = 0; g < G; g++) acc += (z[n * G + g] + 8 * sn[g]) * xsum[m * G + g];
       y[m * N + n] = acc;
     }
   }
   free(xq);
+  free(centre);
   free(step);
 }
 """
@@ -488,14 +499,15 @@ def _(x, weight, *_):
 
 
 class QuantizedLinear(nn.Module):
-    """What Int8Linear and Int4Linear share: a few fp32 rows on a CPU (a decode step) go through the kernel, reading
-    each stored byte once; more rows (prefill), other devices and dtypes through dequantised_linear."""
+    """What Int8Linear and Int4Linear share: on a CPU the product runs in a C kernel (in fp32, whatever the dtype of x),
+    reading each stored byte once; elsewhere it is dequantised_linear."""
 
     def forward(self, x):
-        rows = x.numel() // self.in_features
-        if x.device.type == "cpu" and x.dtype == self.scales.dtype == torch.float32 and rows <= DECODE_ROWS:
-            return self.matmul(x.reshape(rows, self.in_features), *self.stored()).view(*x.shape[:-1], -1)
-        return dequantised_linear(x, self.unpack, *self.stored())
+        if x.device.type != "cpu":
+            return dequantised_linear(x, self.unpack, *self.stored())
+        weight, *params = self.stored()
+        y = self.matmul(x.reshape(-1, self.in_features).float(), weight, *(p.float() for p in params))
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def dequantize(self, dtype):
         return self.unpack(*self.stored(), dtype)
@@ -615,17 +627,33 @@ def normalise_head(model):
     return model
 
 
-def load_model(ckpt, device, dtype):
-    """A checkpoint dir -> (Transformer in eval mode, config.json dict). Reads dirs written by --save_quantized."""
+def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None, family="llama"):
+    """A checkpoint dir -> (Transformer in eval mode, config.json dict). Reads dirs written by --save_quantized.
+    adapter: a LoRA adapter dir folded into the weights. quantize='int8'|'int4' quantises while loading, one weight
+    at a time from the memory-mapped file (a 7B model never whole in fp32)."""
     try:
         args, config = model_lib.read_config(ckpt)
         quant = config.get("quantization")
-        if not quant:
-            model = model_lib.Transformer.from_checkpoint(ckpt, device=device, dtype=dtype)
-            return normalise_head(model).eval(), config
+        if not quant and not quantize:
+            model = normalise_head(model_lib.Transformer.from_checkpoint(ckpt, device=device, dtype=dtype))
+            if adapter:
+                add_adapter(model, adapter, family)
+            return model.eval(), config
+        if not quant:  # names and shapes checked against config.json, nothing read yet
+            model = model_lib.Transformer.from_checkpoint(ckpt, device="meta", dtype=dtype)
         tensors = model_lib.load_tensors(ckpt)
     except model_lib.CheckpointError as e:
         fail(str(e))
+    if not quant:
+        updates, replaced = read_adapter(adapter, args, family) if adapter else ({}, {})
+
+        def weight(name):  # as the full-precision path: normalise_head, then the adapter
+            w = tensors[name]
+            w = F.normalize(w.float(), dim=-1) if name == "output.weight" and args.norm_head else w
+            return fold_adapter(name, w, updates, replaced)
+
+        normalise_head(model)  # the module type; weight() normalises the rows
+        return quantize_from_meta(model, quantize, group_size, weight, device).eval(), config
     # build the quantised structure on meta, then assign the saved tensors (nothing materialised twice)
     with torch.device("meta"):
         model = model_lib.Transformer(args)
@@ -641,21 +669,35 @@ def load_model(ckpt, device, dtype):
     return model.eval(), config
 
 
-def add_adapter(model, path, family: str = "llama"):
-    """Fold a LoRA adapter dir (PEFT's, as train.py writes, or our older one) into the model's weights:
-    W + scale * B A on every adapted weight (convert.py reads the formats and checks them against the model)."""
+def read_adapter(path, args, family: str = "llama"):
+    """A LoRA adapter dir (PEFT's, as train.py writes, or our older one) -> (updates, replaced), see fold_adapter
+    (convert.py reads the formats and checks them against the model)."""
     import convert
 
     try:
-        updates, replaced = convert.read_adapter(path, model.args, family)
+        return convert.read_adapter(path, args, family)
     except model_lib.CheckpointError as e:
         fail(f"--adapter={path}: {e}")
+
+
+def fold_adapter(name, w, updates, replaced):
+    """Weight `name` with its adapter folded in: W + scale * B A where adapted, the adapter's tensor where it replaces
+    one, else w itself."""
+    if name in replaced:
+        return replaced[name]
+    if name not in updates:
+        return w
+    u = updates[name]
+    return (w.float() + u.scale * (u.b.float() @ u.a.float()).to(w.device)).to(w.dtype)
+
+
+def add_adapter(model, path, family: str = "llama"):
+    """Fold a LoRA adapter dir into the weights of a full-precision model, in place."""
+    updates, replaced = read_adapter(path, model.args, family)
     with torch.no_grad():
-        for name, w in replaced.items():
-            model.get_parameter(name).copy_(w)
-        for name, u in updates.items():
+        for name in {*updates, *replaced}:
             p = model.get_parameter(name)
-            p.copy_(p.float() + u.scale * (u.b.float() @ u.a.float()).to(p.device))
+            p.copy_(fold_adapter(name, p, updates, replaced))
 
 
 def save_quantized(model, src_ckpt, dst, mode, group_size, family):
@@ -868,18 +910,15 @@ def main(argv=None, stdin=None, stdout=None):
              f"vocab_size={model_args.vocab_size} (a tokenizer from another model?)")
 
     t0 = time.perf_counter()
-    model, config = load_model(args.ckpt, device, dtype)
-    if args.adapter:
-        if config.get("quantization"):
-            fail(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint")
-        add_adapter(model, args.adapter, family)
-    if args.quantize:
-        if config.get("quantization"):
-            fail(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({config['quantization']})")
-        try:
-            quantize_model(model, args.quantize, args.group_size)
-        except ValueError as e:
-            fail(str(e))
+    quantized = ckpt_config.get("quantization")
+    if args.adapter and quantized:
+        fail(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint")
+    if args.quantize and quantized:
+        fail(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({quantized})")
+    try:  # quantised while loading, one weight at a time
+        model, config = load_model(args.ckpt, device, dtype, args.quantize, args.group_size, args.adapter, family)
+    except ValueError as e:  # a --group_size that does not suit the shapes
+        fail(str(e))
     log(f"loaded {args.ckpt} ({family}, {model.num_params():,} params, {args.quantize or config.get('quantization', {}).get('mode', args.dtype or str(dtype)[6:])}) "
         f"in {time.perf_counter() - t0:.1f}s; weights {model_bytes(model) / 2**20:.1f} MiB on {device}")
     if args.save_quantized:
