@@ -246,25 +246,30 @@ def time_train(step, batch, steps: int, device) -> tuple[float, float]:
 
 
 def generate_ours(model, prompt, new_tokens: int, decode_step):
+    """(tokens (B, new_tokens), seconds to the first token: the prefill)."""
     from sample import generate
 
-    rows = prompt.tolist()
-    out = list(generate(model, rows, new_tokens, temperature=0.0, decode_step=decode_step))  # (new_tokens, B)
-    return torch.tensor(out, dtype=torch.long).T  # (B, new_tokens)
+    out, t0 = [], time.perf_counter()
+    for step in generate(model, prompt.tolist(), new_tokens, temperature=0.0, decode_step=decode_step):
+        out.append(step)
+        if len(out) == 1:
+            first = time.perf_counter() - t0
+    return torch.tensor(out, dtype=torch.long).T, first
 
 
 def generate_hf(model, prompt, new_tokens: int, _decode_step=None):
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
-    return out[:, prompt.size(1):].cpu()  # (B, new_tokens)
+    return out[:, prompt.size(1):].cpu(), None  # (B, new_tokens), its prefill untimed
 
 
-def time_generate(fn, model, prompt, new_tokens, decode_step, device) -> tuple[float, torch.Tensor]:
+def time_generate(fn, model, prompt, new_tokens, decode_step, device) -> tuple[float, torch.Tensor, float | None]:
+    """(seconds, tokens (B, new_tokens), seconds to the first token or None)."""
     synchronize(device)
     t0 = time.perf_counter()
-    tokens = fn(model, prompt, new_tokens, decode_step)
+    tokens, first = fn(model, prompt, new_tokens, decode_step)
     synchronize(device)
-    return time.perf_counter() - t0, tokens
+    return time.perf_counter() - t0, tokens, first
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -389,8 +394,13 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         if opt.mode == "generate":
             measure_stream()
         runs = [timed() for _ in range(opt.rounds)]
-        result.update(summary([s for s, _ in runs]), peak_mem_gib=round(peak_memory_gib(device), 3),
-                      load_avg_1m=load_average())
+        result.update(summary([s for s, *_ in runs]))
+        if opt.mode == "generate" and opt.new_tokens > 1:  # the decode steps alone, the prefill left out
+            decode_s = statistics.median(s - first for s, _, first in runs)
+            decode_tokens_per_s = opt.batch_size * (opt.new_tokens - 1) / decode_s
+            result.update(decode_tokens_per_s=round(decode_tokens_per_s, 2),
+                          decode_mbu=figures(result["bytes_per_token"] * decode_tokens_per_s / stream))
+        result.update(peak_mem_gib=round(peak_memory_gib(device), 3), load_avg_1m=load_average())
         if opt.mode == "train":
             result["last_loss"] = round(runs[-1][1], 4)
         return result
@@ -402,7 +412,7 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     seconds, outputs = {k: [] for k in timed}, {}
     for _ in range(opt.rounds):  # alternate, so drifts in machine speed hit both alike
         for name, fn in timed.items():
-            s, out = fn()
+            s, out, *_ = fn()
             seconds[name].append(s)
             outputs.setdefault(name, out)
     for name in timed:
