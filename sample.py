@@ -681,10 +681,9 @@ def read_adapter(path, args, family: str = "llama"):
 
 
 def fold_adapter(name, w, updates, replaced):
-    """Weight `name` with its adapter folded in: W + scale * B A where adapted, the adapter's tensor where it replaces
-    one, else w itself."""
-    if name in replaced:
-        return replaced[name]
+    """Weight `name` with its adapter folded in: the adapter's tensor where it replaces w, then + scale * B A where it
+    is adapted."""
+    w = replaced.get(name, w)
     if name not in updates:
         return w
     u = updates[name]
