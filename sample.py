@@ -598,9 +598,10 @@ def quantize_from_meta(model, mode, group_size, weight, device="cpu"):
     is quantised a block of rows at a time; the other tensors (embedding, norms) are weight(name) as they are. So a 7B
     model never exists in fp32: memory holds the quantised model plus one fp32 weight."""
     quantize_model(model, mode, group_size, empty=True)
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantizedLinear):
-            mod.to_empty(device=device).quantize_from(weight(f"{name}.weight"))
+    layers = {name: mod.to_empty(device=device) for name, mod in model.named_modules()
+              if isinstance(mod, QuantizedLinear)}  # all first: quantising's scratch never sits between them
+    for name, mod in layers.items():
+        mod.quantize_from(weight(f"{name}.weight"))
     rest = {name: weight(name).to(device=device, dtype=p.dtype) for name, p in model.named_parameters()}
     model.load_state_dict(rest, strict=False, assign=True)
     model.materialize_buffers(device)
