@@ -432,6 +432,76 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# matvec: the ways to multiply one token by a quantised weight, side by side
+
+
+MATVEC_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): a 7B model's attention and MLP weights
+
+
+def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict:
+    """name -> (function computing x @ w^T from w quantised as sample.py stores it, bytes it reads): ours, torch's
+    packed CPU kernels, a dequantise-and-dot fused by torch.compile, and dequantising blocks of rows."""
+    from sample import (Int4Linear, Int8Linear, dequantised_linear, int4_dequantize, int4_matmul, int8_dequantize,
+                        int8_matmul)
+
+    q8 = Int8Linear(w.size(1), w.size(0)).quantize_from(w)
+    q4 = Int4Linear(w.size(1), w.size(0), group_size).quantize_from(w)
+    n8, n4 = [sum(t.numel() * t.element_size() for t in q.stored()) for q in (q8, q4)]
+    w_t = w.t().contiguous()  # (in, out), as sample.decode_layout holds fp32 weights
+    scales_and_zeros = torch.stack([q4.scales, q4.zeros + 8 * q4.scales], -1).transpose(0, 1).contiguous()  # q - 8
+    codes = torch.stack([q4.weight & 15, q4.weight >> 4], -1).flatten(1).int()
+    packed4 = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+    fused8 = torch.compile(lambda x, q, s: (x * q.float()).sum(-1) * s)
+    fused4 = torch.compile(lambda x, q, s, z: ((int4_dequantize(q, s, z, x.dtype)) * x).sum(-1))
+    return {
+        "fp32 torch.mm": (lambda: x @ w_t, 4 * w.numel()),
+        "int8 C kernel": (lambda: int8_matmul(x, q8.weight, q8.scales), n8),
+        "int8 torch._weight_int8pack_mm": (lambda: torch._weight_int8pack_mm(x, q8.weight, q8.scales), n8),
+        "int8 torch.compile dequantise-and-dot": (lambda: fused8(x, q8.weight, q8.scales), n8),
+        "int8 dequantised blocks": (lambda: dequantised_linear(x, int8_dequantize, q8.weight, q8.scales), n8),
+        "int4 C kernel": (lambda: int4_matmul(x, q4.weight, q4.scales, q4.zeros), n4),
+        "int4 torch._weight_int4pack_mm_for_cpu": (
+            lambda: torch._weight_int4pack_mm_for_cpu(x, packed4, group_size, scales_and_zeros), n4),
+        "int4 torch.compile dequantise-and-dot": (lambda: fused4(x, q4.weight, q4.scales, q4.zeros), n4),
+        "int4 dequantised blocks": (lambda: dequantised_linear(x, int4_dequantize, q4.weight, q4.scales, q4.zeros),
+                                    n4),
+    }
+
+
+def run_matvec(opt) -> dict:
+    """One token (x: 1 x in, fp32) times each MATVEC_SHAPES weight, every candidate alternated for --rounds rounds
+    (best of each: other processes come and go), beside the rate a plain pass reads the fp32 weight at (the memory
+    bound). Reports ms, GB/s of the bytes each reads, and G weights/s; the first call of the compiled ones (tracing
+    and building) is reported as compile_s."""
+    g = torch.Generator().manual_seed(opt.seed)
+    result = {"mode": "matvec", "device": "cpu", "threads": torch.get_num_threads(), "group_size": opt.group_size,
+              "rounds": opt.rounds, **quantized_kernel()}
+    for out_f, in_f in MATVEC_SHAPES:
+        w, x = torch.randn(out_f, in_f, generator=g) * 0.02, torch.randn(1, in_f, generator=g)
+        candidates = matvec_candidates(w, x, opt.group_size)
+        row = {"fp32 stream (sum)": {}, **{name: {} for name in candidates}}
+        for name, (fn, _) in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            if "compile" in name:
+                row[name]["compile_s"] = round(time.perf_counter() - t0, 1)
+        best = dict.fromkeys(candidates, math.inf)
+        for _ in range(opt.rounds):
+            for name, (fn, _) in candidates.items():
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        row["fp32 stream (sum)"]["GB_per_s"] = round(stream_peak_bytes([w], torch.device("cpu")) / 1e9, 2)
+        for name, (_, nbytes) in candidates.items():
+            row[name].update(ms=round(best[name] * 1e3, 3), GB_per_s=round(nbytes / best[name] / 1e9, 2),
+                             G_weights_per_s=round(w.numel() / best[name] / 1e9, 2))
+        result[f"{out_f}x{in_f}"] = row
+    result["load_avg_1m"] = load_average()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # training plan (train.py --dry_run): what a config needs per device on its mesh and how long a step takes, computed
 # from ModelArgs without allocating the model
 
@@ -662,7 +732,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="bench-llama", help="a model.PRESETS name")
     p.add_argument("--model_args", default=None, help='ModelArgs overrides as JSON, e.g. \'{"n_layers": 4}\'')
-    p.add_argument("--mode", choices=["train", "generate"], default="train")
+    p.add_argument("--mode", choices=["train", "generate", "matvec"], default="train")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--compile", action="store_true", help="compile the blocks (train) / the decode step (generate)")
     p.add_argument("--batch_size", type=int, default=None, help="default 4 for train, 1 for generate")
@@ -724,6 +794,8 @@ def main(argv=None) -> dict:
         if os.path.exists(opt.out) and not opt.overwrite:
             fail(f"--out={opt.out} exists; pass --overwrite to replace it")
         result = plot(opt.plot, opt.out)
+    elif opt.mode == "matvec":
+        result = run_matvec(opt)
     else:
         device = torch.device(opt.device or kernels.device_type())
         result = run_bench(opt, model_args_for(opt), device)

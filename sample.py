@@ -270,18 +270,12 @@ def decode_layout(model):
 #
 # Decoding a token multiplies one row of activations by every weight matrix, so its speed is the rate the weights
 # stream from memory: int8 and int4 read 4x and ~7x fewer bytes than fp32, if the product reads the stored bytes and
-# nothing more (dequantising a matrix for F.linear writes and rereads an fp32 copy: slower than fp32 itself). One
-# token through a 4096x4096 or 4096x11008 weight on this project's 2-core AVX2 CPU, best of alternated runs:
-#   fp32 torch.mm                                          4 G weights/s (16 GB/s, the memory bound)
-#   torch._weight_int8pack_mm / _weight_int4pack_mm_for_cpu  0.5-1.8 GB/s (written for AVX-512 and AMX)
-#   torch._int_mm (int8 x int8 -> int32), one row           0.2 GB/s
-#   torch.compile of a fused dequantise-and-dot             0.3-2.5 G weights/s a core (inductor's int8 loads
-#                                                           go through memory)
-#   dequantise a block of rows into cache, then F.linear    0.3-1 G weights/s (several passes per block)
-#   the C kernels below, int8 / int4                        15 / 24 G weights/s (14 / 13 GB/s)
-# and for 16-64 rows (prefill) the kernels still match or beat MKL's fp32 GEMM. So on a CPU every product goes through
-# them, built for the CPU at hand on first use and cached; other devices, and machines without a C compiler,
-# dequantise a block of rows at a time (dequantised_linear).
+# nothing more (dequantising a matrix for F.linear writes and rereads an fp32 copy: slower than fp32 itself). On an
+# AVX2 CPU neither torch's packed int8/int4 kernels (written for AVX-512 and AMX) nor a dequantise-and-dot fused by
+# torch.compile come near that rate (`bench.py --mode=matvec` measures each side by side), so on a CPU every product
+# goes through the two small C kernels below, built for the CPU at hand on first use and cached; with 16-64 rows
+# (prefill) they still match MKL's fp32 GEMM. Other devices, and machines without a C compiler, dequantise a block of
+# rows at a time (dequantised_linear).
 
 QUANT_KERNELS_C = r"""
 #include <math.h>
@@ -298,6 +292,7 @@ static float hsum(__m256 v) {
 #endif
 
 #define PARALLEL_WORK (1L << 18) /* multiply-adds below which one thread is faster than waking a second */
+#define PREFETCH 1024 /* bytes ahead asked for early: the hardware prefetcher alone leaves DRAM idle 10-25% */
 
 /* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
 void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
@@ -310,11 +305,13 @@ void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long
       long k = 0;
 #ifdef AVX2
       __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (; k + 32 <= K; k += 32)  /* 4 x 8 weights: sign-extend to int32, convert, multiply-add */
+      for (; k + 32 <= K; k += 32) {  /* 4 x 8 weights: sign-extend to int32, convert, multiply-add */
+        __builtin_prefetch(wn + k + PREFETCH);
         for (int j = 0; j < 4; j++)
           a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
                                      _mm_loadl_epi64((const __m128i*)(wn + k + 8 * j)))),
                                  _mm256_loadu_ps(xm + k + 8 * j), a[j]);
+      }
       acc = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
 #endif
       for (; k < K; k++) acc += xm[k] * wn[k];
@@ -368,10 +365,12 @@ void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* 
       const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
       __m256 vacc = _mm256_setzero_ps();
       for (long g = 0, end = gs; c < chunks; c++) {  /* 32 bytes = 64 weights, two blocks */
+        __builtin_prefetch(p + 32 * c + PREFETCH);
         __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
         __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)(xm + 64 * c))),
-                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xm + 64 * c + 32))));
+        __m256i even = _mm256_loadu_si256((const __m256i*)(xm + 64 * c));
+        __m256i odd = _mm256_loadu_si256((const __m256i*)(xm + 64 * c + 32));
+        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
         __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),  /* lanes 0-3 the first block, 4-7 the second */
                                        _mm256_loadu_si256((const __m256i*)(centre + (m * C + c) * 8)));
         float s0 = sn[g] * dx[2 * c];
