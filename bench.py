@@ -151,10 +151,35 @@ def n_params_flops(model_args: ModelArgs) -> int:
 # the two models: ours and transformers' LlamaForCausalLM with the same config and weights
 
 
-def build_ours(model_args: ModelArgs, device, seed: int) -> Transformer:
+def quantized_kernel() -> dict:
+    """Which way quantised weights decode here (sample.quant_kernels: the C kernels, or dequantising blocks of rows
+    where they cannot be built) and the seconds the first call took to build them, or to load them from the cache."""
+    from sample import quant_kernels
+
+    t0 = time.perf_counter()
+    built = quant_kernels() is not None
+    return {"kernel": "c" if built else "dequantised", "kernel_build_s": round(time.perf_counter() - t0, 2)}
+
+
+def build_ours(model_args: ModelArgs, device, seed: int, quantize=None, group_size=128) -> Transformer:
+    """Our model with random weights; quantised straight from the meta device one weight at a time with quantize
+    (sample.quantize_from_meta: a 7B model is never whole in fp32)."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        return Transformer(model_args)
+    if not quantize:
+        with torch.device(device):
+            return Transformer(model_args)
+    from sample import quantize_from_meta
+
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+
+    def weight(name):  # drawn as Transformer.init_weights draws it
+        w = torch.empty(shapes[name], device=device)
+        model.init_parameter(name, w)
+        return w
+
+    return quantize_from_meta(model, quantize, group_size, weight, device)
 
 
 def build_hf(model_args: ModelArgs, ours: Transformer, device):
@@ -231,25 +256,30 @@ def time_train(step, batch, steps: int, device) -> tuple[float, float]:
 
 
 def generate_ours(model, prompt, new_tokens: int, decode_step):
+    """(tokens (B, new_tokens), seconds to the first token: the prefill)."""
     from sample import generate
 
-    rows = prompt.tolist()
-    out = list(generate(model, rows, new_tokens, temperature=0.0, decode_step=decode_step))  # (new_tokens, B)
-    return torch.tensor(out, dtype=torch.long).T  # (B, new_tokens)
+    out, t0 = [], time.perf_counter()
+    for step in generate(model, prompt.tolist(), new_tokens, temperature=0.0, decode_step=decode_step):
+        out.append(step)
+        if len(out) == 1:
+            first = time.perf_counter() - t0
+    return torch.tensor(out, dtype=torch.long).T, first
 
 
 def generate_hf(model, prompt, new_tokens: int, _decode_step=None):
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, use_cache=True,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
-    return out[:, prompt.size(1):].cpu()  # (B, new_tokens)
+    return out[:, prompt.size(1):].cpu(), None  # (B, new_tokens), its prefill untimed
 
 
-def time_generate(fn, model, prompt, new_tokens, decode_step, device) -> tuple[float, torch.Tensor]:
+def time_generate(fn, model, prompt, new_tokens, decode_step, device) -> tuple[float, torch.Tensor, float | None]:
+    """(seconds, tokens (B, new_tokens), seconds to the first token or None)."""
     synchronize(device)
     t0 = time.perf_counter()
-    tokens = fn(model, prompt, new_tokens, decode_step)
+    tokens, first = fn(model, prompt, new_tokens, decode_step)
     synchronize(device)
-    return time.perf_counter() - t0, tokens
+    return time.perf_counter() - t0, tokens, first
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -265,7 +295,12 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
              f"max_seq_len={model_args.max_seq_len}")
     n = mm_size(model_args)
     peak = mm_peak_flops(dtype, n, device)
-    ours = build_ours(model_args, device, opt.seed)
+    t0 = time.perf_counter()
+    try:
+        ours = build_ours(model_args, device, opt.seed, opt.quantize, opt.group_size)
+    except ValueError as e:  # a --group_size that does not suit the preset's shapes
+        fail(str(e))
+    build_s = time.perf_counter() - t0
     if opt.lora_rank:
         from model import apply_lora
 
@@ -273,6 +308,9 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(opt.seed)
     result = {"mode": opt.mode, "preset": opt.preset, "dtype": opt.dtype, "device": device.type,
               "compile": opt.compile, "batch_size": opt.batch_size, "threads": torch.get_num_threads()}
+    if opt.quantize:
+        result.update(quantize=opt.quantize, group_size=opt.group_size if opt.quantize == "int4" else None,
+                      build_s=round(build_s, 1), **quantized_kernel())
     if opt.mode == "train":
         data = torch.randint(model_args.vocab_size, (opt.batch_size, opt.seq_len + 1), generator=g).to(device)
         batch = (data[:, :-1], data[:, 1:])  # (B, T) inputs and next-token targets
@@ -320,8 +358,11 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
                     decode_step = CompiledDecode()
             fn = generate_hf if hf else generate_ours
             with torch.inference_mode():
-                for _ in range(opt.warmup):
+                for i in range(opt.warmup):
+                    t0 = time.perf_counter()
                     fn(model, prompt, opt.new_tokens, decode_step)
+                    if i == 0 and not hf:  # with --compile: tracing and compiling the decode step
+                        result["first_call_s"] = round(time.perf_counter() - t0, 2)
 
             def timed():
                 with torch.inference_mode():
@@ -342,7 +383,9 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         row["tokens_per_s_runs"] = [round(tokens_per_call / s, 2) for s in seconds]
         return row
 
-    result.update(mm_peak_flops=round(peak), mm_size=n, params=ours.num_params())
+    with torch.device("meta"):
+        params = Transformer(model_args).num_params()  # a quantised model's linears hold buffers, not parameters
+    result.update(mm_peak_flops=round(peak), mm_size=n, params=params)
     if dtype != torch.float32:
         result["mm_peak_flops_fp32"] = round(peak_fp32)
     reset_peak_memory(device)
@@ -351,7 +394,7 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     def measure_stream():  # after workload(ours): the weights as decoding holds them (dtype, decode_layout)
         nonlocal stream
         weights = [t for name, t in [*ours.named_parameters(), *ours.named_buffers()]
-                   if t.dim() == 2 and not name.startswith(("tok_embeddings.", "rope_"))]
+                   if (t.dim() == 2 or name.endswith(".scales")) and not name.startswith(("tok_embeddings.", "rope_"))]
         stream = stream_peak_bytes(weights, device)
         result.update(bytes_per_token=sum(t.numel() * t.element_size() for t in weights),
                       stream_peak_bytes_per_s=round(stream))
@@ -361,8 +404,13 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         if opt.mode == "generate":
             measure_stream()
         runs = [timed() for _ in range(opt.rounds)]
-        result.update(summary([s for s, _ in runs]), peak_mem_gib=round(peak_memory_gib(device), 3),
-                      load_avg_1m=load_average())
+        result.update(summary([s for s, *_ in runs]))
+        if opt.mode == "generate" and opt.new_tokens > 1:  # the decode steps alone, the prefill left out
+            decode_s = statistics.median(s - first for s, _, first in runs)
+            decode_tokens_per_s = opt.batch_size * (opt.new_tokens - 1) / decode_s
+            result.update(decode_tokens_per_s=round(decode_tokens_per_s, 2),
+                          decode_mbu=figures(result["bytes_per_token"] * decode_tokens_per_s / stream))
+        result.update(peak_mem_gib=round(peak_memory_gib(device), 3), load_avg_1m=load_average())
         if opt.mode == "train":
             result["last_loss"] = round(runs[-1][1], 4)
         return result
@@ -374,7 +422,7 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     seconds, outputs = {k: [] for k in timed}, {}
     for _ in range(opt.rounds):  # alternate, so drifts in machine speed hit both alike
         for name, fn in timed.items():
-            s, out = fn()
+            s, out, *_ = fn()
             seconds[name].append(s)
             outputs.setdefault(name, out)
     for name in timed:
@@ -645,6 +693,76 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# matvec: the ways to multiply one token by a quantised weight, side by side
+
+
+MATVEC_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): a 7B model's attention and MLP weights
+
+
+def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict:
+    """name -> (function computing x @ w^T from w quantised as sample.py stores it, bytes it reads): ours, torch's
+    packed CPU kernels, a dequantise-and-dot fused by torch.compile, and dequantising blocks of rows."""
+    from sample import (Int4Linear, Int8Linear, dequantised_linear, int4_dequantize, int4_matmul, int8_dequantize,
+                        int8_matmul)
+
+    q8 = Int8Linear(w.size(1), w.size(0)).quantize_from(w)
+    q4 = Int4Linear(w.size(1), w.size(0), group_size).quantize_from(w)
+    n8, n4 = [sum(t.numel() * t.element_size() for t in q.stored()) for q in (q8, q4)]
+    w_t = w.t().contiguous()  # (in, out), as sample.decode_layout holds fp32 weights
+    scales_and_zeros = torch.stack([q4.scales, q4.zeros + 8 * q4.scales], -1).transpose(0, 1).contiguous()  # q - 8
+    codes = torch.stack([q4.weight & 15, q4.weight >> 4], -1).flatten(1).int()
+    packed4 = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+    fused8 = torch.compile(lambda x, q, s: (x * q.float()).sum(-1) * s)
+    fused4 = torch.compile(lambda x, q, s, z: ((int4_dequantize(q, s, z, x.dtype)) * x).sum(-1))
+    return {
+        "fp32 torch.mm": (lambda: x @ w_t, 4 * w.numel()),
+        "int8 C kernel": (lambda: int8_matmul(x, q8.weight, q8.scales), n8),
+        "int8 torch._weight_int8pack_mm": (lambda: torch._weight_int8pack_mm(x, q8.weight, q8.scales), n8),
+        "int8 torch.compile dequantise-and-dot": (lambda: fused8(x, q8.weight, q8.scales), n8),
+        "int8 dequantised blocks": (lambda: dequantised_linear(x, int8_dequantize, q8.weight, q8.scales), n8),
+        "int4 C kernel": (lambda: int4_matmul(x, q4.weight, q4.scales, q4.zeros), n4),
+        "int4 torch._weight_int4pack_mm_for_cpu": (
+            lambda: torch._weight_int4pack_mm_for_cpu(x, packed4, group_size, scales_and_zeros), n4),
+        "int4 torch.compile dequantise-and-dot": (lambda: fused4(x, q4.weight, q4.scales, q4.zeros), n4),
+        "int4 dequantised blocks": (lambda: dequantised_linear(x, int4_dequantize, q4.weight, q4.scales, q4.zeros),
+                                    n4),
+    }
+
+
+def run_matvec(opt) -> dict:
+    """One token (x: 1 x in, fp32) times each MATVEC_SHAPES weight, every candidate alternated for --rounds rounds
+    (best of each: other processes come and go), beside the rate a plain pass reads the fp32 weight at (the memory
+    bound). Reports ms, GB/s of the bytes each reads, and G weights/s; the first call of the compiled ones (tracing
+    and building) is reported as compile_s."""
+    g = torch.Generator().manual_seed(opt.seed)
+    result = {"mode": "matvec", "device": "cpu", "threads": torch.get_num_threads(), "group_size": opt.group_size,
+              "rounds": opt.rounds, **quantized_kernel()}
+    for out_f, in_f in MATVEC_SHAPES:
+        w, x = torch.randn(out_f, in_f, generator=g) * 0.02, torch.randn(1, in_f, generator=g)
+        candidates = matvec_candidates(w, x, opt.group_size)
+        row = {"fp32 stream (sum)": {}, **{name: {} for name in candidates}}
+        for name, (fn, _) in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            if "compile" in name:
+                row[name]["compile_s"] = round(time.perf_counter() - t0, 1)
+        best = dict.fromkeys(candidates, math.inf)
+        for _ in range(opt.rounds):
+            for name, (fn, _) in candidates.items():
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[name] = min(best[name], time.perf_counter() - t0)
+        row["fp32 stream (sum)"]["GB_per_s"] = round(stream_peak_bytes([w], torch.device("cpu")) / 1e9, 2)
+        for name, (_, nbytes) in candidates.items():
+            row[name].update(ms=round(best[name] * 1e3, 3), GB_per_s=round(nbytes / best[name] / 1e9, 2),
+                             G_weights_per_s=round(w.numel() / best[name] / 1e9, 2))
+        result[f"{out_f}x{in_f}"] = row
+    result["load_avg_1m"] = load_average()
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # training plan (train.py --dry_run): what a config needs per device on its mesh and how long a step takes, computed
 # from ModelArgs without allocating the model
 
@@ -900,8 +1018,9 @@ def parse_args(argv):
     p.add_argument("--preset", default=None, help="a model.PRESETS name (default bench-llama; npu-check: "
                                                 "baichuan2-13b)")
     p.add_argument("--model_args", default=None, help='ModelArgs overrides as JSON, e.g. \'{"n_layers": 4}\'')
-    p.add_argument("--mode", choices=["train", "generate", "serve", "npu-check"], default="train",
-                   help="npu-check: every fused Ascend op against the portable path, on an NPU")
+    p.add_argument("--mode", choices=["train", "generate", "serve", "matvec", "npu-check"], default="train",
+                   help="matvec: one token times a quantised 7B weight, every way; npu-check: every fused Ascend op "
+                   "against the portable path, on an NPU")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--compile", action="store_true", help="compile the blocks (train) / the decode step (generate)")
     p.add_argument("--batch_size", type=int, default=None,
@@ -914,6 +1033,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1, 3 with --compile)")
     p.add_argument("--rounds", type=int, default=3, help="timings per model (medians reported)")
     p.add_argument("--compare", action="store_true", help="also run transformers' LlamaForCausalLM, alternated")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="generate: weights quantised as sample.py --quantize does, built one weight at a time")
+    p.add_argument("--group_size", type=int, default=128, help="--quantize=int4: weights per scale and zero")
     p.add_argument("--lora_rank", type=int, default=0, help="train: rank of LoRA adapters (0 = full training)")
     p.add_argument("--qlora", action="store_true", help="train: --lora_rank adapters on an NF4-quantised base")
     p.add_argument("--device", default=None, help="default: kernels.device_type()")
@@ -943,6 +1065,9 @@ def parse_args(argv):
     for key in ("max_rel_err", "max_abs_err"):
         if getattr(opt, key) is not None and (getattr(opt, key) < 0 or not opt.plot or len(opt.plot) != 2):
             fail(f"--{key}={getattr(opt, key)}: expected a value >= 0 with --plot REFERENCE RUN (two metrics files)")
+    if opt.quantize and (opt.mode != "generate" or opt.compare):
+        fail(f"--quantize={opt.quantize}: measured in --mode=generate, without --compare (transformers' model has "
+             f"no int8/int4 linears)")
     if opt.lora_rank and (opt.mode != "train" or opt.compare):
         fail("--lora_rank: fine-tuning speed is measured in --mode=train, without --compare (transformers has no "
              "LoRA without peft)")
@@ -975,6 +1100,8 @@ def main(argv=None) -> dict:
         result = plot(opt.plot, opt.out)
         if opt.max_rel_err is not None or opt.max_abs_err is not None:
             result["within_criterion"] = check_criterion(result, opt.max_rel_err, opt.max_abs_err)
+    elif opt.mode == "matvec":
+        result = run_matvec(opt)
     elif opt.mode == "npu-check":
         device = torch.device(opt.device or kernels.device_type())
         if device.type != "npu":

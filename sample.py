@@ -26,11 +26,17 @@ buffers allocated once; only the last position's logits are sampled; everything 
 """
 import argparse
 import collections
+import ctypes
+import functools
+import hashlib
 import json
 import os
+import platform
 import queue
 import resource
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -40,11 +46,13 @@ import uuid
 import warnings
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 import model as model_lib
 import prepare
 
@@ -301,10 +309,265 @@ def decode_layout(model):
 
 
 # -----------------------------------------------------------------------------
-# weight-only quantisation (gpt-fast style: small nn.Linear replacements, dequantised in the compute dtype)
+# weight-only quantisation: int8 per output channel, int4 per group of input columns
+#
+# Decoding a token multiplies one row of activations by every weight matrix, so its speed is the rate the weights
+# stream from memory: int8 and int4 read 4x and ~7x fewer bytes than fp32, if the product reads the stored bytes and
+# nothing more (dequantising a matrix for F.linear writes and rereads an fp32 copy: slower than fp32 itself). On an
+# AVX2 CPU neither torch's packed int8/int4 kernels (written for AVX-512 and AMX) nor a dequantise-and-dot fused by
+# torch.compile come near that rate (`bench.py --mode=matvec` measures each side by side), so on a CPU every product
+# goes through the two small C kernels below, built for the CPU at hand on first use and cached; with 16-64 rows
+# (prefill) they still match MKL's fp32 GEMM. Other devices, and machines without a C compiler, dequantise a block of
+# rows at a time (dequantised_linear).
 
-class Int8Linear(nn.Module):
+QUANT_KERNELS_C = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define AVX2 1
+static float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+#define PARALLEL_WORK (1L << 18) /* multiply-adds below which one thread is faster than waking a second */
+#define PREFETCH 1024 /* bytes ahead asked for early: the hardware prefetcher alone leaves DRAM idle 10-25% */
+
+/* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
+void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
+  for (long n = 0; n < N; n++) {
+    const int8_t* wn = w + n * K;
+    for (long m = 0; m < M; m++) {
+      const float* xm = x + m * K;
+      float acc = 0;
+      long k = 0;
+#ifdef AVX2
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (; k + 32 <= K; k += 32) {  /* 4 x 8 weights: sign-extend to int32, convert, multiply-add */
+        __builtin_prefetch(wn + k + PREFETCH);
+        for (int j = 0; j < 4; j++)
+          a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                     _mm_loadl_epi64((const __m128i*)(wn + k + 8 * j)))),
+                                 _mm256_loadu_ps(xm + k + 8 * j), a[j]);
+      }
+      acc = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+#endif
+      for (; k < K; k++) acc += xm[k] * wn[k];
+      y[m * N + n] = acc * s[n];
+    }
+  }
+}
+
+/* y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15] two per byte
+   (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per block of 32 columns (step
+   max|x| / 127), so q . x runs in integers: 64 weights per step (vpmaddubsw) where fp32 would take 8 per step. The
+   codes are centred, (q - 8) * s + (z + 8 s), so that x's rounding errors are multiplied by |q - 8| <= 8. */
+void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
+                 long M, long N, long K, long gs) {
+  long G = K / gs, C = (K + 63) / 64, B = (K + 31) / 32;  /* weight groups, 64-column chunks, 32-column blocks */
+  int8_t* xq = calloc(M * C * 64, 1);  /* per row and chunk: the int8 x of its 32 even columns, then of its odd */
+  int32_t* centre = malloc(M * C * 8 * sizeof(int32_t));  /* per chunk: 8 x the sum of xq under each int32 lane */
+  float* step = malloc((M * B + M * G) * sizeof(float));  /* per row: the step of each block, then x summed per group */
+  float* xsum = step + M * B;
+  for (long m = 0; m < M; m++) {
+    const float* xm = x + m * K;
+    for (long blk = 0; blk < B; blk++) {
+      float amax = 0;
+      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++) amax = fmaxf(amax, fabsf(xm[k]));
+      float inv = amax > 0 ? 127 / amax : 0;
+      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++)
+        xq[m * C * 64 + (k / 64) * 64 + (k % 2) * 32 + (k % 64) / 2] = (int8_t)lrintf(xm[k] * inv);
+      step[m * B + blk] = amax / 127;
+    }
+    for (long g = 0; g < G; g++) {
+      float t = 0;
+      for (long k = g * gs; k < g * gs + gs; k++) t += xm[k];
+      xsum[m * G + g] = t;
+    }
+    for (long i = 0; i < C * 8; i++) {  /* lane i % 8 of a chunk: bytes 4i..4i+3, their even and odd columns */
+      const int8_t* e = xq + m * C * 64 + (i / 8) * 64 + (i % 8) * 4;
+      centre[m * C * 8 + i] = 8 * (e[0] + e[1] + e[2] + e[3] + e[32] + e[33] + e[34] + e[35]);
+    }
+  }
+  long chunks = gs % 32 == 0 ? K / 64 : 0;  /* chunks of whole blocks, each block inside one group */
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
+  for (long n = 0; n < N; n++) {
+    const uint8_t* p = w + n * (K / 2);
+    const float* sn = s + n * G;
+    for (long m = 0; m < M; m++) {
+      const int8_t* xm = xq + m * C * 64;
+      const float* dx = step + m * B;
+      float acc = 0;
+      long c = 0;
+#ifdef AVX2
+      const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+      __m256 vacc = _mm256_setzero_ps();
+      for (long g = 0, end = gs; c < chunks; c++) {  /* 32 bytes = 64 weights, two blocks */
+        __builtin_prefetch(p + 32 * c + PREFETCH);
+        __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
+        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        __m256i even = _mm256_loadu_si256((const __m256i*)(xm + 64 * c));
+        __m256i odd = _mm256_loadu_si256((const __m256i*)(xm + 64 * c + 32));
+        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+        __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),  /* lanes 0-3 the first block, 4-7 the second */
+                                       _mm256_loadu_si256((const __m256i*)(centre + (m * C + c) * 8)));
+        float s0 = sn[g] * dx[2 * c];
+        if (64 * c + 32 >= end) { g++; end += gs; }
+        float s1 = sn[g] * dx[2 * c + 1];
+        if (64 * c + 64 >= end) { g++; end += gs; }
+        __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
+        vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, vacc);
+      }
+      acc = hsum(vacc);
+#endif
+      for (long b = 32 * c; b < K / 2; b++) {  /* the rest, one byte (two weights) at a time */
+        const int8_t* xc = xm + (b / 32) * 64 + b % 32;
+        acc += sn[2 * b / gs] * dx[b / 16] * (float)(((p[b] & 15) - 8) * xc[0] + ((p[b] >> 4) - 8) * xc[32]);
+      }
+      for (long g = 0; g < G; g++) acc += (z[n * G + g] + 8 * sn[g]) * xsum[m * G + g];
+      y[m * N + n] = acc;
+    }
+  }
+  free(xq);
+  free(centre);
+  free(step);
+}
+"""
+
+
+def _cpu_id() -> str:
+    """What -march=native builds for: the CPU's feature flags (Linux) or its name, so that a cache shared between
+    machines never hands one CPU a binary built for another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+@functools.cache
+def quant_kernels():
+    """QUANT_KERNELS_C as a ctypes library: built with the C compiler ($CC, else cc) for this CPU on first use (about a
+    second) into ~/.cache/nanollama, then loaded from there. None, with one warning, where that fails (no compiler,
+    no OpenMP): the products are then dequantised a block at a time (dequantised_linear)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256("\n".join([QUANT_KERNELS_C, *cmd, platform.machine(), _cpu_id()]).encode()).hexdigest()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanollama"
+    lib = cache / f"quant_kernels_{key[:16]}.so"
+    try:
+        if not lib.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            src, tmp = lib.with_suffix(f".{os.getpid()}.c"), lib.with_suffix(f".{os.getpid()}.tmp")
+            src.write_text(QUANT_KERNELS_C)
+            try:
+                subprocess.run([*cmd, str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
+                os.replace(tmp, lib)  # atomic: a process building beside this one never loads half a file
+            finally:
+                src.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
+        c = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1:] or [type(e).__name__]
+        warnings.warn(f"sample.py: cannot build the quantised matmul kernels with {cc} ({why[0][:200]}); "
+                      f"dequantising blocks of weights instead (slower decoding)")
+        return None
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    c.int8_matmul.argtypes = [ptr] * 4 + [long] * 3
+    c.int4_matmul.argtypes = [ptr] * 5 + [long] * 4
+    return c
+
+
+def int8_dequantize(weight, scales, dtype):
+    """Int8Linear's weight (rows, in) int8 and scales (rows,) -> the weight in dtype."""
+    return weight.to(dtype) * scales[:, None].to(dtype)
+
+
+def int4_dequantize(weight, scales, zeros, dtype):
+    """Int4Linear's packed weight (rows, in/2) and scales, zeros (rows, groups) -> the weight (rows, in) in dtype."""
+    q = torch.stack([weight & 0xF, weight >> 4], dim=-1)  # (rows, in/2, 2): low nibble = even column
+    q = q.reshape(weight.size(0), scales.size(1), -1).to(dtype)  # (rows, groups, group_size)
+    return (q * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]).flatten(1)
+
+
+def dequantised_linear(x, dequantize, weight, *params):
+    """x @ W^T for W = dequantize(weight, *params, x.dtype): on a CPU a block of kernels.CHUNK_WEIGHTS weights (rows of
+    every tensor) at a time, reused from cache, so memory never holds a dequantised matrix; elsewhere all at once."""
+    if x.device.type != "cpu":
+        return kernels.linear(x, dequantize(weight, *params, x.dtype))
+    out = x.new_empty(*x.shape[:-1], weight.size(0))
+    step = max(1, kernels.CHUNK_WEIGHTS // x.size(-1))
+    for s in range(0, weight.size(0), step):
+        rows = slice(s, s + step)
+        out[..., rows] = kernels.linear(x, dequantize(weight[rows], *(p[rows] for p in params), x.dtype))
+    return out
+
+
+# The kernels as torch ops (a torch.compile'd decode step keeps them in its graph), dequantising where none was built.
+@torch.library.custom_op("nanollama::int8_matmul", mutates_args=())
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 @ (weight (N, K) int8 * scales (N,) fp32)^T."""
+    c = quant_kernels()
+    if c is None:
+        return dequantised_linear(x, int8_dequantize, weight, scales)
+    x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
+    y = x.new_empty(x.size(0), weight.size(0))
+    c.int8_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
+    return y
+
+
+@torch.library.custom_op("nanollama::int4_matmul", mutates_args=())
+def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 @ W^T for Int4Linear's packed weight (N, K/2) and fp32 scales, zeros (N, groups)."""
+    c = quant_kernels()
+    if c is None:
+        return dequantised_linear(x, int4_dequantize, weight, scales, zeros)
+    x, weight, scales, zeros = x.contiguous(), weight.contiguous(), scales.contiguous(), zeros.contiguous()
+    y = x.new_empty(x.size(0), weight.size(0))
+    c.int4_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), *y.shape,
+                  x.size(1), x.size(1) // scales.size(1))
+    return y
+
+
+@int8_matmul.register_fake
+@int4_matmul.register_fake
+def _(x, weight, *_):
+    return x.new_empty(x.size(0), weight.size(0))
+
+
+class QuantizedLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: on a CPU the product runs in a C kernel (in fp32, whatever the dtype of x),
+    reading each stored byte once; elsewhere it is dequantised_linear."""
+
+    def forward(self, x):
+        if x.device.type != "cpu":
+            return dequantised_linear(x, self.unpack, *self.stored())
+        weight, *params = self.stored()
+        y = self.matmul(x.reshape(-1, self.in_features).float(), weight, *(p.float() for p in params))
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, dtype):
+        return self.unpack(*self.stored(), dtype)
+
+    @torch.no_grad()
+    def quantize_from(self, w):
+        """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a block of rows at a time: a few MB
+        of fp32 scratch whatever the size of w."""
+        step = max(1, kernels.CHUNK_WEIGHTS // self.in_features)
+        for s in range(0, self.out_features, step):
+            for t, part in zip(self.stored(), self.quantize_rows(w[s:s + step].float())):
+                t[s:s + step] = part
+        return self
+
+
+class Int8Linear(QuantizedLinear):
     """y = x @ (int8 weight * per-output-channel scale)^T. Symmetric: w ~ q * scale, q in [-127, 127]."""
+    matmul, unpack = staticmethod(int8_matmul), staticmethod(int8_dequantize)
 
     def __init__(self, in_features, out_features, dtype=torch.float32, device=None):
         super().__init__()
@@ -312,20 +575,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
 
-    @torch.no_grad()
-    def quantize_from(self, w):
-        scales = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127  # (out,)
-        self.weight.copy_(torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.scales.copy_(scales)
-        return self
+    def stored(self):
+        return self.weight, self.scales
 
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+    @staticmethod
+    def quantize_rows(w):
+        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # (rows,)
+        return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """Group-wise asymmetric 4-bit weights: w ~ q * scale + zero per group of `group_size` input columns,
     q in [0, 15], two nibbles per byte (even column in the low nibble)."""
+    matmul, unpack = staticmethod(int4_matmul), staticmethod(int4_dequantize)
 
     def __init__(self, in_features, out_features, group_size=128, dtype=torch.float32, device=None):
         super().__init__()
@@ -335,26 +597,15 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
 
-    @torch.no_grad()
-    def quantize_from(self, w):
-        out_f, in_f = w.shape
-        g = w.float().reshape(out_f, in_f // self.group_size, self.group_size)  # (out, n_groups, group_size)
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (out, n_groups)
+    def stored(self):
+        return self.weight, self.scales, self.zeros
+
+    def quantize_rows(self, w):
+        g = w.reshape(w.size(0), -1, self.group_size)  # (rows, n_groups, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (rows, n_groups)
         scales = ((hi - lo) / 15).clamp(min=1e-8)
-        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
-        self.weight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))  # (out, in/2)
-        self.scales.copy_(scales)
-        self.zeros.copy_(lo)
-        return self
-
-    def dequantize(self, dtype):
-        q = torch.stack([self.weight & 0xF, self.weight >> 4], dim=-1)  # (out, in/2, 2)
-        q = q.reshape(self.out_features, -1, self.group_size).to(dtype)  # (out, n_groups, group_size)
-        w = q * self.scales.to(dtype)[..., None] + self.zeros.to(dtype)[..., None]
-        return w.reshape(self.out_features, self.in_features)
-
-    def forward(self, x):
-        return F.linear(x, self.dequantize(x.dtype))
+        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).flatten(1)
+        return q[:, 0::2] | (q[:, 1::2] << 4), scales, lo  # (rows, in/2): even column in the low nibble
 
 
 def quantize_model(model, mode, group_size=128, *, empty=False):
@@ -382,6 +633,23 @@ def quantize_model(model, mode, group_size=128, *, empty=False):
     return model
 
 
+@torch.no_grad()
+def quantize_from_meta(model, mode, group_size, weight, device="cpu"):
+    """Make a model built on the meta device real, straight into its quantised form: every linear layer's weight comes
+    from weight(name) (fp32, or anything .float() turns into it: a memory-mapped tensor, a random one) one at a time and
+    is quantised a block of rows at a time; the other tensors (embedding, norms) are weight(name) as they are. So a 7B
+    model never exists in fp32: memory holds the quantised model plus one fp32 weight."""
+    quantize_model(model, mode, group_size, empty=True)
+    layers = {name: mod.to_empty(device=device) for name, mod in model.named_modules()
+              if isinstance(mod, QuantizedLinear)}  # all first: quantising's scratch never sits between them
+    for name, mod in layers.items():
+        mod.quantize_from(weight(f"{name}.weight"))
+    rest = {name: weight(name).to(device=device, dtype=p.dtype) for name, p in model.named_parameters()}
+    model.load_state_dict(rest, strict=False, assign=True)
+    model.materialize_buffers(device)
+    return model
+
+
 def model_bytes(model):
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
@@ -405,17 +673,33 @@ def normalise_head(model):
 QUANTIZATION = {"quantization": dict, "quantization.mode": str, "quantization.group_size": (int, "[1, inf)")}
 
 
-def load_model(ckpt, device, dtype):
-    """A checkpoint dir -> (Transformer in eval mode, config.json dict). Reads dirs written by --save_quantized."""
+def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None, family="llama"):
+    """A checkpoint dir -> (Transformer in eval mode, config.json dict). Reads dirs written by --save_quantized.
+    adapter: a LoRA adapter dir folded into the weights. quantize='int8'|'int4' quantises while loading, one weight
+    at a time from the memory-mapped file (a 7B model never whole in fp32)."""
     try:
         args, config = model_lib.read_config(ckpt)
         quant = config.get("quantization")
-        if not quant:
-            model = model_lib.Transformer.from_checkpoint(ckpt, device=device, dtype=dtype)
-            return normalise_head(model).eval(), config
+        if not quant and not quantize:
+            model = normalise_head(model_lib.Transformer.from_checkpoint(ckpt, device=device, dtype=dtype))
+            if adapter:
+                add_adapter(model, adapter, family)
+            return model.eval(), config
+        if not quant:  # names and shapes checked against config.json, nothing read yet
+            model = model_lib.Transformer.from_checkpoint(ckpt, device="meta", dtype=dtype)
         tensors = model_lib.load_tensors(ckpt)
     except model_lib.CheckpointError as e:
         fail(str(e))
+    if not quant:
+        updates, replaced = read_adapter(adapter, args, family) if adapter else ({}, {})
+
+        def weight(name):  # as the full-precision path: normalise_head, then the adapter
+            w = tensors[name]
+            w = F.normalize(w.float(), dim=-1) if name == "output.weight" and args.norm_head else w
+            return fold_adapter(name, w, updates, replaced)
+
+        normalise_head(model)  # the module type; weight() normalises the rows
+        return quantize_from_meta(model, quantize, group_size, weight, device).eval(), config
     # build the quantised structure on meta, then assign the saved tensors (nothing materialised twice)
     with torch.device("meta"):
         model = model_lib.Transformer(args)
@@ -439,8 +723,6 @@ def load_model(ckpt, device, dtype):
 def check_memory(args, device, dtype, ckpt):
     """Refuse, before loading, a model whose weights and one sequence's KV cache exceed the device's available
     memory (counted on the meta device: nothing allocated)."""
-    import kernels
-
     with torch.device("meta"):
         n = model_lib.Transformer(args).num_params()
     need = (n + 2 * args.n_layers * args.kv_heads * args.head_dim * args.max_seq_len) * dtype.itemsize
@@ -450,21 +732,34 @@ def check_memory(args, device, dtype, ckpt):
              f"which has {available / 2**30:.1f} GiB available (try --dtype=bfloat16)")
 
 
-def add_adapter(model, path, family: str = "llama"):
-    """Fold a LoRA adapter dir (PEFT's, as train.py writes, or our older one) into the model's weights:
-    W + scale * B A on every adapted weight (convert.py reads the formats and checks them against the model)."""
+def read_adapter(path, args, family: str = "llama"):
+    """A LoRA adapter dir (PEFT's, as train.py writes, or our older one) -> (updates, replaced), see fold_adapter
+    (convert.py reads the formats and checks them against the model)."""
     import convert
 
     try:
-        updates, replaced = convert.read_adapter(path, model.args, family)
+        return convert.read_adapter(path, args, family)
     except model_lib.CheckpointError as e:
         fail(f"--adapter={path}: {e}")
+
+
+def fold_adapter(name, w, updates, replaced):
+    """Weight `name` with its adapter folded in: the adapter's tensor where it replaces w, then + scale * B A where it
+    is adapted."""
+    w = replaced.get(name, w)
+    if name not in updates:
+        return w
+    u = updates[name]
+    return (w.float() + u.scale * (u.b.float() @ u.a.float()).to(w.device)).to(w.dtype)
+
+
+def add_adapter(model, path, family: str = "llama"):
+    """Fold a LoRA adapter dir into the weights of a full-precision model, in place."""
+    updates, replaced = read_adapter(path, model.args, family)
     with torch.no_grad():
-        for name, w in replaced.items():
-            model.get_parameter(name).copy_(w)
-        for name, u in updates.items():
+        for name in {*updates, *replaced}:
             p = model.get_parameter(name)
-            p.copy_(p.float() + u.scale * (u.b.float() @ u.a.float()).to(p.device))
+            p.copy_(fold_adapter(name, p, updates, replaced))
 
 
 def save_quantized(model, src_ckpt, dst, mode, group_size, family):
@@ -1240,7 +1535,6 @@ def main(argv=None, stdin=None, stdout=None):
         fail(f"--ckpt={args.ckpt}: no config.json there (expected a checkpoint dir from convert.py or train.py)")
     if not any(os.path.isfile(os.path.join(args.ckpt, f)) for f in prepare.TOKENIZER_FILES):
         fail(f"--ckpt={args.ckpt}: no tokenizer ({' or '.join(prepare.TOKENIZER_FILES)}) in the checkpoint dir")
-    import kernels
     try:
         device = str(kernels.check_device(args.device)) if args.device else kernels.device_type()
     except ValueError as e:
@@ -1259,18 +1553,15 @@ def main(argv=None, stdin=None, stdout=None):
 
     check_memory(model_args, device, dtype, args.ckpt)
     t0 = time.perf_counter()
-    model, config = load_model(args.ckpt, device, dtype)
-    if args.adapter:
-        if config.get("quantization"):
-            fail(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint")
-        add_adapter(model, args.adapter, family)
-    if args.quantize:
-        if config.get("quantization"):
-            fail(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({config['quantization']})")
-        try:
-            quantize_model(model, args.quantize, args.group_size)
-        except ValueError as e:
-            fail(str(e))
+    quantized = ckpt_config.get("quantization")
+    if args.adapter and quantized:
+        fail(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint")
+    if args.quantize and quantized:
+        fail(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({quantized})")
+    try:  # quantised while loading, one weight at a time
+        model, config = load_model(args.ckpt, device, dtype, args.quantize, args.group_size, args.adapter, family)
+    except ValueError as e:  # a --group_size that does not suit the shapes
+        fail(str(e))
     log(f"loaded {args.ckpt} ({family}, {model.num_params():,} params, {args.quantize or config.get('quantization', {}).get('mode', args.dtype or str(dtype)[6:])}) "
         f"in {time.perf_counter() - t0:.1f}s; weights {model_bytes(model) / 2**20:.1f} MiB on {device}")
     if args.save_quantized:

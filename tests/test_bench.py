@@ -64,6 +64,25 @@ def test_serve_times_concurrent_and_sequential_clients():
     assert 1 <= result["largest_batch"] <= 3  # the server never batches more than --batch_size clients
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_generate_quantized_reports_the_bytes_decoding_reads(mode):
+    result = bench.main([*TINY_GENERATE, f"--quantize={mode}", "--group_size=16", "--new_tokens=4", "--warmup=1"])
+    check_speed(result)
+    args = bench.PRESETS["tiny"]
+    kv = args.kv_heads * args.head_dim  # 32
+    shapes = [(64, 64), (kv, 64), (kv, 64), (64, 64), (176, 64), (64, 176), (176, 64)] * args.n_layers + [(512, 64)]
+    if mode == "int8":  # a byte per weight and an fp32 scale per row
+        want = sum(rows * cols + 4 * rows for rows, cols in shapes)
+    else:  # half a byte per weight, an fp32 scale and zero per 16
+        want = sum(rows * cols // 2 + 8 * rows * cols // 16 for rows, cols in shapes)
+    assert result["quantize"] == mode and result["bytes_per_token"] == want
+    assert result["params"] == sum(r * c for r, c in shapes) + 512 * 64 + (2 * args.n_layers + 1) * 64
+    assert result["kernel"] in ("c", "dequantised") and result["kernel_build_s"] >= 0 and result["build_s"] > 0
+    assert result["decode_tokens_per_s"] > 0 and result["first_call_s"] > 0 and result["peak_mem_gib"] > 0.05
+    assert result["decode_mbu"] == pytest.approx(result["bytes_per_token"] * result["decode_tokens_per_s"]
+                                                 / result["stream_peak_bytes_per_s"], rel=0.01)
+
+
 def test_bfloat16_train_reports_both_peaks():
     result = bench.main([*TINY_TRAIN, "--dtype=bfloat16"])
     check_speed(result)
@@ -188,6 +207,10 @@ def test_bad_flags_are_one_line_errors():
         bench.main(["--qlora"])
     with pytest.raises(SystemExit, match="--lora_rank: fine-tuning speed is measured in --mode=train"):
         bench.main(["--mode=generate", "--lora_rank=8"])
+    with pytest.raises(SystemExit, match="--quantize=int8: measured in --mode=generate, without --compare"):
+        bench.main(["--mode=train", "--quantize=int8"])
+    with pytest.raises(SystemExit, match="--group_size=48 does not suit layer layers.0.attention.wq"):
+        bench.main([*TINY_GENERATE, "--quantize=int4", "--group_size=48"])
 
 
 def test_cpu_bf16_matmul_on_fp32_units_matches_torch_bf16(monkeypatch):

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import convert
+import prepare
 import sample
 from convert import write_checkpoint
 from model import PRESETS, LoRALinear, Transformer, apply_lora, load_tensors, lora_state_dict, merge_lora
@@ -116,6 +117,22 @@ def test_sample_adapter_flag_folds_a_peft_adapter_like_merge_and_unload(tmp_path
     assert out == bytes(i for i in greedy if i < 256).decode("utf-8", errors="replace") + "\n"
     base = Transformer.from_checkpoint(ckpt).eval()
     assert list(sample.generate(base, prompt, 10, temperature=0, eos_id=257)) != greedy
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_sample_quantises_while_loading_with_the_adapter_folded_first(tmp_path, mode):
+    ckpt, peft_model = peft_llama(tmp_path)
+    adapter = save_peft(peft_model, tmp_path / "adapter")
+    full, _ = sample.load_model(ckpt, "cpu", torch.float32)
+    sample.add_adapter(full, adapter, "llama")
+    want = logits(sample.quantize_model(full, mode, group_size=16))
+    got, _ = sample.load_model(ckpt, "cpu", torch.float32, mode, 16, adapter, "llama")  # one weight at a time
+    assert torch.equal(logits(got), want)
+    out = run_cli(["--ckpt", ckpt, "--adapter", adapter, "--quantize", mode, "--group_size", 16, "--prompt", "hello",
+                   "--temperature", 0, "--max_new_tokens", 6])
+    prompt = [256] + list(b"hello")
+    greedy = sample.generate(got, prompt, 6, temperature=0, eos_id=257)
+    assert out == "".join(sample.stream_text(prepare.load_tokenizer(ckpt), greedy, prompt)) + "\n"
 
 
 def tiny_baichuan(tmp_path):

@@ -247,6 +247,122 @@ def test_quantized_model_saves_and_loads(tiny, tmp_path, mode):
                                                                                             temperature=0))
 
 
+def quantized(mode, rows, cols, group_size=16, seed=0):
+    torch.manual_seed(seed)
+    w = torch.randn(rows, cols)
+    layer = sample.Int8Linear(cols, rows) if mode == "int8" else sample.Int4Linear(cols, rows, group_size)
+    return layer.quantize_from(w), w
+
+
+def kernels_built():
+    if sample.quant_kernels() is None:  # a machine without a C compiler: the fallback's own test covers it
+        pytest.skip("no C compiler here: the quantised matmul kernels could not be built")
+
+
+# (rows, cols, group size): int4's vector loop takes 64 columns at a time when the group size is a multiple of 32;
+# the others, and the columns left over, take its byte-at-a-time loop
+@pytest.mark.parametrize("mode,rows,cols,group_size", [
+    ("int8", 33, 64, None), ("int8", 7, 100, None), ("int8", 40, 4160, None),
+    ("int4", 8, 64, 16), ("int4", 33, 96, 32), ("int4", 17, 256, 64), ("int4", 40, 512, 128), ("int4", 5, 4160, 64)])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_kernels_compute_the_product_with_the_dequantised_weight(mode, rows, cols, group_size, m):
+    kernels_built()
+    layer, w = quantized(mode, rows, cols, group_size)
+    x = torch.randn(2, m, cols)
+    want = x @ layer.dequantize(torch.float32).T
+    got = layer(x)
+    assert got.shape == (2, m, rows)
+    if mode == "int8":  # the same products, summed in another order
+        assert (got - want).norm() / want.norm() < 1e-5
+    else:  # x rounded to int8 per 32 columns: ~0.5% off, against int4's own ~10% from the true weight
+        assert (got - want).norm() / want.norm() < 0.015
+        exact = x @ w.T
+        assert (got - exact).norm() / exact.norm() < 1.1 * (want - exact).norm() / exact.norm()
+
+
+def test_decoding_never_dequantises_a_weight(tiny, monkeypatch):
+    import copy
+
+    kernels_built()
+    models = {mode: sample.quantize_model(copy.deepcopy(tiny), mode, group_size=16) for mode in ("int8", "int4")}
+    want = {mode: list(sample.generate(m, PROMPT, 8, temperature=0)) for mode, m in models.items()}
+
+    def refuse(*_):
+        raise AssertionError("a dequantised weight was built")
+
+    monkeypatch.setattr(sample, "dequantised_linear", refuse)
+    for mode, m in models.items():  # prefill and every decode step read the stored bytes only
+        assert list(sample.generate(m, PROMPT, 8, temperature=0)) == want[mode]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_without_kernels_products_are_dequantised_a_block_of_rows_at_a_time(mode, monkeypatch):
+    import kernels
+
+    layer, _ = quantized(mode, 40, 64)
+    x = torch.randn(3, 64)
+    want = x @ layer.dequantize(torch.float32).T
+    monkeypatch.setattr(sample, "quant_kernels", lambda: None)
+    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 64 * 16)  # blocks of 16 rows: 16, 16, 8
+    blocks = []
+    unpack = sample.int8_dequantize if mode == "int8" else sample.int4_dequantize
+    monkeypatch.setattr(sample, f"{mode}_dequantize", lambda w, *p: blocks.append(w.size(0)) or unpack(w, *p))
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    assert blocks == [16, 16, 8]
+
+
+def test_a_failed_kernel_build_warns_and_leaves_the_dequantising_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build to fall back on
+    with pytest.warns(UserWarning, match="cannot build the quantised matmul kernels .*dequantising"):
+        assert sample.quant_kernels.__wrapped__() is None
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantising_in_blocks_of_rows_changes_nothing(mode, monkeypatch):
+    import kernels
+
+    w = torch.randn(40, 64).to(torch.bfloat16)  # any float dtype in: a bf16 checkpoint's memory-mapped tensor
+    layer = lambda: sample.Int8Linear(64, 40) if mode == "int8" else sample.Int4Linear(64, 40, 16)
+    whole = layer().quantize_from(w.float())
+    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 64 * 16)
+    blocks = layer().quantize_from(w)  # 16 rows at a time
+    for a, b in zip(whole.stored(), blocks.stored()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_model_built_on_meta_straight_into_quantised_form_equals_the_quantised_model(tiny, mode):
+    import copy
+
+    want = sample.quantize_model(copy.deepcopy(tiny), mode, group_size=16)
+    with torch.device("meta"):
+        meta = model_lib.Transformer(tiny.args)
+    state, asked = tiny.state_dict(), []
+    built = sample.quantize_from_meta(meta, mode, 16, lambda name: asked.append(name) or state[name])
+    assert sorted(asked) == sorted(name for name, _ in tiny.named_parameters())  # each weight once
+    assert not any(t.is_meta for t in [*built.parameters(), *built.buffers()])
+    idx = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        assert torch.equal(built(idx)[0], want(idx)[0])
+
+
+@pytest.mark.parametrize("norm_head", [False, True], ids=["llama", "normhead"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path, mode, norm_head):
+    import convert
+
+    args = model_lib.ModelArgs(**{**model_lib.PRESETS["tiny"].__dict__, "norm_head": norm_head})
+    torch.manual_seed(0)
+    convert.write_checkpoint(tmp_path, model_lib.Transformer(args).state_dict(), args, "baichuan2")
+    full, _ = sample.load_model(tmp_path, "cpu", torch.float32)
+    want = sample.quantize_model(full, mode, group_size=16)
+    got, _ = sample.load_model(tmp_path, "cpu", torch.float32, mode, 16)
+    idx = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        assert torch.equal(got(idx)[0], want(idx)[0])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_decode_gives_the_same_greedy_tokens(tiny, dtype):
