@@ -68,7 +68,7 @@ def test_generate_quantized_reports_the_bytes_decoding_reads(mode):
         want = sum(rows * cols // 2 + 8 * rows * cols // 16 for rows, cols in shapes)
     assert result["quantize"] == mode and result["bytes_per_token"] == want
     assert result["params"] == sum(r * c for r, c in shapes) + 512 * 64 + (2 * args.n_layers + 1) * 64
-    assert result["kernel"] in ("c", "dequantised") and result["kernel_build_s"] >= 0 and result["build_s"] > 0
+    assert result["kernel"] in ("c", "dequantised") and result["kernel_build_s"] >= 0 and result["build_s"] >= 0
     assert result["decode_tokens_per_s"] > 0 and result["first_call_s"] > 0 and result["peak_mem_gib"] > 0.05
     assert result["decode_mbu"] == pytest.approx(result["bytes_per_token"] * result["decode_tokens_per_s"]
                                                  / result["stream_peak_bytes_per_s"], rel=0.01)
