@@ -422,12 +422,15 @@ def quant_kernels():
             cache.mkdir(parents=True, exist_ok=True)
             src, tmp = lib.with_suffix(f".{os.getpid()}.c"), lib.with_suffix(f".{os.getpid()}.tmp")
             src.write_text(QUANT_KERNELS_C)
+            t0 = time.perf_counter()
             try:
                 subprocess.run([*cmd, str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
                 os.replace(tmp, lib)  # atomic: a process building beside this one never loads half a file
             finally:
                 src.unlink(missing_ok=True)
                 tmp.unlink(missing_ok=True)
+            log(f"sample.py: built the quantised matmul kernels for this CPU in {time.perf_counter() - t0:.1f}s "
+                f"({lib})")
         c = ctypes.CDLL(str(lib))
     except (OSError, subprocess.CalledProcessError) as e:
         why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1:] or [type(e).__name__]
