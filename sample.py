@@ -459,7 +459,7 @@ def int4_dequantize(weight, scales, zeros, dtype):
 
 def dequantised_linear(x, dequantize, weight, *params):
     """x @ W^T for W = dequantize(weight, *params, x.dtype): on a CPU a block of kernels.CHUNK_WEIGHTS weights (rows of
-    every tensor) at a time, reused from cache, so memory never holds a dequantised matrix; elsewhere all at once."""
+    every tensor) at a time, so memory never holds a dequantised matrix; elsewhere all at once."""
     if x.device.type != "cpu":
         return kernels.linear(x, dequantize(weight, *params, x.dtype))
     out = x.new_empty(*x.shape[:-1], weight.size(0))
@@ -518,8 +518,8 @@ class QuantizedLinear(nn.Module):
 
     @torch.no_grad()
     def quantize_from(self, w):
-        """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a block of rows at a time: a few MB
-        of fp32 scratch whatever the size of w."""
+        """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a block of kernels.CHUNK_WEIGHTS
+        weights at a time: tens of MB of fp32 scratch whatever the size of w."""
         step = max(1, kernels.CHUNK_WEIGHTS // self.in_features)
         for s in range(0, self.out_features, step):
             for t, part in zip(self.stored(), self.quantize_rows(w[s:s + step].float())):
