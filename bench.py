@@ -2,6 +2,8 @@
 
     python bench.py --preset=bench-llama --mode=train --dtype=float32            # one JSON line
     python bench.py --preset=bench-llama --mode=generate --dtype=bfloat16 --compile
+    python bench.py --preset=baichuan-7b --mode=generate --quantize=int4 --new_tokens=32   # a 7B on a CPU
+    python bench.py --mode=matvec         # one token times a 7B weight, each way to multiply it quantised, alternated
     python bench.py --mode=train --compare        # ours and transformers' LlamaForCausalLM alternated, medians, ratio
     python bench.py --mode=train --lora_rank=8 [--qlora]    # fine-tuning speed: LoRA adapters (on an NF4 base)
     python bench.py --preset=bench-llama --mode=serve --batch_size=4   # 4 HTTP clients at once vs one after another
@@ -23,6 +25,10 @@ them) times tokens/s over the best rate the device streams them in the same proc
 Peak memory is torch.{cuda,npu}.max_memory_allocated on accelerators, the process's ru_maxrss on CPU (in --compare
 the process holds both models, so it is one figure for the pair). load_avg_1m is the machine's load at the end: on a
 shared CPU other processes take cores and memory bandwidth, so compare only figures from one --compare run.
+
+--quantize=int8|int4 decodes with sample.py's quantised linears; the model is built on the meta device and each weight
+drawn in fp32 then quantised, one at a time (sample.quantize_from_meta), so a 7B model never exists in fp32. Generate
+mode also reports decode_tokens_per_s and decode_mbu, the prefill (time to the first token) left out.
 
 --lora_rank=R trains rank-R adapters on every block linear (model.apply_lora, as train.py's lora_rank) with the base
 frozen, --qlora on an NF4 base. Their MFU counts 4 FLOPs per frozen weight (forward + input gradient), 6 per adapter
@@ -293,7 +299,7 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     if opt.mode == "generate" and opt.prompt_len + opt.new_tokens > model_args.max_seq_len:
         fail(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
              f"max_seq_len={model_args.max_seq_len}")
-    n = mm_size(model_args)
+    n = mm_size(model_args) if opt.mode == "train" else min(mm_size(model_args), 4096)  # 16384: minutes on a CPU
     peak = mm_peak_flops(dtype, n, device)
     t0 = time.perf_counter()
     try:
@@ -713,12 +719,17 @@ def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict
     codes = torch.stack([q4.weight & 15, q4.weight >> 4], -1).flatten(1).int()
     packed4 = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
     fused8 = torch.compile(lambda x, q, s: (x * q.float()).sum(-1) * s)
+
+    def int_mm(x, q, s):  # x rounded to int8 (one step per row), then int8 x int8 -> int32
+        step = x.abs().amax(-1, keepdim=True) / 127
+        return torch._int_mm(torch.round(x / step).to(torch.int8), q.t()) * step * s
     fused4 = torch.compile(lambda x, q, s, z: ((int4_dequantize(q, s, z, x.dtype)) * x).sum(-1))
     return {
         "fp32 torch.mm": (lambda: x @ w_t, 4 * w.numel()),
         "int8 C kernel": (lambda: int8_matmul(x, q8.weight, q8.scales), n8),
         "int8 torch._weight_int8pack_mm": (lambda: torch._weight_int8pack_mm(x, q8.weight, q8.scales), n8),
         "int8 torch.compile dequantise-and-dot": (lambda: fused8(x, q8.weight, q8.scales), n8),
+        "int8 torch._int_mm": (lambda: int_mm(x, q8.weight, q8.scales), n8),
         "int8 dequantised blocks": (lambda: dequantised_linear(x, int8_dequantize, q8.weight, q8.scales), n8),
         "int4 C kernel": (lambda: int4_matmul(x, q4.weight, q4.scales, q4.zeros), n4),
         "int4 torch._weight_int4pack_mm_for_cpu": (

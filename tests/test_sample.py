@@ -311,6 +311,15 @@ def test_without_kernels_products_are_dequantised_a_block_of_rows_at_a_time(mode
     assert blocks == [16, 16, 8]
 
 
+def test_kernels_are_built_once_per_cpu_then_loaded_from_the_cache(tmp_path, monkeypatch, capsys):
+    kernels_built()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert sample.quant_kernels.__wrapped__() is not None
+    assert "built the quantised matmul kernels for this CPU" in capsys.readouterr().err
+    assert [p.suffix for p in (tmp_path / "nanollama").iterdir()] == [".so"]  # no source or half file left behind
+    assert sample.quant_kernels.__wrapped__() is not None and "built" not in capsys.readouterr().err
+
+
 def test_a_failed_kernel_build_warns_and_leaves_the_dequantising_path(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build to fall back on
@@ -361,6 +370,20 @@ def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path, m
     idx = torch.tensor([PROMPT])
     with torch.inference_mode():
         assert torch.equal(got(idx)[0], want(idx)[0])
+
+
+@pytest.mark.slow
+def test_compiled_decode_keeps_the_kernels_in_one_graph(tiny):
+    import copy
+
+    kernels_built()
+    q = sample.quantize_model(copy.deepcopy(tiny), "int4", group_size=16)
+    eager = list(sample.generate(q, PROMPT, 8, temperature=0))
+    assert list(sample.generate(q, PROMPT, 8, temperature=0, decode_step=sample.CompiledDecode())) == eager
+    q.setup_cache(1, 16)
+    explained = torch._dynamo.explain(sample.decode_one)(q, torch.tensor([[1]]), 3, None, None)
+    q.clear_cache()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
 
 
 @pytest.mark.slow
