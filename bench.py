@@ -26,7 +26,7 @@ Peak memory is torch.{cuda,npu}.max_memory_allocated on accelerators, the proces
 the process holds both models, so it is one figure for the pair). load_avg_1m is the machine's load at the end: on a
 shared CPU other processes take cores and memory bandwidth, so compare only figures from one --compare run.
 
---quantize=int8|int4 decodes with sample.py's quantised linears; the model is built on the meta device and each weight
+--quantize=int8|int4|nf4 decodes with sample.py's quantised linears; the model is built on the meta device and each weight
 drawn in fp32 then quantised, one at a time (sample.quantize_from_meta), so a 7B model never exists in fp32. Generate
 mode also reports decode_tokens_per_s and decode_mbu, the prefill (time to the first token) left out.
 
@@ -158,12 +158,10 @@ def n_params_flops(model_args: ModelArgs) -> int:
 
 
 def quantized_kernel() -> dict:
-    """Which way quantised weights decode here (sample.quant_kernels: the C kernels, or dequantising blocks of rows
+    """Which way quantised weights decode here (kernels.quant_kernels: the C kernels, or dequantising blocks of rows
     where they cannot be built) and the seconds the first call took to build them, or to load them from the cache."""
-    from sample import quant_kernels
-
     t0 = time.perf_counter()
-    built = quant_kernels() is not None
+    built = kernels.quant_kernels() is not None
     return {"kernel": "c" if built else "dequantised", "kernel_build_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -400,7 +398,7 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     def measure_stream():  # after workload(ours): the weights as decoding holds them (dtype, decode_layout)
         nonlocal stream
         weights = [t for name, t in [*ours.named_parameters(), *ours.named_buffers()]
-                   if (t.dim() == 2 or name.endswith(".scales")) and not name.startswith(("tok_embeddings.", "rope_"))]
+                   if (t.dim() == 2 or name.endswith((".scales", ".nf4_absmax_scale"))) and not name.startswith(("tok_embeddings.", "rope_"))]
         stream = stream_peak_bytes(weights, device)
         result.update(bytes_per_token=sum(t.numel() * t.element_size() for t in weights),
                       stream_peak_bytes_per_s=round(stream))
@@ -708,12 +706,17 @@ MATVEC_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): a 7B 
 def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict:
     """name -> (function computing x @ w^T from w quantised as sample.py stores it, bytes it reads): ours, torch's
     packed CPU kernels, a dequantise-and-dot fused by torch.compile, and dequantising blocks of rows."""
-    from sample import (Int4Linear, Int8Linear, dequantised_linear, int4_dequantize, int4_matmul, int8_dequantize,
-                        int8_matmul)
+    from kernels import (dequantised_linear, int4_dequantize, int4_matmul, int8_dequantize, int8_matmul,
+                         nf4_dequantised_matmul, nf4_matmul)
+    from model import NF4Linear
+    from sample import Int4Linear, Int8Linear
 
     q8 = Int8Linear(w.size(1), w.size(0)).quantize_from(w)
     q4 = Int4Linear(w.size(1), w.size(0), group_size).quantize_from(w)
+    nf4 = NF4Linear(w.size(1), w.size(0)).quantize_from(w)
     n8, n4 = [sum(t.numel() * t.element_size() for t in q.stored()) for q in (q8, q4)]
+    nf4_parts = [nf4.nf4_packed, nf4.nf4_absmax_q, nf4.nf4_absmax_scale, nf4.nf4_absmax_offset]
+    n_nf4 = sum(t.numel() * t.element_size() for t in nf4_parts)
     w_t = w.t().contiguous()  # (in, out), as sample.decode_layout holds fp32 weights
     scales_and_zeros = torch.stack([q4.scales, q4.zeros + 8 * q4.scales], -1).transpose(0, 1).contiguous()  # q - 8
     codes = torch.stack([q4.weight & 15, q4.weight >> 4], -1).flatten(1).int()
@@ -737,6 +740,8 @@ def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict
         "int4 torch.compile dequantise-and-dot": (lambda: fused4(x, q4.weight, q4.scales, q4.zeros), n4),
         "int4 dequantised blocks": (lambda: dequantised_linear(x, int4_dequantize, q4.weight, q4.scales, q4.zeros),
                                     n4),
+        "nf4 C kernel": (lambda: nf4_matmul(x, *nf4_parts), n_nf4),
+        "nf4 dequantised blocks": (lambda: nf4_dequantised_matmul(x, nf4.nf4(), w.shape, torch.float32), n_nf4),
     }
 
 
@@ -1044,7 +1049,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1, 3 with --compile)")
     p.add_argument("--rounds", type=int, default=3, help="timings per model (medians reported)")
     p.add_argument("--compare", action="store_true", help="also run transformers' LlamaForCausalLM, alternated")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+    p.add_argument("--quantize", choices=["int8", "int4", "nf4"], default=None,
                    help="generate: weights quantised as sample.py --quantize does, built one weight at a time")
     p.add_argument("--group_size", type=int, default=128, help="--quantize=int4: weights per scale and zero")
     p.add_argument("--lora_rank", type=int, default=0, help="train: rank of LoRA adapters (0 = full training)")

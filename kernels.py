@@ -30,11 +30,20 @@ so once on stderr. Tests run the NPU path on CPU against a fake torch_npu that i
 and limits (force_npu()); bench.py --mode=npu-check compares every fused op with the portable path on a real NPU.
 """
 
+import ctypes
 import functools
+import hashlib
 import math
+import os
+import platform
 import re
+import shutil
+import subprocess
 import sys
+import time
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -845,7 +854,7 @@ def nf4_dequantize(q: dict[str, torch.Tensor], shape, dtype=torch.float32, rows:
     return w.mul_(absmax.to(dtype)[:, None]).view(shape)
 
 
-def _nf4_matmul(x, q, shape, dtype, transpose: bool):
+def nf4_dequantised_matmul(x, q, shape, dtype, transpose: bool = False):
     """x @ W.T (or x @ W) in `dtype` for the NF4 weight W, its rows dequantised a slice at a time on a CPU (the
     dequantised slice stays in cache; memory never holds a whole dequantised matrix)."""
     absmax = nf4_absmax(q)
@@ -863,18 +872,337 @@ class _NF4Linear(torch.autograd.Function):
         ctx.save_for_backward(packed, absmax_q, absmax_scale, absmax_offset)
         ctx.shape, ctx.dtype, ctx.x_dtype = shape, dtype, x.dtype
         q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
-        return _nf4_matmul(x, q, shape, dtype, transpose=False)
+        return nf4_dequantised_matmul(x, q, shape, dtype, transpose=False)
 
     @staticmethod
     def backward(ctx, grad):
         q = dict(zip(("packed", "absmax_q", "absmax_scale", "absmax_offset"), ctx.saved_tensors))
-        grad_x = _nf4_matmul(grad, q, ctx.shape, ctx.dtype, transpose=True).to(ctx.x_dtype)
+        grad_x = nf4_dequantised_matmul(grad, q, ctx.shape, ctx.dtype, transpose=True).to(ctx.x_dtype)
         return grad_x, None, None, None, None, None, None
 
 
 def nf4_linear(x: torch.Tensor, q: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
     """x @ W.T for W = nf4_dequantize(q, shape), computed in x's dtype (or the autocast dtype) without ever holding
-    W whole on a CPU."""
+    W whole on a CPU. Decoding on a CPU in fp32 (a few rows, no gradient) takes the C kernel nf4_matmul: the same
+    numbers, each stored byte read once."""
+    if (x.device.type == "cpu" and compute_dtype(x) == torch.float32 and x.numel() <= NF4_KERNEL_ROWS * x.size(-1)
+            and not (torch.is_grad_enabled() and x.requires_grad) and q["packed"].size(1) == 32
+            and x.size(-1) % 64 == 0 and quant_kernels() is not None):
+        y = nf4_matmul(x.reshape(-1, x.size(-1)).float(), q["packed"], q["absmax_q"], q["absmax_scale"],
+                       q["absmax_offset"])
+        return y.to(x.dtype).view(*x.shape[:-1], shape[0])
     with torch.autocast(x.device.type, enabled=False):
         return _NF4Linear.apply(x, q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"],
                                 tuple(shape), compute_dtype(x))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Quantised weights on a CPU: int8 per output channel, int4 per group of input columns (sample.py --quantize), NF4
+#
+# Decoding a token multiplies one row of activations by every weight matrix, so its speed is the rate the weights
+# stream from memory: int8, int4 and NF4 read 4x and ~7x fewer bytes than fp32, if the product reads the stored bytes
+# and nothing more (dequantising a matrix for F.linear writes and rereads an fp32 copy: slower than fp32 itself). On an
+# AVX2 CPU neither torch's packed int8/int4 kernels (written for AVX-512 and AMX) nor a dequantise-and-dot fused by
+# torch.compile come near that rate (`bench.py --mode=matvec` measures each side by side), so on a CPU the products
+# go through the small C kernels below, built for the CPU at hand on first use and cached; with 16-64 rows (prefill)
+# the int8/int4 ones still match MKL's fp32 GEMM. Other devices, and machines without a C compiler, dequantise a
+# block of rows at a time (dequantised_linear).
+
+QUANT_KERNELS_C = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define AVX2 1
+static float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+#define PARALLEL_WORK (1L << 18) /* multiply-adds below which one thread is faster than waking a second */
+#define PREFETCH 1024 /* bytes ahead asked for early: the hardware prefetcher alone leaves DRAM idle 10-25% */
+
+/* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
+void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
+  for (long n = 0; n < N; n++) {
+    const int8_t* wn = w + n * K;
+    for (long m = 0; m < M; m++) {
+      const float* xm = x + m * K;
+      float acc = 0;
+      long k = 0;
+#ifdef AVX2
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (; k + 32 <= K; k += 32) {  /* 4 x 8 weights: sign-extend to int32, convert, multiply-add */
+        __builtin_prefetch(wn + k + PREFETCH);
+        for (int j = 0; j < 4; j++)
+          a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                     _mm_loadl_epi64((const __m128i*)(wn + k + 8 * j)))),
+                                 _mm256_loadu_ps(xm + k + 8 * j), a[j]);
+      }
+      acc = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+#endif
+      for (; k < K; k++) acc += xm[k] * wn[k];
+      y[m * N + n] = acc * s[n];
+    }
+  }
+}
+
+/* y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15] two per byte
+   (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per block of 32 columns (step
+   max|x| / 127), so q . x runs in integers: 64 weights per step (vpmaddubsw) where fp32 would take 8 per step. The
+   codes are centred, (q - 8) * s + (z + 8 s), so that x's rounding errors are multiplied by |q - 8| <= 8. */
+void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
+                 long M, long N, long K, long gs) {
+  long G = K / gs, C = (K + 63) / 64, B = (K + 31) / 32;  /* weight groups, 64-column chunks, 32-column blocks */
+  int8_t* xq = calloc(M * C * 64, 1);  /* per row and chunk: the int8 x of its 32 even columns, then of its odd */
+  int32_t* centre = malloc(M * C * 8 * sizeof(int32_t));  /* per chunk: 8 x the sum of xq under each int32 lane */
+  float* step = malloc((M * B + M * G) * sizeof(float));  /* per row: the step of each block, then x summed per group */
+  float* xsum = step + M * B;
+  for (long m = 0; m < M; m++) {
+    const float* xm = x + m * K;
+    for (long blk = 0; blk < B; blk++) {
+      float amax = 0;
+      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++) amax = fmaxf(amax, fabsf(xm[k]));
+      float inv = amax > 0 ? 127 / amax : 0;
+      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++)
+        xq[m * C * 64 + (k / 64) * 64 + (k % 2) * 32 + (k % 64) / 2] = (int8_t)lrintf(xm[k] * inv);
+      step[m * B + blk] = amax / 127;
+    }
+    for (long g = 0; g < G; g++) {
+      float t = 0;
+      for (long k = g * gs; k < g * gs + gs; k++) t += xm[k];
+      xsum[m * G + g] = t;
+    }
+    for (long i = 0; i < C * 8; i++) {  /* lane i % 8 of a chunk: bytes 4i..4i+3, their even and odd columns */
+      const int8_t* e = xq + m * C * 64 + (i / 8) * 64 + (i % 8) * 4;
+      centre[m * C * 8 + i] = 8 * (e[0] + e[1] + e[2] + e[3] + e[32] + e[33] + e[34] + e[35]);
+    }
+  }
+  long chunks = gs % 32 == 0 ? K / 64 : 0;  /* chunks of whole blocks, each block inside one group */
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
+  for (long n = 0; n < N; n++) {
+    const uint8_t* p = w + n * (K / 2);
+    const float* sn = s + n * G;
+    for (long m = 0; m < M; m++) {
+      const int8_t* xm = xq + m * C * 64;
+      const float* dx = step + m * B;
+      float acc = 0;
+      long c = 0;
+#ifdef AVX2
+      const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+      __m256 vacc = _mm256_setzero_ps();
+      for (long g = 0, end = gs; c < chunks; c++) {  /* 32 bytes = 64 weights, two blocks */
+        __builtin_prefetch(p + 32 * c + PREFETCH);
+        __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
+        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        __m256i even = _mm256_loadu_si256((const __m256i*)(xm + 64 * c));
+        __m256i odd = _mm256_loadu_si256((const __m256i*)(xm + 64 * c + 32));
+        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+        __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),  /* lanes 0-3 the first block, 4-7 the second */
+                                       _mm256_loadu_si256((const __m256i*)(centre + (m * C + c) * 8)));
+        float s0 = sn[g] * dx[2 * c];
+        if (64 * c + 32 >= end) { g++; end += gs; }
+        float s1 = sn[g] * dx[2 * c + 1];
+        if (64 * c + 64 >= end) { g++; end += gs; }
+        __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
+        vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, vacc);
+      }
+      acc = hsum(vacc);
+#endif
+      for (long b = 32 * c; b < K / 2; b++) {  /* the rest, one byte (two weights) at a time */
+        const int8_t* xc = xm + (b / 32) * 64 + b % 32;
+        acc += sn[2 * b / gs] * dx[b / 16] * (float)(((p[b] & 15) - 8) * xc[0] + ((p[b] >> 4) - 8) * xc[32]);
+      }
+      for (long g = 0; g < G; g++) acc += (z[n * G + g] + 8 * sn[g]) * xsum[m * G + g];
+      y[m * N + n] = acc;
+    }
+  }
+  free(xq);
+  free(centre);
+  free(step);
+}
+/* y (M, N) = x (M, K) @ w^T for an NF4 weight w (N, K), K a multiple of 64: w[n, k] = code[q] * absmax of its block,
+   a block being 64 consecutive weights of a row (32 bytes, even column in the high nibble), its absmax stored as
+   aq[b] * as[b / 256] + offset (double quantisation). The 16 code values sit in two registers; a 4-bit index picks
+   from both (vpermps) and its bit 3 chooses (vblendvps): fp32 products, the dequantised weight's numbers. */
+void nf4_matmul(const float* x, const uint8_t* w, const int8_t* aq, const float* as, float offset, const float* code,
+                float* y, long M, long N, long K) {
+  long C = K / 64;  /* blocks per row */
+  float* xp = malloc(M * K * sizeof(float));  /* x per block: its 32 even columns, then its 32 odd ones */
+  for (long m = 0; m < M; m++)
+    for (long k = 0; k < K; k++) xp[m * K + (k / 64) * 64 + (k % 2) * 32 + (k % 64) / 2] = x[m * K + k];
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
+  for (long n = 0; n < N; n++) {
+    const uint8_t* p = w + n * (K / 2);
+    for (long m = 0; m < M; m++) {
+      const float* xm = xp + m * K;
+      float acc = 0;
+      long c = 0;
+#ifdef AVX2
+      const __m256 low8 = _mm256_loadu_ps(code), high8 = _mm256_loadu_ps(code + 8);
+      const __m256i nibble = _mm256_set1_epi32(15);
+      __m256 vacc = _mm256_setzero_ps();
+      for (; c < C; c++) {
+        __builtin_prefetch(p + 32 * c + PREFETCH);
+        __m256 sum = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {  /* 8 bytes: the weights of 8 even and 8 odd columns */
+          __m256i e = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 32 * c + 8 * j)));
+          __m256i hi = _mm256_srli_epi32(e, 4), lo = _mm256_and_si256(e, nibble);
+          __m256 vh = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low8, hi), _mm256_permutevar8x32_ps(high8, hi),
+                                       _mm256_castsi256_ps(_mm256_slli_epi32(hi, 28)));
+          __m256 vl = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low8, lo), _mm256_permutevar8x32_ps(high8, lo),
+                                       _mm256_castsi256_ps(_mm256_slli_epi32(lo, 28)));
+          sum = _mm256_fmadd_ps(vh, _mm256_loadu_ps(xm + 64 * c + 8 * j), sum);
+          sum = _mm256_fmadd_ps(vl, _mm256_loadu_ps(xm + 64 * c + 32 + 8 * j), sum);
+        }
+        long b = n * C + c;
+        vacc = _mm256_fmadd_ps(sum, _mm256_set1_ps(aq[b] * as[b / 256] + offset), vacc);
+      }
+      acc = hsum(vacc);
+#endif
+      for (; c < C; c++) {
+        long b = n * C + c;
+        float sum = 0;
+        for (long j = 0; j < 32; j++)
+          sum += code[p[32 * c + j] >> 4] * xm[64 * c + j] + code[p[32 * c + j] & 15] * xm[64 * c + 32 + j];
+        acc += sum * (aq[b] * as[b / 256] + offset);
+      }
+      y[m * N + n] = acc;
+    }
+  }
+  free(xp);
+}
+"""
+
+
+def _cpu_id() -> str:
+    """What -march=native builds for: the CPU's feature flags (Linux) or its name, so that a cache shared between
+    machines never hands one CPU a binary built for another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+@functools.cache
+def quant_kernels():
+    """QUANT_KERNELS_C as a ctypes library: built with the C compiler ($CC, else cc) for this CPU on first use (about a
+    second) into ~/.cache/nanollama, then loaded from there. None, with one warning, where that fails (no compiler,
+    no OpenMP): the products are then dequantised a block at a time (dequantised_linear)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256("\n".join([QUANT_KERNELS_C, *cmd, platform.machine(), _cpu_id()]).encode()).hexdigest()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanollama"
+    lib = cache / f"quant_kernels_{key[:16]}.so"
+    try:
+        if not lib.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            src, tmp = lib.with_suffix(f".{os.getpid()}.c"), lib.with_suffix(f".{os.getpid()}.tmp")
+            src.write_text(QUANT_KERNELS_C)
+            t0 = time.perf_counter()
+            try:
+                subprocess.run([*cmd, str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
+                os.replace(tmp, lib)  # atomic: a process building beside this one never loads half a file
+            finally:
+                src.unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
+            print(f"kernels: built the quantised matmul kernels for this CPU in {time.perf_counter() - t0:.1f}s "
+                f"({lib})", file=sys.stderr)
+        c = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1:] or [type(e).__name__]
+        warnings.warn(f"kernels: cannot build the quantised matmul kernels with {cc} ({why[0][:200]}); "
+                      f"dequantising blocks of weights instead (slower decoding)")
+        return None
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    c.int8_matmul.argtypes = [ptr] * 4 + [long] * 3
+    c.int4_matmul.argtypes = [ptr] * 5 + [long] * 4
+    c.nf4_matmul.argtypes = [ptr] * 4 + [ctypes.c_float, ptr, ptr] + [long] * 3
+    return c
+
+
+def int8_dequantize(weight, scales, dtype):
+    """Int8Linear's weight (rows, in) int8 and scales (rows,) -> the weight in dtype."""
+    return weight.to(dtype) * scales[:, None].to(dtype)
+
+
+def int4_dequantize(weight, scales, zeros, dtype):
+    """Int4Linear's packed weight (rows, in/2) and scales, zeros (rows, groups) -> the weight (rows, in) in dtype."""
+    q = torch.stack([weight & 0xF, weight >> 4], dim=-1)  # (rows, in/2, 2): low nibble = even column
+    q = q.reshape(weight.size(0), scales.size(1), -1).to(dtype)  # (rows, groups, group_size)
+    return (q * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]).flatten(1)
+
+
+def dequantised_linear(x, dequantize, weight, *params):
+    """x @ W^T for W = dequantize(weight, *params, x.dtype): on a CPU a block of CHUNK_WEIGHTS weights (rows of
+    every tensor) at a time, so memory never holds a dequantised matrix; elsewhere all at once."""
+    if x.device.type != "cpu":
+        return linear(x, dequantize(weight, *params, x.dtype))
+    out = x.new_empty(*x.shape[:-1], weight.size(0))
+    step = max(1, CHUNK_WEIGHTS // x.size(-1))
+    for s in range(0, weight.size(0), step):
+        rows = slice(s, s + step)
+        out[..., rows] = linear(x, dequantize(weight[rows], *(p[rows] for p in params), x.dtype))
+    return out
+
+
+# The kernels as torch ops (a torch.compile'd decode step keeps them in its graph), dequantising where none was built.
+@torch.library.custom_op("nanollama::int8_matmul", mutates_args=())
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 @ (weight (N, K) int8 * scales (N,) fp32)^T."""
+    c = quant_kernels()
+    if c is None:
+        return dequantised_linear(x, int8_dequantize, weight, scales)
+    x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
+    y = x.new_empty(x.size(0), weight.size(0))
+    c.int8_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
+    return y
+
+
+@torch.library.custom_op("nanollama::int4_matmul", mutates_args=())
+def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 @ W^T for Int4Linear's packed weight (N, K/2) and fp32 scales, zeros (N, groups)."""
+    c = quant_kernels()
+    if c is None:
+        return dequantised_linear(x, int4_dequantize, weight, scales, zeros)
+    x, weight, scales, zeros = x.contiguous(), weight.contiguous(), scales.contiguous(), zeros.contiguous()
+    y = x.new_empty(x.size(0), weight.size(0))
+    c.int4_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), *y.shape,
+                  x.size(1), x.size(1) // scales.size(1))
+    return y
+
+
+@int8_matmul.register_fake
+@int4_matmul.register_fake
+def _(x, weight, *_):
+    return x.new_empty(x.size(0), weight.size(0))
+
+
+@torch.library.custom_op("nanollama::nf4_matmul", mutates_args=())
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
+               absmax_offset: torch.Tensor) -> torch.Tensor:
+    """x (M, K) fp32 @ W^T for the NF4 weight W (N, K) of nf4_quantize, K a multiple of its 64-weight blocks."""
+    q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
+    shape = (packed.numel() * 2 // x.size(1), x.size(1))
+    c = quant_kernels()
+    if c is None:
+        return nf4_dequantised_matmul(x, q, shape, torch.float32, transpose=False)
+    x, packed, absmax_q, absmax_scale = (t.contiguous() for t in (x, packed, absmax_q, absmax_scale))
+    y = x.new_empty(x.size(0), shape[0])
+    c.nf4_matmul(x.data_ptr(), packed.data_ptr(), absmax_q.data_ptr(), absmax_scale.data_ptr(), absmax_offset.item(),
+                 _NF4_CODE_CPU.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
+    return y
+
+
+_NF4_CODE_CPU = NF4_CODE.float().contiguous()  # the table the C kernel reads
+NF4_KERNEL_ROWS = 16  # rows of x up to which nf4_linear takes the C kernel; more: dequantised blocks and MKL's GEMM
+
+
+@nf4_matmul.register_fake
+def _(x, packed, *_):
+    return x.new_empty(x.size(0), packed.numel() * 2 // x.size(1))

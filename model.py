@@ -552,13 +552,28 @@ LORA_DEFAULT_TARGETS = "wq,wk,wv,wo,w1,w2,w3"  # every linear layer but the outp
 
 
 class NF4Linear(nn.Module):
-    """A frozen linear layer stored in NF4 (kernels.nf4_quantize) and dequantised to the input's dtype per call."""
+    """A frozen linear layer stored in NF4 (kernels.nf4_quantize) and dequantised to the input's dtype per call
+    (decoding on a CPU: multiplied in the C kernel kernels.nf4_matmul). Built empty, then quantize_from a weight."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        for name, t in kernels.nf4_quantize(linear.weight).items():
-            self.register_buffer(f"nf4_{name}", t)
+        self.in_features, self.out_features = in_features, out_features
+        blocks = in_features * out_features // 64
+        absmax_rows = -(-blocks // 256)
+        for name, shape, dtype in (("packed", (blocks, 32), torch.uint8), ("absmax_q", (absmax_rows, 256), torch.int8),
+                                   ("absmax_scale", (absmax_rows,), torch.float32), ("absmax_offset", (), torch.float32)):
+            self.register_buffer(f"nf4_{name}", torch.empty(shape, dtype=dtype, device=device))
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> "NF4Linear":
+        return cls(linear.in_features, linear.out_features, linear.weight.device).quantize_from(linear.weight)
+
+    @torch.no_grad()
+    def quantize_from(self, w: torch.Tensor) -> "NF4Linear":
+        """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a few MB of scratch at a time."""
+        for name, t in kernels.nf4_quantize(w).items():
+            setattr(self, f"nf4_{name}", t.to(getattr(self, f"nf4_{name}").device))
+        return self
 
     @property
     def weight(self) -> torch.Tensor:  # dequantised fp32, for merging and inspection
@@ -673,7 +688,7 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         if quantize_base and name != "output":  # QLoRA quantises the blocks; embedding and head stay as they are
-            linear = NF4Linear(linear)
+            linear = NF4Linear.of(linear)
         if name in adapted:
             linear = LoRALinear(linear, rank, alpha, dropout)
         setattr(parent, child, linear)

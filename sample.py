@@ -1,5 +1,5 @@
 """
-Generate text from a checkpoint dir: streamed sampling, family-aware chat, int8/int4 weight-only quantisation,
+Generate text from a checkpoint dir: streamed sampling, family-aware chat, int8/int4/NF4 weight-only quantisation,
 and an OpenAI-compatible HTTP server (--serve).
 
 Run:
@@ -23,22 +23,16 @@ How it is fast (gpt-fast style): a static KV cache allocated once per call (mode
 prefilled in one forward, then one token per step; the per-step key padding mask and positions are views of
 buffers allocated once; only the last position's logits are sampled; everything runs under inference_mode; and
 `--compile` compiles the one-token decode step. `--quantize` quantises while loading, one weight at a time, and on a
-CPU multiplies by the int8/int4 weights in two small C kernels that read each stored byte once (a 7B model in 5-8 GiB
-at 2-3 tokens/s on two cores).
+CPU multiplies by the int8/int4/NF4 weights in small C kernels (kernels.py) that read each stored byte once (a 7B
+model in 5-8 GiB at 2-3 tokens/s on two cores).
 """
 import argparse
 import collections
-import ctypes
-import functools
-import hashlib
 import json
 import os
-import platform
 import queue
 import resource
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -48,7 +42,6 @@ import uuid
 import warnings
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -312,238 +305,6 @@ def decode_layout(model):
 
 # -----------------------------------------------------------------------------
 # weight-only quantisation: int8 per output channel, int4 per group of input columns
-#
-# Decoding a token multiplies one row of activations by every weight matrix, so its speed is the rate the weights
-# stream from memory: int8 and int4 read 4x and ~7x fewer bytes than fp32, if the product reads the stored bytes and
-# nothing more (dequantising a matrix for F.linear writes and rereads an fp32 copy: slower than fp32 itself). On an
-# AVX2 CPU neither torch's packed int8/int4 kernels (written for AVX-512 and AMX) nor a dequantise-and-dot fused by
-# torch.compile come near that rate (`bench.py --mode=matvec` measures each side by side), so on a CPU every product
-# goes through the two small C kernels below, built for the CPU at hand on first use and cached; with 16-64 rows
-# (prefill) they still match MKL's fp32 GEMM. Other devices, and machines without a C compiler, dequantise a block of
-# rows at a time (dequantised_linear).
-
-QUANT_KERNELS_C = r"""
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define AVX2 1
-static float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#endif
-
-#define PARALLEL_WORK (1L << 18) /* multiply-adds below which one thread is faster than waking a second */
-#define PREFETCH 1024 /* bytes ahead asked for early: the hardware prefetcher alone leaves DRAM idle 10-25% */
-
-/* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
-void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
-  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
-  for (long n = 0; n < N; n++) {
-    const int8_t* wn = w + n * K;
-    for (long m = 0; m < M; m++) {
-      const float* xm = x + m * K;
-      float acc = 0;
-      long k = 0;
-#ifdef AVX2
-      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (; k + 32 <= K; k += 32) {  /* 4 x 8 weights: sign-extend to int32, convert, multiply-add */
-        __builtin_prefetch(wn + k + PREFETCH);
-        for (int j = 0; j < 4; j++)
-          a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                     _mm_loadl_epi64((const __m128i*)(wn + k + 8 * j)))),
-                                 _mm256_loadu_ps(xm + k + 8 * j), a[j]);
-      }
-      acc = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
-#endif
-      for (; k < K; k++) acc += xm[k] * wn[k];
-      y[m * N + n] = acc * s[n];
-    }
-  }
-}
-
-/* y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15] two per byte
-   (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per block of 32 columns (step
-   max|x| / 127), so q . x runs in integers: 64 weights per step (vpmaddubsw) where fp32 would take 8 per step. The
-   codes are centred, (q - 8) * s + (z + 8 s), so that x's rounding errors are multiplied by |q - 8| <= 8. */
-void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
-                 long M, long N, long K, long gs) {
-  long G = K / gs, C = (K + 63) / 64, B = (K + 31) / 32;  /* weight groups, 64-column chunks, 32-column blocks */
-  int8_t* xq = calloc(M * C * 64, 1);  /* per row and chunk: the int8 x of its 32 even columns, then of its odd */
-  int32_t* centre = malloc(M * C * 8 * sizeof(int32_t));  /* per chunk: 8 x the sum of xq under each int32 lane */
-  float* step = malloc((M * B + M * G) * sizeof(float));  /* per row: the step of each block, then x summed per group */
-  float* xsum = step + M * B;
-  for (long m = 0; m < M; m++) {
-    const float* xm = x + m * K;
-    for (long blk = 0; blk < B; blk++) {
-      float amax = 0;
-      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++) amax = fmaxf(amax, fabsf(xm[k]));
-      float inv = amax > 0 ? 127 / amax : 0;
-      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++)
-        xq[m * C * 64 + (k / 64) * 64 + (k % 2) * 32 + (k % 64) / 2] = (int8_t)lrintf(xm[k] * inv);
-      step[m * B + blk] = amax / 127;
-    }
-    for (long g = 0; g < G; g++) {
-      float t = 0;
-      for (long k = g * gs; k < g * gs + gs; k++) t += xm[k];
-      xsum[m * G + g] = t;
-    }
-    for (long i = 0; i < C * 8; i++) {  /* lane i % 8 of a chunk: bytes 4i..4i+3, their even and odd columns */
-      const int8_t* e = xq + m * C * 64 + (i / 8) * 64 + (i % 8) * 4;
-      centre[m * C * 8 + i] = 8 * (e[0] + e[1] + e[2] + e[3] + e[32] + e[33] + e[34] + e[35]);
-    }
-  }
-  long chunks = gs % 32 == 0 ? K / 64 : 0;  /* chunks of whole blocks, each block inside one group */
-  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
-  for (long n = 0; n < N; n++) {
-    const uint8_t* p = w + n * (K / 2);
-    const float* sn = s + n * G;
-    for (long m = 0; m < M; m++) {
-      const int8_t* xm = xq + m * C * 64;
-      const float* dx = step + m * B;
-      float acc = 0;
-      long c = 0;
-#ifdef AVX2
-      const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-      __m256 vacc = _mm256_setzero_ps();
-      for (long g = 0, end = gs; c < chunks; c++) {  /* 32 bytes = 64 weights, two blocks */
-        __builtin_prefetch(p + 32 * c + PREFETCH);
-        __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
-        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-        __m256i even = _mm256_loadu_si256((const __m256i*)(xm + 64 * c));
-        __m256i odd = _mm256_loadu_si256((const __m256i*)(xm + 64 * c + 32));
-        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
-        __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),  /* lanes 0-3 the first block, 4-7 the second */
-                                       _mm256_loadu_si256((const __m256i*)(centre + (m * C + c) * 8)));
-        float s0 = sn[g] * dx[2 * c];
-        if (64 * c + 32 >= end) { g++; end += gs; }
-        float s1 = sn[g] * dx[2 * c + 1];
-        if (64 * c + 64 >= end) { g++; end += gs; }
-        __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
-        vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, vacc);
-      }
-      acc = hsum(vacc);
-#endif
-      for (long b = 32 * c; b < K / 2; b++) {  /* the rest, one byte (two weights) at a time */
-        const int8_t* xc = xm + (b / 32) * 64 + b % 32;
-        acc += sn[2 * b / gs] * dx[b / 16] * (float)(((p[b] & 15) - 8) * xc[0] + ((p[b] >> 4) - 8) * xc[32]);
-      }
-      for (long g = 0; g < G; g++) acc += (z[n * G + g] + 8 * sn[g]) * xsum[m * G + g];
-      y[m * N + n] = acc;
-    }
-  }
-  free(xq);
-  free(centre);
-  free(step);
-}
-"""
-
-
-def _cpu_id() -> str:
-    """What -march=native builds for: the CPU's feature flags (Linux) or its name, so that a cache shared between
-    machines never hands one CPU a binary built for another."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
-@functools.cache
-def quant_kernels():
-    """QUANT_KERNELS_C as a ctypes library: built with the C compiler ($CC, else cc) for this CPU on first use (about a
-    second) into ~/.cache/nanollama, then loaded from there. None, with one warning, where that fails (no compiler,
-    no OpenMP): the products are then dequantised a block at a time (dequantised_linear)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256("\n".join([QUANT_KERNELS_C, *cmd, platform.machine(), _cpu_id()]).encode()).hexdigest()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanollama"
-    lib = cache / f"quant_kernels_{key[:16]}.so"
-    try:
-        if not lib.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            src, tmp = lib.with_suffix(f".{os.getpid()}.c"), lib.with_suffix(f".{os.getpid()}.tmp")
-            src.write_text(QUANT_KERNELS_C)
-            t0 = time.perf_counter()
-            try:
-                subprocess.run([*cmd, str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
-                os.replace(tmp, lib)  # atomic: a process building beside this one never loads half a file
-            finally:
-                src.unlink(missing_ok=True)
-                tmp.unlink(missing_ok=True)
-            log(f"sample.py: built the quantised matmul kernels for this CPU in {time.perf_counter() - t0:.1f}s "
-                f"({lib})")
-        c = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.CalledProcessError) as e:
-        why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1:] or [type(e).__name__]
-        warnings.warn(f"sample.py: cannot build the quantised matmul kernels with {cc} ({why[0][:200]}); "
-                      f"dequantising blocks of weights instead (slower decoding)")
-        return None
-    ptr, long = ctypes.c_void_p, ctypes.c_long
-    c.int8_matmul.argtypes = [ptr] * 4 + [long] * 3
-    c.int4_matmul.argtypes = [ptr] * 5 + [long] * 4
-    return c
-
-
-def int8_dequantize(weight, scales, dtype):
-    """Int8Linear's weight (rows, in) int8 and scales (rows,) -> the weight in dtype."""
-    return weight.to(dtype) * scales[:, None].to(dtype)
-
-
-def int4_dequantize(weight, scales, zeros, dtype):
-    """Int4Linear's packed weight (rows, in/2) and scales, zeros (rows, groups) -> the weight (rows, in) in dtype."""
-    q = torch.stack([weight & 0xF, weight >> 4], dim=-1)  # (rows, in/2, 2): low nibble = even column
-    q = q.reshape(weight.size(0), scales.size(1), -1).to(dtype)  # (rows, groups, group_size)
-    return (q * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]).flatten(1)
-
-
-def dequantised_linear(x, dequantize, weight, *params):
-    """x @ W^T for W = dequantize(weight, *params, x.dtype): on a CPU a block of kernels.CHUNK_WEIGHTS weights (rows of
-    every tensor) at a time, so memory never holds a dequantised matrix; elsewhere all at once."""
-    if x.device.type != "cpu":
-        return kernels.linear(x, dequantize(weight, *params, x.dtype))
-    out = x.new_empty(*x.shape[:-1], weight.size(0))
-    step = max(1, kernels.CHUNK_WEIGHTS // x.size(-1))
-    for s in range(0, weight.size(0), step):
-        rows = slice(s, s + step)
-        out[..., rows] = kernels.linear(x, dequantize(weight[rows], *(p[rows] for p in params), x.dtype))
-    return out
-
-
-# The kernels as torch ops (a torch.compile'd decode step keeps them in its graph), dequantising where none was built.
-@torch.library.custom_op("nanollama::int8_matmul", mutates_args=())
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) fp32 @ (weight (N, K) int8 * scales (N,) fp32)^T."""
-    c = quant_kernels()
-    if c is None:
-        return dequantised_linear(x, int8_dequantize, weight, scales)
-    x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
-    y = x.new_empty(x.size(0), weight.size(0))
-    c.int8_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
-    return y
-
-
-@torch.library.custom_op("nanollama::int4_matmul", mutates_args=())
-def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """x (M, K) fp32 @ W^T for Int4Linear's packed weight (N, K/2) and fp32 scales, zeros (N, groups)."""
-    c = quant_kernels()
-    if c is None:
-        return dequantised_linear(x, int4_dequantize, weight, scales, zeros)
-    x, weight, scales, zeros = x.contiguous(), weight.contiguous(), scales.contiguous(), zeros.contiguous()
-    y = x.new_empty(x.size(0), weight.size(0))
-    c.int4_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), *y.shape,
-                  x.size(1), x.size(1) // scales.size(1))
-    return y
-
-
-@int8_matmul.register_fake
-@int4_matmul.register_fake
-def _(x, weight, *_):
-    return x.new_empty(x.size(0), weight.size(0))
-
 
 class QuantizedLinear(nn.Module):
     """What Int8Linear and Int4Linear share: on a CPU the product runs in a C kernel (in fp32, whatever the dtype of x),
@@ -551,7 +312,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x):
         if x.device.type != "cpu":
-            return dequantised_linear(x, self.unpack, *self.stored())
+            return kernels.dequantised_linear(x, self.unpack, *self.stored())
         weight, *params = self.stored()
         y = self.matmul(x.reshape(-1, self.in_features).float(), weight, *(p.float() for p in params))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -572,7 +333,7 @@ class QuantizedLinear(nn.Module):
 
 class Int8Linear(QuantizedLinear):
     """y = x @ (int8 weight * per-output-channel scale)^T. Symmetric: w ~ q * scale, q in [-127, 127]."""
-    matmul, unpack = staticmethod(int8_matmul), staticmethod(int8_dequantize)
+    matmul, unpack = staticmethod(kernels.int8_matmul), staticmethod(kernels.int8_dequantize)
 
     def __init__(self, in_features, out_features, dtype=torch.float32, device=None):
         super().__init__()
@@ -592,7 +353,7 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """Group-wise asymmetric 4-bit weights: w ~ q * scale + zero per group of `group_size` input columns,
     q in [0, 15], two nibbles per byte (even column in the low nibble)."""
-    matmul, unpack = staticmethod(int4_matmul), staticmethod(int4_dequantize)
+    matmul, unpack = staticmethod(kernels.int4_matmul), staticmethod(kernels.int4_dequantize)
 
     def __init__(self, in_features, out_features, group_size=128, dtype=torch.float32, device=None):
         super().__init__()
@@ -613,24 +374,33 @@ class Int4Linear(QuantizedLinear):
         return q[:, 0::2] | (q[:, 1::2] << 4), scales, lo  # (rows, in/2): even column in the low nibble
 
 
+QUANTIZED = (QuantizedLinear, model_lib.NF4Linear)
+
+
 def quantize_model(model, mode, group_size=128, *, empty=False):
-    """Replace every nn.Linear by Int8Linear / Int4Linear in place. empty=True builds the modules without
-    quantising (to load a saved quantised state dict). Shapes that do not suit int4 raise a clear ValueError."""
-    if mode not in ("int8", "int4"):
-        raise ValueError(f"--quantize: expected int8 or int4, got {mode!r}")
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if mode == "int4":
-        for name, m in linears:
-            if group_size <= 0 or group_size % 2 or m.in_features % group_size:
-                raise ValueError(f"--group_size={group_size} does not suit layer {name} (weight "
-                                 f"{m.out_features}x{m.in_features}): it must be even and divide in_features "
-                                 f"{m.in_features}")
+    """Replace every nn.Linear by Int8Linear / Int4Linear in place, or (nf4) the block linears by NF4Linear as QLoRA
+    stores its base (the embedding and output layer stay as they are). empty=True builds the modules without
+    quantising (to load a saved quantised state dict). Shapes that do not suit int4 / NF4 raise a clear ValueError."""
+    if mode not in ("int8", "int4", "nf4"):
+        raise ValueError(f"--quantize: expected int8, int4 or nf4, got {mode!r}")
+    linears = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not (mode == "nf4" and name == "output")]
+    for name, m in linears:
+        if mode == "int4" and (group_size <= 0 or group_size % 2 or m.in_features % group_size):
+            raise ValueError(f"--group_size={group_size} does not suit layer {name} (weight "
+                             f"{m.out_features}x{m.in_features}): it must be even and divide in_features "
+                             f"{m.in_features}")
+        if mode == "nf4" and m.in_features * m.out_features % 128:
+            raise ValueError(f"--quantize=nf4 does not suit layer {name} (weight {m.out_features}x{m.in_features}): "
+                             "NF4 stores blocks of 64 weights, two per byte, so its size must be a multiple of 128")
     for name, m in linears:
         w = m.weight
         if mode == "int8":
             q = Int8Linear(m.in_features, m.out_features, dtype=w.dtype, device=w.device)
-        else:
+        elif mode == "int4":
             q = Int4Linear(m.in_features, m.out_features, group_size, dtype=w.dtype, device=w.device)
+        else:
+            q = model_lib.NF4Linear(m.in_features, m.out_features, device=w.device)
         if not empty:
             q.quantize_from(w)
         parent_name, _, child = name.rpartition(".")
@@ -646,7 +416,7 @@ def quantize_from_meta(model, mode, group_size, weight, device="cpu"):
     model never exists in fp32: memory holds the quantised model plus one fp32 weight."""
     quantize_model(model, mode, group_size, empty=True)
     layers = {name: mod.to_empty(device=device) for name, mod in model.named_modules()
-              if isinstance(mod, QuantizedLinear)}  # all first: quantising's scratch never sits between them
+              if isinstance(mod, QUANTIZED)}  # all first: quantising's scratch never sits between them
     for name, mod in layers.items():
         mod.quantize_from(weight(f"{name}.weight"))
     rest = {name: weight(name).to(device=device, dtype=p.dtype) for name, p in model.named_parameters()}
@@ -680,8 +450,9 @@ QUANTIZATION = {"quantization": dict, "quantization.mode": str, "quantization.gr
 
 def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None, family="llama"):
     """A checkpoint dir -> (Transformer in eval mode, config.json dict). Reads dirs written by --save_quantized.
-    adapter: a LoRA adapter dir folded into the weights. quantize='int8'|'int4' quantises while loading, one weight
-    at a time from the memory-mapped file (a 7B model never whole in fp32)."""
+    adapter: a LoRA adapter dir folded into the weights (beside them where they are NF4: attach_adapter).
+    quantize='int8'|'int4'|'nf4' quantises while loading, one weight at a time from the memory-mapped file (a 7B model
+    never whole in fp32)."""
     try:
         args, config = model_lib.read_config(ckpt)
         quant = config.get("quantization")
@@ -695,16 +466,18 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None,
         tensors = model_lib.load_tensors(ckpt)
     except model_lib.CheckpointError as e:
         fail(str(e))
+    updates, replaced = read_adapter(adapter, args, family) if adapter else ({}, {})
     if not quant:
-        updates, replaced = read_adapter(adapter, args, family) if adapter else ({}, {})
+        unmerged = quantize == "nf4"  # the adapter stays beside NF4 weights (attach_adapter), else folded in first
 
         def weight(name):  # as the full-precision path: normalise_head, then the adapter
             w = tensors[name]
             w = F.normalize(w.float(), dim=-1) if name == "output.weight" and args.norm_head else w
-            return fold_adapter(name, w, updates, replaced)
+            return w if unmerged else fold_adapter(name, w, updates, replaced)
 
         normalise_head(model)  # the module type; weight() normalises the rows
-        return quantize_from_meta(model, quantize, group_size, weight, device).eval(), config
+        model = quantize_from_meta(model, quantize, group_size, weight, device)
+        return attach_adapter(model, updates, replaced).eval() if unmerged else model.eval(), config
     # build the quantised structure on meta, then assign the saved tensors (nothing materialised twice)
     with torch.device("meta"):
         model = model_lib.Transformer(args)
@@ -719,10 +492,11 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None,
     if set(expected) != set(tensors):
         fail(f"{ckpt}: quantised tensors do not match config.json "
              f"(e.g. {sorted(set(expected) ^ set(tensors))[:1]})")
-    state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in tensors.items()}
+    state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() and ".nf4_" not in k else None)
+             for k, t in tensors.items()}  # NF4's absmax scales stay fp32, as nf4_quantize made them
     model.load_state_dict(state, assign=True)
     model.materialize_buffers(device)
-    return model.eval(), config
+    return attach_adapter(model, updates, replaced).eval(), config
 
 
 def check_memory(args, device, dtype, ckpt):
@@ -758,6 +532,37 @@ def fold_adapter(name, w, updates, replaced):
     return (w.float() + u.scale * (u.b.float() @ u.a.float()).to(w.device)).to(w.dtype)
 
 
+@torch.no_grad()
+def attach_adapter(model, updates, replaced):
+    """An adapter on a model whose block linears are NF4 (QLoRA's base), in place: each adapted NF4 linear is wrapped
+    in a LoRALinear holding the adapter's A and B, unmerged, as PEFT runs an adapter on a 4-bit base, so the model is
+    the one QLoRA trained (folding B A in and quantising again would round it twice); a replaced NF4 weight is
+    quantised from its replacement; the other weights (embedding, output layer) take the adapter folded in."""
+    for name in sorted({*updates, *replaced}):
+        path = name.rpartition(".")[0]
+        module = model.get_submodule(path)
+        if not isinstance(module, model_lib.NF4Linear):
+            p = model.get_parameter(name)
+            p.copy_(fold_adapter(name, p, updates, replaced))
+            continue
+        if name in replaced:
+            module.quantize_from(replaced[name])
+        if name in updates:
+            u = updates[name]
+            lora = model_lib.LoRALinear(module, rank=u.a.size(0), alpha=u.scale * u.a.size(0))
+            lora.lora_a.copy_(u.a)
+            lora.lora_b.copy_(u.b)
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent), child, lora)
+    return model
+
+
+def count_params(model):
+    """Weights of the model, quantised ones included (they are buffers, not parameters)."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QUANTIZED))
+
+
 def add_adapter(model, path, family: str = "llama"):
     """Fold a LoRA adapter dir into the weights of a full-precision model, in place."""
     updates, replaced = read_adapter(path, model.args, family)
@@ -775,8 +580,8 @@ def save_quantized(model, src_ckpt, dst, mode, group_size, family):
     empty = os.path.isdir(dst) and not os.listdir(dst)
     refuse = lambda msg: SystemExit(f"sample.py: {msg}")  # noqa: E731
     with model_lib.replace_dir(dst, empty, "--save_quantized", (src_ckpt,), refuse) as tmp:
-        convert.write_checkpoint(tmp, state, model.args, family,
-                                 extra_config={"quantization": {"mode": mode, "group_size": group_size}})
+        quantization = {"mode": mode, "group_size": group_size} if mode != "nf4" else {"mode": mode}
+        convert.write_checkpoint(tmp, state, model.args, family, extra_config={"quantization": quantization})
         prepare.copy_tokenizer_files(src_ckpt, tmp)
 
 
@@ -1507,7 +1312,8 @@ def parse_args(argv):
                                                     "Jinja template (default: the checkpoint's, else the family's)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter dir (train.py's out_dir/adapter, or any PEFT "
                    "LoRA adapter of the checkpoint's HF export) folded into the weights at load")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation")
+    p.add_argument("--quantize", choices=["int8", "int4", "nf4"], default=None, help="weight-only quantisation "
+                   "while loading (nf4: QLoRA's 4-bit base; an --adapter then runs beside it, unmerged)")
     p.add_argument("--group_size", type=int, default=128, help="int4 group size (must divide in_features)")
     p.add_argument("--save_quantized", default=None, help="write the quantised checkpoint to this dir")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
@@ -1559,19 +1365,23 @@ def main(argv=None, stdin=None, stdout=None):
     check_memory(model_args, device, dtype, args.ckpt)
     t0 = time.perf_counter()
     quantized = ckpt_config.get("quantization")
-    if args.adapter and quantized:
-        fail(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint")
+    if args.adapter and quantized and not (isinstance(quantized, dict) and quantized.get("mode") == "nf4"):
+        fail(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint (or use nf4: "
+             "an adapter runs beside NF4 weights)")
+    if args.adapter and args.save_quantized and args.quantize == "nf4":
+        fail("--save_quantized: with --quantize=nf4 the adapter stays apart from the NF4 weights; save without "
+             "--adapter, then pass --adapter with the saved dir")
     if args.quantize and quantized:
         fail(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({quantized})")
     try:  # quantised while loading, one weight at a time
         model, config = load_model(args.ckpt, device, dtype, args.quantize, args.group_size, args.adapter, family)
     except ValueError as e:  # a --group_size that does not suit the shapes
         fail(str(e))
-    log(f"loaded {args.ckpt} ({family}, {model.num_params():,} params, {args.quantize or config.get('quantization', {}).get('mode', args.dtype or str(dtype)[6:])}) "
+    log(f"loaded {args.ckpt} ({family}, {count_params(model):,} params, {args.quantize or config.get('quantization', {}).get('mode', args.dtype or str(dtype)[6:])}) "
         f"in {time.perf_counter() - t0:.1f}s; weights {model_bytes(model) / 2**20:.1f} MiB on {device}")
     if args.save_quantized:
         if not args.quantize:
-            fail("--save_quantized: also pass --quantize=int8|int4")
+            fail("--save_quantized: also pass --quantize=int8|int4|nf4")
         try:
             save_quantized(model, args.ckpt, args.save_quantized, args.quantize, args.group_size, family)
         except OSError as e:  # a full destination

@@ -64,7 +64,7 @@ def test_serve_times_concurrent_and_sequential_clients():
     assert 1 <= result["largest_batch"] <= 3  # the server never batches more than --batch_size clients
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
 def test_generate_quantized_reports_the_bytes_decoding_reads(mode):
     result = bench.main([*TINY_GENERATE, f"--quantize={mode}", "--group_size=16", "--new_tokens=4", "--warmup=1"])
     check_speed(result)
@@ -73,8 +73,11 @@ def test_generate_quantized_reports_the_bytes_decoding_reads(mode):
     shapes = [(64, 64), (kv, 64), (kv, 64), (64, 64), (176, 64), (64, 176), (176, 64)] * args.n_layers + [(512, 64)]
     if mode == "int8":  # a byte per weight and an fp32 scale per row
         want = sum(rows * cols + 4 * rows for rows, cols in shapes)
-    else:  # half a byte per weight, an fp32 scale and zero per 16
+    elif mode == "int4":  # half a byte per weight, an fp32 scale and zero per 16
         want = sum(rows * cols // 2 + 8 * rows * cols // 16 for rows, cols in shapes)
+    else:  # QLoRA's base: half a byte per weight, an int8 absmax per 64 (rows of 256) and an fp32 scale per 256
+        blocks = [rows * cols // 64 for rows, cols in shapes[:-1]]  # the output layer stays fp32
+        want = sum(32 * b + 256 * -(-b // 256) + 4 * -(-b // 256) for b in blocks) + 4 * 512 * 64
     assert result["quantize"] == mode and result["bytes_per_token"] == want
     assert result["params"] == sum(r * c for r, c in shapes) + 512 * 64 + (2 * args.n_layers + 1) * 64
     assert result["kernel"] in ("c", "dequantised") and result["kernel_build_s"] >= 0 and result["build_s"] >= 0

@@ -14,7 +14,7 @@ import convert
 import prepare
 import sample
 from convert import write_checkpoint
-from model import PRESETS, LoRALinear, Transformer, apply_lora, load_tensors, lora_state_dict, merge_lora
+from model import PRESETS, LoRALinear, NF4Linear, Transformer, apply_lora, load_tensors, lora_state_dict, merge_lora
 from test_convert import L, V, baichuan_config, save_hf, w_pack_sd
 from test_sample import byte_tokenizer, hf_to_checkpoint, run_cli, tiny_hf_llama
 
@@ -133,6 +133,47 @@ def test_sample_quantises_while_loading_with_the_adapter_folded_first(tmp_path, 
     prompt = [256] + list(b"hello")
     greedy = sample.generate(got, prompt, 6, temperature=0, eos_id=257)
     assert out == "".join(sample.stream_text(prepare.load_tokenizer(ckpt), greedy, prompt)) + "\n"
+
+
+def test_sample_nf4_runs_a_peft_adapter_beside_the_4bit_base_as_peft_does(tmp_path):
+    """--quantize=nf4 --adapter is the model QLoRA trained: PEFT's unmerged LoRA forward over the NF4-rounded base
+    (the reference: our NF4 weights dequantised, exported to HF, PeftModel.from_pretrained on them)."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    ckpt, peft_model = peft_llama(tmp_path, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"])
+    adapter = save_peft(peft_model, tmp_path / "adapter")
+    base, _ = sample.load_model(ckpt, "cpu", torch.float32, "nf4")
+    rounded = {n: t for n, t in base.state_dict().items() if ".nf4_" not in n}
+    rounded |= {f"{n}.weight": m.dequantize(torch.float32) for n, m in base.named_modules() if isinstance(m, NF4Linear)}
+    write_checkpoint(tmp_path / "rounded", rounded, base.args, "llama")
+    prepare.copy_tokenizer_files(ckpt, tmp_path / "rounded")
+    convert.main(["native-to-hf", "--src", str(tmp_path / "rounded"), "--dst", str(tmp_path / "rounded_hf")])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_nf4 = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "rounded_hf"), adapter)
+        reference = peft_nf4.eval()(IDX).logits
+
+    got, _ = sample.load_model(ckpt, "cpu", torch.float32, "nf4", adapter=adapter, family="llama")
+    assert isinstance(got.layers[0].attention.wq, LoRALinear) and isinstance(got.layers[0].attention.wq.base,
+                                                                             NF4Linear)
+    assert (logits(got) - reference).abs().max() <= 1e-4
+    assert (logits(base) - reference).abs().max() > 0.1  # the adapter does change it
+
+    sample.main(["--ckpt", str(ckpt), "--quantize", "nf4", "--save_quantized", str(tmp_path / "nf4"),
+                 "--max_new_tokens", "1"])  # the NF4 base saved; the adapter runs beside it when loaded
+    saved, config = sample.load_model(tmp_path / "nf4", "cpu", torch.float32, adapter=adapter, family="llama")
+    assert config["quantization"] == {"mode": "nf4"} and torch.equal(logits(saved), logits(got))
+    prompt = [256] + list(b"hello")
+    greedy = sample.generate(got, prompt, 6, temperature=0, eos_id=257)
+    want = "".join(sample.stream_text(prepare.load_tokenizer(ckpt), greedy, prompt)) + "\n"
+    for src in (ckpt, tmp_path / "nf4"):
+        flags = ["--quantize", "nf4"] if src == ckpt else []
+        out = run_cli(["--ckpt", src, *flags, "--adapter", adapter, "--prompt", "hello", "--temperature", 0,
+                       "--max_new_tokens", 6])
+        assert out == want
+    with pytest.raises(SystemExit, match="--save_quantized: with --quantize=nf4 the adapter stays apart"):
+        run_cli(["--ckpt", ckpt, "--quantize", "nf4", "--adapter", adapter, "--save_quantized", tmp_path / "x"])
 
 
 def tiny_baichuan(tmp_path):

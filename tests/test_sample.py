@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+import kernels
 import model as model_lib
 import sample
 
@@ -255,7 +256,7 @@ def quantized(mode, rows, cols, group_size=16, seed=0):
 
 
 def kernels_built():
-    if sample.quant_kernels() is None:  # a machine without a C compiler: the fallback's own test covers it
+    if kernels.quant_kernels() is None:  # a machine without a C compiler: the fallback's own test covers it
         pytest.skip("no C compiler here: the quantised matmul kernels could not be built")
 
 
@@ -290,7 +291,7 @@ def test_decoding_never_dequantises_a_weight(tiny, monkeypatch):
     def refuse(*_):
         raise AssertionError("a dequantised weight was built")
 
-    monkeypatch.setattr(sample, "dequantised_linear", refuse)
+    monkeypatch.setattr(kernels, "dequantised_linear", refuse)
     for mode, m in models.items():  # prefill and every decode step read the stored bytes only
         assert list(sample.generate(m, PROMPT, 8, temperature=0)) == want[mode]
 
@@ -302,29 +303,73 @@ def test_without_kernels_products_are_dequantised_a_block_of_rows_at_a_time(mode
     layer, _ = quantized(mode, 40, 64)
     x = torch.randn(3, 64)
     want = x @ layer.dequantize(torch.float32).T
-    monkeypatch.setattr(sample, "quant_kernels", lambda: None)
+    monkeypatch.setattr(kernels, "quant_kernels", lambda: None)
     monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 64 * 16)  # blocks of 16 rows: 16, 16, 8
     blocks = []
-    unpack = sample.int8_dequantize if mode == "int8" else sample.int4_dequantize
-    monkeypatch.setattr(sample, f"{mode}_dequantize", lambda w, *p: blocks.append(w.size(0)) or unpack(w, *p))
+    unpack = kernels.int8_dequantize if mode == "int8" else kernels.int4_dequantize
+    monkeypatch.setattr(kernels, f"{mode}_dequantize", lambda w, *p: blocks.append(w.size(0)) or unpack(w, *p))
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
     assert blocks == [16, 16, 8]
+
+
+# NF4 (QLoRA's base, kernels.nf4_quantize): the C kernel takes rows whose length is a multiple of its 64-weight
+# blocks, in fp32, without gradient, up to kernels.NF4_KERNEL_ROWS rows; the rest is dequantised a block at a time
+@pytest.mark.parametrize("rows,cols", [(8, 64), (34, 192), (130, 4160)])
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
+def test_nf4_kernel_computes_the_product_with_the_dequantised_weight(rows, cols, m, monkeypatch):
+    kernels_built()
+    torch.manual_seed(0)
+    layer = model_lib.NF4Linear(cols, rows).quantize_from(torch.randn(rows, cols))
+    x = torch.randn(2, m, cols)
+    want = x.double() @ layer.dequantize(torch.float64).T
+    calls = []
+    nf4_matmul = kernels.nf4_matmul
+    monkeypatch.setattr(kernels, "nf4_matmul", lambda *a: calls.append(a[0].size(0)) or nf4_matmul(*a))
+    with torch.no_grad():
+        got = layer(x)
+    assert calls == ([2 * m] if 2 * m <= kernels.NF4_KERNEL_ROWS else [])
+    assert (got.double() - want).norm() / want.norm() < 1e-6  # the same products, summed in another order
+    x.requires_grad_(True)  # training (QLoRA): the dequantising path, whose backward exists
+    layer(x).sum().backward()
+    assert calls == ([2 * m] if 2 * m <= kernels.NF4_KERNEL_ROWS else []) and x.grad is not None
+
+
+def test_nf4_decoding_reads_the_stored_bytes_only(monkeypatch):
+    import copy
+
+    kernels_built()
+    torch.manual_seed(0)
+    args = model_lib.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, hidden_dim=192,
+                               max_seq_len=64)
+    model = sample.quantize_model(model_lib.Transformer(args).eval(), "nf4")
+    assert isinstance(model.layers[0].feed_forward.w2, model_lib.NF4Linear)
+    assert type(model.output) is not model_lib.NF4Linear  # QLoRA's base: the head stays as it is
+    reference = copy.deepcopy(model)
+    monkeypatch.setattr(kernels, "quant_kernels", lambda: None)  # dequantised blocks: the reference numbers
+    want = list(sample.generate(reference, PROMPT, 8, temperature=0))
+    monkeypatch.undo()
+
+    def refuse(*_):
+        raise AssertionError("a dequantised NF4 weight was built")
+
+    monkeypatch.setattr(kernels, "nf4_dequantize", refuse)
+    assert list(sample.generate(model, PROMPT, 8, temperature=0)) == want
 
 
 def test_kernels_are_built_once_per_cpu_then_loaded_from_the_cache(tmp_path, monkeypatch, capsys):
     kernels_built()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert sample.quant_kernels.__wrapped__() is not None
+    assert kernels.quant_kernels.__wrapped__() is not None
     assert "built the quantised matmul kernels for this CPU" in capsys.readouterr().err
     assert [p.suffix for p in (tmp_path / "nanollama").iterdir()] == [".so"]  # no source or half file left behind
-    assert sample.quant_kernels.__wrapped__() is not None and "built" not in capsys.readouterr().err
+    assert kernels.quant_kernels.__wrapped__() is not None and "built" not in capsys.readouterr().err
 
 
 def test_a_failed_kernel_build_warns_and_leaves_the_dequantising_path(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build to fall back on
     with pytest.warns(UserWarning, match="cannot build the quantised matmul kernels .*dequantising"):
-        assert sample.quant_kernels.__wrapped__() is None
+        assert kernels.quant_kernels.__wrapped__() is None
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
