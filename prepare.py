@@ -1206,8 +1206,8 @@ def encode_sample(tok, template, messages, system, seq_len, stats, train_on_prom
         ids, mask = encode_chat(tok, template, msgs, system)
         if any(limits):
             ids, mask = limit_turns(ids, mask, *limits, cuts)
-        if not ids or ids[-1] != tok.eos_id:  # every document ends with eos (a boundary marker; a target only
-            ids, mask = ids + [tok.eos_id], mask + [0]  # where every token is)
+        if not ids or ids[-1] != tok.eos_id:  # every document ends with eos (a boundary marker, a target only
+            ids, mask = ids + [tok.eos_id], mask + [0]  # with train_on_prompt)
         return ids, [1] * len(ids) if train_on_prompt else mask
 
     cuts = {"max_source_len_cuts": 0, "max_target_len_cuts": 0, "max_len_turns_dropped": 0}
