@@ -1151,28 +1151,72 @@ def read_megatron(path):
 _worker = {}
 
 
-def init_worker(tokenizer_path, template, seq_len, train_on_prompt=False):
+def init_worker(tokenizer_path, template, seq_len, train_on_prompt=False, max_source_len=0, max_target_len=0):
     _worker.update(tok=load_tokenizer(tokenizer_path), template=template, seq_len=seq_len,
-                   train_on_prompt=train_on_prompt)
+                   train_on_prompt=train_on_prompt, limits=(max_source_len, max_target_len))
 
 
-def encode_sample(tok, template, messages, system, seq_len, stats, train_on_prompt=False):
+def split_turns(ids, mask):
+    """A conversation's (ids, reply mask) -> [(prompt ids, reply ids)]: each turn is a run of prompt tokens (mask 0,
+    the system prompt and bos go with the first) and the run of reply tokens after it (mask 1, its end token last)."""
+    turns, i, n = [], 0, len(ids)
+    while i < n:
+        j = i
+        while j < n and not mask[j]:
+            j += 1
+        k = j
+        while k < n and mask[k]:
+            k += 1
+        turns.append((ids[i:j], ids[j:k]))
+        i = k
+    return turns
+
+
+def limit_turns(ids, mask, max_source, max_target, stats):
+    """Cut each turn's prompt and reply separately, as LLaMA-Efficient-Tuning's preprocess_supervised_dataset (July
+    2023) does with max_source_length / max_target_length: a prompt keeps its first max_source tokens (bos counts,
+    the tail goes, its assistant marker too); a reply keeps its first max_target - 1 tokens and its end token (eos);
+    with both limits, the turn that would take the conversation past max_source + max_target is dropped, and every
+    turn after it. 0 = no limit."""
+    out_ids, out_mask = [], []
+    turns = split_turns(ids, mask)
+    for n, (source, target) in enumerate(turns):
+        if max_source and len(source) > max_source:
+            source = source[:max_source]
+            stats["max_source_len_cuts"] += 1
+        if max_target and len(target) > max_target:
+            target = target[:max_target - 1] + target[-1:]
+            stats["max_target_len_cuts"] += 1
+        if max_source and max_target and len(out_ids) + len(source) + len(target) > max_source + max_target:
+            stats["max_len_turns_dropped"] += len(turns) - n
+            break
+        out_ids += source + target
+        out_mask += [0] * len(source) + [1] * len(target)
+    return out_ids, out_mask
+
+
+def encode_sample(tok, template, messages, system, seq_len, stats, train_on_prompt=False, limits=(0, 0)):
     """One conversation -> (ids, mask) ending with eos, at most seq_len tokens; None when nothing is left to learn.
 
-    Too long: trailing exchanges are dropped first, so that no reply is cut; only when the first exchange alone does
-    not fit is it truncated (counted as a cut reply), or dropped if its prompt already fills seq_len.
+    limits (max_source_len, max_target_len): each turn's prompt and reply are cut first (limit_turns). Then, too
+    long for seq_len: trailing exchanges are dropped first, so that no reply is cut; only when the first exchange
+    alone does not fit is it truncated (counted as a cut reply), or dropped if its prompt already fills seq_len.
     """
-    def encode(msgs):
-        ids, mask = encode_chat(tok, template, msgs, system, train_on_prompt=train_on_prompt)
-        if not ids or ids[-1] != tok.eos_id:  # every document ends with eos (a boundary marker; a target only
-            ids, mask = ids + [tok.eos_id], mask + [int(train_on_prompt)]  # where every token is)
-        return ids, mask
+    def encode(msgs, cuts):
+        ids, mask = encode_chat(tok, template, msgs, system)
+        if any(limits):
+            ids, mask = limit_turns(ids, mask, *limits, cuts)
+        if not ids or ids[-1] != tok.eos_id:  # every document ends with eos (a boundary marker, a target only
+            ids, mask = ids + [tok.eos_id], mask + [0]  # with train_on_prompt)
+        return ids, [1] * len(ids) if train_on_prompt else mask
 
-    ids, mask = encode(messages)
+    cuts = {"max_source_len_cuts": 0, "max_target_len_cuts": 0, "max_len_turns_dropped": 0}
+    ids, mask = encode(messages, cuts)
     if seq_len and len(ids) > seq_len:
         ends = [i + 1 for i, m in enumerate(messages[:-1]) if m["role"] == "assistant"]  # shorter prefixes
         for end in reversed(ends):
-            ids, mask = encode(messages[:end])
+            cuts = dict.fromkeys(cuts, 0)  # what the limits cut of the prefix that is kept
+            ids, mask = encode(messages[:end], cuts)
             if len(ids) <= seq_len:
                 stats["samples_shortened"] += 1
                 stats["turns_dropped"] += len(messages) - end
@@ -1182,6 +1226,8 @@ def encode_sample(tok, template, messages, system, seq_len, stats, train_on_prom
             stats["replies_cut" if any(mask) else "dropped_too_long"] += 1
             if not any(mask):
                 return None
+    for k, v in cuts.items():
+        stats[k] = stats.get(k, 0) + v
     if not any(mask):
         stats["no_reply"] += 1
         return None
@@ -1198,7 +1244,7 @@ def encode_chunk(items):
         for item in items:
             try:
                 sample = encode_sample(tok, template, item.messages, item.system, seq_len, stats,
-                                       _worker["train_on_prompt"])
+                                       _worker["train_on_prompt"], _worker["limits"])
             except TemplateError as e:
                 errors.append(f"{item.where}: --template={template}: {e}")
                 continue
@@ -1517,7 +1563,8 @@ def training_lines(items, max_chars):
 
 # the flags with a range: kind and interval (model.check_value's words when one is out of it)
 FLAG_RANGES = {"workers": (int, "[1, inf)"), "vocab_size": (int, "[260, 2**31)"), "seq_len": (int, "[0, 2**24]"),
-               "max_chars": (int, "[0, inf)"), "tokenizer_chars": (int, "[1, inf)"), "val_fraction": (float, "[0, 1)")}
+               "max_chars": (int, "[0, inf)"), "tokenizer_chars": (int, "[1, inf)"), "val_fraction": (float, "[0, 1)"),
+               "max_source_len": (int, "[0, 2**24]"), "max_target_len": (int, "[0, 2**24]")}
 
 
 def parse_args(argv=None):
@@ -1544,6 +1591,11 @@ def parse_args(argv=None):
     parser.add_argument("--val_fraction", type=float, default=0.02, help="fraction of documents for val.bin")
     parser.add_argument("--seq_len", type=int, default=0, help="max tokens per document: conversations are "
                         "shortened (whole trailing turns first), text documents are cut; 0 = no limit")
+    parser.add_argument("--max_source_len", type=int, default=0, help="instruction data: cut each turn's prompt to "
+                        "its first N tokens (LLaMA-Efficient-Tuning's max_source_length); 0 = no limit")
+    parser.add_argument("--max_target_len", type=int, default=0, help="instruction data: cut each reply to N tokens, "
+                        "its end token kept (max_target_length); with both, a turn past their sum is dropped "
+                        "with the turns after it; 0 = no limit")
     parser.add_argument("--pack", action="store_true", help="place whole documents into rows of exactly seq_len "
                                                             "tokens, padding each row's tail (mask 0)")
     parser.add_argument("--one_per_row", action="store_true", help="with --pack: one document per row, as trainers "
@@ -1569,6 +1621,10 @@ def parse_args(argv=None):
             check_value(name, getattr(args, name), kind, interval)
         except ValueError as e:
             parser.exit(2, f"prepare.py: --{e}\n")
+    for name in ("max_source_len", "max_target_len"):
+        if getattr(args, name) and args.format not in INSTRUCTION_FORMATS:
+            parser.exit(2, f"prepare.py: --{name}: applies to instruction data (--format one of "
+                           f"{', '.join(INSTRUCTION_FORMATS)}), not to --format={args.format}\n")
     if args.pack and not args.seq_len:
         parser.exit(2, "prepare.py: --pack: needs --seq_len (the row length)\n")
     if args.one_per_row and not args.pack:
@@ -1618,7 +1674,7 @@ def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes, cou
     from tqdm import tqdm
     stats = {}
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None)
-    initargs = (str(tok.path), template, seq_len, args.train_on_prompt)
+    initargs = (str(tok.path), template, seq_len, args.train_on_prompt, args.max_source_len, args.max_target_len)
     if args.drop_system:
         items = (replace(item, system=None) for item in items)
     for chunk, (tokens, mask, index, chunk_stats, errors) in ordered_map(encode_chunk, chunked(items),
@@ -1702,6 +1758,7 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
         "train_tokens": writers["train"].n_tokens, "val_tokens": writers["val"].n_tokens,
         "train_documents": writers["train"].n_docs, "val_documents": writers["val"].n_docs,
         "has_mask": with_mask, "seq_len": args.seq_len, "packed": args.pack, "one_per_row": args.one_per_row,
+        "max_source_len": args.max_source_len, "max_target_len": args.max_target_len,
         "val_fraction": args.val_fraction,
         "megatron": args.megatron, "stats": stats, "layout": META_LAYOUT,
     }

@@ -2,16 +2,18 @@
 # Document: seed 003, section 1.2.2 "基于LoRA 微调Baichuan-13B-Chat过程(单轮)" (LLaMA-Efficient-Tuning
 # src/train_bash.py). What it leaves open comes from LLaMA-Efficient-Tuning's defaults of July 2023 (hparams:
 # lora_alpha 32, lora_dropout 0.1, nf4 with double quantisation; gradient checkpointing on; the source tokens get no
-# loss) and the Hugging Face Trainer's (AdamW 0.9/0.999, eps 1e-8, no weight decay, no warmup, clip 1.0).
+# loss; dsets/preprocess.py cuts each turn's prompt to its first 256 tokens and its reply to 511 plus eos, and drops
+# a turn past 768) and the Hugging Face Trainer's (AdamW 0.9/0.999, eps 1e-8, no weight decay, no warmup, clip 1.0).
 #
 # | value              | document says                          | we use                        | why different
 # | base               | Baichuan-13B-Chat, --quantization_bit 4| qlora (NF4, double quant)     |
 # | LoRA               | --lora_target W_pack, --lora_rank 8    | lora_targets W_pack, rank 8,  |
 # |                    |                                        | alpha 32, dropout 0.1         |
 # | template, data     | --template baichuan, alpaca_gpt4_zh    | the same (prep below)         |
-# | lengths            | --max_source_length 256,               | rows of 768 tokens, one       | prepare.py cuts a long
-# |                    | --max_target_length 512                | example each                  | example's reply, not
-# |                    |                                        |                               | its prompt at 256
+# | lengths            | --max_source_length 256,               | --max_source_len=256,         |
+# |                    | --max_target_length 512                | --max_target_len=512 (its     |
+# |                    |                                        | per-turn cut), rows of 768    |
+# |                    |                                        | tokens, one example each      |
 # | batch              | per device 1, accumulation 1           | micro 1, global 1             |
 # | lr                 | 5e-5 cosine                            | the same                      |
 # | epochs, steps      | 1.0; 48818 steps (its log: 1000/48818) | 48818                         |
@@ -26,7 +28,8 @@
 #
 #   python convert.py hf-to-native --src=hf/Baichuan-13B-Chat --dst=checkpoints/baichuan-13b-chat
 #   python prepare.py --input=alpaca_gpt4_data_zh.json --format=alpaca --template=baichuan \
-#       --tokenizer=checkpoints/baichuan-13b-chat --seq_len=768 --pack --one_per_row --out=data/alpaca_gpt4_zh_baichuan
+#       --tokenizer=checkpoints/baichuan-13b-chat --max_source_len=256 --max_target_len=512 --seq_len=768 --pack \
+#       --one_per_row --out=data/alpaca_gpt4_zh_baichuan
 #   python train.py config/baichuan_13b_chat_lora.py      # -> out/baichuan_13b_chat_lora/adapter and the merged export
 #   python train.py config/baichuan_13b_chat_lora.py --dry_run
 out_dir = "out/baichuan_13b_chat_lora"

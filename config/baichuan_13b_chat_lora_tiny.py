@@ -4,7 +4,8 @@
 # tests/test_recipes.py runs it end to end (prepare -> train -> export -> sample). From the repo root:
 #   python train.py config/baichuan_13b_pretrain_tiny.py   # the base: its export
 #   python prepare.py --input=chats.jsonl --format=alpaca --template=baichuan \
-#       --tokenizer=out/baichuan_13b_pretrain_tiny/export --seq_len=256 --pack --out=data/tiny_baichuan
+#       --tokenizer=out/baichuan_13b_pretrain_tiny/export --max_source_len=85 --max_target_len=171 --seq_len=256 \
+#       --pack --one_per_row --out=data/tiny_baichuan   # the recipe's 256 + 512 = 768, at a third of it
 #   python train.py config/baichuan_13b_chat_lora_tiny.py
 #   python sample.py --ckpt=out/baichuan_13b_chat_lora_tiny/export --chat --template=baichuan
 from pathlib import Path as _Path

@@ -791,7 +791,8 @@ def test_fuzz_sample_flags(S, tmp_path):
 
 
 PREPARE_BAD = {"workers": ("0", "-1"), "vocab_size": ("0", "-5"), "val_fraction": ("nan", "1.0", "-0.1", "inf"),
-               "seq_len": ("-1",), "max_chars": ("-1",), "tokenizer_chars": ("0",)}
+               "seq_len": ("-1",), "max_chars": ("-1",), "tokenizer_chars": ("0",), "max_source_len": ("-1",),
+               "max_target_len": ("-1", "16777217")}
 
 
 def test_fuzz_prepare_flags(S, tmp_path):

@@ -531,6 +531,160 @@ def test_seq_len_cuts_text_documents_without_losing_tokens(sp_path, sp, tmp_path
 
 
 # -----------------------------------------------------------------------------
+# --max_source_len / --max_target_len: LLaMA-Efficient-Tuning's max_source_length / max_target_length
+
+IGNORE = -100
+
+
+def upstream_supervised(pairs, max_source, max_target, eos):
+    """LLaMA-Efficient-Tuning's preprocess_supervised_dataset (src/llmtuner/dsets/preprocess.py, July 2023) for one
+    conversation, written out from its source: pairs are each turn's (source_ids, target_ids) as its template and
+    tokenizer give them (bos, where added, in the first source; no eos) -> (input_ids, labels)."""
+    max_length = max_source + max_target
+    input_ids, labels = [], []
+    for source_ids, target_ids in pairs:
+        if len(source_ids) > max_source:
+            source_ids = source_ids[:max_source]
+        if len(target_ids) > max_target - 1:  # eos token
+            target_ids = target_ids[:max_target - 1]
+        if len(input_ids) + len(source_ids) + len(target_ids) + 1 > max_length:
+            break
+        input_ids += source_ids + target_ids + [eos]
+        labels += [IGNORE] * len(source_ids) + target_ids + [eos]
+    return input_ids, labels
+
+
+def baichuan_pairs(sp_path, record):
+    """Upstream's baichuan template ("<reserved_102>{query}<reserved_103>", ids 195 / 196, no bos, no separator)
+    for an alpaca record or its conversations, tokenized with sentencepiece itself: [(source_ids, target_ids)]."""
+    import sentencepiece as spm
+    enc = spm.SentencePieceProcessor(model_file=str(sp_path)).encode
+    if "conversations" in record:
+        c = record["conversations"]
+        turns = [(q["value"], a["value"]) for q, a in zip(c[::2], c[1::2])]
+    else:
+        query = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
+        turns = [(query, record["output"])]
+    system = enc(record["system"]) if record.get("system") else []
+    return [((system if i == 0 else []) + [195] + enc(q) + [196], enc(a)) for i, (q, a) in enumerate(turns)]
+
+
+S, T = 32, 48  # source and target limits of the tests below (the document's 256 / 512, at the size of these records)
+
+
+@pytest.fixture(scope="module")
+def limit_records(tmp_path_factory):
+    """An alpaca file: short, long prompt (with input), long reply, both long, and multi-turn conversations."""
+    long_text = " ".join(sentences(8, seed=3))
+    chat = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there."},
+            {"from": "human", "value": "And more?"}, {"from": "gpt", "value": long_text},
+            {"from": "human", "value": "Last one?"}, {"from": "gpt", "value": "Yes."}]
+    recs = [{"instruction": "Hi", "output": "Hello there."},
+            {"instruction": long_text, "input": "some input", "output": "Ok."},
+            {"instruction": "Tell me more.", "output": long_text},
+            {"instruction": long_text, "output": " ".join(sentences(8, seed=4))},
+            {"conversations": chat},
+            {"system": "Be brief.", "conversations": chat[:2] + [{"from": "human", "value": long_text},
+                                                                  {"from": "gpt", "value": "Short."}]}]
+    path = tmp_path_factory.mktemp("limits") / "alpaca.json"
+    path.write_text(json.dumps(recs))
+    return path, recs
+
+
+def test_source_and_target_limits_cut_each_turn_as_llama_efficient_tuning(sp_path, sp, limit_records, tmp_path):
+    path, recs = limit_records
+    pairs = [baichuan_pairs(sp_path, r) for r in recs]
+    # the records reach every branch of upstream's loop
+    assert len(pairs[1][0][0]) > S and len(pairs[2][0][1]) > T - 1 and len(pairs[3][0][0]) > S and len(pairs[3][0][1]) > T
+    turns_kept = [[k for k in range(len(p) + 1) if upstream_supervised(p[:k], S, T, sp.eos_id) ==
+                   upstream_supervised(p, S, T, sp.eos_id)][0] for p in pairs]
+    assert turns_kept[4:] == [2, 2] and len(pairs[4][1][1]) > T and len(pairs[5][1][0]) > S  # cut and kept; dropped
+    meta = run("--input", path, "--format", "alpaca", "--tokenizer", sp_path, "--template", "baichuan",
+               "--max_source_len", S, "--max_target_len", T, "--out", tmp_path / "out", "--val_fraction", "0")
+    docs = documents(tmp_path / "out", "train", meta)
+    assert len(docs) == len(recs)
+    for (ids, mask), p in zip(docs, pairs):
+        want_ids, labels = upstream_supervised(p, S, T, sp.eos_id)
+        assert list(ids) == want_ids and list(mask) == [int(label != IGNORE) for label in labels]
+        assert len(ids) <= S + T
+    assert 196 not in docs[1][0] and docs[1][1][S - 1:S + 1].tolist() == [0, 1]  # the prompt's tail went, 196 too
+    s = meta["stats"]
+    assert (s["max_source_len_cuts"], s["max_target_len_cuts"], s["max_len_turns_dropped"]) == (3, 3, 1)
+    assert (meta["max_source_len"], meta["max_target_len"]) == (S, T)
+    # train_on_prompt: the same tokens, every one counts
+    meta = run("--input", path, "--format", "alpaca", "--tokenizer", sp_path, "--template", "baichuan",
+               "--max_source_len", S, "--max_target_len", T, "--train_on_prompt", "--out", tmp_path / "all",
+               "--val_fraction", "0")
+    assert [list(i) for i, _ in documents(tmp_path / "all", "train", meta)] == [list(i) for i, _ in docs]
+    assert all(m.all() for _, m in documents(tmp_path / "all", "train", meta))
+
+
+def test_source_limit_counts_bos_and_one_limit_alone(sp_path, sp, limit_records, tmp_path):
+    path, recs = limit_records
+    meta = run("--input", path, "--format", "alpaca", "--tokenizer", sp_path, "--template", "alpaca",
+               "--max_source_len", 6, "--out", tmp_path / "out", "--val_fraction", "0")
+    ids, mask = documents(tmp_path / "out", "train", meta)[0]
+    full, full_mask = encode_chat(sp, "alpaca", [{"role": "user", "content": recs[0]["instruction"]},
+                                                 {"role": "assistant", "content": recs[0]["output"]}])
+    reply = full[full_mask.index(1):]
+    assert ids[0] == sp.bos_id and list(ids) == full[:6] + reply and list(mask) == [0] * 6 + [1] * len(reply)
+    # a reply limit alone: no turn is dropped, each reply keeps T - 1 tokens and its eos
+    meta = run("--input", path, "--format", "alpaca", "--tokenizer", sp_path, "--template", "baichuan",
+               "--max_target_len", T, "--out", tmp_path / "t", "--val_fraction", "0")
+    docs = documents(tmp_path / "t", "train", meta)
+    for (ids, mask), p in zip(docs, (baichuan_pairs(sp_path, r) for r in recs)):
+        want = [t for src, tgt in p for t in src + (tgt if len(tgt) < T else tgt[:T - 1]) + [sp.eos_id]]
+        assert list(ids) == want
+    assert "max_len_turns_dropped" not in meta["stats"]
+
+
+def test_source_and_target_limits_then_seq_len_pack_and_one_per_row(sp_path, sp, limit_records, tmp_path):
+    path, recs = limit_records
+    expected = [upstream_supervised(baichuan_pairs(sp_path, r), S, T, sp.eos_id) for r in recs]
+    expected = [(ids, [int(label != IGNORE) for label in labels]) for ids, labels in expected]
+    base = ["--input", path, "--format", "alpaca", "--tokenizer", sp_path, "--template", "baichuan",
+            "--max_source_len", S, "--max_target_len", T, "--val_fraction", "0"]
+    # the document's layout: one example a row of source + target tokens, padded (mask 0)
+    meta = run(*base, "--seq_len", S + T, "--pack", "--one_per_row", "--out", tmp_path / "rows")
+    tokens, mask, offsets = load_split(tmp_path / "rows", "train", meta)
+    assert len(tokens) == len(recs) * (S + T) and list(offsets) == list(range(0, len(tokens) + 1, S + T))
+    for row, (ids, m) in enumerate(expected):
+        a, n = row * (S + T), len(ids)
+        assert list(tokens[a:a + n]) == ids and list(mask[a:a + n]) == m
+        assert (tokens[a + n:a + S + T] == sp.pad_id).all() and not mask[a + n:a + S + T].any()
+    # packed: the same documents share rows
+    meta = run(*base, "--seq_len", S + T, "--pack", "--out", tmp_path / "packed")
+    tokens, mask, offsets = load_split(tmp_path / "packed", "train", meta)
+    docs = [(list(tokens[a:b]), list(mask[a:b])) for a, b in zip(offsets[:-1], offsets[1:])]
+    unpadded = [(ids[:len(e[0])], m[:len(e[0])]) for (ids, m), e in zip(docs, expected)]
+    assert unpadded == expected and len(tokens) < len(recs) * (S + T)
+    # a shorter seq_len acts on what the limits left: trailing turns first, then the first turn is cut
+    L = 48
+    meta = run(*base, "--seq_len", L, "--out", tmp_path / "short")
+    docs = documents(tmp_path / "short", "train", meta)
+    for (ids, mask), r in zip(docs, recs):
+        p = baichuan_pairs(sp_path, r)
+        fits = [k for k in range(len(p), 0, -1) if len(upstream_supervised(p[:k], S, T, sp.eos_id)[0]) <= L]
+        want, labels = upstream_supervised(p[:fits[0]] if fits else p[:1], S, T, sp.eos_id)
+        assert list(ids) == want[:L] and list(mask) == [int(label != IGNORE) for label in labels][:L]
+    assert meta["stats"]["samples_shortened"] >= 1 and meta["stats"]["replies_cut"] >= 1
+
+
+def test_source_and_target_limits_are_checked_and_refused_for_text(sp_path, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("some text\n")
+    for argv, needle in ((["--max_source_len", "-1"], "--max_source_len=-1: expected"),
+                         (["--max_target_len", str(2 ** 24 + 1)], "--max_target_len=16777217: expected"),
+                         (["--max_source_len", "256"], "--max_source_len: applies to instruction data"),
+                         (["--format", "json", "--max_target_len", "512"], "not to --format=json")):
+        with pytest.raises(SystemExit) as e:
+            prepare.main([str(a) for a in ["--input", tmp_path / "t.txt", "--tokenizer", sp_path,
+                                           "--out", tmp_path / "o", *argv]])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("prepare.py: ") and needle in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+# -----------------------------------------------------------------------------
 # bad input: one line naming the problem, non-zero exit, no output left behind
 
 def test_missing_and_empty_inputs(sp_path, tmp_path):

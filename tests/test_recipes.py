@@ -40,6 +40,8 @@ SIZE_KEYS = {"out_dir", "data_dir", "init_from", "devices", "dp", "tp", "seq_len
 # the data each chat template's twins use: prepare.py --format for the synthetic records the test writes
 TEMPLATE_FORMAT = {"baichuan2": "sharegpt", "vicuna": "sharegpt", "alpaca": "alpaca", "human-assistant": "belle",
                    "baichuan": "alpaca"}
+# prepare.py flags a twin's data takes beyond --seq_len=256 --pack, as its recipe's prep command (in the twin's header)
+TEMPLATE_PREPARE = {"baichuan": ["--max_source_len=85", "--max_target_len=171", "--one_per_row"]}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,7 +100,8 @@ class Lab:
                 records = write_records(self.root / f"{name}.jsonl", fmt)
                 # every base was trained on tiny_text, so its tokenizer is theirs
                 prepare.main([f"--input={records}", f"--format={fmt}", f"--template={template}",
-                              f"--tokenizer={self.data('tiny_text')}", "--seq_len=256", "--pack", f"--out={out}"])
+                              f"--tokenizer={self.data('tiny_text')}", "--seq_len=256", "--pack", f"--out={out}",
+                              *TEMPLATE_PREPARE.get(template, [])])
             self.data_dirs[name] = out
         return self.data_dirs[name]
 
