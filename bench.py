@@ -139,7 +139,7 @@ def reset_peak_memory(device: torch.device):
 
 
 def figures(fraction: float) -> float:
-    """A utilisation to 4 significant figures (a loaded CPU can put MFU below 1e-4, where 4 decimals say nothing)."""
+    """A figure to 4 significant figures (a loaded CPU can put MFU below 1e-4, where 4 decimals say nothing)."""
     return float(f"{fraction:.4g}")
 
 
@@ -771,8 +771,8 @@ def run_matvec(opt) -> dict:
                     best[name] = min(best[name], time.perf_counter() - t0)
         row["fp32 stream (sum)"]["GB_per_s"] = round(stream_peak_bytes([w], torch.device("cpu")) / 1e9, 2)
         for name, (_, nbytes) in candidates.items():
-            row[name].update(ms=round(best[name] * 1e3, 3), GB_per_s=round(nbytes / best[name] / 1e9, 2),
-                             G_weights_per_s=round(w.numel() / best[name] / 1e9, 2))
+            row[name].update(ms=figures(best[name] * 1e3), GB_per_s=figures(nbytes / best[name] / 1e9),
+                             G_weights_per_s=figures(w.numel() / best[name] / 1e9))  # a slow one on a tiny shape: > 0
         result[f"{out_f}x{in_f}"] = row
     result["load_avg_1m"] = load_average()
     return result
