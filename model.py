@@ -571,8 +571,8 @@ class NF4Linear(nn.Module):
     @torch.no_grad()
     def quantize_from(self, w: torch.Tensor) -> "NF4Linear":
         """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a few MB of scratch at a time."""
-        for name, t in kernels.nf4_quantize(w).items():
-            setattr(self, f"nf4_{name}", t.to(getattr(self, f"nf4_{name}").device))
+        for name, t in kernels.nf4_quantize(w).items():  # into the buffers: a model's worth of freed buffers
+            getattr(self, f"nf4_{name}").copy_(t)       # would stay in the heap, not go back to the system
         return self
 
     @property
