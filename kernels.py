@@ -17,7 +17,10 @@ is imported lazily and only when an NPU is in play, so nothing here needs it.
     linear_cross_entropy(h, weight, ...)   _LinearCrossEntropy, no logits kept;       portable
                                            (2) its GEMMs in fp32
     linear(x, weight)                      F.linear; (2) _LinearBf16ViaFp32           portable
-    nf4_linear(x, q, shape)                _NF4Linear; (2) its GEMMs in fp32          portable
+    nf4_linear(x, q, shape)                _NF4Linear; (2) its GEMMs in fp32;         portable
+                                           decoding on a CPU: nf4_matmul
+    int8_matmul, int4_matmul, nf4_matmul   CPU: C kernels (QUANT_KERNELS_C), built    the weight dequantised
+    (quantised weights, no gradient)       on first use; else dequantised blocks
 
 (1) Eager training on plain CPU/CUDA tensors (_plain_training): an autograd.Function with the torch ops' numbers and a
     shorter backward that keeps fewer tensors.

@@ -624,7 +624,6 @@ def test_chat_reset_forgets_history_and_exit_quits(ckpt, monkeypatch):
 
 def test_chat_uses_family_template_and_generation_defaults():
     import argparse
-    import prepare
 
     def tok(template):
         return argparse.Namespace(template_name=template)  # a built-in name
