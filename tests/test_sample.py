@@ -539,11 +539,14 @@ def test_int4_group_size_not_suiting_shapes_is_a_clear_error(ckpt):
         run_cli(["--ckpt", ckpt, "--quantize", "int4", "--group_size", 48, "--prompt", "x"])
 
 
-def test_cli_saves_and_reloads_a_quantized_checkpoint(ckpt, tmp_path):
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_cli_saves_and_reloads_a_quantized_checkpoint(ckpt, tmp_path, mode, capsys):
     argv = ["--prompt", "ab", "--temperature", 0, "--max_new_tokens", 8]
-    direct = run_cli(["--ckpt", ckpt, "--quantize", "int8", "--save_quantized", tmp_path / "q8"] + argv)
-    assert (tmp_path / "q8" / "tokenizer.json").exists()
-    assert run_cli(["--ckpt", tmp_path / "q8"] + argv) == direct
+    direct = run_cli(["--ckpt", ckpt, "--quantize", mode, "--save_quantized", tmp_path / "q"] + argv)
+    n = model_lib.Transformer.from_checkpoint(ckpt).num_params()
+    assert f"(llama, {n:,} params, {mode})" in capsys.readouterr().err  # quantised weights counted too
+    assert (tmp_path / "q" / "tokenizer.json").exists()
+    assert run_cli(["--ckpt", tmp_path / "q"] + argv) == direct
 
 
 class ScriptedModel(torch.nn.Module):
