@@ -418,11 +418,12 @@ def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path, m
 
 
 @pytest.mark.slow
-def test_compiled_decode_keeps_the_kernels_in_one_graph(tiny):
+@pytest.mark.parametrize("mode", ["int4", "nf4"])
+def test_compiled_decode_keeps_the_kernels_in_one_graph(tiny, mode):
     import copy
 
     kernels_built()
-    q = sample.quantize_model(copy.deepcopy(tiny), "int4", group_size=16)
+    q = sample.quantize_model(copy.deepcopy(tiny), mode, group_size=16)
     eager = list(sample.generate(q, PROMPT, 8, temperature=0))
     assert list(sample.generate(q, PROMPT, 8, temperature=0, decode_step=sample.CompiledDecode())) == eager
     q.setup_cache(1, 16)
