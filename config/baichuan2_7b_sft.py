@@ -24,15 +24,15 @@
 # | epochs             | 4                                      | 313 steps = 4 x 10,000 / 128  |
 # | lr                 | 2e-5, --lr_scheduler_type constant,    | the same                      |
 # |                    | --warmup_ratio 0.0                     |                               |
-# | optimiser          | fine-tune.py adamw_torch 0.9/0.98, eps | the same                      |
-# |                    | 1e-8, wd 1e-4, clip 1.0                |                               |
+# | optimiser          | adamw_torch (fine-tune.py); 0.9/0.98,  | the same                      |
+# |                    | eps 1e-8, wd 1e-4, clip 1.0            |                               |
 # | recompute          | --gradient_checkpointing True          | full                          |
 # | eval               | none (HF: evaluation_strategy no)      | 1% of the conversations held  | train.py evaluates:
 # |                    |                                        | out, every 100 steps          | our choice
 # | save, log          | --save_strategy epoch, logging 1       | every 78 steps (~an epoch), 1 |
 #
-# The source reports no throughput and no loss. Our --dry_run (8 x 64 GB, 40% MFU of 313 TFLOP/s): 23.9 GiB per
-# device, 2.80 s/step, 2,929 tokens/s per device, padding counted as tokens.
+# The source reports no throughput and no loss and names no device. Our --dry_run (8 x 64 GB, 40% MFU of 313
+# TFLOP/s, a 910B's): 23.9 GiB per device, 2.80 s/step, 2,929 tokens/s per device, padding counted as tokens.
 #
 #   python convert.py hf-to-native --src=hf/Baichuan2-7B-Base --dst=checkpoints/baichuan2-7b-base --for_training
 #   python prepare.py --input=fine-tune/data/belle_chat_ramdon_10k.json --format=sharegpt --template=baichuan2 \
