@@ -3,7 +3,8 @@
 # tests/test_recipes.py runs it end to end (prepare -> train -> export -> sample). From the repo root:
 #   python train.py config/baichuan2_13b_pretrain_tiny.py   # the base: its export
 #   python prepare.py --input=chats.jsonl --format=sharegpt --template=baichuan2 \
-#       --tokenizer=out/baichuan2_13b_pretrain_tiny/export --seq_len=256 --pack --out=data/tiny_baichuan2
+#       --tokenizer=out/baichuan2_13b_pretrain_tiny/export --seq_len=256 --pack --one_per_row \
+#       --out=data/tiny_baichuan2
 #   python train.py config/baichuan2_13b_sft_tiny.py
 #   python sample.py --ckpt=out/baichuan2_13b_sft_tiny/export --chat --template=baichuan2
 from pathlib import Path as _Path

@@ -1,9 +1,11 @@
-# Tiny twin of config/baichuan2_7b_sft.py: the same code path (baichuan2, RoPE, NormHead; packed multi-turn chats in
-# the baichuan2 template with document masks; bfloat16, full activation checkpointing), at CPU size.
+# Tiny twin of config/baichuan2_7b_sft.py: the same code path (baichuan2, RoPE, NormHead; multi-turn chats in the
+# baichuan2 template, one per padded row; bfloat16, ZeRO-3's settings in one process, full activation checkpointing),
+# at CPU size.
 # tests/test_recipes.py runs it end to end (prepare -> train -> export -> sample). From the repo root:
 #   python train.py config/baichuan2_7b_pretrain_tiny.py   # the base: its export
 #   python prepare.py --input=chats.jsonl --format=sharegpt --template=baichuan2 \
-#       --tokenizer=out/baichuan2_7b_pretrain_tiny/export --seq_len=256 --pack --out=data/tiny_baichuan2
+#       --tokenizer=out/baichuan2_7b_pretrain_tiny/export --seq_len=256 --pack --one_per_row \
+#       --out=data/tiny_baichuan2
 #   python train.py config/baichuan2_7b_sft_tiny.py
 #   python sample.py --ckpt=out/baichuan2_7b_sft_tiny/export --chat --template=baichuan2
 from pathlib import Path as _Path

@@ -41,7 +41,8 @@ SIZE_KEYS = {"out_dir", "data_dir", "init_from", "devices", "dp", "tp", "seq_len
 TEMPLATE_FORMAT = {"baichuan2": "sharegpt", "vicuna": "sharegpt", "alpaca": "alpaca", "human-assistant": "belle",
                    "baichuan": "alpaca"}
 # prepare.py flags a twin's data takes beyond --seq_len=256 --pack, as its recipe's prep command (in the twin's header)
-TEMPLATE_PREPARE = {"baichuan": ["--max_source_len=85", "--max_target_len=171", "--one_per_row"]}
+TEMPLATE_PREPARE = {"baichuan": ["--max_source_len=85", "--max_target_len=171", "--one_per_row"],
+                    "baichuan2": ["--one_per_row"], "alpaca": ["--one_per_row"]}
 
 
 @pytest.fixture(scope="module", autouse=True)
