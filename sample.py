@@ -492,8 +492,12 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None,
     if set(expected) != set(tensors):
         fail(f"{ckpt}: quantised tensors do not match config.json "
              f"(e.g. {sorted(set(expected) ^ set(tensors))[:1]})")
-    state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() and ".nf4_" not in k else None)
-             for k, t in tensors.items()}  # NF4's absmax scales stay fp32, as nf4_quantize made them
+    for name, t in tensors.items():  # the C kernels read these bytes as the dtypes the modules declare
+        want = expected[name]
+        if t.shape != want.shape or (t.dtype != want.dtype and not (t.is_floating_point() and want.is_floating_point())):
+            fail(f"{ckpt}: tensor {name}: {str(t.dtype)[6:]} {list(t.shape)}, where config.json's quantization needs "
+                 f"{str(want.dtype)[6:]} {list(want.shape)}")
+    state = {k: t.to(device=device, dtype=expected[k].dtype) for k, t in tensors.items()}  # NF4's scales stay fp32
     model.load_state_dict(state, assign=True)
     model.materialize_buffers(device)
     return attach_adapter(model, updates, replaced).eval(), config

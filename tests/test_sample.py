@@ -550,6 +550,23 @@ def test_cli_saves_and_reloads_a_quantized_checkpoint(ckpt, tmp_path, mode, caps
     assert run_cli(["--ckpt", tmp_path / "q"] + argv) == direct
 
 
+@pytest.mark.parametrize("tensor,change", [
+    ("layers.0.attention.wq.nf4_absmax_scale", lambda t: t.view(torch.int32)),  # (another float dtype is converted)
+    ("layers.0.attention.wq.nf4_packed", lambda t: t.to(torch.int8)),
+    ("layers.1.feed_forward.w2.nf4_packed", lambda t: t[:-1]),
+])
+def test_a_saved_quantized_tensor_of_another_dtype_or_shape_is_refused(ckpt, tmp_path, tensor, change):
+    from safetensors.torch import load_file, save_file
+
+    run_cli(["--ckpt", ckpt, "--quantize", "nf4", "--save_quantized", tmp_path / "q", "--max_new_tokens", 1])
+    file = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(file)
+    tensors[tensor] = change(tensors[tensor]).contiguous()
+    save_file(tensors, file)
+    with pytest.raises(SystemExit, match=rf"tensor {tensor}: .* where config.json's quantization needs"):
+        run_cli(["--ckpt", tmp_path / "q", "--prompt", "ab", "--max_new_tokens", 2])
+
+
 class ScriptedModel(torch.nn.Module):
     """Stands in for a Transformer: records every prompt it is given and emits a fixed token script."""
 
