@@ -1165,8 +1165,8 @@ class Throughput:
         self.t_log, self.first_step = time.perf_counter(), run.step
 
     def restart(self):
-        """Time from now on (an eval or a checkpoint is not training throughput)."""
-        self.t_log = time.perf_counter()
+        """Time and count steps from now on (an eval or a checkpoint is not training throughput)."""
+        self.t_log, self.first_step = time.perf_counter(), self.run.step
 
     def log(self, loss: float, lr: float, grad_norm: float):
         run, d, scaler = self.run, self.run.d, self.run.scaler
