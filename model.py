@@ -560,8 +560,9 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         blocks = in_features * out_features // 64
         absmax_rows = -(-blocks // 256)
-        for name, shape, dtype in (("packed", (blocks, 32), torch.uint8), ("absmax_q", (absmax_rows, 256), torch.int8),
-                                   ("absmax_scale", (absmax_rows,), torch.float32), ("absmax_offset", (), torch.float32)):
+        buffers = {"packed": ((blocks, 32), torch.uint8), "absmax_q": ((absmax_rows, 256), torch.int8),
+                   "absmax_scale": ((absmax_rows,), torch.float32), "absmax_offset": ((), torch.float32)}
+        for name, (shape, dtype) in buffers.items():  # as kernels.nf4_quantize returns them
             self.register_buffer(f"nf4_{name}", torch.empty(shape, dtype=dtype, device=device))
 
     @classmethod

@@ -494,7 +494,8 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None,
              f"(e.g. {sorted(set(expected) ^ set(tensors))[:1]})")
     for name, t in tensors.items():  # the C kernels read these bytes as the dtypes the modules declare
         want = expected[name]
-        if t.shape != want.shape or (t.dtype != want.dtype and not (t.is_floating_point() and want.is_floating_point())):
+        floats = t.is_floating_point() and want.is_floating_point()  # another float dtype is converted
+        if t.shape != want.shape or (t.dtype != want.dtype and not floats):
             fail(f"{ckpt}: tensor {name}: {str(t.dtype)[6:]} {list(t.shape)}, where config.json's quantization needs "
                  f"{str(want.dtype)[6:]} {list(want.shape)}")
     state = {k: t.to(device=device, dtype=expected[k].dtype) for k, t in tensors.items()}  # NF4's scales stay fp32
@@ -1381,7 +1382,8 @@ def main(argv=None, stdin=None, stdout=None):
         model, config = load_model(args.ckpt, device, dtype, args.quantize, args.group_size, args.adapter, family)
     except ValueError as e:  # a --group_size that does not suit the shapes
         fail(str(e))
-    log(f"loaded {args.ckpt} ({family}, {count_params(model):,} params, {args.quantize or config.get('quantization', {}).get('mode', args.dtype or str(dtype)[6:])}) "
+    stored = args.quantize or (quantized or {}).get("mode", args.dtype or str(dtype)[6:])
+    log(f"loaded {args.ckpt} ({family}, {count_params(model):,} params, {stored}) "
         f"in {time.perf_counter() - t0:.1f}s; weights {model_bytes(model) / 2**20:.1f} MiB on {device}")
     if args.save_quantized:
         if not args.quantize:
