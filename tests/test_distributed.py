@@ -298,7 +298,10 @@ def test_bad_mesh_under_torchrun_stops_every_rank(data, tmp_path):
     started = time.monotonic()
     result = torchrun(2, "train.py", *common(data, f"--out_dir={tmp_path}", "--tp=2", "--n_kv_heads=1"), timeout=200)
     assert result.returncode != 0 and time.monotonic() - started < 150
-    assert result.stderr.count("train.py: tp=2 does not divide n_kv_heads=1") == 2, result.stderr[-3000:]
+    # every rank refuses on its own, before any collective; torchrun then stops the others, so a slower rank may be
+    # stopped before it says so: one line at least, and no traceback out of train.py
+    assert 1 <= result.stderr.count("train.py: tp=2 does not divide n_kv_heads=1") <= 2, result.stderr[-3000:]
+    assert 'train.py", line' not in result.stderr, result.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------------------------------
