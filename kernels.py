@@ -884,6 +884,11 @@ class _NF4Linear(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None
 
 
+# Rows of x up to which nf4_linear takes the C kernel; more go to dequantised blocks and MKL's GEMM (11008x4096 on
+# two AVX2 cores, G weights x rows/s: 1 row 7.9 vs 0.4; 64 rows 25 vs 17; 256 rows 23 vs 40).
+NF4_KERNEL_ROWS = 64
+
+
 def nf4_linear(x: torch.Tensor, q: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
     """x @ W.T for W = nf4_dequantize(q, shape), computed in x's dtype (or the autocast dtype) without ever holding
     W whole on a CPU. Decoding on a CPU in fp32 (a few rows, no gradient) takes the C kernel nf4_matmul: the same
@@ -1195,6 +1200,9 @@ def _(x, weight, *_):
     return x.new_empty(x.size(0), weight.size(0))
 
 
+_NF4_CODE_CPU = NF4_CODE.float().contiguous()  # the table the C kernel reads
+
+
 @torch.library.custom_op("nanollama::nf4_matmul", mutates_args=())
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
                absmax_offset: torch.Tensor) -> torch.Tensor:
@@ -1204,17 +1212,15 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, ab
     c = quant_kernels()
     if c is None:
         return nf4_dequantised_matmul(x, q, shape, torch.float32, transpose=False)
-    x, packed, absmax_q, absmax_scale = (t.contiguous() for t in (x, packed, absmax_q, absmax_scale))
+    if packed.dtype != torch.uint8 or absmax_q.dtype != torch.int8:  # the kernel reads their bytes as these
+        raise TypeError(f"nf4_matmul: packed {packed.dtype}, absmax_q {absmax_q.dtype}: expected uint8 and int8")
+    x, packed, absmax_q, absmax_scale = (t.contiguous() for t in (x.float(), packed, absmax_q, absmax_scale.float()))
     y = x.new_empty(x.size(0), shape[0])
     c.nf4_matmul(x.data_ptr(), packed.data_ptr(), absmax_q.data_ptr(), absmax_scale.data_ptr(), absmax_offset.item(),
                  _NF4_CODE_CPU.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
     return y
 
 
-_NF4_CODE_CPU = NF4_CODE.float().contiguous()  # the table the C kernel reads
-# Rows of x up to which nf4_linear takes the C kernel; more go to dequantised blocks and MKL's GEMM (11008x4096 on
-# two AVX2 cores, G weights x rows/s: 1 row 7.9 vs 0.4; 64 rows 25 vs 17; 256 rows 23 vs 40).
-NF4_KERNEL_ROWS = 64
 
 
 @nf4_matmul.register_fake
