@@ -893,12 +893,12 @@ def nf4_linear(x: torch.Tensor, q: dict[str, torch.Tensor], shape: tuple[int, in
     """x @ W.T for W = nf4_dequantize(q, shape), computed in x's dtype (or the autocast dtype) without ever holding
     W whole on a CPU. Decoding on a CPU in fp32 (a few rows, no gradient) takes the C kernel nf4_matmul: the same
     numbers, each stored byte read once."""
-    if (x.device.type == "cpu" and compute_dtype(x) == torch.float32 and x.numel() <= NF4_KERNEL_ROWS * x.size(-1)
-            and not (torch.is_grad_enabled() and x.requires_grad) and q["packed"].size(1) == 32
-            and x.size(-1) % 64 == 0):  # (where no kernel could be built, nf4_matmul dequantises)
-        y = nf4_matmul(x.reshape(-1, x.size(-1)).float(), q["packed"], q["absmax_q"], q["absmax_scale"],
-                       q["absmax_offset"])
-        return y.to(x.dtype).view(*x.shape[:-1], shape[0])
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and x.numel() <= NF4_KERNEL_ROWS * x.size(-1) and not (torch.is_grad_enabled() and x.requires_grad)
+            and x.size(-1) % 64 == 0 and q["packed"].size(1) == 32):  # (no kernel built: nf4_matmul dequantises)
+        y = nf4_matmul(x.view(-1, x.size(-1)) if x.is_contiguous() else x.reshape(-1, x.size(-1)), q["packed"],
+                       q["absmax_q"], q["absmax_scale"], q["absmax_offset"])
+        return y.view(*x.shape[:-1], shape[0])
     with torch.autocast(x.device.type, enabled=False):
         return _NF4Linear.apply(x, q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"],
                                 tuple(shape), compute_dtype(x))
@@ -1038,9 +1038,10 @@ void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* 
    a block being 64 consecutive weights of a row (32 bytes, even column in the high nibble), its absmax stored as
    aq[b] * as[b / 256] + offset (double quantisation). The 16 code values sit in two registers; a 4-bit index picks
    from both (vpermps) and its bit 3 chooses (vblendvps): fp32 products, the dequantised weight's numbers. */
-void nf4_matmul(const float* x, const uint8_t* w, const int8_t* aq, const float* as, float offset, const float* code,
-                float* y, long M, long N, long K) {
+void nf4_matmul(const float* x, const uint8_t* w, const int8_t* aq, const float* as, const float* off,
+                const float* code, float* y, long M, long N, long K) {
   long C = K / 64;  /* blocks per row */
+  float offset = *off;
   float* xp = malloc(M * K * sizeof(float));  /* x per block: its 32 even columns, then its 32 odd ones */
   for (long m = 0; m < M; m++)
     for (long k = 0; k < K; k++) xp[m * K + (k / 64) * 64 + (k % 2) * 32 + (k % 64) / 2] = x[m * K + k];
@@ -1139,7 +1140,7 @@ def quant_kernels():
     ptr, long = ctypes.c_void_p, ctypes.c_long
     c.int8_matmul.argtypes = [ptr] * 4 + [long] * 3
     c.int4_matmul.argtypes = [ptr] * 5 + [long] * 4
-    c.nf4_matmul.argtypes = [ptr] * 4 + [ctypes.c_float, ptr, ptr] + [long] * 3
+    c.nf4_matmul.argtypes = [ptr] * 7 + [long] * 3
     return c
 
 
@@ -1168,10 +1169,25 @@ def dequantised_linear(x, dequantize, weight, *params):
     return out
 
 
-# The kernels as torch ops (a torch.compile'd decode step keeps them in its graph), dequantising where none was built.
-@torch.library.custom_op("nanollama::int8_matmul", mutates_args=())
+def torch_op(name: str, output_shape):
+    """fn as the torch op nanollama::{name}, so that a torch.compile'd decode step keeps it in its graph
+    (output_shape(*args) tells the compiler its output's shape); outside compilation fn is called directly: the op
+    dispatcher costs ~45 us a call, as much as multiplying one token by a 576x576 weight."""
+    def register(fn):
+        op = torch.library.custom_op(f"nanollama::{name}", fn, mutates_args=())
+        op.register_fake(lambda x, *args: x.new_empty(x.size(0), output_shape(x, *args)))
+
+        @functools.wraps(fn)
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+        return call
+    return register
+
+
+# The kernels, dequantising where none was built. x is fp32 (M, K); the result (M, N).
+@torch_op("int8_matmul", lambda x, weight, *_: weight.size(0))
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (M, K) fp32 @ (weight (N, K) int8 * scales (N,) fp32)^T."""
+    """x @ (weight (N, K) int8 * scales (N,) fp32)^T."""
     c = quant_kernels()
     if c is None:
         return dequantised_linear(x, int8_dequantize, weight, scales)
@@ -1181,9 +1197,9 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     return y
 
 
-@torch.library.custom_op("nanollama::int4_matmul", mutates_args=())
+@torch_op("int4_matmul", lambda x, weight, *_: weight.size(0))
 def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """x (M, K) fp32 @ W^T for Int4Linear's packed weight (N, K/2) and fp32 scales, zeros (N, groups)."""
+    """x @ W^T for Int4Linear's packed weight (N, K/2) and fp32 scales, zeros (N, groups)."""
     c = quant_kernels()
     if c is None:
         return dequantised_linear(x, int4_dequantize, weight, scales, zeros)
@@ -1194,35 +1210,22 @@ def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zer
     return y
 
 
-@int8_matmul.register_fake
-@int4_matmul.register_fake
-def _(x, weight, *_):
-    return x.new_empty(x.size(0), weight.size(0))
-
-
 _NF4_CODE_CPU = NF4_CODE.float().contiguous()  # the table the C kernel reads
 
 
-@torch.library.custom_op("nanollama::nf4_matmul", mutates_args=())
+@torch_op("nf4_matmul", lambda x, packed, *_: packed.numel() * 2 // x.size(1))
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
                absmax_offset: torch.Tensor) -> torch.Tensor:
-    """x (M, K) fp32 @ W^T for the NF4 weight W (N, K) of nf4_quantize, K a multiple of its 64-weight blocks."""
-    q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
-    shape = (packed.numel() * 2 // x.size(1), x.size(1))
+    """x @ W^T for the NF4 weight W (N, K) of nf4_quantize, K a multiple of its 64-weight blocks."""
     c = quant_kernels()
     if c is None:
-        return nf4_dequantised_matmul(x, q, shape, torch.float32, transpose=False)
+        q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
+        return nf4_dequantised_matmul(x, q, (packed.numel() * 2 // x.size(1), x.size(1)), torch.float32)
     if packed.dtype != torch.uint8 or absmax_q.dtype != torch.int8:  # the kernel reads their bytes as these
         raise TypeError(f"nf4_matmul: packed {packed.dtype}, absmax_q {absmax_q.dtype}: expected uint8 and int8")
-    x, packed, absmax_q, absmax_scale = (t.contiguous() for t in (x.float(), packed, absmax_q, absmax_scale.float()))
-    y = x.new_empty(x.size(0), shape[0])
-    c.nf4_matmul(x.data_ptr(), packed.data_ptr(), absmax_q.data_ptr(), absmax_scale.data_ptr(), absmax_offset.item(),
-                 _NF4_CODE_CPU.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
+    x, packed, absmax_q, absmax_scale, absmax_offset = (
+        t.contiguous() for t in (x.float(), packed, absmax_q, absmax_scale.float(), absmax_offset.float()))
+    y = x.new_empty(x.size(0), packed.numel() * 2 // x.size(1))
+    c.nf4_matmul(x.data_ptr(), packed.data_ptr(), absmax_q.data_ptr(), absmax_scale.data_ptr(),
+                 absmax_offset.data_ptr(), _NF4_CODE_CPU.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
     return y
-
-
-
-
-@nf4_matmul.register_fake
-def _(x, packed, *_):
-    return x.new_empty(x.size(0), packed.numel() * 2 // x.size(1))
