@@ -315,7 +315,7 @@ def test_without_kernels_products_are_dequantised_a_block_of_rows_at_a_time(mode
 # NF4 (QLoRA's base, kernels.nf4_quantize): the C kernel takes rows whose length is a multiple of its 64-weight
 # blocks, in fp32, without gradient, up to kernels.NF4_KERNEL_ROWS rows; the rest is dequantised a block at a time
 @pytest.mark.parametrize("rows,cols", [(8, 64), (34, 192), (130, 4160)])
-@pytest.mark.parametrize("m", [1, 3, 16, 40])
+@pytest.mark.parametrize("m", [1, 3, 16, 70])
 def test_nf4_kernel_computes_the_product_with_the_dequantised_weight(rows, cols, m, monkeypatch):
     kernels_built()
     torch.manual_seed(0)
@@ -328,7 +328,8 @@ def test_nf4_kernel_computes_the_product_with_the_dequantised_weight(rows, cols,
     with torch.no_grad():
         got = layer(x)
     assert calls == ([2 * m] if 2 * m <= kernels.NF4_KERNEL_ROWS else [])
-    assert (got.double() - want).norm() / want.norm() < 1e-6  # the same products, summed in another order
+    # the kernel multiplies int16 codes by x rounded to int16 per block of 64 (AVX2): ~5e-5 off; else fp32
+    assert (got.double() - want).norm() / want.norm() < (1e-4 if calls else 1e-6)
     x.requires_grad_(True)  # training (QLoRA): the dequantising path, whose backward exists
     layer(x).sum().backward()
     assert calls == ([2 * m] if 2 * m <= kernels.NF4_KERNEL_ROWS else []) and x.grad is not None
