@@ -895,7 +895,7 @@ def nf4_linear(x: torch.Tensor, q: dict[str, torch.Tensor], shape: tuple[int, in
     reads each stored byte once (its products ~5e-5 off, see QUANT_KERNELS_C); training always dequantises."""
     if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
             and x.numel() <= NF4_KERNEL_ROWS * x.size(-1) and not torch.is_grad_enabled()
-            and x.size(-1) % 64 == 0 and q["packed"].size(1) == 32):  # (no kernel built: nf4_matmul dequantises)
+            and x.size(-1) % 32 == 0 and q["packed"].size(1) == 32):  # (no kernel built: nf4_matmul dequantises)
         y = nf4_matmul(x.view(-1, x.size(-1)) if x.is_contiguous() else x.reshape(-1, x.size(-1)), q["packed"],
                        q["absmax_q"], q["absmax_scale"], q["absmax_offset"])
         return y.view(*x.shape[:-1], shape[0])
@@ -1034,37 +1034,54 @@ void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* 
   free(centre);
   free(step);
 }
-/* y (M, N) = x (M, K) @ w^T for an NF4 weight w (N, K), K a multiple of 64: w[n, k] = code[q] * absmax of its block,
-   a block being 64 consecutive weights of a row (32 bytes, even column in the high nibble), its absmax stored as
-   aq[b] * as[b / 256] + offset (double quantisation). With AVX2 the 16 code values become int16 (x 32767, two byte
-   tables that vpshufb indexes by the 4-bit codes) and each block of x int16 (x 16383 / its max): vpmaddwd then
-   multiplies 16 weights per instruction, ~1e-5 off the dequantised product, where fp32 lookups (vpermps) took three
-   times the instructions. Without AVX2: fp32, the dequantised product's numbers. */
+/* NF4 weight w (N, K), K a multiple of 32: its N * K weights, row after row, in blocks of 64 (32 bytes, the even
+   weight in the high nibble), w = code[q] * the block's absmax, stored as aq[b] * as[b / 256] + offset (double
+   quantisation). A row starts on a block boundary, or (K % 64 == 32) every other row half-way into a block. */
+static float nf4_absmax(const int8_t* aq, const float* as, float offset, long b) { return aq[b] * as[b / 256] + offset; }
+
+/* x[col0:col1] . w[n, col0:col1] in fp32, weight by weight: the parts of a row outside whole blocks, and every row
+   without AVX2 (the dequantised product's numbers) */
+static float nf4_dot(const float* x, const uint8_t* w, const int8_t* aq, const float* as, float offset,
+                     const float* code, long n, long K, long col0, long col1) {
+  float acc = 0;
+  for (long k = col0; k < col1; k++) {
+    long f = n * K + k;
+    acc += code[f % 2 ? w[f / 2] & 15 : w[f / 2] >> 4] * nf4_absmax(aq, as, offset, f / 64) * x[k];
+  }
+  return acc;
+}
+
+/* y (M, N) = x (M, K) @ w^T. With AVX2, whole blocks in integers: two vpshufb byte tables turn the codes into int16
+   (code x 32767), each block of x is rounded to int16 (x 16383 / its max), and vpmaddwd multiplies 16 weights an
+   instruction, ~5e-5 off the dequantised product, where fp32 lookups (vpermps and a blend) took three times the
+   instructions. Each block is decoded once for NF4_ROWS rows of x. */
 void nf4_matmul(const float* x, const uint8_t* w, const int8_t* aq, const float* as, const float* off,
                 const float* code, float* y, long M, long N, long K) {
-  long C = K / 64;  /* blocks per row */
+  long C = (K - K % 64) / 64, P = K % 64 ? 2 : 1;  /* whole blocks per row; phases: rows start at block offset 0, 32 */
   float offset = *off;
-  int16_t* xq = malloc(M * K * sizeof(int16_t));  /* per block of x: 4 runs of 16 as the unpacked codes come */
-  float* step = malloc(M * C * sizeof(float));  /* per block of x: its max / 16383, over 32767 for the codes */
-  for (long m = 0; m < M; m++)
-    for (long c = 0; c < C; c++) {
-      const float* xb = x + m * K + 64 * c;
-      float amax = 0;
-      for (int k = 0; k < 64; k++) amax = fmaxf(amax, fabsf(xb[k]));
-      float inv = amax > 0 ? 16383 / amax : 0;
-      step[m * C + c] = amax / 16383 / 32767;
-      for (int k = 0; k < 64; k++) {  /* byte j holds columns 2j (high nibble) and 2j + 1; vpunpck takes bytes */
-        int j = k / 2;                /* 0-7 and 16-23 first, then 8-15 and 24-31 */
-        xq[m * K + 64 * c + (k % 2) * 32 + ((j % 16) / 8) * 16 + (j / 16) * 8 + j % 8] = (int16_t)lrintf(xb[k] * inv);
+  int16_t* xq = malloc(P * M * C * 64 * sizeof(int16_t));  /* per phase, row, block: 4 runs of 16 as codes unpack */
+  float* step = malloc(P * M * C * sizeof(float));  /* per block of x: its max / 16383, over 32767 for the codes */
+  for (long ph = 0; ph < P; ph++)
+    for (long m = 0; m < M; m++)
+      for (long c = 0; c < C; c++) {
+        const float* xb = x + m * K + 32 * ph + 64 * c;
+        long i = (ph * M + m) * C + c;
+        float amax = 0;
+        for (int k = 0; k < 64; k++) amax = fmaxf(amax, fabsf(xb[k]));
+        float inv = amax > 0 ? 16383 / amax : 0;
+        step[i] = amax / 16383 / 32767;
+        for (int k = 0; k < 64; k++) {  /* byte j holds columns 2j (high nibble) and 2j + 1; vpunpck takes bytes */
+          int j = k / 2;                /* 0-7 and 16-23 first, then 8-15 and 24-31 */
+          xq[64 * i + (k % 2) * 32 + ((j % 16) / 8) * 16 + (j / 16) * 8 + j % 8] = (int16_t)lrintf(xb[k] * inv);
+        }
       }
-    }
   #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
   for (long n = 0; n < N; n++) {
-    const uint8_t* p = w + n * (K / 2);
-    for (long m0 = 0; m0 < M; m0 += NF4_ROWS) {  /* each block decoded once for NF4_ROWS rows of x */
-      long T = M - m0 < NF4_ROWS ? M - m0 : NF4_ROWS;
+    long ph = (n * K) % 64 ? 1 : 0, col0 = 32 * ph, b0 = (n * K + col0) / 64;  /* the row's first whole block */
+    const uint8_t* p = w + (n * K + col0) / 2;
+    for (long m0 = 0; m0 < M; m0 += NF4_ROWS) {
+      long T = M - m0 < NF4_ROWS ? M - m0 : NF4_ROWS, done = 0;  /* whole blocks done in integers */
       float acc[NF4_ROWS] = {0};
-      long c = 0;
 #ifdef AVX2
       int8_t lo_bytes[16], hi_bytes[16];
       for (int v = 0; v < 16; v++) {
@@ -1077,7 +1094,7 @@ void nf4_matmul(const float* x, const uint8_t* w, const int8_t* aq, const float*
       const __m256i nibble = _mm256_set1_epi8(15);
       __m256 vacc[NF4_ROWS];
       for (int t = 0; t < NF4_ROWS; t++) vacc[t] = _mm256_setzero_ps();
-      for (; c < C; c++) {
+      for (long c = 0; c < C; c++) {
         __builtin_prefetch(p + 32 * c + PREFETCH);
         __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
         __m256i idx[2] = {_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), _mm256_and_si256(v, nibble)};
@@ -1087,30 +1104,27 @@ void nf4_matmul(const float* x, const uint8_t* w, const int8_t* aq, const float*
           q[2 * h] = _mm256_unpacklo_epi8(l, u);
           q[2 * h + 1] = _mm256_unpackhi_epi8(l, u);
         }
-        long b = n * C + c;
-        float absmax = aq[b] * as[b / 256] + offset;
+        float absmax = nf4_absmax(aq, as, offset, b0 + c);
         for (int t = 0; t < NF4_ROWS; t++) {
           if (t >= T) break;
-          const __m256i* xb = (const __m256i*)(xq + (m0 + t) * K + 64 * c);
+          long i = (ph * M + m0 + t) * C + c;
+          const __m256i* xb = (const __m256i*)(xq + 64 * i);
           /* |code| <= 32767, |x| <= 16383: two vpmaddwd sums stay below 2^31 */
           __m256i even = _mm256_add_epi32(_mm256_madd_epi16(q[0], _mm256_loadu_si256(xb)),
                                           _mm256_madd_epi16(q[1], _mm256_loadu_si256(xb + 1)));
           __m256i odd = _mm256_add_epi32(_mm256_madd_epi16(q[2], _mm256_loadu_si256(xb + 2)),
                                          _mm256_madd_epi16(q[3], _mm256_loadu_si256(xb + 3)));
           __m256 s = _mm256_add_ps(_mm256_cvtepi32_ps(even), _mm256_cvtepi32_ps(odd));
-          vacc[t] = _mm256_fmadd_ps(s, _mm256_set1_ps(absmax * step[(m0 + t) * C + c]), vacc[t]);
+          vacc[t] = _mm256_fmadd_ps(s, _mm256_set1_ps(absmax * step[i]), vacc[t]);
         }
       }
       for (int t = 0; t < NF4_ROWS; t++) acc[t] = hsum(vacc[t]);
+      done = C;
 #endif
-      for (; c < C; c++) {
-        long b = n * C + c;
-        for (long t = 0; t < T; t++) {
-          const float* xm = x + (m0 + t) * K + 64 * c;
-          float sum = 0;
-          for (long j = 0; j < 32; j++) sum += code[p[32 * c + j] >> 4] * xm[2 * j] + code[p[32 * c + j] & 15] * xm[2 * j + 1];
-          acc[t] += sum * (aq[b] * as[b / 256] + offset);
-        }
+      for (long t = 0; t < T; t++) {  /* the half blocks before and after the whole ones, or (no AVX2) all of it */
+        const float* xm = x + (m0 + t) * K;
+        if (done) acc[t] += nf4_dot(xm, w, aq, as, offset, code, n, K, 0, col0);
+        acc[t] += nf4_dot(xm, w, aq, as, offset, code, n, K, done ? col0 + 64 * C : 0, K);
       }
       for (long t = 0; t < T; t++) y[(m0 + t) * N + n] = acc[t];
     }
@@ -1240,7 +1254,7 @@ _NF4_CODE_CPU = NF4_CODE.float().contiguous()  # the table the C kernel reads
 @torch_op("nf4_matmul", lambda x, packed, *_: packed.numel() * 2 // x.size(1))
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
                absmax_offset: torch.Tensor) -> torch.Tensor:
-    """x @ W^T for the NF4 weight W (N, K) of nf4_quantize, K a multiple of its 64-weight blocks."""
+    """x @ W^T for the NF4 weight W (N, K) of nf4_quantize (blocks of 64), K a multiple of 32."""
     c = quant_kernels()
     if c is None:
         q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)

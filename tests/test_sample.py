@@ -312,9 +312,9 @@ def test_without_kernels_products_are_dequantised_a_block_of_rows_at_a_time(mode
     assert blocks == [16, 16, 8]
 
 
-# NF4 (QLoRA's base, kernels.nf4_quantize): the C kernel takes rows whose length is a multiple of its 64-weight
-# blocks, in fp32, without gradient, up to kernels.NF4_KERNEL_ROWS rows; the rest is dequantised a block at a time
-@pytest.mark.parametrize("rows,cols", [(8, 64), (34, 192), (130, 4160)])
+# NF4 (QLoRA's base, kernels.nf4_quantize): the C kernel takes rows whose length is a multiple of 32 (a row may start
+# half-way into a 64-weight block), in fp32, autograd off, up to kernels.NF4_KERNEL_ROWS rows; the rest is dequantised
+@pytest.mark.parametrize("rows,cols", [(8, 64), (34, 192), (130, 4160), (8, 32), (16, 96), (32, 1376)])
 @pytest.mark.parametrize("m", [1, 3, 16, 70])
 def test_nf4_kernel_computes_the_product_with_the_dequantised_weight(rows, cols, m, monkeypatch):
     kernels_built()
