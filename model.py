@@ -473,7 +473,7 @@ class Transformer(nn.Module):
         return F.normalize(weight, dim=-1) if isinstance(head, NormHead) else weight
 
     def num_params(self, exclude_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = count_weights(self)
         if exclude_embedding and self.output is not None:  # a tied embedding is also the output layer: keep it
             n -= self.tok_embeddings.weight.numel()
         return n
@@ -551,9 +551,16 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> int:
 LORA_DEFAULT_TARGETS = "wq,wk,wv,wo,w1,w2,w3"  # every linear layer but the output head
 
 
+def count_weights(module: nn.Module) -> int:
+    """Weights of a module (wrapped by FSDP or compile too), those quantised layers hold as buffers included."""
+    return sum(p.numel() for p in module.parameters()) + sum(
+        m.in_features * m.out_features for m in module.modules() if getattr(m, "quantized", False))
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer stored in NF4 (kernels.nf4_quantize) and dequantised to the input's dtype per call
     (decoding on a CPU: multiplied in the C kernel kernels.nf4_matmul). Built empty, then quantize_from a weight."""
+    quantized = True  # its weight is buffers (count_weights)
 
     def __init__(self, in_features: int, out_features: int, device=None):
         super().__init__()

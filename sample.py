@@ -309,6 +309,7 @@ def decode_layout(model):
 class QuantizedLinear(nn.Module):
     """What Int8Linear and Int4Linear share: on a CPU the product runs in a C kernel (in fp32, whatever the dtype of x),
     reading each stored byte once; elsewhere it is dequantised_linear."""
+    quantized = True  # its weight is buffers (model.count_weights)
 
     def forward(self, x):
         if x.device.type != "cpu":
@@ -374,9 +375,6 @@ class Int4Linear(QuantizedLinear):
         return q[:, 0::2] | (q[:, 1::2] << 4), scales, lo  # (rows, in/2): even column in the low nibble
 
 
-QUANTIZED = (QuantizedLinear, model_lib.NF4Linear)
-
-
 def quantize_model(model, mode, group_size=128, *, empty=False):
     """Replace every nn.Linear by Int8Linear / Int4Linear in place, or (nf4) the block linears by NF4Linear as QLoRA
     stores its base (the embedding and output layer stay as they are). empty=True builds the modules without
@@ -416,7 +414,7 @@ def quantize_from_meta(model, mode, group_size, weight, device="cpu"):
     model never exists in fp32: memory holds the quantised model plus one fp32 weight."""
     quantize_model(model, mode, group_size, empty=True)
     layers = {name: mod.to_empty(device=device) for name, mod in model.named_modules()
-              if isinstance(mod, QUANTIZED)}  # all first: quantising's scratch never sits between them
+              if getattr(mod, "quantized", False)}  # all first: quantising's scratch never sits between them
     for name, mod in layers.items():
         mod.quantize_from(weight(f"{name}.weight"))
     rest = {name: weight(name).to(device=device, dtype=p.dtype) for name, p in model.named_parameters()}
@@ -560,12 +558,6 @@ def attach_adapter(model, updates, replaced):
             parent, _, child = path.rpartition(".")
             setattr(model.get_submodule(parent), child, lora)
     return model
-
-
-def count_params(model):
-    """Weights of the model, quantised ones included (they are buffers, not parameters)."""
-    return sum(p.numel() for p in model.parameters()) + sum(
-        m.in_features * m.out_features for m in model.modules() if isinstance(m, QUANTIZED))
 
 
 def add_adapter(model, path, family: str = "llama"):
@@ -1383,7 +1375,7 @@ def main(argv=None, stdin=None, stdout=None):
     except ValueError as e:  # a --group_size that does not suit the shapes
         fail(str(e))
     stored = args.quantize or (quantized or {}).get("mode", args.dtype or str(dtype)[6:])
-    log(f"loaded {args.ckpt} ({family}, {count_params(model):,} params, {stored}) "
+    log(f"loaded {args.ckpt} ({family}, {model.num_params():,} params, {stored}) "
         f"in {time.perf_counter() - t0:.1f}s; weights {model_bytes(model) / 2**20:.1f} MiB on {device}")
     if args.save_quantized:
         if not args.quantize:

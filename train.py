@@ -57,9 +57,9 @@ from prepare import TokenSplit, unigram_entropy
 from bench import memory_plan, mm_peak_flops, peak_memory_gib, training_plan
 from convert import (Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, read_step_dir,
                      remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_peft_adapter, write_step_dir)
-from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, NF4Linear, Transformer, \
-    apply_lora, check_json_fields, check_value, expected, flops_per_token, load_tensors, lora_state_dict, ranged, \
-    read_config
+from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, \
+    apply_lora, check_json_fields, check_value, count_weights, expected, flops_per_token, load_tensors, \
+    lora_state_dict, ranged, read_config
 
 
 @dataclass
@@ -1057,8 +1057,7 @@ def start_metrics(run: Run) -> tuple[float, float]:
     peak = cfg.peak_flops or mm_peak_flops(torch.float32, 1024, run.device, repeats=1, seconds=0.5)
     baseline = unigram_entropy(run.train_data, args.vocab_size)
     run.metrics = open(run.out_dir / "metrics.jsonl", "a") if d.master else None
-    n_params = sum(p.numel() for p in run.model.parameters()) + sum(  # QLoRA's NF4 weights are buffers
-        m.in_features * m.out_features for m in run.model.modules() if isinstance(m, NF4Linear))
+    n_params = count_weights(run.model)  # QLoRA's NF4 weights too
     run.log(f"model {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from} ({run.family}): "
             f"{n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}; {len(run.train_data.tokens):,} "
             f"train tokens; {cfg.global_batch_size * cfg.seq_len:,} tokens per step (grad_accum {run.grad_accum}, "
