@@ -819,8 +819,13 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64, absmax_block_size: int =
     absmax = torch.empty(blocks.size(0), device=w.device)
     packed = torch.empty(blocks.size(0), block_size // 2, dtype=torch.uint8, device=w.device)
     step = max(1, CHUNK_WEIGHTS // block_size)  # a few MB of scratch at a time, not 12 bytes per weight at once
+    c = quant_kernels() if w.device.type == "cpu" and block_size == 64 else None  # the same codes, ~7x faster
     for s in range(0, blocks.size(0), step):
-        chunk = blocks[s:s + step].float()
+        chunk = blocks[s:s + step].float().contiguous()
+        if c is not None:
+            c.nf4_quantize(chunk.data_ptr(), chunk.size(0), midpoints.data_ptr(), absmax[s:].data_ptr(),
+                           packed[s:].data_ptr())
+            continue
         absmax[s:s + step] = chunk.abs().amax(dim=1)
         idx = torch.bucketize(chunk / absmax[s:s + step].clamp(min=1e-12)[:, None], midpoints, out_int32=True)
         packed[s:s + step] = ((idx[:, 0::2] << 4) | idx[:, 1::2]).to(torch.uint8)  # high nibble first
@@ -1034,10 +1039,33 @@ void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* 
   free(centre);
   free(step);
 }
+/* nf4_quantize's blocks of 64 fp32 weights (n of them): each block's absmax, and each weight's code, the number of
+   the 15 midpoints between NF4 values below w / absmax (torch.bucketize's count), two per byte, high nibble first */
+void nf4_quantize(const float* w, long n, const float* mids, float* absmax, uint8_t* packed) {
+  #pragma omp parallel for schedule(static)
+  for (long b = 0; b < n; b++) {
+    const float* x = w + 64 * b;
+    float a = 0;
+    for (int k = 0; k < 64; k++) a = fmaxf(a, fabsf(x[k]));
+    absmax[b] = a;
+    float d = a > 1e-12f ? a : 1e-12f;
+    uint8_t code[64];
+    for (int k = 0; k < 64; k++) {
+      float v = x[k] / d;
+      int i = 0;
+      for (int j = 0; j < 15; j++) i += mids[j] < v;
+      code[k] = (uint8_t)i;
+    }
+    for (int j = 0; j < 32; j++) packed[32 * b + j] = (uint8_t)(code[2 * j] << 4 | code[2 * j + 1]);
+  }
+}
+
 /* NF4 weight w (N, K), K a multiple of 32: its N * K weights, row after row, in blocks of 64 (32 bytes, the even
    weight in the high nibble), w = code[q] * the block's absmax, stored as aq[b] * as[b / 256] + offset (double
    quantisation). A row starts on a block boundary, or (K % 64 == 32) every other row half-way into a block. */
-static float nf4_absmax(const int8_t* aq, const float* as, float offset, long b) { return aq[b] * as[b / 256] + offset; }
+static float nf4_absmax(const int8_t* aq, const float* as, float offset, long b) {
+  return aq[b] * as[b / 256] + offset;
+}
 
 /* x[col0:col1] . w[n, col0:col1] in fp32, weight by weight: the parts of a row outside whole blocks, and every row
    without AVX2 (the dequantised product's numbers) */
@@ -1179,6 +1207,7 @@ def quant_kernels():
     c.int8_matmul.argtypes = [ptr] * 4 + [long] * 3
     c.int4_matmul.argtypes = [ptr] * 5 + [long] * 4
     c.nf4_matmul.argtypes = [ptr] * 7 + [long] * 3
+    c.nf4_quantize.argtypes = [ptr, long, ptr, ptr, ptr]
     return c
 
 

@@ -335,6 +335,21 @@ def test_nf4_kernel_computes_the_product_with_the_dequantised_weight(rows, cols,
     assert calls == ([2 * m] if 2 * m <= kernels.NF4_KERNEL_ROWS else []) and x.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_quantize_in_c_gives_torchs_codes(monkeypatch, dtype):
+    kernels_built()
+    torch.manual_seed(0)
+    w = (torch.randn(96, 320) * 0.02).to(dtype)
+    w[3, :64] = 0  # a block of zeros
+    w[7, 64:128] = 1e-30  # an absmax under the 1e-12 floor
+    w[9, 0] = w[9, 1:64].abs().max() * 0.5 * (kernels.NF4_CODE[12] + kernels.NF4_CODE[13]).item()  # a tie (fp32)
+    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 64 * 100)  # several chunks, the last one short
+    ours = kernels.nf4_quantize(w)
+    monkeypatch.setattr(kernels, "quant_kernels", lambda: None)  # torch.bucketize's codes
+    for name, t in kernels.nf4_quantize(w).items():
+        assert torch.equal(ours[name], t), name
+
+
 def test_nf4_decoding_reads_the_stored_bytes_only(monkeypatch):
     import copy
 
