@@ -1336,9 +1336,9 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None, stdin=None, stdout=None):
-    args = parse_args(argv)
-    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+def load_checkpoint(args):
+    """The checks on --ckpt, --device, the tokenizer and the chat template, then the model loaded (quantised,
+    adapted) as the flags say. -> (model, tok, family, template, device)."""
     if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
         fail(f"--ckpt={args.ckpt}: no config.json there (expected a checkpoint dir from convert.py or train.py)")
     if not any(os.path.isfile(os.path.join(args.ckpt, f)) for f in prepare.TOKENIZER_FILES):
@@ -1371,12 +1371,64 @@ def main(argv=None, stdin=None, stdout=None):
     if args.quantize and quantized:
         fail(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({quantized})")
     try:  # quantised while loading, one weight at a time
-        model, config = load_model(args.ckpt, device, dtype, args.quantize, args.group_size, args.adapter, family)
+        model, _ = load_model(args.ckpt, device, dtype, args.quantize, args.group_size, args.adapter, family)
     except ValueError as e:  # a --group_size that does not suit the shapes
         fail(str(e))
     stored = args.quantize or (quantized or {}).get("mode", args.dtype or str(dtype)[6:])
     log(f"loaded {args.ckpt} ({family}, {model.num_params():,} params, {stored}) "
         f"in {time.perf_counter() - t0:.1f}s; weights {model_bytes(model) / 2**20:.1f} MiB on {device}")
+    return model, tok, family, template, device
+
+
+def run_prompt_file(model, tok, args, common, stdout) -> dict:
+    """--prompt_file: one prompt per line, generated as one left-padded batch; each continuation on its own line."""
+    if not os.path.isfile(args.prompt_file):
+        fail(f"--prompt_file={args.prompt_file}: no such file")
+    try:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        fail(f"--prompt_file={args.prompt_file}: not UTF-8 text (byte {e.start}: {e.reason})")
+    if not prompts:
+        fail(f"--prompt_file={args.prompt_file}: expected one prompt per line, found none")
+    rows = [fit_prompt(tok.encode(p, add_special_tokens=True), args.max_new_tokens, model.args.max_seq_len,
+                       args.on_long_prompt, f"--prompt_file line {i + 1}", tok.bos_id)
+            for i, p in enumerate(prompts)]
+    t0 = time.perf_counter()
+    outs = [[] for _ in rows]
+    n = 0
+    for step in generate(model, rows, args.max_new_tokens, **common):
+        for b, t in enumerate(step):
+            if t is not None and t != tok.eos_id:
+                outs[b].append(t)
+                n += 1
+    stats = dict(tokens=n, seconds=time.perf_counter() - t0)
+    for out in outs:
+        stdout.write(apply_stop(tok.decode(out), args.stop)[0] + "\n")
+    return stats
+
+
+def run_prompt(model, tok, args, common, stdout) -> dict:
+    """--prompt (or bos alone): --num_samples continuations, each streamed as it decodes."""
+    ids = encode_prompt(tok, args.prompt or "")
+    if not ids:
+        fail("--prompt: encodes to no tokens and the tokenizer has no bos token to start from")
+    ids = fit_prompt(ids, args.max_new_tokens, model.args.max_seq_len, args.on_long_prompt, "--prompt", tok.bos_id)
+    stats = dict(tokens=0, seconds=0.0)
+    for i in range(args.num_samples):
+        if i:
+            log("---------------")
+        tokens = generate(model, ids, args.max_new_tokens, **common)
+        timed_stream(stream_text(tok, counted(tokens, stats), ids, args.stop), stats, stdout)
+        stdout.write("\n")
+        stdout.flush()
+    return stats
+
+
+def main(argv=None, stdin=None, stdout=None):
+    args = parse_args(argv)
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    model, tok, family, template, device = load_checkpoint(args)
     if args.save_quantized:
         if not args.quantize:
             fail("--save_quantized: also pass --quantize=int8|int4|nf4")
@@ -1394,8 +1446,6 @@ def main(argv=None, stdin=None, stdout=None):
     decode_step = CompiledDecode() if args.compile else None
     pad_id = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
     common = dict(eos_id=tok.eos_id, pad_id=pad_id, generator=generator, decode_step=decode_step, **settings)
-    max_seq_len = model.args.max_seq_len
-
     if args.serve:
         return serve(model, tok, args, family, template, decode_step)
     if args.chat:
@@ -1404,44 +1454,11 @@ def main(argv=None, stdin=None, stdout=None):
                          on_long_prompt=args.on_long_prompt, stop=stop, stdin=stdin, stdout=stdout,
                          generator=generator, decode_step=decode_step, multiline=args.multiline)
     elif args.prompt_file:
-        if not os.path.isfile(args.prompt_file):
-            fail(f"--prompt_file={args.prompt_file}: no such file")
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts = [line.rstrip("\n") for line in f if line.strip()]
-        except UnicodeDecodeError as e:
-            fail(f"--prompt_file={args.prompt_file}: not UTF-8 text (byte {e.start}: {e.reason})")
-        if not prompts:
-            fail(f"--prompt_file={args.prompt_file}: expected one prompt per line, found none")
-        rows = [fit_prompt(tok.encode(p, add_special_tokens=True), args.max_new_tokens, max_seq_len,
-                           args.on_long_prompt, f"--prompt_file line {i + 1}", tok.bos_id)
-                for i, p in enumerate(prompts)]
-        t0 = time.perf_counter()
-        outs = [[] for _ in rows]
-        n = 0
-        for step in generate(model, rows, args.max_new_tokens, **common):
-            for b, t in enumerate(step):
-                if t is not None and t != tok.eos_id:
-                    outs[b].append(t)
-                    n += 1
-        stats = dict(tokens=n, seconds=time.perf_counter() - t0)
-        for out in outs:
-            stdout.write(apply_stop(tok.decode(out), args.stop)[0] + "\n")
+        stats = run_prompt_file(model, tok, args, common, stdout)
     elif args.prompt is None and is_terminal(stdin):
         stats = run_prompts(model, tok, args, common, stdin, stdout)
     else:
-        ids = encode_prompt(tok, args.prompt or "")
-        if not ids:
-            fail("--prompt: encodes to no tokens and the tokenizer has no bos token to start from")
-        ids = fit_prompt(ids, args.max_new_tokens, max_seq_len, args.on_long_prompt, "--prompt", tok.bos_id)
-        stats = dict(tokens=0, seconds=0.0)
-        for i in range(args.num_samples):
-            if i:
-                log("---------------")
-            tokens = generate(model, ids, args.max_new_tokens, **common)
-            timed_stream(stream_text(tok, counted(tokens, stats), ids, args.stop), stats, stdout)
-            stdout.write("\n")
-            stdout.flush()
+        stats = run_prompt(model, tok, args, common, stdout)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     log(f"{stats['tokens']} tokens in {stats['seconds']:.2f}s ({stats['tokens'] / max(stats['seconds'], 1e-9):.1f} "
