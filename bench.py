@@ -290,6 +290,76 @@ def time_generate(fn, model, prompt, new_tokens, decode_step, device) -> tuple[f
 # benchmark
 
 
+def train_workload(opt, model_args: ModelArgs, ours, device, dtype, result: dict):
+    """--mode=train: (workload(model, hf) -> a timed call of --steps steps, FLOPs per token, tokens per call); the
+    batch is random tokens, the same for both models."""
+    g = torch.Generator().manual_seed(opt.seed)
+    data = torch.randint(model_args.vocab_size, (opt.batch_size, opt.seq_len + 1), generator=g).to(device)
+    batch = (data[:, :-1], data[:, 1:])  # (B, T) inputs and next-token targets
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    flops_token = flops_per_token(model_args, opt.seq_len)
+    basis = "6N + 12*n_layers*seq_len*dim per trained token (model.flops_per_token)"
+    if opt.lora_rank:
+        adapters = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+        flops_token += 6 * adapters - 2 * n_params_flops(model_args)
+        basis = "4N frozen + 6 per adapter weight + 12*n_layers*seq_len*dim per trained token"
+        result.update(lora_rank=opt.lora_rank, qlora=opt.qlora, trainable_params=adapters)
+    result.update(seq_len=opt.seq_len, steps=opt.steps, mfu_flops_per_token=flops_token, mfu_basis=basis)
+
+    def workload(model, hf):
+        model.train()
+        if opt.compile:
+            compile_blocks(model.model.layers if hf else model.layers)
+        step = train_step_fn(model, optimizer_for(model, device), autocast, hf)
+        for _ in range(opt.warmup):
+            step(*batch)
+        return lambda: time_train(step, batch, opt.steps, device)
+
+    return workload, flops_token, opt.batch_size * opt.seq_len
+
+
+def generate_workload(opt, model_args: ModelArgs, ours, device, dtype, result: dict):
+    """--mode=generate: (workload(model, hf) -> a timed greedy generation, FLOPs per token, tokens per call); ours is
+    laid out as sample.py decodes (decode_layout, CompiledDecode with --compile)."""
+    g = torch.Generator().manual_seed(opt.seed)
+    prompt = torch.randint(model_args.vocab_size, (opt.batch_size, opt.prompt_len), generator=g).to(device)
+    flops_token = 2 * n_params_flops(model_args)
+    result.update(prompt_len=opt.prompt_len, new_tokens=opt.new_tokens, mfu_flops_per_token=flops_token,
+                  mfu_basis="2N per generated token (N: parameters except the input embedding; attention "
+                            "over the KV cache not counted)")
+
+    def workload(model, hf):
+        model.to(dtype).eval()
+        if not hf:
+            model.init_buffers()  # RoPE tables back to fp32 after .to(dtype)
+            from sample import decode_layout
+
+            decode_layout(model)  # as sample.py loads it
+        decode_step = None
+        if opt.compile:
+            if hf:
+                compile_blocks(model.model.layers)
+            else:
+                from sample import CompiledDecode
+
+                decode_step = CompiledDecode()
+        fn = generate_hf if hf else generate_ours
+        with torch.inference_mode():
+            for i in range(opt.warmup):
+                t0 = time.perf_counter()
+                fn(model, prompt, opt.new_tokens, decode_step)
+                if i == 0 and not hf:  # with --compile: tracing and compiling the decode step
+                    result["first_call_s"] = round(time.perf_counter() - t0, 2)
+
+        def timed():
+            with torch.inference_mode():
+                return time_generate(fn, model, prompt, opt.new_tokens, decode_step, device)
+
+        return timed
+
+    return workload, flops_token, opt.batch_size * opt.new_tokens
+
+
 def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     dtype = DTYPES[opt.dtype]
     if opt.mode == "train" and opt.seq_len > model_args.max_seq_len:
@@ -309,70 +379,13 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         from model import apply_lora
 
         apply_lora(ours, opt.lora_rank, alpha=2.0 * opt.lora_rank, quantize_base=opt.qlora)
-    g = torch.Generator().manual_seed(opt.seed)
     result = {"mode": opt.mode, "preset": opt.preset, "dtype": opt.dtype, "device": device.type,
               "compile": opt.compile, "batch_size": opt.batch_size, "threads": torch.get_num_threads()}
     if opt.quantize:
         result.update(quantize=opt.quantize, group_size=opt.group_size if opt.quantize == "int4" else None,
                       build_s=round(build_s, 1), **quantized_kernel())
-    if opt.mode == "train":
-        data = torch.randint(model_args.vocab_size, (opt.batch_size, opt.seq_len + 1), generator=g).to(device)
-        batch = (data[:, :-1], data[:, 1:])  # (B, T) inputs and next-token targets
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-        flops_token = flops_per_token(model_args, opt.seq_len)
-        basis = "6N + 12*n_layers*seq_len*dim per trained token (model.flops_per_token)"
-        if opt.lora_rank:
-            adapters = sum(p.numel() for p in ours.parameters() if p.requires_grad)
-            flops_token += 6 * adapters - 2 * n_params_flops(model_args)
-            basis = "4N frozen + 6 per adapter weight + 12*n_layers*seq_len*dim per trained token"
-            result.update(lora_rank=opt.lora_rank, qlora=opt.qlora, trainable_params=adapters)
-        tokens_per_call = opt.batch_size * opt.seq_len
-        result.update(seq_len=opt.seq_len, steps=opt.steps, mfu_flops_per_token=flops_token, mfu_basis=basis)
-
-        def workload(model, hf):
-            model.train()
-            if opt.compile:
-                compile_blocks(model.model.layers if hf else model.layers)
-            step = train_step_fn(model, optimizer_for(model, device), autocast, hf)
-            for _ in range(opt.warmup):
-                step(*batch)
-            return lambda: time_train(step, batch, opt.steps, device)
-    else:
-        prompt = torch.randint(model_args.vocab_size, (opt.batch_size, opt.prompt_len), generator=g).to(device)
-        flops_token = 2 * n_params_flops(model_args)
-        tokens_per_call = opt.batch_size * opt.new_tokens
-        result.update(prompt_len=opt.prompt_len, new_tokens=opt.new_tokens, mfu_flops_per_token=flops_token,
-                      mfu_basis="2N per generated token (N: parameters except the input embedding; attention "
-                                "over the KV cache not counted)")
-
-        def workload(model, hf):
-            model.to(dtype).eval()
-            if not hf:
-                model.init_buffers()  # RoPE tables back to fp32 after .to(dtype)
-                from sample import decode_layout
-
-                decode_layout(model)  # as sample.py loads it
-            decode_step = None
-            if opt.compile:
-                if hf:
-                    compile_blocks(model.model.layers)
-                else:
-                    from sample import CompiledDecode
-
-                    decode_step = CompiledDecode()
-            fn = generate_hf if hf else generate_ours
-            with torch.inference_mode():
-                for i in range(opt.warmup):
-                    t0 = time.perf_counter()
-                    fn(model, prompt, opt.new_tokens, decode_step)
-                    if i == 0 and not hf:  # with --compile: tracing and compiling the decode step
-                        result["first_call_s"] = round(time.perf_counter() - t0, 2)
-
-            def timed():
-                with torch.inference_mode():
-                    return time_generate(fn, model, prompt, opt.new_tokens, decode_step, device)
-
-            return timed
+    make = train_workload if opt.mode == "train" else generate_workload
+    workload, flops_token, tokens_per_call = make(opt, model_args, ours, device, dtype, result)
 
     # a bf16 MFU can exceed 1 where the device has no bf16 units: also give it against the fp32 peak
     peak_fp32 = peak if dtype == torch.float32 else mm_peak_flops(torch.float32, n, device)
@@ -398,7 +411,8 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     def measure_stream():  # after workload(ours): the weights as decoding holds them (dtype, decode_layout)
         nonlocal stream
         weights = [t for name, t in [*ours.named_parameters(), *ours.named_buffers()]
-                   if (t.dim() == 2 or name.endswith((".scales", ".nf4_absmax_scale"))) and not name.startswith(("tok_embeddings.", "rope_"))]
+                   if (t.dim() == 2 or name.endswith((".scales", ".nf4_absmax_scale")))
+                   and not name.startswith(("tok_embeddings.", "rope_"))]
         stream = stream_peak_bytes(weights, device)
         result.update(bytes_per_token=sum(t.numel() * t.element_size() for t in weights),
                       stream_peak_bytes_per_s=round(stream))
