@@ -901,8 +901,7 @@ def nf4_linear(x: torch.Tensor, q: dict[str, torch.Tensor], shape: tuple[int, in
     if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
             and x.numel() <= NF4_KERNEL_ROWS * x.size(-1) and not torch.is_grad_enabled()
             and x.size(-1) % 32 == 0 and q["packed"].size(1) == 32):  # (no kernel built: nf4_matmul dequantises)
-        y = nf4_matmul(x.view(-1, x.size(-1)) if x.is_contiguous() else x.reshape(-1, x.size(-1)), q["packed"],
-                       q["absmax_q"], q["absmax_scale"], q["absmax_offset"])
+        y = nf4_matmul(x.reshape(-1, x.size(-1)), q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"])
         return y.view(*x.shape[:-1], shape[0])
     with torch.autocast(x.device.type, enabled=False):
         return _NF4Linear.apply(x, q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"],
@@ -1103,6 +1102,16 @@ void nf4_matmul(const float* x, const uint8_t* w, const int8_t* aq, const float*
           xq[64 * i + (k % 2) * 32 + ((j % 16) / 8) * 16 + (j / 16) * 8 + j % 8] = (int16_t)lrintf(xb[k] * inv);
         }
       }
+#ifdef AVX2
+  int8_t lo_bytes[16], hi_bytes[16];  /* the codes x 32767 as int16, their low and high bytes: vpshufb's tables */
+  for (int v = 0; v < 16; v++) {
+    int16_t q = (int16_t)lrintf(code[v] * 32767);
+    lo_bytes[v] = (int8_t)(q & 255);
+    hi_bytes[v] = (int8_t)(q >> 8);
+  }
+  const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)lo_bytes));
+  const __m256i thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)hi_bytes));
+#endif
   #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
   for (long n = 0; n < N; n++) {
     long ph = (n * K) % 64 ? 1 : 0, col0 = 32 * ph, b0 = (n * K + col0) / 64;  /* the row's first whole block */
@@ -1111,14 +1120,6 @@ void nf4_matmul(const float* x, const uint8_t* w, const int8_t* aq, const float*
       long T = M - m0 < NF4_ROWS ? M - m0 : NF4_ROWS, done = 0;  /* whole blocks done in integers */
       float acc[NF4_ROWS] = {0};
 #ifdef AVX2
-      int8_t lo_bytes[16], hi_bytes[16];
-      for (int v = 0; v < 16; v++) {
-        int16_t q = (int16_t)lrintf(code[v] * 32767);
-        lo_bytes[v] = (int8_t)(q & 255);
-        hi_bytes[v] = (int8_t)(q >> 8);
-      }
-      const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)lo_bytes));
-      const __m256i thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)hi_bytes));
       const __m256i nibble = _mm256_set1_epi8(15);
       __m256 vacc[NF4_ROWS];
       for (int t = 0; t < NF4_ROWS; t++) vacc[t] = _mm256_setzero_ps();
