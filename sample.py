@@ -561,12 +561,8 @@ def attach_adapter(model, updates, replaced):
 
 
 def add_adapter(model, path, family: str = "llama"):
-    """Fold a LoRA adapter dir into the weights of a full-precision model, in place."""
-    updates, replaced = read_adapter(path, model.args, family)
-    with torch.no_grad():
-        for name in {*updates, *replaced}:
-            p = model.get_parameter(name)
-            p.copy_(fold_adapter(name, p, updates, replaced))
+    """Fold a LoRA adapter dir into the weights of a full-precision model, in place (attach_adapter: no NF4 here)."""
+    attach_adapter(model, *read_adapter(path, model.args, family))
 
 
 def save_quantized(model, src_ckpt, dst, mode, group_size, family):
