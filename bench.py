@@ -729,8 +729,8 @@ def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict
     q4 = Int4Linear(w.size(1), w.size(0), group_size).quantize_from(w)
     nf4 = NF4Linear(w.size(1), w.size(0)).quantize_from(w)
     n8, n4 = [sum(t.numel() * t.element_size() for t in q.stored()) for q in (q8, q4)]
-    nf4_parts = [nf4.nf4_packed, nf4.nf4_absmax_q, nf4.nf4_absmax_scale, nf4.nf4_absmax_offset]
-    n_nf4 = sum(t.numel() * t.element_size() for t in nf4_parts)
+    nf4_parts = nf4.nf4()  # packed codes, absmax_q, absmax_scale, absmax_offset: nf4_matmul's arguments in order
+    n_nf4 = sum(t.numel() * t.element_size() for t in nf4_parts.values())
     w_t = w.t().contiguous()  # (in, out), as sample.decode_layout holds fp32 weights
     scales_and_zeros = torch.stack([q4.scales, q4.zeros + 8 * q4.scales], -1).transpose(0, 1).contiguous()  # q - 8
     codes = torch.stack([q4.weight & 15, q4.weight >> 4], -1).flatten(1).int()
@@ -754,8 +754,8 @@ def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict
         "int4 torch.compile dequantise-and-dot": (lambda: fused4(x, q4.weight, q4.scales, q4.zeros), n4),
         "int4 dequantised blocks": (lambda: dequantised_linear(x, int4_dequantize, q4.weight, q4.scales, q4.zeros),
                                     n4),
-        "nf4 C kernel": (lambda: nf4_matmul(x, *nf4_parts), n_nf4),
-        "nf4 dequantised blocks": (lambda: nf4_dequantised_matmul(x, nf4.nf4(), w.shape, torch.float32), n_nf4),
+        "nf4 C kernel": (lambda: nf4_matmul(x, *nf4_parts.values()), n_nf4),
+        "nf4 dequantised blocks": (lambda: nf4_dequantised_matmul(x, nf4_parts, w.shape, torch.float32), n_nf4),
     }
 
 
