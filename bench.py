@@ -14,8 +14,8 @@ It also holds the training plan behind `python train.py CONFIG --dry_run` (train
 memory term by term and step time of a config on its mesh, estimated from ModelArgs without allocating the model.
 
 Train mode times what train.py runs: forward with the loss, backward, grad clipping, train.py's AdamW, zero_grad;
---dtype=bfloat16 is autocast over fp32 weights, as in train.py. MFU = flops_per_token (model.py:
-6N + 12 * n_layers * seq_len * dim) * tokens/s / peak. Generate mode times sample.generate (greedy, static KV cache,
+--dtype=bfloat16 is autocast over fp32 weights, as in train.py. MFU = flops_per_token
+(6N + 12 * n_layers * seq_len * dim) * tokens/s / peak. Generate mode times sample.generate (greedy, static KV cache,
 batch_size prompts of prompt_len random tokens, new_tokens each) with the weights in --dtype; its MFU counts 2N FLOPs
 per generated token (N = parameters except the input embedding; attention over the cache is left out). The peak is
 the best of several square torch.mm of the same dtype, sized like the model's largest matrix, in the same process.
@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from model import PRESETS, ModelArgs, Transformer, apply_lora, check_json_fields, flops_per_token, parse_json
+from model import PRESETS, ModelArgs, Transformer, apply_lora, check_json_fields, parse_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -146,6 +146,14 @@ def figures(fraction: float) -> float:
 def load_average() -> float | None:
     """The machine's 1-minute load average at the end of the run: on a shared machine, how much else was running."""
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> int:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12 * n_layers * seq_len * dim."""
+    d, L = args.dim, args.n_layers
+    kv = args.kv_heads * args.head_dim
+    n = L * (2 * d * d + 2 * d * kv + 3 * d * args.hidden_dim + 2 * d) + d + args.vocab_size * d
+    return 6 * n + 12 * L * seq_len * d
 
 
 def n_params_flops(model_args: ModelArgs) -> int:
@@ -298,7 +306,7 @@ def train_workload(opt, model_args: ModelArgs, ours, device, dtype, result: dict
     batch = (data[:, :-1], data[:, 1:])  # (B, T) inputs and next-token targets
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     flops_token = flops_per_token(model_args, opt.seq_len)
-    basis = "6N + 12*n_layers*seq_len*dim per trained token (model.flops_per_token)"
+    basis = "6N + 12*n_layers*seq_len*dim per trained token (bench.flops_per_token)"
     if opt.lora_rank:
         adapters = sum(p.numel() for p in ours.parameters() if p.requires_grad)
         flops_token += 6 * adapters - 2 * n_params_flops(model_args)

@@ -13,7 +13,8 @@ is imported lazily and only when an NPU is in play, so nothing here needs it.
                                                                                       attention (decode steps),
                                                                                       npu_prompt_flash_attention
     swiglu(gate, up)                       F.silu(gate) * up; (1) _SwiGLU             npu_swiglu
-    cross_entropy(logits, targets, mask)   F.cross_entropy in fp32                    portable
+    cross_entropy(logits, targets, mask)   F.cross_entropy in fp32; vocabulary-       portable
+                                           sharded logits (tensor parallel): per shard
     linear_cross_entropy(h, weight, ...)   _LinearCrossEntropy, no logits kept;       portable
                                            (2) its GEMMs in fp32
     linear(x, weight)                      F.linear; (2) _LinearBf16ViaFp32           portable
@@ -125,6 +126,29 @@ def available_memory(device) -> int | None:
         return min(free, int(limit) - used) if limit.isdigit() else free
     except (OSError, ValueError):
         return free
+
+
+@contextmanager
+def freed_memory_returned_to_os(enabled: bool):
+    """glibc heap tuning, which train.py turns on for LoRA on a CPU: while enabled, every allocation of 1 MB or more
+    is served by mmap and returned to the OS when freed; then glibc's warm default (a heap for blocks under 32 MB) is
+    back for a caller in the same process. Not glibc: no mallopt, nothing to do.
+
+    Why: a multi-GB frozen base on the CPU, built and then dequantised a slice at a time, mixes long-lived buffers with
+    GBs of short-lived scratch, and glibc's heap fragments into GBs of holes (QLoRA baichuan-7b peaked at 8.5 GiB;
+    5.5 GiB with this), for page faults that cost ~30% more wall time; so only LoRA on a CPU pays them."""
+    def mallopt_mmap_threshold(nbytes: int) -> bool:
+        try:
+            return bool(ctypes.CDLL(None).mallopt(-3, nbytes))  # M_MMAP_THRESHOLD (malloc.h)
+        except (OSError, AttributeError):
+            return False
+
+    changed = enabled and mallopt_mmap_threshold(1 << 20)
+    try:
+        yield
+    finally:
+        if changed:
+            mallopt_mmap_threshold(32 << 20)
 
 
 _force_npu = None  # True: every op takes the torch_npu path; False: every op the portable path; None: by device
@@ -588,7 +612,7 @@ def _npu_attention_kernel(x, dtype, H, H_kv, D, T, S, doc_ids) -> str | None:
 
 
 @functools.cache
-def _npu_causal_mask(device) -> torch.Tensor:
+def npu_causal_mask(device) -> torch.Tensor:
     """The fixed 2048 x 2048 upper-triangular mask sparse modes 2 and 3 take whatever the sequence length. Built
     outside inference mode: the training kernel saves it for backward, which an inference tensor cannot be."""
     with torch.inference_mode(False):
@@ -605,7 +629,7 @@ def _npu_attention(q, k, v, causal, pse, key_padding_mask, doc_ids, doc_ends, q_
     if doc_ids is not None and pse is None and key_padding_mask is None and causal:
         return _npu_packed_attention(npu, q, k, v, doc_ends or packed_doc_ends(doc_ids), scale)
     if causal and key_padding_mask is None and doc_ids is None and q_start + T == S:
-        atten_mask, sparse_mode = _npu_causal_mask(q.device), 3  # right-down causal, no (T, S) mask built
+        atten_mask, sparse_mode = npu_causal_mask(q.device), 3  # right-down causal, no (T, S) mask built
     else:
         allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, q.device)
         atten_mask, sparse_mode = (None if allowed is None else ~allowed), 0  # True = masked out
@@ -651,7 +675,7 @@ def _npu_packed_attention(npu, q, k, v, calls, scale):
     for start, ends in calls:
         stop = start + ends[-1]
         outs.append(npu.npu_fusion_attention(
-            q[start:stop], k[start:stop], v[start:stop], H, "TND", atten_mask=_npu_causal_mask(q.device), scale=scale,
+            q[start:stop], k[start:stop], v[start:stop], H, "TND", atten_mask=npu_causal_mask(q.device), scale=scale,
             sparse_mode=3, actual_seq_qlen=ends, actual_seq_kvlen=ends,
         )[0])
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -690,18 +714,32 @@ def cross_entropy(logits, targets, loss_mask=None, z_loss: float = 0.0) -> torch
     """Mean next-token cross-entropy over the counted tokens, in fp32.
 
     A token counts unless its target is -100 or its loss_mask is 0. z_loss adds Baichuan2's max-z term,
-    z_loss * mean(max(logits)^2), which keeps the logits from drifting upwards.
+    z_loss * mean(max(logits)^2), which keeps the logits from drifting upwards. Logits sharded on the vocabulary by
+    tensor parallelism (a DTensor (B, T, V/tp)) are never gathered: the cross-entropy is F.cross_entropy under torch's
+    loss_parallel (the caller runs forward and backward inside that context, see train.py), and the max-z term takes
+    each rank's row maxima.
     """
-    logits = logits.float().flatten(0, -2)  # (N, V)
+    sharded = type(logits).__name__ == "DTensor"
+    flat = logits.float().flatten(0, -2)  # (N, V)
     targets = targets.flatten()
     if loss_mask is not None:
         targets = targets.masked_fill(loss_mask.flatten() == 0, -100)
     counted = targets != -100
     n = counted.sum().clamp(min=1)
-    loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum") / n
+    loss = F.cross_entropy(flat, targets, ignore_index=-100, reduction="sum") / n
+    if sharded:
+        loss = loss.full_tensor()  # the same value on every tp rank
     if z_loss:
-        loss = loss + z_loss * (logits.max(dim=-1).values.pow(2) * counted).sum() / n
+        loss = loss + z_loss * ((_vocab_max(logits) if sharded else flat.max(dim=-1).values).pow(2) * counted).sum() / n
     return loss
+
+
+def _vocab_max(logits) -> torch.Tensor:
+    """(N,) row maxima of logits sharded on the vocabulary (a DTensor (B, T, V/tp)): each rank's, then the max."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    local_max = logits.to_local().float().flatten(0, -2).max(dim=-1, keepdim=True).values  # (N, 1)
+    return DTensor.from_local(local_max, logits.device_mesh, [Shard(1)]).full_tensor().max(dim=-1).values
 
 
 def linear_cross_entropy(h, weight, targets, loss_mask=None, z_loss: float = 0.0) -> torch.Tensor:

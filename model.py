@@ -6,6 +6,10 @@ The families differ only in numbers (ModelArgs) and in a few switches: pos_emb='
 norm_head and z_loss for Baichuan2. The hot ops live in kernels.py. Transformer.from_checkpoint loads a checkpoint
 dir (config.json + safetensors, memory-mapped); convert.py writes them and owns every other on-disk format.
 
+Every script imports this file and it imports none of them, so what they all check input and write output with lives
+here too, each in a section of its own: declared ranges (a config field or flag and the values it takes), untrusted
+JSON (parse_json, load_json), and output dirs that are replaced whole or not at all (replace_dir).
+
     from model import Transformer, PRESETS
     model = Transformer(PRESETS["tiny"])
     logits, loss = model(idx, targets)
@@ -445,11 +449,7 @@ class Transformer(nn.Module):
         if head is not None:  # training: the loss straight from h, the full logits never built (fast, less memory)
             return None, kernels.linear_cross_entropy(h, head, targets, loss_mask, self.args.z_loss)
         logits = kernels.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
-        loss = None
-        if targets is not None:
-            vocab_sharded = type(logits).__name__ == "DTensor"  # tensor parallel: each rank holds a vocab slice
-            loss = (vocab_parallel_cross_entropy if vocab_sharded else kernels.cross_entropy)(
-                logits, targets, loss_mask, self.args.z_loss)
+        loss = None if targets is None else kernels.cross_entropy(logits, targets, loss_mask, self.args.z_loss)
         return logits, loss
 
     def _alibi_bias(self, h, T, start_pos, key_padding_mask, doc_ids) -> Optional[torch.Tensor]:
@@ -518,31 +518,6 @@ def _doc_positions(doc_ids):
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     return t - torch.where(starts, t, 0).cummax(dim=1).values
-
-
-def vocab_parallel_cross_entropy(logits, targets, loss_mask=None, z_loss: float = 0.0) -> torch.Tensor:
-    """kernels.cross_entropy for logits sharded on the vocabulary by tensor parallelism (a DTensor (B, T, V/tp)),
-    without building the full logits: the cross-entropy is F.cross_entropy under torch's loss_parallel (the caller
-    runs forward and backward inside that context, see train.py), the max-z term takes each rank's row maxima."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    loss = kernels.cross_entropy(logits, targets, loss_mask).full_tensor()  # the same value on every tp rank
-    if z_loss:
-        local_max = logits.to_local().float().flatten(0, -2).max(dim=-1, keepdim=True).values  # (N, 1)
-        row_max = DTensor.from_local(local_max, logits.device_mesh, [Shard(1)]).full_tensor().max(dim=-1).values
-        counted = targets.flatten() != -100
-        if loss_mask is not None:
-            counted &= loss_mask.flatten() != 0
-        loss = loss + z_loss * (row_max.pow(2) * counted).sum() / counted.sum().clamp(min=1)
-    return loss
-
-
-def flops_per_token(args: ModelArgs, seq_len: int) -> int:
-    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12 * n_layers * seq_len * dim."""
-    d, L = args.dim, args.n_layers
-    kv = args.kv_heads * args.head_dim
-    n = L * (2 * d * d + 2 * d * kv + 3 * d * args.hidden_dim + 2 * d) + d + args.vocab_size * d
-    return 6 * n + 12 * L * seq_len * d
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -861,76 +836,26 @@ def read_config(path) -> tuple[ModelArgs, dict]:
         raise CheckpointError(f"{file}: {e}") from None
 
 
-# safetensors: an 8-byte little-endian header length, the JSON header {name: {"dtype", "shape", "data_offsets"}},
-# then the tensors' bytes; data_offsets are relative to the end of the header
-SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
-                      "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
-MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
-
-
-def read_safetensors_header(file) -> dict[str, tuple]:
-    """{name: (dtype, shape, (start, end))} of a .safetensors file, checked before the library maps it: a JSON object
-    of known dtypes, shapes of non-negative integers, byte ranges whose size matches the shape, inside the file,
-    overlapping no other tensor and together covering every data byte. CheckpointError names file and tensor."""
-    def bad(why):
-        raise CheckpointError(f"{file}: truncated or corrupted safetensors file: {why}")
-
-    try:
-        with open(file, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            n = int.from_bytes(f.read(8), "little") if size >= 8 else None
-            if n is None or not 2 <= n <= min(size - 8, MAX_SAFETENSORS_HEADER):
-                bad(f"{size} bytes, the header length field says {n if n is not None else 'nothing'}")
-            header = parse_json(f.read(n), f"{file}: header", CheckpointError)
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read it ({e.strerror})") from None
-    if not isinstance(header, dict):
-        bad(f"header: expected a JSON object, got {json_type(header)}")
-    meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        bad("header: __metadata__: expected an object of strings")
-    data_bytes, out = size - 8 - n, {}
-    for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            bad(f"tensor {name!r}: expected an object with dtype, shape and data_offsets, got {json.dumps(entry)[:80]}")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-            bad(f"tensor {name!r}: dtype {dtype!r}: expected one of {', '.join(SAFETENSORS_DTYPES)}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            bad(f"tensor {name!r}: shape {json.dumps(shape)[:80]}: expected a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1]):
-            bad(f"tensor {name!r}: data_offsets {json.dumps(offsets)[:80]}: expected [start, end], 0 <= start <= end")
-        if offsets[1] > data_bytes:
-            bad(f"tensor {name!r}: data_offsets {offsets} run past the end of the file ({data_bytes} data bytes: "
-                "truncated?)")
-        if offsets[1] - offsets[0] != math.prod(shape) * SAFETENSORS_DTYPES[dtype]:
-            bad(f"tensor {name!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, shape {shape} of "
-                f"{dtype} needs {math.prod(shape) * SAFETENSORS_DTYPES[dtype]}")
-        out[name] = (dtype, tuple(shape), tuple(offsets))
-    end, last = 0, None
-    for name, (_, _, (start, stop)) in sorted(out.items(), key=lambda kv: kv[1][2]):
-        if start < end:
-            bad(f"tensor {name!r}: bytes {start}..{stop} overlap tensor {last!r} (two tensors in the same bytes)")
-        if start > end:
-            bad(f"bytes {end}..{start} of the data belong to no tensor")
-        end, last = stop, name
-    if end != data_bytes:
-        bad(f"{data_bytes - end} bytes after the last tensor belong to no tensor")
-    return out
-
-
 def load_safetensors(file) -> dict[str, torch.Tensor]:
-    """Tensors of one .safetensors file, its header checked (read_safetensors_header), then memory-mapped by the
-    safetensors library: nothing is read until a tensor is used, and writes to a tensor never reach the file."""
+    """Tensors of one .safetensors file, memory-mapped by the safetensors library: nothing is read until a tensor is
+    used, and writes to a tensor never reach the file. The library checks the header before mapping anything (a JSON
+    object of known dtypes and non-negative shapes, each tensor's bytes the size its shape needs, inside the file, in
+    order with no overlap and no gap); its complaint comes back as a CheckpointError naming the file. A name twice in
+    the header, which the library reads as its last entry and another reader might not, is refused here."""
     from safetensors import SafetensorError, safe_open
 
-    read_safetensors_header(file)
     try:
-        with safe_open(str(file), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: truncated or corrupted safetensors file ({e})") from None
+        with safe_open(str(file), framework="pt") as st, open(file, "rb") as f:  # the library checked the length
+            parse_json(f.read(int.from_bytes(f.read(8), "little")), f"{file}: header", CheckpointError)
+            return {name: st.get_tensor(name) for name in st.keys()}
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: not found") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read it ({e.strerror})") from None
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file}: truncated or corrupted safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def read_weight_map(index) -> dict[str, str]:
@@ -1017,7 +942,7 @@ def remove_stale(dst: Path):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def swap_paths(a: Path, b: Path) -> bool:
     """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
@@ -1051,7 +976,7 @@ def replace_dir(dst, overwrite: bool, flag="--out", inputs=(), error=ValueError)
         raise
     if not dst.exists():
         tmp.rename(dst)
-    elif _exchange(tmp, dst):
+    elif swap_paths(tmp, dst):
         shutil.rmtree(tmp)  # now the old one
     else:
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"

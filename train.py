@@ -28,7 +28,6 @@ and needs no process group. FSDP2 shards over dp, tensor + sequence parallelism 
 """
 
 import ast
-import ctypes
 import difflib
 import functools
 import json
@@ -39,7 +38,7 @@ import signal
 import sys
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Optional
@@ -54,11 +53,11 @@ from tqdm import tqdm
 import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
-from bench import memory_plan, mm_peak_flops, peak_memory_gib, training_plan
+from bench import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, training_plan
 from convert import (Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, read_step_dir,
                      remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_peft_adapter, write_step_dir)
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, \
-    apply_lora, check_json_fields, check_value, count_weights, expected, flops_per_token, load_tensors, \
+    apply_lora, check_json_fields, check_value, count_weights, expected, load_tensors, \
     lora_state_dict, ranged, read_config
 
 
@@ -350,7 +349,7 @@ def gather_over_ranks(x: float, d: Dist) -> list[float]:
 
 def loss_parallel_context(d: Dist):
     """Forward and backward of a tensor-parallel model run in torch's loss_parallel: its logits are sharded on the
-    vocabulary and model.vocab_parallel_cross_entropy computes the loss on the shards."""
+    vocabulary and kernels.cross_entropy computes the loss on the shards."""
     if d.tp == 1:
         return nullcontext()
     from torch.distributed.tensor.parallel import loss_parallel
@@ -898,29 +897,6 @@ def plan(cfg: Config, model_overrides: dict) -> dict:
 # the run: main = setup, restore, train, finish
 
 
-@contextmanager
-def freed_memory_returned_to_os(enabled: bool):
-    """glibc heap tuning for LoRA on a CPU: while enabled, every allocation of 1 MB or more is served by mmap and
-    returned to the OS when freed; then glibc's warm default (a heap for blocks under 32 MB) is back for a caller in
-    the same process. Not glibc: no mallopt, nothing to do.
-
-    Why: a multi-GB frozen base on the CPU, built and then dequantised a slice at a time, mixes long-lived buffers with
-    GBs of short-lived scratch, and glibc's heap fragments into GBs of holes (QLoRA baichuan-7b peaked at 8.5 GiB;
-    5.5 GiB with this), for page faults that cost ~30% more wall time; so only LoRA on a CPU pays them."""
-    def mallopt_mmap_threshold(nbytes: int) -> bool:
-        try:
-            return bool(ctypes.CDLL(None).mallopt(-3, nbytes))  # M_MMAP_THRESHOLD (malloc.h)
-        except (OSError, AttributeError):
-            return False
-
-    changed = enabled and mallopt_mmap_threshold(1 << 20)
-    try:
-        yield
-    finally:
-        if changed:
-            mallopt_mmap_threshold(32 << 20)
-
-
 @dataclass
 class Run:
     """What the steps of a run share: set up by setup(), continued by restore(), advanced by train(), closed by
@@ -965,7 +941,7 @@ def main(argv=None) -> dict:
     check_config(cfg)
     if cfg.dry_run:  # the plan only: no data, no model, no process group
         return plan(cfg, model_overrides)
-    with freed_memory_returned_to_os(cfg.lora_rank > 0 and kernels.device_type() == "cpu"):
+    with kernels.freed_memory_returned_to_os(cfg.lora_rank > 0 and kernels.device_type() == "cpu"):
         try:
             run = setup(cfg, model_overrides)
             restore(run)

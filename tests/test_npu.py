@@ -176,7 +176,7 @@ def test_packed_document_ends_are_read_once_per_batch_not_per_layer(fake_npu, mo
 
 
 def test_causal_mask_first_made_under_inference_mode_still_trains(fake_npu):
-    kernels._npu_causal_mask.cache_clear()
+    kernels.npu_causal_mask.cache_clear()
     q, k, v = qkv(grad=True)
     with torch.inference_mode():  # fp32: npu_fusion_attention, which caches the 2048 x 2048 mask here
         kernels.attention(q, k, v)

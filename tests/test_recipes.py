@@ -298,7 +298,7 @@ def test_dry_run_lora_and_qlora_by_hand(tmp_path):
     assert q["bytes"]["weights"] == nf4 + 2 * (n - L * sum(linears)) + 4 * q["n_trainable"]
     assert q["bytes"]["working weights"] == 2 * sum(linears)  # one block dequantised at a time
     # frozen weights skip their weight gradients: 4 FLOPs per weight instead of 6, adapters 6
-    full_flops = train.flops_per_token(PRESETS["tiny"], 32)
+    full_flops = bench.flops_per_token(PRESETS["tiny"], 32)
     assert lora["flops_per_token"] == full_flops - 2 * (n - 512 * d) + 6 * adapters
 
 

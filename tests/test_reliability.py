@@ -311,12 +311,12 @@ if point == "write":  # the first output shard is on disk, the others are not
     flush = convert.ShardWriter._flush
     convert.ShardWriter._flush = lambda self: (flush(self), die())
 elif point == "swap":  # the new dir complete, not yet swapped in
-    model._exchange = die
+    model.swap_paths = die
 elif point == "swapped":  # swapped in, the old one not yet removed
-    exchange = model._exchange
-    model._exchange = lambda a, b: (exchange(a, b), die())
+    exchange = model.swap_paths
+    model.swap_paths = lambda a, b: (exchange(a, b), die())
 elif point == "aside":  # where no atomic swap exists: the old dir renamed aside, the new one not yet in
-    model._exchange = lambda a, b: False
+    model.swap_paths = lambda a, b: False
     rename = pathlib.Path.rename
     pathlib.Path.rename = lambda self, to: (rename(self, to), ".old-" in str(to) and die())[0]
 convert.main(sys.argv[1:])
