@@ -1193,6 +1193,13 @@ def merge_lora(src, adapter, dst, dtype=None, overwrite=False, max_shard_bytes=N
 
 STEP_DIR = re.compile(r"step_(\d{8})$")
 TRAIN_STATE = "train_state.json"
+# train_state.json's fields (train.py's checkpoint() writes them), their types and ranges: checked wherever present;
+# a resume needs RESUME_FIELDS too
+TRAIN_STATE_FIELDS = {"step": (int, "[0, 2**63)"), "files": dict, "best_val_loss": Optional[float],
+                      "lora_base": Optional[str], "loss_scaler.scale": (float, "(0, inf)"),
+                      "loss_scaler.good_steps": (int, "[0, inf)"), "loss_scaler.skipped": (int, "[0, inf)"),
+                      "data.seed": (int, "[0, 2**63)"), "data.epoch": (int, "[0, inf)"), "data.index": (int, "[0, inf)")}
+RESUME_FIELDS = ("step", *(k for k in TRAIN_STATE_FIELDS if "." in k))
 
 
 @dataclass(frozen=True)
@@ -1351,12 +1358,13 @@ def _publish_step_dir(tmp: Path, final: Path, train_state: dict):
     fsync_dir(final.parent)
 
 
-def read_train_state(step_dir: Path) -> dict:
-    """train_state.json of a step dir: a JSON object with the step and a manifest whose every entry is a plain file
-    name of the step dir (never a path out of it) with its size and sha256. CheckpointError names what is wrong."""
+def read_train_state(step_dir: Path, required=("step",)) -> dict:
+    """train_state.json of a step dir: a JSON object with the step (and the other fields in required), every field of
+    TRAIN_STATE_FIELDS of its type and range, and a manifest whose every entry is a plain file name of the step dir
+    (never a path out of it) with its size and sha256. CheckpointError names what is wrong."""
     file = Path(step_dir) / TRAIN_STATE
     state = load_json(file)
-    check_json_fields(state, {"step": (int, "[0, inf)"), "files": dict}, file, CheckpointError, required=("step",))
+    check_json_fields(state, TRAIN_STATE_FIELDS, file, CheckpointError, required=required)
     named = STEP_DIR.match(Path(step_dir).name)
     if named and int(named[1]) != state["step"]:
         fail(f"{file}: step={state['step']}, but the dir is {Path(step_dir).name}")
@@ -1372,10 +1380,11 @@ def read_train_state(step_dir: Path) -> dict:
     return state
 
 
-def verify_step_dir(step_dir: Path, ranks: Ranks = Ranks()) -> dict:
-    """train_state.json of a step dir whose files all have the size and sha256 recorded when it was written; else
-    CheckpointError naming the file and what is wrong. Each rank hashes a share; every rank gets the same verdict."""
-    state = read_train_state(step_dir)
+def verify_step_dir(step_dir: Path, ranks: Ranks = Ranks(), required=("step",)) -> dict:
+    """train_state.json of a step dir (read_train_state) whose files all have the size and sha256 recorded when it
+    was written; else CheckpointError naming the file and what is wrong. Each rank hashes a share; every rank gets the
+    same verdict."""
+    state = read_train_state(step_dir, required)
     manifest = state.get("files", {})  # step dirs written before manifests have none: nothing to check against
     problems = []
     for name in sorted(manifest)[ranks.rank::ranks.world_size]:

@@ -41,7 +41,6 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -54,11 +53,10 @@ import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
 from bench import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, training_plan
-from convert import (Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, read_step_dir,
+from convert import (RESUME_FIELDS, Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, read_step_dir,
                      remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_peft_adapter, write_step_dir)
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, \
-    apply_lora, check_json_fields, check_value, count_weights, expected, load_tensors, \
-    lora_state_dict, ranged, read_config
+    apply_lora, check_value, count_weights, expected, load_tensors, lora_state_dict, ranged, read_config
 
 
 @dataclass
@@ -743,14 +741,6 @@ def load_checkpoint(step_dir: Path, model, optimizer, d: Dist) -> dict:
     return train_state
 
 
-# what restore() reads of a step dir's train_state.json (checkpoint() writes it): types and ranges
-TRAIN_STATE_FIELDS = {"step": (int, "[0, 2**63)"), "best_val_loss": Optional[float], "lora_base": Optional[str],
-                      "loss_scaler.scale": (float, "(0, inf)"), "loss_scaler.good_steps": (int, "[0, inf)"),
-                      "loss_scaler.skipped": (int, "[0, inf)"), "data.seed": (int, "[0, 2**63)"),
-                      "data.epoch": (int, "[0, inf)"), "data.index": (int, "[0, inf)")}
-TRAIN_STATE_REQUIRED = [k for k in TRAIN_STATE_FIELDS if "." in k or k == "step"]
-
-
 def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist, log) -> tuple[Path, dict]:
     """Load the latest intact step dir of out_dir: a damaged one is reported and the one before it is tried."""
     found = step_dirs(out_dir)
@@ -759,9 +749,7 @@ def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist,
     while found:
         step_dir = found.pop()
         try:
-            state = verify_step_dir(step_dir, ranks_of(d))
-            check_json_fields(state, TRAIN_STATE_FIELDS, step_dir / "train_state.json", CheckpointError,
-                              required=TRAIN_STATE_REQUIRED)
+            verify_step_dir(step_dir, ranks_of(d), required=RESUME_FIELDS)
             saved, _ = read_config(step_dir)
             check_same_shape(step_dir, saved, args)  # another model is a mistake in the config, not damage: fails
             return step_dir, load_checkpoint(step_dir, model, optimizer, d)
