@@ -137,6 +137,7 @@ class Config:
 MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
 MAX_SKIPPED_IN_A_ROW = 32  # float16 steps skipped in a row (loss scale / 2^32) before a run stops as diverged
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AC_MODES = ("none", "full", "selective")
 
 
 def fail(msg: str):
@@ -244,6 +245,8 @@ def check_config(cfg: Config):
     """What the declared ranges (checked as each key is set) cannot say alone."""
     if cfg.dtype not in DTYPES:
         fail(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if cfg.activation_checkpointing not in AC_MODES:
+        fail(f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of {', '.join(AC_MODES)}")
     if cfg.lr_decay not in ("cosine", "linear"):
         fail(f"lr_decay={cfg.lr_decay!r}: expected 'cosine' or 'linear'")
     if cfg.qlora and not cfg.lora_rank:
@@ -274,7 +277,6 @@ class Dist:
         return self.rank == 0
 
 
-AC_MODES = ("none", "full", "selective")
 RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets beside WORLD_SIZE
 
 
@@ -290,20 +292,7 @@ def setup_distributed(cfg: Config, args: ModelArgs) -> Dist:
     if not env.get("WORLD_SIZE", "1").isdigit() or int(env.get("WORLD_SIZE", "1")) < 1:
         fail(f"WORLD_SIZE={env['WORLD_SIZE']!r}: expected a positive integer (torchrun sets it)")
     world_size = int(env.get("WORLD_SIZE", "1"))
-    if cfg.activation_checkpointing not in AC_MODES:
-        fail(f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of {', '.join(AC_MODES)}")
-    dp = cfg.dp or max(1, world_size // cfg.tp)
-    if dp * cfg.tp != world_size:
-        fail(f"dp={dp} x tp={cfg.tp} = {dp * cfg.tp} processes, but WORLD_SIZE={world_size}: dp * tp must be the "
-             f"number of processes (--nnodes x --nproc_per_node of torchrun)")
-    if cfg.tp > 1:
-        for key, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("seq_len", cfg.seq_len)):
-            if n % cfg.tp:
-                fail(f"tp={cfg.tp} does not divide {key}={n}: each tensor-parallel rank holds whole attention heads "
-                     "and an equal slice of the sequence")
-        if args.tie_embeddings or cfg.lora_rank:
-            fail(f"tp={cfg.tp} with {'tie_embeddings' if args.tie_embeddings else 'lora_rank'}: not supported; "
-                 "use data parallelism (--tp=1)")
+    dp = check_mesh(cfg, args, world_size)
     if world_size == 1:
         return Dist()
     missing = [k for k in RENDEZVOUS_ENV if k not in env]
@@ -324,6 +313,28 @@ def setup_distributed(cfg: Config, args: ModelArgs) -> Dist:
     mesh = init_device_mesh(device, (dp, cfg.tp), mesh_dim_names=("dp", "tp"))
     return Dist(rank, world_size, local_rank, dp=dp, dp_rank=mesh.get_local_rank("dp"), tp=cfg.tp,
                 tp_rank=mesh.get_local_rank("tp"), mesh=mesh, own_group=own_group)
+
+
+def check_mesh(cfg: Config, args: ModelArgs, world: int, world_name: str = "WORLD_SIZE") -> int:
+    """The dp degree of the (dp, tp) mesh over `world` devices, once the mesh fits them, the model and the batch; else
+    one clear line. A run (setup_distributed) and its plan (--dry_run, world_name 'devices') ask the same."""
+    dp = cfg.dp or max(1, world // cfg.tp)
+    if dp * cfg.tp != world:
+        fail(f"dp={dp} x tp={cfg.tp} = {dp * cfg.tp} processes, but {world_name}={world}: dp * tp must be the "
+             "number of processes" + (" (--nnodes x --nproc_per_node of torchrun)" if world_name == "WORLD_SIZE"
+                                      else ""))
+    if cfg.tp > 1:
+        for key, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("seq_len", cfg.seq_len)):
+            if n % cfg.tp:
+                fail(f"tp={cfg.tp} does not divide {key}={n}: each tensor-parallel rank holds whole attention heads "
+                     "and an equal slice of the sequence")
+        if args.tie_embeddings or cfg.lora_rank:
+            fail(f"tp={cfg.tp} with {'tie_embeddings' if args.tie_embeddings else 'lora_rank'}: not supported; "
+                 "use data parallelism (--tp=1)")
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        fail(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
+             f"{cfg.micro_batch_size * dp}")
+    return dp
 
 
 def barrier(d: Dist):
@@ -852,14 +863,6 @@ def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) 
 def plan(cfg: Config, model_overrides: dict) -> dict:
     """--dry_run: print the parameter count, per-device memory and step time of this config on its mesh; build nothing
     but a meta-device model. Returns the numbers (tests)."""
-    world = cfg.devices or int(os.environ.get("WORLD_SIZE", "1"))
-    tp = cfg.tp
-    dp = cfg.dp or world // tp
-    if dp * tp != world or dp < 1:
-        fail(f"dry run: dp={dp} x tp={tp} does not make devices={world}")
-    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
-        fail(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
-             f"{cfg.micro_batch_size * dp}")
     notes = []
     data = Path(cfg.data_dir) / "meta.json"
     meta = load_meta(cfg.data_dir) if data.exists() else None
@@ -872,11 +875,9 @@ def plan(cfg: Config, model_overrides: dict) -> dict:
         vocab = PRESETS[cfg.model].vocab_size if cfg.model in PRESETS else 1
         meta = {"vocab_size": model_overrides.get("vocab_size", vocab)}
     args, family = model_args_for(cfg, model_overrides, meta)
-    for key, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("seq_len", cfg.seq_len)):
-        if n % tp:
-            fail(f"tp={tp} does not divide {key}={n}")
+    dp = check_mesh(cfg, args, cfg.devices or int(os.environ.get("WORLD_SIZE", "1")), "devices")
     try:
-        return training_plan(args, family, cfg, dp, tp, meta, notes)
+        return training_plan(args, family, cfg, dp, cfg.tp, meta, notes)
     except ValueError as e:  # lora_targets that match no layer
         fail(str(e))
 
@@ -944,9 +945,6 @@ def setup(cfg: Config, model_overrides: dict) -> Run:
     args, family = model_args_for(cfg, model_overrides, meta)
     d = setup_distributed(cfg, args)
     micro_per_step = cfg.micro_batch_size * d.dp
-    if cfg.global_batch_size % micro_per_step:
-        fail(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
-             f"{micro_per_step}")
     try:
         train_data, val_data = (TokenSplit(cfg.data_dir, split, meta, cfg.seq_len) for split in ("train", "val"))
         for split in (train_data, val_data):

@@ -232,7 +232,15 @@ def test_dry_run_from_the_command_line():
 def test_dry_run_of_a_mesh_that_does_not_add_up_is_one_line():
     with pytest.raises(SystemExit) as e:
         train.main(["config/baichuan2_13b_pretrain.py", "--dry_run", "--devices=8"])
-    assert str(e.value) == "train.py: dry run: dp=2 x tp=8 does not make devices=8"
+    assert str(e.value) == ("train.py: dp=2 x tp=8 = 16 processes, but devices=8: dp * tp must be the number of "
+                            "processes")
+
+
+def test_dry_run_refuses_the_meshes_a_run_refuses():
+    # the plan asks train.check_mesh as the run does: a plan for a mesh no run could use is not printed
+    with pytest.raises(SystemExit) as e:
+        train.main(["config/baichuan_13b_chat_lora.py", "--dry_run", "--tp=2", "--devices=2"])
+    assert str(e.value) == "train.py: tp=2 with lora_rank: not supported; use data parallelism (--tp=1)"
 
 
 def hand_cfg(**kw):
