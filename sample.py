@@ -150,6 +150,22 @@ def _as_rows(prompt_ids):
     return [list(prompt_ids)], False
 
 
+def left_padded(rows: list[list[int]], total: int, pad_id: int, device):
+    """A batch of prompts left padded to the longest, T: (idx (B, T), mask (B, total): True = a real token, grown
+    into as tokens come, positions (B, T): real tokens at 0..len-1, next_pos (B, 1): the next token's position).
+    Prompts of one length need no padding: positions and next_pos are None, and the model takes its plain causal
+    path (positions start_pos + arange)."""
+    B, T = len(rows), max(len(r) for r in rows)
+    idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, total), dtype=torch.bool, device=device)
+    for b, r in enumerate(rows):
+        idx[b, T - len(r):] = torch.tensor(r, dtype=torch.long, device=device)
+        mask[b, T - len(r):] = True
+    if len({len(r) for r in rows}) == 1:
+        return idx, mask, None, None
+    return idx, mask, (mask[:, :T].long().cumsum(-1) - 1).clamp(min=0), mask[:, :T].sum(-1, keepdim=True)
+
+
 @torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
              repetition_penalty=1.0, eos_id=None, pad_id=0, seed=None, generator=None, decode_step=None):
@@ -186,16 +202,8 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
     end_ids = torch.tensor(sorted({eos_id} if isinstance(eos_id, int) else set(eos_id or ())), dtype=torch.long,
                            device=device)
 
-    # left padding: (B, T) tokens and mask (True = real token); real tokens get positions 0..len-1
-    idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, total), dtype=torch.bool, device=device)  # (B, T + max_new_tokens), grown as views
-    for b, r in enumerate(rows):
-        idx[b, T - len(r):] = torch.tensor(r, dtype=torch.long, device=device)
-        mask[b, T - len(r):] = True
-    padded = len({len(r) for r in rows}) > 1
-    # no padding: let the model use its plain causal path (positions = start_pos + arange)
-    positions = (mask[:, :T].long().cumsum(-1) - 1).clamp(min=0) if padded else None  # (B, T)
-    next_pos = mask[:, :T].sum(-1, keepdim=True) if padded else None  # (B, 1) position of the next token
+    idx, mask, positions, next_pos = left_padded(rows, total, pad_id, device)
+    padded = positions is not None
 
     seen = torch.zeros((B, model.args.vocab_size), dtype=torch.bool, device=device)
     if penalise:  # count occurrences so that pads (mask 0) never mark or unmark a token
