@@ -55,6 +55,8 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -368,7 +370,42 @@ def generate_workload(opt, model_args: ModelArgs, ours, device, dtype, result: d
     return workload, flops_token, opt.batch_size * opt.new_tokens
 
 
+@dataclass
+class Rates:
+    """What turns a workload's seconds into the reported figures: tokens/s, MFU against the dtype's peak (and the fp32
+    peak: a bf16 MFU can exceed 1 where the device has no bf16 units), and for generation MBU, the fraction of the
+    weight-streaming bound reached (measure_stream gives its bytes per token and bound)."""
+    tokens_per_call: int
+    flops_token: float
+    peak: float
+    peak_fp32: Optional[float] = None  # None: the run is fp32
+    bytes_per_token: Optional[int] = None
+    stream: Optional[float] = None  # bytes/s the device streams the weights at
+
+    def summary(self, seconds: list[float]) -> dict:
+        tokens_per_s = self.tokens_per_call / statistics.median(seconds)
+        row = {"tokens_per_s": round(tokens_per_s, 2), "mfu": figures(self.flops_token * tokens_per_s / self.peak)}
+        if self.peak_fp32:
+            row["mfu_vs_fp32_peak"] = figures(self.flops_token * tokens_per_s / self.peak_fp32)
+        if self.stream:
+            row["mbu"] = figures(self.bytes_per_token * tokens_per_s / self.stream)
+        row["tokens_per_s_runs"] = [round(self.tokens_per_call / s, 2) for s in seconds]
+        return row
+
+    def measure_stream(self, ours, device, result: dict):
+        """After the workload has laid ours out as decoding holds it (dtype, decode_layout): the bytes of its weights
+        and the best rate the device streams them at."""
+        weights = [t for name, t in [*ours.named_parameters(), *ours.named_buffers()]
+                   if (t.dim() == 2 or name.endswith((".scales", ".nf4_absmax_scale")))
+                   and not name.startswith(("tok_embeddings.", "rope_"))]
+        self.bytes_per_token = sum(t.numel() * t.element_size() for t in weights)
+        self.stream = stream_peak_bytes(weights, device)
+        result.update(bytes_per_token=self.bytes_per_token, stream_peak_bytes_per_s=round(self.stream))
+
+
 def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
+    """--mode=train / generate: build the model, time its workload alone or alternated with transformers' (--compare),
+    and return the figures."""
     dtype = DTYPES[opt.dtype]
     if opt.mode == "train" and opt.seq_len > model_args.max_seq_len:
         fail(f"--seq_len={opt.seq_len} is above the preset's max_seq_len={model_args.max_seq_len}")
@@ -384,8 +421,6 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         fail(str(e))
     build_s = time.perf_counter() - t0
     if opt.lora_rank:
-        from model import apply_lora
-
         apply_lora(ours, opt.lora_rank, alpha=2.0 * opt.lora_rank, quantize_base=opt.qlora)
     result = {"mode": opt.mode, "preset": opt.preset, "dtype": opt.dtype, "device": device.type,
               "compile": opt.compile, "batch_size": opt.batch_size, "threads": torch.get_num_threads()}
@@ -394,67 +429,54 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
                       build_s=round(build_s, 1), **quantized_kernel())
     make = train_workload if opt.mode == "train" else generate_workload
     workload, flops_token, tokens_per_call = make(opt, model_args, ours, device, dtype, result)
-
-    # a bf16 MFU can exceed 1 where the device has no bf16 units: also give it against the fp32 peak
-    peak_fp32 = peak if dtype == torch.float32 else mm_peak_flops(torch.float32, n, device)
-
-    def summary(seconds: list[float]) -> dict:
-        tokens_per_s = tokens_per_call / statistics.median(seconds)
-        row = {"tokens_per_s": round(tokens_per_s, 2), "mfu": figures(flops_token * tokens_per_s / peak)}
-        if dtype != torch.float32:
-            row["mfu_vs_fp32_peak"] = figures(flops_token * tokens_per_s / peak_fp32)
-        if stream:  # generate: the fraction of the weight-streaming bound reached
-            row["mbu"] = figures(result["bytes_per_token"] * tokens_per_s / stream)
-        row["tokens_per_s_runs"] = [round(tokens_per_call / s, 2) for s in seconds]
-        return row
-
+    peak_fp32 = None if dtype == torch.float32 else mm_peak_flops(torch.float32, n, device)
+    rates = Rates(tokens_per_call, flops_token, peak, peak_fp32)
     with torch.device("meta"):
         params = Transformer(model_args).num_params()  # a quantised model's linears hold buffers, not parameters
     result.update(mm_peak_flops=round(peak), mm_size=n, params=params)
-    if dtype != torch.float32:
+    if peak_fp32:
         result["mm_peak_flops_fp32"] = round(peak_fp32)
     reset_peak_memory(device)
-    stream = None
+    if opt.compare:
+        return measure_against_transformers(opt, model_args, ours, workload, rates, device, result)
+    return measure_alone(opt, ours, workload, rates, device, result)
 
-    def measure_stream():  # after workload(ours): the weights as decoding holds them (dtype, decode_layout)
-        nonlocal stream
-        weights = [t for name, t in [*ours.named_parameters(), *ours.named_buffers()]
-                   if (t.dim() == 2 or name.endswith((".scales", ".nf4_absmax_scale")))
-                   and not name.startswith(("tok_embeddings.", "rope_"))]
-        stream = stream_peak_bytes(weights, device)
-        result.update(bytes_per_token=sum(t.numel() * t.element_size() for t in weights),
-                      stream_peak_bytes_per_s=round(stream))
 
-    if not opt.compare:
-        timed = workload(ours, hf=False)
-        if opt.mode == "generate":
-            measure_stream()
-        runs = [timed() for _ in range(opt.rounds)]
-        result.update(summary([s for s, *_ in runs]))
-        if opt.mode == "generate" and opt.new_tokens > 1:  # the decode steps alone, the prefill left out
-            decode_s = statistics.median(s - first for s, _, first in runs)
-            decode_tokens_per_s = opt.batch_size * (opt.new_tokens - 1) / decode_s
-            result.update(decode_tokens_per_s=round(decode_tokens_per_s, 2),
-                          decode_mbu=figures(result["bytes_per_token"] * decode_tokens_per_s / stream))
-        result.update(peak_mem_gib=round(peak_memory_gib(device), 3), load_avg_1m=load_average())
-        if opt.mode == "train":
-            result["last_loss"] = round(runs[-1][1], 4)
-        return result
+def measure_alone(opt, ours, workload, rates: Rates, device, result: dict) -> dict:
+    timed = workload(ours, hf=False)
+    if opt.mode == "generate":
+        rates.measure_stream(ours, device, result)
+    runs = [timed() for _ in range(opt.rounds)]
+    result.update(rates.summary([s for s, *_ in runs]))
+    if opt.mode == "generate" and opt.new_tokens > 1:  # the decode steps alone, the prefill left out
+        decode_s = statistics.median(s - first for s, _, first in runs)
+        decode_tokens_per_s = opt.batch_size * (opt.new_tokens - 1) / decode_s
+        result.update(decode_tokens_per_s=round(decode_tokens_per_s, 2),
+                      decode_mbu=figures(rates.bytes_per_token * decode_tokens_per_s / rates.stream))
+    result.update(peak_mem_gib=round(peak_memory_gib(device), 3), load_avg_1m=load_average())
+    if opt.mode == "train":
+        result["last_loss"] = round(runs[-1][1], 4)
+    return result
 
+
+def measure_against_transformers(opt, model_args: ModelArgs, ours, workload, rates: Rates, device,
+                                 result: dict) -> dict:
+    """--compare: ours and transformers' model of the same weights, their workloads alternated round by round, so
+    drifts in machine speed hit both alike; their outputs compared."""
     hf = build_hf(model_args, ours, device)
     timed = {"ours": workload(ours, hf=False), "transformers": workload(hf, hf=True)}
     if opt.mode == "generate":
-        measure_stream()
+        rates.measure_stream(ours, device, result)
     seconds, outputs = {k: [] for k in timed}, {}
-    for _ in range(opt.rounds):  # alternate, so drifts in machine speed hit both alike
+    for _ in range(opt.rounds):
         for name, fn in timed.items():
             s, out, *_ = fn()
             seconds[name].append(s)
             outputs.setdefault(name, out)
     for name in timed:
-        result[name] = summary(seconds[name])
+        result[name] = rates.summary(seconds[name])
     result["ratio"] = round(result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"], 3)
-    if stream:  # no decoder that reads every weight once per token can beat transformers by more than this
+    if rates.stream:  # no decoder that reads every weight once per token can beat transformers by more than this
         result["ratio_bound"] = round(1 / result["transformers"]["mbu"], 3)
     if opt.mode == "train":  # both took the same steps from the same weights and data: losses must agree
         result["first_round_last_loss"] = {k: round(v, 5) for k, v in outputs.items()}
@@ -462,8 +484,7 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         same = outputs["ours"].shape == outputs["transformers"].shape and \
             (outputs["ours"] == outputs["transformers"]).float().mean().item()
         result["greedy_tokens_agree"] = round(float(same), 4)  # fraction of equal tokens (bf16 may diverge)
-    result["peak_mem_gib"] = round(peak_memory_gib(device), 3)
-    result["load_avg_1m"] = load_average()
+    result.update(peak_mem_gib=round(peak_memory_gib(device), 3), load_avg_1m=load_average())
     return result
 
 
