@@ -1198,7 +1198,8 @@ TRAIN_STATE = "train_state.json"
 TRAIN_STATE_FIELDS = {"step": (int, "[0, 2**63)"), "files": dict, "best_val_loss": Optional[float],
                       "lora_base": Optional[str], "loss_scaler.scale": (float, "(0, inf)"),
                       "loss_scaler.good_steps": (int, "[0, inf)"), "loss_scaler.skipped": (int, "[0, inf)"),
-                      "data.seed": (int, "[0, 2**63)"), "data.epoch": (int, "[0, inf)"), "data.index": (int, "[0, inf)")}
+                      "data.seed": (int, "[0, 2**63)"), "data.epoch": (int, "[0, inf)"),
+                      "data.index": (int, "[0, inf)")}
 RESUME_FIELDS = ("step", *(k for k in TRAIN_STATE_FIELDS if "." in k))
 
 

@@ -730,7 +730,8 @@ def cross_entropy(logits, targets, loss_mask=None, z_loss: float = 0.0) -> torch
     if sharded:
         loss = loss.full_tensor()  # the same value on every tp rank
     if z_loss:
-        loss = loss + z_loss * ((_vocab_max(logits) if sharded else flat.max(dim=-1).values).pow(2) * counted).sum() / n
+        row_max = _vocab_max(logits) if sharded else flat.max(dim=-1).values  # (N,)
+        loss = loss + z_loss * (row_max.pow(2) * counted).sum() / n
     return loss
 
 

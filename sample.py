@@ -653,8 +653,9 @@ class Job:
 class Batcher:
     """The one thread that runs the model. It waits for a job, then until that job has waited `wait` seconds for
     others (up to max_batch), and decodes the oldest waiting jobs that fit the context together as one left-padded
-    batch, each row with its own settings. A batch ends when every row has ended: an end id, its max_tokens, a stop string or its
-    client gone; jobs arriving meanwhile form the next one. A batch that fails fails its jobs, not the server."""
+    batch, each row with its own settings. A batch ends when every row has ended: an end id, its max_tokens, a stop
+    string or its client gone; jobs arriving meanwhile form the next one. A batch that fails fails its jobs, not the
+    server."""
 
     def __init__(self, model, pad_id, max_batch=8, wait=0.01, decode_step=None):
         self.model, self.pad_id, self.decode_step = model, pad_id, decode_step

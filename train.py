@@ -321,8 +321,7 @@ def check_mesh(cfg: Config, args: ModelArgs, world: int, world_name: str = "WORL
     dp = cfg.dp or max(1, world // cfg.tp)
     if dp * cfg.tp != world:
         fail(f"dp={dp} x tp={cfg.tp} = {dp * cfg.tp} processes, but {world_name}={world}: dp * tp must be the "
-             "number of processes" + (" (--nnodes x --nproc_per_node of torchrun)" if world_name == "WORLD_SIZE"
-                                      else ""))
+             "number of processes (--nnodes x --nproc_per_node of torchrun)")
     if cfg.tp > 1:
         for key, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("seq_len", cfg.seq_len)):
             if n % cfg.tp:

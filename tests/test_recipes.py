@@ -233,7 +233,7 @@ def test_dry_run_of_a_mesh_that_does_not_add_up_is_one_line():
     with pytest.raises(SystemExit) as e:
         train.main(["config/baichuan2_13b_pretrain.py", "--dry_run", "--devices=8"])
     assert str(e.value) == ("train.py: dp=2 x tp=8 = 16 processes, but devices=8: dp * tp must be the number of "
-                            "processes")
+                            "processes (--nnodes x --nproc_per_node of torchrun)")
 
 
 def test_dry_run_refuses_the_meshes_a_run_refuses():
