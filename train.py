@@ -28,6 +28,7 @@ and needs no process group. FSDP2 shards over dp, tensor + sequence parallelism 
 """
 
 import ast
+import contextlib
 import difflib
 import functools
 import json
@@ -38,7 +39,6 @@ import signal
 import sys
 import time
 import traceback
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -211,14 +211,22 @@ def parse_config(argv) -> tuple[Config, dict]:
 
 
 def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs, str]:
-    """The run's ModelArgs and family: from the checkpoint when fine-tuning, else the preset; then the overrides."""
-    if cfg.init_from not in ("scratch", "resume"):
+    """The run's ModelArgs and family, then the overrides: a resumed run's own (the config.json of its newest step dir
+    that has a readable one: resume checks the rest), the checkpoint's when fine-tuning, else the preset's."""
+    saved = None
+    if cfg.init_from == "resume":
+        for step_dir in reversed(step_dirs(cfg.out_dir)):
+            with contextlib.suppress(CheckpointError):
+                saved = read_config(step_dir)
+                break
+    elif cfg.init_from != "scratch":
         try:
-            base, config = read_config(cfg.init_from)
+            saved = read_config(cfg.init_from)
         except CheckpointError as e:
             fail(f"init_from: {e}")
-        family = config.get("family", "llama")
-    else:
+    if saved is not None:
+        base, family = saved[0], saved[1].get("family", "llama")
+    else:  # from scratch, or a resume with no step dir (which resume then reports)
         if cfg.model not in PRESETS:
             close = difflib.get_close_matches(cfg.model, list(PRESETS), n=1)
             fail(f"model={cfg.model!r}: unknown preset" + (f"; did you mean {close[0]!r}?" if close else "")
@@ -359,7 +367,7 @@ def loss_parallel_context(d: Dist):
     """Forward and backward of a tensor-parallel model run in torch's loss_parallel: its logits are sharded on the
     vocabulary and kernels.cross_entropy computes the loss on the shards."""
     if d.tp == 1:
-        return nullcontext()
+        return contextlib.nullcontext()
     from torch.distributed.tensor.parallel import loss_parallel
 
     return loss_parallel()
@@ -1019,7 +1027,8 @@ def start_metrics(run: Run) -> tuple[float, float]:
     baseline = unigram_entropy(run.train_data, args.vocab_size)
     run.metrics = open(run.out_dir / "metrics.jsonl", "a") if d.master else None
     n_params = count_weights(run.model)  # QLoRA's NF4 weights too
-    run.log(f"model {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from} ({run.family}): "
+    source = {"scratch": cfg.model, "resume": f"of {run.out_dir}"}.get(cfg.init_from, cfg.init_from)
+    run.log(f"model {source} ({run.family}): "
             f"{n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}; {len(run.train_data.tokens):,} "
             f"train tokens; {cfg.global_batch_size * cfg.seq_len:,} tokens per step (grad_accum {run.grad_accum}, "
             f"dp {d.dp}, tp {d.tp}); dtype {cfg.dtype}; activation checkpointing {cfg.activation_checkpointing}")
@@ -1034,7 +1043,8 @@ def train(run: Run) -> dict:
     cfg, d = run.cfg, run.d
     run.model.train()
     eval_starts = eval_batches(run)
-    autocast = torch.autocast(run.device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "float32" else nullcontext()
+    autocast = contextlib.nullcontext() if cfg.dtype == "float32" else torch.autocast(run.device.type,
+                                                                                     dtype=DTYPES[cfg.dtype])
     peak, baseline = start_metrics(run)
     throughput = Throughput(run, peak)
     run.t_start = time.perf_counter()

@@ -192,6 +192,17 @@ def test_finetune_from_checkpoint_dir_starts_from_its_loss(data, tmp_path):
         assert abs(tuned["losses"][1] - end_loss) < 0.3 < math.log(V) - tuned["losses"][1]
 
 
+def test_resumed_finetune_takes_its_model_from_its_step_dir(data, tmp_path):
+    # the base has another shape than the preset (model='tiny'); --init_from=resume names neither base nor shape
+    base = run(data, tmp_path / "pre", "--max_iters=2", "--export", "--n_layers=3", "--hidden_dim=96")["export_dir"]
+    extra = [f"--init_from={base}", "--max_iters=6", "--eval_interval=3", "--ckpt_interval=3"]
+    full = run(data, tmp_path / "full", *extra)
+    run(data, tmp_path / "split", *extra[:-2], "--max_iters=3", "--eval_interval=3", "--ckpt_interval=3")
+    resumed = run(data, tmp_path / "split", "--init_from=resume", *extra[1:])
+    assert [resumed["losses"][s] for s in range(4, 7)] == [full["losses"][s] for s in range(4, 7)]
+    assert resumed["val_loss"] == full["val_loss"]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # configuration and bad input
 
