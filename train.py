@@ -213,17 +213,20 @@ def parse_config(argv) -> tuple[Config, dict]:
 def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs, str]:
     """The run's ModelArgs and family, then the overrides: a resumed run's own (the config.json of its newest step dir
     that has a readable one: resume checks the rest), the checkpoint's when fine-tuning, else the preset's."""
-    saved = None
+    saved, source = None, None
     if cfg.init_from == "resume":
         for step_dir in reversed(step_dirs(cfg.out_dir)):
             with contextlib.suppress(CheckpointError):
-                saved = read_config(step_dir)
+                saved, source = read_config(step_dir), step_dir
                 break
     elif cfg.init_from != "scratch":
         try:
-            saved = read_config(cfg.init_from)
+            saved, source = read_config(cfg.init_from), cfg.init_from
         except CheckpointError as e:
             fail(f"init_from: {e}")
+    if source is not None and (diff := prepare.vocabulary_difference(source, cfg.data_dir)):
+        fail(f"data_dir={cfg.data_dir}: prepared with another tokenizer than init_from={source}'s ({diff}); "
+             f"prepare it with --tokenizer={source}")
     if saved is not None:
         base, family = saved[0], saved[1].get("family", "llama")
     else:  # from scratch, or a resume with no step dir (which resume then reports)
