@@ -317,6 +317,24 @@ def test_lora_resume_is_exact(base, tmp_path):
     assert [resumed["losses"][s] for s in (4, 5, 6)] == [straight["losses"][s] for s in (4, 5, 6)]
 
 
+@pytest.mark.parametrize("qlora", [False, True])
+def test_dcp_to_native_of_a_lora_step_dir_merges_that_steps_adapters_into_the_base(base, tmp_path, qlora):
+    # a LoRA run's step dir holds its adapters beside the frozen base: the documented export of a step dir merges them
+    import convert
+    from model import load_tensors
+
+    data, ckpt = base
+    run = lora_run(data, tmp_path / "out", f"--init_from={ckpt}", "--lora_rank=4", "--lora_alpha=8",
+                   "--lora_targets=wqkv,w2", "--max_iters=4", "--ckpt_interval=2", "--export",
+                   *(["--qlora"] if qlora else []))
+    for step in (2, 4):
+        convert.main(["dcp-to-native", "--src", str(tmp_path / "out" / f"step_{step:08d}"),
+                      "--dst", str(tmp_path / f"ckpt{step}")])
+    exported, last, earlier = (load_tensors(d) for d in (run["export_dir"], tmp_path / "ckpt4", tmp_path / "ckpt2"))
+    assert last.keys() == exported.keys() and all(torch.equal(last[n], exported[n]) for n in exported)
+    assert not torch.equal(earlier["layers.0.attention.wq.weight"], exported["layers.0.attention.wq.weight"])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--qlora"], "qlora=True trains adapters on a 4-bit base: set lora_rank"),
     (["--lora_rank=-1"], "--lora_rank=-1: expected an integer >= 0"),
