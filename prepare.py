@@ -1464,7 +1464,8 @@ class TokenSplit:
         if not file.exists():
             raise DataError(f"{file}: not found")
         if file.stat().st_size == 0:
-            raise DataError(f"{file}: empty (no tokens)")
+            raise DataError(f"{file}: empty (no tokens)" + ("; train.py evaluates on it: prepare the data with "
+                                                           "--val_fraction > 0" if split == "val" else ""))
         itemsize = np.dtype(meta["dtype"]).itemsize
         if file.stat().st_size % itemsize:
             raise DataError(f"{file}: size {file.stat().st_size} is not a multiple of {meta['dtype']}'s "
