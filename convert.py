@@ -1507,7 +1507,8 @@ def main(argv=None):
     common.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     template = argparse.ArgumentParser(add_help=False)
     template.add_argument("--template", default=None, help="chat template name for tokenizer_config.json "
-                                                           "(default: the family's; e.g. vicuna)")
+                                                           "(default: the model's own Jinja chat_template, else the "
+                                                           "family's; e.g. vicuna)")
 
     s = sub.add_parser("hf-to-native", parents=[common, template], help="Hugging Face dir -> checkpoint dir")
     s.add_argument("--src", required=True, help="HF dir: config.json + safetensors or .bin (sharded or not)")

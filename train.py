@@ -267,9 +267,9 @@ def resumed_lora_settings(cfg: Config) -> Config:
             break
     else:  # no step dir: resume reports it
         return cfg
+    if not isinstance(saved, dict):  # no settings recorded: resume checks the rest
+        return cfg
     file = step_dir / "train_state.json"
-    if not isinstance(saved, dict):
-        fail(f"{file}: config: expected the run's settings, got {json.dumps(saved)[:60]}")
     lora = {k: saved.get(k, getattr(Config, k)) for k in ("lora_alpha", "lora_dropout", *LORA_SHAPE)}
     for key, value in lora.items():
         try:

@@ -331,6 +331,22 @@ def test_fine_tuning_refuses_data_prepared_with_another_tokenizer(tokenizers, tm
     assert not (tmp_path / "out_other").exists()
 
 
+def test_a_hugging_face_dir_given_for_a_checkpoint_dir_says_to_convert_it(tokenizers, tmp_path):
+    # its config.json has none of our fields: read as one, it was a default-sized model (llama-7b's shape)
+    import train
+    hf_model_dir(tokenizers["bpe-plain"], tmp_path / "hf")
+    (tmp_path / "docs").mkdir()
+    for i in range(10):
+        (tmp_path / "docs" / f"{i}.txt").write_text(" ".join(TEXTS * 4))
+    run("--input", tmp_path / "docs", "--tokenizer", tmp_path / "hf", "--val_fraction", 0.2, "--out", tmp_path / "d")
+    want = r"hf/config.json: a Hugging Face config \(model_type 'llama'\), not a checkpoint dir's: convert it first: " \
+           r"python convert.py hf-to-native --src .*hf --dst "
+    with pytest.raises(SystemExit, match="train.py: init_from: .*" + want):
+        train.main([f"--init_from={tmp_path / 'hf'}", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'o'}"])
+    with pytest.raises(SystemExit, match="sample.py: .*" + want):
+        sample.main([f"--ckpt={tmp_path / 'hf'}", "--prompt=Hi", "--max_new_tokens=2"])
+
+
 def test_prepare_renders_training_conversations_with_the_models_template(tokenizers, tmp_path):
     rec = {"conversations": [{"from": "system", "value": CONV[0]["content"]}] +
            [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in CONV[1:]]}
