@@ -31,6 +31,7 @@ import pickle
 import re
 import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -798,6 +799,8 @@ def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=No
             for prefix in WRAPPER_PREFIXES:
                 name = name.replace(prefix, "")
             stored[name] = (key[len("model."):], tuple(md.size), md.properties.dtype)
+    if any(n.endswith(".lora_a") for n in stored):
+        return lora_step_to_native(step, stored, args, family, dst, dtype, overwrite, max_shard_bytes)
     shapes = native_shapes(args)
     check_shapes({n: s for n, (_, s, _) in stored.items()}, shapes, step)
     batch_bytes = max_shard_bytes or parse_size(DEFAULT_SHARD)
@@ -827,6 +830,32 @@ def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=No
                                        if k != "family" and k not in args.__dataclass_fields__})
         prepare.copy_tokenizer_files(step, tmp)
     return args, family
+
+
+def lora_step_to_native(step: Path, stored: dict, args: ModelArgs, family: str, dst, dtype, overwrite,
+                        max_shard_bytes):
+    """A LoRA run's step dir (its adapters beside the frozen, maybe NF4, base) -> that step's adapters merged into the
+    base checkpoint dir the run started from, as train.py's export does."""
+    state = read_train_state(step)
+    file = step / TRAIN_STATE
+    base, cfg = state.get("lora_base"), state.get("config")
+    if not base:
+        fail(f"{file}: a LoRA run from scratch: no base checkpoint dir (lora_base) to merge its adapters into")
+    if not isinstance(cfg, dict):
+        fail(f"{file}: config: expected the run's config (lora_alpha, lora_dropout)")
+    check_json_fields(cfg, {"lora_alpha": (float, "(0, inf)"), "lora_dropout": (float, "[0, 1)")}, f"{file}: config",
+                      CheckpointError, required=("lora_alpha",))
+    if not (Path(base) / "config.json").is_file():
+        fail(f"{file}: lora_base={base}: the run's base checkpoint dir is not here (its adapters merge into it)")
+    names = [n for n in stored if n.endswith((".lora_a", ".lora_b"))]
+    want = {stored[n][0]: torch.empty(stored[n][1], dtype=stored[n][2]) for n in names}
+    dcp_load({"model": want}, step)
+    adapters = {n: want[stored[n][0]] for n in names}
+    rank = next(t.size(0) for n, t in adapters.items() if n.endswith(".lora_a"))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_peft_adapter(Path(tmp) / "adapter", adapters, args, family, rank=rank, alpha=cfg["lora_alpha"],
+                           dropout=cfg.get("lora_dropout", 0.0), base=base)
+        return merge_lora(base, Path(tmp) / "adapter", dst, dtype, overwrite, max_shard_bytes)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1478,7 +1507,8 @@ def main(argv=None):
     common.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     template = argparse.ArgumentParser(add_help=False)
     template.add_argument("--template", default=None, help="chat template name for tokenizer_config.json "
-                                                           "(default: the family's; e.g. vicuna)")
+                                                           "(default: the model's own Jinja chat_template, else the "
+                                                           "family's; e.g. vicuna)")
 
     s = sub.add_parser("hf-to-native", parents=[common, template], help="Hugging Face dir -> checkpoint dir")
     s.add_argument("--src", required=True, help="HF dir: config.json + safetensors or .bin (sharded or not)")

@@ -827,6 +827,10 @@ def read_config(path) -> tuple[ModelArgs, dict]:
     if not file.exists():
         raise CheckpointError(f"{file}: not found (is {path} a checkpoint dir?)")
     config = load_json(file)
+    if "dim" not in config and ("model_type" in config or "architectures" in config):
+        raise CheckpointError(f"{file}: a Hugging Face config (model_type {config.get('model_type')!r}), not a "
+                              f"checkpoint dir's: convert it first: python convert.py hf-to-native --src {path} "
+                              f"--dst <checkpoint dir>")
     family = config.get("family", "llama")
     if not isinstance(family, str) or family not in FAMILIES:
         raise CheckpointError(f"{file}: family={family!r}: expected one of {', '.join(FAMILIES)}")

@@ -295,6 +295,19 @@ def load_tokenizer(path):
     return tok
 
 
+def vocabulary_difference(model_dir, data_dir):
+    """None when data_dir's tokenizer has model_dir's pieces at the same ids (or either dir holds no tokenizer file:
+    nothing to compare), else the first difference. Pieces, not bytes: a LLaMA dir's tokenizer.model and
+    tokenizer.json are one vocabulary."""
+    if not all(any((Path(d) / name).is_file() for name in TOKENIZER_FILES) for d in (model_dir, data_dir)):
+        return None
+    ours, theirs = load_tokenizer(model_dir), load_tokenizer(data_dir)
+    if ours.vocab_size != theirs.vocab_size:
+        return f"{theirs.vocab_size:,} tokens, not {ours.vocab_size:,}"
+    i = next((i for i in range(ours.vocab_size) if ours.id_to_token(i) != theirs.id_to_token(i)), None)
+    return None if i is None else f"id {i} is {theirs.id_to_token(i)!r}, not {ours.id_to_token(i)!r}"
+
+
 # tokenizer_config.json, ours and HF's: what is read of it, and its types (special tokens by id or by string)
 TOKENIZER_CONFIG = {**{f"{k}_id": Optional[int] for k in ("bos", "eos", "pad")},
                     **{f"{k}_token": str | dict | None for k in ("bos", "eos", "pad")},
@@ -1451,7 +1464,8 @@ class TokenSplit:
         if not file.exists():
             raise DataError(f"{file}: not found")
         if file.stat().st_size == 0:
-            raise DataError(f"{file}: empty (no tokens)")
+            raise DataError(f"{file}: empty (no tokens)" + ("; train.py evaluates on it: prepare the data with "
+                                                           "--val_fraction > 0" if split == "val" else ""))
         itemsize = np.dtype(meta["dtype"]).itemsize
         if file.stat().st_size % itemsize:
             raise DataError(f"{file}: size {file.stat().st_size} is not a multiple of {meta['dtype']}'s "

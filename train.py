@@ -54,7 +54,8 @@ import prepare
 from prepare import TokenSplit, unigram_entropy
 from bench import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, training_plan
 from convert import (RESUME_FIELDS, Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, read_step_dir,
-                     remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_peft_adapter, write_step_dir)
+                     read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_peft_adapter,
+                     write_step_dir)
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, \
     apply_lora, check_value, count_weights, expected, load_tensors, lora_state_dict, ranged, read_config
 
@@ -213,17 +214,20 @@ def parse_config(argv) -> tuple[Config, dict]:
 def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs, str]:
     """The run's ModelArgs and family, then the overrides: a resumed run's own (the config.json of its newest step dir
     that has a readable one: resume checks the rest), the checkpoint's when fine-tuning, else the preset's."""
-    saved = None
+    saved, source = None, None
     if cfg.init_from == "resume":
         for step_dir in reversed(step_dirs(cfg.out_dir)):
             with contextlib.suppress(CheckpointError):
-                saved = read_config(step_dir)
+                saved, source = read_config(step_dir), step_dir
                 break
     elif cfg.init_from != "scratch":
         try:
-            saved = read_config(cfg.init_from)
+            saved, source = read_config(cfg.init_from), cfg.init_from
         except CheckpointError as e:
             fail(f"init_from: {e}")
+    if source is not None and (diff := prepare.vocabulary_difference(source, cfg.data_dir)):
+        fail(f"data_dir={cfg.data_dir}: prepared with another tokenizer than init_from={source}'s ({diff}); "
+             f"prepare it with --tokenizer={source}")
     if saved is not None:
         base, family = saved[0], saved[1].get("family", "llama")
     else:  # from scratch, or a resume with no step dir (which resume then reports)
@@ -247,6 +251,40 @@ def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs,
         fail(f"{cfg.data_dir}/meta.json: vocab_size={meta['vocab_size']} is larger than the model's "
              f"vocab_size={args.vocab_size} (was the data prepared with this model's tokenizer?)")
     return args, family
+
+
+LORA_SHAPE = ("lora_rank", "lora_targets", "qlora")  # what a LoRA run's step dir holds: fixed for its resumes
+
+
+def resumed_lora_settings(cfg: Config) -> Config:
+    """A resume trains what its newest readable step dir holds: a LoRA run takes that run's LoRA settings when the
+    command line gives none (as a fine-tuning run takes its model); settings that contradict it are refused."""
+    if cfg.init_from != "resume":
+        return cfg
+    for step_dir in reversed(step_dirs(cfg.out_dir)):
+        with contextlib.suppress(CheckpointError):
+            saved = read_train_state(step_dir).get("config")
+            break
+    else:  # no step dir: resume reports it
+        return cfg
+    if not isinstance(saved, dict):  # no settings recorded: resume checks the rest
+        return cfg
+    file = step_dir / "train_state.json"
+    lora = {k: saved.get(k, getattr(Config, k)) for k in ("lora_alpha", "lora_dropout", *LORA_SHAPE)}
+    for key, value in lora.items():
+        try:
+            check_value(key, value, Config.__dataclass_fields__[key].type,
+                        Config.__dataclass_fields__[key].metadata.get("range"))
+        except ValueError as e:
+            fail(f"{file}: config: {e}")
+    if lora["lora_rank"] and not cfg.lora_rank:
+        return replace(cfg, **lora)
+    if (lora["lora_rank"] or cfg.lora_rank) and any(getattr(cfg, k) != lora[k] for k in LORA_SHAPE):
+        held = ", ".join(f"{k}={lora[k]!r}" for k in LORA_SHAPE)
+        fail(f"init_from=resume: {step_dir} holds a LoRA run with {held}; resume it with those (or none)"
+             if lora["lora_rank"] else f"init_from=resume: {step_dir} holds a run without LoRA; resume it without "
+             f"lora_rank")
+    return cfg
 
 
 def check_config(cfg: Config):
@@ -934,6 +972,7 @@ class Run:
 def main(argv=None) -> dict:
     """Train; returns a summary (losses per step, last val loss, baseline, paths) for tests and callers."""
     cfg, model_overrides = parse_config(sys.argv[1:] if argv is None else argv)
+    cfg = resumed_lora_settings(cfg)
     check_config(cfg)
     if cfg.dry_run:  # the plan only: no data, no model, no process group
         return plan(cfg, model_overrides)

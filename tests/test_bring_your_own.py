@@ -310,6 +310,43 @@ def test_sentencepiece_llama_export_keeps_bos_in_transformers(tokenizers, tmp_pa
     assert hf_tokenizer(tmp_path / "back")(TEXTS[0]).input_ids == hf_tokenizer(tokenizers["sp-bos"])(TEXTS[0]).input_ids
 
 
+def test_fine_tuning_refuses_data_prepared_with_another_tokenizer(tokenizers, tmp_path):
+    # both vocabularies fit the model: only the tokenizers themselves tell the mistake, which would otherwise train
+    # on ids that mean other pieces and export the data's tokenizer beside the model
+    import convert
+    import train
+    hf_model_dir(tokenizers["bpe-plain"], tmp_path / "hf")
+    convert.main(["hf-to-native", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "ckpt")])
+    (tmp_path / "docs").mkdir()
+    for i in range(10):
+        (tmp_path / "docs" / f"{i}.txt").write_text(" ".join(TEXTS * 4))
+    argv = ["--seq_len=16", "--micro_batch_size=2", "--global_batch_size=2", "--max_iters=1", "--eval_iters=1",
+            "--peak_flops=1e9", f"--init_from={tmp_path / 'ckpt'}"]
+    for name, source in (("own", tokenizers["bpe-plain"]), ("other", tokenizers["sp-bos"])):
+        run("--input", tmp_path / "docs", "--tokenizer", source, "--val_fraction", 0.2, "--out", tmp_path / name)
+    train.main(argv + [f"--data_dir={tmp_path / 'own'}", f"--out_dir={tmp_path / 'out_own'}"])
+    with pytest.raises(SystemExit, match=r"train.py: data_dir=.*other: prepared with another tokenizer than "
+                                         r"init_from=.*ckpt's .*--tokenizer="):
+        train.main(argv + [f"--data_dir={tmp_path / 'other'}", f"--out_dir={tmp_path / 'out_other'}"])
+    assert not (tmp_path / "out_other").exists()
+
+
+def test_a_hugging_face_dir_given_for_a_checkpoint_dir_says_to_convert_it(tokenizers, tmp_path):
+    # its config.json has none of our fields: read as one, it was a default-sized model (llama-7b's shape)
+    import train
+    hf_model_dir(tokenizers["bpe-plain"], tmp_path / "hf")
+    (tmp_path / "docs").mkdir()
+    for i in range(10):
+        (tmp_path / "docs" / f"{i}.txt").write_text(" ".join(TEXTS * 4))
+    run("--input", tmp_path / "docs", "--tokenizer", tmp_path / "hf", "--val_fraction", 0.2, "--out", tmp_path / "d")
+    want = r"hf/config.json: a Hugging Face config \(model_type 'llama'\), not a checkpoint dir's: convert it first: " \
+           r"python convert.py hf-to-native --src .*hf --dst "
+    with pytest.raises(SystemExit, match="train.py: init_from: .*" + want):
+        train.main([f"--init_from={tmp_path / 'hf'}", f"--data_dir={tmp_path / 'd'}", f"--out_dir={tmp_path / 'o'}"])
+    with pytest.raises(SystemExit, match="sample.py: .*" + want):
+        sample.main([f"--ckpt={tmp_path / 'hf'}", "--prompt=Hi", "--max_new_tokens=2"])
+
+
 def test_prepare_renders_training_conversations_with_the_models_template(tokenizers, tmp_path):
     rec = {"conversations": [{"from": "system", "value": CONV[0]["content"]}] +
            [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in CONV[1:]]}

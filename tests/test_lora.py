@@ -317,6 +317,40 @@ def test_lora_resume_is_exact(base, tmp_path):
     assert [resumed["losses"][s] for s in (4, 5, 6)] == [straight["losses"][s] for s in (4, 5, 6)]
 
 
+def test_lora_resume_takes_its_lora_settings_from_its_step_dir(base, tmp_path):
+    # as a fine-tuning run's model keys: `--init_from=resume` alone continues a LoRA run; contradicting settings are
+    # named instead of surfacing as a checkpoint that cannot be loaded
+    data, ckpt = base
+    flags = ["--lora_rank=4", "--lora_alpha=8", "--lora_targets=wq,wv", "--qlora", f"--init_from={ckpt}",
+             "--ckpt_interval=3"]
+    straight = lora_run(data, tmp_path / "a", *flags, "--max_iters=6")
+    lora_run(data, tmp_path / "b", *flags, "--max_iters=3")
+    with pytest.raises(SystemExit, match=r"init_from=resume: .*step_00000003 holds a LoRA run with lora_rank=4, "
+                                         r"lora_targets='wq,wv', qlora=True; resume it with those \(or none\)"):
+        lora_run(data, tmp_path / "b", "--lora_rank=8", "--init_from=resume", "--max_iters=6")
+    resumed = lora_run(data, tmp_path / "b", "--init_from=resume", "--ckpt_interval=3", "--max_iters=6")
+    assert [resumed["losses"][s] for s in (4, 5, 6)] == [straight["losses"][s] for s in (4, 5, 6)]
+    assert resumed["adapter_dir"] is not None
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_dcp_to_native_of_a_lora_step_dir_merges_that_steps_adapters_into_the_base(base, tmp_path, qlora):
+    # a LoRA run's step dir holds its adapters beside the frozen base: the documented export of a step dir merges them
+    import convert
+    from model import load_tensors
+
+    data, ckpt = base
+    run = lora_run(data, tmp_path / "out", f"--init_from={ckpt}", "--lora_rank=4", "--lora_alpha=8",
+                   "--lora_targets=wqkv,w2", "--max_iters=4", "--ckpt_interval=2", "--export",
+                   *(["--qlora"] if qlora else []))
+    for step in (2, 4):
+        convert.main(["dcp-to-native", "--src", str(tmp_path / "out" / f"step_{step:08d}"),
+                      "--dst", str(tmp_path / f"ckpt{step}")])
+    exported, last, earlier = (load_tensors(d) for d in (run["export_dir"], tmp_path / "ckpt4", tmp_path / "ckpt2"))
+    assert last.keys() == exported.keys() and all(torch.equal(last[n], exported[n]) for n in exported)
+    assert not torch.equal(earlier["layers.0.attention.wq.weight"], exported["layers.0.attention.wq.weight"])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--qlora"], "qlora=True trains adapters on a 4-bit base: set lora_rank"),
     (["--lora_rank=-1"], "--lora_rank=-1: expected an integer >= 0"),

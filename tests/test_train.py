@@ -244,6 +244,10 @@ def test_bad_run_settings(data, tmp_path):
         run(data, tmp_path / "a", "--global_batch_size=6")
     with pytest.raises(SystemExit, match="ModelArgs.n_kv_heads=3: must be a positive divisor of n_heads=4"):
         run(data, tmp_path / "a", "--n_kv_heads=3")
+    no_val = write_data(tmp_path / "no_val", markov_tokens(600, 1), markov_tokens(0, 2))  # --val_fraction=0's
+    with pytest.raises(SystemExit, match=r"val.bin: empty \(no tokens\); train.py evaluates on it: prepare the "
+                                         r"data with --val_fraction > 0"):
+        run(no_val, tmp_path / "a")
 
 
 def test_existing_out_dir_needs_overwrite(data, tmp_path):
