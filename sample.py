@@ -1012,6 +1012,11 @@ class APIHandler(BaseHTTPRequestHandler):
             raise APIError(400, f"malformed JSON in the request body: {e}")
         if not isinstance(body, dict):
             raise APIError(400, "expected a JSON object as the request body")
+        try:  # JSON may escape a lone UTF-16 surrogate ("\ud83d", half an emoji): no tokenizer takes it
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"the request body holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}), "
+                                "which is not text")
         return body
 
     def client_alive(self):

@@ -304,6 +304,8 @@ BAD = [
     ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages", None),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages", None),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages", None),
+    ("POST", "/v1/completions", {"prompt": "\ud800 hi"}, 400, None, None),  # a lone surrogate: valid JSON, not text
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud83d"}]}, 400, None, None),
     ("POST", "/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "model_not_found"),
     ("GET", "/v1/models/gpt-4", None, 404, "model", "model_not_found"),
     ("GET", "/v1/nope", None, 404, None, "unknown_url"),
