@@ -1220,6 +1220,16 @@ def encode_turn(tok, template, messages, system):
 EXIT, RESET = ("/exit", "!!exit"), ("/reset", "!!reset")  # ours and FastChat's CLI's spellings
 
 
+def not_utf8(text):
+    """Why text is not UTF-8 text, or "": bytes that are not UTF-8 (a Latin-1 or GBK terminal) reach Python's argv
+    and stdin as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+        return ""
+    except UnicodeEncodeError as e:
+        return f"not UTF-8 text (character {e.start + 1}); set the terminal's encoding to UTF-8"
+
+
 def is_terminal(stream) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
 
@@ -1227,7 +1237,7 @@ def is_terminal(stream) -> bool:
 def read_input(stdin, prompt: str, multiline: bool):
     """One input of the user: a line, or with multiline every line up to an end of input (Ctrl-D on an empty line of
     a terminal, as FastChat's --multiline); a command (/exit, /reset) on the first line ends it at once. The prompt
-    goes to stderr on a terminal. None at the end of input."""
+    goes to stderr on a terminal; an input that is not UTF-8 is skipped with a warning. None at the end of input."""
     if is_terminal(stdin):
         sys.stderr.write(prompt + (" [Ctrl-D on an empty line ends it]" if multiline else "") + "> ")
         sys.stderr.flush()
@@ -1240,7 +1250,10 @@ def read_input(stdin, prompt: str, multiline: bool):
         if not line:
             break
         lines.append(line.rstrip("\n"))
-    return "\n".join(lines)
+    if bad := not_utf8(text := "\n".join(lines)):
+        log(f"sample.py: warning: input skipped: {bad}")
+        return read_input(stdin, prompt, multiline)
+    return text
 
 
 def run_prompts(model, tok, args, common, stdin, stdout) -> dict:
@@ -1339,6 +1352,9 @@ def parse_args(argv):
     except ValueError as e:
         fail(f"--{e}")
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+    for flag, text in [("prompt", args.prompt), ("system", args.system)] + [("stop", s) for s in args.stop]:
+        if text is not None and (bad := not_utf8(text)):
+            fail(f"--{flag}: {bad}")
     if args.serve and (args.chat or args.prompt is not None or args.prompt_file or args.stop or args.num_samples > 1):
         fail("--serve: takes prompts from HTTP requests; drop --chat, --prompt, --prompt_file, --stop, --num_samples")
     if not 0 <= args.port <= 65535 or args.max_batch < 1:
@@ -1438,6 +1454,8 @@ def run_prompt(model, tok, args, common, stdout) -> dict:
 def main(argv=None, stdin=None, stdout=None):
     args = parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if stdin is sys.stdin and hasattr(stdin, "reconfigure"):  # bytes not UTF-8: lone surrogates read_input skips
+        stdin.reconfigure(errors="surrogateescape")
     model, tok, family, template, device = load_checkpoint(args)
     if args.save_quantized:
         if not args.quantize:

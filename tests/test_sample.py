@@ -687,6 +687,19 @@ def test_chat_multiline_turn_and_fastchat_commands(ckpt, monkeypatch):
     assert scripted.prompts == [ids_of(195, "one", 196), ids_of(195, "two", 196)]
 
 
+def test_text_that_is_not_utf8_is_a_clear_error_or_a_skipped_turn(ckpt, monkeypatch, capsys):
+    # argv and a stdin not in UTF-8 reach Python as lone surrogates (surrogateescape): "caf\xe9" in Latin-1
+    with pytest.raises(SystemExit, match=r"--prompt: not UTF-8 text \(character 4\)"):
+        run_cli(["--ckpt", ckpt, "--prompt", "caf\udce9", "--max_new_tokens", 2])
+    with pytest.raises(SystemExit, match=r"--system: not UTF-8 text"):
+        run_cli(["--ckpt", ckpt, "--chat", "--system", "\udce9"], stdin="hi\n")
+    scripted = ScriptedModel(ids_of("Hi", "</s>") * 3)
+    monkeypatch.setattr(sample, "load_model", lambda *a: (scripted, {"family": "baichuan2"}))
+    run_cli(["--ckpt", ckpt, "--chat", "--template", "baichuan2", "--temperature", 0], stdin="caf\udce9\ntwo\n")
+    assert scripted.prompts == [ids_of(195, "two", 196)]  # the chat goes on without the line it cannot read
+    assert "not UTF-8 text" in capsys.readouterr().err
+
+
 class Terminal:
     """sample.py in a pseudo-terminal, as a person at a keyboard runs it: stdin, stdout and stderr a tty in line mode
     (Ctrl-D on an empty line is an end of input) with echo; output bytes pass unchanged (no \\n -> \\r\\n)."""
