@@ -122,6 +122,20 @@ def test_greedy_chat_equals_sample_py_chat_with_its_system_prompt(ckpt, client):
     assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
 
 
+def test_a_reply_sent_back_as_the_client_dumps_it_continues_the_chat(client):
+    """message.model_dump() (how many programs keep the history) carries refusal, tool_calls, ... as nulls."""
+    messages = [{"role": "user", "content": "Hi there"}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    dumped = reply.choices[0].message.model_dump()
+    assert dumped["refusal"] is None and dumped["tool_calls"] is None
+    history = messages + [dumped, {"role": "user", "content": "And?"}]
+    got = client.chat.completions.create(model="tiny", messages=history, max_tokens=6, temperature=0)
+    again = client.chat.completions.create(model="tiny", max_tokens=6, temperature=0, messages=messages + [
+        {"role": "assistant", "content": dumped["content"]}, {"role": "user", "content": "And?"}])
+    assert got.choices[0].message.content == again.choices[0].message.content
+    assert got.usage.prompt_tokens == again.usage.prompt_tokens
+
+
 def test_stream_is_server_sent_events_ending_with_done(server):
     status, headers, text = raw(server, "POST", "/v1/completions",
                                 {"prompt": "ab", "max_tokens": 4, "temperature": 0, "stream": True})
