@@ -786,6 +786,8 @@ REQUEST_FIELDS = {
     "best_of": (_is_int, "an integer", lambda v: v == 1, "1 (not supported)"),
     "logit_bias": (lambda v: isinstance(v, dict), "an object", lambda v: not v, "{} (not supported)"),
     "suffix": (lambda v: isinstance(v, str), "a string", lambda v: not v, '"" (not supported)'),
+    "response_format": (lambda v: isinstance(v, dict), "an object", lambda v: v == {"type": "text"},
+                        '{"type": "text"} (JSON mode and JSON schemas are not supported)'),
 }
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 

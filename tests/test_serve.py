@@ -311,6 +311,8 @@ BAD = [
     ("POST", "/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", None),
     ("POST", "/v1/completions", {"prompt": "hi", "stop": ["", "x"]}, 400, "stop", None),
     ("POST", "/v1/completions", {"prompt": "hi", "tools": []}, 400, "tools", None),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                      "response_format": {"type": "json_object"}}, 400, "response_format", None),
     ("POST", "/v1/completions", {"prompt": 5}, 400, "prompt", None),
     ("POST", "/v1/completions", {"prompt": [1, 99999]}, 400, "prompt", None),
     ("POST", "/v1/completions", {"max_tokens": 5}, 400, "prompt", None),
@@ -349,6 +351,12 @@ def test_body_over_the_limit_is_413_and_the_server_goes_on(server, client):
     assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
     conn.close()
     assert client.completions.create(model="tiny", prompt="ab", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_unsupported_fields_are_accepted_at_their_off_value(client):
+    got = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                         response_format={"type": "text"}, logprobs=False, presence_penalty=0)
+    assert got.choices[0].message.content is not None
 
 
 def test_openai_client_raises_the_servers_error(client):
