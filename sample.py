@@ -780,8 +780,9 @@ REQUEST_FIELDS = {
     "user": (lambda v: isinstance(v, str), "a string", None, None),
     "presence_penalty": (_is_number, "a number", lambda v: v == 0, "0 (not supported; repetition_penalty is)"),
     "frequency_penalty": (_is_number, "a number", lambda v: v == 0, "0 (not supported; repetition_penalty is)"),
-    "logprobs": (lambda v: isinstance(v, (bool, int)), "a boolean or an integer", lambda v: not v,
-                 "false (not supported)"),
+    # logprobs=0 is not off: /v1/completions then returns the chosen tokens' logprobs
+    "logprobs": (lambda v: isinstance(v, (bool, int)), "a boolean or an integer", lambda v: v is False,
+                 "false or null (not supported)"),
     "echo": (lambda v: isinstance(v, bool), "a boolean", lambda v: not v, "false (not supported)"),
     "best_of": (_is_int, "an integer", lambda v: v == 1, "1 (not supported)"),
     "logit_bias": (lambda v: isinstance(v, dict), "an object", lambda v: not v, "{} (not supported)"),

@@ -311,6 +311,7 @@ BAD = [
     ("POST", "/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", None),
     ("POST", "/v1/completions", {"prompt": "hi", "stop": ["", "x"]}, 400, "stop", None),
     ("POST", "/v1/completions", {"prompt": "hi", "tools": []}, 400, "tools", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "logprobs": 0}, 400, "logprobs", None),  # the chosen tokens'
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                       "response_format": {"type": "json_object"}}, 400, "response_format", None),
     ("POST", "/v1/completions", {"prompt": 5}, 400, "prompt", None),
