@@ -898,9 +898,13 @@ class ModelServer(ThreadingHTTPServer):
             turns.append({"role": CHAT_ROLES[m["role"]], "content": content})
         system = None if any(t["role"] == "system" for t in turns) else self.system
         try:
-            return prepare.encode_chat(self.tok, self.template, turns, system=system, add_generation_prompt=True)[0]
+            ids = prepare.encode_chat(self.tok, self.template, turns, system=system, add_generation_prompt=True)[0]
         except ValueError as e:  # the template's own objections (prepare.TemplateError), unknown roles
             raise APIError(400, f"messages: {e}", "messages")
+        if not ids:  # e.g. Llama-2's template, given only a system message
+            raise APIError(400, "messages: the chat template renders them to no tokens; send a user message",
+                           "messages")
+        return ids
 
     def job(self, body, chat):
         """A request body -> (Job, its stop strings, its fields); APIError for what does not suit."""

@@ -136,6 +136,24 @@ def test_a_reply_sent_back_as_the_client_dumps_it_continues_the_chat(client):
     assert got.usage.prompt_tokens == again.usage.prompt_tokens
 
 
+def test_messages_the_template_renders_to_nothing_are_a_400(ckpt, tmp_path):
+    """Llama-2's template renders a system message only inside the first user turn: alone, it renders nothing."""
+    import shutil
+
+    from test_bring_your_own import LLAMA2
+
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    ts.byte_tokenizer(tmp_path / "ckpt", chat_template=LLAMA2)
+    server = start_server(tmp_path / "ckpt")
+    try:
+        status, _, text = raw(server, "POST", "/v1/chat/completions",
+                              {"messages": [{"role": "system", "content": "Be brief."}], "max_tokens": 2})
+    finally:
+        stop_server(server)
+    assert status == 400 and json.loads(text)["error"]["param"] == "messages", text
+    assert "no tokens" in text
+
+
 def test_stream_is_server_sent_events_ending_with_done(server):
     status, headers, text = raw(server, "POST", "/v1/completions",
                                 {"prompt": "ab", "max_tokens": 4, "temperature": 0, "stream": True})
