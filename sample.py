@@ -77,7 +77,8 @@ def apply_repetition_penalty(logits, seen, penalty):
     positive logits are divided by `penalty` and negative ones multiplied. logits (B, V) float, seen (B, V) bool."""
     if not torch.is_tensor(penalty) and penalty == 1.0:  # penalty: a number, or one per row (B, 1)
         return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    big = torch.finfo(logits.dtype).max  # a tiny penalty must not make a logit +inf (softmax: nan)
+    penalised = torch.where(logits > 0, (logits / penalty).clamp(max=big), logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
@@ -97,9 +98,11 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Next token per row from last-position logits (B, V) float -> (B,) long. temperature 0 = greedy."""
-    if temperature == 0:
+    """Next token per row from last-position logits (B, V) float -> (B,) long. temperature 0 = greedy, as is any
+    temperature below 1e-5 (vLLM's rule: dividing by it would overflow)."""
+    if temperature < 1e-5:
         return logits.argmax(dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)  # the top logit at 0: logits / temperature stays finite
     logits = filter_logits(logits / temperature, top_k, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -139,6 +139,17 @@ def test_top_k_1_equals_greedy(tiny):
     assert list(sample.generate(tiny, PROMPT, 20, temperature=1.5, top_k=1, seed=3)) == greedy
 
 
+def test_extreme_but_valid_settings_sample_without_overflow(tiny):
+    """A tiny temperature or repetition penalty must not turn the logits into inf and the probabilities into nan
+    (in a server, that failed every request of the batch)."""
+    greedy = list(sample.generate(tiny, PROMPT, 8, temperature=0))
+    assert list(sample.generate(tiny, PROMPT, 8, temperature=1e-40, seed=1)) == greedy
+    assert list(sample.generate(tiny, PROMPT, 8, temperature=1e-300, seed=1)) == greedy
+    for penalty in (1e-300, 1e300):
+        out = list(sample.generate(tiny, PROMPT, 8, temperature=0.8, repetition_penalty=penalty, seed=1))
+        assert len(out) == 8 and all(0 <= t < VOCAB for t in out)
+
+
 def test_prompt_plus_new_tokens_must_fit(tiny):
     with pytest.raises(ValueError, match="max_seq_len"):
         list(sample.generate(tiny, [1] * 100, 29, temperature=0))
