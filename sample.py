@@ -953,7 +953,7 @@ class APIHandler(BaseHTTPRequestHandler):
             method = self.ROUTES.get(path) or ("GET" if path.startswith("/v1/models/") else None)
             if method is None:
                 raise APIError(404, f"Invalid URL ({self.command} {self.path})", code="unknown_url")
-            if self.command != method:
+            if self.command != method and (self.command, method) != ("HEAD", "GET"):  # HEAD: GET's headers
                 raise APIError(405, f"{self.command} {path}: method not allowed; use {method}",
                                code="method_not_allowed", headers=[("Allow", method)])
             if path == "/v1/models":

@@ -92,6 +92,12 @@ def test_models_lists_the_served_checkpoint(client):
     assert client.models.retrieve("tiny").id == "tiny"
 
 
+def test_head_answers_as_get_without_a_body(server):
+    get, head = raw(server, "GET", "/v1/models"), raw(server, "HEAD", "/v1/models")
+    assert head[0] == 200 and head[2] == "" and head[1]["Content-Length"] == get[1]["Content-Length"]
+    assert raw(server, "HEAD", "/v1/completions")[0] == 405
+
+
 def test_greedy_completion_equals_sample_py_streamed_or_not(ckpt, client):
     want = cli(ckpt, "--prompt", "héllo wörld", "--max_new_tokens", 12)  # the text plus a newline
     got = client.completions.create(model="tiny", prompt="héllo wörld", max_tokens=12, temperature=0)
