@@ -1101,6 +1101,12 @@ def serve(model, tok, args, family, template, decode_step=None):
             template = resolve_template(None, tok, family)
         except SystemExit as e:
             log(f"sample.py: warning: {str(e).removeprefix('sample.py: ')}; /v1/chat/completions will refuse")
+    if template and args.system:  # a template without a system role would refuse every request that sends none
+        try:
+            prepare.encode_chat(tok, template, [{"role": "user", "content": "Hi"}], system=args.system,
+                                add_generation_prompt=True)
+        except ValueError as e:
+            fail(f"--system: the chat template refuses a system prompt ({e})")
     try:
         server = ModelServer(model, tok, host=args.host, port=args.port, name=os.path.basename(
             os.path.normpath(args.ckpt)), template=template, system=args.system,
