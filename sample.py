@@ -1333,7 +1333,8 @@ def parse_args(argv):
     p.add_argument("--prompt", default=None, help="text to continue (default: on a terminal, ask for "
                    "prompts one after another; else start from bos)")
     p.add_argument("--prompt_file", default=None, help="one prompt per line, generated as one left-padded batch")
-    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="default 256, or half the model's max_seq_len where that is less")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8, or family chat)")
     p.add_argument("--top_k", type=int, default=None, help="0 = off (default 200, or family chat default)")
     p.add_argument("--top_p", type=float, default=None)
@@ -1474,6 +1475,8 @@ def main(argv=None, stdin=None, stdout=None):
     if stdin is sys.stdin and hasattr(stdin, "reconfigure"):  # bytes not UTF-8: lone surrogates read_input skips
         stdin.reconfigure(errors="surrogateescape")
     model, tok, family, template, device = load_checkpoint(args)
+    if args.max_new_tokens is None:  # room for a prompt in a small context (the default model's is 256)
+        args.max_new_tokens = min(256, model.args.max_seq_len // 2)
     if args.save_quantized:
         if not args.quantize:
             fail("--save_quantized: also pass --quantize=int8|int4|nf4")

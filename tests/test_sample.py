@@ -518,6 +518,14 @@ def test_cli_streams_the_greedy_continuation(ckpt, tiny, capsys):
     assert "tokens/s" in capsys.readouterr().err  # speed report on stderr, not in the text
 
 
+def test_default_max_new_tokens_leaves_room_for_the_prompt(ckpt, tiny, capsys):
+    """The default model has max_seq_len 256 (this one 128): without --max_new_tokens, README's commands must run."""
+    out = run_cli(["--ckpt", ckpt, "--prompt", "import ", "--temperature", 0])
+    ids = list(sample.generate(tiny, [256] + list(b"import "), 64, temperature=0, eos_id=257))
+    assert out == bytes(i for i in ids if i < 256).decode("utf-8", errors="replace") + "\n"
+    assert run_cli(["--ckpt", ckpt, "--chat", "--temperature", 0], stdin="hi\n").endswith("\n")
+
+
 def test_cli_num_samples_with_seed_is_reproducible(ckpt):
     argv = ["--ckpt", ckpt, "--prompt", "ab", "--seed", 7, "--num_samples", 2, "--max_new_tokens", 8]
     first = run_cli(argv)
