@@ -857,7 +857,8 @@ class ModelServer(ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
-        self.batcher.close()
+        if hasattr(self, "batcher"):  # not yet when binding the address failed
+            self.batcher.close()
 
     def model_card(self):
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "sample.py",

@@ -460,3 +460,12 @@ def test_serve_refuses_a_system_prompt_its_template_refuses(ckpt, tmp_path, monk
     monkeypatch.setattr(sample.ModelServer, "serve_forever", lambda self: pytest.fail("it served"))
     with pytest.raises(SystemExit, match=r"--system: .*chat_template: Conversation roles must alternate"):
         ts.run_cli(["--ckpt", tmp_path / "ckpt", "--serve", "--port", 0, "--system", "Be brief."])
+
+
+def test_a_port_in_use_is_a_one_line_error(ckpt):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=rf"--host=127.0.0.1 --port={port}: cannot listen there \(Address"):
+            ts.run_cli(["--ckpt", ckpt, "--serve", "--port", port])
