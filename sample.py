@@ -1448,8 +1448,8 @@ def run_prompt_file(model, tok, args, common, stdout) -> dict:
                 outs[b].append(t)
                 n += 1
     stats = dict(tokens=n, seconds=time.perf_counter() - t0)
-    for out in outs:
-        stdout.write(apply_stop(tok.decode(out), args.stop)[0] + "\n")
+    for row, out in zip(rows, outs):  # the text --prompt would stream for the same tokens
+        stdout.write("".join(stream_text(tok, out, row, args.stop)) + "\n")
     return stats
 
 

@@ -6,6 +6,7 @@ import torch
 
 import kernels
 import model as model_lib
+import prepare
 import sample
 
 VOCAB = 260  # byte tokens 0..255 and 4 specials (see byte_tokenizer)
@@ -536,10 +537,12 @@ def test_cli_num_samples_with_seed_is_reproducible(ckpt):
 def test_cli_prompt_file_is_one_batch(ckpt, tiny, tmp_path):
     (tmp_path / "p.txt").write_text("ab\nlonger prompt\n")
     out = run_cli(["--ckpt", ckpt, "--prompt_file", tmp_path / "p.txt", "--temperature", 0, "--max_new_tokens", 6])
+    tok = prepare.load_tokenizer(ckpt)
     want = []
-    for p in ["ab", "longer prompt"]:
-        ids = [t for t in sample.generate(tiny, [256] + list(p.encode()), 6, temperature=0, eos_id=257) if t < 256]
-        want.append(bytes(ids).decode("utf-8", errors="replace"))
+    for p in ["ab", "longer prompt"]:  # each row's tokens as generated alone, printed as --prompt streams them
+        ids = [256] + list(p.encode())
+        new = [t for t in sample.generate(tiny, ids, 6, temperature=0, eos_id=257)]
+        want.append("".join(sample.stream_text(tok, new, ids)))
     assert out == "\n".join(want) + "\n"
 
 
@@ -717,6 +720,16 @@ def test_text_that_is_not_utf8_is_a_clear_error_or_a_skipped_turn(ckpt, monkeypa
     run_cli(["--ckpt", ckpt, "--chat", "--template", "baichuan2", "--temperature", 0], stdin="caf\udce9\ntwo\n")
     assert scripted.prompts == [ids_of(195, "two", 196)]  # the chat goes on without the line it cannot read
     assert "not UTF-8 text" in capsys.readouterr().err
+
+
+def test_prompt_file_prints_what_prompt_streams(ckpt, monkeypatch, tmp_path):
+    """The same tokens give the same text: "ab" then half of a 3-byte character cut by --max_new_tokens."""
+    (tmp_path / "p.txt").write_text("x\n")
+    outs = []
+    for source in (["--prompt", "x"], ["--prompt_file", tmp_path / "p.txt"]):
+        monkeypatch.setattr(sample, "load_model", lambda *a: (ScriptedModel(ids_of("ab") + [0xE4, 0xBD]), {}))
+        outs.append(run_cli(["--ckpt", ckpt, *source, "--temperature", 0, "--max_new_tokens", 4]))
+    assert outs == ["ab\n", "ab\n"]
 
 
 class Terminal:
