@@ -1430,8 +1430,8 @@ def run_prompt_file(model, tok, args, common, stdout) -> dict:
     if not os.path.isfile(args.prompt_file):
         fail(f"--prompt_file={args.prompt_file}: no such file")
     try:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        with open(args.prompt_file, encoding="utf-8-sig") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]  # utf-8-sig: a BOM is no prompt text
     except UnicodeDecodeError as e:
         fail(f"--prompt_file={args.prompt_file}: not UTF-8 text (byte {e.start}: {e.reason})")
     if not prompts:

@@ -732,6 +732,14 @@ def test_prompt_file_prints_what_prompt_streams(ckpt, monkeypatch, tmp_path):
     assert outs == ["ab\n", "ab\n"]
 
 
+def test_prompt_file_saved_with_a_byte_order_mark_prompts_without_it(ckpt, monkeypatch, tmp_path):
+    (tmp_path / "p.txt").write_text("hi\n", encoding="utf-8-sig")  # as Windows' Notepad saves UTF-8
+    scripted = ScriptedModel(ids_of("ab"))
+    monkeypatch.setattr(sample, "load_model", lambda *a: (scripted, {}))
+    run_cli(["--ckpt", ckpt, "--prompt_file", tmp_path / "p.txt", "--temperature", 0, "--max_new_tokens", 2])
+    assert scripted.prompts == [ids_of("<s>", "hi")]
+
+
 class Terminal:
     """sample.py in a pseudo-terminal, as a person at a keyboard runs it: stdin, stdout and stderr a tty in line mode
     (Ctrl-D on an empty line is an end of input) with echo; output bytes pass unchanged (no \\n -> \\r\\n)."""
