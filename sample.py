@@ -77,7 +77,8 @@ def apply_repetition_penalty(logits, seen, penalty):
     positive logits are divided by `penalty` and negative ones multiplied. logits (B, V) float, seen (B, V) bool."""
     if not torch.is_tensor(penalty) and penalty == 1.0:  # penalty: a number, or one per row (B, 1)
         return logits
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    big = torch.finfo(logits.dtype).max  # a tiny penalty must not make a logit +inf (softmax: nan)
+    penalised = torch.where(logits > 0, (logits / penalty).clamp(max=big), logits * penalty)
     return torch.where(seen, penalised, logits)
 
 
@@ -97,9 +98,11 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Next token per row from last-position logits (B, V) float -> (B,) long. temperature 0 = greedy."""
-    if temperature == 0:
+    """Next token per row from last-position logits (B, V) float -> (B,) long. temperature 0 = greedy, as is any
+    temperature below 1e-5 (vLLM's rule: dividing by it would overflow)."""
+    if temperature < 1e-5:
         return logits.argmax(dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)  # the top logit at 0: logits / temperature stays finite
     logits = filter_logits(logits / temperature, top_k, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -780,12 +783,15 @@ REQUEST_FIELDS = {
     "user": (lambda v: isinstance(v, str), "a string", None, None),
     "presence_penalty": (_is_number, "a number", lambda v: v == 0, "0 (not supported; repetition_penalty is)"),
     "frequency_penalty": (_is_number, "a number", lambda v: v == 0, "0 (not supported; repetition_penalty is)"),
-    "logprobs": (lambda v: isinstance(v, (bool, int)), "a boolean or an integer", lambda v: not v,
-                 "false (not supported)"),
+    # logprobs=0 is not off: /v1/completions then returns the chosen tokens' logprobs
+    "logprobs": (lambda v: isinstance(v, (bool, int)), "a boolean or an integer", lambda v: v is False,
+                 "false or null (not supported)"),
     "echo": (lambda v: isinstance(v, bool), "a boolean", lambda v: not v, "false (not supported)"),
     "best_of": (_is_int, "an integer", lambda v: v == 1, "1 (not supported)"),
     "logit_bias": (lambda v: isinstance(v, dict), "an object", lambda v: not v, "{} (not supported)"),
     "suffix": (lambda v: isinstance(v, str), "a string", lambda v: not v, '"" (not supported)'),
+    "response_format": (lambda v: isinstance(v, dict), "an object", lambda v: v == {"type": "text"},
+                        '{"type": "text"} (JSON mode and JSON schemas are not supported)'),
 }
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -851,7 +857,8 @@ class ModelServer(ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
-        self.batcher.close()
+        if hasattr(self, "batcher"):  # not yet when binding the address failed
+            self.batcher.close()
 
     def model_card(self):
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "sample.py",
@@ -888,15 +895,20 @@ class ModelServer(ThreadingHTTPServer):
             if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                                  and isinstance(p.get("text"), str) for p in content):
                 content = "".join(p["text"] for p in content)
-            if not isinstance(content, str) or set(m) - {"role", "content", "name"}:
+            given = {k for k, v in m.items() if v is not None}  # a client's dump of a reply: refusal=null, ...
+            if not isinstance(content, str) or given - {"role", "content", "name"}:
                 raise APIError(400, f"messages[{i}]: expected role, content (a string or text parts) and an "
                                     f"optional name", "messages")
             turns.append({"role": CHAT_ROLES[m["role"]], "content": content})
         system = None if any(t["role"] == "system" for t in turns) else self.system
         try:
-            return prepare.encode_chat(self.tok, self.template, turns, system=system, add_generation_prompt=True)[0]
+            ids = prepare.encode_chat(self.tok, self.template, turns, system=system, add_generation_prompt=True)[0]
         except ValueError as e:  # the template's own objections (prepare.TemplateError), unknown roles
             raise APIError(400, f"messages: {e}", "messages")
+        if not ids:  # e.g. Llama-2's template, given only a system message
+            raise APIError(400, "messages: the chat template renders them to no tokens; send a user message",
+                           "messages")
+        return ids
 
     def job(self, body, chat):
         """A request body -> (Job, its stop strings, its fields); APIError for what does not suit."""
@@ -942,7 +954,7 @@ class APIHandler(BaseHTTPRequestHandler):
             method = self.ROUTES.get(path) or ("GET" if path.startswith("/v1/models/") else None)
             if method is None:
                 raise APIError(404, f"Invalid URL ({self.command} {self.path})", code="unknown_url")
-            if self.command != method:
+            if self.command != method and (self.command, method) != ("HEAD", "GET"):  # HEAD: GET's headers
                 raise APIError(405, f"{self.command} {path}: method not allowed; use {method}",
                                code="method_not_allowed", headers=[("Allow", method)])
             if path == "/v1/models":
@@ -1012,6 +1024,11 @@ class APIHandler(BaseHTTPRequestHandler):
             raise APIError(400, f"malformed JSON in the request body: {e}")
         if not isinstance(body, dict):
             raise APIError(400, "expected a JSON object as the request body")
+        try:  # JSON may escape a lone UTF-16 surrogate ("\ud83d", half an emoji): no tokenizer takes it
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError as e:
+            raise APIError(400, f"the request body holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}), "
+                                "which is not text")
         return body
 
     def client_alive(self):
@@ -1085,6 +1102,12 @@ def serve(model, tok, args, family, template, decode_step=None):
             template = resolve_template(None, tok, family)
         except SystemExit as e:
             log(f"sample.py: warning: {str(e).removeprefix('sample.py: ')}; /v1/chat/completions will refuse")
+    if template and args.system:  # a template without a system role would refuse every request that sends none
+        try:
+            prepare.encode_chat(tok, template, [{"role": "user", "content": "Hi"}], system=args.system,
+                                add_generation_prompt=True)
+        except ValueError as e:
+            fail(f"--system: the chat template refuses a system prompt ({e})")
     try:
         server = ModelServer(model, tok, host=args.host, port=args.port, name=os.path.basename(
             os.path.normpath(args.ckpt)), template=template, system=args.system,
@@ -1215,6 +1238,16 @@ def encode_turn(tok, template, messages, system):
 EXIT, RESET = ("/exit", "!!exit"), ("/reset", "!!reset")  # ours and FastChat's CLI's spellings
 
 
+def not_utf8(text):
+    """Why text is not UTF-8 text, or "": bytes that are not UTF-8 (a Latin-1 or GBK terminal) reach Python's argv
+    and stdin as lone surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+        return ""
+    except UnicodeEncodeError as e:
+        return f"not UTF-8 text (character {e.start + 1}); set the terminal's encoding to UTF-8"
+
+
 def is_terminal(stream) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
 
@@ -1222,7 +1255,7 @@ def is_terminal(stream) -> bool:
 def read_input(stdin, prompt: str, multiline: bool):
     """One input of the user: a line, or with multiline every line up to an end of input (Ctrl-D on an empty line of
     a terminal, as FastChat's --multiline); a command (/exit, /reset) on the first line ends it at once. The prompt
-    goes to stderr on a terminal. None at the end of input."""
+    goes to stderr on a terminal; an input that is not UTF-8 is skipped with a warning. None at the end of input."""
     if is_terminal(stdin):
         sys.stderr.write(prompt + (" [Ctrl-D on an empty line ends it]" if multiline else "") + "> ")
         sys.stderr.flush()
@@ -1235,7 +1268,10 @@ def read_input(stdin, prompt: str, multiline: bool):
         if not line:
             break
         lines.append(line.rstrip("\n"))
-    return "\n".join(lines)
+    if bad := not_utf8(text := "\n".join(lines)):
+        log(f"sample.py: warning: input skipped: {bad}")
+        return read_input(stdin, prompt, multiline)
+    return text
 
 
 def run_prompts(model, tok, args, common, stdin, stdout) -> dict:
@@ -1298,7 +1334,8 @@ def parse_args(argv):
     p.add_argument("--prompt", default=None, help="text to continue (default: on a terminal, ask for "
                    "prompts one after another; else start from bos)")
     p.add_argument("--prompt_file", default=None, help="one prompt per line, generated as one left-padded batch")
-    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="default 256, or half the model's max_seq_len where that is less")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8, or family chat)")
     p.add_argument("--top_k", type=int, default=None, help="0 = off (default 200, or family chat default)")
     p.add_argument("--top_p", type=float, default=None)
@@ -1334,6 +1371,9 @@ def parse_args(argv):
     except ValueError as e:
         fail(f"--{e}")
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+    for flag, text in [("prompt", args.prompt), ("system", args.system)] + [("stop", s) for s in args.stop]:
+        if text is not None and (bad := not_utf8(text)):
+            fail(f"--{flag}: {bad}")
     if args.serve and (args.chat or args.prompt is not None or args.prompt_file or args.stop or args.num_samples > 1):
         fail("--serve: takes prompts from HTTP requests; drop --chat, --prompt, --prompt_file, --stop, --num_samples")
     if not 0 <= args.port <= 65535 or args.max_batch < 1:
@@ -1390,8 +1430,8 @@ def run_prompt_file(model, tok, args, common, stdout) -> dict:
     if not os.path.isfile(args.prompt_file):
         fail(f"--prompt_file={args.prompt_file}: no such file")
     try:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        with open(args.prompt_file, encoding="utf-8-sig") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]  # utf-8-sig: a BOM is no prompt text
     except UnicodeDecodeError as e:
         fail(f"--prompt_file={args.prompt_file}: not UTF-8 text (byte {e.start}: {e.reason})")
     if not prompts:
@@ -1408,8 +1448,8 @@ def run_prompt_file(model, tok, args, common, stdout) -> dict:
                 outs[b].append(t)
                 n += 1
     stats = dict(tokens=n, seconds=time.perf_counter() - t0)
-    for out in outs:
-        stdout.write(apply_stop(tok.decode(out), args.stop)[0] + "\n")
+    for row, out in zip(rows, outs):  # the text --prompt would stream for the same tokens
+        stdout.write("".join(stream_text(tok, out, row, args.stop)) + "\n")
     return stats
 
 
@@ -1433,7 +1473,11 @@ def run_prompt(model, tok, args, common, stdout) -> dict:
 def main(argv=None, stdin=None, stdout=None):
     args = parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if stdin is sys.stdin and hasattr(stdin, "reconfigure"):  # bytes not UTF-8: lone surrogates read_input skips
+        stdin.reconfigure(errors="surrogateescape")
     model, tok, family, template, device = load_checkpoint(args)
+    if args.max_new_tokens is None:  # room for a prompt in a small context (the default model's is 256)
+        args.max_new_tokens = min(256, model.args.max_seq_len // 2)
     if args.save_quantized:
         if not args.quantize:
             fail("--save_quantized: also pass --quantize=int8|int4|nf4")

@@ -6,6 +6,7 @@ import torch
 
 import kernels
 import model as model_lib
+import prepare
 import sample
 
 VOCAB = 260  # byte tokens 0..255 and 4 specials (see byte_tokenizer)
@@ -137,6 +138,17 @@ def test_seeded_sampling_is_reproducible(tiny):
 def test_top_k_1_equals_greedy(tiny):
     greedy = list(sample.generate(tiny, PROMPT, 20, temperature=0))
     assert list(sample.generate(tiny, PROMPT, 20, temperature=1.5, top_k=1, seed=3)) == greedy
+
+
+def test_extreme_but_valid_settings_sample_without_overflow(tiny):
+    """A tiny temperature or repetition penalty must not turn the logits into inf and the probabilities into nan
+    (in a server, that failed every request of the batch)."""
+    greedy = list(sample.generate(tiny, PROMPT, 8, temperature=0))
+    assert list(sample.generate(tiny, PROMPT, 8, temperature=1e-40, seed=1)) == greedy
+    assert list(sample.generate(tiny, PROMPT, 8, temperature=1e-300, seed=1)) == greedy
+    for penalty in (1e-300, 1e300):
+        out = list(sample.generate(tiny, PROMPT, 8, temperature=0.8, repetition_penalty=penalty, seed=1))
+        assert len(out) == 8 and all(0 <= t < VOCAB for t in out)
 
 
 def test_prompt_plus_new_tokens_must_fit(tiny):
@@ -507,6 +519,14 @@ def test_cli_streams_the_greedy_continuation(ckpt, tiny, capsys):
     assert "tokens/s" in capsys.readouterr().err  # speed report on stderr, not in the text
 
 
+def test_default_max_new_tokens_leaves_room_for_the_prompt(ckpt, tiny, capsys):
+    """The default model has max_seq_len 256 (this one 128): without --max_new_tokens, README's commands must run."""
+    out = run_cli(["--ckpt", ckpt, "--prompt", "import ", "--temperature", 0])
+    ids = list(sample.generate(tiny, [256] + list(b"import "), 64, temperature=0, eos_id=257))
+    assert out == bytes(i for i in ids if i < 256).decode("utf-8", errors="replace") + "\n"
+    assert run_cli(["--ckpt", ckpt, "--chat", "--temperature", 0], stdin="hi\n").endswith("\n")
+
+
 def test_cli_num_samples_with_seed_is_reproducible(ckpt):
     argv = ["--ckpt", ckpt, "--prompt", "ab", "--seed", 7, "--num_samples", 2, "--max_new_tokens", 8]
     first = run_cli(argv)
@@ -517,10 +537,12 @@ def test_cli_num_samples_with_seed_is_reproducible(ckpt):
 def test_cli_prompt_file_is_one_batch(ckpt, tiny, tmp_path):
     (tmp_path / "p.txt").write_text("ab\nlonger prompt\n")
     out = run_cli(["--ckpt", ckpt, "--prompt_file", tmp_path / "p.txt", "--temperature", 0, "--max_new_tokens", 6])
+    tok = prepare.load_tokenizer(ckpt)
     want = []
-    for p in ["ab", "longer prompt"]:
-        ids = [t for t in sample.generate(tiny, [256] + list(p.encode()), 6, temperature=0, eos_id=257) if t < 256]
-        want.append(bytes(ids).decode("utf-8", errors="replace"))
+    for p in ["ab", "longer prompt"]:  # each row's tokens as generated alone, printed as --prompt streams them
+        ids = [256] + list(p.encode())
+        new = [t for t in sample.generate(tiny, ids, 6, temperature=0, eos_id=257)]
+        want.append("".join(sample.stream_text(tok, new, ids)))
     assert out == "\n".join(want) + "\n"
 
 
@@ -685,6 +707,37 @@ def test_chat_multiline_turn_and_fastchat_commands(ckpt, monkeypatch):
     run_cli(["--ckpt", ckpt, "--chat", "--template", "baichuan2", "--temperature", 0],
             stdin="one\n!!reset\ntwo\n!!exit\nthree\n")  # FastChat's spellings
     assert scripted.prompts == [ids_of(195, "one", 196), ids_of(195, "two", 196)]
+
+
+def test_text_that_is_not_utf8_is_a_clear_error_or_a_skipped_turn(ckpt, monkeypatch, capsys):
+    # argv and a stdin not in UTF-8 reach Python as lone surrogates (surrogateescape): "caf\xe9" in Latin-1
+    with pytest.raises(SystemExit, match=r"--prompt: not UTF-8 text \(character 4\)"):
+        run_cli(["--ckpt", ckpt, "--prompt", "caf\udce9", "--max_new_tokens", 2])
+    with pytest.raises(SystemExit, match=r"--system: not UTF-8 text"):
+        run_cli(["--ckpt", ckpt, "--chat", "--system", "\udce9"], stdin="hi\n")
+    scripted = ScriptedModel(ids_of("Hi", "</s>") * 3)
+    monkeypatch.setattr(sample, "load_model", lambda *a: (scripted, {"family": "baichuan2"}))
+    run_cli(["--ckpt", ckpt, "--chat", "--template", "baichuan2", "--temperature", 0], stdin="caf\udce9\ntwo\n")
+    assert scripted.prompts == [ids_of(195, "two", 196)]  # the chat goes on without the line it cannot read
+    assert "not UTF-8 text" in capsys.readouterr().err
+
+
+def test_prompt_file_prints_what_prompt_streams(ckpt, monkeypatch, tmp_path):
+    """The same tokens give the same text: "ab" then half of a 3-byte character cut by --max_new_tokens."""
+    (tmp_path / "p.txt").write_text("x\n")
+    outs = []
+    for source in (["--prompt", "x"], ["--prompt_file", tmp_path / "p.txt"]):
+        monkeypatch.setattr(sample, "load_model", lambda *a: (ScriptedModel(ids_of("ab") + [0xE4, 0xBD]), {}))
+        outs.append(run_cli(["--ckpt", ckpt, *source, "--temperature", 0, "--max_new_tokens", 4]))
+    assert outs == ["ab\n", "ab\n"]
+
+
+def test_prompt_file_saved_with_a_byte_order_mark_prompts_without_it(ckpt, monkeypatch, tmp_path):
+    (tmp_path / "p.txt").write_text("hi\n", encoding="utf-8-sig")  # as Windows' Notepad saves UTF-8
+    scripted = ScriptedModel(ids_of("ab"))
+    monkeypatch.setattr(sample, "load_model", lambda *a: (scripted, {}))
+    run_cli(["--ckpt", ckpt, "--prompt_file", tmp_path / "p.txt", "--temperature", 0, "--max_new_tokens", 2])
+    assert scripted.prompts == [ids_of("<s>", "hi")]
 
 
 class Terminal:

@@ -92,6 +92,12 @@ def test_models_lists_the_served_checkpoint(client):
     assert client.models.retrieve("tiny").id == "tiny"
 
 
+def test_head_answers_as_get_without_a_body(server):
+    get, head = raw(server, "GET", "/v1/models"), raw(server, "HEAD", "/v1/models")
+    assert head[0] == 200 and head[2] == "" and head[1]["Content-Length"] == get[1]["Content-Length"]
+    assert raw(server, "HEAD", "/v1/completions")[0] == 405
+
+
 def test_greedy_completion_equals_sample_py_streamed_or_not(ckpt, client):
     want = cli(ckpt, "--prompt", "héllo wörld", "--max_new_tokens", 12)  # the text plus a newline
     got = client.completions.create(model="tiny", prompt="héllo wörld", max_tokens=12, temperature=0)
@@ -120,6 +126,38 @@ def test_greedy_chat_equals_sample_py_chat_with_its_system_prompt(ckpt, client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.content
     assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+
+
+def test_a_reply_sent_back_as_the_client_dumps_it_continues_the_chat(client):
+    """message.model_dump() (how many programs keep the history) carries refusal, tool_calls, ... as nulls."""
+    messages = [{"role": "user", "content": "Hi there"}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    dumped = reply.choices[0].message.model_dump()
+    assert dumped["refusal"] is None and dumped["tool_calls"] is None
+    history = messages + [dumped, {"role": "user", "content": "And?"}]
+    got = client.chat.completions.create(model="tiny", messages=history, max_tokens=6, temperature=0)
+    again = client.chat.completions.create(model="tiny", max_tokens=6, temperature=0, messages=messages + [
+        {"role": "assistant", "content": dumped["content"]}, {"role": "user", "content": "And?"}])
+    assert got.choices[0].message.content == again.choices[0].message.content
+    assert got.usage.prompt_tokens == again.usage.prompt_tokens
+
+
+def test_messages_the_template_renders_to_nothing_are_a_400(ckpt, tmp_path):
+    """Llama-2's template renders a system message only inside the first user turn: alone, it renders nothing."""
+    import shutil
+
+    from test_bring_your_own import LLAMA2
+
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    ts.byte_tokenizer(tmp_path / "ckpt", chat_template=LLAMA2)
+    server = start_server(tmp_path / "ckpt")
+    try:
+        status, _, text = raw(server, "POST", "/v1/chat/completions",
+                              {"messages": [{"role": "system", "content": "Be brief."}], "max_tokens": 2})
+    finally:
+        stop_server(server)
+    assert status == 400 and json.loads(text)["error"]["param"] == "messages", text
+    assert "no tokens" in text
 
 
 def test_stream_is_server_sent_events_ending_with_done(server):
@@ -297,6 +335,9 @@ BAD = [
     ("POST", "/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", None),
     ("POST", "/v1/completions", {"prompt": "hi", "stop": ["", "x"]}, 400, "stop", None),
     ("POST", "/v1/completions", {"prompt": "hi", "tools": []}, 400, "tools", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "logprobs": 0}, 400, "logprobs", None),  # the chosen tokens'
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                      "response_format": {"type": "json_object"}}, 400, "response_format", None),
     ("POST", "/v1/completions", {"prompt": 5}, 400, "prompt", None),
     ("POST", "/v1/completions", {"prompt": [1, 99999]}, 400, "prompt", None),
     ("POST", "/v1/completions", {"max_tokens": 5}, 400, "prompt", None),
@@ -304,6 +345,8 @@ BAD = [
     ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages", None),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages", None),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages", None),
+    ("POST", "/v1/completions", {"prompt": "\ud800 hi"}, 400, None, None),  # a lone surrogate: valid JSON, not text
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud83d"}]}, 400, None, None),
     ("POST", "/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "model_not_found"),
     ("GET", "/v1/models/gpt-4", None, 404, "model", "model_not_found"),
     ("GET", "/v1/nope", None, 404, None, "unknown_url"),
@@ -333,6 +376,12 @@ def test_body_over_the_limit_is_413_and_the_server_goes_on(server, client):
     assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
     conn.close()
     assert client.completions.create(model="tiny", prompt="ab", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_unsupported_fields_are_accepted_at_their_off_value(client):
+    got = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                         response_format={"type": "text"}, logprobs=False, presence_penalty=0)
+    assert got.choices[0].message.content is not None
 
 
 def test_openai_client_raises_the_servers_error(client):
@@ -396,3 +445,27 @@ def test_cli_serves_until_interrupted(ckpt):
 def test_serve_refuses_terminal_only_flags(ckpt):
     with pytest.raises(SystemExit, match="--serve: takes prompts from HTTP requests"):
         ts.run_cli(["--ckpt", ckpt, "--serve", "--prompt", "x"])
+
+
+def test_serve_refuses_a_system_prompt_its_template_refuses(ckpt, tmp_path, monkeypatch):
+    """Mistral's template has no system role: --system would make every request without one a 400."""
+    import shutil
+
+    mistral = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
+               " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+               "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    ts.byte_tokenizer(tmp_path / "ckpt", chat_template=mistral)
+    monkeypatch.setattr(sample.ModelServer, "serve_forever", lambda self: pytest.fail("it served"))
+    with pytest.raises(SystemExit, match=r"--system: .*chat_template: Conversation roles must alternate"):
+        ts.run_cli(["--ckpt", tmp_path / "ckpt", "--serve", "--port", 0, "--system", "Be brief."])
+
+
+def test_a_port_in_use_is_a_one_line_error(ckpt):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=rf"--host=127.0.0.1 --port={port}: cannot listen there \(Address"):
+            ts.run_cli(["--ckpt", ckpt, "--serve", "--port", port])
