@@ -1256,22 +1256,22 @@ def read_input(stdin, prompt: str, multiline: bool):
     """One input of the user: a line, or with multiline every line up to an end of input (Ctrl-D on an empty line of
     a terminal, as FastChat's --multiline); a command (/exit, /reset) on the first line ends it at once. The prompt
     goes to stderr on a terminal; an input that is not UTF-8 is skipped with a warning. None at the end of input."""
-    if is_terminal(stdin):
-        sys.stderr.write(prompt + (" [Ctrl-D on an empty line ends it]" if multiline else "") + "> ")
-        sys.stderr.flush()
-    line = stdin.readline()
-    if not line:
-        return None
-    lines = [line.rstrip("\n")]
-    while multiline and lines[0].strip() not in EXIT + RESET:
+    while True:
+        if is_terminal(stdin):
+            sys.stderr.write(prompt + (" [Ctrl-D on an empty line ends it]" if multiline else "") + "> ")
+            sys.stderr.flush()
         line = stdin.readline()
         if not line:
-            break
-        lines.append(line.rstrip("\n"))
-    if bad := not_utf8(text := "\n".join(lines)):
+            return None
+        lines = [line.rstrip("\n")]
+        while multiline and lines[0].strip() not in EXIT + RESET:
+            line = stdin.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+        if not (bad := not_utf8(text := "\n".join(lines))):
+            return text
         log(f"sample.py: warning: input skipped: {bad}")
-        return read_input(stdin, prompt, multiline)
-    return text
 
 
 def run_prompts(model, tok, args, common, stdin, stdout) -> dict:
