@@ -890,15 +890,19 @@ def prepare_out_dir(cfg: Config, d: Dist) -> Path:
 
 @torch.no_grad()
 def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) -> float:
+    """The mean loss of the evaluation batches that hold a counted target; a batch of prompt tokens only (loss mask 0
+    throughout) has no loss to average, and nan when no batch has one."""
     model.eval()
     losses = []
     for batch_starts in starts:
         x, y, mask, doc_ids = batch_on(val, batch_starts, device)
+        if mask is not None and not mask.any():
+            continue
         with autocast:
             _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
         losses.append(loss.float().item())
     model.train()
-    return sum(losses) / len(losses)
+    return sum(losses) / len(losses) if losses else math.nan
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1101,9 +1105,11 @@ def train(run: Run) -> dict:
             on_event("eval", run.step)
             with loss_parallel_context(d):
                 run.val_loss = mean_over_ranks(evaluate(run.model, run.val_data, eval_starts, autocast, run.device), d)
-            run.best_val = run.val_loss if run.best_val is None else min(run.best_val, run.val_loss)
+            if math.isfinite(run.val_loss):  # nan: no eval batch had a counted target
+                run.best_val = run.val_loss if run.best_val is None else min(run.best_val, run.val_loss)
             run.record({"step": run.step, "val_loss": run.val_loss, "unigram_baseline": baseline})
-            run.log(f"step {run.step}: val loss {run.val_loss:.4f} (unigram baseline {baseline:.4f})")
+            run.log(f"step {run.step}: val loss {run.val_loss:.4f} (unigram baseline {baseline:.4f})"
+                    + ("; no eval batch held a counted target (loss mask 1)" if math.isnan(run.val_loss) else ""))
             throughput.restart()
         if due(cfg.ckpt_interval):
             run.last_ckpt = checkpoint(run)
@@ -1199,8 +1205,7 @@ class Throughput:
 def checkpoint(run: Run) -> Path:
     """Save the run at its current step (save_checkpoint with everything needed to continue it exactly)."""
     cfg = run.cfg
-    best = run.best_val if run.best_val is not None and math.isfinite(run.best_val) else None  # JSON has no NaN
-    train_state = {"step": run.step, "best_val_loss": best, "loss_scaler": run.scaler.state_dict(),
+    train_state = {"step": run.step, "best_val_loss": run.best_val, "loss_scaler": run.scaler.state_dict(),
                    "data": run.sampler.state_dict(), "world_size": run.d.world_size, "config": asdict(cfg),
                    "model_overrides": run.model_overrides, "lora_base": run.lora_base}
     return save_checkpoint(run.out_dir, run.step, run.model, run.optimizer, train_state, run.args, run.family, cfg,

@@ -6,6 +6,7 @@ them); a couple of runs go through a subprocess to check what a user sees on the
     python -m pytest -q tests/test_train.py
 """
 
+import contextlib
 import json
 import math
 import subprocess
@@ -105,6 +106,19 @@ def test_sft_loss_counts_only_mask_one_targets(tmp_path):
     # training learns the replies: the counted loss goes to ~0, far below the ln(V/2) of the unmasked prompts
     summary = run(data_dir, tmp_path / "out", "--max_iters=60", "--eval_interval=60", "--lr=1e-2")
     assert summary["val_loss"] < 0.5
+
+
+def test_val_loss_averages_only_batches_with_counted_targets(tmp_path):
+    # the val split's first 64 tokens are a prompt (mask 0): a batch inside it has no loss, not a loss of 0
+    tokens = markov_tokens(256, 3)
+    mask = np.r_[np.zeros(64), np.ones(192)]
+    data_dir = write_data(tmp_path / "sft", tokens, tokens, mask, mask)
+    val = prepare.TokenSplit(str(data_dir), "val", {"dtype": "uint16"}, 16)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=V, hidden_dim=176, max_seq_len=64))
+    cpu, plain = torch.device("cpu"), contextlib.nullcontext()
+    counted = train.evaluate(model, val, [[100, 140]], plain, cpu)
+    assert train.evaluate(model, val, [[0, 20], [100, 140]], plain, cpu) == counted
+    assert math.isnan(train.evaluate(model, val, [[0, 20]], plain, cpu))
 
 
 def test_packed_rows_are_windows_and_documents_stay_apart(tmp_path):
