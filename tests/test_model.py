@@ -3,7 +3,6 @@
 import dataclasses
 import math
 import resource
-import time
 
 import pytest
 import torch
@@ -37,15 +36,13 @@ def test_preset_parameter_counts_match_published(name):
     assert model.num_params() == EXPECTED_PARAMS[name]
 
 
-def test_13b_on_meta_device_is_instant_and_allocates_nothing():
+def test_13b_on_meta_device_allocates_nothing():
+    # (no time bound: a timed test fails on a loaded machine; the memory says whether weights were made)
     with torch.device("meta"):
         Transformer(PRESETS["tiny"])  # first use of the meta device pays one-off setup
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     with torch.device("meta"):
         model = Transformer(PRESETS["baichuan2-13b"])
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.5, f"13B meta construction took {elapsed:.2f}s"
     assert all(p.is_meta for p in model.parameters())
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 200_000  # KiB: no weights allocated
 
