@@ -628,7 +628,7 @@ def template_jinja(tok, name):
     specials = {i: s for s, i in tok.special_tokens().items()}
     strings = {"default": template.system, "space": space, "im_start": IM_START.name,
                "start": "".join(tok.id_to_token(i) or "" for i in tok.prefix) + (space if tok.prefix else ""),
-               "bos": tok.id_to_token(tok.bos_id) + space if tok.bos_id is not None else "",
+               "bos": (tok.id_to_token(tok.bos_id) or "") + space if tok.bos_id is not None else "",
                "eos": tok.id_to_token(tok.eos_id) or "",
                "im_end": IM_END.name if tok.token_to_id(IM_END.name) is not None else tok.id_to_token(tok.eos_id),
                "user_token": specials.get(195), "assistant_token": specials.get(196)}
