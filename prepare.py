@@ -413,9 +413,10 @@ def render_baichuan(messages, system, gen):
     return segs
 
 
-BAICHUAN_JINJA = (r"{% if system %}{{ system }}{% endif %}{% for m in turns %}{% set gap = space if m.content else '' %}"
-                  r"{% if m.role == 'user' %}{{ user_token + gap + m.content }}{% else %}"
-                  r"{{ assistant_token + gap + m.content + eos }}{% endif %}{% endfor %}"
+BAICHUAN_JINJA = (r"{% if system %}{{ system }}{% endif %}{% for m in turns %}"
+                  r"{% set gap = space if m.content else '' %}{% if m.role == 'user' %}"
+                  r"{{ user_token + gap + m.content }}{% else %}{{ assistant_token + gap + m.content + eos }}"
+                  r"{% endif %}{% endfor %}"
                   r"{% if add_generation_prompt %}{{ assistant_token }}{% endif %}")
 
 
@@ -482,9 +483,10 @@ def render_alpaca(messages, system, gen):
 
 
 # chat messages carry no alpaca "input" field: the header is the one without input
-ALPACA_JINJA = (r"{{ start }}{% for m in turns %}{% if m.role == 'user' %}{{ (system or default) if loop.first else '' }}"
-                r"{{ '\n\n### Instruction:\n' + m.content + '\n\n### Response:\n' }}{% else %}{{ m.content + eos }}"
-                r"{% endif %}{% endfor %}")
+ALPACA_JINJA = (r"{{ start }}{% for m in turns %}{% if m.role == 'user' %}"
+                r"{{ (system or default) if loop.first else '' }}"
+                r"{{ '\n\n### Instruction:\n' + m.content + '\n\n### Response:\n' }}"
+                r"{% else %}{{ m.content + eos }}{% endif %}{% endfor %}")
 
 
 AQUILA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "

@@ -464,7 +464,7 @@ EXPORTS = {"sp-bos": NO_BAICHUAN - {"chatml"},  # no <|im_start|> token: spelled
 def native_checkpoints(tokenizers, tmp_path_factory):
     import convert
     root, out = tmp_path_factory.mktemp("builtin"), {}
-    dirs = {**tokenizers, "sp-reserved": root / "sp-reserved-tok", "baichuan-reserved": root / "baichuan-reserved-tok"}
+    dirs = {**tokenizers, **{n: root / f"{n}-tok" for n in ("sp-reserved", "baichuan-reserved")}}
     _reserved_sentencepiece(dirs["sp-reserved"], dummy_prefix=True)
     _reserved_sentencepiece(dirs["baichuan-reserved"], dummy_prefix=False)
     for name in EXPORTS:
