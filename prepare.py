@@ -13,7 +13,8 @@ meta.json, and the tokenizer (tokenizer.model or tokenizer.json + tokenizer_conf
 train.idx / val.idx so that train.bin / val.bin are also Megatron-LM indexed datasets.
 
 This file also owns the tokenizer and chat-template API that train.py and sample.py import: load_tokenizer,
-Tokenizer, TEMPLATES, encode_chat (a family's default template: model.FAMILIES); and the reader of its output dir
+Tokenizer, TEMPLATES, encode_chat (a family's default template: model.FAMILIES), template_jinja (a built-in
+template as Hugging Face Jinja, for convert.py); and the reader of its output dir
 that train.py trains from: read_meta, TokenSplit.
 """
 
