@@ -562,18 +562,28 @@ def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
 
 def hf_tokenizer_config(src: Path, ids: dict) -> dict:
     """HF's tokenizer_config.json names special tokens by their strings, and the class that reads the file; it says
-    whether text gets bos/eos (transformers reads a bare tokenizer.model as neither) and keeps a Jinja template."""
+    whether text gets bos/eos (transformers reads a bare tokenizer.model as neither) and holds the chat template in
+    Jinja: the model's own, or a built-in template's Jinja form where that gives the same ids."""
     tok = prepare.load_tokenizer(src)
     cfg = {"tokenizer_class": "LlamaTokenizer" if tok.sp is not None else "PreTrainedTokenizerFast",
            "add_bos_token": bool(tok.prefix), "add_eos_token": bool(tok.suffix)}
     if tok.sp is not None:
         cfg["legacy"] = tok.sp_legacy
+        if tok.encode("a") == tok.encode_continuation("a"):  # no dummy prefix (Baichuan's): transformers adds one
+            cfg["add_prefix_space"] = False                   # unless told
     for kind in ("bos", "eos", "pad"):
         token = tok.id_to_token(ids.get(f"{kind}_id"))
         if token is not None:
             cfg[f"{kind}_token"] = token
     if tok.chat_template and prepare.is_jinja(tok.chat_template):
         cfg["chat_template"] = tok.chat_template
+    elif tok.chat_template in prepare.TEMPLATES:  # a built-in name: its Jinja form, where that is exact
+        jinja = prepare.template_jinja(tok, tok.chat_template)
+        if jinja is None:
+            print(f"convert.py: warning: {src}: chat template {tok.chat_template!r} has no exact Jinja form for this "
+                  f"tokenizer; tokenizer_config.json gets no chat_template", file=sys.stderr)
+        else:
+            cfg["chat_template"] = jinja
     return cfg
 
 

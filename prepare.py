@@ -13,11 +13,13 @@ meta.json, and the tokenizer (tokenizer.model or tokenizer.json + tokenizer_conf
 train.idx / val.idx so that train.bin / val.bin are also Megatron-LM indexed datasets.
 
 This file also owns the tokenizer and chat-template API that train.py and sample.py import: load_tokenizer,
-Tokenizer, TEMPLATES, encode_chat (a family's default template: model.FAMILIES); and the reader of its output dir
+Tokenizer, TEMPLATES, encode_chat (a family's default template: model.FAMILIES), template_jinja (a built-in
+template as Hugging Face Jinja, for convert.py); and the reader of its output dir
 that train.py trains from: read_meta, TokenSplit.
 """
 
 import argparse
+import copy
 import glob
 import io
 import itertools
@@ -412,6 +414,13 @@ def render_baichuan(messages, system, gen):
     return segs
 
 
+BAICHUAN_JINJA = (r"{% if system %}{{ system }}{% endif %}{% for m in turns %}"
+                  r"{% set gap = space if m.content else '' %}{% if m.role == 'user' %}"
+                  r"{{ user_token + gap + m.content }}{% else %}{{ assistant_token + gap + m.content + eos }}"
+                  r"{% endif %}{% endfor %}"
+                  r"{% if add_generation_prompt %}{{ assistant_token }}{% endif %}")
+
+
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
@@ -428,6 +437,11 @@ def render_vicuna(messages, system, gen):
     if gen:
         segs.append(("ASSISTANT:", False))
     return segs
+
+
+VICUNA_JINJA = (r"{{ start + (system or default) + ' ' }}{% for m in turns %}{% if m.role == 'user' %}"
+                r"{{ 'USER: ' + m.content + ' ' }}{% else %}{{ 'ASSISTANT: ' + m.content + eos }}{% endif %}"
+                r"{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
@@ -469,6 +483,13 @@ def render_alpaca(messages, system, gen):
     return segs  # the generation prompt already ends every user block
 
 
+# chat messages carry no alpaca "input" field: the header is the one without input
+ALPACA_JINJA = (r"{{ start }}{% for m in turns %}{% if m.role == 'user' %}"
+                r"{{ (system or default) if loop.first else '' }}"
+                r"{{ '\n\n### Instruction:\n' + m.content + '\n\n### Response:\n' }}"
+                r"{% else %}{{ m.content + eos }}{% endif %}{% endfor %}")
+
+
 AQUILA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
@@ -489,6 +510,12 @@ def render_aquila(messages, system, gen):
     return segs
 
 
+AQUILA_JINJA = (r"{{ (system or default) + '###' }}{% for m in turns %}{% if m.role == 'user' %}"
+                r"{{ 'Human: ' + m.content + '###' }}{% else %}{{ 'Assistant: ' + m.content + '###' }}{% endif %}"
+                r"{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}"
+                r"{% elif turns and turns[-1].role == 'assistant' %}{{ eos }}{% endif %}")
+
+
 def render_llama2(messages, system, gen):
     # Meta's llama-2 chat_completion: each exchange is "<s>[INST] {u} [/INST] {a} </s>", the system prompt is
     # wrapped in <<SYS>> inside the first user turn.
@@ -502,6 +529,13 @@ def render_llama2(messages, system, gen):
         else:
             segs += [(" " + content.strip() + " ", True), (EOS, True)]
     return segs  # a trailing user turn is already the generation prompt
+
+
+LLAMA2_JINJA = (r"{% set first = namespace(user=true) %}{% for m in turns %}{% if m.role == 'user' %}"
+                r"{% set content = m.content %}{% if first.user and system %}"
+                r"{% set content = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + content %}{% endif %}"
+                r"{% set first.user = false %}{{ bos + '[INST] ' + content.strip() + ' [/INST]' }}{% else %}"
+                r"{{ ' ' + m.content.strip() + ' ' + eos }}{% endif %}{% endfor %}")
 
 
 def render_chatml(messages, system, gen):
@@ -519,6 +553,11 @@ def render_chatml(messages, system, gen):
     return segs
 
 
+CHATML_JINJA = (r"{% if system %}{{ im_start + 'system\n' + system + im_end + '\n' }}{% endif %}{% for m in turns %}"
+                r"{{ im_start + m.role + '\n' + m.content + im_end + '\n' }}{% endfor %}"
+                r"{% if add_generation_prompt %}{{ im_start + 'assistant\n' }}{% endif %}")
+
+
 def render_human_assistant(messages, system, gen):
     # Baichuan-7B QLoRA recipe (wp931120/baichuan_sft_lora): bos + "Human: {u}\n\nAssistant: {a}</s>", turns
     # joined by a blank line; a record's input follows its instruction with nothing between (input_sep)
@@ -534,6 +573,13 @@ def render_human_assistant(messages, system, gen):
     return segs
 
 
+HUMAN_ASSISTANT_JINJA = (r"{{ bos }}{% if system %}{{ system + '\n\n' }}{% endif %}{% for m in turns %}"
+                         r"{% if m.role == 'user' %}{% if loop.previtem and loop.previtem.role == 'assistant' %}"
+                         r"{{ '\n\n' }}{% endif %}{{ 'Human: ' + m.content + '\n\n' }}{% else %}"
+                         r"{{ 'Assistant: ' + m.content + eos }}{% endif %}{% endfor %}"
+                         r"{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
 @dataclass(frozen=True)
 class Template:
     render: Callable  # (messages, system, add_generation_prompt) -> list of (piece, counts_in_loss)
@@ -541,18 +587,67 @@ class Template:
     stop: tuple = ()  # what ends a reply besides eos when a model writes on: the next turn's text, or its token
                       # (an id, or a Special looked up in the vocabulary)
     input_sep: str = "\n"  # between an alpaca-style record's instruction and input (LLaMA-Efficient-Tuning's)
+    jinja: str = ""  # the same format as a Hugging Face chat_template body: see template_jinja for its names
+    system: str = ""  # the default system prompt, where the format has one
 
 
 TEMPLATES = {  # 195 = Baichuan's user token
-    "baichuan": Template(render_baichuan, "Baichuan-13B-Chat generation_utils.py (user 195, assistant 196)", (195,)),
-    "baichuan2": Template(render_baichuan, "Baichuan2-Chat generation_utils.py, fine-tune.py (195, 196)", (195,)),
-    "vicuna": Template(render_vicuna, "FastChat conversation.py vicuna_v1.1", ("USER:",)),
-    "alpaca": Template(render_alpaca, "tatsu-lab/stanford_alpaca PROMPT_DICT", ("### Instruction:",)),
-    "aquila": Template(render_aquila, "FlagAI aquila-chat conversation template", ("###",)),
-    "llama-2": Template(render_llama2, "meta-llama/llama generation.py chat_completion", ("[INST]",)),
-    "chatml": Template(render_chatml, "OpenAI ChatML", (IM_END,)),
-    "human-assistant": Template(render_human_assistant, "Baichuan-7B QLoRA recipe", ("Human:",), input_sep=""),
+    "baichuan": Template(render_baichuan, "Baichuan-13B-Chat generation_utils.py (user 195, assistant 196)", (195,),
+                         jinja=BAICHUAN_JINJA),
+    "baichuan2": Template(render_baichuan, "Baichuan2-Chat generation_utils.py, fine-tune.py (195, 196)", (195,),
+                          jinja=BAICHUAN_JINJA),
+    "vicuna": Template(render_vicuna, "FastChat conversation.py vicuna_v1.1", ("USER:",), jinja=VICUNA_JINJA,
+                       system=VICUNA_SYSTEM),
+    "alpaca": Template(render_alpaca, "tatsu-lab/stanford_alpaca PROMPT_DICT", ("### Instruction:",),
+                       jinja=ALPACA_JINJA, system=ALPACA_SYSTEM),
+    "aquila": Template(render_aquila, "FlagAI aquila-chat conversation template", ("###",), jinja=AQUILA_JINJA,
+                       system=AQUILA_SYSTEM),
+    "llama-2": Template(render_llama2, "meta-llama/llama generation.py chat_completion", ("[INST]",),
+                        jinja=LLAMA2_JINJA),
+    "chatml": Template(render_chatml, "OpenAI ChatML", (IM_END,), jinja=CHATML_JINJA),
+    "human-assistant": Template(render_human_assistant, "Baichuan-7B QLoRA recipe", ("Human:",), input_sep="",
+                                jinja=HUMAN_ASSISTANT_JINJA),
 }
+
+# A built-in template as a Hugging Face Jinja chat_template (what native-to-hf writes, so that transformers, vLLM and
+# TGI render conversations as the model was trained). The body uses `system` (the first system message), `turns`
+# (the other messages), `default` (the default system prompt) and the tokenizer's own strings set in a header:
+# `start` (what the tokenizer puts before a text), `bos`, `eos`, `im_start`, `im_end`, `user_token`,
+# `assistant_token`, and `space`: " " where sentencepiece's dummy prefix begins text that follows a special token
+# (transformers adds it only at the very start of the rendered text).
+JINJA_MESSAGES = ("{%- set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') "
+                  "| first -%}{%- set turns = messages | rejectattr('role', 'equalto', 'system') | list -%}")
+JINJA_PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, who are you?"},
+               {"role": "assistant", "content": "A model."}, {"role": "user", "content": "And 2+2?"},
+               {"role": "assistant", "content": "It is 4."}]
+
+
+def template_jinja(tok, name):
+    """Built-in template `name` as a Jinja chat_template for this tokenizer, or None where the Jinja would not give
+    encode_chat's ids (e.g. Baichuan's ids 195/196 have no special-token string in the vocabulary). Checked on a
+    probe conversation, rendered and tokenized as transformers' apply_chat_template does."""
+    template = TEMPLATES[name]
+    space = " " if tok.sp is not None and tok.encode("a") != tok.encode_continuation("a") else ""
+    specials = {i: s for s, i in tok.special_tokens().items()}
+    strings = {"default": template.system, "space": space, "im_start": IM_START.name,
+               "start": "".join(tok.id_to_token(i) or "" for i in tok.prefix) + (space if tok.prefix else ""),
+               "bos": (tok.id_to_token(tok.bos_id) or "") + space if tok.bos_id is not None else "",
+               "eos": tok.id_to_token(tok.eos_id) or "",
+               "im_end": IM_END.name if tok.token_to_id(IM_END.name) is not None else tok.id_to_token(tok.eos_id),
+               "user_token": specials.get(195), "assistant_token": specials.get(196)}
+    header = "".join(f"{{%- set {k} = {json.dumps(v, ensure_ascii=False)} -%}}" for k, v in strings.items()
+                     if v is not None)
+    probe = copy.copy(tok)
+    probe.chat_template = JINJA_MESSAGES + header + template.jinja
+    for messages, gen in ((JINJA_PROBE, False), (JINJA_PROBE[:4], True), (JINJA_PROBE[1:4], True)):
+        try:
+            ids = probe.encode_rendered(render_jinja(probe, messages, gen)[0])[0]
+        except TemplateError:  # a name the header could not set
+            return None
+        if ids != encode_chat(tok, name, messages, add_generation_prompt=gen)[0]:
+            return None
+    return probe.chat_template
+
 
 ROLE_NAMES = {  # every spelling the supported data formats use, lower-cased, <|...|> and ':' stripped
     "user": "user", "human": "user", "prompter": "user", "instruction": "user", "question": "user",

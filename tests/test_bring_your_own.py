@@ -431,3 +431,77 @@ def test_template_hf_without_a_jinja_template_is_a_one_line_error(tokenizers, tm
             "--template", "hf", "--out", tmp_path / "o")
     with pytest.raises(SystemExit, match=r"sample\.py: --template=hf: .*holds no Jinja chat_template"):
         sample.resolve_template("hf", prepare.load_tokenizer(tokenizers["bpe-plain"]), "llama")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Built-in templates exported as Jinja: transformers' apply_chat_template on the exported dir gives encode_chat's ids
+
+def _reserved_sentencepiece(out, dummy_prefix):
+    """Sentencepiece whose ids 195 and 196 are control tokens (<reserved_192>, <reserved_193>), as Baichuan's
+    vocabularies reserve its user and assistant tokens."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences(3000) + [TEMPLATES_TEXT] * 20), model_writer=model, vocab_size=600,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=dummy_prefix, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        control_symbols=[f"<reserved_{i}>" for i in range(194)], minloglevel=2)
+    out.mkdir(parents=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    _config(out, tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+            add_bos_token=dummy_prefix)
+
+
+ALL = set(prepare.TEMPLATES)
+NO_BAICHUAN = ALL - {"baichuan", "baichuan2"}  # ids 195/196 are ordinary pieces: no string names them
+# tokenizer -> the built-in templates whose Jinja form is exact; the others get none and a warning
+EXPORTS = {"sp-bos": NO_BAICHUAN - {"chatml"},  # no <|im_start|> token: spelled out, it tokenizes unlike ours
+           "bpe-bos": NO_BAICHUAN, "chatml": NO_BAICHUAN,
+           "sp-reserved": ALL - {"chatml"}, "baichuan-reserved": ALL}  # no dummy prefix: spelled out, it is exact
+
+
+@pytest.fixture(scope="module")
+def native_checkpoints(tokenizers, tmp_path_factory):
+    import convert
+    root, out = tmp_path_factory.mktemp("builtin"), {}
+    dirs = {**tokenizers, **{n: root / f"{n}-tok" for n in ("sp-reserved", "baichuan-reserved")}}
+    _reserved_sentencepiece(dirs["sp-reserved"], dummy_prefix=True)
+    _reserved_sentencepiece(dirs["baichuan-reserved"], dummy_prefix=False)
+    for name in EXPORTS:
+        hf_model_dir(dirs[name], root / f"{name}-hf")
+        convert.main(["hf-to-native", "--src", str(root / f"{name}-hf"), "--dst", str(root / name)])
+        out[name] = root / name
+    return out
+
+
+def export_with_template(ckpt, template, dst):
+    """native-to-hf of a checkpoint fine-tuned with a built-in template -> what it wrote to stderr."""
+    import convert
+    src = dst.parent / "ckpt"
+    shutil.copytree(ckpt, src)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
+    err = io.StringIO()
+    with __import__("contextlib").redirect_stderr(err):
+        convert.main(["native-to-hf", "--src", str(src), "--dst", str(dst)])
+    return prepare.load_tokenizer(src), err.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+@pytest.mark.parametrize("template", sorted(prepare.TEMPLATES))
+def test_native_to_hf_writes_builtin_templates_as_jinja_with_encode_chats_ids(native_checkpoints, name, template,
+                                                                              tmp_path):
+    ours, err = export_with_template(native_checkpoints[name], template, tmp_path / "hf")
+    theirs = hf_tokenizer(tmp_path / "hf")
+    if template not in EXPORTS[name]:
+        assert theirs.chat_template is None
+        [line] = [l for l in err.splitlines() if "warning" in l]
+        assert f"chat template '{template}' has no exact Jinja form" in line
+        return
+    assert "warning" not in err
+    no_system = CONV[1:]  # the template's default system prompt, where it has one
+    for messages, gen in ((CONV, False), (CONV, True), (CONV[:4], True), (CONV[:4], False), (no_system, True)):
+        want = prepare.encode_chat(ours, template, messages, add_generation_prompt=gen)[0]
+        got = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
+        assert got == want, (messages, gen, theirs.convert_ids_to_tokens(got), theirs.convert_ids_to_tokens(want))
+    assert "Paris." in theirs.decode(want)

@@ -186,6 +186,8 @@ def test_llama_sentencepiece_tokenizer_ids_from_hf_token_strings(tmp_path):
     assert prepare.load_tokenizer(tmp_path / "ckpt").eos_id == 2
     run("native-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "back")
     theirs = json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())
+    # the built-in template as its Jinja form (test_bring_your_own.py checks its ids against apply_chat_template)
+    assert theirs.pop("chat_template") == prepare.template_jinja(prepare.load_tokenizer(tmp_path / "ckpt"), "vicuna")
     assert theirs == {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
                       "pad_token": "</s>", "add_bos_token": True, "add_eos_token": False, "legacy": False}
 
