@@ -569,8 +569,8 @@ def hf_tokenizer_config(src: Path, ids: dict) -> dict:
            "add_bos_token": bool(tok.prefix), "add_eos_token": bool(tok.suffix)}
     if tok.sp is not None:
         cfg["legacy"] = tok.sp_legacy
-        if tok.encode("a") == tok.encode_continuation("a"):  # no dummy prefix (Baichuan's): transformers adds one
-            cfg["add_prefix_space"] = False                   # unless told
+        if not tok.dummy_prefix:  # (Baichuan's): transformers adds the "▁" unless told
+            cfg["add_prefix_space"] = False
     for kind in ("bos", "eos", "pad"):
         token = tok.id_to_token(ids.get(f"{kind}_id"))
         if token is not None:

@@ -159,6 +159,11 @@ class Tokenizer:
         end = self.suffix if self.suffix[-1:] == [self.eos_id] else self.suffix + [self.eos_id]
         return (self.prefix if first else []) + ids + (end if last else [])
 
+    @property
+    def dummy_prefix(self) -> bool:
+        """Whether the sentencepiece model puts its "▁" before a text (LLaMA's does, Baichuan's does not)."""
+        return self.sp is not None and self.encode("a") != self.encode_continuation("a")
+
     def encode_continuation(self, text):
         """Encode text that continues earlier text (no dummy-prefix space; HF byte-level BPE adds none)."""
         if self.sp is not None:
@@ -627,7 +632,7 @@ def template_jinja(tok, name):
     encode_chat's ids (e.g. Baichuan's ids 195/196 have no special-token string in the vocabulary). Checked on a
     probe conversation, rendered and tokenized as transformers' apply_chat_template does."""
     template = TEMPLATES[name]
-    space = " " if tok.sp is not None and tok.encode("a") != tok.encode_continuation("a") else ""
+    space = " " if tok.dummy_prefix else ""
     specials = {i: s for s, i in tok.special_tokens().items()}
     strings = {"default": template.system, "space": space, "im_start": IM_START.name,
                "start": "".join(tok.id_to_token(i) or "" for i in tok.prefix) + (space if tok.prefix else ""),
