@@ -8,6 +8,7 @@ and without a bos post-processor, and a ChatML-style one whose bos is a chat mar
     python -m pytest -q tests/test_bring_your_own.py
 """
 
+import contextlib
 import io
 import json
 import shutil
@@ -482,7 +483,7 @@ def export_with_template(ckpt, template, dst):
     cfg = json.loads((src / "tokenizer_config.json").read_text())
     (src / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": template}))
     err = io.StringIO()
-    with __import__("contextlib").redirect_stderr(err):
+    with contextlib.redirect_stderr(err):
         convert.main(["native-to-hf", "--src", str(src), "--dst", str(dst)])
     return prepare.load_tokenizer(src), err.getvalue()
 
