@@ -1102,12 +1102,7 @@ def serve(model, tok, args, family, template, decode_step=None):
             template = resolve_template(None, tok, family)
         except SystemExit as e:
             log(f"sample.py: warning: {str(e).removeprefix('sample.py: ')}; /v1/chat/completions will refuse")
-    if template and args.system:  # a template without a system role would refuse every request that sends none
-        try:
-            prepare.encode_chat(tok, template, [{"role": "user", "content": "Hi"}], system=args.system,
-                                add_generation_prompt=True)
-        except ValueError as e:
-            fail(f"--system: the chat template refuses a system prompt ({e})")
+    check_system(tok, template, args.system)  # else every request that sends no system message would be refused
     try:
         server = ModelServer(model, tok, host=args.host, port=args.port, name=os.path.basename(
             os.path.normpath(args.ckpt)), template=template, system=args.system,
@@ -1226,6 +1221,17 @@ def encode_prompt(tok, text):
     """A prompt with the special tokens the tokenizer itself adds (transformers' tokenizer(prompt).input_ids);
     an empty prompt starts from bos. [] when there is nothing to start from."""
     return tok.encode(text, add_special_tokens=True) or [tok.bos_id] * (tok.bos_id is not None)
+
+
+def check_system(tok, template, system):
+    """--system, refused at start in one line by a chat template without a system role (Mistral's), not at the first
+    turn or in every request."""
+    if template and system:
+        try:
+            prepare.encode_chat(tok, template, [{"role": "user", "content": "Hi"}], system=system,
+                                add_generation_prompt=True)
+        except ValueError as e:
+            fail(f"--system: the chat template refuses a system prompt ({e})")
 
 
 def encode_turn(tok, template, messages, system):
@@ -1498,6 +1504,7 @@ def main(argv=None, stdin=None, stdout=None):
     if args.serve:
         return serve(model, tok, args, family, template, decode_step)
     if args.chat:
+        check_system(tok, template, args.system)
         stop = args.stop + chat_stop_strings(template)
         stats = run_chat(model, tok, template, settings, system=args.system, max_new_tokens=args.max_new_tokens,
                          on_long_prompt=args.on_long_prompt, stop=stop, stdin=stdin, stdout=stdout,

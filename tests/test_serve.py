@@ -447,19 +447,30 @@ def test_serve_refuses_terminal_only_flags(ckpt):
         ts.run_cli(["--ckpt", ckpt, "--serve", "--prompt", "x"])
 
 
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
+           " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+           "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+           "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")  # no system role
+
+
 def test_serve_refuses_a_system_prompt_its_template_refuses(ckpt, tmp_path, monkeypatch):
     """Mistral's template has no system role: --system would make every request without one a 400."""
     import shutil
 
-    mistral = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0)"
-               " %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-               "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-               "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
     shutil.copytree(ckpt, tmp_path / "ckpt")
-    ts.byte_tokenizer(tmp_path / "ckpt", chat_template=mistral)
+    ts.byte_tokenizer(tmp_path / "ckpt", chat_template=MISTRAL)
     monkeypatch.setattr(sample.ModelServer, "serve_forever", lambda self: pytest.fail("it served"))
     with pytest.raises(SystemExit, match=r"--system: .*chat_template: Conversation roles must alternate"):
         ts.run_cli(["--ckpt", tmp_path / "ckpt", "--serve", "--port", 0, "--system", "Be brief."])
+
+
+def test_chat_refuses_a_system_prompt_its_template_refuses_before_reading_a_turn(ckpt, tmp_path):
+    import shutil
+
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    ts.byte_tokenizer(tmp_path / "ckpt", chat_template=MISTRAL)
+    with pytest.raises(SystemExit, match=r"--system: .*chat_template: Conversation roles must alternate"):
+        ts.run_cli(["--ckpt", tmp_path / "ckpt", "--chat", "--system", "Be brief."], stdin="")  # no turn at all
 
 
 def test_a_port_in_use_is_a_one_line_error(ckpt):
