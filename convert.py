@@ -1361,13 +1361,18 @@ def _finite_or_why(model_state: dict, where) -> Optional[str]:
 def last_good_step_dir(out_dir) -> Optional[Path]:
     """The newest step dir of out_dir that verifies against its manifest (its weights were finite when written: no
     other is ever written), or None: what "the last good checkpoint" names."""
+    return newest_step_dir(out_dir, verify_step_dir)[0]
+
+
+def newest_step_dir(out_dir, read) -> tuple[Optional[Path], object]:
+    """(the newest step dir of out_dir that read(step_dir) reads without a CheckpointError, what read returned), or
+    (None, None)."""
     for step_dir in reversed(step_dirs(out_dir)):
         try:
-            verify_step_dir(step_dir)
-            return step_dir
+            return step_dir, read(step_dir)
         except CheckpointError:
             continue
-    return None
+    return None, None
 
 
 def _write_step_files(tmp: Path, dcp_state: dict, rng: dict, config: dict, tokenizer_dir, ranks: Ranks):

@@ -53,9 +53,9 @@ import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
 from bench import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, training_plan
-from convert import (RESUME_FIELDS, Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, read_step_dir,
-                     read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_peft_adapter,
-                     write_step_dir)
+from convert import (RESUME_FIELDS, Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, newest_step_dir,
+                     read_step_dir, read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir,
+                     write_peft_adapter, write_step_dir)
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, \
     apply_lora, check_value, count_weights, expected, load_tensors, lora_state_dict, ranged, read_config
 
@@ -216,10 +216,7 @@ def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs,
     that has a readable one: resume checks the rest), the checkpoint's when fine-tuning, else the preset's."""
     saved, source = None, None
     if cfg.init_from == "resume":
-        for step_dir in reversed(step_dirs(cfg.out_dir)):
-            with contextlib.suppress(CheckpointError):
-                saved, source = read_config(step_dir), step_dir
-                break
+        source, saved = newest_step_dir(cfg.out_dir, read_config)
     elif cfg.init_from != "scratch":
         try:
             saved, source = read_config(cfg.init_from), cfg.init_from
@@ -261,13 +258,9 @@ def resumed_lora_settings(cfg: Config) -> Config:
     command line gives none (as a fine-tuning run takes its model); settings that contradict it are refused."""
     if cfg.init_from != "resume":
         return cfg
-    for step_dir in reversed(step_dirs(cfg.out_dir)):
-        with contextlib.suppress(CheckpointError):
-            saved = read_train_state(step_dir).get("config")
-            break
-    else:  # no step dir: resume reports it
-        return cfg
-    if not isinstance(saved, dict):  # no settings recorded: resume checks the rest
+    step_dir, state = newest_step_dir(cfg.out_dir, read_train_state)
+    saved = state.get("config") if step_dir is not None else None
+    if not isinstance(saved, dict):  # no step dir (resume reports it), or no settings recorded: resume checks the rest
         return cfg
     file = step_dir / "train_state.json"
     lora = {k: saved.get(k, getattr(Config, k)) for k in ("lora_alpha", "lora_dropout", *LORA_SHAPE)}
