@@ -654,6 +654,26 @@ def template_jinja(tok, name):
     return probe.chat_template
 
 
+def literal_id_warning(tok, name):
+    """A warning line where built-in template `name` inserts token ids that are ordinary text in this tokenizer
+    (Baichuan's user/assistant ids 195/196 in a LLaMA vocabulary are bytes), else None. Baichuan's own vocabularies
+    hold reserved markers there ("<reserved_102>": a user-defined piece, or a control or added token)."""
+    ids = sorted({p for p, _ in TEMPLATES[name].render(JINJA_PROBE[1:3], None, True) if isinstance(p, int)})
+    specials = set(tok.special_tokens().values())
+
+    def marker(i):
+        piece = tok.id_to_token(i) or ""
+        return i in specials or (tok.sp is not None and not tok.sp.is_byte(i)
+                                 and re.fullmatch(r"<[^<>\s]+>", piece) is not None)
+
+    plain = [i for i in ids if i >= tok.vocab_size or not marker(i)]
+    if plain:
+        pieces = ", ".join(f"{i} = {tok.id_to_token(i)!r}" for i in plain)
+        return (f"warning: --template={name} inserts token ids that are ordinary text in {tok.path} ({pieces}), "
+                f"not its reserved user/assistant markers: this template expects {name.capitalize()}'s tokenizer")
+    return None
+
+
 ROLE_NAMES = {  # every spelling the supported data formats use, lower-cased, <|...|> and ':' stripped
     "user": "user", "human": "user", "prompter": "user", "instruction": "user", "question": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant", "moss": "assistant",
@@ -1833,6 +1853,8 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
         if own != HF_TEMPLATE:
             raise SystemExit(f"prepare.py: --template=hf: {tok.template_file} holds no Jinja chat_template")
         check_jinja_template(tok)
+    elif template in TEMPLATES and (warning := literal_id_warning(tok, template)):
+        print(f"prepare.py: {warning}", file=sys.stderr)
     dtype = args.dtype if args.dtype != "auto" else "uint16" if tok.vocab_size <= 65536 else "uint32"
     if tok.vocab_size > np.iinfo(dtype).max + 1:
         raise SystemExit(f"prepare.py: --dtype={dtype}: vocab_size {tok.vocab_size} does not fit "

@@ -1168,6 +1168,8 @@ def resolve_template(flag, tok, family):
             prepare.check_jinja_template(tok)
         except SystemExit as e:
             fail(str(e).removeprefix("prepare.py: "))
+    elif warning := prepare.literal_id_warning(tok, name):
+        print(f"sample.py: {warning}", file=sys.stderr)
     return name
 
 

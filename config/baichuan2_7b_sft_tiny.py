@@ -1,6 +1,8 @@
 # Tiny twin of config/baichuan2_7b_sft.py: the same code path (baichuan2, RoPE, NormHead; multi-turn chats in the
 # baichuan2 template, one per padded row; bfloat16, ZeRO-3's settings in one process, full activation checkpointing),
 # at CPU size.
+# The tiny tokenizer has no reserved tokens at Baichuan's user/assistant ids 195/196: prepare.py and sample.py
+# warn that they are ordinary pieces here, and the run goes on with them.
 # tests/test_recipes.py runs it end to end (prepare -> train -> export -> sample). From the repo root:
 #   python train.py config/baichuan2_7b_pretrain_tiny.py   # the base: its export
 #   python prepare.py --input=chats.jsonl --format=sharegpt --template=baichuan2 \

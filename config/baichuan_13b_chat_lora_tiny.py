@@ -1,6 +1,8 @@
 # Tiny twin of config/baichuan_13b_chat_lora.py: the same code path (ALiBi base, NF4, LoRA rank 8 / alpha 32 on the
 # fused W_pack, cosine schedule, baichuan chat template, float16 with loss scaling, adapter dir and merged export), at
 # CPU size.
+# The tiny tokenizer has no reserved tokens at Baichuan's user/assistant ids 195/196: prepare.py and sample.py
+# warn that they are ordinary pieces here, and the run goes on with them.
 # tests/test_recipes.py runs it end to end (prepare -> train -> export -> sample). From the repo root:
 #   python train.py config/baichuan_13b_pretrain_tiny.py   # the base: its export
 #   python prepare.py --input=chats.jsonl --format=alpaca --template=baichuan \

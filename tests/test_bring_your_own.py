@@ -437,16 +437,17 @@ def test_template_hf_without_a_jinja_template_is_a_one_line_error(tokenizers, tm
 # --------------------------------------------------------------------------------------------------------------------
 # Built-in templates exported as Jinja: transformers' apply_chat_template on the exported dir gives encode_chat's ids
 
-def _reserved_sentencepiece(out, dummy_prefix):
-    """Sentencepiece whose ids 195 and 196 are control tokens (<reserved_192>, <reserved_193>), as Baichuan's
-    vocabularies reserve its user and assistant tokens."""
+def _reserved_sentencepiece(out, dummy_prefix, kind="control"):
+    """Sentencepiece whose ids 195 and 196 are reserved tokens (<reserved_192>, <reserved_193>), as Baichuan's
+    vocabularies reserve its user and assistant tokens: control pieces, or user-defined ones as in Baichuan's own
+    tokenizer.model (its text "<reserved_102>" encodes to id 195)."""
     import sentencepiece as spm
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences(3000) + [TEMPLATES_TEXT] * 20), model_writer=model, vocab_size=600,
         model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=dummy_prefix, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
-        control_symbols=[f"<reserved_{i}>" for i in range(194)], minloglevel=2)
+        **{f"{kind}_symbols": [f"<reserved_{i}>" for i in range(194)]}, minloglevel=2)
     out.mkdir(parents=True)
     (out / "tokenizer.model").write_bytes(model.getvalue())
     _config(out, tokenizer_class="LlamaTokenizer", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
@@ -459,6 +460,32 @@ NO_BAICHUAN = ALL - {"baichuan", "baichuan2"}  # ids 195/196 are ordinary pieces
 EXPORTS = {"sp-bos": NO_BAICHUAN - {"chatml"},  # no <|im_start|> token: spelled out, it tokenizes unlike ours
            "bpe-bos": NO_BAICHUAN, "chatml": NO_BAICHUAN,
            "sp-reserved": ALL - {"chatml"}, "baichuan-reserved": ALL}  # no dummy prefix: spelled out, it is exact
+
+
+def test_baichuan_template_warns_where_its_ids_are_ordinary_text(tokenizers, tmp_path):
+    """--template=baichuan on a vocabulary whose ids 195/196 are bytes or words says so, in prepare.py and sample.py;
+    Baichuan-style vocabularies (reserved control or user-defined pieces there) and templates without literal ids
+    pass quietly."""
+    for kind in ("control", "user_defined"):
+        _reserved_sentencepiece(tmp_path / kind, dummy_prefix=False, kind=kind)
+        tok = prepare.load_tokenizer(tmp_path / kind)
+        assert tok.id_to_token(195) == "<reserved_192>"
+        assert prepare.literal_id_warning(tok, "baichuan2") is None
+    for name in ("baichuan", "bpe-bos"):
+        tok = prepare.load_tokenizer(tokenizers[name])
+        warning = prepare.literal_id_warning(tok, "baichuan")
+        assert warning and "195 = " in warning and "196 = " in warning and str(tok.path) in warning
+        assert prepare.literal_id_warning(tok, "vicuna") is None
+    (tmp_path / "c.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"},
+                                                                     {"from": "gpt", "value": "Hello"}]}) + "\n")
+    args = ["--input", tmp_path / "c.jsonl", "--format", "sharegpt", "--tokenizer", tokenizers["baichuan"],
+            "--template", "baichuan2", "--val_fraction", "0"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        run(*args, "--out", tmp_path / "o")
+        sample.resolve_template("baichuan2", prepare.load_tokenizer(tokenizers["baichuan"]), "baichuan2")
+    lines = [line for line in err.getvalue().splitlines() if "warning: --template=baichuan2" in line]
+    assert [line.split(":")[0] for line in lines] == ["prepare.py", "sample.py"]
 
 
 @pytest.fixture(scope="module")
