@@ -629,17 +629,16 @@ JINJA_PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "con
 
 def template_jinja(tok, name):
     """Built-in template `name` as a Jinja chat_template for this tokenizer, or None where the Jinja would not give
-    encode_chat's ids (e.g. Baichuan's ids 195/196 have no special-token string in the vocabulary). Checked on a
+    encode_chat's ids (e.g. where Baichuan's ids 195/196 are ordinary pieces, no string names them). Checked on a
     probe conversation, rendered and tokenized as transformers' apply_chat_template does."""
     template = TEMPLATES[name]
     space = " " if tok.dummy_prefix else ""
-    specials = {i: s for s, i in tok.special_tokens().items()}
     strings = {"default": template.system, "space": space, "im_start": IM_START.name,
                "start": "".join(tok.id_to_token(i) or "" for i in tok.prefix) + (space if tok.prefix else ""),
                "bos": (tok.id_to_token(tok.bos_id) or "") + space if tok.bos_id is not None else "",
                "eos": tok.id_to_token(tok.eos_id) or "",
                "im_end": IM_END.name if tok.token_to_id(IM_END.name) is not None else tok.id_to_token(tok.eos_id),
-               "user_token": specials.get(195), "assistant_token": specials.get(196)}
+               "user_token": reserved_marker(tok, 195), "assistant_token": reserved_marker(tok, 196)}
     header = "".join(f"{{%- set {k} = {json.dumps(v, ensure_ascii=False)} -%}}" for k, v in strings.items()
                      if v is not None)
     probe = copy.copy(tok)
@@ -654,19 +653,23 @@ def template_jinja(tok, name):
     return probe.chat_template
 
 
+def reserved_marker(tok, i):
+    """The string of token id i where it is a marker, not text: a special or added token, or a sentencepiece
+    user-defined piece such as Baichuan's "<reserved_102>" (its text encodes to it); else None."""
+    piece = tok.id_to_token(i)
+    if piece in tok.special_tokens():
+        return piece
+    if tok.sp is not None and piece and not tok.sp.is_byte(i) and re.fullmatch(r"<[^<>\s]+>", piece):
+        return piece
+    return None
+
+
 def literal_id_warning(tok, name):
     """A warning line where built-in template `name` inserts token ids that are ordinary text in this tokenizer
     (Baichuan's user/assistant ids 195/196 in a LLaMA vocabulary are bytes), else None. Baichuan's own vocabularies
     hold reserved markers there ("<reserved_102>": a user-defined piece, or a control or added token)."""
     ids = sorted({p for p, _ in TEMPLATES[name].render(JINJA_PROBE[1:3], None, True) if isinstance(p, int)})
-    specials = set(tok.special_tokens().values())
-
-    def marker(i):
-        piece = tok.id_to_token(i) or ""
-        return i in specials or (tok.sp is not None and not tok.sp.is_byte(i)
-                                 and re.fullmatch(r"<[^<>\s]+>", piece) is not None)
-
-    plain = [i for i in ids if i >= tok.vocab_size or not marker(i)]
+    plain = [i for i in ids if reserved_marker(tok, i) is None]
     if plain:
         pieces = ", ".join(f"{i} = {tok.id_to_token(i)!r}" for i in plain)
         return (f"warning: --template={name} inserts token ids that are ordinary text in {tok.path} ({pieces}), "

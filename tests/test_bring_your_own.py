@@ -459,7 +459,8 @@ NO_BAICHUAN = ALL - {"baichuan", "baichuan2"}  # ids 195/196 are ordinary pieces
 # tokenizer -> the built-in templates whose Jinja form is exact; the others get none and a warning
 EXPORTS = {"sp-bos": NO_BAICHUAN - {"chatml"},  # no <|im_start|> token: spelled out, it tokenizes unlike ours
            "bpe-bos": NO_BAICHUAN, "chatml": NO_BAICHUAN,
-           "sp-reserved": ALL - {"chatml"}, "baichuan-reserved": ALL}  # no dummy prefix: spelled out, it is exact
+           "sp-reserved": ALL - {"chatml"}, "baichuan-reserved": ALL,  # no dummy prefix: spelled out, it is exact
+           "baichuan-user-defined": ALL}  # as Baichuan's own tokenizer.model
 
 
 def test_baichuan_template_warns_where_its_ids_are_ordinary_text(tokenizers, tmp_path):
@@ -492,9 +493,11 @@ def test_baichuan_template_warns_where_its_ids_are_ordinary_text(tokenizers, tmp
 def native_checkpoints(tokenizers, tmp_path_factory):
     import convert
     root, out = tmp_path_factory.mktemp("builtin"), {}
-    dirs = {**tokenizers, **{n: root / f"{n}-tok" for n in ("sp-reserved", "baichuan-reserved")}}
+    dirs = {**tokenizers, **{n: root / f"{n}-tok" for n in ("sp-reserved", "baichuan-reserved",
+                                                             "baichuan-user-defined")}}
     _reserved_sentencepiece(dirs["sp-reserved"], dummy_prefix=True)
     _reserved_sentencepiece(dirs["baichuan-reserved"], dummy_prefix=False)
+    _reserved_sentencepiece(dirs["baichuan-user-defined"], dummy_prefix=False, kind="user_defined")
     for name in EXPORTS:
         hf_model_dir(dirs[name], root / f"{name}-hf")
         convert.main(["hf-to-native", "--src", str(root / f"{name}-hf"), "--dst", str(root / name)])
