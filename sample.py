@@ -917,6 +917,8 @@ class ModelServer(ThreadingHTTPServer):
         if fields.get("model", self.name) != self.name:
             raise APIError(404, f"The model {fields['model']!r} does not exist; this server serves {self.name!r}",
                            "model", "model_not_found")
+        if "stream_options" in fields and not fields.get("stream"):  # OpenAI refuses it too
+            raise APIError(400, "stream_options: only allowed when stream is true", "stream_options")
         ids = self.chat_ids(body["messages"]) if chat else self.prompt_ids(body["prompt"])
         context = self.model.args.max_seq_len
         max_new = fields.get("max_completion_tokens", fields.get("max_tokens"))
