@@ -840,6 +840,10 @@ class ModelServer(ThreadingHTTPServer):
     """The HTTP server with what requests need: the model's name, tokenizer, chat template and default settings,
     and the Batcher. port 0 picks a free port (server_address says which)."""
 
+    # Connections the kernel holds until the server accepts them (it caps the number): with the standard library's
+    # 5, some clients of a burst were reset.
+    request_queue_size = socket.SOMAXCONN
+
     def __init__(self, model, tok, *, host="127.0.0.1", port=8000, name="model", template=None, system=None,
                  plain_settings=None, chat_settings=None, max_new_tokens=256, seed=None, max_batch=8,
                  batch_wait=0.01, decode_step=None, max_body=MAX_BODY_BYTES, access_log=True):

@@ -335,6 +335,23 @@ def test_bounded_load_loses_no_request(server, client):
     assert not server.batcher.waiting
 
 
+def test_a_burst_of_clients_connecting_at_once_is_served_in_full(server):
+    """96 connections opened at once, three times: none reset while waiting to be accepted."""
+    for _ in range(3):
+        statuses, errors = [], []
+
+        def ask(i):
+            try:
+                statuses.append(raw(server, "POST", "/v1/completions", {"prompt": f"b{i}", "max_tokens": 2})[0])
+            except OSError as e:
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(96)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert errors == [] and statuses == [200] * 96
+
+
 # -----------------------------------------------------------------------------
 # bad requests
 
