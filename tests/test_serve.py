@@ -128,6 +128,21 @@ def test_greedy_chat_equals_sample_py_chat_with_its_system_prompt(ckpt, client):
     assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
 
 
+def test_the_servers_system_prompt_applies_unless_the_messages_hold_one(ckpt, client):
+    """--system is the default system message; a request's own (system or developer role) replaces it."""
+    ask = lambda c, *system: c.chat.completions.create(model="tiny", max_tokens=6, temperature=0, messages=[
+        *system, {"role": "user", "content": "Hi there"}])
+    given = ask(client, {"role": "system", "content": "Be brief."})
+    server = start_server(ckpt, system="Be brief.")
+    try:
+        default = ask(client_for(server))
+        replaced = ask(client_for(server), {"role": "developer", "content": "Be long."})
+    finally:
+        stop_server(server)
+    assert (default.choices[0].message.content, default.usage) == (given.choices[0].message.content, given.usage)
+    assert replaced.usage == ask(client, {"role": "system", "content": "Be long."}).usage != given.usage
+
+
 def test_a_reply_sent_back_as_the_client_dumps_it_continues_the_chat(client):
     """message.model_dump() (how many programs keep the history) carries refusal, tool_calls, ... as nulls."""
     messages = [{"role": "user", "content": "Hi there"}]
