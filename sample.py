@@ -840,6 +840,10 @@ class ModelServer(ThreadingHTTPServer):
     """The HTTP server with what requests need: the model's name, tokenizer, chat template and default settings,
     and the Batcher. port 0 picks a free port (server_address says which)."""
 
+    # Connections the kernel holds until the server accepts them (it caps the number): with the standard library's
+    # 5, some clients of a burst were reset.
+    request_queue_size = socket.SOMAXCONN
+
     def __init__(self, model, tok, *, host="127.0.0.1", port=8000, name="model", template=None, system=None,
                  plain_settings=None, chat_settings=None, max_new_tokens=256, seed=None, max_batch=8,
                  batch_wait=0.01, decode_step=None, max_body=MAX_BODY_BYTES, access_log=True):
@@ -917,6 +921,8 @@ class ModelServer(ThreadingHTTPServer):
         if fields.get("model", self.name) != self.name:
             raise APIError(404, f"The model {fields['model']!r} does not exist; this server serves {self.name!r}",
                            "model", "model_not_found")
+        if "stream_options" in fields and not fields.get("stream"):  # OpenAI refuses it too
+            raise APIError(400, "stream_options: only allowed when stream is true", "stream_options")
         ids = self.chat_ids(body["messages"]) if chat else self.prompt_ids(body["prompt"])
         context = self.model.args.max_seq_len
         max_new = fields.get("max_completion_tokens", fields.get("max_tokens"))

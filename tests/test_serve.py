@@ -128,6 +128,21 @@ def test_greedy_chat_equals_sample_py_chat_with_its_system_prompt(ckpt, client):
     assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
 
 
+def test_the_servers_system_prompt_applies_unless_the_messages_hold_one(ckpt, client):
+    """--system is the default system message; a request's own (system or developer role) replaces it."""
+    ask = lambda c, *system: c.chat.completions.create(model="tiny", max_tokens=6, temperature=0, messages=[
+        *system, {"role": "user", "content": "Hi there"}])
+    given = ask(client, {"role": "system", "content": "Be brief."})
+    server = start_server(ckpt, system="Be brief.")
+    try:
+        default = ask(client_for(server))
+        replaced = ask(client_for(server), {"role": "developer", "content": "Be long."})
+    finally:
+        stop_server(server)
+    assert (default.choices[0].message.content, default.usage) == (given.choices[0].message.content, given.usage)
+    assert replaced.usage == ask(client, {"role": "system", "content": "Be long."}).usage != given.usage
+
+
 def test_a_reply_sent_back_as_the_client_dumps_it_continues_the_chat(client):
     """message.model_dump() (how many programs keep the history) carries refusal, tool_calls, ... as nulls."""
     messages = [{"role": "user", "content": "Hi there"}]
@@ -194,6 +209,21 @@ def test_end_of_turn_token_ends_a_chat_reply_with_stop(ckpt):
         stop_server(server)
     assert got.choices[0].message.content == "Hi" and got.choices[0].finish_reason == "stop"
     assert got.usage.completion_tokens == 3
+
+
+def test_sampling_fields_take_effect(ckpt, client):
+    """top_k=1 and a tiny top_p leave one candidate (sampling at temperature 1 = greedy); repetition_penalty and
+    max_completion_tokens (max_tokens' newer name) answer as sample.py's flags; user is accepted."""
+    ask = lambda **kw: client.completions.create(model="tiny", prompt="ab", max_tokens=12, **kw).choices[0].text
+    greedy, sampled = ask(temperature=0), ask(temperature=1.0, seed=5)
+    assert sampled != greedy
+    assert ask(temperature=1.0, seed=5, extra_body={"top_k": 1}) == greedy
+    assert ask(temperature=1.0, seed=5, top_p=1e-6) == greedy
+    want = cli(ckpt, "--prompt", "ab", "--max_new_tokens", 12, "--repetition_penalty", 1.8)
+    assert ask(temperature=0, extra_body={"repetition_penalty": 1.8}) + "\n" == want != greedy + "\n"
+    got = client.completions.create(model="tiny", prompt="ab", temperature=0, user="someone",
+                                    extra_body={"max_completion_tokens": 5})
+    assert got.usage.completion_tokens == 5 and got.choices[0].text == greedy[:len(got.choices[0].text)]
 
 
 def test_seeded_sampling_is_reproducible(client):
@@ -320,6 +350,23 @@ def test_bounded_load_loses_no_request(server, client):
     assert not server.batcher.waiting
 
 
+def test_a_burst_of_clients_connecting_at_once_is_served_in_full(server):
+    """96 connections opened at once, three times: none reset while waiting to be accepted."""
+    for _ in range(3):
+        statuses, errors = [], []
+
+        def ask(i):
+            try:
+                statuses.append(raw(server, "POST", "/v1/completions", {"prompt": f"b{i}", "max_tokens": 2})[0])
+            except OSError as e:
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(96)]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        assert errors == [] and statuses == [200] * 96
+
+
 # -----------------------------------------------------------------------------
 # bad requests
 
@@ -333,6 +380,8 @@ BAD = [
     ("POST", "/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p", None),
     ("POST", "/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", None),
     ("POST", "/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "stream", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options",
+     None),  # as OpenAI: only with stream
     ("POST", "/v1/completions", {"prompt": "hi", "stop": ["", "x"]}, 400, "stop", None),
     ("POST", "/v1/completions", {"prompt": "hi", "tools": []}, 400, "tools", None),
     ("POST", "/v1/completions", {"prompt": "hi", "logprobs": 0}, 400, "logprobs", None),  # the chosen tokens'
@@ -440,6 +489,34 @@ def test_cli_serves_until_interrupted(ckpt):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_cli_serve_takes_host_quantize_dtype_and_adapter(tmp_path, monkeypatch):
+    """--host is where it listens (127.0.0.2: loopback on Linux, not 127.0.0.1), and the model it serves is the one
+    --adapter, --quantize and --dtype make: greedy answers equal sample.py --prompt's with those flags."""
+    from test_peft import peft_llama, save_peft
+
+    ckpt, peft_model = peft_llama(tmp_path)
+    flags = ["--adapter", save_peft(peft_model, tmp_path / "adapter"), "--quantize", "int8", "--dtype", "bfloat16"]
+    want = cli(ckpt, "--prompt", "ab", "--max_new_tokens", 8, *flags)
+    assert want != cli(ckpt, "--prompt", "ab", "--max_new_tokens", 8)  # the flags change the answer
+    serve_forever, got = sample.ModelServer.serve_forever, []
+
+    def serve_one_request(self):
+        threading.Thread(target=serve_forever, args=(self,), daemon=True).start()
+        try:
+            got.append(self.server_address)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", self.server_address[1]), timeout=5)
+            conn = http.client.HTTPConnection("127.0.0.2", self.server_address[1], timeout=60)
+            conn.request("POST", "/v1/completions", json.dumps({"prompt": "ab", "max_tokens": 8}))
+            got.append(json.loads(conn.getresponse().read())["choices"][0]["text"])
+        finally:
+            self.shutdown()
+
+    monkeypatch.setattr(sample.ModelServer, "serve_forever", serve_one_request)
+    cli(ckpt, "--serve", "--host", "127.0.0.2", "--port", 0, *flags)
+    assert got[0][0] == "127.0.0.2" and got[1] + "\n" == want
 
 
 def test_serve_refuses_terminal_only_flags(ckpt):
