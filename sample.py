@@ -764,14 +764,14 @@ def _is_stop(v):
 # Fields of OpenAI's API this server does not implement are accepted only at the value that means "off".
 REQUEST_FIELDS = {
     "model": (lambda v: isinstance(v, str), "a string", None, None),
-    # generation settings: kind and range as sample.py's flags (SETTINGS), narrowed where OpenAI's API is narrower
+    # generation settings: kind and range as sample.py's flags (SETTINGS), else OpenAI's where it differs
     "max_tokens": ("max_new_tokens", None),
     "max_completion_tokens": ("max_new_tokens", None),
     "temperature": ("temperature", "[0, 2]"),  # 0 = greedy
     "top_p": ("top_p", None),
     "top_k": ("top_k", None),  # 0 = off
     "repetition_penalty": ("repetition_penalty", None),  # 1 = off
-    "seed": ("seed", None),
+    "seed": ("seed", "[-2**63, 2**63)"),  # OpenAI's int64: a negative seed is a seed too
     "n": (_is_int, "an integer", lambda v: v == 1, "1 (one choice per request)"),
     "stream": (lambda v: isinstance(v, bool), "a boolean", None, None),
     "stream_options": (lambda v: isinstance(v, dict), "an object",

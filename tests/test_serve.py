@@ -231,6 +231,7 @@ def test_seeded_sampling_is_reproducible(client):
                                                  top_p=0.95, seed=seed, extra_body={"top_k": 50}).choices[0].text
     assert ask(3) == ask(3)
     assert ask(3) != ask(4)
+    assert ask(-1) == ask(-1) != ask(3)  # OpenAI's seeds are int64 (llama.cpp's clients send -1)
 
 
 # -----------------------------------------------------------------------------
