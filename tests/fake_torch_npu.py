@@ -88,7 +88,8 @@ def _rotary_layouts(x):
 
 def npu_rotary_mul(x, r1, r2, rotary_mode="half", rotate=None):
     """x * r1 + rotate_half(x) * r2 for 4-D x in BNSD, BSND or SBND; r1, r2 of one of the shapes that layout takes
-    (on the parts before the 910B: head_dim 128, r1 11SD, 1S1D or S11D). r1, r2 of another dtype are cast to x's."""
+    (on the parts before the 910B: head_dim 128, r1 11SD, 1S1D or S11D broadcast over at most 1024 rows). r1, r2 of
+    another dtype are cast to x's."""
     _count("npu_rotary_mul")
     _check_part("npu_rotary_mul", ATLAS_A2, ATLAS_A3, ATLAS_TRAINING, ATLAS_INFERENCE)
     _check_dtype("npu_rotary_mul", x=x, r1=r1, r2=r2)
@@ -107,6 +108,9 @@ def npu_rotary_mul(x, r1, r2, rotary_mode="half", rotate=None):
         raise RuntimeError(f"npu_rotary_mul: B and N must be < 1000, x {tuple(x.shape)}")
     if old and D != 128:
         raise RuntimeError(f"npu_rotary_mul: head_dim must be 128 on {DEVICE_NAME}, got {D}")
+    if old and all(B * N > 1024 for B, N in fits):  # its jit_compile=True kernel: broadcast axes of <= 1024 rows
+        raise RuntimeError(f"npu_rotary_mul: r1 broadcast over more than 1024 rows on {DEVICE_NAME}, x "
+                           f"{tuple(x.shape)}")
     r1, r2 = r1.to(x.dtype), r2.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * r1 + torch.cat([-x2, x1], dim=-1) * r2

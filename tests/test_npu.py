@@ -72,17 +72,20 @@ def test_each_part_runs_only_its_documented_ops_and_says_so_once(fake_npu, monke
     assert err.count("documents") == (1 if lacking else 0) and all(op in err for op in lacking)
 
 
-def test_rotary_on_parts_before_the_910b_takes_head_dim_128_and_one_table(fake_npu, monkeypatch, capsys):
+def test_rotary_on_parts_before_the_910b_takes_head_dim_128_one_table_and_1024_rows(fake_npu, monkeypatch, capsys):
     on_part(fake_npu, monkeypatch, "Ascend910ProB")
     cos, sin = (t[:, :, None] for t in kernels.rope_cos_sin(torch.arange(6).expand(2, 6), 128, 1e4))  # (B, T, 1, D)
     for x, c, s, fused in ((torch.randn(2, 6, 3, 128), cos[:1], sin[:1], True),  # 1S1D
                            (torch.randn(2, 6, 3, 128), cos, sin, False),  # BS1D: a table per row
-                           (torch.randn(2, 6, 3, 64), cos[:1, ..., :64], sin[:1, ..., :64], False)):
+                           (torch.randn(2, 6, 3, 64), cos[:1, ..., :64], sin[:1, ..., :64], False),
+                           (torch.randn(2, 6, 513, 128), cos[:1], sin[:1], False)):  # broadcast over 1026 rows
         fake_npu.calls.clear()
         out = kernels.apply_rotary(x, c, s)
         assert ("npu_rotary_mul" in fake_npu.calls) == fused
         torch.testing.assert_close(out, portable(kernels.apply_rotary, x, c, s), rtol=1e-5, atol=1e-5)
-    assert capsys.readouterr().err.count("npu_rotary_mul on Ascend910ProB takes head_dim 128") == 2
+    assert capsys.readouterr().err.count("npu_rotary_mul on Ascend910ProB takes head_dim 128") == 3
+    with pytest.raises(RuntimeError, match="more than 1024 rows"):  # the documented limit, in the fake too
+        fake_npu.npu_rotary_mul(torch.randn(2, 6, 513, 128), cos[:1], sin[:1])
 
 
 def test_rotary_batch_of_1000_takes_the_portable_path(fake_npu, capsys):
