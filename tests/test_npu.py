@@ -72,6 +72,22 @@ def test_each_part_runs_only_its_documented_ops_and_says_so_once(fake_npu, monke
     assert err.count("documents") == (1 if lacking else 0) and all(op in err for op in lacking)
 
 
+def test_device_type_reads_the_part_and_says_once_what_it_lacks(fake_npu, monkeypatch, capsys):
+    on_part(fake_npu, monkeypatch, "Ascend910_9392")
+    monkeypatch.setattr(kernels, "_npu_available", lambda: True)
+    assert kernels.device_type() == kernels.device_type() == "npu"
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "Ascend910_9392 (Atlas A3)" in err[0] and "npu_fusion_attention" in err[0]
+
+
+def test_more_than_256_query_heads_take_the_portable_path_and_say_so(fake_npu, capsys):
+    for dtype, grad in ((torch.float32, True), (torch.bfloat16, False)):  # training; inference, past all kernels
+        q, k, v = qkv(B=1, H=260, H_kv=130, T=3, D=16, dtype=dtype)
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(kernels.attention(q, k, v), portable(kernels.attention, q, k, v))
+    assert not fake_npu.calls and capsys.readouterr().err.count("1..256 query heads") == 1
+
+
 def test_rotary_on_parts_before_the_910b_takes_head_dim_128_one_table_and_1024_rows(fake_npu, monkeypatch, capsys):
     on_part(fake_npu, monkeypatch, "Ascend910ProB")
     cos, sin = (t[:, :, None] for t in kernels.rope_cos_sin(torch.arange(6).expand(2, 6), 128, 1e4))  # (B, T, 1, D)
