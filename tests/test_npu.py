@@ -349,7 +349,7 @@ def test_npu_check_runs_every_fused_op_and_catches_a_wrong_one(fake_npu, monkeyp
     import bench
 
     result = bench.run_npu_check(PRESETS["tiny"], 1, 64, 1, torch.device("cpu"))
-    assert result["ok"] and result["chip"] == "Ascend910B1" and len(result["cases"]) == 20
+    assert result["ok"] and result["chip"] == "Ascend910B1" and len(result["cases"]) == 22
     assert {r["kernel"] for r in result["cases"]} == set(bench.NPU_KERNELS)
     assert all(r["ran"] == {r["kernel"]: r["ran"][r["kernel"]]} for r in result["cases"])  # that kernel alone
     assert all(r["max_err"] > 0 and r["ms"] > 0 and r["portable_ms"] > 0 for r in result["cases"])
@@ -357,6 +357,33 @@ def test_npu_check_runs_every_fused_op_and_catches_a_wrong_one(fake_npu, monkeyp
     monkeypatch.setattr(fake_npu, "npu_swiglu", swapped)  # the gate half taken from the wrong side
     result = bench.run_npu_check(PRESETS["tiny"], 1, 64, 1, torch.device("cpu"))
     assert not result["ok"] and {r["op"] for r in result["cases"] if not r["ok"]} == {"swiglu"}
+
+
+def test_npu_check_reports_a_kernel_that_raises_and_runs_the_other_cases(fake_npu, monkeypatch, capsys):
+    import bench
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("EZ1001: the kernel refused\n[a long device trace]")
+
+    monkeypatch.setattr(fake_npu, "npu_incre_flash_attention", refuses)
+    result = bench.run_npu_check(PRESETS["tiny"], 1, 32, 1, torch.device("cpu"))
+    failed = [r for r in result["cases"] if not r["ok"]]
+    assert not result["ok"] and len(result["cases"]) == 22 and len(failed) == 4  # 2 decode cases x 2 dtypes
+    assert all(r["error"] == "RuntimeError: EZ1001: the kernel refused" for r in failed)
+    assert capsys.readouterr().err.count("FAIL: RuntimeError: EZ1001: the kernel refused") == 4
+
+
+def test_npu_check_on_a_part_without_some_kernels_checks_what_runs_there(fake_npu, monkeypatch, capsys):
+    import bench
+
+    on_part(fake_npu, monkeypatch, "Ascend910_9392")  # Atlas A3: no npu_fusion_attention, swiglu or decode kernel
+    result = bench.run_npu_check(PRESETS["tiny"], 1, 32, 1, torch.device("cpu"))
+    assert result["ok"] and result["family"] == "Atlas A3"
+    absent = {r["kernel"] for r in result["cases"] if not r["on_this_part"]}
+    assert absent == {"npu_swiglu", "npu_fusion_attention", "npu_incre_flash_attention"}
+    decode = [r for r in result["cases"] if r["case"].startswith("decode")]
+    assert all(set(r["ran"]) == {"npu_prompt_flash_attention"} for r in decode)
+    assert "(npu_fusion_attention: not on Atlas A3)" in capsys.readouterr().err
 
 
 def test_npu_check_without_an_npu_says_so():
