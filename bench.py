@@ -1187,18 +1187,18 @@ def main(argv=None) -> dict:
             result["within_criterion"] = check_criterion(result, opt.max_rel_err, opt.max_abs_err)
     elif opt.mode == "matvec":
         result = run_matvec(opt)
-    elif opt.mode == "npu-check":
-        device = torch.device(opt.device or kernels.device_type())
-        if device.type != "npu":
-            fail(f"--mode=npu-check: needs an Ascend NPU (torch_npu and a device); this machine's device is "
-                 f"{device.type}")
-        result = run_npu_check(model_args_for(opt), opt.batch_size, opt.seq_len, opt.rounds, device)
     else:
         try:
             device = kernels.check_device(opt.device or kernels.device_type())
         except ValueError as e:
             fail(f"--device={opt.device}: {e}")
-        result = (serve_bench if opt.mode == "serve" else run_bench)(opt, model_args_for(opt), device)
+        if opt.mode == "npu-check" and device.type != "npu":
+            fail(f"--mode=npu-check: needs an Ascend NPU (torch_npu and a device); this machine's device is "
+                 f"{device.type}")
+        if opt.mode == "npu-check":
+            result = run_npu_check(model_args_for(opt), opt.batch_size, opt.seq_len, opt.rounds, device)
+        else:
+            result = (serve_bench if opt.mode == "serve" else run_bench)(opt, model_args_for(opt), device)
     print(json.dumps(result))
     if result.get("ok") is False or result.get("within_criterion") is False:
         sys.exit(1)

@@ -391,7 +391,13 @@ def test_npu_check_without_an_npu_says_so():
     import sys
     from pathlib import Path
 
-    out = subprocess.run([sys.executable, "bench.py", "--mode=npu-check"], cwd=Path(__file__).resolve().parent.parent,
-                         capture_output=True, text=True, timeout=120)
+    def run(*flags):
+        return subprocess.run([sys.executable, "bench.py", "--mode=npu-check", *flags], capture_output=True,
+                              text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+
+    out = run()
     assert out.returncode != 0 and out.stderr.strip().splitlines() == [
         "bench.py: --mode=npu-check: needs an Ascend NPU (torch_npu and a device); this machine's device is cpu"]
+    out = run("--device=npu:1")  # a device this machine does not have: one line, no traceback
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        "bench.py: --device=npu:1: 'npu:1' is not a device name; this machine has cpu"]
