@@ -379,8 +379,8 @@ def npu_prompt_flash_attention(query, key, value, *, pse_shift=None, padding_mas
     old = DEVICE_NAME in ATLAS_INFERENCE
     if old and (pse_shift is not None or actual_seq_lengths is not None or actual_seq_lengths_kv is not None):
         raise RuntimeError(f"{op}: no pse_shift or actual sequence lengths on {DEVICE_NAME}")
-    if not all(t.is_contiguous() for t in (query, key, value)):
-        raise RuntimeError(f"{op}: query, key and value must be contiguous")
+    if not all(t is None or t.is_contiguous() for t in (query, key, value, pse_shift, atten_mask)):
+        raise RuntimeError(f"{op}: query, key, value, pse_shift and atten_mask must be contiguous")
     q, k, v = _infer_inputs(op, query, key, value, num_heads, num_key_value_heads, input_layout, pse_shift,
                             (torch.float16,) if old else HALF_DTYPES)
     B, N, Sq, D = q.shape

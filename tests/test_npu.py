@@ -331,6 +331,9 @@ def test_fake_inference_kernels_compute_and_reject_as_documented(fake_npu):
     with pytest.raises(RuntimeError, match="contiguous"):  # (B, N, S, D) as a view of (B, S, N, D)
         fake_npu.npu_prompt_flash_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, num_heads=2,
                                             input_layout="BNSD")
+    with pytest.raises(RuntimeError, match="contiguous"):  # the mask and bias neither
+        fake_npu.npu_prompt_flash_attention(q, k, v, num_heads=2, input_layout="BNSD",
+                                            atten_mask=torch.zeros(3, 3, dtype=torch.bool).t())
     with pytest.raises(RuntimeError, match="atten_mask shape"):
         fake_npu.npu_prompt_flash_attention(q, k, v, num_heads=2, input_layout="BNSD",
                                             atten_mask=torch.zeros(2, 3, dtype=torch.bool))
