@@ -1192,13 +1192,13 @@ def main(argv=None) -> dict:
             device = kernels.check_device(opt.device or kernels.device_type())
         except ValueError as e:
             fail(f"--device={opt.device}: {e}")
-        if opt.mode == "npu-check" and device.type != "npu":
+        if opt.mode != "npu-check":
+            result = (serve_bench if opt.mode == "serve" else run_bench)(opt, model_args_for(opt), device)
+        elif device.type != "npu":
             fail(f"--mode=npu-check: needs an Ascend NPU (torch_npu and a device); this machine's device is "
                  f"{device.type}")
-        if opt.mode == "npu-check":
-            result = run_npu_check(model_args_for(opt), opt.batch_size, opt.seq_len, opt.rounds, device)
         else:
-            result = (serve_bench if opt.mode == "serve" else run_bench)(opt, model_args_for(opt), device)
+            result = run_npu_check(model_args_for(opt), opt.batch_size, opt.seq_len, opt.rounds, device)
     print(json.dumps(result))
     if result.get("ok") is False or result.get("within_criterion") is False:
         sys.exit(1)
