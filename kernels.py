@@ -312,16 +312,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def _rotary_fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether npu_rotary_mul takes x (B, T, H, D) (its BSND layout) with cos, sin (1|B, T, 1, D), as torch_npu 2.13
-    documents it: D < 896 and even, B and H under 1000; on the parts before the 910B only D = 128, cos (1, T, 1, D)."""
+    documents it: D < 896 and even, B and H under 1000; on the parts before the 910B (its jit_compile=True kernel)
+    only D = 128, cos (1, T, 1, D), and at most 1024 rows (B * H) over which cos is broadcast."""
     B, _, H, D = x.shape
     if D >= 896 or D % 2 or B >= 1000 or H >= 1000:
         _say_once(f"kernels: npu_rotary_mul takes head_dim < 896 (even), batch and heads < 1000; got x "
                   f"{tuple(x.shape)}: apply_rotary takes the portable path")
         return False
     name, family = npu_chip()
-    if family in ("Atlas training", "Atlas inference") and (D != 128 or cos.size(0) != 1):
-        _say_once(f"kernels: npu_rotary_mul on {name} takes head_dim 128 and one position table for the batch; got "
-                  f"x {tuple(x.shape)}, cos {tuple(cos.shape)}: apply_rotary takes the portable path")
+    if family in ("Atlas training", "Atlas inference") and (D != 128 or cos.size(0) != 1 or B * H > 1024):
+        _say_once(f"kernels: npu_rotary_mul on {name} takes head_dim 128, one position table for the batch and "
+                  f"batch * heads <= 1024; got x {tuple(x.shape)}, cos {tuple(cos.shape)}: apply_rotary takes the "
+                  "portable path")
         return False
     return True
 

@@ -88,7 +88,8 @@ def _rotary_layouts(x):
 
 def npu_rotary_mul(x, r1, r2, rotary_mode="half", rotate=None):
     """x * r1 + rotate_half(x) * r2 for 4-D x in BNSD, BSND or SBND; r1, r2 of one of the shapes that layout takes
-    (on the parts before the 910B: head_dim 128, r1 11SD, 1S1D or S11D). r1, r2 of another dtype are cast to x's."""
+    (on the parts before the 910B: head_dim 128, r1 11SD, 1S1D or S11D broadcast over at most 1024 rows). r1, r2 of
+    another dtype are cast to x's."""
     _count("npu_rotary_mul")
     _check_part("npu_rotary_mul", ATLAS_A2, ATLAS_A3, ATLAS_TRAINING, ATLAS_INFERENCE)
     _check_dtype("npu_rotary_mul", x=x, r1=r1, r2=r2)
@@ -107,6 +108,9 @@ def npu_rotary_mul(x, r1, r2, rotary_mode="half", rotate=None):
         raise RuntimeError(f"npu_rotary_mul: B and N must be < 1000, x {tuple(x.shape)}")
     if old and D != 128:
         raise RuntimeError(f"npu_rotary_mul: head_dim must be 128 on {DEVICE_NAME}, got {D}")
+    if old and all(B * N > 1024 for B, N in fits):  # its jit_compile=True kernel: broadcast axes of <= 1024 rows
+        raise RuntimeError(f"npu_rotary_mul: r1 broadcast over more than 1024 rows on {DEVICE_NAME}, x "
+                           f"{tuple(x.shape)}")
     r1, r2 = r1.to(x.dtype), r2.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * r1 + torch.cat([-x2, x1], dim=-1) * r2
@@ -375,8 +379,8 @@ def npu_prompt_flash_attention(query, key, value, *, pse_shift=None, padding_mas
     old = DEVICE_NAME in ATLAS_INFERENCE
     if old and (pse_shift is not None or actual_seq_lengths is not None or actual_seq_lengths_kv is not None):
         raise RuntimeError(f"{op}: no pse_shift or actual sequence lengths on {DEVICE_NAME}")
-    if not all(t.is_contiguous() for t in (query, key, value)):
-        raise RuntimeError(f"{op}: query, key and value must be contiguous")
+    if not all(t is None or t.is_contiguous() for t in (query, key, value, pse_shift, atten_mask)):
+        raise RuntimeError(f"{op}: query, key, value, pse_shift and atten_mask must be contiguous")
     q, k, v = _infer_inputs(op, query, key, value, num_heads, num_key_value_heads, input_layout, pse_shift,
                             (torch.float16,) if old else HALF_DTYPES)
     B, N, Sq, D = q.shape

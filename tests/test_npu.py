@@ -46,6 +46,7 @@ FUSED_ON = {  # what a training step runs fused on each part (torch_npu 2.13's "
     "Ascend910_9392": {"npu_rms_norm", "npu_rotary_mul"},
     "Ascend910ProB": {"npu_rms_norm", "npu_rotary_mul"},
     "Ascend310P3": {"npu_rms_norm", "npu_rotary_mul"},
+    "Ascend950": {"npu_rms_norm"},  # a part the 2.13 documentation does not name: only the op it lists for none
 }
 
 
@@ -72,17 +73,36 @@ def test_each_part_runs_only_its_documented_ops_and_says_so_once(fake_npu, monke
     assert err.count("documents") == (1 if lacking else 0) and all(op in err for op in lacking)
 
 
-def test_rotary_on_parts_before_the_910b_takes_head_dim_128_and_one_table(fake_npu, monkeypatch, capsys):
+def test_device_type_reads_the_part_and_says_once_what_it_lacks(fake_npu, monkeypatch, capsys):
+    on_part(fake_npu, monkeypatch, "Ascend910_9392")
+    monkeypatch.setattr(kernels, "_npu_available", lambda: True)
+    assert kernels.device_type() == kernels.device_type() == "npu"
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "Ascend910_9392 (Atlas A3)" in err[0] and "npu_fusion_attention" in err[0]
+
+
+def test_more_than_256_query_heads_take_the_portable_path_and_say_so(fake_npu, capsys):
+    for dtype, grad in ((torch.float32, True), (torch.bfloat16, False)):  # training; inference, past all kernels
+        q, k, v = qkv(B=1, H=260, H_kv=130, T=3, D=16, dtype=dtype)
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(kernels.attention(q, k, v), portable(kernels.attention, q, k, v))
+    assert not fake_npu.calls and capsys.readouterr().err.count("1..256 query heads") == 1
+
+
+def test_rotary_on_parts_before_the_910b_takes_head_dim_128_one_table_and_1024_rows(fake_npu, monkeypatch, capsys):
     on_part(fake_npu, monkeypatch, "Ascend910ProB")
     cos, sin = (t[:, :, None] for t in kernels.rope_cos_sin(torch.arange(6).expand(2, 6), 128, 1e4))  # (B, T, 1, D)
     for x, c, s, fused in ((torch.randn(2, 6, 3, 128), cos[:1], sin[:1], True),  # 1S1D
                            (torch.randn(2, 6, 3, 128), cos, sin, False),  # BS1D: a table per row
-                           (torch.randn(2, 6, 3, 64), cos[:1, ..., :64], sin[:1, ..., :64], False)):
+                           (torch.randn(2, 6, 3, 64), cos[:1, ..., :64], sin[:1, ..., :64], False),
+                           (torch.randn(2, 6, 513, 128), cos[:1], sin[:1], False)):  # broadcast over 1026 rows
         fake_npu.calls.clear()
         out = kernels.apply_rotary(x, c, s)
         assert ("npu_rotary_mul" in fake_npu.calls) == fused
         torch.testing.assert_close(out, portable(kernels.apply_rotary, x, c, s), rtol=1e-5, atol=1e-5)
-    assert capsys.readouterr().err.count("npu_rotary_mul on Ascend910ProB takes head_dim 128") == 2
+    assert capsys.readouterr().err.count("npu_rotary_mul on Ascend910ProB takes head_dim 128") == 3
+    with pytest.raises(RuntimeError, match="more than 1024 rows"):  # the documented limit, in the fake too
+        fake_npu.npu_rotary_mul(torch.randn(2, 6, 513, 128), cos[:1], sin[:1])
 
 
 def test_rotary_batch_of_1000_takes_the_portable_path(fake_npu, capsys):
@@ -312,6 +332,9 @@ def test_fake_inference_kernels_compute_and_reject_as_documented(fake_npu):
     with pytest.raises(RuntimeError, match="contiguous"):  # (B, N, S, D) as a view of (B, S, N, D)
         fake_npu.npu_prompt_flash_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, num_heads=2,
                                             input_layout="BNSD")
+    with pytest.raises(RuntimeError, match="contiguous"):  # the mask and bias neither
+        fake_npu.npu_prompt_flash_attention(q, k, v, num_heads=2, input_layout="BNSD",
+                                            atten_mask=torch.zeros(3, 3, dtype=torch.bool).t())
     with pytest.raises(RuntimeError, match="atten_mask shape"):
         fake_npu.npu_prompt_flash_attention(q, k, v, num_heads=2, input_layout="BNSD",
                                             atten_mask=torch.zeros(2, 3, dtype=torch.bool))
@@ -330,7 +353,7 @@ def test_npu_check_runs_every_fused_op_and_catches_a_wrong_one(fake_npu, monkeyp
     import bench
 
     result = bench.run_npu_check(PRESETS["tiny"], 1, 64, 1, torch.device("cpu"))
-    assert result["ok"] and result["chip"] == "Ascend910B1" and len(result["cases"]) == 20
+    assert result["ok"] and result["chip"] == "Ascend910B1" and len(result["cases"]) == 22
     assert {r["kernel"] for r in result["cases"]} == set(bench.NPU_KERNELS)
     assert all(r["ran"] == {r["kernel"]: r["ran"][r["kernel"]]} for r in result["cases"])  # that kernel alone
     assert all(r["max_err"] > 0 and r["ms"] > 0 and r["portable_ms"] > 0 for r in result["cases"])
@@ -340,12 +363,45 @@ def test_npu_check_runs_every_fused_op_and_catches_a_wrong_one(fake_npu, monkeyp
     assert not result["ok"] and {r["op"] for r in result["cases"] if not r["ok"]} == {"swiglu"}
 
 
+def test_npu_check_reports_a_kernel_that_raises_and_runs_the_other_cases(fake_npu, monkeypatch, capsys):
+    import bench
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("EZ1001: the kernel refused\n[a long device trace]")
+
+    monkeypatch.setattr(fake_npu, "npu_incre_flash_attention", refuses)
+    result = bench.run_npu_check(PRESETS["tiny"], 1, 32, 1, torch.device("cpu"))
+    failed = [r for r in result["cases"] if not r["ok"]]
+    assert not result["ok"] and len(result["cases"]) == 22 and len(failed) == 4  # 2 decode cases x 2 dtypes
+    assert all(r["error"] == "RuntimeError: EZ1001: the kernel refused" for r in failed)
+    assert capsys.readouterr().err.count("FAIL: RuntimeError: EZ1001: the kernel refused") == 4
+
+
+def test_npu_check_on_a_part_without_some_kernels_checks_what_runs_there(fake_npu, monkeypatch, capsys):
+    import bench
+
+    on_part(fake_npu, monkeypatch, "Ascend910_9392")  # Atlas A3: no npu_fusion_attention, swiglu or decode kernel
+    result = bench.run_npu_check(PRESETS["tiny"], 1, 32, 1, torch.device("cpu"))
+    assert result["ok"] and result["family"] == "Atlas A3"
+    absent = {r["kernel"] for r in result["cases"] if not r["on_this_part"]}
+    assert absent == {"npu_swiglu", "npu_fusion_attention", "npu_incre_flash_attention"}
+    decode = [r for r in result["cases"] if r["case"].startswith("decode")]
+    assert all(set(r["ran"]) == {"npu_prompt_flash_attention"} for r in decode)
+    assert "(npu_fusion_attention: not on Atlas A3)" in capsys.readouterr().err
+
+
 def test_npu_check_without_an_npu_says_so():
     import subprocess
     import sys
     from pathlib import Path
 
-    out = subprocess.run([sys.executable, "bench.py", "--mode=npu-check"], cwd=Path(__file__).resolve().parent.parent,
-                         capture_output=True, text=True, timeout=120)
+    def run(*flags):
+        return subprocess.run([sys.executable, "bench.py", "--mode=npu-check", *flags], capture_output=True,
+                              text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+
+    out = run()
     assert out.returncode != 0 and out.stderr.strip().splitlines() == [
         "bench.py: --mode=npu-check: needs an Ascend NPU (torch_npu and a device); this machine's device is cpu"]
+    out = run("--device=npu:1")  # a device this machine does not have: one line, no traceback
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        "bench.py: --device=npu:1: 'npu:1' is not a device name; this machine has cpu"]
