@@ -32,6 +32,7 @@ import json
 import os
 import queue
 import resource
+import signal
 import socket
 import sys
 import threading
@@ -1120,12 +1121,17 @@ def serve(model, tok, args, family, template, decode_step=None):
     host, port = server.server_address[:2]
     log(f"serving {server.name} at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 "
         f"(chat template {template}, batches of up to {args.max_batch}); Ctrl-C stops")
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # SIGTERM (docker stop, systemd, kill) stops it as Ctrl-C does
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         log("stopped")
     finally:
         server.server_close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # -----------------------------------------------------------------------------

@@ -469,7 +469,8 @@ def test_a_failing_batch_answers_500_and_the_server_goes_on(ckpt):
 # command line
 
 
-def test_cli_serves_until_interrupted(ckpt):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; docker stop, systemd, kill
+def test_cli_serves_until_interrupted(ckpt, stop):
     want = cli(ckpt, "--prompt", "ab", "--max_new_tokens", 6)
     proc = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(ckpt), "--serve", "--port", "0",
                              "--temperature", "0", "--max_new_tokens", "6"], cwd=ROOT, stderr=subprocess.PIPE,
@@ -484,7 +485,7 @@ def test_cli_serves_until_interrupted(ckpt):
                                http_client=openai.DefaultHttpxClient(trust_env=False))
         got = client.completions.create(model=ckpt.name, prompt="ab")  # --max_new_tokens and --temperature apply
         assert got.choices[0].text + "\n" == want
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(60) == 0
         assert "stopped" in proc.stderr.read()
     finally:
