@@ -31,6 +31,7 @@ import collections
 import json
 import os
 import queue
+import re
 import resource
 import signal
 import socket
@@ -847,13 +848,14 @@ class ModelServer(ThreadingHTTPServer):
 
     def __init__(self, model, tok, *, host="127.0.0.1", port=8000, name="model", template=None, system=None,
                  plain_settings=None, chat_settings=None, max_new_tokens=256, seed=None, max_batch=8,
-                 batch_wait=0.01, decode_step=None, max_body=MAX_BODY_BYTES, access_log=True):
+                 batch_wait=0.01, decode_step=None, max_body=MAX_BODY_BYTES, access_log=True, allowed_origins=()):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), APIHandler)
         self.model, self.tok, self.name, self.template, self.system = model, tok, name, template, system
         self.settings = {False: plain_settings or PLAIN_GENERATION_DEFAULTS}
         self.settings[True] = chat_settings or self.settings[False]
         self.max_new_tokens, self.max_body, self.access_log = max_new_tokens, max_body, access_log
+        self.allowed_origins = set(allowed_origins)  # web pages that may call the server from a browser ("*": any)
         self.created = int(time.time())
         self.device = next(model.parameters()).device
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
@@ -961,6 +963,15 @@ class APIHandler(BaseHTTPRequestHandler):
             method = self.ROUTES.get(path) or ("GET" if path.startswith("/v1/models/") else None)
             if method is None:
                 raise APIError(404, f"Invalid URL ({self.command} {self.path})", code="unknown_url")
+            if self.command == "OPTIONS" and self.cors_origin():  # a browser asks before a cross-origin request
+                self.send_response(204)
+                self.send_header("Access-Control-Allow-Methods", f"{method}, OPTIONS")
+                self.send_header("Access-Control-Allow-Headers",
+                                 self.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type"))
+                self.send_header("Access-Control-Max-Age", "600")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if self.command != method and (self.command, method) != ("HEAD", "GET"):  # HEAD: GET's headers
                 raise APIError(405, f"{self.command} {path}: method not allowed; use {method}",
                                code="method_not_allowed", headers=[("Allow", method)])
@@ -982,6 +993,18 @@ class APIHandler(BaseHTTPRequestHandler):
             self.refuse(APIError(500, f"internal error ({type(e).__name__}); see the server's log"))
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = route
+
+    def cors_origin(self):
+        """The request's Origin where --allowed_origins lets a page there call this server, else None."""
+        origin = getattr(self, "headers", None) and self.headers.get("Origin")
+        allowed = self.server.allowed_origins
+        return origin if origin and ("*" in allowed or origin in allowed) else None
+
+    def end_headers(self):
+        if origin := self.cors_origin():  # the browser hands the answer to the page only with this header
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
 
     def log_message(self, format, *args):  # the access log, on stderr
         if getattr(self.server, "access_log", True):
@@ -1115,7 +1138,8 @@ def serve(model, tok, args, family, template, decode_step=None):
             os.path.normpath(args.ckpt)), template=template, system=args.system,
             plain_settings=generation_settings(args, family, chat=False),
             chat_settings=generation_settings(args, family, chat=True), max_new_tokens=args.max_new_tokens,
-            seed=args.seed, max_batch=args.max_batch, decode_step=decode_step)
+            seed=args.seed, max_batch=args.max_batch, decode_step=decode_step,
+            allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()])
     except OSError as e:  # port taken, address not on this machine
         fail(f"--host={args.host} --port={args.port}: cannot listen there ({e.strerror or e})")
     host, port = server.server_address[:2]
@@ -1384,6 +1408,9 @@ def parse_args(argv):
     p.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="--serve: port (0 = any free one)")
     p.add_argument("--max_batch", type=int, default=8, help="--serve: most requests decoded together")
+    p.add_argument("--allowed_origins", default="", help="--serve: web pages (comma-separated origins such as "
+                                                         "http://localhost:3000, or *) whose scripts may call the "
+                                                         "server from a browser (CORS); none by default")
     args = p.parse_args(argv)
     try:
         check_settings(vars(args))
@@ -1398,6 +1425,11 @@ def parse_args(argv):
         fail("--serve: takes prompts from HTTP requests; drop --chat, --prompt, --prompt_file, --stop, --num_samples")
     if not 0 <= args.port <= 65535 or args.max_batch < 1:
         fail(f"--port={args.port} --max_batch={args.max_batch}: expected a port in 0..65535 and a batch >= 1")
+    for origin in args.allowed_origins.split(","):  # a browser's Origin: scheme://host[:port], no path, no slash
+        if origin.strip() and origin.strip() != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+",
+                                                                         origin.strip()):
+            fail(f"--allowed_origins: {origin.strip()!r}: expected origins such as http://localhost:3000 (no path, "
+                 "no trailing slash), or *")
     return args
 
 

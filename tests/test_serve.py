@@ -92,6 +92,36 @@ def test_models_lists_the_served_checkpoint(client):
     assert client.models.retrieve("tiny").id == "tiny"
 
 
+def test_allowed_origins_answer_a_browsers_preflight_and_only_theirs(ckpt, server):
+    """--allowed_origins: a browser's OPTIONS preflight from a listed origin gets 204 with the methods and headers
+    it asked for, and answers carry Access-Control-Allow-Origin, so a web chat page can call the server; another
+    origin, and every origin on a server without the flag, get no such header (the browser then withholds the
+    answer from the page)."""
+    page, other = "http://localhost:3000", "http://evil.example"
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
+    body = {"model": "tiny", "prompt": "ab", "max_tokens": 2}
+    cors = start_server(ckpt, model=server.model, allowed_origins=[page])
+    try:
+        status, headers, _ = raw(cors, "OPTIONS", "/v1/completions", headers={"Origin": page, **preflight})
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == page
+        assert headers["Access-Control-Allow-Methods"] == "POST, OPTIONS"
+        assert headers["Access-Control-Allow-Headers"] == "authorization,content-type"
+        for method, path, data in (("POST", "/v1/completions", body), ("GET", "/v1/models", None),
+                                   ("POST", "/v1/completions", {"prompt": "ab", "n": 2})):  # errors too
+            status, headers, _ = raw(cors, method, path, data, {"Origin": page, "Content-Type": "application/json"})
+            assert headers.get("Access-Control-Allow-Origin") == page, (method, path, status)
+        status, headers, _ = raw(cors, "OPTIONS", "/v1/completions", headers={"Origin": other, **preflight})
+        assert status == 405 and "Access-Control-Allow-Origin" not in headers
+        assert "Access-Control-Allow-Origin" not in raw(cors, "POST", "/v1/completions", body, {"Origin": other})[1]
+    finally:
+        stop_server(cors)
+    status, headers, _ = raw(server, "OPTIONS", "/v1/completions", headers={"Origin": page, **preflight})
+    assert status == 405 and "Access-Control-Allow-Origin" not in headers
+    assert "Access-Control-Allow-Origin" not in raw(server, "POST", "/v1/completions", body, {"Origin": page})[1]
+    with pytest.raises(SystemExit, match=r"--allowed_origins: 'http://localhost:3000/': expected origins"):
+        sample.parse_args(["--ckpt", str(ckpt), "--serve", "--allowed_origins", "*,http://localhost:3000/"])
+
+
 def test_head_answers_as_get_without_a_body(server):
     get, head = raw(server, "GET", "/v1/models"), raw(server, "HEAD", "/v1/models")
     assert head[0] == 200 and head[2] == "" and head[1]["Content-Length"] == get[1]["Content-Length"]
