@@ -372,3 +372,18 @@ def test_kill_9_of_convert_leaves_the_old_or_the_new_dir_whole(killed_converts, 
     assert files_of(d / "dst") == left and not list(d.glob(".dst.*"))
     convert.main([*k["argv"], "--dst", str(d / "dst")])
     assert files_of(d / "dst") == k["new"] and not list(d.glob(".dst.*"))
+
+
+def test_a_diverging_run_ends_with_one_line_naming_the_last_good_checkpoint(data, tmp_path):
+    """A run whose weights blow up (a finite but absurd lr) stops at the first non-finite step: stderr's last line is
+    the message, after the progress bar rather than inside it, and the checkpoint it names verifies."""
+    out = tmp_path / "out"
+    argv = [*ARGS, f"--data_dir={data}", f"--out_dir={out}", "--lr=1e30", "--warmup_iters=0", "--ckpt_interval=1"]
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    lines = [ln for ln in re.split(r"[\r\n]", r.stderr) if ln.strip()]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.fullmatch(r"train\.py: step 2: loss .* not finite in float32; stopping; the last good checkpoint is "
+                        + re.escape(str(out / "step_00000001")), lines[-1]), r.stderr[-2000:]
+    assert [p.name for p in train.step_dirs(out)] == ["step_00000001"]
+    convert.verify_step_dir(out / "step_00000001")
