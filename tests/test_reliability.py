@@ -387,3 +387,22 @@ def test_a_diverging_run_ends_with_one_line_naming_the_last_good_checkpoint(data
                         + re.escape(str(out / "step_00000001")), lines[-1]), r.stderr[-2000:]
     assert [p.name for p in train.step_dirs(out)] == ["step_00000001"]
     convert.verify_step_dir(out / "step_00000001")
+
+
+def test_the_next_run_removes_what_dead_runs_left_and_spares_a_running_ones(tmp_path):
+    """Temporary dirs beside --dst of a process no longer running (this version's name and the older dst.tmp-PID) go
+    at the next conversion to that dst; an old dst renamed aside goes once dst is back; a live process's stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    live = str(os.getppid())  # the process that started this one: running
+    left = [f".dst.tmp-{dead}", f"dst.tmp-{dead}", f".dst.old-{dead}", f".dst.tmp-{live}", f".other.tmp-{dead}"]
+    for name in left:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shard.safetensors").write_bytes(b"\0" * 1000)
+    src = tmp_path / "src"
+    convert.write_checkpoint(src, train.Transformer(train.PRESETS["tiny"]).state_dict(), train.PRESETS["tiny"],
+                             "llama")
+    convert.main(["native-to-hf", "--src", str(src), "--dst", str(tmp_path / "dst"), "--overwrite"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".dst.tmp-" + live, ".other.tmp-" + dead, "dst",
+                                                                 "src"])
+    assert (tmp_path / "dst" / "config.json").exists()
