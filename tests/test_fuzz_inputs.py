@@ -416,6 +416,21 @@ def test_fuzz_safetensors_header(S, tmp_path):
                                   lambda t, d: load_checkpoint_dir(d)), S, tmp_path)
 
 
+@pytest.mark.parametrize("how", ["wk is wq", "wk inside wq's bytes"])
+def test_tensors_sharing_bytes_are_named(S, tmp_path, how):
+    """Two tensors claiming the same bytes (wk == wq once loaded): the error names the pair, not a tensor after them."""
+    raw, n, header, data = st_split(S["ckpt"] / "model.safetensors")
+    q, k = "layers.0.attention.wq.weight", "layers.0.attention.wk.weight"
+    s, e = header[q]["data_offsets"]
+    size = header[k]["data_offsets"][1] - header[k]["data_offsets"][0]
+    entry, shared = (header[q], e) if how == "wk is wq" else ({**header[k], "data_offsets": [s, s + size]}, s + size)
+    c = copy(S["ckpt"], tmp_path / "c")
+    write(c / "model.safetensors", st_join({**header, k: entry}, data))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensors {re.escape(k)} and {re.escape(q)} share "
+                                              rf"bytes \(data offsets {s} to {shared}\)"):
+        Transformer.from_checkpoint(c)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # HF index.json of a sharded checkpoint dir: names of shards are plain file names inside the dir
 
