@@ -320,6 +320,17 @@ def test_fuzz_quantized_config_json(S, tmp_path):
          S, tmp_path)
 
 
+def test_a_model_too_big_for_memory_is_refused_before_loading(S, tmp_path):
+    """sample.py counts a checkpoint's planned bytes on the meta device and refuses it before allocating any."""
+    c = copy(S["ckpt"], tmp_path / "c")
+    config = json.loads((c / "config.json").read_text())
+    write(c / "config.json", json.dumps({**config, "dim": 2 ** 16, "n_heads": 64, "n_kv_heads": 64, "n_layers": 1024,
+                                         "hidden_dim": 2 ** 22}))
+    with pytest.raises(SystemExit, match=r"--ckpt=.*: [\d.]+B parameters in float32 need [\d.]+ GiB on cpu, which has "
+                                         r"[\d.]+ GiB available"):
+        sample_cli("--ckpt", c, "--prompt", "a", "--max_new_tokens", 2)()
+
+
 def test_fuzz_hf_config_json(S, tmp_path):
     hf = json.loads((S["hf"] / "config.json").read_text())
     sizes = (*WRONG_TYPES, 1.5, 0, -1, 2 ** 40)
