@@ -324,7 +324,7 @@ def test_a_model_too_big_for_memory_is_refused_before_loading(S, tmp_path):
     """sample.py counts a checkpoint's planned bytes on the meta device and refuses it before allocating any."""
     c = copy(S["ckpt"], tmp_path / "c")
     config = json.loads((c / "config.json").read_text())
-    write(c / "config.json", json.dumps({**config, "dim": 2 ** 16, "n_heads": 64, "n_kv_heads": 64, "n_layers": 1024,
+    write(c / "config.json", json.dumps({**config, "dim": 2 ** 16, "n_heads": 64, "n_kv_heads": 64, "n_layers": 4,
                                          "hidden_dim": 2 ** 22}))
     with pytest.raises(SystemExit, match=r"--ckpt=.*: [\d.]+B parameters in float32 need [\d.]+ GiB on cpu, which has "
                                          r"[\d.]+ GiB available"):
