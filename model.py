@@ -859,7 +859,27 @@ def load_safetensors(file) -> dict[str, torch.Tensor]:
     except OSError as e:
         raise CheckpointError(f"{file}: cannot read it ({e.strerror})") from None
     except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{file}: truncated or corrupted safetensors file ({str(e).splitlines()[0]})") from None
+        why = _shared_bytes(file) or f"truncated or corrupted safetensors file ({str(e).splitlines()[0]})"
+        raise CheckpointError(f"{file}: {why}") from None
+
+
+def _shared_bytes(file) -> Optional[str]:
+    """'tensors A and B share bytes ...' where two entries of a safetensors header claim the same bytes, else None: the
+    library refuses such a file, but names the tensor after the pair."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > min(100 << 20, os.fstat(f.fileno()).st_size - 8):  # the library's own limit on a header
+                return None
+            header = parse_json(f.read(n), file)
+        spans = sorted((*v["data_offsets"], name) for name, v in header.items() if name != "__metadata__")
+        for (_, end_a, a), (start, end_b, b) in zip(spans, spans[1:]):
+            if start < end_a:
+                return (f"tensors {a} and {b} share bytes (data offsets {start} to {min(end_a, end_b)}); each needs "
+                        "its own")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # malformed otherwise: the library's words
+        pass
+    return None
 
 
 def read_weight_map(index) -> dict[str, str]:

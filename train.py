@@ -1085,29 +1085,30 @@ def train(run: Run) -> dict:
     throughput = Throughput(run, peak)
     run.t_start = time.perf_counter()
     bar = tqdm(total=cfg.max_iters, initial=run.step, disable=not d.master, dynamic_ncols=True, file=sys.stderr)
-    while run.step < cfg.max_iters:
-        loss, lr, grad_norm = train_step(run, autocast)
-        run.step += 1
-        run.losses[run.step] = loss
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        due = lambda interval: run.step % interval == 0 or run.step == cfg.max_iters  # noqa: E731
-        if due(cfg.log_interval):
-            throughput.log(loss, lr, grad_norm)
-        if due(cfg.eval_interval):
-            on_event("eval", run.step)
-            with loss_parallel_context(d):
-                run.val_loss = mean_over_ranks(evaluate(run.model, run.val_data, eval_starts, autocast, run.device), d)
-            if math.isfinite(run.val_loss):  # nan: no eval batch had a counted target
-                run.best_val = run.val_loss if run.best_val is None else min(run.best_val, run.val_loss)
-            run.record({"step": run.step, "val_loss": run.val_loss, "unigram_baseline": baseline})
-            run.log(f"step {run.step}: val loss {run.val_loss:.4f} (unigram baseline {baseline:.4f})"
-                    + ("; no eval batch held a counted target (loss mask 1)" if math.isnan(run.val_loss) else ""))
-            throughput.restart()
-        if due(cfg.ckpt_interval):
-            run.last_ckpt = checkpoint(run)
-            throughput.restart()
-    bar.close()
+    with bar:  # closed however the loop ends: a stopping run's message comes after the bar, not inside it
+        while run.step < cfg.max_iters:
+            loss, lr, grad_norm = train_step(run, autocast)
+            run.step += 1
+            run.losses[run.step] = loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            due = lambda interval: run.step % interval == 0 or run.step == cfg.max_iters  # noqa: E731
+            if due(cfg.log_interval):
+                throughput.log(loss, lr, grad_norm)
+            if due(cfg.eval_interval):
+                on_event("eval", run.step)
+                with loss_parallel_context(d):
+                    run.val_loss = mean_over_ranks(evaluate(run.model, run.val_data, eval_starts, autocast,
+                                                            run.device), d)
+                if math.isfinite(run.val_loss):  # nan: no eval batch had a counted target
+                    run.best_val = run.val_loss if run.best_val is None else min(run.best_val, run.val_loss)
+                run.record({"step": run.step, "val_loss": run.val_loss, "unigram_baseline": baseline})
+                run.log(f"step {run.step}: val loss {run.val_loss:.4f} (unigram baseline {baseline:.4f})"
+                        + ("; no eval batch held a counted target (loss mask 1)" if math.isnan(run.val_loss) else ""))
+                throughput.restart()
+            if due(cfg.ckpt_interval):
+                run.last_ckpt = checkpoint(run)
+                throughput.restart()
     return {"losses": run.losses, "val_loss": run.val_loss, "best_val_loss": run.best_val,
             "unigram_baseline": baseline, "last_checkpoint": run.last_ckpt, "skipped_steps": run.scaler.skipped}
 

@@ -320,6 +320,17 @@ def test_fuzz_quantized_config_json(S, tmp_path):
          S, tmp_path)
 
 
+def test_a_model_too_big_for_memory_is_refused_before_loading(S, tmp_path):
+    """sample.py counts a checkpoint's planned bytes on the meta device and refuses it before allocating any."""
+    c = copy(S["ckpt"], tmp_path / "c")
+    config = json.loads((c / "config.json").read_text())
+    write(c / "config.json", json.dumps({**config, "dim": 2 ** 16, "n_heads": 64, "n_kv_heads": 64, "n_layers": 4,
+                                         "hidden_dim": 2 ** 22}))
+    with pytest.raises(SystemExit, match=r"--ckpt=.*: [\d.]+B parameters in float32 need [\d.]+ GiB on cpu, which has "
+                                         r"[\d.]+ GiB available"):
+        sample_cli("--ckpt", c, "--prompt", "a", "--max_new_tokens", 2)()
+
+
 def test_fuzz_hf_config_json(S, tmp_path):
     hf = json.loads((S["hf"] / "config.json").read_text())
     sizes = (*WRONG_TYPES, 1.5, 0, -1, 2 ** 40)
@@ -414,6 +425,21 @@ def safetensors_variants(file):
 def test_fuzz_safetensors_header(S, tmp_path):
     fuzz("safetensors", in_a_copy("ckpt", "model.safetensors", safetensors_variants(S["ckpt"] / "model.safetensors"),
                                   lambda t, d: load_checkpoint_dir(d)), S, tmp_path)
+
+
+@pytest.mark.parametrize("how", ["wk is wq", "wk inside wq's bytes"])
+def test_tensors_sharing_bytes_are_named(S, tmp_path, how):
+    """Two tensors claiming the same bytes (wk == wq once loaded): the error names the pair, not a tensor after them."""
+    raw, n, header, data = st_split(S["ckpt"] / "model.safetensors")
+    q, k = "layers.0.attention.wq.weight", "layers.0.attention.wk.weight"
+    s, e = header[q]["data_offsets"]
+    size = header[k]["data_offsets"][1] - header[k]["data_offsets"][0]
+    entry, shared = (header[q], e) if how == "wk is wq" else ({**header[k], "data_offsets": [s, s + size]}, s + size)
+    c = copy(S["ckpt"], tmp_path / "c")
+    write(c / "model.safetensors", st_join({**header, k: entry}, data))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensors {re.escape(k)} and {re.escape(q)} share "
+                                              rf"bytes \(data offsets {s} to {shared}\)"):
+        Transformer.from_checkpoint(c)
 
 
 # --------------------------------------------------------------------------------------------------------------------

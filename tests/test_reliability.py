@@ -372,3 +372,37 @@ def test_kill_9_of_convert_leaves_the_old_or_the_new_dir_whole(killed_converts, 
     assert files_of(d / "dst") == left and not list(d.glob(".dst.*"))
     convert.main([*k["argv"], "--dst", str(d / "dst")])
     assert files_of(d / "dst") == k["new"] and not list(d.glob(".dst.*"))
+
+
+def test_a_diverging_run_ends_with_one_line_naming_the_last_good_checkpoint(data, tmp_path):
+    """A run whose weights blow up (a finite but absurd lr) stops at the first non-finite step: stderr's last line is
+    the message, after the progress bar rather than inside it, and the checkpoint it names verifies."""
+    out = tmp_path / "out"
+    argv = [*ARGS, f"--data_dir={data}", f"--out_dir={out}", "--lr=1e30", "--warmup_iters=0", "--ckpt_interval=1"]
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    lines = [ln for ln in re.split(r"[\r\n]", r.stderr) if ln.strip()]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.fullmatch(r"train\.py: step 2: loss .* not finite in float32; stopping; the last good checkpoint is "
+                        + re.escape(str(out / "step_00000001")), lines[-1]), r.stderr[-2000:]
+    assert [p.name for p in train.step_dirs(out)] == ["step_00000001"]
+    convert.verify_step_dir(out / "step_00000001")
+
+
+def test_the_next_run_removes_what_dead_runs_left_and_spares_a_running_ones(tmp_path):
+    """Temporary dirs beside --dst of a process no longer running (this version's name and the older dst.tmp-PID) go
+    at the next conversion to that dst; an old dst renamed aside goes once dst is back; a live process's stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    live = str(os.getppid())  # the process that started this one: running
+    left = [f".dst.tmp-{dead}", f"dst.tmp-{dead}", f".dst.old-{dead}", f".dst.tmp-{live}", f".other.tmp-{dead}"]
+    for name in left:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shard.safetensors").write_bytes(b"\0" * 1000)
+    src = tmp_path / "src"
+    convert.write_checkpoint(src, train.Transformer(train.PRESETS["tiny"]).state_dict(), train.PRESETS["tiny"],
+                             "llama")
+    convert.main(["native-to-hf", "--src", str(src), "--dst", str(tmp_path / "dst"), "--overwrite"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".dst.tmp-" + live, ".other.tmp-" + dead, "dst",
+                                                                 "src"])
+    assert (tmp_path / "dst" / "config.json").exists()
