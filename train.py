@@ -57,7 +57,7 @@ from convert import (RESUME_FIELDS, Ranks, dcp_load, dcp_to_native, last_good_st
                      read_step_dir, read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir,
                      write_peft_adapter, write_step_dir)
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, \
-    apply_lora, check_value, count_weights, expected, load_tensors, lora_state_dict, ranged, read_config
+    apply_lora, check_output, check_value, count_weights, expected, load_tensors, lora_state_dict, ranged, read_config
 
 
 @dataclass
@@ -849,6 +849,11 @@ def load_weights(path: Path, model, args: ModelArgs):
 def prepare_out_dir(cfg: Config, d: Dist) -> Path:
     """Refuse to mix two runs in one out_dir: init_from='scratch' needs an empty out_dir or --overwrite."""
     out_dir = Path(cfg.out_dir)
+    inputs = [cfg.data_dir] + ([cfg.init_from] if cfg.init_from not in ("scratch", "resume") else [])
+    try:  # not ".", a file, the data or the checkpoint this run reads, nor a dir holding them or inside them
+        check_output(out_dir, inputs, flag="out_dir")
+    except ValueError as e:
+        fail(str(e))
     previous = step_dirs(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "export") if p.exists()]
     if cfg.init_from != "resume" and previous and not cfg.overwrite:
         fail(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "

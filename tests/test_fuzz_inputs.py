@@ -891,8 +891,22 @@ def test_fuzz_output_paths(S, tmp_path):
         ("train --overwrite with init_from inside out_dir", lambda t, S: (train_cli(
             *TRAIN, f"--data_dir={S['data']}", f"--out_dir={t / 'run'}", "--overwrite",
             f"--init_from={copy(S['ckpt'], t / 'run' / 'export')}"), "out_dir")),
+        ("train out_dir is data_dir", train_out(lambda t, data: data)),
+        ("train out_dir inside data_dir", train_out(lambda t, data: data / "run")),
+        ("train out_dir holds data_dir", train_out(lambda t, data: t)),
+        ("train out_dir .", train_out(lambda t, data: ".")),
+        ("train out_dir is init_from", lambda t, S: (train_cli(
+            *TRAIN, f"--data_dir={S['data']}", f"--out_dir={copy(S['ckpt'], t / 'c')}", f"--init_from={t / 'c'}"),
+            "out_dir")),
     ]
     fuzz("output paths", variants, S, tmp_path)
+
+
+def train_out(make):  # make(t, data dir) -> out_dir
+    def setup(t, S):
+        data = copy(S["data"], t / "data")
+        return train_cli(*TRAIN, f"--data_dir={data}", f"--out_dir={make(t, data)}", "--overwrite"), "out_dir"
+    return setup
 
 
 # --------------------------------------------------------------------------------------------------------------------
