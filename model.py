@@ -287,6 +287,12 @@ class KVCache(nn.Module):
         self.v[:B, :, start_pos : start_pos + T] = v
         return self.k[:B, :, : start_pos + T], self.v[:B, :, : start_pos + T]
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """The cache of rows start:stop, sharing this one's memory."""
+        view = KVCache(0, self.k.size(1), 0, self.k.size(3), self.k.dtype, self.k.device)
+        view.k, view.v = self.k[start:stop], self.v[start:stop]
+        return view
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -404,13 +410,30 @@ class Transformer(nn.Module):
         else:
             nn.init.normal_(p, std=std)
 
-    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
-        """Preallocate a KV cache for incremental decoding of up to batch_size sequences of max_seq_len tokens."""
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None, keep=False):
+        """Preallocate a KV cache for incremental decoding of up to batch_size sequences of max_seq_len tokens.
+        keep: the present cache's keys and values stay, in its rows and positions (a batch that grows)."""
         a = self.args
         weight = self.tok_embeddings.weight
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, a.kv_heads, max_seq_len, a.head_dim,
-                                            dtype or weight.dtype, device or weight.device)
+            old, layer.attention.cache = layer.attention.cache, KVCache(
+                batch_size, a.kv_heads, max_seq_len, a.head_dim, dtype or weight.dtype, device or weight.device)
+            if keep and old is not None:
+                B, _, S, _ = old.k.shape
+                layer.attention.cache.k[:B, :, :S], layer.attention.cache.v[:B, :, :S] = old.k, old.v
+
+    @contextlib.contextmanager
+    def cache_rows(self, start: int, stop: int):
+        """Within it the KV cache is rows start:stop of the present one, the same memory: a prompt is prefilled
+        into its own row of a batch that is decoding."""
+        caches = [layer.attention.cache for layer in self.layers]
+        try:
+            for layer, cache in zip(self.layers, caches):
+                layer.attention.cache = cache.rows(start, stop)
+            yield
+        finally:
+            for layer, cache in zip(self.layers, caches):
+                layer.attention.cache = cache
 
     def clear_cache(self):
         for layer in self.layers:

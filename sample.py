@@ -1,6 +1,6 @@
 """
 Generate text from a checkpoint dir: streamed sampling, family-aware chat, int8/int4/NF4 weight-only quantisation,
-and an OpenAI-compatible HTTP server (--serve).
+and an OpenAI-compatible HTTP server (--serve) with continuous batching.
 
 Run:
   python sample.py --ckpt=ckpt/llama-7b --prompt="Once upon a time" --max_new_tokens=100
@@ -595,9 +595,10 @@ def save_quantized(model, src_ckpt, dst, mode, group_size, family):
 # serving: OpenAI-compatible HTTP (python sample.py --ckpt=DIR --serve)
 #
 # The standard library's ThreadingHTTPServer: one thread per connection parses, validates and tokenizes a request,
-# then hands a Job to the Batcher, whose single thread owns the model. Jobs waiting at the same time decode together
-# as one left-padded batch (generate with per-row settings); each row's tokens flow back through its Job's queue and
-# become text with stream_text, as in the terminal.
+# then hands a Job to the Batcher, whose single thread owns the model. Jobs waiting at the same time start a batch
+# together, and jobs that arrive while it decodes join it at the next step (Slots: continuous batching), each row with
+# its own settings; each row's tokens flow back through its Job's queue and become text with stream_text, as in the
+# terminal.
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -655,19 +656,130 @@ class Job:
             raise APIError(500, f"generation failed: {self.error}")
 
 
+class Slots:
+    """Continuous batching: the rows of one KV cache, which requests join between decode steps and leave when they
+    end, so a request that arrives while others decode starts at the next step instead of after them.
+
+    Every row writes its next token at the same cache column, `col`. A prompt of P tokens joins a row by a prefill of
+    that row alone into columns col - P .. col - 1 (the first prompts of a batch set col to the longest of them), so
+    it can join while P <= col and col + its max_tokens fits the context. Its positions start at 0 as a prompt's alone
+    do, and its own row of the mask hides what an earlier request left there. The cache grows, in rows and columns,
+    as requests need it, and is freed when the last row has ended."""
+
+    def __init__(self, model, max_rows, decode_step=None):
+        self.model, self.max_rows, self.decode_step = model, max_rows, decode_step or decode_one
+        self.param = next(model.parameters())
+        self.jobs = []  # the job of each row in use, None where one has ended; trailing free rows are dropped
+        self.col, self.size = 0, (0, 0)  # the column written next; the cache's (rows, columns)
+
+    def live(self):
+        return [(r, job) for r, job in enumerate(self.jobs) if job is not None]
+
+    def can_join(self, job, joining=0):
+        """Whether job can join now, after `joining` others joining at this step."""
+        free = self.jobs.count(None) + self.max_rows - len(self.jobs) - joining
+        return bool(self.live()) and free > 0 and len(job.ids) <= self.col and (
+            self.col + job.max_new_tokens <= self.model.args.max_seq_len)
+
+    @torch.inference_mode()
+    def join(self, jobs):
+        """Prefill each job into a free row; its first token comes out of the next step. No row running: jobs start
+        a batch, and must fit the context together (the longest prompt + the most new tokens)."""
+        if not self.live():
+            self.jobs, self.col = [], max(len(job.ids) for job in jobs)
+        for job in jobs:
+            r = self.jobs.index(None) if None in self.jobs else len(self.jobs)
+            self.jobs[r:r + 1] = [job]
+            self._grow(len(self.jobs), self.col + job.max_new_tokens)
+            self._prefill(r, job)
+
+    def _grow(self, rows, columns):
+        """The cache and the rows' state at least this big; columns at least double, up to the context."""
+        if rows <= self.size[0] and columns <= self.size[1]:
+            return
+        old_rows, old_columns = self.size
+        columns = max(columns, min(2 * old_columns, self.model.args.max_seq_len), old_columns)
+        rows = max(rows, old_rows)
+        self.model.setup_cache(rows, columns, dtype=self.param.dtype, device=self.param.device, keep=True)
+        V, device = self.model.args.vocab_size, self.param.device
+        grown = dict(mask=torch.zeros(rows, columns, dtype=torch.bool, device=device),
+                     next_pos=torch.zeros(rows, 1, dtype=torch.long, device=device),
+                     logits=torch.zeros(rows, V, device=device), seen=torch.zeros(rows, V, dtype=torch.bool,
+                                                                                  device=device))
+        for name, t in grown.items():
+            if old_rows:
+                old = getattr(self, name)
+                t[:old.size(0), :old.size(1)] = old
+            setattr(self, name, t)
+        self.size = (rows, columns)
+
+    def _prefill(self, r, job):
+        P, start = len(job.ids), self.col - len(job.ids)
+        self.mask[r] = False
+        self.mask[r, start:self.col] = True
+        self.next_pos[r] = P
+        idx = torch.tensor([job.ids], dtype=torch.long, device=self.param.device)
+        self.seen[r] = False
+        self.seen[r, idx[0]] = True
+        alone = start == 0  # no padding before it: the plain causal path, as generate takes for one prompt
+        with self.model.cache_rows(r, r + 1):
+            logits, _ = self.model(idx, start_pos=start, positions=None if alone else torch.arange(P)[None].to(idx),
+                                   key_padding_mask=None if alone else self.mask[r:r + 1, :self.col])
+        self.logits[r] = logits[0, -1].float()
+
+    @torch.inference_mode()
+    def sample(self):
+        """The next token of every row in use (B,), each with its job's settings (free rows: greedy, unused)."""
+        n = len(self.jobs)
+        settings = [job.sampling if job else dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.0)
+                    for job in self.jobs]
+        logits = self.logits[:n]
+        penalty = [s["repetition_penalty"] for s in settings]
+        if any(p != 1.0 for p in penalty):
+            penalty = torch.tensor(penalty, dtype=torch.float32, device=logits.device)[:, None]
+            logits = apply_repetition_penalty(logits, self.seen[:n], penalty)
+        return sample_rows(logits, *([s[k] for s in settings] for k in ("temperature", "top_k", "top_p")),
+                           [job.generator if job else None for job in self.jobs])
+
+    def leave(self, r):
+        self.jobs[r] = None
+        while self.jobs and self.jobs[-1] is None:
+            self.jobs.pop()
+
+    @torch.inference_mode()
+    def step(self, token):
+        """Feed the sampled tokens of the rows still in use (one decode step); the cache goes when none is."""
+        n = len(self.jobs)
+        if not n:
+            return self.clear()
+        token = token[:n, None]
+        self.seen[:n].scatter_(1, token, True)
+        self.mask[:n, self.col] = True
+        padded = not bool(self.mask[:n, :self.col + 1].all())  # no padding anywhere: the plain causal path
+        self.logits[:n] = self.decode_step(self.model, token, self.col, self.next_pos[:n] if padded else None,
+                                           self.mask[:n, :self.col + 1] if padded else None).float()
+        self.next_pos[:n] += 1
+        self.col += 1
+
+    def clear(self):
+        self.model.clear_cache()
+        self.jobs, self.col, self.size = [], 0, (0, 0)
+        self.mask = self.next_pos = self.logits = self.seen = None
+
+
 class Batcher:
     """The one thread that runs the model. It waits for a job, then until that job has waited `wait` seconds for
-    others (up to max_batch), and decodes the oldest waiting jobs that fit the context together as one left-padded
-    batch, each row with its own settings. A batch ends when every row has ended: an end id, its max_tokens, a stop
-    string or its client gone; jobs arriving meanwhile form the next one. A batch that fails fails its jobs, not the
-    server."""
+    others (up to max_batch), and starts the oldest waiting jobs that fit the context together as a batch (Slots).
+    While the batch decodes, jobs that arrive join it at the next step where they fit (oldest first: one that cannot
+    join yet holds back those after it), each row with its own settings. A row ends at an end id, its max_tokens, a
+    stop string or its client gone. A failing step fails the jobs of its batch, not the server."""
 
     def __init__(self, model, pad_id, max_batch=8, wait=0.01, decode_step=None):
         self.model, self.pad_id, self.decode_step = model, pad_id, decode_step
         self.max_batch, self.wait = max_batch, wait
         self.waiting, self.closed = [], False
         self.cv = threading.Condition()
-        self.batches = collections.deque(maxlen=1000)  # [rows, steps] of the latest batches
+        self.batches = collections.deque(maxlen=1000)  # [most rows at once, steps] of the latest batches
         self.thread = threading.Thread(target=self.run, name="batcher", daemon=True)
         self.thread.start()
 
@@ -692,61 +804,77 @@ class Batcher:
             job.out.put(None)
         self.waiting = []
 
-    def next_batch(self):
+    def next_jobs(self, slots):
+        """The jobs to start a batch (waiting for one when none runs), or to join the running one; None: closed."""
         with self.cv:
-            while not self.closed:
+            while not self.closed and not slots.live():
                 self.waiting = [j for j in self.waiting if not j.cancelled.is_set()]  # clients that left waiting
                 if self.waiting:
                     break
                 self.cv.wait(0.5)
-            deadline = self.waiting[0].submitted + self.wait if self.waiting else 0
-            while not self.closed and len(self.waiting) < self.max_batch and time.monotonic() < deadline:
-                self.cv.wait(max(deadline - time.monotonic(), 0))
+            if not slots.live():
+                deadline = self.waiting[0].submitted + self.wait if self.waiting else 0
+                while not self.closed and len(self.waiting) < self.max_batch and time.monotonic() < deadline:
+                    self.cv.wait(max(deadline - time.monotonic(), 0))
             if self.closed:
                 return None
-            batch, T, M = [], 0, 0
-            for job in self.waiting:  # oldest first; prompt and new tokens of the batch must fit the context
-                t, m = max(T, len(job.ids)), max(M, job.max_new_tokens)
-                if len(batch) < self.max_batch and t + m <= self.model.args.max_seq_len:
-                    batch.append(job)
+            jobs, T, M, running = [], 0, 0, bool(slots.live())
+            for job in self.waiting:  # oldest first
+                if job.cancelled.is_set():
+                    continue
+                if running:  # in order, while they fit
+                    if not slots.can_join(job, len(jobs)):
+                        break
+                    jobs.append(job)
+                    continue
+                t, m = max(T, len(job.ids)), max(M, job.max_new_tokens)  # a new batch: prompts and tokens must fit
+                if len(jobs) < self.max_batch and t + m <= self.model.args.max_seq_len:
+                    jobs.append(job)
                     T, M = t, m
-            self.waiting = [j for j in self.waiting if all(j is not b for b in batch)]
-            return batch
+            self.waiting = [j for j in self.waiting if all(j is not b for b in jobs) and not j.cancelled.is_set()]
+            return jobs
 
     def run(self):
-        while (batch := self.next_batch()) is not None:
-            self.decode(batch)
+        slots, record, produced = Slots(self.model, self.max_batch, self.decode_step), None, {}
+        while (jobs := self.next_jobs(slots)) is not None:
+            try:
+                if jobs:
+                    if not slots.live():
+                        record = [0, 0]
+                        self.batches.append(record)  # before any row ends: a client with its answer finds it
+                    slots.join(jobs)
+                    produced.update((id(job), 0) for job in jobs)
+                    jobs = []  # in the batch now: a failure below fails them with it
+                if not slots.live():
+                    continue
+                record[0] = max(record[0], len(slots.live()))
+                self.decode_one_step(slots, produced)
+                record[1] += 1
+            except Exception as e:  # e.g. out of memory: these requests get a 500, the server goes on
+                failed = jobs + [job for job in slots.jobs if job is not None and job not in jobs]
+                log(f"sample.py: serve: a batch of {len(failed)} failed: {type(e).__name__}: {e}")
+                for job in failed:
+                    job.error = f"{type(e).__name__}: {e}"
+                    job.out.put(None)
+                slots.clear()
+                produced.clear()
+        slots.clear()
 
-    def decode(self, batch):
-        """Generate for the batch, handing each row's tokens to its job and None when the row ends."""
-        settings = {k: [job.sampling[k] for job in batch] for k in ("temperature", "top_k", "top_p",
-                                                                    "repetition_penalty")}
-        steps = generate(self.model, [job.ids for job in batch], max(job.max_new_tokens for job in batch),
-                         pad_id=self.pad_id, generator=[job.generator for job in batch],
-                         decode_step=self.decode_step, **settings)
-        live, record = dict(enumerate(batch)), [len(batch), 0]
-        self.batches.append(record)  # before any row ends, so a client that got its answer finds its batch here
-        try:
-            for n, step in enumerate(steps, 1):
-                record[1] = n
-                for b, job in list(live.items()):
-                    ended = job.cancelled.is_set()
-                    if not ended:
-                        job.out.put(step[b])
-                        ended = step[b] in job.end_ids or n == job.max_new_tokens
-                    if ended:
-                        del live[b]
-                        job.out.put(None)
-                if not live:
-                    break
-        except Exception as e:  # e.g. out of memory: these requests get a 500, the server goes on
-            log(f"sample.py: serve: a batch of {len(batch)} failed: {type(e).__name__}: {e}")
-            for job in live.values():
-                job.error = f"{type(e).__name__}: {e}"
-        finally:
-            steps.close()
-            for job in live.values():
+    def decode_one_step(self, slots, produced):
+        """Each row's next token to its job; rows that end leave; one decode step for the rest."""
+        token = slots.sample()
+        out = token.tolist()
+        for r, job in slots.live():
+            ended = job.cancelled.is_set()
+            if not ended:
+                job.out.put(out[r])
+                produced[id(job)] += 1
+                ended = out[r] in job.end_ids or produced[id(job)] == job.max_new_tokens
+            if ended:
+                slots.leave(r)
+                del produced[id(job)]
                 job.out.put(None)
+        slots.step(token)
 
 
 def _is_int(v):

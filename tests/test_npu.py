@@ -315,6 +315,35 @@ def test_model_decodes_a_left_padded_batch_through_the_inference_kernels(fake_np
     torch.testing.assert_close(ours, ref, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("case", ["rope-gqa", "alibi"])
+def test_a_request_joining_a_decoding_batch_runs_on_the_inference_kernels(fake_npu, case):
+    """The server's continuous batching (sample.Slots): a prompt prefilled into its own row behind the batch's column
+    (npu_prompt_flash_attention with queries that start past 0) and the decode steps after it match the portable
+    path."""
+    import sample
+    torch.manual_seed(0)
+    overrides = dict(n_kv_heads=2) if case == "rope-gqa" else dict(pos_emb="alibi", n_kv_heads=None)
+    model = Transformer(dataclasses.replace(PRESETS["tiny"], **overrides)).to(torch.bfloat16).eval()
+    model.init_buffers()
+    greedy = dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.0)
+
+    def run():
+        slots, logits = sample.Slots(model, max_rows=2), []
+        slots.join([sample.Job([5, 9, 33, 70, 2, 3], 8, [], greedy, None)])
+        for step in range(6):
+            if step == 2:
+                slots.join([sample.Job([4, 8, 15], 4, [], greedy, None)])  # prompt at columns 5..7 of row 1
+            logits.append(slots.logits[:2].clone())
+            slots.step(slots.sample())
+        slots.clear()
+        return logits
+
+    ours, ref = run(), portable(run)
+    assert fake_npu.calls["npu_prompt_flash_attention"] == 2 * model.args.n_layers
+    assert fake_npu.calls["npu_incre_flash_attention"] == 6 * model.args.n_layers
+    torch.testing.assert_close(ours, ref, rtol=3e-2, atol=3e-2)
+
+
 def test_fake_inference_kernels_compute_and_reject_as_documented(fake_npu):
     q, k, v = qkv(B=1, H=2, H_kv=2, T=1, S=3, D=16, dtype=torch.bfloat16)
     pse = torch.randn(1, 2, 1, 3).bfloat16()

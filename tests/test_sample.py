@@ -1,4 +1,5 @@
 """Tests for sample.py: parity with transformers' generate, KV cache, batching, sampling, quantisation, CLI."""
+import contextlib
 import json
 
 import pytest
@@ -112,6 +113,45 @@ def test_batch_rows_keep_their_own_sampling_settings(tiny):
     alone = [list(sample.generate(tiny, r, 12, **s)) for r, s in zip(rows, settings)]
     assert [list(col) for col in zip(*steps)] == alone
     assert alone[2] != list(sample.generate(tiny, rows[2], 12, temperature=0))  # the penalty did change row 2
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "alibi"])
+def test_requests_joining_a_decoding_batch_get_what_they_get_alone(pos_emb):
+    """Continuous batching (sample.Slots, the server's): requests join a batch that is decoding, into new rows and
+    into rows others have left (their keys still in the cache), with their own settings; each gets the tokens
+    generate gives it alone."""
+    import dataclasses
+    torch.manual_seed(0)
+    model = model_lib.Transformer(dataclasses.replace(model_lib.PRESETS["tiny"], pos_emb=pos_emb,
+                                                      n_kv_heads=None if pos_emb == "alibi" else 2)).eval()
+    with torch.no_grad():  # weights large enough that attention is sharp: a wrong position or mask changes tokens
+        for p in model.parameters():
+            p.normal_(0, 0.3) if p.dim() == 2 else None
+    greedy = dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.0)
+    asks = {0: [([1, 5, 9, 33, 70], 20, greedy)],  # step -> (prompt, max tokens, settings) joining then
+            3: [([4, 8], 10, greedy), ([7] * 8, 6, dict(greedy, repetition_penalty=1.5))],
+            9: [([2, 3, 5, 7], 10, dict(temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.0, seed=5))]}
+    slots, got, rows = sample.Slots(model, max_rows=3), {}, []
+    for step in range(40):
+        for ids, n, settings in asks.get(step, []):
+            gen = torch.Generator().manual_seed(settings["seed"]) if "seed" in settings else None
+            job = sample.Job(ids, n, [], {k: settings[k] for k in greedy}, gen)
+            assert not slots.live() or slots.can_join(job)
+            slots.join([job])
+            got[job] = (ids, n, settings, [])
+        if not slots.live():
+            break
+        rows.append([r for r, _ in slots.live()])
+        token = slots.sample()
+        for r, job in slots.live():
+            got[job][3].append(token[r].item())
+            if len(got[job][3]) == job.max_new_tokens:
+                slots.leave(r)
+        slots.step(token)
+    assert rows[3] == [0, 1, 2] and rows[9] == [0, 1, 2]  # the last one took the row the third left at step 9
+    assert slots.size == (0, 0) and slots.col == 0  # the cache freed when the last row ended
+    for ids, n, settings, tokens in got.values():
+        assert tokens == list(sample.generate(model, ids, n, **settings)), (ids, settings)
 
 
 def test_batch_row_stops_at_eos(tiny):
@@ -619,6 +659,9 @@ class ScriptedModel(torch.nn.Module):
 
     def clear_cache(self):
         pass
+
+    def cache_rows(self, start, stop):
+        return contextlib.nullcontext()
 
     def num_params(self):
         return 1
