@@ -664,10 +664,11 @@ class Slots:
     that row alone into columns col - P .. col - 1 (the first prompts of a batch set col to the longest of them), so
     it can join while P <= col and col + its max_tokens fits the context. Its positions start at 0 as a prompt's alone
     do, and its own row of the mask hides what an earlier request left there. The cache grows, in rows and columns,
-    as requests need it, and is freed when the last row has ended."""
+    as requests need it, never past max_positions (rows x columns), and is freed when the last row has ended."""
 
-    def __init__(self, model, max_rows, decode_step=None):
+    def __init__(self, model, max_rows, decode_step=None, max_positions=None):
         self.model, self.max_rows, self.decode_step = model, max_rows, decode_step or decode_one
+        self.max_positions = max_positions or max_rows * model.args.max_seq_len
         self.param = next(model.parameters())
         self.jobs = []  # the job of each row in use, None where one has ended; trailing free rows are dropped
         self.col, self.size = 0, (0, 0)  # the column written next; the cache's (rows, columns)
@@ -675,11 +676,18 @@ class Slots:
     def live(self):
         return [(r, job) for r, job in enumerate(self.jobs) if job is not None]
 
-    def can_join(self, job, joining=0):
-        """Whether job can join now, after `joining` others joining at this step."""
-        free = self.jobs.count(None) + self.max_rows - len(self.jobs) - joining
-        return bool(self.live()) and free > 0 and len(job.ids) <= self.col and (
-            self.col + job.max_new_tokens <= self.model.args.max_seq_len)
+    def can_join(self, job, joining=()):
+        """Whether job can join the running batch now, after the jobs `joining` at this step."""
+        rows = len(self.jobs) + max(0, len(joining) + 1 - self.jobs.count(None))
+        columns = max(self.size[1], *(self.col + j.max_new_tokens for j in (*joining, job)))
+        return (bool(self.live()) and rows <= self.max_rows and len(job.ids) <= self.col
+                and columns <= self.model.args.max_seq_len and rows * columns <= self.max_positions)
+
+    def fit_together(self, jobs):
+        """Whether jobs can start a batch together: the longest prompt and the most new tokens in the context."""
+        columns = max(len(j.ids) for j in jobs) + max(j.max_new_tokens for j in jobs)
+        return (len(jobs) <= self.max_rows and columns <= self.model.args.max_seq_len
+                and len(jobs) * columns <= self.max_positions)
 
     @torch.inference_mode()
     def join(self, jobs):
@@ -698,8 +706,9 @@ class Slots:
         if rows <= self.size[0] and columns <= self.size[1]:
             return
         old_rows, old_columns = self.size
-        columns = max(columns, min(2 * old_columns, self.model.args.max_seq_len), old_columns)
         rows = max(rows, old_rows)
+        columns = max(columns, min(2 * old_columns, self.model.args.max_seq_len, self.max_positions // rows),
+                      old_columns)
         self.model.setup_cache(rows, columns, dtype=self.param.dtype, device=self.param.device, keep=True)
         V, device = self.model.args.vocab_size, self.param.device
         grown = dict(mask=torch.zeros(rows, columns, dtype=torch.bool, device=device),
@@ -767,6 +776,15 @@ class Slots:
         self.mask = self.next_pos = self.logits = self.seen = None
 
 
+def kv_budget(model, max_batch, device) -> int:
+    """The KV-cache positions (rows x columns) a server may hold: half the memory available with the model loaded,
+    at least one whole context (check_memory saw to that), at most max_batch of them."""
+    a = model.args
+    per_position = 2 * a.n_layers * a.kv_heads * a.head_dim * next(model.parameters()).dtype.itemsize
+    available, most = kernels.available_memory(device), max_batch * a.max_seq_len
+    return most if available is None else max(a.max_seq_len, min(most, available // 2 // per_position))
+
+
 class Batcher:
     """The one thread that runs the model. It waits for a job, then until that job has waited `wait` seconds for
     others (up to max_batch), and starts the oldest waiting jobs that fit the context together as a batch (Slots).
@@ -774,9 +792,9 @@ class Batcher:
     join yet holds back those after it), each row with its own settings. A row ends at an end id, its max_tokens, a
     stop string or its client gone. A failing step fails the jobs of its batch, not the server."""
 
-    def __init__(self, model, pad_id, max_batch=8, wait=0.01, decode_step=None):
+    def __init__(self, model, pad_id, max_batch=8, wait=0.01, decode_step=None, max_positions=None):
         self.model, self.pad_id, self.decode_step = model, pad_id, decode_step
-        self.max_batch, self.wait = max_batch, wait
+        self.max_batch, self.wait, self.max_positions = max_batch, wait, max_positions
         self.waiting, self.closed = [], False
         self.cv = threading.Condition()
         self.batches = collections.deque(maxlen=1000)  # [most rows at once, steps] of the latest batches
@@ -818,24 +836,19 @@ class Batcher:
                     self.cv.wait(max(deadline - time.monotonic(), 0))
             if self.closed:
                 return None
-            jobs, T, M, running = [], 0, 0, bool(slots.live())
+            jobs, running = [], bool(slots.live())
             for job in self.waiting:  # oldest first
                 if job.cancelled.is_set():
                     continue
-                if running:  # in order, while they fit
-                    if not slots.can_join(job, len(jobs)):
-                        break
+                if running and not slots.can_join(job, jobs):  # in order: it holds back the ones after it
+                    break
+                if running or slots.fit_together(jobs + [job]):
                     jobs.append(job)
-                    continue
-                t, m = max(T, len(job.ids)), max(M, job.max_new_tokens)  # a new batch: prompts and tokens must fit
-                if len(jobs) < self.max_batch and t + m <= self.model.args.max_seq_len:
-                    jobs.append(job)
-                    T, M = t, m
             self.waiting = [j for j in self.waiting if all(j is not b for b in jobs) and not j.cancelled.is_set()]
             return jobs
 
     def run(self):
-        slots, record, produced = Slots(self.model, self.max_batch, self.decode_step), None, {}
+        slots, record, produced = Slots(self.model, self.max_batch, self.decode_step, self.max_positions), None, {}
         while (jobs := self.next_jobs(slots)) is not None:
             try:
                 if jobs:
@@ -988,7 +1001,8 @@ class ModelServer(ThreadingHTTPServer):
         self.device = next(model.parameters()).device
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         pad_id = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
-        self.batcher = Batcher(model, pad_id, max_batch, batch_wait, decode_step)
+        self.max_positions = kv_budget(model, max_batch, self.device)
+        self.batcher = Batcher(model, pad_id, max_batch, batch_wait, decode_step, self.max_positions)
 
     def server_close(self):
         super().server_close()
@@ -1272,7 +1286,8 @@ def serve(model, tok, args, family, template, decode_step=None):
         fail(f"--host={args.host} --port={args.port}: cannot listen there ({e.strerror or e})")
     host, port = server.server_address[:2]
     log(f"serving {server.name} at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 "
-        f"(chat template {template}, batches of up to {args.max_batch}); Ctrl-C stops")
+        f"(chat template {template}, batches of up to {args.max_batch}, KV cache of up to {server.max_positions} "
+        "positions); Ctrl-C stops")
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # SIGTERM (docker stop, systemd, kill) stops it as Ctrl-C does
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt

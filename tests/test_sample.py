@@ -154,6 +154,23 @@ def test_requests_joining_a_decoding_batch_get_what_they_get_alone(pos_emb):
         assert tokens == list(sample.generate(model, ids, n, **settings)), (ids, settings)
 
 
+def test_requests_join_only_within_the_kv_budget(tiny):
+    """Slots never holds more KV-cache positions (rows x columns) than its budget: a request that would need more
+    waits (can_join False) until rows leave or the batch ends."""
+    greedy = dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.0)
+    job = lambda n: sample.Job([1, 5], n, [], greedy, None)  # noqa: E731
+    slots = sample.Slots(tiny, max_rows=4, max_positions=64)
+    assert not slots.fit_together([job(30)] * 3) and slots.fit_together([job(30)] * 2)
+    slots.join([job(20)])
+    assert slots.size == (1, 22)
+    slots.step(slots.sample())
+    assert slots.can_join(job(10)) and not slots.can_join(job(10), [job(10)])  # 2 x 22 fits 64, 3 x 22 does not
+    assert not slots.can_join(job(40))  # 2 rows x 43 columns
+    slots.join([job(10)])
+    assert slots.size == (2, 32)  # columns double as far as the budget allows: 64 // 2
+    slots.clear()
+
+
 def test_batch_row_stops_at_eos(tiny):
     rows = [[1, 5, 9], [4, 8]]
     greedy0 = list(sample.generate(tiny, rows[0], 3, temperature=0))
@@ -724,11 +741,13 @@ def test_chat_reset_forgets_history_and_exit_quits(ckpt, monkeypatch):
     assert scripted.prompts == [ids_of(195, "one", 196), ids_of(195, "two", 196)]
 
 
-def test_chat_uses_family_template_and_generation_defaults():
+def test_chat_uses_family_template_and_generation_defaults(monkeypatch):
     import argparse
 
     def tok(template):
         return argparse.Namespace(template_name=template)  # a built-in name
+
+    monkeypatch.setattr(prepare, "literal_id_warning", lambda tok, name: None)  # this stand-in has no vocabulary
 
     assert sample.resolve_template(None, tok(None), "baichuan2") == model_lib.FAMILIES["baichuan2"].chat_template
     assert sample.resolve_template(None, tok("vicuna"), "baichuan2") == "vicuna"
