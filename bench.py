@@ -725,8 +725,25 @@ def time_clients(port: int, prompts: list[list[int]], new_tokens: int, at_once: 
     return time.perf_counter() - t0, sum(counts)
 
 
+def time_joining(port: int, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Seconds a short request (16 tokens) takes alone, and sent while a long one (new_tokens) decodes: continuous
+    batching lets it join at once instead of waiting for the long one to end."""
+    t0 = time.perf_counter()
+    post_completion(port, prompts[1], 16)
+    alone = time.perf_counter() - t0
+    long = threading.Thread(target=post_completion, args=(port, prompts[0], new_tokens))
+    long.start()
+    time.sleep(alone * 2)  # the long one is decoding
+    t0 = time.perf_counter()
+    post_completion(port, prompts[1], 16)
+    during = time.perf_counter() - t0
+    long.join()
+    return {"short_alone_s": round(alone, 3), "short_during_long_s": round(during, 3)}
+
+
 def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
-    """--mode=serve: total tokens/s of --batch_size concurrent clients and of the same requests sent in turn."""
+    """--mode=serve: total tokens/s of --batch_size concurrent clients and of the same requests sent in turn; the
+    time of a short request sent while a long one decodes."""
     from sample import CompiledDecode, ModelServer, decode_layout
 
     if opt.prompt_len + opt.new_tokens > model_args.max_seq_len:
@@ -751,6 +768,7 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
                     fail(f"{name} clients got {tokens} tokens, expected {expected}: a request was lost")
                 if r >= opt.warmup:
                     seconds[name].append(s)
+        joining = time_joining(port, prompts, opt.new_tokens) if len(prompts) > 1 else {}
     finally:
         server.shutdown()
         server.server_close()
@@ -761,6 +779,7 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         result[f"{name}_tokens_per_s_runs"] = [round(expected / s, 2) for s in runs]
     result["ratio"] = round(result["concurrent_tokens_per_s"] / result["sequential_tokens_per_s"], 3)
     result["largest_batch"] = max(rows for rows, _ in server.batcher.batches)
+    result.update(joining)
     result["load_avg_1m"] = load_average()
     return result
 

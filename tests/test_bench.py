@@ -62,6 +62,7 @@ def test_serve_times_concurrent_and_sequential_clients():
     assert result["ratio"] == pytest.approx(result["concurrent_tokens_per_s"] / result["sequential_tokens_per_s"],
                                             rel=0.01)
     assert 1 <= result["largest_batch"] <= 3  # the server never batches more than --batch_size clients
+    assert result["short_alone_s"] > 0 and result["short_during_long_s"] > 0
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
