@@ -792,8 +792,8 @@ class Batcher:
     join yet holds back those after it), each row with its own settings. A row ends at an end id, its max_tokens, a
     stop string or its client gone. A failing step fails the jobs of its batch, not the server."""
 
-    def __init__(self, model, pad_id, max_batch=8, wait=0.01, decode_step=None, max_positions=None):
-        self.model, self.pad_id, self.decode_step = model, pad_id, decode_step
+    def __init__(self, model, max_batch=8, wait=0.01, decode_step=None, max_positions=None):
+        self.model, self.decode_step = model, decode_step
         self.max_batch, self.wait, self.max_positions = max_batch, wait, max_positions
         self.waiting, self.closed = [], False
         self.cv = threading.Condition()
@@ -1000,9 +1000,8 @@ class ModelServer(ThreadingHTTPServer):
         self.created = int(time.time())
         self.device = next(model.parameters()).device
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
-        pad_id = tok.pad_id if tok.pad_id is not None and tok.pad_id >= 0 else 0
         self.max_positions = kv_budget(model, max_batch, self.device)
-        self.batcher = Batcher(model, pad_id, max_batch, batch_wait, decode_step, self.max_positions)
+        self.batcher = Batcher(model, max_batch, batch_wait, decode_step, self.max_positions)
 
     def server_close(self):
         super().server_close()
