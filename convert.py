@@ -1580,4 +1580,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with prepare.errors_as("convert.py"):
+        main()

@@ -19,6 +19,7 @@ that train.py trains from: read_meta, TokenSplit.
 """
 
 import argparse
+import contextlib
 import copy
 import glob
 import io
@@ -267,6 +268,18 @@ def _byte_to_char(text):
     for i, ch in enumerate(text):
         table += [i] * len(ch.encode("utf-8"))
     return table + [len(text)]
+
+
+@contextlib.contextmanager
+def errors_as(script):
+    """prepare.py's one-line errors (a tokenizer, a data dir read by another script) said as `script`'s: the command
+    the user ran."""
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.code, str) and e.code.startswith("prepare.py: "):
+            raise SystemExit(f"{script}: {e.code.removeprefix('prepare.py: ')}") from None
+        raise
 
 
 def load_tokenizer(path):

@@ -1710,4 +1710,5 @@ def main(argv=None, stdin=None, stdout=None):
 
 
 if __name__ == "__main__":
-    main()
+    with prepare.errors_as("sample.py"):
+        main()

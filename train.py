@@ -1247,4 +1247,5 @@ def finish(run: Run, summary: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with prepare.errors_as("train.py"):
+        main()

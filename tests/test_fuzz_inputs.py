@@ -964,7 +964,8 @@ def test_each_format_class_fails_cleanly_on_the_command_line(S, tmp_path):
     problems = []
     for (argv, regex), r in zip(cases, results):
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        if r.returncode == 0 or "Traceback" in r.stderr or not lines or not re.search(regex, lines[-1]):
+        if (r.returncode == 0 or "Traceback" in r.stderr or not lines or not re.search(regex, lines[-1])
+                or not lines[-1].startswith(f"{argv[0]}: ")):  # said as the command the user ran
             problems.append(f"{argv[:2]} rc={r.returncode}: {r.stderr[-600:]}")
     after = snapshot(tmp_path)
     changed = [p for p, h in before.items() if after.get(p) != h]
