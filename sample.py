@@ -714,7 +714,8 @@ class Slots:
         grown = dict(mask=torch.zeros(rows, columns, dtype=torch.bool, device=device),
                      next_pos=torch.zeros(rows, 1, dtype=torch.long, device=device),
                      logits=torch.zeros(rows, V, device=device), seen=torch.zeros(rows, V, dtype=torch.bool,
-                                                                                  device=device))
+                                                                                  device=device),
+                     counts=torch.zeros(rows, V, device=device))  # of each token in the answer so far
         for name, t in grown.items():
             if old_rows:
                 old = getattr(self, name)
@@ -730,6 +731,7 @@ class Slots:
         idx = torch.tensor([job.ids], dtype=torch.long, device=self.param.device)
         self.seen[r] = False
         self.seen[r, idx[0]] = True
+        self.counts[r] = 0
         alone = start == 0  # no padding before it: the plain causal path, as generate takes for one prompt
         with self.model.cache_rows(r, r + 1):
             logits, _ = self.model(idx, start_pos=start, positions=None if alone else torch.arange(P)[None].to(idx),
@@ -747,6 +749,11 @@ class Slots:
         if any(p != 1.0 for p in penalty):
             penalty = torch.tensor(penalty, dtype=torch.float32, device=logits.device)[:, None]
             logits = apply_repetition_penalty(logits, self.seen[:n], penalty)
+        presence, frequency = ([s.get(k, 0) for s in settings] for k in ("presence_penalty", "frequency_penalty"))
+        if any(presence) or any(frequency):  # OpenAI's penalties, on the answer's tokens (as vLLM)
+            per_row = lambda v: torch.tensor(v, dtype=torch.float32, device=logits.device)[:, None]  # noqa: E731
+            counts = self.counts[:n]
+            logits = logits - per_row(frequency) * counts - per_row(presence) * (counts > 0)
         return sample_rows(logits, *([s[k] for s in settings] for k in ("temperature", "top_k", "top_p")),
                            [job.generator if job else None for job in self.jobs])
 
@@ -763,6 +770,7 @@ class Slots:
             return self.clear()
         token = token[:n, None]
         self.seen[:n].scatter_(1, token, True)
+        self.counts[:n].scatter_add_(1, token, torch.ones_like(token, dtype=self.counts.dtype))
         self.mask[:n, self.col] = True
         padded = not bool(self.mask[:n, :self.col + 1].all())  # no padding anywhere: the plain causal path
         self.logits[:n] = self.decode_step(self.model, token, self.col, self.next_pos[:n] if padded else None,
@@ -773,7 +781,7 @@ class Slots:
     def clear(self):
         self.model.clear_cache()
         self.jobs, self.col, self.size = [], 0, (0, 0)
-        self.mask = self.next_pos = self.logits = self.seen = None
+        self.mask = self.next_pos = self.logits = self.seen = self.counts = None
 
 
 def kv_budget(model, max_batch, device) -> int:
@@ -924,8 +932,9 @@ REQUEST_FIELDS = {
              lambda v: all([v] if isinstance(v, str) else v) and len([v] if isinstance(v, str) else v) <= 16,
              "up to 16 non-empty strings"),
     "user": (lambda v: isinstance(v, str), "a string", None, None),
-    "presence_penalty": (_is_number, "a number", lambda v: v == 0, "0 (not supported; repetition_penalty is)"),
-    "frequency_penalty": (_is_number, "a number", lambda v: v == 0, "0 (not supported; repetition_penalty is)"),
+    # OpenAI's: each logit less presence_penalty once its token is in the answer, frequency_penalty per time it is
+    "presence_penalty": (_is_number, "a number", lambda v: -2 <= v <= 2, "a number in [-2, 2]"),
+    "frequency_penalty": (_is_number, "a number", lambda v: -2 <= v <= 2, "a number in [-2, 2]"),
     # logprobs=0 is not off: /v1/completions then returns the chosen tokens' logprobs
     "logprobs": (lambda v: isinstance(v, (bool, int)), "a boolean or an integer", lambda v: v is False,
                  "false or null (not supported)"),
@@ -1078,6 +1087,7 @@ class ModelServer(ThreadingHTTPServer):
                                 f"{main_field} or completion.", main_field, "context_length_exceeded")
         sampling = {k: fields.get(k, v) for k, v in self.settings[chat].items()}
         sampling["top_k"] = sampling["top_k"] or None  # 0 = off
+        sampling.update((k, fields.get(k, 0)) for k in ("presence_penalty", "frequency_penalty"))
         generator = self.generator
         if "seed" in fields:
             generator = torch.Generator(self.device).manual_seed(fields["seed"] % 2**64)

@@ -256,6 +256,26 @@ def test_sampling_fields_take_effect(ckpt, client):
     assert got.usage.completion_tokens == 5 and got.choices[0].text == greedy[:len(got.choices[0].text)]
 
 
+@pytest.mark.parametrize("penalties", [dict(frequency_penalty=1.5), dict(presence_penalty=2.0),
+                                       dict(frequency_penalty=-0.5, presence_penalty=0.8)])
+def test_presence_and_frequency_penalties_are_openais(server, client, penalties):
+    """OpenAI's formula, checked against a plain loop over the model (no cache): each logit less frequency_penalty
+    times its token's count in the answer so far and presence_penalty once it is there."""
+    prompt, n = [256, 97, 98, 99], 16
+    model = server.model
+    counts, ref = torch.zeros(model.args.vocab_size), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([prompt + ref]))[0][0, -1].float()
+            logits -= (penalties.get("frequency_penalty", 0) * counts
+                       + penalties.get("presence_penalty", 0) * (counts > 0))
+            ref.append(int(logits.argmax()))
+            counts[ref[-1]] += 1
+    ask = lambda **kw: client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, **kw)
+    got, plain = ask(**penalties), ask()
+    assert 257 not in ref and got.choices[0].text == server.tok.decode(ref) != plain.choices[0].text
+
+
 def test_seeded_sampling_is_reproducible(client):
     ask = lambda seed: client.completions.create(model="tiny", prompt="ab", max_tokens=12, temperature=1.0,
                                                  top_p=0.95, seed=seed, extra_body={"top_k": 50}).choices[0].text
@@ -426,6 +446,8 @@ BAD = [
     ("POST", "/v1/completions", {"prompt": "hi", "stop": ["", "x"]}, 400, "stop", None),
     ("POST", "/v1/completions", {"prompt": "hi", "tools": []}, 400, "tools", None),
     ("POST", "/v1/completions", {"prompt": "hi", "logprobs": 0}, 400, "logprobs", None),  # the chosen tokens'
+    ("POST", "/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", None),
+    ("POST", "/v1/completions", {"prompt": "hi", "frequency_penalty": "1"}, 400, "frequency_penalty", None),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                       "response_format": {"type": "json_object"}}, 400, "response_format", None),
     ("POST", "/v1/completions", {"prompt": 5}, 400, "prompt", None),
