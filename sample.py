@@ -1052,7 +1052,7 @@ class ModelServer(ThreadingHTTPServer):
             if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                                  and isinstance(p.get("text"), str) for p in content):
                 content = "".join(p["text"] for p in content)
-            given = {k for k, v in m.items() if v is not None}  # a client's dump of a reply: refusal=null, ...
+            given = {k for k, v in m.items() if v is not None and v != []}  # a dumped reply: refusal=null, ...
             if not isinstance(content, str) or given - {"role", "content", "name"}:
                 raise APIError(400, f"messages[{i}]: expected role, content (a string or text parts) and an "
                                     f"optional name", "messages")

@@ -185,6 +185,9 @@ def test_a_reply_sent_back_as_the_client_dumps_it_continues_the_chat(client):
         {"role": "assistant", "content": dumped["content"]}, {"role": "user", "content": "And?"}])
     assert got.choices[0].message.content == again.choices[0].message.content
     assert got.usage.prompt_tokens == again.usage.prompt_tokens
+    history[1] = {**dumped, "tool_calls": [], "annotations": []}  # other clients send empty lists for "none"
+    empty = client.chat.completions.create(model="tiny", messages=history, max_tokens=6, temperature=0)
+    assert empty.choices[0].message.content == got.choices[0].message.content
 
 
 def test_messages_the_template_renders_to_nothing_are_a_400(ckpt, tmp_path):
