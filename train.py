@@ -850,7 +850,8 @@ def prepare_out_dir(cfg: Config, d: Dist) -> Path:
     """Refuse to mix two runs in one out_dir: init_from='scratch' needs an empty out_dir or --overwrite."""
     out_dir = Path(cfg.out_dir)
     inputs = [cfg.data_dir] + ([cfg.init_from] if cfg.init_from not in ("scratch", "resume") else [])
-    try:  # not ".", a file, the data or the checkpoint this run reads, nor a dir holding them or inside them
+    try:  # not ".", a file, the data or the checkpoint this run reads, nor a dir holding them (so nothing that
+        # --overwrite removes is an input) or inside them
         check_output(out_dir, inputs, flag="out_dir")
     except ValueError as e:
         fail(str(e))
@@ -858,12 +859,6 @@ def prepare_out_dir(cfg: Config, d: Dist) -> Path:
     if cfg.init_from != "resume" and previous and not cfg.overwrite:
         fail(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
              f"it, or --overwrite to replace it")
-    for key in ("init_from", "data_dir"):  # what --overwrite removes must not be this run's input
-        source = Path(getattr(cfg, key)).resolve()
-        doomed = [p for p in previous if p.resolve() == source or p.resolve() in source.parents]
-        if cfg.init_from != "resume" and doomed:
-            fail(f"out_dir={out_dir} --overwrite would remove {doomed[0]}, which holds {key}={getattr(cfg, key)}; "
-                 "copy it out first or choose another out_dir")
     if d.master:
         try:  # a path under a file, a read-only dir or file system: one line now, not a traceback at the first save
             out_dir.mkdir(parents=True, exist_ok=True)
