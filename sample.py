@@ -9,7 +9,7 @@ Run:
   python sample.py --ckpt=ckpt/aquila-7b                         # on a terminal: a prompt at a time, as FlagAI's
   echo -e "Hi\\nWhat is 2+2?" | python sample.py --ckpt=DIR --chat                   # scripted chat
   python sample.py --ckpt=DIR --quantize=int4 --group_size=128 --save_quantized=DIR-int4   # then --ckpt=DIR-int4
-  python sample.py --ckpt=DIR --prompt_file=prompts.txt --temperature=0               # one batch, left padded
+  python sample.py --ckpt=DIR --prompt_file=prompts.txt --temperature=0               # batched, left padded
   python sample.py --ckpt=ckpt/baichuan-7b --adapter=out/baichuan_7b_qlora/adapter --chat  # LoRA adapters of train.py
   python sample.py --ckpt=ckpt/baichuan2-7b-chat --serve --port=8000    # the OpenAI API: /v1/chat/completions, ...
 
@@ -1529,7 +1529,7 @@ def parse_args(argv):
     p.add_argument("--ckpt", required=True, help="checkpoint dir (config.json, weights, tokenizer)")
     p.add_argument("--prompt", default=None, help="text to continue (default: on a terminal, ask for "
                    "prompts one after another; else start from bos)")
-    p.add_argument("--prompt_file", default=None, help="one prompt per line, generated as one left-padded batch")
+    p.add_argument("--prompt_file", default=None, help="one prompt per line, generated as left-padded batches")
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help="default 256, or half the model's max_seq_len where that is less")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8, or family chat)")
@@ -1630,7 +1630,8 @@ def load_checkpoint(args):
 
 
 def run_prompt_file(model, tok, args, common, stdout) -> dict:
-    """--prompt_file: one prompt per line, generated as one left-padded batch; each continuation on its own line."""
+    """--prompt_file: one prompt per line, generated as left-padded batches, as many rows at once as the KV cache
+    fits in memory (kv_budget); each continuation on its own line."""
     if not os.path.isfile(args.prompt_file):
         fail(f"--prompt_file={args.prompt_file}: no such file")
     try:
@@ -1646,11 +1647,16 @@ def run_prompt_file(model, tok, args, common, stdout) -> dict:
     t0 = time.perf_counter()
     outs = [[] for _ in rows]
     n = 0
-    for step in generate(model, rows, args.max_new_tokens, **common):
-        for b, t in enumerate(step):
-            if t is not None and t != tok.eos_id:
-                outs[b].append(t)
-                n += 1
+    positions = kv_budget(model, len(rows), next(model.parameters()).device)
+    size = max(1, positions // (max(map(len, rows)) + args.max_new_tokens))
+    if size < len(rows):
+        log(f"--prompt_file: {len(rows)} prompts in batches of {size}: the KV cache of more would not fit in memory")
+    for first in range(0, len(rows), size):
+        for step in generate(model, rows[first:first + size], args.max_new_tokens, **common):
+            for b, t in enumerate(step, first):
+                if t is not None and t != tok.eos_id:
+                    outs[b].append(t)
+                    n += 1
     stats = dict(tokens=n, seconds=time.perf_counter() - t0)
     for row, out in zip(rows, outs):  # the text --prompt would stream for the same tokens
         stdout.write("".join(stream_text(tok, out, row, args.stop)) + "\n")

@@ -603,6 +603,24 @@ def test_cli_prompt_file_is_one_batch(ckpt, tiny, tmp_path):
     assert out == "\n".join(want) + "\n"
 
 
+def test_cli_prompt_file_batches_as_many_rows_as_the_kv_cache_fits(ckpt, monkeypatch, tmp_path, capsys):
+    """A long prompt file is not one batch whose KV cache outgrows memory: batches of what kv_budget allows, with the
+    same continuations (greedy) in the file's order."""
+    (tmp_path / "p.txt").write_text("ab\nlonger prompt\nx\nthe fourth\nfive\n")
+    argv = ["--ckpt", ckpt, "--prompt_file", tmp_path / "p.txt", "--temperature", 0, "--max_new_tokens", 6]
+    whole = run_cli(argv)
+    assert "batches of" not in capsys.readouterr().err
+    sizes, generate = [], sample.generate
+
+    def counting(model, rows, *args, **kwargs):
+        sizes.append(len(rows))
+        return generate(model, rows, *args, **kwargs)
+    monkeypatch.setattr(sample, "generate", counting)
+    monkeypatch.setattr(sample, "kv_budget", lambda model, rows, device: 2 * (len("longer prompt") + 1 + 6))
+    assert run_cli(argv) == whole and sizes == [2, 2, 1]
+    assert "5 prompts in batches of 2" in capsys.readouterr().err
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"--ckpt=.*nope: no config.json"):
         run_cli(["--ckpt", tmp_path / "nope", "--prompt", "x"])
