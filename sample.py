@@ -515,12 +515,17 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None,
     return attach_adapter(model, updates, replaced).eval(), config
 
 
+def kv_bytes(args, positions, itemsize) -> int:
+    """Bytes of a KV cache of `positions` (rows x columns): a key and a value per layer and kv head."""
+    return 2 * args.n_layers * args.kv_heads * args.head_dim * positions * itemsize
+
+
 def check_memory(args, device, dtype, ckpt):
     """Refuse, before loading, a model whose weights and one sequence's KV cache exceed the device's available
     memory (counted on the meta device: nothing allocated)."""
     with torch.device("meta"):
         n = model_lib.Transformer(args).num_params()
-    need = (n + 2 * args.n_layers * args.kv_heads * args.head_dim * args.max_seq_len) * dtype.itemsize
+    need = n * dtype.itemsize + kv_bytes(args, args.max_seq_len, dtype.itemsize)
     available = kernels.available_memory(device)
     if available is not None and need > available:
         fail(f"--ckpt={ckpt}: {n / 1e9:.2f}B parameters in {str(dtype)[6:]} need {need / 2**30:.1f} GiB on {device}, "
@@ -788,7 +793,7 @@ def kv_budget(model, max_batch, device) -> int:
     """The KV-cache positions (rows x columns) a server may hold: half the memory available with the model loaded,
     at least one whole context (check_memory saw to that), at most max_batch of them."""
     a = model.args
-    per_position = 2 * a.n_layers * a.kv_heads * a.head_dim * next(model.parameters()).dtype.itemsize
+    per_position = kv_bytes(a, 1, next(model.parameters()).dtype.itemsize)
     available, most = kernels.available_memory(device), max_batch * a.max_seq_len
     return most if available is None else max(a.max_seq_len, min(most, available // 2 // per_position))
 

@@ -847,7 +847,8 @@ def load_weights(path: Path, model, args: ModelArgs):
 
 
 def prepare_out_dir(cfg: Config, d: Dist) -> Path:
-    """Refuse to mix two runs in one out_dir: init_from='scratch' needs an empty out_dir or --overwrite."""
+    """Refuse an out_dir that is, holds or lies inside this run's data or start checkpoint, and two runs in one
+    out_dir: init_from='scratch' needs an empty out_dir or --overwrite."""
     out_dir = Path(cfg.out_dir)
     inputs = [cfg.data_dir] + ([cfg.init_from] if cfg.init_from not in ("scratch", "resume") else [])
     try:  # not ".", a file, the data or the checkpoint this run reads, nor a dir holding them (so nothing that
