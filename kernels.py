@@ -1338,3 +1338,39 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, ab
     c.nf4_matmul(x.data_ptr(), packed.data_ptr(), absmax_q.data_ptr(), absmax_scale.data_ptr(),
                  absmax_offset.data_ptr(), _NF4_CODE_CPU.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
     return y
+
+
+# Hugging Face's `kernels` package (hub kernels, a dependency of transformers >= 5.25) has this file's import name.
+# Started in this folder, Python finds this file first, so in a process that imports both transformers and this
+# project, `import kernels` is this module whatever the order. So that transformers still gets the package it asked
+# for, a name this file does not define is looked up in Hugging Face's package, loaded from where pip installed it; its
+# own submodules (`kernels._internals...`) resolve through __path__. Only missing names are forwarded: nothing this
+# file defines is shadowed, so no op here computes anything differently.
+_HF_KERNELS: list = []  # [spec or None, module or None], found and loaded on first use
+
+
+def _hf_kernels_spec():
+    if not _HF_KERNELS:
+        import importlib.machinery
+        here = Path(__file__).resolve().parent
+        others = [p for p in sys.path if Path(p or ".").resolve() != here]
+        spec = importlib.machinery.PathFinder.find_spec("kernels", others)
+        _HF_KERNELS[:] = [spec if spec is not None and spec.submodule_search_locations else None, None]
+    return _HF_KERNELS[0]
+
+
+def __getattr__(name: str):
+    spec = None if name.startswith("__") and name != "__path__" else _hf_kernels_spec()
+    if spec is None:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    if name == "__path__":
+        return list(spec.submodule_search_locations)
+    if _HF_KERNELS[1] is None:
+        import importlib.util
+        hf = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(hf)
+        _HF_KERNELS[1] = hf
+    try:
+        return getattr(_HF_KERNELS[1], name)
+    except AttributeError:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}") from None

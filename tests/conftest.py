@@ -1,5 +1,6 @@
 """Shared test setup: the project root on sys.path, deterministic torch, and the fake torch_npu fixture."""
 
+import math
 import os
 import sys
 
@@ -10,6 +11,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def is_timing(*values) -> bool:
+    """A measured time or rate is a number (finite, not negative) and nothing more: its size depends on the machine
+    and its load, and a short one rounds to 0. Speed is bench.py's output, never an assertion."""
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+               for v in values)
 
 
 @pytest.fixture(scope="module")
