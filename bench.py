@@ -37,7 +37,9 @@ weight, plus attention's 12 * n_layers * seq_len * dim.
 Serve mode times sample.py's OpenAI-compatible server (in this process, on a free 127.0.0.1 port) with the weights as
 generate mode holds them: --batch_size clients each POST one greedy /v1/completions request (prompt_len random token
 ids, new_tokens each), first all at once from threads (the server decodes them as one batch), then one after another,
-alternated for --rounds rounds. It reports the total generated tokens/s of each (medians) and their ratio.
+alternated for --rounds rounds. It reports the total generated tokens/s of each (medians) and their ratio. Then
+`streams`: 1, 4 and 8 clients at once, each streaming its answer, --rounds times: the time to the first token and
+each client's tokens/s (its tokens over the seconds from sending to the last token), medians over clients and rounds.
 
 --compare builds transformers' LlamaForCausalLM with the same config (sdpa attention) and the same weights, the same
 batch and train.py's AdamW, then alternates ours and theirs for --rounds rounds (timings drift between runs; only
@@ -725,6 +727,51 @@ def time_clients(port: int, prompts: list[list[int]], new_tokens: int, at_once: 
     return time.perf_counter() - t0, sum(counts)
 
 
+def stream_completion(port: int, prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
+    """One greedy streamed /v1/completions request -> (seconds to the first token, seconds to the last, tokens)."""
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
+                                                        "stream": True, "stream_options": {"include_usage": True}}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"the server answered {resp.status}: {resp.read()[:200]}")
+    first = tokens = None
+    while line := resp.readline():
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        if first is None and event["choices"] and event["choices"][0]["text"]:
+            first = time.perf_counter() - t0
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+    conn.close()
+    return first, time.perf_counter() - t0, tokens
+
+
+def time_streams(port: int, prompts: list[list[int]], new_tokens: int, clients: int, rounds: int) -> dict:
+    """`clients` streamed requests at once, `rounds` times: the medians over clients and rounds of the time to the
+    first token and of each client's tokens/s (its tokens over the seconds from sending to the last token)."""
+    ttft, per_client = [], []
+    for _ in range(rounds):
+        out = [None] * clients
+
+        def client(i):
+            out[i] = stream_completion(port, prompts[i % len(prompts)], new_tokens)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        for first, last, tokens in out:
+            if tokens != new_tokens:
+                fail(f"a streamed request got {tokens} tokens, expected {new_tokens}")
+            ttft.append(first)
+            per_client.append(tokens / last)
+    return {"ttft_s": round(statistics.median(ttft), 3),
+            "tokens_per_s_per_client": round(statistics.median(per_client), 2)}
+
+
 def time_joining(port: int, prompts: list[list[int]], new_tokens: int) -> dict:
     """Seconds a short request (16 tokens) takes alone, and sent while a long one (new_tokens) decodes: continuous
     batching lets it join at once instead of waiting for the long one to end."""
@@ -739,6 +786,9 @@ def time_joining(port: int, prompts: list[list[int]], new_tokens: int) -> dict:
     during = time.perf_counter() - t0
     long.join()
     return {"short_alone_s": round(alone, 3), "short_during_long_s": round(during, 3)}
+
+
+STREAMS = (1, 4, 8)  # concurrent streamed clients serve mode times
 
 
 def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
@@ -772,14 +822,28 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     finally:
         server.shutdown()
         server.server_close()
+    largest_batch = max(rows for rows, _ in server.batcher.batches)
+    # streamed clients at 1, 4 and 8 at once: what each sees (a server that batches up to 8)
+    streaming = ModelServer(model, IdTokenizer(), port=0, name="bench", plain_settings=greedy, max_batch=max(STREAMS),
+                            decode_step=CompiledDecode() if opt.compile else None, access_log=False)
+    threading.Thread(target=streaming.serve_forever, daemon=True).start()
+    try:
+        if opt.warmup:
+            time_streams(streaming.server_address[1], prompts, opt.new_tokens, 1, opt.warmup)
+        streams = {f"{n}_clients": time_streams(streaming.server_address[1], prompts, opt.new_tokens, n, opt.rounds)
+                   for n in STREAMS}
+    finally:
+        streaming.shutdown()
+        streaming.server_close()
     result = {"mode": "serve", "preset": opt.preset, "dtype": opt.dtype, "device": device.type,
               "clients": opt.batch_size, "prompt_len": opt.prompt_len, "new_tokens": opt.new_tokens}
     for name, runs in seconds.items():
         result[f"{name}_tokens_per_s"] = round(expected / statistics.median(runs), 2)
         result[f"{name}_tokens_per_s_runs"] = [round(expected / s, 2) for s in runs]
     result["ratio"] = round(result["concurrent_tokens_per_s"] / result["sequential_tokens_per_s"], 3)
-    result["largest_batch"] = max(rows for rows, _ in server.batcher.batches)
+    result["largest_batch"] = largest_batch
     result.update(joining)
+    result["streams"] = streams
     result["load_avg_1m"] = load_average()
     return result
 
