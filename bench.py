@@ -34,7 +34,7 @@ mode also reports decode_tokens_per_s and decode_mbu, the prefill (time to the f
 frozen, --qlora on an NF4 base. Their MFU counts 4 FLOPs per frozen weight (forward + input gradient), 6 per adapter
 weight, plus attention's 12 * n_layers * seq_len * dim.
 
-Serve mode times sample.py's OpenAI-compatible server (in this process, on a free 127.0.0.1 port) with the weights as
+Serve mode times sample.py's OpenAI-compatible server (support/server.py, in this process, on a free 127.0.0.1 port) with the weights as
 generate mode holds them: --batch_size clients each POST one greedy /v1/completions request (prompt_len random token
 ids, new_tokens each), first all at once from threads (the server decodes them as one batch), then one after another,
 alternated for --rounds rounds. It reports the total generated tokens/s of each (medians) and their ratio. Then
@@ -794,7 +794,8 @@ STREAMS = (1, 4, 8)  # concurrent streamed clients serve mode times
 def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     """--mode=serve: total tokens/s of --batch_size concurrent clients and of the same requests sent in turn; the
     time of a short request sent while a long one decodes."""
-    from sample import CompiledDecode, ModelServer, decode_layout
+    from sample import CompiledDecode, Engine, decode_layout
+    from support.server import ModelServer
 
     if opt.prompt_len + opt.new_tokens > model_args.max_seq_len:
         fail(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
@@ -805,8 +806,9 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(opt.seed)
     prompts = torch.randint(model_args.vocab_size, (opt.batch_size, opt.prompt_len), generator=g).tolist()
     greedy = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0)
-    server = ModelServer(model, IdTokenizer(), port=0, name="bench", plain_settings=greedy, max_batch=opt.batch_size,
-                         decode_step=CompiledDecode() if opt.compile else None, access_log=False)
+    server = ModelServer(Engine(model, IdTokenizer(), plain_settings=greedy, max_batch=opt.batch_size,
+                                decode_step=CompiledDecode() if opt.compile else None), port=0, name="bench",
+                         access_log=False)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port, expected = server.server_address[1], opt.batch_size * opt.new_tokens
     seconds = {"concurrent": [], "sequential": []}
@@ -824,8 +826,9 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
         server.server_close()
     largest_batch = max(rows for rows, _ in server.batcher.batches)
     # streamed clients at 1, 4 and 8 at once: what each sees (a server that batches up to 8)
-    streaming = ModelServer(model, IdTokenizer(), port=0, name="bench", plain_settings=greedy, max_batch=max(STREAMS),
-                            decode_step=CompiledDecode() if opt.compile else None, access_log=False)
+    streaming = ModelServer(Engine(model, IdTokenizer(), plain_settings=greedy, max_batch=max(STREAMS),
+                                   decode_step=CompiledDecode() if opt.compile else None), port=0, name="bench",
+                            access_log=False)
     threading.Thread(target=streaming.serve_forever, daemon=True).start()
     try:
         if opt.warmup:
