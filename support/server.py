@@ -530,7 +530,7 @@ class Answer:
 
     async def pieces(self):
         """(text, [(token, (logprob, top))]) as text is released: the tokens' log-probabilities ride with the text
-        that releases them (an end token has none). A chat reply loses its leading whitespace, as --chat's does."""
+        that releases them. A chat reply loses its leading whitespace, as --chat's does."""
         scored, started = [], not self.plan.chat
         tokens = self.tokens()
         try:
@@ -538,7 +538,7 @@ class Answer:
                 self.n_tokens += 1
                 if t in self.job.end_ids:
                     self.finish_reason = "stop"
-                elif self.plan.logprobs is not None:
+                if self.plan.logprobs is not None:  # an end token's too, as OpenAI's (its text is "")
                     scored.append((t, self.job.token_logprobs[self.n_tokens - 1]))
                 piece = self.text.push(t)
                 if not started:
@@ -578,7 +578,8 @@ class Answer:
             offsets.append(self.offset)
             self.offset += len(text)
         return {"tokens": [text for text, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [None if top is None else dict(top) for _, _, top in entries], "text_offset": offsets}
+                "top_logprobs": [None if top is None else dict(reversed(top)) for _, _, top in entries],  # tokens of
+                "text_offset": offsets}  # one text (e.g. bytes of a character: U+FFFD) keep the best value
 
     def echoed(self):
         """With echo (completions): the prompt's text and its tokens' log-probabilities (the first has none)."""
