@@ -34,12 +34,13 @@ mode also reports decode_tokens_per_s and decode_mbu, the prefill (time to the f
 frozen, --qlora on an NF4 base. Their MFU counts 4 FLOPs per frozen weight (forward + input gradient), 6 per adapter
 weight, plus attention's 12 * n_layers * seq_len * dim.
 
-Serve mode times sample.py's OpenAI-compatible server (support/server.py, in this process, on a free 127.0.0.1 port) with the weights as
-generate mode holds them: --batch_size clients each POST one greedy /v1/completions request (prompt_len random token
-ids, new_tokens each), first all at once from threads (the server decodes them as one batch), then one after another,
-alternated for --rounds rounds. It reports the total generated tokens/s of each (medians) and their ratio. Then
-`streams`: 1, 4 and 8 clients at once, each streaming its answer, --rounds times: the time to the first token and
-each client's tokens/s (its tokens over the seconds from sending to the last token), medians over clients and rounds.
+Serve mode times sample.py's OpenAI-compatible server (support/server.py, in this process, on a free 127.0.0.1
+port) with the weights as generate mode holds them: --batch_size clients each POST one greedy /v1/completions request
+(prompt_len random token ids, new_tokens each), first all at once from threads (the server decodes them as one batch),
+then one after another, alternated for --rounds rounds. It reports the total generated tokens/s of each (medians)
+and their ratio. Then `streams`: 1, 4 and 8 clients at once, each streaming its answer, --rounds times: the time to
+the first token and each client's tokens/s (its tokens over the seconds from sending to the last token), medians over
+clients and rounds.
 
 --compare builds transformers' LlamaForCausalLM with the same config (sdpa attention) and the same weights, the same
 batch and train.py's AdamW, then alternates ours and theirs for --rounds rounds (timings drift between runs; only

@@ -144,8 +144,6 @@ def read_fields(body, main_field, ranges, chat):
         del fields["logprobs"]
     if chat and "top_logprobs" in fields and not fields.get("logprobs"):  # OpenAI refuses it too
         raise APIError(400, "top_logprobs: only allowed when logprobs is true", "top_logprobs")
-    if fields.get("echo") and "logprobs" not in fields and fields.get("stream"):
-        pass  # echo alone: the prompt's text before the answer
     if "stream_options" in fields and not fields.get("stream"):  # OpenAI refuses it too
         raise APIError(400, "stream_options: only allowed when stream is true", "stream_options")
     return fields
@@ -252,9 +250,7 @@ class ModelServer:
         return APIError(e.status_code, str(e.detail)).response()
 
     async def internal_error(self, request, e):
-        """A bug: a 500 for the client, the traceback for the log; the server goes on."""
-        import traceback
-        traceback.print_exception(e)
+        """A bug: a 500 for the client (uvicorn logs the traceback); the server goes on."""
         return APIError(500, f"internal error ({type(e).__name__}); see the server's log").response()
 
     # a request ----------------------------------------------------------------
@@ -355,7 +351,7 @@ class ModelServer:
                                 "log-probabilities alone)", "max_tokens")
         if max_new is None:
             max_new = min(self.engine.max_new_tokens, context - len(ids))
-        if len(ids) + max_new > context or max_new < 0 or (max_new == 0 and not fields.get("echo")):
+        if len(ids) + max_new > context or (max_new == 0 and not fields.get("echo")):
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                                 f"{len(ids) + max(max_new, 1)} tokens ({len(ids)} in the {main_field}, "
                                 f"{max(max_new, 1)} in the completion). Please reduce the length of the "
@@ -570,8 +566,8 @@ class Answer:
             entries.append((text, None if s is None else s[0], top))
             self.before = (self.before + [t])[-4:]
         if self.plan.chat:
-            return {"content": [{"token": text, "logprob": lp, "bytes": list(text.encode()),
-                                 "top_logprobs": [{"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in top]}
+            entry = lambda text, lp: {"token": text, "logprob": lp, "bytes": list(text.encode())}  # noqa: E731
+            return {"content": [{**entry(text, lp), "top_logprobs": [entry(a, v) for a, v in top]}
                                 for text, lp, top in entries], "refusal": None}
         offsets = []
         for text, _, _ in entries:

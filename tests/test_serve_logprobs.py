@@ -161,13 +161,13 @@ metric_list:
 """
 
 
-def lm_eval(model, model_args, tasks_dir, out):
+def lm_eval(model, model_args, tasks_dir, out, *flags):
     """lm-eval's command line, offline: -> ({doc_id: [log-likelihood of each choice]}, accuracy)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(out / "datasets"), "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args,
                           "--tasks", "nanollama_tiny_mc", "--include_path", str(tasks_dir), "--batch_size", "1",
-                          "--output_path", str(out), "--log_samples"], env=env, capture_output=True, text=True,
+                          "--output_path", str(out), "--log_samples", *flags], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     [results] = glob.glob(str(out / "**" / "results_*.json"), recursive=True)
@@ -191,8 +191,8 @@ def test_lm_eval_scores_a_multiple_choice_task_against_the_server_as_its_hf_back
     ours, our_accuracy = lm_eval("local-completions", f"base_url=http://127.0.0.1:{server.server_address[1]}"
                                  f"/v1/completions,model=tiny,tokenizer={hf},tokenizer_backend=huggingface",
                                  tmp_path / "tasks", tmp_path / "ours")
-    theirs, their_accuracy = lm_eval("hf", f"pretrained={hf},dtype=float32,device=cpu", tmp_path / "tasks",
-                                     tmp_path / "hf-out")
+    theirs, their_accuracy = lm_eval("hf", f"pretrained={hf},dtype=float32", tmp_path / "tasks", tmp_path / "hf-out",
+                                     "--device", "cpu")
     assert sorted(ours) == sorted(theirs) == list(range(len(QUESTIONS)))
     for doc in ours:
         assert len(ours[doc]) == len(QUESTIONS[doc][1])
