@@ -177,7 +177,7 @@ class ModelServer:
         self.model, self.tok, self.batcher = engine.model, engine.tok, engine.batcher
         self.grace_period, self.max_requests = grace_period, max_requests
         self.allowed_origins = set(allowed_origins)  # web pages that may call the server from a browser ("*": any)
-        self.created = int(time.time())
+        self.created, self.page = int(time.time()), CHAT_PAGE.read_text(encoding="utf-8")
         self.in_progress, self.deadline = 0, None  # requests being answered; when answers are cut (stopping)
         self.started, self.stopped = threading.Event(), threading.Event()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -215,7 +215,7 @@ class ModelServer:
         return Bounded(app, self)
 
     async def chat_page(self):
-        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"), headers={
+        return HTMLResponse(self.page, headers={
             # everything the page needs is in it: no script, style or font from elsewhere
             "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
             "Cache-Control": "no-cache"})
@@ -255,9 +255,9 @@ class ModelServer:
 
     # a request ----------------------------------------------------------------
 
-    async def read_json(self, request):
-        """The body as a JSON object: 413 past max_body (by Content-Length, or as chunks arrive), 408 when it stops
-        arriving for body_timeout seconds, 400 unless it is a JSON object of text."""
+    async def read_body(self, request) -> bytes:
+        """The body: 413 past max_body (by Content-Length, or as chunks arrive), 408 when it stops arriving for
+        body_timeout seconds."""
         length = request.headers.get("content-length")
         if length is not None and not length.strip().isdigit():
             raise APIError(400, f"Content-Length: expected a number of bytes, got {length[:40]!r}")
@@ -277,8 +277,13 @@ class ModelServer:
             if size > self.max_body:
                 raise APIError(413, f"request body over the limit of {self.max_body} bytes", code="request_too_large")
             chunks.append(chunk)
+        return b"".join(chunks)
+
+    @staticmethod
+    def read_json(data: bytes) -> dict:
+        """The body as a JSON object of text; APIError 400 otherwise."""
         try:
-            body = json.loads(b"".join(chunks))
+            body = json.loads(data)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise APIError(400, f"malformed JSON in the request body: {e}")
         if not isinstance(body, dict):
@@ -336,8 +341,9 @@ class ModelServer:
                            "messages")
         return ids
 
-    def plan(self, body, chat) -> Plan:
+    def plan(self, data, chat) -> Plan:
         """A request body -> its Plan; APIError for what does not suit."""
+        body = self.read_json(data)
         main_field = "messages" if chat else "prompt"
         fields = read_fields(body, main_field, self.engine.ranges, chat)
         if fields.get("model", self.name) != self.name:
@@ -367,8 +373,8 @@ class ModelServer:
 
     async def complete(self, request, chat):
         """POST /v1/completions or /v1/chat/completions: queue the job, then answer as its tokens come."""
-        body = await self.read_json(request)
-        plan = await run_in_threadpool(self.plan, body, chat)  # tokenizing a long prompt: off the event loop
+        data = await self.read_body(request)
+        plan = await run_in_threadpool(self.plan, data, chat)  # parsing and tokenizing: off the event loop
         job = self.engine.submit(plan.ids, plan.max_new, plan.sampling, chat, plan.seed, plan.logprobs, plan.echo)
         answer = Answer(self, plan, job, request)
         if plan.stream:

@@ -4,7 +4,8 @@ completions: `logprobs` N (the N most likely alternatives of each token) with `e
 first without one; max_tokens 0 allowed); chat: `logprobs: true` with `top_logprobs`. Each value is the model's
 log-softmax in fp32, before any sampling setting. lm-eval's local-completions backend scores a multiple-choice task
 the test writes (a task YAML over a local JSONL file) against the server, and its own hf backend scores the same task
-on the convert.py native-to-hf export of the checkpoint: the same accuracy, log-likelihoods within 1e-4.
+on the convert.py native-to-hf export of the checkpoint: the same accuracy, log-likelihoods within 1e-4. lm-eval sends
+4 requests at a time there, so the server scores prompts that join a running batch too.
 """
 import glob
 import json
@@ -189,7 +190,8 @@ def test_lm_eval_scores_a_multiple_choice_task_against_the_server_as_its_hf_back
     convert.main(["native-to-hf", "--src", str(ckpt), "--dst", str(tmp_path / "hf")])
     hf = tmp_path / "hf"
     ours, our_accuracy = lm_eval("local-completions", f"base_url=http://127.0.0.1:{server.server_address[1]}"
-                                 f"/v1/completions,model=tiny,tokenizer={hf},tokenizer_backend=huggingface",
+                                 f"/v1/completions,model=tiny,tokenizer={hf},tokenizer_backend=huggingface,"
+                                 "add_bos_token=True,num_concurrent=4",  # bos: as the hf backend's tokenizer does
                                  tmp_path / "tasks", tmp_path / "ours")
     theirs, their_accuracy = lm_eval("hf", f"pretrained={hf},dtype=float32", tmp_path / "tasks", tmp_path / "hf-out",
                                      "--device", "cpu")
