@@ -1,13 +1,15 @@
 """train.py's training loop against a reference written here, so a bug that changes the numbers of every run alike
-(a schedule off by a step, decay on the wrong parameters, clipping left out, a loss scale that grows wrong) fails.
+(a schedule off by a step, decay on the wrong parameters, clipping left out or done before the float16 loss scale is
+removed, a loss scale that grows wrong) fails.
 
 The comparisons in tests/test_train.py and tests/test_distributed.py set train.py against itself (resumed against
 uninterrupted, a mesh against one process): they cannot see such a bug. Here the reference is plain PyTorch and the
-documented recipe: torch.optim.AdamW with weight decay on matrices only, torch.nn.utils.clip_grad_norm_, linear
-warmup then cosine decay to min_lr, on the windows train.py's EpochSampler hands out and the weights of a checkpoint
-dir written by the test. train.py is used through train.main, its metrics.jsonl and export, EpochSampler and
-LossScaler (for the one case a run cannot show). Also: an interrupted LoRA run with dropout against an
-uninterrupted one, and the tensor-parallel loss with a loss mask against the formula kernels.py documents.
+documented recipe: torch.optim.AdamW with weight decay on matrices only, torch.nn.utils.clip_grad_norm_ (in float16
+after torch.amp.GradScaler's unscale), linear warmup then cosine decay to min_lr, on the windows train.py's
+EpochSampler hands out and the weights of a checkpoint dir written by the test. train.py is used through
+train.main, its metrics.jsonl and export, EpochSampler and LossScaler (for the one case a run cannot show). Also:
+an interrupted LoRA run with dropout against an uninterrupted one, and the tensor-parallel loss with a loss mask
+against the formula kernels.py documents.
 
     python -m pytest -q tests/test_training_reference.py
 """
