@@ -1549,12 +1549,13 @@ def flagai_to_native(src: Path, dst, dtype=None, template=None, overwrite=False,
     return args
 
 
-def native_to_ascendspeed(src, dst, tp=1, pp=1, divisible_by=128, merge_mlp=True, dtype=None, overwrite=False):
+def native_to_ascendspeed(src, dst, tp=1, pp=1, divisible_by=128, merge_mlp=True, deepspeed=False, dtype=None,
+                          overwrite=False):
     src = Path(src)
     args, family, _ = open_checkpoint_dir(src)
     tensors = {n: cast(t, dtype) for n, t in load_tensors(src).items()}
     with staged(dst, overwrite, (src,)) as tmp:
-        ascendspeed.write(tmp, ascendspeed.rank_models(tensors, args, tp, pp, divisible_by, merge_mlp), pp)
+        ascendspeed.write(tmp, ascendspeed.rank_models(tensors, args, tp, pp, divisible_by, merge_mlp), pp, deepspeed)
         copy_beside(src, tmp)
     return args, family
 
@@ -1616,6 +1617,8 @@ def main(argv=None):
     s.add_argument("--make_vocab_size_divisible_by", type=int, default=128, help="as the run's flag (default 128)")
     s.add_argument("--no_merge_mlp", action="store_true", help="gate_proj + dense_h_to_4h instead of mlp.proj (for "
                                                                "runs without --mlp-layer-fusion)")
+    s.add_argument("--deepspeed", action="store_true", help="DeepSpeed's layout (latest, mp_rank_XX_model_states.pt), "
+                                                            "for scripts run with --deepspeed")
     a = p.parse_args(argv)
 
     try:
@@ -1651,7 +1654,7 @@ def main(argv=None):
                     fail(f"--{flag}={getattr(a, flag)}: expected a positive integer")
             kw.pop("max_shard_bytes")
             args, family = native_to_ascendspeed(a.src, a.dst, a.tp, a.pp, a.make_vocab_size_divisible_by,
-                                                 not a.no_merge_mlp, **kw)
+                                                 not a.no_merge_mlp, a.deepspeed, **kw)
         else:
             args, family = dcp_to_native(a.src, a.dst, **kw)
     except CheckpointError as e:  # every problem, said in one line

@@ -274,15 +274,21 @@ def rank_models(tensors, args: ModelArgs, tp: int, pp: int = 1, divisible_by: in
             yield (t, p), lm
 
 
-def write(dst, models, pp: int = 1):
-    """A release checkpoint as the converter writes it: the tracker, then release/mp_rank_*/model_optim_rng.pt, one
-    rank at a time (models: rank_models)."""
+def write(dst, models, pp: int = 1, deepspeed: bool = False):
+    """A release checkpoint as the converter writes it, one rank at a time (models: rank_models): the tracker, then
+    release/mp_rank_*/model_optim_rng.pt; with deepspeed (its --deepspeed, for scripts run under DeepSpeed such as
+    seed 000's) the tracker `latest` and release/mp_rank_XX_model_states.pt holding the dict under "module"."""
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / TRACKER).write_text("release\n")
+    (dst / "release").mkdir(parents=True, exist_ok=True)
+    (dst / ("latest" if deepspeed else TRACKER)).write_text("release\n")
     for (t, p), lm in models:
+        if deepspeed:
+            if pp > 1:
+                fail("--deepspeed: the converter writes DeepSpeed's layout for pp=1 only")
+            torch.save({"checkpoint_version": CHECKPOINT_VERSION, "module": {"language_model": lm}, "dp_world_size": 0},
+                       dst / "release" / f"mp_rank_{t:02d}_model_states.pt")
+            continue
         rank_dir = dst / "release" / rank_dir_name(t, p, pp)
         rank_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"checkpoint_version": CHECKPOINT_VERSION, "model": {"language_model": lm}},
                    rank_dir / "model_optim_rng.pt")
-

@@ -191,6 +191,12 @@ def test_native_round_trip_through_ascendspeed_is_tensor_identical(tmp_path, hf_
     a, b = load_tensors(like), load_tensors(tmp_path / "back")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_config(tmp_path / "back")[1] == read_config(like)[1]
+    run("native-to-ascendspeed", f"--src={like}", f"--dst={tmp_path / 'ds'}", "--deepspeed")  # seed 000's DeepSpeed run
+    assert (tmp_path / "ds/latest").read_text() == "release\n"
+    assert sorted(p.name for p in (tmp_path / "ds/release").iterdir()) == ["mp_rank_00_model_states.pt"]
+    run("ascendspeed-to-native", f"--src={tmp_path / 'ds'}", f"--dst={tmp_path / 'back2'}")
+    c = load_tensors(tmp_path / "back2")
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_training_and_deepspeed_checkpoints_read_their_model(tmp_path, hf_and_like):
