@@ -27,7 +27,7 @@
 # |                    | bmt_loss_scale 131072 [准备环境]; ours:| min 1 as given: unused when   |
 # |                    | a non-zero loss_scale is static in     | static)                       |
 # |                    | DeepSpeed, bmt_ is BMTrain's           |                               |
-# | lr                 | yaml lr 3e-4, warm_up 0.01;            | 1e-6 constant: warmup from    | ours: DeepSpeed's
+# | lr                 | yaml lr 3.0e-4, warm_up 0.01;          | 1e-6 constant: warmup from    | ours: DeepSpeed's
 # |                    | deepspeed.json Adam lr 1e-5 and        | 1e-6 to 1e-6 over 2000 steps  | scheduler sets the lr
 # |                    | WarmupLR min 1e-6, max 1e-6, 2000 steps|                               | from its first step:
 # |                    | [准备环境]                             |                               | 1e-6; yaml's: BMTrain

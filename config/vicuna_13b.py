@@ -9,8 +9,8 @@
 # | value              | document says                          | we use                        | why different
 # | devices            | 双机16卡 (2 nodes x 8) [开始训练]      | devices=16, dp=16             |
 # | ZeRO               | zero2 [训练结果展示]                   | zero_stage=2 (FSDP2)          | FSDP2 shards params
-# | precision, epochs  | --fp16 [开始训练], 3 epochs [训练结果  | float16, 1215 steps (3 x 405) | ours: as vicuna_7b
-# |                    | 展示]                                  |                               |
+# | precision, epochs  | --fp16 [开始训练]; 3 epochs            | float16, 1215 steps (3 x 405) | ours: as vicuna_7b
+# |                    | [训练结果展示]                         |                               |
 # | weights            | Vicuna-13B = LLaMA-13B + delta v1.1    | init_from checkpoints/vicuna  |
 # |                    | [获取预训练模型]                       |                               |
 # | data               | alpaca-data-conversation [准备数据集]  | the same, vicuna template;    | ours: train.py needs a
