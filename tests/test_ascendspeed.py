@@ -98,8 +98,8 @@ def rank_tensors(root):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# AscendSpeed's model on those shards (transformer.py at 64b1937: query_key_value viewed as (heads, 3 * head_dim), rotate
-# half RoPE, RMSNorm, mlp.proj chunked into gate and up, row-parallel outputs summed, logits over the padded vocab)
+# AscendSpeed's model on those shards (transformer.py at 64b1937: query_key_value viewed as (heads, 3 * head_dim),
+# rotate-half RoPE, RMSNorm, mlp.proj chunked into gate and up, row-parallel outputs summed, logits over the padded vocab)
 
 
 def rms(x, w, eps=1e-5):
@@ -245,11 +245,18 @@ def test_grouped_query_attention_and_missing_ranks_are_refused(tmp_path, hf_and_
     args, _ = read_config(like)
     with pytest.raises(CheckpointError, match="rank file mp_rank_00 missing for tp=2"):
         ascendspeed.read_native(tmp_path / "weight", args)
+    good = ascendspeed_convert(sd, tmp_path / "good", tp=2)
+    rank = torch.load(good / "release/mp_rank_01/model_optim_rng.pt", weights_only=True)
+    rank["model"]["language_model"]["encoder"]["layers.1.mlp.dense_4h_to_h.weight"] = torch.zeros(64, 3)
+    torch.save(rank, good / "release/mp_rank_01/model_optim_rng.pt")
+    with pytest.raises(CheckpointError, match=r"layers.1.feed_forward.w2.weight joined from 2 rank\(s\) is \(64, 83\)"):
+        ascendspeed.read_native(good, args)
     with pytest.raises(CheckpointError, match="grouped-query attention"):
         ascendspeed.read_native(src, args.__class__(**{**args.__dict__, "n_kv_heads": 2}))
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
-        convert.main(["ascendspeed-to-native", f"--src={tmp_path / 'empty'}", f"--like={like}", f"--dst={tmp_path / 'x'}"])
+        convert.main(["ascendspeed-to-native", f"--src={tmp_path / 'empty'}", f"--like={like}",
+                      f"--dst={tmp_path / 'x'}"])
     assert str(e.value).startswith("convert.py: ") and "not an AscendSpeed checkpoint" in str(e.value)
     assert "\n" not in str(e.value)
     with pytest.raises(SystemExit) as e:
