@@ -1,5 +1,5 @@
-"""AscendSpeed's Megatron-style checkpoints in and out: convert.py's ascendspeed-to-native and native-to-ascendspeed
-use it, so a run moves between AscendSpeed (seed 001's Baichuan2 runs, seed 000's Baichuan-7B) and this project.
+"""Used by convert.py (ascendspeed-to-native, native-to-ascendspeed): AscendSpeed's Megatron-style checkpoints in and
+out, so a run moves between AscendSpeed (seed 001's Baichuan2 runs, seed 000's Baichuan-7B) and this project.
 
 Read from Ascend/AscendSpeed at master 64b1937a571849a12bd0ddf30dfae1aa3558d2f8 (2023-12-14, "Add Baichuan2-7B
 Model", the code seed 001 names):

@@ -1,5 +1,5 @@
-"""FlagAI's Aquila checkpoint format and how FlagAI counts its training steps: convert.py's hf-to-native reads a FlagAI
-dir with it (recognised by its config.json), and config/aquila_7b_pretrain.py counts its steps with it.
+"""Used by convert.py (hf-to-native, for a dir whose config.json is FlagAI's) and config/aquila_7b_pretrain.py: FlagAI's
+Aquila checkpoint format, and how FlagAI counts a run's training steps.
 
 Read from FlagAI-Open/FlagAI at commit 0b487694a8fa2eafe744b30c12f2a7785e60533a (the one seed 002 names):
 - examples/Aquila/Aquila-pretrain/aquila_pretrain.py: the model is `checkpoints_in/<model_name>/config.json` read by
