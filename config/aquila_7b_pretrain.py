@@ -73,7 +73,8 @@
 # the data set's length.
 #
 # Weights: FlagAI's dir as its AutoLoader lays it out (config.json with dim/n_heads/..., pytorch_model.bin); it ships
-# its BPE as vocab.json + merges.txt: put the Hugging Face release's tokenizer.json (the same BPE) beside them first.
+# its BPE as vocab.json + merges.txt: put the Hugging Face release's tokenizer.json and tokenizer_config.json (the same
+# BPE and its special tokens) beside them first, or convert.py warns that the output has no tokenizer.
 # Data: the conversations in their alpaca prompt and FlagAI's demo text, each tokenized with Aquila's BPE (as
 # make_indexed_dataset.sh does), then merged into one data dir:
 #   python convert.py hf-to-native --src=checkpoints_in/aquila-7b --dst=checkpoints/aquila-7b

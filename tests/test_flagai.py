@@ -76,7 +76,8 @@ def flagai_logits(sd, idx, eps=1e-5):
 @pytest.mark.parametrize("wrap_module", [False, True], ids=["state-dict", "deepspeed-module"])
 def test_flagai_dir_converts_with_flagais_logits(tmp_path, wrap_module):
     sd = flagai_dir(tmp_path / "aquila-7b", wrap_module)
-    run("hf-to-native", f"--src={tmp_path / 'aquila-7b'}", f"--dst={tmp_path / 'ours'}")
+    family = ["--family=aquila"] if wrap_module else []  # the command that said "field 'hidden_size' missing"
+    run("hf-to-native", f"--src={tmp_path / 'aquila-7b'}", f"--dst={tmp_path / 'ours'}", *family)
     args, cfg = read_config(tmp_path / "ours")
     assert cfg["family"] == "aquila" and args.hidden_dim == HIDDEN and args.norm_eps == 1e-5
     assert (args.init_std, args.init_scaled_residual) == (0.006, False)  # initializer_range, FlagAI's init
