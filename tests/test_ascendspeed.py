@@ -23,26 +23,24 @@ HEADS, HD = 4, 16  # test_convert's tiny LLaMA: dim 64, 4 heads, ffn 160, 2 laye
 # dict: written here independently of support/ascendspeed.py
 
 
-def row_split(w, tp, r):
-    part = w.shape[0] // tp
-    return w[r * part:(r + 1) * part, ...].clone()
+def row_split(w, tp, r):  # rank r's block of rows
+    rows = w.shape[0] // tp
+    return w.narrow(0, r * rows, rows).clone()
 
 
-def column_split(w, tp, r):
-    part = w.shape[1] // tp
-    return w[:, r * part:(r + 1) * part].clone()
+def column_split(w, tp, r):  # rank r's block of columns
+    cols = w.shape[1] // tp
+    return w.narrow(1, r * cols, cols).clone()
 
 
-def pad_embed(w, divisible_by, tp):
-    after = w.shape[0]
-    while after % (divisible_by * tp):
-        after += 1
-    return w.clone() if after == w.shape[0] else torch.cat([w, w[-(after - w.shape[0]):, ...]], dim=0)
+def pad_embed(w, divisible_by, tp):  # up to a multiple of divisible_by * tp rows, repeating the last rows
+    extra = -w.shape[0] % (divisible_by * tp)
+    return torch.cat([w, w[w.shape[0] - extra:]]) if extra else w.clone()
 
 
-def permute_qkv_weight(w, n_head, hidden, tp):
-    np_, hn = n_head // tp, hidden // n_head
-    return w.reshape(3, np_, hn, w.shape[1]).permute(1, 0, 2, 3).reshape(w.shape).contiguous().clone()
+def permute_qkv_weight(w, n_head, hidden, tp):  # [q; k; v] of a rank -> per head [q_h; k_h; v_h]
+    heads, hd = n_head // tp, hidden // n_head
+    return torch.stack(w.split(heads * hd)).view(3, heads, hd, -1).transpose(0, 1).reshape(w.shape).clone()
 
 
 def ascendspeed_convert(sd, out, tp, pp=1, divisible_by=8, merge_mlp=True, n_layers=2, hidden=64):
