@@ -7,6 +7,9 @@ converted in and out, train.py's step dirs (manifest, verification, safe DCP loa
     python convert.py apply-delta    --src hf/llama-7b --delta hf/vicuna-7b-delta-v1.1 --dst ckpt/vicuna-7b
     python convert.py dcp-to-native  --src out/run/step_00001000 --dst ckpt/run-1000
     python convert.py merge-lora     --src ckpt/baichuan-7b --adapter out/qlora/adapter --dst ckpt/baichuan-7b-sft
+    python convert.py native-to-ascendspeed --src ckpt/baichuan2-7b --dst weight --tp 8   # AscendSpeed's ./weight
+    python convert.py ascendspeed-to-native --src ckpt --like ckpt/baichuan2-7b --dst ckpt/baichuan2-7b-run
+FlagAI's Aquila dirs (config.json with dim/n_heads, pytorch_model.bin) go through hf-to-native as they are.
 
 Every converter streams: source tensors are read one shard at a time (safetensors and .bin are memory-mapped) and the
 output is written shard by shard by ShardWriter, so memory holds about one input shard plus one output
@@ -33,7 +36,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -44,8 +47,10 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 import prepare
+from support import ascendspeed, flagai
 from model import (FAMILIES, CheckpointError, ModelArgs, Transformer, check_json_fields, check_output, check_value,
-                   family_of_hf_config, load_json, load_safetensors, read_config, read_weight_map, replace_dir)
+                   family_of_hf_config, load_json, load_safetensors, load_tensors, read_config, read_weight_map,
+                   replace_dir)
 
 BAICHUAN = ("baichuan", "baichuan2")  # W_pack, and Baichuan's own config.json
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -465,6 +470,8 @@ def family_template(family: str) -> str:
 def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template=None, overwrite=False,
                  max_shard_bytes=None):
     src = Path(src)
+    if flagai.is_flagai_config(read_json(src / "config.json")):  # FlagAI's own dir: no HF fields to read
+        return flagai_to_native(src, dst, dtype, template, overwrite, max_shard_bytes), "aquila"
     cfg = read_hf_config(src)
     family = family or detect_family(cfg, src / "config.json")
     template = check_template(template)
@@ -1501,6 +1508,58 @@ def dcp_load(state: dict, step_dir: Path, no_dist: bool = True):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# other tools' checkpoint formats: the reading and writing live in support/ (ascendspeed.py, flagai.py)
+
+
+def copy_beside(src: Path, dst: Path):
+    """Our config.json and the tokenizer files of a checkpoint dir, copied as they are."""
+    for f in ("config.json", "tokenizer_config.json", *prepare.TOKENIZER_FILES):
+        if (src / f).exists():
+            shutil.copyfile(src / f, dst / f)
+
+
+def ascendspeed_to_native(src, dst, like=None, dtype=None, overwrite=False, max_shard_bytes=None):
+    """The architecture and tokenizer come from `like` (a checkpoint dir), else from src's own config.json, which
+    native-to-ascendspeed writes there. Baichuan2's head is raw there (--lm-norm-weight): norm_head=true."""
+    src, like = Path(src), Path(like or src)
+    args, config = read_config(like)
+    family = config.get("family", "llama")
+    if family == "baichuan2":
+        args = replace(args, norm_head=True)
+    tensors = ascendspeed.read_native(src, args)  # checked against args' shapes
+    with staged(dst, overwrite, (src, like)) as tmp:
+        write_checkpoint(tmp, Streamed((n, own(t, dtype)) for n, t in tensors.items()), args, family,
+                         max_shard_bytes=max_shard_bytes)
+        copy_beside(like, tmp)
+        (tmp / "config.json").write_text(json.dumps({**asdict(args), "family": family}, indent=2))
+    return args, family
+
+
+def flagai_to_native(src: Path, dst, dtype=None, template=None, overwrite=False, max_shard_bytes=None) -> ModelArgs:
+    """FlagAI's Aquila dir (support/flagai.py): Meta's tensor names with interleaved rotary pairs; family aquila."""
+    args = flagai.flagai_args(read_json(src / "config.json"), src / "config.json")
+    sd = flagai.load_weights(src)
+    check_shapes({n: t.shape for n, t in sd.items()}, native_shapes(args), src / flagai.WEIGHTS, flagai.ignored)
+    tensors = ((n, own(t, dtype)) for n, t in flagai.native_tensors(sd, args, meta_to_rotate_half)
+               if not flagai.ignored(n))
+    with staged(dst, overwrite, (src,)) as tmp:
+        write_checkpoint(tmp, Streamed(tensors), args, "aquila", max_shard_bytes=max_shard_bytes)
+        write_tokenizer(src, tmp, {}, template, family_template("aquila"))
+    return args
+
+
+def native_to_ascendspeed(src, dst, tp=1, pp=1, divisible_by=128, merge_mlp=True, deepspeed=False, dtype=None,
+                          overwrite=False):
+    src = Path(src)
+    args, family, _ = open_checkpoint_dir(src)
+    tensors = {n: cast(t, dtype) for n, t in load_tensors(src).items()}
+    with staged(dst, overwrite, (src,)) as tmp:
+        ascendspeed.write(tmp, ascendspeed.rank_models(tensors, args, tp, pp, divisible_by, merge_mlp), pp, deepspeed)
+        copy_beside(src, tmp)
+    return args, family
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -1544,12 +1603,27 @@ def main(argv=None):
     s.add_argument("--src", required=True, help="the base checkpoint dir the adapters were trained on")
     s.add_argument("--adapter", required=True, help="LoRA adapter dir: PEFT's (adapter_config.json + "
                    "adapter_model.safetensors or .bin; train.py writes it) or our older adapter.safetensors")
+    s = sub.add_parser("ascendspeed-to-native", parents=[common],
+                       help="AscendSpeed (Megatron) checkpoint, any tp/pp -> checkpoint dir")
+    s.add_argument("--src", required=True, help="AscendSpeed --save/--load dir, or its release/ or iter_XXXXXXX/")
+    s.add_argument("--like", help="checkpoint dir giving the architecture (config.json) and tokenizer (default: the "
+                                  "config.json native-to-ascendspeed left in --src)")
+    s = sub.add_parser("native-to-ascendspeed", parents=[common],
+                       help="checkpoint dir -> AscendSpeed release checkpoint (its converter's layout)")
+    s.add_argument("--src", required=True, help="checkpoint dir")
+    s.add_argument("--tp", type=int, default=1, help="tensor-model-parallel size of the AscendSpeed run")
+    s.add_argument("--pp", type=int, default=1, help="pipeline-model-parallel size of the AscendSpeed run")
+    s.add_argument("--make_vocab_size_divisible_by", type=int, default=128, help="as the run's flag (default 128)")
+    s.add_argument("--no_merge_mlp", action="store_true", help="gate_proj + dense_h_to_4h instead of mlp.proj (for "
+                                                               "runs without --mlp-layer-fusion)")
+    s.add_argument("--deepspeed", action="store_true", help="DeepSpeed's layout (latest, mp_rank_XX_model_states.pt), "
+                                                            "for scripts run with --deepspeed")
     a = p.parse_args(argv)
 
     try:
         kw = dict(dtype=DTYPES.get(a.dtype), overwrite=a.overwrite, max_shard_bytes=parse_size(a.max_shard_size))
-        inputs = [getattr(a, flag) for flag in ("src", "delta", "adapter") if getattr(a, flag, None)]
-        for flag in ("src", "delta", "adapter"):
+        inputs = [getattr(a, flag) for flag in ("src", "delta", "adapter", "like") if getattr(a, flag, None)]
+        for flag in ("src", "delta", "adapter", "like"):
             if getattr(a, flag, None) and not Path(getattr(a, flag)).is_dir():
                 fail(f"--{flag}={getattr(a, flag)}: not a directory")
         check_output(a.dst, inputs, "--dst", CheckpointError)  # before any reading: never the input, nor in it
@@ -1571,6 +1645,15 @@ def main(argv=None):
             args, family = apply_delta(a.src, a.delta, a.dst, template=a.template, **kw)
         elif a.command == "merge-lora":
             args, family = merge_lora(a.src, a.adapter, a.dst, **kw)
+        elif a.command == "ascendspeed-to-native":
+            args, family = ascendspeed_to_native(a.src, a.dst, a.like, **kw)
+        elif a.command == "native-to-ascendspeed":
+            for flag in ("tp", "pp", "make_vocab_size_divisible_by"):
+                if getattr(a, flag) < 1:
+                    fail(f"--{flag}={getattr(a, flag)}: expected a positive integer")
+            kw.pop("max_shard_bytes")
+            args, family = native_to_ascendspeed(a.src, a.dst, a.tp, a.pp, a.make_vocab_size_divisible_by,
+                                                 not a.no_merge_mlp, a.deepspeed, **kw)
         else:
             args, family = dcp_to_native(a.src, a.dst, **kw)
     except CheckpointError as e:  # every problem, said in one line

@@ -1,19 +1,28 @@
 # Baichuan2-13B (ALiBi, NormHead) continued pretraining on 2 nodes x 8 Ascend NPUs (AscendSpeed), bf16, on the
 # moss-003-sft conversations read as one token stream (the document's "packed_input_ids" data, flash attention on).
 # Document: seed 001, AscendSpeed "BaiChuan2" README, section Baichuan2-13B (Training, Script 3-6, Performance,
-# Accuracy of the loss). It names examples/baichuan2/pretrain_baichuan2_ptd_13B.sh; values marked "script" are that
-# script's in Ascend/AscendSpeed.
+# Accuracy of the loss). It names examples/baichuan2/pretrain_baichuan2_ptd_13B.sh. In "document says", plain text is
+# the document's (its subsection in brackets); "script:" marks that script's values in Ascend/AscendSpeed at master
+# 64b1937 (2023-12-14); "ours:" our reading.
 #
 # | value              | document says                          | we use                        | why different
-# | devices            | 16 x Ascend NPUs, two nodes            | devices=16                    |
-# | mesh               | weights converted for TP 8, PP 1       | dp=2 x tp=8                   |
-# | weights            | Baichuan2-13B-Base, LOAD_PATH          | init_from checkpoints/...     |
+# | devices            | 16 x Ascend NPUs [Training]; two-node  | devices=16                    |
+# |                    | parallelism [Script 5]                 |                               |
+# | mesh               | --tensor-model-parallel-size 8,        | dp=2 x tp=8                   |
+# |                    | --pipeline-model-parallel-size 1       |                               |
+# |                    | [Script 3]                             |                               |
+# | weights            | Baichuan2-13B-Base, LOAD_PATH          | init_from checkpoints/...     | ours is a checkpoint
+# |                    | [Script 3, 5]                          | (or ascendspeed-to-native)    | dir
 # | data               | moss-003-sft-no-tools.jsonl,           | the same (prep below), every  |
 # |                    | MOSSMultiTurnHandler, DATA_PATH        | token counted, not packed     |
 # |                    | processed_data_packed_input_ids_doc.   | into rows                     |
-# | iterations         | 1000 (Performance table)               | 1000                          |
-# | global batch       | 5.149 samples/s x 49.716 s/step = 256  | 256                           |
-# | sequence           | 1350 tok/s/p x 16 x 49.716 s/256 ~ 4195| 4096 (script: --seq-length)   |
+# |                    | [Script 4, 5]                          |                               |
+# | split              | script: --split 949,50,1 (documents)   | --val_fraction=0.05           | by position there
+# | iterations         | total Iterations 1000 [Performance]    | 1000                          |
+# | global batch       | script: 256; ours: 5.149 samples/s x   | 256                           |
+# |                    | 49.716 s/step = 256 [Performance]      |                               |
+# | sequence           | script: --seq-length 4096; ours: 1350  | 4096                          |
+# |                    | tok/s/p x 16 x 49.716 s / 256 ~ 4195   |                               |
 # | micro batch        | script: 2                              | 2                             |
 # | precision          | script: --bf16                         | bfloat16                      |
 # | lr                 | script: 2e-5 constant                  | the same                      |
@@ -36,7 +45,8 @@
 # (--drop_system); the pretraining run reads the ids as one stream, so every token counts (--train_on_prompt):
 #   python convert.py hf-to-native --src=hf/Baichuan2-13B-Base --dst=checkpoints/baichuan2-13b-base --for_training
 #   python prepare.py --input=moss-003-sft-no-tools.jsonl --format=moss --template=baichuan2 --drop_system \
-#       --train_on_prompt --tokenizer=checkpoints/baichuan2-13b-base --megatron --out=data/moss_baichuan2_stream
+#       --train_on_prompt --tokenizer=checkpoints/baichuan2-13b-base --val_fraction=0.05 --megatron \
+#       --out=data/moss_baichuan2_stream
 #   on each node (node_rank 0 and 1):
 #   torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 \
 #       train.py config/baichuan2_13b_pretrain.py

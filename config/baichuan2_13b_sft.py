@@ -3,16 +3,21 @@
 # Document: seed 001, AscendSpeed "BaiChuan2" README, section Baichuan2-13B, Script 4-5 ("If you need to fine-tune
 # the training model ... --is-instruction-dataset ... --padding-attention-mask"). Everything else is the 13B
 # pretraining script's (examples/baichuan2/pretrain_baichuan2_ptd_13B.sh in Ascend/AscendSpeed), as the document
-# says to append these arguments to it.
+# says to append these arguments to it. In "document says", plain text is the document's (its subsection in
+# brackets); "script:" marks that script's values in Ascend/AscendSpeed at master 64b1937 (2023-12-14).
 #
 # | value              | document says                          | we use                        | why different
-# | devices, mesh      | 16 NPUs, two nodes; TP 8 weights       | devices=16, dp=2 x tp=8       |
+# | devices, mesh      | 16 x Ascend NPUs [Training]; two-node  | devices=16, dp=2 x tp=8       |
+# |                    | parallelism; TP 8 weights [Script 3, 5]|                               |
 # | weights            | Baichuan2-13B-Base, LOAD_PATH          | init_from checkpoints/...     |
+# |                    | [Script 3, 5]                          |                               |
 # | data               | moss-003-sft-no-tools.jsonl,           | the same: 195/196 turns, loss |
 # |                    | MOSSMultiTurnHandler,                  | on the replies, one           |
-# |                    | --is-instruction-dataset               | conversation per row          |
-# | attention mask     | --padding-attention-mask, FA off       | per-row document mask (ALiBi  | the same masking;
-# |                    | (FA cannot take ALiBi's padding mask)  | bias + mask, fused op on NPU) | ours takes the FA op
+# |                    | --is-instruction-dataset [Script 4, 5] | conversation per row          |
+# | split              | script: --split 949,50,1               | --val_fraction=0.05           | by position there
+# | attention mask     | --padding-attention-mask, FA off (FA   | per-row document mask (ALiBi  | the same masking;
+# |                    | cannot take ALiBi's padding mask)      | bias + mask, fused op on NPU) | ours takes the FA op
+# |                    | [Script 5]                             |                               |
 # | batch, seq, steps  | script: micro 2, global 256, 4096,     | the same                      |
 # |                    | 1000 iterations                        |                               |
 # | lr, optimiser      | script: 2e-5 constant, Adam 0.9/0.98,  | the same                      |
@@ -25,7 +30,8 @@
 #
 #   python convert.py hf-to-native --src=hf/Baichuan2-13B-Base --dst=checkpoints/baichuan2-13b-base --for_training
 #   python prepare.py --input=moss-003-sft-no-tools.jsonl --format=moss --template=baichuan2 --drop_system \
-#       --tokenizer=checkpoints/baichuan2-13b-base --seq_len=4096 --pack --one_per_row --out=data/moss_baichuan2
+#       --tokenizer=checkpoints/baichuan2-13b-base --seq_len=4096 --pack --one_per_row --val_fraction=0.05 \
+#       --out=data/moss_baichuan2
 #   on each node: torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER \
 #       --master_port=29500 train.py config/baichuan2_13b_sft.py
 #   python train.py config/baichuan2_13b_sft.py --dry_run

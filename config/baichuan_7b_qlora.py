@@ -1,32 +1,44 @@
 # Baichuan-7B QLoRA supervised fine-tuning on one accelerator: NF4 base with double quantisation, bf16 compute, LoRA
-# rank 8 / alpha 16 / dropout 0.05 on every linear layer but the output head, the "Human: ...\n\nAssistant: ..."
-# prompt, the loss on every token.
+# rank 8 / alpha 16 / dropout 0.05 on every linear layer but the output head (Baichuan's fused W_pack as one), the
+# "Human: ...\n\nAssistant: ..." prompt, the loss on every token.
 # Document: seed 003, section 1.1.3 "baichuan-7B的微调" (wp931120/baichuan_sft_lora, its sft_lora.py as listed: lines
-# 40-185; lines 1-39 are illegible in the document).
+# 40-185; lines 1-39 are illegible in the document). In "document says", plain text is the document's (the listing's
+# line numbers in brackets); "HF Trainer:" the defaults of the Trainer the listing calls; "ours:" our reading.
 #
 # | value              | document says                          | we use                        | why different
-# | base, quantisation | BitsAndBytes nf4, double quant, compute| qlora (NF4, double quant),    |
-# |                    | bfloat16; prepare_model_for_kbit_train.| bfloat16, full checkpointing  |
-# | LoRA               | r 8, alpha 16, dropout 0.05, every     | the same (wq wk wv wo w1 w2   |
-# |                    | Linear4bit but lm_head                 | w3: W_pack's q/k/v separate)  |
-# | data               | BelleGroup train_0.5M_CN               | the same (prep below)         |
+# | base, quantisation | nf4, double quant, compute bfloat16;   | qlora (NF4, double quant),    |
+# |                    | prepare_model_for_kbit_training        | bfloat16, full checkpointing  |
+# |                    | [40-46]                                |                               |
+# | LoRA               | r 8, alpha 16, dropout 0.05,           | lora_targets W_pack,wo,w1,w2, | one adapter on W_pack
+# |                    | target_modules = find_all_linear_names:| w3: one adapter on the fused  | ([q; k; v]) as PEFT
+# |                    | every Linear4bit but lm_head [51-75];  | q/k/v, 17,891,328 trainable   | puts it there; wq,wk,
+# |                    | ours: on Baichuan-7B those are W_pack, | parameters                    | wv apart would be
+# |                    | o_proj, gate_proj, up_proj, down_proj  |                               | 19,988,480
+# | data               | BelleGroup train_0.5M_CN [1.1.3 text]  | the same (prep below)         |
 # | prompt             | bos + "Human: " + instruction + input +| human-assistant template:     |
 # |                    | "\n\nAssistant: " + output + eos       | the same text                 |
-# | loss               | labels = input_ids (every token)       | --train_on_prompt             |
-# | batch              | per device 1, accumulation 4           | micro 1, global 4             |
+# |                    | [134-142]                              |                               |
+# | loss               | labels = input_ids [129]               | --train_on_prompt             |
+# | cut-off            | CUTOFF_LEN (its value illegible);      | 1024 (ours); a longer record  | the forced eos would
+# |                    | truncation, then the last kept token   | is cut there plainly, no eos  | teach a reply to stop
+# |                    | replaced by eos [106-126]              | put last                      | mid-sentence; few
+# |                    |                                        |                               | Belle records pass it
+# | batch              | per device 1, accumulation 4 [161-165] | micro 1, global 4             |
 # | padding            | DataCollatorForSeq2Seq, one example a  | --one_per_row: one example a  | padded to 1024, not
-# |                    | row                                    | row (padding not counted)     | to a multiple of 8
-# | epochs, lr         | 1 epoch, 3e-4                          | the same                      |
-# | optimiser          | optim adamw_torch (HF Trainer: 0.9/    | the same; linear decay        |
-# |                    | 0.999, eps 1e-8, wd 0, clip 1.0,       |                               |
-# |                    | linear decay, no warmup)               |                               |
-# | cut-off            | CUTOFF_LEN (its value is illegible)    | 1024                          | our choice
-# | validation         | VAL_SET_SIZE (illegible)               | prepare.py's 2%               | our choice
-# | memory             | about 7 GB (显存占用为7G左右)          | dry run below                 |
+# |                    | row, pad_to_multiple_of 8 [176-179]    | row (padding not counted)     | to a multiple of 8
+# | epochs, lr         | 1 epoch, 3e-4 [161, 164]               | the same                      |
+# | optimiser          | optim adamw_torch [174]; HF Trainer:   | the same; linear decay        |
+# |                    | 0.9/0.999, eps 1e-8, wd 0, clip 1.0,   |                               |
+# |                    | linear decay, no warmup                |                               |
+# | validation         | VAL_SET_SIZE (illegible) [145-153]     | prepare.py's 2%               | ours: train.py needs
+# |                    |                                        |                               | a val split
+# | save               | save_steps 2000, save_total_limit 3    | ckpt_interval 2000, keep_last |
+# |                    | [169-172]                              | 3                             |
+# | memory             | 显存占用为7G左右 [after the listing]   | dry run below                 |
 #
-# Our --dry_run (40% MFU of 313 TFLOP/s, one 64 GB device): 5.7 GiB, 0.94 s/step, 4,365 tokens/s; a padded row
+# Our --dry_run (40% MFU of 313 TFLOP/s, one 64 GB device): 5.6 GiB, 0.94 s/step, 4,367 tokens/s; a padded row
 # counts as 1024 tokens there. Measured on this repository's 2-core CPU (README "LoRA and QLoRA"): 5.46 GiB peak
-# RSS for one step at seq 512.
+# RSS for one step at seq 512 (with adapters on wq, wk, wv apart then).
 #
 #   python convert.py hf-to-native --src=hf/baichuan-7B --dst=checkpoints/baichuan-7b
 #   python prepare.py --input=Belle_open_source_0.5M.json --format=belle --template=human-assistant \
@@ -41,7 +53,7 @@ model = "baichuan-7b"
 lora_rank = 8
 lora_alpha = 16.0
 lora_dropout = 0.05
-lora_targets = "wq,wk,wv,wo,w1,w2,w3"  # every linear layer but the output head
+lora_targets = "W_pack,wo,w1,w2,w3"  # find_all_linear_names on Baichuan-7B: W_pack, o_proj, gate, up, down
 qlora = True
 devices = 1
 activation_checkpointing = "full"
@@ -63,4 +75,5 @@ eval_interval = 2000
 eval_iters = 20
 log_interval = 10
 ckpt_interval = 2000  # save_steps
+keep_last = 3  # save_total_limit
 export = True

@@ -1,6 +1,6 @@
 # Tiny twin of config/baichuan_7b_qlora.py: the same code path (NF4 base, LoRA rank 8 / alpha 16 / dropout 0.05 on
-# every linear but the head, Human/Assistant template on Belle-format records, bfloat16, full activation
-# checkpointing, linear lr decay, adapter dir and merged export), at CPU size.
+# W_pack and every other linear but the head, Human/Assistant template on Belle-format records, bfloat16, full
+# activation checkpointing, linear lr decay, adapter dir and merged export), at CPU size.
 # tests/test_recipes.py runs it end to end (prepare -> train -> export -> sample). From the repo root:
 #   python train.py config/baichuan_7b_pretrain_tiny.py   # the base: its export
 #   python prepare.py --input=chats.jsonl --format=belle --template=human-assistant \

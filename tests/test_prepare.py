@@ -477,6 +477,24 @@ def test_pack_keeps_documents_whole_in_rows(sp_path, sp, tmp_path):
     assert got == expected
 
 
+def test_pack_a_document_that_exactly_fills_a_rows_remainder_goes_in_that_row(sp_path, sp, tmp_path):
+    # the boundaries: documents a and b (a + b == seq_len) share a row with no padding, and c (== seq_len) fills
+    # the next row alone, whole; off by one, b would start a row of its own (two rows padded) or c be cut in two
+    lengths = {}
+    for text in sentences(300, seed=12):
+        lengths.setdefault(len(sp.frame_document(sp.encode(text))), text)
+    L, c = max(lengths.items())
+    a, b = next((lengths[n], lengths[L - n]) for n in sorted(lengths) if L - n in lengths and n <= L - n)
+    write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in (a, b, c)])
+    meta = run("--input", tmp_path / "t.jsonl", "--tokenizer", sp_path, "--seq_len", L, "--pack", "--out",
+               tmp_path / "out", "--val_fraction", "0")
+    tokens, mask, offsets = load_split(tmp_path / "out", "train", meta)
+    n_a = len(sp.frame_document(sp.encode(a)))
+    assert offsets.tolist() == [0, n_a, L, 2 * L] and len(tokens) == 2 * L  # rows [a b] [c]
+    assert "train_pad_tokens" not in meta["stats"] and "train_docs_split" not in meta["stats"] and mask.all()
+    assert [sp.decode(tokens[i:j]) for i, j in zip(offsets[:-1], offsets[1:])] == [a, b, c]
+
+
 def test_one_per_row_pads_every_document_to_a_row_of_its_own(sp_path, sp, tmp_path):
     recs = [{"instruction": s, "output": " ".join(sentences(i % 4 + 1, seed=i))} for i, s in enumerate(sentences(12))]
     write_jsonl(tmp_path / "a.jsonl", recs)

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -337,3 +338,145 @@ def test_activation_estimate_matches_what_autograd_keeps(pos_emb, dtype, packed,
     mem = bench.memory_plan(args, cfg, dp=1, tp=1, packed=packed)["bytes"]
     planned = mem["activations (none)"] + mem["working weights"]  # with autocast's 16-bit weight copies
     assert 0.97 < sum(saved.values()) / planned < 1.03
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# recipe values against the seed documents (../shared/seeds): what a header quotes is the document's, and the values
+# the documents and the code they name fix are the recipes'
+
+SEEDS = ROOT.parent / "shared" / "seeds"
+MARKERS = ("script:", "AscendSpeed:", "FlagAI:", "port:", "FastChat:", "DeepSpeed:", "HF Trainer:",
+           "LLaMA-Efficient-Tuning:", "ours:")  # values a header takes from elsewhere, each marked with its source
+NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?(?:e-?\d+)?")
+
+
+def seed_recipes() -> dict[str, str]:
+    """recipe -> the text of the seed document its header names ("Document: seed NNN")."""
+    if not SEEDS.is_dir():
+        pytest.skip(f"{SEEDS} not found: the seed documents sit beside the repository (shared/seeds)")
+    out = {}
+    for path in sorted((ROOT / "config").glob("[!_]*.py")):
+        m = re.search(r"Document: seed (\d{3})", path.read_text())
+        if m:
+            out[path.name] = next(SEEDS.glob(f"{m[1]}_*.txt")).read_text()
+    return out
+
+
+def header(recipe: str) -> str:
+    return "".join(line for line in (ROOT / "config" / recipe).read_text().splitlines(True) if line.startswith("#"))
+
+
+def document_says(recipe: str) -> dict[str, str]:
+    """value -> the "document says" cell of the recipe's header table, its wrapped lines joined."""
+    cells, value = {}, None
+    for line in header(recipe).splitlines():
+        parts = line.split("|")
+        if not line.startswith("# |") or len(parts) < 4 or parts[1].strip() == "value":
+            continue
+        value = parts[1].strip() or value
+        cells[value] = (cells.get(value, "") + " " + parts[2].strip()).strip()
+    return cells
+
+
+def unmarked(cell: str) -> list[str]:
+    """The parts of a cell that claim to be the document's: ";"-separated parts not starting with a source marker."""
+    return [part for part in cell.split(";") if not part.strip().startswith(MARKERS)]
+
+
+def test_document_says_column_quotes_only_the_document():
+    recipes = seed_recipes()
+    assert len(recipes) == 9  # the nine runs of documents 000-004
+    for recipe, doc in recipes.items():
+        flat = doc.replace(",", "")
+        for value, cell in document_says(recipe).items():
+            for part in unmarked(cell):
+                for section in re.findall(r"\[([^\]]*)\]", part):  # a section named in Chinese is a heading there
+                    for name in section.split(","):
+                        assert not re.search(r"[\u4e00-\u9fff]", name) or name.strip() in doc, (recipe, name)
+                for number in NUMBER.findall(re.sub(r"\[[^\]]*\]", "", part)):
+                    assert number in doc or number.replace(",", "") in flat, (recipe, value, number, part)
+
+
+def val_fraction_of(recipe: str) -> float:
+    """The --val_fraction of the header's prepare.py commands that write the recipe's data_dir (one for all)."""
+    commands = re.sub(r"\\\n#\s*", " ", header(recipe)).splitlines()
+    out = f"--out={parse(recipe)[0].data_dir}"
+    found = {m for c in commands if "prepare.py" in c and out in c for m in re.findall(r"--val_fraction=([\d.]+)", c)}
+    assert len(found) == 1, (recipe, found)
+    return float(found.pop())
+
+
+def trained(n_documents: int, val_fraction: float) -> int:
+    return sum(not prepare.is_val(d, val_fraction) for d in range(n_documents))
+
+
+def test_splits_are_the_scripts_split():
+    # AscendSpeed's scripts at 64b1937 and FlagAI's aquila_pretrain.py split by documents: --split 949,50,1 holds out
+    # 5% (the 0.1% test part is never read), '90,10' 10%
+    for recipe in ("baichuan_7b_pretrain.py", "baichuan2_7b_pretrain.py", "baichuan2_13b_pretrain.py",
+                   "baichuan2_13b_sft.py"):
+        assert "949,50,1" in header(recipe) and val_fraction_of(recipe) == 0.05, recipe
+    assert "'90,10'" in header("aquila_7b_pretrain.py") and val_fraction_of("aquila_7b_pretrain.py") == 0.1
+
+
+@pytest.mark.parametrize("recipe, documents, epochs", [("baichuan_13b_chat_lora.py", 48818, 1),
+                                                       ("vicuna_7b.py", 52002, 3), ("vicuna_13b.py", 52002, 3)])
+def test_epochs_count_what_is_trained(recipe, documents, epochs):
+    # the documents train on every example (LLaMA-Efficient-Tuning without --dev_ratio, FastChat's eval_dataset=None);
+    # train.py needs a val split: the steps are the epochs of what the header's prepare command leaves for training
+    # (48818: the 13B log's bar, one example a step; 52,002: alpaca-data-conversation's records)
+    cfg, _ = parse(recipe)
+    per_epoch = trained(documents, val_fraction_of(recipe)) // cfg.global_batch_size
+    assert cfg.max_iters == cfg.lr_decay_iters == epochs * per_epoch
+    assert cfg.warmup_iters == math.ceil(0.03 * cfg.max_iters) if "vicuna" in recipe else cfg.warmup_iters == 0
+
+
+def test_13b_chat_lora_log_is_its_first_logged_step_not_step_1000():
+    # 003 1.2.2 prints {'loss': 1.9935, 'learning_rate': 4.9999995806904065e-05} beside the bar at 1000/48818: that lr
+    # is the 5e-5 cosine over 48818 steps at step 9, the first logging_steps=10 entry
+    cfg = replace(parse("baichuan_13b_chat_lora.py")[0], lr_decay_iters=48818)
+    logged = 4.9999995806904065e-05
+    assert min(range(48818), key=lambda s: abs(train.get_lr(s, cfg) - logged)) == 9
+    assert train.get_lr(9, cfg) == pytest.approx(logged, rel=1e-12)
+    assert train.get_lr(1000, cfg) == pytest.approx(4.9948e-05, rel=1e-4)
+    text = header("baichuan_13b_chat_lora.py") + (ROOT / "README.md").read_text()
+    assert "loss 1.9935 at step 1000" not in text and "step 9" in text
+
+
+def test_qlora_adapters_sit_on_w_pack_as_find_all_linear_names_puts_them():
+    # Baichuan-7B's Linear4bit layers but lm_head: W_pack (q, k, v fused), o_proj, gate_proj, up_proj, down_proj
+    cfg, _ = parse("baichuan_7b_qlora.py")
+    out = train.main(["config/baichuan_7b_qlora.py", "--dry_run"])
+    d, f, r, L = 4096, 11008, cfg.lora_rank, 32
+    assert out["n_trainable"] == L * r * ((d + 3 * d) + (d + d) + 3 * (d + f)) == 17_891_328
+    assert cfg.keep_last == 3  # save_total_limit=3
+
+
+def test_baichuan_7b_pretrain_runs_the_optimizer_ascendspeed_builds():
+    # pretrain_baichuan_zero_7B.sh at 64b1937 runs under DeepSpeed, but ascendspeed/training.py hands
+    # deepspeed.initialize its own optimizer (optimizer/__init__.py: AdamW from --lr 0.00001, --weight-decay 1e-2 and
+    # arguments.py's --adam-beta1 0.9, --adam-beta2 0.999, --adam-eps 1e-08 defaults): the ds_config "optimizer"
+    # block (AdamW lr 2e-5, betas 0.9/0.95, weight_decay 0.0) is not what runs
+    cfg, _ = parse("baichuan_7b_pretrain.py")
+    assert (cfg.lr, cfg.weight_decay, cfg.beta1, cfg.beta2, cfg.adam_eps) == (1e-5, 0.01, 0.9, 0.999, 1e-8)
+
+
+def test_baichuan2_7b_runs_the_first_1024_steps_of_the_scripts_schedule():
+    # Performance: total Iterations 1024; pretrain_baichuan2_ptd_7B.sh: --train-iters 100000, cosine 1e-6 -> 1e-8
+    cfg, _ = parse("baichuan2_7b_pretrain.py")
+    assert (cfg.max_iters, cfg.lr_decay_iters, cfg.warmup_iters) == (1024, 100_000, 0)
+    assert train.get_lr(cfg.max_iters - 1, cfg) > 0.99 * cfg.lr
+    assert "criterion: relative error under 2%" not in header("baichuan2_7b_pretrain.py")
+
+
+def test_aquila_steps_are_flagais_count_of_the_prepared_windows(tmp_path, monkeypatch):
+    from support import flagai
+    cfg, _ = parse("aquila_7b_pretrain.py")  # no data here: the header's estimate
+    assert cfg.max_iters == 600 * flagai.steps_per_epoch(flagai.gpt_dataset_len(6_480_000, 2048, 90), 2, 8) == 118_800
+    data = tmp_path / cfg.data_dir
+    data.mkdir(parents=True)
+    (data / "meta.json").write_text(json.dumps({"train_tokens": 1_000_000}))
+    monkeypatch.chdir(tmp_path)
+    prepared, _ = train.parse_config([str(ROOT / "config/aquila_7b_pretrain.py")])
+    windows = (1_000_000 - 1) // 2048  # one epoch of windows is more than 90: every window counts
+    assert prepared.max_iters == prepared.lr_decay_iters == 600 * (-(-windows // 8) // 2) == 600 * 30

@@ -751,6 +751,25 @@ def test_chat_sends_the_templates_exact_token_ids(ckpt, monkeypatch, template):
     assert scripted.prompts[1] == TWO_TURNS[template]
 
 
+# Baichuan-13B-Chat's and Baichuan2-*-Chat's generation_config.json: user_token_id 195, assistant_token_id 196;
+# their generation_utils.py build_chat_input opens each user turn with the first and each reply with the second
+USER_TOKEN_ID, ASSISTANT_TOKEN_ID = 195, 196
+
+
+@pytest.mark.parametrize("template", ["baichuan", "baichuan2"])
+def test_baichuan_reply_ends_where_the_model_opens_the_next_user_turn(ckpt, monkeypatch, template):
+    # a reply ends at eos (the template's reply end) or where the model writes on into the user's next turn (195),
+    # not at the assistant's own token (196); text follows each, so a wrong end id cannot hide at a reply's end
+    scripted = ScriptedModel(ids_of("Hello!", USER_TOKEN_ID, "Bye", ASSISTANT_TOKEN_ID, "now", "</s>") + [257] * 8)
+    monkeypatch.setattr(sample, "load_model", lambda *a: (scripted, {"family": template}))
+    out = run_cli(["--ckpt", ckpt, "--chat", "--template", template, "--temperature", 0], stdin="Hi\nMore\n")
+    first, second = out.strip().splitlines()
+    assert first.strip() == "Hello!" and second.strip().startswith("Bye") and second.strip().endswith("now")
+    # the reply goes into the history closed as the template closes a reply (eos), the user's next turn after it
+    assert scripted.prompts[1] == ids_of(USER_TOKEN_ID, "Hi", ASSISTANT_TOKEN_ID, "Hello!", "</s>",
+                                         USER_TOKEN_ID, "More", ASSISTANT_TOKEN_ID)
+
+
 def test_chat_reset_forgets_history_and_exit_quits(ckpt, monkeypatch):
     scripted = ScriptedModel(ids_of("Hi", "</s>") * 3)
     monkeypatch.setattr(sample, "load_model", lambda *a: (scripted, {"family": "baichuan2"}))

@@ -253,6 +253,39 @@ def test_end_of_turn_token_ends_a_chat_reply_with_stop(ckpt):
     assert got.usage.completion_tokens == 3
 
 
+def test_a_chat_requests_stop_strings_are_added_to_the_templates(ckpt):
+    """llama-2's template ends a reply at "[INST]" (the user's next turn, as text); a request's own `stop` list adds
+    to that, whichever comes first ends the reply, the stop string not included."""
+    replies = []
+    for text in ("Hi X then [INST] more", "Hi [INST] then X more"):
+        server = start_server(ckpt, model=ts.ScriptedModel(ts.ids_of(text) + [257] * 4))
+        try:
+            replies.append(client_for(server).chat.completions.create(
+                model="tiny", max_tokens=32, temperature=0, stop=["X"],
+                messages=[{"role": "user", "content": "x"}]).choices[0])
+        finally:
+            stop_server(server)
+    assert [(r.message.content, r.finish_reason) for r in replies] == [("Hi ", "stop")] * 2
+
+
+def test_a_request_without_max_tokens_gets_at_most_the_context_left_after_its_prompt(ckpt):
+    """The server's default max_tokens (256, as sample.py's --max_new_tokens) where the prompt leaves room for it,
+    else what the prompt leaves of the context (the model's max_seq_len), ending with finish_reason length, as
+    vLLM does; not a 400 for a request that asked for no length."""
+    scripted = ts.ScriptedModel([ord("a")] * 1000)  # never an end token
+    context = scripted.args.max_seq_len
+    server = start_server(ckpt, model=scripted)
+    try:
+        client = client_for(server)
+        got = [client.completions.create(model="tiny", prompt=[ord("b")] * n, temperature=0)
+               for n in (10, context - 100)]
+    finally:
+        stop_server(server)
+    assert [(g.usage.prompt_tokens, g.usage.completion_tokens, g.choices[0].finish_reason) for g in got] == [
+        (10, 256, "length"), (context - 100, 100, "length")]
+    assert got[1].choices[0].text == "a" * 100
+
+
 def test_sampling_fields_take_effect(ckpt, client):
     """top_k=1 and a tiny top_p leave one candidate (sampling at temperature 1 = greedy); repetition_penalty and
     max_completion_tokens (max_tokens' newer name) answer as sample.py's flags; user is accepted."""

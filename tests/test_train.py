@@ -164,6 +164,22 @@ def test_resume_is_bitwise_exact(data, tmp_path):
     assert [p.name for p in train.step_dirs(tmp_path / "split")] == ["step_00000012"]
 
 
+def test_float16_resume_in_the_middle_of_the_loss_scalers_hysteresis_equals_an_uninterrupted_run(data, tmp_path):
+    # 2^30 overflows float16 gradients; hysteresis 3 absorbs the overflows of steps 1 and 2 and the checkpoint of
+    # step 2 falls there, with one overflow left before the scale halves: a resume that refilled the hysteresis
+    # would keep 2^30 for two more skipped steps
+    extra = ["--dtype=float16", "--loss_scale=1073741824.0", "--loss_scale_hysteresis=3", "--max_iters=6",
+             "--ckpt_interval=2"]
+    run(data, tmp_path / "full", *extra)
+    run(data, tmp_path / "split", *extra, "--max_iters=2")
+    run(data, tmp_path / "split", *extra, "--init_from=resume")
+    scale_of = lambda out: {r["step"]: (r["loss_scale"], r["skipped_steps"], r["loss"])  # noqa: E731
+                            for r in metric_rows(out, "loss_scale")}
+    full, split = scale_of(tmp_path / "full"), scale_of(tmp_path / "split")
+    assert [full[s][:2] for s in (1, 2, 3)] == [(2.0**30, 1), (2.0**30, 2), (2.0**29, 3)]  # resumed mid-hysteresis
+    assert split == full
+
+
 def test_resume_refuses_a_checkpoint_of_another_shape(data, tmp_path):
     run(data, tmp_path / "out", "--max_iters=2")
     with pytest.raises(SystemExit, match="checkpoint of another model: n_layers=2 .config has 3"):

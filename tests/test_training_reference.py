@@ -1,13 +1,15 @@
 """train.py's training loop against a reference written here, so a bug that changes the numbers of every run alike
-(a schedule off by a step, decay on the wrong parameters, clipping left out, a loss scale that grows wrong) fails.
+(a schedule off by a step, decay on the wrong parameters, clipping left out or done before the float16 loss scale is
+removed, a loss scale that grows wrong) fails.
 
 The comparisons in tests/test_train.py and tests/test_distributed.py set train.py against itself (resumed against
 uninterrupted, a mesh against one process): they cannot see such a bug. Here the reference is plain PyTorch and the
-documented recipe: torch.optim.AdamW with weight decay on matrices only, torch.nn.utils.clip_grad_norm_, linear
-warmup then cosine decay to min_lr, on the windows train.py's EpochSampler hands out and the weights of a checkpoint
-dir written by the test. train.py is used through train.main, its metrics.jsonl and export, EpochSampler and
-LossScaler (for the one case a run cannot show). Also: an interrupted LoRA run with dropout against an
-uninterrupted one, and the tensor-parallel loss with a loss mask against the formula kernels.py documents.
+documented recipe: torch.optim.AdamW with weight decay on matrices only, torch.nn.utils.clip_grad_norm_ (in float16
+after torch.amp.GradScaler's unscale), linear warmup then cosine decay to min_lr, on the windows train.py's
+EpochSampler hands out and the weights of a checkpoint dir written by the test. train.py is used through
+train.main, its metrics.jsonl and export, EpochSampler and LossScaler (for the one case a run cannot show). Also:
+an interrupted LoRA run with dropout against an uninterrupted one, and the tensor-parallel loss with a loss mask
+against the formula kernels.py documents.
 
     python -m pytest -q tests/test_training_reference.py
 """
@@ -76,8 +78,13 @@ def init_dir(tmp_path_factory):
     return path
 
 
-def reference_run(data_dir: Path, init: Path, recipe=RECIPE):
-    """The documented training loop in plain PyTorch: per-step losses and the final state dict."""
+def reference_run(data_dir: Path, init: Path, recipe=RECIPE, loss_scale=None):
+    """The documented training loop in plain PyTorch: per-step losses and the final state dict.
+
+    loss_scale: float16 as PyTorch's AMP recipe has it, around the model's own loss under autocast (its fused loss
+    rounds in float16 otherwise than logits then F.cross_entropy, and Adam magnifies that within a few steps): the
+    loss times the scale (torch.amp.GradScaler), the gradients unscaled, then clipped, then the step."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=loss_scale or 1.0, enabled=loss_scale is not None)
     model = Transformer.from_checkpoint(init)
     model.train()
     matrices = [p for p in model.parameters() if p.dim() >= 2]  # embeddings and linear weights
@@ -99,13 +106,19 @@ def reference_run(data_dir: Path, init: Path, recipe=RECIPE):
             windows = torch.tensor(np.stack([tokens[s : s + SEQ_LEN + 1] for s in starts]))
             x, y = windows[:, :-1], windows[:, 1:]  # (B, T) inputs and next-token targets
             counted = torch.tensor(np.stack([counts[s + 1 : s + SEQ_LEN + 1] for s in starts]))  # (B, T)
-            logits, _ = model(x)
-            # the mean over this micro batch's counted targets; the step's loss is the mean over micro batches
-            loss = F.cross_entropy(logits[counted], y[counted]) / (GLOBAL // MICRO)
-            loss.backward()
+            if loss_scale is None:
+                logits, _ = model(x)
+                # the mean over this micro batch's counted targets; the step's loss is the mean over micro batches
+                loss = F.cross_entropy(logits[counted], y[counted]) / (GLOBAL // MICRO)
+            else:
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = model(x, y, loss_mask=counted)[1].float() / (GLOBAL // MICRO)
+            scaler.scale(loss).backward()
             step_loss += loss.item()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["grad_clip"])
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
     return losses, {k: v.detach() for k, v in model.state_dict().items()}
@@ -205,6 +218,23 @@ def test_final_norm_gains_equal_the_reference_without_weight_decay(runs, init_di
 
 # --------------------------------------------------------------------------------------------------------------------
 # float16: the dynamic loss scale
+
+
+def test_float16_clips_the_unscaled_gradients_as_torch_amp_does(data, init_dir, runs, tmp_path):
+    # grad_clip bounds the true gradients' norm: clipped while they still carry the loss scale (2^16 here), every
+    # step would be clipped 65,536 times too hard, and the logged norm be the scaled one; float32 runs cannot see it
+    scale = 2.0**16  # train.py's (and DeepSpeed's) initial dynamic scale
+    summary = train_run(data, tmp_path / "out", f"--init_from={init_dir}", "--dtype=float16",
+                        f"--loss_scale={scale}", f"--max_iters={STEPS}", "--export", *flags())
+    assert summary["skipped_steps"] == 0  # no overflow: every step updates, as in the reference
+    ref_losses, ref = reference_run(data, init_dir, loss_scale=scale)
+    np.testing.assert_allclose([summary["losses"][s + 1] for s in range(STEPS)], ref_losses, rtol=1e-4)
+    trained, init = load_tensors(summary["export_dir"]), load_tensors(init_dir)
+    assert_updates_equal(trained, ref, init, list(ref))
+    # the logged grad norm is the unscaled one too: step 1's (same weights, same batches) is float32's to rounding
+    fp32_norm = metric_rows(runs[1], "grad_norm")[0]["grad_norm"]
+    norms = [r["grad_norm"] for r in metric_rows(tmp_path / "out", "grad_norm")]
+    assert norms[0] == pytest.approx(fp32_norm, rel=1e-2) and all(n > 2 * RECIPE["grad_clip"] for n in norms)
 
 
 def documented_scales(initial: float, window: int, skipped: list[bool]) -> list[float]:
