@@ -1,4 +1,5 @@
-"""sample.py --serve: the OpenAI-compatible HTTP server and its chat page, on FastAPI and uvicorn.
+"""Used by sample.py (--serve) and bench.py (--mode=serve): the OpenAI-compatible HTTP server and its chat page
+(chat.html beside this file), on FastAPI and uvicorn.
 
 sample.py's Engine is the generation (continuous batching, text, log-probabilities); this file adds what HTTP needs:
 - the routes: GET / (chat.html, a page that chats with the model in a browser), GET /v1/models, POST /v1/completions
