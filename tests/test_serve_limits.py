@@ -255,3 +255,9 @@ def test_memory_stays_flat_over_2000_mixed_requests(ckpt, model):
         stop_server(server)
     assert errors == []
     assert after - before < 40 * 2**20, (before, after)
+
+
+@pytest.mark.parametrize("flags", [["--max_requests", "0"], ["--grace_period", "-1"], ["--grace_period", "inf"]])
+def test_limits_out_of_range_are_one_line(ckpt, flags):
+    with pytest.raises(SystemExit, match=r"^sample.py: --max_requests=\S+ --grace_period=\S+: expected at least 1"):
+        sample.parse_args(["--ckpt", str(ckpt), "--serve", *flags])
