@@ -739,14 +739,17 @@ def stream_completion(port: int, prompt: list[int], new_tokens: int) -> tuple[fl
     if resp.status != 200:
         raise RuntimeError(f"the server answered {resp.status}: {resp.read()[:200]}")
     first = tokens = None
-    while line := resp.readline():
-        if not line.startswith(b"data: {"):
-            continue
-        event = json.loads(line[6:])
-        if first is None and event["choices"] and event["choices"][0]["text"]:
-            first = time.perf_counter() - t0
-        if event.get("usage"):
-            tokens = event["usage"]["completion_tokens"]
+    pending = b""
+    while data := resp.read1(65536):  # what has come (http.client's readline on a chunked body: a Python loop)
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if first is None and event["choices"] and event["choices"][0]["text"]:
+                first = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
     conn.close()
     return first, time.perf_counter() - t0, tokens
 

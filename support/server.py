@@ -7,8 +7,8 @@ sample.py's Engine is the generation (continuous batching, text, log-probabiliti
 - every request checked against OpenAI's fields (REQUEST_FIELDS), a bad one answered 4xx with OpenAI's error object;
 - log-probabilities laid out as OpenAI's API does (completions: logprobs N with echo; chat: logprobs, top_logprobs);
 - CORS for the origins --allowed_origins names (Starlette's middleware);
-- bounds: a body over MAX_BODY_BYTES is 413, a body that stops arriving 408, past max_requests in progress 503 with
-  Retry-After; connections wait on the event loop, not in a thread each;
+- bounds: a body over MAX_BODY_BYTES is 413, a request (its headers or its body) that stops arriving 408, past
+  max_requests in progress 503 with Retry-After; connections wait on the event loop, not in a thread each;
 - the stop: on SIGTERM or Ctrl-C it accepts no new connection, lets the answers in progress run for grace_period
   seconds, and ends those still running then with their last chunk (finish_reason "length") and [DONE].
 """
@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import model as model_lib
 
@@ -173,8 +174,8 @@ class ModelServer:
     (another thread) or SIGTERM / Ctrl-C (the main thread); server_close() then frees the socket and the engine."""
 
     def __init__(self, engine, *, host="127.0.0.1", port=8000, name="model", max_body=MAX_BODY_BYTES,
-                 access_log=True, allowed_origins=(), grace_period=8.0, max_requests=256, body_timeout=60.0):
-        self.engine, self.name, self.max_body, self.body_timeout = engine, name, max_body, body_timeout
+                 access_log=True, allowed_origins=(), grace_period=8.0, max_requests=256, request_timeout=60.0):
+        self.engine, self.name, self.max_body, self.request_timeout = engine, name, max_body, request_timeout
         self.model, self.tok, self.batcher = engine.model, engine.tok, engine.batcher
         self.grace_period, self.max_requests = grace_period, max_requests
         self.allowed_origins = set(allowed_origins)  # web pages that may call the server from a browser ("*": any)
@@ -191,7 +192,8 @@ class ModelServer:
             self.socket.close()
             raise
         self.server_address = self.socket.getsockname()
-        config = uvicorn.Config(self.app(), http="h11", loop="asyncio", lifespan="off", log_config=None,
+        http = type("H11", (_H11,), {"request_timeout": request_timeout})
+        config = uvicorn.Config(self.app(), http=http, loop="asyncio", lifespan="off", log_config=None,
                                 access_log=access_log, backlog=socket.SOMAXCONN, timeout_keep_alive=60,
                                 timeout_graceful_shutdown=grace_period + 5)  # a backstop: answers end at the grace
         self.uvicorn = _Uvicorn(config, self)
@@ -257,8 +259,8 @@ class ModelServer:
     # a request ----------------------------------------------------------------
 
     async def read_body(self, request) -> bytes:
-        """The body: 413 past max_body (by Content-Length, or as chunks arrive), 408 when it stops arriving for
-        body_timeout seconds."""
+        """The body: 413 past max_body (by Content-Length, or as chunks arrive), 408 when nothing of it arrives for
+        request_timeout seconds."""
         length = request.headers.get("content-length")
         if length is not None and not length.strip().isdigit():
             raise APIError(400, f"Content-Length: expected a number of bytes, got {length[:40]!r}")
@@ -268,11 +270,11 @@ class ModelServer:
         chunks, size, stream = [], 0, request.stream()
         while True:
             try:
-                chunk = await asyncio.wait_for(anext(stream), self.body_timeout)
+                chunk = await asyncio.wait_for(anext(stream), self.request_timeout)
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                raise APIError(408, f"the request body stopped arriving: nothing for {self.body_timeout:g} s",
+                raise APIError(408, f"the request body stopped arriving: nothing in {self.request_timeout:g} s",
                                code="request_timeout") from None
             size += len(chunk)
             if size > self.max_body:
@@ -358,7 +360,7 @@ class ModelServer:
                                 "log-probabilities alone)", "max_tokens")
         if max_new is None:
             max_new = min(self.engine.max_new_tokens, context - len(ids))
-        if len(ids) + max_new > context or (max_new == 0 and not fields.get("echo")):
+        if len(ids) + max_new > context or max_new < (0 if fields.get("echo") else 1):  # the default: what is left
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                                 f"{len(ids) + max(max_new, 1)} tokens ({len(ids)} in the {main_field}, "
                                 f"{max(max_new, 1)} in the completion). Please reduce the length of the "
@@ -410,6 +412,31 @@ class ModelServer:
     def server_close(self):
         self.socket.close()
         self.engine.close()
+
+
+class _H11(H11Protocol):
+    """uvicorn's HTTP/1.1 connection, with a limit on a request whose line and headers stop arriving: after
+    request_timeout seconds without them, 408 and the connection closed (uvicorn would wait for ever, and a silent
+    connection would hold its socket)."""
+
+    request_timeout = 60.0
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.headers_timer = self.loop.call_later(self.request_timeout, self.headers_timed_out)
+
+    def headers_timed_out(self):
+        if self.cycle is None and not self.transport.is_closing():
+            body = APIError(408, f"the request stopped arriving: no complete headers in {self.request_timeout:g} s",
+                            code="request_timeout").body()
+            data = json.dumps(body).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(data), data))
+            self.transport.close()
+
+    def connection_lost(self, exc):
+        self.headers_timer.cancel()
+        super().connection_lost(exc)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -519,8 +546,9 @@ class Answer:
                         return
                     wait = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
                     try:
-                        await asyncio.wait_for(ready.wait(), wait)
-                    except asyncio.TimeoutError:
+                        async with asyncio.timeout(wait):  # no task per wait, as wait_for makes
+                            await ready.wait()
+                    except TimeoutError:
                         pass
                     continue
                 if t is None:

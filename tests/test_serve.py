@@ -34,7 +34,7 @@ def ckpt(tmp_path_factory):
     return d
 
 
-SERVER_ARGS = ("allowed_origins", "grace_period", "max_requests", "body_timeout", "max_body", "access_log")
+SERVER_ARGS = ("allowed_origins", "grace_period", "max_requests", "request_timeout", "max_body", "access_log")
 
 
 def start_server(ckpt, model=None, **kw):

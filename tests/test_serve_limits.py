@@ -116,7 +116,7 @@ def test_past_max_requests_a_request_gets_503_with_retry_after(ckpt, model):
 
 
 def test_a_stalled_body_gets_408_and_does_not_hold_up_others(ckpt, model):
-    server = start_server(ckpt, model=model, body_timeout=1)
+    server = start_server(ckpt, model=model, request_timeout=1)
     try:
         sock = socket.create_connection(("127.0.0.1", server.server_address[1]))
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\": ")
@@ -152,10 +152,10 @@ def test_a_chunked_body_is_read_and_a_chunked_body_over_the_limit_is_413(ckpt, m
         stop_server(server)
 
 
-def test_many_half_open_connections_take_no_thread_each(ckpt, model):
-    """300 connections that sent half a request: the process has as many threads as before, and a request from
-    another client is answered."""
-    server = start_server(ckpt, model=model)
+def test_many_half_open_connections_take_no_thread_each_and_time_out(ckpt, model):
+    """300 connections that sent half a request's headers: the process has as many threads as before, a request from
+    another client is answered, and after request_timeout each half-open one gets 408 and is closed."""
+    server = start_server(ckpt, model=model, request_timeout=3)
     try:
         assert raw(server, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 2})[0] == 200
         threads = threading.active_count()
@@ -167,7 +167,13 @@ def test_many_half_open_connections_take_no_thread_each(ckpt, model):
         time.sleep(0.5)
         assert raw(server, "POST", "/v1/completions", {"prompt": "ab", "max_tokens": 2})[0] == 200
         assert threading.active_count() <= threads + 2  # the thread pool may start one for the request's prompt
-        [s.close() for s in socks]
+        for s in socks:
+            s.settimeout(30)
+            answer = b""
+            while chunk := s.recv(65536):  # the answer, then the end of the connection
+                answer += chunk
+            s.close()
+            assert answer.startswith(b"HTTP/1.1 408 ") and b'"code": "request_timeout"' in answer
     finally:
         stop_server(server)
 
