@@ -53,6 +53,7 @@ import json
 import math
 import os
 import resource
+import socket
 import statistics
 import sys
 import threading
@@ -729,20 +730,24 @@ def time_clients(port: int, prompts: list[list[int]], new_tokens: int, at_once: 
 
 
 def stream_completion(port: int, prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
-    """One greedy streamed /v1/completions request -> (seconds to the first token, seconds to the last, tokens)."""
+    """One greedy streamed /v1/completions request -> (seconds to the first token, seconds to the last, tokens).
+    Sent as HTTP/1.0, so the answer comes unframed until the server closes: no chunked encoding for this process, where
+    the server runs too, to take apart in Python (a real client does that in its own process)."""
     t0 = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
-                                                        "stream": True, "stream_options": {"include_usage": True}}),
-                 {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"the server answered {resp.status}: {resp.read()[:200]}")
+    body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=600)
+    sock.sendall(b"POST /v1/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     first = tokens = None
-    pending = b""
-    while data := resp.read1(65536):  # what has come (http.client's readline on a chunked body: a Python loop)
+    pending, status = b"", None
+    while data := sock.recv(65536):
         *lines, pending = (pending + data).split(b"\n")
         for line in lines:
+            if status is None:
+                status = line.split()[1]
+                if status != b"200":
+                    raise RuntimeError(f"the server answered {status.decode()}")
             if not line.startswith(b"data: {"):
                 continue
             event = json.loads(line[6:])
@@ -750,7 +755,7 @@ def stream_completion(port: int, prompt: list[int], new_tokens: int) -> tuple[fl
                 first = time.perf_counter() - t0
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-    conn.close()
+    sock.close()
     return first, time.perf_counter() - t0, tokens
 
 

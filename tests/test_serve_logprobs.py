@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,35 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(server):
     assert lp["token_logprobs"][1:] == pytest.approx([ref[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))],
                                                      abs=1e-5)
     assert lp["top_logprobs"][1:] == [{}] * (len(PROMPT) - 1)  # logprobs 0: the chosen tokens' alone
+
+
+def test_prompts_scored_while_a_batch_decodes_score_as_alone(ckpt, server):
+    """Scoring requests (echo, max_tokens 0 and 1, as lm-eval sends them) that join a batch while a long answer
+    decodes get the log-probabilities they get alone: their prefill is their own row's."""
+    from test_serve import SlowModel
+
+    asks = [{"prompt": [256] + list(f"score {i} please".encode()), "max_tokens": i % 2, "logprobs": 1, "echo": True,
+             "temperature": 0} for i in range(4)]
+    alone = [json.loads(raw(server, "POST", "/v1/completions", a)[2])["choices"][0]["logprobs"] for a in asks]
+    slow = start_server(ckpt, model=SlowModel(server.model, 0.02))
+    try:
+        events, got = [], [None] * len(asks)
+        long = threading.Thread(target=lambda: events.append(raw(slow, "POST", "/v1/completions", {
+            "prompt": "ab", "max_tokens": 100, "temperature": 0, "stream": True})))
+        long.start()
+        while not slow.batcher.batches or slow.batcher.batches[-1][1] < 20:  # decoding, its column past the prompts
+            time.sleep(0.02)
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, json.loads(raw(
+            slow, "POST", "/v1/completions", asks[i])[2])["choices"][0]["logprobs"])) for i in range(len(asks))]
+        [t.start() for t in threads]
+        [t.join(120) for t in threads]
+        long.join(120)
+        assert slow.batcher.batches[0][0] > 1  # they did join the long answer's batch
+    finally:
+        stop_server(slow)
+    for a, b in zip(got, alone):
+        assert a["tokens"] == b["tokens"] and a["token_logprobs"][0] is None
+        assert a["token_logprobs"][1:] == pytest.approx(b["token_logprobs"][1:], abs=1e-5)
 
 
 def test_streamed_logprobs_are_the_same_as_whole(server):
