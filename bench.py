@@ -761,8 +761,11 @@ def stream_completion(port: int, prompt: list[int], new_tokens: int) -> tuple[fl
 
 def time_streams(port: int, prompts: list[list[int]], new_tokens: int, clients: int, rounds: int) -> dict:
     """`clients` streamed requests at once, `rounds` times: the medians over clients and rounds of the time to the
-    first token and of each client's tokens/s (its tokens over the seconds from sending to the last token)."""
+    first token and of each client's tokens/s (its tokens over the seconds from sending to the last token), and the
+    CPU time this process (server and clients) spent per token, which other processes on the machine change less."""
     ttft, per_client = [], []
+    cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # noqa: E731 (user + system seconds)
+    cpu_start = cpu()
     for _ in range(rounds):
         out = [None] * clients
 
@@ -778,7 +781,8 @@ def time_streams(port: int, prompts: list[list[int]], new_tokens: int, clients: 
             ttft.append(first)
             per_client.append(tokens / last)
     return {"ttft_s": round(statistics.median(ttft), 3),
-            "tokens_per_s_per_client": round(statistics.median(per_client), 2)}
+            "tokens_per_s_per_client": round(statistics.median(per_client), 2),
+            "cpu_ms_per_token": round(1000 * (cpu() - cpu_start) / (rounds * clients * new_tokens), 2)}
 
 
 def time_joining(port: int, prompts: list[list[int]], new_tokens: int) -> dict:

@@ -65,7 +65,7 @@ def test_serve_times_concurrent_and_sequential_clients():
     assert is_timing(result["short_alone_s"], result["short_during_long_s"])
     assert list(result["streams"]) == ["1_clients", "4_clients", "8_clients"]
     for figures in result["streams"].values():  # what each streaming client sees: first token, then its speed
-        assert is_timing(figures["ttft_s"], figures["tokens_per_s_per_client"])
+        assert is_timing(figures["ttft_s"], figures["tokens_per_s_per_client"], figures["cpu_ms_per_token"])
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
