@@ -62,7 +62,8 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from model import PRESETS, ModelArgs, Transformer, apply_lora, check_json_fields, parse_json
+from model import PRESETS, ModelArgs, Transformer, apply_lora
+from support.checks import check_json_fields, parse_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

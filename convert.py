@@ -48,9 +48,10 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 import prepare
 from support import ascendspeed, flagai
-from model import (FAMILIES, CheckpointError, ModelArgs, Transformer, check_json_fields, check_output, check_value,
-                   family_of_hf_config, load_json, load_safetensors, load_tensors, read_config, read_weight_map,
-                   replace_dir)
+from model import FAMILIES, CheckpointError, ModelArgs, Transformer, family_of_hf_config, read_config
+from support.checks import check_json_fields, check_value, load_json
+from support.outputs import check_output, replace_dir
+from support.weights import load_safetensors, load_tensors, read_weight_map
 
 BAICHUAN = ("baichuan", "baichuan2")  # W_pack, and Baichuan's own config.json
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -196,7 +197,7 @@ class WeightFiles:
     """The weight files of a dir, HF's or ours: model.safetensors / pytorch_model.bin, or shards named by an index.
 
     Only headers are read up front (shapes, which file holds what). Tensors are then read one shard at a time, so
-    memory-mapped pages of at most one input shard stay resident (model.load_tensors maps every shard at once).
+    memory-mapped pages of at most one input shard stay resident (weights.load_tensors maps every shard at once).
     """
 
     def __init__(self, src: Path):
@@ -242,10 +243,10 @@ class WeightFiles:
 
 
 def read_json(file: Path, required=True) -> dict:
-    """A JSON object file, checked as model.load_json checks one; {} for an absent one that is not required."""
+    """A JSON object file, checked as support.checks.load_json checks one; {} for an absent one that is not required."""
     if not required and not file.exists():
         return {}
-    return load_json(file)
+    return load_json(file, CheckpointError)
 
 
 # HF config.json: the fields read, their types and ranges (an absent field takes its default)
@@ -387,7 +388,7 @@ def write_checkpoint(path, state_dict, args: ModelArgs, family: str, *, max_shar
 
 
 def staged(dst, overwrite: bool, inputs=()):
-    """A temporary dir beside dst (model.replace_dir): it replaces dst, atomically, once the block completes, and is
+    """A temporary dir beside dst (support.outputs.replace_dir): it replaces dst, atomically, once the block completes, and is
     removed on failure; a dst that is one of the inputs, holds one or lies in one is refused."""
     return replace_dir(dst, overwrite, "--dst", inputs, CheckpointError)
 
@@ -1415,7 +1416,7 @@ def read_train_state(step_dir: Path, required=("step",)) -> dict:
     TRAIN_STATE_FIELDS of its type and range, and a manifest whose every entry is a plain file name of the step dir
     (never a path out of it) with its size and sha256. CheckpointError names what is wrong."""
     file = Path(step_dir) / TRAIN_STATE
-    state = load_json(file)
+    state = load_json(file, CheckpointError)
     check_json_fields(state, TRAIN_STATE_FIELDS, file, CheckpointError, required=required)
     named = STEP_DIR.match(Path(step_dir).name)
     if named and int(named[1]) != state["step"]:
@@ -1459,7 +1460,7 @@ def read_step_dir(step_dir: Path, dcp_state: dict, rank: int = 0, no_dist: bool 
     dcp_load(dcp_state, step_dir, no_dist=no_dist)
     rng, file = None, rng_file(step_dir, rank)
     if file.exists():  # {"torch": [state bytes], "device": [...]}: lists of bytes
-        rng = load_json(file)
+        rng = load_json(file, CheckpointError)
         for key in ("torch", *(["device"] if "device" in rng else [])):
             if not (isinstance(rng.get(key), list) and all(type(b) is int and 0 <= b < 256 for b in rng[key])):
                 fail(f"{file}: {key}: expected a list of bytes (integers 0..255), got {json.dumps(rng.get(key))[:60]}")

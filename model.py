@@ -6,27 +6,14 @@ The families differ only in numbers (ModelArgs) and in a few switches: pos_emb='
 norm_head and z_loss for Baichuan2. The hot ops live in kernels.py. Transformer.from_checkpoint loads a checkpoint
 dir (config.json + safetensors, memory-mapped); convert.py writes them and owns every other on-disk format.
 
-Every script imports this file and it imports none of them, so what they all check input and write output with lives
-here too, each in a section of its own: declared ranges (a config field or flag and the values it takes), untrusted
-JSON (parse_json, load_json), and output dirs that are replaced whole or not at all (replace_dir).
-
     from model import Transformer, PRESETS
     model = Transformer(PRESETS["tiny"])
     logits, loss = model(idx, targets)
 """
 
 import contextlib
-import ctypes
-import functools
-import json
 import math
-import os
-import re
-import reprlib
-import shutil
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -35,97 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# declared ranges: a config field or a flag states the values it takes beside its default; check_value is the one
-# check of type and range, so every script says a value is out of range in the same words
-
-
-def ranged(default, interval: str):
-    """A dataclass field whose value must lie in `interval`, written as in mathematics: "[0, 1)", "(0, inf)",
-    "[0, 2**63)". NaN lies in no interval, and infinity only in one closed at inf. check_fields tests them all."""
-    return field(default=default, metadata={"range": interval})
-
-
-@functools.cache
-def _interval(text: str) -> tuple:
-    m = re.fullmatch(r"([\[(])\s*([^,]+?)\s*,\s*([^,]+?)\s*([\])])", text.strip())
-    power = [re.fullmatch(r"(-?\d+)\*\*(\d+)", b) for b in (m[2], m[3])]
-    lo, hi = (int(p[1]) ** int(p[2]) if p else int(b) if re.fullmatch(r"-?\d+", b) else float(b)
-              for p, b in zip(power, (m[2], m[3])))
-    return m[1] == "(", lo, hi, m[4] == ")"
-
-
-def _kinds(kind) -> tuple:
-    """The types an annotation allows: int -> (int,), Optional[int] and int | None -> (int, NoneType)."""
-    return typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
-
-
-def _kind_ok(kind, value) -> bool:
-    for k in _kinds(kind):
-        if k is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:  # a bool is no integer here, though Python says it is one
-            ok = isinstance(value, k) and (k is bool or not isinstance(value, bool))
-        if ok:
-            return True
-    return False
-
-
-KIND_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", list: "a list",
-              dict: "an object"}
-
-
-def expected(kind, interval: Optional[str] = None) -> str:
-    """What a value of this kind and range is, in words: 'an integer >= 1', 'a finite number in [0, 1)'."""
-    kinds = _kinds(kind)
-    words = " or ".join(KIND_WORDS.get(k, k.__name__) for k in kinds if k is not type(None))
-    if interval:
-        lo_open, lo, hi, hi_open = _interval(interval)
-        words += (f" {'>' if lo_open else '>='} {lo}" if hi == math.inf and hi_open else f" in {interval}")
-    return words + (" or None" if type(None) in kinds else "")
-
-
-def check_value(name: str, value, kind, interval: Optional[str] = None):
-    """ValueError "name=value: expected ..." unless value is of kind (int, float, bool, str, Optional[...]) and lies
-    in interval (None: any). The one check behind every config field and flag with a declared range."""
-    ok = _kind_ok(kind, value)
-    if ok and interval is not None and value is not None and not isinstance(value, (bool, str)):
-        lo_open, lo, hi, hi_open = _interval(interval)
-        ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        raise ValueError(f"{name}={reprlib.repr(value)}: expected {expected(kind, interval)}")
-
-
-def check_fields(obj, prefix: str = ""):
-    """check_value on every field of a dataclass instance, with the range its field declares (see ranged)."""
-    for f in fields(obj):
-        check_value(prefix + f.name, getattr(obj, f.name), f.type, f.metadata.get("range"))
-
-
-def check_json_fields(d: dict, table: dict, where, error=ValueError, required=()):
-    """check_value on the fields of a JSON object read from a file: table = {key: kind or (kind, interval)}, a dotted
-    key reaching into an object ("loss_scaler.scale"); a key absent from d is fine unless it is in required. The
-    error names where (the file) and the field."""
-    for key, spec in table.items():
-        kind, interval = spec if isinstance(spec, tuple) else (spec, None)
-        *parents, name = key.split(".")
-        obj = d
-        for i, part in enumerate(parents):
-            obj = obj.get(part)
-            if obj is None:  # absent (or null): so is the field
-                break
-            if not isinstance(obj, dict):
-                raise error(f"{where}: {'.'.join(parents[:i + 1])}: expected an object, got {json_type(obj)}")
-        if obj is None or name not in obj:
-            if key in required:
-                raise error(f"{where}: missing field {key!r}")
-            continue
-        try:
-            check_value(key, obj[name], kind, interval)
-        except ValueError as e:
-            raise error(f"{where}: {e}") from None
+from support.checks import check_fields, ranged, load_json
+from support.weights import CheckpointError, load_tensors
 
 
 # Sizes have upper bounds far past any published model: a garbled size is refused here, before it overflows a
@@ -762,94 +660,13 @@ def merge_lora(model) -> Transformer:
 # checkpoint dirs: config.json + model.safetensors (or shards with HF's index), memory-mapped on load
 
 
-class CheckpointError(ValueError):
-    """A checkpoint dir that is missing, truncated or does not match its config; the message names file and tensor."""
-
-
-MAX_JSON_DEPTH = 100  # deeper than any config, manifest or record of ours or Hugging Face's: refused, not recursed
-
-
-def _json_depth(value) -> int:
-    """How deeply the lists and objects of a parsed JSON value nest (a walk, not a recursion)."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        value, depth = todo.pop()
-        if isinstance(value, (list, dict)):
-            deepest = max(deepest, depth)
-            todo.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
-    return deepest
-
-
-def _no_constant(name):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text):
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} does not fit a float")
-    return value
-
-
-def _unique_keys(pairs):
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        seen = set()
-        raise ValueError(f"key {next(k for k, _ in pairs if k in seen or seen.add(k))!r} appears twice in an object")
-    return d
-
-
-def parse_json(data, where, error=ValueError, unique_keys: bool = True, allow_nan: bool = False):
-    """Untrusted JSON (text or bytes) -> Python objects, or error(f"{where}: ...") in one line for bytes that are not
-    UTF-8, malformed JSON, nesting deeper than MAX_JSON_DEPTH (never a RecursionError), NaN, Infinity or numbers that
-    do not fit (allow_nan: Python's NaN and Infinity, as in a metrics log), and (unique_keys) a key twice in an
-    object."""
-    try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-    except UnicodeDecodeError as e:
-        raise error(f"{where}: not valid JSON: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    try:
-        value = json.loads(text, parse_constant=None if allow_nan else _no_constant,
-                           parse_float=None if allow_nan else _finite,
-                           object_pairs_hook=_unique_keys if unique_keys else None)
-    except RecursionError:  # json's scanner counts its depth against Python's recursion limit
-        raise error(f"{where}: JSON nested deeper than the {MAX_JSON_DEPTH} levels allowed") from None
-    except ValueError as e:  # JSONDecodeError, and int() refusing a number of more than 4300 digits
-        raise error(f"{where}: not valid JSON ({str(e).splitlines()[0]})") from None
-    # fewer brackets than the limit cannot nest deeper than it: the common case costs two counts
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _json_depth(value) > MAX_JSON_DEPTH:
-        raise error(f"{where}: JSON nested {_json_depth(value)} levels deep, more than the {MAX_JSON_DEPTH} allowed")
-    return value
-
-
-def load_json(file, error=CheckpointError) -> dict:
-    """A JSON file that must hold an object (config.json, an index, a manifest): parse_json's checks, and a missing or
-    unreadable file, each as error naming the file."""
-    try:
-        data = Path(file).read_bytes()
-    except FileNotFoundError:
-        raise error(f"{file}: not found") from None
-    except OSError as e:
-        raise error(f"{file}: cannot read it ({e.strerror})") from None
-    obj = parse_json(data, file, error)
-    if not isinstance(obj, dict):
-        raise error(f"{file}: expected a JSON object, got {json_type(obj)}")
-    return obj
-
-
-def json_type(value) -> str:
-    """A JSON value's type as the file spells it, for messages."""
-    return {bool: "a bool", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
 def read_config(path) -> tuple[ModelArgs, dict]:
     """(ModelArgs, the whole config.json) of a checkpoint dir: every field's type and declared range checked, and the
     family one of FAMILIES."""
     file = Path(path) / "config.json"
     if not file.exists():
         raise CheckpointError(f"{file}: not found (is {path} a checkpoint dir?)")
-    config = load_json(file)
+    config = load_json(file, CheckpointError)
     if "dim" not in config and ("model_type" in config or "architectures" in config):
         raise CheckpointError(f"{file}: a Hugging Face config (model_type {config.get('model_type')!r}), not a "
                               f"checkpoint dir's: convert it first: python convert.py hf-to-native --src {path} "
@@ -861,172 +678,3 @@ def read_config(path) -> tuple[ModelArgs, dict]:
         return ModelArgs.from_dict(config), config
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: {e}") from None
-
-
-def load_safetensors(file) -> dict[str, torch.Tensor]:
-    """Tensors of one .safetensors file, memory-mapped by the safetensors library: nothing is read until a tensor is
-    used, and writes to a tensor never reach the file. The library checks the header before mapping anything (a JSON
-    object of known dtypes and non-negative shapes, each tensor's bytes the size its shape needs, inside the file, in
-    order with no overlap and no gap); its complaint comes back as a CheckpointError naming the file. A name twice in
-    the header, which the library reads as its last entry and another reader might not, is refused here."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as st, open(file, "rb") as f:  # the library checked the length
-            parse_json(f.read(int.from_bytes(f.read(8), "little")), f"{file}: header", CheckpointError)
-            return {name: st.get_tensor(name) for name in st.keys()}
-    except CheckpointError:
-        raise
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: not found") from None
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read it ({e.strerror})") from None
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        why = _shared_bytes(file) or f"truncated or corrupted safetensors file ({str(e).splitlines()[0]})"
-        raise CheckpointError(f"{file}: {why}") from None
-
-
-def _shared_bytes(file) -> Optional[str]:
-    """'tensors A and B share bytes ...' where two entries of a safetensors header claim the same bytes, else None: the
-    library refuses such a file, but names the tensor after the pair."""
-    try:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > min(100 << 20, os.fstat(f.fileno()).st_size - 8):  # the library's own limit on a header
-                return None
-            header = parse_json(f.read(n), file)
-        spans = sorted((*v["data_offsets"], name) for name, v in header.items() if name != "__metadata__")
-        for (_, end_a, a), (start, end_b, b) in zip(spans, spans[1:]):
-            if start < end_a:
-                return (f"tensors {a} and {b} share bytes (data offsets {start} to {min(end_a, end_b)}); each needs "
-                        "its own")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # malformed otherwise: the library's words
-        pass
-    return None
-
-
-def read_weight_map(index) -> dict[str, str]:
-    """{tensor: shard file} of an HF index (model.safetensors.index.json, pytorch_model.bin.index.json), each shard a
-    plain file name in the index's own dir: never a path out of it. CheckpointError names the index and the entry."""
-    index = Path(index)
-    weight_map = load_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: weight_map: expected an object of tensor name -> shard file, got "
-                              f"{json_type(weight_map)}")
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str) or shard in ("", ".", "..") or shard != Path(shard).name or "\0" in shard \
-                or "\\" in shard:
-            raise CheckpointError(f"{index}: weight_map: tensor {name!r} -> {shard!r}: expected a file name in "
-                                  f"{index.parent} (no directories)")
-        if not (index.parent / shard).is_file():
-            raise CheckpointError(f"{index.parent / shard}: shard named in {index.name} is missing")
-    return weight_map
-
-
-def load_tensors(path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint dir, memory-mapped: model.safetensors, or the shards its index names."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_weight_map(index)
-        tensors, file_of = {}, {}
-        for shard in sorted(set(weight_map.values())):
-            for name, t in load_safetensors(path / shard).items():
-                if name in tensors:
-                    raise CheckpointError(f"{path / shard}: tensor {name} is also in {file_of[name]}")
-                tensors[name], file_of[name] = t, shard
-        wrong = sorted(name for name, shard in weight_map.items() if file_of.get(name) != shard)
-        if wrong:
-            raise CheckpointError(f"{index}: tensor {wrong[0]} is not in the shard the index names")
-        return tensors
-    if not (path / "model.safetensors").exists():
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    return load_safetensors(path / "model.safetensors")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# output dirs (checkpoint dirs, data dirs): never an input, and replaced whole or not at all
-
-
-def check_output(dst, inputs=(), flag="--out", error=ValueError) -> Path:
-    """dst as an output dir, or error naming the flag: refused when it is the current dir or holds it, an existing
-    file, one of inputs, or holds one of them or lies inside one (whatever --overwrite says)."""
-    dst = Path(dst)
-    target, here = dst.resolve(), Path.cwd().resolve()
-    if target == here or target in here.parents:
-        raise error(f"{flag} {dst}: the current directory or one holding it; name a directory of its own")
-    if dst.exists() and not dst.is_dir():
-        raise error(f"{flag} {dst}: an existing file, not a directory: nothing is replaced")
-    for source in inputs:
-        resolved = Path(source).resolve()
-        if target == resolved or target in resolved.parents or resolved in target.parents:
-            how = "is" if target == resolved else "holds" if target in resolved.parents else "lies inside"
-            raise error(f"{flag} {dst} {how} the input {source}: the output would replace or mix with it")
-    return dst
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's
-        pass
-    return True
-
-
-def remove_stale(dst: Path):
-    """What a killed run left beside dst: its temporary dir (removed), and the old dst it had renamed aside (put back
-    where dst is missing, else removed). Dirs of processes still running are theirs."""
-    prefixes = (f".{dst.name}.tmp-", f".{dst.name}.old-", f"{dst.name}.tmp-")  # the last: older versions' name
-    for p in sorted(dst.parent.iterdir()) if dst.parent.is_dir() else []:
-        pid = next((p.name[len(x):] for x in prefixes if p.name.startswith(x)), "")
-        if not pid.isdigit() or _running(int(pid)):
-            continue
-        if ".old-" in p.name and not dst.exists():
-            p.rename(dst)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def swap_paths(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_cwd, rename_exchange = -100, 2
-    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
-
-
-@contextlib.contextmanager
-def replace_dir(dst, overwrite: bool, flag="--out", inputs=(), error=ValueError):
-    """Yield a new temporary dir beside dst to write the output into; when the block completes it becomes dst.
-    A kill at any point leaves dst old or new, whole: the new dir is complete before it is swapped in atomically
-    (renameat2), or, where the system cannot swap, the old dst is renamed aside, the new renamed in, the old removed,
-    and the next run puts an old dst left aside back. check_output's refusals come first; leftovers of killed runs
-    (remove_stale) go at the start."""
-    dst = check_output(dst, inputs, flag, error)
-    remove_stale(dst)
-    if dst.exists() and not overwrite:
-        raise error(f"{flag} {dst}: exists; pass --overwrite to replace it")
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    try:  # under a regular file, or in a read-only place: this fails before any work
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise error(f"{flag} {dst}: cannot create it ({e.strerror}: {e.filename})") from None
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives a failure or Ctrl-C
-        raise
-    if not dst.exists():
-        tmp.rename(dst)
-    elif swap_paths(tmp, dst):
-        shutil.rmtree(tmp)  # now the old one
-    else:
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old)

@@ -38,7 +38,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from model import check_json_fields, check_value, json_type, load_json, parse_json, replace_dir
+from support.checks import check_json_fields, check_value, json_type, load_json, parse_json
+from support.outputs import replace_dir
 
 # -----------------------------------------------------------------------------
 # Tokenizers: sentencepiece (.model) and HF tokenizers (tokenizer.json) behind one small interface
@@ -1711,7 +1712,7 @@ def training_lines(items, max_chars):
                         return
 
 
-# the flags with a range: kind and interval (model.check_value's words when one is out of it)
+# the flags with a range: kind and interval (support.checks.check_value's words when one is out of it)
 FLAG_RANGES = {"workers": (int, "[1, inf)"), "vocab_size": (int, "[260, 2**31)"), "seq_len": (int, "[0, 2**24]"),
                "max_chars": (int, "[0, inf)"), "tokenizer_chars": (int, "[1, inf)"), "val_fraction": (float, "[0, 1)"),
                "max_source_len": (int, "[0, 2**24]"), "max_target_len": (int, "[0, 2**24]")}

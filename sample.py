@@ -51,6 +51,7 @@ import torch.nn.functional as F
 
 import kernels
 import model as model_lib
+from support import checks, outputs, weights
 import prepare
 
 # In --chat, the published settings of the family's chat models (model.FAMILIES) apply unless a flag overrides them;
@@ -68,7 +69,7 @@ def check_settings(settings: dict):
     not set: the default applies); names outside SETTINGS are not looked at."""
     for name, value in settings.items():
         if name in SETTINGS and value is not None:
-            model_lib.check_value(name, value, *SETTINGS[name])
+            checks.check_value(name, value, *SETTINGS[name])
 
 
 # -----------------------------------------------------------------------------
@@ -474,7 +475,7 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None,
             return model.eval(), config
         if not quant:  # names and shapes checked against config.json, nothing read yet
             model = model_lib.Transformer.from_checkpoint(ckpt, device="meta", dtype=dtype)
-        tensors = model_lib.load_tensors(ckpt)
+        tensors = weights.load_tensors(ckpt)
     except model_lib.CheckpointError as e:
         fail(str(e))
     updates, replaced = read_adapter(adapter, args, family) if adapter else ({}, {})
@@ -495,7 +496,7 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None,
     normalise_head(model)  # saved heads are already normalised: this only swaps the module type
     where = os.path.join(ckpt, "config.json")
     try:
-        model_lib.check_json_fields(config, QUANTIZATION, where, required=("quantization.mode",))
+        checks.check_json_fields(config, QUANTIZATION, where, required=("quantization.mode",))
         quantize_model(model.to(dtype), quant["mode"], quant.get("group_size", 128), empty=True)
     except ValueError as e:
         fail(f"{e}" if str(e).startswith(where) else f"{where}: quantization: {e}")
@@ -584,13 +585,13 @@ def add_adapter(model, path, family: str = "llama"):
 
 
 def save_quantized(model, src_ckpt, dst, mode, group_size, family):
-    """A checkpoint dir of the quantised weights, written whole or not at all (model.replace_dir); an existing dir is
+    """A checkpoint dir of the quantised weights, written whole or not at all (support.outputs.replace_dir); an existing dir is
     taken only when empty, and never the source."""
     state = {k: v for k, v in model.state_dict().items()}
     import convert
     empty = os.path.isdir(dst) and not os.listdir(dst)
     refuse = lambda msg: SystemExit(f"sample.py: {msg}")  # noqa: E731
-    with model_lib.replace_dir(dst, empty, "--save_quantized", (src_ckpt,), refuse) as tmp:
+    with outputs.replace_dir(dst, empty, "--save_quantized", (src_ckpt,), refuse) as tmp:
         quantization = {"mode": mode, "group_size": group_size} if mode != "nf4" else {"mode": mode}
         convert.write_checkpoint(tmp, state, model.args, family, extra_config={"quantization": quantization})
         prepare.copy_tokenizer_files(src_ckpt, tmp)
@@ -968,7 +969,7 @@ def read_fields(body, main_field):
             setting, narrower = REQUEST_FIELDS[key]
             kind, interval = SETTINGS[setting]
             try:
-                model_lib.check_value(key, value, kind, narrower or interval)
+                checks.check_value(key, value, kind, narrower or interval)
             except ValueError as e:
                 raise APIError(400, str(e), key) from None
             fields[key] = value
@@ -1571,7 +1572,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     try:
         check_settings(vars(args))
-        model_lib.check_value("group_size", args.group_size, int, "[1, inf)")
+        checks.check_value("group_size", args.group_size, int, "[1, inf)")
     except ValueError as e:
         fail(f"--{e}")
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]

@@ -56,8 +56,10 @@ from bench import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, 
 from convert import (RESUME_FIELDS, Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, newest_step_dir,
                      read_step_dir, read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir,
                      write_peft_adapter, write_step_dir)
-from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, \
-    apply_lora, check_output, check_value, count_weights, expected, load_tensors, lora_state_dict, ranged, read_config
+from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, count_weights, lora_state_dict, read_config
+from support.checks import check_value, expected, ranged
+from support.outputs import check_output
+from support.weights import load_tensors
 
 
 @dataclass

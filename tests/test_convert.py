@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import convert
-from model import Transformer, load_tensors, read_config
+from model import Transformer, read_config
+from support.weights import load_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, D, FF, L = 128, 64, 160, 2  # vocab, dim, ffn width, layers

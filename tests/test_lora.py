@@ -271,7 +271,8 @@ def test_lora_run_trains_only_adapters_lowers_the_loss_and_exports_the_merge(bas
     import json
 
     from safetensors import safe_open
-    from model import load_lora, load_tensors
+    from model import load_lora
+    from support.weights import load_tensors
 
     data, ckpt = base
     flags = [f"--init_from={ckpt}", "--lora_rank=4", "--lora_alpha=8", "--lora_targets=wq,wv,w2", "--max_iters=12",
@@ -337,7 +338,7 @@ def test_lora_resume_takes_its_lora_settings_from_its_step_dir(base, tmp_path):
 def test_dcp_to_native_of_a_lora_step_dir_merges_that_steps_adapters_into_the_base(base, tmp_path, qlora):
     # a LoRA run's step dir holds its adapters beside the frozen base: the documented export of a step dir merges them
     import convert
-    from model import load_tensors
+    from support.weights import load_tensors
 
     data, ckpt = base
     run = lora_run(data, tmp_path / "out", f"--init_from={ckpt}", "--lora_rank=4", "--lora_alpha=8",

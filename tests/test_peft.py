@@ -15,7 +15,8 @@ import kernels
 import prepare
 import sample
 from convert import write_checkpoint
-from model import PRESETS, LoRALinear, NF4Linear, Transformer, apply_lora, load_tensors, lora_state_dict, merge_lora
+from model import PRESETS, LoRALinear, NF4Linear, Transformer, apply_lora, lora_state_dict, merge_lora
+from support.weights import load_tensors
 from test_convert import L, baichuan_config, save_hf, w_pack_sd
 from test_sample import byte_tokenizer, hf_to_checkpoint, run_cli, tiny_hf_llama
 

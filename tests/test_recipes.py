@@ -27,7 +27,8 @@ import kernels
 import prepare
 import sample
 import train
-from model import PRESET_FAMILY, PRESETS, ModelArgs, Transformer, load_tensors
+from model import PRESET_FAMILY, PRESETS, ModelArgs, Transformer
+from support.weights import load_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_JOB = {"default.py", "sft_tiny.py"}  # the main job and its fine-tuning: not published setups, no twins

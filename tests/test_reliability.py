@@ -304,19 +304,20 @@ def test_the_last_good_checkpoint_is_the_newest_that_verifies(reference, tmp_pat
 
 KILLED_CONVERT = """
 import os, pathlib, signal, sys
-import convert, model
+import convert
+from support import outputs
 die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
 point = os.environ["KILL_AT"]
 if point == "write":  # the first output shard is on disk, the others are not
     flush = convert.ShardWriter._flush
     convert.ShardWriter._flush = lambda self: (flush(self), die())
 elif point == "swap":  # the new dir complete, not yet swapped in
-    model.swap_paths = die
+    outputs.swap_paths = die
 elif point == "swapped":  # swapped in, the old one not yet removed
-    exchange = model.swap_paths
-    model.swap_paths = lambda a, b: (exchange(a, b), die())
+    exchange = outputs.swap_paths
+    outputs.swap_paths = lambda a, b: (exchange(a, b), die())
 elif point == "aside":  # where no atomic swap exists: the old dir renamed aside, the new one not yet in
-    model.swap_paths = lambda a, b: False
+    outputs.swap_paths = lambda a, b: False
     rename = pathlib.Path.rename
     pathlib.Path.rename = lambda self, to: (rename(self, to), ".old-" in str(to) and die())[0]
 convert.main(sys.argv[1:])
@@ -358,7 +359,7 @@ def killed_converts(tmp_path_factory):
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_kill_9_of_convert_leaves_the_old_or_the_new_dir_whole(killed_converts, point):
-    from model import remove_stale
+    from support.outputs import remove_stale
     k, d = killed_converts, killed_converts["root"] / point
     assert k["results"][point].returncode == -signal.SIGKILL, k["results"][point].stderr.decode()[-2000:]
     left = k[KILL_POINTS[point]]

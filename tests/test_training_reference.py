@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 
 import train
 from convert import write_checkpoint
-from model import PRESETS, ModelArgs, Transformer, load_tensors
+from model import PRESETS, ModelArgs, Transformer
+from support.weights import load_tensors
 from test_train import V, markov_tokens, write_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
