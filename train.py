@@ -73,6 +73,11 @@ class Config:
     seq_len: int = ranged(128, "[1, 2**24]")
     micro_batch_size: int = ranged(8, "[1, inf)")
     global_batch_size: int = ranged(8, "[1, inf)")
+    # how a step's loss averages its targets (train_step): 'token' = every target the loss counts (loss mask 1) in the
+    # step's micro batches on every dp rank weighs the same, whatever the micro batch size and the mesh (torchtitan's
+    # global_valid_tokens); 'micro_batch' = the mean of each micro batch's own mean (Megatron/AscendSpeed, DeepSpeed
+    # with the 2023 Hugging Face Trainer, FlagAI): a target in a micro batch with few counted targets weighs more
+    loss_weighting: str = "token"
     # AdamW and the schedule: linear warmup to lr, then cosine decay to min_lr at lr_decay_iters
     max_iters: int = ranged(1000, "[1, inf)")
     lr: float = ranged(1e-3, "[0, inf)")
@@ -139,6 +144,7 @@ MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
 MAX_SKIPPED_IN_A_ROW = 32  # float16 steps skipped in a row (loss scale / 2^32) before a run stops as diverged
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AC_MODES = ("none", "full", "selective")
+LOSS_WEIGHTINGS = ("token", "micro_batch")
 
 
 def fail(msg: str):
@@ -286,6 +292,8 @@ def check_config(cfg: Config):
         fail(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.activation_checkpointing not in AC_MODES:
         fail(f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of {', '.join(AC_MODES)}")
+    if cfg.loss_weighting not in LOSS_WEIGHTINGS:
+        fail(f"loss_weighting={cfg.loss_weighting!r}: expected one of {', '.join(LOSS_WEIGHTINGS)}")
     if cfg.lr_decay not in ("cosine", "linear"):
         fail(f"lr_decay={cfg.lr_decay!r}: expected 'cosine' or 'linear'")
     if cfg.qlora and not cfg.lora_rank:
@@ -1121,15 +1129,17 @@ def train_step(run: Run, autocast) -> tuple[float, float, float]:
     lr = get_lr(run.step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    batches = [batch_on(run.train_data, run.sampler.next_starts(d.dp_rank, d.dp), run.device)
+               for _ in range(run.grad_accum)]
+    shares, whole = loss_weights(batches, cfg.loss_weighting, d)
     loss_sum = torch.zeros((), device=run.device)
-    for micro in range(run.grad_accum):
-        x, y, mask, doc_ids = batch_on(run.train_data, run.sampler.next_starts(d.dp_rank, d.dp), run.device)
+    for micro, (x, y, mask, doc_ids) in enumerate(batches):
         if d.dp > 1:  # FSDP2: reduce-scatter gradients only on the last micro step
             model.set_requires_gradient_sync(micro == run.grad_accum - 1)
         with loss_parallel_context(d):  # tensor parallel: forward and backward of the vocab-sharded loss
             with autocast:
-                _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
-            loss = loss.float() / run.grad_accum
+                _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)  # the mean over its counted targets
+            loss = loss.float() * shares[micro] / whole  # its part of the step's loss
             (loss * scaler.scale).backward()
         loss_sum += loss.detach()
     loss = mean_over_ranks(loss_sum.item(), d)
@@ -1157,6 +1167,23 @@ def train_step(run: Run, autocast) -> tuple[float, float, float]:
     scaler.update(finite)
     run.optimizer.zero_grad(set_to_none=True)
     return loss, lr, grad_norm
+
+
+def loss_weights(batches: list, weighting: str, d: Dist) -> tuple[list, object]:
+    """(shares, whole): micro batch i's loss, the mean over its counted targets, times shares[i] / whole is its part of
+    the step's loss on this rank; FSDP then averages the gradients over the dp ranks.
+
+    'token': shares[i] = its counted targets (loss mask 1) x dp, whole = the counted targets of every micro batch on
+    every dp rank (summed on the device, nothing waits for it), so every counted target of the step weighs the same.
+    'micro_batch': shares[i] = 1, whole = grad_accum, the mean of the micro batches' means.
+    """
+    if weighting == "micro_batch":
+        return [1] * len(batches), len(batches)
+    counted = [((y != -100) if mask is None else (y != -100) & (mask != 0)).sum() for _, y, mask, _ in batches]
+    whole = torch.stack(counted).sum()
+    if d.dp > 1:
+        dist.all_reduce(whole, group=d.mesh.get_group("dp"))
+    return [n * d.dp for n in counted], whole.clamp(min=1)  # none counted: a zero loss, as a micro batch's alone
 
 
 def last_good(run: Run) -> str:

@@ -42,6 +42,32 @@ def markov_tokens(n, seed):
     return out
 
 
+def uneven_mask(n, seed):
+    """A loss mask of prompts (0) and replies (1) of 1 to 60 tokens each: windows of 32 tokens count anything from
+    none to all of their targets, as SFT rows with short and long replies do."""
+    lengths = np.random.default_rng(seed).integers(1, 61, size=n)
+    return (np.repeat(np.arange(n) % 2, lengths)[:n]).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def first_step_gradients():
+    """Yields a dict that train.main fills with the gradients of its first step as the optimiser gets them (unscaled,
+    clipped unless --grad_clip=0), whole: a sharded one is gathered, so under torchrun every rank runs this."""
+    models, grads = [], {}
+    build, event = train.build_model, train.on_event
+
+    def on_event(name, step):
+        if name == "step" and step == 1:
+            for n, p in models[-1].named_parameters():
+                if p.grad is not None:
+                    grads[n] = (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+        event(name, step)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "build_model", lambda *args, **kwargs: models.append(build(*args, **kwargs)) or models[-1])
+        patch.setattr(train, "on_event", on_event)
+        yield grads
+
+
 def write_data(path, train_tokens, val_tokens, train_mask=None, val_mask=None):
     path.mkdir(parents=True, exist_ok=True)
     train_tokens.astype(np.uint16).tofile(path / "train.bin")
@@ -269,6 +295,8 @@ def test_bad_run_settings(data, tmp_path):
         run(data, tmp_path / "a", "--seq_len=256")
     with pytest.raises(SystemExit, match="model='tiyn': unknown preset; did you mean 'tiny'"):
         run(data, tmp_path / "a", "--model=tiyn")
+    with pytest.raises(SystemExit, match="loss_weighting='tokens': expected one of token, micro_batch"):
+        run(data, tmp_path / "a", "--loss_weighting=tokens")
     with pytest.raises(SystemExit, match="meta.json: not found"):
         run(tmp_path, tmp_path / "a")
     with pytest.raises(SystemExit, match="global_batch_size=6 is not a multiple of micro_batch_size"):
