@@ -235,6 +235,46 @@ def test_bfloat16_runs_and_learns(data, tmp_path):
     assert all(math.isfinite(v) for v in losses) and np.mean(losses[-3:]) < losses[0] - 0.5
 
 
+# every way a tensor's value comes into Python: on a GPU or an NPU each waits for the device to finish what it was given
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("dtype, reads_per_step", [("float32", 0), ("bfloat16", 0), ("float16", 1)])
+def test_a_step_reads_no_value_off_the_device_but_the_float16_skip_decision(dtype, reads_per_step, tmp_path,
+                                                                            monkeypatch):
+    """The loss and the grad norm stay on the device until the log interval, where every step's are read at once: a
+    float32 or bfloat16 step reads no tensor into Python, a float16 step one (whether its gradients overflowed, which
+    decides the update). Each step's loss is still recorded, the same as a run that logs every step."""
+    data = write_data(tmp_path / "data", markov_tokens(8224, 1), markov_tokens(600, 2))  # 256 windows: one epoch
+    reads, counting = [], {"on": False}
+    for name in HOST_READS:
+        def read(self, *args, _read=getattr(torch.Tensor, name), **kwargs):
+            if counting["on"]:
+                reads[-1] += 1
+            return _read(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    step = train.train_step
+
+    def counted_step(run, autocast):
+        reads.append(0)
+        counting["on"] = True
+        try:
+            return step(run, autocast)
+        finally:
+            counting["on"] = False
+    monkeypatch.setattr(train, "train_step", counted_step)
+    summary = run(data, tmp_path / "out", f"--dtype={dtype}", "--max_iters=6", "--log_interval=3",
+                  "--eval_interval=6")
+    assert reads[1:] == [reads_per_step] * 5  # step 1 also draws the epoch's window order (an int of a CPU tensor)
+    monkeypatch.setattr(train, "train_step", step)
+    every_step = run(data, tmp_path / "every", f"--dtype={dtype}", "--max_iters=6", "--log_interval=1",
+                     "--eval_interval=6")
+    assert summary["losses"] == every_step["losses"] and sorted(summary["losses"]) == list(range(1, 7))
+    logged = {r["step"]: r["grad_norm"] for r in metric_rows(tmp_path / "every", "grad_norm")}
+    assert [(r["step"], r["grad_norm"]) for r in metric_rows(tmp_path / "out", "grad_norm")] == \
+        [(3, logged[3]), (6, logged[6])]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # fine-tuning
 
