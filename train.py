@@ -39,7 +39,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,11 @@ class Config:
     seq_len: int = ranged(128, "[1, 2**24]")
     micro_batch_size: int = ranged(8, "[1, inf)")
     global_batch_size: int = ranged(8, "[1, inf)")
+    # how a step's loss averages its targets (train_step): 'token' = every target the loss counts (loss mask 1) in the
+    # step's micro batches on every dp rank weighs the same, whatever the micro batch size and the mesh (torchtitan's
+    # global_valid_tokens); 'micro_batch' = the mean of each micro batch's own mean (Megatron/AscendSpeed, DeepSpeed
+    # with the 2023 Hugging Face Trainer, FlagAI): a target in a micro batch with few counted targets weighs more
+    loss_weighting: str = "token"
     # AdamW and the schedule: linear warmup to lr, then cosine decay to min_lr at lr_decay_iters
     max_iters: int = ranged(1000, "[1, inf)")
     lr: float = ranged(1e-3, "[0, inf)")
@@ -141,6 +146,7 @@ MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
 MAX_SKIPPED_IN_A_ROW = 32  # float16 steps skipped in a row (loss scale / 2^32) before a run stops as diverged
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AC_MODES = ("none", "full", "selective")
+LOSS_WEIGHTINGS = ("token", "micro_batch")
 
 
 def fail(msg: str):
@@ -288,6 +294,8 @@ def check_config(cfg: Config):
         fail(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.activation_checkpointing not in AC_MODES:
         fail(f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of {', '.join(AC_MODES)}")
+    if cfg.loss_weighting not in LOSS_WEIGHTINGS:
+        fail(f"loss_weighting={cfg.loss_weighting!r}: expected one of {', '.join(LOSS_WEIGHTINGS)}")
     if cfg.lr_decay not in ("cosine", "linear"):
         fail(f"lr_decay={cfg.lr_decay!r}: expected 'cosine' or 'linear'")
     if cfg.qlora and not cfg.lora_rank:
@@ -956,6 +964,7 @@ class Run:
     val_loss: float | None = None
     last_ckpt: Path | None = None
     skipped_in_a_row: int = 0  # float16 steps skipped in a row
+    unread: list = field(default_factory=list)  # (step, lr, loss, grad norm) of the steps since the last read_steps
     metrics: object = None  # metrics.jsonl, open on rank 0
     t_start: float = 0.0
 
@@ -1090,12 +1099,13 @@ def train(run: Run) -> dict:
     bar = tqdm(total=cfg.max_iters, initial=run.step, disable=not d.master, dynamic_ncols=True, file=sys.stderr)
     with bar:  # closed however the loop ends: a stopping run's message comes after the bar, not inside it
         while run.step < cfg.max_iters:
-            loss, lr, grad_norm = train_step(run, autocast)
+            run.unread.append((run.step + 1, *train_step(run, autocast)))
             run.step += 1
-            run.losses[run.step] = loss
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             due = lambda interval: run.step % interval == 0 or run.step == cfg.max_iters  # noqa: E731
+            if due(cfg.log_interval) or due(cfg.eval_interval) or due(cfg.ckpt_interval):
+                loss, lr, grad_norm = read_steps(run)  # before an eval or a checkpoint too: never of NaN weights
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if due(cfg.log_interval):
                 throughput.log(loss, lr, grad_norm)
             if due(cfg.eval_interval):
@@ -1116,34 +1126,37 @@ def train(run: Run) -> dict:
             "unigram_baseline": baseline, "last_checkpoint": run.last_ckpt, "skipped_steps": run.scaler.skipped}
 
 
-def train_step(run: Run, autocast) -> tuple[float, float, float]:
-    """One optimiser step over grad_accum micro-batches -> (loss, lr, grad norm). A float16 overflow skips the update;
-    a non-finite loss otherwise, or 32 skips in a row, stops the run naming the last good checkpoint."""
+def train_step(run: Run, autocast) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One optimiser step over grad_accum micro-batches -> (lr, this rank's part of the loss, grad norm), the last two
+    left on the device: the loop reads them at the log interval (read_steps), so the host never waits for the device
+    here but in float16, to know whether the gradients overflowed; that skips the update, and 32 skips in a row stop
+    the run naming the last good checkpoint."""
     cfg, d, model, scaler = run.cfg, run.d, run.model, run.scaler
     lr = get_lr(run.step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    batches = [batch_on(run.train_data, run.sampler.next_starts(d.dp_rank, d.dp), run.device)
+               for _ in range(run.grad_accum)]
+    shares, whole = loss_weights(batches, cfg.loss_weighting, d)
     loss_sum = torch.zeros((), device=run.device)
-    for micro in range(run.grad_accum):
-        x, y, mask, doc_ids = batch_on(run.train_data, run.sampler.next_starts(d.dp_rank, d.dp), run.device)
+    for micro, (x, y, mask, doc_ids) in enumerate(batches):
         if d.dp > 1:  # FSDP2: reduce-scatter gradients only on the last micro step
             model.set_requires_gradient_sync(micro == run.grad_accum - 1)
         with loss_parallel_context(d):  # tensor parallel: forward and backward of the vocab-sharded loss
             with autocast:
-                _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
-            loss = loss.float() / run.grad_accum
+                _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)  # the mean over its counted targets
+            loss = loss.float() * shares[micro] / whole  # its part of the step's loss
             (loss * scaler.scale).backward()
         loss_sum += loss.detach()
-    loss = mean_over_ranks(loss_sum.item(), d)
     params = [p for p in model.parameters() if p.requires_grad]
     scaler.unscale_(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # DTensor: FSDP/TP
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    if not finite and not scaler.enabled:
-        fail(f"step {run.step + 1}: loss {loss}, grad norm {grad_norm} is not finite in {cfg.dtype}; stopping"
-             f"{last_good(run)}")
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor: FSDP/TP
     on_event("step", run.step + 1)
+    # float16 reads one value: did the gradients overflow (NaN and inf spread through the backward and the gradient
+    # reduction, so the norm, the same on every rank, sees an overflow anywhere). float32 and bfloat16 read none: a
+    # non-finite step stops the run when read_steps reads it, before any eval or checkpoint
+    finite = not scaler.enabled or bool(torch.isfinite(grad_norm))
     if finite:
         run.optimizer.step()
         run.skipped_in_a_row = 0
@@ -1154,11 +1167,50 @@ def train_step(run: Run, autocast) -> tuple[float, float, float]:
         run.log(f"step {run.step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
         run.skipped_in_a_row += 1
         if run.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
-            fail(f"step {run.step + 1}: loss {loss}, grad norm {grad_norm} not finite in {run.skipped_in_a_row} "
-                 f"float16 steps in a row (last loss scale {scaler.scale:g}); stopping{last_good(run)}")
+            fail(f"step {run.step + 1}: loss {mean_over_ranks(loss_sum.item(), d)}, grad norm {grad_norm.item()} not "
+                 f"finite in {run.skipped_in_a_row} float16 steps in a row (last loss scale {scaler.scale:g}); "
+                 f"stopping{last_good(run)}")
     scaler.update(finite)
     run.optimizer.zero_grad(set_to_none=True)
-    return loss, lr, grad_norm
+    return lr, loss_sum, grad_norm
+
+
+def loss_weights(batches: list, weighting: str, d: Dist) -> tuple[list, object]:
+    """(shares, whole): micro batch i's loss, the mean over its counted targets, times shares[i] / whole is its part of
+    the step's loss on this rank; FSDP then averages the gradients over the dp ranks.
+
+    'token': shares[i] = its counted targets (loss mask 1) x dp, whole = the counted targets of every micro batch on
+    every dp rank (summed on the device, nothing waits for it), so every counted target of the step weighs the same.
+    'micro_batch': shares[i] = 1, whole = grad_accum, the mean of the micro batches' means.
+    """
+    if weighting == "micro_batch":
+        return [1] * len(batches), len(batches)
+    counted = [((y != -100) if mask is None else (y != -100) & (mask != 0)).sum() for _, y, mask, _ in batches]
+    whole = torch.stack(counted).sum()
+    if d.dp > 1:
+        dist.all_reduce(whole, group=d.mesh.get_group("dp"))
+    return [n * d.dp for n in counted], whole.clamp(min=1)  # none counted: a zero loss, as a micro batch's alone
+
+
+def read_steps(run: Run) -> tuple[float, float, float]:
+    """The losses and grad norms of the steps since the last read, off the device at once: each step's loss (the
+    mean of its dp ranks' parts) into run.losses. A float32 or bfloat16 step whose loss or grad norm is not finite
+    stops the run, named (a float16 one was skipped). -> (loss, lr, grad norm) of the last step."""
+    d = run.d
+    steps, lrs, losses, grad_norms = zip(*run.unread)
+    run.unread.clear()
+    values = torch.stack([torch.stack(losses), torch.stack(grad_norms)]).double()  # (2, steps)
+    if d.dp > 1:  # the grad norms are the same on every rank
+        parts = [torch.empty_like(values) for _ in range(d.dp)]
+        dist.all_gather(parts, values, group=d.mesh.get_group("dp"))
+        values[0] = sum(part[0] for part in parts) / d.dp
+    losses, grad_norms = values.tolist()
+    for step, loss, grad_norm in zip(steps, losses, grad_norms):
+        if not run.scaler.enabled and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            fail(f"step {step}: loss {loss}, grad norm {grad_norm} is not finite in {run.cfg.dtype}; stopping"
+                 f"{last_good(run)}")
+        run.losses[step] = loss
+    return losses[-1], lrs[-1], grad_norms[-1]
 
 
 def last_good(run: Run) -> str:

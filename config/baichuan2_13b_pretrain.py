@@ -33,6 +33,10 @@
 # | recompute          | script: --auto-recompute-device-size   | none: the plan's peak without |
 # |                    | 57344 (recompute only what a 56 GB     | recompute is under 56 GB      |
 # |                    | budget needs)                          |                               |
+# | loss weighting     | script: each micro batch's mean over   | token (the default): every    |
+# |                    | its counted targets, then the mean     | target counts, so all micro   |
+# |                    | over micro batches and devices         | batches count alike and the   |
+# |                    | (AscendSpeed's loss)                   | two are the same              |
 #
 # Document's figures (16 NPUs, with FA): 1,350 tokens/s per device, 49.716 s/step, 116.61 TFLOP/s, "5.149
 # samples/s/p" (5.149 x 49.716 = 256: per job, not per device); reference 2,062 tokens/s per device. Loss against the
@@ -62,6 +66,7 @@ dtype = "bfloat16"
 seq_len = 4096
 micro_batch_size = 2
 global_batch_size = 256
+loss_weighting = "token"  # every target counts: the script's per-micro-batch mean too
 max_iters = 1000
 lr = 2e-5
 min_lr = 2e-5  # constant

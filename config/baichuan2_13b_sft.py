@@ -23,6 +23,11 @@
 # | lr, optimiser      | script: 2e-5 constant, Adam 0.9/0.98,  | the same                      |
 # |                    | eps 1e-8, wd 1e-4, clip 1.0, bf16      |                               |
 # | recompute          | script: budget 57344 MB                | none (the plan fits under it) |
+# | loss weighting     | script: each micro batch's mean over   | micro_batch: the same         |
+# |                    | its counted targets, then the mean     |                               |
+# |                    | over micro batches and devices         |                               |
+# |                    | (AscendSpeed's loss), over the replies |                               |
+# |                    | with --is-instruction-dataset          |                               |
 #
 # The document gives no figures for this run (its Performance table is the FA pretraining run). Our --dry_run, 40%
 # MFU of 313 TFLOP/s: 21.8 GiB per device of 64 before the data is here (its padding masks then add to it), 46.9 s/step,
@@ -46,6 +51,7 @@ dtype = "bfloat16"
 seq_len = 4096
 micro_batch_size = 2
 global_batch_size = 256
+loss_weighting = "micro_batch"  # the script's (Megatron), to reproduce its run: short replies weigh more
 max_iters = 1000
 lr = 2e-5
 min_lr = 2e-5  # constant

@@ -38,6 +38,10 @@
 # | recompute          | script: none                           | none                          |
 # | eval, save, log    | script: eval every 1000 (10 iters),    | the same                      |
 # |                    | save every 1000, log 1                 |                               |
+# | loss weighting     | AscendSpeed: each micro batch's mean   | token (the default): every    |
+# |                    | over its counted targets, then the     | target counts, so all micro   |
+# |                    | mean over micro batches and devices    | batches count alike and the   |
+# |                    |                                        | two are the same              |
 #
 # Document's figures (8 NPUs) [Performance]: 2,607 tokens/s per device, 24.97 s/step, 124 TFLOP/s, 5.125 samples/s
 # (reference: 3,969 tokens/s per device); the loss [Accuracy of the loss]: only plots (NPU vs reference loss, relative
@@ -71,6 +75,7 @@ dtype = "bfloat16"
 seq_len = 4096
 micro_batch_size = 4
 global_batch_size = 128
+loss_weighting = "token"  # every target counts: the script's per-micro-batch mean too
 max_iters = 1024
 lr = 1e-6
 min_lr = 1e-8

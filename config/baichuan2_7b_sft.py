@@ -30,6 +30,9 @@
 # | eval               | none (HF: evaluation_strategy no)      | 1% of the conversations held  | train.py evaluates:
 # |                    |                                        | out, every 100 steps          | our choice
 # | save, log          | --save_strategy epoch, logging 1       | every 78 steps (~an epoch), 1 |
+# | loss weighting     | HF: each micro batch's mean over its   | micro_batch: the same         |
+# |                    | counted targets, then the mean over    |                               |
+# |                    | micro batches and devices              |                               |
 #
 # The source reports no throughput and no loss and names no device. Our --dry_run (8 x 64 GB, 40% MFU of 313
 # TFLOP/s, a 910B's): 23.9 GiB per device, 2.80 s/step, 2,929 tokens/s per device, padding counted as tokens.
@@ -52,6 +55,7 @@ dtype = "bfloat16"
 seq_len = 512
 micro_batch_size = 16
 global_batch_size = 128
+loss_weighting = "micro_batch"  # the 2023 HF Trainer's, to reproduce the run: short replies weigh more
 max_iters = 313
 lr = 2e-5
 min_lr = 2e-5  # constant

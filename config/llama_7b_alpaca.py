@@ -32,6 +32,9 @@
 # |                    |                                        |                               | our choice
 # | save, log          | --save_steps 2000, --save_total_limit  | ckpt_interval 2000 (the last  |
 # |                    | 1; --logging_steps 1                   | step), keep_last 1; log 1     |
+# | loss weighting     | HF: each micro batch's mean over its   | micro_batch: the same         |
+# |                    | counted targets, then the mean over    |                               |
+# |                    | micro batches and devices              |                               |
 #
 # The source reports no throughput and no loss. Our --dry_run (4 x 80 GB, 40% MFU of 312 TFLOP/s): 35.6 GiB per
 # device, 5.31 s/step, 3,085 tokens/s per device, padding counted as tokens.
@@ -55,6 +58,7 @@ dtype = "bfloat16"
 seq_len = 512
 micro_batch_size = 4
 global_batch_size = 128
+loss_weighting = "micro_batch"  # the 2023 HF Trainer's, to reproduce the run: short replies weigh more
 max_iters = 1219
 lr = 2e-5
 min_lr = 0.0

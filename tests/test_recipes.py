@@ -162,6 +162,14 @@ def test_every_recipe_has_a_twin_and_every_twin_a_recipe():
     assert recipes == set(FULL) and len(FULL) >= 13
 
 
+@pytest.mark.parametrize("recipe", FULL)
+def test_recipe_says_how_its_loss_weighs_the_targets_and_why(recipe):
+    """loss_weighting is set in the recipe with its reason, and its table gives its framework's rule beside ours."""
+    text = (ROOT / "config" / recipe).read_text()
+    assert re.search(r'^loss_weighting = "(token|micro_batch)"  # .{20,}$', text, re.M), recipe
+    assert re.search(r"^# \| loss weighting +\| .+ \| (token|micro_batch)", text, re.M), recipe
+
+
 @pytest.mark.parametrize("twin", TWINS)
 def test_twin_changes_only_sizes_of_its_recipe(twin):
     full_cfg, full_model = parse(twin.replace("_tiny", ""))

@@ -29,7 +29,7 @@ import train
 from convert import write_checkpoint
 from model import PRESETS, ModelArgs, Transformer
 from support.weights import load_tensors
-from test_train import V, markov_tokens, write_data
+from test_train import V, first_step_gradients, markov_tokens, uneven_mask, write_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,8 +79,10 @@ def init_dir(tmp_path_factory):
     return path
 
 
-def reference_run(data_dir: Path, init: Path, recipe=RECIPE, loss_scale=None):
-    """The documented training loop in plain PyTorch: per-step losses and the final state dict.
+def reference_run(data_dir: Path, init: Path, recipe=RECIPE, loss_scale=None, weighting="token"):
+    """The documented training loop in plain PyTorch: per-step losses and the final state dict. The step's loss is
+    the mean over every counted target of its micro batches (weighting 'token', train.py's default), or the mean of
+    each micro batch's own mean (--loss_weighting=micro_batch).
 
     loss_scale: float16 as PyTorch's AMP recipe has it, around the model's own loss under autocast (its fused loss
     rounds in float16 otherwise than logits then F.cross_entropy, and Adam magnifies that within a few steps): the
@@ -102,18 +104,22 @@ def reference_run(data_dir: Path, init: Path, recipe=RECIPE, loss_scale=None):
         for group in optimizer.param_groups:
             group["lr"] = documented_lr(step, recipe)
         step_loss = 0.0
-        for _ in range(GLOBAL // MICRO):
-            starts = sampler.next_starts(0, 1)
+        micro_batches = [sampler.next_starts(0, 1) for _ in range(GLOBAL // MICRO)]
+        n_step = sum(int(counts[s + 1 : s + SEQ_LEN + 1].sum()) for starts in micro_batches for s in starts)
+        for starts in micro_batches:
             windows = torch.tensor(np.stack([tokens[s : s + SEQ_LEN + 1] for s in starts]))
             x, y = windows[:, :-1], windows[:, 1:]  # (B, T) inputs and next-token targets
             counted = torch.tensor(np.stack([counts[s + 1 : s + SEQ_LEN + 1] for s in starts]))  # (B, T)
             if loss_scale is None:
                 logits, _ = model(x)
-                # the mean over this micro batch's counted targets; the step's loss is the mean over micro batches
-                loss = F.cross_entropy(logits[counted], y[counted]) / (GLOBAL // MICRO)
+                if weighting == "token":  # every counted target of the step weighs the same
+                    loss = F.cross_entropy(logits[counted], y[counted], reduction="sum") / n_step
+                else:  # the mean over this micro batch's counted targets; the step's loss the mean over micro batches
+                    loss = F.cross_entropy(logits[counted], y[counted]) / (GLOBAL // MICRO)
             else:
                 with torch.autocast("cpu", dtype=torch.float16):
-                    loss = model(x, y, loss_mask=counted)[1].float() / (GLOBAL // MICRO)
+                    loss = model(x, y, loss_mask=counted)[1].float()  # the mean over its counted targets
+                loss = loss * counted.sum() / n_step if weighting == "token" else loss / (GLOBAL // MICRO)
             scaler.scale(loss).backward()
             step_loss += loss.item()
         scaler.unscale_(optimizer)
@@ -155,6 +161,16 @@ def test_losses_equal_the_reference_loop(runs):
     summary, _, _, ref_losses, _ = runs
     assert sorted(summary["losses"]) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([summary["losses"][s + 1] for s in range(STEPS)], ref_losses, rtol=1e-5)
+
+
+def test_micro_batch_loss_weighting_equals_the_reference_loop_of_micro_batch_means(runs, data, init_dir, tmp_path):
+    summary = train_run(data, tmp_path / "out", f"--init_from={init_dir}", f"--max_iters={STEPS}", "--export",
+                        "--loss_weighting=micro_batch", *flags())
+    ref_losses, ref_weights = reference_run(data, init_dir, weighting="micro_batch")
+    np.testing.assert_allclose([summary["losses"][s + 1] for s in range(STEPS)], ref_losses, rtol=1e-5)
+    assert_updates_equal(load_tensors(summary["export_dir"]), ref_weights, load_tensors(init_dir), list(ref_weights))
+    token_losses = runs[3]  # the data's micro batches count different numbers of targets: the two weightings differ
+    assert ref_losses[0] != pytest.approx(token_losses[0], rel=1e-4)
 
 
 def test_every_step_clips_so_the_comparison_covers_clipping(runs):
@@ -215,6 +231,68 @@ def test_final_matrices_equal_the_reference_with_weight_decay(runs, init_dir):
 def test_final_norm_gains_equal_the_reference_without_weight_decay(runs, init_dir):
     _, _, trained, _, ref = runs
     assert_updates_equal(trained, ref, load_tensors(init_dir), [name for name, w in ref.items() if w.dim() < 2])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the step's loss over micro batches of different counted targets (SFT masks)
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("uneven") / "sft", markov_tokens(1200, 1), markov_tokens(600, 2),
+                      uneven_mask(1200, 5), uneven_mask(600, 6))
+
+
+def step_one(data_dir, out_dir, *extra) -> tuple[float, dict]:
+    """train.py's loss and gradients of its first step (as the optimiser gets them, with clipping off)."""
+    with first_step_gradients() as grads:
+        summary = train_run(data_dir, out_dir, "--max_iters=1", "--grad_clip=0", *extra)
+    return summary["losses"][1], grads
+
+
+def step_windows(data_dir, n, per_micro_batch):
+    """The data of the first step's micro batches as EpochSampler hands them out: (x, y, loss_mask, doc_ids) each."""
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    split = train.TokenSplit(str(data_dir), "train", meta, SEQ_LEN)
+    sampler = train.EpochSampler(len(split.tokens), SEQ_LEN, per_micro_batch, SEED)
+    return [train.batch_on(split, sampler.next_starts(0, 1), torch.device("cpu")) for _ in range(n)]
+
+
+def test_token_weighting_gives_the_same_gradient_whatever_the_micro_batch_size(uneven_data, init_dir, tmp_path):
+    """The step's 4 sequences count different numbers of targets. By default every counted target weighs the same:
+    4 micro batches of 1 give the gradient of 1 micro batch of 4 (and of dp=2 x 2: tests/test_distributed.py). The
+    mean of micro-batch means (--loss_weighting=micro_batch, the seeds' frameworks) weighs a target of a short reply
+    more, and depends on how the step is cut."""
+    counted = [int(mask.sum()) for _, _, mask, _ in step_windows(uneven_data, 4, 1)]
+    assert len(set(counted)) > 1, counted
+
+    def step(micro, *weighting):  # 4 sequences in micro batches of `micro`
+        return step_one(uneven_data, tmp_path / f"{micro}{weighting}", f"--init_from={init_dir}",
+                        f"--micro_batch_size={micro}", "--global_batch_size=4", *weighting)
+
+    (loss_1, grads_1), (loss_4, grads_4) = step(1), step(4)
+    assert loss_1 == pytest.approx(loss_4, rel=1e-6)
+    for name, grad in grads_4.items():
+        torch.testing.assert_close(grads_1[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    (loss_1, grads_1), (loss_4, grads_4) = (step(micro, "--loss_weighting=micro_batch") for micro in (1, 4))
+    assert loss_1 != pytest.approx(loss_4, rel=1e-3)
+    assert not all(torch.allclose(grads_1[name], grad, rtol=1e-3, atol=1e-5) for name, grad in grads_4.items())
+
+
+def test_micro_batch_weighting_is_the_step_before_token_weighting_bit_for_bit(uneven_data, init_dir, tmp_path):
+    """--loss_weighting=micro_batch is train.py's step as it was: each micro batch's loss (the model's mean over its
+    counted targets) divided by the accumulation steps, then backward; the same numbers to the last bit."""
+    loss, grads = step_one(uneven_data, tmp_path / "out", f"--init_from={init_dir}",
+                           "--micro_batch_size=1", "--global_batch_size=3", "--loss_weighting=micro_batch")
+    model = Transformer.from_checkpoint(init_dir)
+    model.train()
+    step_loss = torch.zeros(())
+    for x, y, mask, doc_ids in step_windows(uneven_data, 3, 1):
+        micro_loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)[1].float() / 3
+        micro_loss.backward()
+        step_loss += micro_loss.detach()
+    assert loss == step_loss.item()
+    assert all(torch.equal(grads[name], p.grad) for name, p in model.named_parameters())
 
 
 # --------------------------------------------------------------------------------------------------------------------
