@@ -1,5 +1,6 @@
 """Tests for sample.py: parity with transformers' generate, KV cache, batching, sampling, quantisation, CLI."""
 import contextlib
+import copy
 import json
 
 import pytest
@@ -293,6 +294,38 @@ def test_int4_group_size_must_divide_in_features(tiny):
 
     with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq .*64x64.*in_features 64"):
         sample.quantize_model(copy.deepcopy(tiny), "int4", group_size=48)
+
+
+@pytest.mark.parametrize("widths,want", [([512, 1376], 32), ([4096, 11008], 128), ([576, 1536], 96),
+                                         ([2048, 5632], 128), ([64, 192], 64), ([48, 80], 16), ([6, 10], 2),
+                                         ([5, 7], None)])
+def test_int4_picks_the_largest_group_that_divides_every_layer(widths, want):
+    assert quant.int4_group_size(widths) == want
+
+
+def test_int4_without_a_group_size_quantises_a_model_whose_widths_128_does_not_divide():
+    args = model_lib.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=VOCAB, hidden_dim=96, max_seq_len=32)
+    model = sample.quantize_model(model_lib.Transformer(args).eval(), "int4")  # 128 would refuse hidden 96
+    assert {m.group_size for m in model.modules() if isinstance(m, sample.Int4Linear)} == {32}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_tied_embedding_gets_an_int8_output_layer_saved_and_loaded(tmp_path, mode):
+    torch.manual_seed(0)
+    args = model_lib.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=VOCAB, hidden_dim=128, max_seq_len=32,
+                               tie_embeddings=True)
+    full = model_lib.Transformer(args).eval()
+    q = sample.quantize_model(copy.deepcopy(full), mode, group_size=16)
+    assert isinstance(q.output, sample.Int8Linear) and sample.quantized_head(q)
+    assert torch.equal(q.tok_embeddings.weight, full.tok_embeddings.weight)  # the lookup keeps the fp32 rows
+    with torch.no_grad():
+        want, got = full(torch.tensor([PROMPT]))[0], q(torch.tensor([PROMPT]))[0]
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    sample.save_quantized(q, tmp_path / "src", tmp_path / "q", mode, None, "llama")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["tied_head"] is True
+    loaded, _ = sample.load_model(tmp_path / "q", "cpu", torch.float32)
+    assert isinstance(loaded.output, sample.Int8Linear)
+    assert list(sample.generate(loaded, PROMPT, 6, temperature=0)) == list(sample.generate(q, PROMPT, 6, temperature=0))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
