@@ -23,7 +23,7 @@ How it is fast (gpt-fast style): a static KV cache allocated once per call (mode
 prefilled in one forward, then one token per step; the per-step key padding mask and positions are views of
 buffers allocated once; only the last position's logits are sampled; everything runs under inference_mode; and
 `--compile` compiles the one-token decode step. `--quantize` quantises while loading, one weight at a time, and on a
-CPU multiplies by the int8/int4/NF4 weights in small C kernels (kernels.py) that read each stored byte once (a 7B
+CPU multiplies by the int8/int4/NF4 weights in small C kernels (support/quant.py) that read each stored byte once (a 7B
 model in 5-8 GiB at 2-3 tokens/s on two cores).
 """
 import argparse
