@@ -177,7 +177,7 @@ def quantized_kernel() -> dict:
     return {"kernel": "c" if built else "dequantised", "kernel_build_s": round(time.perf_counter() - t0, 2)}
 
 
-def build_ours(model_args: ModelArgs, device, seed: int, quantize=None, group_size=128) -> Transformer:
+def build_ours(model_args: ModelArgs, device, seed: int, quantize=None, group_size=None) -> Transformer:
     """Our model with random weights; quantised straight from the meta device one weight at a time with quantize
     (sample.quantize_from_meta: a 7B model is never whole in fp32)."""
     torch.manual_seed(seed)
@@ -427,7 +427,8 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     result = {"mode": opt.mode, "preset": opt.preset, "dtype": opt.dtype, "device": device.type,
               "compile": opt.compile, "batch_size": opt.batch_size, "threads": torch.get_num_threads()}
     if opt.quantize:
-        result.update(quantize=opt.quantize, group_size=opt.group_size if opt.quantize == "int4" else None,
+        picked = [m.group_size for m in ours.modules() if isinstance(m, quant.Int4Linear)]
+        result.update(quantize=opt.quantize, group_size=picked[0] if picked else None,
                       build_s=round(build_s, 1), **quantized_kernel())
     make = train_workload if opt.mode == "train" else generate_workload
     workload, flops_token, tokens_per_call = make(opt, model_args, ours, device, dtype, result)
@@ -841,6 +842,7 @@ def run_matvec(opt) -> dict:
     bound). Reports ms, GB/s of the bytes each reads, and G weights/s; the first call of the compiled ones (tracing
     and building) is reported as compile_s."""
     g = torch.Generator().manual_seed(opt.seed)
+    opt.group_size = opt.group_size or 128  # one 11008x4096 weight: 128 divides it
     result = {"mode": "matvec", "device": "cpu", "threads": torch.get_num_threads(), "group_size": opt.group_size,
               "rounds": opt.rounds, **quantized_kernel()}
     for out_f, in_f in MATVEC_SHAPES:
@@ -1145,7 +1147,8 @@ def parse_args(argv):
                                                 "native-to-gguf writes one)")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], default=None,
                    help="generate: weights quantised as sample.py --quantize does, built one weight at a time")
-    p.add_argument("--group_size", type=int, default=128, help="--quantize=int4: weights per scale and zero")
+    p.add_argument("--group_size", type=int, default=None, help="--quantize=int4: weights per scale and zero (default: "
+                   "as sample.py, the largest up to 128 that divides every layer)")
     p.add_argument("--lora_rank", type=int, default=0, help="train: rank of LoRA adapters (0 = full training)")
     p.add_argument("--qlora", action="store_true", help="train: --lora_rank adapters on an NF4-quantised base")
     p.add_argument("--device", default=None, help="default: kernels.device_type()")
