@@ -56,6 +56,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -63,6 +64,7 @@ import torch.nn.functional as F
 
 import kernels
 from model import PRESETS, ModelArgs, Transformer, apply_lora
+from support import quant
 from support.checks import check_json_fields, parse_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -169,14 +171,14 @@ def n_params_flops(model_args: ModelArgs) -> int:
 
 
 def quantized_kernel() -> dict:
-    """Which way quantised weights decode here (kernels.quant_kernels: the C kernels, or dequantising blocks of rows
+    """Which way quantised weights decode here (support/quant.py: the C kernels, or dequantising blocks of rows
     where they cannot be built) and the seconds the first call took to build them, or to load them from the cache."""
     t0 = time.perf_counter()
-    built = kernels.quant_kernels() is not None
+    built = quant.quant_kernels() is not None
     return {"kernel": "c" if built else "dequantised", "kernel_build_s": round(time.perf_counter() - t0, 2)}
 
 
-def build_ours(model_args: ModelArgs, device, seed: int, quantize=None, group_size=128) -> Transformer:
+def build_ours(model_args: ModelArgs, device, seed: int, quantize=None, group_size=None) -> Transformer:
     """Our model with random weights; quantised straight from the meta device one weight at a time with quantize
     (sample.quantize_from_meta: a 7B model is never whole in fp32)."""
     torch.manual_seed(seed)
@@ -426,7 +428,8 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     result = {"mode": opt.mode, "preset": opt.preset, "dtype": opt.dtype, "device": device.type,
               "compile": opt.compile, "batch_size": opt.batch_size, "threads": torch.get_num_threads()}
     if opt.quantize:
-        result.update(quantize=opt.quantize, group_size=opt.group_size if opt.quantize == "int4" else None,
+        picked = [m.group_size for m in ours.modules() if isinstance(m, quant.Int4Linear)]
+        result.update(quantize=opt.quantize, group_size=picked[0] if picked else None,
                       build_s=round(build_s, 1), **quantized_kernel())
     make = train_workload if opt.mode == "train" else generate_workload
     workload, flops_token, tokens_per_call = make(opt, model_args, ours, device, dtype, result)
@@ -795,8 +798,8 @@ MATVEC_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): a 7B 
 def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict:
     """name -> (function computing x @ w^T from w quantised as sample.py stores it, bytes it reads): ours, torch's
     packed CPU kernels, a dequantise-and-dot fused by torch.compile, and dequantising blocks of rows."""
-    from kernels import (dequantised_linear, int4_dequantize, int4_matmul, int8_dequantize, int8_matmul,
-                         nf4_dequantised_matmul, nf4_matmul)
+    from kernels import nf4_dequantised_matmul, nf4_matmul
+    from support.quant import dequantised_linear, int4_dequantize, int4_matmul, int8_dequantize, int8_matmul
     from model import NF4Linear
     from sample import Int4Linear, Int8Linear
 
@@ -840,6 +843,7 @@ def run_matvec(opt) -> dict:
     bound). Reports ms, GB/s of the bytes each reads, and G weights/s; the first call of the compiled ones (tracing
     and building) is reported as compile_s."""
     g = torch.Generator().manual_seed(opt.seed)
+    opt.group_size = opt.group_size or 128  # one 11008x4096 weight: 128 divides it
     result = {"mode": "matvec", "device": "cpu", "threads": torch.get_num_threads(), "group_size": opt.group_size,
               "rounds": opt.rounds, **quantized_kernel()}
     for out_f, in_f in MATVEC_SHAPES:
@@ -1137,10 +1141,15 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=3, help="train: optimiser steps per timing")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1, 3 with --compile)")
     p.add_argument("--rounds", type=int, default=3, help="timings per model (medians reported)")
-    p.add_argument("--compare", action="store_true", help="also run transformers' LlamaForCausalLM, alternated")
+    p.add_argument("--compare", nargs="?", const="transformers", default=None, choices=["transformers", "llama.cpp"],
+                   help="also run transformers' LlamaForCausalLM (train, generate), or llama.cpp on --gguf "
+                        "(generate), alternated")
+    p.add_argument("--gguf", default=None, help="--compare=llama.cpp: the GGUF file both run (convert.py "
+                                                "native-to-gguf writes one)")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], default=None,
                    help="generate: weights quantised as sample.py --quantize does, built one weight at a time")
-    p.add_argument("--group_size", type=int, default=128, help="--quantize=int4: weights per scale and zero")
+    p.add_argument("--group_size", type=int, default=None, help="--quantize=int4: weights per scale and zero (default: "
+                   "as sample.py, the largest up to 128 that divides every layer)")
     p.add_argument("--lora_rank", type=int, default=0, help="train: rank of LoRA adapters (0 = full training)")
     p.add_argument("--qlora", action="store_true", help="train: --lora_rank adapters on an NF4-quantised base")
     p.add_argument("--device", default=None, help="default: kernels.device_type()")
@@ -1170,13 +1179,94 @@ def parse_args(argv):
     for key in ("max_rel_err", "max_abs_err"):
         if getattr(opt, key) is not None and (getattr(opt, key) < 0 or not opt.plot or len(opt.plot) != 2):
             fail(f"--{key}={getattr(opt, key)}: expected a value >= 0 with --plot REFERENCE RUN (two metrics files)")
-    if opt.quantize and (opt.mode != "generate" or opt.compare):
+    if (opt.compare == "llama.cpp") != bool(opt.gguf) or (opt.gguf and opt.mode != "generate"):
+        fail("--compare=llama.cpp goes with --gguf=FILE, in --mode=generate")
+    if opt.quantize and (opt.mode != "generate" or opt.compare == "transformers"):
         fail(f"--quantize={opt.quantize}: measured in --mode=generate, without --compare (transformers' model has "
              f"no int8/int4 linears)")
     if opt.lora_rank and (opt.mode != "train" or opt.compare):
         fail("--lora_rank: fine-tuning speed is measured in --mode=train, without --compare (transformers has no "
              "LoRA without peft)")
     return opt
+
+
+def gguf_bytes_per_token(path) -> int:
+    """Bytes of weights llama.cpp reads per decoded token: every tensor of the file but the input embedding (one
+    row a token), which a tied model reads whole as its output layer."""
+    import gguf
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    return sum(tensors.values()) - (tensors["token_embd.weight"] if "output.weight" in tensors else 0)
+
+
+def run_llama_cpp_compare(opt) -> dict:
+    """--compare=llama.cpp --gguf=FILE: llama.cpp (llama-cpp-python) and ours decode the file's model, greedy, batch 1,
+    --new_tokens after a --prompt_len prompt, alternated for --rounds; medians. Ours reads the file back
+    (support/gguf.py: dequantised to fp32), quantised again with --quantize, laid out as sample.py decodes. Prints
+    the README's table row: tokens/s, weight bytes per token and the GB/s they make."""
+    try:
+        import llama_cpp
+    except ImportError:
+        fail("--compare=llama.cpp: llama_cpp is not importable; build llama-cpp-python from source (README, Speed)")
+    from sample import decode_layout, generate, quantize_model
+    from support import gguf as gguf_format
+
+    threads = torch.get_num_threads()
+    args, family, _, tensors = gguf_format.read_gguf(opt.gguf)
+    with torch.device("meta"):
+        ours = Transformer(args)
+    ours.load_state_dict(dict(tensors), assign=True)
+    ours.materialize_buffers("cpu")
+    if opt.quantize:
+        quantize_model(ours, opt.quantize, opt.group_size)
+    decode_layout(ours.eval())
+    n_ctx = opt.prompt_len + opt.new_tokens
+    llm = llama_cpp.Llama(model_path=str(opt.gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                          n_batch=max(opt.prompt_len, 8), verbose=False)
+    prompt = torch.randint(args.vocab_size, (opt.prompt_len,), generator=torch.Generator().manual_seed(opt.seed))
+
+    def run(which) -> tuple[float, float, list[int]]:
+        """(seconds to the first token: the prompt, seconds for the rest, the tokens)."""
+        t0 = time.perf_counter()
+        if which == "llama.cpp":
+            stream = llm.generate(prompt.tolist(), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
+        else:
+            stream = generate(ours, prompt.tolist(), opt.new_tokens, temperature=0.0)
+        tokens, first = [], None
+        for token in stream:
+            tokens.append(int(token))
+            first = first or time.perf_counter() - t0
+            if len(tokens) == opt.new_tokens:
+                break
+        return first, time.perf_counter() - t0 - first, tokens
+
+    times = {"llama.cpp": [], "ours": []}
+    for r in range(opt.warmup + opt.rounds):
+        for which in times:
+            got = run(which)
+            if r >= opt.warmup:
+                times[which].append(got)
+    weights = [t for name, t in list(ours.named_parameters()) + list(ours.named_buffers())
+               if (t.dim() == 2 or name.endswith(".scales")) and not name.startswith(("tok_embeddings.", "rope_"))]
+    ours_bytes = sum(t.numel() * t.element_size() for t in weights)
+    if ours.output is None:  # tied and not quantised: the embedding is the output layer
+        ours_bytes += ours.tok_embeddings.weight.numel() * ours.tok_embeddings.weight.element_size()
+    result = {"mode": "generate", "compare": "llama.cpp", "gguf": str(opt.gguf), "family": family,
+              "quantize": opt.quantize, "threads": threads, "prompt_len": opt.prompt_len,
+              "new_tokens": opt.new_tokens, "llama_cpp_version": getattr(llama_cpp, "__version__", None)}
+    rows = {}
+    for which, runs in times.items():
+        decode = (opt.new_tokens - 1) / statistics.median(r[1] for r in runs)
+        prefill = opt.prompt_len / statistics.median(r[0] for r in runs)
+        nbytes = gguf_bytes_per_token(opt.gguf) if which == "llama.cpp" else ours_bytes
+        rows[which] = {"decode_tokens_per_s": round(decode, 2), "prompt_tokens_per_s": round(prefill, 1),
+                       "bytes_per_token": nbytes, "gb_per_s": round(nbytes * decode / 1e9, 1)}
+    result.update(rows, ratio=round(rows["ours"]["decode_tokens_per_s"] / rows["llama.cpp"]["decode_tokens_per_s"],
+                                    2), same_tokens=times["ours"][0][2] == times["llama.cpp"][0][2])
+    a, b = rows["llama.cpp"], rows["ours"]
+    print(f"| {Path(opt.gguf).name} | {opt.quantize or 'fp32'} | {a['decode_tokens_per_s']} | "
+          f"{b['decode_tokens_per_s']} | {result['ratio']}x | {a['bytes_per_token'] / 1e6:,.0f} / "
+          f"{b['bytes_per_token'] / 1e6:,.0f} MB | {a['gb_per_s']} / {b['gb_per_s']} |", file=sys.stderr)
+    return result
 
 
 def model_args_for(opt) -> ModelArgs:
@@ -1207,6 +1297,8 @@ def main(argv=None) -> dict:
             result["within_criterion"] = check_criterion(result, opt.max_rel_err, opt.max_abs_err)
     elif opt.mode == "matvec":
         result = run_matvec(opt)
+    elif opt.compare == "llama.cpp":
+        result = run_llama_cpp_compare(opt)
     else:
         try:
             device = kernels.check_device(opt.device or kernels.device_type())

@@ -9,6 +9,8 @@ converted in and out, train.py's step dirs (manifest, verification, safe DCP loa
     python convert.py merge-lora     --src ckpt/baichuan-7b --adapter out/qlora/adapter --dst ckpt/baichuan-7b-sft
     python convert.py native-to-ascendspeed --src ckpt/baichuan2-7b --dst weight --tp 8   # AscendSpeed's ./weight
     python convert.py ascendspeed-to-native --src ckpt --like ckpt/baichuan2-7b --dst ckpt/baichuan2-7b-run
+    python convert.py native-to-gguf --src ckpt/baichuan-7b-sft --dst baichuan-7b-sft.gguf --type q4_0  # llama.cpp
+    python convert.py gguf-to-native --src model.gguf --dst ckpt/from-gguf
 FlagAI's Aquila dirs (config.json with dim/n_heads, pytorch_model.bin) go through hf-to-native as they are.
 
 Every converter streams: source tensors are read one shard at a time (safetensors and .bin are memory-mapped) and the
@@ -1564,6 +1566,62 @@ def native_to_ascendspeed(src, dst, tp=1, pp=1, divisible_by=128, merge_mlp=True
 # command line
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# GGUF (llama.cpp, ollama): the format is support/gguf.py's
+
+
+def native_to_gguf(src, dst, qtype="f16", overwrite=False):
+    """A checkpoint dir as one GGUF file, written beside dst and renamed to it when complete."""
+    from support import gguf
+
+    src, dst = Path(src), Path(dst)
+    args, family, source = open_checkpoint_dir(src)
+    gguf.check_exportable(args, family, src / "config.json")
+    if not any((src / f).exists() for f in prepare.TOKENIZER_FILES):
+        fail(f"{src}: no tokenizer.model or tokenizer.json: a GGUF file carries its tokenizer")
+    tok = prepare.load_tokenizer(src)
+    ids = prepare.special_ids_of(src / "tokenizer_config.json", args.vocab_size)
+    fields = {**gguf.model_fields(args, family, qtype, src.resolve().name),
+              **gguf.tokenizer_fields(tok, args.vocab_size, hf_tokenizer_config(src, ids).get("chat_template"))}
+    if tok.chat_template in prepare.TEMPLATES:
+        fields["nanollama.chat_template"] = tok.chat_template
+    if dst.exists() and not overwrite:
+        fail(f"--dst {dst}: exists (--overwrite replaces it)")
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    try:
+        gguf.write_gguf(tmp, args, family, native_shapes(args), source.get, fields, qtype)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return args, family
+
+
+def gguf_to_native(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
+    """A GGUF file of the llama or baichuan architecture (ours, or llama.cpp's converter's) as a checkpoint dir:
+    weights dequantised to fp32 (or --dtype), the tokenizer as the file describes it."""
+    from support import gguf
+
+    src = Path(src)
+    args, family, fields, tensors = gguf.read_gguf(src)
+    with staged(dst, overwrite, (src,)) as tmp:
+        write_checkpoint(tmp, Streamed((name, cast(t, dtype)) for name, t in tensors), args, family,
+                         max_shard_bytes=max_shard_bytes)
+        if "tokenizer.ggml.tokens" not in fields:
+            print(f"convert.py: warning: {src}: no tokenizer; add one to the output dir before sampling",
+                  file=sys.stderr)
+            return args, family
+        gguf.write_tokenizer(fields, tmp)
+        key = lambda name, default=None: fields.get(f"tokenizer.ggml.{name}", default)  # noqa: E731
+        template = fields.get("nanollama.chat_template") or fields.get("tokenizer.chat_template")
+        config = {"bos_id": key("bos_token_id"), "eos_id": key("eos_token_id"),
+                  "pad_id": key("padding_token_id", key("eos_token_id")),
+                  "add_bos_token": bool(key("add_bos_token", key("model") == "llama")),
+                  "add_eos_token": bool(key("add_eos_token", False)),
+                  "chat_template": template or family_template(family)}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return args, family
+
+
 def parse_size(s: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", s.upper())
     n = int(float(m[1]) * 1024 ** " KMGT".index(m[2] or " ")) if m else 0
@@ -1600,6 +1658,15 @@ def main(argv=None):
     s.add_argument("--delta", required=True, help="delta weights (HF dir or checkpoint dir)")
     s = sub.add_parser("dcp-to-native", parents=[common], help="train.py step dir -> checkpoint dir")
     s.add_argument("--src", required=True, help="out_dir/step_XXXXXXXX")
+    s = sub.add_parser("gguf-to-native", parents=[common], help="GGUF file (llama, baichuan) -> checkpoint dir")
+    s.add_argument("--src", required=True, help="a .gguf file")
+    s = sub.add_parser("native-to-gguf", help="checkpoint dir -> GGUF file (llama.cpp, ollama)")
+    s.add_argument("--src", required=True, help="checkpoint dir")
+    s.add_argument("--dst", required=True, help="the .gguf file to write (refused if it exists, unless --overwrite)")
+    s.add_argument("--type", choices=("f32", "f16", "q8_0", "q4_0"), default="f16",
+                   help="weight type (default %(default)s, as llama.cpp's converter); norms stay f32, and q4_0 "
+                        "keeps the output layer at q8_0")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
     s = sub.add_parser("merge-lora", parents=[common], help="base checkpoint dir + LoRA adapter dir -> checkpoint dir")
     s.add_argument("--src", required=True, help="the base checkpoint dir the adapters were trained on")
     s.add_argument("--adapter", required=True, help="LoRA adapter dir: PEFT's (adapter_config.json + "
@@ -1622,11 +1689,22 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     try:
-        kw = dict(dtype=DTYPES.get(a.dtype), overwrite=a.overwrite, max_shard_bytes=parse_size(a.max_shard_size))
         inputs = [getattr(a, flag) for flag in ("src", "delta", "adapter", "like") if getattr(a, flag, None)]
+        if a.command == "gguf-to-native" and not Path(a.src).is_file():
+            fail(f"--src={a.src}: not a file")
         for flag in ("src", "delta", "adapter", "like"):
-            if getattr(a, flag, None) and not Path(getattr(a, flag)).is_dir():
+            if getattr(a, flag, None) and not Path(getattr(a, flag)).is_dir() and a.command != "gguf-to-native":
                 fail(f"--{flag}={getattr(a, flag)}: not a directory")
+        if a.command == "native-to-gguf":
+            if Path(a.dst).is_dir():
+                fail(f"--dst {a.dst}: a directory; name the .gguf file to write")
+            if Path(a.src).resolve() in Path(a.dst).resolve().parents:
+                fail(f"--dst {a.dst} lies inside the input {a.src}: the output would mix with it")
+            args, family = native_to_gguf(a.src, a.dst, a.type, a.overwrite)
+            print(f"convert.py: wrote {a.dst} ({family}, {args.n_layers} layers, dim {args.dim}, {a.type})",
+                  file=sys.stderr)
+            return
+        kw = dict(dtype=DTYPES.get(a.dtype), overwrite=a.overwrite, max_shard_bytes=parse_size(a.max_shard_size))
         check_output(a.dst, inputs, "--dst", CheckpointError)  # before any reading: never the input, nor in it
         if a.command == "meta-to-native":
             field = ModelArgs.__dataclass_fields__["max_seq_len"]  # the range ModelArgs declares for it
@@ -1655,6 +1733,8 @@ def main(argv=None):
             kw.pop("max_shard_bytes")
             args, family = native_to_ascendspeed(a.src, a.dst, a.tp, a.pp, a.make_vocab_size_divisible_by,
                                                  not a.no_merge_mlp, a.deepspeed, **kw)
+        elif a.command == "gguf-to-native":
+            args, family = gguf_to_native(a.src, a.dst, **kw)
         else:
             args, family = dcp_to_native(a.src, a.dst, **kw)
     except CheckpointError as e:  # every problem, said in one line

@@ -23,7 +23,7 @@ How it is fast (gpt-fast style): a static KV cache allocated once per call (mode
 prefilled in one forward, then one token per step; the per-step key padding mask and positions are views of
 buffers allocated once; only the last position's logits are sampled; everything runs under inference_mode; and
 `--compile` compiles the one-token decode step. `--quantize` quantises while loading, one weight at a time, and on a
-CPU multiplies by the int8/int4/NF4 weights in small C kernels (kernels.py) that read each stored byte once (a 7B
+CPU multiplies by the int8/int4/NF4 weights in small C kernels (support/quant.py) that read each stored byte once (a 7B
 model in 5-8 GiB at 2-3 tokens/s on two cores).
 """
 import argparse
@@ -53,6 +53,8 @@ import kernels
 import model as model_lib
 from support import checks, outputs, weights
 import prepare
+from support import quant
+from support.quant import Int4Linear, Int8Linear
 
 # In --chat, the published settings of the family's chat models (model.FAMILIES) apply unless a flag overrides them;
 # without --chat (base models, plain continuation), nanoGPT-like settings.
@@ -318,85 +320,26 @@ def decode_layout(model):
 
 
 # -----------------------------------------------------------------------------
-# weight-only quantisation: int8 per output channel, int4 per group of input columns
+# weight-only quantisation: int8 per output channel, int4 per group of input columns (the layers and their C
+# kernels: support/quant.py)
 
-class QuantizedLinear(nn.Module):
-    """What Int8Linear and Int4Linear share: on a CPU the product runs in a C kernel (in fp32, whatever the dtype of x),
-    reading each stored byte once; elsewhere it is dequantised_linear."""
-    quantized = True  # its weight is buffers (model.count_weights)
-
-    def forward(self, x):
-        if x.device.type != "cpu":
-            return kernels.dequantised_linear(x, self.unpack, *self.stored())
-        weight, *params = self.stored()
-        y = self.matmul(x.reshape(-1, self.in_features).float(), weight, *(p.float() for p in params))
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def dequantize(self, dtype):
-        return self.unpack(*self.stored(), dtype)
-
-    @torch.no_grad()
-    def quantize_from(self, w):
-        """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a block of kernels.CHUNK_WEIGHTS
-        weights at a time: tens of MB of fp32 scratch whatever the size of w."""
-        step = max(1, kernels.CHUNK_WEIGHTS // self.in_features)
-        for s in range(0, self.out_features, step):
-            for t, part in zip(self.stored(), self.quantize_rows(w[s:s + step].float())):
-                t[s:s + step] = part
-        return self
-
-
-class Int8Linear(QuantizedLinear):
-    """y = x @ (int8 weight * per-output-channel scale)^T. Symmetric: w ~ q * scale, q in [-127, 127]."""
-    matmul, unpack = staticmethod(kernels.int8_matmul), staticmethod(kernels.int8_dequantize)
-
-    def __init__(self, in_features, out_features, dtype=torch.float32, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
-
-    def stored(self):
-        return self.weight, self.scales
-
-    @staticmethod
-    def quantize_rows(w):
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # (rows,)
-        return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
-
-
-class Int4Linear(QuantizedLinear):
-    """Group-wise asymmetric 4-bit weights: w ~ q * scale + zero per group of `group_size` input columns,
-    q in [0, 15], two nibbles per byte (even column in the low nibble)."""
-    matmul, unpack = staticmethod(kernels.int4_matmul), staticmethod(kernels.int4_dequantize)
-
-    def __init__(self, in_features, out_features, group_size=128, dtype=torch.float32, device=None):
-        super().__init__()
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        n_groups = in_features // group_size
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-
-    def stored(self):
-        return self.weight, self.scales, self.zeros
-
-    def quantize_rows(self, w):
-        g = w.reshape(w.size(0), -1, self.group_size)  # (rows, n_groups, group_size)
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (rows, n_groups)
-        scales = ((hi - lo) / 15).clamp(min=1e-8)
-        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).flatten(1)
-        return q[:, 0::2] | (q[:, 1::2] << 4), scales, lo  # (rows, in/2): even column in the low nibble
-
-
-def quantize_model(model, mode, group_size=128, *, empty=False):
+def quantize_model(model, mode, group_size=None, *, empty=False, tied_head=True):
     """Replace every nn.Linear by Int8Linear / Int4Linear in place, or (nf4) the block linears by NF4Linear as QLoRA
-    stores its base (the embedding and output layer stay as they are). empty=True builds the modules without
-    quantising (to load a saved quantised state dict). Shapes that do not suit int4 / NF4 raise a clear ValueError."""
+    stores its base (the embedding and output layer stay as they are). A tied embedding also gets an int8 output
+    layer of its own (tied_head; the embedding stays for the lookup, which reads one row a token): as llama.cpp keeps
+    it at 8 bits, and decoding a small model otherwise reads its fp32 vocabulary matrix as much as all else.
+    group_size None: int4's group size is the largest that suits every layer (quant.int4_group_size). empty=True
+    builds the modules without quantising (to load a saved quantised state dict). Shapes that do not suit int4 / NF4
+    raise a clear ValueError."""
     if mode not in ("int8", "int4", "nf4"):
         raise ValueError(f"--quantize: expected int8, int4 or nf4, got {mode!r}")
     linears = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not (mode == "nf4" and name == "output")]
+    if mode == "int4" and group_size is None:
+        group_size = quant.int4_group_size([m.in_features for _, m in linears])
+        if group_size is None:
+            raise ValueError("--quantize=int4: no even group size divides the input width of every layer "
+                             f"({sorted({m.in_features for _, m in linears})})")
     for name, m in linears:
         if mode == "int4" and (group_size <= 0 or group_size % 2 or m.in_features % group_size):
             raise ValueError(f"--group_size={group_size} does not suit layer {name} (weight "
@@ -417,7 +360,17 @@ def quantize_model(model, mode, group_size=128, *, empty=False):
             q.quantize_from(w)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    if mode != "nf4" and tied_head and model.output is None:
+        w = model.tok_embeddings.weight
+        model.output = Int8Linear(w.size(1), w.size(0), dtype=w.dtype, device=w.device)
+        if not empty:
+            model.output.quantize_from(w)
     return model
+
+
+def quantized_head(model) -> bool:
+    """Whether a tied model carries quantize_model's int8 output layer (saved with it: quantization.tied_head)."""
+    return model.args.tie_embeddings and isinstance(model.output, Int8Linear)
 
 
 @torch.no_grad()
@@ -429,8 +382,9 @@ def quantize_from_meta(model, mode, group_size, weight, device="cpu"):
     quantize_model(model, mode, group_size, empty=True)
     layers = {name: mod.to_empty(device=device) for name, mod in model.named_modules()
               if getattr(mod, "quantized", False)}  # all first: quantising's scratch never sits between them
-    for name, mod in layers.items():
-        mod.quantize_from(weight(f"{name}.weight"))
+    for name, mod in layers.items():  # a tied model's int8 head is quantised from the embedding
+        tied = name == "output" and model.args.tie_embeddings
+        mod.quantize_from(weight("tok_embeddings.weight" if tied else f"{name}.weight"))
     rest = {name: weight(name).to(device=device, dtype=p.dtype) for name, p in model.named_parameters()}
     model.load_state_dict(rest, strict=False, assign=True)
     model.materialize_buffers(device)
@@ -457,10 +411,11 @@ def normalise_head(model):
     return model
 
 
-QUANTIZATION = {"quantization": dict, "quantization.mode": str, "quantization.group_size": (int, "[1, inf)")}
+QUANTIZATION = {"quantization": dict, "quantization.mode": str, "quantization.group_size": (int, "[1, inf)"),
+                "quantization.tied_head": bool}
 
 
-def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None, family="llama"):
+def load_model(ckpt, device, dtype, quantize=None, group_size=None, adapter=None, family="llama"):
     """A checkpoint dir -> (Transformer in eval mode, config.json dict). Reads dirs written by --save_quantized.
     adapter: a LoRA adapter dir folded into the weights (beside them where they are NF4: attach_adapter).
     quantize='int8'|'int4'|'nf4' quantises while loading, one weight at a time from the memory-mapped file (a 7B model
@@ -497,7 +452,8 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None,
     where = os.path.join(ckpt, "config.json")
     try:
         checks.check_json_fields(config, QUANTIZATION, where, required=("quantization.mode",))
-        quantize_model(model.to(dtype), quant["mode"], quant.get("group_size", 128), empty=True)
+        quantize_model(model.to(dtype), quant["mode"], quant.get("group_size", 128), empty=True,
+                       tied_head=quant.get("tied_head", False))  # (dirs saved before it existed have none)
     except ValueError as e:
         fail(f"{e}" if str(e).startswith(where) else f"{where}: quantization: {e}")
     expected = model.state_dict()
@@ -592,7 +548,11 @@ def save_quantized(model, src_ckpt, dst, mode, group_size, family):
     empty = os.path.isdir(dst) and not os.listdir(dst)
     refuse = lambda msg: SystemExit(f"sample.py: {msg}")  # noqa: E731
     with outputs.replace_dir(dst, empty, "--save_quantized", (src_ckpt,), refuse) as tmp:
-        quantization = {"mode": mode, "group_size": group_size} if mode != "nf4" else {"mode": mode}
+        int4 = [m.group_size for m in model.modules() if isinstance(m, Int4Linear)]
+        quantization = {"mode": mode, "group_size": int4[0] if int4 else group_size or 128} if mode != "nf4" \
+            else {"mode": mode}
+        if quantized_head(model):
+            quantization["tied_head"] = True
         convert.write_checkpoint(tmp, state, model.args, family, extra_config={"quantization": quantization})
         prepare.copy_tokenizer_files(src_ckpt, tmp)
 
@@ -1555,7 +1515,8 @@ def parse_args(argv):
                    "LoRA adapter of the checkpoint's HF export) folded into the weights at load")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], default=None, help="weight-only quantisation "
                    "while loading (nf4: QLoRA's 4-bit base; an --adapter then runs beside it, unmerged)")
-    p.add_argument("--group_size", type=int, default=128, help="int4 group size (must divide in_features)")
+    p.add_argument("--group_size", type=int, default=None, help="int4 group size (must divide in_features; default: "
+                   "the largest up to 128 that divides every layer's, a multiple of 32 where one does)")
     p.add_argument("--save_quantized", default=None, help="write the quantised checkpoint to this dir")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -1572,7 +1533,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     try:
         check_settings(vars(args))
-        checks.check_value("group_size", args.group_size, int, "[1, inf)")
+        if args.group_size is not None:
+            checks.check_value("group_size", args.group_size, int, "[1, inf)")
     except ValueError as e:
         fail(f"--{e}")
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]

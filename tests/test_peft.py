@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import convert
-import kernels
 import prepare
 import sample
+from support import quant
 from convert import write_checkpoint
 from model import PRESETS, LoRALinear, NF4Linear, Transformer, apply_lora, lora_state_dict, merge_lora
 from support.weights import load_tensors
@@ -160,7 +160,7 @@ def test_sample_nf4_runs_a_peft_adapter_beside_the_4bit_base_as_peft_does(tmp_pa
     assert isinstance(got.layers[0].attention.wq, LoRALinear) and isinstance(got.layers[0].attention.wq.base,
                                                                              NF4Linear)
     with monkeypatch.context() as m:  # the model's numbers: its NF4 products dequantised (no C kernel)
-        m.setattr(kernels, "quant_kernels", lambda: None)
+        m.setattr(quant, "quant_kernels", lambda: None)
         assert (logits(got) - reference).abs().max() <= 1e-4
     # through the C kernel (codes and x in int16: ~5e-5 off each product) a few 1e-4 of the logits' scale off them
     assert (logits(got) - reference).abs().max() <= 1e-3 * reference.abs().max()

@@ -1,5 +1,6 @@
 """Tests for sample.py: parity with transformers' generate, KV cache, batching, sampling, quantisation, CLI."""
 import contextlib
+import copy
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import kernels
 import model as model_lib
 import prepare
 import sample
+from support import quant
 
 VOCAB = 260  # byte tokens 0..255 and 4 specials (see byte_tokenizer)
 
@@ -294,6 +296,38 @@ def test_int4_group_size_must_divide_in_features(tiny):
         sample.quantize_model(copy.deepcopy(tiny), "int4", group_size=48)
 
 
+@pytest.mark.parametrize("widths,want", [([512, 1376], 32), ([4096, 11008], 128), ([576, 1536], 96),
+                                         ([2048, 5632], 128), ([64, 192], 64), ([48, 80], 16), ([6, 10], 2),
+                                         ([5, 7], None)])
+def test_int4_picks_the_largest_group_that_divides_every_layer(widths, want):
+    assert quant.int4_group_size(widths) == want
+
+
+def test_int4_without_a_group_size_quantises_a_model_whose_widths_128_does_not_divide():
+    args = model_lib.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=VOCAB, hidden_dim=96, max_seq_len=32)
+    model = sample.quantize_model(model_lib.Transformer(args).eval(), "int4")  # 128 would refuse hidden 96
+    assert {m.group_size for m in model.modules() if isinstance(m, sample.Int4Linear)} == {32}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_tied_embedding_gets_an_int8_output_layer_saved_and_loaded(tmp_path, mode):
+    torch.manual_seed(0)
+    args = model_lib.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=VOCAB, hidden_dim=128, max_seq_len=32,
+                               tie_embeddings=True)
+    full = model_lib.Transformer(args).eval()
+    q = sample.quantize_model(copy.deepcopy(full), mode, group_size=16)
+    assert isinstance(q.output, sample.Int8Linear) and sample.quantized_head(q)
+    assert torch.equal(q.tok_embeddings.weight, full.tok_embeddings.weight)  # the lookup keeps the fp32 rows
+    with torch.no_grad():
+        want, got = full(torch.tensor([PROMPT]))[0], q(torch.tensor([PROMPT]))[0]
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    sample.save_quantized(q, tmp_path / "src", tmp_path / "q", mode, None, "llama")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["tied_head"] is True
+    loaded, _ = sample.load_model(tmp_path / "q", "cpu", torch.float32)
+    assert isinstance(loaded.output, sample.Int8Linear)
+    assert list(sample.generate(loaded, PROMPT, 6, temperature=0)) == list(sample.generate(q, PROMPT, 6, temperature=0))
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_model_saves_and_loads(tiny, tmp_path, mode):
     import copy
@@ -325,7 +359,7 @@ def quantized(mode, rows, cols, group_size=16, seed=0):
 
 
 def kernels_built():
-    if kernels.quant_kernels() is None:  # a machine without a C compiler: the fallback's own test covers it
+    if quant.quant_kernels() is None:  # a machine without a C compiler: the fallback's own test covers it
         pytest.skip("no C compiler here: the quantised matmul kernels could not be built")
 
 
@@ -360,23 +394,21 @@ def test_decoding_never_dequantises_a_weight(tiny, monkeypatch):
     def refuse(*_):
         raise AssertionError("a dequantised weight was built")
 
-    monkeypatch.setattr(kernels, "dequantised_linear", refuse)
+    monkeypatch.setattr(quant, "dequantised_linear", refuse)
     for mode, m in models.items():  # prefill and every decode step read the stored bytes only
         assert list(sample.generate(m, PROMPT, 8, temperature=0)) == want[mode]
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_without_kernels_products_are_dequantised_a_block_of_rows_at_a_time(mode, monkeypatch):
-    import kernels
-
     layer, _ = quantized(mode, 40, 64)
     x = torch.randn(3, 64)
     want = x @ layer.dequantize(torch.float32).T
-    monkeypatch.setattr(kernels, "quant_kernels", lambda: None)
-    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 64 * 16)  # blocks of 16 rows: 16, 16, 8
+    monkeypatch.setattr(quant, "quant_kernels", lambda: None)
+    monkeypatch.setattr(quant, "CHUNK_WEIGHTS", 64 * 16)  # blocks of 16 rows: 16, 16, 8
     blocks = []
-    unpack = kernels.int8_dequantize if mode == "int8" else kernels.int4_dequantize
-    monkeypatch.setattr(kernels, f"{mode}_dequantize", lambda w, *p: blocks.append(w.size(0)) or unpack(w, *p))
+    unpack = quant.int8_dequantize if mode == "int8" else quant.int4_dequantize
+    monkeypatch.setattr(quant, f"{mode}_dequantize", lambda w, *p: blocks.append(w.size(0)) or unpack(w, *p))
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
     assert blocks == [16, 16, 8]
 
@@ -414,7 +446,7 @@ def test_nf4_quantize_in_c_gives_torchs_codes(monkeypatch, dtype):
     w[9, 0] = w[9, 1:64].abs().max() * 0.5 * (kernels.NF4_CODE[12] + kernels.NF4_CODE[13]).item()  # a tie (fp32)
     monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 64 * 100)  # several chunks, the last one short
     ours = kernels.nf4_quantize(w)
-    monkeypatch.setattr(kernels, "quant_kernels", lambda: None)  # torch.bucketize's codes
+    monkeypatch.setattr(quant, "quant_kernels", lambda: None)  # torch.bucketize's codes
     for name, t in kernels.nf4_quantize(w).items():
         assert torch.equal(ours[name], t), name
 
@@ -430,7 +462,7 @@ def test_nf4_decoding_reads_the_stored_bytes_only(monkeypatch):
     assert isinstance(model.layers[0].feed_forward.w2, model_lib.NF4Linear)
     assert type(model.output) is not model_lib.NF4Linear  # QLoRA's base: the head stays as it is
     reference = copy.deepcopy(model)
-    monkeypatch.setattr(kernels, "quant_kernels", lambda: None)  # dequantised blocks: the reference numbers
+    monkeypatch.setattr(quant, "quant_kernels", lambda: None)  # dequantised blocks: the reference numbers
     want = list(sample.generate(reference, PROMPT, 8, temperature=0))
     monkeypatch.undo()
 
@@ -444,17 +476,17 @@ def test_nf4_decoding_reads_the_stored_bytes_only(monkeypatch):
 def test_kernels_are_built_once_per_cpu_then_loaded_from_the_cache(tmp_path, monkeypatch, capsys):
     kernels_built()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert kernels.quant_kernels.__wrapped__() is not None
+    assert quant.quant_kernels.__wrapped__() is not None
     assert "built the quantised matmul kernels for this CPU" in capsys.readouterr().err
     assert [p.suffix for p in (tmp_path / "nanollama").iterdir()] == [".so"]  # no source or half file left behind
-    assert kernels.quant_kernels.__wrapped__() is not None and "built" not in capsys.readouterr().err
+    assert quant.quant_kernels.__wrapped__() is not None and "built" not in capsys.readouterr().err
 
 
 def test_a_failed_kernel_build_warns_and_leaves_the_dequantising_path(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build to fall back on
     with pytest.warns(UserWarning, match="cannot build the quantised matmul kernels .*dequantising"):
-        assert kernels.quant_kernels.__wrapped__() is None
+        assert quant.quant_kernels.__wrapped__() is None
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
