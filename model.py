@@ -440,12 +440,13 @@ class Transformer(nn.Module):
             layer.attention.cache = None
 
     def forward(self, idx, targets=None, *, loss_mask=None, start_pos=0, positions=None, key_padding_mask=None,
-                doc_ids=None):
+                doc_ids=None, last_only=False):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
 
         targets (B, T): next tokens, -100 ignored; loss_mask (B, T): 0 = not counted. start_pos: where idx starts in
         the KV cache. positions (B|1, T): RoPE positions (default start_pos + arange(T); with doc_ids they restart at
         every document). key_padding_mask (B, start_pos + T): True for real tokens. doc_ids (B, T): packed documents.
+        last_only (no targets): logits (B, 1, vocab) of the last position only, all a prefill samples from.
         """
         B, T = idx.shape
         cos = sin = None
@@ -468,6 +469,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
                       alibi_bias=alibi_bias, doc_ends=doc_ends)
         h = self.norm(h)
+        if last_only:  # the head on one position: a prefill's (B, T, vocab) logits would outgrow its KV cache
+            h = h[:, [-1], :]
         head = self._plain_head_weight() if targets is not None and torch.is_grad_enabled() else None
         if head is not None:  # training: the loss straight from h, the full logits never built (fast, less memory)
             return None, kernels.linear_cross_entropy(h, head, targets, loss_mask, self.args.z_loss)
