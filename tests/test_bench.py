@@ -146,6 +146,20 @@ def test_compare_generate_gives_the_same_greedy_tokens():
     assert result["ratio_bound"] == pytest.approx(1 / result["transformers"]["mbu"], rel=0.01)
 
 
+def test_cpu_peak_memory_is_the_runs_own_not_that_of_the_process_that_started_it():
+    """getrusage's ru_maxrss of a process started by vfork + exec (as subprocess starts one) also holds its parent's
+    peak: bench.py run from a process holding 768 MiB reports its own peak, well below."""
+    import torch
+
+    held = torch.ones(768 * 2**20 // 4)  # written: resident
+    parent = bench.peak_memory_gib(torch.device("cpu"))
+    out = subprocess.run([sys.executable, "bench.py", *TINY_GENERATE], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["peak_mem_gib"] < parent - 0.7, parent
+    del held
+
+
 @pytest.mark.slow
 def test_generate_peak_memory_of_a_long_prefill_falls_by_the_full_logits():
     """A 1,024-token prompt on a 65,536-word vocabulary: the prefill builds the last position's logits only, so
