@@ -469,7 +469,7 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
                       alibi_bias=alibi_bias, doc_ends=doc_ends)
         h = self.norm(h)
-        if last_only:  # the head on one position: a prefill's (B, T, vocab) logits would outgrow its KV cache
+        if last_only:  # the head on one position: a 4,096-token prefill's logits are ~1 GiB on Baichuan2's vocabulary
             h = h[:, [-1], :]
         head = self._plain_head_weight() if targets is not None and torch.is_grad_enabled() else None
         if head is not None:  # training: the loss straight from h, the full logits never built (fast, less memory)
