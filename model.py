@@ -26,6 +26,7 @@ import reprlib
 import shutil
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -860,10 +861,33 @@ def read_config(path) -> tuple[ModelArgs, dict]:
     family = config.get("family", "llama")
     if not isinstance(family, str) or family not in FAMILIES:
         raise CheckpointError(f"{file}: family={family!r}: expected one of {', '.join(FAMILIES)}")
+    if family == "baichuan2" and config.get("norm_head", False) is False and "quantization" not in config:
+        config = {**config, "norm_head": _normalised_once(path)}
     try:
         return ModelArgs.from_dict(config), config
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: {e}") from None
+
+
+def _normalised_once(path) -> bool:
+    """Whether a Baichuan2 checkpoint dir with norm_head=false holds NormHead rows normalised once (every row within 1%
+    of unit length: bf16 moves a normalised row's length by under 0.2%), as convert.py hf-to-native wrote them before
+    the head was kept raw: Baichuan2, with the same logits under NormHead, so it loads as such. Other rows were trained
+    without NormHead and load as written, as do step dirs (no safetensors: a resume continues as it ran). Said once
+    on stderr."""
+    path = Path(path)
+    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
+        return False
+    head = load_tensors(path).get("output.weight")
+    if head is None:
+        return False
+    once = all(((torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32) - 1).abs() <= 1e-2).all()
+               for rows in head.split(8192))  # a slice of rows at a time: never the whole head in fp32
+    warnings.warn(f"{path / 'config.json'}: family baichuan2 with norm_head=false: " + (
+        "its head rows are normalised once (convert.py before Baichuan2's head was kept raw), loaded as NormHead "
+        "(norm_head=true): the same logits, and training normalises them as Baichuan2 does" if once else
+        "its head rows are not unit length (trained without NormHead), loaded as written (norm_head=false)"))
+    return once
 
 
 def load_safetensors(file) -> dict[str, torch.Tensor]:
