@@ -800,8 +800,8 @@ class Slots:
 def kv_budget(model, max_batch, device, columns=None) -> int:
     """The KV-cache positions (rows x columns) generation may hold: half the memory available with the model loaded,
     less each row's next-token logits (logits_bytes), at least one whole context (check_memory saw to that), at most
-    max_batch of them. columns: the length of every row (a prompt file's batches), so the rows are counted; else
-    (a server's rows grow) max_batch rows' logits are set aside."""
+    max_batch of them. columns: every row's length where it is known (a prompt file's batches), each row's logits
+    counted beside its columns; else (a server's rows grow) max_batch rows' logits are set aside."""
     a = model.args
     itemsize = next(model.parameters()).dtype.itemsize
     per_position, per_row = kv_bytes(a, 1, itemsize), logits_bytes(a, 1, itemsize)
