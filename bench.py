@@ -135,7 +135,11 @@ def mm_size(args: ModelArgs) -> int:
 def peak_memory_gib(device: torch.device) -> float:
     if device.type in ("cuda", "npu"):
         return getattr(torch, device.type).max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    try:  # Linux: this process's own peak; ru_maxrss also holds the peak of the process that started it (vfork, exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def reset_peak_memory(device: torch.device):

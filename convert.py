@@ -19,9 +19,9 @@ shard, never the model twice. Output goes to DST.tmp-PID and is renamed to DST w
 
 Layouts. HF LLaMA q/k rows are already in rotate-half order, which is our native order: copied as they are. Meta's
 consolidated checkpoints interleave the rotary pairs, so their wq/wk are permuted on import. Baichuan's W_pack is
-[wq; wk; wv] stacked on rows. Baichuan2's NormHead is normalised once in fp32 for inference (norm_head=false), or
-kept raw with --for_training (norm_head=true, model.py normalises it in every forward). LoRA adapter dirs are PEFT's
-format, named as the HF export of the base (W_pack's update splits by rows into wq, wk, wv like its weight).
+[wq; wk; wv] stacked on rows. Baichuan2's NormHead is architecture, not a conversion choice: its head is kept raw with
+norm_head=true (model.py normalises it in every training forward, sample.py once when loading). LoRA adapter dirs are
+PEFT's format, named as the HF export of the base (W_pack's update splits by rows into wq, wk, wv like its weight).
 
 Every function here reports a problem as model.CheckpointError naming the file and the field; only main exits.
 """
@@ -129,9 +129,9 @@ def check_shapes(found: dict[str, tuple], expected: dict[str, tuple], where, ign
             fail(f"{where}: tensor {name} has shape {tuple(found[name])}, expected {tuple(shape)} from the config")
 
 
-def normalise_rows(w: torch.Tensor, dtype=None) -> torch.Tensor:
-    """Baichuan2's NormHead for inference: L2-normalise each output row once, in fp32, then round once."""
-    return F.normalize(w.float(), dim=-1).to(dtype or w.dtype)
+def normalise_rows(w: torch.Tensor) -> torch.Tensor:
+    """A NormHead as a plain head: L2-normalise each output row once, in fp32, then round once."""
+    return F.normalize(w.float(), dim=-1).to(w.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def detect_family(cfg: dict, where) -> str:
     return family
 
 
-def hf_args(cfg: dict, family: str, where, for_training=False) -> ModelArgs:
+def hf_args(cfg: dict, family: str, where) -> ModelArgs:
     """ModelArgs from an HF config.json (LLaMA, Aquila, Baichuan and Baichuan2 all use LLaMA's field names)."""
     def need(key):
         if not isinstance(cfg.get(key), (int, float)):
@@ -313,7 +313,7 @@ def hf_args(cfg: dict, family: str, where, for_training=False) -> ModelArgs:
             max_seq_len=cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 2048,
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             pos_emb="alibi" if alibi else "rope", tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            norm_head=family == "baichuan2" and for_training,
+            norm_head=family == "baichuan2",
             z_loss=float(cfg.get("z_loss_weight", 0.0)) if family == "baichuan2" else 0.0)
     except (TypeError, ValueError) as e:
         fail(f"{where}: {e}")
@@ -470,15 +470,14 @@ def family_template(family: str) -> str:
 # hf-to-native
 
 
-def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template=None, overwrite=False,
-                 max_shard_bytes=None):
+def hf_to_native(src, dst, family=None, dtype=None, template=None, overwrite=False, max_shard_bytes=None):
     src = Path(src)
     if flagai.is_flagai_config(read_json(src / "config.json")):  # FlagAI's own dir: no HF fields to read
         return flagai_to_native(src, dst, dtype, template, overwrite, max_shard_bytes), "aquila"
     cfg = read_hf_config(src)
     family = family or detect_family(cfg, src / "config.json")
     template = check_template(template)
-    args = hf_args(cfg, family, src / "config.json", for_training)
+    args = hf_args(cfg, family, src / "config.json")
     source = WeightFiles(src)
     layout = hf_layout(args, family)
     shapes = native_shapes(args)
@@ -488,12 +487,7 @@ def hf_to_native(src, dst, family=None, dtype=None, for_training=False, template
     def to_native(hf_name, t):
         """One HF tensor -> its native tensors (W_pack splits in three), copied out of the memory map."""
         natives = layout[hf_name]
-        out = []
-        for name, part in zip(natives, t.split([shapes[n][0] for n in natives])):
-            if name == "output.weight" and family == "baichuan2" and not for_training:
-                part = normalise_rows(part, dtype)
-            out.append((name, own(part, dtype)))
-        return out
+        return [(name, own(part, dtype)) for name, part in zip(natives, t.split([shapes[n][0] for n in natives]))]
 
     def tensors():
         for _, shard in source.shards():
@@ -543,8 +537,8 @@ def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
         fail(f"{src / 'config.json'}: pos_emb={args.pos_emb!r}: a LLaMA-architecture checkpoint needs 'rope'")
     if family in BAICHUAN and args.kv_heads != args.n_heads:
         fail(f"{src / 'config.json'}: n_kv_heads={args.n_kv_heads}: Baichuan's W_pack needs multi-head attention")
-    # LLaMA has no NormHead: normalise once so a plain head computes the same logits. Baichuan2 keeps whatever it
-    # has (its NormHead re-normalises, which leaves normalised rows unchanged).
+    # LLaMA has no NormHead: normalise once so a plain head computes the same logits. Baichuan2 keeps its raw head
+    # (its modeling code normalises it, as ours does).
     normalise = args.norm_head and family != "baichuan2"
 
     def hf_tensors():
@@ -728,7 +722,7 @@ def open_native(path: Path):
         return args, family, source.get
     cfg = read_hf_config(path)
     family = detect_family(cfg, path / "config.json")
-    args = hf_args(cfg, family, path / "config.json", for_training=True)  # raw head rows: deltas are raw
+    args = hf_args(cfg, family, path / "config.json")
     source = WeightFiles(path)
     layout = hf_layout(args, family)
     shapes = native_shapes(args)
@@ -1646,8 +1640,7 @@ def main(argv=None):
     s = sub.add_parser("hf-to-native", parents=[common, template], help="Hugging Face dir -> checkpoint dir")
     s.add_argument("--src", required=True, help="HF dir: config.json + safetensors or .bin (sharded or not)")
     s.add_argument("--family", choices=list(FAMILIES), default=None, help="override the family read from config.json")
-    s.add_argument("--for_training", action="store_true",
-                   help="Baichuan2: keep the raw NormHead (norm_head=true) instead of normalising it once")
+    s.add_argument("--for_training", action="store_true", help=argparse.SUPPRESS)  # older recipes': does nothing
     s = sub.add_parser("native-to-hf", parents=[common], help="checkpoint dir -> Hugging Face dir")
     s.add_argument("--src", required=True, help="checkpoint dir")
     s = sub.add_parser("meta-to-native", parents=[common, template], help="Meta consolidated.XX.pth -> checkpoint dir")
@@ -1713,8 +1706,10 @@ def main(argv=None):
             except ValueError as e:
                 fail(f"--{e}")
         if a.command == "hf-to-native":
-            args, family = hf_to_native(a.src, a.dst, a.family, for_training=a.for_training, template=a.template,
-                                        **kw)
+            if a.for_training:
+                print("convert.py: --for_training is no longer needed and does nothing: a Baichuan2 checkpoint always "
+                      "keeps its raw NormHead (norm_head=true)", file=sys.stderr)
+            args, family = hf_to_native(a.src, a.dst, a.family, template=a.template, **kw)
         elif a.command == "native-to-hf":
             args, family = native_to_hf(a.src, a.dst, **kw)
         elif a.command == "meta-to-native":

@@ -13,6 +13,7 @@ dir (config.json + safetensors, memory-mapped); convert.py writes them and owns 
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -338,12 +339,13 @@ class Transformer(nn.Module):
             layer.attention.cache = None
 
     def forward(self, idx, targets=None, *, loss_mask=None, start_pos=0, positions=None, key_padding_mask=None,
-                doc_ids=None):
+                doc_ids=None, last_only=False):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
 
         targets (B, T): next tokens, -100 ignored; loss_mask (B, T): 0 = not counted. start_pos: where idx starts in
         the KV cache. positions (B|1, T): RoPE positions (default start_pos + arange(T); with doc_ids they restart at
         every document). key_padding_mask (B, start_pos + T): True for real tokens. doc_ids (B, T): packed documents.
+        last_only (no targets): logits (B, 1, vocab) of the last position only, all a prefill samples from.
         """
         B, T = idx.shape
         cos = sin = None
@@ -366,6 +368,8 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
                       alibi_bias=alibi_bias, doc_ends=doc_ends)
         h = self.norm(h)
+        if last_only:  # the head on one position: a 4,096-token prefill's logits are ~1 GiB on Baichuan2's vocabulary
+            h = h[:, [-1], :]
         head = self._plain_head_weight() if targets is not None and torch.is_grad_enabled() else None
         if head is not None:  # training: the loss straight from h, the full logits never built (fast, less memory)
             return None, kernels.linear_cross_entropy(h, head, targets, loss_mask, self.args.z_loss)
@@ -674,7 +678,30 @@ def read_config(path) -> tuple[ModelArgs, dict]:
     family = config.get("family", "llama")
     if not isinstance(family, str) or family not in FAMILIES:
         raise CheckpointError(f"{file}: family={family!r}: expected one of {', '.join(FAMILIES)}")
+    if family == "baichuan2" and config.get("norm_head", False) is False and "quantization" not in config:
+        config = {**config, "norm_head": _normalised_once(path)}
     try:
         return ModelArgs.from_dict(config), config
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: {e}") from None
+
+
+def _normalised_once(path) -> bool:
+    """Whether a Baichuan2 checkpoint dir with norm_head=false holds NormHead rows normalised once (every row within 1%
+    of unit length: bf16 moves a normalised row's length by under 0.2%), as convert.py hf-to-native wrote them before
+    the head was kept raw: Baichuan2, with the same logits under NormHead, so it loads as such. Other rows were trained
+    without NormHead and load as written, as do step dirs (no safetensors: a resume continues as it ran). Said once
+    on stderr."""
+    path = Path(path)
+    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
+        return False
+    head = load_tensors(path).get("output.weight")
+    if head is None:
+        return False
+    once = all(((torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32) - 1).abs() <= 1e-2).all()
+               for rows in head.split(8192))  # a slice of rows at a time: never the whole head in fp32
+    warnings.warn(f"{path / 'config.json'}: family baichuan2 with norm_head=false: " + (
+        "its head rows are normalised once (convert.py before Baichuan2's head was kept raw), loaded as NormHead "
+        "(norm_head=true): the same logits, and training normalises them as Baichuan2 does" if once else
+        "its head rows are not unit length (trained without NormHead), loaded as written (norm_head=false)"))
+    return once

@@ -219,7 +219,8 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
 
     model.setup_cache(B, total, dtype=param.dtype, device=device)
     try:  # the cache lives for this call only, even when the caller stops early (closing the generator)
-        logits, _ = model(idx, start_pos=0, positions=positions, key_padding_mask=mask[:, :T] if padded else None)
+        logits, _ = model(idx, start_pos=0, positions=positions, key_padding_mask=mask[:, :T] if padded else None,
+                          last_only=True)  # prompts are left padded: every row's last position is a real token
         logits = logits[:, -1]  # (B, V)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
@@ -477,12 +478,19 @@ def kv_bytes(args, positions, itemsize) -> int:
     return 2 * args.n_layers * args.kv_heads * args.head_dim * positions * itemsize
 
 
+def logits_bytes(args, rows, itemsize) -> int:
+    """Bytes of the next-token logits of `rows` rows: one position each (a prefill builds its last position's only,
+    model.Transformer's last_only), out of the head in the model's dtype and as the fp32 copy sampling reads."""
+    return rows * args.vocab_size * (itemsize + 4)
+
+
 def check_memory(args, device, dtype, ckpt):
-    """Refuse, before loading, a model whose weights and one sequence's KV cache exceed the device's available
-    memory (counted on the meta device: nothing allocated)."""
+    """Refuse, before loading, a model whose weights, one sequence's KV cache and its next-token logits exceed the
+    device's available memory (counted on the meta device: nothing allocated)."""
     with torch.device("meta"):
         n = model_lib.Transformer(args).num_params()
-    need = n * dtype.itemsize + kv_bytes(args, args.max_seq_len, dtype.itemsize)
+    itemsize = dtype.itemsize
+    need = n * itemsize + kv_bytes(args, args.max_seq_len, itemsize) + logits_bytes(args, 1, itemsize)
     available = kernels.available_memory(device)
     if available is not None and need > available:
         fail(f"--ckpt={ckpt}: {n / 1e9:.2f}B parameters in {str(dtype)[6:]} need {need / 2**30:.1f} GiB on {device}, "
@@ -701,7 +709,7 @@ class Slots:
         alone = start == 0  # no padding before it: the plain causal path, as generate takes for one prompt
         with self.model.cache_rows(r, r + 1):
             logits, _ = self.model(idx, start_pos=start, positions=None if alone else torch.arange(P)[None].to(idx),
-                                   key_padding_mask=None if alone else self.mask[r:r + 1, :self.col])
+                                   key_padding_mask=None if alone else self.mask[r:r + 1, :self.col], last_only=True)
         self.logits[r] = logits[0, -1].float()
 
     @torch.inference_mode()
@@ -750,13 +758,22 @@ class Slots:
         self.mask = self.next_pos = self.logits = self.seen = self.counts = None
 
 
-def kv_budget(model, max_batch, device) -> int:
-    """The KV-cache positions (rows x columns) a server may hold: half the memory available with the model loaded,
-    at least one whole context (check_memory saw to that), at most max_batch of them."""
+def kv_budget(model, max_batch, device, columns=None) -> int:
+    """The KV-cache positions (rows x columns) generation may hold: half the memory available with the model loaded,
+    less each row's next-token logits (logits_bytes), at least one whole context (check_memory saw to that), at most
+    max_batch of them. columns: every row's length where it is known (a prompt file's batches), each row's logits
+    counted beside its columns; else (a server's rows grow) max_batch rows' logits are set aside."""
     a = model.args
-    per_position = kv_bytes(a, 1, next(model.parameters()).dtype.itemsize)
+    itemsize = next(model.parameters()).dtype.itemsize
+    per_position, per_row = kv_bytes(a, 1, itemsize), logits_bytes(a, 1, itemsize)
     available, most = kernels.available_memory(device), max_batch * a.max_seq_len
-    return most if available is None else max(a.max_seq_len, min(most, available // 2 // per_position))
+    if available is None:
+        return most
+    if columns:
+        positions = available // 2 // (columns * per_position + per_row) * columns
+    else:
+        positions = (available // 2 - max_batch * per_row) // per_position
+    return max(a.max_seq_len, min(most, positions))
 
 
 class Batcher:
@@ -1615,8 +1632,8 @@ def run_prompt_file(model, tok, args, common, stdout) -> dict:
     t0 = time.perf_counter()
     outs = [[] for _ in rows]
     n = 0
-    positions = kv_budget(model, len(rows), next(model.parameters()).device)
-    size = max(1, positions // (max(map(len, rows)) + args.max_new_tokens))
+    columns = max(map(len, rows)) + args.max_new_tokens
+    size = max(1, kv_budget(model, len(rows), next(model.parameters()).device, columns) // columns)
     if size < len(rows):
         log(f"--prompt_file: {len(rows)} prompts in batches of {size}: the KV cache of more would not fit in memory")
     for first in range(0, len(rows), size):

@@ -47,7 +47,7 @@
 #
 # Data: MOSSMultiTurnHandler renders every turn as Baichuan's 195 + user, 196 + reply without the meta_instruction
 # (--drop_system); the pretraining run reads the ids as one stream, so every token counts (--train_on_prompt):
-#   python convert.py hf-to-native --src=hf/Baichuan2-13B-Base --dst=checkpoints/baichuan2-13b-base --for_training
+#   python convert.py hf-to-native --src=hf/Baichuan2-13B-Base --dst=checkpoints/baichuan2-13b-base
 #   python prepare.py --input=moss-003-sft-no-tools.jsonl --format=moss --template=baichuan2 --drop_system \
 #       --train_on_prompt --tokenizer=checkpoints/baichuan2-13b-base --val_fraction=0.05 --megatron \
 #       --out=data/moss_baichuan2_stream

@@ -33,7 +33,7 @@
 # MFU of 313 TFLOP/s: 21.8 GiB per device of 64 before the data is here (its padding masks then add to it), 46.9 s/step,
 # 1,398 tokens/s per device, padding counted as tokens.
 #
-#   python convert.py hf-to-native --src=hf/Baichuan2-13B-Base --dst=checkpoints/baichuan2-13b-base --for_training
+#   python convert.py hf-to-native --src=hf/Baichuan2-13B-Base --dst=checkpoints/baichuan2-13b-base
 #   python prepare.py --input=moss-003-sft-no-tools.jsonl --format=moss --template=baichuan2 --drop_system \
 #       --tokenizer=checkpoints/baichuan2-13b-base --seq_len=4096 --pack --one_per_row --val_fraction=0.05 \
 #       --out=data/moss_baichuan2

@@ -53,7 +53,7 @@
 # Data: the parquet's "text" column (Megatron preprocess_data.py's default --json-keys text, hence
 # alpaca_text_document), every token counted; or the Megatron files the document's command wrote (prepare.py then
 # ends each record with eos too):
-#   python convert.py hf-to-native --src=hf/Baichuan2-7B-Base --dst=checkpoints/baichuan2-7b-base --for_training
+#   python convert.py hf-to-native --src=hf/Baichuan2-7B-Base --dst=checkpoints/baichuan2-7b-base
 #   python prepare.py --input=train-00000-of-00001-a09b74b3ef9c3b56.parquet --format=parquet --text_field=text \
 #       --tokenizer=checkpoints/baichuan2-7b-base --val_fraction=0.05 --megatron --out=data/alpaca_baichuan2
 #   python prepare.py --input=dataset_baichuan2-7B/alpaca_text_document.bin --format=megatron \
@@ -66,7 +66,7 @@
 #   python convert.py native-to-ascendspeed --src=out/baichuan2_7b_pretrain/export --dst=weight --tp=8
 out_dir = "out/baichuan2_7b_pretrain"
 data_dir = "data/alpaca_baichuan2"
-init_from = "checkpoints/baichuan2-7b-base"  # raw NormHead rows (--for_training): normalised in every forward
+init_from = "checkpoints/baichuan2-7b-base"  # raw NormHead rows (norm_head=true): normalised in every forward
 model = "baichuan2-7b"
 devices = 8
 dp, tp = 1, 8

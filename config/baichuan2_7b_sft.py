@@ -37,7 +37,7 @@
 # The source reports no throughput and no loss and names no device. Our --dry_run (8 x 64 GB, 40% MFU of 313
 # TFLOP/s, a 910B's): 23.9 GiB per device, 2.80 s/step, 2,929 tokens/s per device, padding counted as tokens.
 #
-#   python convert.py hf-to-native --src=hf/Baichuan2-7B-Base --dst=checkpoints/baichuan2-7b-base --for_training
+#   python convert.py hf-to-native --src=hf/Baichuan2-7B-Base --dst=checkpoints/baichuan2-7b-base
 #   python prepare.py --input=fine-tune/data/belle_chat_ramdon_10k.json --format=sharegpt --template=baichuan2 \
 #       --tokenizer=checkpoints/baichuan2-7b-base --seq_len=512 --pack --one_per_row --val_fraction=0.01 \
 #       --out=data/baichuan2_sft
@@ -45,7 +45,7 @@
 #   python train.py config/baichuan2_7b_sft.py --dry_run
 out_dir = "out/baichuan2_7b_sft"
 data_dir = "data/baichuan2_sft"
-init_from = "checkpoints/baichuan2-7b-base"  # raw NormHead rows (--for_training): normalised in every forward
+init_from = "checkpoints/baichuan2-7b-base"  # raw NormHead rows (norm_head=true): normalised in every forward
 model = "baichuan2-7b"
 devices = 8
 dp, tp = 8, 1

@@ -173,6 +173,70 @@ def test_requests_join_only_within_the_kv_budget(tiny):
     slots.clear()
 
 
+@torch.inference_mode()
+def test_prefill_builds_the_last_positions_logits_only_with_the_same_tokens(tiny, monkeypatch):
+    """generate's prefill and the server's (Slots) ask the head for the last position only: every forward of
+    generation returns (B, 1, vocab) logits, never a (B, T, vocab) of the prompt; the tokens are those of a full
+    forward over the whole sequence at every step (no cache)."""
+    def uncached(prompt, n):
+        seq = torch.tensor([prompt])
+        for _ in range(n):
+            seq = torch.cat([seq, tiny(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        return seq[0, len(prompt):].tolist()
+
+    rows = [PROMPT, [7, 3], PROMPT[:4]]  # lengths differ: left padded
+    want = [uncached(r, 8) for r in rows]
+    shapes, forward = [], model_lib.Transformer.forward
+
+    def recording(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        shapes.append(tuple(logits.shape))
+        return logits, loss
+    monkeypatch.setattr(model_lib.Transformer, "forward", recording)
+    assert [list(t) for t in zip(*sample.generate(tiny, rows, 8, temperature=0))] == want
+    assert shapes and set(shapes) == {(3, 1, VOCAB)}
+    shapes.clear()
+    greedy = dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.0)
+    slots, got = sample.Slots(tiny, max_rows=2), [[], []]
+    slots.join([sample.Job(rows[0], 8, [], greedy, None)])
+    for step in range(8):
+        if step == 2:  # joins a batch that is decoding: a prefill of its own row, after the others' columns
+            slots.join([sample.Job(rows[1], 6, [], greedy, None)])
+        token = slots.sample()
+        for r, _ in slots.live():
+            got[r].append(token[r].item())
+        slots.step(token)
+    slots.clear()
+    assert got == [want[0], want[1][:6]]
+    assert (1, 1, VOCAB) in shapes and all(shape[1] == 1 for shape in shapes)
+
+
+def test_memory_budgets_count_each_rows_last_position_logits(tiny, monkeypatch):
+    """kv_budget sets aside the next-token logits of each row it may hold (one position, as the prefill builds them):
+    a server's max_batch rows, or a prompt file's rows of a known length; check_memory counts one sequence's."""
+    a, per_position = tiny.args, sample.kv_bytes(tiny.args, 1, 4)
+    per_row = sample.logits_bytes(a, 1, 4)
+    assert per_row == a.vocab_size * 8  # fp32 logits out of the head and their fp32 copy
+    memory = {"bytes": 0}
+    monkeypatch.setattr(kernels, "available_memory", lambda device: memory["bytes"])
+    memory["bytes"] = 2 * (1000 * per_position + 8 * per_row)  # half of what is available is the budget
+    assert sample.kv_budget(tiny, 8, "cpu") == 1000  # 8 rows' logits set aside, 1000 positions left
+    memory["bytes"] -= 2  # a byte less: a position fewer
+    assert sample.kv_budget(tiny, 8, "cpu") == 999
+    columns = 40
+    memory["bytes"] = 2 * 5 * (columns * per_position + per_row)  # five rows of 40 columns and their logits
+    assert sample.kv_budget(tiny, 16, "cpu", columns) == 5 * columns
+    memory["bytes"] -= 2
+    assert sample.kv_budget(tiny, 16, "cpu", columns) == 4 * columns
+    with torch.device("meta"):
+        weights = model_lib.Transformer(a).num_params() * 4
+    memory["bytes"] = weights + sample.kv_bytes(a, a.max_seq_len, 4) + per_row
+    sample.check_memory(a, "cpu", torch.float32, "ckpt")  # fits exactly
+    memory["bytes"] -= 1
+    with pytest.raises(SystemExit, match=r"--ckpt=ckpt: .* parameters in float32 need"):
+        sample.check_memory(a, "cpu", torch.float32, "ckpt")
+
+
 def test_batch_row_stops_at_eos(tiny):
     rows = [[1, 5, 9], [4, 8]]
     greedy0 = list(sample.generate(tiny, rows[0], 3, temperature=0))
@@ -648,7 +712,7 @@ def test_cli_prompt_file_batches_as_many_rows_as_the_kv_cache_fits(ckpt, monkeyp
         sizes.append(len(rows))
         return generate(model, rows, *args, **kwargs)
     monkeypatch.setattr(sample, "generate", counting)
-    monkeypatch.setattr(sample, "kv_budget", lambda model, rows, device: 2 * (len("longer prompt") + 1 + 6))
+    monkeypatch.setattr(sample, "kv_budget", lambda model, rows, device, columns: 2 * (len("longer prompt") + 1 + 6))
     assert run_cli(argv) == whole and sizes == [2, 2, 1]
     assert "5 prompts in batches of 2" in capsys.readouterr().err
 

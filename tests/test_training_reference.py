@@ -8,8 +8,9 @@ documented recipe: torch.optim.AdamW with weight decay on matrices only, torch.n
 after torch.amp.GradScaler's unscale), linear warmup then cosine decay to min_lr, on the windows train.py's
 EpochSampler hands out and the weights of a checkpoint dir written by the test. train.py is used through
 train.main, its metrics.jsonl and export, EpochSampler and LossScaler (for the one case a run cannot show). Also:
-an interrupted LoRA run with dropout against an uninterrupted one, and the tensor-parallel loss with a loss mask
-against the formula kernels.py documents.
+an interrupted LoRA run with dropout against an uninterrupted one, the tensor-parallel loss with a loss mask
+against the formula kernels.py documents, and a Baichuan2 HF dir converted as the README says, trained against
+Baichuan2's own NormHead training.
 
     python -m pytest -q tests/test_training_reference.py
 """
@@ -497,3 +498,62 @@ def test_tensor_parallel_model_passes_the_loss_mask_to_the_vocab_sharded_loss(on
         sharded_logits, loss = model(idx, targets, loss_mask=loss_mask)
     assert type(sharded_logits).__name__ == "DTensor"  # the vocab-sharded path, not the plain one
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Baichuan2 as the README converts it: NormHead in training
+
+
+def baichuan2_reference_losses(sd: dict, data_dir: Path, steps: int, batch: int, recipe=RECIPE) -> list[float]:
+    """Baichuan2's own training in plain PyTorch on its HF weights: the forward of its modeling code (W_pack, ALiBi,
+    the NormHead normalising the raw head rows in every training forward: test_convert.baichuan13b_reference), mean
+    cross-entropy over the counted targets (z_loss_weight 0), the documented AdamW / schedule / clipping on the
+    windows train.py's sampler hands out. One micro batch per step."""
+    from test_convert import baichuan13b_reference
+
+    params = {k: v.clone().requires_grad_(True) for k, v in sd.items()}
+    matrices = [p for p in params.values() if p.dim() >= 2]
+    gains = [p for p in params.values() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": recipe["weight_decay"]},
+                                   {"params": gains, "weight_decay": 0.0}],
+                                  lr=recipe["lr"], betas=(recipe["beta1"], recipe["beta2"]), eps=1e-8)
+    tokens = np.fromfile(data_dir / "train.bin", dtype=np.uint16).astype(np.int64)
+    counts = np.fromfile(data_dir / "train.mask.bin", dtype=np.uint8).astype(bool)  # token i counts as a target
+    sampler = train.EpochSampler(len(tokens), SEQ_LEN, batch, SEED)
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = documented_lr(step, recipe)
+        starts = sampler.next_starts(0, 1)
+        windows = torch.tensor(np.stack([tokens[s : s + SEQ_LEN + 1] for s in starts]))
+        counted = torch.tensor(np.stack([counts[s + 1 : s + SEQ_LEN + 1] for s in starts]))  # (B, T)
+        logits = baichuan13b_reference(params, windows[:, :-1], n_heads=4, norm_head=True)
+        loss = F.cross_entropy(logits[counted], windows[:, 1:][counted])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), recipe["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_baichuan2_converted_as_the_readme_says_trains_with_normhead_as_its_own_code(data, tmp_path):
+    """README's "convert in" line (hf-to-native, no flags) on a Baichuan2 (ALiBi) HF dir whose head rows have very
+    different lengths, then train.py from it: every step's loss equals Baichuan2's own code with its NormHead. The
+    first step's loss is the same either way (a head normalised once computes NormHead's logits); the later ones
+    differ where training runs a plain head on rows normalised once (its gradient is not NormHead's)."""
+    from test_convert import baichuan_config, random_sd, save_hf, to_w_pack
+
+    import convert
+
+    sd = to_w_pack(random_sd())
+    sd["lm_head.weight"] = sd["lm_head.weight"] * (torch.rand(sd["lm_head.weight"].size(0), 1) * 5 + 0.2)
+    save_hf(tmp_path / "hf", sd, baichuan_config(alibi=True, baichuan2=True))
+    convert.main(["hf-to-native", f"--src={tmp_path / 'hf'}", f"--dst={tmp_path / 'ckpt'}"])
+    steps, batch = 4, 2  # one micro batch a step: the comparison does not depend on how micro batches are weighed
+    summary = train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", f"--init_from={tmp_path / 'ckpt'}",
+                          f"--seq_len={SEQ_LEN}", f"--micro_batch_size={batch}", f"--global_batch_size={batch}",
+                          f"--seed={SEED}", f"--max_iters={steps}", "--log_interval=1", "--eval_interval=1000",
+                          "--eval_iters=1", "--ckpt_interval=1000", "--peak_flops=1e9", *flags()])
+    ref = baichuan2_reference_losses(sd, data, steps, batch)
+    np.testing.assert_allclose([summary["losses"][s + 1] for s in range(steps)], ref, rtol=1e-5)
