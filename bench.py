@@ -802,9 +802,9 @@ MATVEC_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): a 7B 
 def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict:
     """name -> (function computing x @ w^T from w quantised as sample.py stores it, bytes it reads): ours, torch's
     packed CPU kernels, a dequantise-and-dot fused by torch.compile, and dequantising blocks of rows."""
-    from kernels import nf4_dequantised_matmul, nf4_matmul
+    from support.quant import nf4_dequantised_matmul, nf4_matmul
     from support.quant import dequantised_linear, int4_dequantize, int4_matmul, int8_dequantize, int8_matmul
-    from model import NF4Linear
+    from support.quant import NF4Linear
     from sample import Int4Linear, Int8Linear
 
     q8 = Int8Linear(w.size(1), w.size(0)).quantize_from(w)
@@ -886,7 +886,7 @@ DEFAULT_PEAK_FLOPS = {"bfloat16": 313e12, "float16": 313e12}
 
 
 def nf4_bytes(n: int, block: int = 64, absmax_block: int = 256) -> int:
-    """Bytes kernels.nf4_quantize stores for n weights: 4-bit codes, one int8 absmax per block of 64 (padded to whole
+    """Bytes support.quant.nf4_quantize stores for n weights: 4-bit codes, one int8 absmax per block of 64 (padded to whole
     groups of 256), one fp32 scale per group, one fp32 offset: ~4.13 bits per weight."""
     groups = -(-(n // block) // absmax_block)
     return n // 2 + groups * absmax_block + 4 * groups + 4

@@ -18,10 +18,9 @@ is imported lazily and only when an NPU is in play, so nothing here needs it.
     linear_cross_entropy(h, weight, ...)   _LinearCrossEntropy, no logits kept;       portable
                                            (2) its GEMMs in fp32
     linear(x, weight)                      F.linear; (2) _LinearBf16ViaFp32           portable
-    nf4_linear(x, q, shape)                _NF4Linear; (2) its GEMMs in fp32;         portable
-                                           decoding on a CPU: nf4_matmul
-    nf4_matmul (support/quant.py: int8,    CPU: C kernels (support/quant_kernels.c),  the weight dequantised
-    int4; quantised weights, no gradient)  built on first use; else dequantised blocks
+    nf4_linear(x, q, shape)                in support/quant.py (QLoRA's NF4 base):    portable
+      and int8 / int4 linears              _NF4Linear, its GEMMs through (2); decoding
+                                           on a CPU: C kernels (quant_kernels.c)
 
 (1) Eager training on plain CPU/CUDA tensors (_plain_training): an autograd.Function with the torch ops' numbers and a
     shorter backward that keeps fewer tensors.
@@ -45,7 +44,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from support import quant
 
 # --------------------------------------------------------------------------------------------------------------------
 # device and distributed backend
@@ -377,8 +375,10 @@ def _bf16_on_fp32_units(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and device.type == "cpu" and not CPU_HAS_BF16_UNITS
 
 
-# Weights converted at a time (bf16 -> fp32 on the CPU, NF4 -> compute dtype): support/quant.py's CHUNK_WEIGHTS
-CHUNK_WEIGHTS = quant.CHUNK_WEIGHTS
+# Weights converted at a time (bf16 -> fp32 on the CPU, NF4 or int8/int4 -> compute dtype, fp32 -> int8/int4) where a
+# whole converted copy would cost memory: 16 MB in fp32, so a 7B model's 1 GB output layer or 180 MB MLP weight is
+# never copied whole. (support/quant.py converts by the same measure.)
+CHUNK_WEIGHTS = 1 << 22
 
 
 def _row_slices(n_rows: int, row_len: int, device: torch.device) -> list[tuple[int, int]]:
@@ -826,145 +826,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = (grad.T @ (h * scale).to(h.dtype)).to(weight.dtype)  # (vocab, dim)
         return grad_h, grad_w, None, None, None
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# NF4: 4-bit NormalFloat weights for QLoRA, in plain torch so it runs on any device
-
-# The 16 NF4 values of the QLoRA paper (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 table): quantiles of
-# N(0, 1) scaled to [-1, 1], with an exact zero.
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-])
-
-
-def nf4_quantize(w: torch.Tensor, block_size: int = 64, absmax_block_size: int = 256) -> dict[str, torch.Tensor]:
-    """Quantise w to NF4 with double quantisation.
-
-    Every block of 64 weights is scaled by its absmax into [-1, 1] and each weight becomes the index of the nearest
-    NF4 value (two per byte). The fp32 absmaxes are themselves quantised: centred on their mean and stored as int8
-    with one fp32 scale per 256 of them, so a weight costs 4 + 8/64 + 32/(64*256) = 4.127 bits.
-    """
-    if w.numel() % (2 * block_size):
-        raise ValueError(f"nf4_quantize: {w.numel()} weights is not a multiple of the block size {block_size}")
-    blocks = w.detach().reshape(-1, block_size)  # (n_blocks, 64)
-    midpoints = (NF4_CODE[1:] + NF4_CODE[:-1]).to(w.device) / 2
-    absmax = torch.empty(blocks.size(0), device=w.device)
-    packed = torch.empty(blocks.size(0), block_size // 2, dtype=torch.uint8, device=w.device)
-    step = max(1, CHUNK_WEIGHTS // block_size)  # a few MB of scratch at a time, not 12 bytes per weight at once
-    c = quant.quant_kernels() if w.device.type == "cpu" and block_size == 64 else None  # the same codes, ~7x faster
-    for s in range(0, blocks.size(0), step):
-        chunk = blocks[s:s + step].float().contiguous()
-        if c is not None:
-            c.nf4_quantize(chunk.data_ptr(), chunk.size(0), midpoints.data_ptr(), absmax[s:].data_ptr(),
-                           packed[s:].data_ptr())
-            continue
-        absmax[s:s + step] = chunk.abs().amax(dim=1)
-        idx = torch.bucketize(chunk / absmax[s:s + step].clamp(min=1e-12)[:, None], midpoints, out_int32=True)
-        packed[s:s + step] = ((idx[:, 0::2] << 4) | idx[:, 1::2]).to(torch.uint8)  # high nibble first
-    offset = absmax.mean()
-    centred = F.pad(absmax - offset, (0, -absmax.numel() % absmax_block_size)).view(-1, absmax_block_size)
-    scale = centred.abs().amax(dim=1).clamp(min=1e-12) / 127
-    absmax_q = (centred / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return {"packed": packed, "absmax_q": absmax_q, "absmax_scale": scale, "absmax_offset": offset}
-
-
-def nf4_absmax(q: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The fp32 absmax of every block of 64 weights, back from its double quantisation."""
-    n_blocks = q["packed"].size(0)
-    return (q["absmax_q"].float() * q["absmax_scale"][:, None]).flatten()[:n_blocks] + q["absmax_offset"]
-
-
-# byte -> (value of its high nibble, value of its low nibble): one lookup decodes two weights
-_NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=-1)  # (256, 2)
-
-
-def nf4_dequantize(q: dict[str, torch.Tensor], shape, dtype=torch.float32, rows: tuple[int, int] | None = None,
-                   absmax: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight of nf4_quantize back in `dtype` (code value x absmax, multiplied in `dtype`), or only its rows
-    [start, stop) when every row is a whole number of blocks. Decoding the packed bytes through a (256, 2) table
-    with int32 indices costs 6 bytes per weight of scratch, not the 8 of an int64 index per weight."""
-    packed = q["packed"]
-    absmax = nf4_absmax(q) if absmax is None else absmax
-    if rows is not None and rows != (0, shape[0]):
-        per_row = packed.size(0) // shape[0]
-        packed, absmax = packed[rows[0] * per_row: rows[1] * per_row], absmax[rows[0] * per_row: rows[1] * per_row]
-        shape = (rows[1] - rows[0], shape[1])
-    pairs = _NF4_PAIRS.to(device=packed.device, dtype=dtype)
-    w = F.embedding(packed.int(), pairs).view(packed.size(0), -1)  # (blocks, 64)
-    return w.mul_(absmax.to(dtype)[:, None]).view(shape)
-
-
-def nf4_dequantised_matmul(x, q, shape, dtype, transpose: bool = False):
-    """x @ W.T (or x @ W) in `dtype` for the NF4 weight W, its rows dequantised a slice at a time on a CPU (the
-    dequantised slice stays in cache; memory never holds a whole dequantised matrix)."""
-    absmax = nf4_absmax(q)
-    block = shape[0] * shape[1] // q["packed"].size(0)
-    slices = _row_slices(*shape, x.device) if shape[1] % block == 0 else [(0, shape[0])]  # whole blocks per slice
-    return _by_weight_rows(x.to(dtype), lambda s, e: nf4_dequantize(q, shape, dtype, (s, e), absmax), slices, transpose)
-
-
-class _NF4Linear(torch.autograd.Function):
-    """x @ W.T for a frozen NF4 weight. Saves only the 4-bit weight (no dequantised copy, not x: the weight takes
-    no gradient) and dequantises again for the input gradient, as QLoRA does."""
-
-    @staticmethod
-    def forward(ctx, x, packed, absmax_q, absmax_scale, absmax_offset, shape, dtype):
-        ctx.save_for_backward(packed, absmax_q, absmax_scale, absmax_offset)
-        ctx.shape, ctx.dtype, ctx.x_dtype = shape, dtype, x.dtype
-        q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
-        return nf4_dequantised_matmul(x, q, shape, dtype, transpose=False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        q = dict(zip(("packed", "absmax_q", "absmax_scale", "absmax_offset"), ctx.saved_tensors))
-        grad_x = nf4_dequantised_matmul(grad, q, ctx.shape, ctx.dtype, transpose=True).to(ctx.x_dtype)
-        return grad_x, None, None, None, None, None, None
-
-
-# Rows of x up to which nf4_linear takes the C kernel; more go to dequantised blocks and MKL's GEMM (11008x4096 on
-# two AVX2 cores, G weights x rows/s: 1 row 17.6 vs 0.4; 64 rows 43 vs 19; 128 rows 42 vs 29; 256 rows 41 vs 42).
-NF4_KERNEL_ROWS = 128
-
-
-def nf4_linear(x: torch.Tensor, q: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-    """x @ W.T for W = nf4_dequantize(q, shape), computed in x's dtype (or the autocast dtype) without ever holding
-    W whole on a CPU. Decoding on a CPU in fp32 (a few rows, autograd off) takes the C kernel nf4_matmul, which
-    reads each stored byte once (its products ~5e-5 off, see support/quant_kernels.c); training always dequantises."""
-    if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            and x.numel() <= NF4_KERNEL_ROWS * x.size(-1) and not torch.is_grad_enabled()
-            and x.size(-1) % 32 == 0 and q["packed"].size(1) == 32):  # (no kernel built: nf4_matmul dequantises)
-        y = nf4_matmul(x.reshape(-1, x.size(-1)), q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"])
-        return y.view(*x.shape[:-1], shape[0])
-    with torch.autocast(x.device.type, enabled=False):
-        return _NF4Linear.apply(x, q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"],
-                                tuple(shape), compute_dtype(x))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# NF4 decoding on a CPU: the C kernel of support/quant.py (quant_kernels.c), dequantised blocks where none was built
-
-_NF4_CODE_CPU = NF4_CODE.float().contiguous()  # the table the C kernel reads
-
-
-@quant.torch_op("nf4_matmul", lambda x, packed, *_: packed.numel() * 2 // x.size(1))
-def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
-               absmax_offset: torch.Tensor) -> torch.Tensor:
-    """x @ W^T for the NF4 weight W (N, K) of nf4_quantize (blocks of 64), K a multiple of 32."""
-    c = quant.quant_kernels()
-    if c is None:
-        q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
-        return nf4_dequantised_matmul(x, q, (packed.numel() * 2 // x.size(1), x.size(1)), torch.float32)
-    if packed.dtype != torch.uint8 or absmax_q.dtype != torch.int8:  # the kernel reads their bytes as these
-        raise TypeError(f"nf4_matmul: packed {packed.dtype}, absmax_q {absmax_q.dtype}: expected uint8 and int8")
-    x, packed, absmax_q, absmax_scale, absmax_offset = (
-        t.contiguous() for t in (x.float(), packed, absmax_q, absmax_scale.float(), absmax_offset.float()))
-    y = x.new_empty(x.size(0), packed.numel() * 2 // x.size(1))
-    c.nf4_matmul(x.data_ptr(), packed.data_ptr(), absmax_q.data_ptr(), absmax_scale.data_ptr(),
-                 absmax_offset.data_ptr(), _NF4_CODE_CPU.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
-    return y
 
 
 # Hugging Face's `kernels` package (hub kernels, a dependency of transformers >= 5.25) has this file's import name.

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import kernels
 from support.checks import check_fields, ranged, load_json
+from support.quant import NF4Linear
 from support.weights import CheckpointError, load_tensors
 
 
@@ -455,48 +456,6 @@ def count_weights(module: nn.Module) -> int:
     """Weights of a module (wrapped by FSDP or compile too), those quantised layers hold as buffers included."""
     return sum(p.numel() for p in module.parameters()) + sum(
         m.in_features * m.out_features for m in module.modules() if getattr(m, "quantized", False))
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear layer stored in NF4 (kernels.nf4_quantize) and dequantised to the input's dtype per call
-    (decoding on a CPU: multiplied in the C kernel kernels.nf4_matmul). Built empty, then quantize_from a weight."""
-    quantized = True  # its weight is buffers (count_weights)
-
-    def __init__(self, in_features: int, out_features: int, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        blocks = in_features * out_features // 64
-        absmax_rows = -(-blocks // 256)
-        buffers = {"packed": ((blocks, 32), torch.uint8), "absmax_q": ((absmax_rows, 256), torch.int8),
-                   "absmax_scale": ((absmax_rows,), torch.float32), "absmax_offset": ((), torch.float32)}
-        for name, (shape, dtype) in buffers.items():  # as kernels.nf4_quantize returns them
-            self.register_buffer(f"nf4_{name}", torch.empty(shape, dtype=dtype, device=device))
-
-    @classmethod
-    def of(cls, linear: nn.Linear) -> "NF4Linear":
-        return cls(linear.in_features, linear.out_features, linear.weight.device).quantize_from(linear.weight)
-
-    @torch.no_grad()
-    def quantize_from(self, w: torch.Tensor) -> "NF4Linear":
-        """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a few MB of scratch at a time."""
-        for name, t in kernels.nf4_quantize(w).items():  # into the buffers: a model's worth of freed buffers
-            getattr(self, f"nf4_{name}").copy_(t)       # would stay in the heap, not go back to the system
-        return self
-
-    @property
-    def weight(self) -> torch.Tensor:  # dequantised fp32, for merging and inspection
-        return self.dequantize(torch.float32)
-
-    def dequantize(self, dtype):
-        return kernels.nf4_dequantize(self.nf4(), (self.out_features, self.in_features), dtype)
-
-    def nf4(self) -> dict[str, torch.Tensor]:
-        b = self._buffers  # (not getattr: nn.Module's lookup costs a decode step ~10 us per layer)
-        return {"packed": b["nf4_packed"], "absmax_q": b["nf4_absmax_q"], "absmax_scale": b["nf4_absmax_scale"],
-                "absmax_offset": b["nf4_absmax_offset"]}
-
-    def forward(self, x):
-        return kernels.nf4_linear(x, self.nf4(), (self.out_features, self.in_features))
 
 
 class LoRA(nn.Module):

@@ -356,7 +356,7 @@ def quantize_model(model, mode, group_size=None, *, empty=False, tied_head=True)
         elif mode == "int4":
             q = Int4Linear(m.in_features, m.out_features, group_size, dtype=w.dtype, device=w.device)
         else:
-            q = model_lib.NF4Linear(m.in_features, m.out_features, device=w.device)
+            q = quant.NF4Linear(m.in_features, m.out_features, device=w.device)
         if not empty:
             q.quantize_from(w)
         parent_name, _, child = name.rpartition(".")
@@ -527,7 +527,7 @@ def attach_adapter(model, updates, replaced):
     for name in sorted({*updates, *replaced}):
         path = name.rpartition(".")[0]
         module = model.get_submodule(path)
-        if not isinstance(module, model_lib.NF4Linear):
+        if not isinstance(module, quant.NF4Linear):
             p = model.get_parameter(name)
             p.copy_(fold_adapter(name, p, updates, replaced))
             continue

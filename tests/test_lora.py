@@ -1,4 +1,4 @@
-"""LoRA and QLoRA in model.py, NF4 in kernels.py."""
+"""LoRA and QLoRA in model.py, NF4 in support/quant.py."""
 
 import dataclasses
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import kernels
-from model import (PRESETS, CheckpointError, LoRALinear, NF4Linear, Transformer, apply_lora, load_lora,
-                   lora_state_dict, merge_lora)
+from model import (PRESETS, CheckpointError, LoRALinear, Transformer, apply_lora, load_lora, lora_state_dict,
+                   merge_lora)
+from support import quant
+from support.quant import NF4Linear
 
 
 def tiny_model(seed=0, **overrides):
@@ -23,16 +25,16 @@ def test_nf4_code_is_the_published_normal_float_table():
     negative = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
     values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
     values = values / values.abs().max()
-    torch.testing.assert_close(kernels.NF4_CODE.double(), values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(quant.NF4_CODE.double(), values, rtol=0, atol=1e-6)
 
 
 def test_nf4_round_trip_error_is_within_the_code_spacing():
     torch.manual_seed(0)
     w = torch.randn(256, 512) * 0.02
-    q = kernels.nf4_quantize(w)
-    back = kernels.nf4_dequantize(q, w.shape)
+    q = quant.nf4_quantize(w)
+    back = quant.nf4_dequantize(q, w.shape)
     absmax = w.view(-1, 64).abs().amax(1, keepdim=True)
-    half_gap = (kernels.NF4_CODE[1:] - kernels.NF4_CODE[:-1]).max() / 2
+    half_gap = (quant.NF4_CODE[1:] - quant.NF4_CODE[:-1]).max() / 2
     stored_absmax = (q["absmax_q"].float() * q["absmax_scale"][:, None]).flatten()[: absmax.numel()]
     absmax_error = (stored_absmax + q["absmax_offset"] - absmax.flatten()).abs()[:, None]  # double quantisation
     assert (absmax_error <= q["absmax_scale"].max() / 2 + 1e-7).all()
@@ -46,7 +48,7 @@ def test_nf4_round_trip_error_is_within_the_code_spacing():
 
 def test_nf4_bits_per_parameter():
     w = torch.randn(4096, 1024)
-    q = kernels.nf4_quantize(w)
+    q = quant.nf4_quantize(w)
     bits = sum(t.numel() * t.element_size() * 8 for t in q.values()) / w.numel()
     assert 4.12 < bits < 4.14, bits
 
@@ -57,15 +59,15 @@ def test_nf4_linear_matches_the_dequantised_weight_and_saves_only_4_bits(monkeyp
     monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", chunk)
     torch.manual_seed(0)
     shape = (96, 64)
-    q = kernels.nf4_quantize(torch.randn(shape) * 0.02)
+    q = quant.nf4_quantize(torch.randn(shape) * 0.02)
     x = torch.randn(2, 7, 64, dtype=dtype, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = kernels.nf4_linear(x, q, shape)
+        y = quant.nf4_linear(x, q, shape)
     g = torch.randn_like(y)
     (y * g).sum().backward()
     x2 = x.detach().clone().requires_grad_()
-    y2 = kernels.linear(x2, kernels.nf4_dequantize(q, shape, dtype))
+    y2 = kernels.linear(x2, quant.nf4_dequantize(q, shape, dtype))
     (y2 * g).sum().backward()
     assert y.dtype == x.grad.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)  # GEMM blocking

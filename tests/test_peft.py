@@ -15,7 +15,8 @@ import prepare
 import sample
 from support import quant
 from convert import write_checkpoint
-from model import PRESETS, LoRALinear, NF4Linear, Transformer, apply_lora, lora_state_dict, merge_lora
+from model import PRESETS, LoRALinear, Transformer, apply_lora, lora_state_dict, merge_lora
+from support.quant import NF4Linear
 from support.weights import load_tensors
 from test_convert import L, baichuan_config, save_hf, w_pack_sd
 from test_sample import byte_tokenizer, hf_to_checkpoint, run_cli, tiny_hf_llama

@@ -477,27 +477,27 @@ def test_without_kernels_products_are_dequantised_a_block_of_rows_at_a_time(mode
     assert blocks == [16, 16, 8]
 
 
-# NF4 (QLoRA's base, kernels.nf4_quantize): the C kernel takes rows whose length is a multiple of 32 (a row may start
-# half-way into a 64-weight block), in fp32, autograd off, up to kernels.NF4_KERNEL_ROWS rows; the rest is dequantised
+# NF4 (QLoRA's base, quant.nf4_quantize): the C kernel takes rows whose length is a multiple of 32 (a row may start
+# half-way into a 64-weight block), in fp32, autograd off, up to quant.NF4_KERNEL_ROWS rows; the rest is dequantised
 @pytest.mark.parametrize("rows,cols", [(8, 64), (34, 192), (130, 4160), (8, 32), (16, 96), (32, 1376)])
 @pytest.mark.parametrize("m", [1, 3, 16, 70])
 def test_nf4_kernel_computes_the_product_with_the_dequantised_weight(rows, cols, m, monkeypatch):
     kernels_built()
     torch.manual_seed(0)
-    layer = model_lib.NF4Linear(cols, rows).quantize_from(torch.randn(rows, cols))
+    layer = quant.NF4Linear(cols, rows).quantize_from(torch.randn(rows, cols))
     x = torch.randn(2, m, cols)
     want = x.double() @ layer.dequantize(torch.float64).T
     calls = []
-    nf4_matmul = kernels.nf4_matmul
-    monkeypatch.setattr(kernels, "nf4_matmul", lambda *a: calls.append(a[0].size(0)) or nf4_matmul(*a))
+    nf4_matmul = quant.nf4_matmul
+    monkeypatch.setattr(quant, "nf4_matmul", lambda *a: calls.append(a[0].size(0)) or nf4_matmul(*a))
     with torch.no_grad():
         got = layer(x)
-    assert calls == ([2 * m] if 2 * m <= kernels.NF4_KERNEL_ROWS else [])
+    assert calls == ([2 * m] if 2 * m <= quant.NF4_KERNEL_ROWS else [])
     # the kernel multiplies int16 codes by x rounded to int16 per block of 64 (AVX2): ~5e-5 off; else fp32
     assert (got.double() - want).norm() / want.norm() < (1e-4 if calls else 1e-6)
     x.requires_grad_(True)  # training (QLoRA): the dequantising path, whose backward exists
     layer(x).sum().backward()
-    assert calls == ([2 * m] if 2 * m <= kernels.NF4_KERNEL_ROWS else []) and x.grad is not None
+    assert calls == ([2 * m] if 2 * m <= quant.NF4_KERNEL_ROWS else []) and x.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -507,11 +507,11 @@ def test_nf4_quantize_in_c_gives_torchs_codes(monkeypatch, dtype):
     w = (torch.randn(96, 320) * 0.02).to(dtype)
     w[3, :64] = 0  # a block of zeros
     w[7, 64:128] = 1e-30  # an absmax under the 1e-12 floor
-    w[9, 0] = w[9, 1:64].abs().max() * 0.5 * (kernels.NF4_CODE[12] + kernels.NF4_CODE[13]).item()  # a tie (fp32)
-    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 64 * 100)  # several chunks, the last one short
-    ours = kernels.nf4_quantize(w)
+    w[9, 0] = w[9, 1:64].abs().max() * 0.5 * (quant.NF4_CODE[12] + quant.NF4_CODE[13]).item()  # a tie (fp32)
+    monkeypatch.setattr(quant, "CHUNK_WEIGHTS", 64 * 100)  # several chunks, the last one short
+    ours = quant.nf4_quantize(w)
     monkeypatch.setattr(quant, "quant_kernels", lambda: None)  # torch.bucketize's codes
-    for name, t in kernels.nf4_quantize(w).items():
+    for name, t in quant.nf4_quantize(w).items():
         assert torch.equal(ours[name], t), name
 
 
@@ -523,8 +523,8 @@ def test_nf4_decoding_reads_the_stored_bytes_only(monkeypatch):
     args = model_lib.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, hidden_dim=192,
                                max_seq_len=64)
     model = sample.quantize_model(model_lib.Transformer(args).eval(), "nf4")
-    assert isinstance(model.layers[0].feed_forward.w2, model_lib.NF4Linear)
-    assert type(model.output) is not model_lib.NF4Linear  # QLoRA's base: the head stays as it is
+    assert isinstance(model.layers[0].feed_forward.w2, quant.NF4Linear)
+    assert type(model.output) is not quant.NF4Linear  # QLoRA's base: the head stays as it is
     reference = copy.deepcopy(model)
     monkeypatch.setattr(quant, "quant_kernels", lambda: None)  # dequantised blocks: the reference numbers
     want = list(sample.generate(reference, PROMPT, 8, temperature=0))
@@ -533,7 +533,7 @@ def test_nf4_decoding_reads_the_stored_bytes_only(monkeypatch):
     def refuse(*_):
         raise AssertionError("a dequantised NF4 weight was built")
 
-    monkeypatch.setattr(kernels, "nf4_dequantize", refuse)
+    monkeypatch.setattr(quant, "nf4_dequantize", refuse)
     assert list(sample.generate(model, PROMPT, 8, temperature=0)) == want
 
 
