@@ -38,6 +38,7 @@ import functools
 import math
 import re
 import sys
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -498,30 +499,18 @@ def _alibi_bias(slopes, T, S, q_start, device):
 
 
 def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=True, key_padding_mask=None,
-                         doc_ids=None, device=None, kv_len=None):
-    """The ALiBi bias `attention` would build for queries of this dtype and head_dim, built once for every layer.
+                         doc_ids=None, device=None):
+    """The ALiBi bias of attention on queries of this dtype, as an additive mask: slope * (j - i), -inf where query i
+    (at position q_start + i) may not look at key j. (B|1, H, T, S); S = q_start + T with a KV cache.
 
-    Passed to each layer's attention (alibi_bias=), all layers add and save the same tensor instead of building their
-    own: (B|1, H, T, S) is 1.3 GB in bf16 for Baichuan-13B at 4096 tokens, and autograd kept one per layer (40).
-    S: the key positions of the k, v attention gets, of which the first kv_len (default S) are in use (a KV cache).
-    Its form is the one the kernel that will run wants (_npu_attention_kernel): the SDPA mask (-inf where a query may
-    not look) on the portable path; npu_fusion_attention's pse, bias / scale (it computes scale * (pse + q k^T)),
-    only its last 1024 rows for a long causal sequence (the documented ALiBi compression: the kernel keeps a pse
-    gradient the size of the pse); the inference kernels' pse_shift, the bias itself over the whole cache (they add
-    it to scale * q k^T). ALiBi models are multi-head: the kernel is picked for as many kv heads as query heads.
+    Built once per forward and passed to every layer's attention (alibi_bias=): all layers add and save the same
+    tensor instead of building their own ((B|1, H, T, S) is 1.3 GB in bf16 for Baichuan-13B at 4096 tokens, and
+    autograd kept one per layer). The NPU path adapts it to its kernels' forms (_npu_pse). head_dim: the query's,
+    which the bias does not depend on (kept so the call names every input attention sees).
     """
     device = device or slopes.device
-    kv_len = S if kv_len is None else kv_len
-    H = slopes.numel()
-    kernel = _npu_attention_kernel(slopes, dtype, H, H, head_dim, T, S, doc_ids)
-    if kernel in ("ifa", "pfa"):
-        return _alibi_bias(slopes, T, S, q_start, device).to(dtype)
-    if kernel == "fa":
-        if _alibi_compressible(T, kv_len, q_start, causal, key_padding_mask, doc_ids):
-            T, q_start = ALIBI_ROWS, kv_len - ALIBI_ROWS
-        return (_alibi_bias(slopes, T, kv_len, q_start, device) * math.sqrt(head_dim)).to(dtype)
-    bias = _alibi_bias(slopes, T, kv_len, q_start, device)
-    allowed = _allowed(T, kv_len, q_start, causal, key_padding_mask, doc_ids, device)
+    bias = _alibi_bias(slopes, T, S, q_start, device)
+    allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device)
     # fp32 where SDPA runs in fp32 (2): slope * distance in bf16 rounds to steps of up to 16 at 4096 tokens; in the
     # query's dtype elsewhere (CUDA's fused kernels take no other). Converted here, not in each layer's attention, so
     # that every layer shares (and autograd saves) this one tensor
@@ -539,14 +528,13 @@ def _alibi_compressible(T, kv_len, q_start, causal, key_padding_mask, doc_ids) -
 
 
 def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None, doc_ids=None, q_start=0,
-              alibi_bias=None, kv_len=None, doc_ends=None):
+              alibi_bias=None, kv_len=None):
     """Scaled dot-product attention with causal, ALiBi, padding and packed-document masks.
 
     q (B, H, T, D); k, v (B, H_kv, S, D) with H_kv dividing H (grouped-query attention), of which the first kv_len
-    positions (default S) are keys: a preallocated KV cache goes in whole (the NPU's inference kernels read it in
-    place). Query i sits at position q_start + i and key j at position j, so with a KV cache kv_len = q_start + T.
-    key_padding_mask (B, >=kv_len) bool, True for real tokens; doc_ids (B, T) document index of every token of a
-    packed sequence (needs kv_len == T), doc_ends its packed_doc_ends, computed once per batch.
+    positions (default S) are keys. Query i sits at position q_start + i and key j at position j, so with a KV cache
+    (k, v: the cache's first q_start + T positions) q_start is the cache position. key_padding_mask (B, >=kv_len)
+    bool, True for real tokens; doc_ids (B, T) document index of every token of a packed sequence (needs kv_len == T).
     alibi_bias: alibi_attention_bias(alibi_slopes, ...) for these arguments, built once and shared by the layers.
     Returns (B, H, T, D).
     """
@@ -555,13 +543,11 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None,
     kv_len = S if kv_len is None else kv_len
     kernel = _npu_attention_kernel(q, q.dtype, H, k.size(1), D, T, S, doc_ids)
     if alibi_slopes is not None and alibi_bias is None:
-        alibi_bias = alibi_attention_bias(alibi_slopes, q.dtype, D, T, S, q_start, causal=causal, kv_len=kv_len,
+        alibi_bias = alibi_attention_bias(alibi_slopes, q.dtype, D, T, kv_len, q_start, causal=causal,
                                           key_padding_mask=key_padding_mask, doc_ids=doc_ids, device=q.device)
-    if kernel in ("ifa", "pfa"):
-        return _npu_infer_attention(kernel, q, k, v, causal, alibi_bias, key_padding_mask, q_start, kv_len)
+    if kernel is not None:
+        return _npu_dispatch(kernel, q, k, v, causal, alibi_bias, key_padding_mask, doc_ids, q_start, kv_len)
     k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-    if kernel == "fa":
-        return _npu_attention(q, k, v, causal, alibi_bias, key_padding_mask, doc_ids, doc_ends, q_start)
     plain_causal = causal and alibi_bias is None and key_padding_mask is None and doc_ids is None and T == kv_len
     mask, is_causal = None, False
     if alibi_bias is not None:
@@ -607,6 +593,67 @@ def _npu_attention_kernel(x, dtype, H, H_kv, D, T, S, doc_ids) -> str | None:
     return "fa"
 
 
+def _npu_dispatch(kernel, q, k, v, causal, alibi_bias, key_padding_mask, doc_ids, q_start, kv_len):
+    """attention on the torch_npu kernel picked for it, given what attention takes; what the kernels want besides
+    (the ALiBi bias in their form, the documents' ends, the whole KV cache) is built here."""
+    T, D = q.size(2), q.size(3)
+    if kernel in ("ifa", "pfa"):  # the inference kernels read the KV cache in place, whole
+        k, v = _whole_cache(k, kv_len), _whole_cache(v, kv_len)
+    S = k.size(2)
+    pse = None
+    if alibi_bias is not None:
+        pse = _per_forward(alibi_bias, (kernel, q.dtype, D, S, kv_len), lambda bias: _npu_pse(
+            kernel, bias, q.dtype, D, S, _alibi_compressible(T, kv_len, q_start, causal, key_padding_mask, doc_ids)))
+    if kernel in ("ifa", "pfa"):
+        return _npu_infer_attention(kernel, q, k, v, causal, pse, key_padding_mask, q_start, kv_len)
+    k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+    if doc_ids is not None and pse is None and key_padding_mask is None and causal:
+        doc_ends = _per_forward(doc_ids, (), lambda d: packed_doc_ends(d))  # read off the device once per batch
+        return _npu_packed_attention(q, k, v, doc_ends, 1.0 / math.sqrt(D))
+    return _npu_attention(q, k, v, causal, pse, key_padding_mask, doc_ids, q_start)
+
+
+# What the NPU kernels want, derived from a tensor every layer of one forward shares (the ALiBi bias, doc_ids):
+# made for the first layer, reused by the others, dropped with the tensor (keyed by its identity and version)
+_PER_FORWARD: dict = {}
+
+
+def _per_forward(source: torch.Tensor, key: tuple, make):
+    slot = (id(source), None if source.is_inference() else source._version, key)  # (inference: no version)
+    hit = _PER_FORWARD.get(slot)
+    if hit is not None and hit[0]() is source:
+        return hit[1]
+    value = make(source)
+    _PER_FORWARD[slot] = (weakref.ref(source, lambda ref: _PER_FORWARD.pop(slot, None)), value)
+    return value
+
+
+def _npu_pse(kernel, bias, dtype, head_dim, S, compressible) -> torch.Tensor:
+    """alibi_attention_bias's additive mask in the form the kernel takes: npu_fusion_attention's pse, bias / scale
+    (it computes scale * (pse + q k^T)), only its last 1024 rows for a long causal sequence (the documented ALiBi
+    compression: the kernel keeps a pse gradient the size of the pse); the inference kernels' pse_shift, the bias
+    itself over the whole cache, width S (they add it to scale * q k^T). The masked entries become 0: the kernels
+    take the mask apart (atten_mask, sparse_mode)."""
+    if kernel == "fa" and compressible:
+        bias = bias[:, :, -ALIBI_ROWS:]
+    bias = bias.masked_fill(bias == float("-inf"), 0)
+    if kernel == "fa":
+        return (bias.float() * math.sqrt(head_dim)).to(dtype)
+    return F.pad(bias, (0, S - bias.size(-1))).to(dtype)
+
+
+def _whole_cache(k: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """k (B, H, kv_len, D), the first positions of a preallocated KV cache (B', H, S, D), as the whole cache (B, H, S,
+    D) in place; a tensor that is not such a view, contiguous (S = kv_len)."""
+    B, H, _, D = k.shape
+    st = k.stride()
+    if st[3] == 1 and st[2] == D and st[1] % D == 0 and st[0] == H * st[1] and st[1] // D >= kv_len:
+        S = st[1] // D
+        if k.storage_offset() + B * st[0] <= k.untyped_storage().nbytes() // k.element_size():
+            return k.as_strided((B, H, S, D), st)
+    return k.contiguous()
+
+
 @functools.cache
 def npu_causal_mask(device) -> torch.Tensor:
     """The fixed 2048 x 2048 upper-triangular mask sparse modes 2 and 3 take whatever the sequence length. Built
@@ -615,15 +662,13 @@ def npu_causal_mask(device) -> torch.Tensor:
         return torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1)
 
 
-def _npu_attention(q, k, v, causal, pse, key_padding_mask, doc_ids, doc_ends, q_start):
-    """npu_fusion_attention in BNSD, or TND for packed documents; pse as alibi_attention_bias makes it for 'fa'."""
+def _npu_attention(q, k, v, causal, pse, key_padding_mask, doc_ids, q_start):
+    """npu_fusion_attention in BNSD; pse as _npu_pse makes it for 'fa'."""
     import torch_npu as npu
 
     B, H, T, D = q.shape
     S = k.size(2)
     scale = 1.0 / math.sqrt(D)
-    if doc_ids is not None and pse is None and key_padding_mask is None and causal:
-        return _npu_packed_attention(npu, q, k, v, doc_ends or packed_doc_ends(doc_ids), scale)
     if causal and key_padding_mask is None and doc_ids is None and q_start + T == S:
         atten_mask, sparse_mode = npu_causal_mask(q.device), 3  # right-down causal, no (T, S) mask built
     else:
@@ -641,8 +686,7 @@ TND_MAX_SEQS, TND_MAX_TOKENS = 1024, 1 << 20
 def packed_doc_ends(doc_ids: torch.Tensor) -> list[tuple[int, list[int]]]:
     """The TND calls of packed rows: doc_ids (B, T) -> [(first token, cumulative end of each document from there)],
     over the flattened batch, each call within npu_fusion_attention's varlen limits (TND_MAX_SEQS documents,
-    TND_MAX_TOKENS tokens). It reads the ends off the device once: model.Transformer.forward calls it once per
-    batch and hands the result to every layer's attention (doc_ends=)."""
+    TND_MAX_TOKENS tokens). It reads the ends off the device: _npu_dispatch calls it once per batch (_per_forward)."""
     new_doc = F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (0, 1), value=True)  # (B, T): a document ends at t
     ends = (new_doc.flatten().nonzero().flatten() + 1).tolist()
     calls = []
@@ -653,14 +697,10 @@ def packed_doc_ends(doc_ids: torch.Tensor) -> list[tuple[int, list[int]]]:
     return calls
 
 
-def wants_doc_ends(x: torch.Tensor) -> bool:
-    """Whether attention on x's device takes packed documents through npu_fusion_attention's TND layout, which wants
-    packed_doc_ends."""
-    return _on_npu(x) and _npu_op(x, "npu_fusion_attention") is not None
-
-
-def _npu_packed_attention(npu, q, k, v, calls, scale):
+def _npu_packed_attention(q, k, v, calls, scale):
     """Packed documents in the TND layout: every document is its own causal sequence, none is padded."""
+    import torch_npu as npu
+
     B, H, T, D = q.shape
 
     def tnd(x):  # (B, N, T, D) -> (B*T, N, D)

@@ -209,7 +209,9 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
         self.wqkv: Optional[LoRA] = None  # one LoRA adapter across [wq; wk; wv] (Baichuan's W_pack), see apply_lora
 
-    def forward(self, x, cos, sin, start_pos=0, key_padding_mask=None, doc_ids=None, alibi_bias=None, doc_ends=None):
+    def forward(self, x, cos, sin, start_pos=0, key_padding_mask=None, doc_ids=None, alibi_bias=None):
+        """x (B, T, dim); cos, sin: RoPE tables of these positions, or alibi_bias (ALiBi); start_pos: the cache position
+        of x's first token; key_padding_mask, doc_ids: which keys each query may see (see Transformer.forward)."""
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds only its share of the heads
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -222,13 +224,10 @@ class Attention(nn.Module):
         if cos is not None:
             q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        kv_len = None
-        if self.cache is not None:  # attention gets the whole cache (B, n_kv_heads, max_seq_len, head_dim)
-            self.cache.update(start_pos, k, v)
-            k, v, kv_len = self.cache.k[:B], self.cache.v[:B], start_pos + T
+        if self.cache is not None:  # keys and values of every position so far: (B, n_kv_heads, start_pos + T, head_dim)
+            k, v = self.cache.update(start_pos, k, v)
         y = kernels.attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, alibi_bias=alibi_bias,
-                              key_padding_mask=key_padding_mask, doc_ids=doc_ids, q_start=start_pos, kv_len=kv_len,
-                              doc_ends=doc_ends)
+                              key_padding_mask=key_padding_mask, doc_ids=doc_ids, q_start=start_pos)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -361,13 +360,9 @@ class Transformer(nn.Module):
                 cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B|1, T, 1, D)
         h = self.tok_embeddings(idx)
         alibi_bias = self._alibi_bias(h, T, start_pos, key_padding_mask, doc_ids)
-        # the documents' ends, read off the device once per batch, where the NPU's packed-document kernel wants them
-        doc_ends = None
-        if doc_ids is not None and alibi_bias is None and key_padding_mask is None and kernels.wants_doc_ends(h):
-            doc_ends = kernels.packed_doc_ends(doc_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
-                      alibi_bias=alibi_bias, doc_ends=doc_ends)
+                      alibi_bias=alibi_bias)
         h = self.norm(h)
         if last_only:  # the head on one position: a 4,096-token prefill's logits are ~1 GiB on Baichuan2's vocabulary
             h = h[:, [-1], :]
@@ -380,13 +375,12 @@ class Transformer(nn.Module):
 
     def _alibi_bias(self, h, T, start_pos, key_padding_mask, doc_ids) -> Optional[torch.Tensor]:
         """ALiBi: the attention bias of this forward, built once and shared by every layer (see kernels)."""
-        attention = self.layers[0].attention
-        if attention.alibi_slopes is None:
+        slopes = self.layers[0].attention.alibi_slopes
+        if slopes is None:
             return None
-        S = attention.cache.k.size(2) if attention.cache is not None else T  # keys attention gets: a whole cache
-        return kernels.alibi_attention_bias(attention.alibi_slopes, kernels.compute_dtype(h), self.args.head_dim, T,
-                                            S, start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
-                                            device=h.device, kv_len=start_pos + T)
+        return kernels.alibi_attention_bias(slopes, kernels.compute_dtype(h), self.args.head_dim, T, start_pos + T,
+                                            start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
+                                            device=h.device)
 
     def _plain_head_weight(self) -> Optional[torch.Tensor]:
         """The output layer's weight when it is a plain matrix (not tensor-parallel, NF4 or adapted), else None."""
