@@ -179,32 +179,6 @@ class Tokenizer:
             return self.sp_continue.encode(text)
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_rendered(self, text):
-        """Text rendered by a chat template, special-token strings in it ("<s>", "<|im_start|>") becoming their ids,
-        as transformers' apply_chat_template(tokenize=True) does -> (ids, [(start, end) character span per id])."""
-        if self.hf is not None:
-            enc = self.hf.encode(text, add_special_tokens=False)
-            return enc.ids, enc.offsets
-        ids, spans = [], []
-        specials = sorted(self.sp_specials, key=len, reverse=True)
-        pattern = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
-        pos = 0
-        for m in itertools.chain(pattern.finditer(text) if pattern else (), [None]):
-            end = m.start() if m else len(text)
-            if end > pos:
-                piece = text[pos:end]
-                prefix = self.sp_prefix_space and (pos == 0 or self.sp_legacy) and not piece.startswith(" ")
-                model = self.sp if prefix else self.sp_continue
-                char_at = _byte_to_char(piece)
-                for p in model.encode(piece, return_type="proto").pieces:  # begin/end: byte offsets
-                    ids.append(p.id)
-                    spans.append((pos + char_at[p.begin], pos + char_at[p.end]))
-            if m:
-                ids.append(self.sp_specials[m.group()])
-                spans.append((m.start(), m.end()))
-                pos = m.end()
-        return ids, spans
-
     def encode_batch(self, texts):
         """list[str] -> list[list[int]] without special tokens; both backends run this loop in C++."""
         if self.sp is not None:
@@ -262,14 +236,6 @@ class Tokenizer:
                                                   for t, i in self.sp_added.items()}
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
-
-
-def _byte_to_char(text):
-    """UTF-8 byte offset -> character offset, for every byte offset 0..len(bytes) of text."""
-    table = []
-    for i, ch in enumerate(text):
-        table += [i] * len(ch.encode("utf-8"))
-    return table + [len(text)]
 
 
 def load_tokenizer(path):

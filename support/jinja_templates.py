@@ -10,6 +10,7 @@ template, checked to give the built-in's exact ids. A template that cannot rende
 """
 
 import copy
+import itertools
 import json
 import re
 
@@ -137,11 +138,46 @@ def encode_jinja_chat(tok, turns, system, add_generation_prompt):
     if any(_MARK[0] in m["content"] or _MARK[1] in m["content"] for m in messages):
         raise TemplateError("a message holds U+E000 or U+E001, which the template renderer reserves")
     text, spans = render_jinja(tok, messages, add_generation_prompt)
-    ids, offsets = tok.encode_rendered(text)
+    ids, offsets = encode_rendered(tok, text)
     if spans is None:
         spans = _reply_spans(tok, messages, text)
     mask = [int(any(a < e and s < b for s, e in spans)) for a, b in offsets]
     return ids, mask
+
+
+def encode_rendered(tok, text):
+    """Text rendered by a chat template, special-token strings in it ("<s>", "<|im_start|>") becoming their ids,
+    as transformers' apply_chat_template(tokenize=True) does -> (ids, [(start, end) character span per id])."""
+    if tok.hf is not None:
+        enc = tok.hf.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+    ids, spans = [], []
+    specials = sorted(tok.sp_specials, key=len, reverse=True)
+    pattern = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+    pos = 0
+    for m in itertools.chain(pattern.finditer(text) if pattern else (), [None]):
+        end = m.start() if m else len(text)
+        if end > pos:
+            piece = text[pos:end]
+            prefix = tok.sp_prefix_space and (pos == 0 or tok.sp_legacy) and not piece.startswith(" ")
+            model = tok.sp if prefix else tok.sp_continue
+            char_at = _byte_to_char(piece)
+            for p in model.encode(piece, return_type="proto").pieces:  # begin/end: byte offsets
+                ids.append(p.id)
+                spans.append((pos + char_at[p.begin], pos + char_at[p.end]))
+        if m:
+            ids.append(tok.sp_specials[m.group()])
+            spans.append((m.start(), m.end()))
+            pos = m.end()
+    return ids, spans
+
+
+def _byte_to_char(text):
+    """UTF-8 byte offset -> character offset, for every byte offset 0..len(bytes) of text."""
+    table = []
+    for i, ch in enumerate(text):
+        table += [i] * len(ch.encode("utf-8"))
+    return table + [len(text)]
 
 
 def jinja_turn_end(tok):
@@ -235,7 +271,7 @@ def builtin_jinja(tok, name, default_system, encode):
     probe.chat_template = JINJA_MESSAGES + header + BUILTIN_JINJA[name]
     for messages, gen in ((JINJA_PROBE, False), (JINJA_PROBE[:4], True), (JINJA_PROBE[1:4], True)):
         try:
-            ids = probe.encode_rendered(render_jinja(probe, messages, gen)[0])[0]
+            ids = encode_rendered(probe, render_jinja(probe, messages, gen)[0])[0]
         except TemplateError:  # a name the header could not set
             return None
         if ids != encode(messages, gen):
