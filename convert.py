@@ -1739,5 +1739,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with prepare.errors_as("convert.py"):
+    try:
         main()
+    except (prepare.DataError, prepare.TemplateError) as e:  # a tokenizer or data dir read through prepare.py
+        raise SystemExit(f"convert.py: {e}") from None

@@ -1337,8 +1337,8 @@ def resolve_template(flag, tok, family):
             fail(f"--template=hf: {tok.template_file} holds no Jinja chat_template")
         try:
             prepare.check_jinja_template(tok)
-        except SystemExit as e:
-            fail(str(e).removeprefix("prepare.py: "))
+        except prepare.TemplateError as e:
+            fail(str(e))
     elif warning := prepare.literal_id_warning(tok, name):
         print(f"sample.py: {warning}", file=sys.stderr)
     return name
@@ -1711,5 +1711,7 @@ def main(argv=None, stdin=None, stdout=None):
 
 
 if __name__ == "__main__":
-    with prepare.errors_as("sample.py"):
+    try:
         main()
+    except (prepare.DataError, prepare.TemplateError) as e:  # a tokenizer or data dir read through prepare.py
+        raise SystemExit(f"sample.py: {e}") from None

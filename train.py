@@ -1297,5 +1297,7 @@ def finish(run: Run, summary: dict) -> dict:
 
 
 if __name__ == "__main__":
-    with prepare.errors_as("train.py"):
+    try:
         main()
+    except (prepare.DataError, prepare.TemplateError) as e:  # a tokenizer or data dir read through prepare.py
+        raise SystemExit(f"train.py: {e}") from None

@@ -37,6 +37,7 @@ import prepare
 import sample
 import train
 from model import PRESETS, CheckpointError, Transformer, apply_lora, lora_state_dict
+from support import megatron
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -662,7 +663,7 @@ def megatron_variants():
     pointers = np.array([0, 10, 24], np.int64)
     doc_index = np.arange(4, dtype=np.int64)
 
-    def idx(magic=prepare.MEGATRON_MAGIC, version=1, code=8, n_seq=3, n_doc=4, sizes=sizes, pointers=pointers,
+    def idx(magic=megatron.MEGATRON_MAGIC, version=1, code=8, n_seq=3, n_doc=4, sizes=sizes, pointers=pointers,
             doc_index=doc_index):
         return (magic + struct.pack("<QBQQ", version, code, n_seq, n_doc) + np.asarray(sizes, np.int32).tobytes()
                 + np.asarray(pointers, np.int64).tobytes() + np.asarray(doc_index, np.int64).tobytes())
