@@ -4,7 +4,7 @@
     python train.py config/default.py --max_iters=100 --dtype=bfloat16
     python train.py config/default.py --init_from=resume       # continue the run in out_dir exactly
     python train.py config/sft_tiny.py --init_from=path/to/checkpoint_dir   # fine-tune converted weights
-    python train.py config/baichuan2_13b_sft.py --dry_run      # memory and step time on its mesh (bench.py's plan)
+    python train.py config/baichuan2_13b_sft.py --dry_run      # memory and step time on its mesh (support/planner.py)
 
 Configuration is nanoGPT-style: the defaults are the fields of `Config` below; each config/<recipe>.py assigns some
 of them as plain Python globals; `--key=value` overrides come last (values parsed with ast.literal_eval, anything
@@ -52,7 +52,7 @@ from tqdm import tqdm
 import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
-from bench import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, training_plan
+from support.planner import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, training_plan
 from convert import (RESUME_FIELDS, Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, newest_step_dir,
                      read_step_dir, read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir,
                      write_peft_adapter, write_step_dir)
@@ -910,7 +910,7 @@ def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# --dry_run: the plan of a config on its mesh (bench.py computes it)
+# --dry_run: the plan of a config on its mesh (support/planner.py computes it)
 
 
 def plan(cfg: Config, model_overrides: dict) -> dict:
@@ -1020,7 +1020,7 @@ def setup(cfg: Config, model_overrides: dict) -> Run:
 
 
 def check_memory(args: ModelArgs, cfg: Config, d: Dist, packed: bool):
-    """Refuse, before allocating any of it, a run whose planned bytes per device (bench.memory_plan, what --dry_run
+    """Refuse, before allocating any of it, a run whose planned bytes per device (planner.memory_plan, what --dry_run
     prints) exceed the memory this device has available; the processes of one machine share its CPU memory."""
     device = _device(d)
     available = kernels.available_memory(device)

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
 import kernels
 import prepare
 import sample
 import train
 from model import PRESET_FAMILY, PRESETS, ModelArgs, Transformer
+from support import planner
 from support.weights import load_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -312,11 +312,11 @@ def test_dry_run_lora_and_qlora_by_hand(tmp_path):
                             activation_checkpointing="full"), {})
     linears = [d * d, d * kv, d * kv, d * d, d * f, f * d, d * f]
     nf4 = L * sum(m // 2 + 256 * -(-(m // 64) // 256) + 4 * -(-(m // 64) // 256) + 4 for m in linears)
-    assert bench.nf4_bytes(4096 * 4096) * 8 / (4096 * 4096) == pytest.approx(4.127, abs=1e-3)
+    assert planner.nf4_bytes(4096 * 4096) * 8 / (4096 * 4096) == pytest.approx(4.127, abs=1e-3)
     assert q["bytes"]["weights"] == nf4 + 2 * (n - L * sum(linears)) + 4 * q["n_trainable"]
     assert q["bytes"]["working weights"] == 2 * sum(linears)  # one block dequantised at a time
     # frozen weights skip their weight gradients: 4 FLOPs per weight instead of 6, adapters 6
-    full_flops = bench.flops_per_token(PRESETS["tiny"], 32)
+    full_flops = planner.flops_per_token(PRESETS["tiny"], 32)
     assert lora["flops_per_token"] == full_flops - 2 * (n - 512 * d) + 6 * adapters
 
 
@@ -344,7 +344,7 @@ def test_activation_estimate_matches_what_autograd_keeps(pos_emb, dtype, packed,
             torch.autocast("cpu", dtype=train.DTYPES[dtype], enabled=dtype != "float32"):
         model(x, x, doc_ids=doc_ids)
     cfg = replace(train.Config(), dtype=dtype, seq_len=T, micro_batch_size=b, global_batch_size=b)
-    mem = bench.memory_plan(args, cfg, dp=1, tp=1, packed=packed)["bytes"]
+    mem = planner.memory_plan(args, cfg, dp=1, tp=1, packed=packed)["bytes"]
     planned = mem["activations (none)"] + mem["working weights"]  # with autocast's 16-bit weight copies
     assert 0.97 < sum(saved.values()) / planned < 1.03
 
