@@ -27,7 +27,6 @@ and needs no process group. FSDP2 shards over dp, tensor + sequence parallelism 
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST0 --nproc_per_node=8 train.py ...   # and node_rank=1 on HOST1
 """
 
-import ast
 import contextlib
 import difflib
 import functools
@@ -38,7 +37,6 @@ import shutil
 import signal
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -57,7 +55,9 @@ from convert import (RESUME_FIELDS, Ranks, dcp_load, dcp_to_native, last_good_st
                      read_step_dir, read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir,
                      write_peft_adapter, write_step_dir)
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, count_weights, lora_state_dict, read_config
-from support.checks import check_value, expected, ranged
+from support import config as configurator
+from support.config import ConfigError
+from support.checks import check_value, ranged
 from support.outputs import check_output
 from support.weights import load_tensors
 
@@ -149,71 +149,20 @@ AC_MODES = ("none", "full", "selective")
 LOSS_WEIGHTINGS = ("token", "micro_batch")
 
 
-def fail(msg: str):
-    """One clear line for a person, non-zero exit, no traceback."""
-    raise SystemExit(f"train.py: {msg}")
+class TrainError(Exception):
+    """A run that cannot start or go on (its config, data, mesh, weights or out_dir): one line for a person, which
+    main says as train.py's with a non-zero exit and no traceback."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # configuration: defaults < config files < --key=value
 
 
-def _set(values: dict, key: str, value, where: str):
-    """values[key] = value once the key is known and the value of its field's type and in its declared range."""
-    known = list(Config.__dataclass_fields__) + list(MODEL_FIELDS)
-    if key not in known:
-        close = difflib.get_close_matches(key, known, n=1)
-        fail(f"{where}: unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    f = Config.__dataclass_fields__.get(key) or MODEL_FIELDS[key]
-    try:
-        check_value(key, value, f.type, f.metadata.get("range"))
-    except ValueError as e:
-        fail(f"--{e}" if where.startswith("--") else f"{where}: {e}")
-    values[key] = float(value) if f.type is float else value
-
-
-def config_line(e: BaseException, path: Path) -> str:
-    """': line N' of a config file where e was raised (the innermost frame in that file), or ''."""
-    if isinstance(e, SyntaxError) and e.lineno:
-        return f": line {e.lineno}"
-    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
-    return f": line {lines[-1]}" if lines else ""
-
-
 def parse_config(argv) -> tuple[Config, dict]:
-    """argv (without the program name) -> (Config, ModelArgs overrides)."""
-    if "-h" in argv or "--help" in argv:
-        keys = "\n".join(f"  --{k}={getattr(Config, k)!r}".ljust(40) + expected(f.type, f.metadata.get("range"))
-                         for k, f in Config.__dataclass_fields__.items())
-        print(f"{__doc__}\nkeys, defaults and values:\n{keys}\n  and every ModelArgs field: {', '.join(MODEL_FIELDS)}")
-        raise SystemExit(0)
-    values = {}
-    # config files first, then --key=value, wherever they stand on the command line
-    for arg in sorted(argv, key=lambda a: a.startswith("--")):
-        if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if not eq:  # a bare --flag sets a bool key
-                if key in Config.__dataclass_fields__ and isinstance(getattr(Config, key), bool):
-                    _set(values, key, True, arg)
-                    continue
-                fail(f"{arg}: expected --key=value")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # not a Python literal: a string such as a path
-            _set(values, key, value, arg)
-        else:
-            path = Path(arg)
-            if not path.is_file():
-                fail(f"{arg}: config file not found (expected config/<recipe>.py or --key=value)")
-            namespace = {}
-            try:
-                exec(compile(path.read_text(), str(path), "exec"), namespace)
-            except (Exception, SystemExit) as e:  # a config file is the user's Python: say where it broke, one line
-                fail(f"{path}{config_line(e, path)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            for key, value in namespace.items():
-                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
-                    _set(values, key, value, str(path))
+    """argv (without the program name) -> (Config, ModelArgs overrides): config files, then --key=value, each value
+    checked against its field (support/config.py; ConfigError naming the file or flag)."""
+    bools = [k for k, f in Config.__dataclass_fields__.items() if f.type is bool]
+    values = configurator.load(argv, {**Config.__dataclass_fields__, **MODEL_FIELDS}, flags=bools)
     train = {k: v for k, v in values.items() if k in Config.__dataclass_fields__}
     model_overrides = {k: v for k, v in values.items() if k in MODEL_FIELDS}
     return Config(**train), model_overrides
@@ -229,16 +178,16 @@ def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs,
         try:
             saved, source = read_config(cfg.init_from), cfg.init_from
         except CheckpointError as e:
-            fail(f"init_from: {e}")
+            raise TrainError(f"init_from: {e}")
     if source is not None and (diff := prepare.vocabulary_difference(source, cfg.data_dir)):
-        fail(f"data_dir={cfg.data_dir}: prepared with another tokenizer than init_from={source}'s ({diff}); "
+        raise TrainError(f"data_dir={cfg.data_dir}: prepared with another tokenizer than init_from={source}'s ({diff}); "
              f"prepare it with --tokenizer={source}")
     if saved is not None:
         base, family = saved[0], saved[1].get("family", "llama")
     else:  # from scratch, or a resume with no step dir (which resume then reports)
         if cfg.model not in PRESETS:
             close = difflib.get_close_matches(cfg.model, list(PRESETS), n=1)
-            fail(f"model={cfg.model!r}: unknown preset" + (f"; did you mean {close[0]!r}?" if close else "")
+            raise TrainError(f"model={cfg.model!r}: unknown preset" + (f"; did you mean {close[0]!r}?" if close else "")
                  + f" (presets: {', '.join(PRESETS)})")
         base, family = PRESETS[cfg.model], PRESET_FAMILY[cfg.model]
         if "vocab_size" not in overrides:  # a model trained from scratch takes the data's vocabulary
@@ -246,14 +195,14 @@ def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs,
     try:
         args = replace(base, **overrides)
     except ValueError as e:
-        fail(str(e))
+        raise TrainError(str(e))
     if cfg.seq_len > args.max_seq_len:
-        fail(f"seq_len={cfg.seq_len} is above the model's max_seq_len={args.max_seq_len}")
+        raise TrainError(f"seq_len={cfg.seq_len} is above the model's max_seq_len={args.max_seq_len}")
     if cfg.activation_checkpointing_layers > args.n_layers:
-        fail(f"activation_checkpointing_layers={cfg.activation_checkpointing_layers} is above the model's "
+        raise TrainError(f"activation_checkpointing_layers={cfg.activation_checkpointing_layers} is above the model's "
              f"n_layers={args.n_layers}")
     if meta["vocab_size"] > args.vocab_size:
-        fail(f"{cfg.data_dir}/meta.json: vocab_size={meta['vocab_size']} is larger than the model's "
+        raise TrainError(f"{cfg.data_dir}/meta.json: vocab_size={meta['vocab_size']} is larger than the model's "
              f"vocab_size={args.vocab_size} (was the data prepared with this model's tokenizer?)")
     return args, family
 
@@ -277,12 +226,12 @@ def resumed_lora_settings(cfg: Config) -> Config:
             check_value(key, value, Config.__dataclass_fields__[key].type,
                         Config.__dataclass_fields__[key].metadata.get("range"))
         except ValueError as e:
-            fail(f"{file}: config: {e}")
+            raise TrainError(f"{file}: config: {e}")
     if lora["lora_rank"] and not cfg.lora_rank:
         return replace(cfg, **lora)
     if (lora["lora_rank"] or cfg.lora_rank) and any(getattr(cfg, k) != lora[k] for k in LORA_SHAPE):
         held = ", ".join(f"{k}={lora[k]!r}" for k in LORA_SHAPE)
-        fail(f"init_from=resume: {step_dir} holds a LoRA run with {held}; resume it with those (or none)"
+        raise TrainError(f"init_from=resume: {step_dir} holds a LoRA run with {held}; resume it with those (or none)"
              if lora["lora_rank"] else f"init_from=resume: {step_dir} holds a run without LoRA; resume it without "
              f"lora_rank")
     return cfg
@@ -291,17 +240,17 @@ def resumed_lora_settings(cfg: Config) -> Config:
 def check_config(cfg: Config):
     """What the declared ranges (checked as each key is set) cannot say alone."""
     if cfg.dtype not in DTYPES:
-        fail(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise TrainError(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.activation_checkpointing not in AC_MODES:
-        fail(f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of {', '.join(AC_MODES)}")
+        raise TrainError(f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of {', '.join(AC_MODES)}")
     if cfg.loss_weighting not in LOSS_WEIGHTINGS:
-        fail(f"loss_weighting={cfg.loss_weighting!r}: expected one of {', '.join(LOSS_WEIGHTINGS)}")
+        raise TrainError(f"loss_weighting={cfg.loss_weighting!r}: expected one of {', '.join(LOSS_WEIGHTINGS)}")
     if cfg.lr_decay not in ("cosine", "linear"):
-        fail(f"lr_decay={cfg.lr_decay!r}: expected 'cosine' or 'linear'")
+        raise TrainError(f"lr_decay={cfg.lr_decay!r}: expected 'cosine' or 'linear'")
     if cfg.qlora and not cfg.lora_rank:
-        fail("qlora=True trains adapters on a 4-bit base: set lora_rank too (e.g. --lora_rank=8)")
+        raise TrainError("qlora=True trains adapters on a 4-bit base: set lora_rank too (e.g. --lora_rank=8)")
     if cfg.lora_rank and cfg.init_from not in ("scratch", "resume") and (Path(cfg.init_from) / ".metadata").exists():
-        fail(f"init_from={cfg.init_from}: LoRA needs a checkpoint dir as its base; export the step dir first "
+        raise TrainError(f"init_from={cfg.init_from}: LoRA needs a checkpoint dir as its base; export the step dir first "
              f"(python convert.py dcp-to-native --src={cfg.init_from} --dst=...)")
 
 
@@ -339,17 +288,17 @@ def setup_distributed(cfg: Config, args: ModelArgs) -> Dist:
 
     env = os.environ
     if not env.get("WORLD_SIZE", "1").isdigit() or int(env.get("WORLD_SIZE", "1")) < 1:
-        fail(f"WORLD_SIZE={env['WORLD_SIZE']!r}: expected a positive integer (torchrun sets it)")
+        raise TrainError(f"WORLD_SIZE={env['WORLD_SIZE']!r}: expected a positive integer (torchrun sets it)")
     world_size = int(env.get("WORLD_SIZE", "1"))
     dp = check_mesh(cfg, args, world_size)
     if world_size == 1:
         return Dist()
     missing = [k for k in RENDEZVOUS_ENV if k not in env]
     if missing:
-        fail(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun --nproc_per_node=N "
+        raise TrainError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun --nproc_per_node=N "
              "(and --nnodes, --node_rank, --master_addr across machines)")
     if not (env["RANK"].isdigit() and env["LOCAL_RANK"].isdigit() and int(env["RANK"]) < world_size):
-        fail(f"RANK={env['RANK']!r}, LOCAL_RANK={env['LOCAL_RANK']!r}: expected integers, RANK < WORLD_SIZE")
+        raise TrainError(f"RANK={env['RANK']!r}, LOCAL_RANK={env['LOCAL_RANK']!r}: expected integers, RANK < WORLD_SIZE")
     from torch.distributed.device_mesh import init_device_mesh
 
     device = kernels.device_type()
@@ -369,18 +318,18 @@ def check_mesh(cfg: Config, args: ModelArgs, world: int, world_name: str = "WORL
     one clear line. A run (setup_distributed) and its plan (--dry_run, world_name 'devices') ask the same."""
     dp = cfg.dp or max(1, world // cfg.tp)
     if dp * cfg.tp != world:
-        fail(f"dp={dp} x tp={cfg.tp} = {dp * cfg.tp} processes, but {world_name}={world}: dp * tp must be the "
+        raise TrainError(f"dp={dp} x tp={cfg.tp} = {dp * cfg.tp} processes, but {world_name}={world}: dp * tp must be the "
              "number of processes (--nnodes x --nproc_per_node of torchrun)")
     if cfg.tp > 1:
         for key, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("seq_len", cfg.seq_len)):
             if n % cfg.tp:
-                fail(f"tp={cfg.tp} does not divide {key}={n}: each tensor-parallel rank holds whole attention heads "
+                raise TrainError(f"tp={cfg.tp} does not divide {key}={n}: each tensor-parallel rank holds whole attention heads "
                      "and an equal slice of the sequence")
         if args.tie_embeddings or cfg.lora_rank:
-            fail(f"tp={cfg.tp} with {'tie_embeddings' if args.tie_embeddings else 'lora_rank'}: not supported; "
+            raise TrainError(f"tp={cfg.tp} with {'tie_embeddings' if args.tie_embeddings else 'lora_rank'}: not supported; "
                  "use data parallelism (--tp=1)")
     if cfg.global_batch_size % (cfg.micro_batch_size * dp):
-        fail(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
+        raise TrainError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
              f"{cfg.micro_batch_size * dp}")
     return dp
 
@@ -574,7 +523,7 @@ def build_lora_model(args: ModelArgs, cfg: Config, device: torch.device) -> Tran
             full = f"{name}.{pname}" if name else pname
             if tensors is not None:
                 if full not in tensors or tensors[full].shape != p.shape:
-                    fail(f"init_from={cfg.init_from}: tensor {full} is missing or has another shape than the "
+                    raise TrainError(f"init_from={cfg.init_from}: tensor {full} is missing or has another shape than the "
                          f"config's {tuple(p.shape)}")
                 p.data = tensors[full].to(device=device, dtype=frozen_dtype)
             else:
@@ -585,7 +534,7 @@ def build_lora_model(args: ModelArgs, cfg: Config, device: torch.device) -> Tran
         adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
                              quantize_base=cfg.qlora, fill=fill)
     except ValueError as e:
-        fail(str(e))
+        raise TrainError(str(e))
     for name, module in model.named_modules():  # what apply_lora did not reach: embeddings, norms, the head
         if any(p.is_meta for p in module.parameters(recurse=False)):
             fill(name, module)
@@ -687,7 +636,7 @@ def load_meta(data_dir: str) -> dict:
     try:
         return prepare.read_meta(data_dir)
     except prepare.DataError as e:
-        fail(str(e))
+        raise TrainError(str(e))
 
 
 def batch_on(split: TokenSplit, starts, device):
@@ -710,7 +659,7 @@ class EpochSampler:
         self.epoch, self.index = 0, 0
         self._order_epoch, self._offset, self._order = None, 0, None
         if self._windows(0) < per_step:
-            fail(f"train split has {n_tokens} tokens: fewer than one micro step of {per_step} windows of "
+            raise TrainError(f"train split has {n_tokens} tokens: fewer than one micro step of {per_step} windows of "
                  f"{seq_len + 1} tokens; lower micro_batch_size or seq_len")
 
     def _windows(self, offset):
@@ -804,7 +753,7 @@ def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist,
     """Load the latest intact step dir of out_dir: a damaged one is reported and the one before it is tried."""
     found = step_dirs(out_dir)
     if not found:
-        fail(f"init_from=resume: no complete step_XXXXXXXX dir in out_dir={out_dir}")
+        raise TrainError(f"init_from=resume: no complete step_XXXXXXXX dir in out_dir={out_dir}")
     while found:
         step_dir = found.pop()
         try:
@@ -816,14 +765,14 @@ def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist,
             problem = str(e)
             if found:
                 log(f"train.py: {step_dir.name} is damaged: {problem}; falling back to {found[-1].name}")
-    fail(f"init_from=resume: {problem}; no intact checkpoint left in out_dir={out_dir}")
+    raise TrainError(f"init_from=resume: {problem}; no intact checkpoint left in out_dir={out_dir}")
 
 
 def check_same_shape(path, saved: ModelArgs, args: ModelArgs):
     diff = [f"{f}={getattr(saved, f)!r} (config has {getattr(args, f)!r})" for f in MODEL_FIELDS
             if getattr(saved, f) != getattr(args, f)]
     if diff:
-        fail(f"{path}: checkpoint of another model: " + ", ".join(diff))
+        raise TrainError(f"{path}: checkpoint of another model: " + ", ".join(diff))
 
 
 def load_weights(path: Path, model, args: ModelArgs):
@@ -838,20 +787,20 @@ def load_weights(path: Path, model, args: ModelArgs):
                 verify_step_dir(path)
             dcp_load(state, path, no_dist=not dist.is_initialized())
         except CheckpointError as e:
-            fail(f"init_from={path}: {e}")
+            raise TrainError(f"init_from={path}: {e}")
         set_model_state_dict(model, state["model"])
         return
     try:
         tensors = load_tensors(path)
     except CheckpointError as e:
-        fail(f"init_from: {e}")
+        raise TrainError(f"init_from: {e}")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     expected = {k: tuple(v.shape) for k, v in full.items()}
     for name in sorted(set(expected) | set(tensors)):
         if name not in tensors or name not in expected:
-            fail(f"init_from={path}: tensor {name} is {'missing' if name not in tensors else 'unexpected'}")
+            raise TrainError(f"init_from={path}: tensor {name} is {'missing' if name not in tensors else 'unexpected'}")
         if tuple(tensors[name].shape) != expected[name]:
-            fail(f"init_from={path}: tensor {name} has shape {tuple(tensors[name].shape)}, model expects "
+            raise TrainError(f"init_from={path}: tensor {name} has shape {tuple(tensors[name].shape)}, model expects "
                  f"{expected[name]}")
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
 
@@ -865,10 +814,10 @@ def prepare_out_dir(cfg: Config, d: Dist) -> Path:
         # --overwrite removes is an input) or inside them
         check_output(out_dir, inputs, flag="out_dir")
     except ValueError as e:
-        fail(str(e))
+        raise TrainError(str(e))
     previous = step_dirs(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "export") if p.exists()]
     if cfg.init_from != "resume" and previous and not cfg.overwrite:
-        fail(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
+        raise TrainError(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
              f"it, or --overwrite to replace it")
     if d.master:
         try:  # a path under a file, a read-only dir or file system: one line now, not a traceback at the first save
@@ -877,7 +826,7 @@ def prepare_out_dir(cfg: Config, d: Dist) -> Path:
             probe.touch()
             probe.unlink()
         except OSError as e:
-            fail(f"out_dir={out_dir}: cannot write there ({e.strerror}: {e.filename})")
+            raise TrainError(f"out_dir={out_dir}: cannot write there ({e.strerror}: {e.filename})")
     barrier(d)
     if d.master:
         if cfg.init_from != "resume":
@@ -932,7 +881,7 @@ def plan(cfg: Config, model_overrides: dict) -> dict:
     try:
         return training_plan(args, family, cfg, dp, cfg.tp, meta, notes)
     except ValueError as e:  # lora_targets that match no layer
-        fail(str(e))
+        raise TrainError(str(e))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -979,19 +928,30 @@ class Run:
 
 
 def main(argv=None) -> dict:
-    """Train; returns a summary (losses per step, last val loss, baseline, paths) for tests and callers."""
-    cfg, model_overrides = parse_config(sys.argv[1:] if argv is None else argv)
+    """Train; returns a summary (losses per step, last val loss, baseline, paths) for tests and callers. What stops a
+    run (TrainError, a bad config, checkpoint or data dir) is one line "train.py: ..." and exit status 1."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(f"{__doc__}\nkeys, defaults and values:\n{configurator.keys_help(Config, Config.__dataclass_fields__)}"
+              f"\n  and every ModelArgs field: {', '.join(MODEL_FIELDS)}")
+        raise SystemExit(0)
+    try:
+        return run_training(argv)
+    except (TrainError, ConfigError, CheckpointError, prepare.DataError, prepare.TemplateError) as e:
+        raise SystemExit(f"train.py: {e}") from None
+
+
+def run_training(argv: list[str]) -> dict:
+    """The plan (--dry_run), or the run: setup, restore, train, finish."""
+    cfg, model_overrides = parse_config(argv)
     cfg = resumed_lora_settings(cfg)
     check_config(cfg)
     if cfg.dry_run:  # the plan only: no data, no model, no process group
         return plan(cfg, model_overrides)
     with kernels.freed_memory_returned_to_os(cfg.lora_rank > 0 and kernels.device_type() == "cpu"):
-        try:
-            run = setup(cfg, model_overrides)
-            restore(run)
-            return finish(run, train(run))
-        except CheckpointError as e:  # from convert.py's step dir functions: one line, no traceback
-            fail(str(e))
+        run = setup(cfg, model_overrides)
+        restore(run)
+        return finish(run, train(run))
 
 
 def setup(cfg: Config, model_overrides: dict) -> Run:
@@ -1005,7 +965,7 @@ def setup(cfg: Config, model_overrides: dict) -> Run:
         for split in (train_data, val_data):
             split.check_ids(args.vocab_size)
     except prepare.DataError as e:
-        fail(str(e))
+        raise TrainError(str(e))
     check_memory(args, cfg, d, train_data.packed)
     out_dir = prepare_out_dir(cfg, d)
     model = build_model(args, cfg, d)
@@ -1027,10 +987,10 @@ def check_memory(args: ModelArgs, cfg: Config, d: Dist, packed: bool):
     try:
         plan = memory_plan(args, cfg, d.dp, d.tp, packed)
     except ValueError as e:  # lora_targets that match no layer
-        fail(str(e))
+        raise TrainError(str(e))
     need = plan["bytes"]["total"] * (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1)
     if available is not None and need > available:
-        fail(f"the model (dim={args.dim}, n_layers={args.n_layers}, vocab_size={args.vocab_size}: "
+        raise TrainError(f"the model (dim={args.dim}, n_layers={args.n_layers}, vocab_size={args.vocab_size}: "
              f"{plan['n_params'] / 1e9:.2f}B parameters) needs {need / 2**30:.1f} GiB for this run on {device}, which "
              f"has {available / 2**30:.1f} GiB available; see --dry_run for where it goes")
 
@@ -1162,12 +1122,12 @@ def train_step(run: Run, autocast) -> tuple[float, torch.Tensor, torch.Tensor]:
         run.skipped_in_a_row = 0
     else:
         if scaler.at_floor():
-            fail(f"step {run.step + 1}: float16 overflow at min_loss_scale={scaler.min_scale:g}: no lower scale is "
+            raise TrainError(f"step {run.step + 1}: float16 overflow at min_loss_scale={scaler.min_scale:g}: no lower scale is "
                  f"allowed; stopping{last_good(run)}")
         run.log(f"step {run.step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
         run.skipped_in_a_row += 1
         if run.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
-            fail(f"step {run.step + 1}: loss {mean_over_ranks(loss_sum.item(), d)}, grad norm {grad_norm.item()} not "
+            raise TrainError(f"step {run.step + 1}: loss {mean_over_ranks(loss_sum.item(), d)}, grad norm {grad_norm.item()} not "
                  f"finite in {run.skipped_in_a_row} float16 steps in a row (last loss scale {scaler.scale:g}); "
                  f"stopping{last_good(run)}")
     scaler.update(finite)
@@ -1207,7 +1167,7 @@ def read_steps(run: Run) -> tuple[float, float, float]:
     losses, grad_norms = values.tolist()
     for step, loss, grad_norm in zip(steps, losses, grad_norms):
         if not run.scaler.enabled and not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            fail(f"step {step}: loss {loss}, grad norm {grad_norm} is not finite in {run.cfg.dtype}; stopping"
+            raise TrainError(f"step {step}: loss {loss}, grad norm {grad_norm} is not finite in {run.cfg.dtype}; stopping"
                  f"{last_good(run)}")
         run.losses[step] = loss
     return losses[-1], lrs[-1], grad_norms[-1]
@@ -1297,7 +1257,4 @@ def finish(run: Run, summary: dict) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (prepare.DataError, prepare.TemplateError) as e:  # a tokenizer or data dir read through prepare.py
-        raise SystemExit(f"train.py: {e}") from None
+    main()

@@ -579,7 +579,7 @@ def resume(S):
             run.out_dir = Path(out_dir)
             try:
                 train.restore(run)
-            except CheckpointError as e:  # as train.main reports it
+            except (CheckpointError, train.TrainError) as e:  # as train.main reports it
                 raise SystemExit(f"train.py: {e}")
         return go
     return call

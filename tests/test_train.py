@@ -327,7 +327,7 @@ def test_config_file_then_overrides(tmp_path):
 ])
 def test_config_errors(argv, message):
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.parse_config(argv)
+        train.main(argv)
 
 
 def test_bad_run_settings(data, tmp_path):
