@@ -1,9 +1,9 @@
-"""Hugging Face's tensor names for ours: one table, read in both directions.
+"""Used by convert.py (hf-to-native, native-to-hf, apply-delta), support/peft.py (PEFT names its adapters after HF's
+modules) and bench.py (--compare loads our weights into transformers' LLaMA): Hugging Face's tensor names for ours,
+one table read in both directions.
 
-Used by convert.py (hf-to-native, native-to-hf, apply-delta), support/peft.py (PEFT names its adapters after HF's
-modules) and bench.py (--compare loads our weights into transformers' LLaMA). What it adds: which HF tensor holds
-which of our tensors, per family (Baichuan's W_pack stacks wq, wk, wv on rows), and the shape of every tensor of our
-model, read off model.py itself.
+What it adds: which HF tensor holds which of our tensors, per family (Baichuan's W_pack stacks wq, wk, wv on rows),
+and the shape of every tensor of our model, read off model.py itself.
 """
 
 import re

@@ -1,10 +1,10 @@
-"""PEFT's LoRA adapter format, read and written, and an adapter put on a loaded model.
+"""Used by convert.py (merge-lora, dcp-to-native of a LoRA run), train.py (writes a LoRA run's adapter dir) and
+sample.py (--adapter): PEFT's LoRA adapter format, read and written, and an adapter put on a loaded model.
 
-Used by convert.py (merge-lora, dcp-to-native of a LoRA run), train.py (writes a LoRA run's adapter dir) and
-sample.py (--adapter). What it adds: adapter_config.json checked field by field (what is not a plain update
-W + scale * B A of linear layers is refused), PEFT's rules for which modules a config selects and at what rank and
-scale, HF module names mapped to ours (Baichuan's W_pack update splits by rows into wq, wk, wv), and our older
-adapter dirs (adapter.safetensors with our names, read only). Errors are CheckpointError naming file and field.
+What it adds: adapter_config.json checked field by field (what is not a plain update W + scale * B A of linear
+layers is refused), PEFT's rules for which modules a config selects and at what rank and scale, HF module names
+mapped to ours (Baichuan's W_pack update splits by rows into wq, wk, wv), and our older adapter dirs
+(adapter.safetensors with our names, read only). Errors are CheckpointError naming file and field.
 """
 
 import json

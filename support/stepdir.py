@@ -1,10 +1,10 @@
-"""train.py's step dirs: out_dir/step_XXXXXXXX, written whole or not at all, verified, and read without trust.
+"""Used by train.py (checkpoint, resume, the export) and convert.py (dcp-to-native reads a step dir): the training
+step-dir format, out_dir/step_XXXXXXXX, written whole or not at all, verified, and read without trust.
 
-Used by train.py (checkpoint, resume, the export) and convert.py (dcp-to-native reads a step dir). What it adds: the
-manifest of sizes and sha256 digests written last, so a half-written or corrupted step dir is never taken for a
-complete one; pruning and rerunning a step without a window where no good step dir exists; and DCP loading that
-cannot run code from a crafted file (.metadata through an allow-list unpickler, non-tensor entries with
-weights_only).
+What it adds: the manifest of sizes and sha256 digests written last, so a half-written or corrupted step dir is
+never taken for a complete one; pruning and rerunning a step without a window where no good step dir exists; and
+DCP loading that cannot run code from a crafted file (.metadata through an allow-list unpickler, non-tensor entries
+with weights_only).
 """
 
 import contextlib

@@ -2,7 +2,9 @@
 
 Used by model.py (Transformer.from_checkpoint loads a checkpoint dir through load_tensors) and by convert.py and
 sample.py. What it adds: every way a weight file can be truncated, corrupted or point outside its dir becomes a
-CheckpointError naming the file and the tensor, and nothing is read before it is needed (memory maps).
+CheckpointError naming the file and the tensor, and nothing is read before it is needed (memory maps). Written:
+checkpoint dirs' weights in safetensors shards of a bounded size (ShardWriter, write_checkpoint), never a NaN or an
+infinity; read: HF's and our weight dirs one shard at a time (WeightFiles), pickles only with weights_only.
 """
 
 import json
