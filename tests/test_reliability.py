@@ -306,6 +306,7 @@ def test_the_last_good_checkpoint_is_the_newest_that_verifies(reference, tmp_pat
 
 KILLED_CONVERT = """
 import os, pathlib, signal, sys
+import convert
 import support.weights
 from support import outputs
 die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
