@@ -53,12 +53,13 @@ import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
 from bench import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, training_plan
-from convert import (RESUME_FIELDS, Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, newest_step_dir,
-                     read_step_dir, read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir,
-                     write_peft_adapter, write_step_dir)
+from convert import dcp_to_native, merge_lora
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, count_weights, lora_state_dict, read_config
 from support.checks import check_value, expected, ranged
 from support.outputs import check_output
+from support.peft import write_peft_adapter
+from support.stepdir import (RESUME_FIELDS, Ranks, dcp_load, last_good_step_dir, newest_step_dir, read_step_dir,
+                             read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_step_dir)
 from support.weights import load_tensors
 
 
@@ -778,7 +779,8 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dic
     if _device(d).type in ("cuda", "npu"):
         rng["device"] = getattr(torch, _device(d).type).get_rng_state().tolist()
     return write_step_dir(out_dir, step, {"model": model_sd, "optim": optim_sd}, rng,
-                          {**asdict(args), "family": family}, train_state, tokenizer_dir=cfg.data_dir,
+                          {**asdict(args), "family": family}, train_state,
+                          copy_tokenizer=lambda dst: prepare.copy_tokenizer_files(cfg.data_dir, dst),
                           keep_last=cfg.keep_last, ranks=ranks_of(d), on_event=on_event)
 
 
@@ -990,7 +992,7 @@ def main(argv=None) -> dict:
             run = setup(cfg, model_overrides)
             restore(run)
             return finish(run, train(run))
-        except CheckpointError as e:  # from convert.py's step dir functions: one line, no traceback
+        except CheckpointError as e:  # from support/stepdir.py's step dir functions: one line, no traceback
             fail(str(e))
 
 
