@@ -163,7 +163,7 @@ def build_hf(model_args: ModelArgs, ours: Transformer, device):
     """transformers' LlamaForCausalLM with sdpa attention and our weights (native layout = HF rotate-half layout)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from convert import HF_LAYER
+    from support.hf_names import HF_LAYER
 
     a = model_args
     if a.pos_emb != "rope" or a.norm_head or a.tie_embeddings or a.z_loss:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 import kernels
 import model as model_lib
-from support import checks, outputs, weights
+from support import checks, outputs, peft, weights
 import prepare
 from support import quant
 from support.quant import Int4Linear, Int8Linear
@@ -418,7 +418,7 @@ QUANTIZATION = {"quantization": dict, "quantization.mode": str, "quantization.gr
 
 def load_model(ckpt, device, dtype, quantize=None, group_size=None, adapter=None, family="llama"):
     """A checkpoint dir -> (Transformer in eval mode, config.json dict). Reads dirs written by --save_quantized.
-    adapter: a LoRA adapter dir folded into the weights (beside them where they are NF4: attach_adapter).
+    adapter: a LoRA adapter dir folded into the weights (beside them where they are NF4: peft.attach_adapter).
     quantize='int8'|'int4'|'nf4' quantises while loading, one weight at a time from the memory-mapped file (a 7B model
     never whole in fp32)."""
     try:
@@ -441,11 +441,11 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=None, adapter=None
         def weight(name):  # as the full-precision path: normalise_head, then the adapter
             w = tensors[name]
             w = F.normalize(w.float(), dim=-1) if name == "output.weight" and args.norm_head else w
-            return w if unmerged else fold_adapter(name, w, updates, replaced)
+            return w if unmerged else peft.fold_adapter(name, w, updates, replaced)
 
         normalise_head(model)  # the module type; weight() normalises the rows
         model = quantize_from_meta(model, quantize, group_size, weight, device)
-        return attach_adapter(model, updates, replaced).eval() if unmerged else model.eval(), config
+        return peft.attach_adapter(model, updates, replaced).eval() if unmerged else model.eval(), config
     # build the quantised structure on meta, then assign the saved tensors (nothing materialised twice)
     with torch.device("meta"):
         model = model_lib.Transformer(args)
@@ -470,7 +470,7 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=None, adapter=None
     state = {k: t.to(device=device, dtype=expected[k].dtype) for k, t in tensors.items()}  # NF4's scales stay fp32
     model.load_state_dict(state, assign=True)
     model.materialize_buffers(device)
-    return attach_adapter(model, updates, replaced).eval(), config
+    return peft.attach_adapter(model, updates, replaced).eval(), config
 
 
 def kv_bytes(args, positions, itemsize) -> int:
@@ -498,61 +498,22 @@ def check_memory(args, device, dtype, ckpt):
 
 
 def read_adapter(path, args, family: str = "llama"):
-    """A LoRA adapter dir (PEFT's, as train.py writes, or our older one) -> (updates, replaced), see fold_adapter
-    (convert.py reads the formats and checks them against the model)."""
-    import convert
-
+    """--adapter's dir -> (updates, replaced) (support/peft.py reads the formats and checks them against the model)."""
     try:
-        return convert.read_adapter(path, args, family)
+        return peft.read_adapter(path, args, family)
     except model_lib.CheckpointError as e:
         fail(f"--adapter={path}: {e}")
 
 
-def fold_adapter(name, w, updates, replaced):
-    """Weight `name` with its adapter folded in: the adapter's tensor where it replaces w, then + scale * B A where it
-    is adapted."""
-    w = replaced.get(name, w)
-    if name not in updates:
-        return w
-    u = updates[name]
-    return (w.float() + u.scale * (u.b.float() @ u.a.float()).to(w.device)).to(w.dtype)
-
-
-@torch.no_grad()
-def attach_adapter(model, updates, replaced):
-    """An adapter on a model whose block linears are NF4 (QLoRA's base), in place: each adapted NF4 linear is wrapped
-    in a LoRALinear holding the adapter's A and B, unmerged, as PEFT runs an adapter on a 4-bit base, so the model is
-    the one QLoRA trained (folding B A in and quantising again would round it twice); a replaced NF4 weight is
-    quantised from its replacement; the other weights (embedding, output layer) take the adapter folded in."""
-    for name in sorted({*updates, *replaced}):
-        path = name.rpartition(".")[0]
-        module = model.get_submodule(path)
-        if not isinstance(module, quant.NF4Linear):
-            p = model.get_parameter(name)
-            p.copy_(fold_adapter(name, p, updates, replaced))
-            continue
-        if name in replaced:
-            module.quantize_from(replaced[name])
-        if name in updates:
-            u = updates[name]
-            lora = model_lib.LoRALinear(module, rank=u.a.size(0), alpha=u.scale * u.a.size(0))
-            lora.lora_a.copy_(u.a)
-            lora.lora_b.copy_(u.b)
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child, lora)
-    return model
-
-
 def add_adapter(model, path, family: str = "llama"):
-    """Fold a LoRA adapter dir into the weights of a full-precision model, in place (attach_adapter: no NF4 here)."""
-    attach_adapter(model, *read_adapter(path, model.args, family))
+    """Fold a LoRA adapter dir into the weights of a full-precision model, in place (support/peft.py)."""
+    peft.attach_adapter(model, *read_adapter(path, model.args, family))
 
 
 def save_quantized(model, src_ckpt, dst, mode, group_size, family):
     """A checkpoint dir of the quantised weights, written whole or not at all (support.outputs.replace_dir); an existing dir is
     taken only when empty, and never the source."""
     state = {k: v for k, v in model.state_dict().items()}
-    import convert
     empty = os.path.isdir(dst) and not os.listdir(dst)
     refuse = lambda msg: SystemExit(f"sample.py: {msg}")  # noqa: E731
     with outputs.replace_dir(dst, empty, "--save_quantized", (src_ckpt,), refuse) as tmp:
@@ -561,7 +522,7 @@ def save_quantized(model, src_ckpt, dst, mode, group_size, family):
             else {"mode": mode}
         if quantized_head(model):
             quantization["tied_head"] = True
-        convert.write_checkpoint(tmp, state, model.args, family, extra_config={"quantization": quantization})
+        weights.write_checkpoint(tmp, state, model.args, family, extra_config={"quantization": quantization})
         prepare.copy_tokenizer_files(src_ckpt, tmp)
 
 

@@ -15,8 +15,8 @@ Data (prepare.py's output dir): train.bin / val.bin memmapped tokens, train.mask
 for instruction data (loss only on mask=1 tokens), meta.json. Training walks through the tokens in epochs of
 non-overlapping seq_len windows in an order drawn from (seed, epoch), so the data position is two integers.
 
-Checkpoints: every ckpt_interval steps, out_dir/step_XXXXXXXX/ in convert.py's step dir format (its "step dirs"
-section): model and optimiser (torch.distributed.checkpoint, resharded on load), every rank's RNG, loss scaler, data
+Checkpoints: every ckpt_interval steps, out_dir/step_XXXXXXXX/ in the step dir format of support/stepdir.py (its
+docstring): model and optimiser (torch.distributed.checkpoint, resharded on load), every rank's RNG, loss scaler, data
 position, and the size and sha256 of every file, written under a temporary name and renamed when complete; resume
 checks them and falls back past a damaged one. With export=True the last one becomes a checkpoint dir for sample.py.
 
@@ -51,14 +51,15 @@ import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
 from support.planner import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, training_plan
-from convert import (RESUME_FIELDS, Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, newest_step_dir,
-                     read_step_dir, read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir,
-                     write_peft_adapter, write_step_dir)
+from convert import dcp_to_native, merge_lora
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, count_weights, lora_state_dict, read_config
 from support import config as configurator
 from support.config import ConfigError
 from support.checks import check_value, ranged
 from support.outputs import check_output
+from support.peft import write_peft_adapter
+from support.stepdir import (RESUME_FIELDS, Ranks, dcp_load, last_good_step_dir, newest_step_dir, read_step_dir,
+                             read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_step_dir)
 from support.weights import load_tensors
 
 
@@ -693,7 +694,7 @@ class EpochSampler:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# checkpoints: convert.py owns the step dir format (layout, manifest, atomic write, verification, safe loading);
+# checkpoints: support/stepdir.py owns the step dir format (layout, manifest, atomic write, verification, safe loading);
 # here the model, optimiser and RNG go into it and come back, on every rank
 
 
@@ -715,7 +716,7 @@ def all_gather(obj, d: Dist) -> list:
 
 
 def ranks_of(d: Dist) -> Ranks:
-    """The processes of this run as convert.py's step-dir functions take them: rank, count and collectives."""
+    """The processes of this run as support/stepdir.py's functions take them: rank, count and collectives."""
     return Ranks(d.rank, d.world_size, lambda: barrier(d), lambda obj: all_gather(obj, d))
 
 
@@ -727,7 +728,8 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dic
     if _device(d).type in ("cuda", "npu"):
         rng["device"] = getattr(torch, _device(d).type).get_rng_state().tolist()
     return write_step_dir(out_dir, step, {"model": model_sd, "optim": optim_sd}, rng,
-                          {**asdict(args), "family": family}, train_state, tokenizer_dir=cfg.data_dir,
+                          {**asdict(args), "family": family}, train_state,
+                          copy_tokenizer=lambda dst: prepare.copy_tokenizer_files(cfg.data_dir, dst),
                           keep_last=cfg.keep_last, ranks=ranks_of(d), on_event=on_event)
 
 

@@ -2,10 +2,16 @@
 
 Used by model.py (Transformer.from_checkpoint loads a checkpoint dir through load_tensors) and by convert.py and
 sample.py. What it adds: every way a weight file can be truncated, corrupted or point outside its dir becomes a
-CheckpointError naming the file and the tensor, and nothing is read before it is needed (memory maps).
+CheckpointError naming the file and the tensor, and nothing is read before it is needed (memory maps). Written:
+checkpoint dirs' weights in safetensors shards of a bounded size (ShardWriter, write_checkpoint), never a NaN or an
+infinity; read: HF's and our weight dirs one shard at a time (WeightFiles), pickles only with weights_only.
 """
 
+import json
 import os
+import pickle
+import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +19,9 @@ import torch
 
 from support.checks import json_type, load_json, parse_json
 
+
+def fail(msg):
+    raise CheckpointError(msg)
 
 
 class CheckpointError(ValueError):
@@ -98,3 +107,160 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
     if not (path / "model.safetensors").exists():
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     return load_safetensors(path / "model.safetensors")
+
+
+
+def check_shapes(found: dict[str, tuple], expected: dict[str, tuple], where, ignored=lambda name: False):
+    """Every expected tensor present with its shape and nothing else; the message names the tensor."""
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        fail(f"{where}: missing tensor {missing[0]} ({len(missing)} missing)")
+    unexpected = sorted(n for n in set(found) - set(expected) if not ignored(n))
+    if unexpected:
+        fail(f"{where}: unexpected tensor {unexpected[0]} ({len(unexpected)} unexpected for this config)")
+    for name, shape in expected.items():
+        if tuple(found[name]) != tuple(shape):
+            fail(f"{where}: tensor {name} has shape {tuple(found[name])}, expected {tuple(shape)} from the config")
+
+
+def load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict, memory-mapped; weights_only refuses pickles that would run code."""
+    try:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format: no mmap
+    except pickle.UnpicklingError as e:
+        fail(f"{file}: refused to unpickle: it holds more than plain tensors and could run code "
+             f"(weights_only=True): {str(e).splitlines()[0]}")
+    except (RuntimeError, EOFError, OSError) as e:
+        fail(f"{file}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        fail(f"{file}: expected a dict of tensor name -> tensor")
+    return sd
+
+
+def load_file(file: Path) -> dict[str, torch.Tensor]:
+    """One weights file, memory-mapped: nothing is read until a tensor is used."""
+    if file.suffix == ".safetensors":
+        return load_safetensors(file)
+    return load_pickle(file)
+
+
+class WeightFiles:
+    """The weight files of a dir, HF's or ours: model.safetensors / pytorch_model.bin, or shards named by an index.
+
+    Only headers are read up front (shapes, which file holds what). Tensors are then read one shard at a time, so
+    memory-mapped pages of at most one input shard stay resident (weights.load_tensors maps every shard at once).
+    """
+
+    def __init__(self, src: Path):
+        self.src, index_map = src, None
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (src / index_name).exists():
+                self.where = src / index_name
+                index_map = read_weight_map(self.where)  # shards: plain file names in src, present
+                self.files = sorted(set(index_map.values()))
+                break
+        else:
+            single = [f for f in ("model.safetensors", "pytorch_model.bin") if (src / f).exists()]
+            if not single:
+                fail(f"{src}: no model.safetensors, pytorch_model.bin or *.index.json found")
+            self.files, self.where = single[:1], src / single[0]
+        self.shapes, self.file_of = {}, {}
+        for f, tensors in self.shards():
+            for name, t in tensors.items():
+                if name in self.shapes:
+                    fail(f"{src / f}: tensor {name} is also in {self.file_of[name]}")
+                self.shapes[name], self.file_of[name] = tuple(t.shape), f
+        for name, f in (index_map or {}).items():
+            if self.file_of.get(name) != f:
+                fail(f"{self.where}: tensor {name} is not in {f}, the shard the index names")
+        self._open = (None, None)
+
+    def shards(self):
+        """(file name, {name: tensor}) one shard at a time."""
+        for f in self.files:
+            yield f, load_file(self.src / f)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by name, for random access; only its shard stays mapped."""
+        f = self.file_of[name]
+        if self._open[0] != f:
+            self._open = (None, None)  # unmap the previous shard before mapping the next
+            self._open = (f, load_file(self.src / f))
+        return self._open[1][name]
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards as they come, so a converter holds at most one shard in memory.
+
+    One shard is named model.safetensors; several get HF's model-0000i-of-0000N.safetensors names and an index.
+    """
+
+    def __init__(self, path, max_shard_bytes: Optional[int] = None):
+        self.path, self.max_shard_bytes = Path(path), max_shard_bytes or 2**62
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.pending, self.pending_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
+
+    def add(self, name: str, tensor: torch.Tensor):
+        check_finite({name: tensor}, self.path)
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self):
+        from safetensors.torch import save_file
+
+        file = self.path / f"shard-{len(self.files):05d}.tmp"
+        save_file(self.pending, str(file), metadata={"format": "pt"})
+        self.files.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self):
+        if self.pending or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            os.replace(self.files[0][0], self.path / "model.safetensors")
+            return
+        n = len(self.files)
+        for i, (file, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(file, self.path / final)
+            self.weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
+        (self.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def check_finite(tensors: dict, where):
+    """CheckpointError naming the first floating tensor holding a NaN or an infinity: no checkpoint is written from
+    weights like that (a diverged run, a damaged source), so every one written can be trained or sampled from."""
+    for name, t in tensors.items():
+        local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard
+        if torch.is_tensor(local) and local.is_floating_point() and not torch.isfinite(local).all():
+            fail(f"{where}: tensor {name} holds NaN or infinite values: not writing a checkpoint of it")
+
+
+def write_checkpoint(path, state_dict, args, family: str, *, max_shard_bytes=None, extra_config=None):
+    """Write config.json and the weights of a checkpoint dir (tokenizer files are the caller's to copy)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {**asdict(args), "family": family, **(extra_config or {})}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    writer = ShardWriter(path, max_shard_bytes)
+    for name, tensor in state_dict.items():
+        writer.add(name, tensor)
+    writer.close()
+
+
+def parse_size(s: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", s.upper())
+    n = int(float(m[1]) * 1024 ** " KMGT".index(m[2] or " ")) if m else 0
+    if n < 1:
+        fail(f"--max_shard_size={s}: expected a size of at least one byte, such as 500MB or 2GB")
+    return n

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import prepare
-from convert import write_checkpoint
+from support.weights import write_checkpoint
 from model import PRESETS, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent

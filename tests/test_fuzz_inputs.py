@@ -36,6 +36,8 @@ import convert
 import prepare
 import sample
 import train
+import support.peft
+import support.weights
 from model import PRESETS, CheckpointError, Transformer, apply_lora, lora_state_dict
 from support import megatron
 
@@ -69,12 +71,13 @@ def S(tmp_path_factory):
     model = Transformer(args)
     model.init_weights()
     for name, shard in (("ckpt", None), ("sharded", 60_000)):
-        convert.write_checkpoint(root / name, model.state_dict(), args, "llama", max_shard_bytes=shard)
+        support.weights.write_checkpoint(root / name, model.state_dict(), args, "llama", max_shard_bytes=shard)
         tok.save(root / name)
     convert.native_to_hf(root / "ckpt", root / "hf")
     adapted = Transformer(args)
     apply_lora(adapted, rank=4, alpha=8)
-    convert.write_peft_adapter(root / "adapter", lora_state_dict(adapted), args, "llama", rank=4, alpha=8, dropout=0.0)
+    support.peft.write_peft_adapter(root / "adapter", lora_state_dict(adapted), args, "llama", rank=4, alpha=8,
+                                    dropout=0.0)
     meta = root / "meta"  # Meta's layout: params.json + consolidated.00.pth (our tensor names are Meta's)
     meta.mkdir()
     (meta / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,

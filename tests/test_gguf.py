@@ -18,6 +18,7 @@ gguf = pytest.importorskip("gguf", reason="gguf (requirements.txt) is not instal
 
 import convert  # noqa: E402
 import prepare  # noqa: E402
+import support.weights  # noqa: E402
 from model import ModelArgs, Transformer, read_config
 from support.weights import load_tensors
 from support.gguf import read_fields, rotary_rows  # noqa: E402
@@ -177,7 +178,7 @@ def baichuan_ckpt(tmp_path, sentencepiece_dir, pos_emb, family="baichuan", norm_
     state = {k: torch.rand(v.shape) + 0.5 if v.dim() == 1 else torch.randn(v.shape) * 0.1
              for k, v in Transformer(args).state_dict().items()}
     ckpt = tmp_path / "ckpt"
-    convert.write_checkpoint(ckpt, state, args, family)
+    support.weights.write_checkpoint(ckpt, state, args, family)
     prepare.load_tokenizer(sentencepiece_dir).save(ckpt, template=family)
     return ckpt, args, state
 
@@ -252,7 +253,7 @@ def gguf_fields(reader):
 
 def test_a_baichuan_depth_llama_cpp_cannot_run_is_refused_in_one_line(tmp_path, sentencepiece_dir):
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=V, hidden_dim=96, max_seq_len=64)
-    convert.write_checkpoint(tmp_path / "ckpt", Transformer(args).state_dict(), args, "baichuan")
+    support.weights.write_checkpoint(tmp_path / "ckpt", Transformer(args).state_dict(), args, "baichuan")
     prepare.load_tokenizer(sentencepiece_dir).save(tmp_path / "ckpt")
     with pytest.raises(SystemExit) as e:
         run("native-to-gguf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "m.gguf")

@@ -180,8 +180,8 @@ def test_bad_lora_settings_are_named(kwargs, needle):
 
 def trained_adapter(tmp_path, quantize=False):
     """A base checkpoint dir, and an adapter dir with non-zero adapters trained (here: drawn) on it."""
-    import convert
-    from convert import write_checkpoint
+    import support.peft
+    from support.weights import write_checkpoint
 
     model = tiny_model()
     write_checkpoint(tmp_path / "base", model.state_dict(), model.args, "llama")
@@ -189,8 +189,8 @@ def trained_adapter(tmp_path, quantize=False):
     with torch.no_grad():
         for p in lora_state_dict(model).values():
             p.normal_(std=0.05)
-    convert.write_peft_adapter(tmp_path / "adapter", lora_state_dict(model), model.args, "llama", rank=4, alpha=8,
-                               dropout=0.0)
+    support.peft.write_peft_adapter(tmp_path / "adapter", lora_state_dict(model), model.args, "llama", rank=4,
+                                    alpha=8, dropout=0.0)
     return model.eval()
 
 
@@ -208,7 +208,7 @@ def test_merge_lora_command_equals_model_with_adapters(tmp_path):
 
 def test_merge_lora_into_a_base_of_another_shape_is_refused(tmp_path):
     import convert
-    from convert import write_checkpoint
+    from support.weights import write_checkpoint
 
     trained_adapter(tmp_path)
     other = tiny_model(hidden_dim=192)
@@ -250,15 +250,16 @@ def lora_run(data, out, *extra):
 
 
 def native_names(peft_tensors: dict) -> dict:
-    """A LLaMA model's PEFT adapter tensors under our names, through convert.HF_LAYER (one weight per HF module)."""
+    """A LLaMA model's PEFT adapter tensors under our names, through support.hf_names.HF_LAYER (one weight per HF
+    module)."""
     import re
 
-    import convert
+    from support.hf_names import HF_LAYER
 
     out = {}
     for name, t in peft_tensors.items():
         m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight", name)
-        out[f"layers.{m[1]}.{convert.HF_LAYER[m[2] + '.weight'][: -len('.weight')]}.lora_{m[3].lower()}"] = t
+        out[f"layers.{m[1]}.{HF_LAYER[m[2] + '.weight'][: -len('.weight')]}.lora_{m[3].lower()}"] = t
     return out
 
 

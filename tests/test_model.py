@@ -9,7 +9,7 @@ import torch
 
 import kernels
 from kernels import alibi_slopes
-from convert import write_checkpoint
+from support.weights import write_checkpoint
 from support.planner import flops_per_token
 from model import PRESETS, CheckpointError, Transformer
 from support.weights import load_tensors

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 import convert
 import prepare
 import sample
+import support.peft
 from support import quant
-from convert import write_checkpoint
+from support.weights import write_checkpoint
 from model import PRESETS, LoRALinear, Transformer, apply_lora, lora_state_dict, merge_lora
 from support.quant import NF4Linear
 from support.weights import load_tensors
@@ -309,7 +310,7 @@ def test_baichuan_adapters_export_as_a_w_pack_adapter_peft_merges_to_our_weights
     with torch.no_grad():
         for p in lora_state_dict(model).values():
             p.normal_(std=0.1)
-    convert.write_peft_adapter(tmp_path / "adapter", lora_state_dict(model), model.args, "baichuan", rank=4,
+    support.peft.write_peft_adapter(tmp_path / "adapter", lora_state_dict(model), model.args, "baichuan", rank=4,
                                alpha=8, dropout=0.0)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert "W_pack" in config["target_modules"]

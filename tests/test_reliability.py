@@ -22,6 +22,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import convert
+import support.stepdir
+import support.weights
 import train
 from test_train import markov_tokens, write_data
 
@@ -183,21 +185,21 @@ def test_dcp_entry_that_runs_code_is_refused(reference, data, tmp_path):
     model = Transformer(train.replace(PRESETS["tiny"], vocab_size=64))
     model_sd, optim_sd = get_state_dict(model, train.build_optimizer(model, cfg, torch.device("cpu")))
     state = {"model": model_sd, "optim": optim_sd}
-    with convert.quiet_dcp():
+    with support.stepdir.quiet_dcp():
         dcp.load(state, checkpoint_id=reference["out"] / "step_00000004")
     marker = tmp_path / "PWNED"
     state["optim"]["param_groups"][0]["lr"] = Evil(str(marker))
     step = tmp_path / "out" / "step_00000004"
     shutil.copytree(reference["out"] / "step_00000004", step)
-    with convert.quiet_dcp():
+    with support.stepdir.quiet_dcp():
         dcp.save(state, checkpoint_id=tmp_path / "evil")
     for f in (tmp_path / "evil").iterdir():
         shutil.copy(f, step / f.name)
     train_state = json.loads((step / "train_state.json").read_text())
-    train_state["files"] = {n: convert.file_digest(step / n) for n in train_state["files"]}
+    train_state["files"] = {n: support.stepdir.file_digest(step / n) for n in train_state["files"]}
     (step / "train_state.json").write_text(json.dumps(train_state))
     # the file is truly dangerous: torch's own planner runs the payload
-    with convert.quiet_dcp():
+    with support.stepdir.quiet_dcp():
         dcp.load({"optim": optim_sd}, checkpoint_id=step)
     assert marker.exists()
     marker.rmdir()
@@ -271,7 +273,7 @@ def test_full_disk_while_saving_names_the_last_complete_checkpoint(data, tmp_pat
 def test_no_checkpoint_is_written_from_non_finite_weights(data, tmp_path, monkeypatch):
     """A step whose update made a weight infinite (the loss of that step was still finite): its checkpoint is refused
     and the run stops naming the previous one, which verifies; convert.py refuses such weights the same way."""
-    save = convert.write_step_dir
+    save = support.stepdir.write_step_dir
 
     def poisoned_save(out_dir, step, dcp_state, *args, **kwargs):
         if step == 4:
@@ -286,7 +288,7 @@ def test_no_checkpoint_is_written_from_non_finite_weights(data, tmp_path, monkey
     assert not list((tmp_path / "out").glob(".tmp_step_*"))
     weights = {"tok_embeddings.weight": torch.zeros(4, 2), "norm.weight": torch.tensor([1.0, float("nan")])}
     with pytest.raises(convert.CheckpointError, match=r"tensor norm\.weight holds NaN or infinite values"):
-        convert.write_checkpoint(tmp_path / "ckpt", weights, train.PRESETS["tiny"], "llama")
+        support.weights.write_checkpoint(tmp_path / "ckpt", weights, train.PRESETS["tiny"], "llama")
 
 
 def test_the_last_good_checkpoint_is_the_newest_that_verifies(reference, tmp_path):
@@ -296,7 +298,7 @@ def test_the_last_good_checkpoint_is_the_newest_that_verifies(reference, tmp_pat
         f.seek(0)
         f.write(bytes([byte[0] ^ 1]))
     (out / "step_00000006" / "rng_rank0.json").unlink()
-    assert convert.last_good_step_dir(out) == out / "step_00000004"
+    assert support.stepdir.last_good_step_dir(out) == out / "step_00000004"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -305,12 +307,13 @@ def test_the_last_good_checkpoint_is_the_newest_that_verifies(reference, tmp_pat
 KILLED_CONVERT = """
 import os, pathlib, signal, sys
 import convert
+import support.weights
 from support import outputs
 die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
 point = os.environ["KILL_AT"]
 if point == "write":  # the first output shard is on disk, the others are not
-    flush = convert.ShardWriter._flush
-    convert.ShardWriter._flush = lambda self: (flush(self), die())
+    flush = support.weights.ShardWriter._flush
+    support.weights.ShardWriter._flush = lambda self: (flush(self), die())
 elif point == "swap":  # the new dir complete, not yet swapped in
     outputs.swap_paths = die
 elif point == "swapped":  # swapped in, the old one not yet removed
@@ -341,7 +344,7 @@ def killed_converts(tmp_path_factory):
         torch.manual_seed(seed)
         model = Transformer(PRESETS["tiny"])
         model.init_weights()
-        convert.write_checkpoint(root / name, model.state_dict(), PRESETS["tiny"], "llama")
+        support.weights.write_checkpoint(root / name, model.state_dict(), PRESETS["tiny"], "llama")
     flags = ["--max_shard_size", "100KB", "--overwrite"]
     convert.main(["native-to-hf", "--src", str(root / "older"), "--dst", str(root / "old"), *flags])
     convert.main(["native-to-hf", "--src", str(root / "src"), "--dst", str(root / "new"), *flags])
@@ -387,7 +390,7 @@ def test_a_diverging_run_ends_with_one_line_naming_the_last_good_checkpoint(data
     assert re.fullmatch(r"train\.py: step 2: loss .* not finite in float32; stopping; the last good checkpoint is "
                         + re.escape(str(out / "step_00000001")), lines[-1]), r.stderr[-2000:]
     assert [p.name for p in train.step_dirs(out)] == ["step_00000001"]
-    convert.verify_step_dir(out / "step_00000001")
+    support.stepdir.verify_step_dir(out / "step_00000001")
 
 
 def test_the_next_run_removes_what_dead_runs_left_and_spares_a_running_ones(tmp_path):
@@ -401,7 +404,7 @@ def test_the_next_run_removes_what_dead_runs_left_and_spares_a_running_ones(tmp_
         (tmp_path / name).mkdir()
         (tmp_path / name / "shard.safetensors").write_bytes(b"\0" * 1000)
     src = tmp_path / "src"
-    convert.write_checkpoint(src, train.Transformer(train.PRESETS["tiny"]).state_dict(), train.PRESETS["tiny"],
+    support.weights.write_checkpoint(src, train.Transformer(train.PRESETS["tiny"]).state_dict(), train.PRESETS["tiny"],
                              "llama")
     convert.main(["native-to-hf", "--src", str(src), "--dst", str(tmp_path / "dst"), "--overwrite"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".dst.tmp-" + live, ".other.tmp-" + dead, "dst",

@@ -585,11 +585,11 @@ def test_a_model_built_on_meta_straight_into_quantised_form_equals_the_quantised
 @pytest.mark.parametrize("norm_head", [False, True], ids=["llama", "normhead"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path, mode, norm_head):
-    import convert
+    from support.weights import write_checkpoint
 
     args = model_lib.ModelArgs(**{**model_lib.PRESETS["tiny"].__dict__, "norm_head": norm_head})
     torch.manual_seed(0)
-    convert.write_checkpoint(tmp_path, model_lib.Transformer(args).state_dict(), args, "baichuan2")
+    write_checkpoint(tmp_path, model_lib.Transformer(args).state_dict(), args, "baichuan2")
     full, _ = sample.load_model(tmp_path, "cpu", torch.float32)
     want = sample.quantize_model(full, mode, group_size=16)
     got, _ = sample.load_model(tmp_path, "cpu", torch.float32, mode, 16)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train
-from convert import write_checkpoint
+from support.weights import write_checkpoint
 from model import PRESETS, ModelArgs, Transformer
 from support.weights import load_tensors
 from test_train import V, first_step_gradients, markov_tokens, uneven_mask, write_data
