@@ -49,7 +49,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 import prepare
-from support import ascendspeed, flagai
+from support import ascendspeed, diskspace, flagai
 from model import FAMILIES, CheckpointError, ModelArgs, Transformer, family_of_hf_config, read_config
 from support.checks import check_json_fields, check_value, load_json
 from support.outputs import check_output, replace_dir
@@ -327,12 +327,14 @@ class ShardWriter:
     """Writes tensors into safetensors shards as they come, so a converter holds at most one shard in memory.
 
     One shard is named model.safetensors; several get HF's model-0000i-of-0000N.safetensors names and an index.
+    expected_elements (of every tensor to come) lets a full disk say how many bytes the whole output needs.
     """
 
-    def __init__(self, path, max_shard_bytes: Optional[int] = None):
+    def __init__(self, path, max_shard_bytes: Optional[int] = None, expected_elements: Optional[int] = None):
         self.path, self.max_shard_bytes = Path(path), max_shard_bytes or 2**62
         self.path.mkdir(parents=True, exist_ok=True)
         self.pending, self.pending_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
+        self.elements, self.expected_elements = 0, expected_elements
 
     def add(self, name: str, tensor: torch.Tensor):
         check_finite({name: tensor}, self.path)
@@ -342,12 +344,20 @@ class ShardWriter:
         self.pending[name] = tensor.detach().contiguous()
         self.pending_bytes += nbytes
         self.total += nbytes
+        self.elements += tensor.numel()
+
+    def need(self) -> Optional[int]:
+        """Bytes of the whole output, at the bytes per element of the tensors so far."""
+        if self.expected_elements and self.elements:
+            return round(self.total / self.elements * max(self.expected_elements, self.elements))
+        return None
 
     def _flush(self):
         from safetensors.torch import save_file
 
         file = self.path / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(file), metadata={"format": "pt"})
+        with diskspace.needing(self.path, self.need):
+            save_file(self.pending, str(file), metadata={"format": "pt"})
         self.files.append((file, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -381,7 +391,9 @@ def write_checkpoint(path, state_dict, args: ModelArgs, family: str, *, max_shar
     path.mkdir(parents=True, exist_ok=True)
     config = {**asdict(args), "family": family, **(extra_config or {})}
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    writer = ShardWriter(path, max_shard_bytes)
+    elements = (sum(t.numel() for t in state_dict.values()) if isinstance(state_dict, dict)
+                else sum(math.prod(shape) for shape in native_shapes(args).values()))  # Streamed: the model's
+    writer = ShardWriter(path, max_shard_bytes, elements)
     for name, tensor in state_dict.items():
         writer.add(name, tensor)
     writer.close()
@@ -389,10 +401,14 @@ def write_checkpoint(path, state_dict, args: ModelArgs, family: str, *, max_shar
 
 
 
-def staged(dst, overwrite: bool, inputs=()):
-    """A temporary dir beside dst (support.outputs.replace_dir): it replaces dst, atomically, once the block completes, and is
-    removed on failure; a dst that is one of the inputs, holds one or lies in one is refused."""
-    return replace_dir(dst, overwrite, "--dst", inputs, CheckpointError)
+@contextlib.contextmanager
+def staged(dst, overwrite: bool, inputs=(), need=None):
+    """A temporary dir beside dst (support.outputs.replace_dir): it replaces dst, atomically, once the block
+    completes, and is removed on failure; a dst that is one of the inputs, holds one or lies in one is refused. A full
+    disk is one CheckpointError naming dst, the bytes it needs (need, or ShardWriter's estimate) and the bytes free."""
+    with replace_dir(dst, overwrite, "--dst", inputs, CheckpointError) as tmp, \
+            diskspace.reported(dst, tmp, need, CheckpointError):
+        yield tmp
 
 
 class Streamed:
@@ -549,7 +565,8 @@ def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
     ids = prepare.special_ids_of(src / "tokenizer_config.json", args.vocab_size)
     out_dtype = str(dtype or source.get("tok_embeddings.weight").dtype).removeprefix("torch.")
     with staged(dst, overwrite, (src,)) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)  # HF's own file names and index layout
+        # HF's own file names and index layout
+        writer = ShardWriter(tmp, max_shard_bytes, sum(math.prod(s) for s in native_shapes(args).values()))
         for name, t in hf_tensors():
             writer.add(name, t)
         writer.close()
@@ -1170,7 +1187,7 @@ def write_peft_adapter(path, tensors: dict[str, torch.Tensor], args: ModelArgs, 
               "target_modules": sorted(module_patterns({m: True for m in ranks}, hf_linears(args, family))),
               "rank_pattern": module_patterns({m: r for m, r in ranks.items() if r != rank}, ranks),
               "alpha_pattern": module_patterns({m: alpha * r / rank for m, r in ranks.items() if r != rank}, ranks)}
-    with staged(path, True) as tmp:
+    with staged(path, True, need=sum(t.numel() * t.element_size() for t in out.values())) as tmp:
         save_file(out, str(tmp / PEFT_WEIGHTS[0]), metadata={"format": "pt", **(metadata or {})})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -1244,6 +1261,9 @@ TRAIN_STATE_FIELDS = {"step": (int, "[0, 2**63)"), "files": dict, "best_val_loss
                       "data.seed": (int, "[0, 2**63)"), "data.epoch": (int, "[0, inf)"),
                       "data.index": (int, "[0, inf)")}
 RESUME_FIELDS = ("step", *(k for k in TRAIN_STATE_FIELDS if "." in k))
+# what to do when a step dir does not fit: keep_last step dirs stay while the next is written beside them
+ROOM_ADVICE = ("free space, or keep fewer step dirs (keep_last={}: a save writes the next beside them before the "
+               "oldest goes)")
 
 
 @dataclass(frozen=True)
@@ -1314,13 +1334,15 @@ def remove_unfinished_step_dirs(out_dir: Path):
 
 
 def write_step_dir(out_dir: Path, step: int, dcp_state: dict, rng: dict, config: dict, train_state: dict, *,
-                   tokenizer_dir=None, keep_last: int = 0, ranks: Ranks = Ranks(), on_event=None) -> Path:
+                   tokenizer_dir=None, keep_last: int = 0, ranks: Ranks = Ranks(), on_event=None,
+                   need: Optional[int] = None) -> Path:
     """Write out_dir/step_XXXXXXXX: every file into a temporary dir, then the size and sha256 of each into
     train_state.json, which is written last; then one rename, then keep_last pruning (0 keeps all). A crash at any
     point leaves either the previous step dirs alone or this one complete. Every rank calls it with its own DCP
     shards and RNG; rank 0 writes config, tokenizer and manifest. on_event(name, step) is called at "save" (files
     written, not renamed) and "saved" (renamed, not pruned). A full disk or a lost mount: CheckpointError naming
-    the last complete step dir."""
+    the last complete step dir (a full disk: with the bytes the step dir needs, `need` or the newest one's, and
+    the bytes free)."""
     final, tmp = Path(out_dir) / f"step_{step:08d}", Path(out_dir) / f".tmp_step_{step:08d}"
     bad = [e for e in ranks.all_gather(_finite_or_why(dcp_state.get("model", {}), final)) if e]
     if bad:  # every rank refuses together
@@ -1342,14 +1364,18 @@ def write_step_dir(out_dir: Path, step: int, dcp_state: dict, rng: dict, config:
             for old in step_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
                 remove_step_dir(old)
     except (OSError, dcp.api.CheckpointException) as e:
+        full = diskspace.is_full(e, tmp)  # before the partial dir goes: a writer may only have left it no room
         if isinstance(e, dcp.api.CheckpointException) and e.failures:
             e = next(iter(e.failures.values()))[0]
         shutil.rmtree(tmp, ignore_errors=True)
         last = last_good_step_dir(out_dir)
-        raise CheckpointError(
-            f"{tmp}: writing the checkpoint failed ({type(e).__name__}: {(str(e) or '?').splitlines()[0]}); "
-            + (f"the last good checkpoint is {last}" if last else "no good checkpoint was written")
-        ) from None
+        newest = step_dirs(out_dir)
+        why = (diskspace.message(final, need or (diskspace.tree_bytes(newest[-1]) if newest else None),
+                                 diskspace.free_bytes(out_dir), diskspace.mount_of(out_dir),
+                                 ROOM_ADVICE.format(keep_last)) if full else
+               f"{tmp}: writing the checkpoint failed ({type(e).__name__}: {(str(e) or '?').splitlines()[0]})")
+        raise CheckpointError(why + "; " + (f"the last good checkpoint is {last}" if last else
+                                            "no good checkpoint was written")) from None
     ranks.barrier()
     return final
 
@@ -1582,8 +1608,12 @@ def native_to_gguf(src, dst, qtype="f16", overwrite=False):
     if dst.exists() and not overwrite:
         fail(f"--dst {dst}: exists (--overwrite replaces it)")
     tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    # a full disk says about how much the file needs: bytes per value of its type (blocks of 32 with a 2-byte scale)
+    need = sum(math.prod(s) for s in native_shapes(args).values()) * {"f32": 4, "f16": 2, "q8_0": 34 / 32,
+                                                                      "q4_0": 18 / 32}.get(qtype, 4)
     try:
-        gguf.write_gguf(tmp, args, family, native_shapes(args), source.get, fields, qtype)
+        with diskspace.reported(dst, tmp, int(need), CheckpointError):
+            gguf.write_gguf(tmp, args, family, native_shapes(args), source.get, fields, qtype)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
