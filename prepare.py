@@ -38,6 +38,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from support import diskspace
 from support.checks import check_json_fields, check_value, json_type, load_json, parse_json
 from support.outputs import replace_dir
 
@@ -1062,7 +1063,8 @@ def _unicode(text, where):
 
 
 def conversation_messages(turns, where):
-    """[{from, value}] or [{role, content}] -> messages with normalised roles."""
+    """[{from, value}] or [{role, content}] -> messages with normalised roles. Replies with no user turn at all would
+    train the model to answer nothing: refused (an empty conversation has nothing to learn and is dropped)."""
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -1075,6 +1077,9 @@ def conversation_messages(turns, where):
         if not isinstance(content, str):
             raise DataError(f"{where}: conversations[{i}]: expected a string 'value', got {json_type(content)}")
         messages.append({"role": normalize_role(role), "content": _unicode(content, f"{where}: conversations[{i}]")})
+    roles = {m["role"] for m in messages}
+    if "assistant" in roles and "user" not in roles:
+        raise DataError(f"{where}: conversations: only assistant turns: expected a human/user turn for them to answer")
     return messages
 
 
@@ -1110,7 +1115,7 @@ def instruction_messages(rec, fmt, where):
         raise DataError(f"{where}: missing field 'conversations' (a list of {{from, value}})")
     instruction = _field(rec, "instruction", where)
     output = _field(rec, "output", where)
-    inp = rec.get("input") or ""
+    inp = "" if rec.get("input") is None else rec["input"]  # absent or null: no input
     if not isinstance(inp, str):
         raise DataError(f"{where}: field 'input' is {json_type(inp)}, expected a string")
     _unicode(inp, f"{where}: field 'input'")
@@ -1796,8 +1801,16 @@ def prepare(args):
     if not args.tokenizer and any(f.suffix in (".bin", ".idx") for f in files) and fmt in ("auto", "megatron"):
         raise SystemExit("prepare.py: --tokenizer: required for Megatron input (its tokens are already ids)")
     inputs = [*files, *(args.input or []), *([args.tokenizer] if args.tokenizer else [])]
-    with replace_dir(out, args.overwrite, "--out", inputs, _config_error) as tmp:
-        meta = _prepare_into(tmp, args, files, fmt, source, instruction)
+    counters, total = {}, sum(f.stat().st_size for f in files)
+    total = min(total, args.max_chars) if args.max_chars else total  # about: characters, not bytes
+
+    def need(written):  # a full disk: the output's bytes, from those of the input read so far
+        read = counters.get("bytes_read")
+        return max(written, counters["bytes_out"] * max(total, read) // read) if read else None
+
+    with replace_dir(out, args.overwrite, "--out", inputs, _config_error) as tmp, \
+            diskspace.reported(out, tmp, need, _config_error, "free space there, or choose another --out"):
+        meta = _prepare_into(tmp, args, files, fmt, source, instruction, counters)
     return out, meta
 
 
@@ -1837,12 +1850,16 @@ def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes, cou
                              f"prepared with another tokenizer?)")
         for k, v in chunk_stats.items():
             stats[k] = stats.get(k, 0) + v
+        n_bytes = sum(it.nbytes for it in chunk)  # input read, and the bytes its tokens take (a full disk's message)
+        counters["bytes_read"] = counters.get("bytes_read", 0) + n_bytes
+        counters["bytes_out"] = counters.get("bytes_out", 0) + tokens.size * (
+            np.dtype(writers["train"].dtype).itemsize + (mask is not None)) + 8 * len(index)
         offset = 0
         for doc, n, last in index:  # (document number, tokens, ends the document)
             split = "val" if is_val(doc, args.val_fraction) else "train"
             writers[split].add(tokens[offset:offset + n], None if mask is None else mask[offset:offset + n], last)
             offset += n
-        bar.update(sum(it.nbytes for it in chunk))
+        bar.update(n_bytes)
         bar.set_postfix(tokens=writers["train"].n_tokens + writers["val"].n_tokens, refresh=False)
     bar.close()
     return stats
@@ -1860,7 +1877,7 @@ META_LAYOUT = {
 }
 
 
-def _prepare_into(out_dir, args, files, fmt, source, instruction):
+def _prepare_into(out_dir, args, files, fmt, source, instruction, counters):
     tok = get_tokenizer(args, files, fmt, out_dir)
     own = tok.template_name
     template = args.template or own
@@ -1879,7 +1896,7 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
     with_mask = instruction or args.pack
     writers = {s: SplitWriter(out_dir, s, dtype, with_mask, args.seq_len, args.pack, tok.pad_id, args.one_per_row)
                for s in ("train", "val")}
-    t0, counters = time.time(), {}
+    t0 = time.time()
     items = read_items(files, fmt, args.text_field, args.max_chars, args.on_error, counters)
     try:
         stats = tokenize_into(writers, items, tok, template, args, args.seq_len if instruction else 0,
@@ -1887,12 +1904,12 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
     finally:  # also on errors: the temporary dir is removed with closed files
         for w in writers.values():
             w.close()
-    if args.val_fraction > 0 and writers["val"].n_docs == 0 and move_last_to_val(out_dir, writers, dtype):
-        print("prepare.py: the val split was empty: it holds the last train document instead", file=sys.stderr)
-    elapsed = time.time() - t0
     n_tokens = sum(w.n_tokens for w in writers.values())
     if n_tokens == 0:
         raise SystemExit("prepare.py: --input: no documents left to write (all empty, skipped or dropped)")
+    if args.val_fraction > 0 and writers["val"].n_docs == 0 and move_last_to_val(out_dir, writers, dtype):
+        print("prepare.py: the val split was empty: it holds the last train document instead", file=sys.stderr)
+    elapsed = time.time() - t0
     if args.megatron:
         for s in writers:
             offsets = np.fromfile(out_dir / f"{s}.docs.bin", dtype=np.int64)
