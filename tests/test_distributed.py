@@ -12,6 +12,7 @@ process on the same global batch (fp32, 6 steps, relative loss difference <= 1e-
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -295,6 +296,39 @@ def test_rank_death_ends_the_job_and_resume_continues(data, tmp_path):
     # resume the survivor's checkpoints in one process (dp=2 -> dp=1): as if the run had never stopped
     last = train.step_dirs(out)[-1]
     k = int(last.name.split("_")[1])
+    resumed = train.main(common(data, f"--out_dir={out}", "--init_from=resume", f"--max_iters={k + 2}"))["losses"]
+    reference = train.main(common(data, f"--out_dir={tmp_path / 'reference'}", f"--max_iters={k + 2}"))["losses"]
+    assert_same_losses(resumed, reference, range(k + 1, k + 3))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(data, tmp_path):
+    """A scheduler may signal some ranks only: rank 1 gets SIGTERM, rank 0 none; both stop after the same step, whose
+    checkpoint holds both ranks, and rank 0 says how to resume; the resume continues as if nothing had stopped."""
+    out = tmp_path / "run"
+    args = common(data, "--dp=2", "--max_iters=100000", "--ckpt_interval=1000", f"--out_dir={out}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "train.py", *args]
+    with open(tmp_path / "log.txt", "w") as log:
+        agent = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 300
+            while not ((out / "metrics.jsonl").exists() and log_rows(out)):
+                assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+                time.sleep(0.05)
+            os.kill(worker_pids(agent.pid)[1], signal.SIGTERM)
+            agent.wait(timeout=120)  # a hang, not a speed: rank 0 must learn of the stop at all
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+    text = (tmp_path / "log.txt").read_text()
+    m = re.search(r"train\.py: stopped by SIGTERM after step (\d+), saved in (\S+); resume with: (.*)", text)
+    assert m, text[-3000:]
+    k = int(m[1])
+    assert m[2] == str(out / f"step_{k:08d}") and m[3].startswith("torchrun --nproc_per_node=2 --standalone train.py ")
+    assert m[3].endswith(" --init_from=resume") and text.count("stopped by SIGTERM") == 1  # rank 0 alone says it
+    assert [p.name for p in train.step_dirs(out)] == [f"step_{k:08d}"]
+    assert {p.name for p in (out / f"step_{k:08d}").glob("rng_rank*.json")} == {"rng_rank0.json", "rng_rank1.json"}
+    assert max(r["step"] for r in log_rows(out)) == k  # no rank went on past it
     resumed = train.main(common(data, f"--out_dir={out}", "--init_from=resume", f"--max_iters={k + 2}"))["losses"]
     reference = train.main(common(data, f"--out_dir={tmp_path / 'reference'}", f"--max_iters={k + 2}"))["losses"]
     assert_same_losses(resumed, reference, range(k + 1, k + 3))
