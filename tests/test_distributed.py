@@ -373,6 +373,20 @@ def test_bad_mesh_under_torchrun_stops_every_rank(data, tmp_path):
     assert 'train.py", line' not in result.stderr, result.stderr[-3000:]
 
 
+def test_an_out_dir_in_use_stops_every_rank_of_a_launch(data, tmp_path):
+    """This process holds out_dir as a run would; a 2-rank launch into it stops on both ranks with rank 0's line
+    naming this process, at once (the other rank waits for no collective that will not come)."""
+    from support import runlock
+
+    with runlock.OutDirLock() as lock:
+        lock.take(tmp_path)
+        result = torchrun(2, "train.py", *common(data, f"--out_dir={tmp_path}", "--dp=2"), timeout=200)
+    assert result.returncode != 0
+    assert f"train.py: out_dir={tmp_path} is in use by another run (pid {os.getpid()} on host " in result.stderr, \
+        result.stderr[-3000:]
+    assert 'train.py", line' not in result.stderr and not train.step_dirs(tmp_path), result.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # activation checkpointing
 
