@@ -30,7 +30,9 @@ Every function here reports a problem as model.CheckpointError naming the file a
 """
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import prepare
-from support import ascendspeed, flagai
+from support import ascendspeed, diskspace, flagai
 from model import FAMILIES, CheckpointError, ModelArgs, family_of_hf_config, read_config
 from support.checks import check_json_fields, check_value, load_json
 from support.hf_names import BAICHUAN, hf_ignored, hf_layout, native_shapes, stacked_shape
@@ -151,10 +153,14 @@ def hf_args(cfg: dict, family: str, where) -> ModelArgs:
 # output: staged dir, weights, tokenizer
 
 
-def staged(dst, overwrite: bool, inputs=()):
-    """A temporary dir beside dst (support.outputs.replace_dir): it replaces dst, atomically, once the block completes, and is
-    removed on failure; a dst that is one of the inputs, holds one or lies in one is refused."""
-    return replace_dir(dst, overwrite, "--dst", inputs, CheckpointError)
+@contextlib.contextmanager
+def staged(dst, overwrite: bool, inputs=(), need=None):
+    """A temporary dir beside dst (support.outputs.replace_dir): it replaces dst, atomically, once the block
+    completes, and is removed on failure; a dst that is one of the inputs, holds one or lies in one is refused. A full
+    disk is one CheckpointError naming dst, the bytes it needs (need, or ShardWriter's estimate) and the bytes free."""
+    with replace_dir(dst, overwrite, "--dst", inputs, CheckpointError) as tmp, \
+            diskspace.reported(dst, tmp, need, CheckpointError):
+        yield tmp
 
 
 class Streamed:
@@ -311,7 +317,8 @@ def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
     ids = prepare.special_ids_of(src / "tokenizer_config.json", args.vocab_size)
     out_dtype = str(dtype or source.get("tok_embeddings.weight").dtype).removeprefix("torch.")
     with staged(dst, overwrite, (src,)) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)  # HF's own file names and index layout
+        # HF's own file names and index layout
+        writer = ShardWriter(tmp, max_shard_bytes, sum(math.prod(s) for s in native_shapes(args).values()))
         for name, t in hf_tensors():
             writer.add(name, t)
         writer.close()
@@ -739,8 +746,12 @@ def native_to_gguf(src, dst, qtype="f16", overwrite=False):
     if dst.exists() and not overwrite:
         fail(f"--dst {dst}: exists (--overwrite replaces it)")
     tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    # a full disk says about how much the file needs: bytes per value of its type (blocks of 32 with a 2-byte scale)
+    need = sum(math.prod(s) for s in native_shapes(args).values()) * {"f32": 4, "f16": 2, "q8_0": 34 / 32,
+                                                                      "q4_0": 18 / 32}.get(qtype, 4)
     try:
-        gguf.write_gguf(tmp, args, family, native_shapes(args), source.get, fields, qtype)
+        with diskspace.reported(dst, tmp, int(need), CheckpointError):
+            gguf.write_gguf(tmp, args, family, native_shapes(args), source.get, fields, qtype)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)

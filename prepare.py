@@ -40,6 +40,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from support import diskspace
 from support.checks import check_json_fields, check_value, load_json
 from support.jinja_templates import (HF_TEMPLATE, JINJA_PROBE, TemplateError, builtin_jinja, check_jinja_template,
                                      encode_jinja_chat, is_jinja, reserved_marker)
@@ -1261,8 +1262,16 @@ def prepare(args):
     if not args.tokenizer and any(f.suffix in (".bin", ".idx") for f in files) and fmt in ("auto", "megatron"):
         raise DataError("--tokenizer: required for Megatron input (its tokens are already ids)")
     inputs = [*files, *(args.input or []), *([args.tokenizer] if args.tokenizer else [])]
-    with replace_dir(out, args.overwrite, "--out", inputs, DataError) as tmp:
-        meta = _prepare_into(tmp, args, files, fmt, source, instruction)
+    counters, total = {}, sum(f.stat().st_size for f in files)
+    total = min(total, args.max_chars) if args.max_chars else total  # about: characters, not bytes
+
+    def need(written):  # a full disk: the output's bytes, from those of the input read so far
+        read = counters.get("bytes_read")
+        return max(written, counters["bytes_out"] * max(total, read) // read) if read else None
+
+    with replace_dir(out, args.overwrite, "--out", inputs, DataError) as tmp, \
+            diskspace.reported(out, tmp, need, DataError, "free space there, or choose another --out"):
+        meta = _prepare_into(tmp, args, files, fmt, source, instruction, counters)
     return out, meta
 
 
@@ -1302,12 +1311,16 @@ def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes, cou
                              f"prepared with another tokenizer?)")
         for k, v in chunk_stats.items():
             stats[k] = stats.get(k, 0) + v
+        n_bytes = sum(it.nbytes for it in chunk)  # input read, and the bytes its tokens take (a full disk's message)
+        counters["bytes_read"] = counters.get("bytes_read", 0) + n_bytes
+        counters["bytes_out"] = counters.get("bytes_out", 0) + tokens.size * (
+            np.dtype(writers["train"].dtype).itemsize + (mask is not None)) + 8 * len(index)
         offset = 0
         for doc, n, last in index:  # (document number, tokens, ends the document)
             split = "val" if is_val(doc, args.val_fraction) else "train"
             writers[split].add(tokens[offset:offset + n], None if mask is None else mask[offset:offset + n], last)
             offset += n
-        bar.update(sum(it.nbytes for it in chunk))
+        bar.update(n_bytes)
         bar.set_postfix(tokens=writers["train"].n_tokens + writers["val"].n_tokens, refresh=False)
     bar.close()
     return stats
@@ -1325,7 +1338,7 @@ META_LAYOUT = {
 }
 
 
-def _prepare_into(out_dir, args, files, fmt, source, instruction):
+def _prepare_into(out_dir, args, files, fmt, source, instruction, counters):
     tok = get_tokenizer(args, files, fmt, out_dir)
     own = tok.template_name
     template = args.template or own
@@ -1344,7 +1357,7 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
     with_mask = instruction or args.pack
     writers = {s: SplitWriter(out_dir, s, dtype, with_mask, args.seq_len, args.pack, tok.pad_id, args.one_per_row)
                for s in ("train", "val")}
-    t0, counters = time.time(), {}
+    t0 = time.time()
     items = read_items(files, fmt, args.text_field, args.max_chars, args.on_error, counters)
     try:
         stats = tokenize_into(writers, items, tok, template, args, args.seq_len if instruction else 0,
@@ -1352,12 +1365,12 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
     finally:  # also on errors: the temporary dir is removed with closed files
         for w in writers.values():
             w.close()
-    if args.val_fraction > 0 and writers["val"].n_docs == 0 and move_last_to_val(out_dir, writers, dtype):
-        print("prepare.py: the val split was empty: it holds the last train document instead", file=sys.stderr)
-    elapsed = time.time() - t0
     n_tokens = sum(w.n_tokens for w in writers.values())
     if n_tokens == 0:
         raise DataError("--input: no documents left to write (all empty, skipped or dropped)")
+    if args.val_fraction > 0 and writers["val"].n_docs == 0 and move_last_to_val(out_dir, writers, dtype):
+        print("prepare.py: the val split was empty: it holds the last train document instead", file=sys.stderr)
+    elapsed = time.time() - t0
     if args.megatron:
         for s in writers:
             offsets = np.fromfile(out_dir / f"{s}.docs.bin", dtype=np.int64)

@@ -1482,7 +1482,8 @@ def parse_args(argv):
     p.add_argument("--repetition_penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; \\n and \\t understood)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string, not empty (repeatable; \\n and \\t understood)")
     p.add_argument("--chat", action="store_true", help="interactive chat with the checkpoint's template")
     p.add_argument("--multiline", action="store_true", help="interactive input of several lines, ended by Ctrl-D "
                    "on an empty line (FastChat's CLI --multiline)")
@@ -1516,6 +1517,8 @@ def parse_args(argv):
     except ValueError as e:
         fail(f"--{e}")
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+    if "" in args.stop:  # found at once in any text: nothing would ever be printed
+        fail("--stop: an empty string would stop before the first token; expected a non-empty stop string")
     for flag, text in [("prompt", args.prompt), ("system", args.system)] + [("stop", s) for s in args.stop]:
         if text is not None and (bad := not_utf8(text)):
             fail(f"--{flag}: {bad}")

@@ -54,11 +54,12 @@ from support.planner import flops_per_token, memory_plan, mm_peak_flops, peak_me
 from convert import dcp_to_native, merge_lora
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, count_weights, lora_state_dict, read_config
 from support import config as configurator
+from support import diskspace, metrics_file, preemption, runlock
 from support.config import ConfigError
 from support.checks import check_value, ranged
 from support.outputs import check_output
 from support.peft import write_peft_adapter
-from support.stepdir import (RESUME_FIELDS, Ranks, dcp_load, last_good_step_dir, newest_step_dir, read_step_dir,
+from support.stepdir import (RESUME_FIELDS, ROOM_ADVICE, Ranks, dcp_load, last_good_step_dir, newest_step_dir, read_step_dir,
                              read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_step_dir)
 from support.weights import load_tensors
 
@@ -270,6 +271,7 @@ class Dist:
     tp_rank: int = 0
     mesh: object = None  # torch DeviceMesh with dims ("dp", "tp"), None in one process
     own_group: bool = False  # this run joined the process group (and leaves it at the end)
+    cpu_group: object = None  # gloo, for the stop flag each step without a device sync (None: the default group)
 
     @property
     def master(self) -> bool:
@@ -311,7 +313,8 @@ def setup_distributed(cfg: Config, args: ModelArgs) -> Dist:
         dist.init_process_group(kernels.dist_backend(device), timeout=timedelta(seconds=cfg.dist_timeout_s))
     mesh = init_device_mesh(device, (dp, cfg.tp), mesh_dim_names=("dp", "tp"))
     return Dist(rank, world_size, local_rank, dp=dp, dp_rank=mesh.get_local_rank("dp"), tp=cfg.tp,
-                tp_rank=mesh.get_local_rank("tp"), mesh=mesh, own_group=own_group)
+                tp_rank=mesh.get_local_rank("tp"), mesh=mesh, own_group=own_group,
+                cpu_group=None if device == "cpu" else dist.new_group(backend="gloo"))
 
 
 def check_mesh(cfg: Config, args: ModelArgs, world: int, world_name: str = "WORLD_SIZE") -> int:
@@ -721,8 +724,9 @@ def ranks_of(d: Dist) -> Ranks:
 
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dict, args: ModelArgs, family: str,
-                    cfg: Config, d: Dist) -> Path:
-    """out_dir/step_XXXXXXXX with this rank's shards of model and optimiser, its RNG, and train_state."""
+                    cfg: Config, d: Dist, need: int = 0) -> Path:
+    """out_dir/step_XXXXXXXX with this rank's shards of model and optimiser, its RNG, and train_state (need: the
+    bytes it is expected to take, for the message of a full disk)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     rng = {"torch": torch.get_rng_state().tolist()}
     if _device(d).type in ("cuda", "npu"):
@@ -730,7 +734,7 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dic
     return write_step_dir(out_dir, step, {"model": model_sd, "optim": optim_sd}, rng,
                           {**asdict(args), "family": family}, train_state,
                           copy_tokenizer=lambda dst: prepare.copy_tokenizer_files(cfg.data_dir, dst),
-                          keep_last=cfg.keep_last, ranks=ranks_of(d), on_event=on_event)
+                          keep_last=cfg.keep_last, ranks=ranks_of(d), on_event=on_event, need=need or None)
 
 
 def load_checkpoint(step_dir: Path, model, optimizer, d: Dist) -> dict:
@@ -807,9 +811,10 @@ def load_weights(path: Path, model, args: ModelArgs):
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
 
 
-def prepare_out_dir(cfg: Config, d: Dist) -> Path:
+def prepare_out_dir(cfg: Config, d: Dist, lock: runlock.OutDirLock) -> Path:
     """Refuse an out_dir that is, holds or lies inside this run's data or start checkpoint, and two runs in one
-    out_dir: init_from='scratch' needs an empty out_dir or --overwrite."""
+    out_dir: one that another process holds (lock: rank 0 holds it for this run until the end), and a previous run's
+    unless init_from='resume' or --overwrite."""
     out_dir = Path(cfg.out_dir)
     inputs = [cfg.data_dir] + ([cfg.init_from] if cfg.init_from not in ("scratch", "resume") else [])
     try:  # not ".", a file, the data or the checkpoint this run reads, nor a dir holding them (so nothing that
@@ -817,19 +822,25 @@ def prepare_out_dir(cfg: Config, d: Dist) -> Path:
         check_output(out_dir, inputs, flag="out_dir")
     except ValueError as e:
         raise TrainError(str(e))
-    previous = step_dirs(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "export") if p.exists()]
-    if cfg.init_from != "resume" and previous and not cfg.overwrite:
-        raise TrainError(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
-             f"it, or --overwrite to replace it")
+    problem = None
     if d.master:
         try:  # a path under a file, a read-only dir or file system: one line now, not a traceback at the first save
             out_dir.mkdir(parents=True, exist_ok=True)
+            if warning := lock.take(out_dir):
+                tqdm.write(f"train.py: warning: {warning}", file=sys.stderr)
             probe = out_dir / f".write_test_{os.getpid()}"
             probe.touch()
             probe.unlink()
         except OSError as e:
-            raise TrainError(f"out_dir={out_dir}: cannot write there ({e.strerror}: {e.filename})")
-    barrier(d)
+            problem = f"out_dir={out_dir}: cannot write there ({e.strerror}: {e.filename})"
+        except runlock.Busy as e:
+            problem = str(e)
+    if problem := all_gather(problem, d)[0]:  # every rank stops with rank 0's line
+        raise TrainError(problem)
+    previous = step_dirs(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "export") if p.exists()]
+    if cfg.init_from != "resume" and previous and not cfg.overwrite:
+        raise TrainError(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
+             f"it, or --overwrite to replace it")
     if d.master:
         if cfg.init_from != "resume":
             for p in previous:
@@ -918,6 +929,8 @@ class Run:
     unread: list = field(default_factory=list)  # (step, lr, loss, grad norm) of the steps since the last read_steps
     metrics: object = None  # metrics.jsonl, open on rank 0
     t_start: float = 0.0
+    stop: object = None  # preemption.StopSignals: the signal this process received, if any
+    stopped_by: int = 0  # the signal every rank stopped on
 
     def log(self, msg: str):
         if self.d.master:
@@ -931,16 +944,20 @@ class Run:
 
 def main(argv=None) -> dict:
     """Train; returns a summary (losses per step, last val loss, baseline, paths) for tests and callers. What stops a
-    run (TrainError, a bad config, checkpoint or data dir) is one line "train.py: ..." and exit status 1."""
+    run (TrainError, a bad config, checkpoint or data dir) is one line "train.py: ..." and exit status 1; a run stopped
+    by SIGTERM or SIGINT saves its step and exits with preemption.PREEMPTED, saying how to resume it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "-h" in argv or "--help" in argv:
         print(f"{__doc__}\nkeys, defaults and values:\n{configurator.keys_help(Config, Config.__dataclass_fields__)}"
               f"\n  and every ModelArgs field: {', '.join(MODEL_FIELDS)}")
         raise SystemExit(0)
     try:
-        return run_training(argv)
+        summary = run_training(argv)
     except (TrainError, ConfigError, CheckpointError, prepare.DataError, prepare.TemplateError) as e:
         raise SystemExit(f"train.py: {e}") from None
+    if summary.get("stopped_by"):  # SIGTERM / SIGINT: saved, and said how to resume (run_training)
+        raise SystemExit(preemption.PREEMPTED)
+    return summary
 
 
 def run_training(argv: list[str]) -> dict:
@@ -950,13 +967,30 @@ def run_training(argv: list[str]) -> dict:
     check_config(cfg)
     if cfg.dry_run:  # the plan only: no data, no model, no process group
         return plan(cfg, model_overrides)
-    with kernels.freed_memory_returned_to_os(cfg.lora_rank > 0 and kernels.device_type() == "cpu"):
-        run = setup(cfg, model_overrides)
-        restore(run)
-        return finish(run, train(run))
+    script = sys.argv[0] if Path(sys.argv[0]).name == "train.py" else os.path.relpath(__file__)
+    resume = preemption.command_line(script, argv, resume=True)
+    say = preemption.say_now if os.environ.get("RANK", "0") == "0" else None
+    disk_full = diskspace.reported(cfg.out_dir, error=TrainError,  # the last resort: metrics.jsonl, the lock file
+                                   advice="free space there", by_room=False)
+    with kernels.freed_memory_returned_to_os(cfg.lora_rank > 0 and kernels.device_type() == "cpu"), disk_full, \
+            runlock.OutDirLock() as lock, \
+            preemption.StopSignals(say, lambda: (step_dirs(cfg.out_dir) or [None])[-1], resume) as stop:
+        try:
+            run = setup(cfg, model_overrides, lock)
+            run.stop = stop
+            restore(run)
+            summary = finish(run, train(run))
+        except CheckpointError as e:  # support/stepdir.py's, a full disk's too: main's line as it is, not disk_full's
+            raise TrainError(str(e)) from None
+    if run.stopped_by:  # preempted: a normal stop, with a status of its own (main's)
+        name = preemption.signal_name(run.stopped_by)
+        run.log(f"train.py: stopped by {name} after step {run.step}, saved in {run.last_ckpt}; resume with: {resume}"
+                if run.last_ckpt else f"train.py: stopped by {name} before the first step: nothing to save; start "
+                f"again with: {preemption.command_line(script, argv + ['--overwrite'], resume=False)}")
+    return {**summary, "stopped_by": run.stopped_by}
 
 
-def setup(cfg: Config, model_overrides: dict) -> Run:
+def setup(cfg: Config, model_overrides: dict, lock: runlock.OutDirLock) -> Run:
     """Data, mesh, out_dir, the model with its weights (build_model), optimiser, loss scaler and data sampler."""
     meta = load_meta(cfg.data_dir)
     args, family = model_args_for(cfg, model_overrides, meta)
@@ -969,7 +1003,7 @@ def setup(cfg: Config, model_overrides: dict) -> Run:
     except prepare.DataError as e:
         raise TrainError(str(e))
     check_memory(args, cfg, d, train_data.packed)
-    out_dir = prepare_out_dir(cfg, d)
+    out_dir = prepare_out_dir(cfg, d, lock)
     model = build_model(args, cfg, d)
     return Run(cfg, model_overrides, args, family, d, _device(d), out_dir, train_data, val_data, model,
                optimizer=build_optimizer(model, cfg, _device(d)),
@@ -1007,6 +1041,8 @@ def restore(run: Run):
         run.scaler.load_state_dict(state["loss_scaler"])
         run.sampler.load_state_dict(state["data"])
         run.log(f"resumed from {resumed_from} at step {run.step}")
+        if run.step < cfg.max_iters:  # a disk without room for the next save: said now, not after the steps up to it
+            check_room(run, step_bytes=diskspace.tree_bytes(resumed_from))
     elif cfg.init_from != "scratch" and not cfg.lora_rank:  # build_model loaded them
         run.log(f"initialised weights from {cfg.init_from}")
     if cfg.lora_rank:
@@ -1035,6 +1071,9 @@ def start_metrics(run: Run) -> tuple[float, float]:
     cfg, args, d = run.cfg, run.args, run.d
     peak = cfg.peak_flops or mm_peak_flops(torch.float32, 1024, run.device, repeats=1, seconds=0.5)
     baseline = unigram_entropy(run.train_data, args.vocab_size)
+    if d.master and cfg.init_from == "resume" and (dropped := metrics_file.rewind(run.out_dir / "metrics.jsonl",
+                                                                                  run.step)):
+        run.log(f"metrics.jsonl: dropped {dropped} rows of the steps after {run.step}, which this run trains again")
     run.metrics = open(run.out_dir / "metrics.jsonl", "a") if d.master else None
     n_params = count_weights(run.model)  # QLoRA's NF4 weights too
     source = {"scratch": cfg.model, "resume": f"of {run.out_dir}"}.get(cfg.init_from, cfg.init_from)
@@ -1061,6 +1100,13 @@ def train(run: Run) -> dict:
     bar = tqdm(total=cfg.max_iters, initial=run.step, disable=not d.master, dynamic_ncols=True, file=sys.stderr)
     with bar:  # closed however the loop ends: a stopping run's message comes after the bar, not inside it
         while run.step < cfg.max_iters:
+            run.stopped_by = stop_requested(run)  # SIGTERM / SIGINT: every rank stops after the same step
+            if run.stopped_by:
+                if run.step and (run.last_ckpt is None or run.last_ckpt.name != f"step_{run.step:08d}"):
+                    if run.unread:  # never a checkpoint of NaN weights
+                        read_steps(run)
+                    run.last_ckpt = checkpoint(run)
+                break
             run.unread.append((run.step + 1, *train_step(run, autocast)))
             run.step += 1
             bar.update(1)
@@ -1086,6 +1132,17 @@ def train(run: Run) -> dict:
                 throughput.restart()
     return {"losses": run.losses, "val_loss": run.val_loss, "best_val_loss": run.best_val,
             "unigram_baseline": baseline, "last_checkpoint": run.last_ckpt, "skipped_steps": run.scaler.skipped}
+
+
+def stop_requested(run: Run) -> int:
+    """The signal every rank stops on, 0 for none: the largest any rank has received (a scheduler may signal some
+    ranks only), agreed by an all-reduce on the CPU before each step, which waits for no device."""
+    signum = run.stop.signum if run.stop else 0
+    if run.d.world_size == 1:
+        return signum
+    flag = torch.tensor([signum], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.d.cpu_group)
+    return int(flag.item())
 
 
 def train_step(run: Run, autocast) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -1214,21 +1271,41 @@ class Throughput:
 
 
 def checkpoint(run: Run) -> Path:
-    """Save the run at its current step (save_checkpoint with everything needed to continue it exactly)."""
+    """Save the run at its current step (save_checkpoint with everything needed to continue it exactly), once the
+    disk has room for it (check_room)."""
     cfg = run.cfg
+    need = check_room(run, run.out_dir / f"step_{run.step:08d}")
     train_state = {"step": run.step, "best_val_loss": run.best_val, "loss_scaler": run.scaler.state_dict(),
                    "data": run.sampler.state_dict(), "world_size": run.d.world_size, "config": asdict(cfg),
                    "model_overrides": run.model_overrides, "lora_base": run.lora_base}
     return save_checkpoint(run.out_dir, run.step, run.model, run.optimizer, train_state, run.args, run.family, cfg,
-                           run.d)
+                           run.d, need)
+
+
+def check_room(run: Run, where: Path | None = None, step_bytes: int = 0) -> int:
+    """The bytes a step dir takes: the newest one's (step_bytes, or the newest in out_dir), before the first the
+    parameters and optimiser state of every rank; stops every rank in one line, naming the last good checkpoint,
+    when out_dir's disk has not that much room (plus a margin) for the next one beside the keep_last kept."""
+    state_bytes = sum(gather_over_ranks(local_state_bytes(run.model, run.optimizer), run.d))  # on every rank
+    problem, need = None, 0
+    if run.d.master:
+        newest = step_dirs(run.out_dir)
+        need = step_bytes or (diskspace.tree_bytes(newest[-1]) if newest else int(state_bytes))
+        problem = diskspace.room_problem(run.out_dir, need, ROOM_ADVICE.format(run.cfg.keep_last),
+                                         f"{where.name if where else 'the next checkpoint'}")
+    if problem := all_gather(problem, run.d)[0]:
+        raise TrainError(f"{problem}{last_good(run)}")
+    return need
 
 
 def finish(run: Run, summary: dict) -> dict:
     """The LoRA adapters (PEFT format) and, with export, a checkpoint dir for sample.py; close the run."""
     cfg, d, step, out_dir = run.cfg, run.d, run.step, run.out_dir
     export_dir = adapter_dir = None
-    if cfg.lora_rank:  # the adapters alone, a few MB, in PEFT's format: convert.py merge-lora folds them into any
-        adapters = lora_state_dict(run.model, full=True)  # copy of the base; gathered from every rank
+    # the adapters alone, a few MB, in PEFT's format: convert.py merge-lora folds them into any copy of the base;
+    # gathered from every rank. A preempted run's result is its step dir until a resume finishes it
+    if cfg.lora_rank and not run.stopped_by:
+        adapters = lora_state_dict(run.model, full=True)
         if d.master:
             adapter_dir = out_dir / "adapter"
             write_peft_adapter(adapter_dir, adapters, run.args, run.family, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
@@ -1237,11 +1314,15 @@ def finish(run: Run, summary: dict) -> dict:
                                          "step": str(step)})
             run.log(f"adapters of step {step} saved to {adapter_dir} (PEFT LoRA format)")
         barrier(d)
-    if cfg.export and run.last_ckpt is not None:
+    if cfg.export and run.last_ckpt is not None and not run.stopped_by:
         if d.master:
             if not cfg.lora_rank:
                 export_dir = out_dir / "export"
-                dcp_to_native(run.last_ckpt, export_dir, overwrite=True)
+                try:
+                    dcp_to_native(run.last_ckpt, export_dir, overwrite=True)
+                except CheckpointError as e:  # a full disk: the run itself is saved
+                    raise TrainError(f"{e}; {run.last_ckpt} is complete: export it with python convert.py dcp-to-native "
+                         f"--src={run.last_ckpt} --dst=DIR")
             elif run.lora_base:  # merged into the base's own full-precision weights (for QLoRA too)
                 export_dir = out_dir / "export"
                 merge_lora(run.lora_base, adapter_dir, export_dir, overwrite=True)

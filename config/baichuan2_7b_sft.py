@@ -69,4 +69,5 @@ eval_interval = 100
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 78
+keep_last = 2  # our choice (the source sets no limit): a damaged newest step dir falls back to the one before
 export = True

@@ -79,4 +79,5 @@ eval_interval = 10000
 eval_iters = 20
 log_interval = 10  # logging_steps
 ckpt_interval = 10000  # save_steps
+keep_last = 2  # our choice (the source sets no limit): a damaged newest step dir falls back to the one before
 export = True

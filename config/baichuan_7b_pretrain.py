@@ -95,4 +95,5 @@ eval_interval = 1000
 eval_iters = 1
 log_interval = 1
 ckpt_interval = 10_000  # --save-interval: only the end of the run
+keep_last = 2  # our choice (the source sets no limit): a damaged newest step dir falls back to the one before
 export = True

@@ -57,5 +57,5 @@ eval_interval = 200
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 2000
-keep_last = 1
+keep_last = 2  # as llama_7b_alpaca (our choice; the source's limit is 1)
 export = True

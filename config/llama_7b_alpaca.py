@@ -30,8 +30,9 @@
 # | recompute          | none (no --gradient_checkpointing)     | none                          |
 # | eval               | --evaluation_strategy "no"             | 0.2% held out, every 200 steps| train.py evaluates:
 # |                    |                                        |                               | our choice
-# | save, log          | --save_steps 2000, --save_total_limit  | ckpt_interval 2000 (the last  |
-# |                    | 1; --logging_steps 1                   | step), keep_last 1; log 1     |
+# | save, log          | --save_steps 2000, --save_total_limit  | ckpt_interval 2000 (the last  | keep_last: our choice,
+# |                    | 1; --logging_steps 1                   | step), keep_last 2; log 1     | a damaged newest step
+# |                    |                                        |                               | dir falls back
 # | loss weighting     | HF: each micro batch's mean over its   | micro_batch: the same         |
 # |                    | counted targets, then the mean over    |                               |
 # |                    | micro batches and devices              |                               |
@@ -72,5 +73,5 @@ eval_interval = 200
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 2000
-keep_last = 1
+keep_last = 2  # the source's save_total_limit is 1: see the table
 export = True

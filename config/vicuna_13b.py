@@ -67,4 +67,5 @@ eval_interval = 200
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 400
+keep_last = 2  # our choice (the document names --save_total_limit, not its value)
 export = True

@@ -17,7 +17,7 @@ import torch
 
 import model as model_lib
 from model import ModelArgs
-from support import quant
+from support import diskspace, quant
 from support.checks import check_json_fields, load_json
 from support.hf_names import hf_layout, native_shapes, stacked_shape
 from support.outputs import replace_dir
@@ -322,7 +322,9 @@ def write_peft_adapter(path, tensors: dict[str, torch.Tensor], args: ModelArgs, 
               "target_modules": sorted(module_patterns({m: True for m in ranks}, hf_linears(args, family))),
               "rank_pattern": module_patterns({m: r for m, r in ranks.items() if r != rank}, ranks),
               "alpha_pattern": module_patterns({m: alpha * r / rank for m, r in ranks.items() if r != rank}, ranks)}
-    with replace_dir(path, True, "--dst", (), CheckpointError) as tmp:
+    need = sum(t.numel() * t.element_size() for t in out.values())
+    with replace_dir(path, True, "--dst", (), CheckpointError) as tmp, \
+            diskspace.reported(path, tmp, need, CheckpointError):
         save_file(out, str(tmp / PEFT_WEIGHTS[0]), metadata={"format": "pt", **(metadata or {})})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 

@@ -90,7 +90,8 @@ def _unicode(text, where):
 
 
 def conversation_messages(turns, where):
-    """[{from, value}] or [{role, content}] -> messages with normalised roles."""
+    """[{from, value}] or [{role, content}] -> messages with normalised roles. Replies with no user turn at all would
+    train the model to answer nothing: refused (an empty conversation has nothing to learn and is dropped)."""
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -103,6 +104,9 @@ def conversation_messages(turns, where):
         if not isinstance(content, str):
             raise DataError(f"{where}: conversations[{i}]: expected a string 'value', got {json_type(content)}")
         messages.append({"role": normalize_role(role), "content": _unicode(content, f"{where}: conversations[{i}]")})
+    roles = {m["role"] for m in messages}
+    if "assistant" in roles and "user" not in roles:
+        raise DataError(f"{where}: conversations: only assistant turns: expected a human/user turn for them to answer")
     return messages
 
 
@@ -138,7 +142,7 @@ def instruction_messages(rec, fmt, where):
         raise DataError(f"{where}: missing field 'conversations' (a list of {{from, value}})")
     instruction = record_field(rec, "instruction", where)
     output = record_field(rec, "output", where)
-    inp = rec.get("input") or ""
+    inp = "" if rec.get("input") is None else rec["input"]  # absent or null: no input
     if not isinstance(inp, str):
         raise DataError(f"{where}: field 'input' is {json_type(inp)}, expected a string")
     _unicode(inp, f"{where}: field 'input'")

@@ -25,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from support import diskspace
 from support.checks import check_json_fields, load_json
 from support.weights import CheckpointError, check_finite
 
@@ -57,6 +58,9 @@ TRAIN_STATE_FIELDS = {"step": (int, "[0, 2**63)"), "files": dict, "best_val_loss
                       "data.seed": (int, "[0, 2**63)"), "data.epoch": (int, "[0, inf)"),
                       "data.index": (int, "[0, inf)")}
 RESUME_FIELDS = ("step", *(k for k in TRAIN_STATE_FIELDS if "." in k))
+# what to do when a step dir does not fit: keep_last step dirs stay while the next is written beside them
+ROOM_ADVICE = ("free space, or keep fewer step dirs (keep_last={}: a save writes the next beside them before the "
+               "oldest goes)")
 
 
 @dataclass(frozen=True)
@@ -127,13 +131,15 @@ def remove_unfinished_step_dirs(out_dir: Path):
 
 
 def write_step_dir(out_dir: Path, step: int, dcp_state: dict, rng: dict, config: dict, train_state: dict, *,
-                   copy_tokenizer=None, keep_last: int = 0, ranks: Ranks = Ranks(), on_event=None) -> Path:
+                   copy_tokenizer=None, keep_last: int = 0, ranks: Ranks = Ranks(), on_event=None,
+                   need: Optional[int] = None) -> Path:
     """Write out_dir/step_XXXXXXXX: every file into a temporary dir, then the size and sha256 of each into
     train_state.json, which is written last; then one rename, then keep_last pruning (0 keeps all). A crash at any
     point leaves either the previous step dirs alone or this one complete. Every rank calls it with its own DCP
     shards and RNG; rank 0 writes config, tokenizer (copy_tokenizer(dir) copies its files there) and manifest.
     on_event(name, step) is called at "save" (files written, not renamed) and "saved" (renamed, not pruned). A full
-    disk or a lost mount: CheckpointError naming the last complete step dir."""
+    disk or a lost mount: CheckpointError naming the last complete step dir (a full disk: with the bytes the step
+    dir needs, `need` or the newest one's, and the bytes free)."""
     final, tmp = Path(out_dir) / f"step_{step:08d}", Path(out_dir) / f".tmp_step_{step:08d}"
     bad = [e for e in ranks.all_gather(_finite_or_why(dcp_state.get("model", {}), final)) if e]
     if bad:  # every rank refuses together
@@ -155,14 +161,18 @@ def write_step_dir(out_dir: Path, step: int, dcp_state: dict, rng: dict, config:
             for old in step_dirs(out_dir)[:-keep_last] if keep_last > 0 else []:
                 remove_step_dir(old)
     except (OSError, dcp.api.CheckpointException) as e:
+        full = diskspace.is_full(e, tmp)  # before the partial dir goes: a writer may only have left it no room
         if isinstance(e, dcp.api.CheckpointException) and e.failures:
             e = next(iter(e.failures.values()))[0]
         shutil.rmtree(tmp, ignore_errors=True)
         last = last_good_step_dir(out_dir)
-        raise CheckpointError(
-            f"{tmp}: writing the checkpoint failed ({type(e).__name__}: {(str(e) or '?').splitlines()[0]}); "
-            + (f"the last good checkpoint is {last}" if last else "no good checkpoint was written")
-        ) from None
+        newest = step_dirs(out_dir)
+        why = (diskspace.message(final, need or (diskspace.tree_bytes(newest[-1]) if newest else None),
+                                 diskspace.free_bytes(out_dir), diskspace.mount_of(out_dir),
+                                 ROOM_ADVICE.format(keep_last)) if full else
+               f"{tmp}: writing the checkpoint failed ({type(e).__name__}: {(str(e) or '?').splitlines()[0]})")
+        raise CheckpointError(why + "; " + (f"the last good checkpoint is {last}" if last else
+                                            "no good checkpoint was written")) from None
     ranks.barrier()
     return final
 

@@ -8,6 +8,7 @@ infinity; read: HF's and our weight dirs one shard at a time (WeightFiles), pick
 """
 
 import json
+import math
 import os
 import pickle
 import re
@@ -17,7 +18,9 @@ from typing import Optional
 
 import torch
 
+from support import diskspace
 from support.checks import json_type, load_json, parse_json
+from support.hf_names import native_shapes
 
 
 def fail(msg):
@@ -198,12 +201,14 @@ class ShardWriter:
     """Writes tensors into safetensors shards as they come, so a converter holds at most one shard in memory.
 
     One shard is named model.safetensors; several get HF's model-0000i-of-0000N.safetensors names and an index.
+    expected_elements (of every tensor to come) lets a full disk say how many bytes the whole output needs.
     """
 
-    def __init__(self, path, max_shard_bytes: Optional[int] = None):
+    def __init__(self, path, max_shard_bytes: Optional[int] = None, expected_elements: Optional[int] = None):
         self.path, self.max_shard_bytes = Path(path), max_shard_bytes or 2**62
         self.path.mkdir(parents=True, exist_ok=True)
         self.pending, self.pending_bytes, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
+        self.elements, self.expected_elements = 0, expected_elements
 
     def add(self, name: str, tensor: torch.Tensor):
         check_finite({name: tensor}, self.path)
@@ -213,12 +218,20 @@ class ShardWriter:
         self.pending[name] = tensor.detach().contiguous()
         self.pending_bytes += nbytes
         self.total += nbytes
+        self.elements += tensor.numel()
+
+    def need(self) -> Optional[int]:
+        """Bytes of the whole output, at the bytes per element of the tensors so far."""
+        if self.expected_elements and self.elements:
+            return round(self.total / self.elements * max(self.expected_elements, self.elements))
+        return None
 
     def _flush(self):
         from safetensors.torch import save_file
 
         file = self.path / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(file), metadata={"format": "pt"})
+        with diskspace.needing(self.path, self.need):
+            save_file(self.pending, str(file), metadata={"format": "pt"})
         self.files.append((file, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -252,7 +265,9 @@ def write_checkpoint(path, state_dict, args, family: str, *, max_shard_bytes=Non
     path.mkdir(parents=True, exist_ok=True)
     config = {**asdict(args), "family": family, **(extra_config or {})}
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    writer = ShardWriter(path, max_shard_bytes)
+    elements = (sum(t.numel() for t in state_dict.values()) if isinstance(state_dict, dict)
+                else sum(math.prod(shape) for shape in native_shapes(args).values()))  # Streamed: the model's
+    writer = ShardWriter(path, max_shard_bytes, elements)
     for name, tensor in state_dict.items():
         writer.add(name, tensor)
     writer.close()

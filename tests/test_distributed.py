@@ -12,6 +12,7 @@ process on the same global batch (fp32, 6 steps, relative loss difference <= 1e-
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -300,6 +301,39 @@ def test_rank_death_ends_the_job_and_resume_continues(data, tmp_path):
     assert_same_losses(resumed, reference, range(k + 1, k + 3))
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(data, tmp_path):
+    """A scheduler may signal some ranks only: rank 1 gets SIGTERM, rank 0 none; both stop after the same step, whose
+    checkpoint holds both ranks, and rank 0 says how to resume; the resume continues as if nothing had stopped."""
+    out = tmp_path / "run"
+    args = common(data, "--dp=2", "--max_iters=100000", "--ckpt_interval=1000", f"--out_dir={out}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "train.py", *args]
+    with open(tmp_path / "log.txt", "w") as log:
+        agent = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 300
+            while not ((out / "metrics.jsonl").exists() and log_rows(out)):
+                assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+                time.sleep(0.05)
+            os.kill(worker_pids(agent.pid)[1], signal.SIGTERM)
+            agent.wait(timeout=120)  # a hang, not a speed: rank 0 must learn of the stop at all
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+    text = (tmp_path / "log.txt").read_text()
+    m = re.search(r"train\.py: stopped by SIGTERM after step (\d+), saved in (\S+); resume with: (.*)", text)
+    assert m, text[-3000:]
+    k = int(m[1])
+    assert m[2] == str(out / f"step_{k:08d}") and m[3].startswith("torchrun --nproc_per_node=2 --standalone train.py ")
+    assert m[3].endswith(" --init_from=resume") and text.count("stopped by SIGTERM") == 1  # rank 0 alone says it
+    assert [p.name for p in train.step_dirs(out)] == [f"step_{k:08d}"]
+    assert {p.name for p in (out / f"step_{k:08d}").glob("rng_rank*.json")} == {"rng_rank0.json", "rng_rank1.json"}
+    assert max(r["step"] for r in log_rows(out)) == k  # no rank went on past it
+    resumed = train.main(common(data, f"--out_dir={out}", "--init_from=resume", f"--max_iters={k + 2}"))["losses"]
+    reference = train.main(common(data, f"--out_dir={tmp_path / 'reference'}", f"--max_iters={k + 2}"))["losses"]
+    assert_same_losses(resumed, reference, range(k + 1, k + 3))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # bad input: one clear line on every rank before the first collective
 
@@ -337,6 +371,20 @@ def test_bad_mesh_under_torchrun_stops_every_rank(data, tmp_path):
     # stopped before it says so: one line at least, and no traceback out of train.py
     assert 1 <= result.stderr.count("train.py: tp=2 does not divide n_kv_heads=1") <= 2, result.stderr[-3000:]
     assert 'train.py", line' not in result.stderr, result.stderr[-3000:]
+
+
+def test_an_out_dir_in_use_stops_every_rank_of_a_launch(data, tmp_path):
+    """This process holds out_dir as a run would; a 2-rank launch into it stops on both ranks with rank 0's line
+    naming this process, at once (the other rank waits for no collective that will not come)."""
+    from support import runlock
+
+    with runlock.OutDirLock() as lock:
+        lock.take(tmp_path)
+        result = torchrun(2, "train.py", *common(data, f"--out_dir={tmp_path}", "--dp=2"), timeout=200)
+    assert result.returncode != 0
+    assert f"train.py: out_dir={tmp_path} is in use by another run (pid {os.getpid()} on host " in result.stderr, \
+        result.stderr[-3000:]
+    assert 'train.py", line' not in result.stderr and not train.step_dirs(tmp_path), result.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------------------------------

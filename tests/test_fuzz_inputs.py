@@ -39,7 +39,7 @@ import train
 import support.peft
 import support.weights
 from model import PRESETS, CheckpointError, Transformer, apply_lora, lora_state_dict
-from support import megatron
+from support import megatron, runlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -574,8 +574,8 @@ def resume(S):
     """train.py's resume on a run built once: restore(run) from another out_dir per variant."""
     argv = TRAIN + [f"--data_dir={S['data']}", f"--out_dir={S['run']}", "--init_from=resume"]
     cfg, overrides = train.parse_config(argv)
-    with quiet():
-        run = train.setup(cfg, overrides)
+    with quiet(), runlock.OutDirLock() as lock:  # released at once: restore() below takes no lock
+        run = train.setup(cfg, overrides, lock)
 
     def call(out_dir):
         def go():

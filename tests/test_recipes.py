@@ -170,6 +170,13 @@ def test_recipe_says_how_its_loss_weighs_the_targets_and_why(recipe):
     assert re.search(r"^# \| loss weighting +\| .+ \| (token|micro_batch)", text, re.M), recipe
 
 
+@pytest.mark.parametrize("recipe", FULL + sorted(MAIN_JOB))
+def test_every_recipe_states_keep_last_and_keeps_two_checkpoints_or_more(recipe):
+    """keep_last >= 2: a damaged newest step dir falls back to the one before (its twin runs what it states)."""
+    assert re.search(r"^keep_last = \d+  # \S", (ROOT / "config" / recipe).read_text(), re.M), recipe  # with why
+    assert parse(recipe)[0].keep_last >= 2 and train.Config.keep_last >= 2
+
+
 @pytest.mark.parametrize("twin", TWINS)
 def test_twin_changes_only_sizes_of_its_recipe(twin):
     full_cfg, full_model = parse(twin.replace("_tiny", ""))
