@@ -71,8 +71,8 @@ from support.checks import check_json_fields, parse_json
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def fail(msg: str):
-    raise SystemExit(f"bench.py: {msg}")
+class BenchError(Exception):
+    """A measurement that cannot run as asked (flags, files, the device): main says it as bench.py's one line."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def build_hf(model_args: ModelArgs, ours: Transformer, device):
 
     a = model_args
     if a.pos_emb != "rope" or a.norm_head or a.tie_embeddings or a.z_loss:
-        fail("--compare: transformers' LlamaForCausalLM only matches plain LLaMA presets (RoPE, untied, no NormHead)")
+        raise BenchError("--compare: transformers' LlamaForCausalLM only matches plain LLaMA presets (RoPE, untied, no NormHead)")
     config = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,
                          num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.kv_heads,
                          max_position_embeddings=a.max_seq_len, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
@@ -371,9 +371,9 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     and return the figures."""
     dtype = DTYPES[opt.dtype]
     if opt.mode == "train" and opt.seq_len > model_args.max_seq_len:
-        fail(f"--seq_len={opt.seq_len} is above the preset's max_seq_len={model_args.max_seq_len}")
+        raise BenchError(f"--seq_len={opt.seq_len} is above the preset's max_seq_len={model_args.max_seq_len}")
     if opt.mode == "generate" and opt.prompt_len + opt.new_tokens > model_args.max_seq_len:
-        fail(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
+        raise BenchError(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
              f"max_seq_len={model_args.max_seq_len}")
     n = mm_size(model_args) if opt.mode == "train" else min(mm_size(model_args), 4096)  # 16384: minutes on a CPU
     peak = mm_peak_flops(dtype, n, device)
@@ -381,7 +381,7 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     try:
         ours = build_ours(model_args, device, opt.seed, opt.quantize, opt.group_size)
     except ValueError as e:  # a --group_size that does not suit the preset's shapes
-        fail(str(e))
+        raise BenchError(str(e))
     build_s = time.perf_counter() - t0
     if opt.lora_rank:
         apply_lora(ours, opt.lora_rank, alpha=2.0 * opt.lora_rank, quantize_base=opt.qlora)
@@ -711,7 +711,7 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     from sample import CompiledDecode, ModelServer, decode_layout
 
     if opt.prompt_len + opt.new_tokens > model_args.max_seq_len:
-        fail(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
+        raise BenchError(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
              f"max_seq_len={model_args.max_seq_len}")
     model = build_ours(model_args, device, opt.seed).to(DTYPES[opt.dtype]).eval()
     model.init_buffers()  # RoPE tables back to fp32 after .to(dtype)
@@ -729,7 +729,7 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
             for name in seconds:
                 s, tokens = time_clients(port, prompts, opt.new_tokens, at_once=name == "concurrent")
                 if tokens != expected:
-                    fail(f"{name} clients got {tokens} tokens, expected {expected}: a request was lost")
+                    raise BenchError(f"{name} clients got {tokens} tokens, expected {expected}: a request was lost")
                 if r >= opt.warmup:
                     seconds[name].append(s)
         joining = time_joining(port, prompts, opt.new_tokens) if len(prompts) > 1 else {}
@@ -840,7 +840,7 @@ def run_matvec(opt) -> dict:
 def read_losses(path: str) -> dict[int, float]:
     """step -> training loss from a train.py metrics.jsonl (rows with "step" and "loss"; val rows are skipped)."""
     if not os.path.isfile(path):
-        fail(f"--plot: {path}: no such file (expected a train.py metrics.jsonl)")
+        raise BenchError(f"--plot: {path}: no such file (expected a train.py metrics.jsonl)")
     losses = {}
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
@@ -853,9 +853,9 @@ def read_losses(path: str) -> dict[int, float]:
                     check_json_fields(row, {"step": (int, "[0, inf)"), "loss": float}, where)
                     losses[row["step"]] = float(row["loss"])
             except ValueError as e:
-                fail(str(e))
+                raise BenchError(str(e))
     if not losses:
-        fail(f"--plot: {path}: no rows with 'step' and 'loss' (is it a train.py metrics.jsonl?)")
+        raise BenchError(f"--plot: {path}: no rows with 'step' and 'loss' (is it a train.py metrics.jsonl?)")
     return losses
 
 
@@ -864,7 +864,7 @@ def relative_difference(a: dict[int, float], b: dict[int, float]) -> dict:
     reference): their maxima and where they are, and the mean relative difference."""
     steps = sorted(set(a) & set(b))
     if not steps:
-        fail("--plot: the two runs have no logged step in common")
+        raise BenchError("--plot: the two runs have no logged step in common")
     rel = [abs(b[s] - a[s]) / max(abs(a[s]), 1e-12) for s in steps]
     absolute = [abs(b[s] - a[s]) for s in steps]
     return {"rel_diff_max": max(rel), "rel_diff_mean": sum(rel) / len(rel), "steps_compared": len(steps),
@@ -910,7 +910,7 @@ def plot(paths: list[str], out: str) -> dict:
     try:
         fig.savefig(out, dpi=100)
     except OSError as e:  # a read-only or missing directory
-        fail(f"--out={out}: cannot write ({e.strerror})")
+        raise BenchError(f"--out={out}: cannot write ({e.strerror})")
     finally:
         plt.close(fig)
     return result
@@ -967,23 +967,23 @@ def parse_args(argv):
     opt.warmup = opt.warmup if opt.warmup is not None else (3 if opt.compile else 1)
     for key in ("batch_size", "seq_len", "prompt_len", "new_tokens", "steps", "rounds"):
         if getattr(opt, key) <= 0:
-            fail(f"--{key}={getattr(opt, key)}: expected a positive integer")
+            raise BenchError(f"--{key}={getattr(opt, key)}: expected a positive integer")
     if opt.warmup < 0:
-        fail(f"--warmup={opt.warmup}: expected >= 0")
+        raise BenchError(f"--warmup={opt.warmup}: expected >= 0")
     if opt.lora_rank < 0 or (opt.qlora and not opt.lora_rank):
-        fail(f"--lora_rank={opt.lora_rank}: expected a positive rank with --qlora, >= 0 otherwise")
+        raise BenchError(f"--lora_rank={opt.lora_rank}: expected a positive rank with --qlora, >= 0 otherwise")
     if opt.mode == "serve" and opt.compare:
-        fail("--compare: transformers has no server here; --mode=serve compares concurrent with sequential clients")
+        raise BenchError("--compare: transformers has no server here; --mode=serve compares concurrent with sequential clients")
     for key in ("max_rel_err", "max_abs_err"):
         if getattr(opt, key) is not None and (getattr(opt, key) < 0 or not opt.plot or len(opt.plot) != 2):
-            fail(f"--{key}={getattr(opt, key)}: expected a value >= 0 with --plot REFERENCE RUN (two metrics files)")
+            raise BenchError(f"--{key}={getattr(opt, key)}: expected a value >= 0 with --plot REFERENCE RUN (two metrics files)")
     if (opt.compare == "llama.cpp") != bool(opt.gguf) or (opt.gguf and opt.mode != "generate"):
-        fail("--compare=llama.cpp goes with --gguf=FILE, in --mode=generate")
+        raise BenchError("--compare=llama.cpp goes with --gguf=FILE, in --mode=generate")
     if opt.quantize and (opt.mode != "generate" or opt.compare == "transformers"):
-        fail(f"--quantize={opt.quantize}: measured in --mode=generate, without --compare (transformers' model has "
+        raise BenchError(f"--quantize={opt.quantize}: measured in --mode=generate, without --compare (transformers' model has "
              f"no int8/int4 linears)")
     if opt.lora_rank and (opt.mode != "train" or opt.compare):
-        fail("--lora_rank: fine-tuning speed is measured in --mode=train, without --compare (transformers has no "
+        raise BenchError("--lora_rank: fine-tuning speed is measured in --mode=train, without --compare (transformers has no "
              "LoRA without peft)")
     return opt
 
@@ -1004,7 +1004,7 @@ def run_llama_cpp_compare(opt) -> dict:
     try:
         import llama_cpp
     except ImportError:
-        fail("--compare=llama.cpp: llama_cpp is not importable; build llama-cpp-python from source (README, Speed)")
+        raise BenchError("--compare=llama.cpp: llama_cpp is not importable; build llama-cpp-python from source (README, Speed)")
     from sample import decode_layout, generate, quantize_model
     from support import gguf as gguf_format
 
@@ -1069,27 +1069,38 @@ def run_llama_cpp_compare(opt) -> dict:
 
 def model_args_for(opt) -> ModelArgs:
     if opt.preset not in PRESETS:
-        fail(f"--preset={opt.preset!r}: unknown; expected one of {', '.join(PRESETS)}")
+        raise BenchError(f"--preset={opt.preset!r}: unknown; expected one of {', '.join(PRESETS)}")
     args = PRESETS[opt.preset]
     if opt.model_args:
         try:
             overrides = parse_json(opt.model_args, "--model_args")
         except ValueError as e:
-            fail(str(e))
+            raise BenchError(str(e))
         if not isinstance(overrides, dict):
-            fail(f"--model_args={opt.model_args!r}: expected a JSON object of ModelArgs fields")
+            raise BenchError(f"--model_args={opt.model_args!r}: expected a JSON object of ModelArgs fields")
         try:
             args = ModelArgs(**{**args.__dict__, **overrides})
         except (TypeError, ValueError) as e:
-            fail(f"--model_args: {e}")
+            raise BenchError(f"--model_args: {e}")
     return args
 
 
 def main(argv=None) -> dict:
-    opt = parse_args(sys.argv[1:] if argv is None else argv)
+    """Run what the flags ask, print it as one JSON line and return it; a BenchError is one line, exit status 1."""
+    try:
+        result = measure(parse_args(sys.argv[1:] if argv is None else argv))
+    except BenchError as e:
+        raise SystemExit(f"bench.py: {e}") from None
+    print(json.dumps(result))
+    if result.get("ok") is False or result.get("within_criterion") is False:
+        sys.exit(1)
+    return result
+
+
+def measure(opt) -> dict:
     if opt.plot:
         if os.path.exists(opt.out) and not opt.overwrite:
-            fail(f"--out={opt.out} exists; pass --overwrite to replace it")
+            raise BenchError(f"--out={opt.out} exists; pass --overwrite to replace it")
         result = plot(opt.plot, opt.out)
         if opt.max_rel_err is not None or opt.max_abs_err is not None:
             result["within_criterion"] = check_criterion(result, opt.max_rel_err, opt.max_abs_err)
@@ -1101,17 +1112,14 @@ def main(argv=None) -> dict:
         try:
             device = kernels.check_device(opt.device or kernels.device_type())
         except ValueError as e:
-            fail(f"--device={opt.device}: {e}")
+            raise BenchError(f"--device={opt.device}: {e}")
         if opt.mode != "npu-check":
             result = (serve_bench if opt.mode == "serve" else run_bench)(opt, model_args_for(opt), device)
         elif device.type != "npu":
-            fail(f"--mode=npu-check: needs an Ascend NPU (torch_npu and a device); this machine's device is "
+            raise BenchError(f"--mode=npu-check: needs an Ascend NPU (torch_npu and a device); this machine's device is "
                  f"{device.type}")
         else:
             result = run_npu_check(model_args_for(opt), opt.batch_size, opt.seq_len, opt.rounds, device)
-    print(json.dumps(result))
-    if result.get("ok") is False or result.get("within_criterion") is False:
-        sys.exit(1)
     return result
 
 
