@@ -35,10 +35,13 @@ mode also reports decode_tokens_per_s and decode_mbu, the prefill (time to the f
 frozen, --qlora on an NF4 base. Their MFU counts 4 FLOPs per frozen weight (forward + input gradient), 6 per adapter
 weight, plus attention's 12 * n_layers * seq_len * dim.
 
-Serve mode times sample.py's OpenAI-compatible server (in this process, on a free 127.0.0.1 port) with the weights as
-generate mode holds them: --batch_size clients each POST one greedy /v1/completions request (prompt_len random token
-ids, new_tokens each), first all at once from threads (the server decodes them as one batch), then one after another,
-alternated for --rounds rounds. It reports the total generated tokens/s of each (medians) and their ratio.
+Serve mode times sample.py's OpenAI-compatible server (support/server.py, in this process, on a free 127.0.0.1
+port) with the weights as generate mode holds them: --batch_size clients each POST one greedy /v1/completions request
+(prompt_len random token ids, new_tokens each), first all at once from threads (the server decodes them as one batch),
+then one after another, alternated for --rounds rounds. It reports the total generated tokens/s of each (medians)
+and their ratio. Then `streams`: 1, 4 and 8 clients at once, each streaming its answer, --rounds times: the time to
+the first token and each client's tokens/s (its tokens over the seconds from sending to the last token), medians over
+clients and rounds.
 
 --compare builds transformers' LlamaForCausalLM with the same config (sdpa attention) and the same weights, the same
 batch and train.py's AdamW, then alternates ours and theirs for --rounds rounds (timings drift between runs; only
@@ -50,6 +53,8 @@ import http.client
 import json
 import math
 import os
+import resource
+import socket
 import statistics
 import sys
 import threading
@@ -689,6 +694,62 @@ def time_clients(port: int, prompts: list[list[int]], new_tokens: int, at_once: 
     return time.perf_counter() - t0, sum(counts)
 
 
+def stream_completion(port: int, prompt: list[int], new_tokens: int) -> tuple[float, float, int]:
+    """One greedy streamed /v1/completions request -> (seconds to the first token, seconds to the last, tokens).
+    Sent as HTTP/1.0, so the answer comes unframed until the server closes: no chunked encoding for this process, where
+    the server runs too, to take apart in Python (a real client does that in its own process)."""
+    t0 = time.perf_counter()
+    body = json.dumps({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=600)
+    sock.sendall(b"POST /v1/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    first = tokens = None
+    pending, status = b"", None
+    while data := sock.recv(65536):
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            if status is None:
+                status = line.split()[1]
+                if status != b"200":
+                    raise RuntimeError(f"the server answered {status.decode()}")
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if first is None and event["choices"] and event["choices"][0]["text"]:
+                first = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    sock.close()
+    return first, time.perf_counter() - t0, tokens
+
+
+def time_streams(port: int, prompts: list[list[int]], new_tokens: int, clients: int, rounds: int) -> dict:
+    """`clients` streamed requests at once, `rounds` times: the medians over clients and rounds of the time to the
+    first token and of each client's tokens/s (its tokens over the seconds from sending to the last token), and the
+    CPU time this process (server and clients) spent per token, which other processes on the machine change less."""
+    ttft, per_client = [], []
+    cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # noqa: E731 (user + system seconds)
+    cpu_start = cpu()
+    for _ in range(rounds):
+        out = [None] * clients
+
+        def client(i):
+            out[i] = stream_completion(port, prompts[i % len(prompts)], new_tokens)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        for first, last, tokens in out:
+            if tokens != new_tokens:
+                raise BenchError(f"a streamed request got {tokens} tokens, expected {new_tokens}")
+            ttft.append(first)
+            per_client.append(tokens / last)
+    return {"ttft_s": round(statistics.median(ttft), 3),
+            "tokens_per_s_per_client": round(statistics.median(per_client), 2),
+            "cpu_ms_per_token": round(1000 * (cpu() - cpu_start) / (rounds * clients * new_tokens), 2)}
+
+
 def time_joining(port: int, prompts: list[list[int]], new_tokens: int) -> dict:
     """Seconds a short request (16 tokens) takes alone, and sent while a long one (new_tokens) decodes: continuous
     batching lets it join at once instead of waiting for the long one to end."""
@@ -705,10 +766,14 @@ def time_joining(port: int, prompts: list[list[int]], new_tokens: int) -> dict:
     return {"short_alone_s": round(alone, 3), "short_during_long_s": round(during, 3)}
 
 
+STREAMS = (1, 4, 8)  # concurrent streamed clients serve mode times
+
+
 def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     """--mode=serve: total tokens/s of --batch_size concurrent clients and of the same requests sent in turn; the
     time of a short request sent while a long one decodes."""
-    from sample import CompiledDecode, ModelServer, decode_layout
+    from sample import CompiledDecode, Engine, decode_layout
+    from support.server import ModelServer
 
     if opt.prompt_len + opt.new_tokens > model_args.max_seq_len:
         raise BenchError(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
@@ -719,8 +784,9 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(opt.seed)
     prompts = torch.randint(model_args.vocab_size, (opt.batch_size, opt.prompt_len), generator=g).tolist()
     greedy = dict(temperature=0.0, top_k=None, top_p=None, repetition_penalty=1.0)
-    server = ModelServer(model, IdTokenizer(), port=0, name="bench", plain_settings=greedy, max_batch=opt.batch_size,
-                         decode_step=CompiledDecode() if opt.compile else None, access_log=False)
+    server = ModelServer(Engine(model, IdTokenizer(), plain_settings=greedy, max_batch=opt.batch_size,
+                                decode_step=CompiledDecode() if opt.compile else None), port=0, name="bench",
+                         access_log=False)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port, expected = server.server_address[1], opt.batch_size * opt.new_tokens
     seconds = {"concurrent": [], "sequential": []}
@@ -736,14 +802,29 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     finally:
         server.shutdown()
         server.server_close()
+    largest_batch = max(rows for rows, _ in server.batcher.batches)
+    # streamed clients at 1, 4 and 8 at once: what each sees (a server that batches up to 8)
+    streaming = ModelServer(Engine(model, IdTokenizer(), plain_settings=greedy, max_batch=max(STREAMS),
+                                   decode_step=CompiledDecode() if opt.compile else None), port=0, name="bench",
+                            access_log=False)
+    threading.Thread(target=streaming.serve_forever, daemon=True).start()
+    try:
+        if opt.warmup:
+            time_streams(streaming.server_address[1], prompts, opt.new_tokens, 1, opt.warmup)
+        streams = {f"{n}_clients": time_streams(streaming.server_address[1], prompts, opt.new_tokens, n, opt.rounds)
+                   for n in STREAMS}
+    finally:
+        streaming.shutdown()
+        streaming.server_close()
     result = {"mode": "serve", "preset": opt.preset, "dtype": opt.dtype, "device": device.type,
               "clients": opt.batch_size, "prompt_len": opt.prompt_len, "new_tokens": opt.new_tokens}
     for name, runs in seconds.items():
         result[f"{name}_tokens_per_s"] = round(expected / statistics.median(runs), 2)
         result[f"{name}_tokens_per_s_runs"] = [round(expected / s, 2) for s in runs]
     result["ratio"] = round(result["concurrent_tokens_per_s"] / result["sequential_tokens_per_s"], 3)
-    result["largest_batch"] = max(rows for rows, _ in server.batcher.batches)
+    result["largest_batch"] = largest_batch
     result.update(joining)
+    result["streams"] = streams
     result["load_avg_1m"] = load_average()
     return result
 

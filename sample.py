@@ -1,6 +1,6 @@
 """
 Generate text from a checkpoint dir: streamed sampling, family-aware chat, int8/int4/NF4 weight-only quantisation,
-and an OpenAI-compatible HTTP server (--serve) with continuous batching.
+and continuous batching behind an OpenAI-compatible HTTP server with a chat page (--serve; support/server.py).
 
 Run:
   python sample.py --ckpt=ckpt/llama-7b --prompt="Once upon a time" --max_new_tokens=100
@@ -11,7 +11,7 @@ Run:
   python sample.py --ckpt=DIR --quantize=int4 --group_size=128 --save_quantized=DIR-int4   # then --ckpt=DIR-int4
   python sample.py --ckpt=DIR --prompt_file=prompts.txt --temperature=0               # batched, left padded
   python sample.py --ckpt=ckpt/baichuan-7b --adapter=out/baichuan_7b_qlora/adapter --chat  # LoRA adapters of train.py
-  python sample.py --ckpt=ckpt/baichuan2-7b-chat --serve --port=8000    # the OpenAI API: /v1/chat/completions, ...
+  python sample.py --ckpt=ckpt/baichuan2-7b-chat --serve --port=8000    # the OpenAI API under /v1, a chat page at /
 
 Generated text goes to stdout as it decodes; everything else (settings, speed, warnings) goes to stderr.
 
@@ -28,22 +28,15 @@ model in 5-8 GiB at 2-3 tokens/s on two cores).
 """
 import argparse
 import collections
-import json
 import os
 import queue
 import re
 import resource
 import signal
-import socket
 import sys
 import threading
 import time
-import traceback
-import urllib.parse
-import uuid
 import warnings
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 import torch.nn as nn
@@ -256,40 +249,70 @@ def apply_stop(text, stop):
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
-def stream_text(tok, tokens, context_ids=(), stop=(), end_ids=None):
-    """Turn a stream of token ids into a stream of text pieces.
+class TextStream:
+    """Token ids pushed in, text pieces out, as stream_text releases them: a piece only when the decoded text grew
+    and does not end in U+FFFD (an incomplete UTF-8 sequence); decoding starts from the last prompt tokens
+    (context_ids) so that leading spaces survive sentencepiece's stripping; text that might be the start of a stop
+    string is held back. `done` once an end token (default tok.eos_id; never printed) or a stop string (`stopped`)
+    has ended the text."""
 
-    Decodes incrementally without splitting multi-byte characters: a piece is released only when the decoded
-    text grew and does not end in U+FFFD (an incomplete UTF-8 sequence). Decoding starts from the last prompt
-    tokens (context_ids) so that leading spaces survive sentencepiece's stripping. Text that might be the start
-    of a stop string is held back; on a stop string the stream ends (closing `tokens`). End tokens (default
-    tok.eos_id) are not printed.
-    """
-    end_ids = {tok.eos_id} if end_ids is None else set(end_ids)
-    ids = list(context_ids)[-4:]
-    prefix, read = 0, len(ids)
-    pending = ""  # decoded, not yet released because it may begin a stop string
-    for t in tokens:
-        if t in end_ids:
-            break
-        ids.append(t)
-        before, after = tok.decode(ids[prefix:read]), tok.decode(ids[prefix:])
+    def __init__(self, tok, context_ids=(), stop=(), end_ids=None):
+        self.tok, self.stop = tok, stop
+        self.end_ids = {tok.eos_id} if end_ids is None else set(end_ids)
+        self.ids = list(context_ids)[-4:]
+        self.prefix, self.read = 0, len(self.ids)
+        self.pending = ""  # decoded, not yet released because it may begin a stop string
+        self.done = self.stopped = False
+
+    def push(self, t) -> str:
+        """The text that token t releases ("" while it may be part of a character or of a stop string)."""
+        if t in self.end_ids:
+            self.done = True
+            return self.flush()
+        self.ids.append(t)
+        before, after = self.tok.decode(self.ids[self.prefix:self.read]), self.tok.decode(self.ids[self.prefix:])
         if len(after) <= len(before) or after.endswith("\ufffd"):
-            continue
-        pending += after[len(before):]
-        prefix, read = read, len(ids)
-        pending, stopped = apply_stop(pending, stop)
-        if stopped:
-            if pending:
-                yield pending
-            tokens.close() if hasattr(tokens, "close") else None
+            return ""
+        self.pending += after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.pending, self.stopped = apply_stop(self.pending, self.stop)
+        if self.stopped:
+            self.done = True
+            return self.flush()
+        keep = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        piece, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return piece
+
+    def flush(self) -> str:
+        """The text held back (the tokens have ended)."""
+        piece, self.pending = self.pending, ""
+        return piece
+
+
+def stream_text(tok, tokens, context_ids=(), stop=(), end_ids=None):
+    """Turn a stream of token ids into a stream of text pieces (TextStream); on a stop string the stream ends,
+    closing `tokens`."""
+    text = TextStream(tok, context_ids, stop, end_ids)
+    for t in tokens:
+        if piece := text.push(t):
+            yield piece
+        if text.done:
+            if text.stopped and hasattr(tokens, "close"):
+                tokens.close()
             return
-        keep = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-        if len(pending) > keep:
-            yield pending[:len(pending) - keep]
-            pending = pending[len(pending) - keep:]
-    if pending:
-        yield pending
+    if piece := text.flush():
+        yield piece
+
+
+def token_logprobs(logits, chosen, top):
+    """Log-probabilities as OpenAI's API gives them: log-softmax in fp32 of the model's logits (R, V), before any
+    sampling setting -> per row, (the chosen token's, [(id, log-probability) of the `top` most likely tokens])."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+    if not top:
+        return [(p, []) for p in picked]
+    values, ids = logprobs.topk(top, dim=-1)
+    return [(p, list(zip(i, v))) for p, i, v in zip(picked, ids.tolist(), values.tolist())]
 
 
 # -----------------------------------------------------------------------------
@@ -527,68 +550,34 @@ def save_quantized(model, src_ckpt, dst, mode, group_size, family):
 
 
 # -----------------------------------------------------------------------------
-# serving: OpenAI-compatible HTTP (python sample.py --ckpt=DIR --serve)
+# serving: continuous batching, the generation behind the OpenAI-compatible server (support/server.py)
 #
-# The standard library's ThreadingHTTPServer: one thread per connection parses, validates and tokenizes a request,
-# then hands a Job to the Batcher, whose single thread owns the model. Jobs waiting at the same time start a batch
+# One thread, the Batcher's, owns the model. A request becomes a Job; jobs waiting at the same time start a batch
 # together, and jobs that arrive while it decodes join it at the next step (Slots: continuous batching), each row with
-# its own settings; each row's tokens flow back through its Job's queue and become text with stream_text, as in the
+# its own settings; each row's tokens flow back through its Job's queue and become text with a TextStream, as in the
 # terminal.
-
-MAX_BODY_BYTES = 1 << 20
-
-
-class APIError(Exception):
-    """A request the server answers with an OpenAI-style error: status, message, the offending field, a code."""
-
-    def __init__(self, status, message, param=None, code=None, headers=()):
-        super().__init__(message)
-        self.status, self.param, self.code, self.headers = status, param, code, headers
-
-    def body(self):
-        kind = "server_error" if self.status >= 500 else "invalid_request_error"
-        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
 
 
 class Job:
     """One request's generation: prompt ids and sampling settings in; out of it, the generated ids (a queue the
-    Batcher fills, None last)."""
+    Batcher fills, None last) and, where asked, their log-probabilities (token_logprobs) and the prompt's
+    (prompt_logprobs, with echo). max_new_tokens may be 0: the prompt's log-probabilities alone."""
 
-    def __init__(self, ids, max_new_tokens, end_ids, sampling, generator):
+    def __init__(self, ids, max_new_tokens, end_ids, sampling, generator, logprobs=None, echo=False):
         self.ids, self.max_new_tokens, self.end_ids = ids, max_new_tokens, set(end_ids)
         self.sampling, self.generator = sampling, generator  # temperature, top_k, top_p, repetition_penalty
+        self.logprobs, self.echo = logprobs, echo  # alternatives per token (None: no log-probabilities)
+        self.token_logprobs, self.prompt_logprobs = [], None  # token_logprobs' (logprob, top) per token
         self.out = queue.SimpleQueue()
+        self.wake = None  # called after each put: whoever waits on out without blocking a thread
         self.cancelled = threading.Event()  # set by the request's side: a stop string ended it, or the client left
         self.error = None
-        self.finish_reason, self.n_tokens = "length", 0
         self.submitted = time.monotonic()
 
-    def tokens(self, client_alive):
-        """The request's side: the ids as they come. Closing it (stream_text does on a stop string) or the client
-        leaving ends the row; an end id or max_tokens ends it from the Batcher's side."""
-        try:
-            while True:
-                try:
-                    t = self.out.get(timeout=0.5)
-                except queue.Empty:
-                    if client_alive():
-                        continue
-                    return
-                if t is None:
-                    break
-                self.n_tokens += 1
-                if t in self.end_ids:
-                    self.finish_reason = "stop"
-                yield t
-                if not client_alive():
-                    return
-        except GeneratorExit:
-            self.finish_reason = "stop"
-            raise
-        finally:
-            self.cancelled.set()
-        if self.error:
-            raise APIError(500, f"generation failed: {self.error}")
+    def put(self, token):
+        self.out.put(token)
+        if self.wake:
+            self.wake()
 
 
 class Slots:
@@ -668,10 +657,14 @@ class Slots:
         self.seen[r, idx[0]] = True
         self.counts[r] = 0
         alone = start == 0  # no padding before it: the plain causal path, as generate takes for one prompt
+        score = job.echo and job.logprobs is not None  # the prompt's log-probabilities need every position's logits
         with self.model.cache_rows(r, r + 1):
             logits, _ = self.model(idx, start_pos=start, positions=None if alone else torch.arange(P)[None].to(idx),
-                                   key_padding_mask=None if alone else self.mask[r:r + 1, :self.col], last_only=True)
+                                   key_padding_mask=None if alone else self.mask[r:r + 1, :self.col],
+                                   last_only=not score)
         self.logits[r] = logits[0, -1].float()
+        if score:  # the prompt's own, from the full logits: each scores the next token
+            job.prompt_logprobs = [None] + token_logprobs(logits[0, :-1], idx[0, 1:], job.logprobs)
 
     @torch.inference_mode()
     def sample(self):
@@ -691,6 +684,15 @@ class Slots:
             logits = logits - per_row(frequency) * counts - per_row(presence) * (counts > 0)
         return sample_rows(logits, *([s[k] for s in settings] for k in ("temperature", "top_k", "top_p")),
                            [job.generator if job else None for job in self.jobs])
+
+    def logprobs(self, token):
+        """{row: (logprob, top)} of the sampled tokens (B,) in the rows whose job asks for log-probabilities."""
+        rows = [r for r, job in self.live() if job.logprobs is not None]
+        if not rows:
+            return {}
+        top = max(self.jobs[r].logprobs for r in rows)
+        scored = token_logprobs(self.logits[rows], token[rows], top)
+        return {r: (p, alternatives[:self.jobs[r].logprobs]) for r, (p, alternatives) in zip(rows, scored)}
 
     def leave(self, r):
         self.jobs[r] = None
@@ -771,7 +773,7 @@ class Batcher:
     def turn_away(self):
         for job in self.waiting:
             job.error = "the server is shutting down"
-            job.out.put(None)
+            job.put(None)
         self.waiting = []
 
     def next_jobs(self, slots):
@@ -810,6 +812,13 @@ class Batcher:
                     slots.join(jobs)
                     produced.update((id(job), 0) for job in jobs)
                     jobs = []  # in the batch now: a failure below fails them with it
+                    for r, job in slots.live():  # max_tokens 0: the prompt's log-probabilities were all it asked
+                        if job.max_new_tokens == 0:
+                            slots.leave(r)
+                            del produced[id(job)]
+                            job.put(None)
+                    if not slots.live():
+                        slots.clear()
                 if not slots.live():
                     continue
                 record[0] = max(record[0], len(slots.live()))
@@ -820,7 +829,7 @@ class Batcher:
                 log(f"sample.py: serve: a batch of {len(failed)} failed: {type(e).__name__}: {e}")
                 for job in failed:
                     job.error = f"{type(e).__name__}: {e}"
-                    job.out.put(None)
+                    job.put(None)
                 slots.clear()
                 produced.clear()
         slots.clear()
@@ -828,430 +837,110 @@ class Batcher:
     def decode_one_step(self, slots, produced):
         """Each row's next token to its job; rows that end leave; one decode step for the rest."""
         token = slots.sample()
-        out = token.tolist()
+        out, scored = token.tolist(), slots.logprobs(token)
         for r, job in slots.live():
             ended = job.cancelled.is_set()
             if not ended:
-                job.out.put(out[r])
+                if r in scored:  # before the token: whoever takes it finds its log-probability there
+                    job.token_logprobs.append(scored[r])
+                job.put(out[r])
                 produced[id(job)] += 1
                 ended = out[r] in job.end_ids or produced[id(job)] == job.max_new_tokens
             if ended:
                 slots.leave(r)
                 del produced[id(job)]
-                job.out.put(None)
+                job.put(None)
         slots.step(token)
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+class Engine:
+    """What an OpenAI-style server needs of generation (support/server.py speaks the HTTP around it): prompts and chat
+    turns as ids, with the server's defaults (chat template, system prompt, settings, seed); a Job per request, run by
+    the Batcher; ids back to text."""
 
-
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_stop(v):
-    return isinstance(v, str) or isinstance(v, list) and all(isinstance(s, str) for s in v)
-
-
-# The fields both endpoints take: field -> (setting, narrower range) for a generation setting, else (type check, the
-# type, value check, the values). null = not given.
-# Fields of OpenAI's API this server does not implement are accepted only at the value that means "off".
-REQUEST_FIELDS = {
-    "model": (lambda v: isinstance(v, str), "a string", None, None),
-    # generation settings: kind and range as sample.py's flags (SETTINGS), else OpenAI's where it differs
-    "max_tokens": ("max_new_tokens", None),
-    "max_completion_tokens": ("max_new_tokens", None),
-    "temperature": ("temperature", "[0, 2]"),  # 0 = greedy
-    "top_p": ("top_p", None),
-    "top_k": ("top_k", None),  # 0 = off
-    "repetition_penalty": ("repetition_penalty", None),  # 1 = off
-    "seed": ("seed", "[-2**63, 2**63)"),  # OpenAI's int64: a negative seed is a seed too
-    "n": (_is_int, "an integer", lambda v: v == 1, "1 (one choice per request)"),
-    "stream": (lambda v: isinstance(v, bool), "a boolean", None, None),
-    "stream_options": (lambda v: isinstance(v, dict), "an object",
-                       lambda v: set(v) <= {"include_usage"} and isinstance(v.get("include_usage", False), bool),
-                       '{"include_usage": true or false}'),
-    "stop": (_is_stop, "a string or a list of strings",
-             lambda v: all([v] if isinstance(v, str) else v) and len([v] if isinstance(v, str) else v) <= 16,
-             "up to 16 non-empty strings"),
-    "user": (lambda v: isinstance(v, str), "a string", None, None),
-    # OpenAI's: each logit less presence_penalty once its token is in the answer, frequency_penalty per time it is
-    "presence_penalty": (_is_number, "a number", lambda v: -2 <= v <= 2, "a number in [-2, 2]"),
-    "frequency_penalty": (_is_number, "a number", lambda v: -2 <= v <= 2, "a number in [-2, 2]"),
-    # logprobs=0 is not off: /v1/completions then returns the chosen tokens' logprobs
-    "logprobs": (lambda v: isinstance(v, (bool, int)), "a boolean or an integer", lambda v: v is False,
-                 "false or null (not supported)"),
-    "echo": (lambda v: isinstance(v, bool), "a boolean", lambda v: not v, "false (not supported)"),
-    "best_of": (_is_int, "an integer", lambda v: v == 1, "1 (not supported)"),
-    "logit_bias": (lambda v: isinstance(v, dict), "an object", lambda v: not v, "{} (not supported)"),
-    "suffix": (lambda v: isinstance(v, str), "a string", lambda v: not v, '"" (not supported)'),
-    "response_format": (lambda v: isinstance(v, dict), "an object", lambda v: v == {"type": "text"},
-                        '{"type": "text"} (JSON mode and JSON schemas are not supported)'),
-}
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-def read_fields(body, main_field):
-    """A request body checked against REQUEST_FIELDS -> {field: value} of those given; APIError 400 otherwise."""
-    if body.get(main_field) is None:
-        raise APIError(400, f"you must provide a {main_field!r} field", main_field)
-    fields = {}
-    for key, value in body.items():
-        if key == main_field or value is None:
-            continue
-        if key not in REQUEST_FIELDS:
-            raise APIError(400, f"Unrecognized request argument supplied: {key}", key)
-        shown = json.dumps(value)[:60]
-        if len(REQUEST_FIELDS[key]) == 2:  # a generation setting
-            setting, narrower = REQUEST_FIELDS[key]
-            kind, interval = SETTINGS[setting]
-            try:
-                checks.check_value(key, value, kind, narrower or interval)
-            except ValueError as e:
-                raise APIError(400, str(e), key) from None
-            fields[key] = value
-            continue
-        type_ok, type_name, value_ok, values = REQUEST_FIELDS[key]
-        if not type_ok(value):
-            raise APIError(400, f"{key}: expected {type_name}, got {shown}", key)
-        if value_ok and not value_ok(value):
-            raise APIError(400, f"{key}={shown}: expected {values}", key)
-        fields[key] = value
-    return fields
-
-
-def lstrip_pieces(pieces):
-    """The text pieces without the leading whitespace of the whole (a chat reply, as run_chat keeps it)."""
-    started = False
-    for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            started = bool(piece)
-        if piece:
-            yield piece
-
-
-class ModelServer(ThreadingHTTPServer):
-    """The HTTP server with what requests need: the model's name, tokenizer, chat template and default settings,
-    and the Batcher. port 0 picks a free port (server_address says which)."""
-
-    # Connections the kernel holds until the server accepts them (it caps the number): with the standard library's
-    # 5, some clients of a burst were reset.
-    request_queue_size = socket.SOMAXCONN
-
-    def __init__(self, model, tok, *, host="127.0.0.1", port=8000, name="model", template=None, system=None,
-                 plain_settings=None, chat_settings=None, max_new_tokens=256, seed=None, max_batch=8,
-                 batch_wait=0.01, decode_step=None, max_body=MAX_BODY_BYTES, access_log=True, allowed_origins=()):
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__((host, port), APIHandler)
-        self.model, self.tok, self.name, self.template, self.system = model, tok, name, template, system
+    def __init__(self, model, tok, *, template=None, system=None, plain_settings=None, chat_settings=None,
+                 max_new_tokens=256, seed=None, max_batch=8, batch_wait=0.01, decode_step=None):
+        self.model, self.tok, self.template, self.system = model, tok, template, system
         self.settings = {False: plain_settings or PLAIN_GENERATION_DEFAULTS}
         self.settings[True] = chat_settings or self.settings[False]
-        self.max_new_tokens, self.max_body, self.access_log = max_new_tokens, max_body, access_log
-        self.allowed_origins = set(allowed_origins)  # web pages that may call the server from a browser ("*": any)
-        self.created = int(time.time())
+        self.max_new_tokens = max_new_tokens
+        self.end_ids = {False: [tok.eos_id], True: chat_end_ids(tok, template)}
+        self.stop = {False: [], True: chat_stop_strings(template)}
         self.device = next(model.parameters()).device
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         self.max_positions = kv_budget(model, max_batch, self.device)
         self.batcher = Batcher(model, max_batch, batch_wait, decode_step, self.max_positions)
+        self.ranges = SETTINGS  # the values each setting takes, which requests are checked against
 
-    def server_close(self):
-        super().server_close()
-        if hasattr(self, "batcher"):  # not yet when binding the address failed
-            self.batcher.close()
+    def prompt_ids(self, text: str) -> list[int]:
+        return encode_prompt(self.tok, text)
 
-    def model_card(self):
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "sample.py",
-                "max_model_len": self.model.args.max_seq_len}
-
-    def prompt_ids(self, prompt):
-        """/v1/completions' prompt: a string (encoded as --prompt is), a list of one string, or token ids."""
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        vocab = self.model.args.vocab_size
-        if isinstance(prompt, str):
-            ids = encode_prompt(self.tok, prompt)
-        elif isinstance(prompt, list) and prompt and all(_is_int(t) and 0 <= t < vocab for t in prompt):
-            ids = prompt
-        else:
-            raise APIError(400, f"prompt: expected a string, a list of one string or a list of token ids "
-                                f"(0 <= id < {vocab})", "prompt")
-        if not ids:
-            raise APIError(400, "prompt: encodes to no tokens and the tokenizer has no bos token", "prompt")
-        return ids
-
-    def chat_ids(self, messages):
-        """/v1/chat/completions' messages rendered with the chat template (the server's --system unless the
-        messages hold a system message), ending where the assistant's reply starts."""
-        if self.template is None:
-            raise APIError(400, f"{self.name} has no chat template; start the server with --template", "messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "messages: expected a non-empty list of {role, content} objects", "messages")
-        turns = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-                raise APIError(400, f"messages[{i}].role: expected one of {', '.join(CHAT_ROLES)}", "messages")
-            content = m.get("content")
-            if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                                 and isinstance(p.get("text"), str) for p in content):
-                content = "".join(p["text"] for p in content)
-            given = {k for k, v in m.items() if v is not None and v != []}  # a dumped reply: refusal=null, ...
-            if not isinstance(content, str) or given - {"role", "content", "name"}:
-                raise APIError(400, f"messages[{i}]: expected role, content (a string or text parts) and an "
-                                    f"optional name", "messages")
-            turns.append({"role": CHAT_ROLES[m["role"]], "content": content})
+    def chat_ids(self, turns) -> list[int]:
+        """Chat turns rendered with the template, ending where the assistant's reply starts (the server's system
+        prompt unless the turns hold one); ValueError where the template refuses them."""
         system = None if any(t["role"] == "system" for t in turns) else self.system
-        try:
-            ids = prepare.encode_chat(self.tok, self.template, turns, system=system, add_generation_prompt=True)[0]
-        except ValueError as e:  # the template's own objections (prepare.TemplateError), unknown roles
-            raise APIError(400, f"messages: {e}", "messages")
-        if not ids:  # e.g. Llama-2's template, given only a system message
-            raise APIError(400, "messages: the chat template renders them to no tokens; send a user message",
-                           "messages")
-        return ids
+        return prepare.encode_chat(self.tok, self.template, turns, system=system, add_generation_prompt=True)[0]
 
-    def job(self, body, chat):
-        """A request body -> (Job, its stop strings, its fields); APIError for what does not suit."""
-        main_field = "messages" if chat else "prompt"
-        fields = read_fields(body, main_field)
-        if fields.get("model", self.name) != self.name:
-            raise APIError(404, f"The model {fields['model']!r} does not exist; this server serves {self.name!r}",
-                           "model", "model_not_found")
-        if "stream_options" in fields and not fields.get("stream"):  # OpenAI refuses it too
-            raise APIError(400, "stream_options: only allowed when stream is true", "stream_options")
-        ids = self.chat_ids(body["messages"]) if chat else self.prompt_ids(body["prompt"])
-        context = self.model.args.max_seq_len
-        max_new = fields.get("max_completion_tokens", fields.get("max_tokens"))
-        max_new = max_new or min(self.max_new_tokens, context - len(ids))
-        if len(ids) + max_new > context or max_new < 1:
-            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                                f"{len(ids) + max(max_new, 1)} tokens ({len(ids)} in the {main_field}, "
-                                f"{max(max_new, 1)} in the completion). Please reduce the length of the "
-                                f"{main_field} or completion.", main_field, "context_length_exceeded")
-        sampling = {k: fields.get(k, v) for k, v in self.settings[chat].items()}
-        sampling["top_k"] = sampling["top_k"] or None  # 0 = off
-        sampling.update((k, fields.get(k, 0)) for k in ("presence_penalty", "frequency_penalty"))
-        generator = self.generator
-        if "seed" in fields:
-            generator = torch.Generator(self.device).manual_seed(fields["seed"] % 2**64)
-        stop = fields.get("stop", [])
-        stop = [stop] if isinstance(stop, str) else stop
-        if chat:
-            stop = stop + chat_stop_strings(self.template)
-        end_ids = chat_end_ids(self.tok, self.template) if chat else [self.tok.eos_id]
-        return Job(ids, max_new, end_ids, sampling, generator), stop, fields
+    def submit(self, ids, max_new_tokens, sampling, chat, seed=None, logprobs=None, echo=False) -> Job:
+        """Queue a request: seed, else the server's generator (--seed), else torch's."""
+        generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed % 2**64)
+        job = Job(ids, max_new_tokens, self.end_ids[chat], sampling, generator, logprobs, echo)
+        self.batcher.submit(job)
+        return job
 
+    def text(self, job, stop, chat) -> TextStream:
+        """The job's tokens to text: its stop strings, and a chat template's."""
+        return TextStream(self.tok, job.ids, list(stop) + self.stop[chat], job.end_ids)
 
-class APIHandler(BaseHTTPRequestHandler):
-    """HTTP for one connection: routes, the JSON body, answers as JSON or as server-sent events."""
+    def token_text(self, t, before=()) -> str:
+        """A token's own text, decoded after the tokens before it (sentencepiece's leading space kept)."""
+        before = list(before)[-4:]
+        head, text = self.tok.decode(before), self.tok.decode(before + [t])
+        return text[len(head):] if text.startswith(head) else self.tok.decode([t])
 
-    server_version = "sample.py"
-    protocol_version = "HTTP/1.1"  # keep-alive for JSON answers; an event stream ends by closing its connection
-    timeout = 60  # seconds a connection may stay silent before it is closed
-    ROUTES = {"/v1/models": "GET", "/v1/completions": "POST", "/v1/chat/completions": "POST"}
-
-    def route(self):
-        self.streaming = False
-        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).rstrip("/")
-        try:
-            method = self.ROUTES.get(path) or ("GET" if path.startswith("/v1/models/") else None)
-            if method is None:
-                raise APIError(404, f"Invalid URL ({self.command} {self.path})", code="unknown_url")
-            if self.command == "OPTIONS" and self.cors_origin():  # a browser asks before a cross-origin request
-                self.send_response(204)
-                self.send_header("Access-Control-Allow-Methods", f"{method}, OPTIONS")
-                self.send_header("Access-Control-Allow-Headers",
-                                 self.headers.get("Access-Control-Request-Headers", "Authorization, Content-Type"))
-                self.send_header("Access-Control-Max-Age", "600")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            if self.command != method and (self.command, method) != ("HEAD", "GET"):  # HEAD: GET's headers
-                raise APIError(405, f"{self.command} {path}: method not allowed; use {method}",
-                               code="method_not_allowed", headers=[("Allow", method)])
-            if path == "/v1/models":
-                self.send_json(200, {"object": "list", "data": [self.server.model_card()]})
-            elif path.startswith("/v1/models/"):
-                if path.split("/", 3)[3] != self.server.name:
-                    raise APIError(404, f"The model {path.split('/', 3)[3]!r} does not exist", "model",
-                                   "model_not_found")
-                self.send_json(200, self.server.model_card())
-            else:
-                self.complete(chat=path == "/v1/chat/completions")
-        except APIError as e:
-            self.refuse(e)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left or stalled
-            self.close_connection = True
-        except Exception as e:  # a bug: a 500 for the client, the traceback for the log; the server goes on
-            traceback.print_exc()
-            self.refuse(APIError(500, f"internal error ({type(e).__name__}); see the server's log"))
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_HEAD = route
-
-    def cors_origin(self):
-        """The request's Origin where --allowed_origins lets a page there call this server, else None."""
-        origin = getattr(self, "headers", None) and self.headers.get("Origin")
-        allowed = self.server.allowed_origins
-        return origin if origin and ("*" in allowed or origin in allowed) else None
-
-    def end_headers(self):
-        if origin := self.cors_origin():  # the browser hands the answer to the page only with this header
-            self.send_header("Access-Control-Allow-Origin", origin)
-            self.send_header("Vary", "Origin")
-        super().end_headers()
-
-    def log_message(self, format, *args):  # the access log, on stderr
-        if getattr(self.server, "access_log", True):
-            super().log_message(format, *args)
-
-    def send_error(self, code, message=None, explain=None):
-        """The standard library's own refusals (malformed request line, headers too long, ...) as JSON too."""
-        self.refuse(APIError(code, message or HTTPStatus(code).phrase))
-
-    def refuse(self, error):
-        """Answer with the error and close the connection (an unread body must not be taken for a request)."""
-        try:
-            if getattr(self, "streaming", False):  # headers sent: the error is the last event, as OpenAI's streams
-                self.send_event(error.body())
-            else:
-                self.send_json(error.status, error.body(), [("Connection", "close"), *error.headers])
-        except OSError:
-            pass
-        self.close_connection = True
-
-    def send_json(self, status, obj, headers=()):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in headers:
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def send_event(self, data):
-        self.wfile.write(f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
-
-    def read_json(self):
-        length = self.headers.get("Content-Length")
-        if length is None or "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise APIError(411, "send the request body with a Content-Length header")
-        if not length.strip().isdigit():
-            raise APIError(400, f"Content-Length: expected a number of bytes, got {length[:40]!r}")
-        if int(length) > self.server.max_body:
-            raise APIError(413, f"request body of {int(length)} bytes is over the limit of {self.server.max_body}",
-                           code="request_too_large")
-        try:
-            body = json.loads(self.rfile.read(int(length)))
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise APIError(400, f"malformed JSON in the request body: {e}")
-        if not isinstance(body, dict):
-            raise APIError(400, "expected a JSON object as the request body")
-        try:  # JSON may escape a lone UTF-16 surrogate ("\ud83d", half an emoji): no tokenizer takes it
-            json.dumps(body, ensure_ascii=False).encode()
-        except UnicodeEncodeError as e:
-            raise APIError(400, f"the request body holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}), "
-                                "which is not text")
-        return body
-
-    def client_alive(self):
-        """False once the client has closed its connection (a read would see its end)."""
-        sock, timeout = self.connection, self.connection.gettimeout()
-        sock.settimeout(0)
-        try:
-            return sock.recv(1, socket.MSG_PEEK) != b""
-        except BlockingIOError:  # nothing to read: still connected
-            return True
-        except OSError:
-            return False
-        finally:
-            sock.settimeout(timeout)
-
-    def complete(self, chat):
-        """POST /v1/completions or /v1/chat/completions: queue the job, then answer as its tokens come."""
-        server = self.server
-        job, stop, fields = server.job(self.read_json(), chat)
-        server.batcher.submit(job)
-        tokens = job.tokens(self.client_alive)
-        pieces = stream_text(server.tok, tokens, job.ids, stop, job.end_ids)
-        pieces = lstrip_pieces(pieces) if chat else pieces
-        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": server.name}
-
-        def choice(text, finish=None, delta=False):
-            if not chat:
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            if delta:
-                return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
-                        "finish_reason": finish}
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": finish}
-
-        try:
-            if not fields.get("stream"):
-                text = "".join(pieces)
-                self.send_json(200, {**head, "choices": [choice(text, job.finish_reason)], "usage": usage(job)})
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.streaming = True
-            head["object"] = "chat.completion.chunk" if chat else "text_completion"
-            if chat:
-                self.send_event({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                      "logprobs": None, "finish_reason": None}]})
-            for piece in pieces:
-                self.send_event({**head, "choices": [choice(piece, delta=True)]})
-            self.send_event({**head, "choices": [choice("", job.finish_reason, delta=True)]})
-            if (fields.get("stream_options") or {}).get("include_usage"):
-                self.send_event({**head, "choices": [], "usage": usage(job)})
-            self.send_event("[DONE]")
-        finally:
-            tokens.close()
-
-
-def usage(job):
-    return {"prompt_tokens": len(job.ids), "completion_tokens": job.n_tokens,
-            "total_tokens": len(job.ids) + job.n_tokens}
+    def close(self):
+        self.batcher.close()
 
 
 def serve(model, tok, args, family, template, decode_step=None):
-    """python sample.py --serve: the OpenAI-compatible server on --host:--port until Ctrl-C."""
+    """python sample.py --serve: the OpenAI-compatible server (support/server.py) on --host:--port until Ctrl-C or
+    SIGTERM, which let the answers in progress finish within --grace_period seconds."""
+    from support import server as http_server  # FastAPI and uvicorn: only --serve needs them
+
     if template is None:  # no --template: the checkpoint's or the family's; without one only completions work
         try:
             template = resolve_template(None, tok, family)
         except SystemExit as e:
             log(f"sample.py: warning: {str(e).removeprefix('sample.py: ')}; /v1/chat/completions will refuse")
     check_system(tok, template, args.system)  # else every request that sends no system message would be refused
+    engine = Engine(model, tok, template=template, system=args.system,
+                    plain_settings=generation_settings(args, family, chat=False),
+                    chat_settings=generation_settings(args, family, chat=True), max_new_tokens=args.max_new_tokens,
+                    seed=args.seed, max_batch=args.max_batch, decode_step=decode_step)
     try:
-        server = ModelServer(model, tok, host=args.host, port=args.port, name=os.path.basename(
-            os.path.normpath(args.ckpt)), template=template, system=args.system,
-            plain_settings=generation_settings(args, family, chat=False),
-            chat_settings=generation_settings(args, family, chat=True), max_new_tokens=args.max_new_tokens,
-            seed=args.seed, max_batch=args.max_batch, decode_step=decode_step,
-            allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()])
+        server = http_server.ModelServer(
+            engine, host=args.host, port=args.port, name=os.path.basename(os.path.normpath(args.ckpt)),
+            allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
+            grace_period=args.grace_period, max_requests=args.max_requests)
     except OSError as e:  # port taken, address not on this machine
+        engine.close()
         fail(f"--host={args.host} --port={args.port}: cannot listen there ({e.strerror or e})")
     host, port = server.server_address[:2]
-    log(f"serving {server.name} at http://{host if ':' not in host else f'[{host}]'}:{port}/v1 "
-        f"(chat template {template}, batches of up to {args.max_batch}, KV cache of up to {server.max_positions} "
-        "positions); Ctrl-C stops")
+    log(f"serving {server.name} at http://{host if ':' not in host else f'[{host}]'}:{port}/ (chat page; the API "
+        f"under /v1) (chat template {template}, batches of up to {args.max_batch}, KV cache of up to "
+        f"{engine.max_positions} positions, {args.max_requests} requests at once); Ctrl-C stops")
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # SIGTERM (docker stop, systemd, kill) stops it as Ctrl-C does
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        log("stopped")
+    except KeyboardInterrupt:  # the signal that stopped it, raised again once the server has stopped
+        pass
     finally:
         server.server_close()
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+    log("stopped")
 
 
 # -----------------------------------------------------------------------------
@@ -1506,6 +1195,10 @@ def parse_args(argv):
     p.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="--serve: port (0 = any free one)")
     p.add_argument("--max_batch", type=int, default=8, help="--serve: most requests decoded together")
+    p.add_argument("--grace_period", type=float, default=8.0, help="--serve: seconds the answers in progress get to "
+                   "finish once Ctrl-C or SIGTERM stops the server (8: within docker stop's 10)")
+    p.add_argument("--max_requests", type=int, default=256, help="--serve: requests in progress at once (answered or "
+                   "waiting); past it, 503 with Retry-After")
     p.add_argument("--allowed_origins", default="", help="--serve: web pages (comma-separated origins such as "
                                                          "http://localhost:3000, or *) whose scripts may call the "
                                                          "server from a browser (CORS); none by default")
@@ -1526,6 +1219,9 @@ def parse_args(argv):
         fail("--serve: takes prompts from HTTP requests; drop --chat, --prompt, --prompt_file, --stop, --num_samples")
     if not 0 <= args.port <= 65535 or args.max_batch < 1:
         fail(f"--port={args.port} --max_batch={args.max_batch}: expected a port in 0..65535 and a batch >= 1")
+    if args.max_requests < 1 or not 0 <= args.grace_period < float("inf"):
+        fail(f"--max_requests={args.max_requests} --grace_period={args.grace_period}: expected at least 1 request "
+             "and a finite number of seconds >= 0")
     for origin in args.allowed_origins.split(","):  # a browser's Origin: scheme://host[:port], no path, no slash
         if origin.strip() and origin.strip() != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+",
                                                                          origin.strip()):

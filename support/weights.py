@@ -20,7 +20,6 @@ import torch
 
 from support import diskspace
 from support.checks import json_type, load_json, parse_json
-from support.hf_names import native_shapes
 
 
 def fail(msg):
@@ -265,8 +264,11 @@ def write_checkpoint(path, state_dict, args, family: str, *, max_shard_bytes=Non
     path.mkdir(parents=True, exist_ok=True)
     config = {**asdict(args), "family": family, **(extra_config or {})}
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    elements = (sum(t.numel() for t in state_dict.values()) if isinstance(state_dict, dict)
-                else sum(math.prod(shape) for shape in native_shapes(args).values()))  # Streamed: the model's
+    if isinstance(state_dict, dict):
+        elements = sum(t.numel() for t in state_dict.values())
+    else:  # Streamed: the model's shapes (imported here: model.py imports this file to load checkpoints)
+        from support.hf_names import native_shapes
+        elements = sum(math.prod(shape) for shape in native_shapes(args).values())
     writer = ShardWriter(path, max_shard_bytes, elements)
     for name, tensor in state_dict.items():
         writer.add(name, tensor)

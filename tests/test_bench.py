@@ -63,6 +63,9 @@ def test_serve_times_concurrent_and_sequential_clients():
                                             rel=0.01)
     assert 1 <= result["largest_batch"] <= 3  # the server never batches more than --batch_size clients
     assert is_timing(result["short_alone_s"], result["short_during_long_s"])
+    assert list(result["streams"]) == ["1_clients", "4_clients", "8_clients"]
+    for figures in result["streams"].values():  # what each streaming client sees: first token, then its speed
+        assert is_timing(figures["ttft_s"], figures["tokens_per_s_per_client"], figures["cpu_ms_per_token"])
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])

@@ -1,7 +1,8 @@
-"""sample.py --serve: the OpenAI-compatible HTTP server, driven by the official `openai` client and raw HTTP.
+"""sample.py --serve: the OpenAI-compatible HTTP server (support/server.py around sample.Engine), driven by the
+official `openai` client and raw HTTP.
 
 A tiny random LLaMA checkpoint with a byte tokenizer (test_sample's); the server runs in-process on a free
-127.0.0.1 port, except in the command-line test, which starts `python sample.py --serve` as users do.
+127.0.0.1 port, except in the command-line tests, which start `python sample.py --serve` as users do.
 """
 import argparse
 import http.client
@@ -21,6 +22,7 @@ import torch
 import prepare
 import sample
 import test_sample as ts
+from support import server as http_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,15 +34,21 @@ def ckpt(tmp_path_factory):
     return d
 
 
+SERVER_ARGS = ("allowed_origins", "grace_period", "max_requests", "request_timeout", "max_body", "access_log")
+
+
 def start_server(ckpt, model=None, **kw):
-    """A ModelServer on a free port, as sample.py --serve builds it (decode layout, the family's chat template)."""
+    """A ModelServer on a free port, as sample.py --serve builds it (decode layout, the family's chat template);
+    kw: the Engine's settings and the server's (SERVER_ARGS)."""
     tok = prepare.load_tokenizer(ckpt)
     if model is None:
         model = sample.decode_layout(sample.load_model(ckpt, "cpu", torch.float32)[0])
     flags = argparse.Namespace(temperature=None, top_k=None, top_p=None, repetition_penalty=None)
-    server = sample.ModelServer(model, tok, port=0, name="tiny", template=sample.resolve_template(None, tok, "llama"),
-                                plain_settings=sample.generation_settings(flags, "llama", chat=False),
-                                chat_settings=sample.generation_settings(flags, "llama", chat=True), **kw)
+    engine = sample.Engine(model, tok, template=sample.resolve_template(None, tok, "llama"),
+                           plain_settings=sample.generation_settings(flags, "llama", chat=False),
+                           chat_settings=sample.generation_settings(flags, "llama", chat=True),
+                           **{k: v for k, v in kw.items() if k not in SERVER_ARGS})
+    server = http_server.ModelServer(engine, port=0, name="tiny", **{k: v for k, v in kw.items() if k in SERVER_ARGS})
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -68,12 +76,13 @@ def client(server):
 
 
 def raw(server, method, path, body=None, headers=None):
-    """(status, headers, body text) of one request sent with the standard library's http.client."""
+    """(status, headers (names in any case, as HTTP's), body text) of one request sent with the standard library's
+    http.client."""
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=120)
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     conn.request(method, path, body=data, headers=headers or {})
     resp = conn.getresponse()
-    out = resp.status, dict(resp.getheaders()), resp.read().decode()
+    out = resp.status, resp.headers, resp.read().decode()
     conn.close()
     return out
 
@@ -481,7 +490,15 @@ BAD = [
      None),  # as OpenAI: only with stream
     ("POST", "/v1/completions", {"prompt": "hi", "stop": ["", "x"]}, 400, "stop", None),
     ("POST", "/v1/completions", {"prompt": "hi", "tools": []}, 400, "tools", None),
-    ("POST", "/v1/completions", {"prompt": "hi", "logprobs": 0}, 400, "logprobs", None),  # the chosen tokens'
+    ("POST", "/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs", None),  # OpenAI's 0..20
+    ("POST", "/v1/completions", {"prompt": "hi", "logprobs": True}, 400, "logprobs", None),  # chat's kind
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),  # 0: only with echo
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": 2}, 400,
+     "logprobs", None),  # completions' kind
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs", None),  # only with logprobs true, as OpenAI
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "echo": True}, 400, "echo",
+     None),
     ("POST", "/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", None),
     ("POST", "/v1/completions", {"prompt": "hi", "frequency_penalty": "1"}, 400, "frequency_penalty", None),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
@@ -518,7 +535,7 @@ def test_bad_request_gets_an_openai_error(server, method, path, body, status, pa
 def test_body_over_the_limit_is_413_and_the_server_goes_on(server, client):
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
     conn.putrequest("POST", "/v1/completions")
-    conn.putheader("Content-Length", str(sample.MAX_BODY_BYTES + 1))
+    conn.putheader("Content-Length", str(http_server.MAX_BODY_BYTES + 1))
     conn.endheaders(b'{"prompt": "')  # the server answers from the header, without reading the body
     resp = conn.getresponse()
     assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
@@ -600,7 +617,7 @@ def test_cli_serve_takes_host_quantize_dtype_and_adapter(tmp_path, monkeypatch):
     flags = ["--adapter", save_peft(peft_model, tmp_path / "adapter"), "--quantize", "int8", "--dtype", "bfloat16"]
     want = cli(ckpt, "--prompt", "ab", "--max_new_tokens", 8, *flags)
     assert want != cli(ckpt, "--prompt", "ab", "--max_new_tokens", 8)  # the flags change the answer
-    serve_forever, got = sample.ModelServer.serve_forever, []
+    serve_forever, got = http_server.ModelServer.serve_forever, []
 
     def serve_one_request(self):
         threading.Thread(target=serve_forever, args=(self,), daemon=True).start()
@@ -614,7 +631,7 @@ def test_cli_serve_takes_host_quantize_dtype_and_adapter(tmp_path, monkeypatch):
         finally:
             self.shutdown()
 
-    monkeypatch.setattr(sample.ModelServer, "serve_forever", serve_one_request)
+    monkeypatch.setattr(http_server.ModelServer, "serve_forever", serve_one_request)
     cli(ckpt, "--serve", "--host", "127.0.0.2", "--port", 0, *flags)
     assert got[0][0] == "127.0.0.2" and got[1] + "\n" == want
 
@@ -636,7 +653,7 @@ def test_serve_refuses_a_system_prompt_its_template_refuses(ckpt, tmp_path, monk
 
     shutil.copytree(ckpt, tmp_path / "ckpt")
     ts.byte_tokenizer(tmp_path / "ckpt", chat_template=MISTRAL)
-    monkeypatch.setattr(sample.ModelServer, "serve_forever", lambda self: pytest.fail("it served"))
+    monkeypatch.setattr(http_server.ModelServer, "serve_forever", lambda self: pytest.fail("it served"))
     with pytest.raises(SystemExit, match=r"--system: .*chat_template: Conversation roles must alternate"):
         ts.run_cli(["--ckpt", tmp_path / "ckpt", "--serve", "--port", 0, "--system", "Be brief."])
 
