@@ -10,8 +10,9 @@
     python bench.py --plot out/a/metrics.jsonl out/b/metrics.jsonl --out=loss.png   # curves + relative difference
     python bench.py --plot ref/metrics.jsonl out/b/metrics.jsonl --max_rel_err=0.02   # exit 1 above the criterion
 
-It also holds the training plan behind `python train.py CONFIG --dry_run` (training_plan, memory_plan): per-device
-memory term by term and step time of a config on its mesh, estimated from ModelArgs without allocating the model.
+The training plan behind `python train.py CONFIG --dry_run` (per-device memory term by term and step time of a config
+on its mesh, estimated from ModelArgs without allocating the model) stands in support/planner.py, with the peak
+FLOP/s and memory figures both scripts use.
 
 Train mode times what train.py runs: forward with the loss, backward, grad clipping, train.py's AdamW, zero_grad;
 --dtype=bfloat16 is autocast over fp32 weights, as in train.py. MFU = flops_per_token
@@ -60,55 +61,31 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 import kernels
-from model import PRESETS, ModelArgs, Transformer, apply_lora, check_json_fields, parse_json
+from model import PRESETS, ModelArgs, Transformer, apply_lora
+from support import quant
+from support.planner import flops_per_token, mm_peak_flops, n_params_flops, peak_memory_gib, synchronize
+from support.checks import check_json_fields, parse_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def fail(msg: str):
-    raise SystemExit(f"bench.py: {msg}")
+class BenchError(Exception):
+    """A measurement that cannot run as asked (flags, files, the device): main says it as bench.py's one line."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # device, peak FLOP/s and memory
 
 
-def synchronize(device: torch.device):
-    if device.type in ("cuda", "npu"):
-        getattr(torch, device.type).synchronize(device)
 
 
-def mm_peak_flops(dtype, n: int, device: torch.device, repeats: int = 5, seconds: float = 0.2,
-                  budget: float = 4.0) -> float:
-    """Best FLOP/s of an (n, n) @ (n, n) torch.mm in dtype over up to `repeats` timings of >= `seconds` each.
-
-    Stops after two timings once `budget` seconds are spent: a CPU without bf16 units takes seconds per bf16 GEMM.
-    """
-    g = torch.Generator().manual_seed(0)  # not the global RNG: a resumed run's restored state must stay untouched
-    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
-    a @ b  # warm up (library init, autotuning)
-    synchronize(device)
-    best, start = 0.0, time.perf_counter()
-    for r in range(repeats):
-        iters, t0 = 0, time.perf_counter()
-        while True:
-            a @ b
-            iters += 1
-            if iters % 8 == 0 or device.type == "cpu":
-                synchronize(device)
-                if time.perf_counter() - t0 >= seconds:
-                    break
-        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
-        if r >= 1 and time.perf_counter() - start > budget:
-            break
-    return best
 
 
 def stream_peak_bytes(tensors: list[torch.Tensor], device: torch.device, repeats: int = 5) -> float:
@@ -133,10 +110,6 @@ def mm_size(args: ModelArgs) -> int:
     return 2 ** round(math.log2(args.hidden_dim))
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type in ("cuda", "npu"):
-        return getattr(torch, device.type).max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def reset_peak_memory(device: torch.device):
@@ -154,17 +127,8 @@ def load_average() -> float | None:
     return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> int:
-    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's 12 * n_layers * seq_len * dim."""
-    d, L = args.dim, args.n_layers
-    kv = args.kv_heads * args.head_dim
-    n = L * (2 * d * d + 2 * d * kv + 3 * d * args.hidden_dim + 2 * d) + d + args.vocab_size * d
-    return 6 * n + 12 * L * seq_len * d
 
 
-def n_params_flops(model_args: ModelArgs) -> int:
-    """N of the MFU formulas: every parameter except the input embedding (flops_per_token's 6N, /6)."""
-    return (flops_per_token(model_args, 0)) // 6
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -172,14 +136,14 @@ def n_params_flops(model_args: ModelArgs) -> int:
 
 
 def quantized_kernel() -> dict:
-    """Which way quantised weights decode here (kernels.quant_kernels: the C kernels, or dequantising blocks of rows
+    """Which way quantised weights decode here (support/quant.py: the C kernels, or dequantising blocks of rows
     where they cannot be built) and the seconds the first call took to build them, or to load them from the cache."""
     t0 = time.perf_counter()
-    built = kernels.quant_kernels() is not None
+    built = quant.quant_kernels() is not None
     return {"kernel": "c" if built else "dequantised", "kernel_build_s": round(time.perf_counter() - t0, 2)}
 
 
-def build_ours(model_args: ModelArgs, device, seed: int, quantize=None, group_size=128) -> Transformer:
+def build_ours(model_args: ModelArgs, device, seed: int, quantize=None, group_size=None) -> Transformer:
     """Our model with random weights; quantised straight from the meta device one weight at a time with quantize
     (sample.quantize_from_meta: a 7B model is never whole in fp32)."""
     torch.manual_seed(seed)
@@ -204,11 +168,11 @@ def build_hf(model_args: ModelArgs, ours: Transformer, device):
     """transformers' LlamaForCausalLM with sdpa attention and our weights (native layout = HF rotate-half layout)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from convert import HF_LAYER
+    from support.hf_names import HF_LAYER
 
     a = model_args
     if a.pos_emb != "rope" or a.norm_head or a.tie_embeddings or a.z_loss:
-        fail("--compare: transformers' LlamaForCausalLM only matches plain LLaMA presets (RoPE, untied, no NormHead)")
+        raise BenchError("--compare: transformers' LlamaForCausalLM only matches plain LLaMA presets (RoPE, untied, no NormHead)")
     config = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim,
                          num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.kv_heads,
                          max_position_embeddings=a.max_seq_len, rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta,
@@ -312,7 +276,7 @@ def train_workload(opt, model_args: ModelArgs, ours, device, dtype, result: dict
     batch = (data[:, :-1], data[:, 1:])  # (B, T) inputs and next-token targets
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     flops_token = flops_per_token(model_args, opt.seq_len)
-    basis = "6N + 12*n_layers*seq_len*dim per trained token (bench.flops_per_token)"
+    basis = "6N + 12*n_layers*seq_len*dim per trained token (support.planner.flops_per_token)"
     if opt.lora_rank:
         adapters = sum(p.numel() for p in ours.parameters() if p.requires_grad)
         flops_token += 6 * adapters - 2 * n_params_flops(model_args)
@@ -412,9 +376,9 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     and return the figures."""
     dtype = DTYPES[opt.dtype]
     if opt.mode == "train" and opt.seq_len > model_args.max_seq_len:
-        fail(f"--seq_len={opt.seq_len} is above the preset's max_seq_len={model_args.max_seq_len}")
+        raise BenchError(f"--seq_len={opt.seq_len} is above the preset's max_seq_len={model_args.max_seq_len}")
     if opt.mode == "generate" and opt.prompt_len + opt.new_tokens > model_args.max_seq_len:
-        fail(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
+        raise BenchError(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
              f"max_seq_len={model_args.max_seq_len}")
     n = mm_size(model_args) if opt.mode == "train" else min(mm_size(model_args), 4096)  # 16384: minutes on a CPU
     peak = mm_peak_flops(dtype, n, device)
@@ -422,14 +386,15 @@ def run_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     try:
         ours = build_ours(model_args, device, opt.seed, opt.quantize, opt.group_size)
     except ValueError as e:  # a --group_size that does not suit the preset's shapes
-        fail(str(e))
+        raise BenchError(str(e))
     build_s = time.perf_counter() - t0
     if opt.lora_rank:
         apply_lora(ours, opt.lora_rank, alpha=2.0 * opt.lora_rank, quantize_base=opt.qlora)
     result = {"mode": opt.mode, "preset": opt.preset, "dtype": opt.dtype, "device": device.type,
               "compile": opt.compile, "batch_size": opt.batch_size, "threads": torch.get_num_threads()}
     if opt.quantize:
-        result.update(quantize=opt.quantize, group_size=opt.group_size if opt.quantize == "int4" else None,
+        picked = [m.group_size for m in ours.modules() if isinstance(m, quant.Int4Linear)]
+        result.update(quantize=opt.quantize, group_size=picked[0] if picked else None,
                       build_s=round(build_s, 1), **quantized_kernel())
     make = train_workload if opt.mode == "train" else generate_workload
     workload, flops_token, tokens_per_call = make(opt, model_args, ours, device, dtype, result)
@@ -777,7 +742,7 @@ def time_streams(port: int, prompts: list[list[int]], new_tokens: int, clients: 
         [t.join() for t in threads]
         for first, last, tokens in out:
             if tokens != new_tokens:
-                fail(f"a streamed request got {tokens} tokens, expected {new_tokens}")
+                raise BenchError(f"a streamed request got {tokens} tokens, expected {new_tokens}")
             ttft.append(first)
             per_client.append(tokens / last)
     return {"ttft_s": round(statistics.median(ttft), 3),
@@ -811,7 +776,7 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     from support.server import ModelServer
 
     if opt.prompt_len + opt.new_tokens > model_args.max_seq_len:
-        fail(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
+        raise BenchError(f"--prompt_len + --new_tokens = {opt.prompt_len + opt.new_tokens} is above the preset's "
              f"max_seq_len={model_args.max_seq_len}")
     model = build_ours(model_args, device, opt.seed).to(DTYPES[opt.dtype]).eval()
     model.init_buffers()  # RoPE tables back to fp32 after .to(dtype)
@@ -830,7 +795,7 @@ def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
             for name in seconds:
                 s, tokens = time_clients(port, prompts, opt.new_tokens, at_once=name == "concurrent")
                 if tokens != expected:
-                    fail(f"{name} clients got {tokens} tokens, expected {expected}: a request was lost")
+                    raise BenchError(f"{name} clients got {tokens} tokens, expected {expected}: a request was lost")
                 if r >= opt.warmup:
                     seconds[name].append(s)
         joining = time_joining(port, prompts, opt.new_tokens) if len(prompts) > 1 else {}
@@ -874,9 +839,9 @@ MATVEC_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): a 7B 
 def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict:
     """name -> (function computing x @ w^T from w quantised as sample.py stores it, bytes it reads): ours, torch's
     packed CPU kernels, a dequantise-and-dot fused by torch.compile, and dequantising blocks of rows."""
-    from kernels import (dequantised_linear, int4_dequantize, int4_matmul, int8_dequantize, int8_matmul,
-                         nf4_dequantised_matmul, nf4_matmul)
-    from model import NF4Linear
+    from support.quant import nf4_dequantised_matmul, nf4_matmul
+    from support.quant import dequantised_linear, int4_dequantize, int4_matmul, int8_dequantize, int8_matmul
+    from support.quant import NF4Linear
     from sample import Int4Linear, Int8Linear
 
     q8 = Int8Linear(w.size(1), w.size(0)).quantize_from(w)
@@ -919,6 +884,7 @@ def run_matvec(opt) -> dict:
     bound). Reports ms, GB/s of the bytes each reads, and G weights/s; the first call of the compiled ones (tracing
     and building) is reported as compile_s."""
     g = torch.Generator().manual_seed(opt.seed)
+    opt.group_size = opt.group_size or 128  # one 11008x4096 weight: 128 divides it
     result = {"mode": "matvec", "device": "cpu", "threads": torch.get_num_threads(), "group_size": opt.group_size,
               "rounds": opt.rounds, **quantized_kernel()}
     for out_f, in_f in MATVEC_SHAPES:
@@ -946,168 +912,6 @@ def run_matvec(opt) -> dict:
     return result
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# training plan (train.py --dry_run): what a config needs per device on its mesh and how long a step takes, computed
-# from ModelArgs without allocating the model
-
-
-# dense 16-bit peak per device when peak_flops is not set: the Ascend 910B the recipes name (313 TFLOP/s fp16/bf16,
-# Huawei's figure for the 910B3); recipes for other hardware set peak_flops (A100: 312e12)
-DEFAULT_PEAK_FLOPS = {"bfloat16": 313e12, "float16": 313e12}
-
-
-def nf4_bytes(n: int, block: int = 64, absmax_block: int = 256) -> int:
-    """Bytes kernels.nf4_quantize stores for n weights: 4-bit codes, one int8 absmax per block of 64 (padded to whole
-    groups of 256), one fp32 scale per group, one fp32 offset: ~4.13 bits per weight."""
-    groups = -(-(n // block) // absmax_block)
-    return n // 2 + groups * absmax_block + 4 * groups + 4
-
-
-def memory_plan(args: ModelArgs, cfg, dp: int, tp: int, packed: bool) -> dict:
-    """Per-device bytes of one training step of `cfg` (train.py's Config) on a (dp, tp) mesh, term by term, plus
-    parameter counts. ValueError for lora_targets that match no layer.
-
-    Storage, sharded over dp * tp (FSDP2 shards every block and the root over dp; TP splits them over tp):
-      full training: fp32 parameters (the master copy) 4 B, fp32 gradients 4 B, AdamW m and v 8 B per parameter;
-      LoRA: frozen base in the compute dtype (QLoRA: NF4 block linears, nf4_bytes), fp32 adapters + their grads + m, v.
-    Working weights (16-bit runs): FSDP all-gathers the root and two blocks (current + prefetched) in the compute
-    dtype, or every block with zero_stage 1/2 (kept from forward to backward); in one process autocast caches a
-    16-bit copy of every trainable linear weight; QLoRA dequantises each
-    linear and autograd keeps the result for backward (one block's worth under activation checkpointing).
-    Activations of one micro-batch of b sequences of T tokens, s bytes per element (2 in 16-bit, 4 in fp32), divided by
-    tp (sequence-parallel norms shard the rest); the residual stream (block input x, mid-block h) stays fp32 under
-    autocast, 4 bytes. Per layer and token, the tensors a block keeps for backward:
-      attention: input x, normed x, q, k, v, attention output = 4d + 2kv;  feed-forward: residual h, normed h, gate,
-      up, swiglu output = 2d + 3f;  so s(4d + 2kv + 3f) + 8d (the per-layer estimate of Korthikanti et al. 2022,
-      redone for SwiGLU, RMSNorm, no dropout, and fused attention, which keeps only 4 B of softmax statistics per head;
-      kernels.rms_norm hands the projections one 16-bit normed copy, kernels.swiglu keeps no silu(gate)).
-      Masks: ALiBi's bias (1, H, T, T) in s bytes, (b, H, T, T) with packed rows' document masks, built once per
-      forward and shared by the layers; a RoPE model with packed rows keeps a (b, 1, T, T) bool mask per layer. LoRA
-      adds rank outputs (and dropout copies of the input).
-      Full checkpointing keeps only each block's input (4d per token and layer), selective (per op, see train.py's
-      apply_activation_checkpointing) also the outputs of wq, wv, w1, w2 and attention: 4d + s(3d + kv + f); both
-      recompute one block at a time in the backward pass; with activation_checkpointing_layers = n only the first n
-      blocks are checkpointed, the others keep everything.
-      The loss head: the final norm's input and output, b T d (4 + s), and kernels.linear_cross_entropy's one (b T, V)
-      buffer in s bytes (the logits turned into their gradient); vocab-sharded (tp > 1) or adapted output layers
-      take the logits, their fp32 copy and fp32 log-softmax instead, b T V (s + 8) bytes.
-    tests/test_recipes.py checks activations + working weights against the bytes autograd saves (within 3%).
-    """
-    d, L = args.dim, args.n_layers
-    s = 2 if cfg.dtype in ("bfloat16", "float16") else 4
-    shard = dp * tp
-    with torch.device("meta"):
-        model = Transformer(args)
-    n_params = sum(p.numel() for p in model.parameters())
-    block_linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers.")]
-    n_block_linear = sum(m.weight.numel() for m in block_linears)
-    n_block = sum(p.numel() for p in model.layers[0].parameters())  # one block
-    n_root = n_params - L * n_block  # embedding, final norm, output head
-    lora_extra = 0  # activation bytes per token and layer that the adapters add
-    adapted = []
-    if cfg.lora_rank:
-        adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        for name in (n for n in adapted if n.startswith("layers.0.")):
-            adapter = model.get_submodule(name)  # LoRALinear, or a fused wqkv LoRA (dropout once, on its input)
-            lora_extra += s * cfg.lora_rank + (adapter.in_features * (s + 1) if cfg.lora_dropout else 0)
-        if cfg.qlora:  # block linears in NF4, the rest (embedding, norms, head) in the compute dtype
-            weights = sum(nf4_bytes(m.weight.numel()) for m in block_linears) + s * (n_params - n_block_linear)
-        else:
-            weights = s * n_params
-        weights = (weights + 4 * n_train) / shard
-    else:
-        n_train = n_params
-        weights = 4 * n_params / shard
-    mem = {"weights": weights, "gradients": 4 * n_train / shard, "optimizer": 8 * n_train / shard}
-
-    ac = cfg.activation_checkpointing
-    block_bytes = s * n_block if not cfg.qlora else s * n_block_linear / L  # one block in the compute dtype
-    if s == 4 and not cfg.qlora:
-        working = 0.0  # fp32: the parameters are used as they are
-    elif dp > 1 and not cfg.qlora:  # FSDP2's unsharded root and two blocks; ZeRO-1/2 keep every block to backward
-        working = (s * n_root + (2 if cfg.zero_stage == 3 else L) * block_bytes) / tp
-    elif cfg.qlora:
-        working = (block_bytes if ac != "none" else L * block_bytes) / tp  # dequantised weights kept for backward
-    elif cfg.lora_rank:
-        working = 0.0  # the frozen base is already in the compute dtype
-    else:
-        working = s * (n_block_linear + args.vocab_size * d) / tp  # autocast's cache of 16-bit linear weights
-    mem["working weights"] = working
-
-    fused_loss = tp == 1 and "output" not in adapted  # (model.Transformer._plain_head_weight)
-    for mode, nbytes in activation_bytes(args, cfg, tp, packed, s, lora_extra, fused_loss).items():
-        mem[f"activations ({mode})"] = nbytes
-    mem["activations"] = mem[f"activations ({ac})"]
-    mem["total"] = sum(mem[k] for k in ("weights", "gradients", "optimizer", "working weights", "activations"))
-    return {"n_params": n_params, "n_trainable": n_train, "bytes": mem, "activation_checkpointing": ac}
-
-
-def activation_bytes(args: ModelArgs, cfg, tp: int, packed: bool, s: int, lora_extra: int, fused_loss: bool) -> dict:
-    """memory_plan's activations per device, {activation checkpointing mode: bytes}, as its docstring derives them."""
-    d, L, H, f = args.dim, args.n_layers, args.n_heads, args.hidden_dim
-    kv = args.kv_heads * args.head_dim
-    b, T = cfg.micro_batch_size, cfg.seq_len
-    per_token_layer = s * (4 * d + 2 * kv + 3 * f) + 8 * d + 4 * H + lora_extra  # + attention's softmax statistics
-    alibi_mask = (b if packed else 1) * H * T * T * s / tp if args.pos_emb == "alibi" else 0  # one for all layers
-    mask_layer = b * T * T if packed and args.pos_emb != "alibi" else 0
-    layer = (b * T * per_token_layer + mask_layer) / tp
-    head = b * T * (d * (4 + s) + args.vocab_size * (s if fused_loss else s + 8)) / tp
-    kept = {"none": layer, "full": b * T * 4 * d / tp,  # selective: block input, outputs of wq, wv, w1, w2, attention
-            "selective": b * T * (4 * d + s * (3 * d + kv + f) + 4 * H) / tp}
-    # all but 'none' recompute one block at a time in the backward pass, after the L - n blocks that keep everything
-    # (checkpointed: the first n) are done with theirs
-    n = cfg.activation_checkpointing_layers or L
-    return {mode: (L * layer if mode == "none" else n * kept[mode] + max(L - n, 1) * layer) + alibi_mask + head
-            for mode in kept}
-
-
-def training_plan(args: ModelArgs, family: str, cfg, dp: int, tp: int, meta: dict, notes=()) -> dict:
-    """train.py --dry_run once it has resolved the model and the mesh: memory_plan, FLOPs per token and the step time
-    at cfg.mfu of the peak, printed as a table (with notes) and returned."""
-    m = memory_plan(args, cfg, dp, tp, bool(meta.get("packed")))
-    world, tokens_per_step = dp * tp, cfg.global_batch_size * cfg.seq_len
-    flops_token = flops_per_token(args, cfg.seq_len)
-    if cfg.lora_rank:  # frozen weights need no weight gradients: 4 FLOPs per weight instead of 6, adapters 6
-        n_matmul = (flops_token - 12 * args.n_layers * cfg.seq_len * args.dim) // 6
-        flops_token += -2 * n_matmul + 6 * m["n_trainable"]
-    peak = cfg.peak_flops or DEFAULT_PEAK_FLOPS.get(cfg.dtype, 0.0)
-    step_s = tokens_per_step * flops_token / (world * peak * cfg.mfu) if peak else None
-    out = {**m, "family": family, "dp": dp, "tp": tp, "devices": world, "flops_per_token": flops_token,
-           "tokens_per_step": tokens_per_step, "peak_flops": peak, "step_s": step_s,
-           "fits": m["bytes"]["total"] <= cfg.device_memory_gib * 2**30,
-           "grad_accum": cfg.global_batch_size // (cfg.micro_batch_size * dp)}
-    print("\n".join(plan_lines(out, cfg, meta) + [f"note: {n}" for n in notes]))
-    return out
-
-
-def plan_lines(out: dict, cfg, meta: dict) -> list[str]:
-    """training_plan's table: what is trained, the mesh, memory per device term by term, FLOPs and step time."""
-    mem, world, tokens_per_step, step_s = out["bytes"], out["devices"], out["tokens_per_step"], out["step_s"]
-    gib = lambda x: f"{x / 2**30:10.2f} GiB"  # noqa: E731
-    kind = ("QLoRA" if cfg.qlora else "LoRA") + f" rank {cfg.lora_rank}" if cfg.lora_rank else "full training"
-    lines = [f"plan: {cfg.model if cfg.init_from in ('scratch', 'resume') else cfg.init_from} ({out['family']}), "
-             f"{out['n_params']:,} parameters, {out['n_trainable']:,} trained ({kind})",
-             f"mesh: {world} device(s) = dp {out['dp']} x tp {out['tp']}; micro-batch {cfg.micro_batch_size} x "
-             f"{cfg.seq_len} tokens, global batch {cfg.global_batch_size} (grad accum {out['grad_accum']}); "
-             f"{cfg.dtype}; activation checkpointing {out['activation_checkpointing']}",
-             "per device:"]
-    for key in ("weights", "gradients", "optimizer", "working weights",
-                *(k for k in mem if k.startswith("activations ("))):
-        this = key == f"activations ({cfg.activation_checkpointing})"
-        lines.append(f"  {key:34s}{gib(mem[key])}" + ("  <- this config" if this else ""))
-    lines.append(f"  {'total':34s}{gib(mem['total'])}  {'fits' if out['fits'] else 'does NOT fit'} in "
-                 f"{cfg.device_memory_gib:g} GiB (device_memory_gib)")
-    lines.append(f"FLOPs per token {out['flops_per_token'] / 1e9:.2f} G; {tokens_per_step:,} tokens per step"
-                 + (f"; {cfg.max_iters:,} steps = {cfg.max_iters * tokens_per_step / meta['train_tokens']:.2f} epochs "
-                    f"of {cfg.data_dir}" if meta.get("train_tokens") else ""))
-    if step_s:
-        lines.append(f"step time at MFU {cfg.mfu:.0%} of {out['peak_flops'] / 1e12:.0f} TFLOP/s x {world}: "
-                     f"{step_s:.2f} s ({tokens_per_step / step_s / world:,.0f} tokens/s per device); "
-                     f"{cfg.max_iters:,} steps = {cfg.max_iters * step_s / 3600:.1f} h")
-    else:
-        lines.append("step time: set peak_flops (no default peak for float32)")
-    return lines
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1117,7 +921,7 @@ def plan_lines(out: dict, cfg, meta: dict) -> list[str]:
 def read_losses(path: str) -> dict[int, float]:
     """step -> training loss from a train.py metrics.jsonl (rows with "step" and "loss"; val rows are skipped)."""
     if not os.path.isfile(path):
-        fail(f"--plot: {path}: no such file (expected a train.py metrics.jsonl)")
+        raise BenchError(f"--plot: {path}: no such file (expected a train.py metrics.jsonl)")
     losses = {}
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
@@ -1130,9 +934,9 @@ def read_losses(path: str) -> dict[int, float]:
                     check_json_fields(row, {"step": (int, "[0, inf)"), "loss": float}, where)
                     losses[row["step"]] = float(row["loss"])
             except ValueError as e:
-                fail(str(e))
+                raise BenchError(str(e))
     if not losses:
-        fail(f"--plot: {path}: no rows with 'step' and 'loss' (is it a train.py metrics.jsonl?)")
+        raise BenchError(f"--plot: {path}: no rows with 'step' and 'loss' (is it a train.py metrics.jsonl?)")
     return losses
 
 
@@ -1141,7 +945,7 @@ def relative_difference(a: dict[int, float], b: dict[int, float]) -> dict:
     reference): their maxima and where they are, and the mean relative difference."""
     steps = sorted(set(a) & set(b))
     if not steps:
-        fail("--plot: the two runs have no logged step in common")
+        raise BenchError("--plot: the two runs have no logged step in common")
     rel = [abs(b[s] - a[s]) / max(abs(a[s]), 1e-12) for s in steps]
     absolute = [abs(b[s] - a[s]) for s in steps]
     return {"rel_diff_max": max(rel), "rel_diff_mean": sum(rel) / len(rel), "steps_compared": len(steps),
@@ -1187,7 +991,7 @@ def plot(paths: list[str], out: str) -> dict:
     try:
         fig.savefig(out, dpi=100)
     except OSError as e:  # a read-only or missing directory
-        fail(f"--out={out}: cannot write ({e.strerror})")
+        raise BenchError(f"--out={out}: cannot write ({e.strerror})")
     finally:
         plt.close(fig)
     return result
@@ -1216,10 +1020,15 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=3, help="train: optimiser steps per timing")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 1, 3 with --compile)")
     p.add_argument("--rounds", type=int, default=3, help="timings per model (medians reported)")
-    p.add_argument("--compare", action="store_true", help="also run transformers' LlamaForCausalLM, alternated")
+    p.add_argument("--compare", nargs="?", const="transformers", default=None, choices=["transformers", "llama.cpp"],
+                   help="also run transformers' LlamaForCausalLM (train, generate), or llama.cpp on --gguf "
+                        "(generate), alternated")
+    p.add_argument("--gguf", default=None, help="--compare=llama.cpp: the GGUF file both run (convert.py "
+                                                "native-to-gguf writes one)")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], default=None,
                    help="generate: weights quantised as sample.py --quantize does, built one weight at a time")
-    p.add_argument("--group_size", type=int, default=128, help="--quantize=int4: weights per scale and zero")
+    p.add_argument("--group_size", type=int, default=None, help="--quantize=int4: weights per scale and zero (default: "
+                   "as sample.py, the largest up to 128 that divides every layer)")
     p.add_argument("--lora_rank", type=int, default=0, help="train: rank of LoRA adapters (0 = full training)")
     p.add_argument("--qlora", action="store_true", help="train: --lora_rank adapters on an NF4-quantised base")
     p.add_argument("--device", default=None, help="default: kernels.device_type()")
@@ -1239,68 +1048,159 @@ def parse_args(argv):
     opt.warmup = opt.warmup if opt.warmup is not None else (3 if opt.compile else 1)
     for key in ("batch_size", "seq_len", "prompt_len", "new_tokens", "steps", "rounds"):
         if getattr(opt, key) <= 0:
-            fail(f"--{key}={getattr(opt, key)}: expected a positive integer")
+            raise BenchError(f"--{key}={getattr(opt, key)}: expected a positive integer")
     if opt.warmup < 0:
-        fail(f"--warmup={opt.warmup}: expected >= 0")
+        raise BenchError(f"--warmup={opt.warmup}: expected >= 0")
     if opt.lora_rank < 0 or (opt.qlora and not opt.lora_rank):
-        fail(f"--lora_rank={opt.lora_rank}: expected a positive rank with --qlora, >= 0 otherwise")
+        raise BenchError(f"--lora_rank={opt.lora_rank}: expected a positive rank with --qlora, >= 0 otherwise")
     if opt.mode == "serve" and opt.compare:
-        fail("--compare: transformers has no server here; --mode=serve compares concurrent with sequential clients")
+        raise BenchError("--compare: transformers has no server here; --mode=serve compares concurrent with sequential clients")
     for key in ("max_rel_err", "max_abs_err"):
         if getattr(opt, key) is not None and (getattr(opt, key) < 0 or not opt.plot or len(opt.plot) != 2):
-            fail(f"--{key}={getattr(opt, key)}: expected a value >= 0 with --plot REFERENCE RUN (two metrics files)")
-    if opt.quantize and (opt.mode != "generate" or opt.compare):
-        fail(f"--quantize={opt.quantize}: measured in --mode=generate, without --compare (transformers' model has "
+            raise BenchError(f"--{key}={getattr(opt, key)}: expected a value >= 0 with --plot REFERENCE RUN (two metrics files)")
+    if (opt.compare == "llama.cpp") != bool(opt.gguf) or (opt.gguf and opt.mode != "generate"):
+        raise BenchError("--compare=llama.cpp goes with --gguf=FILE, in --mode=generate")
+    if opt.quantize and (opt.mode != "generate" or opt.compare == "transformers"):
+        raise BenchError(f"--quantize={opt.quantize}: measured in --mode=generate, without --compare (transformers' model has "
              f"no int8/int4 linears)")
     if opt.lora_rank and (opt.mode != "train" or opt.compare):
-        fail("--lora_rank: fine-tuning speed is measured in --mode=train, without --compare (transformers has no "
+        raise BenchError("--lora_rank: fine-tuning speed is measured in --mode=train, without --compare (transformers has no "
              "LoRA without peft)")
     return opt
 
 
+def gguf_bytes_per_token(path) -> int:
+    """Bytes of weights llama.cpp reads per decoded token: every tensor of the file but the input embedding (one
+    row a token), which a tied model reads whole as its output layer."""
+    import gguf
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors}
+    return sum(tensors.values()) - (tensors["token_embd.weight"] if "output.weight" in tensors else 0)
+
+
+def run_llama_cpp_compare(opt) -> dict:
+    """--compare=llama.cpp --gguf=FILE: llama.cpp (llama-cpp-python) and ours decode the file's model, greedy, batch 1,
+    --new_tokens after a --prompt_len prompt, alternated for --rounds; medians. Ours reads the file back
+    (support/gguf.py: dequantised to fp32), quantised again with --quantize, laid out as sample.py decodes. Prints
+    the README's table row: tokens/s, weight bytes per token and the GB/s they make."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise BenchError("--compare=llama.cpp: llama_cpp is not importable; build llama-cpp-python from source (README, Speed)")
+    from sample import decode_layout, generate, quantize_model
+    from support import gguf as gguf_format
+
+    threads = torch.get_num_threads()
+    args, family, _, tensors = gguf_format.read_gguf(opt.gguf)
+    with torch.device("meta"):
+        ours = Transformer(args)
+    ours.load_state_dict(dict(tensors), assign=True)
+    ours.materialize_buffers("cpu")
+    if opt.quantize:
+        quantize_model(ours, opt.quantize, opt.group_size)
+    decode_layout(ours.eval())
+    n_ctx = opt.prompt_len + opt.new_tokens
+    llm = llama_cpp.Llama(model_path=str(opt.gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                          n_batch=max(opt.prompt_len, 8), verbose=False)
+    prompt = torch.randint(args.vocab_size, (opt.prompt_len,), generator=torch.Generator().manual_seed(opt.seed))
+
+    def run(which) -> tuple[float, float, list[int]]:
+        """(seconds to the first token: the prompt, seconds for the rest, the tokens)."""
+        t0 = time.perf_counter()
+        if which == "llama.cpp":
+            stream = llm.generate(prompt.tolist(), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
+        else:
+            stream = generate(ours, prompt.tolist(), opt.new_tokens, temperature=0.0)
+        tokens, first = [], None
+        for token in stream:
+            tokens.append(int(token))
+            first = first or time.perf_counter() - t0
+            if len(tokens) == opt.new_tokens:
+                break
+        return first, time.perf_counter() - t0 - first, tokens
+
+    times = {"llama.cpp": [], "ours": []}
+    for r in range(opt.warmup + opt.rounds):
+        for which in times:
+            got = run(which)
+            if r >= opt.warmup:
+                times[which].append(got)
+    weights = [t for name, t in list(ours.named_parameters()) + list(ours.named_buffers())
+               if (t.dim() == 2 or name.endswith(".scales")) and not name.startswith(("tok_embeddings.", "rope_"))]
+    ours_bytes = sum(t.numel() * t.element_size() for t in weights)
+    if ours.output is None:  # tied and not quantised: the embedding is the output layer
+        ours_bytes += ours.tok_embeddings.weight.numel() * ours.tok_embeddings.weight.element_size()
+    result = {"mode": "generate", "compare": "llama.cpp", "gguf": str(opt.gguf), "family": family,
+              "quantize": opt.quantize, "threads": threads, "prompt_len": opt.prompt_len,
+              "new_tokens": opt.new_tokens, "llama_cpp_version": getattr(llama_cpp, "__version__", None)}
+    rows = {}
+    for which, runs in times.items():
+        decode = (opt.new_tokens - 1) / statistics.median(r[1] for r in runs)
+        prefill = opt.prompt_len / statistics.median(r[0] for r in runs)
+        nbytes = gguf_bytes_per_token(opt.gguf) if which == "llama.cpp" else ours_bytes
+        rows[which] = {"decode_tokens_per_s": round(decode, 2), "prompt_tokens_per_s": round(prefill, 1),
+                       "bytes_per_token": nbytes, "gb_per_s": round(nbytes * decode / 1e9, 1)}
+    result.update(rows, ratio=round(rows["ours"]["decode_tokens_per_s"] / rows["llama.cpp"]["decode_tokens_per_s"],
+                                    2), same_tokens=times["ours"][0][2] == times["llama.cpp"][0][2])
+    a, b = rows["llama.cpp"], rows["ours"]
+    print(f"| {Path(opt.gguf).name} | {opt.quantize or 'fp32'} | {a['decode_tokens_per_s']} | "
+          f"{b['decode_tokens_per_s']} | {result['ratio']}x | {a['bytes_per_token'] / 1e6:,.0f} / "
+          f"{b['bytes_per_token'] / 1e6:,.0f} MB | {a['gb_per_s']} / {b['gb_per_s']} |", file=sys.stderr)
+    return result
+
+
 def model_args_for(opt) -> ModelArgs:
     if opt.preset not in PRESETS:
-        fail(f"--preset={opt.preset!r}: unknown; expected one of {', '.join(PRESETS)}")
+        raise BenchError(f"--preset={opt.preset!r}: unknown; expected one of {', '.join(PRESETS)}")
     args = PRESETS[opt.preset]
     if opt.model_args:
         try:
             overrides = parse_json(opt.model_args, "--model_args")
         except ValueError as e:
-            fail(str(e))
+            raise BenchError(str(e))
         if not isinstance(overrides, dict):
-            fail(f"--model_args={opt.model_args!r}: expected a JSON object of ModelArgs fields")
+            raise BenchError(f"--model_args={opt.model_args!r}: expected a JSON object of ModelArgs fields")
         try:
             args = ModelArgs(**{**args.__dict__, **overrides})
         except (TypeError, ValueError) as e:
-            fail(f"--model_args: {e}")
+            raise BenchError(f"--model_args: {e}")
     return args
 
 
 def main(argv=None) -> dict:
-    opt = parse_args(sys.argv[1:] if argv is None else argv)
+    """Run what the flags ask, print it as one JSON line and return it; a BenchError is one line, exit status 1."""
+    try:
+        result = measure(parse_args(sys.argv[1:] if argv is None else argv))
+    except BenchError as e:
+        raise SystemExit(f"bench.py: {e}") from None
+    print(json.dumps(result))
+    if result.get("ok") is False or result.get("within_criterion") is False:
+        sys.exit(1)
+    return result
+
+
+def measure(opt) -> dict:
     if opt.plot:
         if os.path.exists(opt.out) and not opt.overwrite:
-            fail(f"--out={opt.out} exists; pass --overwrite to replace it")
+            raise BenchError(f"--out={opt.out} exists; pass --overwrite to replace it")
         result = plot(opt.plot, opt.out)
         if opt.max_rel_err is not None or opt.max_abs_err is not None:
             result["within_criterion"] = check_criterion(result, opt.max_rel_err, opt.max_abs_err)
     elif opt.mode == "matvec":
         result = run_matvec(opt)
+    elif opt.compare == "llama.cpp":
+        result = run_llama_cpp_compare(opt)
     else:
         try:
             device = kernels.check_device(opt.device or kernels.device_type())
         except ValueError as e:
-            fail(f"--device={opt.device}: {e}")
+            raise BenchError(f"--device={opt.device}: {e}")
         if opt.mode != "npu-check":
             result = (serve_bench if opt.mode == "serve" else run_bench)(opt, model_args_for(opt), device)
         elif device.type != "npu":
-            fail(f"--mode=npu-check: needs an Ascend NPU (torch_npu and a device); this machine's device is "
+            raise BenchError(f"--mode=npu-check: needs an Ascend NPU (torch_npu and a device); this machine's device is "
                  f"{device.type}")
         else:
             result = run_npu_check(model_args_for(opt), opt.batch_size, opt.seq_len, opt.rounds, device)
-    print(json.dumps(result))
-    if result.get("ok") is False or result.get("within_criterion") is False:
-        sys.exit(1)
     return result
 
 

@@ -18,10 +18,9 @@ is imported lazily and only when an NPU is in play, so nothing here needs it.
     linear_cross_entropy(h, weight, ...)   _LinearCrossEntropy, no logits kept;       portable
                                            (2) its GEMMs in fp32
     linear(x, weight)                      F.linear; (2) _LinearBf16ViaFp32           portable
-    nf4_linear(x, q, shape)                _NF4Linear; (2) its GEMMs in fp32;         portable
-                                           decoding on a CPU: nf4_matmul
-    int8_matmul, int4_matmul, nf4_matmul   CPU: C kernels (QUANT_KERNELS_C), built    the weight dequantised
-    (quantised weights, no gradient)       on first use; else dequantised blocks
+    nf4_linear(x, q, shape)                in support/quant.py (QLoRA's NF4 base):    portable
+      and int8 / int4 linears              _NF4Linear, its GEMMs through (2); decoding
+                                           on a CPU: C kernels (quant_kernels.c)
 
 (1) Eager training on plain CPU/CUDA tensors (_plain_training): an autograd.Function with the torch ops' numbers and a
     shorter backward that keeps fewer tensors.
@@ -36,21 +35,16 @@ and limits (force_npu()); bench.py --mode=npu-check compares every fused op with
 
 import ctypes
 import functools
-import hashlib
 import math
-import os
-import platform
 import re
-import shutil
-import subprocess
 import sys
-import time
-import warnings
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # device and distributed backend
@@ -382,8 +376,9 @@ def _bf16_on_fp32_units(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and device.type == "cpu" and not CPU_HAS_BF16_UNITS
 
 
-# Weights converted at a time (bf16 -> fp32 on the CPU, NF4 -> compute dtype) where a whole converted copy would
-# cost memory: 16 MB in fp32, so a 7B model's 1 GB output layer or 180 MB MLP weight is never copied whole.
+# Weights converted at a time (bf16 -> fp32 on the CPU, NF4 or int8/int4 -> compute dtype, fp32 -> int8/int4) where a
+# whole converted copy would cost memory: 16 MB in fp32, so a 7B model's 1 GB output layer or 180 MB MLP weight is
+# never copied whole. (support/quant.py converts by the same measure.)
 CHUNK_WEIGHTS = 1 << 22
 
 
@@ -504,30 +499,18 @@ def _alibi_bias(slopes, T, S, q_start, device):
 
 
 def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=True, key_padding_mask=None,
-                         doc_ids=None, device=None, kv_len=None):
-    """The ALiBi bias `attention` would build for queries of this dtype and head_dim, built once for every layer.
+                         doc_ids=None, device=None):
+    """The ALiBi bias of attention on queries of this dtype, as an additive mask: slope * (j - i), -inf where query i
+    (at position q_start + i) may not look at key j. (B|1, H, T, S); S = q_start + T with a KV cache.
 
-    Passed to each layer's attention (alibi_bias=), all layers add and save the same tensor instead of building their
-    own: (B|1, H, T, S) is 1.3 GB in bf16 for Baichuan-13B at 4096 tokens, and autograd kept one per layer (40).
-    S: the key positions of the k, v attention gets, of which the first kv_len (default S) are in use (a KV cache).
-    Its form is the one the kernel that will run wants (_npu_attention_kernel): the SDPA mask (-inf where a query may
-    not look) on the portable path; npu_fusion_attention's pse, bias / scale (it computes scale * (pse + q k^T)),
-    only its last 1024 rows for a long causal sequence (the documented ALiBi compression: the kernel keeps a pse
-    gradient the size of the pse); the inference kernels' pse_shift, the bias itself over the whole cache (they add
-    it to scale * q k^T). ALiBi models are multi-head: the kernel is picked for as many kv heads as query heads.
+    Built once per forward and passed to every layer's attention (alibi_bias=): all layers add and save the same
+    tensor instead of building their own ((B|1, H, T, S) is 1.3 GB in bf16 for Baichuan-13B at 4096 tokens, and
+    autograd kept one per layer). The NPU path adapts it to its kernels' forms (_npu_pse). head_dim: the query's,
+    which the bias does not depend on (kept so the call names every input attention sees).
     """
     device = device or slopes.device
-    kv_len = S if kv_len is None else kv_len
-    H = slopes.numel()
-    kernel = _npu_attention_kernel(slopes, dtype, H, H, head_dim, T, S, doc_ids)
-    if kernel in ("ifa", "pfa"):
-        return _alibi_bias(slopes, T, S, q_start, device).to(dtype)
-    if kernel == "fa":
-        if _alibi_compressible(T, kv_len, q_start, causal, key_padding_mask, doc_ids):
-            T, q_start = ALIBI_ROWS, kv_len - ALIBI_ROWS
-        return (_alibi_bias(slopes, T, kv_len, q_start, device) * math.sqrt(head_dim)).to(dtype)
-    bias = _alibi_bias(slopes, T, kv_len, q_start, device)
-    allowed = _allowed(T, kv_len, q_start, causal, key_padding_mask, doc_ids, device)
+    bias = _alibi_bias(slopes, T, S, q_start, device)
+    allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device)
     # fp32 where SDPA runs in fp32 (2): slope * distance in bf16 rounds to steps of up to 16 at 4096 tokens; in the
     # query's dtype elsewhere (CUDA's fused kernels take no other). Converted here, not in each layer's attention, so
     # that every layer shares (and autograd saves) this one tensor
@@ -545,14 +528,13 @@ def _alibi_compressible(T, kv_len, q_start, causal, key_padding_mask, doc_ids) -
 
 
 def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None, doc_ids=None, q_start=0,
-              alibi_bias=None, kv_len=None, doc_ends=None):
+              alibi_bias=None, kv_len=None):
     """Scaled dot-product attention with causal, ALiBi, padding and packed-document masks.
 
     q (B, H, T, D); k, v (B, H_kv, S, D) with H_kv dividing H (grouped-query attention), of which the first kv_len
-    positions (default S) are keys: a preallocated KV cache goes in whole (the NPU's inference kernels read it in
-    place). Query i sits at position q_start + i and key j at position j, so with a KV cache kv_len = q_start + T.
-    key_padding_mask (B, >=kv_len) bool, True for real tokens; doc_ids (B, T) document index of every token of a
-    packed sequence (needs kv_len == T), doc_ends its packed_doc_ends, computed once per batch.
+    positions (default S) are keys. Query i sits at position q_start + i and key j at position j, so with a KV cache
+    (k, v: the cache's first q_start + T positions) q_start is the cache position. key_padding_mask (B, >=kv_len)
+    bool, True for real tokens; doc_ids (B, T) document index of every token of a packed sequence (needs kv_len == T).
     alibi_bias: alibi_attention_bias(alibi_slopes, ...) for these arguments, built once and shared by the layers.
     Returns (B, H, T, D).
     """
@@ -561,13 +543,11 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None,
     kv_len = S if kv_len is None else kv_len
     kernel = _npu_attention_kernel(q, q.dtype, H, k.size(1), D, T, S, doc_ids)
     if alibi_slopes is not None and alibi_bias is None:
-        alibi_bias = alibi_attention_bias(alibi_slopes, q.dtype, D, T, S, q_start, causal=causal, kv_len=kv_len,
+        alibi_bias = alibi_attention_bias(alibi_slopes, q.dtype, D, T, kv_len, q_start, causal=causal,
                                           key_padding_mask=key_padding_mask, doc_ids=doc_ids, device=q.device)
-    if kernel in ("ifa", "pfa"):
-        return _npu_infer_attention(kernel, q, k, v, causal, alibi_bias, key_padding_mask, q_start, kv_len)
+    if kernel is not None:
+        return _npu_dispatch(kernel, q, k, v, causal, alibi_bias, key_padding_mask, doc_ids, q_start, kv_len)
     k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-    if kernel == "fa":
-        return _npu_attention(q, k, v, causal, alibi_bias, key_padding_mask, doc_ids, doc_ends, q_start)
     plain_causal = causal and alibi_bias is None and key_padding_mask is None and doc_ids is None and T == kv_len
     mask, is_causal = None, False
     if alibi_bias is not None:
@@ -613,6 +593,67 @@ def _npu_attention_kernel(x, dtype, H, H_kv, D, T, S, doc_ids) -> str | None:
     return "fa"
 
 
+def _npu_dispatch(kernel, q, k, v, causal, alibi_bias, key_padding_mask, doc_ids, q_start, kv_len):
+    """attention on the torch_npu kernel picked for it, given what attention takes; what the kernels want besides
+    (the ALiBi bias in their form, the documents' ends, the whole KV cache) is built here."""
+    T, D = q.size(2), q.size(3)
+    if kernel in ("ifa", "pfa"):  # the inference kernels read the KV cache in place, whole
+        k, v = _whole_cache(k, kv_len), _whole_cache(v, kv_len)
+    S = k.size(2)
+    pse = None
+    if alibi_bias is not None:
+        pse = _per_forward(alibi_bias, (kernel, q.dtype, D, S, kv_len), lambda bias: _npu_pse(
+            kernel, bias, q.dtype, D, S, _alibi_compressible(T, kv_len, q_start, causal, key_padding_mask, doc_ids)))
+    if kernel in ("ifa", "pfa"):
+        return _npu_infer_attention(kernel, q, k, v, causal, pse, key_padding_mask, q_start, kv_len)
+    k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+    if doc_ids is not None and pse is None and key_padding_mask is None and causal:
+        doc_ends = _per_forward(doc_ids, (), lambda d: packed_doc_ends(d))  # read off the device once per batch
+        return _npu_packed_attention(q, k, v, doc_ends, 1.0 / math.sqrt(D))
+    return _npu_attention(q, k, v, causal, pse, key_padding_mask, doc_ids, q_start)
+
+
+# What the NPU kernels want, derived from a tensor every layer of one forward shares (the ALiBi bias, doc_ids):
+# made for the first layer, reused by the others, dropped with the tensor (keyed by its identity and version)
+_PER_FORWARD: dict = {}
+
+
+def _per_forward(source: torch.Tensor, key: tuple, make):
+    slot = (id(source), None if source.is_inference() else source._version, key)  # (inference: no version)
+    hit = _PER_FORWARD.get(slot)
+    if hit is not None and hit[0]() is source:
+        return hit[1]
+    value = make(source)
+    _PER_FORWARD[slot] = (weakref.ref(source, lambda ref: _PER_FORWARD.pop(slot, None)), value)
+    return value
+
+
+def _npu_pse(kernel, bias, dtype, head_dim, S, compressible) -> torch.Tensor:
+    """alibi_attention_bias's additive mask in the form the kernel takes: npu_fusion_attention's pse, bias / scale
+    (it computes scale * (pse + q k^T)), only its last 1024 rows for a long causal sequence (the documented ALiBi
+    compression: the kernel keeps a pse gradient the size of the pse); the inference kernels' pse_shift, the bias
+    itself over the whole cache, width S (they add it to scale * q k^T). The masked entries become 0: the kernels
+    take the mask apart (atten_mask, sparse_mode)."""
+    if kernel == "fa" and compressible:
+        bias = bias[:, :, -ALIBI_ROWS:]
+    bias = bias.masked_fill(bias == float("-inf"), 0)
+    if kernel == "fa":
+        return (bias.float() * math.sqrt(head_dim)).to(dtype)
+    return F.pad(bias, (0, S - bias.size(-1))).to(dtype)
+
+
+def _whole_cache(k: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """k (B, H, kv_len, D), the first positions of a preallocated KV cache (B', H, S, D), as the whole cache (B, H, S,
+    D) in place; a tensor that is not such a view, contiguous (S = kv_len)."""
+    B, H, _, D = k.shape
+    st = k.stride()
+    if st[3] == 1 and st[2] == D and st[1] % D == 0 and st[0] == H * st[1] and st[1] // D >= kv_len:
+        S = st[1] // D
+        if k.storage_offset() + B * st[0] <= k.untyped_storage().nbytes() // k.element_size():
+            return k.as_strided((B, H, S, D), st)
+    return k.contiguous()
+
+
 @functools.cache
 def npu_causal_mask(device) -> torch.Tensor:
     """The fixed 2048 x 2048 upper-triangular mask sparse modes 2 and 3 take whatever the sequence length. Built
@@ -621,15 +662,13 @@ def npu_causal_mask(device) -> torch.Tensor:
         return torch.ones(2048, 2048, dtype=torch.bool, device=device).triu(1)
 
 
-def _npu_attention(q, k, v, causal, pse, key_padding_mask, doc_ids, doc_ends, q_start):
-    """npu_fusion_attention in BNSD, or TND for packed documents; pse as alibi_attention_bias makes it for 'fa'."""
+def _npu_attention(q, k, v, causal, pse, key_padding_mask, doc_ids, q_start):
+    """npu_fusion_attention in BNSD; pse as _npu_pse makes it for 'fa'."""
     import torch_npu as npu
 
     B, H, T, D = q.shape
     S = k.size(2)
     scale = 1.0 / math.sqrt(D)
-    if doc_ids is not None and pse is None and key_padding_mask is None and causal:
-        return _npu_packed_attention(npu, q, k, v, doc_ends or packed_doc_ends(doc_ids), scale)
     if causal and key_padding_mask is None and doc_ids is None and q_start + T == S:
         atten_mask, sparse_mode = npu_causal_mask(q.device), 3  # right-down causal, no (T, S) mask built
     else:
@@ -647,8 +686,7 @@ TND_MAX_SEQS, TND_MAX_TOKENS = 1024, 1 << 20
 def packed_doc_ends(doc_ids: torch.Tensor) -> list[tuple[int, list[int]]]:
     """The TND calls of packed rows: doc_ids (B, T) -> [(first token, cumulative end of each document from there)],
     over the flattened batch, each call within npu_fusion_attention's varlen limits (TND_MAX_SEQS documents,
-    TND_MAX_TOKENS tokens). It reads the ends off the device once: model.Transformer.forward calls it once per
-    batch and hands the result to every layer's attention (doc_ends=)."""
+    TND_MAX_TOKENS tokens). It reads the ends off the device: _npu_dispatch calls it once per batch (_per_forward)."""
     new_doc = F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (0, 1), value=True)  # (B, T): a document ends at t
     ends = (new_doc.flatten().nonzero().flatten() + 1).tolist()
     calls = []
@@ -659,14 +697,10 @@ def packed_doc_ends(doc_ids: torch.Tensor) -> list[tuple[int, list[int]]]:
     return calls
 
 
-def wants_doc_ends(x: torch.Tensor) -> bool:
-    """Whether attention on x's device takes packed documents through npu_fusion_attention's TND layout, which wants
-    packed_doc_ends."""
-    return _on_npu(x) and _npu_op(x, "npu_fusion_attention") is not None
-
-
-def _npu_packed_attention(npu, q, k, v, calls, scale):
+def _npu_packed_attention(q, k, v, calls, scale):
     """Packed documents in the TND layout: every document is its own causal sequence, none is padded."""
+    import torch_npu as npu
+
     B, H, T, D = q.shape
 
     def tnd(x):  # (B, N, T, D) -> (B*T, N, D)
@@ -832,512 +866,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = (grad.T @ (h * scale).to(h.dtype)).to(weight.dtype)  # (vocab, dim)
         return grad_h, grad_w, None, None, None
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# NF4: 4-bit NormalFloat weights for QLoRA, in plain torch so it runs on any device
-
-# The 16 NF4 values of the QLoRA paper (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 table): quantiles of
-# N(0, 1) scaled to [-1, 1], with an exact zero.
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-])
-
-
-def nf4_quantize(w: torch.Tensor, block_size: int = 64, absmax_block_size: int = 256) -> dict[str, torch.Tensor]:
-    """Quantise w to NF4 with double quantisation.
-
-    Every block of 64 weights is scaled by its absmax into [-1, 1] and each weight becomes the index of the nearest
-    NF4 value (two per byte). The fp32 absmaxes are themselves quantised: centred on their mean and stored as int8
-    with one fp32 scale per 256 of them, so a weight costs 4 + 8/64 + 32/(64*256) = 4.127 bits.
-    """
-    if w.numel() % (2 * block_size):
-        raise ValueError(f"nf4_quantize: {w.numel()} weights is not a multiple of the block size {block_size}")
-    blocks = w.detach().reshape(-1, block_size)  # (n_blocks, 64)
-    midpoints = (NF4_CODE[1:] + NF4_CODE[:-1]).to(w.device) / 2
-    absmax = torch.empty(blocks.size(0), device=w.device)
-    packed = torch.empty(blocks.size(0), block_size // 2, dtype=torch.uint8, device=w.device)
-    step = max(1, CHUNK_WEIGHTS // block_size)  # a few MB of scratch at a time, not 12 bytes per weight at once
-    c = quant_kernels() if w.device.type == "cpu" and block_size == 64 else None  # the same codes, ~7x faster
-    for s in range(0, blocks.size(0), step):
-        chunk = blocks[s:s + step].float().contiguous()
-        if c is not None:
-            c.nf4_quantize(chunk.data_ptr(), chunk.size(0), midpoints.data_ptr(), absmax[s:].data_ptr(),
-                           packed[s:].data_ptr())
-            continue
-        absmax[s:s + step] = chunk.abs().amax(dim=1)
-        idx = torch.bucketize(chunk / absmax[s:s + step].clamp(min=1e-12)[:, None], midpoints, out_int32=True)
-        packed[s:s + step] = ((idx[:, 0::2] << 4) | idx[:, 1::2]).to(torch.uint8)  # high nibble first
-    offset = absmax.mean()
-    centred = F.pad(absmax - offset, (0, -absmax.numel() % absmax_block_size)).view(-1, absmax_block_size)
-    scale = centred.abs().amax(dim=1).clamp(min=1e-12) / 127
-    absmax_q = (centred / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return {"packed": packed, "absmax_q": absmax_q, "absmax_scale": scale, "absmax_offset": offset}
-
-
-def nf4_absmax(q: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The fp32 absmax of every block of 64 weights, back from its double quantisation."""
-    n_blocks = q["packed"].size(0)
-    return (q["absmax_q"].float() * q["absmax_scale"][:, None]).flatten()[:n_blocks] + q["absmax_offset"]
-
-
-# byte -> (value of its high nibble, value of its low nibble): one lookup decodes two weights
-_NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=-1)  # (256, 2)
-
-
-def nf4_dequantize(q: dict[str, torch.Tensor], shape, dtype=torch.float32, rows: tuple[int, int] | None = None,
-                   absmax: torch.Tensor | None = None) -> torch.Tensor:
-    """The weight of nf4_quantize back in `dtype` (code value x absmax, multiplied in `dtype`), or only its rows
-    [start, stop) when every row is a whole number of blocks. Decoding the packed bytes through a (256, 2) table
-    with int32 indices costs 6 bytes per weight of scratch, not the 8 of an int64 index per weight."""
-    packed = q["packed"]
-    absmax = nf4_absmax(q) if absmax is None else absmax
-    if rows is not None and rows != (0, shape[0]):
-        per_row = packed.size(0) // shape[0]
-        packed, absmax = packed[rows[0] * per_row: rows[1] * per_row], absmax[rows[0] * per_row: rows[1] * per_row]
-        shape = (rows[1] - rows[0], shape[1])
-    pairs = _NF4_PAIRS.to(device=packed.device, dtype=dtype)
-    w = F.embedding(packed.int(), pairs).view(packed.size(0), -1)  # (blocks, 64)
-    return w.mul_(absmax.to(dtype)[:, None]).view(shape)
-
-
-def nf4_dequantised_matmul(x, q, shape, dtype, transpose: bool = False):
-    """x @ W.T (or x @ W) in `dtype` for the NF4 weight W, its rows dequantised a slice at a time on a CPU (the
-    dequantised slice stays in cache; memory never holds a whole dequantised matrix)."""
-    absmax = nf4_absmax(q)
-    block = shape[0] * shape[1] // q["packed"].size(0)
-    slices = _row_slices(*shape, x.device) if shape[1] % block == 0 else [(0, shape[0])]  # whole blocks per slice
-    return _by_weight_rows(x.to(dtype), lambda s, e: nf4_dequantize(q, shape, dtype, (s, e), absmax), slices, transpose)
-
-
-class _NF4Linear(torch.autograd.Function):
-    """x @ W.T for a frozen NF4 weight. Saves only the 4-bit weight (no dequantised copy, not x: the weight takes
-    no gradient) and dequantises again for the input gradient, as QLoRA does."""
-
-    @staticmethod
-    def forward(ctx, x, packed, absmax_q, absmax_scale, absmax_offset, shape, dtype):
-        ctx.save_for_backward(packed, absmax_q, absmax_scale, absmax_offset)
-        ctx.shape, ctx.dtype, ctx.x_dtype = shape, dtype, x.dtype
-        q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
-        return nf4_dequantised_matmul(x, q, shape, dtype, transpose=False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        q = dict(zip(("packed", "absmax_q", "absmax_scale", "absmax_offset"), ctx.saved_tensors))
-        grad_x = nf4_dequantised_matmul(grad, q, ctx.shape, ctx.dtype, transpose=True).to(ctx.x_dtype)
-        return grad_x, None, None, None, None, None, None
-
-
-# Rows of x up to which nf4_linear takes the C kernel; more go to dequantised blocks and MKL's GEMM (11008x4096 on
-# two AVX2 cores, G weights x rows/s: 1 row 17.6 vs 0.4; 64 rows 43 vs 19; 128 rows 42 vs 29; 256 rows 41 vs 42).
-NF4_KERNEL_ROWS = 128
-
-
-def nf4_linear(x: torch.Tensor, q: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-    """x @ W.T for W = nf4_dequantize(q, shape), computed in x's dtype (or the autocast dtype) without ever holding
-    W whole on a CPU. Decoding on a CPU in fp32 (a few rows, autograd off) takes the C kernel nf4_matmul, which
-    reads each stored byte once (its products ~5e-5 off, see QUANT_KERNELS_C); training always dequantises."""
-    if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            and x.numel() <= NF4_KERNEL_ROWS * x.size(-1) and not torch.is_grad_enabled()
-            and x.size(-1) % 32 == 0 and q["packed"].size(1) == 32):  # (no kernel built: nf4_matmul dequantises)
-        y = nf4_matmul(x.reshape(-1, x.size(-1)), q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"])
-        return y.view(*x.shape[:-1], shape[0])
-    with torch.autocast(x.device.type, enabled=False):
-        return _NF4Linear.apply(x, q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"],
-                                tuple(shape), compute_dtype(x))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Quantised weights on a CPU: int8 per output channel, int4 per group of input columns (sample.py --quantize), NF4
-#
-# Decoding a token multiplies one row of activations by every weight matrix, so its speed is the rate the weights
-# stream from memory: int8, int4 and NF4 read 4x and ~7x fewer bytes than fp32, if the product reads the stored bytes
-# and nothing more (dequantising a matrix for F.linear writes and rereads an fp32 copy: slower than fp32 itself). On an
-# AVX2 CPU neither torch's packed int8/int4 kernels (written for AVX-512 and AMX) nor a dequantise-and-dot fused by
-# torch.compile come near that rate (`bench.py --mode=matvec` measures each side by side), so on a CPU the products
-# go through the small C kernels below, built for the CPU at hand on first use and cached; with 16-64 rows (prefill)
-# the int8/int4 ones still match MKL's fp32 GEMM. Other devices, and machines without a C compiler, dequantise a
-# block of rows at a time (dequantised_linear).
-
-QUANT_KERNELS_C = r"""
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define AVX2 1
-static float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#endif
-
-#define PARALLEL_WORK (1L << 18) /* multiply-adds below which one thread is faster than waking a second */
-#define NF4_ROWS 4 /* rows of x that share each decoded NF4 block */
-#define PREFETCH 1024 /* bytes ahead asked for early: the hardware prefetcher alone leaves DRAM idle 10-25% */
-
-/* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
-void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
-  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
-  for (long n = 0; n < N; n++) {
-    const int8_t* wn = w + n * K;
-    for (long m = 0; m < M; m++) {
-      const float* xm = x + m * K;
-      float acc = 0;
-      long k = 0;
-#ifdef AVX2
-      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (; k + 32 <= K; k += 32) {  /* 4 x 8 weights: sign-extend to int32, convert, multiply-add */
-        __builtin_prefetch(wn + k + PREFETCH);
-        for (int j = 0; j < 4; j++)
-          a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-                                     _mm_loadl_epi64((const __m128i*)(wn + k + 8 * j)))),
-                                 _mm256_loadu_ps(xm + k + 8 * j), a[j]);
-      }
-      acc = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
-#endif
-      for (; k < K; k++) acc += xm[k] * wn[k];
-      y[m * N + n] = acc * s[n];
-    }
-  }
-}
-
-/* y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15] two per byte
-   (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per block of 32 columns (step
-   max|x| / 127), so q . x runs in integers: 64 weights per step (vpmaddubsw) where fp32 would take 8 per step. The
-   codes are centred, (q - 8) * s + (z + 8 s), so that x's rounding errors are multiplied by |q - 8| <= 8. */
-void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
-                 long M, long N, long K, long gs) {
-  long G = K / gs, C = (K + 63) / 64, B = (K + 31) / 32;  /* weight groups, 64-column chunks, 32-column blocks */
-  int8_t* xq = calloc(M * C * 64, 1);  /* per row and chunk: the int8 x of its 32 even columns, then of its odd */
-  int32_t* centre = malloc(M * C * 8 * sizeof(int32_t));  /* per chunk: 8 x the sum of xq under each int32 lane */
-  float* step = malloc((M * B + M * G) * sizeof(float));  /* per row: the step of each block, then x summed per group */
-  float* xsum = step + M * B;
-  for (long m = 0; m < M; m++) {
-    const float* xm = x + m * K;
-    for (long blk = 0; blk < B; blk++) {
-      float amax = 0;
-      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++) amax = fmaxf(amax, fabsf(xm[k]));
-      float inv = amax > 0 ? 127 / amax : 0;
-      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++)
-        xq[m * C * 64 + (k / 64) * 64 + (k % 2) * 32 + (k % 64) / 2] = (int8_t)lrintf(xm[k] * inv);
-      step[m * B + blk] = amax / 127;
-    }
-    for (long g = 0; g < G; g++) {
-      float t = 0;
-      for (long k = g * gs; k < g * gs + gs; k++) t += xm[k];
-      xsum[m * G + g] = t;
-    }
-    for (long i = 0; i < C * 8; i++) {  /* lane i % 8 of a chunk: bytes 4i..4i+3, their even and odd columns */
-      const int8_t* e = xq + m * C * 64 + (i / 8) * 64 + (i % 8) * 4;
-      centre[m * C * 8 + i] = 8 * (e[0] + e[1] + e[2] + e[3] + e[32] + e[33] + e[34] + e[35]);
-    }
-  }
-  long chunks = gs % 32 == 0 ? K / 64 : 0;  /* chunks of whole blocks, each block inside one group */
-  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
-  for (long n = 0; n < N; n++) {
-    const uint8_t* p = w + n * (K / 2);
-    const float* sn = s + n * G;
-    for (long m = 0; m < M; m++) {
-      const int8_t* xm = xq + m * C * 64;
-      const float* dx = step + m * B;
-      float acc = 0;
-      long c = 0;
-#ifdef AVX2
-      const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-      __m256 vacc = _mm256_setzero_ps();
-      for (long g = 0, end = gs; c < chunks; c++) {  /* 32 bytes = 64 weights, two blocks */
-        __builtin_prefetch(p + 32 * c + PREFETCH);
-        __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
-        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-        __m256i even = _mm256_loadu_si256((const __m256i*)(xm + 64 * c));
-        __m256i odd = _mm256_loadu_si256((const __m256i*)(xm + 64 * c + 32));
-        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
-        __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),  /* lanes 0-3 the first block, 4-7 the second */
-                                       _mm256_loadu_si256((const __m256i*)(centre + (m * C + c) * 8)));
-        float s0 = sn[g] * dx[2 * c];
-        if (64 * c + 32 >= end) { g++; end += gs; }
-        float s1 = sn[g] * dx[2 * c + 1];
-        if (64 * c + 64 >= end) { g++; end += gs; }
-        __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
-        vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, vacc);
-      }
-      acc = hsum(vacc);
-#endif
-      for (long b = 32 * c; b < K / 2; b++) {  /* the rest, one byte (two weights) at a time */
-        const int8_t* xc = xm + (b / 32) * 64 + b % 32;
-        acc += sn[2 * b / gs] * dx[b / 16] * (float)(((p[b] & 15) - 8) * xc[0] + ((p[b] >> 4) - 8) * xc[32]);
-      }
-      for (long g = 0; g < G; g++) acc += (z[n * G + g] + 8 * sn[g]) * xsum[m * G + g];
-      y[m * N + n] = acc;
-    }
-  }
-  free(xq);
-  free(centre);
-  free(step);
-}
-/* nf4_quantize's blocks of 64 fp32 weights (n of them): each block's absmax, and each weight's code, the number of
-   the 15 midpoints between NF4 values below w / absmax (torch.bucketize's count), two per byte, high nibble first */
-void nf4_quantize(const float* w, long n, const float* mids, float* absmax, uint8_t* packed) {
-  #pragma omp parallel for schedule(static)
-  for (long b = 0; b < n; b++) {
-    const float* x = w + 64 * b;
-    float a = 0;
-    for (int k = 0; k < 64; k++) a = fmaxf(a, fabsf(x[k]));
-    absmax[b] = a;
-    float d = a > 1e-12f ? a : 1e-12f;
-    uint8_t code[64];
-    for (int k = 0; k < 64; k++) {
-      float v = x[k] / d;
-      int i = 0;
-      for (int j = 0; j < 15; j++) i += mids[j] < v;
-      code[k] = (uint8_t)i;
-    }
-    for (int j = 0; j < 32; j++) packed[32 * b + j] = (uint8_t)(code[2 * j] << 4 | code[2 * j + 1]);
-  }
-}
-
-/* NF4 weight w (N, K), K a multiple of 32: its N * K weights, row after row, in blocks of 64 (32 bytes, the even
-   weight in the high nibble), w = code[q] * the block's absmax, stored as aq[b] * as[b / 256] + offset (double
-   quantisation). A row starts on a block boundary, or (K % 64 == 32) every other row half-way into a block. */
-static float nf4_absmax(const int8_t* aq, const float* as, float offset, long b) {
-  return aq[b] * as[b / 256] + offset;
-}
-
-/* x[col0:col1] . w[n, col0:col1] in fp32, weight by weight: the parts of a row outside whole blocks, and every row
-   without AVX2 (the dequantised product's numbers) */
-static float nf4_dot(const float* x, const uint8_t* w, const int8_t* aq, const float* as, float offset,
-                     const float* code, long n, long K, long col0, long col1) {
-  float acc = 0;
-  for (long k = col0; k < col1; k++) {
-    long f = n * K + k;
-    acc += code[f % 2 ? w[f / 2] & 15 : w[f / 2] >> 4] * nf4_absmax(aq, as, offset, f / 64) * x[k];
-  }
-  return acc;
-}
-
-/* y (M, N) = x (M, K) @ w^T. With AVX2, whole blocks in integers: two vpshufb byte tables turn the codes into int16
-   (code x 32767), each block of x is rounded to int16 (x 16383 / its max), and vpmaddwd multiplies 16 weights an
-   instruction, ~5e-5 off the dequantised product, where fp32 lookups (vpermps and a blend) took three times the
-   instructions. Each block is decoded once for NF4_ROWS rows of x. */
-void nf4_matmul(const float* x, const uint8_t* w, const int8_t* aq, const float* as, const float* off,
-                const float* code, float* y, long M, long N, long K) {
-  long C = (K - K % 64) / 64, P = K % 64 ? 2 : 1;  /* whole blocks per row; phases: rows start at block offset 0, 32 */
-  float offset = *off;
-  int16_t* xq = malloc(P * M * C * 64 * sizeof(int16_t));  /* per phase, row, block: 4 runs of 16 as codes unpack */
-  float* step = malloc(P * M * C * sizeof(float));  /* per block of x: its max / 16383, over 32767 for the codes */
-  for (long ph = 0; ph < P; ph++)
-    for (long m = 0; m < M; m++)
-      for (long c = 0; c < C; c++) {
-        const float* xb = x + m * K + 32 * ph + 64 * c;
-        long i = (ph * M + m) * C + c;
-        float amax = 0;
-        for (int k = 0; k < 64; k++) amax = fmaxf(amax, fabsf(xb[k]));
-        float inv = amax > 0 ? 16383 / amax : 0;
-        step[i] = amax / 16383 / 32767;
-        for (int k = 0; k < 64; k++) {  /* byte j holds columns 2j (high nibble) and 2j + 1; vpunpck takes bytes */
-          int j = k / 2;                /* 0-7 and 16-23 first, then 8-15 and 24-31 */
-          xq[64 * i + (k % 2) * 32 + ((j % 16) / 8) * 16 + (j / 16) * 8 + j % 8] = (int16_t)lrintf(xb[k] * inv);
-        }
-      }
-#ifdef AVX2
-  int8_t lo_bytes[16], hi_bytes[16];  /* the codes x 32767 as int16, their low and high bytes: vpshufb's tables */
-  for (int v = 0; v < 16; v++) {
-    int16_t q = (int16_t)lrintf(code[v] * 32767);
-    lo_bytes[v] = (int8_t)(q & 255);
-    hi_bytes[v] = (int8_t)(q >> 8);
-  }
-  const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)lo_bytes));
-  const __m256i thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)hi_bytes));
-#endif
-  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
-  for (long n = 0; n < N; n++) {
-    long ph = (n * K) % 64 ? 1 : 0, col0 = 32 * ph, b0 = (n * K + col0) / 64;  /* the row's first whole block */
-    const uint8_t* p = w + (n * K + col0) / 2;
-    for (long m0 = 0; m0 < M; m0 += NF4_ROWS) {
-      long T = M - m0 < NF4_ROWS ? M - m0 : NF4_ROWS, done = 0;  /* whole blocks done in integers */
-      float acc[NF4_ROWS] = {0};
-#ifdef AVX2
-      const __m256i nibble = _mm256_set1_epi8(15);
-      __m256 vacc[NF4_ROWS];
-      for (int t = 0; t < NF4_ROWS; t++) vacc[t] = _mm256_setzero_ps();
-      for (long c = 0; c < C; c++) {
-        __builtin_prefetch(p + 32 * c + PREFETCH);
-        __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
-        __m256i idx[2] = {_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), _mm256_and_si256(v, nibble)};
-        __m256i q[4];  /* int16 codes: even columns (two runs of 16), then odd */
-        for (int h = 0; h < 2; h++) {
-          __m256i l = _mm256_shuffle_epi8(tlo, idx[h]), u = _mm256_shuffle_epi8(thi, idx[h]);
-          q[2 * h] = _mm256_unpacklo_epi8(l, u);
-          q[2 * h + 1] = _mm256_unpackhi_epi8(l, u);
-        }
-        float absmax = nf4_absmax(aq, as, offset, b0 + c);
-        for (int t = 0; t < NF4_ROWS; t++) {
-          if (t >= T) break;
-          long i = (ph * M + m0 + t) * C + c;
-          const __m256i* xb = (const __m256i*)(xq + 64 * i);
-          /* |code| <= 32767, |x| <= 16383: two vpmaddwd sums stay below 2^31 */
-          __m256i even = _mm256_add_epi32(_mm256_madd_epi16(q[0], _mm256_loadu_si256(xb)),
-                                          _mm256_madd_epi16(q[1], _mm256_loadu_si256(xb + 1)));
-          __m256i odd = _mm256_add_epi32(_mm256_madd_epi16(q[2], _mm256_loadu_si256(xb + 2)),
-                                         _mm256_madd_epi16(q[3], _mm256_loadu_si256(xb + 3)));
-          __m256 s = _mm256_add_ps(_mm256_cvtepi32_ps(even), _mm256_cvtepi32_ps(odd));
-          vacc[t] = _mm256_fmadd_ps(s, _mm256_set1_ps(absmax * step[i]), vacc[t]);
-        }
-      }
-      for (int t = 0; t < NF4_ROWS; t++) acc[t] = hsum(vacc[t]);
-      done = C;
-#endif
-      for (long t = 0; t < T; t++) {  /* the half blocks before and after the whole ones, or (no AVX2) all of it */
-        const float* xm = x + (m0 + t) * K;
-        if (done) acc[t] += nf4_dot(xm, w, aq, as, offset, code, n, K, 0, col0);
-        acc[t] += nf4_dot(xm, w, aq, as, offset, code, n, K, done ? col0 + 64 * C : 0, K);
-      }
-      for (long t = 0; t < T; t++) y[(m0 + t) * N + n] = acc[t];
-    }
-  }
-  free(xq);
-  free(step);
-}
-"""
-
-
-def _cpu_id() -> str:
-    """What -march=native builds for: the CPU's feature flags (Linux) or its name, so that a cache shared between
-    machines never hands one CPU a binary built for another."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
-    except OSError:
-        return platform.processor()
-
-
-@functools.cache
-def quant_kernels():
-    """QUANT_KERNELS_C as a ctypes library: built with the C compiler ($CC, else cc) for this CPU on first use (about a
-    second) into ~/.cache/nanollama, then loaded from there. None, with one warning, where that fails (no compiler,
-    no OpenMP): the products are then dequantised a block at a time (dequantised_linear)."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256("\n".join([QUANT_KERNELS_C, *cmd, platform.machine(), _cpu_id()]).encode()).hexdigest()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanollama"
-    lib = cache / f"quant_kernels_{key[:16]}.so"
-    try:
-        if not lib.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            src, tmp = lib.with_suffix(f".{os.getpid()}.c"), lib.with_suffix(f".{os.getpid()}.tmp")
-            src.write_text(QUANT_KERNELS_C)
-            t0 = time.perf_counter()
-            try:
-                subprocess.run([*cmd, str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
-                os.replace(tmp, lib)  # atomic: a process building beside this one never loads half a file
-            finally:
-                src.unlink(missing_ok=True)
-                tmp.unlink(missing_ok=True)
-            print(f"kernels: built the quantised matmul kernels for this CPU in {time.perf_counter() - t0:.1f}s "
-                f"({lib})", file=sys.stderr)
-        c = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.CalledProcessError) as e:
-        why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1:] or [type(e).__name__]
-        warnings.warn(f"kernels: cannot build the quantised matmul kernels with {cc} ({why[0][:200]}); "
-                      f"dequantising blocks of weights instead (slower decoding)")
-        return None
-    ptr, long = ctypes.c_void_p, ctypes.c_long
-    c.int8_matmul.argtypes = [ptr] * 4 + [long] * 3
-    c.int4_matmul.argtypes = [ptr] * 5 + [long] * 4
-    c.nf4_matmul.argtypes = [ptr] * 7 + [long] * 3
-    c.nf4_quantize.argtypes = [ptr, long, ptr, ptr, ptr]
-    return c
-
-
-def int8_dequantize(weight, scales, dtype):
-    """Int8Linear's weight (rows, in) int8 and scales (rows,) -> the weight in dtype."""
-    return weight.to(dtype) * scales[:, None].to(dtype)
-
-
-def int4_dequantize(weight, scales, zeros, dtype):
-    """Int4Linear's packed weight (rows, in/2) and scales, zeros (rows, groups) -> the weight (rows, in) in dtype."""
-    q = torch.stack([weight & 0xF, weight >> 4], dim=-1)  # (rows, in/2, 2): low nibble = even column
-    q = q.reshape(weight.size(0), scales.size(1), -1).to(dtype)  # (rows, groups, group_size)
-    return (q * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]).flatten(1)
-
-
-def dequantised_linear(x, dequantize, weight, *params):
-    """x @ W^T for W = dequantize(weight, *params, x.dtype): on a CPU a block of CHUNK_WEIGHTS weights (rows of
-    every tensor) at a time, so memory never holds a dequantised matrix; elsewhere all at once."""
-    if x.device.type != "cpu":
-        return linear(x, dequantize(weight, *params, x.dtype))
-    out = x.new_empty(*x.shape[:-1], weight.size(0))
-    step = max(1, CHUNK_WEIGHTS // x.size(-1))
-    for s in range(0, weight.size(0), step):
-        rows = slice(s, s + step)
-        out[..., rows] = linear(x, dequantize(weight[rows], *(p[rows] for p in params), x.dtype))
-    return out
-
-
-def torch_op(name: str, output_shape):
-    """fn as the torch op nanollama::{name}, so that a torch.compile'd decode step keeps it in its graph
-    (output_shape(*args) tells the compiler its output's shape); outside compilation fn is called directly: the op
-    dispatcher costs ~45 us a call, as much as multiplying one token by a 576x576 weight."""
-    def register(fn):
-        op = torch.library.custom_op(f"nanollama::{name}", fn, mutates_args=())
-        op.register_fake(lambda x, *args: x.new_empty(x.size(0), output_shape(x, *args)))
-
-        @functools.wraps(fn)
-        def call(*args):
-            return op(*args) if torch.compiler.is_compiling() else fn(*args)
-        return call
-    return register
-
-
-# The kernels, dequantising where none was built. x is fp32 (M, K); the result (M, N).
-@torch_op("int8_matmul", lambda x, weight, *_: weight.size(0))
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x @ (weight (N, K) int8 * scales (N,) fp32)^T."""
-    c = quant_kernels()
-    if c is None:
-        return dequantised_linear(x, int8_dequantize, weight, scales)
-    x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
-    y = x.new_empty(x.size(0), weight.size(0))
-    c.int8_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
-    return y
-
-
-@torch_op("int4_matmul", lambda x, weight, *_: weight.size(0))
-def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """x @ W^T for Int4Linear's packed weight (N, K/2) and fp32 scales, zeros (N, groups)."""
-    c = quant_kernels()
-    if c is None:
-        return dequantised_linear(x, int4_dequantize, weight, scales, zeros)
-    x, weight, scales, zeros = x.contiguous(), weight.contiguous(), scales.contiguous(), zeros.contiguous()
-    y = x.new_empty(x.size(0), weight.size(0))
-    c.int4_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), *y.shape,
-                  x.size(1), x.size(1) // scales.size(1))
-    return y
-
-
-_NF4_CODE_CPU = NF4_CODE.float().contiguous()  # the table the C kernel reads
-
-
-@torch_op("nf4_matmul", lambda x, packed, *_: packed.numel() * 2 // x.size(1))
-def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
-               absmax_offset: torch.Tensor) -> torch.Tensor:
-    """x @ W^T for the NF4 weight W (N, K) of nf4_quantize (blocks of 64), K a multiple of 32."""
-    c = quant_kernels()
-    if c is None:
-        q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
-        return nf4_dequantised_matmul(x, q, (packed.numel() * 2 // x.size(1), x.size(1)), torch.float32)
-    if packed.dtype != torch.uint8 or absmax_q.dtype != torch.int8:  # the kernel reads their bytes as these
-        raise TypeError(f"nf4_matmul: packed {packed.dtype}, absmax_q {absmax_q.dtype}: expected uint8 and int8")
-    x, packed, absmax_q, absmax_scale, absmax_offset = (
-        t.contiguous() for t in (x.float(), packed, absmax_q, absmax_scale.float(), absmax_offset.float()))
-    y = x.new_empty(x.size(0), packed.numel() * 2 // x.size(1))
-    c.nf4_matmul(x.data_ptr(), packed.data_ptr(), absmax_q.data_ptr(), absmax_scale.data_ptr(),
-                 absmax_offset.data_ptr(), _NF4_CODE_CPU.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
-    return y
 
 
 # Hugging Face's `kernels` package (hub kernels, a dependency of transformers >= 5.25) has this file's import name.

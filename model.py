@@ -6,27 +6,15 @@ The families differ only in numbers (ModelArgs) and in a few switches: pos_emb='
 norm_head and z_loss for Baichuan2. The hot ops live in kernels.py. Transformer.from_checkpoint loads a checkpoint
 dir (config.json + safetensors, memory-mapped); convert.py writes them and owns every other on-disk format.
 
-Every script imports this file and it imports none of them, so what they all check input and write output with lives
-here too, each in a section of its own: declared ranges (a config field or flag and the values it takes), untrusted
-JSON (parse_json, load_json), and output dirs that are replaced whole or not at all (replace_dir).
-
     from model import Transformer, PRESETS
     model = Transformer(PRESETS["tiny"])
     logits, loss = model(idx, targets)
 """
 
 import contextlib
-import ctypes
-import functools
-import json
 import math
-import os
-import re
-import reprlib
-import shutil
-import types
-import typing
-from dataclasses import dataclass, field, fields
+import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -35,97 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# declared ranges: a config field or a flag states the values it takes beside its default; check_value is the one
-# check of type and range, so every script says a value is out of range in the same words
-
-
-def ranged(default, interval: str):
-    """A dataclass field whose value must lie in `interval`, written as in mathematics: "[0, 1)", "(0, inf)",
-    "[0, 2**63)". NaN lies in no interval, and infinity only in one closed at inf. check_fields tests them all."""
-    return field(default=default, metadata={"range": interval})
-
-
-@functools.cache
-def _interval(text: str) -> tuple:
-    m = re.fullmatch(r"([\[(])\s*([^,]+?)\s*,\s*([^,]+?)\s*([\])])", text.strip())
-    power = [re.fullmatch(r"(-?\d+)\*\*(\d+)", b) for b in (m[2], m[3])]
-    lo, hi = (int(p[1]) ** int(p[2]) if p else int(b) if re.fullmatch(r"-?\d+", b) else float(b)
-              for p, b in zip(power, (m[2], m[3])))
-    return m[1] == "(", lo, hi, m[4] == ")"
-
-
-def _kinds(kind) -> tuple:
-    """The types an annotation allows: int -> (int,), Optional[int] and int | None -> (int, NoneType)."""
-    return typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
-
-
-def _kind_ok(kind, value) -> bool:
-    for k in _kinds(kind):
-        if k is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:  # a bool is no integer here, though Python says it is one
-            ok = isinstance(value, k) and (k is bool or not isinstance(value, bool))
-        if ok:
-            return True
-    return False
-
-
-KIND_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string", list: "a list",
-              dict: "an object"}
-
-
-def expected(kind, interval: Optional[str] = None) -> str:
-    """What a value of this kind and range is, in words: 'an integer >= 1', 'a finite number in [0, 1)'."""
-    kinds = _kinds(kind)
-    words = " or ".join(KIND_WORDS.get(k, k.__name__) for k in kinds if k is not type(None))
-    if interval:
-        lo_open, lo, hi, hi_open = _interval(interval)
-        words += (f" {'>' if lo_open else '>='} {lo}" if hi == math.inf and hi_open else f" in {interval}")
-    return words + (" or None" if type(None) in kinds else "")
-
-
-def check_value(name: str, value, kind, interval: Optional[str] = None):
-    """ValueError "name=value: expected ..." unless value is of kind (int, float, bool, str, Optional[...]) and lies
-    in interval (None: any). The one check behind every config field and flag with a declared range."""
-    ok = _kind_ok(kind, value)
-    if ok and interval is not None and value is not None and not isinstance(value, (bool, str)):
-        lo_open, lo, hi, hi_open = _interval(interval)
-        ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
-    if not ok:
-        raise ValueError(f"{name}={reprlib.repr(value)}: expected {expected(kind, interval)}")
-
-
-def check_fields(obj, prefix: str = ""):
-    """check_value on every field of a dataclass instance, with the range its field declares (see ranged)."""
-    for f in fields(obj):
-        check_value(prefix + f.name, getattr(obj, f.name), f.type, f.metadata.get("range"))
-
-
-def check_json_fields(d: dict, table: dict, where, error=ValueError, required=()):
-    """check_value on the fields of a JSON object read from a file: table = {key: kind or (kind, interval)}, a dotted
-    key reaching into an object ("loss_scaler.scale"); a key absent from d is fine unless it is in required. The
-    error names where (the file) and the field."""
-    for key, spec in table.items():
-        kind, interval = spec if isinstance(spec, tuple) else (spec, None)
-        *parents, name = key.split(".")
-        obj = d
-        for i, part in enumerate(parents):
-            obj = obj.get(part)
-            if obj is None:  # absent (or null): so is the field
-                break
-            if not isinstance(obj, dict):
-                raise error(f"{where}: {'.'.join(parents[:i + 1])}: expected an object, got {json_type(obj)}")
-        if obj is None or name not in obj:
-            if key in required:
-                raise error(f"{where}: missing field {key!r}")
-            continue
-        try:
-            check_value(key, obj[name], kind, interval)
-        except ValueError as e:
-            raise error(f"{where}: {e}") from None
+from support.checks import check_fields, ranged, load_json
+from support.quant import NF4Linear
+from support.weights import CheckpointError, load_tensors
 
 
 # Sizes have upper bounds far past any published model: a garbled size is refused here, before it overflows a
@@ -309,7 +209,9 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
         self.wqkv: Optional[LoRA] = None  # one LoRA adapter across [wq; wk; wv] (Baichuan's W_pack), see apply_lora
 
-    def forward(self, x, cos, sin, start_pos=0, key_padding_mask=None, doc_ids=None, alibi_bias=None, doc_ends=None):
+    def forward(self, x, cos, sin, start_pos=0, key_padding_mask=None, doc_ids=None, alibi_bias=None):
+        """x (B, T, dim); cos, sin: RoPE tables of these positions, or alibi_bias (ALiBi); start_pos: the cache position
+        of x's first token; key_padding_mask, doc_ids: which keys each query may see (see Transformer.forward)."""
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds only its share of the heads
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -322,13 +224,10 @@ class Attention(nn.Module):
         if cos is not None:
             q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        kv_len = None
-        if self.cache is not None:  # attention gets the whole cache (B, n_kv_heads, max_seq_len, head_dim)
-            self.cache.update(start_pos, k, v)
-            k, v, kv_len = self.cache.k[:B], self.cache.v[:B], start_pos + T
+        if self.cache is not None:  # keys and values of every position so far: (B, n_kv_heads, start_pos + T, head_dim)
+            k, v = self.cache.update(start_pos, k, v)
         y = kernels.attention(q, k, v, causal=True, alibi_slopes=self.alibi_slopes, alibi_bias=alibi_bias,
-                              key_padding_mask=key_padding_mask, doc_ids=doc_ids, q_start=start_pos, kv_len=kv_len,
-                              doc_ends=doc_ends)
+                              key_padding_mask=key_padding_mask, doc_ids=doc_ids, q_start=start_pos)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -440,12 +339,13 @@ class Transformer(nn.Module):
             layer.attention.cache = None
 
     def forward(self, idx, targets=None, *, loss_mask=None, start_pos=0, positions=None, key_padding_mask=None,
-                doc_ids=None):
+                doc_ids=None, last_only=False):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None).
 
         targets (B, T): next tokens, -100 ignored; loss_mask (B, T): 0 = not counted. start_pos: where idx starts in
         the KV cache. positions (B|1, T): RoPE positions (default start_pos + arange(T); with doc_ids they restart at
         every document). key_padding_mask (B, start_pos + T): True for real tokens. doc_ids (B, T): packed documents.
+        last_only (no targets): logits (B, 1, vocab) of the last position only, all a prefill samples from.
         """
         B, T = idx.shape
         cos = sin = None
@@ -460,14 +360,12 @@ class Transformer(nn.Module):
                 cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]  # (B|1, T, 1, D)
         h = self.tok_embeddings(idx)
         alibi_bias = self._alibi_bias(h, T, start_pos, key_padding_mask, doc_ids)
-        # the documents' ends, read off the device once per batch, where the NPU's packed-document kernel wants them
-        doc_ends = None
-        if doc_ids is not None and alibi_bias is None and key_padding_mask is None and kernels.wants_doc_ends(h):
-            doc_ends = kernels.packed_doc_ends(doc_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos=start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
-                      alibi_bias=alibi_bias, doc_ends=doc_ends)
+                      alibi_bias=alibi_bias)
         h = self.norm(h)
+        if last_only:  # the head on one position: a 4,096-token prefill's logits are ~1 GiB on Baichuan2's vocabulary
+            h = h[:, [-1], :]
         head = self._plain_head_weight() if targets is not None and torch.is_grad_enabled() else None
         if head is not None:  # training: the loss straight from h, the full logits never built (fast, less memory)
             return None, kernels.linear_cross_entropy(h, head, targets, loss_mask, self.args.z_loss)
@@ -477,13 +375,12 @@ class Transformer(nn.Module):
 
     def _alibi_bias(self, h, T, start_pos, key_padding_mask, doc_ids) -> Optional[torch.Tensor]:
         """ALiBi: the attention bias of this forward, built once and shared by every layer (see kernels)."""
-        attention = self.layers[0].attention
-        if attention.alibi_slopes is None:
+        slopes = self.layers[0].attention.alibi_slopes
+        if slopes is None:
             return None
-        S = attention.cache.k.size(2) if attention.cache is not None else T  # keys attention gets: a whole cache
-        return kernels.alibi_attention_bias(attention.alibi_slopes, kernels.compute_dtype(h), self.args.head_dim, T,
-                                            S, start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
-                                            device=h.device, kv_len=start_pos + T)
+        return kernels.alibi_attention_bias(slopes, kernels.compute_dtype(h), self.args.head_dim, T, start_pos + T,
+                                            start_pos, key_padding_mask=key_padding_mask, doc_ids=doc_ids,
+                                            device=h.device)
 
     def _plain_head_weight(self) -> Optional[torch.Tensor]:
         """The output layer's weight when it is a plain matrix (not tensor-parallel, NF4 or adapted), else None."""
@@ -553,48 +450,6 @@ def count_weights(module: nn.Module) -> int:
     """Weights of a module (wrapped by FSDP or compile too), those quantised layers hold as buffers included."""
     return sum(p.numel() for p in module.parameters()) + sum(
         m.in_features * m.out_features for m in module.modules() if getattr(m, "quantized", False))
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear layer stored in NF4 (kernels.nf4_quantize) and dequantised to the input's dtype per call
-    (decoding on a CPU: multiplied in the C kernel kernels.nf4_matmul). Built empty, then quantize_from a weight."""
-    quantized = True  # its weight is buffers (count_weights)
-
-    def __init__(self, in_features: int, out_features: int, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        blocks = in_features * out_features // 64
-        absmax_rows = -(-blocks // 256)
-        buffers = {"packed": ((blocks, 32), torch.uint8), "absmax_q": ((absmax_rows, 256), torch.int8),
-                   "absmax_scale": ((absmax_rows,), torch.float32), "absmax_offset": ((), torch.float32)}
-        for name, (shape, dtype) in buffers.items():  # as kernels.nf4_quantize returns them
-            self.register_buffer(f"nf4_{name}", torch.empty(shape, dtype=dtype, device=device))
-
-    @classmethod
-    def of(cls, linear: nn.Linear) -> "NF4Linear":
-        return cls(linear.in_features, linear.out_features, linear.weight.device).quantize_from(linear.weight)
-
-    @torch.no_grad()
-    def quantize_from(self, w: torch.Tensor) -> "NF4Linear":
-        """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a few MB of scratch at a time."""
-        for name, t in kernels.nf4_quantize(w).items():  # into the buffers: a model's worth of freed buffers
-            getattr(self, f"nf4_{name}").copy_(t)       # would stay in the heap, not go back to the system
-        return self
-
-    @property
-    def weight(self) -> torch.Tensor:  # dequantised fp32, for merging and inspection
-        return self.dequantize(torch.float32)
-
-    def dequantize(self, dtype):
-        return kernels.nf4_dequantize(self.nf4(), (self.out_features, self.in_features), dtype)
-
-    def nf4(self) -> dict[str, torch.Tensor]:
-        b = self._buffers  # (not getattr: nn.Module's lookup costs a decode step ~10 us per layer)
-        return {"packed": b["nf4_packed"], "absmax_q": b["nf4_absmax_q"], "absmax_scale": b["nf4_absmax_scale"],
-                "absmax_offset": b["nf4_absmax_offset"]}
-
-    def forward(self, x):
-        return kernels.nf4_linear(x, self.nf4(), (self.out_features, self.in_features))
 
 
 class LoRA(nn.Module):
@@ -762,94 +617,13 @@ def merge_lora(model) -> Transformer:
 # checkpoint dirs: config.json + model.safetensors (or shards with HF's index), memory-mapped on load
 
 
-class CheckpointError(ValueError):
-    """A checkpoint dir that is missing, truncated or does not match its config; the message names file and tensor."""
-
-
-MAX_JSON_DEPTH = 100  # deeper than any config, manifest or record of ours or Hugging Face's: refused, not recursed
-
-
-def _json_depth(value) -> int:
-    """How deeply the lists and objects of a parsed JSON value nest (a walk, not a recursion)."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        value, depth = todo.pop()
-        if isinstance(value, (list, dict)):
-            deepest = max(deepest, depth)
-            todo.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
-    return deepest
-
-
-def _no_constant(name):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text):
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} does not fit a float")
-    return value
-
-
-def _unique_keys(pairs):
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        seen = set()
-        raise ValueError(f"key {next(k for k, _ in pairs if k in seen or seen.add(k))!r} appears twice in an object")
-    return d
-
-
-def parse_json(data, where, error=ValueError, unique_keys: bool = True, allow_nan: bool = False):
-    """Untrusted JSON (text or bytes) -> Python objects, or error(f"{where}: ...") in one line for bytes that are not
-    UTF-8, malformed JSON, nesting deeper than MAX_JSON_DEPTH (never a RecursionError), NaN, Infinity or numbers that
-    do not fit (allow_nan: Python's NaN and Infinity, as in a metrics log), and (unique_keys) a key twice in an
-    object."""
-    try:
-        text = data.decode("utf-8") if isinstance(data, bytes) else data
-    except UnicodeDecodeError as e:
-        raise error(f"{where}: not valid JSON: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    try:
-        value = json.loads(text, parse_constant=None if allow_nan else _no_constant,
-                           parse_float=None if allow_nan else _finite,
-                           object_pairs_hook=_unique_keys if unique_keys else None)
-    except RecursionError:  # json's scanner counts its depth against Python's recursion limit
-        raise error(f"{where}: JSON nested deeper than the {MAX_JSON_DEPTH} levels allowed") from None
-    except ValueError as e:  # JSONDecodeError, and int() refusing a number of more than 4300 digits
-        raise error(f"{where}: not valid JSON ({str(e).splitlines()[0]})") from None
-    # fewer brackets than the limit cannot nest deeper than it: the common case costs two counts
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _json_depth(value) > MAX_JSON_DEPTH:
-        raise error(f"{where}: JSON nested {_json_depth(value)} levels deep, more than the {MAX_JSON_DEPTH} allowed")
-    return value
-
-
-def load_json(file, error=CheckpointError) -> dict:
-    """A JSON file that must hold an object (config.json, an index, a manifest): parse_json's checks, and a missing or
-    unreadable file, each as error naming the file."""
-    try:
-        data = Path(file).read_bytes()
-    except FileNotFoundError:
-        raise error(f"{file}: not found") from None
-    except OSError as e:
-        raise error(f"{file}: cannot read it ({e.strerror})") from None
-    obj = parse_json(data, file, error)
-    if not isinstance(obj, dict):
-        raise error(f"{file}: expected a JSON object, got {json_type(obj)}")
-    return obj
-
-
-def json_type(value) -> str:
-    """A JSON value's type as the file spells it, for messages."""
-    return {bool: "a bool", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
-            type(None): "null"}.get(type(value), type(value).__name__)
-
-
 def read_config(path) -> tuple[ModelArgs, dict]:
     """(ModelArgs, the whole config.json) of a checkpoint dir: every field's type and declared range checked, and the
     family one of FAMILIES."""
     file = Path(path) / "config.json"
     if not file.exists():
         raise CheckpointError(f"{file}: not found (is {path} a checkpoint dir?)")
-    config = load_json(file)
+    config = load_json(file, CheckpointError)
     if "dim" not in config and ("model_type" in config or "architectures" in config):
         raise CheckpointError(f"{file}: a Hugging Face config (model_type {config.get('model_type')!r}), not a "
                               f"checkpoint dir's: convert it first: python convert.py hf-to-native --src {path} "
@@ -857,176 +631,30 @@ def read_config(path) -> tuple[ModelArgs, dict]:
     family = config.get("family", "llama")
     if not isinstance(family, str) or family not in FAMILIES:
         raise CheckpointError(f"{file}: family={family!r}: expected one of {', '.join(FAMILIES)}")
+    if family == "baichuan2" and config.get("norm_head", False) is False and "quantization" not in config:
+        config = {**config, "norm_head": _normalised_once(path)}
     try:
         return ModelArgs.from_dict(config), config
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: {e}") from None
 
 
-def load_safetensors(file) -> dict[str, torch.Tensor]:
-    """Tensors of one .safetensors file, memory-mapped by the safetensors library: nothing is read until a tensor is
-    used, and writes to a tensor never reach the file. The library checks the header before mapping anything (a JSON
-    object of known dtypes and non-negative shapes, each tensor's bytes the size its shape needs, inside the file, in
-    order with no overlap and no gap); its complaint comes back as a CheckpointError naming the file. A name twice in
-    the header, which the library reads as its last entry and another reader might not, is refused here."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as st, open(file, "rb") as f:  # the library checked the length
-            parse_json(f.read(int.from_bytes(f.read(8), "little")), f"{file}: header", CheckpointError)
-            return {name: st.get_tensor(name) for name in st.keys()}
-    except CheckpointError:
-        raise
-    except FileNotFoundError:
-        raise CheckpointError(f"{file}: not found") from None
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read it ({e.strerror})") from None
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        why = _shared_bytes(file) or f"truncated or corrupted safetensors file ({str(e).splitlines()[0]})"
-        raise CheckpointError(f"{file}: {why}") from None
-
-
-def _shared_bytes(file) -> Optional[str]:
-    """'tensors A and B share bytes ...' where two entries of a safetensors header claim the same bytes, else None: the
-    library refuses such a file, but names the tensor after the pair."""
-    try:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > min(100 << 20, os.fstat(f.fileno()).st_size - 8):  # the library's own limit on a header
-                return None
-            header = parse_json(f.read(n), file)
-        spans = sorted((*v["data_offsets"], name) for name, v in header.items() if name != "__metadata__")
-        for (_, end_a, a), (start, end_b, b) in zip(spans, spans[1:]):
-            if start < end_a:
-                return (f"tensors {a} and {b} share bytes (data offsets {start} to {min(end_a, end_b)}); each needs "
-                        "its own")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # malformed otherwise: the library's words
-        pass
-    return None
-
-
-def read_weight_map(index) -> dict[str, str]:
-    """{tensor: shard file} of an HF index (model.safetensors.index.json, pytorch_model.bin.index.json), each shard a
-    plain file name in the index's own dir: never a path out of it. CheckpointError names the index and the entry."""
-    index = Path(index)
-    weight_map = load_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: weight_map: expected an object of tensor name -> shard file, got "
-                              f"{json_type(weight_map)}")
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str) or shard in ("", ".", "..") or shard != Path(shard).name or "\0" in shard \
-                or "\\" in shard:
-            raise CheckpointError(f"{index}: weight_map: tensor {name!r} -> {shard!r}: expected a file name in "
-                                  f"{index.parent} (no directories)")
-        if not (index.parent / shard).is_file():
-            raise CheckpointError(f"{index.parent / shard}: shard named in {index.name} is missing")
-    return weight_map
-
-
-def load_tensors(path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint dir, memory-mapped: model.safetensors, or the shards its index names."""
+def _normalised_once(path) -> bool:
+    """Whether a Baichuan2 checkpoint dir with norm_head=false holds NormHead rows normalised once (every row within 1%
+    of unit length: bf16 moves a normalised row's length by under 0.2%), as convert.py hf-to-native wrote them before
+    the head was kept raw: Baichuan2, with the same logits under NormHead, so it loads as such. Other rows were trained
+    without NormHead and load as written, as do step dirs (no safetensors: a resume continues as it ran). Said once
+    on stderr."""
     path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = read_weight_map(index)
-        tensors, file_of = {}, {}
-        for shard in sorted(set(weight_map.values())):
-            for name, t in load_safetensors(path / shard).items():
-                if name in tensors:
-                    raise CheckpointError(f"{path / shard}: tensor {name} is also in {file_of[name]}")
-                tensors[name], file_of[name] = t, shard
-        wrong = sorted(name for name, shard in weight_map.items() if file_of.get(name) != shard)
-        if wrong:
-            raise CheckpointError(f"{index}: tensor {wrong[0]} is not in the shard the index names")
-        return tensors
-    if not (path / "model.safetensors").exists():
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    return load_safetensors(path / "model.safetensors")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# output dirs (checkpoint dirs, data dirs): never an input, and replaced whole or not at all
-
-
-def check_output(dst, inputs=(), flag="--out", error=ValueError) -> Path:
-    """dst as an output dir, or error naming the flag: refused when it is the current dir or holds it, an existing
-    file, one of inputs, or holds one of them or lies inside one (whatever --overwrite says)."""
-    dst = Path(dst)
-    target, here = dst.resolve(), Path.cwd().resolve()
-    if target == here or target in here.parents:
-        raise error(f"{flag} {dst}: the current directory or one holding it; name a directory of its own")
-    if dst.exists() and not dst.is_dir():
-        raise error(f"{flag} {dst}: an existing file, not a directory: nothing is replaced")
-    for source in inputs:
-        resolved = Path(source).resolve()
-        if target == resolved or target in resolved.parents or resolved in target.parents:
-            how = "is" if target == resolved else "holds" if target in resolved.parents else "lies inside"
-            raise error(f"{flag} {dst} {how} the input {source}: the output would replace or mix with it")
-    return dst
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
         return False
-    except PermissionError:  # someone else's
-        pass
-    return True
-
-
-def remove_stale(dst: Path):
-    """What a killed run left beside dst: its temporary dir (removed), and the old dst it had renamed aside (put back
-    where dst is missing, else removed). Dirs of processes still running are theirs."""
-    prefixes = (f".{dst.name}.tmp-", f".{dst.name}.old-", f"{dst.name}.tmp-")  # the last: older versions' name
-    for p in sorted(dst.parent.iterdir()) if dst.parent.is_dir() else []:
-        pid = next((p.name[len(x):] for x in prefixes if p.name.startswith(x)), "")
-        if not pid.isdigit() or _running(int(pid)):
-            continue
-        if ".old-" in p.name and not dst.exists():
-            p.rename(dst)
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def swap_paths(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
+    head = load_tensors(path).get("output.weight")
+    if head is None:
         return False
-    at_cwd, rename_exchange = -100, 2
-    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
-
-
-@contextlib.contextmanager
-def replace_dir(dst, overwrite: bool, flag="--out", inputs=(), error=ValueError):
-    """Yield a new temporary dir beside dst to write the output into; when the block completes it becomes dst.
-    A kill at any point leaves dst old or new, whole: the new dir is complete before it is swapped in atomically
-    (renameat2), or, where the system cannot swap, the old dst is renamed aside, the new renamed in, the old removed,
-    and the next run puts an old dst left aside back. check_output's refusals come first; leftovers of killed runs
-    (remove_stale) go at the start."""
-    dst = check_output(dst, inputs, flag, error)
-    remove_stale(dst)
-    if dst.exists() and not overwrite:
-        raise error(f"{flag} {dst}: exists; pass --overwrite to replace it")
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    try:  # under a regular file, or in a read-only place: this fails before any work
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise error(f"{flag} {dst}: cannot create it ({e.strerror}: {e.filename})") from None
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives a failure or Ctrl-C
-        raise
-    if not dst.exists():
-        tmp.rename(dst)
-    elif swap_paths(tmp, dst):
-        shutil.rmtree(tmp)  # now the old one
-    else:
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old)
+    once = all(((torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32) - 1).abs() <= 1e-2).all()
+               for rows in head.split(8192))  # a slice of rows at a time: never the whole head in fp32
+    warnings.warn(f"{path / 'config.json'}: family baichuan2 with norm_head=false: " + (
+        "its head rows are normalised once (convert.py before Baichuan2's head was kept raw), loaded as NormHead "
+        "(norm_head=true): the same logits, and training normalises them as Baichuan2 does" if once else
+        "its head rows are not unit length (trained without NormHead), loaded as written (norm_head=false)"))
+    return once

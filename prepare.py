@@ -15,12 +15,14 @@ train.idx / val.idx so that train.bin / val.bin are also Megatron-LM indexed dat
 This file also owns the tokenizer and chat-template API that train.py and sample.py import: load_tokenizer,
 Tokenizer, TEMPLATES, encode_chat (a family's default template: model.FAMILIES), template_jinja (a built-in
 template as Hugging Face Jinja, for convert.py); and the reader of its output dir
-that train.py trains from: read_meta, TokenSplit.
+that train.py trains from: read_meta, TokenSplit. Beside it in support/: tokenizer_files.py (tokenizer_config.json
+read without trust), records.py (the instruction data formats, each record checked), jinja_templates.py (a model's
+own Jinja chat template), megatron.py (Megatron-LM .bin/.idx). Problems are DataError (the input) or TemplateError
+(a conversation the template refuses), said without a script's name: main says them as prepare.py's, and the other
+scripts' mains as theirs. `import prepare` does not import torch.
 """
 
 import argparse
-import contextlib
-import copy
 import glob
 import io
 import itertools
@@ -38,7 +40,16 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from model import check_json_fields, check_value, json_type, load_json, parse_json, replace_dir
+from support import diskspace
+from support.checks import check_json_fields, check_value, load_json
+from support.jinja_templates import (HF_TEMPLATE, JINJA_PROBE, TemplateError, builtin_jinja, check_jinja_template,
+                                     encode_jinja_chat, is_jinja, reserved_marker)
+from support.jinja_templates import jinja_turn_end  # noqa: F401 (sample.py's, with the template API here)
+from support.megatron import read_megatron, write_megatron_index
+from support.outputs import replace_dir
+from support.records import DataError, instruction_messages, normalize_role, read_records, record_field
+from support.tokenizer_files import TOKENIZER_FILES, read_tokenizer_config, special_ids_of
+from support.tokenizer_files import copy_tokenizer_files  # noqa: F401 (convert.py's and sample.py's, with load_tokenizer)
 
 # -----------------------------------------------------------------------------
 # Tokenizers: sentencepiece (.model) and HF tokenizers (tokenizer.json) behind one small interface
@@ -47,8 +58,6 @@ from model import check_json_fields, check_value, json_type, load_json, parse_js
 BOS_NAMES = ("<s>", "<|startoftext|>", "<|begin_of_text|>", "<|endoftext|>")
 EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>")
 PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # LLaMA dirs ship both: sentencepiece is the reference
-TOKENIZER_EXTRAS = ("tokenizer_config.json", "chat_template.jinja")  # ids, conventions, the chat template
 
 
 class Tokenizer:
@@ -135,12 +144,12 @@ class Tokenizer:
                 try:
                     hf = HFTokenizer.from_file(str(beside))
                 except Exception as e:
-                    raise SystemExit(f"prepare.py: {beside}: cannot load tokenizer ({type(e).__name__}: {e})")
+                    raise DataError(f"{beside}: cannot load tokenizer ({type(e).__name__}: {e})")
             probe = "a"
             plain, framed = hf.encode(probe, add_special_tokens=False).ids, hf.encode(probe).ids
             at = next((i for i in range(len(framed) - len(plain) + 1) if framed[i:i + len(plain)] == plain), None)
             if at is None:
-                raise SystemExit(f"prepare.py: {beside}: post_processor: expected special tokens around the text, "
+                raise DataError(f"{beside}: post_processor: expected special tokens around the text, "
                                  f"got {framed} for {plain}")
             return framed[:at], framed[at + len(plain):]
         add_bos, add_eos = config.get("add_bos_token"), config.get("add_eos_token")
@@ -170,32 +179,6 @@ class Tokenizer:
         if self.sp is not None:
             return self.sp_continue.encode(text)
         return self.hf.encode(text, add_special_tokens=False).ids
-
-    def encode_rendered(self, text):
-        """Text rendered by a chat template, special-token strings in it ("<s>", "<|im_start|>") becoming their ids,
-        as transformers' apply_chat_template(tokenize=True) does -> (ids, [(start, end) character span per id])."""
-        if self.hf is not None:
-            enc = self.hf.encode(text, add_special_tokens=False)
-            return enc.ids, enc.offsets
-        ids, spans = [], []
-        specials = sorted(self.sp_specials, key=len, reverse=True)
-        pattern = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
-        pos = 0
-        for m in itertools.chain(pattern.finditer(text) if pattern else (), [None]):
-            end = m.start() if m else len(text)
-            if end > pos:
-                piece = text[pos:end]
-                prefix = self.sp_prefix_space and (pos == 0 or self.sp_legacy) and not piece.startswith(" ")
-                model = self.sp if prefix else self.sp_continue
-                char_at = _byte_to_char(piece)
-                for p in model.encode(piece, return_type="proto").pieces:  # begin/end: byte offsets
-                    ids.append(p.id)
-                    spans.append((pos + char_at[p.begin], pos + char_at[p.end]))
-            if m:
-                ids.append(self.sp_specials[m.group()])
-                spans.append((m.start(), m.end()))
-                pos = m.end()
-        return ids, spans
 
     def encode_batch(self, texts):
         """list[str] -> list[list[int]] without special tokens; both backends run this loop in C++."""
@@ -255,32 +238,6 @@ class Tokenizer:
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def copy_tokenizer_files(src, dst):
-    """Copy a dir's tokenizer files as they are (the model or json, its config, a chat_template.jinja)."""
-    for name in TOKENIZER_FILES + TOKENIZER_EXTRAS:
-        if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, Path(dst) / name)
-
-
-def _byte_to_char(text):
-    """UTF-8 byte offset -> character offset, for every byte offset 0..len(bytes) of text."""
-    table = []
-    for i, ch in enumerate(text):
-        table += [i] * len(ch.encode("utf-8"))
-    return table + [len(text)]
-
-
-@contextlib.contextmanager
-def errors_as(script):
-    """prepare.py's one-line errors (a tokenizer, a data dir read by another script) said as `script`'s: the command
-    the user ran."""
-    try:
-        yield
-    except SystemExit as e:
-        if isinstance(e.code, str) and e.code.startswith("prepare.py: "):
-            raise SystemExit(f"{script}: {e.code.removeprefix('prepare.py: ')}") from None
-        raise
-
 
 def load_tokenizer(path):
     """A sentencepiece .model, an HF tokenizer.json, or a dir holding one (checkpoint dir, data dir).
@@ -294,9 +251,9 @@ def load_tokenizer(path):
                 path = path / name
                 break
         else:
-            raise SystemExit(f"prepare.py: {path}: expected a directory holding tokenizer.model or tokenizer.json")
+            raise DataError(f"{path}: expected a directory holding tokenizer.model or tokenizer.json")
     if not path.is_file():
-        raise SystemExit(f"prepare.py: {path}: tokenizer file not found")
+        raise DataError(f"{path}: tokenizer file not found")
     config_path = path.parent / "tokenizer_config.json"
     config = read_tokenizer_config(config_path) if config_path.is_file() else {}
     template, template_file = None, path.parent / "chat_template.jinja"
@@ -304,13 +261,13 @@ def load_tokenizer(path):
         try:
             template = template_file.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise SystemExit(f"prepare.py: {template_file}: not UTF-8 text ({e})")
+            raise DataError(f"{template_file}: not UTF-8 text ({e})")
     try:
         tok = Tokenizer(path, config, template, template_file if template else config_path)
-    except SystemExit:
+    except DataError:
         raise
     except Exception as e:  # sentencepiece / tokenizers raise RuntimeError or OSError on corrupt files
-        raise SystemExit(f"prepare.py: {path}: cannot load tokenizer ({type(e).__name__}: {e})")
+        raise DataError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})")
     special_ids_of(config_path, tok.vocab_size, config)  # the ids it states are ids of this vocabulary
     return tok
 
@@ -327,48 +284,6 @@ def vocabulary_difference(model_dir, data_dir):
     i = next((i for i in range(ours.vocab_size) if ours.id_to_token(i) != theirs.id_to_token(i)), None)
     return None if i is None else f"id {i} is {theirs.id_to_token(i)!r}, not {ours.id_to_token(i)!r}"
 
-
-# tokenizer_config.json, ours and HF's: what is read of it, and its types (special tokens by id or by string)
-TOKENIZER_CONFIG = {**{f"{k}_id": Optional[int] for k in ("bos", "eos", "pad")},
-                    **{f"{k}_token": str | dict | None for k in ("bos", "eos", "pad")},
-                    **{k: Optional[bool] for k in ("add_bos_token", "add_eos_token", "legacy", "add_prefix_space")},
-                    "chat_template": str | list | None, "added_tokens_decoder": Optional[dict]}
-
-
-def _config_error(msg):
-    """prepare.py's one-line exit, for model.py's checks."""
-    return SystemExit(f"prepare.py: {msg}")
-
-
-def read_tokenizer_config(file: Path) -> dict:
-    """tokenizer_config.json, each field read of its type: special tokens as {"content": str} or strings, HF's named
-    chat templates as [{"name", "template"}], added tokens as {"id": {"content": str}}."""
-    config = load_json(file, _config_error)
-    check_json_fields(config, TOKENIZER_CONFIG, file, _config_error)
-    for kind in ("bos", "eos", "pad"):
-        token = config.get(f"{kind}_token")
-        if isinstance(token, dict) and not isinstance(token.get("content"), str):
-            raise _config_error(f"{file}: {kind}_token: expected a string or an object with a string 'content'")
-    templates = config.get("chat_template")
-    if isinstance(templates, list) and not all(isinstance(t, dict) and isinstance(t.get("name"), str) and
-                                               isinstance(t.get("template"), str) for t in templates):
-        raise _config_error(f"{file}: chat_template: expected a string, or a list of {{name, template}} strings")
-    for i, t in (config.get("added_tokens_decoder") or {}).items():
-        if not (i.isdigit() and isinstance(t, dict) and isinstance(t.get("content"), str)):
-            raise _config_error(f"{file}: added_tokens_decoder: {i!r}: expected a token id -> {{\"content\": string}}")
-    return config
-
-
-def special_ids_of(file: Path, vocab_size: int, config: Optional[dict] = None) -> dict:
-    """{"bos_id", "eos_id", "pad_id"} stated by our tokenizer_config.json (absent or null: none), each an id below
-    vocab_size; {} when there is no such file."""
-    if config is None:
-        config = read_tokenizer_config(file) if Path(file).is_file() else {}
-    ids = {k: config[k] for k in ("bos_id", "eos_id", "pad_id") if config.get(k) is not None}
-    for k, v in ids.items():
-        if not 0 <= v < vocab_size:
-            raise _config_error(f"{file}: {k}={v}: not an id of the vocabulary (vocab_size {vocab_size})")
-    return ids
 
 
 def train_sentencepiece(texts, out_dir, vocab_size=8192, seed=1337):
@@ -399,7 +314,7 @@ def train_sentencepiece(texts, out_dir, vocab_size=8192, seed=1337):
 # (encoded on its own), an int (a literal token id, e.g. Baichuan's 195/196), or a Special (a named token such as
 # bos/eos, resolved with the tokenizer). Adjacent prompt text is merged before encoding, as the reference
 # implementations encode whole prompt strings. A model's own Hugging Face template (Jinja, in its
-# tokenizer_config.json) is used as transformers uses it: see the Jinja section below.
+# tokenizer_config.json) is used as transformers uses it: support/jinja_templates.py.
 
 @dataclass(frozen=True)
 class Special:
@@ -432,11 +347,6 @@ def render_baichuan(messages, system, gen):
     return segs
 
 
-BAICHUAN_JINJA = (r"{% if system %}{{ system }}{% endif %}{% for m in turns %}"
-                  r"{% set gap = space if m.content else '' %}{% if m.role == 'user' %}"
-                  r"{{ user_token + gap + m.content }}{% else %}{{ assistant_token + gap + m.content + eos }}"
-                  r"{% endif %}{% endfor %}"
-                  r"{% if add_generation_prompt %}{{ assistant_token }}{% endif %}")
 
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -457,9 +367,6 @@ def render_vicuna(messages, system, gen):
     return segs
 
 
-VICUNA_JINJA = (r"{{ start + (system or default) + ' ' }}{% for m in turns %}{% if m.role == 'user' %}"
-                r"{{ 'USER: ' + m.content + ' ' }}{% else %}{{ 'ASSISTANT: ' + m.content + eos }}{% endif %}"
-                r"{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
 
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
@@ -470,10 +377,6 @@ ALPACA_SYSTEM_INPUT = ("Below is an instruction that describes a task, paired wi
 
 ALPACA_PROMPT = re.compile(r"(Below is an instruction that describes a task.*?)?### Instruction:\n.*### Response:\s*",
                            re.DOTALL)
-
-
-class TemplateError(ValueError):
-    """The messages do not suit the template (e.g. a prompt already formatted for it): one line, names the fix."""
 
 
 def render_alpaca(messages, system, gen):
@@ -501,11 +404,6 @@ def render_alpaca(messages, system, gen):
     return segs  # the generation prompt already ends every user block
 
 
-# chat messages carry no alpaca "input" field: the header is the one without input
-ALPACA_JINJA = (r"{{ start }}{% for m in turns %}{% if m.role == 'user' %}"
-                r"{{ (system or default) if loop.first else '' }}"
-                r"{{ '\n\n### Instruction:\n' + m.content + '\n\n### Response:\n' }}"
-                r"{% else %}{{ m.content + eos }}{% endif %}{% endfor %}")
 
 
 AQUILA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -528,10 +426,6 @@ def render_aquila(messages, system, gen):
     return segs
 
 
-AQUILA_JINJA = (r"{{ (system or default) + '###' }}{% for m in turns %}{% if m.role == 'user' %}"
-                r"{{ 'Human: ' + m.content + '###' }}{% else %}{{ 'Assistant: ' + m.content + '###' }}{% endif %}"
-                r"{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}"
-                r"{% elif turns and turns[-1].role == 'assistant' %}{{ eos }}{% endif %}")
 
 
 def render_llama2(messages, system, gen):
@@ -549,11 +443,6 @@ def render_llama2(messages, system, gen):
     return segs  # a trailing user turn is already the generation prompt
 
 
-LLAMA2_JINJA = (r"{% set first = namespace(user=true) %}{% for m in turns %}{% if m.role == 'user' %}"
-                r"{% set content = m.content %}{% if first.user and system %}"
-                r"{% set content = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + content %}{% endif %}"
-                r"{% set first.user = false %}{{ bos + '[INST] ' + content.strip() + ' [/INST]' }}{% else %}"
-                r"{{ ' ' + m.content.strip() + ' ' + eos }}{% endif %}{% endfor %}")
 
 
 def render_chatml(messages, system, gen):
@@ -571,9 +460,6 @@ def render_chatml(messages, system, gen):
     return segs
 
 
-CHATML_JINJA = (r"{% if system %}{{ im_start + 'system\n' + system + im_end + '\n' }}{% endif %}{% for m in turns %}"
-                r"{{ im_start + m.role + '\n' + m.content + im_end + '\n' }}{% endfor %}"
-                r"{% if add_generation_prompt %}{{ im_start + 'assistant\n' }}{% endif %}")
 
 
 def render_human_assistant(messages, system, gen):
@@ -591,13 +477,6 @@ def render_human_assistant(messages, system, gen):
     return segs
 
 
-HUMAN_ASSISTANT_JINJA = (r"{{ bos }}{% if system %}{{ system + '\n\n' }}{% endif %}{% for m in turns %}"
-                         r"{% if m.role == 'user' %}{% if loop.previtem and loop.previtem.role == 'assistant' %}"
-                         r"{{ '\n\n' }}{% endif %}{{ 'Human: ' + m.content + '\n\n' }}{% else %}"
-                         r"{{ 'Assistant: ' + m.content + eos }}{% endif %}{% endfor %}"
-                         r"{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
-
-
 @dataclass(frozen=True)
 class Template:
     render: Callable  # (messages, system, add_generation_prompt) -> list of (piece, counts_in_loss)
@@ -605,76 +484,27 @@ class Template:
     stop: tuple = ()  # what ends a reply besides eos when a model writes on: the next turn's text, or its token
                       # (an id, or a Special looked up in the vocabulary)
     input_sep: str = "\n"  # between an alpaca-style record's instruction and input (LLaMA-Efficient-Tuning's)
-    jinja: str = ""  # the same format as a Hugging Face chat_template body: see template_jinja for its names
     system: str = ""  # the default system prompt, where the format has one
 
 
 TEMPLATES = {  # 195 = Baichuan's user token
-    "baichuan": Template(render_baichuan, "Baichuan-13B-Chat generation_utils.py (user 195, assistant 196)", (195,),
-                         jinja=BAICHUAN_JINJA),
-    "baichuan2": Template(render_baichuan, "Baichuan2-Chat generation_utils.py, fine-tune.py (195, 196)", (195,),
-                          jinja=BAICHUAN_JINJA),
-    "vicuna": Template(render_vicuna, "FastChat conversation.py vicuna_v1.1", ("USER:",), jinja=VICUNA_JINJA,
-                       system=VICUNA_SYSTEM),
+    "baichuan": Template(render_baichuan, "Baichuan-13B-Chat generation_utils.py (user 195, assistant 196)", (195,)),
+    "baichuan2": Template(render_baichuan, "Baichuan2-Chat generation_utils.py, fine-tune.py (195, 196)", (195,)),
+    "vicuna": Template(render_vicuna, "FastChat conversation.py vicuna_v1.1", ("USER:",), system=VICUNA_SYSTEM),
     "alpaca": Template(render_alpaca, "tatsu-lab/stanford_alpaca PROMPT_DICT", ("### Instruction:",),
-                       jinja=ALPACA_JINJA, system=ALPACA_SYSTEM),
-    "aquila": Template(render_aquila, "FlagAI aquila-chat conversation template", ("###",), jinja=AQUILA_JINJA,
-                       system=AQUILA_SYSTEM),
-    "llama-2": Template(render_llama2, "meta-llama/llama generation.py chat_completion", ("[INST]",),
-                        jinja=LLAMA2_JINJA),
-    "chatml": Template(render_chatml, "OpenAI ChatML", (IM_END,), jinja=CHATML_JINJA),
-    "human-assistant": Template(render_human_assistant, "Baichuan-7B QLoRA recipe", ("Human:",), input_sep="",
-                                jinja=HUMAN_ASSISTANT_JINJA),
+                       system=ALPACA_SYSTEM),
+    "aquila": Template(render_aquila, "FlagAI aquila-chat conversation template", ("###",), system=AQUILA_SYSTEM),
+    "llama-2": Template(render_llama2, "meta-llama/llama generation.py chat_completion", ("[INST]",)),
+    "chatml": Template(render_chatml, "OpenAI ChatML", (IM_END,)),
+    "human-assistant": Template(render_human_assistant, "Baichuan-7B QLoRA recipe", ("Human:",), input_sep=""),
 }
-
-# A built-in template as a Hugging Face Jinja chat_template (what native-to-hf writes, so that transformers, vLLM and
-# TGI render conversations as the model was trained). The body uses `system` (the first system message), `turns`
-# (the other messages), `default` (the default system prompt) and the tokenizer's own strings set in a header:
-# `start` (what the tokenizer puts before a text), `bos`, `eos`, `im_start`, `im_end`, `user_token`,
-# `assistant_token`, and `space`: " " where sentencepiece's dummy prefix begins text that follows a special token
-# (transformers adds it only at the very start of the rendered text).
-JINJA_MESSAGES = ("{%- set system = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') "
-                  "| first -%}{%- set turns = messages | rejectattr('role', 'equalto', 'system') | list -%}")
-JINJA_PROBE = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, who are you?"},
-               {"role": "assistant", "content": "A model."}, {"role": "user", "content": "And 2+2?"},
-               {"role": "assistant", "content": "It is 4."}]
 
 
 def template_jinja(tok, name):
-    """Built-in template `name` as a Jinja chat_template for this tokenizer, or None where the Jinja would not give
-    encode_chat's ids (e.g. where Baichuan's ids 195/196 are ordinary pieces, no string names them). Checked on a
-    probe conversation, rendered and tokenized as transformers' apply_chat_template does."""
-    template = TEMPLATES[name]
-    space = " " if tok.dummy_prefix else ""
-    strings = {"default": template.system, "space": space, "im_start": IM_START.name,
-               "start": "".join(tok.id_to_token(i) or "" for i in tok.prefix) + (space if tok.prefix else ""),
-               "bos": (tok.id_to_token(tok.bos_id) or "") + space if tok.bos_id is not None else "",
-               "eos": tok.id_to_token(tok.eos_id) or "",
-               "im_end": IM_END.name if tok.token_to_id(IM_END.name) is not None else tok.id_to_token(tok.eos_id),
-               "user_token": reserved_marker(tok, 195), "assistant_token": reserved_marker(tok, 196)}
-    header = "".join(f"{{%- set {k} = {json.dumps(v, ensure_ascii=False)} -%}}" for k, v in strings.items()
-                     if v is not None)
-    probe = copy.copy(tok)
-    probe.chat_template = JINJA_MESSAGES + header + template.jinja
-    for messages, gen in ((JINJA_PROBE, False), (JINJA_PROBE[:4], True), (JINJA_PROBE[1:4], True)):
-        try:
-            ids = probe.encode_rendered(render_jinja(probe, messages, gen)[0])[0]
-        except TemplateError:  # a name the header could not set
-            return None
-        if ids != encode_chat(tok, name, messages, add_generation_prompt=gen)[0]:
-            return None
-    return probe.chat_template
-
-
-def reserved_marker(tok, i):
-    """The string of token id i where it is a marker, not text: a special or added token, or a sentencepiece
-    user-defined piece such as Baichuan's "<reserved_102>" (its text encodes to it); else None."""
-    piece = tok.id_to_token(i)
-    if piece in tok.special_tokens():
-        return piece
-    if tok.sp is not None and piece and not tok.sp.is_byte(i) and re.fullmatch(r"<[^<>\s]+>", piece):
-        return piece
-    return None
+    """Built-in template `name` as a Hugging Face Jinja chat_template for this tokenizer (what native-to-hf writes),
+    or None where the Jinja would not give encode_chat's ids: support/jinja_templates.py holds the Jinja bodies."""
+    return builtin_jinja(tok, name, TEMPLATES[name].system,
+                         lambda messages, gen: encode_chat(tok, name, messages, add_generation_prompt=gen)[0])
 
 
 def literal_id_warning(tok, name):
@@ -688,20 +518,6 @@ def literal_id_warning(tok, name):
         return (f"warning: --template={name} inserts token ids that are ordinary text in {tok.path} ({pieces}), "
                 f"not its reserved user/assistant markers: this template expects {name.capitalize()}'s tokenizer")
     return None
-
-
-ROLE_NAMES = {  # every spelling the supported data formats use, lower-cased, <|...|> and ':' stripped
-    "user": "user", "human": "user", "prompter": "user", "instruction": "user", "question": "user",
-    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "chatgpt": "assistant", "moss": "assistant",
-    "model": "assistant", "ai": "assistant", "answer": "assistant", "system": "system",
-}
-
-
-def normalize_role(role):
-    """'human', 'gpt', '<|Human|>', 'MOSS', 'USER' ... -> 'user' | 'assistant' | 'system' | None."""
-    key = str(role).strip().strip(":").strip()
-    key = key[2:-2] if key.startswith("<|") and key.endswith("|>") else key
-    return ROLE_NAMES.get(key.lower())
 
 
 def _resolve(tok, special):
@@ -778,140 +594,6 @@ def _encode_segments(tok, segs):
 
 
 # -----------------------------------------------------------------------------
-# A model's own chat template: Hugging Face's Jinja `chat_template`, rendered as transformers' apply_chat_template
-# renders it (sandboxed Jinja, trim_blocks and lstrip_blocks, loop controls, its tojson, raise_exception,
-# strftime_now, {% generation %} blocks; bos_token/eos_token/unk_token/pad_token as strings), the text then
-# tokenized with special-token strings matched as tokens and no bos/eos added. The loss mask: the span of each
-# assistant reply in the rendered text and the special token that closes it. {% generation %} blocks mark the spans
-# where the template has them; otherwise they are found by rendering growing prefixes of the conversation: the text
-# up to a reply, rendered with the generation prompt, must be a prefix of the text that includes the reply.
-
-HF_TEMPLATE = "hf"
-_MARK = ("\ue000", "\ue001")  # private-use characters bracketing {% generation %} output while rendering
-
-
-def is_jinja(template):
-    return "{{" in template or "{%" in template
-
-
-def _jinja_template(source):
-    """Compile once per template string (cached on the function)."""
-    cache = _jinja_template.__dict__.setdefault("cache", {})
-    if source not in cache:
-        from datetime import datetime
-
-        import jinja2
-        from jinja2.ext import Extension, loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        class Generation(Extension):
-            tags = {"generation"}
-
-            def parse(self, parser):
-                lineno = next(parser.stream).lineno
-                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-                return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
-
-            def _mark(self, caller):
-                return _MARK[0] + caller() + _MARK[1]
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[Generation, loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
-        cache[source] = env.from_string(source)
-    return cache[source]
-
-
-def check_jinja_template(tok):
-    """Compile the tokenizer's template: a syntax error is one line naming where the template came from."""
-    import jinja2
-    try:
-        _jinja_template(tok.chat_template)
-    except jinja2.TemplateError as e:
-        raise SystemExit(f"prepare.py: {tok.template_file}: chat_template: {type(e).__name__}: {e}")
-
-
-def render_jinja(tok, messages, add_generation_prompt):
-    """-> (text, [(start, end) of each {% generation %} block] or None where the template has none)."""
-    import jinja2
-    specials = {f"{k}_token": tok.id_to_token(getattr(tok, f"{k}_id")) for k in ("bos", "eos", "pad")}
-    specials["unk_token"] = tok.id_to_token(tok.sp.unk_id()) if tok.sp is not None else None
-    if tok.pad_id == tok.eos_id:  # our pad falls back to eos; the template sees no pad token, as in transformers
-        specials["pad_token"] = None
-    try:
-        text = _jinja_template(tok.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
-            **{k: v for k, v in specials.items() if v is not None})
-    except jinja2.TemplateError as e:
-        raise TemplateError(f"{tok.template_file}: chat_template: {e}") from None
-    if _MARK[0] not in text:
-        return text, None
-    spans, out, pos = [], [], 0
-    for part in re.split(f"([{_MARK[0]}{_MARK[1]}])", text):
-        if part == _MARK[0]:
-            start = pos
-        elif part == _MARK[1]:
-            spans.append((start, pos))
-        else:
-            out.append(part)
-            pos += len(part)
-    return "".join(out), spans
-
-
-def _reply_spans(tok, messages, text):
-    """Character spans of every assistant reply in `text` (the whole conversation rendered), each through the special
-    token that closes it, found by rendering the conversation up to each reply."""
-    specials = sorted(tok.special_tokens(), key=len, reverse=True)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before, _ = render_jinja(tok, messages[:i], True)
-        upto, _ = render_jinja(tok, messages[:i + 1], False)
-        if not (upto.startswith(before) and text.startswith(upto)):
-            raise TemplateError(f"{tok.template_file}: chat_template: the conversation rendered up to message {i} "
-                                "is not a prefix of the whole, so its reply cannot be located; mark replies with "
-                                "{% generation %} or pass a built-in --template")
-        content = m["content"].strip()
-        at = upto.find(content, len(before)) if content else -1
-        end = at + len(content) if at >= 0 else len(upto.rstrip())
-        gap = len(upto[end:]) - len(upto[end:].lstrip(" "))  # e.g. llama-2's " </s>"
-        closing = next((s for s in specials if upto.startswith(s, end + gap)), None)
-        spans.append((len(before), end + gap + len(closing) if closing else end))
-    return spans
-
-
-def encode_jinja_chat(tok, turns, system, add_generation_prompt):
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": m["role"], "content": m["content"]} for m in turns]
-    if any(_MARK[0] in m["content"] or _MARK[1] in m["content"] for m in messages):
-        raise TemplateError("a message holds U+E000 or U+E001, which the template renderer reserves")
-    text, spans = render_jinja(tok, messages, add_generation_prompt)
-    ids, offsets = tok.encode_rendered(text)
-    if spans is None:
-        spans = _reply_spans(tok, messages, text)
-    mask = [int(any(a < e and s < b for s, e in spans)) for a, b in offsets]
-    return ids, mask
-
-
-def jinja_turn_end(tok):
-    """The special token that closes an assistant turn in the tokenizer's template (None if it has none)."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    text, _ = render_jinja(tok, probe, False)
-    start = text.rfind("Hello") + len("Hello")
-    rest = text[start:].lstrip(" ")
-    return next((i for s, i in sorted(tok.special_tokens().items(), key=lambda t: -len(t[0]))
-                 if rest.startswith(s)), None)
-
-
-# -----------------------------------------------------------------------------
 # Inputs: files, directories and globs -> a stream of work items, in a fixed order
 
 FORMATS = {  # --format: what each record is; the container (txt, json, jsonl, parquet) follows the file
@@ -930,10 +612,6 @@ FORMATS = {  # --format: what each record is; the container (txt, json, jsonl, p
 INSTRUCTION_FORMATS = ("alpaca", "sharegpt", "conversation", "moss", "belle")
 RECORD_SUFFIXES = (".json", ".jsonl", ".parquet")
 TEXT_PIECE_BYTES = 4 << 20  # long text files are read and encoded in pieces of about this size (bounded memory)
-
-
-class DataError(Exception):
-    """A problem with one input record or file: reported as one line, then stop or skip (--on_error)."""
 
 
 @dataclass
@@ -962,7 +640,7 @@ def expand_inputs(specs):
         else:
             found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
         if not found:
-            raise SystemExit(f"prepare.py: --input {spec}: no such file, directory or glob match")
+            raise DataError(f"--input {spec}: no such file, directory or glob match")
         files += [p for p in found if p not in files]
     return files
 
@@ -975,7 +653,7 @@ def default_corpus_files():
     files = sorted(p for p in root.rglob("*.py")
                    if not set(p.relative_to(root).parts[:-1]) & skip and p.stat().st_size > 0)
     if not files:
-        raise SystemExit(f"prepare.py: {root}: no standard library sources found for the default corpus")
+        raise DataError(f"{root}: no standard library sources found for the default corpus")
     return files
 
 
@@ -1001,133 +679,8 @@ def read_text_pieces(path):
                 return
 
 
-def read_records(path):
-    """Yield (where, record, nbytes) from a .json list, .jsonl lines, or .parquet rows; where = 'line N' / 'row N'.
-
-    A malformed JSON line is yielded as a DataError record, so that the caller can skip it and read on.
-    """
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:
-            raise DataError(f"{path}: not a readable parquet file ({e})")
-        row = 0
-        per_row = path.stat().st_size / max(pf.metadata.num_rows, 1)
-        for batch in pf.iter_batches(batch_size=1024):
-            for rec in batch.to_pylist():
-                row += 1
-                yield f"row {row}", rec, int(per_row)
-        return
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith(b"["):  # one JSON list: has to be parsed whole
-        records = parse_json(path.read_bytes(), path, DataError, unique_keys=False)
-        per_rec = path.stat().st_size // max(len(records), 1)
-        for i, rec in enumerate(records, 1):
-            yield f"item {i}", rec, per_rec
-        return
-    with open(path, "rb") as f:  # JSON lines: streamed
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                rec = parse_json(raw, f"{path}: line {n}", DataError, unique_keys=False)
-            except DataError as e:
-                rec = e
-            yield f"line {n}", rec, len(raw)
-
-
-def _field(rec, name, where, kinds=str, hint=""):
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {json_type(rec)}")
-    if name not in rec:
-        raise DataError(f"{where}: missing field {name!r}{hint}")
-    if not isinstance(rec[name], kinds):
-        raise DataError(f"{where}: field {name!r} is {json_type(rec[name])}, expected "
-                        f"{'a string' if kinds is str else 'an object'}")
-    return _unicode(rec[name], f"{where}: field {name!r}") if kinds is str else rec[name]
-
-
-SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _unicode(text, where):
-    """text, unless JSON's \\uXXXX escapes left half a surrogate pair in it: no UTF-8 (nor tokenizer) takes that."""
-    m = SURROGATE.search(text)
-    if m:
-        raise DataError(f"{where}: character {m.start()} is an unpaired surrogate {m.group()!a}: not Unicode text")
-    return text
-
-
-def conversation_messages(turns, where):
-    """[{from, value}] or [{role, content}] -> messages with normalised roles."""
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise DataError(f"{where}: conversations[{i}]: expected an object with 'from' and 'value'")
-        role = turn.get("from", turn.get("role"))
-        content = turn.get("value", turn.get("content"))
-        if normalize_role(role) is None:
-            raise DataError(f"{where}: conversations[{i}]: unknown role {role!r} "
-                            f"(expected human/user or gpt/assistant)")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: conversations[{i}]: expected a string 'value', got {json_type(content)}")
-        messages.append({"role": normalize_role(role), "content": _unicode(content, f"{where}: conversations[{i}]")})
-    return messages
-
-
-BELLE_TURN = re.compile(r"(?:^|\n)(Human|Assistant):\s?")
-
-
-def instruction_messages(rec, fmt, where):
-    """One record of an instruction format -> (messages, system)."""
-    if not isinstance(rec, dict):
-        raise DataError(f"{where}: expected a JSON object, got {json_type(rec)}")
-    system = _unicode(rec["system"], f"{where}: field 'system'") if isinstance(rec.get("system"), str) else None
-    if fmt == "moss":
-        system = (_unicode(rec["meta_instruction"].strip(), f"{where}: field 'meta_instruction'")
-                  if isinstance(rec.get("meta_instruction"), str) else None)
-        chat = _field(rec, "chat", where, dict, " (moss-003-sft: {chat: {turn_1: {Human, MOSS}}})")
-        messages = []
-        for key in sorted(chat, key=lambda k: int(k.split("_")[-1]) if k.split("_")[-1].isdigit() else 0):
-            turn = chat[key]
-            for field, role, tag, end in (("Human", "user", "<|Human|>:", "<eoh>"),
-                                          ("MOSS", "assistant", "<|MOSS|>:", "<eom>")):
-                text = _field(turn, field, f"{where}: chat.{key}")
-                text = text.strip()
-                text = text[len(tag):] if text.startswith(tag) else text
-                text = text[:-len(end)] if text.endswith(end) else text
-                messages.append({"role": role, "content": text.strip()})
-        return messages, system
-    if "conversations" in rec or (fmt in ("sharegpt", "conversation") and "messages" in rec):
-        turns = rec.get("conversations", rec.get("messages"))
-        if not isinstance(turns, list):
-            raise DataError(f"{where}: field 'conversations' is {json_type(turns)}, expected a list")
-        return conversation_messages(turns, where), system
-    if fmt in ("sharegpt", "conversation"):
-        raise DataError(f"{where}: missing field 'conversations' (a list of {{from, value}})")
-    instruction = _field(rec, "instruction", where)
-    output = _field(rec, "output", where)
-    inp = rec.get("input") or ""
-    if not isinstance(inp, str):
-        raise DataError(f"{where}: field 'input' is {json_type(inp)}, expected a string")
-    _unicode(inp, f"{where}: field 'input'")
-    if fmt == "belle" and instruction.lstrip().startswith("Human:"):
-        # BELLE multiturn_chat: "Human: ...\nAssistant: ...\nHuman: ...\nAssistant:" with the last reply in output
-        parts = BELLE_TURN.split(instruction.strip())[1:]
-        messages = [{"role": normalize_role(r), "content": c.strip()} for r, c in zip(parts[::2], parts[1::2])]
-        if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
-            messages.pop()
-        return messages + [{"role": "assistant", "content": output}], system
-    user = {"role": "user", "content": instruction}
-    if inp:
-        user["input"] = inp  # the alpaca template has a with-input variant; others join it to the instruction
-    return [user, {"role": "assistant", "content": output}], system
-
-
 def read_items(files, fmt, text_field, max_chars, on_error, counters):
-    """Yield Items for all input files in order. Bad records/files: stop (SystemExit) or skip (warn, count)."""
+    """Yield Items for all input files in order. Bad records/files: stop (DataError) or skip (warn, count)."""
     doc, chars, megatron_seen = 0, 0, set()
     for path in files:
         if path.stat().st_size == 0:
@@ -1175,7 +728,7 @@ def read_items(files, fmt, text_field, max_chars, on_error, counters):
                             yield Item(doc, messages=messages, system=system, nbytes=nbytes,
                                        where=f"{path}: {where}")
                         else:
-                            text = _field(rec, text_field, f"{path}: {where}",
+                            text = record_field(rec, text_field, f"{path}: {where}",
                                           hint=" (set --text_field, or --format for instruction data)")
                             chars += len(text)
                             yield Item(doc, text=text, nbytes=nbytes)
@@ -1201,96 +754,10 @@ def _mark_last(iterable):
 
 def _bad(error, on_error, counters):
     if on_error == "stop":
-        raise SystemExit(f"prepare.py: {error} (use --on_error=skip to skip bad records)")
+        raise DataError(f"{error} (use --on_error=skip to skip bad records)")
     counters["skipped"] = counters.get("skipped", 0) + 1
     if counters["skipped"] <= 10 and not counters.get("quiet"):
         print(f"prepare.py: skipped: {error}", file=sys.stderr)
-
-
-# -----------------------------------------------------------------------------
-# Megatron-LM indexed dataset (MMIDIDX): prefix.bin holds the tokens of all sequences back to back; prefix.idx:
-#   b"MMIDIDX\x00\x00", <Q version (1), <B dtype code, <Q sequence count, <Q document count (= len(document_index)),
-#   int32 sizes[sequence count], int64 pointers[sequence count] (byte offsets into .bin),
-#   int64 document_index[document count] (first sequence of each document, then the total).
-
-MEGATRON_MAGIC = b"MMIDIDX\x00\x00"
-MEGATRON_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-                   8: np.uint16}
-
-
-def write_megatron_index(idx_path, doc_lengths, dtype):
-    """Write an .idx for a .bin holding documents of these lengths back to back (one sequence per document)."""
-    sizes = np.asarray(doc_lengths, dtype=np.int64)
-    code = {np.dtype(v): k for k, v in MEGATRON_DTYPES.items()}.get(np.dtype(dtype))
-    if code is None:
-        raise SystemExit(f"prepare.py: --megatron: dtype {np.dtype(dtype).name} has no Megatron code (use uint16)")
-    if sizes.size and sizes.max() > np.iinfo(np.int32).max:
-        raise SystemExit(f"prepare.py: {idx_path}: a document longer than 2^31 tokens does not fit Megatron's "
-                         f"int32 sizes")
-    pointers = np.zeros(len(sizes), dtype=np.int64)
-    np.cumsum(sizes[:-1] * np.dtype(dtype).itemsize, out=pointers[1:])
-    document_index = np.arange(len(sizes) + 1, dtype=np.int64)
-    with open(idx_path, "wb") as f:
-        f.write(MEGATRON_MAGIC + struct.pack("<Q", 1) + struct.pack("<B", code))
-        f.write(struct.pack("<Q", len(sizes)) + struct.pack("<Q", len(document_index)))
-        f.write(sizes.astype(np.int32).tobytes() + pointers.tobytes() + document_index.tobytes())
-
-
-def read_megatron_index(idx_path):
-    """-> (dtype, sizes int32, pointers int64, document_index int64), checked against the layout and the .bin."""
-    idx_path = Path(idx_path)
-    data = np.memmap(idx_path, dtype=np.uint8, mode="r") if idx_path.stat().st_size else np.zeros(0, np.uint8)
-    head = 9 + 8 + 1 + 8 + 8
-    if len(data) < head or bytes(data[:9]) != MEGATRON_MAGIC:
-        raise DataError(f"{idx_path}: expected a Megatron index starting with {MEGATRON_MAGIC!r}")
-    version, = struct.unpack("<Q", bytes(data[9:17]))
-    code, = struct.unpack("<B", bytes(data[17:18]))
-    n_seq, n_doc = struct.unpack("<QQ", bytes(data[18:34]))
-    if version != 1:
-        raise DataError(f"{idx_path}: Megatron index version {version}, expected 1")
-    if code not in MEGATRON_DTYPES:
-        raise DataError(f"{idx_path}: unknown Megatron dtype code {code} (expected 1-8)")
-    if len(data) != head + n_seq * 4 + n_seq * 8 + n_doc * 8:
-        raise DataError(f"{idx_path}: {len(data)} bytes, expected {head + n_seq * 12 + n_doc * 8} for "
-                        f"{n_seq} sequences and {n_doc} document index entries")
-    sizes = np.frombuffer(data, np.int32, n_seq, head)
-    pointers = np.frombuffer(data, np.int64, n_seq, head + 4 * n_seq)
-    document_index = np.frombuffer(data, np.int64, n_doc, head + 12 * n_seq)
-    return np.dtype(MEGATRON_DTYPES[code]), sizes, pointers, document_index
-
-
-def read_megatron(path):
-    """Yield each document of a Megatron dataset (path: prefix, prefix.bin or prefix.idx) as a token array."""
-    prefix = Path(path).with_suffix("") if Path(path).suffix in (".bin", ".idx") else Path(path)
-    idx_path, bin_path = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
-    for p in (idx_path, bin_path):
-        if not p.is_file():
-            raise DataError(f"{p}: not found (a Megatron dataset needs both {prefix.name}.bin and .idx)")
-    dtype, sizes, pointers, document_index = read_megatron_index(idx_path)
-    if dtype.kind not in "ui":
-        raise DataError(f"{idx_path}: dtype {dtype.name} is not a token id type")
-    size = bin_path.stat().st_size
-    if size % dtype.itemsize:
-        raise DataError(f"{bin_path}: {size} bytes, not a whole number of {dtype.name} tokens")
-    tokens = np.memmap(bin_path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-    if len(sizes) and sizes.min() < 0:
-        raise DataError(f"{idx_path}: sequence {int(np.argmax(sizes < 0))} has a negative size {sizes.min()}")
-    if len(sizes) and (pointers.min() < 0 or np.any(pointers % dtype.itemsize)):
-        raise DataError(f"{idx_path}: sequence pointers must be non-negative multiples of {dtype.name}'s "
-                        f"{dtype.itemsize} bytes")
-    if len(sizes) and (pointers.max() > len(tokens) or
-                       (pointers + sizes.astype(np.int64) * dtype.itemsize).max() > len(tokens)):
-        raise DataError(f"{idx_path}: sequence pointers run past the end of {bin_path} ({len(tokens)} bytes)")
-    if len(document_index) == 0 or document_index[0] != 0 or document_index[-1] != len(sizes) or \
-            np.any(np.diff(document_index) < 0):
-        raise DataError(f"{idx_path}: document index must rise from 0 to the sequence count {len(sizes)}")
-    for d in range(len(document_index) - 1):
-        seqs = range(document_index[d], document_index[d + 1])
-        doc = np.concatenate([np.frombuffer(tokens, dtype, sizes[s], pointers[s]) for s in seqs] or
-                             [np.zeros(0, dtype)])
-        if dtype.kind == "i" and doc.size and doc.min() < 0:
-            raise DataError(f"{bin_path}: document {d} holds a negative token id {doc.min()}")
-        yield doc
 
 
 # -----------------------------------------------------------------------------
@@ -1711,7 +1178,7 @@ def training_lines(items, max_chars):
                         return
 
 
-# the flags with a range: kind and interval (model.check_value's words when one is out of it)
+# the flags with a range: kind and interval (support.checks.check_value's words when one is out of it)
 FLAG_RANGES = {"workers": (int, "[1, inf)"), "vocab_size": (int, "[260, 2**31)"), "seq_len": (int, "[0, 2**24]"),
                "max_chars": (int, "[0, inf)"), "tokenizer_chars": (int, "[1, inf)"), "val_fraction": (float, "[0, 1)"),
                "max_source_len": (int, "[0, 2**24]"), "max_target_len": (int, "[0, 2**24]")}
@@ -1793,10 +1260,18 @@ def prepare(args):
         out = Path(args.out or "data/default")
     instruction = fmt in INSTRUCTION_FORMATS
     if not args.tokenizer and any(f.suffix in (".bin", ".idx") for f in files) and fmt in ("auto", "megatron"):
-        raise SystemExit("prepare.py: --tokenizer: required for Megatron input (its tokens are already ids)")
+        raise DataError("--tokenizer: required for Megatron input (its tokens are already ids)")
     inputs = [*files, *(args.input or []), *([args.tokenizer] if args.tokenizer else [])]
-    with replace_dir(out, args.overwrite, "--out", inputs, _config_error) as tmp:
-        meta = _prepare_into(tmp, args, files, fmt, source, instruction)
+    counters, total = {}, sum(f.stat().st_size for f in files)
+    total = min(total, args.max_chars) if args.max_chars else total  # about: characters, not bytes
+
+    def need(written):  # a full disk: the output's bytes, from those of the input read so far
+        read = counters.get("bytes_read")
+        return max(written, counters["bytes_out"] * max(total, read) // read) if read else None
+
+    with replace_dir(out, args.overwrite, "--out", inputs, DataError) as tmp, \
+            diskspace.reported(out, tmp, need, DataError, "free space there, or choose another --out"):
+        meta = _prepare_into(tmp, args, files, fmt, source, instruction, counters)
     return out, meta
 
 
@@ -1811,7 +1286,7 @@ def get_tokenizer(args, files, fmt, out_dir):
     try:
         path = train_sentencepiece(lines, out_dir, args.vocab_size)
     except RuntimeError as e:  # e.g. "Vocabulary size too high" on a small input
-        raise SystemExit(f"prepare.py: --vocab_size={args.vocab_size}: cannot train a tokenizer on this input "
+        raise DataError(f"--vocab_size={args.vocab_size}: cannot train a tokenizer on this input "
                          f"({str(e).strip().splitlines()[-1]})")
     tok = load_tokenizer(path)
     print(f"prepare.py: trained a {tok.vocab_size}-token sentencepiece BPE in {time.time() - t0:.1f}s",
@@ -1832,16 +1307,20 @@ def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes, cou
         for error in errors:
             _bad(DataError(error), args.on_error, counters)
         if tokens.size and tokens.max() >= tok.vocab_size:
-            raise SystemExit(f"prepare.py: token id {tokens.max()} >= vocab_size {tok.vocab_size} (Megatron input "
+            raise DataError(f"token id {tokens.max()} >= vocab_size {tok.vocab_size} (Megatron input "
                              f"prepared with another tokenizer?)")
         for k, v in chunk_stats.items():
             stats[k] = stats.get(k, 0) + v
+        n_bytes = sum(it.nbytes for it in chunk)  # input read, and the bytes its tokens take (a full disk's message)
+        counters["bytes_read"] = counters.get("bytes_read", 0) + n_bytes
+        counters["bytes_out"] = counters.get("bytes_out", 0) + tokens.size * (
+            np.dtype(writers["train"].dtype).itemsize + (mask is not None)) + 8 * len(index)
         offset = 0
         for doc, n, last in index:  # (document number, tokens, ends the document)
             split = "val" if is_val(doc, args.val_fraction) else "train"
             writers[split].add(tokens[offset:offset + n], None if mask is None else mask[offset:offset + n], last)
             offset += n
-        bar.update(sum(it.nbytes for it in chunk))
+        bar.update(n_bytes)
         bar.set_postfix(tokens=writers["train"].n_tokens + writers["val"].n_tokens, refresh=False)
     bar.close()
     return stats
@@ -1859,26 +1338,26 @@ META_LAYOUT = {
 }
 
 
-def _prepare_into(out_dir, args, files, fmt, source, instruction):
+def _prepare_into(out_dir, args, files, fmt, source, instruction, counters):
     tok = get_tokenizer(args, files, fmt, out_dir)
     own = tok.template_name
     template = args.template or own
     if instruction and template is None:
-        raise SystemExit(f"prepare.py: --template: required for {fmt} data (one of {', '.join(TEMPLATES)})")
+        raise DataError(f"--template: required for {fmt} data (one of {', '.join(TEMPLATES)})")
     if template == HF_TEMPLATE:
         if own != HF_TEMPLATE:
-            raise SystemExit(f"prepare.py: --template=hf: {tok.template_file} holds no Jinja chat_template")
+            raise DataError(f"--template=hf: {tok.template_file} holds no Jinja chat_template")
         check_jinja_template(tok)
     elif template in TEMPLATES and (warning := literal_id_warning(tok, template)):
         print(f"prepare.py: {warning}", file=sys.stderr)
     dtype = args.dtype if args.dtype != "auto" else "uint16" if tok.vocab_size <= 65536 else "uint32"
     if tok.vocab_size > np.iinfo(dtype).max + 1:
-        raise SystemExit(f"prepare.py: --dtype={dtype}: vocab_size {tok.vocab_size} does not fit "
+        raise DataError(f"--dtype={dtype}: vocab_size {tok.vocab_size} does not fit "
                          f"(ids up to {np.iinfo(dtype).max}); use --dtype=uint32")
     with_mask = instruction or args.pack
     writers = {s: SplitWriter(out_dir, s, dtype, with_mask, args.seq_len, args.pack, tok.pad_id, args.one_per_row)
                for s in ("train", "val")}
-    t0, counters = time.time(), {}
+    t0 = time.time()
     items = read_items(files, fmt, args.text_field, args.max_chars, args.on_error, counters)
     try:
         stats = tokenize_into(writers, items, tok, template, args, args.seq_len if instruction else 0,
@@ -1886,12 +1365,12 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
     finally:  # also on errors: the temporary dir is removed with closed files
         for w in writers.values():
             w.close()
+    n_tokens = sum(w.n_tokens for w in writers.values())
+    if n_tokens == 0:
+        raise DataError("--input: no documents left to write (all empty, skipped or dropped)")
     if args.val_fraction > 0 and writers["val"].n_docs == 0 and move_last_to_val(out_dir, writers, dtype):
         print("prepare.py: the val split was empty: it holds the last train document instead", file=sys.stderr)
     elapsed = time.time() - t0
-    n_tokens = sum(w.n_tokens for w in writers.values())
-    if n_tokens == 0:
-        raise SystemExit("prepare.py: --input: no documents left to write (all empty, skipped or dropped)")
     if args.megatron:
         for s in writers:
             offsets = np.fromfile(out_dir / f"{s}.docs.bin", dtype=np.int64)
@@ -1927,7 +1406,10 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction):
 
 def main(argv=None):
     args = parse_args(argv)
-    out, meta = prepare(args)
+    try:
+        out, meta = prepare(args)
+    except (DataError, TemplateError) as e:  # every problem with the input, said in one line
+        raise SystemExit(f"prepare.py: {e}") from None
     print(f"prepare.py: wrote {out}", file=sys.stderr)
 
 

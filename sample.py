@@ -23,7 +23,7 @@ How it is fast (gpt-fast style): a static KV cache allocated once per call (mode
 prefilled in one forward, then one token per step; the per-step key padding mask and positions are views of
 buffers allocated once; only the last position's logits are sampled; everything runs under inference_mode; and
 `--compile` compiles the one-token decode step. `--quantize` quantises while loading, one weight at a time, and on a
-CPU multiplies by the int8/int4/NF4 weights in small C kernels (kernels.py) that read each stored byte once (a 7B
+CPU multiplies by the int8/int4/NF4 weights in small C kernels (support/quant.py) that read each stored byte once (a 7B
 model in 5-8 GiB at 2-3 tokens/s on two cores).
 """
 import argparse
@@ -44,7 +44,10 @@ import torch.nn.functional as F
 
 import kernels
 import model as model_lib
+from support import checks, outputs, peft, weights
 import prepare
+from support import quant
+from support.quant import Int4Linear, Int8Linear
 
 # In --chat, the published settings of the family's chat models (model.FAMILIES) apply unless a flag overrides them;
 # without --chat (base models, plain continuation), nanoGPT-like settings.
@@ -61,7 +64,7 @@ def check_settings(settings: dict):
     not set: the default applies); names outside SETTINGS are not looked at."""
     for name, value in settings.items():
         if name in SETTINGS and value is not None:
-            model_lib.check_value(name, value, *SETTINGS[name])
+            checks.check_value(name, value, *SETTINGS[name])
 
 
 # -----------------------------------------------------------------------------
@@ -209,7 +212,8 @@ def generate(model, prompt_ids, max_new_tokens, *, temperature=1.0, top_k=None, 
 
     model.setup_cache(B, total, dtype=param.dtype, device=device)
     try:  # the cache lives for this call only, even when the caller stops early (closing the generator)
-        logits, _ = model(idx, start_pos=0, positions=positions, key_padding_mask=mask[:, :T] if padded else None)
+        logits, _ = model(idx, start_pos=0, positions=positions, key_padding_mask=mask[:, :T] if padded else None,
+                          last_only=True)  # prompts are left padded: every row's last position is a real token
         logits = logits[:, -1]  # (B, V)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
@@ -340,85 +344,26 @@ def decode_layout(model):
 
 
 # -----------------------------------------------------------------------------
-# weight-only quantisation: int8 per output channel, int4 per group of input columns
+# weight-only quantisation: int8 per output channel, int4 per group of input columns (the layers and their C
+# kernels: support/quant.py)
 
-class QuantizedLinear(nn.Module):
-    """What Int8Linear and Int4Linear share: on a CPU the product runs in a C kernel (in fp32, whatever the dtype of x),
-    reading each stored byte once; elsewhere it is dequantised_linear."""
-    quantized = True  # its weight is buffers (model.count_weights)
-
-    def forward(self, x):
-        if x.device.type != "cpu":
-            return kernels.dequantised_linear(x, self.unpack, *self.stored())
-        weight, *params = self.stored()
-        y = self.matmul(x.reshape(-1, self.in_features).float(), weight, *(p.float() for p in params))
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-
-    def dequantize(self, dtype):
-        return self.unpack(*self.stored(), dtype)
-
-    @torch.no_grad()
-    def quantize_from(self, w):
-        """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a block of kernels.CHUNK_WEIGHTS
-        weights at a time: tens of MB of fp32 scratch whatever the size of w."""
-        step = max(1, kernels.CHUNK_WEIGHTS // self.in_features)
-        for s in range(0, self.out_features, step):
-            for t, part in zip(self.stored(), self.quantize_rows(w[s:s + step].float())):
-                t[s:s + step] = part
-        return self
-
-
-class Int8Linear(QuantizedLinear):
-    """y = x @ (int8 weight * per-output-channel scale)^T. Symmetric: w ~ q * scale, q in [-127, 127]."""
-    matmul, unpack = staticmethod(kernels.int8_matmul), staticmethod(kernels.int8_dequantize)
-
-    def __init__(self, in_features, out_features, dtype=torch.float32, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
-
-    def stored(self):
-        return self.weight, self.scales
-
-    @staticmethod
-    def quantize_rows(w):
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # (rows,)
-        return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
-
-
-class Int4Linear(QuantizedLinear):
-    """Group-wise asymmetric 4-bit weights: w ~ q * scale + zero per group of `group_size` input columns,
-    q in [0, 15], two nibbles per byte (even column in the low nibble)."""
-    matmul, unpack = staticmethod(kernels.int4_matmul), staticmethod(kernels.int4_dequantize)
-
-    def __init__(self, in_features, out_features, group_size=128, dtype=torch.float32, device=None):
-        super().__init__()
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        n_groups = in_features // group_size
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
-
-    def stored(self):
-        return self.weight, self.scales, self.zeros
-
-    def quantize_rows(self, w):
-        g = w.reshape(w.size(0), -1, self.group_size)  # (rows, n_groups, group_size)
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (rows, n_groups)
-        scales = ((hi - lo) / 15).clamp(min=1e-8)
-        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).flatten(1)
-        return q[:, 0::2] | (q[:, 1::2] << 4), scales, lo  # (rows, in/2): even column in the low nibble
-
-
-def quantize_model(model, mode, group_size=128, *, empty=False):
+def quantize_model(model, mode, group_size=None, *, empty=False, tied_head=True):
     """Replace every nn.Linear by Int8Linear / Int4Linear in place, or (nf4) the block linears by NF4Linear as QLoRA
-    stores its base (the embedding and output layer stay as they are). empty=True builds the modules without
-    quantising (to load a saved quantised state dict). Shapes that do not suit int4 / NF4 raise a clear ValueError."""
+    stores its base (the embedding and output layer stay as they are). A tied embedding also gets an int8 output
+    layer of its own (tied_head; the embedding stays for the lookup, which reads one row a token): as llama.cpp keeps
+    it at 8 bits, and decoding a small model otherwise reads its fp32 vocabulary matrix as much as all else.
+    group_size None: int4's group size is the largest that suits every layer (quant.int4_group_size). empty=True
+    builds the modules without quantising (to load a saved quantised state dict). Shapes that do not suit int4 / NF4
+    raise a clear ValueError."""
     if mode not in ("int8", "int4", "nf4"):
         raise ValueError(f"--quantize: expected int8, int4 or nf4, got {mode!r}")
     linears = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and not (mode == "nf4" and name == "output")]
+    if mode == "int4" and group_size is None:
+        group_size = quant.int4_group_size([m.in_features for _, m in linears])
+        if group_size is None:
+            raise ValueError("--quantize=int4: no even group size divides the input width of every layer "
+                             f"({sorted({m.in_features for _, m in linears})})")
     for name, m in linears:
         if mode == "int4" and (group_size <= 0 or group_size % 2 or m.in_features % group_size):
             raise ValueError(f"--group_size={group_size} does not suit layer {name} (weight "
@@ -434,12 +379,22 @@ def quantize_model(model, mode, group_size=128, *, empty=False):
         elif mode == "int4":
             q = Int4Linear(m.in_features, m.out_features, group_size, dtype=w.dtype, device=w.device)
         else:
-            q = model_lib.NF4Linear(m.in_features, m.out_features, device=w.device)
+            q = quant.NF4Linear(m.in_features, m.out_features, device=w.device)
         if not empty:
             q.quantize_from(w)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    if mode != "nf4" and tied_head and model.output is None:
+        w = model.tok_embeddings.weight
+        model.output = Int8Linear(w.size(1), w.size(0), dtype=w.dtype, device=w.device)
+        if not empty:
+            model.output.quantize_from(w)
     return model
+
+
+def quantized_head(model) -> bool:
+    """Whether a tied model carries quantize_model's int8 output layer (saved with it: quantization.tied_head)."""
+    return model.args.tie_embeddings and isinstance(model.output, Int8Linear)
 
 
 @torch.no_grad()
@@ -451,8 +406,9 @@ def quantize_from_meta(model, mode, group_size, weight, device="cpu"):
     quantize_model(model, mode, group_size, empty=True)
     layers = {name: mod.to_empty(device=device) for name, mod in model.named_modules()
               if getattr(mod, "quantized", False)}  # all first: quantising's scratch never sits between them
-    for name, mod in layers.items():
-        mod.quantize_from(weight(f"{name}.weight"))
+    for name, mod in layers.items():  # a tied model's int8 head is quantised from the embedding
+        tied = name == "output" and model.args.tie_embeddings
+        mod.quantize_from(weight("tok_embeddings.weight" if tied else f"{name}.weight"))
     rest = {name: weight(name).to(device=device, dtype=p.dtype) for name, p in model.named_parameters()}
     model.load_state_dict(rest, strict=False, assign=True)
     model.materialize_buffers(device)
@@ -479,12 +435,13 @@ def normalise_head(model):
     return model
 
 
-QUANTIZATION = {"quantization": dict, "quantization.mode": str, "quantization.group_size": (int, "[1, inf)")}
+QUANTIZATION = {"quantization": dict, "quantization.mode": str, "quantization.group_size": (int, "[1, inf)"),
+                "quantization.tied_head": bool}
 
 
-def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None, family="llama"):
+def load_model(ckpt, device, dtype, quantize=None, group_size=None, adapter=None, family="llama"):
     """A checkpoint dir -> (Transformer in eval mode, config.json dict). Reads dirs written by --save_quantized.
-    adapter: a LoRA adapter dir folded into the weights (beside them where they are NF4: attach_adapter).
+    adapter: a LoRA adapter dir folded into the weights (beside them where they are NF4: peft.attach_adapter).
     quantize='int8'|'int4'|'nf4' quantises while loading, one weight at a time from the memory-mapped file (a 7B model
     never whole in fp32)."""
     try:
@@ -497,7 +454,7 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None,
             return model.eval(), config
         if not quant:  # names and shapes checked against config.json, nothing read yet
             model = model_lib.Transformer.from_checkpoint(ckpt, device="meta", dtype=dtype)
-        tensors = model_lib.load_tensors(ckpt)
+        tensors = weights.load_tensors(ckpt)
     except model_lib.CheckpointError as e:
         fail(str(e))
     updates, replaced = read_adapter(adapter, args, family) if adapter else ({}, {})
@@ -507,19 +464,20 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None,
         def weight(name):  # as the full-precision path: normalise_head, then the adapter
             w = tensors[name]
             w = F.normalize(w.float(), dim=-1) if name == "output.weight" and args.norm_head else w
-            return w if unmerged else fold_adapter(name, w, updates, replaced)
+            return w if unmerged else peft.fold_adapter(name, w, updates, replaced)
 
         normalise_head(model)  # the module type; weight() normalises the rows
         model = quantize_from_meta(model, quantize, group_size, weight, device)
-        return attach_adapter(model, updates, replaced).eval() if unmerged else model.eval(), config
+        return peft.attach_adapter(model, updates, replaced).eval() if unmerged else model.eval(), config
     # build the quantised structure on meta, then assign the saved tensors (nothing materialised twice)
     with torch.device("meta"):
         model = model_lib.Transformer(args)
     normalise_head(model)  # saved heads are already normalised: this only swaps the module type
     where = os.path.join(ckpt, "config.json")
     try:
-        model_lib.check_json_fields(config, QUANTIZATION, where, required=("quantization.mode",))
-        quantize_model(model.to(dtype), quant["mode"], quant.get("group_size", 128), empty=True)
+        checks.check_json_fields(config, QUANTIZATION, where, required=("quantization.mode",))
+        quantize_model(model.to(dtype), quant["mode"], quant.get("group_size", 128), empty=True,
+                       tied_head=quant.get("tied_head", False))  # (dirs saved before it existed have none)
     except ValueError as e:
         fail(f"{e}" if str(e).startswith(where) else f"{where}: quantization: {e}")
     expected = model.state_dict()
@@ -535,7 +493,7 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=128, adapter=None,
     state = {k: t.to(device=device, dtype=expected[k].dtype) for k, t in tensors.items()}  # NF4's scales stay fp32
     model.load_state_dict(state, assign=True)
     model.materialize_buffers(device)
-    return attach_adapter(model, updates, replaced).eval(), config
+    return peft.attach_adapter(model, updates, replaced).eval(), config
 
 
 def kv_bytes(args, positions, itemsize) -> int:
@@ -543,12 +501,19 @@ def kv_bytes(args, positions, itemsize) -> int:
     return 2 * args.n_layers * args.kv_heads * args.head_dim * positions * itemsize
 
 
+def logits_bytes(args, rows, itemsize) -> int:
+    """Bytes of the next-token logits of `rows` rows: one position each (a prefill builds its last position's only,
+    model.Transformer's last_only), out of the head in the model's dtype and as the fp32 copy sampling reads."""
+    return rows * args.vocab_size * (itemsize + 4)
+
+
 def check_memory(args, device, dtype, ckpt):
-    """Refuse, before loading, a model whose weights and one sequence's KV cache exceed the device's available
-    memory (counted on the meta device: nothing allocated)."""
+    """Refuse, before loading, a model whose weights, one sequence's KV cache and its next-token logits exceed the
+    device's available memory (counted on the meta device: nothing allocated)."""
     with torch.device("meta"):
         n = model_lib.Transformer(args).num_params()
-    need = n * dtype.itemsize + kv_bytes(args, args.max_seq_len, dtype.itemsize)
+    itemsize = dtype.itemsize
+    need = n * itemsize + kv_bytes(args, args.max_seq_len, itemsize) + logits_bytes(args, 1, itemsize)
     available = kernels.available_memory(device)
     if available is not None and need > available:
         fail(f"--ckpt={ckpt}: {n / 1e9:.2f}B parameters in {str(dtype)[6:]} need {need / 2**30:.1f} GiB on {device}, "
@@ -556,66 +521,31 @@ def check_memory(args, device, dtype, ckpt):
 
 
 def read_adapter(path, args, family: str = "llama"):
-    """A LoRA adapter dir (PEFT's, as train.py writes, or our older one) -> (updates, replaced), see fold_adapter
-    (convert.py reads the formats and checks them against the model)."""
-    import convert
-
+    """--adapter's dir -> (updates, replaced) (support/peft.py reads the formats and checks them against the model)."""
     try:
-        return convert.read_adapter(path, args, family)
+        return peft.read_adapter(path, args, family)
     except model_lib.CheckpointError as e:
         fail(f"--adapter={path}: {e}")
 
 
-def fold_adapter(name, w, updates, replaced):
-    """Weight `name` with its adapter folded in: the adapter's tensor where it replaces w, then + scale * B A where it
-    is adapted."""
-    w = replaced.get(name, w)
-    if name not in updates:
-        return w
-    u = updates[name]
-    return (w.float() + u.scale * (u.b.float() @ u.a.float()).to(w.device)).to(w.dtype)
-
-
-@torch.no_grad()
-def attach_adapter(model, updates, replaced):
-    """An adapter on a model whose block linears are NF4 (QLoRA's base), in place: each adapted NF4 linear is wrapped
-    in a LoRALinear holding the adapter's A and B, unmerged, as PEFT runs an adapter on a 4-bit base, so the model is
-    the one QLoRA trained (folding B A in and quantising again would round it twice); a replaced NF4 weight is
-    quantised from its replacement; the other weights (embedding, output layer) take the adapter folded in."""
-    for name in sorted({*updates, *replaced}):
-        path = name.rpartition(".")[0]
-        module = model.get_submodule(path)
-        if not isinstance(module, model_lib.NF4Linear):
-            p = model.get_parameter(name)
-            p.copy_(fold_adapter(name, p, updates, replaced))
-            continue
-        if name in replaced:
-            module.quantize_from(replaced[name])
-        if name in updates:
-            u = updates[name]
-            lora = model_lib.LoRALinear(module, rank=u.a.size(0), alpha=u.scale * u.a.size(0))
-            lora.lora_a.copy_(u.a)
-            lora.lora_b.copy_(u.b)
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child, lora)
-    return model
-
-
 def add_adapter(model, path, family: str = "llama"):
-    """Fold a LoRA adapter dir into the weights of a full-precision model, in place (attach_adapter: no NF4 here)."""
-    attach_adapter(model, *read_adapter(path, model.args, family))
+    """Fold a LoRA adapter dir into the weights of a full-precision model, in place (support/peft.py)."""
+    peft.attach_adapter(model, *read_adapter(path, model.args, family))
 
 
 def save_quantized(model, src_ckpt, dst, mode, group_size, family):
-    """A checkpoint dir of the quantised weights, written whole or not at all (model.replace_dir); an existing dir is
+    """A checkpoint dir of the quantised weights, written whole or not at all (support.outputs.replace_dir); an existing dir is
     taken only when empty, and never the source."""
     state = {k: v for k, v in model.state_dict().items()}
-    import convert
     empty = os.path.isdir(dst) and not os.listdir(dst)
     refuse = lambda msg: SystemExit(f"sample.py: {msg}")  # noqa: E731
-    with model_lib.replace_dir(dst, empty, "--save_quantized", (src_ckpt,), refuse) as tmp:
-        quantization = {"mode": mode, "group_size": group_size} if mode != "nf4" else {"mode": mode}
-        convert.write_checkpoint(tmp, state, model.args, family, extra_config={"quantization": quantization})
+    with outputs.replace_dir(dst, empty, "--save_quantized", (src_ckpt,), refuse) as tmp:
+        int4 = [m.group_size for m in model.modules() if isinstance(m, Int4Linear)]
+        quantization = {"mode": mode, "group_size": int4[0] if int4 else group_size or 128} if mode != "nf4" \
+            else {"mode": mode}
+        if quantized_head(model):
+            quantization["tied_head"] = True
+        weights.write_checkpoint(tmp, state, model.args, family, extra_config={"quantization": quantization})
         prepare.copy_tokenizer_files(src_ckpt, tmp)
 
 
@@ -727,11 +657,13 @@ class Slots:
         self.seen[r, idx[0]] = True
         self.counts[r] = 0
         alone = start == 0  # no padding before it: the plain causal path, as generate takes for one prompt
+        score = job.echo and job.logprobs is not None  # the prompt's log-probabilities need every position's logits
         with self.model.cache_rows(r, r + 1):
             logits, _ = self.model(idx, start_pos=start, positions=None if alone else torch.arange(P)[None].to(idx),
-                                   key_padding_mask=None if alone else self.mask[r:r + 1, :self.col])
+                                   key_padding_mask=None if alone else self.mask[r:r + 1, :self.col],
+                                   last_only=not score)
         self.logits[r] = logits[0, -1].float()
-        if job.echo and job.logprobs is not None:  # the prompt's own, from the full logits: each scores the next token
+        if score:  # the prompt's own, from the full logits: each scores the next token
             job.prompt_logprobs = [None] + token_logprobs(logits[0, :-1], idx[0, 1:], job.logprobs)
 
     @torch.inference_mode()
@@ -789,13 +721,22 @@ class Slots:
         self.mask = self.next_pos = self.logits = self.seen = self.counts = None
 
 
-def kv_budget(model, max_batch, device) -> int:
-    """The KV-cache positions (rows x columns) a server may hold: half the memory available with the model loaded,
-    at least one whole context (check_memory saw to that), at most max_batch of them."""
+def kv_budget(model, max_batch, device, columns=None) -> int:
+    """The KV-cache positions (rows x columns) generation may hold: half the memory available with the model loaded,
+    less each row's next-token logits (logits_bytes), at least one whole context (check_memory saw to that), at most
+    max_batch of them. columns: every row's length where it is known (a prompt file's batches), each row's logits
+    counted beside its columns; else (a server's rows grow) max_batch rows' logits are set aside."""
     a = model.args
-    per_position = kv_bytes(a, 1, next(model.parameters()).dtype.itemsize)
+    itemsize = next(model.parameters()).dtype.itemsize
+    per_position, per_row = kv_bytes(a, 1, itemsize), logits_bytes(a, 1, itemsize)
     available, most = kernels.available_memory(device), max_batch * a.max_seq_len
-    return most if available is None else max(a.max_seq_len, min(most, available // 2 // per_position))
+    if available is None:
+        return most
+    if columns:
+        positions = available // 2 // (columns * per_position + per_row) * columns
+    else:
+        positions = (available // 2 - max_batch * per_row) // per_position
+    return max(a.max_seq_len, min(most, positions))
 
 
 class Batcher:
@@ -1046,8 +987,8 @@ def resolve_template(flag, tok, family):
             fail(f"--template=hf: {tok.template_file} holds no Jinja chat_template")
         try:
             prepare.check_jinja_template(tok)
-        except SystemExit as e:
-            fail(str(e).removeprefix("prepare.py: "))
+        except prepare.TemplateError as e:
+            fail(str(e))
     elif warning := prepare.literal_id_warning(tok, name):
         print(f"sample.py: {warning}", file=sys.stderr)
     return name
@@ -1230,7 +1171,8 @@ def parse_args(argv):
     p.add_argument("--repetition_penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; \\n and \\t understood)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string, not empty (repeatable; \\n and \\t understood)")
     p.add_argument("--chat", action="store_true", help="interactive chat with the checkpoint's template")
     p.add_argument("--multiline", action="store_true", help="interactive input of several lines, ended by Ctrl-D "
                    "on an empty line (FastChat's CLI --multiline)")
@@ -1241,7 +1183,8 @@ def parse_args(argv):
                    "LoRA adapter of the checkpoint's HF export) folded into the weights at load")
     p.add_argument("--quantize", choices=["int8", "int4", "nf4"], default=None, help="weight-only quantisation "
                    "while loading (nf4: QLoRA's 4-bit base; an --adapter then runs beside it, unmerged)")
-    p.add_argument("--group_size", type=int, default=128, help="int4 group size (must divide in_features)")
+    p.add_argument("--group_size", type=int, default=None, help="int4 group size (must divide in_features; default: "
+                   "the largest up to 128 that divides every layer's, a multiple of 32 where one does)")
     p.add_argument("--save_quantized", default=None, help="write the quantised checkpoint to this dir")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -1262,10 +1205,13 @@ def parse_args(argv):
     args = p.parse_args(argv)
     try:
         check_settings(vars(args))
-        model_lib.check_value("group_size", args.group_size, int, "[1, inf)")
+        if args.group_size is not None:
+            checks.check_value("group_size", args.group_size, int, "[1, inf)")
     except ValueError as e:
         fail(f"--{e}")
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+    if "" in args.stop:  # found at once in any text: nothing would ever be printed
+        fail("--stop: an empty string would stop before the first token; expected a non-empty stop string")
     for flag, text in [("prompt", args.prompt), ("system", args.system)] + [("stop", s) for s in args.stop]:
         if text is not None and (bad := not_utf8(text)):
             fail(f"--{flag}: {bad}")
@@ -1346,8 +1292,8 @@ def run_prompt_file(model, tok, args, common, stdout) -> dict:
     t0 = time.perf_counter()
     outs = [[] for _ in rows]
     n = 0
-    positions = kv_budget(model, len(rows), next(model.parameters()).device)
-    size = max(1, positions // (max(map(len, rows)) + args.max_new_tokens))
+    columns = max(map(len, rows)) + args.max_new_tokens
+    size = max(1, kv_budget(model, len(rows), next(model.parameters()).device, columns) // columns)
     if size < len(rows):
         log(f"--prompt_file: {len(rows)} prompts in batches of {size}: the KV cache of more would not fit in memory")
     for first in range(0, len(rows), size):
@@ -1425,5 +1371,7 @@ def main(argv=None, stdin=None, stdout=None):
 
 
 if __name__ == "__main__":
-    with prepare.errors_as("sample.py"):
+    try:
         main()
+    except (prepare.DataError, prepare.TemplateError) as e:  # a tokenizer or data dir read through prepare.py
+        raise SystemExit(f"sample.py: {e}") from None

@@ -4,7 +4,7 @@
     python train.py config/default.py --max_iters=100 --dtype=bfloat16
     python train.py config/default.py --init_from=resume       # continue the run in out_dir exactly
     python train.py config/sft_tiny.py --init_from=path/to/checkpoint_dir   # fine-tune converted weights
-    python train.py config/baichuan2_13b_sft.py --dry_run      # memory and step time on its mesh (bench.py's plan)
+    python train.py config/baichuan2_13b_sft.py --dry_run      # memory and step time on its mesh (support/planner.py)
 
 Configuration is nanoGPT-style: the defaults are the fields of `Config` below; each config/<recipe>.py assigns some
 of them as plain Python globals; `--key=value` overrides come last (values parsed with ast.literal_eval, anything
@@ -15,8 +15,8 @@ Data (prepare.py's output dir): train.bin / val.bin memmapped tokens, train.mask
 for instruction data (loss only on mask=1 tokens), meta.json. Training walks through the tokens in epochs of
 non-overlapping seq_len windows in an order drawn from (seed, epoch), so the data position is two integers.
 
-Checkpoints: every ckpt_interval steps, out_dir/step_XXXXXXXX/ in convert.py's step dir format (its "step dirs"
-section): model and optimiser (torch.distributed.checkpoint, resharded on load), every rank's RNG, loss scaler, data
+Checkpoints: every ckpt_interval steps, out_dir/step_XXXXXXXX/ in the step dir format of support/stepdir.py (its
+docstring): model and optimiser (torch.distributed.checkpoint, resharded on load), every rank's RNG, loss scaler, data
 position, and the size and sha256 of every file, written under a temporary name and renamed when complete; resume
 checks them and falls back past a damaged one. With export=True the last one becomes a checkpoint dir for sample.py.
 
@@ -27,7 +27,6 @@ and needs no process group. FSDP2 shards over dp, tensor + sequence parallelism 
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST0 --nproc_per_node=8 train.py ...   # and node_rank=1 on HOST1
 """
 
-import ast
 import contextlib
 import difflib
 import functools
@@ -38,8 +37,7 @@ import shutil
 import signal
 import sys
 import time
-import traceback
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,12 +50,18 @@ from tqdm import tqdm
 import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
-from bench import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, training_plan
-from convert import (RESUME_FIELDS, Ranks, dcp_load, dcp_to_native, last_good_step_dir, merge_lora, newest_step_dir,
-                     read_step_dir, read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir,
-                     write_peft_adapter, write_step_dir)
-from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, \
-    apply_lora, check_output, check_value, count_weights, expected, load_tensors, lora_state_dict, ranged, read_config
+from support.planner import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, training_plan
+from convert import dcp_to_native, merge_lora
+from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, count_weights, lora_state_dict, read_config
+from support import config as configurator
+from support import diskspace, metrics_file, preemption, runlock
+from support.config import ConfigError
+from support.checks import check_value, ranged
+from support.outputs import check_output
+from support.peft import write_peft_adapter
+from support.stepdir import (RESUME_FIELDS, ROOM_ADVICE, Ranks, dcp_load, last_good_step_dir, newest_step_dir, read_step_dir,
+                             read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_step_dir)
+from support.weights import load_tensors
 
 
 @dataclass
@@ -73,6 +77,11 @@ class Config:
     seq_len: int = ranged(128, "[1, 2**24]")
     micro_batch_size: int = ranged(8, "[1, inf)")
     global_batch_size: int = ranged(8, "[1, inf)")
+    # how a step's loss averages its targets (train_step): 'token' = every target the loss counts (loss mask 1) in the
+    # step's micro batches on every dp rank weighs the same, whatever the micro batch size and the mesh (torchtitan's
+    # global_valid_tokens); 'micro_batch' = the mean of each micro batch's own mean (Megatron/AscendSpeed, DeepSpeed
+    # with the 2023 Hugging Face Trainer, FlagAI): a target in a micro batch with few counted targets weighs more
+    loss_weighting: str = "token"
     # AdamW and the schedule: linear warmup to lr, then cosine decay to min_lr at lr_decay_iters
     max_iters: int = ranged(1000, "[1, inf)")
     lr: float = ranged(1e-3, "[0, inf)")
@@ -139,73 +148,23 @@ MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
 MAX_SKIPPED_IN_A_ROW = 32  # float16 steps skipped in a row (loss scale / 2^32) before a run stops as diverged
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AC_MODES = ("none", "full", "selective")
+LOSS_WEIGHTINGS = ("token", "micro_batch")
 
 
-def fail(msg: str):
-    """One clear line for a person, non-zero exit, no traceback."""
-    raise SystemExit(f"train.py: {msg}")
+class TrainError(Exception):
+    """A run that cannot start or go on (its config, data, mesh, weights or out_dir): one line for a person, which
+    main says as train.py's with a non-zero exit and no traceback."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # configuration: defaults < config files < --key=value
 
 
-def _set(values: dict, key: str, value, where: str):
-    """values[key] = value once the key is known and the value of its field's type and in its declared range."""
-    known = list(Config.__dataclass_fields__) + list(MODEL_FIELDS)
-    if key not in known:
-        close = difflib.get_close_matches(key, known, n=1)
-        fail(f"{where}: unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    f = Config.__dataclass_fields__.get(key) or MODEL_FIELDS[key]
-    try:
-        check_value(key, value, f.type, f.metadata.get("range"))
-    except ValueError as e:
-        fail(f"--{e}" if where.startswith("--") else f"{where}: {e}")
-    values[key] = float(value) if f.type is float else value
-
-
-def config_line(e: BaseException, path: Path) -> str:
-    """': line N' of a config file where e was raised (the innermost frame in that file), or ''."""
-    if isinstance(e, SyntaxError) and e.lineno:
-        return f": line {e.lineno}"
-    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == str(path)]
-    return f": line {lines[-1]}" if lines else ""
-
-
 def parse_config(argv) -> tuple[Config, dict]:
-    """argv (without the program name) -> (Config, ModelArgs overrides)."""
-    if "-h" in argv or "--help" in argv:
-        keys = "\n".join(f"  --{k}={getattr(Config, k)!r}".ljust(40) + expected(f.type, f.metadata.get("range"))
-                         for k, f in Config.__dataclass_fields__.items())
-        print(f"{__doc__}\nkeys, defaults and values:\n{keys}\n  and every ModelArgs field: {', '.join(MODEL_FIELDS)}")
-        raise SystemExit(0)
-    values = {}
-    # config files first, then --key=value, wherever they stand on the command line
-    for arg in sorted(argv, key=lambda a: a.startswith("--")):
-        if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if not eq:  # a bare --flag sets a bool key
-                if key in Config.__dataclass_fields__ and isinstance(getattr(Config, key), bool):
-                    _set(values, key, True, arg)
-                    continue
-                fail(f"{arg}: expected --key=value")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # not a Python literal: a string such as a path
-            _set(values, key, value, arg)
-        else:
-            path = Path(arg)
-            if not path.is_file():
-                fail(f"{arg}: config file not found (expected config/<recipe>.py or --key=value)")
-            namespace = {}
-            try:
-                exec(compile(path.read_text(), str(path), "exec"), namespace)
-            except (Exception, SystemExit) as e:  # a config file is the user's Python: say where it broke, one line
-                fail(f"{path}{config_line(e, path)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            for key, value in namespace.items():
-                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
-                    _set(values, key, value, str(path))
+    """argv (without the program name) -> (Config, ModelArgs overrides): config files, then --key=value, each value
+    checked against its field (support/config.py; ConfigError naming the file or flag)."""
+    bools = [k for k, f in Config.__dataclass_fields__.items() if f.type is bool]
+    values = configurator.load(argv, {**Config.__dataclass_fields__, **MODEL_FIELDS}, flags=bools)
     train = {k: v for k, v in values.items() if k in Config.__dataclass_fields__}
     model_overrides = {k: v for k, v in values.items() if k in MODEL_FIELDS}
     return Config(**train), model_overrides
@@ -221,16 +180,16 @@ def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs,
         try:
             saved, source = read_config(cfg.init_from), cfg.init_from
         except CheckpointError as e:
-            fail(f"init_from: {e}")
+            raise TrainError(f"init_from: {e}")
     if source is not None and (diff := prepare.vocabulary_difference(source, cfg.data_dir)):
-        fail(f"data_dir={cfg.data_dir}: prepared with another tokenizer than init_from={source}'s ({diff}); "
+        raise TrainError(f"data_dir={cfg.data_dir}: prepared with another tokenizer than init_from={source}'s ({diff}); "
              f"prepare it with --tokenizer={source}")
     if saved is not None:
         base, family = saved[0], saved[1].get("family", "llama")
     else:  # from scratch, or a resume with no step dir (which resume then reports)
         if cfg.model not in PRESETS:
             close = difflib.get_close_matches(cfg.model, list(PRESETS), n=1)
-            fail(f"model={cfg.model!r}: unknown preset" + (f"; did you mean {close[0]!r}?" if close else "")
+            raise TrainError(f"model={cfg.model!r}: unknown preset" + (f"; did you mean {close[0]!r}?" if close else "")
                  + f" (presets: {', '.join(PRESETS)})")
         base, family = PRESETS[cfg.model], PRESET_FAMILY[cfg.model]
         if "vocab_size" not in overrides:  # a model trained from scratch takes the data's vocabulary
@@ -238,14 +197,14 @@ def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs,
     try:
         args = replace(base, **overrides)
     except ValueError as e:
-        fail(str(e))
+        raise TrainError(str(e))
     if cfg.seq_len > args.max_seq_len:
-        fail(f"seq_len={cfg.seq_len} is above the model's max_seq_len={args.max_seq_len}")
+        raise TrainError(f"seq_len={cfg.seq_len} is above the model's max_seq_len={args.max_seq_len}")
     if cfg.activation_checkpointing_layers > args.n_layers:
-        fail(f"activation_checkpointing_layers={cfg.activation_checkpointing_layers} is above the model's "
+        raise TrainError(f"activation_checkpointing_layers={cfg.activation_checkpointing_layers} is above the model's "
              f"n_layers={args.n_layers}")
     if meta["vocab_size"] > args.vocab_size:
-        fail(f"{cfg.data_dir}/meta.json: vocab_size={meta['vocab_size']} is larger than the model's "
+        raise TrainError(f"{cfg.data_dir}/meta.json: vocab_size={meta['vocab_size']} is larger than the model's "
              f"vocab_size={args.vocab_size} (was the data prepared with this model's tokenizer?)")
     return args, family
 
@@ -269,12 +228,12 @@ def resumed_lora_settings(cfg: Config) -> Config:
             check_value(key, value, Config.__dataclass_fields__[key].type,
                         Config.__dataclass_fields__[key].metadata.get("range"))
         except ValueError as e:
-            fail(f"{file}: config: {e}")
+            raise TrainError(f"{file}: config: {e}")
     if lora["lora_rank"] and not cfg.lora_rank:
         return replace(cfg, **lora)
     if (lora["lora_rank"] or cfg.lora_rank) and any(getattr(cfg, k) != lora[k] for k in LORA_SHAPE):
         held = ", ".join(f"{k}={lora[k]!r}" for k in LORA_SHAPE)
-        fail(f"init_from=resume: {step_dir} holds a LoRA run with {held}; resume it with those (or none)"
+        raise TrainError(f"init_from=resume: {step_dir} holds a LoRA run with {held}; resume it with those (or none)"
              if lora["lora_rank"] else f"init_from=resume: {step_dir} holds a run without LoRA; resume it without "
              f"lora_rank")
     return cfg
@@ -283,15 +242,17 @@ def resumed_lora_settings(cfg: Config) -> Config:
 def check_config(cfg: Config):
     """What the declared ranges (checked as each key is set) cannot say alone."""
     if cfg.dtype not in DTYPES:
-        fail(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise TrainError(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.activation_checkpointing not in AC_MODES:
-        fail(f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of {', '.join(AC_MODES)}")
+        raise TrainError(f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of {', '.join(AC_MODES)}")
+    if cfg.loss_weighting not in LOSS_WEIGHTINGS:
+        raise TrainError(f"loss_weighting={cfg.loss_weighting!r}: expected one of {', '.join(LOSS_WEIGHTINGS)}")
     if cfg.lr_decay not in ("cosine", "linear"):
-        fail(f"lr_decay={cfg.lr_decay!r}: expected 'cosine' or 'linear'")
+        raise TrainError(f"lr_decay={cfg.lr_decay!r}: expected 'cosine' or 'linear'")
     if cfg.qlora and not cfg.lora_rank:
-        fail("qlora=True trains adapters on a 4-bit base: set lora_rank too (e.g. --lora_rank=8)")
+        raise TrainError("qlora=True trains adapters on a 4-bit base: set lora_rank too (e.g. --lora_rank=8)")
     if cfg.lora_rank and cfg.init_from not in ("scratch", "resume") and (Path(cfg.init_from) / ".metadata").exists():
-        fail(f"init_from={cfg.init_from}: LoRA needs a checkpoint dir as its base; export the step dir first "
+        raise TrainError(f"init_from={cfg.init_from}: LoRA needs a checkpoint dir as its base; export the step dir first "
              f"(python convert.py dcp-to-native --src={cfg.init_from} --dst=...)")
 
 
@@ -310,6 +271,7 @@ class Dist:
     tp_rank: int = 0
     mesh: object = None  # torch DeviceMesh with dims ("dp", "tp"), None in one process
     own_group: bool = False  # this run joined the process group (and leaves it at the end)
+    cpu_group: object = None  # gloo, for the stop flag each step without a device sync (None: the default group)
 
     @property
     def master(self) -> bool:
@@ -329,17 +291,17 @@ def setup_distributed(cfg: Config, args: ModelArgs) -> Dist:
 
     env = os.environ
     if not env.get("WORLD_SIZE", "1").isdigit() or int(env.get("WORLD_SIZE", "1")) < 1:
-        fail(f"WORLD_SIZE={env['WORLD_SIZE']!r}: expected a positive integer (torchrun sets it)")
+        raise TrainError(f"WORLD_SIZE={env['WORLD_SIZE']!r}: expected a positive integer (torchrun sets it)")
     world_size = int(env.get("WORLD_SIZE", "1"))
     dp = check_mesh(cfg, args, world_size)
     if world_size == 1:
         return Dist()
     missing = [k for k in RENDEZVOUS_ENV if k not in env]
     if missing:
-        fail(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun --nproc_per_node=N "
+        raise TrainError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun --nproc_per_node=N "
              "(and --nnodes, --node_rank, --master_addr across machines)")
     if not (env["RANK"].isdigit() and env["LOCAL_RANK"].isdigit() and int(env["RANK"]) < world_size):
-        fail(f"RANK={env['RANK']!r}, LOCAL_RANK={env['LOCAL_RANK']!r}: expected integers, RANK < WORLD_SIZE")
+        raise TrainError(f"RANK={env['RANK']!r}, LOCAL_RANK={env['LOCAL_RANK']!r}: expected integers, RANK < WORLD_SIZE")
     from torch.distributed.device_mesh import init_device_mesh
 
     device = kernels.device_type()
@@ -351,7 +313,8 @@ def setup_distributed(cfg: Config, args: ModelArgs) -> Dist:
         dist.init_process_group(kernels.dist_backend(device), timeout=timedelta(seconds=cfg.dist_timeout_s))
     mesh = init_device_mesh(device, (dp, cfg.tp), mesh_dim_names=("dp", "tp"))
     return Dist(rank, world_size, local_rank, dp=dp, dp_rank=mesh.get_local_rank("dp"), tp=cfg.tp,
-                tp_rank=mesh.get_local_rank("tp"), mesh=mesh, own_group=own_group)
+                tp_rank=mesh.get_local_rank("tp"), mesh=mesh, own_group=own_group,
+                cpu_group=None if device == "cpu" else dist.new_group(backend="gloo"))
 
 
 def check_mesh(cfg: Config, args: ModelArgs, world: int, world_name: str = "WORLD_SIZE") -> int:
@@ -359,18 +322,18 @@ def check_mesh(cfg: Config, args: ModelArgs, world: int, world_name: str = "WORL
     one clear line. A run (setup_distributed) and its plan (--dry_run, world_name 'devices') ask the same."""
     dp = cfg.dp or max(1, world // cfg.tp)
     if dp * cfg.tp != world:
-        fail(f"dp={dp} x tp={cfg.tp} = {dp * cfg.tp} processes, but {world_name}={world}: dp * tp must be the "
+        raise TrainError(f"dp={dp} x tp={cfg.tp} = {dp * cfg.tp} processes, but {world_name}={world}: dp * tp must be the "
              "number of processes (--nnodes x --nproc_per_node of torchrun)")
     if cfg.tp > 1:
         for key, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("seq_len", cfg.seq_len)):
             if n % cfg.tp:
-                fail(f"tp={cfg.tp} does not divide {key}={n}: each tensor-parallel rank holds whole attention heads "
+                raise TrainError(f"tp={cfg.tp} does not divide {key}={n}: each tensor-parallel rank holds whole attention heads "
                      "and an equal slice of the sequence")
         if args.tie_embeddings or cfg.lora_rank:
-            fail(f"tp={cfg.tp} with {'tie_embeddings' if args.tie_embeddings else 'lora_rank'}: not supported; "
+            raise TrainError(f"tp={cfg.tp} with {'tie_embeddings' if args.tie_embeddings else 'lora_rank'}: not supported; "
                  "use data parallelism (--tp=1)")
     if cfg.global_batch_size % (cfg.micro_batch_size * dp):
-        fail(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
+        raise TrainError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
              f"{cfg.micro_batch_size * dp}")
     return dp
 
@@ -564,7 +527,7 @@ def build_lora_model(args: ModelArgs, cfg: Config, device: torch.device) -> Tran
             full = f"{name}.{pname}" if name else pname
             if tensors is not None:
                 if full not in tensors or tensors[full].shape != p.shape:
-                    fail(f"init_from={cfg.init_from}: tensor {full} is missing or has another shape than the "
+                    raise TrainError(f"init_from={cfg.init_from}: tensor {full} is missing or has another shape than the "
                          f"config's {tuple(p.shape)}")
                 p.data = tensors[full].to(device=device, dtype=frozen_dtype)
             else:
@@ -575,7 +538,7 @@ def build_lora_model(args: ModelArgs, cfg: Config, device: torch.device) -> Tran
         adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
                              quantize_base=cfg.qlora, fill=fill)
     except ValueError as e:
-        fail(str(e))
+        raise TrainError(str(e))
     for name, module in model.named_modules():  # what apply_lora did not reach: embeddings, norms, the head
         if any(p.is_meta for p in module.parameters(recurse=False)):
             fill(name, module)
@@ -677,7 +640,7 @@ def load_meta(data_dir: str) -> dict:
     try:
         return prepare.read_meta(data_dir)
     except prepare.DataError as e:
-        fail(str(e))
+        raise TrainError(str(e))
 
 
 def batch_on(split: TokenSplit, starts, device):
@@ -700,7 +663,7 @@ class EpochSampler:
         self.epoch, self.index = 0, 0
         self._order_epoch, self._offset, self._order = None, 0, None
         if self._windows(0) < per_step:
-            fail(f"train split has {n_tokens} tokens: fewer than one micro step of {per_step} windows of "
+            raise TrainError(f"train split has {n_tokens} tokens: fewer than one micro step of {per_step} windows of "
                  f"{seq_len + 1} tokens; lower micro_batch_size or seq_len")
 
     def _windows(self, offset):
@@ -734,7 +697,7 @@ class EpochSampler:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# checkpoints: convert.py owns the step dir format (layout, manifest, atomic write, verification, safe loading);
+# checkpoints: support/stepdir.py owns the step dir format (layout, manifest, atomic write, verification, safe loading);
 # here the model, optimiser and RNG go into it and come back, on every rank
 
 
@@ -756,20 +719,22 @@ def all_gather(obj, d: Dist) -> list:
 
 
 def ranks_of(d: Dist) -> Ranks:
-    """The processes of this run as convert.py's step-dir functions take them: rank, count and collectives."""
+    """The processes of this run as support/stepdir.py's functions take them: rank, count and collectives."""
     return Ranks(d.rank, d.world_size, lambda: barrier(d), lambda obj: all_gather(obj, d))
 
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dict, args: ModelArgs, family: str,
-                    cfg: Config, d: Dist) -> Path:
-    """out_dir/step_XXXXXXXX with this rank's shards of model and optimiser, its RNG, and train_state."""
+                    cfg: Config, d: Dist, need: int = 0) -> Path:
+    """out_dir/step_XXXXXXXX with this rank's shards of model and optimiser, its RNG, and train_state (need: the
+    bytes it is expected to take, for the message of a full disk)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     rng = {"torch": torch.get_rng_state().tolist()}
     if _device(d).type in ("cuda", "npu"):
         rng["device"] = getattr(torch, _device(d).type).get_rng_state().tolist()
     return write_step_dir(out_dir, step, {"model": model_sd, "optim": optim_sd}, rng,
-                          {**asdict(args), "family": family}, train_state, tokenizer_dir=cfg.data_dir,
-                          keep_last=cfg.keep_last, ranks=ranks_of(d), on_event=on_event)
+                          {**asdict(args), "family": family}, train_state,
+                          copy_tokenizer=lambda dst: prepare.copy_tokenizer_files(cfg.data_dir, dst),
+                          keep_last=cfg.keep_last, ranks=ranks_of(d), on_event=on_event, need=need or None)
 
 
 def load_checkpoint(step_dir: Path, model, optimizer, d: Dist) -> dict:
@@ -794,7 +759,7 @@ def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist,
     """Load the latest intact step dir of out_dir: a damaged one is reported and the one before it is tried."""
     found = step_dirs(out_dir)
     if not found:
-        fail(f"init_from=resume: no complete step_XXXXXXXX dir in out_dir={out_dir}")
+        raise TrainError(f"init_from=resume: no complete step_XXXXXXXX dir in out_dir={out_dir}")
     while found:
         step_dir = found.pop()
         try:
@@ -806,14 +771,14 @@ def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist,
             problem = str(e)
             if found:
                 log(f"train.py: {step_dir.name} is damaged: {problem}; falling back to {found[-1].name}")
-    fail(f"init_from=resume: {problem}; no intact checkpoint left in out_dir={out_dir}")
+    raise TrainError(f"init_from=resume: {problem}; no intact checkpoint left in out_dir={out_dir}")
 
 
 def check_same_shape(path, saved: ModelArgs, args: ModelArgs):
     diff = [f"{f}={getattr(saved, f)!r} (config has {getattr(args, f)!r})" for f in MODEL_FIELDS
             if getattr(saved, f) != getattr(args, f)]
     if diff:
-        fail(f"{path}: checkpoint of another model: " + ", ".join(diff))
+        raise TrainError(f"{path}: checkpoint of another model: " + ", ".join(diff))
 
 
 def load_weights(path: Path, model, args: ModelArgs):
@@ -828,47 +793,54 @@ def load_weights(path: Path, model, args: ModelArgs):
                 verify_step_dir(path)
             dcp_load(state, path, no_dist=not dist.is_initialized())
         except CheckpointError as e:
-            fail(f"init_from={path}: {e}")
+            raise TrainError(f"init_from={path}: {e}")
         set_model_state_dict(model, state["model"])
         return
     try:
         tensors = load_tensors(path)
     except CheckpointError as e:
-        fail(f"init_from: {e}")
+        raise TrainError(f"init_from: {e}")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     expected = {k: tuple(v.shape) for k, v in full.items()}
     for name in sorted(set(expected) | set(tensors)):
         if name not in tensors or name not in expected:
-            fail(f"init_from={path}: tensor {name} is {'missing' if name not in tensors else 'unexpected'}")
+            raise TrainError(f"init_from={path}: tensor {name} is {'missing' if name not in tensors else 'unexpected'}")
         if tuple(tensors[name].shape) != expected[name]:
-            fail(f"init_from={path}: tensor {name} has shape {tuple(tensors[name].shape)}, model expects "
+            raise TrainError(f"init_from={path}: tensor {name} has shape {tuple(tensors[name].shape)}, model expects "
                  f"{expected[name]}")
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
 
 
-def prepare_out_dir(cfg: Config, d: Dist) -> Path:
+def prepare_out_dir(cfg: Config, d: Dist, lock: runlock.OutDirLock) -> Path:
     """Refuse an out_dir that is, holds or lies inside this run's data or start checkpoint, and two runs in one
-    out_dir: init_from='scratch' needs an empty out_dir or --overwrite."""
+    out_dir: one that another process holds (lock: rank 0 holds it for this run until the end), and a previous run's
+    unless init_from='resume' or --overwrite."""
     out_dir = Path(cfg.out_dir)
     inputs = [cfg.data_dir] + ([cfg.init_from] if cfg.init_from not in ("scratch", "resume") else [])
     try:  # not ".", a file, the data or the checkpoint this run reads, nor a dir holding them (so nothing that
         # --overwrite removes is an input) or inside them
         check_output(out_dir, inputs, flag="out_dir")
     except ValueError as e:
-        fail(str(e))
-    previous = step_dirs(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "export") if p.exists()]
-    if cfg.init_from != "resume" and previous and not cfg.overwrite:
-        fail(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
-             f"it, or --overwrite to replace it")
+        raise TrainError(str(e))
+    problem = None
     if d.master:
         try:  # a path under a file, a read-only dir or file system: one line now, not a traceback at the first save
             out_dir.mkdir(parents=True, exist_ok=True)
+            if warning := lock.take(out_dir):
+                tqdm.write(f"train.py: warning: {warning}", file=sys.stderr)
             probe = out_dir / f".write_test_{os.getpid()}"
             probe.touch()
             probe.unlink()
         except OSError as e:
-            fail(f"out_dir={out_dir}: cannot write there ({e.strerror}: {e.filename})")
-    barrier(d)
+            problem = f"out_dir={out_dir}: cannot write there ({e.strerror}: {e.filename})"
+        except runlock.Busy as e:
+            problem = str(e)
+    if problem := all_gather(problem, d)[0]:  # every rank stops with rank 0's line
+        raise TrainError(problem)
+    previous = step_dirs(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "export") if p.exists()]
+    if cfg.init_from != "resume" and previous and not cfg.overwrite:
+        raise TrainError(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
+             f"it, or --overwrite to replace it")
     if d.master:
         if cfg.init_from != "resume":
             for p in previous:
@@ -900,7 +872,7 @@ def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# --dry_run: the plan of a config on its mesh (bench.py computes it)
+# --dry_run: the plan of a config on its mesh (support/planner.py computes it)
 
 
 def plan(cfg: Config, model_overrides: dict) -> dict:
@@ -922,7 +894,7 @@ def plan(cfg: Config, model_overrides: dict) -> dict:
     try:
         return training_plan(args, family, cfg, dp, cfg.tp, meta, notes)
     except ValueError as e:  # lora_targets that match no layer
-        fail(str(e))
+        raise TrainError(str(e))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -954,8 +926,11 @@ class Run:
     val_loss: float | None = None
     last_ckpt: Path | None = None
     skipped_in_a_row: int = 0  # float16 steps skipped in a row
+    unread: list = field(default_factory=list)  # (step, lr, loss, grad norm) of the steps since the last read_steps
     metrics: object = None  # metrics.jsonl, open on rank 0
     t_start: float = 0.0
+    stop: object = None  # preemption.StopSignals: the signal this process received, if any
+    stopped_by: int = 0  # the signal every rank stopped on
 
     def log(self, msg: str):
         if self.d.master:
@@ -968,22 +943,54 @@ class Run:
 
 
 def main(argv=None) -> dict:
-    """Train; returns a summary (losses per step, last val loss, baseline, paths) for tests and callers."""
-    cfg, model_overrides = parse_config(sys.argv[1:] if argv is None else argv)
+    """Train; returns a summary (losses per step, last val loss, baseline, paths) for tests and callers. What stops a
+    run (TrainError, a bad config, checkpoint or data dir) is one line "train.py: ..." and exit status 1; a run stopped
+    by SIGTERM or SIGINT saves its step and exits with preemption.PREEMPTED, saying how to resume it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print(f"{__doc__}\nkeys, defaults and values:\n{configurator.keys_help(Config, Config.__dataclass_fields__)}"
+              f"\n  and every ModelArgs field: {', '.join(MODEL_FIELDS)}")
+        raise SystemExit(0)
+    try:
+        summary = run_training(argv)
+    except (TrainError, ConfigError, CheckpointError, prepare.DataError, prepare.TemplateError) as e:
+        raise SystemExit(f"train.py: {e}") from None
+    if summary.get("stopped_by"):  # SIGTERM / SIGINT: saved, and said how to resume (run_training)
+        raise SystemExit(preemption.PREEMPTED)
+    return summary
+
+
+def run_training(argv: list[str]) -> dict:
+    """The plan (--dry_run), or the run: setup, restore, train, finish."""
+    cfg, model_overrides = parse_config(argv)
     cfg = resumed_lora_settings(cfg)
     check_config(cfg)
     if cfg.dry_run:  # the plan only: no data, no model, no process group
         return plan(cfg, model_overrides)
-    with kernels.freed_memory_returned_to_os(cfg.lora_rank > 0 and kernels.device_type() == "cpu"):
+    script = sys.argv[0] if Path(sys.argv[0]).name == "train.py" else os.path.relpath(__file__)
+    resume = preemption.command_line(script, argv, resume=True)
+    say = preemption.say_now if os.environ.get("RANK", "0") == "0" else None
+    disk_full = diskspace.reported(cfg.out_dir, error=TrainError,  # the last resort: metrics.jsonl, the lock file
+                                   advice="free space there", by_room=False)
+    with kernels.freed_memory_returned_to_os(cfg.lora_rank > 0 and kernels.device_type() == "cpu"), disk_full, \
+            runlock.OutDirLock() as lock, \
+            preemption.StopSignals(say, lambda: (step_dirs(cfg.out_dir) or [None])[-1], resume) as stop:
         try:
-            run = setup(cfg, model_overrides)
+            run = setup(cfg, model_overrides, lock)
+            run.stop = stop
             restore(run)
-            return finish(run, train(run))
-        except CheckpointError as e:  # from convert.py's step dir functions: one line, no traceback
-            fail(str(e))
+            summary = finish(run, train(run))
+        except CheckpointError as e:  # support/stepdir.py's, a full disk's too: main's line as it is, not disk_full's
+            raise TrainError(str(e)) from None
+    if run.stopped_by:  # preempted: a normal stop, with a status of its own (main's)
+        name = preemption.signal_name(run.stopped_by)
+        run.log(f"train.py: stopped by {name} after step {run.step}, saved in {run.last_ckpt}; resume with: {resume}"
+                if run.last_ckpt else f"train.py: stopped by {name} before the first step: nothing to save; start "
+                f"again with: {preemption.command_line(script, argv + ['--overwrite'], resume=False)}")
+    return {**summary, "stopped_by": run.stopped_by}
 
 
-def setup(cfg: Config, model_overrides: dict) -> Run:
+def setup(cfg: Config, model_overrides: dict, lock: runlock.OutDirLock) -> Run:
     """Data, mesh, out_dir, the model with its weights (build_model), optimiser, loss scaler and data sampler."""
     meta = load_meta(cfg.data_dir)
     args, family = model_args_for(cfg, model_overrides, meta)
@@ -994,9 +1001,9 @@ def setup(cfg: Config, model_overrides: dict) -> Run:
         for split in (train_data, val_data):
             split.check_ids(args.vocab_size)
     except prepare.DataError as e:
-        fail(str(e))
+        raise TrainError(str(e))
     check_memory(args, cfg, d, train_data.packed)
-    out_dir = prepare_out_dir(cfg, d)
+    out_dir = prepare_out_dir(cfg, d, lock)
     model = build_model(args, cfg, d)
     return Run(cfg, model_overrides, args, family, d, _device(d), out_dir, train_data, val_data, model,
                optimizer=build_optimizer(model, cfg, _device(d)),
@@ -1009,17 +1016,17 @@ def setup(cfg: Config, model_overrides: dict) -> Run:
 
 
 def check_memory(args: ModelArgs, cfg: Config, d: Dist, packed: bool):
-    """Refuse, before allocating any of it, a run whose planned bytes per device (bench.memory_plan, what --dry_run
+    """Refuse, before allocating any of it, a run whose planned bytes per device (planner.memory_plan, what --dry_run
     prints) exceed the memory this device has available; the processes of one machine share its CPU memory."""
     device = _device(d)
     available = kernels.available_memory(device)
     try:
         plan = memory_plan(args, cfg, d.dp, d.tp, packed)
     except ValueError as e:  # lora_targets that match no layer
-        fail(str(e))
+        raise TrainError(str(e))
     need = plan["bytes"]["total"] * (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1)
     if available is not None and need > available:
-        fail(f"the model (dim={args.dim}, n_layers={args.n_layers}, vocab_size={args.vocab_size}: "
+        raise TrainError(f"the model (dim={args.dim}, n_layers={args.n_layers}, vocab_size={args.vocab_size}: "
              f"{plan['n_params'] / 1e9:.2f}B parameters) needs {need / 2**30:.1f} GiB for this run on {device}, which "
              f"has {available / 2**30:.1f} GiB available; see --dry_run for where it goes")
 
@@ -1034,6 +1041,8 @@ def restore(run: Run):
         run.scaler.load_state_dict(state["loss_scaler"])
         run.sampler.load_state_dict(state["data"])
         run.log(f"resumed from {resumed_from} at step {run.step}")
+        if run.step < cfg.max_iters:  # a disk without room for the next save: said now, not after the steps up to it
+            check_room(run, step_bytes=diskspace.tree_bytes(resumed_from))
     elif cfg.init_from != "scratch" and not cfg.lora_rank:  # build_model loaded them
         run.log(f"initialised weights from {cfg.init_from}")
     if cfg.lora_rank:
@@ -1062,6 +1071,9 @@ def start_metrics(run: Run) -> tuple[float, float]:
     cfg, args, d = run.cfg, run.args, run.d
     peak = cfg.peak_flops or mm_peak_flops(torch.float32, 1024, run.device, repeats=1, seconds=0.5)
     baseline = unigram_entropy(run.train_data, args.vocab_size)
+    if d.master and cfg.init_from == "resume" and (dropped := metrics_file.rewind(run.out_dir / "metrics.jsonl",
+                                                                                  run.step)):
+        run.log(f"metrics.jsonl: dropped {dropped} rows of the steps after {run.step}, which this run trains again")
     run.metrics = open(run.out_dir / "metrics.jsonl", "a") if d.master else None
     n_params = count_weights(run.model)  # QLoRA's NF4 weights too
     source = {"scratch": cfg.model, "resume": f"of {run.out_dir}"}.get(cfg.init_from, cfg.init_from)
@@ -1088,12 +1100,20 @@ def train(run: Run) -> dict:
     bar = tqdm(total=cfg.max_iters, initial=run.step, disable=not d.master, dynamic_ncols=True, file=sys.stderr)
     with bar:  # closed however the loop ends: a stopping run's message comes after the bar, not inside it
         while run.step < cfg.max_iters:
-            loss, lr, grad_norm = train_step(run, autocast)
+            run.stopped_by = stop_requested(run)  # SIGTERM / SIGINT: every rank stops after the same step
+            if run.stopped_by:
+                if run.step and (run.last_ckpt is None or run.last_ckpt.name != f"step_{run.step:08d}"):
+                    if run.unread:  # never a checkpoint of NaN weights
+                        read_steps(run)
+                    run.last_ckpt = checkpoint(run)
+                break
+            run.unread.append((run.step + 1, *train_step(run, autocast)))
             run.step += 1
-            run.losses[run.step] = loss
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             due = lambda interval: run.step % interval == 0 or run.step == cfg.max_iters  # noqa: E731
+            if due(cfg.log_interval) or due(cfg.eval_interval) or due(cfg.ckpt_interval):
+                loss, lr, grad_norm = read_steps(run)  # before an eval or a checkpoint too: never of NaN weights
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if due(cfg.log_interval):
                 throughput.log(loss, lr, grad_norm)
             if due(cfg.eval_interval):
@@ -1114,49 +1134,102 @@ def train(run: Run) -> dict:
             "unigram_baseline": baseline, "last_checkpoint": run.last_ckpt, "skipped_steps": run.scaler.skipped}
 
 
-def train_step(run: Run, autocast) -> tuple[float, float, float]:
-    """One optimiser step over grad_accum micro-batches -> (loss, lr, grad norm). A float16 overflow skips the update;
-    a non-finite loss otherwise, or 32 skips in a row, stops the run naming the last good checkpoint."""
+def stop_requested(run: Run) -> int:
+    """The signal every rank stops on, 0 for none: the largest any rank has received (a scheduler may signal some
+    ranks only), agreed by an all-reduce on the CPU before each step, which waits for no device."""
+    signum = run.stop.signum if run.stop else 0
+    if run.d.world_size == 1:
+        return signum
+    flag = torch.tensor([signum], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.d.cpu_group)
+    return int(flag.item())
+
+
+def train_step(run: Run, autocast) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One optimiser step over grad_accum micro-batches -> (lr, this rank's part of the loss, grad norm), the last two
+    left on the device: the loop reads them at the log interval (read_steps), so the host never waits for the device
+    here but in float16, to know whether the gradients overflowed; that skips the update, and 32 skips in a row stop
+    the run naming the last good checkpoint."""
     cfg, d, model, scaler = run.cfg, run.d, run.model, run.scaler
     lr = get_lr(run.step, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    batches = [batch_on(run.train_data, run.sampler.next_starts(d.dp_rank, d.dp), run.device)
+               for _ in range(run.grad_accum)]
+    shares, whole = loss_weights(batches, cfg.loss_weighting, d)
     loss_sum = torch.zeros((), device=run.device)
-    for micro in range(run.grad_accum):
-        x, y, mask, doc_ids = batch_on(run.train_data, run.sampler.next_starts(d.dp_rank, d.dp), run.device)
+    for micro, (x, y, mask, doc_ids) in enumerate(batches):
         if d.dp > 1:  # FSDP2: reduce-scatter gradients only on the last micro step
             model.set_requires_gradient_sync(micro == run.grad_accum - 1)
         with loss_parallel_context(d):  # tensor parallel: forward and backward of the vocab-sharded loss
             with autocast:
-                _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)
-            loss = loss.float() / run.grad_accum
+                _, loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)  # the mean over its counted targets
+            loss = loss.float() * shares[micro] / whole  # its part of the step's loss
             (loss * scaler.scale).backward()
         loss_sum += loss.detach()
-    loss = mean_over_ranks(loss_sum.item(), d)
     params = [p for p in model.parameters() if p.requires_grad]
     scaler.unscale_(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # DTensor: FSDP/TP
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    if not finite and not scaler.enabled:
-        fail(f"step {run.step + 1}: loss {loss}, grad norm {grad_norm} is not finite in {cfg.dtype}; stopping"
-             f"{last_good(run)}")
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor: FSDP/TP
     on_event("step", run.step + 1)
+    # float16 reads one value: did the gradients overflow (NaN and inf spread through the backward and the gradient
+    # reduction, so the norm, the same on every rank, sees an overflow anywhere). float32 and bfloat16 read none: a
+    # non-finite step stops the run when read_steps reads it, before any eval or checkpoint
+    finite = not scaler.enabled or bool(torch.isfinite(grad_norm))
     if finite:
         run.optimizer.step()
         run.skipped_in_a_row = 0
     else:
         if scaler.at_floor():
-            fail(f"step {run.step + 1}: float16 overflow at min_loss_scale={scaler.min_scale:g}: no lower scale is "
+            raise TrainError(f"step {run.step + 1}: float16 overflow at min_loss_scale={scaler.min_scale:g}: no lower scale is "
                  f"allowed; stopping{last_good(run)}")
         run.log(f"step {run.step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
         run.skipped_in_a_row += 1
         if run.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
-            fail(f"step {run.step + 1}: loss {loss}, grad norm {grad_norm} not finite in {run.skipped_in_a_row} "
-                 f"float16 steps in a row (last loss scale {scaler.scale:g}); stopping{last_good(run)}")
+            raise TrainError(f"step {run.step + 1}: loss {mean_over_ranks(loss_sum.item(), d)}, grad norm {grad_norm.item()} not "
+                 f"finite in {run.skipped_in_a_row} float16 steps in a row (last loss scale {scaler.scale:g}); "
+                 f"stopping{last_good(run)}")
     scaler.update(finite)
     run.optimizer.zero_grad(set_to_none=True)
-    return loss, lr, grad_norm
+    return lr, loss_sum, grad_norm
+
+
+def loss_weights(batches: list, weighting: str, d: Dist) -> tuple[list, object]:
+    """(shares, whole): micro batch i's loss, the mean over its counted targets, times shares[i] / whole is its part of
+    the step's loss on this rank; FSDP then averages the gradients over the dp ranks.
+
+    'token': shares[i] = its counted targets (loss mask 1) x dp, whole = the counted targets of every micro batch on
+    every dp rank (summed on the device, nothing waits for it), so every counted target of the step weighs the same.
+    'micro_batch': shares[i] = 1, whole = grad_accum, the mean of the micro batches' means.
+    """
+    if weighting == "micro_batch":
+        return [1] * len(batches), len(batches)
+    counted = [((y != -100) if mask is None else (y != -100) & (mask != 0)).sum() for _, y, mask, _ in batches]
+    whole = torch.stack(counted).sum()
+    if d.dp > 1:
+        dist.all_reduce(whole, group=d.mesh.get_group("dp"))
+    return [n * d.dp for n in counted], whole.clamp(min=1)  # none counted: a zero loss, as a micro batch's alone
+
+
+def read_steps(run: Run) -> tuple[float, float, float]:
+    """The losses and grad norms of the steps since the last read, off the device at once: each step's loss (the
+    mean of its dp ranks' parts) into run.losses. A float32 or bfloat16 step whose loss or grad norm is not finite
+    stops the run, named (a float16 one was skipped). -> (loss, lr, grad norm) of the last step."""
+    d = run.d
+    steps, lrs, losses, grad_norms = zip(*run.unread)
+    run.unread.clear()
+    values = torch.stack([torch.stack(losses), torch.stack(grad_norms)]).double()  # (2, steps)
+    if d.dp > 1:  # the grad norms are the same on every rank
+        parts = [torch.empty_like(values) for _ in range(d.dp)]
+        dist.all_gather(parts, values, group=d.mesh.get_group("dp"))
+        values[0] = sum(part[0] for part in parts) / d.dp
+    losses, grad_norms = values.tolist()
+    for step, loss, grad_norm in zip(steps, losses, grad_norms):
+        if not run.scaler.enabled and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrainError(f"step {step}: loss {loss}, grad norm {grad_norm} is not finite in {run.cfg.dtype}; stopping"
+                 f"{last_good(run)}")
+        run.losses[step] = loss
+    return losses[-1], lrs[-1], grad_norms[-1]
 
 
 def last_good(run: Run) -> str:
@@ -1198,21 +1271,41 @@ class Throughput:
 
 
 def checkpoint(run: Run) -> Path:
-    """Save the run at its current step (save_checkpoint with everything needed to continue it exactly)."""
+    """Save the run at its current step (save_checkpoint with everything needed to continue it exactly), once the
+    disk has room for it (check_room)."""
     cfg = run.cfg
+    need = check_room(run, run.out_dir / f"step_{run.step:08d}")
     train_state = {"step": run.step, "best_val_loss": run.best_val, "loss_scaler": run.scaler.state_dict(),
                    "data": run.sampler.state_dict(), "world_size": run.d.world_size, "config": asdict(cfg),
                    "model_overrides": run.model_overrides, "lora_base": run.lora_base}
     return save_checkpoint(run.out_dir, run.step, run.model, run.optimizer, train_state, run.args, run.family, cfg,
-                           run.d)
+                           run.d, need)
+
+
+def check_room(run: Run, where: Path | None = None, step_bytes: int = 0) -> int:
+    """The bytes a step dir takes: the newest one's (step_bytes, or the newest in out_dir), before the first the
+    parameters and optimiser state of every rank; stops every rank in one line, naming the last good checkpoint,
+    when out_dir's disk has not that much room (plus a margin) for the next one beside the keep_last kept."""
+    state_bytes = sum(gather_over_ranks(local_state_bytes(run.model, run.optimizer), run.d))  # on every rank
+    problem, need = None, 0
+    if run.d.master:
+        newest = step_dirs(run.out_dir)
+        need = step_bytes or (diskspace.tree_bytes(newest[-1]) if newest else int(state_bytes))
+        problem = diskspace.room_problem(run.out_dir, need, ROOM_ADVICE.format(run.cfg.keep_last),
+                                         f"{where.name if where else 'the next checkpoint'}")
+    if problem := all_gather(problem, run.d)[0]:
+        raise TrainError(f"{problem}{last_good(run)}")
+    return need
 
 
 def finish(run: Run, summary: dict) -> dict:
     """The LoRA adapters (PEFT format) and, with export, a checkpoint dir for sample.py; close the run."""
     cfg, d, step, out_dir = run.cfg, run.d, run.step, run.out_dir
     export_dir = adapter_dir = None
-    if cfg.lora_rank:  # the adapters alone, a few MB, in PEFT's format: convert.py merge-lora folds them into any
-        adapters = lora_state_dict(run.model, full=True)  # copy of the base; gathered from every rank
+    # the adapters alone, a few MB, in PEFT's format: convert.py merge-lora folds them into any copy of the base;
+    # gathered from every rank. A preempted run's result is its step dir until a resume finishes it
+    if cfg.lora_rank and not run.stopped_by:
+        adapters = lora_state_dict(run.model, full=True)
         if d.master:
             adapter_dir = out_dir / "adapter"
             write_peft_adapter(adapter_dir, adapters, run.args, run.family, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
@@ -1221,11 +1314,15 @@ def finish(run: Run, summary: dict) -> dict:
                                          "step": str(step)})
             run.log(f"adapters of step {step} saved to {adapter_dir} (PEFT LoRA format)")
         barrier(d)
-    if cfg.export and run.last_ckpt is not None:
+    if cfg.export and run.last_ckpt is not None and not run.stopped_by:
         if d.master:
             if not cfg.lora_rank:
                 export_dir = out_dir / "export"
-                dcp_to_native(run.last_ckpt, export_dir, overwrite=True)
+                try:
+                    dcp_to_native(run.last_ckpt, export_dir, overwrite=True)
+                except CheckpointError as e:  # a full disk: the run itself is saved
+                    raise TrainError(f"{e}; {run.last_ckpt} is complete: export it with python convert.py dcp-to-native "
+                         f"--src={run.last_ckpt} --dst=DIR")
             elif run.lora_base:  # merged into the base's own full-precision weights (for QLoRA too)
                 export_dir = out_dir / "export"
                 merge_lora(run.lora_base, adapter_dir, export_dir, overwrite=True)
@@ -1243,5 +1340,4 @@ def finish(run: Run, summary: dict) -> dict:
 
 
 if __name__ == "__main__":
-    with prepare.errors_as("train.py"):
-        main()
+    main()

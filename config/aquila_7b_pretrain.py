@@ -62,6 +62,10 @@
 # |                    | last                                   |                               |
 # | eval               | port: valid_dataset=None (none)        | every 1000 steps, 10 batches  | ours: train.py
 # |                    |                                        |                               | evaluates
+# | loss weighting     | FlagAI: each micro batch's mean over   | token (the default): every    |
+# |                    | its counted targets, then the mean     | target counts, so all micro   |
+# |                    | over micro batches and devices         | batches count alike and the   |
+# |                    |                                        | two are the same              |
 #
 # Document's figures [训练结果展示]: 8 x 910B3, batch 2, seq 2048, 2.35 s/step, 13,944 tokens/s over 8 devices (1,743
 # per device; competitors A1 14,247, A8 13,375). Our --dry_run, 40% MFU of 313 TFLOP/s: 33.1 GiB per device of 64,
@@ -110,6 +114,7 @@ min_loss_scale = 1.0
 seq_len = 2048
 micro_batch_size = 2
 global_batch_size = 16
+loss_weighting = "token"  # every target counts: FlagAI's per-micro-batch mean too
 _meta = _Path(data_dir) / "meta.json"
 _train_tokens = _json.loads(_meta.read_text())["train_tokens"] if _meta.exists() else 6_480_000  # ours: an estimate
 max_iters = 600 * _flagai.steps_per_epoch(_flagai.gpt_dataset_len(_train_tokens, 2048, 90), 2, 8)  # yaml epochs 600
@@ -126,4 +131,5 @@ eval_interval = 1000
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 1000  # yaml save_interval
+keep_last = 2  # our choice (the source sets no limit): a damaged newest step dir falls back to the one before
 export = True

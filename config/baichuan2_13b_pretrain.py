@@ -33,6 +33,10 @@
 # | recompute          | script: --auto-recompute-device-size   | none: the plan's peak without |
 # |                    | 57344 (recompute only what a 56 GB     | recompute is under 56 GB      |
 # |                    | budget needs)                          |                               |
+# | loss weighting     | script: each micro batch's mean over   | token (the default): every    |
+# |                    | its counted targets, then the mean     | target counts, so all micro   |
+# |                    | over micro batches and devices         | batches count alike and the   |
+# |                    | (AscendSpeed's loss)                   | two are the same              |
 #
 # Document's figures (16 NPUs, with FA): 1,350 tokens/s per device, 49.716 s/step, 116.61 TFLOP/s, "5.149
 # samples/s/p" (5.149 x 49.716 = 256: per job, not per device); reference 2,062 tokens/s per device. Loss against the
@@ -43,7 +47,7 @@
 #
 # Data: MOSSMultiTurnHandler renders every turn as Baichuan's 195 + user, 196 + reply without the meta_instruction
 # (--drop_system); the pretraining run reads the ids as one stream, so every token counts (--train_on_prompt):
-#   python convert.py hf-to-native --src=hf/Baichuan2-13B-Base --dst=checkpoints/baichuan2-13b-base --for_training
+#   python convert.py hf-to-native --src=hf/Baichuan2-13B-Base --dst=checkpoints/baichuan2-13b-base
 #   python prepare.py --input=moss-003-sft-no-tools.jsonl --format=moss --template=baichuan2 --drop_system \
 #       --train_on_prompt --tokenizer=checkpoints/baichuan2-13b-base --val_fraction=0.05 --megatron \
 #       --out=data/moss_baichuan2_stream
@@ -62,6 +66,7 @@ dtype = "bfloat16"
 seq_len = 4096
 micro_batch_size = 2
 global_batch_size = 256
+loss_weighting = "token"  # every target counts: the script's per-micro-batch mean too
 max_iters = 1000
 lr = 2e-5
 min_lr = 2e-5  # constant
@@ -75,4 +80,5 @@ eval_interval = 1000
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 1000
+keep_last = 2  # our choice (the source sets no limit): a damaged newest step dir falls back to the one before
 export = True

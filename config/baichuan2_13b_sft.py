@@ -23,12 +23,17 @@
 # | lr, optimiser      | script: 2e-5 constant, Adam 0.9/0.98,  | the same                      |
 # |                    | eps 1e-8, wd 1e-4, clip 1.0, bf16      |                               |
 # | recompute          | script: budget 57344 MB                | none (the plan fits under it) |
+# | loss weighting     | script: each micro batch's mean over   | micro_batch: the same         |
+# |                    | its counted targets, then the mean     |                               |
+# |                    | over micro batches and devices         |                               |
+# |                    | (AscendSpeed's loss), over the replies |                               |
+# |                    | with --is-instruction-dataset          |                               |
 #
 # The document gives no figures for this run (its Performance table is the FA pretraining run). Our --dry_run, 40%
 # MFU of 313 TFLOP/s: 21.8 GiB per device of 64 before the data is here (its padding masks then add to it), 46.9 s/step,
 # 1,398 tokens/s per device, padding counted as tokens.
 #
-#   python convert.py hf-to-native --src=hf/Baichuan2-13B-Base --dst=checkpoints/baichuan2-13b-base --for_training
+#   python convert.py hf-to-native --src=hf/Baichuan2-13B-Base --dst=checkpoints/baichuan2-13b-base
 #   python prepare.py --input=moss-003-sft-no-tools.jsonl --format=moss --template=baichuan2 --drop_system \
 #       --tokenizer=checkpoints/baichuan2-13b-base --seq_len=4096 --pack --one_per_row --val_fraction=0.05 \
 #       --out=data/moss_baichuan2
@@ -46,6 +51,7 @@ dtype = "bfloat16"
 seq_len = 4096
 micro_batch_size = 2
 global_batch_size = 256
+loss_weighting = "micro_batch"  # the script's (Megatron), to reproduce its run: short replies weigh more
 max_iters = 1000
 lr = 2e-5
 min_lr = 2e-5  # constant
@@ -59,4 +65,5 @@ eval_interval = 1000
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 1000
+keep_last = 2  # our choice (the source sets no limit): a damaged newest step dir falls back to the one before
 export = True

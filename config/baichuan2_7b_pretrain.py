@@ -38,6 +38,10 @@
 # | recompute          | script: none                           | none                          |
 # | eval, save, log    | script: eval every 1000 (10 iters),    | the same                      |
 # |                    | save every 1000, log 1                 |                               |
+# | loss weighting     | AscendSpeed: each micro batch's mean   | token (the default): every    |
+# |                    | over its counted targets, then the     | target counts, so all micro   |
+# |                    | mean over micro batches and devices    | batches count alike and the   |
+# |                    |                                        | two are the same              |
 #
 # Document's figures (8 NPUs) [Performance]: 2,607 tokens/s per device, 24.97 s/step, 124 TFLOP/s, 5.125 samples/s
 # (reference: 3,969 tokens/s per device); the loss [Accuracy of the loss]: only plots (NPU vs reference loss, relative
@@ -49,7 +53,7 @@
 # Data: the parquet's "text" column (Megatron preprocess_data.py's default --json-keys text, hence
 # alpaca_text_document), every token counted; or the Megatron files the document's command wrote (prepare.py then
 # ends each record with eos too):
-#   python convert.py hf-to-native --src=hf/Baichuan2-7B-Base --dst=checkpoints/baichuan2-7b-base --for_training
+#   python convert.py hf-to-native --src=hf/Baichuan2-7B-Base --dst=checkpoints/baichuan2-7b-base
 #   python prepare.py --input=train-00000-of-00001-a09b74b3ef9c3b56.parquet --format=parquet --text_field=text \
 #       --tokenizer=checkpoints/baichuan2-7b-base --val_fraction=0.05 --megatron --out=data/alpaca_baichuan2
 #   python prepare.py --input=dataset_baichuan2-7B/alpaca_text_document.bin --format=megatron \
@@ -62,7 +66,7 @@
 #   python convert.py native-to-ascendspeed --src=out/baichuan2_7b_pretrain/export --dst=weight --tp=8
 out_dir = "out/baichuan2_7b_pretrain"
 data_dir = "data/alpaca_baichuan2"
-init_from = "checkpoints/baichuan2-7b-base"  # raw NormHead rows (--for_training): normalised in every forward
+init_from = "checkpoints/baichuan2-7b-base"  # raw NormHead rows (norm_head=true): normalised in every forward
 model = "baichuan2-7b"
 devices = 8
 dp, tp = 1, 8
@@ -71,6 +75,7 @@ dtype = "bfloat16"
 seq_len = 4096
 micro_batch_size = 4
 global_batch_size = 128
+loss_weighting = "token"  # every target counts: the script's per-micro-batch mean too
 max_iters = 1024
 lr = 1e-6
 min_lr = 1e-8
@@ -84,4 +89,5 @@ eval_interval = 1000
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 1000
+keep_last = 2  # our choice (the source sets no limit): a damaged newest step dir falls back to the one before
 export = True

@@ -30,11 +30,14 @@
 # | eval               | none (HF: evaluation_strategy no)      | 1% of the conversations held  | train.py evaluates:
 # |                    |                                        | out, every 100 steps          | our choice
 # | save, log          | --save_strategy epoch, logging 1       | every 78 steps (~an epoch), 1 |
+# | loss weighting     | HF: each micro batch's mean over its   | micro_batch: the same         |
+# |                    | counted targets, then the mean over    |                               |
+# |                    | micro batches and devices              |                               |
 #
 # The source reports no throughput and no loss and names no device. Our --dry_run (8 x 64 GB, 40% MFU of 313
 # TFLOP/s, a 910B's): 23.9 GiB per device, 2.80 s/step, 2,929 tokens/s per device, padding counted as tokens.
 #
-#   python convert.py hf-to-native --src=hf/Baichuan2-7B-Base --dst=checkpoints/baichuan2-7b-base --for_training
+#   python convert.py hf-to-native --src=hf/Baichuan2-7B-Base --dst=checkpoints/baichuan2-7b-base
 #   python prepare.py --input=fine-tune/data/belle_chat_ramdon_10k.json --format=sharegpt --template=baichuan2 \
 #       --tokenizer=checkpoints/baichuan2-7b-base --seq_len=512 --pack --one_per_row --val_fraction=0.01 \
 #       --out=data/baichuan2_sft
@@ -42,7 +45,7 @@
 #   python train.py config/baichuan2_7b_sft.py --dry_run
 out_dir = "out/baichuan2_7b_sft"
 data_dir = "data/baichuan2_sft"
-init_from = "checkpoints/baichuan2-7b-base"  # raw NormHead rows (--for_training): normalised in every forward
+init_from = "checkpoints/baichuan2-7b-base"  # raw NormHead rows (norm_head=true): normalised in every forward
 model = "baichuan2-7b"
 devices = 8
 dp, tp = 8, 1
@@ -52,6 +55,7 @@ dtype = "bfloat16"
 seq_len = 512
 micro_batch_size = 16
 global_batch_size = 128
+loss_weighting = "micro_batch"  # the 2023 HF Trainer's, to reproduce the run: short replies weigh more
 max_iters = 313
 lr = 2e-5
 min_lr = 2e-5  # constant
@@ -65,4 +69,5 @@ eval_interval = 100
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 78
+keep_last = 2  # our choice (the source sets no limit): a damaged newest step dir falls back to the one before
 export = True

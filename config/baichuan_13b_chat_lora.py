@@ -29,6 +29,9 @@
 # | save, log          | --save_steps 10000, --logging_steps 10 | the same                      |
 # |                    | [4]                                    |                               |
 # | memory, time       | 显存占用约9个G，运行时间大概60小时 [4] | dry run below                 |
+# | loss weighting     | HF Trainer: each micro batch's mean    | token (the default): one      |
+# |                    | over its counted targets, then the     | example a step, so the two    |
+# |                    | mean over micro batches and devices    | are the same                  |
 #
 # Document's figures [log]: the bar "1000/48818 [1:24:26<57:28:20, 4.33s/it]" (1,000 steps in 5,066 s, 5.07 s/step on
 # average; 4.33 s/it then, 57.5 h left at that rate) with a log dict beside it, {'loss': 1.9935, 'learning_rate':
@@ -62,6 +65,7 @@ loss_scale_window = 2000
 seq_len = 768
 micro_batch_size = 1
 global_batch_size = 1
+loss_weighting = "token"  # one example a step: the Trainer's mean too
 max_iters = 48_770  # one epoch: 48,818 examples (the document's bar) less floor(0.1%) = 48 held out
 lr = 5e-5
 min_lr = 0.0
@@ -75,4 +79,5 @@ eval_interval = 10000
 eval_iters = 20
 log_interval = 10  # logging_steps
 ckpt_interval = 10000  # save_steps
+keep_last = 2  # our choice (the source sets no limit): a damaged newest step dir falls back to the one before
 export = True

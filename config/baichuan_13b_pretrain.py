@@ -32,6 +32,10 @@
 # | recompute          | none (no --checkpoint-activations)     | none                          |
 # | seed               | 1234                                   | 1234                          |
 # | eval, save, log    | every 1000 (10 iters), 1000, 1         | the same                      |
+# | loss weighting     | Megatron: each micro batch's mean over | token (the default): every    |
+# |                    | its counted targets, then the mean     | target counts, so all micro   |
+# |                    | over micro batches and devices         | batches count alike and the   |
+# |                    |                                        | two are the same              |
 #
 # Source's figures (README 性能, 1000 iterations, 8 NPUs): 1,016 tokens/s per device, 16.121 s/step, 88.47 TFLOP/s
 # (reference chips: 862 tokens/s per device, 19.852 s/step); the loss: plots only (relative error against the
@@ -61,6 +65,7 @@ min_loss_scale = 1.0
 seq_len = 4096
 micro_batch_size = 1
 global_batch_size = 32
+loss_weighting = "token"  # every target counts: Megatron's per-micro-batch mean too
 max_iters = 100_000
 lr = 1e-6
 min_lr = 1e-8
@@ -75,4 +80,5 @@ eval_interval = 1000
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 1000
+keep_last = 2  # our choice (the source sets no limit): a damaged newest step dir falls back to the one before
 export = True

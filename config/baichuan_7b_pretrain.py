@@ -43,6 +43,10 @@
 # |                    |                                        |                               | masked triangle skip
 # | eval, save, log    | script: eval every 1000 (1 iter), save | the same: the run's end saved |
 # |                    | every 10000, log 1                     | (Megatron saves the last too) |
+# | loss weighting     | AscendSpeed: each micro batch's mean   | token (the default): every    |
+# |                    | over its counted targets, then the     | target counts, so all micro   |
+# |                    | mean over micro batches and devices    | batches count alike and the   |
+# |                    |                                        | two are the same              |
 #
 # The document reports no throughput and no loss. Our --dry_run for this mesh (40% MFU of a 910B's 313 TFLOP/s):
 # 29.7 GiB per device of 64, 1.53 s/step, 2,671 tokens/s per device.
@@ -77,6 +81,7 @@ min_loss_scale = 1.0
 seq_len = 4096
 micro_batch_size = 1
 global_batch_size = 8
+loss_weighting = "token"  # every target counts: the script's per-micro-batch mean too
 max_iters = 1024
 lr = 1e-5
 min_lr = 1e-6
@@ -90,4 +95,5 @@ eval_interval = 1000
 eval_iters = 1
 log_interval = 1
 ckpt_interval = 10_000  # --save-interval: only the end of the run
+keep_last = 2  # our choice (the source sets no limit): a damaged newest step dir falls back to the one before
 export = True

@@ -35,6 +35,10 @@
 # | save               | save_steps 2000, save_total_limit 3    | ckpt_interval 2000, keep_last |
 # |                    | [169-172]                              | 3                             |
 # | memory             | 显存占用为7G左右 [after the listing]   | dry run below                 |
+# | loss weighting     | HF Trainer: each micro batch's mean    | micro_batch: the same         |
+# |                    | over its counted targets, then the     |                               |
+# |                    | mean over micro batches and devices    |                               |
+# |                    | (padding not counted)                  |                               |
 #
 # Our --dry_run (40% MFU of 313 TFLOP/s, one 64 GB device): 5.6 GiB, 0.94 s/step, 4,367 tokens/s; a padded row
 # counts as 1024 tokens there. Measured on this repository's 2-core CPU (README "LoRA and QLoRA"): 5.46 GiB peak
@@ -61,6 +65,7 @@ dtype = "bfloat16"
 seq_len = 1024
 micro_batch_size = 1
 global_batch_size = 4
+loss_weighting = "micro_batch"  # the 2023 HF Trainer's, to reproduce the run: short examples weigh more
 max_iters = 122_500  # 1 epoch: about 490K training examples at 4 a step (prepare.py prints the count)
 lr = 3e-4
 min_lr = 0.0

@@ -25,5 +25,5 @@ eval_interval = 150
 eval_iters = 20
 log_interval = 50
 ckpt_interval = 300
-keep_last = 1
+keep_last = 2  # one damaged step dir falls back to the one before
 export = True

@@ -17,6 +17,9 @@
 # | recompute          | not given (7B: none)                   | none: fits without            | our choice (7B's)
 # | weights, data,     | LLaMA-13B; alpaca_data.json, train.py's| as llama_7b_alpaca (its       | as for 7B
 # | prompt, loss       | prompt and loss                        | differences apply)            |
+# | loss weighting     | the 7B's (HF): each micro batch's mean | micro_batch: the same         | as for 7B
+# |                    | over its counted targets, then the     |                               |
+# |                    | mean over micro batches and devices    |                               |
 #
 # The source reports no throughput and no loss. Our --dry_run (4 x 80 GB, 40% MFU of 312 TFLOP/s): 64.6 GiB per
 # device, 10.3 s/step, 1,592 tokens/s per device, padding counted as tokens.
@@ -40,6 +43,7 @@ dtype = "bfloat16"
 seq_len = 512
 micro_batch_size = 4
 global_batch_size = 128
+loss_weighting = "micro_batch"  # the 2023 HF Trainer's, to reproduce the run: short replies weigh more
 max_iters = 2032
 lr = 1e-5
 min_lr = 0.0
@@ -53,5 +57,5 @@ eval_interval = 200
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 2000
-keep_last = 1
+keep_last = 2  # as llama_7b_alpaca (our choice; the source's limit is 1)
 export = True

@@ -30,8 +30,12 @@
 # | recompute          | none (no --gradient_checkpointing)     | none                          |
 # | eval               | --evaluation_strategy "no"             | 0.2% held out, every 200 steps| train.py evaluates:
 # |                    |                                        |                               | our choice
-# | save, log          | --save_steps 2000, --save_total_limit  | ckpt_interval 2000 (the last  |
-# |                    | 1; --logging_steps 1                   | step), keep_last 1; log 1     |
+# | save, log          | --save_steps 2000, --save_total_limit  | ckpt_interval 2000 (the last  | keep_last: our choice,
+# |                    | 1; --logging_steps 1                   | step), keep_last 2; log 1     | a damaged newest step
+# |                    |                                        |                               | dir falls back
+# | loss weighting     | HF: each micro batch's mean over its   | micro_batch: the same         |
+# |                    | counted targets, then the mean over    |                               |
+# |                    | micro batches and devices              |                               |
 #
 # The source reports no throughput and no loss. Our --dry_run (4 x 80 GB, 40% MFU of 312 TFLOP/s): 35.6 GiB per
 # device, 5.31 s/step, 3,085 tokens/s per device, padding counted as tokens.
@@ -55,6 +59,7 @@ dtype = "bfloat16"
 seq_len = 512
 micro_batch_size = 4
 global_batch_size = 128
+loss_weighting = "micro_batch"  # the 2023 HF Trainer's, to reproduce the run: short replies weigh more
 max_iters = 1219
 lr = 2e-5
 min_lr = 0.0
@@ -68,5 +73,5 @@ eval_interval = 200
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 2000
-keep_last = 1
+keep_last = 2  # the source's save_total_limit is 1: see the table
 export = True

@@ -20,5 +20,5 @@ eval_interval = 50
 eval_iters = 10
 log_interval = 10
 ckpt_interval = 100
-keep_last = 1
+keep_last = 2  # one damaged step dir falls back to the one before
 export = True

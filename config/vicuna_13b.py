@@ -20,6 +20,10 @@
 # | inference memory   | 推理13B模型大约需要28GB显存 (one NPU)  | sample.py: 25.8 GiB = 27.7 GB | the same size
 # |                    | [模型推理]                             | (fp16 weights + a 2048-token  |
 # |                    |                                        | KV cache, its check_memory)   |
+# | loss weighting     | HF Trainer: each micro batch's mean    | micro_batch: the same         |
+# |                    | over its counted targets, then the     |                               |
+# |                    | mean over micro batches and devices    |                               |
+# |                    | (FastChat trains with it)              |                               |
 #
 # Document's figures [训练结果展示]: 1,498 tokens/s per device on the NPUs (competitor A 1,386). Our --dry_run, 40% MFU
 # of 313 TFLOP/s: 40.6 GiB per device of 64, 10.8 s/step, 1,524 tokens/s per device (padding counted as tokens).
@@ -49,6 +53,7 @@ min_loss_scale = 1.0
 seq_len = 2048
 micro_batch_size = 2
 global_batch_size = 128
+loss_weighting = "micro_batch"  # the 2023 HF Trainer's, to reproduce the run: short replies weigh more
 max_iters = 1215  # 3 epochs of 405 steps (as vicuna_7b)
 lr = 2e-5
 min_lr = 0.0
@@ -62,4 +67,5 @@ eval_interval = 200
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 400
+keep_last = 2  # our choice (the document names --save_total_limit, not its value)
 export = True

@@ -32,6 +32,10 @@
 # | inference memory   | 推理7B模型大约需要14G显存 (one NPU)    | sample.py: 13.6 GiB = 14.6 GB | the same size
 # |                    | [模型推理]                             | (fp16 weights + a 2048-token  |
 # |                    |                                        | KV cache, its check_memory)   |
+# | loss weighting     | HF Trainer: each micro batch's mean    | micro_batch: the same         |
+# |                    | over its counted targets, then the     |                               |
+# |                    | mean over micro batches and devices    |                               |
+# |                    | (FastChat trains with it)              |                               |
 #
 # Document's figures [训练结果展示] (3 epochs): 2,990 tokens/s per device on the NPUs (competitor A 2,452). Our
 # --dry_run, 40% MFU of 313 TFLOP/s: 28.0 GiB per device of 64, 11.2 s/step, 2,921 tokens/s per device (padding
@@ -60,6 +64,7 @@ min_loss_scale = 1.0
 seq_len = 2048
 micro_batch_size = 2
 global_batch_size = 128
+loss_weighting = "micro_batch"  # the 2023 HF Trainer's, to reproduce the run: short replies weigh more
 max_iters = 1215  # 3 epochs of 405 steps: 51,950 conversations trained (52,002 less 52 held out) at 128 a step
 lr = 2e-5
 min_lr = 0.0
@@ -73,4 +78,5 @@ eval_interval = 200
 eval_iters = 10
 log_interval = 1
 ckpt_interval = 400
+keep_last = 2  # our choice (the document names --save_total_limit, not its value)
 export = True

@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-from model import CheckpointError, ModelArgs, check_json_fields
+from model import CheckpointError, ModelArgs
+from support.checks import check_json_fields
 
 FLAGAI_CONFIG = {  # the fields read, their types and ranges (an absent one takes AQUILAConfig's default)
     **{k: (int, "[1, inf)") for k in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len")},

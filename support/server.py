@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-import model as model_lib
+from support import checks
 
 MAX_BODY_BYTES = 1 << 20
 CHAT_PAGE = Path(__file__).with_name("chat.html")
@@ -131,7 +131,7 @@ def read_fields(body, main_field, ranges, chat):
             setting, narrower = table[key]
             kind, interval = ranges[setting]
             try:
-                model_lib.check_value(key, value, kind, narrower or interval)
+                checks.check_value(key, value, kind, narrower or interval)
             except ValueError as e:
                 raise APIError(400, str(e), key) from None
             fields[key] = value

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import convert
-from model import CheckpointError, load_tensors, read_config
+from model import CheckpointError, read_config
+from support.weights import load_tensors
 from support import ascendspeed
 from test_convert import hf_llama, native_logits, run
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import prepare
-from convert import write_checkpoint
+from support.weights import write_checkpoint
 from model import PRESETS, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,6 +184,18 @@ CASES = [
                                                    "--format", "alpaca", "--template", "alpaca", "--tokenizer", s["sp"],
                                                    "--out", t / "o"),
      r"a\.json.*instruction", None),
+    ("prepare-alpaca-input-not-text", lambda t, s: P("--input", write(t / "a.json", '[{"instruction": "x", "input": 0, '
+                                                                   '"output": "y"}]'), "--format", "alpaca",
+                                                    "--template", "alpaca", "--tokenizer", s["sp"], "--out", t / "o"),
+     r"a\.json: item 1: field 'input' is an integer, expected a string", None),  # 0 is no empty input
+    ("prepare-sharegpt-all-empty", lambda t, s: P("--input", write(t / "e.jsonl", '{"conversations": []}\n' * 3),
+                                                 "--format", "sharegpt", "--template", "vicuna", "--tokenizer",
+                                                 s["sp"], "--out", t / "o"),
+     r"--input: no documents left to write", None),
+    ("prepare-sharegpt-assistant-only", lambda t, s: P("--input", write(t / "g.jsonl", json.dumps(
+        {"conversations": [{"from": "gpt", "value": "hello"}, {"from": "gpt", "value": "again"}]}) + "\n"),
+        "--format", "sharegpt", "--template", "vicuna", "--tokenizer", s["sp"], "--out", t / "o"),
+     r"g\.jsonl: line 1: conversations: only assistant turns: expected a human/user turn", None),
     ("prepare-unknown-flag", lambda t, s: P("--bogus_flag", "1"), r"--bogus_flag", None),
     ("prepare-wrong-value-type", lambda t, s: P("--workers", "two"), r"--workers", None),
     ("prepare-unknown-format", lambda t, s: P("--input", write(t / "x.txt", "hello world\n"), "--format", "yaml",
@@ -300,6 +312,8 @@ CASES = [
     ("sample-wrong-value-type", lambda t, s: S("--ckpt", s["ckpt"], "--max_new_tokens", "many"),
      r"--max_new_tokens", None),
     ("sample-bad-choice", lambda t, s: S("--ckpt", s["ckpt"], "--quantize", "int3"), r"--quantize", None),
+    ("sample-empty-stop", lambda t, s: S("--ckpt", s["ckpt"], "--prompt", "the", "--stop", ""),
+     r"--stop: an empty string would stop before the first token", None),
     ("sample-unknown-flag", lambda t, s: S("--ckpt", s["ckpt"], "--topk", "3"), r"--topk", None),
     ("sample-missing-prompt-file", lambda t, s: S("--ckpt", s["ckpt"], "--prompt_file", t / "prompts.txt",
                                                   "--max_new_tokens", "2"),

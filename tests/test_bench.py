@@ -149,6 +149,41 @@ def test_compare_generate_gives_the_same_greedy_tokens():
     assert result["ratio_bound"] == pytest.approx(1 / result["transformers"]["mbu"], rel=0.01)
 
 
+def test_cpu_peak_memory_is_the_runs_own_not_that_of_the_process_that_started_it():
+    """getrusage's ru_maxrss of a process started by vfork + exec (as subprocess starts one) also holds its parent's
+    peak: bench.py run from a process holding 768 MiB reports its own peak, well below."""
+    import torch
+
+    held = torch.ones(768 * 2**20 // 4)  # written: resident
+    parent = bench.peak_memory_gib(torch.device("cpu"))
+    out = subprocess.run([sys.executable, "bench.py", *TINY_GENERATE], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["peak_mem_gib"] < parent - 0.7, parent
+    del held
+
+
+@pytest.mark.slow
+def test_generate_peak_memory_of_a_long_prefill_falls_by_the_full_logits():
+    """A 1,024-token prompt on a 65,536-word vocabulary: the prefill builds the last position's logits only, so
+    bench.py's peak memory is below that of a prefill that builds every position's (the forward without last_only,
+    as before) by about those logits, 1024 x 65536 x 4 bytes = 0.25 GiB; the KV cache (one small layer) is ~1 MB.
+    Each run is a process of its own: on a CPU the figure is the process's peak resident memory."""
+    argv = ["--mode=generate", "--prompt_len=1024", "--new_tokens=2", "--rounds=1", "--warmup=0",
+            '--model_args={"vocab_size": 65536, "n_layers": 1, "dim": 64, "n_heads": 4, "hidden_dim": 128, '
+            '"max_seq_len": 1040}']
+    full_prefill = ("import sys, model; forward = model.Transformer.forward; "
+                    "model.Transformer.forward = lambda self, *a, last_only=False, **k: forward(self, *a, **k); "
+                    "import bench; bench.main(sys.argv[1:])")
+    peaks = []
+    for command in ([sys.executable, "bench.py"], [sys.executable, "-c", full_prefill]):
+        out = subprocess.run([*command, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        peaks.append(json.loads(out.stdout)["peak_mem_gib"])
+    logits_gib = 1024 * 65536 * 4 / 2**30
+    assert peaks[1] - peaks[0] == pytest.approx(logits_gib, rel=0.25), peaks
+
+
 def write_metrics(path, losses, start_step=1):
     rows = [{"unigram_baseline": 6.0, "n_params": 1, "peak_flops": 1.0, "start_step": 0}]
     for i, loss in enumerate(losses):

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import convert
-from model import Transformer, load_tensors, read_config
+from model import Transformer, read_config
+from support.weights import load_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, D, FF, L = 128, 64, 160, 2  # vocab, dim, ffn width, layers
@@ -222,8 +224,8 @@ def test_published_configs_read_as_their_presets(preset):
 
     family = convert.detect_family(PUBLISHED[preset], "config.json")
     assert family == PRESET_FAMILY[preset]
-    # --for_training keeps Baichuan2's NormHead, as the presets (built for training) have it
-    assert convert.hf_args(PUBLISHED[preset], family, "config.json", for_training=True) == PRESETS[preset]
+    # Baichuan2's NormHead is architecture: its presets and every conversion of it have norm_head=true
+    assert convert.hf_args(PUBLISHED[preset], family, "config.json") == PRESETS[preset]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -311,20 +313,92 @@ def test_baichuan13b_alibi_matches_plain_reference(tmp_path, n_heads):
     assert (native_logits(tmp_path / "ckpt", IDX) - ref).abs().max() <= 1e-4
 
 
-def test_baichuan2_normhead_normalised_once_or_kept_raw_for_training(tmp_path):
+def baichuan2_hf(path):
+    """A Baichuan2 (ALiBi) HF dir whose head rows have very different lengths; its state dict."""
     sd = to_w_pack(random_sd())
-    sd["lm_head.weight"] = sd["lm_head.weight"] * torch.rand(V, 1) * 5  # rows of very different norms
-    save_hf(tmp_path / "hf", sd, baichuan_config(alibi=True, baichuan2=True))
-    run("hf-to-native", "--src", tmp_path / "hf", "--dst", tmp_path / "infer")
-    run("hf-to-native", "--src", tmp_path / "hf", "--dst", tmp_path / "train", "--for_training")
+    sd["lm_head.weight"] = sd["lm_head.weight"] * torch.rand(V, 1) * 5
+    save_hf(path, sd, baichuan_config(alibi=True, baichuan2=True))
+    return sd
+
+
+def test_baichuan2_keeps_its_raw_normhead_however_converted_and_sample_normalises_it_once(tmp_path, capsys):
+    import sample
+
+    sd = baichuan2_hf(tmp_path / "hf")
+    run("hf-to-native", "--src", tmp_path / "hf", "--dst", tmp_path / "ckpt")
+    assert "--for_training" not in capsys.readouterr().err
+    run("hf-to-native", "--src", tmp_path / "hf", "--dst", tmp_path / "old-flag", "--for_training")  # older recipes
+    assert "--for_training is no longer needed and does nothing" in capsys.readouterr().err
     ref = baichuan13b_reference(sd, IDX, n_heads=4, norm_head=True)
-    for name, norm_head in (("infer", False), ("train", True)):
-        args, cfg = read_config(tmp_path / name)
-        assert cfg["family"] == "baichuan2" and args.norm_head == norm_head
-        assert (native_logits(tmp_path / name, IDX) - ref).abs().max() <= 1e-4
     raw = sd["lm_head.weight"]
-    assert torch.equal(load_tensors(tmp_path / "train")["output.weight"], raw)
-    assert torch.allclose(load_tensors(tmp_path / "infer")["output.weight"], raw / raw.norm(dim=-1, keepdim=True))
+    for name in ("ckpt", "old-flag"):
+        args, cfg = read_config(tmp_path / name)
+        assert cfg["family"] == "baichuan2" and args.norm_head
+        assert torch.equal(load_tensors(tmp_path / name)["output.weight"], raw)
+        assert (native_logits(tmp_path / name, IDX) - ref).abs().max() <= 1e-4
+    model, _ = sample.load_model(tmp_path / "ckpt", "cpu", torch.float32)  # for generation: normalised once, in fp32
+    assert type(model.output) is torch.nn.Linear
+    assert torch.allclose(model.output.weight, raw / raw.norm(dim=-1, keepdim=True))
+    with torch.no_grad():
+        assert (model(IDX)[0] - ref).abs().max() <= 1e-4
+
+
+def older_baichuan2_dir(tmp_path, head):
+    """A checkpoint dir as convert.py hf-to-native wrote Baichuan2 before its head was kept raw (norm_head=false),
+    with this head."""
+    path = tmp_path / "older"
+    run("hf-to-native", "--src", tmp_path / "hf", "--dst", path, "--overwrite")
+    tensors = {k: v.clone() for k, v in load_tensors(path).items()}
+    save_file({**tensors, "output.weight": head}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "norm_head": False}))
+    return path
+
+
+OLDER_BAICHUAN2 = "ignore:.*family baichuan2 with norm_head=false"  # said where the test expects it
+
+
+@pytest.mark.filterwarnings(OLDER_BAICHUAN2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_older_baichuan2_dirs_with_their_head_normalised_once_load_as_normhead(tmp_path, dtype):
+    """family baichuan2 with norm_head=false and unit-length head rows (normalised once in fp32, then rounded to the
+    dir's dtype) is what the older conversion wrote: loaded as Baichuan2's NormHead, the same logits, said once."""
+    sd = baichuan2_hf(tmp_path / "hf")
+    raw = sd["lm_head.weight"]
+    path = older_baichuan2_dir(tmp_path, F.normalize(raw, dim=-1).to(dtype))
+    with pytest.warns(UserWarning, match=r"config.json: family baichuan2 with norm_head=false: its head rows are "
+                                         r"normalised once .* loaded as NormHead \(norm_head=true\)"):
+        args, cfg = read_config(path)
+    assert args.norm_head and cfg["norm_head"] is True
+    ref = baichuan13b_reference(sd, IDX, n_heads=4, norm_head=True)
+    model = Transformer.from_checkpoint(path, dtype=torch.float32).eval()
+    assert type(model.output).__name__ == "NormHead"
+    with torch.no_grad():
+        assert (model(IDX)[0] - ref).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2)
+    loads = f"import model; model.read_config({str(path)!r}); model.Transformer.from_checkpoint({str(path)!r})"
+    err = subprocess.run([sys.executable, "-c", loads], cwd=ROOT, capture_output=True, text=True, timeout=120).stderr
+    assert err.count("UserWarning: ") == 1 and "loaded as NormHead" in err, err  # loaded twice, said once
+
+
+@pytest.mark.filterwarnings(OLDER_BAICHUAN2)
+def test_older_baichuan2_dirs_trained_without_normhead_load_as_written(tmp_path):
+    """A head whose rows are not unit length was trained on as a plain head (a run from an older conversion): it
+    keeps norm_head=false, and its logits are those of a plain head, said once. A step dir is read as written."""
+    sd = baichuan2_hf(tmp_path / "hf")
+    head = F.normalize(sd["lm_head.weight"], dim=-1) * torch.linspace(0.9, 1.1, V)[:, None]  # trained on a little
+    path = older_baichuan2_dir(tmp_path, head)
+    with pytest.warns(UserWarning, match=r"its head rows are not unit length \(trained without NormHead\), loaded "
+                                         r"as written \(norm_head=false\)"):
+        args, _ = read_config(path)
+    assert not args.norm_head
+    plain = baichuan13b_reference({**sd, "lm_head.weight": head}, IDX, n_heads=4)
+    assert (native_logits(path, IDX) - plain).abs().max() <= 1e-4
+    step = tmp_path / "step_00000010"  # a step dir of such a run: no safetensors, its resume continues as it ran
+    step.mkdir()
+    (step / "config.json").write_text((path / "config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not read_config(step)[0].norm_head
 
 
 def test_family_flag_overrides_detection(tmp_path):
@@ -351,7 +425,7 @@ def test_round_trip_hf_native_hf_is_tensor_identical(tmp_path, family):
                                                  "BaichuanForCausalLM", alibi=family != "baichuan",
                                                  baichuan2=family == "baichuan2")
     save_hf(tmp_path / "hf", sd, cfg)
-    run("hf-to-native", "--src", tmp_path / "hf", "--dst", tmp_path / "ckpt", "--for_training")
+    run("hf-to-native", "--src", tmp_path / "hf", "--dst", tmp_path / "ckpt")
     run("native-to-hf", "--src", tmp_path / "ckpt", "--dst", tmp_path / "back")
     back = load_file(str(tmp_path / "back" / "model.safetensors"))
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
@@ -360,7 +434,7 @@ def test_round_trip_hf_native_hf_is_tensor_identical(tmp_path, family):
         for key in ("architectures", "model_type", "hidden_size", "num_attention_heads", "vocab_size"):
             assert out_cfg[key] == cfg[key]
         assert ("max_position_embeddings" in out_cfg) == (family == "baichuan")  # RoPE 7B vs ALiBi 13B
-        run("hf-to-native", "--src", tmp_path / "back", "--dst", tmp_path / "again", "--for_training")
+        run("hf-to-native", "--src", tmp_path / "back", "--dst", tmp_path / "again")
         assert read_config(tmp_path / "again") == read_config(tmp_path / "ckpt")  # family and layout read back
 
 

@@ -12,6 +12,7 @@ process on the same global batch (fp32, 6 steps, relative loss difference <= 1e-
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from model import PRESETS, Transformer
-from test_train import V, markov_tokens, write_data
+from test_train import V, first_step_gradients, markov_tokens, uneven_mask, write_data
 from conftest import is_timing
 
 pytestmark = pytest.mark.slow  # the file takes ~2 minutes on 2 cores, most of it in 4 torchrun launches
@@ -40,13 +41,15 @@ ALIBI = ["--pos_emb=alibi", "--n_kv_heads=None", "--norm_head=True", "--z_loss=1
 QLORA = ["--lora_rank=4", "--lora_alpha=8", "--qlora", "--lora_targets=W_pack,wo,w1,w2,w3",
          "--activation_checkpointing=full", "--lr=1e-2"]
 
-# joins the process group once, then runs the jobs of a JSON file one after another; rank 0 writes their losses
+# joins the process group once, then runs the jobs of a JSON file one after another; rank 0 writes their losses, and
+# the whole gradients of step 1 of a job that asks (to out_dir/grads.pt)
 DRIVER = """
-import json, os, shutil, sys
+import contextlib, json, os, shutil, sys
 from datetime import timedelta
 import torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "tests")]
 import train
+from test_train import first_step_gradients
 
 torch.set_num_threads(1)
 dist.init_process_group("gloo", timeout=timedelta(seconds=120))
@@ -55,7 +58,10 @@ for job in json.loads(open(sys.argv[1]).read()):
     if job["copy"] and dist.get_rank() == 0:  # resume on another mesh: a fresh out_dir holding one step dir
         shutil.copytree(job["copy"], os.path.join(job["out"], os.path.basename(job["copy"])))
     dist.barrier()
-    results.append(train.main(job["argv"] + ["--out_dir=" + job["out"]])["losses"])
+    with first_step_gradients() if job["grads"] else contextlib.nullcontext() as grads:
+        results.append(train.main(job["argv"] + ["--out_dir=" + job["out"]])["losses"])
+    if job["grads"] and dist.get_rank() == 0:
+        torch.save(grads, os.path.join(job["out"], "grads.pt"))
 if dist.get_rank() == 0:
     json.dump(results, open(sys.argv[2], "w"))
 dist.destroy_process_group()
@@ -77,6 +83,17 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    """data with a loss mask of prompts and replies of 1 to 60 tokens: sequences count different numbers of targets"""
+    return write_data(tmp_path_factory.mktemp("dist_sft") / "sft", markov_tokens(8224, 1), markov_tokens(2000, 2),
+                      uneven_mask(8224, 5), uneven_mask(2000, 6))
+
+
+# one step of 4 sequences in micro batches of 1 (dp=2: 2 on each rank), its gradients unclipped
+SFT_STEP = ["--micro_batch_size=1", "--global_batch_size=4", "--max_iters=1", "--grad_clip=0"]
+
+
+@pytest.fixture(scope="module")
 def one_process(data, tmp_path_factory):
     """Reference runs in this process: {"rope": (losses, out_dir), "alibi": ...}."""
     threads = torch.get_num_threads()
@@ -95,11 +112,12 @@ def torchrun(nproc, *args, timeout=400, **popen):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **popen)
 
 
-def launch(tmp_path, nproc, jobs):
-    """Run jobs [(name, argv, step dir to resume from or None)] in one torchrun launch -> {name: (losses, out_dir)}."""
+def launch(tmp_path, nproc, jobs, grads=()):
+    """Run jobs [(name, argv, step dir to resume from or None)] in one torchrun launch -> {name: (losses, out_dir)};
+    the jobs named in grads save the gradients of their step 1 to out_dir/grads.pt."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=str(ROOT)))
-    spec = [{"argv": argv, "out": str(tmp_path / name), "copy": str(copy) if copy else None}
+    spec = [{"argv": argv, "out": str(tmp_path / name), "copy": str(copy) if copy else None, "grads": name in grads}
             for name, argv, copy in jobs]
     (tmp_path / "jobs.json").write_text(json.dumps(spec))
     result = torchrun(nproc, driver, tmp_path / "jobs.json", tmp_path / "losses.json")
@@ -109,16 +127,17 @@ def launch(tmp_path, nproc, jobs):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(data, one_process, tmp_path_factory):
+def two_ranks(data, sft_data, one_process, tmp_path_factory):
     """dp=2 from scratch (ZeRO-3 and ZeRO-2 resharding); tp=2 resumed from its step 3 (dp=2 -> tp=2); the ALiBi model
-    with tp=2 from scratch."""
+    with tp=2 from scratch; one SFT step on dp=2 with its gradients."""
     tmp = tmp_path_factory.mktemp("two")
     return launch(tmp, 2, [("rope_dp2", common(data, "--dp=2"), None),
                            ("rope_dp2_zero2", common(data, "--dp=2", "--zero_stage=2"), None),
                            ("rope_tp2_from_dp2", common(data, "--tp=2", "--init_from=resume"),
                             tmp / "rope_dp2" / "step_00000003"),
                            ("alibi_tp2", common(data, *ALIBI, "--tp=2"), None),
-                           ("qlora_dp2", common(data, *QLORA, "--dp=2"), None)])
+                           ("qlora_dp2", common(data, *QLORA, "--dp=2"), None),
+                           ("sft_dp2", common(sft_data, "--dp=2", *SFT_STEP), None)], grads=["sft_dp2"])
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +199,26 @@ def test_fsdp_qlora_with_checkpointing_matches_one_process(two_ranks, one_proces
     losses = two_ranks["qlora_dp2"][0]
     assert_same_losses(losses, one_process["qlora"][0], range(1, 7))
     assert losses[6] < losses[1]  # the adapters learn
+
+
+def test_token_weighting_gives_dp2_the_gradient_of_one_process(two_ranks, sft_data, tmp_path):
+    """SFT sequences counting different numbers of targets, 2 micro batches of 1 on each of 2 ranks: every counted
+    target of the step weighs the same, so the loss and the gradient are those of one micro batch of the 4 sequences
+    in one process (and of 4 micro batches of 1: tests/test_training_reference.py), its mean over all their counted
+    targets. The mean over ranks and micro batches of each micro batch's mean would not be."""
+    meta = {"dtype": "uint16"}
+    split = train.TokenSplit(str(sft_data), "train", meta, 32)
+    sampler = train.EpochSampler(len(split.tokens), 32, 1, train.Config.seed)
+    counted = [int(split.windows(sampler.next_starts(0, 1))[2].sum()) for _ in range(4)]
+    assert len(set(counted)) > 1, counted
+    with first_step_gradients() as grads:
+        loss = train.main(common(sft_data, f"--out_dir={tmp_path}", *SFT_STEP, "--micro_batch_size=4"))["losses"][1]
+    losses, out_dir = two_ranks["sft_dp2"]
+    assert losses[1] == pytest.approx(loss, rel=1e-6)
+    dp2 = torch.load(out_dir / "grads.pt")
+    assert sorted(dp2) == sorted(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(dp2[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_tensor_parallel_matches_one_process(two_ranks, one_process):
@@ -262,6 +301,39 @@ def test_rank_death_ends_the_job_and_resume_continues(data, tmp_path):
     assert_same_losses(resumed, reference, range(k + 1, k + 3))
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds torchrun's workers through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(data, tmp_path):
+    """A scheduler may signal some ranks only: rank 1 gets SIGTERM, rank 0 none; both stop after the same step, whose
+    checkpoint holds both ranks, and rank 0 says how to resume; the resume continues as if nothing had stopped."""
+    out = tmp_path / "run"
+    args = common(data, "--dp=2", "--max_iters=100000", "--ckpt_interval=1000", f"--out_dir={out}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "train.py", *args]
+    with open(tmp_path / "log.txt", "w") as log:
+        agent = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 300
+            while not ((out / "metrics.jsonl").exists() and log_rows(out)):
+                assert agent.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+                time.sleep(0.05)
+            os.kill(worker_pids(agent.pid)[1], signal.SIGTERM)
+            agent.wait(timeout=120)  # a hang, not a speed: rank 0 must learn of the stop at all
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+    text = (tmp_path / "log.txt").read_text()
+    m = re.search(r"train\.py: stopped by SIGTERM after step (\d+), saved in (\S+); resume with: (.*)", text)
+    assert m, text[-3000:]
+    k = int(m[1])
+    assert m[2] == str(out / f"step_{k:08d}") and m[3].startswith("torchrun --nproc_per_node=2 --standalone train.py ")
+    assert m[3].endswith(" --init_from=resume") and text.count("stopped by SIGTERM") == 1  # rank 0 alone says it
+    assert [p.name for p in train.step_dirs(out)] == [f"step_{k:08d}"]
+    assert {p.name for p in (out / f"step_{k:08d}").glob("rng_rank*.json")} == {"rng_rank0.json", "rng_rank1.json"}
+    assert max(r["step"] for r in log_rows(out)) == k  # no rank went on past it
+    resumed = train.main(common(data, f"--out_dir={out}", "--init_from=resume", f"--max_iters={k + 2}"))["losses"]
+    reference = train.main(common(data, f"--out_dir={tmp_path / 'reference'}", f"--max_iters={k + 2}"))["losses"]
+    assert_same_losses(resumed, reference, range(k + 1, k + 3))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # bad input: one clear line on every rank before the first collective
 
@@ -299,6 +371,20 @@ def test_bad_mesh_under_torchrun_stops_every_rank(data, tmp_path):
     # stopped before it says so: one line at least, and no traceback out of train.py
     assert 1 <= result.stderr.count("train.py: tp=2 does not divide n_kv_heads=1") <= 2, result.stderr[-3000:]
     assert 'train.py", line' not in result.stderr, result.stderr[-3000:]
+
+
+def test_an_out_dir_in_use_stops_every_rank_of_a_launch(data, tmp_path):
+    """This process holds out_dir as a run would; a 2-rank launch into it stops on both ranks with rank 0's line
+    naming this process, at once (the other rank waits for no collective that will not come)."""
+    from support import runlock
+
+    with runlock.OutDirLock() as lock:
+        lock.take(tmp_path)
+        result = torchrun(2, "train.py", *common(data, f"--out_dir={tmp_path}", "--dp=2"), timeout=200)
+    assert result.returncode != 0
+    assert f"train.py: out_dir={tmp_path} is in use by another run (pid {os.getpid()} on host " in result.stderr, \
+        result.stderr[-3000:]
+    assert 'train.py", line' not in result.stderr and not train.step_dirs(tmp_path), result.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,10 @@ import convert
 import prepare
 import sample
 import train
+import support.peft
+import support.weights
 from model import PRESETS, CheckpointError, Transformer, apply_lora, lora_state_dict
+from support import megatron, runlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,12 +71,13 @@ def S(tmp_path_factory):
     model = Transformer(args)
     model.init_weights()
     for name, shard in (("ckpt", None), ("sharded", 60_000)):
-        convert.write_checkpoint(root / name, model.state_dict(), args, "llama", max_shard_bytes=shard)
+        support.weights.write_checkpoint(root / name, model.state_dict(), args, "llama", max_shard_bytes=shard)
         tok.save(root / name)
     convert.native_to_hf(root / "ckpt", root / "hf")
     adapted = Transformer(args)
     apply_lora(adapted, rank=4, alpha=8)
-    convert.write_peft_adapter(root / "adapter", lora_state_dict(adapted), args, "llama", rank=4, alpha=8, dropout=0.0)
+    support.peft.write_peft_adapter(root / "adapter", lora_state_dict(adapted), args, "llama", rank=4, alpha=8,
+                                    dropout=0.0)
     meta = root / "meta"  # Meta's layout: params.json + consolidated.00.pth (our tensor names are Meta's)
     meta.mkdir()
     (meta / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
@@ -570,15 +574,15 @@ def resume(S):
     """train.py's resume on a run built once: restore(run) from another out_dir per variant."""
     argv = TRAIN + [f"--data_dir={S['data']}", f"--out_dir={S['run']}", "--init_from=resume"]
     cfg, overrides = train.parse_config(argv)
-    with quiet():
-        run = train.setup(cfg, overrides)
+    with quiet(), runlock.OutDirLock() as lock:  # released at once: restore() below takes no lock
+        run = train.setup(cfg, overrides, lock)
 
     def call(out_dir):
         def go():
             run.out_dir = Path(out_dir)
             try:
                 train.restore(run)
-            except CheckpointError as e:  # as train.main reports it
+            except (CheckpointError, train.TrainError) as e:  # as train.main reports it
                 raise SystemExit(f"train.py: {e}")
         return go
     return call
@@ -662,7 +666,7 @@ def megatron_variants():
     pointers = np.array([0, 10, 24], np.int64)
     doc_index = np.arange(4, dtype=np.int64)
 
-    def idx(magic=prepare.MEGATRON_MAGIC, version=1, code=8, n_seq=3, n_doc=4, sizes=sizes, pointers=pointers,
+    def idx(magic=megatron.MEGATRON_MAGIC, version=1, code=8, n_seq=3, n_doc=4, sizes=sizes, pointers=pointers,
             doc_index=doc_index):
         return (magic + struct.pack("<QBQQ", version, code, n_seq, n_doc) + np.asarray(sizes, np.int32).tobytes()
                 + np.asarray(pointers, np.int64).tobytes() + np.asarray(doc_index, np.int64).tobytes())

@@ -1,4 +1,4 @@
-"""LoRA and QLoRA in model.py, NF4 in kernels.py."""
+"""LoRA and QLoRA in model.py, NF4 in support/quant.py."""
 
 import dataclasses
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import kernels
-from model import (PRESETS, CheckpointError, LoRALinear, NF4Linear, Transformer, apply_lora, load_lora,
-                   lora_state_dict, merge_lora)
+from model import (PRESETS, CheckpointError, LoRALinear, Transformer, apply_lora, load_lora, lora_state_dict,
+                   merge_lora)
+from support import quant
+from support.quant import NF4Linear
 
 
 def tiny_model(seed=0, **overrides):
@@ -23,16 +25,16 @@ def test_nf4_code_is_the_published_normal_float_table():
     negative = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
     values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
     values = values / values.abs().max()
-    torch.testing.assert_close(kernels.NF4_CODE.double(), values, rtol=0, atol=1e-6)
+    torch.testing.assert_close(quant.NF4_CODE.double(), values, rtol=0, atol=1e-6)
 
 
 def test_nf4_round_trip_error_is_within_the_code_spacing():
     torch.manual_seed(0)
     w = torch.randn(256, 512) * 0.02
-    q = kernels.nf4_quantize(w)
-    back = kernels.nf4_dequantize(q, w.shape)
+    q = quant.nf4_quantize(w)
+    back = quant.nf4_dequantize(q, w.shape)
     absmax = w.view(-1, 64).abs().amax(1, keepdim=True)
-    half_gap = (kernels.NF4_CODE[1:] - kernels.NF4_CODE[:-1]).max() / 2
+    half_gap = (quant.NF4_CODE[1:] - quant.NF4_CODE[:-1]).max() / 2
     stored_absmax = (q["absmax_q"].float() * q["absmax_scale"][:, None]).flatten()[: absmax.numel()]
     absmax_error = (stored_absmax + q["absmax_offset"] - absmax.flatten()).abs()[:, None]  # double quantisation
     assert (absmax_error <= q["absmax_scale"].max() / 2 + 1e-7).all()
@@ -46,7 +48,7 @@ def test_nf4_round_trip_error_is_within_the_code_spacing():
 
 def test_nf4_bits_per_parameter():
     w = torch.randn(4096, 1024)
-    q = kernels.nf4_quantize(w)
+    q = quant.nf4_quantize(w)
     bits = sum(t.numel() * t.element_size() * 8 for t in q.values()) / w.numel()
     assert 4.12 < bits < 4.14, bits
 
@@ -57,15 +59,15 @@ def test_nf4_linear_matches_the_dequantised_weight_and_saves_only_4_bits(monkeyp
     monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", chunk)
     torch.manual_seed(0)
     shape = (96, 64)
-    q = kernels.nf4_quantize(torch.randn(shape) * 0.02)
+    q = quant.nf4_quantize(torch.randn(shape) * 0.02)
     x = torch.randn(2, 7, 64, dtype=dtype, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = kernels.nf4_linear(x, q, shape)
+        y = quant.nf4_linear(x, q, shape)
     g = torch.randn_like(y)
     (y * g).sum().backward()
     x2 = x.detach().clone().requires_grad_()
-    y2 = kernels.linear(x2, kernels.nf4_dequantize(q, shape, dtype))
+    y2 = kernels.linear(x2, quant.nf4_dequantize(q, shape, dtype))
     (y2 * g).sum().backward()
     assert y.dtype == x.grad.dtype == dtype
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)  # GEMM blocking
@@ -178,8 +180,8 @@ def test_bad_lora_settings_are_named(kwargs, needle):
 
 def trained_adapter(tmp_path, quantize=False):
     """A base checkpoint dir, and an adapter dir with non-zero adapters trained (here: drawn) on it."""
-    import convert
-    from convert import write_checkpoint
+    import support.peft
+    from support.weights import write_checkpoint
 
     model = tiny_model()
     write_checkpoint(tmp_path / "base", model.state_dict(), model.args, "llama")
@@ -187,8 +189,8 @@ def trained_adapter(tmp_path, quantize=False):
     with torch.no_grad():
         for p in lora_state_dict(model).values():
             p.normal_(std=0.05)
-    convert.write_peft_adapter(tmp_path / "adapter", lora_state_dict(model), model.args, "llama", rank=4, alpha=8,
-                               dropout=0.0)
+    support.peft.write_peft_adapter(tmp_path / "adapter", lora_state_dict(model), model.args, "llama", rank=4,
+                                    alpha=8, dropout=0.0)
     return model.eval()
 
 
@@ -206,7 +208,7 @@ def test_merge_lora_command_equals_model_with_adapters(tmp_path):
 
 def test_merge_lora_into_a_base_of_another_shape_is_refused(tmp_path):
     import convert
-    from convert import write_checkpoint
+    from support.weights import write_checkpoint
 
     trained_adapter(tmp_path)
     other = tiny_model(hidden_dim=192)
@@ -248,15 +250,16 @@ def lora_run(data, out, *extra):
 
 
 def native_names(peft_tensors: dict) -> dict:
-    """A LLaMA model's PEFT adapter tensors under our names, through convert.HF_LAYER (one weight per HF module)."""
+    """A LLaMA model's PEFT adapter tensors under our names, through support.hf_names.HF_LAYER (one weight per HF
+    module)."""
     import re
 
-    import convert
+    from support.hf_names import HF_LAYER
 
     out = {}
     for name, t in peft_tensors.items():
         m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight", name)
-        out[f"layers.{m[1]}.{convert.HF_LAYER[m[2] + '.weight'][: -len('.weight')]}.lora_{m[3].lower()}"] = t
+        out[f"layers.{m[1]}.{HF_LAYER[m[2] + '.weight'][: -len('.weight')]}.lora_{m[3].lower()}"] = t
     return out
 
 
@@ -271,7 +274,8 @@ def test_lora_run_trains_only_adapters_lowers_the_loss_and_exports_the_merge(bas
     import json
 
     from safetensors import safe_open
-    from model import load_lora, load_tensors
+    from model import load_lora
+    from support.weights import load_tensors
 
     data, ckpt = base
     flags = [f"--init_from={ckpt}", "--lora_rank=4", "--lora_alpha=8", "--lora_targets=wq,wv,w2", "--max_iters=12",
@@ -337,7 +341,7 @@ def test_lora_resume_takes_its_lora_settings_from_its_step_dir(base, tmp_path):
 def test_dcp_to_native_of_a_lora_step_dir_merges_that_steps_adapters_into_the_base(base, tmp_path, qlora):
     # a LoRA run's step dir holds its adapters beside the frozen base: the documented export of a step dir merges them
     import convert
-    from model import load_tensors
+    from support.weights import load_tensors
 
     data, ckpt = base
     run = lora_run(data, tmp_path / "out", f"--init_from={ckpt}", "--lora_rank=4", "--lora_alpha=8",

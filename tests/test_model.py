@@ -9,9 +9,10 @@ import torch
 
 import kernels
 from kernels import alibi_slopes
-from convert import write_checkpoint
-from bench import flops_per_token
-from model import PRESETS, CheckpointError, Transformer, load_tensors
+from support.weights import write_checkpoint
+from support.planner import flops_per_token
+from model import PRESETS, CheckpointError, Transformer
+from support.weights import load_tensors
 
 EXPECTED_PARAMS = {
     "llama-7b": 6_738_415_616, "llama-13b": 13_015_864_320, "baichuan-7b": 7_000_559_616,

@@ -169,7 +169,7 @@ def test_more_than_1k_documents_take_several_tnd_calls(fake_npu):
     q, k, v = qkv(H=2, H_kv=1, T=T, D=8)
     calls = kernels.packed_doc_ends(doc_ids)
     assert [len(ends) for _, ends in calls] == [1024, 37]
-    out = kernels.attention(q, k, v, doc_ids=doc_ids, doc_ends=calls)
+    out = kernels.attention(q, k, v, doc_ids=doc_ids)
     assert fake_npu.calls["npu_fusion_attention"] == 2
     torch.testing.assert_close(out, portable(kernels.attention, q, k, v, doc_ids=doc_ids), rtol=1e-5, atol=1e-5)
 
@@ -187,9 +187,9 @@ def test_packed_document_ends_are_read_once_per_batch_not_per_layer(fake_npu, mo
     _, ref = portable(model, idx, idx, doc_ids=doc_ids)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     q, k, v = qkv(T=10)
-    ends = kernels.packed_doc_ends(doc_ids)
+    kernels.attention(q, k, v, doc_ids=doc_ids)  # the first layer of a forward reads the ends
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("attention read the device"))
-    kernels.attention(q, k, v, doc_ids=doc_ids, doc_ends=ends)
+    kernels.attention(q, k, v, doc_ids=doc_ids)  # the next layers, given the same doc_ids, do not
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -233,7 +233,8 @@ def test_long_causal_alibi_passes_the_compressed_bias_with_the_same_numbers_and_
 def test_fake_takes_a_compressed_bias_only_where_documented(fake_npu):
     T = 1040
     q, k, v = qkv(B=1, H=2, H_kv=2, T=T, D=8)
-    pse = kernels.alibi_attention_bias(kernels.alibi_slopes(2), torch.float32, 8, T, T)
+    bias = kernels.alibi_attention_bias(kernels.alibi_slopes(2), torch.float32, 8, T, T)
+    pse = kernels._npu_pse("fa", bias, torch.float32, 8, T, compressible=True)  # as the NPU path adapts it
     assert pse.shape == (1, 2, 1024, T)
     with pytest.raises(RuntimeError, match="lower-triangular"):
         fake_npu.npu_fusion_attention(q, k, v, 2, "BNSD", pse=pse)  # no mask

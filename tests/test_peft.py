@@ -11,11 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import convert
-import kernels
 import prepare
 import sample
-from convert import write_checkpoint
-from model import PRESETS, LoRALinear, NF4Linear, Transformer, apply_lora, load_tensors, lora_state_dict, merge_lora
+import support.peft
+from support import quant
+from support.weights import write_checkpoint
+from model import PRESETS, LoRALinear, Transformer, apply_lora, lora_state_dict, merge_lora
+from support.quant import NF4Linear
+from support.weights import load_tensors
 from test_convert import L, baichuan_config, save_hf, w_pack_sd
 from test_sample import byte_tokenizer, hf_to_checkpoint, run_cli, tiny_hf_llama
 
@@ -159,7 +162,7 @@ def test_sample_nf4_runs_a_peft_adapter_beside_the_4bit_base_as_peft_does(tmp_pa
     assert isinstance(got.layers[0].attention.wq, LoRALinear) and isinstance(got.layers[0].attention.wq.base,
                                                                              NF4Linear)
     with monkeypatch.context() as m:  # the model's numbers: its NF4 products dequantised (no C kernel)
-        m.setattr(kernels, "quant_kernels", lambda: None)
+        m.setattr(quant, "quant_kernels", lambda: None)
         assert (logits(got) - reference).abs().max() <= 1e-4
     # through the C kernel (codes and x in int16: ~5e-5 off each product) a few 1e-4 of the logits' scale off them
     assert (logits(got) - reference).abs().max() <= 1e-3 * reference.abs().max()
@@ -307,7 +310,7 @@ def test_baichuan_adapters_export_as_a_w_pack_adapter_peft_merges_to_our_weights
     with torch.no_grad():
         for p in lora_state_dict(model).values():
             p.normal_(std=0.1)
-    convert.write_peft_adapter(tmp_path / "adapter", lora_state_dict(model), model.args, "baichuan", rank=4,
+    support.peft.write_peft_adapter(tmp_path / "adapter", lora_state_dict(model), model.args, "baichuan", rank=4,
                                alpha=8, dropout=0.0)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert "W_pack" in config["target_modules"]

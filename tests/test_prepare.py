@@ -9,6 +9,7 @@ files the tests write; two runs go through a subprocess to check what a user see
 """
 
 import json
+import os
 import random
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 
 import prepare
 from prepare import TEMPLATES, encode_chat, load_tokenizer
+from support import megatron
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the a model data token chat user assistant reply question answer python code function return value list "
@@ -394,10 +396,10 @@ def test_megatron_round_trip(sp_path, sp, tmp_path):
     meta = run("--input", tmp_path / "a.txt", tmp_path / "b.txt", "--tokenizer", sp_path, "--out", tmp_path / "o1",
                "--val_fraction", "0", "--megatron")
     tokens, _, offsets = load_split(tmp_path / "o1", "train", meta)
-    dtype, sizes, pointers, doc_index = prepare.read_megatron_index(tmp_path / "o1" / "train.idx")
+    dtype, sizes, pointers, doc_index = megatron.read_megatron_index(tmp_path / "o1" / "train.idx")
     assert dtype == np.uint16 and list(sizes) == list(np.diff(offsets)) and list(doc_index) == [0, 1, 2]
     assert list(pointers) == [0, 2 * sizes[0]]
-    docs = list(prepare.read_megatron(tmp_path / "o1" / "train.bin"))
+    docs = list(megatron.read_megatron(tmp_path / "o1" / "train.bin"))
     assert [list(d) for d in docs] == [list(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
     # read back as input: the same files again
     run("--input", tmp_path / "o1" / "train.idx", tmp_path / "o1" / "train.bin", "--tokenizer", sp_path,
@@ -423,7 +425,7 @@ def test_megatron_idx_built_by_hand_is_read(sp_path, sp, tmp_path):
     # three sequences, two documents: doc 0 = sequences 0 and 1, doc 1 = sequence 2 (already ends with eos)
     seqs = [[10, 11, 12], [13, 14], [20, 21, sp.eos_id]]
     write_idx_by_hand(tmp_path / "hand", seqs, [0, 2, 3])
-    docs = list(prepare.read_megatron(tmp_path / "hand.idx"))
+    docs = list(megatron.read_megatron(tmp_path / "hand.idx"))
     assert [list(d) for d in docs] == [[10, 11, 12, 13, 14], [20, 21, sp.eos_id]]
     meta = run("--input", tmp_path / "hand.idx", "--format", "megatron", "--tokenizer", sp_path,
                "--out", tmp_path / "out", "--val_fraction", "0")
@@ -431,7 +433,7 @@ def test_megatron_idx_built_by_hand_is_read(sp_path, sp, tmp_path):
     assert list(tokens) == [10, 11, 12, 13, 14, sp.eos_id, 20, 21, sp.eos_id] and list(offsets) == [0, 6, 9]
     # uint16 (code 8) too, and a corrupt header is one clear error
     write_idx_by_hand(tmp_path / "h16", [[5, 6]], [0, 1], code=8, dtype=np.uint16)
-    assert [list(d) for d in prepare.read_megatron(tmp_path / "h16.bin")] == [[5, 6]]
+    assert [list(d) for d in megatron.read_megatron(tmp_path / "h16.bin")] == [[5, 6]]
     (tmp_path / "bad.bin").write_bytes(b"\x00" * 8)
     (tmp_path / "bad.idx").write_bytes(b"NOTMEGA" + b"\x00" * 40)
     msg = fails("--input", tmp_path / "bad.idx", "--tokenizer", sp_path, "--out", tmp_path / "o2")
@@ -853,3 +855,14 @@ def test_pack_text_cuts_long_documents_and_masks_only_padding(sp_path, sp, tmp_p
     run(*args, "--out", tmp_path / "pieces")
     for name in ("train.bin", "train.mask.bin", "train.docs.bin"):
         assert (tmp_path / "pieces" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+
+
+def test_import_prepare_leaves_torch_out():
+    # the data pipeline needs no torch: importing it (and the support files it uses) must not load it; a fresh
+    # interpreter, since this test process has torch loaded already
+    code = ("import sys, prepare; import support.jinja_templates, support.megatron, support.records, "
+            "support.tokenizer_files; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

@@ -22,12 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
 import kernels
 import prepare
 import sample
 import train
-from model import PRESET_FAMILY, PRESETS, ModelArgs, Transformer, load_tensors
+from model import PRESET_FAMILY, PRESETS, ModelArgs, Transformer
+from support import planner
+from support.weights import load_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_JOB = {"default.py", "sft_tiny.py"}  # the main job and its fine-tuning: not published setups, no twins
@@ -159,6 +160,21 @@ def generate(export: Path, template, capsys) -> int:
 def test_every_recipe_has_a_twin_and_every_twin_a_recipe():
     recipes = {p.name for p in (ROOT / "config").glob("[!_]*.py")} - MAIN_JOB - set(TWINS)  # _twin.py: the twins' overlay
     assert recipes == set(FULL) and len(FULL) >= 13
+
+
+@pytest.mark.parametrize("recipe", FULL)
+def test_recipe_says_how_its_loss_weighs_the_targets_and_why(recipe):
+    """loss_weighting is set in the recipe with its reason, and its table gives its framework's rule beside ours."""
+    text = (ROOT / "config" / recipe).read_text()
+    assert re.search(r'^loss_weighting = "(token|micro_batch)"  # .{20,}$', text, re.M), recipe
+    assert re.search(r"^# \| loss weighting +\| .+ \| (token|micro_batch)", text, re.M), recipe
+
+
+@pytest.mark.parametrize("recipe", FULL + sorted(MAIN_JOB))
+def test_every_recipe_states_keep_last_and_keeps_two_checkpoints_or_more(recipe):
+    """keep_last >= 2: a damaged newest step dir falls back to the one before (its twin runs what it states)."""
+    assert re.search(r"^keep_last = \d+  # \S", (ROOT / "config" / recipe).read_text(), re.M), recipe  # with why
+    assert parse(recipe)[0].keep_last >= 2 and train.Config.keep_last >= 2
 
 
 @pytest.mark.parametrize("twin", TWINS)
@@ -303,11 +319,11 @@ def test_dry_run_lora_and_qlora_by_hand(tmp_path):
                             activation_checkpointing="full"), {})
     linears = [d * d, d * kv, d * kv, d * d, d * f, f * d, d * f]
     nf4 = L * sum(m // 2 + 256 * -(-(m // 64) // 256) + 4 * -(-(m // 64) // 256) + 4 for m in linears)
-    assert bench.nf4_bytes(4096 * 4096) * 8 / (4096 * 4096) == pytest.approx(4.127, abs=1e-3)
+    assert planner.nf4_bytes(4096 * 4096) * 8 / (4096 * 4096) == pytest.approx(4.127, abs=1e-3)
     assert q["bytes"]["weights"] == nf4 + 2 * (n - L * sum(linears)) + 4 * q["n_trainable"]
     assert q["bytes"]["working weights"] == 2 * sum(linears)  # one block dequantised at a time
     # frozen weights skip their weight gradients: 4 FLOPs per weight instead of 6, adapters 6
-    full_flops = bench.flops_per_token(PRESETS["tiny"], 32)
+    full_flops = planner.flops_per_token(PRESETS["tiny"], 32)
     assert lora["flops_per_token"] == full_flops - 2 * (n - 512 * d) + 6 * adapters
 
 
@@ -335,7 +351,7 @@ def test_activation_estimate_matches_what_autograd_keeps(pos_emb, dtype, packed,
             torch.autocast("cpu", dtype=train.DTYPES[dtype], enabled=dtype != "float32"):
         model(x, x, doc_ids=doc_ids)
     cfg = replace(train.Config(), dtype=dtype, seq_len=T, micro_batch_size=b, global_batch_size=b)
-    mem = bench.memory_plan(args, cfg, dp=1, tp=1, packed=packed)["bytes"]
+    mem = planner.memory_plan(args, cfg, dp=1, tp=1, packed=packed)["bytes"]
     planned = mem["activations (none)"] + mem["working weights"]  # with autocast's 16-bit weight copies
     assert 0.97 < sum(saved.values()) / planned < 1.03
 

@@ -22,6 +22,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import convert
+import support.stepdir
+import support.weights
 import train
 from test_train import markov_tokens, write_data
 
@@ -91,7 +93,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(point, dirs, leftover, 
     out, proc = killed[point]
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [p.name for p in train.step_dirs(out)] == [f"step_{i:08d}" for i in dirs]
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == ([leftover] if leftover else [])
+    hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert hidden == sorted([".train.lock", *([leftover] if leftover else [])])  # the dead run's lock does not block:
     resumed = run(data, out, "--keep_last=2", "--init_from=resume")
     assert f"resumed from {out / f'step_{start:08d}'} at step {start}" in capsys.readouterr().err
     assert_continues_reference(resumed, reference, start)
@@ -183,21 +186,21 @@ def test_dcp_entry_that_runs_code_is_refused(reference, data, tmp_path):
     model = Transformer(train.replace(PRESETS["tiny"], vocab_size=64))
     model_sd, optim_sd = get_state_dict(model, train.build_optimizer(model, cfg, torch.device("cpu")))
     state = {"model": model_sd, "optim": optim_sd}
-    with convert.quiet_dcp():
+    with support.stepdir.quiet_dcp():
         dcp.load(state, checkpoint_id=reference["out"] / "step_00000004")
     marker = tmp_path / "PWNED"
     state["optim"]["param_groups"][0]["lr"] = Evil(str(marker))
     step = tmp_path / "out" / "step_00000004"
     shutil.copytree(reference["out"] / "step_00000004", step)
-    with convert.quiet_dcp():
+    with support.stepdir.quiet_dcp():
         dcp.save(state, checkpoint_id=tmp_path / "evil")
     for f in (tmp_path / "evil").iterdir():
         shutil.copy(f, step / f.name)
     train_state = json.loads((step / "train_state.json").read_text())
-    train_state["files"] = {n: convert.file_digest(step / n) for n in train_state["files"]}
+    train_state["files"] = {n: support.stepdir.file_digest(step / n) for n in train_state["files"]}
     (step / "train_state.json").write_text(json.dumps(train_state))
     # the file is truly dangerous: torch's own planner runs the payload
-    with convert.quiet_dcp():
+    with support.stepdir.quiet_dcp():
         dcp.load({"optim": optim_sd}, checkpoint_id=step)
     assert marker.exists()
     marker.rmdir()
@@ -262,16 +265,17 @@ def test_full_disk_while_saving_names_the_last_complete_checkpoint(data, tmp_pat
         return save(state, checkpoint_id=checkpoint_id, **kwargs)
 
     monkeypatch.setattr(dcp, "save", save_then_fill_the_disk)
-    with pytest.raises(SystemExit, match=r"\.tmp_step_00000004: writing the checkpoint failed \(OSError: \[Errno 28\] "
-                                         r"No space left on device\); the last good checkpoint is .*step_00000002"):
-        run(data, tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"step_00000004: the disk is full: it needs more, [\d,]+ bytes \(.*\) are free "
+                                         r"on /.*; free space, or keep fewer step dirs \(keep_last=2: .*\); the last "
+                                         r"good checkpoint is .*step_00000002"):
+        run(data, tmp_path / "out")  # it needs 1.4 MB, as step_00000002, with more free: "more"
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["step_00000002"]
 
 
 def test_no_checkpoint_is_written_from_non_finite_weights(data, tmp_path, monkeypatch):
     """A step whose update made a weight infinite (the loss of that step was still finite): its checkpoint is refused
     and the run stops naming the previous one, which verifies; convert.py refuses such weights the same way."""
-    save = convert.write_step_dir
+    save = support.stepdir.write_step_dir
 
     def poisoned_save(out_dir, step, dcp_state, *args, **kwargs):
         if step == 4:
@@ -286,7 +290,7 @@ def test_no_checkpoint_is_written_from_non_finite_weights(data, tmp_path, monkey
     assert not list((tmp_path / "out").glob(".tmp_step_*"))
     weights = {"tok_embeddings.weight": torch.zeros(4, 2), "norm.weight": torch.tensor([1.0, float("nan")])}
     with pytest.raises(convert.CheckpointError, match=r"tensor norm\.weight holds NaN or infinite values"):
-        convert.write_checkpoint(tmp_path / "ckpt", weights, train.PRESETS["tiny"], "llama")
+        support.weights.write_checkpoint(tmp_path / "ckpt", weights, train.PRESETS["tiny"], "llama")
 
 
 def test_the_last_good_checkpoint_is_the_newest_that_verifies(reference, tmp_path):
@@ -296,7 +300,7 @@ def test_the_last_good_checkpoint_is_the_newest_that_verifies(reference, tmp_pat
         f.seek(0)
         f.write(bytes([byte[0] ^ 1]))
     (out / "step_00000006" / "rng_rank0.json").unlink()
-    assert convert.last_good_step_dir(out) == out / "step_00000004"
+    assert support.stepdir.last_good_step_dir(out) == out / "step_00000004"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -304,19 +308,21 @@ def test_the_last_good_checkpoint_is_the_newest_that_verifies(reference, tmp_pat
 
 KILLED_CONVERT = """
 import os, pathlib, signal, sys
-import convert, model
+import convert
+import support.weights
+from support import outputs
 die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
 point = os.environ["KILL_AT"]
 if point == "write":  # the first output shard is on disk, the others are not
-    flush = convert.ShardWriter._flush
-    convert.ShardWriter._flush = lambda self: (flush(self), die())
+    flush = support.weights.ShardWriter._flush
+    support.weights.ShardWriter._flush = lambda self: (flush(self), die())
 elif point == "swap":  # the new dir complete, not yet swapped in
-    model.swap_paths = die
+    outputs.swap_paths = die
 elif point == "swapped":  # swapped in, the old one not yet removed
-    exchange = model.swap_paths
-    model.swap_paths = lambda a, b: (exchange(a, b), die())
+    exchange = outputs.swap_paths
+    outputs.swap_paths = lambda a, b: (exchange(a, b), die())
 elif point == "aside":  # where no atomic swap exists: the old dir renamed aside, the new one not yet in
-    model.swap_paths = lambda a, b: False
+    outputs.swap_paths = lambda a, b: False
     rename = pathlib.Path.rename
     pathlib.Path.rename = lambda self, to: (rename(self, to), ".old-" in str(to) and die())[0]
 convert.main(sys.argv[1:])
@@ -340,7 +346,7 @@ def killed_converts(tmp_path_factory):
         torch.manual_seed(seed)
         model = Transformer(PRESETS["tiny"])
         model.init_weights()
-        convert.write_checkpoint(root / name, model.state_dict(), PRESETS["tiny"], "llama")
+        support.weights.write_checkpoint(root / name, model.state_dict(), PRESETS["tiny"], "llama")
     flags = ["--max_shard_size", "100KB", "--overwrite"]
     convert.main(["native-to-hf", "--src", str(root / "older"), "--dst", str(root / "old"), *flags])
     convert.main(["native-to-hf", "--src", str(root / "src"), "--dst", str(root / "new"), *flags])
@@ -358,7 +364,7 @@ def killed_converts(tmp_path_factory):
 
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_kill_9_of_convert_leaves_the_old_or_the_new_dir_whole(killed_converts, point):
-    from model import remove_stale
+    from support.outputs import remove_stale
     k, d = killed_converts, killed_converts["root"] / point
     assert k["results"][point].returncode == -signal.SIGKILL, k["results"][point].stderr.decode()[-2000:]
     left = k[KILL_POINTS[point]]
@@ -386,7 +392,7 @@ def test_a_diverging_run_ends_with_one_line_naming_the_last_good_checkpoint(data
     assert re.fullmatch(r"train\.py: step 2: loss .* not finite in float32; stopping; the last good checkpoint is "
                         + re.escape(str(out / "step_00000001")), lines[-1]), r.stderr[-2000:]
     assert [p.name for p in train.step_dirs(out)] == ["step_00000001"]
-    convert.verify_step_dir(out / "step_00000001")
+    support.stepdir.verify_step_dir(out / "step_00000001")
 
 
 def test_the_next_run_removes_what_dead_runs_left_and_spares_a_running_ones(tmp_path):
@@ -400,7 +406,7 @@ def test_the_next_run_removes_what_dead_runs_left_and_spares_a_running_ones(tmp_
         (tmp_path / name).mkdir()
         (tmp_path / name / "shard.safetensors").write_bytes(b"\0" * 1000)
     src = tmp_path / "src"
-    convert.write_checkpoint(src, train.Transformer(train.PRESETS["tiny"]).state_dict(), train.PRESETS["tiny"],
+    support.weights.write_checkpoint(src, train.Transformer(train.PRESETS["tiny"]).state_dict(), train.PRESETS["tiny"],
                              "llama")
     convert.main(["native-to-hf", "--src", str(src), "--dst", str(tmp_path / "dst"), "--overwrite"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".dst.tmp-" + live, ".other.tmp-" + dead, "dst",

@@ -1,5 +1,6 @@
 """Tests for sample.py: parity with transformers' generate, KV cache, batching, sampling, quantisation, CLI."""
 import contextlib
+import copy
 import json
 
 import pytest
@@ -9,6 +10,7 @@ import kernels
 import model as model_lib
 import prepare
 import sample
+from support import quant
 
 VOCAB = 260  # byte tokens 0..255 and 4 specials (see byte_tokenizer)
 
@@ -171,6 +173,70 @@ def test_requests_join_only_within_the_kv_budget(tiny):
     slots.clear()
 
 
+@torch.inference_mode()
+def test_prefill_builds_the_last_positions_logits_only_with_the_same_tokens(tiny, monkeypatch):
+    """generate's prefill and the server's (Slots) ask the head for the last position only: every forward of
+    generation returns (B, 1, vocab) logits, never a (B, T, vocab) of the prompt; the tokens are those of a full
+    forward over the whole sequence at every step (no cache)."""
+    def uncached(prompt, n):
+        seq = torch.tensor([prompt])
+        for _ in range(n):
+            seq = torch.cat([seq, tiny(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        return seq[0, len(prompt):].tolist()
+
+    rows = [PROMPT, [7, 3], PROMPT[:4]]  # lengths differ: left padded
+    want = [uncached(r, 8) for r in rows]
+    shapes, forward = [], model_lib.Transformer.forward
+
+    def recording(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        shapes.append(tuple(logits.shape))
+        return logits, loss
+    monkeypatch.setattr(model_lib.Transformer, "forward", recording)
+    assert [list(t) for t in zip(*sample.generate(tiny, rows, 8, temperature=0))] == want
+    assert shapes and set(shapes) == {(3, 1, VOCAB)}
+    shapes.clear()
+    greedy = dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.0)
+    slots, got = sample.Slots(tiny, max_rows=2), [[], []]
+    slots.join([sample.Job(rows[0], 8, [], greedy, None)])
+    for step in range(8):
+        if step == 2:  # joins a batch that is decoding: a prefill of its own row, after the others' columns
+            slots.join([sample.Job(rows[1], 6, [], greedy, None)])
+        token = slots.sample()
+        for r, _ in slots.live():
+            got[r].append(token[r].item())
+        slots.step(token)
+    slots.clear()
+    assert got == [want[0], want[1][:6]]
+    assert (1, 1, VOCAB) in shapes and all(shape[1] == 1 for shape in shapes)
+
+
+def test_memory_budgets_count_each_rows_last_position_logits(tiny, monkeypatch):
+    """kv_budget sets aside the next-token logits of each row it may hold (one position, as the prefill builds them):
+    a server's max_batch rows, or a prompt file's rows of a known length; check_memory counts one sequence's."""
+    a, per_position = tiny.args, sample.kv_bytes(tiny.args, 1, 4)
+    per_row = sample.logits_bytes(a, 1, 4)
+    assert per_row == a.vocab_size * 8  # fp32 logits out of the head and their fp32 copy
+    memory = {"bytes": 0}
+    monkeypatch.setattr(kernels, "available_memory", lambda device: memory["bytes"])
+    memory["bytes"] = 2 * (1000 * per_position + 8 * per_row)  # half of what is available is the budget
+    assert sample.kv_budget(tiny, 8, "cpu") == 1000  # 8 rows' logits set aside, 1000 positions left
+    memory["bytes"] -= 2  # a byte less: a position fewer
+    assert sample.kv_budget(tiny, 8, "cpu") == 999
+    columns = 40
+    memory["bytes"] = 2 * 5 * (columns * per_position + per_row)  # five rows of 40 columns and their logits
+    assert sample.kv_budget(tiny, 16, "cpu", columns) == 5 * columns
+    memory["bytes"] -= 2
+    assert sample.kv_budget(tiny, 16, "cpu", columns) == 4 * columns
+    with torch.device("meta"):
+        weights = model_lib.Transformer(a).num_params() * 4
+    memory["bytes"] = weights + sample.kv_bytes(a, a.max_seq_len, 4) + per_row
+    sample.check_memory(a, "cpu", torch.float32, "ckpt")  # fits exactly
+    memory["bytes"] -= 1
+    with pytest.raises(SystemExit, match=r"--ckpt=ckpt: .* parameters in float32 need"):
+        sample.check_memory(a, "cpu", torch.float32, "ckpt")
+
+
 def test_batch_row_stops_at_eos(tiny):
     rows = [[1, 5, 9], [4, 8]]
     greedy0 = list(sample.generate(tiny, rows[0], 3, temperature=0))
@@ -294,6 +360,38 @@ def test_int4_group_size_must_divide_in_features(tiny):
         sample.quantize_model(copy.deepcopy(tiny), "int4", group_size=48)
 
 
+@pytest.mark.parametrize("widths,want", [([512, 1376], 32), ([4096, 11008], 128), ([576, 1536], 96),
+                                         ([2048, 5632], 128), ([64, 192], 64), ([48, 80], 16), ([6, 10], 2),
+                                         ([5, 7], None)])
+def test_int4_picks_the_largest_group_that_divides_every_layer(widths, want):
+    assert quant.int4_group_size(widths) == want
+
+
+def test_int4_without_a_group_size_quantises_a_model_whose_widths_128_does_not_divide():
+    args = model_lib.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=VOCAB, hidden_dim=96, max_seq_len=32)
+    model = sample.quantize_model(model_lib.Transformer(args).eval(), "int4")  # 128 would refuse hidden 96
+    assert {m.group_size for m in model.modules() if isinstance(m, sample.Int4Linear)} == {32}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_tied_embedding_gets_an_int8_output_layer_saved_and_loaded(tmp_path, mode):
+    torch.manual_seed(0)
+    args = model_lib.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=VOCAB, hidden_dim=128, max_seq_len=32,
+                               tie_embeddings=True)
+    full = model_lib.Transformer(args).eval()
+    q = sample.quantize_model(copy.deepcopy(full), mode, group_size=16)
+    assert isinstance(q.output, sample.Int8Linear) and sample.quantized_head(q)
+    assert torch.equal(q.tok_embeddings.weight, full.tok_embeddings.weight)  # the lookup keeps the fp32 rows
+    with torch.no_grad():
+        want, got = full(torch.tensor([PROMPT]))[0], q(torch.tensor([PROMPT]))[0]
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+    sample.save_quantized(q, tmp_path / "src", tmp_path / "q", mode, None, "llama")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["tied_head"] is True
+    loaded, _ = sample.load_model(tmp_path / "q", "cpu", torch.float32)
+    assert isinstance(loaded.output, sample.Int8Linear)
+    assert list(sample.generate(loaded, PROMPT, 6, temperature=0)) == list(sample.generate(q, PROMPT, 6, temperature=0))
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_model_saves_and_loads(tiny, tmp_path, mode):
     import copy
@@ -325,7 +423,7 @@ def quantized(mode, rows, cols, group_size=16, seed=0):
 
 
 def kernels_built():
-    if kernels.quant_kernels() is None:  # a machine without a C compiler: the fallback's own test covers it
+    if quant.quant_kernels() is None:  # a machine without a C compiler: the fallback's own test covers it
         pytest.skip("no C compiler here: the quantised matmul kernels could not be built")
 
 
@@ -360,48 +458,46 @@ def test_decoding_never_dequantises_a_weight(tiny, monkeypatch):
     def refuse(*_):
         raise AssertionError("a dequantised weight was built")
 
-    monkeypatch.setattr(kernels, "dequantised_linear", refuse)
+    monkeypatch.setattr(quant, "dequantised_linear", refuse)
     for mode, m in models.items():  # prefill and every decode step read the stored bytes only
         assert list(sample.generate(m, PROMPT, 8, temperature=0)) == want[mode]
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_without_kernels_products_are_dequantised_a_block_of_rows_at_a_time(mode, monkeypatch):
-    import kernels
-
     layer, _ = quantized(mode, 40, 64)
     x = torch.randn(3, 64)
     want = x @ layer.dequantize(torch.float32).T
-    monkeypatch.setattr(kernels, "quant_kernels", lambda: None)
-    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 64 * 16)  # blocks of 16 rows: 16, 16, 8
+    monkeypatch.setattr(quant, "quant_kernels", lambda: None)
+    monkeypatch.setattr(quant, "CHUNK_WEIGHTS", 64 * 16)  # blocks of 16 rows: 16, 16, 8
     blocks = []
-    unpack = kernels.int8_dequantize if mode == "int8" else kernels.int4_dequantize
-    monkeypatch.setattr(kernels, f"{mode}_dequantize", lambda w, *p: blocks.append(w.size(0)) or unpack(w, *p))
+    unpack = quant.int8_dequantize if mode == "int8" else quant.int4_dequantize
+    monkeypatch.setattr(quant, f"{mode}_dequantize", lambda w, *p: blocks.append(w.size(0)) or unpack(w, *p))
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
     assert blocks == [16, 16, 8]
 
 
-# NF4 (QLoRA's base, kernels.nf4_quantize): the C kernel takes rows whose length is a multiple of 32 (a row may start
-# half-way into a 64-weight block), in fp32, autograd off, up to kernels.NF4_KERNEL_ROWS rows; the rest is dequantised
+# NF4 (QLoRA's base, quant.nf4_quantize): the C kernel takes rows whose length is a multiple of 32 (a row may start
+# half-way into a 64-weight block), in fp32, autograd off, up to quant.NF4_KERNEL_ROWS rows; the rest is dequantised
 @pytest.mark.parametrize("rows,cols", [(8, 64), (34, 192), (130, 4160), (8, 32), (16, 96), (32, 1376)])
 @pytest.mark.parametrize("m", [1, 3, 16, 70])
 def test_nf4_kernel_computes_the_product_with_the_dequantised_weight(rows, cols, m, monkeypatch):
     kernels_built()
     torch.manual_seed(0)
-    layer = model_lib.NF4Linear(cols, rows).quantize_from(torch.randn(rows, cols))
+    layer = quant.NF4Linear(cols, rows).quantize_from(torch.randn(rows, cols))
     x = torch.randn(2, m, cols)
     want = x.double() @ layer.dequantize(torch.float64).T
     calls = []
-    nf4_matmul = kernels.nf4_matmul
-    monkeypatch.setattr(kernels, "nf4_matmul", lambda *a: calls.append(a[0].size(0)) or nf4_matmul(*a))
+    nf4_matmul = quant.nf4_matmul
+    monkeypatch.setattr(quant, "nf4_matmul", lambda *a: calls.append(a[0].size(0)) or nf4_matmul(*a))
     with torch.no_grad():
         got = layer(x)
-    assert calls == ([2 * m] if 2 * m <= kernels.NF4_KERNEL_ROWS else [])
+    assert calls == ([2 * m] if 2 * m <= quant.NF4_KERNEL_ROWS else [])
     # the kernel multiplies int16 codes by x rounded to int16 per block of 64 (AVX2): ~5e-5 off; else fp32
     assert (got.double() - want).norm() / want.norm() < (1e-4 if calls else 1e-6)
     x.requires_grad_(True)  # training (QLoRA): the dequantising path, whose backward exists
     layer(x).sum().backward()
-    assert calls == ([2 * m] if 2 * m <= kernels.NF4_KERNEL_ROWS else []) and x.grad is not None
+    assert calls == ([2 * m] if 2 * m <= quant.NF4_KERNEL_ROWS else []) and x.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -411,11 +507,11 @@ def test_nf4_quantize_in_c_gives_torchs_codes(monkeypatch, dtype):
     w = (torch.randn(96, 320) * 0.02).to(dtype)
     w[3, :64] = 0  # a block of zeros
     w[7, 64:128] = 1e-30  # an absmax under the 1e-12 floor
-    w[9, 0] = w[9, 1:64].abs().max() * 0.5 * (kernels.NF4_CODE[12] + kernels.NF4_CODE[13]).item()  # a tie (fp32)
-    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 64 * 100)  # several chunks, the last one short
-    ours = kernels.nf4_quantize(w)
-    monkeypatch.setattr(kernels, "quant_kernels", lambda: None)  # torch.bucketize's codes
-    for name, t in kernels.nf4_quantize(w).items():
+    w[9, 0] = w[9, 1:64].abs().max() * 0.5 * (quant.NF4_CODE[12] + quant.NF4_CODE[13]).item()  # a tie (fp32)
+    monkeypatch.setattr(quant, "CHUNK_WEIGHTS", 64 * 100)  # several chunks, the last one short
+    ours = quant.nf4_quantize(w)
+    monkeypatch.setattr(quant, "quant_kernels", lambda: None)  # torch.bucketize's codes
+    for name, t in quant.nf4_quantize(w).items():
         assert torch.equal(ours[name], t), name
 
 
@@ -427,34 +523,34 @@ def test_nf4_decoding_reads_the_stored_bytes_only(monkeypatch):
     args = model_lib.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, hidden_dim=192,
                                max_seq_len=64)
     model = sample.quantize_model(model_lib.Transformer(args).eval(), "nf4")
-    assert isinstance(model.layers[0].feed_forward.w2, model_lib.NF4Linear)
-    assert type(model.output) is not model_lib.NF4Linear  # QLoRA's base: the head stays as it is
+    assert isinstance(model.layers[0].feed_forward.w2, quant.NF4Linear)
+    assert type(model.output) is not quant.NF4Linear  # QLoRA's base: the head stays as it is
     reference = copy.deepcopy(model)
-    monkeypatch.setattr(kernels, "quant_kernels", lambda: None)  # dequantised blocks: the reference numbers
+    monkeypatch.setattr(quant, "quant_kernels", lambda: None)  # dequantised blocks: the reference numbers
     want = list(sample.generate(reference, PROMPT, 8, temperature=0))
     monkeypatch.undo()
 
     def refuse(*_):
         raise AssertionError("a dequantised NF4 weight was built")
 
-    monkeypatch.setattr(kernels, "nf4_dequantize", refuse)
+    monkeypatch.setattr(quant, "nf4_dequantize", refuse)
     assert list(sample.generate(model, PROMPT, 8, temperature=0)) == want
 
 
 def test_kernels_are_built_once_per_cpu_then_loaded_from_the_cache(tmp_path, monkeypatch, capsys):
     kernels_built()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert kernels.quant_kernels.__wrapped__() is not None
+    assert quant.quant_kernels.__wrapped__() is not None
     assert "built the quantised matmul kernels for this CPU" in capsys.readouterr().err
     assert [p.suffix for p in (tmp_path / "nanollama").iterdir()] == [".so"]  # no source or half file left behind
-    assert kernels.quant_kernels.__wrapped__() is not None and "built" not in capsys.readouterr().err
+    assert quant.quant_kernels.__wrapped__() is not None and "built" not in capsys.readouterr().err
 
 
 def test_a_failed_kernel_build_warns_and_leaves_the_dequantising_path(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build to fall back on
     with pytest.warns(UserWarning, match="cannot build the quantised matmul kernels .*dequantising"):
-        assert kernels.quant_kernels.__wrapped__() is None
+        assert quant.quant_kernels.__wrapped__() is None
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -489,11 +585,11 @@ def test_a_model_built_on_meta_straight_into_quantised_form_equals_the_quantised
 @pytest.mark.parametrize("norm_head", [False, True], ids=["llama", "normhead"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path, mode, norm_head):
-    import convert
+    from support.weights import write_checkpoint
 
     args = model_lib.ModelArgs(**{**model_lib.PRESETS["tiny"].__dict__, "norm_head": norm_head})
     torch.manual_seed(0)
-    convert.write_checkpoint(tmp_path, model_lib.Transformer(args).state_dict(), args, "baichuan2")
+    write_checkpoint(tmp_path, model_lib.Transformer(args).state_dict(), args, "baichuan2")
     full, _ = sample.load_model(tmp_path, "cpu", torch.float32)
     want = sample.quantize_model(full, mode, group_size=16)
     got, _ = sample.load_model(tmp_path, "cpu", torch.float32, mode, 16)
@@ -616,7 +712,7 @@ def test_cli_prompt_file_batches_as_many_rows_as_the_kv_cache_fits(ckpt, monkeyp
         sizes.append(len(rows))
         return generate(model, rows, *args, **kwargs)
     monkeypatch.setattr(sample, "generate", counting)
-    monkeypatch.setattr(sample, "kv_budget", lambda model, rows, device: 2 * (len("longer prompt") + 1 + 6))
+    monkeypatch.setattr(sample, "kv_budget", lambda model, rows, device, columns: 2 * (len("longer prompt") + 1 + 6))
     assert run_cli(argv) == whole and sizes == [2, 2, 1]
     assert "5 prompts in batches of 2" in capsys.readouterr().err
 

@@ -42,6 +42,32 @@ def markov_tokens(n, seed):
     return out
 
 
+def uneven_mask(n, seed):
+    """A loss mask of prompts (0) and replies (1) of 1 to 60 tokens each: windows of 32 tokens count anything from
+    none to all of their targets, as SFT rows with short and long replies do."""
+    lengths = np.random.default_rng(seed).integers(1, 61, size=n)
+    return (np.repeat(np.arange(n) % 2, lengths)[:n]).astype(np.uint8)
+
+
+@contextlib.contextmanager
+def first_step_gradients():
+    """Yields a dict that train.main fills with the gradients of its first step as the optimiser gets them (unscaled,
+    clipped unless --grad_clip=0), whole: a sharded one is gathered, so under torchrun every rank runs this."""
+    models, grads = [], {}
+    build, event = train.build_model, train.on_event
+
+    def on_event(name, step):
+        if name == "step" and step == 1:
+            for n, p in models[-1].named_parameters():
+                if p.grad is not None:
+                    grads[n] = (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+        event(name, step)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "build_model", lambda *args, **kwargs: models.append(build(*args, **kwargs)) or models[-1])
+        patch.setattr(train, "on_event", on_event)
+        yield grads
+
+
 def write_data(path, train_tokens, val_tokens, train_mask=None, val_mask=None):
     path.mkdir(parents=True, exist_ok=True)
     train_tokens.astype(np.uint16).tofile(path / "train.bin")
@@ -209,6 +235,46 @@ def test_bfloat16_runs_and_learns(data, tmp_path):
     assert all(math.isfinite(v) for v in losses) and np.mean(losses[-3:]) < losses[0] - 0.5
 
 
+# every way a tensor's value comes into Python: on a GPU or an NPU each waits for the device to finish what it was given
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@pytest.mark.parametrize("dtype, reads_per_step", [("float32", 0), ("bfloat16", 0), ("float16", 1)])
+def test_a_step_reads_no_value_off_the_device_but_the_float16_skip_decision(dtype, reads_per_step, tmp_path,
+                                                                            monkeypatch):
+    """The loss and the grad norm stay on the device until the log interval, where every step's are read at once: a
+    float32 or bfloat16 step reads no tensor into Python, a float16 step one (whether its gradients overflowed, which
+    decides the update). Each step's loss is still recorded, the same as a run that logs every step."""
+    data = write_data(tmp_path / "data", markov_tokens(8224, 1), markov_tokens(600, 2))  # 256 windows: one epoch
+    reads, counting = [], {"on": False}
+    for name in HOST_READS:
+        def read(self, *args, _read=getattr(torch.Tensor, name), **kwargs):
+            if counting["on"]:
+                reads[-1] += 1
+            return _read(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+    step = train.train_step
+
+    def counted_step(run, autocast):
+        reads.append(0)
+        counting["on"] = True
+        try:
+            return step(run, autocast)
+        finally:
+            counting["on"] = False
+    monkeypatch.setattr(train, "train_step", counted_step)
+    summary = run(data, tmp_path / "out", f"--dtype={dtype}", "--max_iters=6", "--log_interval=3",
+                  "--eval_interval=6")
+    assert reads[1:] == [reads_per_step] * 5  # step 1 also draws the epoch's window order (an int of a CPU tensor)
+    monkeypatch.setattr(train, "train_step", step)
+    every_step = run(data, tmp_path / "every", f"--dtype={dtype}", "--max_iters=6", "--log_interval=1",
+                     "--eval_interval=6")
+    assert summary["losses"] == every_step["losses"] and sorted(summary["losses"]) == list(range(1, 7))
+    logged = {r["step"]: r["grad_norm"] for r in metric_rows(tmp_path / "every", "grad_norm")}
+    assert [(r["step"], r["grad_norm"]) for r in metric_rows(tmp_path / "out", "grad_norm")] == \
+        [(3, logged[3]), (6, logged[6])]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # fine-tuning
 
@@ -261,7 +327,7 @@ def test_config_file_then_overrides(tmp_path):
 ])
 def test_config_errors(argv, message):
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.parse_config(argv)
+        train.main(argv)
 
 
 def test_bad_run_settings(data, tmp_path):
@@ -269,6 +335,8 @@ def test_bad_run_settings(data, tmp_path):
         run(data, tmp_path / "a", "--seq_len=256")
     with pytest.raises(SystemExit, match="model='tiyn': unknown preset; did you mean 'tiny'"):
         run(data, tmp_path / "a", "--model=tiyn")
+    with pytest.raises(SystemExit, match="loss_weighting='tokens': expected one of token, micro_batch"):
+        run(data, tmp_path / "a", "--loss_weighting=tokens")
     with pytest.raises(SystemExit, match="meta.json: not found"):
         run(tmp_path, tmp_path / "a")
     with pytest.raises(SystemExit, match="global_batch_size=6 is not a multiple of micro_batch_size"):

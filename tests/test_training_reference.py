@@ -8,8 +8,9 @@ documented recipe: torch.optim.AdamW with weight decay on matrices only, torch.n
 after torch.amp.GradScaler's unscale), linear warmup then cosine decay to min_lr, on the windows train.py's
 EpochSampler hands out and the weights of a checkpoint dir written by the test. train.py is used through
 train.main, its metrics.jsonl and export, EpochSampler and LossScaler (for the one case a run cannot show). Also:
-an interrupted LoRA run with dropout against an uninterrupted one, and the tensor-parallel loss with a loss mask
-against the formula kernels.py documents.
+an interrupted LoRA run with dropout against an uninterrupted one, the tensor-parallel loss with a loss mask
+against the formula kernels.py documents, and a Baichuan2 HF dir converted as the README says, trained against
+Baichuan2's own NormHead training.
 
     python -m pytest -q tests/test_training_reference.py
 """
@@ -26,9 +27,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train
-from convert import write_checkpoint
-from model import PRESETS, ModelArgs, Transformer, load_tensors
-from test_train import V, markov_tokens, write_data
+from support.weights import write_checkpoint
+from model import PRESETS, ModelArgs, Transformer
+from support.weights import load_tensors
+from test_train import V, first_step_gradients, markov_tokens, uneven_mask, write_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,8 +80,10 @@ def init_dir(tmp_path_factory):
     return path
 
 
-def reference_run(data_dir: Path, init: Path, recipe=RECIPE, loss_scale=None):
-    """The documented training loop in plain PyTorch: per-step losses and the final state dict.
+def reference_run(data_dir: Path, init: Path, recipe=RECIPE, loss_scale=None, weighting="token"):
+    """The documented training loop in plain PyTorch: per-step losses and the final state dict. The step's loss is
+    the mean over every counted target of its micro batches (weighting 'token', train.py's default), or the mean of
+    each micro batch's own mean (--loss_weighting=micro_batch).
 
     loss_scale: float16 as PyTorch's AMP recipe has it, around the model's own loss under autocast (its fused loss
     rounds in float16 otherwise than logits then F.cross_entropy, and Adam magnifies that within a few steps): the
@@ -101,18 +105,22 @@ def reference_run(data_dir: Path, init: Path, recipe=RECIPE, loss_scale=None):
         for group in optimizer.param_groups:
             group["lr"] = documented_lr(step, recipe)
         step_loss = 0.0
-        for _ in range(GLOBAL // MICRO):
-            starts = sampler.next_starts(0, 1)
+        micro_batches = [sampler.next_starts(0, 1) for _ in range(GLOBAL // MICRO)]
+        n_step = sum(int(counts[s + 1 : s + SEQ_LEN + 1].sum()) for starts in micro_batches for s in starts)
+        for starts in micro_batches:
             windows = torch.tensor(np.stack([tokens[s : s + SEQ_LEN + 1] for s in starts]))
             x, y = windows[:, :-1], windows[:, 1:]  # (B, T) inputs and next-token targets
             counted = torch.tensor(np.stack([counts[s + 1 : s + SEQ_LEN + 1] for s in starts]))  # (B, T)
             if loss_scale is None:
                 logits, _ = model(x)
-                # the mean over this micro batch's counted targets; the step's loss is the mean over micro batches
-                loss = F.cross_entropy(logits[counted], y[counted]) / (GLOBAL // MICRO)
+                if weighting == "token":  # every counted target of the step weighs the same
+                    loss = F.cross_entropy(logits[counted], y[counted], reduction="sum") / n_step
+                else:  # the mean over this micro batch's counted targets; the step's loss the mean over micro batches
+                    loss = F.cross_entropy(logits[counted], y[counted]) / (GLOBAL // MICRO)
             else:
                 with torch.autocast("cpu", dtype=torch.float16):
-                    loss = model(x, y, loss_mask=counted)[1].float() / (GLOBAL // MICRO)
+                    loss = model(x, y, loss_mask=counted)[1].float()  # the mean over its counted targets
+                loss = loss * counted.sum() / n_step if weighting == "token" else loss / (GLOBAL // MICRO)
             scaler.scale(loss).backward()
             step_loss += loss.item()
         scaler.unscale_(optimizer)
@@ -154,6 +162,16 @@ def test_losses_equal_the_reference_loop(runs):
     summary, _, _, ref_losses, _ = runs
     assert sorted(summary["losses"]) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([summary["losses"][s + 1] for s in range(STEPS)], ref_losses, rtol=1e-5)
+
+
+def test_micro_batch_loss_weighting_equals_the_reference_loop_of_micro_batch_means(runs, data, init_dir, tmp_path):
+    summary = train_run(data, tmp_path / "out", f"--init_from={init_dir}", f"--max_iters={STEPS}", "--export",
+                        "--loss_weighting=micro_batch", *flags())
+    ref_losses, ref_weights = reference_run(data, init_dir, weighting="micro_batch")
+    np.testing.assert_allclose([summary["losses"][s + 1] for s in range(STEPS)], ref_losses, rtol=1e-5)
+    assert_updates_equal(load_tensors(summary["export_dir"]), ref_weights, load_tensors(init_dir), list(ref_weights))
+    token_losses = runs[3]  # the data's micro batches count different numbers of targets: the two weightings differ
+    assert ref_losses[0] != pytest.approx(token_losses[0], rel=1e-4)
 
 
 def test_every_step_clips_so_the_comparison_covers_clipping(runs):
@@ -214,6 +232,68 @@ def test_final_matrices_equal_the_reference_with_weight_decay(runs, init_dir):
 def test_final_norm_gains_equal_the_reference_without_weight_decay(runs, init_dir):
     _, _, trained, _, ref = runs
     assert_updates_equal(trained, ref, load_tensors(init_dir), [name for name, w in ref.items() if w.dim() < 2])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the step's loss over micro batches of different counted targets (SFT masks)
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("uneven") / "sft", markov_tokens(1200, 1), markov_tokens(600, 2),
+                      uneven_mask(1200, 5), uneven_mask(600, 6))
+
+
+def step_one(data_dir, out_dir, *extra) -> tuple[float, dict]:
+    """train.py's loss and gradients of its first step (as the optimiser gets them, with clipping off)."""
+    with first_step_gradients() as grads:
+        summary = train_run(data_dir, out_dir, "--max_iters=1", "--grad_clip=0", *extra)
+    return summary["losses"][1], grads
+
+
+def step_windows(data_dir, n, per_micro_batch):
+    """The data of the first step's micro batches as EpochSampler hands them out: (x, y, loss_mask, doc_ids) each."""
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    split = train.TokenSplit(str(data_dir), "train", meta, SEQ_LEN)
+    sampler = train.EpochSampler(len(split.tokens), SEQ_LEN, per_micro_batch, SEED)
+    return [train.batch_on(split, sampler.next_starts(0, 1), torch.device("cpu")) for _ in range(n)]
+
+
+def test_token_weighting_gives_the_same_gradient_whatever_the_micro_batch_size(uneven_data, init_dir, tmp_path):
+    """The step's 4 sequences count different numbers of targets. By default every counted target weighs the same:
+    4 micro batches of 1 give the gradient of 1 micro batch of 4 (and of dp=2 x 2: tests/test_distributed.py). The
+    mean of micro-batch means (--loss_weighting=micro_batch, the seeds' frameworks) weighs a target of a short reply
+    more, and depends on how the step is cut."""
+    counted = [int(mask.sum()) for _, _, mask, _ in step_windows(uneven_data, 4, 1)]
+    assert len(set(counted)) > 1, counted
+
+    def step(micro, *weighting):  # 4 sequences in micro batches of `micro`
+        return step_one(uneven_data, tmp_path / f"{micro}{weighting}", f"--init_from={init_dir}",
+                        f"--micro_batch_size={micro}", "--global_batch_size=4", *weighting)
+
+    (loss_1, grads_1), (loss_4, grads_4) = step(1), step(4)
+    assert loss_1 == pytest.approx(loss_4, rel=1e-6)
+    for name, grad in grads_4.items():
+        torch.testing.assert_close(grads_1[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    (loss_1, grads_1), (loss_4, grads_4) = (step(micro, "--loss_weighting=micro_batch") for micro in (1, 4))
+    assert loss_1 != pytest.approx(loss_4, rel=1e-3)
+    assert not all(torch.allclose(grads_1[name], grad, rtol=1e-3, atol=1e-5) for name, grad in grads_4.items())
+
+
+def test_micro_batch_weighting_is_the_step_before_token_weighting_bit_for_bit(uneven_data, init_dir, tmp_path):
+    """--loss_weighting=micro_batch is train.py's step as it was: each micro batch's loss (the model's mean over its
+    counted targets) divided by the accumulation steps, then backward; the same numbers to the last bit."""
+    loss, grads = step_one(uneven_data, tmp_path / "out", f"--init_from={init_dir}",
+                           "--micro_batch_size=1", "--global_batch_size=3", "--loss_weighting=micro_batch")
+    model = Transformer.from_checkpoint(init_dir)
+    model.train()
+    step_loss = torch.zeros(())
+    for x, y, mask, doc_ids in step_windows(uneven_data, 3, 1):
+        micro_loss = model(x, y, loss_mask=mask, doc_ids=doc_ids)[1].float() / 3
+        micro_loss.backward()
+        step_loss += micro_loss.detach()
+    assert loss == step_loss.item()
+    assert all(torch.equal(grads[name], p.grad) for name, p in model.named_parameters())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -418,3 +498,62 @@ def test_tensor_parallel_model_passes_the_loss_mask_to_the_vocab_sharded_loss(on
         sharded_logits, loss = model(idx, targets, loss_mask=loss_mask)
     assert type(sharded_logits).__name__ == "DTensor"  # the vocab-sharded path, not the plain one
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Baichuan2 as the README converts it: NormHead in training
+
+
+def baichuan2_reference_losses(sd: dict, data_dir: Path, steps: int, batch: int, recipe=RECIPE) -> list[float]:
+    """Baichuan2's own training in plain PyTorch on its HF weights: the forward of its modeling code (W_pack, ALiBi,
+    the NormHead normalising the raw head rows in every training forward: test_convert.baichuan13b_reference), mean
+    cross-entropy over the counted targets (z_loss_weight 0), the documented AdamW / schedule / clipping on the
+    windows train.py's sampler hands out. One micro batch per step."""
+    from test_convert import baichuan13b_reference
+
+    params = {k: v.clone().requires_grad_(True) for k, v in sd.items()}
+    matrices = [p for p in params.values() if p.dim() >= 2]
+    gains = [p for p in params.values() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": recipe["weight_decay"]},
+                                   {"params": gains, "weight_decay": 0.0}],
+                                  lr=recipe["lr"], betas=(recipe["beta1"], recipe["beta2"]), eps=1e-8)
+    tokens = np.fromfile(data_dir / "train.bin", dtype=np.uint16).astype(np.int64)
+    counts = np.fromfile(data_dir / "train.mask.bin", dtype=np.uint8).astype(bool)  # token i counts as a target
+    sampler = train.EpochSampler(len(tokens), SEQ_LEN, batch, SEED)
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = documented_lr(step, recipe)
+        starts = sampler.next_starts(0, 1)
+        windows = torch.tensor(np.stack([tokens[s : s + SEQ_LEN + 1] for s in starts]))
+        counted = torch.tensor(np.stack([counts[s + 1 : s + SEQ_LEN + 1] for s in starts]))  # (B, T)
+        logits = baichuan13b_reference(params, windows[:, :-1], n_heads=4, norm_head=True)
+        loss = F.cross_entropy(logits[counted], windows[:, 1:][counted])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), recipe["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def test_baichuan2_converted_as_the_readme_says_trains_with_normhead_as_its_own_code(data, tmp_path):
+    """README's "convert in" line (hf-to-native, no flags) on a Baichuan2 (ALiBi) HF dir whose head rows have very
+    different lengths, then train.py from it: every step's loss equals Baichuan2's own code with its NormHead. The
+    first step's loss is the same either way (a head normalised once computes NormHead's logits); the later ones
+    differ where training runs a plain head on rows normalised once (its gradient is not NormHead's)."""
+    from test_convert import baichuan_config, random_sd, save_hf, to_w_pack
+
+    import convert
+
+    sd = to_w_pack(random_sd())
+    sd["lm_head.weight"] = sd["lm_head.weight"] * (torch.rand(sd["lm_head.weight"].size(0), 1) * 5 + 0.2)
+    save_hf(tmp_path / "hf", sd, baichuan_config(alibi=True, baichuan2=True))
+    convert.main(["hf-to-native", f"--src={tmp_path / 'hf'}", f"--dst={tmp_path / 'ckpt'}"])
+    steps, batch = 4, 2  # one micro batch a step: the comparison does not depend on how micro batches are weighed
+    summary = train.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", f"--init_from={tmp_path / 'ckpt'}",
+                          f"--seq_len={SEQ_LEN}", f"--micro_batch_size={batch}", f"--global_batch_size={batch}",
+                          f"--seed={SEED}", f"--max_iters={steps}", "--log_interval=1", "--eval_interval=1000",
+                          "--eval_iters=1", "--ckpt_interval=1000", "--peak_flops=1e9", *flags()])
+    ref = baichuan2_reference_losses(sd, data, steps, batch)
+    np.testing.assert_allclose([summary["losses"][s + 1] for s in range(steps)], ref, rtol=1e-5)

@@ -1,0 +1,414 @@
+"""support/quant.py: quantised weights. sample.py (--quantize) uses its linears, model.py (apply_lora's QLoRA base)
+its NF4Linear; what it adds: the int8 / int4 linear layers for decoding on a CPU, NF4 (QLoRA's 4-bit NormalFloat base:
+quantisation, the autograd op, the linear layer), and the C kernels (support/quant_kernels.c) built for the CPU at
+hand on first use and called through ctypes.
+
+Decoding a token multiplies one row of activations by every weight matrix, so its speed is the rate the weights
+stream from memory: int8, int4 and NF4 read 4x and ~7x fewer bytes than fp32, if the product reads the stored bytes
+and nothing more (dequantising a matrix for F.linear writes and rereads an fp32 copy: slower than fp32 itself). On an
+AVX2 CPU neither torch's packed int8/int4 kernels (written for AVX-512 and AMX) nor a dequantise-and-dot fused by
+torch.compile come near that rate (`bench.py --mode=matvec` measures each side by side), so on a CPU the products go
+through small C kernels, built with -march=native (AVX2 paths where the CPU has AVX2, plain C otherwise) and cached;
+with 16-64 rows (prefill) the int8/int4 ones still match MKL's fp32 GEMM. Other devices, and machines without a C
+compiler, dequantise a block of rows at a time (dequantised_linear).
+"""
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels import CHUNK_WEIGHTS, compute_dtype  # kernels.py is a library; it does not import this file
+
+SOURCE = Path(__file__).with_name("quant_kernels.c")
+
+
+def _cpu_id() -> str:
+    """What -march=native builds for: the CPU's feature flags (Linux) or its name, so that a cache shared between
+    machines never hands one CPU a binary built for another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+@functools.cache
+def quant_kernels():
+    """quant_kernels.c as a ctypes library: built with the C compiler ($CC, else cc) for this CPU on first use (about
+    a second) into ~/.cache/nanollama, then loaded from there. None, with one warning, where that fails (no compiler,
+    no OpenMP): the products are then dequantised a block at a time (dequantised_linear)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    source = SOURCE.read_text()
+    key = hashlib.sha256("\n".join([source, *cmd, platform.machine(), _cpu_id()]).encode()).hexdigest()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanollama"
+    lib = cache / f"quant_kernels_{key[:16]}.so"
+    try:
+        if not lib.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            t0 = time.perf_counter()
+            try:
+                subprocess.run([*cmd, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
+                os.replace(tmp, lib)  # atomic: a process building beside this one never loads half a file
+            finally:
+                tmp.unlink(missing_ok=True)
+            print(f"kernels: built the quantised matmul kernels for this CPU in {time.perf_counter() - t0:.1f}s "
+                  f"({lib})", file=sys.stderr)
+        c = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1:] or [type(e).__name__]
+        warnings.warn(f"kernels: cannot build the quantised matmul kernels with {cc} ({why[0][:200]}); "
+                      f"dequantising blocks of weights instead (slower decoding)")
+        return None
+    ptr, long = ctypes.c_void_p, ctypes.c_long
+    c.int8_matmul.argtypes = [ptr] * 4 + [long] * 3
+    c.int4_matmul.argtypes = [ptr] * 5 + [long] * 4
+    c.nf4_matmul.argtypes = [ptr] * 7 + [long] * 3
+    c.nf4_quantize.argtypes = [ptr, long, ptr, ptr, ptr]
+    return c
+
+
+def int8_dequantize(weight, scales, dtype):
+    """Int8Linear's weight (rows, in) int8 and scales (rows,) -> the weight in dtype."""
+    return weight.to(dtype) * scales[:, None].to(dtype)
+
+
+def int4_dequantize(weight, scales, zeros, dtype):
+    """Int4Linear's packed weight (rows, in/2) and scales, zeros (rows, groups) -> the weight (rows, in) in dtype."""
+    q = torch.stack([weight & 0xF, weight >> 4], dim=-1)  # (rows, in/2, 2): low nibble = even column
+    q = q.reshape(weight.size(0), scales.size(1), -1).to(dtype)  # (rows, groups, group_size)
+    return (q * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]).flatten(1)
+
+
+def dequantised_linear(x, dequantize, weight, *params):
+    """x @ W^T for W = dequantize(weight, *params, x.dtype): on a CPU a block of CHUNK_WEIGHTS weights (rows of
+    every tensor) at a time, so memory never holds a dequantised matrix; elsewhere all at once."""
+    if x.device.type != "cpu":
+        return F.linear(x, dequantize(weight, *params, x.dtype))
+    out = x.new_empty(*x.shape[:-1], weight.size(0))
+    step = max(1, CHUNK_WEIGHTS // x.size(-1))
+    for s in range(0, weight.size(0), step):
+        rows = slice(s, s + step)
+        out[..., rows] = F.linear(x, dequantize(weight[rows], *(p[rows] for p in params), x.dtype))
+    return out
+
+
+def torch_op(name: str, output_shape):
+    """fn as the torch op nanollama::{name}, so that a torch.compile'd decode step keeps it in its graph
+    (output_shape(*args) tells the compiler its output's shape); outside compilation fn is called directly: the op
+    dispatcher costs ~45 us a call, as much as multiplying one token by a 576x576 weight."""
+    def register(fn):
+        op = torch.library.custom_op(f"nanollama::{name}", fn, mutates_args=())
+        op.register_fake(lambda x, *args: x.new_empty(x.size(0), output_shape(x, *args)))
+
+        @functools.wraps(fn)
+        def call(*args):
+            return op(*args) if torch.compiler.is_compiling() else fn(*args)
+        return call
+    return register
+
+
+# The kernels, dequantising where none was built. x is fp32 (M, K); the result (M, N).
+@torch_op("int8_matmul", lambda x, weight, *_: weight.size(0))
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ (weight (N, K) int8 * scales (N,) fp32)^T."""
+    c = quant_kernels()
+    if c is None:
+        return dequantised_linear(x, int8_dequantize, weight, scales)
+    x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
+    y = x.new_empty(x.size(0), weight.size(0))
+    c.int8_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
+    return y
+
+
+@torch_op("int4_matmul", lambda x, weight, *_: weight.size(0))
+def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for Int4Linear's packed weight (N, K/2) and fp32 scales, zeros (N, groups)."""
+    c = quant_kernels()
+    if c is None:
+        return dequantised_linear(x, int4_dequantize, weight, scales, zeros)
+    x, weight, scales, zeros = x.contiguous(), weight.contiguous(), scales.contiguous(), zeros.contiguous()
+    y = x.new_empty(x.size(0), weight.size(0))
+    c.int4_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), *y.shape,
+                  x.size(1), x.size(1) // scales.size(1))
+    return y
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the linear layers (sample.py --quantize)
+
+
+class QuantizedLinear(nn.Module):
+    """What Int8Linear and Int4Linear share: on a CPU the product runs in a C kernel (in fp32, whatever the dtype of x),
+    reading each stored byte once; elsewhere it is dequantised_linear."""
+    quantized = True  # its weight is buffers (model.count_weights)
+
+    def forward(self, x):
+        if x.device.type != "cpu":
+            return dequantised_linear(x, self.unpack, *self.stored())
+        weight, *params = self.stored()
+        y = self.matmul(x.reshape(-1, self.in_features).float(), weight, *(p.float() for p in params))
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, dtype):
+        return self.unpack(*self.stored(), dtype)
+
+    @torch.no_grad()
+    def quantize_from(self, w):
+        """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a block of CHUNK_WEIGHTS weights at a
+        time: tens of MB of fp32 scratch whatever the size of w."""
+        step = max(1, CHUNK_WEIGHTS // self.in_features)
+        for s in range(0, self.out_features, step):
+            for t, part in zip(self.stored(), self.quantize_rows(w[s:s + step].float())):
+                t[s:s + step] = part
+        return self
+
+
+class Int8Linear(QuantizedLinear):
+    """y = x @ (int8 weight * per-output-channel scale)^T. Symmetric: w ~ q * scale, q in [-127, 127]."""
+    matmul, unpack = staticmethod(int8_matmul), staticmethod(int8_dequantize)
+
+    def __init__(self, in_features, out_features, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+
+    def stored(self):
+        return self.weight, self.scales
+
+    @staticmethod
+    def quantize_rows(w):
+        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # (rows,)
+        return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+class Int4Linear(QuantizedLinear):
+    """Group-wise asymmetric 4-bit weights: w ~ q * scale + zero per group of `group_size` input columns,
+    q in [0, 15], two nibbles per byte (even column in the low nibble)."""
+    matmul, unpack = staticmethod(int4_matmul), staticmethod(int4_dequantize)
+
+    def __init__(self, in_features, out_features, group_size=128, dtype=torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n_groups = in_features // group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
+
+    def stored(self):
+        return self.weight, self.scales, self.zeros
+
+    def quantize_rows(self, w):
+        g = w.reshape(w.size(0), -1, self.group_size)  # (rows, n_groups, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (rows, n_groups)
+        scales = ((hi - lo) / 15).clamp(min=1e-8)
+        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8).flatten(1)
+        return q[:, 0::2] | (q[:, 1::2] << 4), scales, lo  # (rows, in/2): even column in the low nibble
+
+
+def int4_group_size(in_features: list[int], most: int = 128) -> int | None:
+    """The int4 group size for layers with these input widths when none is asked for: the largest that divides them
+    all, at most `most`, a multiple of 32 where one does (the kernel's integer loop takes whole blocks of 32), else
+    even; None where no even size divides them all."""
+    width = 0
+    for n in in_features:
+        width = math.gcd(width, n)
+    sizes = [g for g in range(min(most, width), 1, -1) if width % g == 0 and g % 2 == 0]
+    return next((g for g in sizes if g % 32 == 0), sizes[0] if sizes else None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NF4: 4-bit NormalFloat weights for QLoRA, in plain torch so it runs on any device (kernels.py's matmul helpers)
+
+# The 16 NF4 values of the QLoRA paper (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 table): quantiles of
+# N(0, 1) scaled to [-1, 1], with an exact zero.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+
+
+def nf4_quantize(w: torch.Tensor, block_size: int = 64, absmax_block_size: int = 256) -> dict[str, torch.Tensor]:
+    """Quantise w to NF4 with double quantisation.
+
+    Every block of 64 weights is scaled by its absmax into [-1, 1] and each weight becomes the index of the nearest
+    NF4 value (two per byte). The fp32 absmaxes are themselves quantised: centred on their mean and stored as int8
+    with one fp32 scale per 256 of them, so a weight costs 4 + 8/64 + 32/(64*256) = 4.127 bits.
+    """
+    if w.numel() % (2 * block_size):
+        raise ValueError(f"nf4_quantize: {w.numel()} weights is not a multiple of the block size {block_size}")
+    blocks = w.detach().reshape(-1, block_size)  # (n_blocks, 64)
+    midpoints = (NF4_CODE[1:] + NF4_CODE[:-1]).to(w.device) / 2
+    absmax = torch.empty(blocks.size(0), device=w.device)
+    packed = torch.empty(blocks.size(0), block_size // 2, dtype=torch.uint8, device=w.device)
+    step = max(1, CHUNK_WEIGHTS // block_size)  # a few MB of scratch at a time, not 12 bytes per weight at once
+    c = quant_kernels() if w.device.type == "cpu" and block_size == 64 else None  # the same codes, ~7x faster
+    for s in range(0, blocks.size(0), step):
+        chunk = blocks[s:s + step].float().contiguous()
+        if c is not None:
+            c.nf4_quantize(chunk.data_ptr(), chunk.size(0), midpoints.data_ptr(), absmax[s:].data_ptr(),
+                           packed[s:].data_ptr())
+            continue
+        absmax[s:s + step] = chunk.abs().amax(dim=1)
+        idx = torch.bucketize(chunk / absmax[s:s + step].clamp(min=1e-12)[:, None], midpoints, out_int32=True)
+        packed[s:s + step] = ((idx[:, 0::2] << 4) | idx[:, 1::2]).to(torch.uint8)  # high nibble first
+    offset = absmax.mean()
+    centred = F.pad(absmax - offset, (0, -absmax.numel() % absmax_block_size)).view(-1, absmax_block_size)
+    scale = centred.abs().amax(dim=1).clamp(min=1e-12) / 127
+    absmax_q = (centred / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return {"packed": packed, "absmax_q": absmax_q, "absmax_scale": scale, "absmax_offset": offset}
+
+
+def nf4_absmax(q: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The fp32 absmax of every block of 64 weights, back from its double quantisation."""
+    n_blocks = q["packed"].size(0)
+    return (q["absmax_q"].float() * q["absmax_scale"][:, None]).flatten()[:n_blocks] + q["absmax_offset"]
+
+
+# byte -> (value of its high nibble, value of its low nibble): one lookup decodes two weights
+_NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=-1)  # (256, 2)
+
+
+def nf4_dequantize(q: dict[str, torch.Tensor], shape, dtype=torch.float32, rows: tuple[int, int] | None = None,
+                   absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight of nf4_quantize back in `dtype` (code value x absmax, multiplied in `dtype`), or only its rows
+    [start, stop) when every row is a whole number of blocks. Decoding the packed bytes through a (256, 2) table
+    with int32 indices costs 6 bytes per weight of scratch, not the 8 of an int64 index per weight."""
+    packed = q["packed"]
+    absmax = nf4_absmax(q) if absmax is None else absmax
+    if rows is not None and rows != (0, shape[0]):
+        per_row = packed.size(0) // shape[0]
+        packed, absmax = packed[rows[0] * per_row: rows[1] * per_row], absmax[rows[0] * per_row: rows[1] * per_row]
+        shape = (rows[1] - rows[0], shape[1])
+    pairs = _NF4_PAIRS.to(device=packed.device, dtype=dtype)
+    w = F.embedding(packed.int(), pairs).view(packed.size(0), -1)  # (blocks, 64)
+    return w.mul_(absmax.to(dtype)[:, None]).view(shape)
+
+
+def nf4_dequantised_matmul(x, q, shape, dtype, transpose: bool = False):
+    """x @ W.T (or x @ W) in `dtype` for the NF4 weight W, its rows dequantised a slice at a time on a CPU (the
+    dequantised slice stays in cache; memory never holds a whole dequantised matrix)."""
+    absmax = nf4_absmax(q)
+    block = shape[0] * shape[1] // q["packed"].size(0)
+    slices = kernels._row_slices(*shape, x.device) if shape[1] % block == 0 else [(0, shape[0])]  # whole blocks per slice
+    return kernels._by_weight_rows(x.to(dtype), lambda s, e: nf4_dequantize(q, shape, dtype, (s, e), absmax), slices, transpose)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """x @ W.T for a frozen NF4 weight. Saves only the 4-bit weight (no dequantised copy, not x: the weight takes
+    no gradient) and dequantises again for the input gradient, as QLoRA does."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax_q, absmax_scale, absmax_offset, shape, dtype):
+        ctx.save_for_backward(packed, absmax_q, absmax_scale, absmax_offset)
+        ctx.shape, ctx.dtype, ctx.x_dtype = shape, dtype, x.dtype
+        q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
+        return nf4_dequantised_matmul(x, q, shape, dtype, transpose=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q = dict(zip(("packed", "absmax_q", "absmax_scale", "absmax_offset"), ctx.saved_tensors))
+        grad_x = nf4_dequantised_matmul(grad, q, ctx.shape, ctx.dtype, transpose=True).to(ctx.x_dtype)
+        return grad_x, None, None, None, None, None, None
+
+
+# Rows of x up to which nf4_linear takes the C kernel; more go to dequantised blocks and MKL's GEMM (11008x4096 on
+# two AVX2 cores, G weights x rows/s: 1 row 17.6 vs 0.4; 64 rows 43 vs 19; 128 rows 42 vs 29; 256 rows 41 vs 42).
+NF4_KERNEL_ROWS = 128
+
+
+def nf4_linear(x: torch.Tensor, q: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+    """x @ W.T for W = nf4_dequantize(q, shape), computed in x's dtype (or the autocast dtype) without ever holding
+    W whole on a CPU. Decoding on a CPU in fp32 (a few rows, autograd off) takes the C kernel nf4_matmul, which
+    reads each stored byte once (its products ~5e-5 off, see support/quant_kernels.c); training always dequantises."""
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and x.numel() <= NF4_KERNEL_ROWS * x.size(-1) and not torch.is_grad_enabled()
+            and x.size(-1) % 32 == 0 and q["packed"].size(1) == 32):  # (no kernel built: nf4_matmul dequantises)
+        y = nf4_matmul(x.reshape(-1, x.size(-1)), q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"])
+        return y.view(*x.shape[:-1], shape[0])
+    with torch.autocast(x.device.type, enabled=False):
+        return _NF4Linear.apply(x, q["packed"], q["absmax_q"], q["absmax_scale"], q["absmax_offset"],
+                                tuple(shape), compute_dtype(x))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NF4 decoding on a CPU: the C kernel (quant_kernels.c), dequantised blocks where none was built
+
+_NF4_CODE_CPU = NF4_CODE.float().contiguous()  # the table the C kernel reads
+
+
+@torch_op("nf4_matmul", lambda x, packed, *_: packed.numel() * 2 // x.size(1))
+def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
+               absmax_offset: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for the NF4 weight W (N, K) of nf4_quantize (blocks of 64), K a multiple of 32."""
+    c = quant_kernels()
+    if c is None:
+        q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
+        return nf4_dequantised_matmul(x, q, (packed.numel() * 2 // x.size(1), x.size(1)), torch.float32)
+    if packed.dtype != torch.uint8 or absmax_q.dtype != torch.int8:  # the kernel reads their bytes as these
+        raise TypeError(f"nf4_matmul: packed {packed.dtype}, absmax_q {absmax_q.dtype}: expected uint8 and int8")
+    x, packed, absmax_q, absmax_scale, absmax_offset = (
+        t.contiguous() for t in (x.float(), packed, absmax_q, absmax_scale.float(), absmax_offset.float()))
+    y = x.new_empty(x.size(0), packed.numel() * 2 // x.size(1))
+    c.nf4_matmul(x.data_ptr(), packed.data_ptr(), absmax_q.data_ptr(), absmax_scale.data_ptr(),
+                 absmax_offset.data_ptr(), _NF4_CODE_CPU.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
+    return y
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer stored in NF4 (nf4_quantize) and dequantised to the input's dtype per call
+    (decoding on a CPU: multiplied in the C kernel nf4_matmul). Built empty, then quantize_from a weight."""
+    quantized = True  # its weight is buffers (model.count_weights)
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        blocks = in_features * out_features // 64
+        absmax_rows = -(-blocks // 256)
+        buffers = {"packed": ((blocks, 32), torch.uint8), "absmax_q": ((absmax_rows, 256), torch.int8),
+                   "absmax_scale": ((absmax_rows,), torch.float32), "absmax_offset": ((), torch.float32)}
+        for name, (shape, dtype) in buffers.items():  # as nf4_quantize returns them
+            self.register_buffer(f"nf4_{name}", torch.empty(shape, dtype=dtype, device=device))
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> "NF4Linear":
+        return cls(linear.in_features, linear.out_features, linear.weight.device).quantize_from(linear.weight)
+
+    @torch.no_grad()
+    def quantize_from(self, w: torch.Tensor) -> "NF4Linear":
+        """Quantise w (out, in), any float dtype (a memory-mapped tensor too), a few MB of scratch at a time."""
+        for name, t in nf4_quantize(w).items():  # into the buffers: a model's worth of freed buffers
+            getattr(self, f"nf4_{name}").copy_(t)  # would stay in the heap, not go back to the system
+        return self
+
+    @property
+    def weight(self) -> torch.Tensor:  # dequantised fp32, for merging and inspection
+        return self.dequantize(torch.float32)
+
+    def dequantize(self, dtype):
+        return nf4_dequantize(self.nf4(), (self.out_features, self.in_features), dtype)
+
+    def nf4(self) -> dict[str, torch.Tensor]:
+        b = self._buffers  # (not getattr: nn.Module's lookup costs a decode step ~10 us per layer)
+        return {"packed": b["nf4_packed"], "absmax_q": b["nf4_absmax_q"], "absmax_scale": b["nf4_absmax_scale"],
+                "absmax_offset": b["nf4_absmax_offset"]}
+
+    def forward(self, x):
+        return nf4_linear(x, self.nf4(), (self.out_features, self.in_features))

@@ -1,0 +1,242 @@
+/* support/quant_kernels.c: the CPU kernels that multiply by quantised weights (int8, int4, NF4) and find NF4
+   codes; support/quant.py builds this file with the C compiler for the CPU at hand on first use and loads it. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define AVX2 1
+static float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+#define PARALLEL_WORK (1L << 18) /* multiply-adds below which one thread is faster than waking a second */
+#define NF4_ROWS 4 /* rows of x that share each decoded NF4 block */
+#define PREFETCH 1024 /* bytes ahead asked for early: the hardware prefetcher alone leaves DRAM idle 10-25% */
+
+/* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
+void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
+  for (long n = 0; n < N; n++) {
+    const int8_t* wn = w + n * K;
+    for (long m = 0; m < M; m++) {
+      const float* xm = x + m * K;
+      float acc = 0;
+      long k = 0;
+#ifdef AVX2
+      __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (; k + 32 <= K; k += 32) {  /* 4 x 8 weights: sign-extend to int32, convert, multiply-add */
+        __builtin_prefetch(wn + k + PREFETCH);
+        for (int j = 0; j < 4; j++)
+          a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                     _mm_loadl_epi64((const __m128i*)(wn + k + 8 * j)))),
+                                 _mm256_loadu_ps(xm + k + 8 * j), a[j]);
+      }
+      acc = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+#endif
+      for (; k < K; k++) acc += xm[k] * wn[k];
+      y[m * N + n] = acc * s[n];
+    }
+  }
+}
+
+/* y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15] two per byte
+   (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per block of 32 columns (step
+   max|x| / 127), so q . x runs in integers: 64 weights per step (vpmaddubsw) where fp32 would take 8 per step. The
+   codes are centred, (q - 8) * s + (z + 8 s), so that x's rounding errors are multiplied by |q - 8| <= 8. */
+void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
+                 long M, long N, long K, long gs) {
+  long G = K / gs, C = (K + 63) / 64, B = (K + 31) / 32;  /* weight groups, 64-column chunks, 32-column blocks */
+  int8_t* xq = calloc(M * C * 64, 1);  /* per row and chunk: the int8 x of its 32 even columns, then of its odd */
+  int32_t* centre = malloc(M * C * 8 * sizeof(int32_t));  /* per chunk: 8 x the sum of xq under each int32 lane */
+  float* step = malloc((M * B + M * G) * sizeof(float));  /* per row: the step of each block, then x summed per group */
+  float* xsum = step + M * B;
+  for (long m = 0; m < M; m++) {
+    const float* xm = x + m * K;
+    for (long blk = 0; blk < B; blk++) {
+      float amax = 0;
+      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++) amax = fmaxf(amax, fabsf(xm[k]));
+      float inv = amax > 0 ? 127 / amax : 0;
+      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++)
+        xq[m * C * 64 + (k / 64) * 64 + (k % 2) * 32 + (k % 64) / 2] = (int8_t)lrintf(xm[k] * inv);
+      step[m * B + blk] = amax / 127;
+    }
+    for (long g = 0; g < G; g++) {
+      float t = 0;
+      for (long k = g * gs; k < g * gs + gs; k++) t += xm[k];
+      xsum[m * G + g] = t;
+    }
+    for (long i = 0; i < C * 8; i++) {  /* lane i % 8 of a chunk: bytes 4i..4i+3, their even and odd columns */
+      const int8_t* e = xq + m * C * 64 + (i / 8) * 64 + (i % 8) * 4;
+      centre[m * C * 8 + i] = 8 * (e[0] + e[1] + e[2] + e[3] + e[32] + e[33] + e[34] + e[35]);
+    }
+  }
+  long chunks = gs % 32 == 0 ? K / 64 : 0;  /* chunks of whole blocks, each block inside one group */
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
+  for (long n = 0; n < N; n++) {
+    const uint8_t* p = w + n * (K / 2);
+    const float* sn = s + n * G;
+    for (long m = 0; m < M; m++) {
+      const int8_t* xm = xq + m * C * 64;
+      const float* dx = step + m * B;
+      float acc = 0;
+      long c = 0;
+#ifdef AVX2
+      const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+      __m256 vacc = _mm256_setzero_ps();
+      for (long g = 0, end = gs; c < chunks; c++) {  /* 32 bytes = 64 weights, two blocks */
+        __builtin_prefetch(p + 32 * c + PREFETCH);
+        __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
+        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        __m256i even = _mm256_loadu_si256((const __m256i*)(xm + 64 * c));
+        __m256i odd = _mm256_loadu_si256((const __m256i*)(xm + 64 * c + 32));
+        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+        __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),  /* lanes 0-3 the first block, 4-7 the second */
+                                       _mm256_loadu_si256((const __m256i*)(centre + (m * C + c) * 8)));
+        float s0 = sn[g] * dx[2 * c];
+        if (64 * c + 32 >= end) { g++; end += gs; }
+        float s1 = sn[g] * dx[2 * c + 1];
+        if (64 * c + 64 >= end) { g++; end += gs; }
+        __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
+        vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, vacc);
+      }
+      acc = hsum(vacc);
+#endif
+      for (long b = 32 * c; b < K / 2; b++) {  /* the rest, one byte (two weights) at a time */
+        const int8_t* xc = xm + (b / 32) * 64 + b % 32;
+        acc += sn[2 * b / gs] * dx[b / 16] * (float)(((p[b] & 15) - 8) * xc[0] + ((p[b] >> 4) - 8) * xc[32]);
+      }
+      for (long g = 0; g < G; g++) acc += (z[n * G + g] + 8 * sn[g]) * xsum[m * G + g];
+      y[m * N + n] = acc;
+    }
+  }
+  free(xq);
+  free(centre);
+  free(step);
+}
+/* nf4_quantize's blocks of 64 fp32 weights (n of them): each block's absmax, and each weight's code, the number of
+   the 15 midpoints between NF4 values below w / absmax (torch.bucketize's count), two per byte, high nibble first */
+void nf4_quantize(const float* w, long n, const float* mids, float* absmax, uint8_t* packed) {
+  #pragma omp parallel for schedule(static)
+  for (long b = 0; b < n; b++) {
+    const float* x = w + 64 * b;
+    float a = 0;
+    for (int k = 0; k < 64; k++) a = fmaxf(a, fabsf(x[k]));
+    absmax[b] = a;
+    float d = a > 1e-12f ? a : 1e-12f;
+    uint8_t code[64];
+    for (int k = 0; k < 64; k++) {
+      float v = x[k] / d;
+      int i = 0;
+      for (int j = 0; j < 15; j++) i += mids[j] < v;
+      code[k] = (uint8_t)i;
+    }
+    for (int j = 0; j < 32; j++) packed[32 * b + j] = (uint8_t)(code[2 * j] << 4 | code[2 * j + 1]);
+  }
+}
+
+/* NF4 weight w (N, K), K a multiple of 32: its N * K weights, row after row, in blocks of 64 (32 bytes, the even
+   weight in the high nibble), w = code[q] * the block's absmax, stored as aq[b] * as[b / 256] + offset (double
+   quantisation). A row starts on a block boundary, or (K % 64 == 32) every other row half-way into a block. */
+static float nf4_absmax(const int8_t* aq, const float* as, float offset, long b) {
+  return aq[b] * as[b / 256] + offset;
+}
+
+/* x[col0:col1] . w[n, col0:col1] in fp32, weight by weight: the parts of a row outside whole blocks, and every row
+   without AVX2 (the dequantised product's numbers) */
+static float nf4_dot(const float* x, const uint8_t* w, const int8_t* aq, const float* as, float offset,
+                     const float* code, long n, long K, long col0, long col1) {
+  float acc = 0;
+  for (long k = col0; k < col1; k++) {
+    long f = n * K + k;
+    acc += code[f % 2 ? w[f / 2] & 15 : w[f / 2] >> 4] * nf4_absmax(aq, as, offset, f / 64) * x[k];
+  }
+  return acc;
+}
+
+/* y (M, N) = x (M, K) @ w^T. With AVX2, whole blocks in integers: two vpshufb byte tables turn the codes into int16
+   (code x 32767), each block of x is rounded to int16 (x 16383 / its max), and vpmaddwd multiplies 16 weights an
+   instruction, ~5e-5 off the dequantised product, where fp32 lookups (vpermps and a blend) took three times the
+   instructions. Each block is decoded once for NF4_ROWS rows of x. */
+void nf4_matmul(const float* x, const uint8_t* w, const int8_t* aq, const float* as, const float* off,
+                const float* code, float* y, long M, long N, long K) {
+  long C = (K - K % 64) / 64, P = K % 64 ? 2 : 1;  /* whole blocks per row; phases: rows start at block offset 0, 32 */
+  float offset = *off;
+  int16_t* xq = malloc(P * M * C * 64 * sizeof(int16_t));  /* per phase, row, block: 4 runs of 16 as codes unpack */
+  float* step = malloc(P * M * C * sizeof(float));  /* per block of x: its max / 16383, over 32767 for the codes */
+  for (long ph = 0; ph < P; ph++)
+    for (long m = 0; m < M; m++)
+      for (long c = 0; c < C; c++) {
+        const float* xb = x + m * K + 32 * ph + 64 * c;
+        long i = (ph * M + m) * C + c;
+        float amax = 0;
+        for (int k = 0; k < 64; k++) amax = fmaxf(amax, fabsf(xb[k]));
+        float inv = amax > 0 ? 16383 / amax : 0;
+        step[i] = amax / 16383 / 32767;
+        for (int k = 0; k < 64; k++) {  /* byte j holds columns 2j (high nibble) and 2j + 1; vpunpck takes bytes */
+          int j = k / 2;                /* 0-7 and 16-23 first, then 8-15 and 24-31 */
+          xq[64 * i + (k % 2) * 32 + ((j % 16) / 8) * 16 + (j / 16) * 8 + j % 8] = (int16_t)lrintf(xb[k] * inv);
+        }
+      }
+#ifdef AVX2
+  int8_t lo_bytes[16], hi_bytes[16];  /* the codes x 32767 as int16, their low and high bytes: vpshufb's tables */
+  for (int v = 0; v < 16; v++) {
+    int16_t q = (int16_t)lrintf(code[v] * 32767);
+    lo_bytes[v] = (int8_t)(q & 255);
+    hi_bytes[v] = (int8_t)(q >> 8);
+  }
+  const __m256i tlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)lo_bytes));
+  const __m256i thi = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)hi_bytes));
+#endif
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
+  for (long n = 0; n < N; n++) {
+    long ph = (n * K) % 64 ? 1 : 0, col0 = 32 * ph, b0 = (n * K + col0) / 64;  /* the row's first whole block */
+    const uint8_t* p = w + (n * K + col0) / 2;
+    for (long m0 = 0; m0 < M; m0 += NF4_ROWS) {
+      long T = M - m0 < NF4_ROWS ? M - m0 : NF4_ROWS, done = 0;  /* whole blocks done in integers */
+      float acc[NF4_ROWS] = {0};
+#ifdef AVX2
+      const __m256i nibble = _mm256_set1_epi8(15);
+      __m256 vacc[NF4_ROWS];
+      for (int t = 0; t < NF4_ROWS; t++) vacc[t] = _mm256_setzero_ps();
+      for (long c = 0; c < C; c++) {
+        __builtin_prefetch(p + 32 * c + PREFETCH);
+        __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
+        __m256i idx[2] = {_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), _mm256_and_si256(v, nibble)};
+        __m256i q[4];  /* int16 codes: even columns (two runs of 16), then odd */
+        for (int h = 0; h < 2; h++) {
+          __m256i l = _mm256_shuffle_epi8(tlo, idx[h]), u = _mm256_shuffle_epi8(thi, idx[h]);
+          q[2 * h] = _mm256_unpacklo_epi8(l, u);
+          q[2 * h + 1] = _mm256_unpackhi_epi8(l, u);
+        }
+        float absmax = nf4_absmax(aq, as, offset, b0 + c);
+        for (int t = 0; t < NF4_ROWS; t++) {
+          if (t >= T) break;
+          long i = (ph * M + m0 + t) * C + c;
+          const __m256i* xb = (const __m256i*)(xq + 64 * i);
+          /* |code| <= 32767, |x| <= 16383: two vpmaddwd sums stay below 2^31 */
+          __m256i even = _mm256_add_epi32(_mm256_madd_epi16(q[0], _mm256_loadu_si256(xb)),
+                                          _mm256_madd_epi16(q[1], _mm256_loadu_si256(xb + 1)));
+          __m256i odd = _mm256_add_epi32(_mm256_madd_epi16(q[2], _mm256_loadu_si256(xb + 2)),
+                                         _mm256_madd_epi16(q[3], _mm256_loadu_si256(xb + 3)));
+          __m256 s = _mm256_add_ps(_mm256_cvtepi32_ps(even), _mm256_cvtepi32_ps(odd));
+          vacc[t] = _mm256_fmadd_ps(s, _mm256_set1_ps(absmax * step[i]), vacc[t]);
+        }
+      }
+      for (int t = 0; t < NF4_ROWS; t++) acc[t] = hsum(vacc[t]);
+      done = C;
+#endif
+      for (long t = 0; t < T; t++) {  /* the half blocks before and after the whole ones, or (no AVX2) all of it */
+        const float* xm = x + (m0 + t) * K;
+        if (done) acc[t] += nf4_dot(xm, w, aq, as, offset, code, n, K, 0, col0);
+        acc[t] += nf4_dot(xm, w, aq, as, offset, code, n, K, done ? col0 + 64 * C : 0, K);
+      }
+      for (long t = 0; t < T; t++) y[(m0 + t) * N + n] = acc[t];
+    }
+  }
+  free(xq);
+  free(step);
+}
