@@ -48,10 +48,10 @@ def stream(port, body, events, started=None):
 
 
 # A --serve whose decode steps take 50 ms (the tiny model's own take ~1 ms): answers long enough to stop amid them
-SLOW_CLI = ("import sys, time, sample, prepare\n"
+SLOW_CLI = ("import sys, time, sample\n"
             "decode = sample.decode_one\n"
             "sample.decode_one = lambda *a: (time.sleep(0.05), decode(*a))[1]\n"
-            "with prepare.errors_as('sample.py'):\n    sample.main(sys.argv[1:])\n")
+            "sample.main(sys.argv[1:])\n")
 
 
 @pytest.mark.parametrize("grace, max_tokens, cut", [(1, 100, True), (30, 20, False)], ids=["cut", "finished"])
