@@ -30,7 +30,6 @@ import argparse
 import collections
 import os
 import queue
-import re
 import resource
 import signal
 import sys
@@ -47,24 +46,16 @@ import model as model_lib
 from support import batching, checks, peft, weights
 import prepare
 from support.memory import MemoryBudgetError, check_memory, kv_budget
-from support.quant import Int8Linear, quantize_from_meta, quantize_model, save_quantized
+from support.quant import quantize_from_meta, quantize_model, save_quantized
+from support.sample_checks import FlagError, check_checkpoint_dir, check_flags, not_utf8, read_prompt_file
 
 # In --chat, the published settings of the family's chat models (model.FAMILIES) apply unless a flag overrides them;
 # without --chat (base models, plain continuation), nanoGPT-like settings.
 PLAIN_GENERATION_DEFAULTS = dict(temperature=0.8, top_k=200, top_p=None, repetition_penalty=1.0)
 
-# The values each generation setting takes (the command line's flags, and any server's requests): kind, range
-SETTINGS = {"temperature": (float, "[0, inf)"), "top_k": (int, "[0, inf)"), "top_p": (float, "(0, 1]"),
-            "repetition_penalty": (float, "(0, inf)"), "max_new_tokens": (int, "[1, inf)"),
-            "num_samples": (int, "[1, inf)"), "seed": (int, "[0, 2**63)")}
 
-
-def check_settings(settings: dict):
-    """ValueError "name=value: expected ..." for the first setting of SETTINGS that is out of its range (None means
-    not set: the default applies); names outside SETTINGS are not looked at."""
-    for name, value in settings.items():
-        if name in SETTINGS and value is not None:
-            checks.check_value(name, value, *SETTINGS[name])
+class SampleError(Exception):
+    """A flag, a checkpoint or an input sample.py cannot use: main prints it in one line and exits 1."""
 
 
 # -----------------------------------------------------------------------------
@@ -400,13 +391,14 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=None, adapter=None
     expected = model.state_dict()
     if set(expected) != set(tensors):
         raise SampleError(f"{ckpt}: quantised tensors do not match config.json "
-             f"(e.g. {sorted(set(expected) ^ set(tensors))[:1]})")
+                          f"(e.g. {sorted(set(expected) ^ set(tensors))[:1]})")
     for name, t in tensors.items():  # the C kernels read these bytes as the dtypes the modules declare
         want = expected[name]
         floats = t.is_floating_point() and want.is_floating_point()  # another float dtype is converted
         if t.shape != want.shape or (t.dtype != want.dtype and not floats):
-            raise SampleError(f"{ckpt}: tensor {name}: {str(t.dtype)[6:]} {list(t.shape)}, where config.json's quantization needs "
-                 f"{str(want.dtype)[6:]} {list(want.shape)}")
+            raise SampleError(f"{ckpt}: tensor {name}: {str(t.dtype)[6:]} {list(t.shape)}, where config.json's "
+                              "quantization needs "
+                              f"{str(want.dtype)[6:]} {list(want.shape)}")
     state = {k: t.to(device=device, dtype=expected[k].dtype) for k, t in tensors.items()}  # NF4's scales stay fp32
     model.load_state_dict(state, assign=True)
     model.materialize_buffers(device)
@@ -476,10 +468,6 @@ def serve(model, tok, args, family, template, decode_step=None):
 # -----------------------------------------------------------------------------
 # command line
 
-class SampleError(Exception):
-    """A flag, a checkpoint or an input sample.py cannot use: main prints it in one line and exits 1."""
-
-
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -490,12 +478,13 @@ def fit_prompt(ids, max_new_tokens, max_seq_len, policy, what, bos_id=None):
     room = max_seq_len - max_new_tokens
     if room < 1:
         raise SampleError(f"--max_new_tokens={max_new_tokens}: leaves no room for a prompt in the model's max_seq_len "
-             f"{max_seq_len}")
+                          f"{max_seq_len}")
     if len(ids) <= room:
         return ids
     if policy == "error":
-        raise SampleError(f"{what}: {len(ids)} tokens + --max_new_tokens={max_new_tokens} exceed the model's max_seq_len "
-             f"{max_seq_len}; shorten it, lower --max_new_tokens, or pass --on_long_prompt=truncate")
+        raise SampleError(f"{what}: {len(ids)} tokens + --max_new_tokens={max_new_tokens} exceed the model's "
+                          "max_seq_len "
+                          f"{max_seq_len}; shorten it, lower --max_new_tokens, or pass --on_long_prompt=truncate")
     keep_bos = bos_id is not None and ids[0] == bos_id
     kept = ids[:1] + ids[len(ids) - room + 1:] if keep_bos else ids[len(ids) - room:]
     log(f"sample.py: warning: {what}: {len(ids)} tokens do not fit with --max_new_tokens={max_new_tokens} in "
@@ -594,16 +583,6 @@ def encode_turn(tok, template, messages, system):
 
 
 EXIT, RESET = ("/exit", "!!exit"), ("/reset", "!!reset")  # ours and FastChat's CLI's spellings
-
-
-def not_utf8(text):
-    """Why text is not UTF-8 text, or "": bytes that are not UTF-8 (a Latin-1 or GBK terminal) reach Python's argv
-    and stdin as lone surrogates, which no tokenizer takes."""
-    try:
-        text.encode("utf-8")
-        return ""
-    except UnicodeEncodeError as e:
-        return f"not UTF-8 text (character {e.start + 1}); set the terminal's encoding to UTF-8"
 
 
 def is_terminal(stream) -> bool:
@@ -732,40 +711,18 @@ def parse_args(argv):
                                                          "http://localhost:3000, or *) whose scripts may call the "
                                                          "server from a browser (CORS); none by default")
     args = p.parse_args(argv)
-    try:
-        check_settings(vars(args))
-        if args.group_size is not None:
-            checks.check_value("group_size", args.group_size, int, "[1, inf)")
-    except ValueError as e:
-        raise SampleError(f"--{e}")
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-    if "" in args.stop:  # found at once in any text: nothing would ever be printed
-        raise SampleError("--stop: an empty string would stop before the first token; expected a non-empty stop string")
-    for flag, text in [("prompt", args.prompt), ("system", args.system)] + [("stop", s) for s in args.stop]:
-        if text is not None and (bad := not_utf8(text)):
-            raise SampleError(f"--{flag}: {bad}")
-    if args.serve and (args.chat or args.prompt is not None or args.prompt_file or args.stop or args.num_samples > 1):
-        raise SampleError("--serve: takes prompts from HTTP requests; drop --chat, --prompt, --prompt_file, --stop, --num_samples")
-    if not 0 <= args.port <= 65535 or args.max_batch < 1:
-        raise SampleError(f"--port={args.port} --max_batch={args.max_batch}: expected a port in 0..65535 and a batch >= 1")
-    if args.max_requests < 1 or not 0 <= args.grace_period < float("inf"):
-        raise SampleError(f"--max_requests={args.max_requests} --grace_period={args.grace_period}: expected at least 1 request "
-             "and a finite number of seconds >= 0")
-    for origin in args.allowed_origins.split(","):  # a browser's Origin: scheme://host[:port], no path, no slash
-        if origin.strip() and origin.strip() != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+",
-                                                                         origin.strip()):
-            raise SampleError(f"--allowed_origins: {origin.strip()!r}: expected origins such as http://localhost:3000 (no path, "
-                 "no trailing slash), or *")
+    try:
+        check_flags(args)
+    except FlagError as e:  # as argparse's own errors: the command line ends here
+        raise SystemExit(f"sample.py: {e}") from None
     return args
 
 
 def load_checkpoint(args):
     """The checks on --ckpt, --device, the tokenizer and the chat template, then the model loaded (quantised,
     adapted) as the flags say. -> (model, tok, family, template, device)."""
-    if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
-        raise SampleError(f"--ckpt={args.ckpt}: no config.json there (expected a checkpoint dir from convert.py or train.py)")
-    if not any(os.path.isfile(os.path.join(args.ckpt, f)) for f in prepare.TOKENIZER_FILES):
-        raise SampleError(f"--ckpt={args.ckpt}: no tokenizer ({' or '.join(prepare.TOKENIZER_FILES)}) in the checkpoint dir")
+    check_checkpoint_dir(args.ckpt)
     try:
         device = str(kernels.check_device(args.device)) if args.device else kernels.device_type()
     except ValueError as e:
@@ -780,17 +737,19 @@ def load_checkpoint(args):
     template = resolve_template(args.template, tok, family) if args.chat or args.template else None
     if tok.vocab_size > model_args.vocab_size:  # ids past the embedding would crash mid-generation
         raise SampleError(f"--ckpt={args.ckpt}: the tokenizer has {tok.vocab_size} tokens, the model's "
-             f"vocab_size={model_args.vocab_size} (a tokenizer from another model?)")
+                          f"vocab_size={model_args.vocab_size} (a tokenizer from another model?)")
 
     check_memory(model_args, device, dtype, args.ckpt)
     t0 = time.perf_counter()
     quantized = ckpt_config.get("quantization")
     if args.adapter and quantized and not (isinstance(quantized, dict) and quantized.get("mode") == "nf4"):
-        raise SampleError(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint (or use nf4: "
-             "an adapter runs beside NF4 weights)")
+        raise SampleError(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint "
+                          "(or use nf4: "
+                          "an adapter runs beside NF4 weights)")
     if args.adapter and args.save_quantized and args.quantize == "nf4":
-        raise SampleError("--save_quantized: with --quantize=nf4 the adapter stays apart from the NF4 weights; save without "
-             "--adapter, then pass --adapter with the saved dir")
+        raise SampleError("--save_quantized: with --quantize=nf4 the adapter stays apart from the NF4 weights; "
+                          "save without "
+                          "--adapter, then pass --adapter with the saved dir")
     if args.quantize and quantized:
         raise SampleError(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({quantized})")
     try:  # quantised while loading, one weight at a time
@@ -806,15 +765,7 @@ def load_checkpoint(args):
 def run_prompt_file(model, tok, args, common, stdout) -> dict:
     """--prompt_file: one prompt per line, generated as left-padded batches, as many rows at once as the KV cache
     fits in memory (kv_budget); each continuation on its own line."""
-    if not os.path.isfile(args.prompt_file):
-        raise SampleError(f"--prompt_file={args.prompt_file}: no such file")
-    try:
-        with open(args.prompt_file, encoding="utf-8-sig") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]  # utf-8-sig: a BOM is no prompt text
-    except UnicodeDecodeError as e:
-        raise SampleError(f"--prompt_file={args.prompt_file}: not UTF-8 text (byte {e.start}: {e.reason})")
-    if not prompts:
-        raise SampleError(f"--prompt_file={args.prompt_file}: expected one prompt per line, found none")
+    prompts = read_prompt_file(args.prompt_file)
     rows = [fit_prompt(tok.encode(p, add_special_tokens=True), args.max_new_tokens, model.args.max_seq_len,
                        args.on_long_prompt, f"--prompt_file line {i + 1}", tok.bos_id)
             for i, p in enumerate(prompts)]
@@ -857,7 +808,7 @@ def run_prompt(model, tok, args, common, stdout) -> dict:
 def main(argv=None, stdin=None, stdout=None):
     try:
         run(parse_args(argv), stdin, stdout)
-    except (SampleError, MemoryBudgetError) as e:
+    except (SampleError, FlagError, MemoryBudgetError) as e:
         raise SystemExit(f"sample.py: {e}") from None
 
 
@@ -876,7 +827,8 @@ def run(args, stdin=None, stdout=None):
         except ValueError as e:  # support.outputs refused the destination
             raise SampleError(str(e)) from None
         except OSError as e:  # a full destination
-            raise SampleError(f"--save_quantized={args.save_quantized}: cannot write there ({e.strerror}: {e.filename})")
+            raise SampleError(f"--save_quantized={args.save_quantized}: cannot write there "
+                              f"({e.strerror}: {e.filename})")
         log(f"wrote {args.save_quantized}")
         if args.prompt is None and args.prompt_file is None and not args.chat and not args.serve:
             return

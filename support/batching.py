@@ -16,6 +16,7 @@ import time
 import torch
 
 from support.memory import kv_budget
+from support.sample_checks import SETTINGS
 
 
 def token_logprobs(logits, chosen, top):
@@ -281,7 +282,8 @@ class Batcher:
                 record[1] += 1
             except Exception as e:  # e.g. out of memory: these requests get a 500, the server goes on
                 failed = jobs + [job for job in slots.jobs if job is not None and job not in jobs]
-                print(f"sample.py: serve: a batch of {len(failed)} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                print(f"sample.py: serve: a batch of {len(failed)} failed: {type(e).__name__}: {e}", file=sys.stderr,
+                      flush=True)
                 for job in failed:
                     job.error = f"{type(e).__name__}: {e}"
                     job.put(None)
@@ -330,7 +332,7 @@ class Engine:
         self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         self.max_positions = kv_budget(model, max_batch, self.device)
         self.batcher = Batcher(model, max_batch, batch_wait, decode_step, self.max_positions, sampler=s)
-        self.ranges = s.SETTINGS  # the values each setting takes, which requests are checked against
+        self.ranges = SETTINGS  # the values each setting takes, which requests are checked against
 
     def prompt_ids(self, text: str) -> list[int]:
         return self.sampler.encode_prompt(self.tok, text)
