@@ -150,7 +150,7 @@ def build_ours(model_args: ModelArgs, device, seed: int, quantize=None, group_si
     if not quantize:
         with torch.device(device):
             return Transformer(model_args)
-    from sample import quantize_from_meta
+    from support.quant import quantize_from_meta
 
     with torch.device("meta"):
         model = Transformer(model_args)
@@ -842,7 +842,7 @@ def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict
     from support.quant import nf4_dequantised_matmul, nf4_matmul
     from support.quant import dequantised_linear, int4_dequantize, int4_matmul, int8_dequantize, int8_matmul
     from support.quant import NF4Linear
-    from sample import Int4Linear, Int8Linear
+    from support.quant import Int4Linear, Int8Linear
 
     q8 = Int8Linear(w.size(1), w.size(0)).quantize_from(w)
     q4 = Int4Linear(w.size(1), w.size(0), group_size).quantize_from(w)
@@ -1085,8 +1085,10 @@ def run_llama_cpp_compare(opt) -> dict:
     try:
         import llama_cpp
     except ImportError:
-        raise BenchError("--compare=llama.cpp: llama_cpp is not importable; build llama-cpp-python from source (README, Speed)")
-    from sample import decode_layout, generate, quantize_model
+        raise BenchError("--compare=llama.cpp: llama_cpp is not importable; build llama-cpp-python from source "
+                         "(docs/speed.md)")
+    from sample import decode_layout, generate
+    from support.quant import quantize_model
     from support import gguf as gguf_format
 
     threads = torch.get_num_threads()

@@ -30,7 +30,6 @@ import argparse
 import collections
 import os
 import queue
-import re
 import resource
 import signal
 import sys
@@ -44,27 +43,19 @@ import torch.nn.functional as F
 
 import kernels
 import model as model_lib
-from support import checks, outputs, peft, weights
+from support import batching, checks, peft, weights
 import prepare
-from support import quant
-from support.quant import Int4Linear, Int8Linear
+from support.memory import MemoryBudgetError, check_memory, kv_budget
+from support.quant import quantize_from_meta, quantize_model, save_quantized
+from support.sample_checks import FlagError, check_checkpoint_dir, check_flags, not_utf8, read_prompt_file
 
 # In --chat, the published settings of the family's chat models (model.FAMILIES) apply unless a flag overrides them;
 # without --chat (base models, plain continuation), nanoGPT-like settings.
 PLAIN_GENERATION_DEFAULTS = dict(temperature=0.8, top_k=200, top_p=None, repetition_penalty=1.0)
 
-# The values each generation setting takes (the command line's flags, and any server's requests): kind, range
-SETTINGS = {"temperature": (float, "[0, inf)"), "top_k": (int, "[0, inf)"), "top_p": (float, "(0, 1]"),
-            "repetition_penalty": (float, "(0, inf)"), "max_new_tokens": (int, "[1, inf)"),
-            "num_samples": (int, "[1, inf)"), "seed": (int, "[0, 2**63)")}
 
-
-def check_settings(settings: dict):
-    """ValueError "name=value: expected ..." for the first setting of SETTINGS that is out of its range (None means
-    not set: the default applies); names outside SETTINGS are not looked at."""
-    for name, value in settings.items():
-        if name in SETTINGS and value is not None:
-            checks.check_value(name, value, *SETTINGS[name])
+class SampleError(Exception):
+    """A flag, a checkpoint or an input sample.py cannot use: main prints it in one line and exits 1."""
 
 
 # -----------------------------------------------------------------------------
@@ -304,17 +295,6 @@ def stream_text(tok, tokens, context_ids=(), stop=(), end_ids=None):
         yield piece
 
 
-def token_logprobs(logits, chosen, top):
-    """Log-probabilities as OpenAI's API gives them: log-softmax in fp32 of the model's logits (R, V), before any
-    sampling setting -> per row, (the chosen token's, [(id, log-probability) of the `top` most likely tokens])."""
-    logprobs = logits.float().log_softmax(dim=-1)
-    picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
-    if not top:
-        return [(p, []) for p in picked]
-    values, ids = logprobs.topk(top, dim=-1)
-    return [(p, list(zip(i, v))) for p, i, v in zip(picked, ids.tolist(), values.tolist())]
-
-
 # -----------------------------------------------------------------------------
 # decode layout
 
@@ -340,78 +320,6 @@ def decode_layout(model):
                 and mod.weight.device.type == "cpu":
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, InputMajorLinear(mod))
-    return model
-
-
-# -----------------------------------------------------------------------------
-# weight-only quantisation: int8 per output channel, int4 per group of input columns (the layers and their C
-# kernels: support/quant.py)
-
-def quantize_model(model, mode, group_size=None, *, empty=False, tied_head=True):
-    """Replace every nn.Linear by Int8Linear / Int4Linear in place, or (nf4) the block linears by NF4Linear as QLoRA
-    stores its base (the embedding and output layer stay as they are). A tied embedding also gets an int8 output
-    layer of its own (tied_head; the embedding stays for the lookup, which reads one row a token): as llama.cpp keeps
-    it at 8 bits, and decoding a small model otherwise reads its fp32 vocabulary matrix as much as all else.
-    group_size None: int4's group size is the largest that suits every layer (quant.int4_group_size). empty=True
-    builds the modules without quantising (to load a saved quantised state dict). Shapes that do not suit int4 / NF4
-    raise a clear ValueError."""
-    if mode not in ("int8", "int4", "nf4"):
-        raise ValueError(f"--quantize: expected int8, int4 or nf4, got {mode!r}")
-    linears = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not (mode == "nf4" and name == "output")]
-    if mode == "int4" and group_size is None:
-        group_size = quant.int4_group_size([m.in_features for _, m in linears])
-        if group_size is None:
-            raise ValueError("--quantize=int4: no even group size divides the input width of every layer "
-                             f"({sorted({m.in_features for _, m in linears})})")
-    for name, m in linears:
-        if mode == "int4" and (group_size <= 0 or group_size % 2 or m.in_features % group_size):
-            raise ValueError(f"--group_size={group_size} does not suit layer {name} (weight "
-                             f"{m.out_features}x{m.in_features}): it must be even and divide in_features "
-                             f"{m.in_features}")
-        if mode == "nf4" and m.in_features * m.out_features % 128:
-            raise ValueError(f"--quantize=nf4 does not suit layer {name} (weight {m.out_features}x{m.in_features}): "
-                             "NF4 stores blocks of 64 weights, two per byte, so its size must be a multiple of 128")
-    for name, m in linears:
-        w = m.weight
-        if mode == "int8":
-            q = Int8Linear(m.in_features, m.out_features, dtype=w.dtype, device=w.device)
-        elif mode == "int4":
-            q = Int4Linear(m.in_features, m.out_features, group_size, dtype=w.dtype, device=w.device)
-        else:
-            q = quant.NF4Linear(m.in_features, m.out_features, device=w.device)
-        if not empty:
-            q.quantize_from(w)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
-    if mode != "nf4" and tied_head and model.output is None:
-        w = model.tok_embeddings.weight
-        model.output = Int8Linear(w.size(1), w.size(0), dtype=w.dtype, device=w.device)
-        if not empty:
-            model.output.quantize_from(w)
-    return model
-
-
-def quantized_head(model) -> bool:
-    """Whether a tied model carries quantize_model's int8 output layer (saved with it: quantization.tied_head)."""
-    return model.args.tie_embeddings and isinstance(model.output, Int8Linear)
-
-
-@torch.no_grad()
-def quantize_from_meta(model, mode, group_size, weight, device="cpu"):
-    """Make a model built on the meta device real, straight into its quantised form: every linear layer's weight comes
-    from weight(name) (fp32, or anything .float() turns into it: a memory-mapped tensor, a random one) one at a time and
-    is quantised a block of rows at a time; the other tensors (embedding, norms) are weight(name) as they are. So a 7B
-    model never exists in fp32: memory holds the quantised model plus one fp32 weight."""
-    quantize_model(model, mode, group_size, empty=True)
-    layers = {name: mod.to_empty(device=device) for name, mod in model.named_modules()
-              if getattr(mod, "quantized", False)}  # all first: quantising's scratch never sits between them
-    for name, mod in layers.items():  # a tied model's int8 head is quantised from the embedding
-        tied = name == "output" and model.args.tie_embeddings
-        mod.quantize_from(weight("tok_embeddings.weight" if tied else f"{name}.weight"))
-    rest = {name: weight(name).to(device=device, dtype=p.dtype) for name, p in model.named_parameters()}
-    model.load_state_dict(rest, strict=False, assign=True)
-    model.materialize_buffers(device)
     return model
 
 
@@ -456,7 +364,7 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=None, adapter=None
             model = model_lib.Transformer.from_checkpoint(ckpt, device="meta", dtype=dtype)
         tensors = weights.load_tensors(ckpt)
     except model_lib.CheckpointError as e:
-        fail(str(e))
+        raise SampleError(str(e))
     updates, replaced = read_adapter(adapter, args, family) if adapter else ({}, {})
     if not quant:
         unmerged = quantize == "nf4"  # the adapter stays beside NF4 weights (attach_adapter), else folded in first
@@ -479,45 +387,22 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=None, adapter=None
         quantize_model(model.to(dtype), quant["mode"], quant.get("group_size", 128), empty=True,
                        tied_head=quant.get("tied_head", False))  # (dirs saved before it existed have none)
     except ValueError as e:
-        fail(f"{e}" if str(e).startswith(where) else f"{where}: quantization: {e}")
+        raise SampleError(f"{e}" if str(e).startswith(where) else f"{where}: quantization: {e}")
     expected = model.state_dict()
     if set(expected) != set(tensors):
-        fail(f"{ckpt}: quantised tensors do not match config.json "
-             f"(e.g. {sorted(set(expected) ^ set(tensors))[:1]})")
+        raise SampleError(f"{ckpt}: quantised tensors do not match config.json "
+                          f"(e.g. {sorted(set(expected) ^ set(tensors))[:1]})")
     for name, t in tensors.items():  # the C kernels read these bytes as the dtypes the modules declare
         want = expected[name]
         floats = t.is_floating_point() and want.is_floating_point()  # another float dtype is converted
         if t.shape != want.shape or (t.dtype != want.dtype and not floats):
-            fail(f"{ckpt}: tensor {name}: {str(t.dtype)[6:]} {list(t.shape)}, where config.json's quantization needs "
-                 f"{str(want.dtype)[6:]} {list(want.shape)}")
+            raise SampleError(f"{ckpt}: tensor {name}: {str(t.dtype)[6:]} {list(t.shape)}, where config.json's "
+                              "quantization needs "
+                              f"{str(want.dtype)[6:]} {list(want.shape)}")
     state = {k: t.to(device=device, dtype=expected[k].dtype) for k, t in tensors.items()}  # NF4's scales stay fp32
     model.load_state_dict(state, assign=True)
     model.materialize_buffers(device)
     return peft.attach_adapter(model, updates, replaced).eval(), config
-
-
-def kv_bytes(args, positions, itemsize) -> int:
-    """Bytes of a KV cache of `positions` (rows x columns): a key and a value per layer and kv head."""
-    return 2 * args.n_layers * args.kv_heads * args.head_dim * positions * itemsize
-
-
-def logits_bytes(args, rows, itemsize) -> int:
-    """Bytes of the next-token logits of `rows` rows: one position each (a prefill builds its last position's only,
-    model.Transformer's last_only), out of the head in the model's dtype and as the fp32 copy sampling reads."""
-    return rows * args.vocab_size * (itemsize + 4)
-
-
-def check_memory(args, device, dtype, ckpt):
-    """Refuse, before loading, a model whose weights, one sequence's KV cache and its next-token logits exceed the
-    device's available memory (counted on the meta device: nothing allocated)."""
-    with torch.device("meta"):
-        n = model_lib.Transformer(args).num_params()
-    itemsize = dtype.itemsize
-    need = n * itemsize + kv_bytes(args, args.max_seq_len, itemsize) + logits_bytes(args, 1, itemsize)
-    available = kernels.available_memory(device)
-    if available is not None and need > available:
-        fail(f"--ckpt={ckpt}: {n / 1e9:.2f}B parameters in {str(dtype)[6:]} need {need / 2**30:.1f} GiB on {device}, "
-             f"which has {available / 2**30:.1f} GiB available (try --dtype=bfloat16)")
 
 
 def read_adapter(path, args, family: str = "llama"):
@@ -525,7 +410,7 @@ def read_adapter(path, args, family: str = "llama"):
     try:
         return peft.read_adapter(path, args, family)
     except model_lib.CheckpointError as e:
-        fail(f"--adapter={path}: {e}")
+        raise SampleError(f"--adapter={path}: {e}")
 
 
 def add_adapter(model, path, family: str = "llama"):
@@ -533,373 +418,10 @@ def add_adapter(model, path, family: str = "llama"):
     peft.attach_adapter(model, *read_adapter(path, model.args, family))
 
 
-def save_quantized(model, src_ckpt, dst, mode, group_size, family):
-    """A checkpoint dir of the quantised weights, written whole or not at all (support.outputs.replace_dir); an existing dir is
-    taken only when empty, and never the source."""
-    state = {k: v for k, v in model.state_dict().items()}
-    empty = os.path.isdir(dst) and not os.listdir(dst)
-    refuse = lambda msg: SystemExit(f"sample.py: {msg}")  # noqa: E731
-    with outputs.replace_dir(dst, empty, "--save_quantized", (src_ckpt,), refuse) as tmp:
-        int4 = [m.group_size for m in model.modules() if isinstance(m, Int4Linear)]
-        quantization = {"mode": mode, "group_size": int4[0] if int4 else group_size or 128} if mode != "nf4" \
-            else {"mode": mode}
-        if quantized_head(model):
-            quantization["tied_head"] = True
-        weights.write_checkpoint(tmp, state, model.args, family, extra_config={"quantization": quantization})
-        prepare.copy_tokenizer_files(src_ckpt, tmp)
-
-
-# -----------------------------------------------------------------------------
-# serving: continuous batching, the generation behind the OpenAI-compatible server (support/server.py)
-#
-# One thread, the Batcher's, owns the model. A request becomes a Job; jobs waiting at the same time start a batch
-# together, and jobs that arrive while it decodes join it at the next step (Slots: continuous batching), each row with
-# its own settings; each row's tokens flow back through its Job's queue and become text with a TextStream, as in the
-# terminal.
-
-
-class Job:
-    """One request's generation: prompt ids and sampling settings in; out of it, the generated ids (a queue the
-    Batcher fills, None last) and, where asked, their log-probabilities (token_logprobs) and the prompt's
-    (prompt_logprobs, with echo). max_new_tokens may be 0: the prompt's log-probabilities alone."""
-
-    def __init__(self, ids, max_new_tokens, end_ids, sampling, generator, logprobs=None, echo=False):
-        self.ids, self.max_new_tokens, self.end_ids = ids, max_new_tokens, set(end_ids)
-        self.sampling, self.generator = sampling, generator  # temperature, top_k, top_p, repetition_penalty
-        self.logprobs, self.echo = logprobs, echo  # alternatives per token (None: no log-probabilities)
-        self.token_logprobs, self.prompt_logprobs = [], None  # token_logprobs' (logprob, top) per token
-        self.out = queue.SimpleQueue()
-        self.wake = None  # called after each put: whoever waits on out without blocking a thread
-        self.cancelled = threading.Event()  # set by the request's side: a stop string ended it, or the client left
-        self.error = None
-        self.submitted = time.monotonic()
-
-    def put(self, token):
-        self.out.put(token)
-        if self.wake:
-            self.wake()
-
-
-class Slots:
-    """Continuous batching: the rows of one KV cache, which requests join between decode steps and leave when they
-    end, so a request that arrives while others decode starts at the next step instead of after them.
-
-    Every row writes its next token at the same cache column, `col`. A prompt of P tokens joins a row by a prefill of
-    that row alone into columns col - P .. col - 1 (the first prompts of a batch set col to the longest of them), so
-    it can join while P <= col and col + its max_tokens fits the context. Its positions start at 0 as a prompt's alone
-    do, and its own row of the mask hides what an earlier request left there. The cache grows, in rows and columns,
-    as requests need it, never past max_positions (rows x columns), and is freed when the last row has ended."""
-
-    def __init__(self, model, max_rows, decode_step=None, max_positions=None):
-        self.model, self.max_rows, self.decode_step = model, max_rows, decode_step or decode_one
-        self.max_positions = max_positions or max_rows * model.args.max_seq_len
-        self.param = next(model.parameters())
-        self.jobs = []  # the job of each row in use, None where one has ended; trailing free rows are dropped
-        self.col, self.size = 0, (0, 0)  # the column written next; the cache's (rows, columns)
-
-    def live(self):
-        return [(r, job) for r, job in enumerate(self.jobs) if job is not None]
-
-    def can_join(self, job, joining=()):
-        """Whether job can join the running batch now, after the jobs `joining` at this step."""
-        rows = len(self.jobs) + max(0, len(joining) + 1 - self.jobs.count(None))
-        columns = max(self.size[1], *(self.col + j.max_new_tokens for j in (*joining, job)))
-        return (bool(self.live()) and rows <= self.max_rows and len(job.ids) <= self.col
-                and columns <= self.model.args.max_seq_len and rows * columns <= self.max_positions)
-
-    def fit_together(self, jobs):
-        """Whether jobs can start a batch together: the longest prompt and the most new tokens in the context."""
-        columns = max(len(j.ids) for j in jobs) + max(j.max_new_tokens for j in jobs)
-        return (len(jobs) <= self.max_rows and columns <= self.model.args.max_seq_len
-                and len(jobs) * columns <= self.max_positions)
-
-    @torch.inference_mode()
-    def join(self, jobs):
-        """Prefill each job into a free row; its first token comes out of the next step. No row running: jobs start
-        a batch, and must fit the context together (the longest prompt + the most new tokens)."""
-        if not self.live():
-            self.jobs, self.col = [], max(len(job.ids) for job in jobs)
-        for job in jobs:
-            r = self.jobs.index(None) if None in self.jobs else len(self.jobs)
-            self.jobs[r:r + 1] = [job]
-            self._grow(len(self.jobs), self.col + job.max_new_tokens)
-            self._prefill(r, job)
-
-    def _grow(self, rows, columns):
-        """The cache and the rows' state at least this big; columns at least double, up to the context."""
-        if rows <= self.size[0] and columns <= self.size[1]:
-            return
-        old_rows, old_columns = self.size
-        rows = max(rows, old_rows)
-        columns = max(columns, min(2 * old_columns, self.model.args.max_seq_len, self.max_positions // rows),
-                      old_columns)
-        self.model.setup_cache(rows, columns, dtype=self.param.dtype, device=self.param.device, keep=True)
-        V, device = self.model.args.vocab_size, self.param.device
-        grown = dict(mask=torch.zeros(rows, columns, dtype=torch.bool, device=device),
-                     next_pos=torch.zeros(rows, 1, dtype=torch.long, device=device),
-                     logits=torch.zeros(rows, V, device=device), seen=torch.zeros(rows, V, dtype=torch.bool,
-                                                                                  device=device),
-                     counts=torch.zeros(rows, V, device=device))  # of each token in the answer so far
-        for name, t in grown.items():
-            if old_rows:
-                old = getattr(self, name)
-                t[:old.size(0), :old.size(1)] = old
-            setattr(self, name, t)
-        self.size = (rows, columns)
-
-    def _prefill(self, r, job):
-        P, start = len(job.ids), self.col - len(job.ids)
-        self.mask[r] = False
-        self.mask[r, start:self.col] = True
-        self.next_pos[r] = P
-        idx = torch.tensor([job.ids], dtype=torch.long, device=self.param.device)
-        self.seen[r] = False
-        self.seen[r, idx[0]] = True
-        self.counts[r] = 0
-        alone = start == 0  # no padding before it: the plain causal path, as generate takes for one prompt
-        score = job.echo and job.logprobs is not None  # the prompt's log-probabilities need every position's logits
-        with self.model.cache_rows(r, r + 1):
-            logits, _ = self.model(idx, start_pos=start, positions=None if alone else torch.arange(P)[None].to(idx),
-                                   key_padding_mask=None if alone else self.mask[r:r + 1, :self.col],
-                                   last_only=not score)
-        self.logits[r] = logits[0, -1].float()
-        if score:  # the prompt's own, from the full logits: each scores the next token
-            job.prompt_logprobs = [None] + token_logprobs(logits[0, :-1], idx[0, 1:], job.logprobs)
-
-    @torch.inference_mode()
-    def sample(self):
-        """The next token of every row in use (B,), each with its job's settings (free rows: greedy, unused)."""
-        n = len(self.jobs)
-        settings = [job.sampling if job else dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.0)
-                    for job in self.jobs]
-        logits = self.logits[:n]
-        penalty = [s["repetition_penalty"] for s in settings]
-        if any(p != 1.0 for p in penalty):
-            penalty = torch.tensor(penalty, dtype=torch.float32, device=logits.device)[:, None]
-            logits = apply_repetition_penalty(logits, self.seen[:n], penalty)
-        presence, frequency = ([s.get(k, 0) for s in settings] for k in ("presence_penalty", "frequency_penalty"))
-        if any(presence) or any(frequency):  # OpenAI's penalties, on the answer's tokens (as vLLM)
-            per_row = lambda v: torch.tensor(v, dtype=torch.float32, device=logits.device)[:, None]  # noqa: E731
-            counts = self.counts[:n]
-            logits = logits - per_row(frequency) * counts - per_row(presence) * (counts > 0)
-        return sample_rows(logits, *([s[k] for s in settings] for k in ("temperature", "top_k", "top_p")),
-                           [job.generator if job else None for job in self.jobs])
-
-    def logprobs(self, token):
-        """{row: (logprob, top)} of the sampled tokens (B,) in the rows whose job asks for log-probabilities."""
-        rows = [r for r, job in self.live() if job.logprobs is not None]
-        if not rows:
-            return {}
-        top = max(self.jobs[r].logprobs for r in rows)
-        scored = token_logprobs(self.logits[rows], token[rows], top)
-        return {r: (p, alternatives[:self.jobs[r].logprobs]) for r, (p, alternatives) in zip(rows, scored)}
-
-    def leave(self, r):
-        self.jobs[r] = None
-        while self.jobs and self.jobs[-1] is None:
-            self.jobs.pop()
-
-    @torch.inference_mode()
-    def step(self, token):
-        """Feed the sampled tokens of the rows still in use (one decode step); the cache goes when none is."""
-        n = len(self.jobs)
-        if not n:
-            return self.clear()
-        token = token[:n, None]
-        self.seen[:n].scatter_(1, token, True)
-        self.counts[:n].scatter_add_(1, token, torch.ones_like(token, dtype=self.counts.dtype))
-        self.mask[:n, self.col] = True
-        padded = not bool(self.mask[:n, :self.col + 1].all())  # no padding anywhere: the plain causal path
-        self.logits[:n] = self.decode_step(self.model, token, self.col, self.next_pos[:n] if padded else None,
-                                           self.mask[:n, :self.col + 1] if padded else None).float()
-        self.next_pos[:n] += 1
-        self.col += 1
-
-    def clear(self):
-        self.model.clear_cache()
-        self.jobs, self.col, self.size = [], 0, (0, 0)
-        self.mask = self.next_pos = self.logits = self.seen = self.counts = None
-
-
-def kv_budget(model, max_batch, device, columns=None) -> int:
-    """The KV-cache positions (rows x columns) generation may hold: half the memory available with the model loaded,
-    less each row's next-token logits (logits_bytes), at least one whole context (check_memory saw to that), at most
-    max_batch of them. columns: every row's length where it is known (a prompt file's batches), each row's logits
-    counted beside its columns; else (a server's rows grow) max_batch rows' logits are set aside."""
-    a = model.args
-    itemsize = next(model.parameters()).dtype.itemsize
-    per_position, per_row = kv_bytes(a, 1, itemsize), logits_bytes(a, 1, itemsize)
-    available, most = kernels.available_memory(device), max_batch * a.max_seq_len
-    if available is None:
-        return most
-    if columns:
-        positions = available // 2 // (columns * per_position + per_row) * columns
-    else:
-        positions = (available // 2 - max_batch * per_row) // per_position
-    return max(a.max_seq_len, min(most, positions))
-
-
-class Batcher:
-    """The one thread that runs the model. It waits for a job, then until that job has waited `wait` seconds for
-    others (up to max_batch), and starts the oldest waiting jobs that fit the context together as a batch (Slots).
-    While the batch decodes, jobs that arrive join it at the next step where they fit (oldest first: one that cannot
-    join yet holds back those after it), each row with its own settings. A row ends at an end id, its max_tokens, a
-    stop string or its client gone. A failing step fails the jobs of its batch, not the server."""
-
-    def __init__(self, model, max_batch=8, wait=0.01, decode_step=None, max_positions=None):
-        self.model, self.decode_step = model, decode_step
-        self.max_batch, self.wait, self.max_positions = max_batch, wait, max_positions
-        self.waiting, self.closed = [], False
-        self.cv = threading.Condition()
-        self.batches = collections.deque(maxlen=1000)  # [most rows at once, steps] of the latest batches
-        self.thread = threading.Thread(target=self.run, name="batcher", daemon=True)
-        self.thread.start()
-
-    def submit(self, job):
-        with self.cv:
-            self.waiting.append(job)
-            self.cv.notify()
-            if self.closed:
-                self.turn_away()
-
-    def close(self):
-        with self.cv:
-            self.closed = True
-            self.cv.notify()
-        self.thread.join()
-        with self.cv:
-            self.turn_away()
-
-    def turn_away(self):
-        for job in self.waiting:
-            job.error = "the server is shutting down"
-            job.put(None)
-        self.waiting = []
-
-    def next_jobs(self, slots):
-        """The jobs to start a batch (waiting for one when none runs), or to join the running one; None: closed."""
-        with self.cv:
-            while not self.closed and not slots.live():
-                self.waiting = [j for j in self.waiting if not j.cancelled.is_set()]  # clients that left waiting
-                if self.waiting:
-                    break
-                self.cv.wait(0.5)
-            if not slots.live():
-                deadline = self.waiting[0].submitted + self.wait if self.waiting else 0
-                while not self.closed and len(self.waiting) < self.max_batch and time.monotonic() < deadline:
-                    self.cv.wait(max(deadline - time.monotonic(), 0))
-            if self.closed:
-                return None
-            jobs, running = [], bool(slots.live())
-            for job in self.waiting:  # oldest first
-                if job.cancelled.is_set():
-                    continue
-                if running and not slots.can_join(job, jobs):  # in order: it holds back the ones after it
-                    break
-                if running or slots.fit_together(jobs + [job]):
-                    jobs.append(job)
-            self.waiting = [j for j in self.waiting if all(j is not b for b in jobs) and not j.cancelled.is_set()]
-            return jobs
-
-    def run(self):
-        slots, record, produced = Slots(self.model, self.max_batch, self.decode_step, self.max_positions), None, {}
-        while (jobs := self.next_jobs(slots)) is not None:
-            try:
-                if jobs:
-                    if not slots.live():
-                        record = [0, 0]
-                        self.batches.append(record)  # before any row ends: a client with its answer finds it
-                    slots.join(jobs)
-                    produced.update((id(job), 0) for job in jobs)
-                    jobs = []  # in the batch now: a failure below fails them with it
-                    for r, job in slots.live():  # max_tokens 0: the prompt's log-probabilities were all it asked
-                        if job.max_new_tokens == 0:
-                            slots.leave(r)
-                            del produced[id(job)]
-                            job.put(None)
-                    if not slots.live():
-                        slots.clear()
-                if not slots.live():
-                    continue
-                record[0] = max(record[0], len(slots.live()))
-                self.decode_one_step(slots, produced)
-                record[1] += 1
-            except Exception as e:  # e.g. out of memory: these requests get a 500, the server goes on
-                failed = jobs + [job for job in slots.jobs if job is not None and job not in jobs]
-                log(f"sample.py: serve: a batch of {len(failed)} failed: {type(e).__name__}: {e}")
-                for job in failed:
-                    job.error = f"{type(e).__name__}: {e}"
-                    job.put(None)
-                slots.clear()
-                produced.clear()
-        slots.clear()
-
-    def decode_one_step(self, slots, produced):
-        """Each row's next token to its job; rows that end leave; one decode step for the rest."""
-        token = slots.sample()
-        out, scored = token.tolist(), slots.logprobs(token)
-        for r, job in slots.live():
-            ended = job.cancelled.is_set()
-            if not ended:
-                if r in scored:  # before the token: whoever takes it finds its log-probability there
-                    job.token_logprobs.append(scored[r])
-                job.put(out[r])
-                produced[id(job)] += 1
-                ended = out[r] in job.end_ids or produced[id(job)] == job.max_new_tokens
-            if ended:
-                slots.leave(r)
-                del produced[id(job)]
-                job.put(None)
-        slots.step(token)
-
-
-class Engine:
-    """What an OpenAI-style server needs of generation (support/server.py speaks the HTTP around it): prompts and chat
-    turns as ids, with the server's defaults (chat template, system prompt, settings, seed); a Job per request, run by
-    the Batcher; ids back to text."""
-
-    def __init__(self, model, tok, *, template=None, system=None, plain_settings=None, chat_settings=None,
-                 max_new_tokens=256, seed=None, max_batch=8, batch_wait=0.01, decode_step=None):
-        self.model, self.tok, self.template, self.system = model, tok, template, system
-        self.settings = {False: plain_settings or PLAIN_GENERATION_DEFAULTS}
-        self.settings[True] = chat_settings or self.settings[False]
-        self.max_new_tokens = max_new_tokens
-        self.end_ids = {False: [tok.eos_id], True: chat_end_ids(tok, template)}
-        self.stop = {False: [], True: chat_stop_strings(template)}
-        self.device = next(model.parameters()).device
-        self.generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
-        self.max_positions = kv_budget(model, max_batch, self.device)
-        self.batcher = Batcher(model, max_batch, batch_wait, decode_step, self.max_positions)
-        self.ranges = SETTINGS  # the values each setting takes, which requests are checked against
-
-    def prompt_ids(self, text: str) -> list[int]:
-        return encode_prompt(self.tok, text)
-
-    def chat_ids(self, turns) -> list[int]:
-        """Chat turns rendered with the template, ending where the assistant's reply starts (the server's system
-        prompt unless the turns hold one); ValueError where the template refuses them."""
-        system = None if any(t["role"] == "system" for t in turns) else self.system
-        return prepare.encode_chat(self.tok, self.template, turns, system=system, add_generation_prompt=True)[0]
-
-    def submit(self, ids, max_new_tokens, sampling, chat, seed=None, logprobs=None, echo=False) -> Job:
-        """Queue a request: seed, else the server's generator (--seed), else torch's."""
-        generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed % 2**64)
-        job = Job(ids, max_new_tokens, self.end_ids[chat], sampling, generator, logprobs, echo)
-        self.batcher.submit(job)
-        return job
-
-    def text(self, job, stop, chat) -> TextStream:
-        """The job's tokens to text: its stop strings, and a chat template's."""
-        return TextStream(self.tok, job.ids, list(stop) + self.stop[chat], job.end_ids)
-
-    def token_text(self, t, before=()) -> str:
-        """A token's own text, decoded after the tokens before it (sentencepiece's leading space kept)."""
-        before = list(before)[-4:]
-        head, text = self.tok.decode(before), self.tok.decode(before + [t])
-        return text[len(head):] if text.startswith(head) else self.tok.decode([t])
-
-    def close(self):
-        self.batcher.close()
+class Engine(batching.Engine):
+    """The generation an OpenAI-style server drives (support/batching.py: continuous batching), sampling with this
+    file's functions."""
+    sampler = sys.modules[__name__]
 
 
 def serve(model, tok, args, family, template, decode_step=None):
@@ -910,13 +432,13 @@ def serve(model, tok, args, family, template, decode_step=None):
     if template is None:  # no --template: the checkpoint's or the family's; without one only completions work
         try:
             template = resolve_template(None, tok, family)
-        except SystemExit as e:
-            log(f"sample.py: warning: {str(e).removeprefix('sample.py: ')}; /v1/chat/completions will refuse")
+        except SampleError as e:
+            log(f"sample.py: warning: {e}; /v1/chat/completions will refuse")
     check_system(tok, template, args.system)  # else every request that sends no system message would be refused
     engine = Engine(model, tok, template=template, system=args.system,
                     plain_settings=generation_settings(args, family, chat=False),
                     chat_settings=generation_settings(args, family, chat=True), max_new_tokens=args.max_new_tokens,
-                    seed=args.seed, max_batch=args.max_batch, decode_step=decode_step)
+                    seed=args.seed, max_batch=args.max_batch, decode_step=decode_step or decode_one)
     try:
         server = http_server.ModelServer(
             engine, host=args.host, port=args.port, name=os.path.basename(os.path.normpath(args.ckpt)),
@@ -924,7 +446,7 @@ def serve(model, tok, args, family, template, decode_step=None):
             grace_period=args.grace_period, max_requests=args.max_requests)
     except OSError as e:  # port taken, address not on this machine
         engine.close()
-        fail(f"--host={args.host} --port={args.port}: cannot listen there ({e.strerror or e})")
+        raise SampleError(f"--host={args.host} --port={args.port}: cannot listen there ({e.strerror or e})")
     host, port = server.server_address[:2]
     log(f"serving {server.name} at http://{host if ':' not in host else f'[{host}]'}:{port}/ (chat page; the API "
         f"under /v1) (chat template {template}, batches of up to {args.max_batch}, KV cache of up to "
@@ -946,10 +468,6 @@ def serve(model, tok, args, family, template, decode_step=None):
 # -----------------------------------------------------------------------------
 # command line
 
-def fail(msg):
-    raise SystemExit(f"sample.py: {msg}")
-
-
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -959,13 +477,14 @@ def fit_prompt(ids, max_new_tokens, max_seq_len, policy, what, bos_id=None):
     warning, as --on_long_prompt says."""
     room = max_seq_len - max_new_tokens
     if room < 1:
-        fail(f"--max_new_tokens={max_new_tokens}: leaves no room for a prompt in the model's max_seq_len "
-             f"{max_seq_len}")
+        raise SampleError(f"--max_new_tokens={max_new_tokens}: leaves no room for a prompt in the model's max_seq_len "
+                          f"{max_seq_len}")
     if len(ids) <= room:
         return ids
     if policy == "error":
-        fail(f"{what}: {len(ids)} tokens + --max_new_tokens={max_new_tokens} exceed the model's max_seq_len "
-             f"{max_seq_len}; shorten it, lower --max_new_tokens, or pass --on_long_prompt=truncate")
+        raise SampleError(f"{what}: {len(ids)} tokens + --max_new_tokens={max_new_tokens} exceed the model's "
+                          "max_seq_len "
+                          f"{max_seq_len}; shorten it, lower --max_new_tokens, or pass --on_long_prompt=truncate")
     keep_bos = bos_id is not None and ids[0] == bos_id
     kept = ids[:1] + ids[len(ids) - room + 1:] if keep_bos else ids[len(ids) - room:]
     log(f"sample.py: warning: {what}: {len(ids)} tokens do not fit with --max_new_tokens={max_new_tokens} in "
@@ -979,16 +498,16 @@ def resolve_template(flag, tok, family):
     name = flag or own or (family in model_lib.FAMILIES and model_lib.FAMILIES[family].chat_template) or None
     names = ", ".join(sorted(prepare.TEMPLATES)) + f" or {prepare.HF_TEMPLATE}"
     if name is None:
-        fail(f"--chat: no chat template for family {family!r}; pass --template (one of {names})")
+        raise SampleError(f"--chat: no chat template for family {family!r}; pass --template (one of {names})")
     if name not in prepare.TEMPLATES and name != prepare.HF_TEMPLATE:
-        fail(f"--template: unknown chat template {name!r}; expected one of {names}")
+        raise SampleError(f"--template: unknown chat template {name!r}; expected one of {names}")
     if name == prepare.HF_TEMPLATE:
         if own != prepare.HF_TEMPLATE:
-            fail(f"--template=hf: {tok.template_file} holds no Jinja chat_template")
+            raise SampleError(f"--template=hf: {tok.template_file} holds no Jinja chat_template")
         try:
             prepare.check_jinja_template(tok)
         except prepare.TemplateError as e:
-            fail(str(e))
+            raise SampleError(str(e))
     elif warning := prepare.literal_id_warning(tok, name):
         print(f"sample.py: {warning}", file=sys.stderr)
     return name
@@ -1054,27 +573,16 @@ def check_system(tok, template, system):
             prepare.encode_chat(tok, template, [{"role": "user", "content": "Hi"}], system=system,
                                 add_generation_prompt=True)
         except ValueError as e:
-            fail(f"--system: the chat template refuses a system prompt ({e})")
+            raise SampleError(f"--system: the chat template refuses a system prompt ({e})")
 
 
 def encode_turn(tok, template, messages, system):
-    try:
-        return prepare.encode_chat(tok, template, messages, system=system, add_generation_prompt=True)[0]
-    except prepare.TemplateError as e:
-        fail(f"--chat: {e}")
+    """Chat turns rendered with the template, ending where the assistant's reply starts (TemplateError where the
+    template refuses them)."""
+    return prepare.encode_chat(tok, template, messages, system=system, add_generation_prompt=True)[0]
 
 
 EXIT, RESET = ("/exit", "!!exit"), ("/reset", "!!reset")  # ours and FastChat's CLI's spellings
-
-
-def not_utf8(text):
-    """Why text is not UTF-8 text, or "": bytes that are not UTF-8 (a Latin-1 or GBK terminal) reach Python's argv
-    and stdin as lone surrogates, which no tokenizer takes."""
-    try:
-        text.encode("utf-8")
-        return ""
-    except UnicodeEncodeError as e:
-        return f"not UTF-8 text (character {e.start + 1}); set the terminal's encoding to UTF-8"
 
 
 def is_terminal(stream) -> bool:
@@ -1203,71 +711,51 @@ def parse_args(argv):
                                                          "http://localhost:3000, or *) whose scripts may call the "
                                                          "server from a browser (CORS); none by default")
     args = p.parse_args(argv)
-    try:
-        check_settings(vars(args))
-        if args.group_size is not None:
-            checks.check_value("group_size", args.group_size, int, "[1, inf)")
-    except ValueError as e:
-        fail(f"--{e}")
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-    if "" in args.stop:  # found at once in any text: nothing would ever be printed
-        fail("--stop: an empty string would stop before the first token; expected a non-empty stop string")
-    for flag, text in [("prompt", args.prompt), ("system", args.system)] + [("stop", s) for s in args.stop]:
-        if text is not None and (bad := not_utf8(text)):
-            fail(f"--{flag}: {bad}")
-    if args.serve and (args.chat or args.prompt is not None or args.prompt_file or args.stop or args.num_samples > 1):
-        fail("--serve: takes prompts from HTTP requests; drop --chat, --prompt, --prompt_file, --stop, --num_samples")
-    if not 0 <= args.port <= 65535 or args.max_batch < 1:
-        fail(f"--port={args.port} --max_batch={args.max_batch}: expected a port in 0..65535 and a batch >= 1")
-    if args.max_requests < 1 or not 0 <= args.grace_period < float("inf"):
-        fail(f"--max_requests={args.max_requests} --grace_period={args.grace_period}: expected at least 1 request "
-             "and a finite number of seconds >= 0")
-    for origin in args.allowed_origins.split(","):  # a browser's Origin: scheme://host[:port], no path, no slash
-        if origin.strip() and origin.strip() != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+",
-                                                                         origin.strip()):
-            fail(f"--allowed_origins: {origin.strip()!r}: expected origins such as http://localhost:3000 (no path, "
-                 "no trailing slash), or *")
+    try:
+        check_flags(args)
+    except FlagError as e:  # as argparse's own errors: the command line ends here
+        raise SystemExit(f"sample.py: {e}") from None
     return args
 
 
 def load_checkpoint(args):
     """The checks on --ckpt, --device, the tokenizer and the chat template, then the model loaded (quantised,
     adapted) as the flags say. -> (model, tok, family, template, device)."""
-    if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
-        fail(f"--ckpt={args.ckpt}: no config.json there (expected a checkpoint dir from convert.py or train.py)")
-    if not any(os.path.isfile(os.path.join(args.ckpt, f)) for f in prepare.TOKENIZER_FILES):
-        fail(f"--ckpt={args.ckpt}: no tokenizer ({' or '.join(prepare.TOKENIZER_FILES)}) in the checkpoint dir")
+    check_checkpoint_dir(args.ckpt)
     try:
         device = str(kernels.check_device(args.device)) if args.device else kernels.device_type()
     except ValueError as e:
-        fail(f"--device={args.device}: {str(e).split(': ', 1)[-1]}")
+        raise SampleError(f"--device={args.device}: {str(e).split(': ', 1)[-1]}")
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     try:
         model_args, ckpt_config = model_lib.read_config(args.ckpt)
     except model_lib.CheckpointError as e:  # malformed config.json: one line, not a traceback
-        fail(str(e))
+        raise SampleError(str(e))
     family = ckpt_config.get("family", "llama")
     tok = prepare.load_tokenizer(args.ckpt)
     template = resolve_template(args.template, tok, family) if args.chat or args.template else None
     if tok.vocab_size > model_args.vocab_size:  # ids past the embedding would crash mid-generation
-        fail(f"--ckpt={args.ckpt}: the tokenizer has {tok.vocab_size} tokens, the model's "
-             f"vocab_size={model_args.vocab_size} (a tokenizer from another model?)")
+        raise SampleError(f"--ckpt={args.ckpt}: the tokenizer has {tok.vocab_size} tokens, the model's "
+                          f"vocab_size={model_args.vocab_size} (a tokenizer from another model?)")
 
     check_memory(model_args, device, dtype, args.ckpt)
     t0 = time.perf_counter()
     quantized = ckpt_config.get("quantization")
     if args.adapter and quantized and not (isinstance(quantized, dict) and quantized.get("mode") == "nf4"):
-        fail(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint (or use nf4: "
-             "an adapter runs beside NF4 weights)")
+        raise SampleError(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint "
+                          "(or use nf4: "
+                          "an adapter runs beside NF4 weights)")
     if args.adapter and args.save_quantized and args.quantize == "nf4":
-        fail("--save_quantized: with --quantize=nf4 the adapter stays apart from the NF4 weights; save without "
-             "--adapter, then pass --adapter with the saved dir")
+        raise SampleError("--save_quantized: with --quantize=nf4 the adapter stays apart from the NF4 weights; "
+                          "save without "
+                          "--adapter, then pass --adapter with the saved dir")
     if args.quantize and quantized:
-        fail(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({quantized})")
+        raise SampleError(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({quantized})")
     try:  # quantised while loading, one weight at a time
         model, _ = load_model(args.ckpt, device, dtype, args.quantize, args.group_size, args.adapter, family)
     except ValueError as e:  # a --group_size that does not suit the shapes
-        fail(str(e))
+        raise SampleError(str(e))
     stored = args.quantize or (quantized or {}).get("mode", args.dtype or str(dtype)[6:])
     log(f"loaded {args.ckpt} ({family}, {model.num_params():,} params, {stored}) "
         f"in {time.perf_counter() - t0:.1f}s; weights {model_bytes(model) / 2**20:.1f} MiB on {device}")
@@ -1277,15 +765,7 @@ def load_checkpoint(args):
 def run_prompt_file(model, tok, args, common, stdout) -> dict:
     """--prompt_file: one prompt per line, generated as left-padded batches, as many rows at once as the KV cache
     fits in memory (kv_budget); each continuation on its own line."""
-    if not os.path.isfile(args.prompt_file):
-        fail(f"--prompt_file={args.prompt_file}: no such file")
-    try:
-        with open(args.prompt_file, encoding="utf-8-sig") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]  # utf-8-sig: a BOM is no prompt text
-    except UnicodeDecodeError as e:
-        fail(f"--prompt_file={args.prompt_file}: not UTF-8 text (byte {e.start}: {e.reason})")
-    if not prompts:
-        fail(f"--prompt_file={args.prompt_file}: expected one prompt per line, found none")
+    prompts = read_prompt_file(args.prompt_file)
     rows = [fit_prompt(tok.encode(p, add_special_tokens=True), args.max_new_tokens, model.args.max_seq_len,
                        args.on_long_prompt, f"--prompt_file line {i + 1}", tok.bos_id)
             for i, p in enumerate(prompts)]
@@ -1312,7 +792,7 @@ def run_prompt(model, tok, args, common, stdout) -> dict:
     """--prompt (or bos alone): --num_samples continuations, each streamed as it decodes."""
     ids = encode_prompt(tok, args.prompt or "")
     if not ids:
-        fail("--prompt: encodes to no tokens and the tokenizer has no bos token to start from")
+        raise SampleError("--prompt: encodes to no tokens and the tokenizer has no bos token to start from")
     ids = fit_prompt(ids, args.max_new_tokens, model.args.max_seq_len, args.on_long_prompt, "--prompt", tok.bos_id)
     stats = dict(tokens=0, seconds=0.0)
     for i in range(args.num_samples):
@@ -1326,7 +806,13 @@ def run_prompt(model, tok, args, common, stdout) -> dict:
 
 
 def main(argv=None, stdin=None, stdout=None):
-    args = parse_args(argv)
+    try:
+        run(parse_args(argv), stdin, stdout)
+    except (SampleError, FlagError, MemoryBudgetError) as e:
+        raise SystemExit(f"sample.py: {e}") from None
+
+
+def run(args, stdin=None, stdout=None):
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if stdin is sys.stdin and hasattr(stdin, "reconfigure"):  # bytes not UTF-8: lone surrogates read_input skips
         stdin.reconfigure(errors="surrogateescape")
@@ -1335,11 +821,14 @@ def main(argv=None, stdin=None, stdout=None):
         args.max_new_tokens = min(256, model.args.max_seq_len // 2)
     if args.save_quantized:
         if not args.quantize:
-            fail("--save_quantized: also pass --quantize=int8|int4|nf4")
+            raise SampleError("--save_quantized: also pass --quantize=int8|int4|nf4")
         try:
             save_quantized(model, args.ckpt, args.save_quantized, args.quantize, args.group_size, family)
+        except ValueError as e:  # support.outputs refused the destination
+            raise SampleError(str(e)) from None
         except OSError as e:  # a full destination
-            fail(f"--save_quantized={args.save_quantized}: cannot write there ({e.strerror}: {e.filename})")
+            raise SampleError(f"--save_quantized={args.save_quantized}: cannot write there "
+                              f"({e.strerror}: {e.filename})")
         log(f"wrote {args.save_quantized}")
         if args.prompt is None and args.prompt_file is None and not args.chat and not args.serve:
             return
@@ -1355,9 +844,12 @@ def main(argv=None, stdin=None, stdout=None):
     if args.chat:
         check_system(tok, template, args.system)
         stop = args.stop + chat_stop_strings(template)
-        stats = run_chat(model, tok, template, settings, system=args.system, max_new_tokens=args.max_new_tokens,
-                         on_long_prompt=args.on_long_prompt, stop=stop, stdin=stdin, stdout=stdout,
-                         generator=generator, decode_step=decode_step, multiline=args.multiline)
+        try:
+            stats = run_chat(model, tok, template, settings, system=args.system, max_new_tokens=args.max_new_tokens,
+                             on_long_prompt=args.on_long_prompt, stop=stop, stdin=stdin, stdout=stdout,
+                             generator=generator, decode_step=decode_step, multiline=args.multiline)
+        except prepare.TemplateError as e:  # the template refuses the conversation
+            raise SampleError(f"--chat: {e}") from None
     elif args.prompt_file:
         stats = run_prompt_file(model, tok, args, common, stdout)
     elif args.prompt is None and is_terminal(stdin):

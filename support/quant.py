@@ -1,7 +1,8 @@
 """support/quant.py: quantised weights. sample.py (--quantize) uses its linears, model.py (apply_lora's QLoRA base)
 its NF4Linear; what it adds: the int8 / int4 linear layers for decoding on a CPU, NF4 (QLoRA's 4-bit NormalFloat base:
 quantisation, the autograd op, the linear layer), and the C kernels (support/quant_kernels.c) built for the CPU at
-hand on first use and called through ctypes.
+hand on first use and called through ctypes; and the wiring: a model's linears quantised in place (quantize_model),
+built straight into its quantised form from the meta device (quantize_from_meta), and saved (save_quantized).
 
 Decoding a token multiplies one row of activations by every weight matrix, so its speed is the rate the weights
 stream from memory: int8, int4 and NF4 read 4x and ~7x fewer bytes than fp32, if the product reads the stored bytes
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import CHUNK_WEIGHTS, compute_dtype  # kernels.py is a library; it does not import this file
+from support import outputs, weights
+from support.tokenizer_files import copy_tokenizer_files
 
 SOURCE = Path(__file__).with_name("quant_kernels.c")
 
@@ -412,3 +415,89 @@ class NF4Linear(nn.Module):
 
     def forward(self, x):
         return nf4_linear(x, self.nf4(), (self.out_features, self.in_features))
+
+
+# -----------------------------------------------------------------------------
+# a model's linears quantised in place (sample.py --quantize, bench.py --quantize), and saved (--save_quantized)
+
+def quantize_model(model, mode, group_size=None, *, empty=False, tied_head=True):
+    """Replace every nn.Linear by Int8Linear / Int4Linear in place, or (nf4) the block linears by NF4Linear as QLoRA
+    stores its base (the embedding and output layer stay as they are). A tied embedding also gets an int8 output
+    layer of its own (tied_head; the embedding stays for the lookup, which reads one row a token): as llama.cpp keeps
+    it at 8 bits, and decoding a small model otherwise reads its fp32 vocabulary matrix as much as all else.
+    group_size None: int4's group size is the largest that suits every layer (quant.int4_group_size). empty=True
+    builds the modules without quantising (to load a saved quantised state dict). Shapes that do not suit int4 / NF4
+    raise a clear ValueError."""
+    if mode not in ("int8", "int4", "nf4"):
+        raise ValueError(f"--quantize: expected int8, int4 or nf4, got {mode!r}")
+    linears = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not (mode == "nf4" and name == "output")]
+    if mode == "int4" and group_size is None:
+        group_size = int4_group_size([m.in_features for _, m in linears])
+        if group_size is None:
+            raise ValueError("--quantize=int4: no even group size divides the input width of every layer "
+                             f"({sorted({m.in_features for _, m in linears})})")
+    for name, m in linears:
+        if mode == "int4" and (group_size <= 0 or group_size % 2 or m.in_features % group_size):
+            raise ValueError(f"--group_size={group_size} does not suit layer {name} (weight "
+                             f"{m.out_features}x{m.in_features}): it must be even and divide in_features "
+                             f"{m.in_features}")
+        if mode == "nf4" and m.in_features * m.out_features % 128:
+            raise ValueError(f"--quantize=nf4 does not suit layer {name} (weight {m.out_features}x{m.in_features}): "
+                             "NF4 stores blocks of 64 weights, two per byte, so its size must be a multiple of 128")
+    for name, m in linears:
+        w = m.weight
+        if mode == "int8":
+            q = Int8Linear(m.in_features, m.out_features, dtype=w.dtype, device=w.device)
+        elif mode == "int4":
+            q = Int4Linear(m.in_features, m.out_features, group_size, dtype=w.dtype, device=w.device)
+        else:
+            q = NF4Linear(m.in_features, m.out_features, device=w.device)
+        if not empty:
+            q.quantize_from(w)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    if mode != "nf4" and tied_head and model.output is None:
+        w = model.tok_embeddings.weight
+        model.output = Int8Linear(w.size(1), w.size(0), dtype=w.dtype, device=w.device)
+        if not empty:
+            model.output.quantize_from(w)
+    return model
+
+
+def quantized_head(model) -> bool:
+    """Whether a tied model carries quantize_model's int8 output layer (saved with it: quantization.tied_head)."""
+    return model.args.tie_embeddings and isinstance(model.output, Int8Linear)
+
+
+@torch.no_grad()
+def quantize_from_meta(model, mode, group_size, weight, device="cpu"):
+    """Make a model built on the meta device real, straight into its quantised form: every linear layer's weight comes
+    from weight(name) (fp32, or anything .float() turns into it: a memory-mapped tensor, a random one) one at a time and
+    is quantised a block of rows at a time; the other tensors (embedding, norms) are weight(name) as they are. So a 7B
+    model never exists in fp32: memory holds the quantised model plus one fp32 weight."""
+    quantize_model(model, mode, group_size, empty=True)
+    layers = {name: mod.to_empty(device=device) for name, mod in model.named_modules()
+              if getattr(mod, "quantized", False)}  # all first: quantising's scratch never sits between them
+    for name, mod in layers.items():  # a tied model's int8 head is quantised from the embedding
+        tied = name == "output" and model.args.tie_embeddings
+        mod.quantize_from(weight("tok_embeddings.weight" if tied else f"{name}.weight"))
+    rest = {name: weight(name).to(device=device, dtype=p.dtype) for name, p in model.named_parameters()}
+    model.load_state_dict(rest, strict=False, assign=True)
+    model.materialize_buffers(device)
+    return model
+
+
+def save_quantized(model, src_ckpt, dst, mode, group_size, family):
+    """A checkpoint dir of the quantised weights, written whole or not at all (support.outputs.replace_dir); an existing
+    dir is taken only when empty, and never the source (ValueError)."""
+    state = {k: v for k, v in model.state_dict().items()}
+    empty = os.path.isdir(dst) and not os.listdir(dst)
+    with outputs.replace_dir(dst, empty, "--save_quantized", (src_ckpt,)) as tmp:
+        int4 = [m.group_size for m in model.modules() if isinstance(m, Int4Linear)]
+        quantization = {"mode": mode, "group_size": int4[0] if int4 else group_size or 128} if mode != "nf4" \
+            else {"mode": mode}
+        if quantized_head(model):
+            quantization["tied_head"] = True
+        weights.write_checkpoint(tmp, state, model.args, family, extra_config={"quantization": quantization})
+        copy_tokenizer_files(src_ckpt, tmp)

@@ -319,10 +319,11 @@ def test_model_decodes_a_left_padded_batch_through_the_inference_kernels(fake_np
 
 @pytest.mark.parametrize("case", ["rope-gqa", "alibi"])
 def test_a_request_joining_a_decoding_batch_runs_on_the_inference_kernels(fake_npu, case):
-    """The server's continuous batching (sample.Slots): a prompt prefilled into its own row behind the batch's column
+    """The server's continuous batching (support/batching.py's Slots): a prompt prefilled into its own row behind the batch's column
     (npu_prompt_flash_attention with queries that start past 0) and the decode steps after it match the portable
     path."""
     import sample
+    from support import batching
     torch.manual_seed(0)
     overrides = dict(n_kv_heads=2) if case == "rope-gqa" else dict(pos_emb="alibi", n_kv_heads=None)
     model = Transformer(dataclasses.replace(PRESETS["tiny"], **overrides)).to(torch.bfloat16).eval()
@@ -330,11 +331,11 @@ def test_a_request_joining_a_decoding_batch_runs_on_the_inference_kernels(fake_n
     greedy = dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.0)
 
     def run():
-        slots, logits = sample.Slots(model, max_rows=2), []
-        slots.join([sample.Job([5, 9, 33, 70, 2, 3], 8, [], greedy, None)])
+        slots, logits = batching.Slots(model, max_rows=2, sampler=sample), []
+        slots.join([batching.Job([5, 9, 33, 70, 2, 3], 8, [], greedy, None)])
         for step in range(6):
             if step == 2:
-                slots.join([sample.Job([4, 8, 15], 4, [], greedy, None)])  # prompt at columns 5..7 of row 1
+                slots.join([batching.Job([4, 8, 15], 4, [], greedy, None)])  # prompt at columns 5..7 of row 1
             logits.append(slots.logits[:2].clone())
             slots.step(slots.sample())
         slots.clear()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import convert
 import prepare
 import sample
+from support import quant
 import support.peft
 from support import quant
 from support.weights import write_checkpoint
@@ -129,7 +130,7 @@ def test_sample_quantises_while_loading_with_the_adapter_folded_first(tmp_path, 
     adapter = save_peft(peft_model, tmp_path / "adapter")
     full, _ = sample.load_model(ckpt, "cpu", torch.float32)
     sample.add_adapter(full, adapter, "llama")
-    want = logits(sample.quantize_model(full, mode, group_size=16))
+    want = logits(quant.quantize_model(full, mode, group_size=16))
     got, _ = sample.load_model(ckpt, "cpu", torch.float32, mode, 16, adapter, "llama")  # one weight at a time
     assert torch.equal(logits(got), want)
     out = run_cli(["--ckpt", ckpt, "--adapter", adapter, "--quantize", mode, "--group_size", 16, "--prompt", "hello",

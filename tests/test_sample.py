@@ -10,7 +10,8 @@ import kernels
 import model as model_lib
 import prepare
 import sample
-from support import quant
+import support.memory
+from support import batching, quant
 
 VOCAB = 260  # byte tokens 0..255 and 4 specials (see byte_tokenizer)
 
@@ -133,11 +134,11 @@ def test_requests_joining_a_decoding_batch_get_what_they_get_alone(pos_emb):
     asks = {0: [([1, 5, 9, 33, 70], 20, greedy)],  # step -> (prompt, max tokens, settings) joining then
             3: [([4, 8], 10, greedy), ([7] * 8, 6, dict(greedy, repetition_penalty=1.5))],
             9: [([2, 3, 5, 7], 10, dict(temperature=1.0, top_k=20, top_p=0.9, repetition_penalty=1.0, seed=5))]}
-    slots, got, rows = sample.Slots(model, max_rows=3), {}, []
+    slots, got, rows = batching.Slots(model, max_rows=3, sampler=sample), {}, []
     for step in range(40):
         for ids, n, settings in asks.get(step, []):
             gen = torch.Generator().manual_seed(settings["seed"]) if "seed" in settings else None
-            job = sample.Job(ids, n, [], {k: settings[k] for k in greedy}, gen)
+            job = batching.Job(ids, n, [], {k: settings[k] for k in greedy}, gen)
             assert not slots.live() or slots.can_join(job)
             slots.join([job])
             got[job] = (ids, n, settings, [])
@@ -160,8 +161,8 @@ def test_requests_join_only_within_the_kv_budget(tiny):
     """Slots never holds more KV-cache positions (rows x columns) than its budget: a request that would need more
     waits (can_join False) until rows leave or the batch ends."""
     greedy = dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.0)
-    job = lambda n: sample.Job([1, 5], n, [], greedy, None)  # noqa: E731
-    slots = sample.Slots(tiny, max_rows=4, max_positions=64)
+    job = lambda n: batching.Job([1, 5], n, [], greedy, None)  # noqa: E731
+    slots = batching.Slots(tiny, max_rows=4, max_positions=64, sampler=sample)
     assert not slots.fit_together([job(30)] * 3) and slots.fit_together([job(30)] * 2)
     slots.join([job(20)])
     assert slots.size == (1, 22)
@@ -197,11 +198,11 @@ def test_prefill_builds_the_last_positions_logits_only_with_the_same_tokens(tiny
     assert shapes and set(shapes) == {(3, 1, VOCAB)}
     shapes.clear()
     greedy = dict(temperature=0, top_k=None, top_p=None, repetition_penalty=1.0)
-    slots, got = sample.Slots(tiny, max_rows=2), [[], []]
-    slots.join([sample.Job(rows[0], 8, [], greedy, None)])
+    slots, got = batching.Slots(tiny, max_rows=2, sampler=sample), [[], []]
+    slots.join([batching.Job(rows[0], 8, [], greedy, None)])
     for step in range(8):
         if step == 2:  # joins a batch that is decoding: a prefill of its own row, after the others' columns
-            slots.join([sample.Job(rows[1], 6, [], greedy, None)])
+            slots.join([batching.Job(rows[1], 6, [], greedy, None)])
         token = slots.sample()
         for r, _ in slots.live():
             got[r].append(token[r].item())
@@ -214,27 +215,27 @@ def test_prefill_builds_the_last_positions_logits_only_with_the_same_tokens(tiny
 def test_memory_budgets_count_each_rows_last_position_logits(tiny, monkeypatch):
     """kv_budget sets aside the next-token logits of each row it may hold (one position, as the prefill builds them):
     a server's max_batch rows, or a prompt file's rows of a known length; check_memory counts one sequence's."""
-    a, per_position = tiny.args, sample.kv_bytes(tiny.args, 1, 4)
-    per_row = sample.logits_bytes(a, 1, 4)
+    a, per_position = tiny.args, support.memory.kv_bytes(tiny.args, 1, 4)
+    per_row = support.memory.logits_bytes(a, 1, 4)
     assert per_row == a.vocab_size * 8  # fp32 logits out of the head and their fp32 copy
     memory = {"bytes": 0}
     monkeypatch.setattr(kernels, "available_memory", lambda device: memory["bytes"])
     memory["bytes"] = 2 * (1000 * per_position + 8 * per_row)  # half of what is available is the budget
-    assert sample.kv_budget(tiny, 8, "cpu") == 1000  # 8 rows' logits set aside, 1000 positions left
+    assert support.memory.kv_budget(tiny, 8, "cpu") == 1000  # 8 rows' logits set aside, 1000 positions left
     memory["bytes"] -= 2  # a byte less: a position fewer
-    assert sample.kv_budget(tiny, 8, "cpu") == 999
+    assert support.memory.kv_budget(tiny, 8, "cpu") == 999
     columns = 40
     memory["bytes"] = 2 * 5 * (columns * per_position + per_row)  # five rows of 40 columns and their logits
-    assert sample.kv_budget(tiny, 16, "cpu", columns) == 5 * columns
+    assert support.memory.kv_budget(tiny, 16, "cpu", columns) == 5 * columns
     memory["bytes"] -= 2
-    assert sample.kv_budget(tiny, 16, "cpu", columns) == 4 * columns
+    assert support.memory.kv_budget(tiny, 16, "cpu", columns) == 4 * columns
     with torch.device("meta"):
         weights = model_lib.Transformer(a).num_params() * 4
-    memory["bytes"] = weights + sample.kv_bytes(a, a.max_seq_len, 4) + per_row
-    sample.check_memory(a, "cpu", torch.float32, "ckpt")  # fits exactly
+    memory["bytes"] = weights + support.memory.kv_bytes(a, a.max_seq_len, 4) + per_row
+    support.memory.check_memory(a, "cpu", torch.float32, "ckpt")  # fits exactly
     memory["bytes"] -= 1
-    with pytest.raises(SystemExit, match=r"--ckpt=ckpt: .* parameters in float32 need"):
-        sample.check_memory(a, "cpu", torch.float32, "ckpt")
+    with pytest.raises(support.memory.MemoryBudgetError, match=r"--ckpt=ckpt: .* parameters in float32 need"):
+        support.memory.check_memory(a, "cpu", torch.float32, "ckpt")
 
 
 def test_batch_row_stops_at_eos(tiny):
@@ -332,7 +333,7 @@ def test_stream_text_stops_at_stop_string_split_across_tokens():
 def test_int8_linear_is_close_to_float():
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 32, bias=False)
-    q = sample.Int8Linear(64, 32).quantize_from(lin.weight)
+    q = quant.Int8Linear(64, 32).quantize_from(lin.weight)
     x = torch.randn(3, 64)
     assert q.weight.dtype == torch.int8 and q.scales.shape == (32,)
     err = (q(x) - lin(x)).norm() / lin(x).norm()
@@ -342,7 +343,7 @@ def test_int8_linear_is_close_to_float():
 def test_int4_packs_two_nibbles_and_dequantises_groupwise():
     torch.manual_seed(0)
     w = torch.randn(8, 64)
-    q = sample.Int4Linear(64, 8, group_size=16).quantize_from(w)
+    q = quant.Int4Linear(64, 8, group_size=16).quantize_from(w)
     assert q.weight.dtype == torch.uint8 and q.weight.shape == (8, 32) and q.scales.shape == (8, 4)
     deq = q.dequantize(torch.float32)
     # every weight within half a quantisation step of its group
@@ -357,7 +358,7 @@ def test_int4_group_size_must_divide_in_features(tiny):
     import copy
 
     with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq .*64x64.*in_features 64"):
-        sample.quantize_model(copy.deepcopy(tiny), "int4", group_size=48)
+        quant.quantize_model(copy.deepcopy(tiny), "int4", group_size=48)
 
 
 @pytest.mark.parametrize("widths,want", [([512, 1376], 32), ([4096, 11008], 128), ([576, 1536], 96),
@@ -369,8 +370,8 @@ def test_int4_picks_the_largest_group_that_divides_every_layer(widths, want):
 
 def test_int4_without_a_group_size_quantises_a_model_whose_widths_128_does_not_divide():
     args = model_lib.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=VOCAB, hidden_dim=96, max_seq_len=32)
-    model = sample.quantize_model(model_lib.Transformer(args).eval(), "int4")  # 128 would refuse hidden 96
-    assert {m.group_size for m in model.modules() if isinstance(m, sample.Int4Linear)} == {32}
+    model = quant.quantize_model(model_lib.Transformer(args).eval(), "int4")  # 128 would refuse hidden 96
+    assert {m.group_size for m in model.modules() if isinstance(m, quant.Int4Linear)} == {32}
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -379,16 +380,16 @@ def test_a_tied_embedding_gets_an_int8_output_layer_saved_and_loaded(tmp_path, m
     args = model_lib.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=VOCAB, hidden_dim=128, max_seq_len=32,
                                tie_embeddings=True)
     full = model_lib.Transformer(args).eval()
-    q = sample.quantize_model(copy.deepcopy(full), mode, group_size=16)
-    assert isinstance(q.output, sample.Int8Linear) and sample.quantized_head(q)
+    q = quant.quantize_model(copy.deepcopy(full), mode, group_size=16)
+    assert isinstance(q.output, quant.Int8Linear) and quant.quantized_head(q)
     assert torch.equal(q.tok_embeddings.weight, full.tok_embeddings.weight)  # the lookup keeps the fp32 rows
     with torch.no_grad():
         want, got = full(torch.tensor([PROMPT]))[0], q(torch.tensor([PROMPT]))[0]
     assert (got - want).abs().max() < 0.05 * want.abs().max()
-    sample.save_quantized(q, tmp_path / "src", tmp_path / "q", mode, None, "llama")
+    quant.save_quantized(q, tmp_path / "src", tmp_path / "q", mode, None, "llama")
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["tied_head"] is True
     loaded, _ = sample.load_model(tmp_path / "q", "cpu", torch.float32)
-    assert isinstance(loaded.output, sample.Int8Linear)
+    assert isinstance(loaded.output, quant.Int8Linear)
     assert list(sample.generate(loaded, PROMPT, 6, temperature=0)) == list(sample.generate(q, PROMPT, 6, temperature=0))
 
 
@@ -396,17 +397,17 @@ def test_a_tied_embedding_gets_an_int8_output_layer_saved_and_loaded(tmp_path, m
 def test_quantized_model_saves_and_loads(tiny, tmp_path, mode):
     import copy
 
-    q = sample.quantize_model(copy.deepcopy(tiny), mode, group_size=16)
+    q = quant.quantize_model(copy.deepcopy(tiny), mode, group_size=16)
     idx = torch.tensor([PROMPT])
     with torch.inference_mode():
         want, ref = q(idx)[0], tiny(idx)[0]
     # random weights are the worst case for 4 bits; a packing or scaling bug gives errors of 100% and more
     assert (want - ref).norm() / ref.norm() < (0.05 if mode == "int8" else 0.4)
-    sample.save_quantized(q, tmp_path / "src", tmp_path / "q", mode, 16, "llama")  # src: no tokenizer to copy
+    quant.save_quantized(q, tmp_path / "src", tmp_path / "q", mode, 16, "llama")  # src: no tokenizer to copy
     loaded, config = sample.load_model(tmp_path / "q", "cpu", torch.float32)
     assert config["quantization"] == {"mode": mode, "group_size": 16}
     linear_bytes = lambda m: sum(sample.model_bytes(x) for x in m.modules()
-                                 if isinstance(x, (torch.nn.Linear, sample.Int8Linear, sample.Int4Linear)))
+                                 if isinstance(x, (torch.nn.Linear, quant.Int8Linear, quant.Int4Linear)))
     # int8: 1 byte + a scale per row; int4 (group 16): half a byte + fp32 scale and zero per 16 weights
     assert linear_bytes(loaded) < linear_bytes(tiny) / (3.7 if mode == "int8" else 3.9)
     with torch.inference_mode():
@@ -418,7 +419,7 @@ def test_quantized_model_saves_and_loads(tiny, tmp_path, mode):
 def quantized(mode, rows, cols, group_size=16, seed=0):
     torch.manual_seed(seed)
     w = torch.randn(rows, cols)
-    layer = sample.Int8Linear(cols, rows) if mode == "int8" else sample.Int4Linear(cols, rows, group_size)
+    layer = quant.Int8Linear(cols, rows) if mode == "int8" else quant.Int4Linear(cols, rows, group_size)
     return layer.quantize_from(w), w
 
 
@@ -452,7 +453,7 @@ def test_decoding_never_dequantises_a_weight(tiny, monkeypatch):
     import copy
 
     kernels_built()
-    models = {mode: sample.quantize_model(copy.deepcopy(tiny), mode, group_size=16) for mode in ("int8", "int4")}
+    models = {mode: quant.quantize_model(copy.deepcopy(tiny), mode, group_size=16) for mode in ("int8", "int4")}
     want = {mode: list(sample.generate(m, PROMPT, 8, temperature=0)) for mode, m in models.items()}
 
     def refuse(*_):
@@ -522,7 +523,7 @@ def test_nf4_decoding_reads_the_stored_bytes_only(monkeypatch):
     torch.manual_seed(0)
     args = model_lib.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, hidden_dim=192,
                                max_seq_len=64)
-    model = sample.quantize_model(model_lib.Transformer(args).eval(), "nf4")
+    model = quant.quantize_model(model_lib.Transformer(args).eval(), "nf4")
     assert isinstance(model.layers[0].feed_forward.w2, quant.NF4Linear)
     assert type(model.output) is not quant.NF4Linear  # QLoRA's base: the head stays as it is
     reference = copy.deepcopy(model)
@@ -558,7 +559,7 @@ def test_quantising_in_blocks_of_rows_changes_nothing(mode, monkeypatch):
     import kernels
 
     w = torch.randn(40, 64).to(torch.bfloat16)  # any float dtype in: a bf16 checkpoint's memory-mapped tensor
-    layer = lambda: sample.Int8Linear(64, 40) if mode == "int8" else sample.Int4Linear(64, 40, 16)
+    layer = lambda: quant.Int8Linear(64, 40) if mode == "int8" else quant.Int4Linear(64, 40, 16)
     whole = layer().quantize_from(w.float())
     monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 64 * 16)
     blocks = layer().quantize_from(w)  # 16 rows at a time
@@ -570,11 +571,11 @@ def test_quantising_in_blocks_of_rows_changes_nothing(mode, monkeypatch):
 def test_a_model_built_on_meta_straight_into_quantised_form_equals_the_quantised_model(tiny, mode):
     import copy
 
-    want = sample.quantize_model(copy.deepcopy(tiny), mode, group_size=16)
+    want = quant.quantize_model(copy.deepcopy(tiny), mode, group_size=16)
     with torch.device("meta"):
         meta = model_lib.Transformer(tiny.args)
     state, asked = tiny.state_dict(), []
-    built = sample.quantize_from_meta(meta, mode, 16, lambda name: asked.append(name) or state[name])
+    built = quant.quantize_from_meta(meta, mode, 16, lambda name: asked.append(name) or state[name])
     assert sorted(asked) == sorted(name for name, _ in tiny.named_parameters())  # each weight once
     assert not any(t.is_meta for t in [*built.parameters(), *built.buffers()])
     idx = torch.tensor([PROMPT])
@@ -591,7 +592,7 @@ def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path, m
     torch.manual_seed(0)
     write_checkpoint(tmp_path, model_lib.Transformer(args).state_dict(), args, "baichuan2")
     full, _ = sample.load_model(tmp_path, "cpu", torch.float32)
-    want = sample.quantize_model(full, mode, group_size=16)
+    want = quant.quantize_model(full, mode, group_size=16)
     got, _ = sample.load_model(tmp_path, "cpu", torch.float32, mode, 16)
     idx = torch.tensor([PROMPT])
     with torch.inference_mode():
@@ -604,7 +605,7 @@ def test_compiled_decode_keeps_the_kernels_in_one_graph(tiny, mode):
     import copy
 
     kernels_built()
-    q = sample.quantize_model(copy.deepcopy(tiny), mode, group_size=16)
+    q = quant.quantize_model(copy.deepcopy(tiny), mode, group_size=16)
     eager = list(sample.generate(q, PROMPT, 8, temperature=0))
     assert list(sample.generate(q, PROMPT, 8, temperature=0, decode_step=sample.CompiledDecode())) == eager
     q.setup_cache(1, 16)
