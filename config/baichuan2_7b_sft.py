@@ -1,6 +1,6 @@
 # Baichuan2-7B multi-turn supervised fine-tuning on one node of 8 devices, bf16, ZeRO-3, gradient checkpointing, on
 # the 10k BELLE conversations Baichuan2 ships.
-# Not a run of the five documents this project reproduces (see README "Recipes"): a further published setup.
+# Not a run of the five documents this project reproduces (see docs/recipes.md): a further published setup.
 # Source: baichuan-inc/Baichuan2, README.md "模型微调" / "单机训练" (the deepspeed fine-tune.py command),
 # fine-tune/fine-tune.py and fine-tune/ds_config.json, all three as in its first commit d796a65 (2023-09-06) and
 # unchanged up to ed1cf0f (2024-02-26). Values marked "HF" are the Hugging Face Trainer's defaults, which the command

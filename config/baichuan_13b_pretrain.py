@@ -1,6 +1,6 @@
 # Baichuan-13B (ALiBi) continued pretraining on 1 node x 8 Ascend NPUs, fp16, tensor parallel 8 with sequence
 # parallelism, from the released Baichuan-13B-Base weights, on the Alpaca parquet's text.
-# Not a run of the five documents this project reproduces (see README "Recipes"): a further published setup.
+# Not a run of the five documents this project reproduces (see docs/recipes.md): a further published setup.
 # Source: Ascend/AscendSpeed (gitee, mirrored on GitHub), master of 2023-12-13: the script
 # examples/baichuan/pretrain_baichuan_ptd_13B.sh (commit 85b38dc: its first version's values, 6eb65d6 of 2023-09-28,
 # but for --normalization RMSNorm added and --make-vocab-size-divisible-by 8 dropped) and examples/baichuan/README.md

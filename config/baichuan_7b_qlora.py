@@ -41,7 +41,7 @@
 # |                    | (padding not counted)                  |                               |
 #
 # Our --dry_run (40% MFU of 313 TFLOP/s, one 64 GB device): 5.6 GiB, 0.94 s/step, 4,367 tokens/s; a padded row
-# counts as 1024 tokens there. Measured on this repository's 2-core CPU (README "LoRA and QLoRA"): 5.46 GiB peak
+# counts as 1024 tokens there. Measured on this repository's 2-core CPU (docs/training.md): 5.46 GiB peak
 # RSS for one step at seq 512 (with adapters on wq, wk, wv apart then).
 #
 #   python convert.py hf-to-native --src=hf/baichuan-7B --dst=checkpoints/baichuan-7b

@@ -1,6 +1,6 @@
 # LLaMA-13B supervised fine-tuning on the Alpaca data (alpaca_data.json), 5 epochs, bf16, FSDP full_shard; the mesh
 # and the rest are the LLaMA-7B command's (1 node x 4 A100 80GB), as the source gives none for 13B.
-# Not a run of the five documents this project reproduces (see README "Recipes"): a further published setup.
+# Not a run of the five documents this project reproduces (see docs/recipes.md): a further published setup.
 # Source: tatsu-lab/stanford_alpaca at 761dc5b (2023-05-29): README.md "Fine-tuning", its hyperparameter table's
 # LLaMA-13B column (batch 128, lr 1e-5, 5 epochs, max length 512, weight decay 0); its only command is for LLaMA-7B
 # (config/llama_7b_alpaca.py): what we take from it is marked "our choice (7B's)". train.py as for 7B.

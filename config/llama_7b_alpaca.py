@@ -1,6 +1,6 @@
 # LLaMA-7B supervised fine-tuning on the Alpaca data (alpaca_data.json) on 1 node x 4 A100 80GB, bf16, FSDP
 # full_shard, 3 epochs.
-# Not a run of the five documents this project reproduces (see README "Recipes"): a further published setup.
+# Not a run of the five documents this project reproduces (see docs/recipes.md): a further published setup.
 # Source: tatsu-lab/stanford_alpaca at 761dc5b (2023-05-29): README.md "Fine-tuning" (the hyperparameter table and
 # the torchrun command for LLaMA-7B on 4 A100 80G GPUs) and train.py (PROMPT_DICT, the loss, the padding). Values
 # marked "HF" are the Hugging Face Trainer's defaults, which the command leaves as they are.

@@ -455,7 +455,7 @@ def test_13b_chat_lora_log_is_its_first_logged_step_not_step_1000():
     assert min(range(48818), key=lambda s: abs(train.get_lr(s, cfg) - logged)) == 9
     assert train.get_lr(9, cfg) == pytest.approx(logged, rel=1e-12)
     assert train.get_lr(1000, cfg) == pytest.approx(4.9948e-05, rel=1e-4)
-    text = header("baichuan_13b_chat_lora.py") + (ROOT / "README.md").read_text()
+    text = header("baichuan_13b_chat_lora.py") + (ROOT / "docs" / "recipes.md").read_text()
     assert "loss 1.9935 at step 1000" not in text and "step 9" in text
 
 
