@@ -15,7 +15,6 @@ import prepare
 import sample
 from support import quant
 import support.peft
-from support import quant
 from support.weights import write_checkpoint
 from model import PRESETS, LoRALinear, Transformer, apply_lora, lora_state_dict, merge_lora
 from support.quant import NF4Linear
