@@ -109,8 +109,10 @@ def write(path, data):
 
 
 def snapshot(root):
-    """path -> sha256 of every file under root."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(root).rglob("*") if p.is_file()}
+    """path -> sha256 of every file under root, but train.py's run lock (out_dir/.train.lock: it names whoever holds
+    out_dir now, so a run refused after taking it rewrites it by design; support/runlock.py)."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(root).rglob("*")
+            if p.is_file() and p.name != ".train.lock"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
