@@ -86,8 +86,9 @@ def command_line(script: str, argv: list[str], resume: bool) -> str:
     if resume:
         argv = [a for a in argv if not a.startswith(("--init_from=", "--overwrite"))] + ["--init_from=resume"]
     env = os.environ
-    if int(env.get("WORLD_SIZE", "1")) > 1:
-        nodes = int(env.get("GROUP_WORLD_SIZE", "1"))
+    if env.get("WORLD_SIZE", "1").isdigit() and int(env["WORLD_SIZE"]) > 1:  # a bad one is refused before any step
+        group = env.get("GROUP_WORLD_SIZE", "1")
+        nodes = int(group) if group.isdigit() else 1
         launch = ["torchrun", f"--nproc_per_node={env.get('LOCAL_WORLD_SIZE', '1')}"]
         launch += (["--standalone"] if nodes == 1 else
                    [f"--nnodes={nodes}", "--node_rank=N", f"--master_addr={env.get('MASTER_ADDR', '')}",
