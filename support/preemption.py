@@ -86,7 +86,8 @@ def command_line(script: str, argv: list[str], resume: bool) -> str:
     if resume:
         argv = [a for a in argv if not a.startswith(("--init_from=", "--overwrite"))] + ["--init_from=resume"]
     env = os.environ
-    if env.get("WORLD_SIZE", "1").isdigit() and int(env["WORLD_SIZE"]) > 1:  # a bad one is refused before any step
+    world = env.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:  # a bad one is refused before any step
         group = env.get("GROUP_WORLD_SIZE", "1")
         nodes = int(group) if group.isdigit() else 1
         launch = ["torchrun", f"--nproc_per_node={env.get('LOCAL_WORLD_SIZE', '1')}"]
