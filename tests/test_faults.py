@@ -374,6 +374,15 @@ def fill_with_enospc(monkeypatch, free=1000):
     monkeypatch.setattr(diskspace, "room_problem", lambda *a, **k: None)
 
 
+def full_disk_path(how, name, size, small_disk, tmp_path, monkeypatch):
+    """Where to write `name` so that the disk fills: on a small tmpfs of `size`, or (patched) where writes fail with
+    ENOSPC."""
+    if how == "tmpfs":
+        return small_disk(size) / name
+    fill_with_enospc(monkeypatch)
+    return tmp_path / name
+
+
 @pytest.fixture(scope="module")
 def step_dir(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("step") / "out"
@@ -384,11 +393,8 @@ def step_dir(data, tmp_path_factory):
 @pytest.mark.parametrize("how", ["tmpfs", "patched"])
 def test_export_on_a_full_disk_is_one_line_and_keeps_the_step_dir(how, data, step_dir, small_disk, tmp_path,
                                                                   monkeypatch):
-    if how == "tmpfs":
-        out = small_disk("1700k") / "out"  # a step dir (1.4 MB) fits, its export (0.4 MB) beside it does not
-    else:
-        out = tmp_path / "out"
-        fill_with_enospc(monkeypatch)
+    # a step dir (1.4 MB) fits on the tmpfs, its export (0.4 MB) beside it does not
+    out = full_disk_path(how, "out", "1700k", small_disk, tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as e:
         train.main(ARGS + [f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", "--export"])
     m = re.fullmatch(rf"train\.py: {re.escape(str(out / 'export'))}: {FULL}; free space there, or write elsewhere; "
@@ -402,11 +408,7 @@ def test_export_on_a_full_disk_is_one_line_and_keeps_the_step_dir(how, data, ste
 
 @pytest.mark.parametrize("how", ["tmpfs", "patched"])
 def test_convert_on_a_full_disk_is_one_line(how, step_dir, small_disk, tmp_path, monkeypatch):
-    if how == "tmpfs":
-        dst = small_disk("256k") / "ckpt"
-    else:
-        dst = tmp_path / "ckpt"
-        fill_with_enospc(monkeypatch)
+    dst = full_disk_path(how, "ckpt", "256k", small_disk, tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as e:
         convert.main(["dcp-to-native", "--src", str(step_dir["step"]), "--dst", str(dst)])
     m = re.fullmatch(rf"convert\.py: {re.escape(str(dst))}: {FULL}; free space there, or write elsewhere",
@@ -431,11 +433,7 @@ def corpus(tmp_path_factory):
 
 @pytest.mark.parametrize("how", ["tmpfs", "patched"])
 def test_prepare_on_a_full_disk_is_one_line(how, corpus, small_disk, tmp_path, monkeypatch):
-    if how == "tmpfs":
-        out = small_disk("64k") / "data"
-    else:
-        out = tmp_path / "data"
-        fill_with_enospc(monkeypatch)
+    out = full_disk_path(how, "data", "64k", small_disk, tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as e:
         prepare.main(["--input", str(corpus["text"]), "--tokenizer", str(corpus["sp"]), "--out", str(out)])
     m = re.fullmatch(rf"prepare\.py: {re.escape(str(out))}(/\w+\.bin)?: {FULL}; free space there, or choose another "
