@@ -17,7 +17,8 @@ Every converter streams: source tensors are read one shard at a time (safetensor
 output is written shard by shard by ShardWriter, so memory holds about one input shard plus one output
 shard, never the model twice. Output goes to DST.tmp-PID and is renamed to DST when complete.
 
-Beside it in support/: HF's tensor names for ours (hf_names.py), weight files read and written (weights.py), PEFT's
+Beside it in support/: the command line and its checks (convert_cli.py), the checks of the files read
+(convert_checks.py), HF's tensor names for ours (hf_names.py), weight files read and written (weights.py), PEFT's
 adapter format (peft.py), train.py's step dirs (stepdir.py), and AscendSpeed, FlagAI and GGUF (their own files).
 
 Layouts. HF LLaMA q/k rows are already in rotate-half order, which is our native order: copied as they are. Meta's
@@ -29,31 +30,26 @@ PEFT's format, named as the HF export of the base (W_pack's update splits by row
 Every function here reports a problem as model.CheckpointError naming the file and the field; only main exits.
 """
 
-import argparse
 import contextlib
 import json
 import math
-import os
-import re
 import shutil
 import sys
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 import prepare
-from support import ascendspeed, diskspace, flagai
-from model import FAMILIES, CheckpointError, ModelArgs, family_of_hf_config, read_config
-from support.checks import check_json_fields, check_value, load_json
+from support import ascendspeed, convert_checks, convert_cli, diskspace, flagai, gguf, stepdir
+from model import FAMILIES, CheckpointError, ModelArgs, read_config
+from support.convert_checks import detect_family, read_hf_config, read_json, special_ids
 from support.hf_names import BAICHUAN, hf_ignored, hf_layout, native_shapes, stacked_shape
-from support.outputs import check_output, replace_dir
-from support.peft import read_adapter, write_peft_adapter
-from support.stepdir import TRAIN_STATE, SafeDcpReader, dcp_load, read_train_state, verify_step_dir
-from support.weights import (ShardWriter, WeightFiles, check_shapes, load_pickle, load_tensors, parse_size,
+from support.outputs import replace_dir
+from support.peft import read_adapter
+from support.weights import (ShardWriter, Streamed, WeightFiles, check_shapes, load_pickle, load_tensors, parse_size,
                              write_checkpoint)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -74,72 +70,20 @@ def normalise_rows(w: torch.Tensor) -> torch.Tensor:
 # HF config.json -> family and ModelArgs
 
 
-def read_json(file: Path, required=True) -> dict:
-    """A JSON object file, checked as support.checks.load_json checks one; {} for an absent one that is not required."""
-    if not required and not file.exists():
-        return {}
-    return load_json(file, CheckpointError)
-
-
-# HF config.json: the fields read, their types and ranges (an absent field takes its default)
-HF_CONFIG = {
-    **{k: (int, "[1, inf)") for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
-                                      "intermediate_size")},
-    **{k: (Optional[int], "[1, inf)") for k in ("num_key_value_heads", "head_dim", "max_position_embeddings",
-                                                "model_max_length")},
-    "rms_norm_eps": (float, "(0, 1)"), "rope_theta": (float, "(0, inf)"), "z_loss_weight": (float, "[0, inf)"),
-    "tie_word_embeddings": bool, "attention_bias": bool, "mlp_bias": bool, "hidden_act": str,
-    "model_type": str, "architectures": list, "rope_scaling": Optional[dict], "rope_parameters": Optional[dict],
-    **{f"{k}.{f}": str for k in ("rope_scaling", "rope_parameters") for f in ("rope_type", "type")},
-    **{f"{k}.rope_theta": (float, "(0, inf)") for k in ("rope_scaling", "rope_parameters")},
-}
-
-
-def read_hf_config(src: Path) -> dict:
-    """An HF config.json, every field this file reads of the right type and in range."""
-    cfg = read_json(src / "config.json")
-    check_json_fields(cfg, HF_CONFIG, src / "config.json", CheckpointError)
-    if not all(isinstance(a, str) for a in cfg.get("architectures", [])):
-        fail(f"{src / 'config.json'}: architectures={cfg['architectures']!r}: expected a list of strings")
-    return cfg
-
-
-def detect_family(cfg: dict, where) -> str:
-    family = family_of_hf_config(cfg)  # model.FAMILIES says which names and marks mean which family
-    if family is None:
-        supported = dict.fromkeys(a for f in FAMILIES.values() for a in f.architectures)
-        fail(f"{where}: architectures {cfg.get('architectures') or []} (model_type {cfg.get('model_type')!r}) is not "
-             f"supported; supported: {', '.join(supported)} (or pass --family {{{','.join(FAMILIES)}}})")
-    return family
-
-
 def hf_args(cfg: dict, family: str, where) -> ModelArgs:
     """ModelArgs from an HF config.json (LLaMA, Aquila, Baichuan and Baichuan2 all use LLaMA's field names)."""
-    def need(key):
-        if not isinstance(cfg.get(key), (int, float)):
-            fail(f"{where}: field {key!r} missing or not a number")
-        return cfg[key]
-
-    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-        if cfg.get(key, ok) != ok:
-            fail(f"{where}: {key}={cfg[key]!r} is not supported (expected {ok!r})")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # read_hf_config checked them
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        fail(f"{where}: rope type {rope_type!r} is not supported (only plain RoPE)")
-    dim, n_heads = need("hidden_size"), need("num_attention_heads")
-    if cfg.get("head_dim") not in (None, dim // n_heads):
-        fail(f"{where}: head_dim={cfg['head_dim']} is not hidden_size/num_attention_heads={dim // n_heads}")
+    convert_checks.check_hf_args(cfg, where)  # the fields read, and what our model computes (plain RoPE, no biases)
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    dim, n_heads, n_layers = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_hidden_layers"]
     n_kv_heads = cfg.get("num_key_value_heads") or n_heads
     # Baichuan's 13B models use ALiBi: their configs state only model_max_length, the RoPE 7B ones also
     # max_position_embeddings
-    n_layers = need("num_hidden_layers")
     alibi = family in BAICHUAN and ("max_position_embeddings" not in cfg or (dim, n_layers) == (5120, 40))
     try:
         return ModelArgs(
             dim=dim, n_layers=n_layers, n_heads=n_heads,
-            n_kv_heads=None if n_kv_heads == n_heads else n_kv_heads, vocab_size=need("vocab_size"),
-            hidden_dim=need("intermediate_size"), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            n_kv_heads=None if n_kv_heads == n_heads else n_kv_heads, vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"], norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_seq_len=cfg.get("max_position_embeddings") or cfg.get("model_max_length") or 2048,
             rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             pos_emb="alibi" if alibi else "rope", tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -163,17 +107,6 @@ def staged(dst, overwrite: bool, inputs=(), need=None):
         yield tmp
 
 
-class Streamed:
-    """A state dict whose items are produced on demand: write_checkpoint only iterates .items(), so converting and
-    writing interleave and at most one output shard is held in memory."""
-
-    def __init__(self, items):
-        self._items = items
-
-    def items(self):
-        return self._items
-
-
 def cast(t: torch.Tensor, dtype) -> torch.Tensor:
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
@@ -182,24 +115,6 @@ def own(t: torch.Tensor, dtype) -> torch.Tensor:
     """A copy in dtype: detached from the input's memory map (so the shard can be unmapped) and from the other
     parts of a split W_pack (safetensors refuses tensors that share storage)."""
     return t.to(dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
-
-
-def special_ids(vocab_size: int, *files: Path) -> dict:
-    """bos/eos/pad ids from HF config.json / generation_config.json (the later one wins; eos may be a list; null or a
-    -1 is none, as some LLaMA configs write for pad), each an id of the vocabulary."""
-    ids = {}
-    for file in files:
-        cfg = read_json(file, required=False)
-        for kind in ("bos", "eos", "pad"):
-            v = cfg.get(f"{kind}_token_id")
-            if not (all(type(i) is int for i in v) if isinstance(v, list) else v is None or type(v) is int):
-                fail(f"{file}: {kind}_token_id={v!r}: expected a token id, a list of them, or null")
-            first = v[0] if isinstance(v, list) and v else None if isinstance(v, list) else v
-            if first is not None and not -1 <= first < vocab_size:
-                fail(f"{file}: {kind}_token_id={first}: not an id of the vocabulary (vocab_size {vocab_size}) nor -1")
-            if first is not None and first >= 0:
-                ids[f"{kind}_id"] = first
-    return ids
 
 
 def write_tokenizer(src: Path, dst: Path, ids: dict, template, default: str):
@@ -301,10 +216,7 @@ def hf_config(args: ModelArgs, family: str, ids: dict, dtype: str) -> dict:
 def native_to_hf(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
     src = Path(src)
     args, family, source = open_checkpoint_dir(src)
-    if family not in BAICHUAN and args.pos_emb != "rope":
-        fail(f"{src / 'config.json'}: pos_emb={args.pos_emb!r}: a LLaMA-architecture checkpoint needs 'rope'")
-    if family in BAICHUAN and args.kv_heads != args.n_heads:
-        fail(f"{src / 'config.json'}: n_kv_heads={args.n_kv_heads}: Baichuan's W_pack needs multi-head attention")
+    convert_checks.check_hf_exportable(args, family, src / "config.json")
     # LLaMA has no NormHead: normalise once so a plain head computes the same logits. Baichuan2 keeps its raw head
     # (its modeling code normalises it, as ours does).
     normalise = args.norm_head and family != "baichuan2"
@@ -367,7 +279,6 @@ def hf_tokenizer_config(src: Path, ids: dict) -> dict:
 # tok_embeddings is split on dim 1 (ParallelEmbedding, LLaMA 1/2) or dim 0 (VocabParallelEmbedding, LLaMA 3): taken
 # from the shapes. Norms are replicated.
 META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
-META_IGNORED = re.compile(r"rope\.freqs")  # LLaMA 1 saved its rotary table
 
 
 def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier=None) -> int:
@@ -395,19 +306,10 @@ def meta_merge(name: str, parts: list[torch.Tensor], shape: tuple) -> torch.Tens
     return torch.cat(parts, dim=dim)
 
 
-# Meta's params.json: the fields read, their types and ranges
-META_PARAMS = {"dim": (int, "[1, inf)"), "n_layers": (int, "[1, inf)"), "n_heads": (int, "[1, inf)"),
-               "n_kv_heads": (Optional[int], "[1, inf)"), "vocab_size": (Optional[int], "[-1, inf)"),
-               "multiple_of": (int, "[1, inf)"), "ffn_dim_multiplier": (Optional[float], "(0, inf)"),
-               "norm_eps": (float, "(0, 1)"), "rope_theta": (float, "(0, inf)"), "use_scaled_rope": bool}
-
-
 def meta_args(params: dict, emb_shape: tuple, n_shards: int, where, max_seq_len: int) -> ModelArgs:
     """ModelArgs from Meta's params.json; vocab_size -1 means "from the tokenizer": read off the embedding, which is
     split on dim 1 (LLaMA 1/2) or dim 0 (LLaMA 3)."""
-    check_json_fields(params, META_PARAMS, where, CheckpointError, required=("dim", "n_layers", "n_heads"))
-    if params.get("use_scaled_rope"):
-        fail(f"{where}: use_scaled_rope (LLaMA 3.1 rope scaling) is not supported")
+    convert_checks.check_meta_params(params, where)
     vocab = params.get("vocab_size", -1)
     if vocab in (-1, None):
         vocab = emb_shape[0] if emb_shape[1] * n_shards == params.get("dim") else emb_shape[0] * n_shards
@@ -428,20 +330,11 @@ def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwr
     template = check_template(template)
     params = read_json(src / "params.json")
     files = sorted(src.glob("consolidated.*.pth"))
-    if not files:
-        fail(f"{src}: no consolidated.XX.pth files")
     headers = [{k: tuple(t.shape) for k, t in load_pickle(f).items()} for f in files]  # maps dropped right away
-    if "tok_embeddings.weight" not in headers[0]:
-        fail(f"{files[0]}: missing tensor tok_embeddings.weight")
+    convert_checks.check_meta_shards(src, files, headers)
     args = meta_args(params, headers[0]["tok_embeddings.weight"], len(files), src / "params.json", max_seq_len)
     shapes = native_shapes(args)
-    for f, names in zip(files, headers):
-        missing = sorted(set(shapes) - set(names))
-        if missing:
-            fail(f"{f}: missing tensor {missing[0]} ({len(missing)} missing)")
-        unexpected = sorted(k for k in names if k not in shapes and not META_IGNORED.fullmatch(k))
-        if unexpected:
-            fail(f"{f}: unexpected tensor {unexpected[0]}")
+    convert_checks.check_meta_names(files, headers, shapes)  # each shard: a piece of every tensor, nothing else
 
     def tensors():
         shards, read = [load_pickle(f) for f in files], 0
@@ -520,11 +413,7 @@ def apply_delta(base, delta, dst, dtype=None, template=None, overwrite=False, ma
         fail(f"{dst}: exists; pass --overwrite to replace it")
     base_args, _, base_get = open_native(base)
     args, family, delta_get = open_native(delta)
-    for field in ("dim", "n_layers", "n_heads", "kv_heads", "hidden_dim"):
-        if getattr(base_args, field) != getattr(args, field):
-            fail(f"{delta}: {field}={getattr(args, field)} but the base {base} has {getattr(base_args, field)}")
-    if base_args.vocab_size > args.vocab_size:
-        fail(f"{delta}: vocab_size={args.vocab_size} is smaller than the base's {base_args.vocab_size}")
+    convert_checks.check_delta(base_args, args, base, delta)
     base_names = native_shapes(base_args)
 
     def tensors():
@@ -553,92 +442,29 @@ def apply_delta(base, delta, dst, dtype=None, template=None, overwrite=False, ma
 # --------------------------------------------------------------------------------------------------------------------
 # dcp-to-native (train.py imports dcp_to_native for its export)
 
-# prefixes torch.compile, activation checkpointing and FSDP1 add to parameter names
-WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-
 
 def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=None):
     """A train.py step dir (torch.distributed.checkpoint, state dict key "model", config.json and tokenizer beside
-    it) -> a checkpoint dir. Runs in one process without a process group; reads the model tensors in batches of
-    about one output shard, so memory stays near one shard whatever the model size. Read through dcp_load, the
-    one safe way step dirs are read, after verify_step_dir (as resume does) when it has a train_state.json."""
+    it) -> a checkpoint dir; a LoRA run's -> that step's adapters merged into the base checkpoint dir the run started
+    from, as train.py's export does. support/stepdir.py reads it: verified first, in one process without a process
+    group, the model tensors in batches of about one output shard (memory stays near one shard)."""
     step = Path(step_dir)
     if Path(dst).exists() and not overwrite:
         fail(f"{dst}: exists; pass --overwrite to replace it")
-    if (step / TRAIN_STATE).exists():  # a train.py step dir: every file as its manifest recorded it, as resume checks
-        verify_step_dir(step)
-    try:
-        args, cfg = read_config(step)
-        metadata = SafeDcpReader(str(step)).read_metadata()
-    except CheckpointError:
-        raise
-    except Exception as e:  # a corrupt .metadata surfaces as many exception types
-        fail(f"{step}: not a torch.distributed.checkpoint dir ({type(e).__name__}: {e})")
+    args, cfg, stored = stepdir.read_model_index(step)
     family = cfg.get("family", "llama")
-    stored = {}  # native name -> (key under "model", size, dtype)
-    for key, md in metadata.state_dict_metadata.items():
-        if key.startswith("model.") and hasattr(md, "size"):
-            name = key[len("model."):]
-            for prefix in WRAPPER_PREFIXES:
-                name = name.replace(prefix, "")
-            stored[name] = (key[len("model."):], tuple(md.size), md.properties.dtype)
     if any(n.endswith(".lora_a") for n in stored):
-        return lora_step_to_native(step, stored, args, family, dst, dtype, overwrite, max_shard_bytes)
-    shapes = native_shapes(args)
-    check_shapes({n: s for n, (_, s, _) in stored.items()}, shapes, step)
-    batch_bytes = max_shard_bytes or parse_size(DEFAULT_SHARD)
-
-    def batches():
-        batch, size = [], 0
-        for name in shapes:
-            nbytes = torch.Size(stored[name][1]).numel() * stored[name][2].itemsize
-            if batch and size + nbytes > batch_bytes:
-                yield batch
-                batch, size = [], 0
-            batch.append(name)
-            size += nbytes
-        if batch:
-            yield batch
-
-    def tensors():
-        for batch in batches():
-            want = {stored[n][0]: torch.empty(stored[n][1], dtype=stored[n][2]) for n in batch}
-            dcp_load({"model": want}, step)
-            for n in batch:
-                yield n, cast(want.pop(stored[n][0]), dtype)
-
+        with tempfile.TemporaryDirectory() as tmp:
+            base = stepdir.write_lora_adapter(step, stored, args, family, Path(tmp) / "adapter")
+            return merge_lora(base, Path(tmp) / "adapter", dst, dtype, overwrite, max_shard_bytes)
+    tensors = stepdir.read_model(step, stored, native_shapes(args), max_shard_bytes or parse_size(DEFAULT_SHARD))
     with staged(dst, overwrite, (step,)) as tmp:
-        write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes,
+        write_checkpoint(tmp, Streamed((n, cast(t, dtype)) for n, t in tensors), args, family,
+                         max_shard_bytes=max_shard_bytes,
                          extra_config={k: v for k, v in cfg.items()  # whatever else train.py recorded
                                        if k != "family" and k not in args.__dataclass_fields__})
         prepare.copy_tokenizer_files(step, tmp)
     return args, family
-
-
-def lora_step_to_native(step: Path, stored: dict, args: ModelArgs, family: str, dst, dtype, overwrite,
-                        max_shard_bytes):
-    """A LoRA run's step dir (its adapters beside the frozen, maybe NF4, base) -> that step's adapters merged into the
-    base checkpoint dir the run started from, as train.py's export does."""
-    state = read_train_state(step)
-    file = step / TRAIN_STATE
-    base, cfg = state.get("lora_base"), state.get("config")
-    if not base:
-        fail(f"{file}: a LoRA run from scratch: no base checkpoint dir (lora_base) to merge its adapters into")
-    if not isinstance(cfg, dict):
-        fail(f"{file}: config: expected the run's config (lora_alpha, lora_dropout)")
-    check_json_fields(cfg, {"lora_alpha": (float, "(0, inf)"), "lora_dropout": (float, "[0, 1)")}, f"{file}: config",
-                      CheckpointError, required=("lora_alpha",))
-    if not (Path(base) / "config.json").is_file():
-        fail(f"{file}: lora_base={base}: the run's base checkpoint dir is not here (its adapters merge into it)")
-    names = [n for n in stored if n.endswith((".lora_a", ".lora_b"))]
-    want = {stored[n][0]: torch.empty(stored[n][1], dtype=stored[n][2]) for n in names}
-    dcp_load({"model": want}, step)
-    adapters = {n: want[stored[n][0]] for n in names}
-    rank = next(t.size(0) for n, t in adapters.items() if n.endswith(".lora_a"))
-    with tempfile.TemporaryDirectory() as tmp:
-        write_peft_adapter(Path(tmp) / "adapter", adapters, args, family, rank=rank, alpha=cfg["lora_alpha"],
-                           dropout=cfg.get("lora_dropout", 0.0), base=base)
-        return merge_lora(base, Path(tmp) / "adapter", dst, dtype, overwrite, max_shard_bytes)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -676,13 +502,6 @@ def merge_lora(src, adapter, dst, dtype=None, overwrite=False, max_shard_bytes=N
 # other tools' checkpoint formats: the reading and writing live in support/ (ascendspeed.py, flagai.py)
 
 
-def copy_beside(src: Path, dst: Path):
-    """Our config.json and the tokenizer files of a checkpoint dir, copied as they are."""
-    for f in ("config.json", "tokenizer_config.json", *prepare.TOKENIZER_FILES):
-        if (src / f).exists():
-            shutil.copyfile(src / f, dst / f)
-
-
 def ascendspeed_to_native(src, dst, like=None, dtype=None, overwrite=False, max_shard_bytes=None):
     """The architecture and tokenizer come from `like` (a checkpoint dir), else from src's own config.json, which
     native-to-ascendspeed writes there. Baichuan2's head is raw there (--lm-norm-weight): norm_head=true."""
@@ -695,20 +514,17 @@ def ascendspeed_to_native(src, dst, like=None, dtype=None, overwrite=False, max_
     with staged(dst, overwrite, (src, like)) as tmp:
         write_checkpoint(tmp, Streamed((n, own(t, dtype)) for n, t in tensors.items()), args, family,
                          max_shard_bytes=max_shard_bytes)
-        copy_beside(like, tmp)
+        ascendspeed.copy_beside(like, tmp)
         (tmp / "config.json").write_text(json.dumps({**asdict(args), "family": family}, indent=2))
     return args, family
 
 
 def flagai_to_native(src: Path, dst, dtype=None, template=None, overwrite=False, max_shard_bytes=None) -> ModelArgs:
     """FlagAI's Aquila dir (support/flagai.py): Meta's tensor names with interleaved rotary pairs; family aquila."""
-    args = flagai.flagai_args(read_json(src / "config.json"), src / "config.json")
-    sd = flagai.load_weights(src)
-    check_shapes({n: t.shape for n, t in sd.items()}, native_shapes(args), src / flagai.WEIGHTS, flagai.ignored)
-    tensors = ((n, own(t, dtype)) for n, t in flagai.native_tensors(sd, args, meta_to_rotate_half)
-               if not flagai.ignored(n))
+    args, tensors = flagai.read_native(src, meta_to_rotate_half)
     with staged(dst, overwrite, (src,)) as tmp:
-        write_checkpoint(tmp, Streamed(tensors), args, "aquila", max_shard_bytes=max_shard_bytes)
+        write_checkpoint(tmp, Streamed((n, own(t, dtype)) for n, t in tensors), args, "aquila",
+                         max_shard_bytes=max_shard_bytes)
         write_tokenizer(src, tmp, {}, template, family_template("aquila"))
     return args
 
@@ -720,7 +536,7 @@ def native_to_ascendspeed(src, dst, tp=1, pp=1, divisible_by=128, merge_mlp=True
     tensors = {n: cast(t, dtype) for n, t in load_tensors(src).items()}
     with staged(dst, overwrite, (src,)) as tmp:
         ascendspeed.write(tmp, ascendspeed.rank_models(tensors, args, tp, pp, divisible_by, merge_mlp), pp, deepspeed)
-        copy_beside(src, tmp)
+        ascendspeed.copy_beside(src, tmp)
     return args, family
 
 
@@ -730,9 +546,7 @@ def native_to_ascendspeed(src, dst, tp=1, pp=1, divisible_by=128, merge_mlp=True
 
 def native_to_gguf(src, dst, qtype="f16", overwrite=False):
     """A checkpoint dir as one GGUF file, written beside dst and renamed to it when complete."""
-    from support import gguf
-
-    src, dst = Path(src), Path(dst)
+    src = Path(src)
     args, family, source = open_checkpoint_dir(src)
     gguf.check_exportable(args, family, src / "config.json")
     if not any((src / f).exists() for f in prepare.TOKENIZER_FILES):
@@ -743,26 +557,13 @@ def native_to_gguf(src, dst, qtype="f16", overwrite=False):
               **gguf.tokenizer_fields(tok, args.vocab_size, hf_tokenizer_config(src, ids).get("chat_template"))}
     if tok.chat_template in prepare.TEMPLATES:
         fields["nanollama.chat_template"] = tok.chat_template
-    if dst.exists() and not overwrite:
-        fail(f"--dst {dst}: exists (--overwrite replaces it)")
-    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
-    # a full disk says about how much the file needs: bytes per value of its type (blocks of 32 with a 2-byte scale)
-    need = sum(math.prod(s) for s in native_shapes(args).values()) * {"f32": 4, "f16": 2, "q8_0": 34 / 32,
-                                                                      "q4_0": 18 / 32}.get(qtype, 4)
-    try:
-        with diskspace.reported(dst, tmp, int(need), CheckpointError):
-            gguf.write_gguf(tmp, args, family, native_shapes(args), source.get, fields, qtype)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    gguf.write_file(Path(dst), overwrite, args, family, native_shapes(args), source.get, fields, qtype)
     return args, family
 
 
 def gguf_to_native(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
     """A GGUF file of the llama or baichuan architecture (ours, or llama.cpp's converter's) as a checkpoint dir:
     weights dequantised to fp32 (or --dtype), the tokenizer as the file describes it."""
-    from support import gguf
-
     src = Path(src)
     args, family, fields, tensors = gguf.read_gguf(src)
     with staged(dst, overwrite, (src,)) as tmp:
@@ -773,14 +574,7 @@ def gguf_to_native(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
                   file=sys.stderr)
             return args, family
         gguf.write_tokenizer(fields, tmp)
-        key = lambda name, default=None: fields.get(f"tokenizer.ggml.{name}", default)  # noqa: E731
-        template = fields.get("nanollama.chat_template") or fields.get("tokenizer.chat_template")
-        config = {"bos_id": key("bos_token_id"), "eos_id": key("eos_token_id"),
-                  "pad_id": key("padding_token_id", key("eos_token_id")),
-                  "add_bos_token": bool(key("add_bos_token", key("model") == "llama")),
-                  "add_eos_token": bool(key("add_eos_token", False)),
-                  "chat_template": template or family_template(family)}
-        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        gguf.write_tokenizer_config(fields, tmp, family_template(family))
     return args, family
 
 
@@ -788,118 +582,33 @@ def gguf_to_native(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
 # command line
 
 
+# subcommand -> its converter, called with the parsed flags and the output options; each returns (args, family)
+COMMANDS = {
+    "hf-to-native": lambda a, **kw: hf_to_native(a.src, a.dst, a.family, template=a.template, **kw),
+    "native-to-hf": lambda a, **kw: native_to_hf(a.src, a.dst, **kw),
+    "meta-to-native": lambda a, **kw: (meta_to_native(a.src, a.dst, max_seq_len=a.max_seq_len, template=a.template,
+                                                      **kw), "llama"),
+    "apply-delta": lambda a, **kw: apply_delta(a.src, a.delta, a.dst, template=a.template, **kw),
+    "dcp-to-native": lambda a, **kw: dcp_to_native(a.src, a.dst, **kw),
+    "merge-lora": lambda a, **kw: merge_lora(a.src, a.adapter, a.dst, **kw),
+    "ascendspeed-to-native": lambda a, **kw: ascendspeed_to_native(a.src, a.dst, a.like, **kw),
+    "native-to-ascendspeed": lambda a, max_shard_bytes, **kw: native_to_ascendspeed(
+        a.src, a.dst, a.tp, a.pp, a.make_vocab_size_divisible_by, not a.no_merge_mlp, a.deepspeed, **kw),
+    "gguf-to-native": lambda a, **kw: gguf_to_native(a.src, a.dst, **kw),
+    "native-to-gguf": lambda a, overwrite: native_to_gguf(a.src, a.dst, a.type, overwrite),
+}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dst", required=True, help="output dir (refused if it exists, unless --overwrite)")
-    common.add_argument("--dtype", choices=DTYPES, default=None, help="output dtype (default: as stored)")
-    common.add_argument("--max_shard_size", default=DEFAULT_SHARD, help="output shard size (default %(default)s)")
-    common.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
-    template = argparse.ArgumentParser(add_help=False)
-    template.add_argument("--template", default=None, help="chat template name for tokenizer_config.json "
-                                                           "(default: the model's own Jinja chat_template, else the "
-                                                           "family's; e.g. vicuna)")
-
-    s = sub.add_parser("hf-to-native", parents=[common, template], help="Hugging Face dir -> checkpoint dir")
-    s.add_argument("--src", required=True, help="HF dir: config.json + safetensors or .bin (sharded or not)")
-    s.add_argument("--family", choices=list(FAMILIES), default=None, help="override the family read from config.json")
-    s.add_argument("--for_training", action="store_true", help=argparse.SUPPRESS)  # older recipes': does nothing
-    s = sub.add_parser("native-to-hf", parents=[common], help="checkpoint dir -> Hugging Face dir")
-    s.add_argument("--src", required=True, help="checkpoint dir")
-    s = sub.add_parser("meta-to-native", parents=[common, template], help="Meta consolidated.XX.pth -> checkpoint dir")
-    s.add_argument("--src", required=True, help="dir with params.json and consolidated.XX.pth")
-    s.add_argument("--max_seq_len", type=int, default=2048, help="context length (params.json does not say)")
-    s = sub.add_parser("apply-delta", parents=[common, template], help="base + Vicuna-style delta -> checkpoint dir")
-    s.add_argument("--src", required=True, help="base weights (HF dir or checkpoint dir)")
-    s.add_argument("--delta", required=True, help="delta weights (HF dir or checkpoint dir)")
-    s = sub.add_parser("dcp-to-native", parents=[common], help="train.py step dir -> checkpoint dir")
-    s.add_argument("--src", required=True, help="out_dir/step_XXXXXXXX")
-    s = sub.add_parser("gguf-to-native", parents=[common], help="GGUF file (llama, baichuan) -> checkpoint dir")
-    s.add_argument("--src", required=True, help="a .gguf file")
-    s = sub.add_parser("native-to-gguf", help="checkpoint dir -> GGUF file (llama.cpp, ollama)")
-    s.add_argument("--src", required=True, help="checkpoint dir")
-    s.add_argument("--dst", required=True, help="the .gguf file to write (refused if it exists, unless --overwrite)")
-    s.add_argument("--type", choices=("f32", "f16", "q8_0", "q4_0"), default="f16",
-                   help="weight type (default %(default)s, as llama.cpp's converter); norms stay f32, and q4_0 "
-                        "keeps the output layer at q8_0")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --dst")
-    s = sub.add_parser("merge-lora", parents=[common], help="base checkpoint dir + LoRA adapter dir -> checkpoint dir")
-    s.add_argument("--src", required=True, help="the base checkpoint dir the adapters were trained on")
-    s.add_argument("--adapter", required=True, help="LoRA adapter dir: PEFT's (adapter_config.json + "
-                   "adapter_model.safetensors or .bin; train.py writes it) or our older adapter.safetensors")
-    s = sub.add_parser("ascendspeed-to-native", parents=[common],
-                       help="AscendSpeed (Megatron) checkpoint, any tp/pp -> checkpoint dir")
-    s.add_argument("--src", required=True, help="AscendSpeed --save/--load dir, or its release/ or iter_XXXXXXX/")
-    s.add_argument("--like", help="checkpoint dir giving the architecture (config.json) and tokenizer (default: the "
-                                  "config.json native-to-ascendspeed left in --src)")
-    s = sub.add_parser("native-to-ascendspeed", parents=[common],
-                       help="checkpoint dir -> AscendSpeed release checkpoint (its converter's layout)")
-    s.add_argument("--src", required=True, help="checkpoint dir")
-    s.add_argument("--tp", type=int, default=1, help="tensor-model-parallel size of the AscendSpeed run")
-    s.add_argument("--pp", type=int, default=1, help="pipeline-model-parallel size of the AscendSpeed run")
-    s.add_argument("--make_vocab_size_divisible_by", type=int, default=128, help="as the run's flag (default 128)")
-    s.add_argument("--no_merge_mlp", action="store_true", help="gate_proj + dense_h_to_4h instead of mlp.proj (for "
-                                                               "runs without --mlp-layer-fusion)")
-    s.add_argument("--deepspeed", action="store_true", help="DeepSpeed's layout (latest, mp_rank_XX_model_states.pt), "
-                                                            "for scripts run with --deepspeed")
-    a = p.parse_args(argv)
-
+    a = convert_cli.parse_args(argv, __doc__.split("\n")[0], DTYPES, DEFAULT_SHARD)
     try:
-        inputs = [getattr(a, flag) for flag in ("src", "delta", "adapter", "like") if getattr(a, flag, None)]
-        if a.command == "gguf-to-native" and not Path(a.src).is_file():
-            fail(f"--src={a.src}: not a file")
-        for flag in ("src", "delta", "adapter", "like"):
-            if getattr(a, flag, None) and not Path(getattr(a, flag)).is_dir() and a.command != "gguf-to-native":
-                fail(f"--{flag}={getattr(a, flag)}: not a directory")
-        if a.command == "native-to-gguf":
-            if Path(a.dst).is_dir():
-                fail(f"--dst {a.dst}: a directory; name the .gguf file to write")
-            if Path(a.src).resolve() in Path(a.dst).resolve().parents:
-                fail(f"--dst {a.dst} lies inside the input {a.src}: the output would mix with it")
-            args, family = native_to_gguf(a.src, a.dst, a.type, a.overwrite)
-            print(f"convert.py: wrote {a.dst} ({family}, {args.n_layers} layers, dim {args.dim}, {a.type})",
-                  file=sys.stderr)
-            return
-        kw = dict(dtype=DTYPES.get(a.dtype), overwrite=a.overwrite, max_shard_bytes=parse_size(a.max_shard_size))
-        check_output(a.dst, inputs, "--dst", CheckpointError)  # before any reading: never the input, nor in it
-        if a.command == "meta-to-native":
-            field = ModelArgs.__dataclass_fields__["max_seq_len"]  # the range ModelArgs declares for it
-            try:
-                check_value("max_seq_len", a.max_seq_len, int, field.metadata["range"])
-            except ValueError as e:
-                fail(f"--{e}")
-        if a.command == "hf-to-native":
-            if a.for_training:
-                print("convert.py: --for_training is no longer needed and does nothing: a Baichuan2 checkpoint always "
-                      "keeps its raw NormHead (norm_head=true)", file=sys.stderr)
-            args, family = hf_to_native(a.src, a.dst, a.family, template=a.template, **kw)
-        elif a.command == "native-to-hf":
-            args, family = native_to_hf(a.src, a.dst, **kw)
-        elif a.command == "meta-to-native":
-            args = meta_to_native(a.src, a.dst, max_seq_len=a.max_seq_len, template=a.template, **kw)
-            family = "llama"
-        elif a.command == "apply-delta":
-            args, family = apply_delta(a.src, a.delta, a.dst, template=a.template, **kw)
-        elif a.command == "merge-lora":
-            args, family = merge_lora(a.src, a.adapter, a.dst, **kw)
-        elif a.command == "ascendspeed-to-native":
-            args, family = ascendspeed_to_native(a.src, a.dst, a.like, **kw)
-        elif a.command == "native-to-ascendspeed":
-            for flag in ("tp", "pp", "make_vocab_size_divisible_by"):
-                if getattr(a, flag) < 1:
-                    fail(f"--{flag}={getattr(a, flag)}: expected a positive integer")
-            kw.pop("max_shard_bytes")
-            args, family = native_to_ascendspeed(a.src, a.dst, a.tp, a.pp, a.make_vocab_size_divisible_by,
-                                                 not a.no_merge_mlp, a.deepspeed, **kw)
-        elif a.command == "gguf-to-native":
-            args, family = gguf_to_native(a.src, a.dst, **kw)
-        else:
-            args, family = dcp_to_native(a.src, a.dst, **kw)
+        max_shard_bytes = convert_cli.check_flags(a)  # the flags and the paths they name, before any reading
+        kw = {} if a.command == "native-to-gguf" else dict(dtype=DTYPES.get(a.dtype), max_shard_bytes=max_shard_bytes)
+        args, family = COMMANDS[a.command](a, overwrite=a.overwrite, **kw)
     except CheckpointError as e:  # every problem, said in one line
         raise SystemExit(f"convert.py: {e}") from None
-    print(f"convert.py: wrote {a.dst} ({family}, {args.n_layers} layers, dim {args.dim}, {args.pos_emb})",
-          file=sys.stderr)
+    detail = a.type if a.command == "native-to-gguf" else args.pos_emb
+    print(f"convert.py: wrote {a.dst} ({family}, {args.n_layers} layers, dim {args.dim}, {detail})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,14 @@ AscendSpeed ignores and ascendspeed-to-native reads back. Every problem is a mod
 """
 
 import argparse
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from model import CheckpointError, ModelArgs, Transformer
+from support.tokenizer_files import TOKENIZER_FILES
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron's; DeepSpeed's is "latest"
 CHECKPOINT_VERSION = 3.0
@@ -309,3 +311,10 @@ def write(dst, models, pp: int = 1, deepspeed: bool = False):
         rank_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"checkpoint_version": CHECKPOINT_VERSION, "model": {"language_model": lm}},
                    rank_dir / "model_optim_rng.pt")
+
+
+def copy_beside(src: Path, dst: Path):
+    """Our config.json and the tokenizer files of a checkpoint dir, copied as they are."""
+    for f in ("config.json", "tokenizer_config.json", *TOKENIZER_FILES):
+        if (src / f).exists():
+            shutil.copyfile(src / f, dst / f)

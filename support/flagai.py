@@ -24,7 +24,9 @@ from typing import Optional
 import torch
 
 from model import CheckpointError, ModelArgs
-from support.checks import check_json_fields
+from support.checks import check_json_fields, load_json
+from support.hf_names import native_shapes
+from support.weights import check_shapes
 
 FLAGAI_CONFIG = {  # the fields read, their types and ranges (an absent one takes AQUILAConfig's default)
     **{k: (int, "[1, inf)") for k in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len")},
@@ -92,6 +94,15 @@ def native_tensors(sd: dict, args: ModelArgs, to_rotate_half):
 
 def ignored(name: str) -> bool:
     return name.endswith(("freqs_cis", "cache_k", "cache_v"))
+
+
+def read_native(src: Path, to_rotate_half):
+    """(args, (native name, tensor) of its weights) of FlagAI's Aquila dir, the tensors checked against args' shapes
+    first (native_tensors, without what ignored names)."""
+    args = flagai_args(load_json(src / "config.json", CheckpointError), src / "config.json")
+    sd = load_weights(src)
+    check_shapes({n: t.shape for n, t in sd.items()}, native_shapes(args), src / WEIGHTS, ignored)
+    return args, ((n, t) for n, t in native_tensors(sd, args, to_rotate_half) if not ignored(n))
 
 
 # --------------------------------------------------------------------------------------------------------------------

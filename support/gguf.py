@@ -1,7 +1,7 @@
 """support/gguf.py: GGUF, the one-file format of llama.cpp and ollama. convert.py uses it for `native-to-gguf` and
 `gguf-to-native`; what it adds: a checkpoint dir written as a .gguf file (weights in f32, f16, q8_0 or q4_0, the
-model's numbers, the tokenizer, the chat template) and read back, in llama.cpp's names and layouts, through the
-`gguf` package (llama.cpp's own reader and writer of the format).
+model's numbers, the tokenizer, the chat template; whole or not at all) and read back, in llama.cpp's names and
+layouts, through the `gguf` package (llama.cpp's own reader and writer of the format).
 
 The layout is the one llama.cpp's convert_hf_to_gguf.py writes:
 - LLaMA and Aquila as architecture "llama"; Baichuan and Baichuan2 as "baichuan". llama.cpp's baichuan has no key
@@ -22,6 +22,9 @@ The layout is the one llama.cpp's convert_hf_to_gguf.py writes:
   nanollama.chat_template (a built-in template's name), so that a file read back is the checkpoint it came from.
 """
 
+import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from model import CheckpointError, ModelArgs, Transformer
+from support import diskspace
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCHITECTURE = {"llama": "llama", "aquila": "llama", "baichuan": "baichuan", "baichuan2": "baichuan"}
@@ -260,6 +264,20 @@ def write_tokenizer(fields: dict, dst: Path) -> str:
     fail(f"tokenizer.ggml.model={kind!r}: expected 'llama' (sentencepiece) or 'gpt2' (byte-level BPE)")
 
 
+def write_tokenizer_config(fields: dict, dst: Path, default_template: str):
+    """Our tokenizer_config.json for the tokenizer a GGUF file describes (beside the file write_tokenizer writes):
+    its ids, whether text gets bos/eos, and the chat template: ours by name, else the file's Jinja, else
+    default_template (the family's)."""
+    key = lambda name, default=None: fields.get(f"tokenizer.ggml.{name}", default)  # noqa: E731
+    template = fields.get("nanollama.chat_template") or fields.get("tokenizer.chat_template")
+    config = {"bos_id": key("bos_token_id"), "eos_id": key("eos_token_id"),
+              "pad_id": key("padding_token_id", key("eos_token_id")),
+              "add_bos_token": bool(key("add_bos_token", key("model") == "llama")),
+              "add_eos_token": bool(key("add_eos_token", False)),
+              "chat_template": template or default_template}
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # writing
 
@@ -341,6 +359,23 @@ def write_gguf(path, args: ModelArgs, family: str, shapes: dict, get, fields: di
             w = rotary_rows(w, args.kv_heads, to_pairs=True)
         writer.write_tensor_data(encode(w, types[gname]))
     writer.close()
+
+
+def write_file(dst: Path, overwrite: bool, args: ModelArgs, family: str, shapes: dict, get, fields: dict, qtype: str):
+    """write_gguf into a file beside dst, renamed to dst when complete (removed on failure); an existing dst is
+    refused unless overwrite. A full disk is one CheckpointError saying about how much the file needs."""
+    if dst.exists() and not overwrite:
+        fail(f"--dst {dst}: exists (--overwrite replaces it)")
+    tmp = dst.with_name(f"{dst.name}.tmp-{os.getpid()}")
+    # a full disk says about how much the file needs: bytes per value of its type (blocks of 32 with a 2-byte scale)
+    need = sum(math.prod(s) for s in shapes.values()) * {"f32": 4, "f16": 2, "q8_0": 34 / 32,
+                                                         "q4_0": 18 / 32}.get(qtype, 4)
+    try:
+        with diskspace.reported(dst, tmp, int(need), CheckpointError):
+            write_gguf(tmp, args, family, shapes, get, fields, qtype)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Used by train.py (checkpoint, resume, the export) and convert.py (dcp-to-native reads a step dir): the training
-step-dir format, out_dir/step_XXXXXXXX, written whole or not at all, verified, and read without trust.
+step-dir format, out_dir/step_XXXXXXXX, written whole or not at all, verified, and read without trust, for resume
+and for export (its model tensors in batches, or a LoRA run's adapters as a PEFT adapter dir).
 
 What it adds: the manifest of sizes and sha256 digests written last, so a half-written or corrupted step dir is
 never taken for a complete one; pruning and rerunning a step without a window where no good step dir exists; and
@@ -25,9 +26,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from model import ModelArgs, read_config
 from support import diskspace
 from support.checks import check_json_fields, load_json
-from support.weights import CheckpointError, check_finite
+from support.peft import write_peft_adapter
+from support.weights import CheckpointError, check_finite, check_shapes
 
 
 def fail(msg):
@@ -355,3 +358,84 @@ def dcp_load(state: dict, step_dir: Path, no_dist: bool = True):
             e = next(iter(e.failures.values()))[0]
         why = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {(str(e) or '?').splitlines()[0]}"
         raise CheckpointError(f"{step_dir}: cannot be loaded: {why}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a step dir read for export (convert.py's dcp-to-native, which train.py's export calls)
+
+# prefixes torch.compile, activation checkpointing and FSDP1 add to parameter names
+WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+
+def read_model_index(step: Path) -> tuple[ModelArgs, dict, dict]:
+    """(args, config.json, stored) of a step dir, verified first (verify_step_dir, as resume does) when it has a
+    train_state.json; stored maps each native name to (its key under "model", size, dtype). Runs in one process
+    without a process group."""
+    if (step / TRAIN_STATE).exists():  # a train.py step dir: every file as its manifest recorded it, as resume checks
+        verify_step_dir(step)
+    try:
+        args, cfg = read_config(step)
+        metadata = SafeDcpReader(str(step)).read_metadata()
+    except CheckpointError:
+        raise
+    except Exception as e:  # a corrupt .metadata surfaces as many exception types
+        fail(f"{step}: not a torch.distributed.checkpoint dir ({type(e).__name__}: {e})")
+    stored = {}  # native name -> (key under "model", size, dtype)
+    for key, md in metadata.state_dict_metadata.items():
+        if key.startswith("model.") and hasattr(md, "size"):
+            name = key[len("model."):]
+            for prefix in WRAPPER_PREFIXES:
+                name = name.replace(prefix, "")
+            stored[name] = (key[len("model."):], tuple(md.size), md.properties.dtype)
+    return args, cfg, stored
+
+
+def read_model(step: Path, stored: dict, shapes: dict, batch_bytes: int):
+    """The model tensors of a step dir (checked against shapes first), read through dcp_load, the one safe way step
+    dirs are read, in batches of about batch_bytes, so memory stays near one batch whatever the model size."""
+    check_shapes({n: s for n, (_, s, _) in stored.items()}, shapes, step)
+
+    def batches():
+        batch, size = [], 0
+        for name in shapes:
+            nbytes = torch.Size(stored[name][1]).numel() * stored[name][2].itemsize
+            if batch and size + nbytes > batch_bytes:
+                yield batch
+                batch, size = [], 0
+            batch.append(name)
+            size += nbytes
+        if batch:
+            yield batch
+
+    def tensors():
+        for batch in batches():
+            want = {stored[n][0]: torch.empty(stored[n][1], dtype=stored[n][2]) for n in batch}
+            dcp_load({"model": want}, step)
+            for n in batch:
+                yield n, want.pop(stored[n][0])
+
+    return tensors()
+
+
+def write_lora_adapter(step: Path, stored: dict, args: ModelArgs, family: str, path: Path) -> str:
+    """A LoRA run's step dir (its adapters beside the frozen, maybe NF4, base): that step's adapters written as a PEFT
+    adapter dir at path; returns the base checkpoint dir the run started from, which they merge into."""
+    state = read_train_state(step)
+    file = step / TRAIN_STATE
+    base, cfg = state.get("lora_base"), state.get("config")
+    if not base:
+        fail(f"{file}: a LoRA run from scratch: no base checkpoint dir (lora_base) to merge its adapters into")
+    if not isinstance(cfg, dict):
+        fail(f"{file}: config: expected the run's config (lora_alpha, lora_dropout)")
+    check_json_fields(cfg, {"lora_alpha": (float, "(0, inf)"), "lora_dropout": (float, "[0, 1)")}, f"{file}: config",
+                      CheckpointError, required=("lora_alpha",))
+    if not (Path(base) / "config.json").is_file():
+        fail(f"{file}: lora_base={base}: the run's base checkpoint dir is not here (its adapters merge into it)")
+    names = [n for n in stored if n.endswith((".lora_a", ".lora_b"))]
+    want = {stored[n][0]: torch.empty(stored[n][1], dtype=stored[n][2]) for n in names}
+    dcp_load({"model": want}, step)
+    adapters = {n: want[stored[n][0]] for n in names}
+    rank = next(t.size(0) for n, t in adapters.items() if n.endswith(".lora_a"))
+    write_peft_adapter(path, adapters, args, family, rank=rank, alpha=cfg["lora_alpha"],
+                       dropout=cfg.get("lora_dropout", 0.0), base=base)
+    return base

@@ -258,6 +258,17 @@ def check_finite(tensors: dict, where):
             fail(f"{where}: tensor {name} holds NaN or infinite values: not writing a checkpoint of it")
 
 
+class Streamed:
+    """A state dict whose items are produced on demand: write_checkpoint only iterates .items(), so converting and
+    writing interleave and at most one output shard is held in memory."""
+
+    def __init__(self, items):
+        self._items = items
+
+    def items(self):
+        return self._items
+
+
 def write_checkpoint(path, state_dict, args, family: str, *, max_shard_bytes=None, extra_config=None):
     """Write config.json and the weights of a checkpoint dir (tokenizer files are the caller's to copy)."""
     path = Path(path)

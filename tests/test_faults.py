@@ -27,7 +27,7 @@ import torch
 import convert
 import prepare
 import train
-from support import diskspace, gguf, metrics_file, preemption, runlock
+from support import diskspace, gguf, metrics_file, preemption, runlock, stepdir
 from test_train import markov_tokens, write_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -233,7 +233,7 @@ def test_a_second_signal_stops_at_once_leaving_the_checkpoints_as_they_were(data
                         stderr_lines(tmp_path, "run")[-1])
     assert before == [newest.name] == ["step_00000004"] and marker.read_text() == "6"
     assert (out / ".tmp_step_00000006").is_dir()  # the cut save, removed by the next run
-    convert.verify_step_dir(newest)
+    stepdir.verify_step_dir(newest)
     n = int(newest.name.split("_")[1])
     resumed = train.main(ARGS + [f"--data_dir={data}", f"--out_dir={out}", "--init_from=resume",
                                  f"--max_iters={n + 2}"])
@@ -403,7 +403,7 @@ def test_export_on_a_full_disk_is_one_line_and_keeps_the_step_dir(how, data, ste
     assert m, e.value
     assert abs(number(m[1]) - step_dir["export_bytes"]) < 0.02 * step_dir["export_bytes"]  # the weights, not the
     assert not (out / "export").exists() and not list(out.glob(".export*"))  # tokenizer: within 2%
-    convert.verify_step_dir(out / "step_00000002")
+    stepdir.verify_step_dir(out / "step_00000002")
 
 
 @pytest.mark.parametrize("how", ["tmpfs", "patched"])
