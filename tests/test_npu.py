@@ -76,7 +76,7 @@ def test_each_part_runs_only_its_documented_ops_and_says_so_once(fake_npu, monke
 
 def test_device_type_reads_the_part_and_says_once_what_it_lacks(fake_npu, monkeypatch, capsys):
     on_part(fake_npu, monkeypatch, "Ascend910_9392")
-    monkeypatch.setattr(kernels, "_npu_available", lambda: True)
+    monkeypatch.setattr(kernels, "npu_available", lambda: True)
     assert kernels.device_type() == kernels.device_type() == "npu"
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "Ascend910_9392 (Atlas A3)" in err[0] and "npu_fusion_attention" in err[0]
