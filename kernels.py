@@ -343,10 +343,12 @@ def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=Tru
 
     Built once per forward and passed to every layer's attention (alibi_bias=): all layers add and save the same
     tensor instead of building their own ((B|1, H, T, S) is 1.3 GB in bf16 for Baichuan-13B at 4096 tokens, and
-    autograd kept one per layer). The NPU path adapts it to its kernels' forms (_npu_pse). head_dim: the query's,
-    which the bias does not depend on (kept so the call names every input attention sees).
+    autograd kept one per layer). The NPU path adapts it to its kernels' forms (_npu_pse); where npu_fusion_attention
+    takes the compressed bias, only its last ALIBI_ROWS rows are built, (1, H, ALIBI_ROWS, S). head_dim: the query's.
     """
     device = device or slopes.device
+    if _alibi_compressed(slopes, dtype, head_dim, T, S, q_start, causal, key_padding_mask, doc_ids, device):
+        T, q_start = ALIBI_ROWS, q_start + T - ALIBI_ROWS  # the rows of the last ALIBI_ROWS queries, and no others
     bias = _alibi_bias(slopes, T, S, q_start, device)
     allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device)
     # fp32 where SDPA runs in fp32 (2): slope * distance in bf16 rounds to steps of up to 16 at 4096 tokens; in the
@@ -363,6 +365,15 @@ ALIBI_ROWS = 1024
 
 def _alibi_compressible(T, kv_len, q_start, causal, key_padding_mask, doc_ids) -> bool:
     return T > ALIBI_ROWS and q_start == 0 and T == kv_len and causal and key_padding_mask is None and doc_ids is None
+
+
+def _alibi_compressed(slopes, dtype, head_dim, T, S, q_start, causal, key_padding_mask, doc_ids, device) -> bool:
+    """Whether attention on these inputs runs npu_fusion_attention with the compressed bias (kv heads taken as many
+    as the query heads: with fewer, the kernel it picks is the same one or takes the whole bias)."""
+    if not _alibi_compressible(T, S, q_start, causal, key_padding_mask, doc_ids):
+        return False
+    H = slopes.size(0)
+    return _npu_attention_kernel(torch.empty(0, device=device), dtype, H, H, head_dim, T, S, doc_ids) == "fa"
 
 
 def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None, doc_ids=None, q_start=0,
@@ -469,9 +480,9 @@ def _per_forward(source: torch.Tensor, key: tuple, make):
 def _npu_pse(kernel, bias, dtype, head_dim, S, compressible) -> torch.Tensor:
     """alibi_attention_bias's additive mask in the form the kernel takes: npu_fusion_attention's pse, bias / scale
     (it computes scale * (pse + q k^T)), only its last 1024 rows for a long causal sequence (the documented ALiBi
-    compression: the kernel keeps a pse gradient the size of the pse); the inference kernels' pse_shift, the bias
-    itself over the whole cache, width S (they add it to scale * q k^T). The masked entries become 0: the kernels
-    take the mask apart (atten_mask, sparse_mode)."""
+    compression: the kernel keeps a pse gradient the size of the pse; alibi_attention_bias built only those rows);
+    the inference kernels' pse_shift, the bias itself over the whole cache, width S (they add it to scale * q k^T).
+    The masked entries become 0: the kernels take the mask apart (atten_mask, sparse_mode)."""
     if kernel == "fa" and compressible:
         bias = bias[:, :, -ALIBI_ROWS:]
     bias = bias.masked_fill(bias == float("-inf"), 0)
