@@ -5,14 +5,14 @@ portable torch path (CPU, CUDA, MPS) otherwise, and two variants of the portable
 is imported lazily and only when an NPU is in play, so nothing here needs it.
 
     op                                     portable torch path                        Ascend path (torch_npu)
-    rms_norm(x, weight, eps)               F.rms_norm; (1) _RMSNorm                   npu_rms_norm
+    rms_norm(x, weight, eps)               F.rms_norm; (1) RMSNormFunction            npu_rms_norm
     apply_rotary(x, cos, sin)              x * cos + rotate_half(x) * sin             npu_rotary_mul
     attention(q, k, v, causal, alibi,      F.scaled_dot_product_attention;            training: npu_fusion_attention
               masks, kv cache)             (2) the same in fp32                       (BNSD; TND for packed docs);
                                                                                       inference: npu_incre_flash_
                                                                                       attention (decode steps),
                                                                                       npu_prompt_flash_attention
-    swiglu(gate, up)                       F.silu(gate) * up; (1) _SwiGLU             npu_swiglu
+    swiglu(gate, up)                       F.silu(gate) * up; (1) SwiGLUFunction      npu_swiglu
     cross_entropy(logits, targets, mask)   F.cross_entropy in fp32; vocabulary-       portable
                                            sharded logits (tensor parallel): per shard
     linear_cross_entropy(h, weight, ...)   _LinearCrossEntropy, no logits kept;       portable
@@ -22,8 +22,8 @@ is imported lazily and only when an NPU is in play, so nothing here needs it.
       and int8 / int4 linears              _NF4Linear, its GEMMs through (2); decoding
                                            on a CPU: C kernels (quant_kernels.c)
 
-(1) Eager training on plain CPU/CUDA tensors (_plain_training): an autograd.Function with the torch ops' numbers and a
-    shorter backward that keeps fewer tensors.
+(1) Eager training on plain CPU/CUDA tensors (plain_training): an autograd.Function with the torch ops' numbers and a
+    shorter backward that keeps fewer tensors (support/short_backward.py).
 (2) bf16 on a CPU without bf16 units (bf16_on_fp32_units): torch's bf16 GEMMs are scalar loops there; the fp32
     GEMM on the bf16 values, its result rounded to bf16, gives a bf16 GEMM's numbers at fp32 speed
     (support/cpu_linear.py).
@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from support.cpu_linear import LinearBf16ViaFp32, bf16_on_fp32_units, by_weight_rows, row_slices
+from support import short_backward
 from support.device import npu_available
 
 
@@ -168,48 +169,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     npu = _npu_op(x, "npu_rms_norm") if 2 <= x.dim() <= 8 else None
     if npu is not None:
         y = npu.npu_rms_norm(x, weight, eps)[0]
-    elif _plain_training(x, weight):
-        y = _RMSNorm.apply(x, weight, eps)
+    elif short_backward.plain_training(x, weight):
+        y = short_backward.RMSNormFunction.apply(x, weight, eps)
     else:
         y = F.rms_norm(x, (x.size(-1),), weight, eps)
     return y.to(compute_dtype(x)) if y.dtype == torch.float32 else y
-
-
-def _plain_training(x: torch.Tensor, other: torch.Tensor) -> bool:
-    """Whether an op on x and other takes its own autograd.Function: training on plain CPU/CUDA tensors in eager mode.
-    Inference (a Function call costs more than the op on one token), DTensors (sequence and tensor parallel) and
-    compiled graphs (inductor fuses the composite itself) take the plain torch ops."""
-    return (torch.is_grad_enabled() and (x.requires_grad or other.requires_grad) and type(x) is torch.Tensor
-            and type(other) in (torch.Tensor, torch.nn.Parameter) and x.device.type in ("cpu", "cuda")
-            and not torch.compiler.is_compiling())
-
-
-class _RMSNorm(torch.autograd.Function):
-    """F.rms_norm for training (same numbers) with a short backward that keeps only x and 1/rms.
-
-    Forward: torch's _fused_rms_norm, which also returns 1/rms. Autograd through F.rms_norm instead records its
-    six ops (pow, mean, add, rsqrt, mul, mul), keeps their intermediates and replays ten in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.size(-1)], weight, eps)  # rstd (..., 1) fp32
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        # y = xhat * w, xhat = x * rstd:  dx = rstd * (g w - xhat * mean(g w xhat)),  dw = sum over rows of g xhat
-        x, weight, rstd = ctx.saved_tensors
-        g, xhat = grad.float(), x.float() * rstd
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            gw = g * weight
-            dot = (gw * xhat).mean(-1, keepdim=True)  # (..., 1)
-            grad_x = torch.addcmul(gw, xhat, dot, value=-1).mul_(rstd).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (g * xhat).flatten(0, -2).sum(0).to(weight.dtype)
-        return grad_x, grad_w, None
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,26 +217,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     npu = _npu_op(gate, "npu_swiglu")
     if npu is not None:
         return npu.npu_swiglu(torch.cat([gate, up], dim=-1), dim=-1)
-    if _plain_training(gate, up):
-        return _SwiGLU.apply(gate, up)
+    if short_backward.plain_training(gate, up):
+        return short_backward.SwiGLUFunction.apply(gate, up)
     return F.silu(gate) * up
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up keeping only gate and up for backward (autograd also keeps silu(gate): one more hidden-sized
-    tensor per layer, a quarter of the feed-forward's activations). The same ops, so the same numbers."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up
 
 
 # --------------------------------------------------------------------------------------------------------------------
