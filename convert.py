@@ -47,9 +47,9 @@ import torch.nn.functional as F
 
 import prepare
 from support import ascendspeed, diskspace, flagai
-from model import FAMILIES, CheckpointError, ModelArgs, family_of_hf_config, read_config
+from model import FAMILIES, CheckpointError, ModelArgs, read_config
 from support.checks import check_json_fields, check_value, load_json
-from support.hf_names import BAICHUAN, hf_ignored, hf_layout, native_shapes, stacked_shape
+from support.hf_names import BAICHUAN, family_of_hf_config, hf_ignored, hf_layout, native_shapes, stacked_shape
 from support.outputs import check_output, replace_dir
 from support.peft import read_adapter, write_peft_adapter
 from support.stepdir import TRAIN_STATE, SafeDcpReader, dcp_load, read_train_state, verify_step_dir

@@ -13,7 +13,6 @@ dir (config.json + safetensors, memory-mapped); convert.py writes them and owns 
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -23,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from support.checks import check_fields, ranged, load_json
+from support.checks import check_fields, ranged
 from support.quant import NF4Linear
+from support import weights
 from support.weights import CheckpointError, load_tensors
 
 
@@ -135,18 +135,6 @@ FAMILIES = {
                      dict(temperature=0.9, top_k=100, top_p=0.95, repetition_penalty=1.0)),
 }
 PRESET_FAMILY = {preset: name for name, family in FAMILIES.items() for preset in family.presets}
-
-
-def family_of_hf_config(cfg: dict) -> Optional[str]:
-    """The family an HF config.json describes (by its architectures, else model_type), or None."""
-    archs = cfg.get("architectures") or []
-    archs = archs if isinstance(archs, list) else []
-    found = [name for name, f in FAMILIES.items() if set(archs) & set(f.architectures)] or \
-            [name for name, f in FAMILIES.items() if cfg.get("model_type") == f.model_type]
-    marked = [name for name in found if FAMILIES[name].vocab_size == cfg.get("vocab_size") or
-              any(k in cfg for k in FAMILIES[name].config_keys)]
-    unmarked = [name for name in found if FAMILIES[name].vocab_size is None and not FAMILIES[name].config_keys]
-    return (marked or unmarked or [None])[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -404,18 +392,8 @@ class Transformer(nn.Module):
         args, _ = read_config(path)
         with torch.device("meta"):
             model = cls(args)
-        expected = model.state_dict()
         tensors = load_tensors(path)
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-            raise CheckpointError(f"{path}: {what} for this config.json ({len(missing)} missing, "
-                                  f"{len(unexpected)} unexpected)")
-        for name, t in tensors.items():
-            if t.shape != expected[name].shape:
-                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, config.json implies "
-                                      f"{tuple(expected[name].shape)}")
+        weights.check_checkpoint_tensors(path, tensors, model.state_dict())
         state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in tensors.items()}
         model.load_state_dict(state, assign=True)
         model.materialize_buffers(model.tok_embeddings.weight.device)
@@ -620,41 +598,8 @@ def merge_lora(model) -> Transformer:
 def read_config(path) -> tuple[ModelArgs, dict]:
     """(ModelArgs, the whole config.json) of a checkpoint dir: every field's type and declared range checked, and the
     family one of FAMILIES."""
-    file = Path(path) / "config.json"
-    if not file.exists():
-        raise CheckpointError(f"{file}: not found (is {path} a checkpoint dir?)")
-    config = load_json(file, CheckpointError)
-    if "dim" not in config and ("model_type" in config or "architectures" in config):
-        raise CheckpointError(f"{file}: a Hugging Face config (model_type {config.get('model_type')!r}), not a "
-                              f"checkpoint dir's: convert it first: python convert.py hf-to-native --src {path} "
-                              f"--dst <checkpoint dir>")
-    family = config.get("family", "llama")
-    if not isinstance(family, str) or family not in FAMILIES:
-        raise CheckpointError(f"{file}: family={family!r}: expected one of {', '.join(FAMILIES)}")
-    if family == "baichuan2" and config.get("norm_head", False) is False and "quantization" not in config:
-        config = {**config, "norm_head": _normalised_once(path)}
+    config = weights.read_checkpoint_config(path, FAMILIES)
     try:
         return ModelArgs.from_dict(config), config
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{file}: {e}") from None
-
-
-def _normalised_once(path) -> bool:
-    """Whether a Baichuan2 checkpoint dir with norm_head=false holds NormHead rows normalised once (every row within 1%
-    of unit length: bf16 moves a normalised row's length by under 0.2%), as convert.py hf-to-native wrote them before
-    the head was kept raw: Baichuan2, with the same logits under NormHead, so it loads as such. Other rows were trained
-    without NormHead and load as written, as do step dirs (no safetensors: a resume continues as it ran). Said once
-    on stderr."""
-    path = Path(path)
-    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
-        return False
-    head = load_tensors(path).get("output.weight")
-    if head is None:
-        return False
-    once = all(((torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32) - 1).abs() <= 1e-2).all()
-               for rows in head.split(8192))  # a slice of rows at a time: never the whole head in fp32
-    warnings.warn(f"{path / 'config.json'}: family baichuan2 with norm_head=false: " + (
-        "its head rows are normalised once (convert.py before Baichuan2's head was kept raw), loaded as NormHead "
-        "(norm_head=true): the same logits, and training normalises them as Baichuan2 does" if once else
-        "its head rows are not unit length (trained without NormHead), loaded as written (norm_head=false)"))
-    return once
+        raise CheckpointError(f"{Path(path) / 'config.json'}: {e}") from None
