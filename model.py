@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from support.checks import check_fields, ranged
+from support.checks import check_model_args, ranged
 from support.quant import NF4Linear
-from support import weights
+from support import lora_checks, weights
 from support.weights import CheckpointError, load_tensors
 
 
@@ -49,20 +49,7 @@ class ModelArgs:
     init_scaled_residual: bool = True  # wo, w2 at init_std / sqrt(2 n_layers) as GPT-2; False: init_std (FlagAI)
 
     def __post_init__(self):
-        def bad(field, why):
-            raise ValueError(f"ModelArgs.{field}={getattr(self, field)!r}: {why}")
-
-        check_fields(self, "ModelArgs.")
-        if self.dim % self.n_heads:
-            bad("dim", f"must be divisible by n_heads={self.n_heads}")
-        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            bad("n_kv_heads", f"must be a positive divisor of n_heads={self.n_heads}")
-        if self.pos_emb not in ("rope", "alibi"):
-            bad("pos_emb", "expected 'rope' or 'alibi'")
-        if self.pos_emb == "rope" and self.head_dim % 2:
-            bad("dim", f"RoPE needs an even head_dim, got {self.head_dim}")
-        if self.norm_head and self.tie_embeddings:
-            bad("norm_head", "a normalised head cannot be tied to the input embedding")
+        check_model_args(self)
 
     @property
     def head_dim(self) -> int:
@@ -474,39 +461,6 @@ def _linears(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
 
 
-# The fused q/k/v projection as a LoRA target: our name, and HF Baichuan's (LLaMA-Efficient-Tuning's --lora_target)
-FUSED_QKV = ("wqkv", "W_pack")
-
-
-def _lora_targets(model, targets: str) -> set[str]:
-    """The names a lora_targets string selects: linear layers by fnmatch on the full name or its last part, and the
-    fused q/k/v projections (layers.{i}.attention.wqkv) by patterns whose last part is wqkv or W_pack."""
-    import fnmatch
-
-    names = [n for n, _ in _linears(model)]
-    fused = [f"layers.{i}.attention.wqkv" for i in range(len(model.layers))]
-    adapted = set()
-    for pattern in [p.strip() for p in targets.split(",") if p.strip()]:
-        head, _, last = pattern.rpartition(".")
-        if last in FUSED_QKV:
-            pattern, candidates = f"{head}.wqkv" if head else "wqkv", fused
-        else:
-            candidates = names
-        hits = {n for n in candidates
-                if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.rsplit(".", 1)[-1], pattern)}
-        if not hits:
-            raise ValueError(f"lora_targets: pattern {pattern!r} matches no linear layer "
-                             f"(they are named like {names[0]}, {names[-1]}, or wqkv / W_pack for q, k, v fused)")
-        adapted |= hits
-    for name in sorted(n for n in adapted if n.endswith(".wqkv")):
-        attention = name[: -len(".wqkv")]
-        both = [w for w in ("wq", "wk", "wv") if f"{attention}.{w}" in adapted]
-        if both:  # one update per weight keeps merging and PEFT's W_pack export unambiguous
-            raise ValueError(f"lora_targets: {attention} would get both the fused wqkv adapter and its own "
-                             f"{both[0]} adapter; choose one")
-    return adapted
-
-
 def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0,
                targets: str = LORA_DEFAULT_TARGETS, quantize_base: bool = False, fill=None) -> list[str]:
     """Freeze the model, optionally store its block linears in NF4 (QLoRA), and wrap the target linears in adapters.
@@ -518,9 +472,8 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0
     fill(name, linear): gives a linear of a model built on the meta device its weights just before it is wrapped,
     so a QLoRA model is quantised one layer at a time and never holds the whole full-precision base.
     """
-    if not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"lora_rank={rank!r}: expected a positive integer")
-    adapted = _lora_targets(model, targets)
+    lora_checks.check_rank(rank)
+    adapted = lora_checks.lora_targets([n for n, _ in _linears(model)], len(model.layers), targets)
     model.requires_grad_(False)
     for name, _ in _linears(model):  # by name: a list of the modules would keep every replaced full-precision weight
         linear = model.get_submodule(name)
@@ -557,14 +510,8 @@ def lora_state_dict(model, full: bool = False) -> dict[str, torch.Tensor]:
 def load_lora(model, tensors: dict[str, torch.Tensor]):
     """Load adapter weights into a model prepared with apply_lora, checking names and shapes."""
     own = lora_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"adapter: {'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]} "
-                              "(were the adapters trained with other lora_targets?)")
+    lora_checks.check_adapter(tensors, own)
     for name, t in tensors.items():
-        if t.shape != own[name].shape:
-            raise CheckpointError(f"adapter: tensor {name} has shape {tuple(t.shape)}, the base model needs "
-                                  f"{tuple(own[name].shape)}")
         with torch.no_grad():
             own[name].copy_(t)
 
