@@ -72,6 +72,7 @@ from model import PRESETS, ModelArgs, Transformer, apply_lora
 from support import quant
 from support.planner import flops_per_token, mm_peak_flops, n_params_flops, peak_memory_gib, synchronize
 from support.checks import check_json_fields, parse_json
+from support.device import check_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -1193,7 +1194,7 @@ def measure(opt) -> dict:
         result = run_llama_cpp_compare(opt)
     else:
         try:
-            device = kernels.check_device(opt.device or kernels.device_type())
+            device = check_device(opt.device or kernels.device_type())
         except ValueError as e:
             raise BenchError(f"--device={opt.device}: {e}")
         if opt.mode != "npu-check":

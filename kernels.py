@@ -5,35 +5,36 @@ portable torch path (CPU, CUDA, MPS) otherwise, and two variants of the portable
 is imported lazily and only when an NPU is in play, so nothing here needs it.
 
     op                                     portable torch path                        Ascend path (torch_npu)
-    rms_norm(x, weight, eps)               F.rms_norm; (1) _RMSNorm                   npu_rms_norm
+    rms_norm(x, weight, eps)               F.rms_norm; (1) RMSNormFunction            npu_rms_norm
     apply_rotary(x, cos, sin)              x * cos + rotate_half(x) * sin             npu_rotary_mul
     attention(q, k, v, causal, alibi,      F.scaled_dot_product_attention;            training: npu_fusion_attention
               masks, kv cache)             (2) the same in fp32                       (BNSD; TND for packed docs);
                                                                                       inference: npu_incre_flash_
                                                                                       attention (decode steps),
                                                                                       npu_prompt_flash_attention
-    swiglu(gate, up)                       F.silu(gate) * up; (1) _SwiGLU             npu_swiglu
+    swiglu(gate, up)                       F.silu(gate) * up; (1) SwiGLUFunction      npu_swiglu
     cross_entropy(logits, targets, mask)   F.cross_entropy in fp32; vocabulary-       portable
                                            sharded logits (tensor parallel): per shard
     linear_cross_entropy(h, weight, ...)   _LinearCrossEntropy, no logits kept;       portable
                                            (2) its GEMMs in fp32
-    linear(x, weight)                      F.linear; (2) _LinearBf16ViaFp32           portable
+    linear(x, weight)                      F.linear; (2) LinearBf16ViaFp32            portable
     nf4_linear(x, q, shape)                in support/quant.py (QLoRA's NF4 base):    portable
       and int8 / int4 linears              _NF4Linear, its GEMMs through (2); decoding
                                            on a CPU: C kernels (quant_kernels.c)
 
-(1) Eager training on plain CPU/CUDA tensors (_plain_training): an autograd.Function with the torch ops' numbers and a
-    shorter backward that keeps fewer tensors.
-(2) bf16 on a CPU without bf16 units (_bf16_on_fp32_units): torch's bf16 GEMMs are scalar loops there; the fp32
-    GEMM on the bf16 values, its result rounded to bf16, gives a bf16 GEMM's numbers at fp32 speed.
+(1) Eager training on plain CPU/CUDA tensors (plain_training): an autograd.Function with the torch ops' numbers and a
+    shorter backward that keeps fewer tensors (support/short_backward.py).
+(2) bf16 on a CPU without bf16 units (bf16_on_fp32_units): torch's bf16 GEMMs are scalar loops there; the fp32
+    GEMM on the bf16 values, its result rounded to bf16, gives a bf16 GEMM's numbers at fp32 speed
+    (support/cpu_linear.py).
 
 An Ascend op is used only on the parts torch_npu 2.13's documentation lists for it (NPU_OPS, by
 torch.npu.get_device_name()) and within the shapes it documents; otherwise the op takes the portable path and says
 so once on stderr. Tests run the NPU path on CPU against a fake torch_npu that implements the documented semantics
 and limits (force_npu()); bench.py --mode=npu-check compares every fused op with the portable path on a real NPU.
+The devices a machine has and their free memory are in support/device.py.
 """
 
-import ctypes
 import functools
 import math
 import re
@@ -45,23 +46,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from support.cpu_linear import LinearBf16ViaFp32, bf16_on_fp32_units, by_weight_rows, row_slices
+from support import short_backward
+from support.device import npu_available
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # device and distributed backend
 
 
-@functools.cache
-def _npu_available() -> bool:
-    try:
-        import torch_npu  # noqa: F401  (registers torch.npu)
-    except ImportError:
-        return False
-    return torch.npu.is_available()
-
-
 def device_type() -> str:
     """'npu' | 'cuda' | 'mps' | 'cpu': the best accelerator this process can use."""
-    if _npu_available():
+    if npu_available():
         npu_chip()  # says once which fused ops this part lacks
         return "npu"
     if torch.cuda.is_available():
@@ -74,75 +70,6 @@ def device_type() -> str:
 def dist_backend(device: str | None = None) -> str:
     """The torch.distributed backend that goes with a device type: hccl on NPU, nccl on CUDA, gloo otherwise."""
     return {"npu": "hccl", "cuda": "nccl"}.get(device or device_type(), "gloo")
-
-
-def devices() -> list[str]:
-    """The devices this process can use, as --device takes them: cpu, cuda:0 ..., npu:0 ..., mps."""
-    have = ["cpu"]
-    if _npu_available():
-        have += [f"npu:{i}" for i in range(torch.npu.device_count())]
-    if torch.cuda.is_available():
-        have += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        have.append("mps")
-    return have
-
-
-def check_device(spec: str) -> torch.device:
-    """torch.device(spec) when this machine has that device; else ValueError saying which devices it has."""
-    have = devices()
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(f"{spec!r} is not a device name; this machine has {', '.join(have)}") from None
-    known = str(device) in have or (device.type == "cpu" and not device.index)
-    if not known and not (device.index is None and any(h.split(":")[0] == device.type for h in have)):
-        raise ValueError(f"{spec!r}: this machine has no such device; it has {', '.join(have)}")
-    return device
-
-
-def available_memory(device) -> int | None:
-    """Bytes a new allocation on device can still get, or None where this process cannot tell: an accelerator's
-    free memory; on a CPU what Linux calls available (MemAvailable + SwapFree), within this cgroup's limit."""
-    device = torch.device(device)
-    if device.type in ("cuda", "npu"):
-        return getattr(torch, device.type).mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
-        free = (int(info["MemAvailable"].split()[0]) + int(info["SwapFree"].split()[0])) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-    try:  # cgroup v2: a container's own limit
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        used = int(open("/sys/fs/cgroup/memory.current").read())
-        return min(free, int(limit) - used) if limit.isdigit() else free
-    except (OSError, ValueError):
-        return free
-
-
-@contextmanager
-def freed_memory_returned_to_os(enabled: bool):
-    """glibc heap tuning, which train.py turns on for LoRA on a CPU: while enabled, every allocation of 1 MB or more
-    is served by mmap and returned to the OS when freed; then glibc's warm default (a heap for blocks under 32 MB) is
-    back for a caller in the same process. Not glibc: no mallopt, nothing to do.
-
-    Why: a multi-GB frozen base on the CPU, built and then dequantised a slice at a time, mixes long-lived buffers with
-    GBs of short-lived scratch, and glibc's heap fragments into GBs of holes (QLoRA baichuan-7b peaked at 8.5 GiB;
-    5.5 GiB with this), for page faults that cost ~30% more wall time; so only LoRA on a CPU pays them."""
-    def mallopt_mmap_threshold(nbytes: int) -> bool:
-        try:
-            return bool(ctypes.CDLL(None).mallopt(-3, nbytes))  # M_MMAP_THRESHOLD (malloc.h)
-        except (OSError, AttributeError):
-            return False
-
-    changed = enabled and mallopt_mmap_threshold(1 << 20)
-    try:
-        yield
-    finally:
-        if changed:
-            mallopt_mmap_threshold(32 << 20)
 
 
 _force_npu = None  # True: every op takes the torch_npu path; False: every op the portable path; None: by device
@@ -242,48 +169,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     npu = _npu_op(x, "npu_rms_norm") if 2 <= x.dim() <= 8 else None
     if npu is not None:
         y = npu.npu_rms_norm(x, weight, eps)[0]
-    elif _plain_training(x, weight):
-        y = _RMSNorm.apply(x, weight, eps)
+    elif short_backward.plain_training(x, weight):
+        y = short_backward.RMSNormFunction.apply(x, weight, eps)
     else:
         y = F.rms_norm(x, (x.size(-1),), weight, eps)
     return y.to(compute_dtype(x)) if y.dtype == torch.float32 else y
-
-
-def _plain_training(x: torch.Tensor, other: torch.Tensor) -> bool:
-    """Whether an op on x and other takes its own autograd.Function: training on plain CPU/CUDA tensors in eager mode.
-    Inference (a Function call costs more than the op on one token), DTensors (sequence and tensor parallel) and
-    compiled graphs (inductor fuses the composite itself) take the plain torch ops."""
-    return (torch.is_grad_enabled() and (x.requires_grad or other.requires_grad) and type(x) is torch.Tensor
-            and type(other) in (torch.Tensor, torch.nn.Parameter) and x.device.type in ("cpu", "cuda")
-            and not torch.compiler.is_compiling())
-
-
-class _RMSNorm(torch.autograd.Function):
-    """F.rms_norm for training (same numbers) with a short backward that keeps only x and 1/rms.
-
-    Forward: torch's _fused_rms_norm, which also returns 1/rms. Autograd through F.rms_norm instead records its
-    six ops (pow, mean, add, rsqrt, mul, mul), keeps their intermediates and replays ten in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.size(-1)], weight, eps)  # rstd (..., 1) fp32
-        ctx.save_for_backward(x, weight, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        # y = xhat * w, xhat = x * rstd:  dx = rstd * (g w - xhat * mean(g w xhat)),  dw = sum over rows of g xhat
-        x, weight, rstd = ctx.saved_tensors
-        g, xhat = grad.float(), x.float() * rstd
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            gw = g * weight
-            dot = (gw * xhat).mean(-1, keepdim=True)  # (..., 1)
-            grad_x = torch.addcmul(gw, xhat, dot, value=-1).mul_(rstd).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (g * xhat).flatten(0, -2).sum(0).to(weight.dtype)
-        return grad_x, grad_w, None
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -327,133 +217,28 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     npu = _npu_op(gate, "npu_swiglu")
     if npu is not None:
         return npu.npu_swiglu(torch.cat([gate, up], dim=-1), dim=-1)
-    if _plain_training(gate, up):
-        return _SwiGLU.apply(gate, up)
+    if short_backward.plain_training(gate, up):
+        return short_backward.SwiGLUFunction.apply(gate, up)
     return F.silu(gate) * up
 
 
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up keeping only gate and up for backward (autograd also keeps silu(gate): one more hidden-sized
-    tensor per layer, a quarter of the feed-forward's activations). The same ops, so the same numbers."""
-
-    @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# matmul, and bf16 on CPUs without bf16 units
-
-
-def _cpu_has_bf16_units() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16, AMX, ARM BF16), as oneDNN sees it."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-# Asked once at import: the query is an op torch.compile cannot trace, so asking per matmul broke every graph.
-CPU_HAS_BF16_UNITS = _cpu_has_bf16_units()
-
-
-def _bf16_on_fp32_units(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether matmuls in `dtype` (the compute dtype) on `device` run on the fp32 units: bf16 on a CPU without bf16
-    units, where torch's bf16 GEMM (and SDPA's) falls back to a scalar loop, 15-30x slower than the fp32 GEMM.
-
-    The fp32 GEMM on bf16-rounded operands gives a bf16 GEMM's result: products of bf16 values are exact in fp32,
-    bf16 GEMMs accumulate in fp32, and the result is rounded to bf16. The matmuls of linear (and nf4_linear, and the
-    fused loss's backward, through _by_weight_rows), the fused loss's logits and attention's SDPA ask this.
-    """
-    return dtype == torch.bfloat16 and device.type == "cpu" and not CPU_HAS_BF16_UNITS
-
-
-# Weights converted at a time (bf16 -> fp32 on the CPU, NF4 or int8/int4 -> compute dtype, fp32 -> int8/int4) where a
-# whole converted copy would cost memory: 16 MB in fp32, so a 7B model's 1 GB output layer or 180 MB MLP weight is
-# never copied whole. (support/quant.py converts by the same measure.)
-CHUNK_WEIGHTS = 1 << 22
-
-
-def _row_slices(n_rows: int, row_len: int, device: torch.device) -> list[tuple[int, int]]:
-    """Weight rows to convert at a time: CHUNK_WEIGHTS on a CPU, all of them elsewhere."""
-    step = n_rows if device.type != "cpu" else max(1, CHUNK_WEIGHTS // row_len)
-    return [(s, min(s + step, n_rows)) for s in range(0, n_rows, step)]
-
-
-def _by_weight_rows(x, rows, slices, transpose=False):
-    """x @ W.T, or x @ W with transpose, in x's dtype, where rows(s, e) gives W[s:e] in x's dtype, one slice at a
-    time: each slice's product fills its columns of the output, or (transpose) is summed in fp32; one rounding at the
-    end. bf16 on a CPU without bf16 units multiplies fp32 copies of x and of each slice (_bf16_on_fp32_units)."""
-    out_dtype = x.dtype
-    gemm = torch.float32 if _bf16_on_fp32_units(out_dtype, x.device) else out_dtype
-    x = x.to(gemm)
-    if len(slices) == 1:
-        w = rows(*slices[0]).to(gemm)
-        return (x @ w if transpose else F.linear(x, w)).to(out_dtype)
-    if transpose:
-        out = None
-        for s, e in slices:
-            part = (x[..., s:e] @ rows(s, e).to(gemm)).float()
-            out = part if out is None else out.add_(part)
-        return out.to(out_dtype)
-    out = x.new_empty(*x.shape[:-1], slices[-1][1], dtype=out_dtype)
-    for s, e in slices:
-        out[..., s:e] = F.linear(x, rows(s, e).to(gemm))
-    return out
-
-
-class _LinearBf16ViaFp32(torch.autograd.Function):
-    """The bf16 linear of autocast on the fp32 units (_bf16_on_fp32_units), gradients included.
-
-    Saves the bf16 operands (as autocast would) and rounds every result to bf16, so the numbers are a bf16 GEMM's.
-    The weight is converted to fp32 a slice of rows at a time, never whole (a 7B output layer is 1 GB in fp32).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        xb, wb = x.to(torch.bfloat16), weight.to(torch.bfloat16)
-        ctx.save_for_backward(xb, wb)
-        ctx.dtypes = x.dtype, weight.dtype
-        return _by_weight_rows(xb, lambda s, e: wb[s:e], _row_slices(*wb.shape, wb.device))
-
-    @staticmethod
-    def backward(ctx, grad):
-        xb, wb = ctx.saved_tensors
-        slices = _row_slices(*wb.shape, wb.device)
-        grad_x = grad_w = None
-        with torch.autocast("cpu", enabled=False):
-            if ctx.needs_input_grad[0]:  # (..., in)
-                grad_x = _by_weight_rows(grad.to(torch.bfloat16), lambda s, e: wb[s:e], slices, transpose=True)
-                grad_x = grad_x.to(ctx.dtypes[0])
-            if ctx.needs_input_grad[1]:  # (out, in), a slice of rows at a time
-                g, xf = grad.to(torch.bfloat16).float().flatten(0, -2), xb.float().flatten(0, -2)
-                grad_w = torch.empty(wb.shape, dtype=ctx.dtypes[1], device=wb.device)
-                for s, e in slices:
-                    grad_w[s:e] = (g[:, s:e].T @ xf).to(torch.bfloat16)
-        return grad_x, grad_w
+# matmul: bf16 on a CPU without bf16 units goes through support/cpu_linear.py
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T (no bias), the op behind every projection of the model: F.linear, except bf16 (weights or CPU
-    autocast) on a CPU without bf16 units, which takes _LinearBf16ViaFp32 (see _bf16_on_fp32_units).
+    autocast) on a CPU without bf16 units, which takes LinearBf16ViaFp32 (see bf16_on_fp32_units).
 
     A few rows (decoding) stay on torch's bf16 matrix-vector loop there: the weight's fp32 copy costs more (output
     layer of bench-llama, one row: 4 ms native, 60 ms via fp32; the two break even near 4 rows for the small layers,
     16 for the output layer).
     """
     few_rows = x.numel() <= 4 * x.size(-1) and x.dtype == weight.dtype
-    if few_rows or not _bf16_on_fp32_units(compute_dtype(x), x.device):
+    if few_rows or not bf16_on_fp32_units(compute_dtype(x), x.device):
         return F.linear(x, weight)
     with torch.autocast("cpu", enabled=False):
-        return _LinearBf16ViaFp32.apply(x, weight)
+        return LinearBf16ViaFp32.apply(x, weight)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -505,17 +290,19 @@ def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=Tru
 
     Built once per forward and passed to every layer's attention (alibi_bias=): all layers add and save the same
     tensor instead of building their own ((B|1, H, T, S) is 1.3 GB in bf16 for Baichuan-13B at 4096 tokens, and
-    autograd kept one per layer). The NPU path adapts it to its kernels' forms (_npu_pse). head_dim: the query's,
-    which the bias does not depend on (kept so the call names every input attention sees).
+    autograd kept one per layer). The NPU path adapts it to its kernels' forms (_npu_pse); where npu_fusion_attention
+    takes the compressed bias, only its last ALIBI_ROWS rows are built, (1, H, ALIBI_ROWS, S). head_dim: the query's.
     """
     device = device or slopes.device
+    if _alibi_compressed(slopes, dtype, head_dim, T, S, q_start, causal, key_padding_mask, doc_ids, device):
+        T, q_start = ALIBI_ROWS, q_start + T - ALIBI_ROWS  # the rows of the last ALIBI_ROWS queries, and no others
     bias = _alibi_bias(slopes, T, S, q_start, device)
     allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device)
     # fp32 where SDPA runs in fp32 (2): slope * distance in bf16 rounds to steps of up to 16 at 4096 tokens; in the
     # query's dtype elsewhere (CUDA's fused kernels take no other). Converted here, not in each layer's attention, so
     # that every layer shares (and autograd saves) this one tensor
     mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
-    return mask if _bf16_on_fp32_units(dtype, device) else mask.to(dtype)
+    return mask if bf16_on_fp32_units(dtype, device) else mask.to(dtype)
 
 
 # npu_fusion_attention's ALiBi compression: for Sq > 1024 (Sq = Skv, a causal mask) it takes the last 1024 rows of the
@@ -525,6 +312,15 @@ ALIBI_ROWS = 1024
 
 def _alibi_compressible(T, kv_len, q_start, causal, key_padding_mask, doc_ids) -> bool:
     return T > ALIBI_ROWS and q_start == 0 and T == kv_len and causal and key_padding_mask is None and doc_ids is None
+
+
+def _alibi_compressed(slopes, dtype, head_dim, T, S, q_start, causal, key_padding_mask, doc_ids, device) -> bool:
+    """Whether attention on these inputs runs npu_fusion_attention with the compressed bias (kv heads taken as many
+    as the query heads: with fewer, the kernel it picks is the same one or takes the whole bias)."""
+    if not _alibi_compressible(T, S, q_start, causal, key_padding_mask, doc_ids):
+        return False
+    H = slopes.size(0)
+    return _npu_attention_kernel(torch.empty(0, device=device), dtype, H, H, head_dim, T, S, doc_ids) == "fa"
 
 
 def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None, doc_ids=None, q_start=0,
@@ -556,7 +352,7 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None,
         is_causal = True  # let SDPA pick its fused causal kernel; no (T, S) mask built
     else:
         mask = _allowed(T, kv_len, q_start, causal, key_padding_mask, doc_ids, q.device)
-    if _bf16_on_fp32_units(compute_dtype(q), q.device):  # fp32 SDPA on the bf16 values, the bf16 result
+    if bf16_on_fp32_units(compute_dtype(q), q.device):  # fp32 SDPA on the bf16 values, the bf16 result
         with torch.autocast("cpu", enabled=False):
             q, k, v = (t.to(torch.bfloat16).float() for t in (q, k, v))
             mask = mask.float() if mask is not None and mask.is_floating_point() else mask  # fp32 already if shared
@@ -631,9 +427,9 @@ def _per_forward(source: torch.Tensor, key: tuple, make):
 def _npu_pse(kernel, bias, dtype, head_dim, S, compressible) -> torch.Tensor:
     """alibi_attention_bias's additive mask in the form the kernel takes: npu_fusion_attention's pse, bias / scale
     (it computes scale * (pse + q k^T)), only its last 1024 rows for a long causal sequence (the documented ALiBi
-    compression: the kernel keeps a pse gradient the size of the pse); the inference kernels' pse_shift, the bias
-    itself over the whole cache, width S (they add it to scale * q k^T). The masked entries become 0: the kernels
-    take the mask apart (atten_mask, sparse_mode)."""
+    compression: the kernel keeps a pse gradient the size of the pse; alibi_attention_bias built only those rows);
+    the inference kernels' pse_shift, the bias itself over the whole cache, width S (they add it to scale * q k^T).
+    The masked entries become 0: the kernels take the mask apart (atten_mask, sparse_mode)."""
     if kernel == "fa" and compressible:
         bias = bias[:, :, -ALIBI_ROWS:]
     bias = bias.masked_fill(bias == float("-inf"), 0)
@@ -789,7 +585,7 @@ def linear_cross_entropy(h, weight, targets, loss_mask=None, z_loss: float = 0.0
     Under autocast the matmuls run in the autocast dtype, the softmax in fp32, as linear + cross_entropy do.
     """
     device, dtype = h.device.type, compute_dtype(h)
-    round_bf16 = _bf16_on_fp32_units(dtype, h.device)
+    round_bf16 = bf16_on_fp32_units(dtype, h.device)
     targets = targets.flatten()
     if loss_mask is not None:
         targets = targets.masked_fill(loss_mask.flatten() == 0, -100)
@@ -802,7 +598,7 @@ def linear_cross_entropy(h, weight, targets, loss_mask=None, z_loss: float = 0.0
 
 def _vocab_slices(weight, h):
     """Weight rows to convert at a time where the weight is stored in another dtype than h: all of them otherwise."""
-    return [(0, weight.size(0))] if weight.dtype == h.dtype else _row_slices(*weight.shape, h.device)
+    return [(0, weight.size(0))] if weight.dtype == h.dtype else row_slices(*weight.shape, h.device)
 
 
 def _logits_into(out, h, weight):
@@ -860,7 +656,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = (counted * (grad_loss / n))[:, None]  # (N, 1) fp32: zero for rows that do not count
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_h = _by_weight_rows(grad, lambda s, e: weight[s:e].to(grad.dtype), _vocab_slices(weight, h),
+            grad_h = by_weight_rows(grad, lambda s, e: weight[s:e].to(grad.dtype), _vocab_slices(weight, h),
                                      transpose=True)
             grad_h = (grad_h * scale).to(h.dtype)  # (N, dim)
         if ctx.needs_input_grad[1]:

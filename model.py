@@ -13,7 +13,6 @@ dir (config.json + safetensors, memory-mapped); convert.py writes them and owns 
 
 import contextlib
 import math
-import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -23,8 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from support.checks import check_fields, ranged, load_json
+from support.checks import check_model_args, ranged
 from support.quant import NF4Linear
+from support import lora_checks, weights
 from support.weights import CheckpointError, load_tensors
 
 
@@ -49,20 +49,7 @@ class ModelArgs:
     init_scaled_residual: bool = True  # wo, w2 at init_std / sqrt(2 n_layers) as GPT-2; False: init_std (FlagAI)
 
     def __post_init__(self):
-        def bad(field, why):
-            raise ValueError(f"ModelArgs.{field}={getattr(self, field)!r}: {why}")
-
-        check_fields(self, "ModelArgs.")
-        if self.dim % self.n_heads:
-            bad("dim", f"must be divisible by n_heads={self.n_heads}")
-        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
-            bad("n_kv_heads", f"must be a positive divisor of n_heads={self.n_heads}")
-        if self.pos_emb not in ("rope", "alibi"):
-            bad("pos_emb", "expected 'rope' or 'alibi'")
-        if self.pos_emb == "rope" and self.head_dim % 2:
-            bad("dim", f"RoPE needs an even head_dim, got {self.head_dim}")
-        if self.norm_head and self.tie_embeddings:
-            bad("norm_head", "a normalised head cannot be tied to the input embedding")
+        check_model_args(self)
 
     @property
     def head_dim(self) -> int:
@@ -135,18 +122,6 @@ FAMILIES = {
                      dict(temperature=0.9, top_k=100, top_p=0.95, repetition_penalty=1.0)),
 }
 PRESET_FAMILY = {preset: name for name, family in FAMILIES.items() for preset in family.presets}
-
-
-def family_of_hf_config(cfg: dict) -> Optional[str]:
-    """The family an HF config.json describes (by its architectures, else model_type), or None."""
-    archs = cfg.get("architectures") or []
-    archs = archs if isinstance(archs, list) else []
-    found = [name for name, f in FAMILIES.items() if set(archs) & set(f.architectures)] or \
-            [name for name, f in FAMILIES.items() if cfg.get("model_type") == f.model_type]
-    marked = [name for name in found if FAMILIES[name].vocab_size == cfg.get("vocab_size") or
-              any(k in cfg for k in FAMILIES[name].config_keys)]
-    unmarked = [name for name in found if FAMILIES[name].vocab_size is None and not FAMILIES[name].config_keys]
-    return (marked or unmarked or [None])[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -404,18 +379,8 @@ class Transformer(nn.Module):
         args, _ = read_config(path)
         with torch.device("meta"):
             model = cls(args)
-        expected = model.state_dict()
         tensors = load_tensors(path)
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-            raise CheckpointError(f"{path}: {what} for this config.json ({len(missing)} missing, "
-                                  f"{len(unexpected)} unexpected)")
-        for name, t in tensors.items():
-            if t.shape != expected[name].shape:
-                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, config.json implies "
-                                      f"{tuple(expected[name].shape)}")
+        weights.check_checkpoint_tensors(path, tensors, model.state_dict())
         state = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else None) for k, t in tensors.items()}
         model.load_state_dict(state, assign=True)
         model.materialize_buffers(model.tok_embeddings.weight.device)
@@ -496,39 +461,6 @@ def _linears(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
 
 
-# The fused q/k/v projection as a LoRA target: our name, and HF Baichuan's (LLaMA-Efficient-Tuning's --lora_target)
-FUSED_QKV = ("wqkv", "W_pack")
-
-
-def _lora_targets(model, targets: str) -> set[str]:
-    """The names a lora_targets string selects: linear layers by fnmatch on the full name or its last part, and the
-    fused q/k/v projections (layers.{i}.attention.wqkv) by patterns whose last part is wqkv or W_pack."""
-    import fnmatch
-
-    names = [n for n, _ in _linears(model)]
-    fused = [f"layers.{i}.attention.wqkv" for i in range(len(model.layers))]
-    adapted = set()
-    for pattern in [p.strip() for p in targets.split(",") if p.strip()]:
-        head, _, last = pattern.rpartition(".")
-        if last in FUSED_QKV:
-            pattern, candidates = f"{head}.wqkv" if head else "wqkv", fused
-        else:
-            candidates = names
-        hits = {n for n in candidates
-                if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.rsplit(".", 1)[-1], pattern)}
-        if not hits:
-            raise ValueError(f"lora_targets: pattern {pattern!r} matches no linear layer "
-                             f"(they are named like {names[0]}, {names[-1]}, or wqkv / W_pack for q, k, v fused)")
-        adapted |= hits
-    for name in sorted(n for n in adapted if n.endswith(".wqkv")):
-        attention = name[: -len(".wqkv")]
-        both = [w for w in ("wq", "wk", "wv") if f"{attention}.{w}" in adapted]
-        if both:  # one update per weight keeps merging and PEFT's W_pack export unambiguous
-            raise ValueError(f"lora_targets: {attention} would get both the fused wqkv adapter and its own "
-                             f"{both[0]} adapter; choose one")
-    return adapted
-
-
 def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0,
                targets: str = LORA_DEFAULT_TARGETS, quantize_base: bool = False, fill=None) -> list[str]:
     """Freeze the model, optionally store its block linears in NF4 (QLoRA), and wrap the target linears in adapters.
@@ -540,9 +472,8 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float = 0.0
     fill(name, linear): gives a linear of a model built on the meta device its weights just before it is wrapped,
     so a QLoRA model is quantised one layer at a time and never holds the whole full-precision base.
     """
-    if not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"lora_rank={rank!r}: expected a positive integer")
-    adapted = _lora_targets(model, targets)
+    lora_checks.check_rank(rank)
+    adapted = lora_checks.lora_targets([n for n, _ in _linears(model)], len(model.layers), targets)
     model.requires_grad_(False)
     for name, _ in _linears(model):  # by name: a list of the modules would keep every replaced full-precision weight
         linear = model.get_submodule(name)
@@ -579,14 +510,8 @@ def lora_state_dict(model, full: bool = False) -> dict[str, torch.Tensor]:
 def load_lora(model, tensors: dict[str, torch.Tensor]):
     """Load adapter weights into a model prepared with apply_lora, checking names and shapes."""
     own = lora_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"adapter: {'missing ' + missing[0] if missing else 'unexpected ' + unexpected[0]} "
-                              "(were the adapters trained with other lora_targets?)")
+    lora_checks.check_adapter(tensors, own)
     for name, t in tensors.items():
-        if t.shape != own[name].shape:
-            raise CheckpointError(f"adapter: tensor {name} has shape {tuple(t.shape)}, the base model needs "
-                                  f"{tuple(own[name].shape)}")
         with torch.no_grad():
             own[name].copy_(t)
 
@@ -620,41 +545,8 @@ def merge_lora(model) -> Transformer:
 def read_config(path) -> tuple[ModelArgs, dict]:
     """(ModelArgs, the whole config.json) of a checkpoint dir: every field's type and declared range checked, and the
     family one of FAMILIES."""
-    file = Path(path) / "config.json"
-    if not file.exists():
-        raise CheckpointError(f"{file}: not found (is {path} a checkpoint dir?)")
-    config = load_json(file, CheckpointError)
-    if "dim" not in config and ("model_type" in config or "architectures" in config):
-        raise CheckpointError(f"{file}: a Hugging Face config (model_type {config.get('model_type')!r}), not a "
-                              f"checkpoint dir's: convert it first: python convert.py hf-to-native --src {path} "
-                              f"--dst <checkpoint dir>")
-    family = config.get("family", "llama")
-    if not isinstance(family, str) or family not in FAMILIES:
-        raise CheckpointError(f"{file}: family={family!r}: expected one of {', '.join(FAMILIES)}")
-    if family == "baichuan2" and config.get("norm_head", False) is False and "quantization" not in config:
-        config = {**config, "norm_head": _normalised_once(path)}
+    config = weights.read_checkpoint_config(path, FAMILIES)
     try:
         return ModelArgs.from_dict(config), config
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{file}: {e}") from None
-
-
-def _normalised_once(path) -> bool:
-    """Whether a Baichuan2 checkpoint dir with norm_head=false holds NormHead rows normalised once (every row within 1%
-    of unit length: bf16 moves a normalised row's length by under 0.2%), as convert.py hf-to-native wrote them before
-    the head was kept raw: Baichuan2, with the same logits under NormHead, so it loads as such. Other rows were trained
-    without NormHead and load as written, as do step dirs (no safetensors: a resume continues as it ran). Said once
-    on stderr."""
-    path = Path(path)
-    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
-        return False
-    head = load_tensors(path).get("output.weight")
-    if head is None:
-        return False
-    once = all(((torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32) - 1).abs() <= 1e-2).all()
-               for rows in head.split(8192))  # a slice of rows at a time: never the whole head in fp32
-    warnings.warn(f"{path / 'config.json'}: family baichuan2 with norm_head=false: " + (
-        "its head rows are normalised once (convert.py before Baichuan2's head was kept raw), loaded as NormHead "
-        "(norm_head=true): the same logits, and training normalises them as Baichuan2 does" if once else
-        "its head rows are not unit length (trained without NormHead), loaded as written (norm_head=false)"))
-    return once
+        raise CheckpointError(f"{Path(path) / 'config.json'}: {e}") from None

@@ -47,6 +47,7 @@ from support import batching, checks, peft, weights
 import prepare
 from support.memory import MemoryBudgetError, check_memory, kv_budget
 from support.quant import quantize_from_meta, quantize_model, save_quantized
+from support.device import check_device
 from support.sample_checks import FlagError, check_checkpoint_dir, check_flags, not_utf8, read_prompt_file
 
 # In --chat, the published settings of the family's chat models (model.FAMILIES) apply unless a flag overrides them;
@@ -724,7 +725,7 @@ def load_checkpoint(args):
     adapted) as the flags say. -> (model, tok, family, template, device)."""
     check_checkpoint_dir(args.ckpt)
     try:
-        device = str(kernels.check_device(args.device)) if args.device else kernels.device_type()
+        device = str(check_device(args.device)) if args.device else kernels.device_type()
     except ValueError as e:
         raise SampleError(f"--device={args.device}: {str(e).split(': ', 1)[-1]}")
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))

@@ -62,6 +62,7 @@ from support.peft import write_peft_adapter
 from support.stepdir import (RESUME_FIELDS, ROOM_ADVICE, Ranks, dcp_load, last_good_step_dir, newest_step_dir, read_step_dir,
                              read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_step_dir)
 from support.weights import load_tensors
+from support.device import available_memory, freed_memory_returned_to_os
 
 
 @dataclass
@@ -972,7 +973,7 @@ def run_training(argv: list[str]) -> dict:
     say = preemption.say_now if os.environ.get("RANK", "0") == "0" else None
     disk_full = diskspace.reported(cfg.out_dir, error=TrainError,  # the last resort: metrics.jsonl, the lock file
                                    advice="free space there", by_room=False)
-    with kernels.freed_memory_returned_to_os(cfg.lora_rank > 0 and kernels.device_type() == "cpu"), disk_full, \
+    with freed_memory_returned_to_os(cfg.lora_rank > 0 and kernels.device_type() == "cpu"), disk_full, \
             runlock.OutDirLock() as lock, \
             preemption.StopSignals(say, lambda: (step_dirs(cfg.out_dir) or [None])[-1], resume) as stop:
         try:
@@ -1019,7 +1020,7 @@ def check_memory(args: ModelArgs, cfg: Config, d: Dist, packed: bool):
     """Refuse, before allocating any of it, a run whose planned bytes per device (planner.memory_plan, what --dry_run
     prints) exceed the memory this device has available; the processes of one machine share its CPU memory."""
     device = _device(d)
-    available = kernels.available_memory(device)
+    available = available_memory(device)
     try:
         plan = memory_plan(args, cfg, d.dp, d.tp, packed)
     except ValueError as e:  # lora_targets that match no layer

@@ -1,9 +1,10 @@
 """Untrusted input, checked where it enters: declared ranges and JSON from files and requests.
 
 Used by every script (train.py flags and config files, prepare.py/convert.py/sample.py flags and files) and by
-model.py (ModelArgs declares its fields' ranges with `ranged`). What it adds to the reading path: one check of a
-value's type and range (check_value), so every script says a value is out of range in the same words, and a JSON
-parser that refuses what json.loads lets through (NaN, duplicate keys, nesting deep enough to recurse out).
+model.py (ModelArgs declares its fields' ranges with `ranged`; check_model_args checks them and how they agree). What
+it adds to the reading path: one check of a value's type and range (check_value), so every script says a value is out
+of range in the same words, and a JSON parser that refuses what json.loads lets through (NaN, duplicate keys, nesting
+deep enough to recurse out).
 """
 
 import functools
@@ -79,6 +80,24 @@ def check_fields(obj, prefix: str = ""):
     """check_value on every field of a dataclass instance, with the range its field declares (see ranged)."""
     for f in fields(obj):
         check_value(prefix + f.name, getattr(obj, f.name), f.type, f.metadata.get("range"))
+
+
+def check_model_args(args):
+    """ModelArgs (model.py) checked as it is made: every field in its declared range, and the fields agreeing."""
+    def bad(field, why):
+        raise ValueError(f"ModelArgs.{field}={getattr(args, field)!r}: {why}")
+
+    check_fields(args, "ModelArgs.")
+    if args.dim % args.n_heads:
+        bad("dim", f"must be divisible by n_heads={args.n_heads}")
+    if args.n_kv_heads is not None and args.n_heads % args.n_kv_heads:
+        bad("n_kv_heads", f"must be a positive divisor of n_heads={args.n_heads}")
+    if args.pos_emb not in ("rope", "alibi"):
+        bad("pos_emb", "expected 'rope' or 'alibi'")
+    if args.pos_emb == "rope" and args.head_dim % 2:
+        bad("dim", f"RoPE needs an even head_dim, got {args.head_dim}")
+    if args.norm_head and args.tie_embeddings:
+        bad("norm_head", "a normalised head cannot be tied to the input embedding")
 
 
 def check_json_fields(d: dict, table: dict, where, error=ValueError, required=()):

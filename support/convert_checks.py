@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from model import FAMILIES, CheckpointError, ModelArgs, family_of_hf_config
+from model import FAMILIES, CheckpointError, ModelArgs
+from support.hf_names import family_of_hf_config
 from support.checks import check_json_fields, load_json
 from support.hf_names import BAICHUAN
 

@@ -3,14 +3,16 @@ modules) and bench.py (--compare loads our weights into transformers' LLaMA): Hu
 one table read in both directions.
 
 What it adds: which HF tensor holds which of our tensors, per family (Baichuan's W_pack stacks wq, wk, wv on rows),
-and the shape of every tensor of our model, read off model.py itself.
+the shape of every tensor of our model, read off model.py itself, and which family an HF config.json describes
+(family_of_hf_config, by model.FAMILIES; convert.py hf-to-native).
 """
 
 import re
+from typing import Optional
 
 import torch
 
-from model import ModelArgs, Transformer
+from model import FAMILIES, ModelArgs, Transformer
 
 BAICHUAN = ("baichuan", "baichuan2")  # W_pack, and Baichuan's own config.json
 
@@ -27,6 +29,18 @@ HF_LAYER = {  # HF per-layer suffix -> native per-layer suffix
 }
 # tensors some HF checkpoints carry that are not weights (old LLaMA .bin files saved the rotary table)
 HF_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def family_of_hf_config(cfg: dict) -> Optional[str]:
+    """The family an HF config.json describes (by its architectures, else model_type), or None."""
+    archs = cfg.get("architectures") or []
+    archs = archs if isinstance(archs, list) else []
+    found = [name for name, f in FAMILIES.items() if set(archs) & set(f.architectures)] or \
+            [name for name, f in FAMILIES.items() if cfg.get("model_type") == f.model_type]
+    marked = [name for name in found if FAMILIES[name].vocab_size == cfg.get("vocab_size") or
+              any(k in cfg for k in FAMILIES[name].config_keys)]
+    unmarked = [name for name in found if FAMILIES[name].vocab_size is None and not FAMILIES[name].config_keys]
+    return (marked or unmarked or [None])[0]
 
 
 def hf_ignored(name: str, args: ModelArgs) -> bool:

@@ -4,8 +4,8 @@ of a KV cache and of the next-token logits, and how many cache positions the dev
 """
 import torch
 
-import kernels
 import model as model_lib
+import support.device
 
 
 class MemoryBudgetError(Exception):
@@ -30,7 +30,7 @@ def check_memory(args, device, dtype, ckpt):
         n = model_lib.Transformer(args).num_params()
     itemsize = dtype.itemsize
     need = n * itemsize + kv_bytes(args, args.max_seq_len, itemsize) + logits_bytes(args, 1, itemsize)
-    available = kernels.available_memory(device)
+    available = support.device.available_memory(device)
     if available is not None and need > available:
         raise MemoryBudgetError(f"--ckpt={ckpt}: {n / 1e9:.2f}B parameters in {str(dtype)[6:]} need "
                                 f"{need / 2**30:.1f} GiB on {device}, which has {available / 2**30:.1f} GiB available (try --dtype=bfloat16)")
@@ -44,7 +44,7 @@ def kv_budget(model, max_batch, device, columns=None) -> int:
     a = model.args
     itemsize = next(model.parameters()).dtype.itemsize
     per_position, per_row = kv_bytes(a, 1, itemsize), logits_bytes(a, 1, itemsize)
-    available, most = kernels.available_memory(device), max_batch * a.max_seq_len
+    available, most = support.device.available_memory(device), max_batch * a.max_seq_len
     if available is None:
         return most
     if columns:

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from kernels import CHUNK_WEIGHTS, compute_dtype  # kernels.py is a library; it does not import this file
+from kernels import compute_dtype  # kernels.py is a library; it does not import this file
+from support.cpu_linear import CHUNK_WEIGHTS, by_weight_rows, row_slices
 from support import outputs, weights
 from support.tokenizer_files import copy_tokenizer_files
 
@@ -237,7 +237,7 @@ def int4_group_size(in_features: list[int], most: int = 128) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# NF4: 4-bit NormalFloat weights for QLoRA, in plain torch so it runs on any device (kernels.py's matmul helpers)
+# NF4: 4-bit NormalFloat weights for QLoRA, in plain torch so it runs on any device (support/cpu_linear.py's matmul helpers)
 
 # The 16 NF4 values of the QLoRA paper (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 table): quantiles of
 # N(0, 1) scaled to [-1, 1], with an exact zero.
@@ -310,8 +310,8 @@ def nf4_dequantised_matmul(x, q, shape, dtype, transpose: bool = False):
     dequantised slice stays in cache; memory never holds a whole dequantised matrix)."""
     absmax = nf4_absmax(q)
     block = shape[0] * shape[1] // q["packed"].size(0)
-    slices = kernels._row_slices(*shape, x.device) if shape[1] % block == 0 else [(0, shape[0])]  # whole blocks per slice
-    return kernels._by_weight_rows(x.to(dtype), lambda s, e: nf4_dequantize(q, shape, dtype, (s, e), absmax), slices, transpose)
+    slices = row_slices(*shape, x.device) if shape[1] % block == 0 else [(0, shape[0])]  # whole blocks per slice
+    return by_weight_rows(x.to(dtype), lambda s, e: nf4_dequantize(q, shape, dtype, (s, e), absmax), slices, transpose)
 
 
 class _NF4Linear(torch.autograd.Function):

@@ -1,8 +1,10 @@
 """Weight files read without trust: safetensors headers checked, shards of an index kept in their own dir.
 
-Used by model.py (Transformer.from_checkpoint loads a checkpoint dir through load_tensors) and by convert.py and
-sample.py. What it adds: every way a weight file can be truncated, corrupted or point outside its dir becomes a
-CheckpointError naming the file and the tensor, and nothing is read before it is needed (memory maps). Written:
+Used by model.py (read_config checks a checkpoint dir's config.json here, including old Baichuan2 dirs whose head was
+normalised once; Transformer.from_checkpoint loads it through load_tensors and checks the tensors against the config)
+and by convert.py and sample.py. What it adds: every way a weight file can be truncated, corrupted or point outside
+its dir becomes a CheckpointError naming the file and the tensor, and nothing is read before it is needed (memory
+maps). Written:
 checkpoint dirs' weights in safetensors shards of a bounded size (ShardWriter, write_checkpoint), never a NaN or an
 infinity; read: HF's and our weight dirs one shard at a time (WeightFiles), pickles only with weights_only.
 """
@@ -12,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
@@ -110,6 +113,60 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     return load_safetensors(path / "model.safetensors")
 
+
+def read_checkpoint_config(path, families) -> dict:
+    """config.json of a checkpoint dir (model.read_config), checked: there, a JSON object, not a Hugging Face config,
+    its family one of `families`; a Baichuan2 dir of an older convert.py read as its head was written."""
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise CheckpointError(f"{file}: not found (is {path} a checkpoint dir?)")
+    config = load_json(file, CheckpointError)
+    if "dim" not in config and ("model_type" in config or "architectures" in config):
+        raise CheckpointError(f"{file}: a Hugging Face config (model_type {config.get('model_type')!r}), not a "
+                              f"checkpoint dir's: convert it first: python convert.py hf-to-native --src {path} "
+                              f"--dst <checkpoint dir>")
+    family = config.get("family", "llama")
+    if not isinstance(family, str) or family not in families:
+        raise CheckpointError(f"{file}: family={family!r}: expected one of {', '.join(families)}")
+    if family == "baichuan2" and config.get("norm_head", False) is False and "quantization" not in config:
+        config = {**config, "norm_head": _normalised_once(path)}
+    return config
+
+
+def _normalised_once(path) -> bool:
+    """Whether a Baichuan2 checkpoint dir with norm_head=false holds NormHead rows normalised once (every row within 1%
+    of unit length: bf16 moves a normalised row's length by under 0.2%), as convert.py hf-to-native wrote them before
+    the head was kept raw: Baichuan2, with the same logits under NormHead, so it loads as such. Other rows were trained
+    without NormHead and load as written, as do step dirs (no safetensors: a resume continues as it ran). Said once
+    on stderr."""
+    path = Path(path)
+    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
+        return False
+    head = load_tensors(path).get("output.weight")
+    if head is None:
+        return False
+    once = all(((torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32) - 1).abs() <= 1e-2).all()
+               for rows in head.split(8192))  # a slice of rows at a time: never the whole head in fp32
+    warnings.warn(f"{path / 'config.json'}: family baichuan2 with norm_head=false: " + (
+        "its head rows are normalised once (convert.py before Baichuan2's head was kept raw), loaded as NormHead "
+        "(norm_head=true): the same logits, and training normalises them as Baichuan2 does" if once else
+        "its head rows are not unit length (trained without NormHead), loaded as written (norm_head=false)"))
+    return once
+
+
+def check_checkpoint_tensors(path, tensors: dict, expected: dict):
+    """The tensors of a checkpoint dir are those its config.json implies (model.Transformer.from_checkpoint): every
+    name there and no other, each of its shape; the message names the first that is not."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
+        raise CheckpointError(f"{path}: {what} for this config.json ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected)")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, config.json implies "
+                                  f"{tuple(expected[name].shape)}")
 
 
 def check_shapes(found: dict[str, tuple], expected: dict[str, tuple], where, ignored=lambda name: False):

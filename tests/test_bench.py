@@ -277,15 +277,15 @@ def test_cpu_bf16_matmul_on_fp32_units_matches_torch_bf16(monkeypatch):
     """The speed path for bf16 on CPUs without bf16 units gives torch's bf16 autocast numbers (loss and grads)."""
     import torch
 
-    import kernels
     from model import Transformer
+    from support import cpu_linear
 
     torch.manual_seed(0)
     model = Transformer(bench.PRESETS["tiny"])
     x, y = torch.randint(512, (2, 32)), torch.randint(512, (2, 32))
 
     def loss_and_grads(fp32_units: bool):
-        monkeypatch.setattr(kernels, "CPU_HAS_BF16_UNITS", not fp32_units)
+        monkeypatch.setattr(cpu_linear, "CPU_HAS_BF16_UNITS", not fp32_units)
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, loss = model(x, y)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from support import cpu_linear
 from model import PRESETS, Transformer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -248,9 +249,9 @@ def test_linear_cross_entropy_equals_linear_then_cross_entropy(z_loss):
 def test_linear_cross_entropy_in_bf16_is_within_bf16_rounding(weights, monkeypatch):
     dtype = torch.float32 if weights == "float32-autocast" else torch.bfloat16
     if weights == "bfloat16-units":  # the path of GPUs and CPUs with bf16 units: bf16 GEMMs, a bf16 gradient buffer
-        monkeypatch.setattr(kernels, "CPU_HAS_BF16_UNITS", True)
+        monkeypatch.setattr(cpu_linear, "CPU_HAS_BF16_UNITS", True)
     if weights == "bfloat16-sliced":  # a bf16 weight converted to fp32 in slices of 300 rows, the last one ragged
-        monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 300 * 64)
+        monkeypatch.setattr(cpu_linear, "CHUNK_WEIGHTS", 300 * 64)
     h, w, targets, mask = lce_case(dtype, V=4096)
     results = []
     for fn in (kernels.linear_cross_entropy, lambda h, w, *a: kernels.cross_entropy(kernels.linear(h, w), *a)):
@@ -299,8 +300,8 @@ def test_model_training_loss_skips_logits_with_the_same_loss_and_gradients(head)
 def test_bf16_linear_on_fp32_units_is_a_bf16_gemm(monkeypatch, chunk, autocast):
     """kernels.linear in bf16 on a CPU without bf16 units (the fp32 GEMM on bf16 operands, the weight converted a
     slice at a time) against torch's own bf16 GEMM: forward and both gradients within one bf16 rounding."""
-    monkeypatch.setattr(kernels, "CPU_HAS_BF16_UNITS", False)
-    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", chunk)
+    monkeypatch.setattr(cpu_linear, "CPU_HAS_BF16_UNITS", False)
+    monkeypatch.setattr(cpu_linear, "CHUNK_WEIGHTS", chunk)
     torch.manual_seed(0)
     dtype = torch.float32 if autocast else torch.bfloat16
     x = torch.randn(3, 10, 48, dtype=dtype, requires_grad=True)
@@ -329,7 +330,7 @@ def test_op_table_names_every_op_and_every_path():
         assert f"\n    {op}(" in table, op
     functions = [n for n, o in vars(kernels).items() if isinstance(o, type) and issubclass(o, torch.autograd.Function)]
     assert functions and all(n in table for n in functions), functions
-    assert "_plain_training" in table and "_bf16_on_fp32_units" in table
+    assert "plain_training" in table and "bf16_on_fp32_units" in table
 
 
 @pytest.mark.parametrize("case", ["causal", "alibi", "alibi-padding", "decode-step"])
@@ -343,7 +344,7 @@ def test_bf16_attention_on_fp32_units_is_torch_bf16_sdpa(monkeypatch, case):
         kwargs["key_padding_mask"] = torch.tensor([[True] * 9, [False] * 3 + [True] * 6])
     results = []
     for units in (False, True):
-        monkeypatch.setattr(kernels, "CPU_HAS_BF16_UNITS", units)
+        monkeypatch.setattr(cpu_linear, "CPU_HAS_BF16_UNITS", units)
         alibi = {}
         if spec.get("alibi"):
             slopes = kernels.alibi_slopes(q.size(1))

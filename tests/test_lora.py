@@ -8,7 +8,7 @@ import torch
 import kernels
 from model import (PRESETS, CheckpointError, LoRALinear, Transformer, apply_lora, load_lora, lora_state_dict,
                    merge_lora)
-from support import quant
+from support import cpu_linear, quant
 from support.quant import NF4Linear
 
 
@@ -56,7 +56,7 @@ def test_nf4_bits_per_parameter():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [1 << 22, 64 * 5])  # whole matrix, and 5-row chunks with a ragged last one
 def test_nf4_linear_matches_the_dequantised_weight_and_saves_only_4_bits(monkeypatch, dtype, chunk):
-    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", chunk)
+    monkeypatch.setattr(cpu_linear, "CHUNK_WEIGHTS", chunk)
     torch.manual_seed(0)
     shape = (96, 64)
     q = quant.nf4_quantize(torch.randn(shape) * 0.02)

@@ -76,7 +76,7 @@ def test_each_part_runs_only_its_documented_ops_and_says_so_once(fake_npu, monke
 
 def test_device_type_reads_the_part_and_says_once_what_it_lacks(fake_npu, monkeypatch, capsys):
     on_part(fake_npu, monkeypatch, "Ascend910_9392")
-    monkeypatch.setattr(kernels, "_npu_available", lambda: True)
+    monkeypatch.setattr(kernels, "npu_available", lambda: True)
     assert kernels.device_type() == kernels.device_type() == "npu"
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "Ascend910_9392 (Atlas A3)" in err[0] and "npu_fusion_attention" in err[0]
@@ -241,6 +241,55 @@ def test_fake_takes_a_compressed_bias_only_where_documented(fake_npu):
     with pytest.raises(RuntimeError, match="constant on each diagonal"):
         fake_npu.npu_fusion_attention(q, k, v, 2, "BNSD", pse=torch.randn_like(pse), sparse_mode=3,
                                       atten_mask=torch.ones(2048, 2048, dtype=torch.bool).triu(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressed_alibi_bias_is_the_last_rows_of_the_whole_bias(fake_npu, dtype):
+    T, H, D = 1040, 6, 16
+    slopes = kernels.alibi_slopes(H)
+    rows = kernels.alibi_attention_bias(slopes, dtype, D, T, T)  # training: npu_fusion_attention, compressed
+    whole = portable(kernels.alibi_attention_bias, slopes, dtype, D, T, T)
+    assert rows.shape == (1, H, kernels.ALIBI_ROWS, T) and whole.shape == (1, H, T, T)
+    torch.testing.assert_close(rows, whole[:, :, -kernels.ALIBI_ROWS:], rtol=0, atol=0)
+    pse, pse_of_whole = (kernels._npu_pse("fa", b, dtype, D, T, compressible=True) for b in (rows, whole))
+    torch.testing.assert_close(pse, pse_of_whole, rtol=0, atol=0)
+
+
+def test_long_alibi_training_on_the_npu_never_builds_a_seq_by_seq_bias(fake_npu, monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    T = 1040
+    args = dataclasses.replace(PRESETS["tiny"], pos_emb="alibi", n_kv_heads=None, max_seq_len=T)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    idx, targets = torch.randint(0, 512, (1, T)), torch.randint(0, 512, (1, T))
+
+    class SeqBySeq(TorchDispatchMode):  # every tensor made whose last two dims are (T, T)
+        seen, in_kernel = [], False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not self.in_kernel:
+                self.seen += [(str(func), tuple(t.shape)) for t in (out if isinstance(out, (tuple, list)) else [out])
+                              if isinstance(t, torch.Tensor) and t.dim() >= 2 and tuple(t.shape[-2:]) == (T, T)]
+            return out
+
+    real = fake_npu.npu_fusion_attention
+
+    def kernel(*a, **kw):  # the fake computes its scores (T, T) on the CPU: not what this test is about
+        SeqBySeq.in_kernel = True
+        try:
+            return real(*a, **kw)
+        finally:
+            SeqBySeq.in_kernel = False
+
+    monkeypatch.setattr(fake_npu, "npu_fusion_attention", kernel)
+    with SeqBySeq():
+        _, loss = model(idx, targets)
+    assert fake_npu.calls["npu_fusion_attention"] == args.n_layers and SeqBySeq.seen == []
+    loss.backward()
+    _, ref = portable(model, idx, targets)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------------

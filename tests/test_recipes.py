@@ -22,12 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
 import prepare
 import sample
 import train
 from model import PRESET_FAMILY, PRESETS, ModelArgs, Transformer
-from support import planner
+from support import cpu_linear, planner
 from support.weights import load_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -331,7 +330,7 @@ def test_dry_run_lora_and_qlora_by_hand(tmp_path):
 def test_activation_estimate_matches_what_autograd_keeps(pos_emb, dtype, packed, monkeypatch):
     # the bytes one forward leaves for backward (every saved tensor but the parameters), on an accelerator's kernels:
     # bf16 matmuls and attention in bf16 (this CPU would detour through fp32 copies)
-    monkeypatch.setattr(kernels, "CPU_HAS_BF16_UNITS", True)
+    monkeypatch.setattr(cpu_linear, "CPU_HAS_BF16_UNITS", True)
     args = ModelArgs(dim=256, n_layers=4, n_heads=8, hidden_dim=688, vocab_size=2048, max_seq_len=256,
                      pos_emb=pos_emb)
     torch.manual_seed(0)

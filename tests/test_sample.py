@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import kernels
 import model as model_lib
 import prepare
 import sample
+import support.device
 import support.memory
 from support import batching, quant
 
@@ -219,7 +219,7 @@ def test_memory_budgets_count_each_rows_last_position_logits(tiny, monkeypatch):
     per_row = support.memory.logits_bytes(a, 1, 4)
     assert per_row == a.vocab_size * 8  # fp32 logits out of the head and their fp32 copy
     memory = {"bytes": 0}
-    monkeypatch.setattr(kernels, "available_memory", lambda device: memory["bytes"])
+    monkeypatch.setattr(support.device, "available_memory", lambda device: memory["bytes"])
     memory["bytes"] = 2 * (1000 * per_position + 8 * per_row)  # half of what is available is the budget
     assert support.memory.kv_budget(tiny, 8, "cpu") == 1000  # 8 rows' logits set aside, 1000 positions left
     memory["bytes"] -= 2  # a byte less: a position fewer
@@ -556,12 +556,10 @@ def test_a_failed_kernel_build_warns_and_leaves_the_dequantising_path(tmp_path, 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantising_in_blocks_of_rows_changes_nothing(mode, monkeypatch):
-    import kernels
-
     w = torch.randn(40, 64).to(torch.bfloat16)  # any float dtype in: a bf16 checkpoint's memory-mapped tensor
     layer = lambda: quant.Int8Linear(64, 40) if mode == "int8" else quant.Int4Linear(64, 40, 16)
     whole = layer().quantize_from(w.float())
-    monkeypatch.setattr(kernels, "CHUNK_WEIGHTS", 64 * 16)
+    monkeypatch.setattr(quant, "CHUNK_WEIGHTS", 64 * 16)
     blocks = layer().quantize_from(w)  # 16 rows at a time
     for a, b in zip(whole.stored(), blocks.stored()):
         assert torch.equal(a, b)
