@@ -33,13 +33,12 @@ from typing import Callable
 
 import numpy as np
 
-from support import datadir, diskspace, prepare_checks, tokenizer_files
-from support.checks import check_json_fields, load_json
-from support.datafiles import (FORMATS, INSTRUCTION_FORMATS, default_corpus_files, expand_inputs, read_items,
-                               skip_or_stop, training_lines)
-from support.jinja_templates import (HF_TEMPLATE, JINJA_PROBE, TemplateError, builtin_jinja, check_jinja_template,
-                                     encode_jinja_chat, is_jinja, reserved_marker)
-from support.jinja_templates import jinja_turn_end  # noqa: F401 (sample.py's, with the template API here)
+from support import datadir, datafiles, diskspace, prepare_checks, tokenizer_files
+from support.checks import load_json
+from support.datafiles import FORMATS, INSTRUCTION_FORMATS, read_items, skip_or_stop, training_lines
+from support.jinja_templates import (HF_TEMPLATE, JINJA_PROBE, TemplateError, builtin_jinja, encode_jinja_chat,
+                                     is_jinja, reserved_marker)
+from support.jinja_templates import check_jinja_template, jinja_turn_end  # noqa: F401 (sample.py's, with the templates)
 from support.megatron import write_megatron_index
 from support.outputs import replace_dir
 from support.records import DataError, normalize_role
@@ -65,12 +64,7 @@ class Tokenizer:
         self.path = Path(path)
         config = config or {}
         self.template_file = template_file or self.path.parent / "tokenizer_config.json"  # named in errors
-        template = chat_template or config.get("chat_template")
-        if isinstance(template, list):  # HF's named templates: [{"name": "default", "template": "..."}, ...]
-            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                            None)
-        self.chat_template = template if isinstance(template, str) and (template in TEMPLATES or
-                                                                         is_jinja(template)) else None
+        self.chat_template = tokenizer_files.chat_template_of(config, chat_template, TEMPLATES)  # name, Jinja or None
         if self.path.suffix == ".json":
             from tokenizers import Tokenizer as HFTokenizer
             self.hf = HFTokenizer.from_file(str(self.path))
@@ -93,12 +87,10 @@ class Tokenizer:
             import sentencepiece as spm
             self.sp_continue = spm.SentencePieceProcessor()
             self.sp_continue.load_from_serialized_proto(self.sp.serialized_model_proto() + b"\x1a\x02\x18\x00")
-            # rendered chat text: the control pieces (<s>, </s>, ...) and HF's added tokens are matched as tokens;
-            # as transformers' LlamaTokenizer, only text at the very start gets the "▁" prefix unless legacy=true
-            self.sp_specials, self.sp_added = tokenizer_files.sentencepiece_chat_tokens(self.sp, config,
-                                                                                        self.vocab_size)
-            self.sp_legacy = config.get("legacy") is True
-            self.sp_prefix_space = config.get("add_prefix_space") is not False
+            # how rendered chat text is encoded (support/jinja_templates.py): specials matched as tokens, and where
+            # text gets the "▁" prefix
+            self.sp_specials, self.sp_added, self.sp_legacy, self.sp_prefix_space = \
+                tokenizer_files.sentencepiece_chat_tokens(self.sp, config, self.vocab_size)
 
     def encode(self, text, add_special_tokens=False):
         """Text -> ids; add_special_tokens=True frames them as the tokenizer does (HF's tokenizer(text).input_ids)."""
@@ -168,16 +160,7 @@ class Tokenizer:
         out_dir.mkdir(parents=True, exist_ok=True)
         if (out_dir / self.filename).resolve() != self.path.resolve():
             shutil.copyfile(self.path, out_dir / self.filename)
-        config = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                  "add_bos_token": bool(self.prefix), "add_eos_token": bool(self.suffix),
-                  "chat_template": self.chat_template if template in (None, HF_TEMPLATE) else template}
-        if self.sp is not None:
-            config["legacy"] = self.sp_legacy
-            if self.sp_added:  # HF's added tokens matched in rendered chat text, kept as transformers writes them
-                config["added_tokens_decoder"] = {str(i): {"content": t, "special": True}
-                                                  for t, i in self.sp_added.items()}
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
+        tokenizer_files.write_tokenizer_config(self, out_dir / "tokenizer_config.json", template)
 
 
 def load_tokenizer(path):
@@ -207,7 +190,6 @@ def vocabulary_difference(model_dir, data_dir):
         return f"{theirs.vocab_size:,} tokens, not {ours.vocab_size:,}"
     i = next((i for i in range(ours.vocab_size) if ours.id_to_token(i) != theirs.id_to_token(i)), None)
     return None if i is None else f"id {i} is {theirs.id_to_token(i)!r}, not {ours.id_to_token(i)!r}"
-
 
 
 def train_sentencepiece(texts, out_dir, vocab_size=8192, seed=1337):
@@ -271,8 +253,6 @@ def render_baichuan(messages, system, gen):
     return segs
 
 
-
-
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
@@ -289,8 +269,6 @@ def render_vicuna(messages, system, gen):
     if gen:
         segs.append(("ASSISTANT:", False))
     return segs
-
-
 
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
@@ -328,8 +306,6 @@ def render_alpaca(messages, system, gen):
     return segs  # the generation prompt already ends every user block
 
 
-
-
 AQUILA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
@@ -350,8 +326,6 @@ def render_aquila(messages, system, gen):
     return segs
 
 
-
-
 def render_llama2(messages, system, gen):
     # Meta's llama-2 chat_completion: each exchange is "<s>[INST] {u} [/INST] {a} </s>", the system prompt is
     # wrapped in <<SYS>> inside the first user turn.
@@ -367,8 +341,6 @@ def render_llama2(messages, system, gen):
     return segs  # a trailing user turn is already the generation prompt
 
 
-
-
 def render_chatml(messages, system, gen):
     # "<|im_start|>role\n{content}<|im_end|>\n"; a tokenizer without <|im_end|> gets eos in its place so that
     # generation stops there.
@@ -382,8 +354,6 @@ def render_chatml(messages, system, gen):
     if gen:
         segs += [(IM_START, False), ("assistant\n", False)]
     return segs
-
-
 
 
 def render_human_assistant(messages, system, gen):
@@ -695,24 +665,11 @@ class SplitWriter:
 
 # Reading a data dir back (train.py's input): meta.json checked, each split's tokens memmapped and cut into windows
 
-
-META_FIELDS = {"dtype": str, "vocab_size": (int, "[1, 2**32]"), "packed": bool, "seq_len": (int, "[0, inf)")}
-
-
 def read_meta(data_dir) -> dict:
     """meta.json of a data dir, the fields train.py reads of their types and in range."""
-    path = Path(data_dir)
-    if not path.is_dir():
-        raise DataError(f"data_dir={data_dir}: not found (run `python prepare.py` first, or set --data_dir)")
-    file = path / "meta.json"
-    if not file.exists():
-        raise DataError(f"{file}: not found (is {data_dir} a prepare.py output dir?)")
+    file = datadir.meta_file(data_dir)  # DataError where the dir or its meta.json is missing
     meta = load_json(file, DataError)
-    check_json_fields(meta, META_FIELDS, file, DataError, required=("dtype", "vocab_size"))
-    if meta["dtype"] not in ("uint16", "uint32"):
-        raise DataError(f"{file}: dtype={meta['dtype']!r}, expected 'uint16' or 'uint32'")
-    if meta.get("packed") and not meta.get("seq_len"):
-        raise DataError(f"{file}: packed data needs its row length, seq_len >= 1 (got {meta.get('seq_len')!r})")
+    datadir.check_meta(meta, file)
     return meta
 
 
@@ -737,14 +694,9 @@ class TokenSplit:
             self.doc_starts = datadir.read_doc_starts(docs_file, len(self.tokens))
         self.seq_len = seq_len
 
-    def check_ids(self, vocab_size: int, chunk: int = 1 << 24):
-        """Raise on a token id the model has no embedding for (data from another tokenizer): one chunked pass."""
-        for start in range(0, len(self.tokens), chunk):
-            piece = np.asarray(self.tokens[start : start + chunk])
-            if piece.max() >= vocab_size:
-                i = start + int(np.argmax(piece >= vocab_size))
-                raise DataError(f"{self.file}: token id {int(self.tokens[i])} at position {i} is not below the "
-                                f"model's vocab_size={vocab_size} (prepared with another tokenizer?)")
+    def check_ids(self, vocab_size: int):
+        """Raise DataError on a token id the model has no embedding for (data from another tokenizer)."""
+        datadir.check_ids(self.tokens, self.file, vocab_size)
 
     def _rows(self, array, starts, length, pad):
         out = np.full((len(starts), length), pad, dtype=np.int64)
@@ -842,16 +794,8 @@ def parse_args(argv=None):
 
 def prepare(args):
     """Run the whole pipeline into a temporary dir next to the output; rename it into place at the end."""
-    if args.input:
-        files, fmt, source = expand_inputs(args.input), args.format, [str(p) for p in expand_inputs(args.input)]
-        out = Path(args.out or Path("data") / Path(args.input[0].rstrip("/*")).stem)
-    else:
-        files, fmt = default_corpus_files(), "text"
-        source = [str(p) for p in files]
-        out = Path(args.out or "data/default")
-    instruction = fmt in INSTRUCTION_FORMATS
-    if not args.tokenizer and any(f.suffix in (".bin", ".idx") for f in files) and fmt in ("auto", "megatron"):
-        raise DataError("--tokenizer: required for Megatron input (its tokens are already ids)")
+    files, fmt, out = datafiles.input_files(args)  # --input (or the default corpus), its --format, the output dir
+    source, instruction = [str(p) for p in files], fmt in INSTRUCTION_FORMATS
     inputs = [*files, *(args.input or []), *([args.tokenizer] if args.tokenizer else [])]
     counters, total = {}, sum(f.stat().st_size for f in files)
     total = min(total, args.max_chars) if args.max_chars else total  # about: characters, not bytes
@@ -917,34 +861,14 @@ def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes, cou
     return stats
 
 
-META_LAYOUT = {
-    "tokens": "{split}.bin: token ids of all documents back to back; text documents are the text framed as the "
-              "tokenizer frames it (LLaMA's: bos first) and end with eos, instruction documents are one "
-              "chat-templated conversation ending with eos",
-    "documents": "{split}.docs.bin: int64 start offset of every document, then the total token count",
-    "mask": "{split}.mask.bin: uint8 per token, 1 = the token is a target that counts in the loss "
-            "(assistant replies and their end token; every token with train_on_prompt)",
-    "packed": "rows of exactly seq_len tokens, each holding whole documents; a row's tail is pad_id with "
-              "mask 0 and belongs to its last document",
-}
-
-
 def _prepare_into(out_dir, args, files, fmt, source, instruction, counters):
     tok = get_tokenizer(args, files, fmt, out_dir)
-    own = tok.template_name
-    template = args.template or own
-    if instruction and template is None:
-        raise DataError(f"--template: required for {fmt} data (one of {', '.join(TEMPLATES)})")
-    if template == HF_TEMPLATE:
-        if own != HF_TEMPLATE:
-            raise DataError(f"--template=hf: {tok.template_file} holds no Jinja chat_template")
-        check_jinja_template(tok)
-    elif template in TEMPLATES and (warning := literal_id_warning(tok, template)):
+    template = args.template or tok.template_name
+    prepare_checks.check_template(tok, template, fmt, instruction, TEMPLATES)  # DataError where it cannot be used
+    if template in TEMPLATES and (warning := literal_id_warning(tok, template)):
         print(f"prepare.py: {warning}", file=sys.stderr)
     dtype = args.dtype if args.dtype != "auto" else "uint16" if tok.vocab_size <= 65536 else "uint32"
-    if tok.vocab_size > np.iinfo(dtype).max + 1:
-        raise DataError(f"--dtype={dtype}: vocab_size {tok.vocab_size} does not fit "
-                         f"(ids up to {np.iinfo(dtype).max}); use --dtype=uint32")
+    prepare_checks.check_dtype(tok, dtype)
     with_mask = instruction or args.pack
     writers = {s: SplitWriter(out_dir, s, dtype, with_mask, args.seq_len, args.pack, tok.pad_id, args.one_per_row)
                for s in ("train", "val")}
@@ -982,7 +906,7 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction, counters):
         "has_mask": with_mask, "seq_len": args.seq_len, "packed": args.pack, "one_per_row": args.one_per_row,
         "max_source_len": args.max_source_len, "max_target_len": args.max_target_len,
         "val_fraction": args.val_fraction,
-        "megatron": args.megatron, "stats": stats, "layout": META_LAYOUT,
+        "megatron": args.megatron, "stats": stats, "layout": datadir.META_LAYOUT,
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     tag = "".join(f", {k}={v}" for k, v in stats.items())

@@ -1,19 +1,54 @@
 """
-prepare.py's data dir beyond its idea: the files of a split read back without trust, and a small input's empty val
-split filled.
+prepare.py's data dir beyond its idea: what each file holds (meta.json's layout), the files read back without
+trust, and a small input's empty val split filled.
 
-Used by prepare.py (TokenSplit, which train.py reads, and the end of a prepare run). What it adds: each split's
-files checked against meta.json before they are memmapped (missing or empty, sizes that are not whole tokens, a
-mask of another length, packed rows of another seq_len, fewer tokens than one window), and {split}.docs.bin's
-offsets checked, each problem one DataError naming the file; move_last_to_val for an input too small to give val
-a document of its own.
+Used by prepare.py (read_meta and TokenSplit, which train.py reads, and the end of a prepare run). What it adds:
+meta.json's fields checked; each split's files checked against meta.json before they are memmapped (missing or
+empty, sizes that are not whole tokens, a mask of another length, packed rows of another seq_len, fewer tokens than
+one window); {split}.docs.bin's offsets and the token ids (against a model's vocabulary) checked; each problem one
+DataError naming the file. And move_last_to_val, for an input too small to give val a document of its own.
 """
 
 from pathlib import Path
 
 import numpy as np
 
+from support.checks import check_json_fields
 from support.records import DataError
+
+# what each file holds, written into meta.json (prepare.py) for whoever reads the data dir
+META_LAYOUT = {
+    "tokens": "{split}.bin: token ids of all documents back to back; text documents are the text framed as the "
+              "tokenizer frames it (LLaMA's: bos first) and end with eos, instruction documents are one "
+              "chat-templated conversation ending with eos",
+    "documents": "{split}.docs.bin: int64 start offset of every document, then the total token count",
+    "mask": "{split}.mask.bin: uint8 per token, 1 = the token is a target that counts in the loss "
+            "(assistant replies and their end token; every token with train_on_prompt)",
+    "packed": "rows of exactly seq_len tokens, each holding whole documents; a row's tail is pad_id with "
+              "mask 0 and belongs to its last document",
+}
+
+META_FIELDS = {"dtype": str, "vocab_size": (int, "[1, 2**32]"), "packed": bool, "seq_len": (int, "[0, inf)")}
+
+
+def meta_file(data_dir) -> Path:
+    """data_dir/meta.json, or DataError where the dir or the file is missing."""
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise DataError(f"data_dir={data_dir}: not found (run `python prepare.py` first, or set --data_dir)")
+    file = path / "meta.json"
+    if not file.exists():
+        raise DataError(f"{file}: not found (is {data_dir} a prepare.py output dir?)")
+    return file
+
+
+def check_meta(meta, file):
+    """Raise DataError unless meta.json's fields that train.py reads are of their types and in range."""
+    check_json_fields(meta, META_FIELDS, file, DataError, required=("dtype", "vocab_size"))
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{file}: dtype={meta['dtype']!r}, expected 'uint16' or 'uint32'")
+    if meta.get("packed") and not meta.get("seq_len"):
+        raise DataError(f"{file}: packed data needs its row length, seq_len >= 1 (got {meta.get('seq_len')!r})")
 
 
 def check_split(data_dir, split: str, meta: dict, seq_len: int):
@@ -81,3 +116,13 @@ def move_last_to_val(out_dir, writers, dtype):
     val.n_tokens, val.n_docs = train.n_tokens - int(start), len(offsets) - 1 - k
     train.n_tokens, train.n_docs = int(start), k
     return True
+
+
+def check_ids(tokens, file, vocab_size: int, chunk: int = 1 << 24):
+    """Raise on a token id the model has no embedding for (data from another tokenizer): one chunked pass."""
+    for start in range(0, len(tokens), chunk):
+        piece = np.asarray(tokens[start : start + chunk])
+        if piece.max() >= vocab_size:
+            i = start + int(np.argmax(piece >= vocab_size))
+            raise DataError(f"{file}: token id {int(tokens[i])} at position {i} is not below the "
+                            f"model's vocab_size={vocab_size} (prepared with another tokenizer?)")

@@ -2,9 +2,10 @@
 prepare.py's input files: files, directories and globs, the embedded default corpus, long text files read in pieces,
 and every file's records turned into a stream of work Items in a fixed order.
 
-Used by prepare.py (read_items feeds its tokenizing workers and its tokenizer training). What it adds: the --format
-table, each input file checked where it is read (empty files, bad UTF-8, a record format on a file that holds none),
-and --on_error: a bad record or file stops the run (one DataError) or is reported and skipped.
+Used by prepare.py (input_files; read_items feeds its tokenizing workers and its tokenizer training). What it adds:
+the --format table; each input file checked where it is read (empty files, bad UTF-8, a record format on a file
+that holds none, Megatron input without --tokenizer); --on_error: a bad record or file stops the run (one DataError)
+or is reported and skipped.
 """
 
 import glob
@@ -49,6 +50,19 @@ class Item:
     last: bool = True
     nbytes: int = 0                # input bytes this item consumed (progress bar)
     where: str = ""                # "file: line N", for errors found while encoding
+
+
+def input_files(args):
+    """--input's files (or the default corpus, as text), the --format to read them with, and the output dir."""
+    if args.input:
+        files, fmt = expand_inputs(args.input), args.format
+        out = Path(args.out or Path("data") / Path(args.input[0].rstrip("/*")).stem)
+    else:
+        files, fmt = default_corpus_files(), "text"
+        out = Path(args.out or "data/default")
+    if not args.tokenizer and any(f.suffix in (".bin", ".idx") for f in files) and fmt in ("auto", "megatron"):
+        raise DataError("--tokenizer: required for Megatron input (its tokens are already ids)")
+    return files, fmt, out
 
 
 def expand_inputs(specs):

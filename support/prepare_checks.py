@@ -1,13 +1,17 @@
 """
 prepare.py's flags checked: each flag's range, the names --format and --template take, and the flags that need
-another or apply to one kind of data only.
+another or apply to one kind of data only; then, once the tokenizer is known, the template and --dtype against it.
 
-Used by prepare.py (parse_args, which says a FlagError as the one line "prepare.py: ..." with exit status 2).
+Used by prepare.py (parse_args, which says a FlagError as the one line "prepare.py: ..." with exit status 2; the
+tokenizer checks raise DataError, which main says in one line).
 """
+
+import numpy as np
 
 from support.checks import check_value
 from support.datafiles import FORMATS, INSTRUCTION_FORMATS
-from support.jinja_templates import HF_TEMPLATE
+from support.jinja_templates import HF_TEMPLATE, check_jinja_template
+from support.records import DataError
 
 # the flags with a range: kind and interval (support.checks.check_value's words when one is out of it)
 FLAG_RANGES = {"workers": (int, "[1, inf)"), "vocab_size": (int, "[260, 2**31)"), "seq_len": (int, "[0, 2**24]"),
@@ -40,3 +44,21 @@ def check_flags(args, templates):
         raise FlagError("--pack: needs --seq_len (the row length)")
     if args.one_per_row and not args.pack:
         raise FlagError("--one_per_row: needs --pack (and --seq_len, the row length)")
+
+
+def check_template(tok, template, fmt, instruction, templates):
+    """Raise DataError where instruction data has no template, or --template=hf meets a tokenizer without a usable
+    Jinja chat template."""
+    if instruction and template is None:
+        raise DataError(f"--template: required for {fmt} data (one of {', '.join(templates)})")
+    if template == HF_TEMPLATE:
+        if tok.template_name != HF_TEMPLATE:
+            raise DataError(f"--template=hf: {tok.template_file} holds no Jinja chat_template")
+        check_jinja_template(tok)
+
+
+def check_dtype(tok, dtype):
+    """Raise DataError where the token dtype cannot hold every id of the vocabulary."""
+    if tok.vocab_size > np.iinfo(dtype).max + 1:
+        raise DataError(f"--dtype={dtype}: vocab_size {tok.vocab_size} does not fit "
+                         f"(ids up to {np.iinfo(dtype).max}); use --dtype=uint32")

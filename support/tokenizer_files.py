@@ -9,11 +9,13 @@ And the Tokenizer's special tokens found where each kind of tokenizer keeps them
 around a text (framing), a sentencepiece model's tokens matched in rendered chat text.
 """
 
+import json
 import shutil
 from pathlib import Path
 from typing import Optional
 
 from support.checks import check_json_fields, load_json
+from support.jinja_templates import HF_TEMPLATE, is_jinja
 from support.records import DataError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # LLaMA dirs ship both: sentencepiece is the reference
@@ -123,14 +125,39 @@ def framing(tok, config):
 
 
 def sentencepiece_chat_tokens(sp, config, vocab_size):
-    """({piece: id} matched as tokens in rendered chat text, {piece: id} of HF's added tokens) of a sentencepiece
-    model: its control pieces (<s>, </s>, ...) and the added_tokens_decoder of tokenizer_config.json."""
+    """How a sentencepiece model encodes rendered chat text -> ({piece: id} matched as tokens: its control pieces
+    (<s>, </s>, ...) and HF's added tokens, {piece: id} of the added tokens alone, legacy, add_prefix_space). As
+    transformers' LlamaTokenizer, only text at the very start gets the "▁" prefix unless legacy=true."""
     added = {t["content"]: int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()
              if isinstance(t, dict) and isinstance(t.get("content"), str) and str(i).isdigit()
              and int(i) < vocab_size}
     specials = {**{sp.id_to_piece(i): i for i in range(vocab_size)
                    if sp.is_control(i) or sp.is_unknown(i)}, **added}
-    return specials, added
+    return specials, added, config.get("legacy") is True, config.get("add_prefix_space") is not False
+
+
+def chat_template_of(config, chat_template, builtin):
+    """The chat template a tokenizer states: chat_template.jinja's text, else tokenizer_config.json's (HF's named
+    templates: the "default" one) -> a name in builtin, Jinja text, or None."""
+    template = chat_template or config.get("chat_template")
+    if isinstance(template, list):  # HF's named templates: [{"name": "default", "template": "..."}, ...]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template if isinstance(template, str) and (template in builtin or is_jinja(template)) else None
+
+
+def write_tokenizer_config(tok, file, template=None):
+    """Our tokenizer_config.json for tok: ids, whether text gets bos/eos, and the chat template (template: a built-in
+    name; None or hf: the tokenizer's own)."""
+    config = {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+              "add_bos_token": bool(tok.prefix), "add_eos_token": bool(tok.suffix),
+              "chat_template": tok.chat_template if template in (None, HF_TEMPLATE) else template}
+    if tok.sp is not None:
+        config["legacy"] = tok.sp_legacy
+        if tok.sp_added:  # HF's added tokens matched in rendered chat text, kept as transformers writes them
+            config["added_tokens_decoder"] = {str(i): {"content": t, "special": True}
+                                              for t, i in tok.sp_added.items()}
+    Path(file).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_tokenizer_dir(path):
