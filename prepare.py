@@ -6,24 +6,19 @@ Data preparation: raw text and instruction data -> memmapped token files that tr
     python prepare.py --input='data/raw/*.jsonl' --format=sharegpt --tokenizer=ckpt/baichuan2-7b \
                       --template=baichuan2 --seq_len=2048 --out=data/sft --workers=8
 
-Output dir: train.bin / val.bin (uint16 or uint32 token ids, every document ends with eos),
-train.docs.bin / val.docs.bin (int64 token offsets of document starts, plus the total: exact document boundaries),
-train.mask.bin / val.mask.bin (uint8, instruction data only: 1 = this token is a target that counts in the loss),
-meta.json, and the tokenizer (tokenizer.model or tokenizer.json + tokenizer_config.json). `--megatron` adds
-train.idx / val.idx so that train.bin / val.bin are also Megatron-LM indexed datasets.
+Output dir (docs/data.md, docs/formats.md): train.bin / val.bin (token ids, every document ends with eos),
+train.docs.bin / val.docs.bin (document start offsets, then the total), train.mask.bin / val.mask.bin (1 = a target
+that counts in the loss), meta.json, and the tokenizer.
 
-This file also owns the tokenizer and chat-template API that train.py and sample.py import: load_tokenizer,
-Tokenizer, TEMPLATES, encode_chat (a family's default template: model.FAMILIES), template_jinja (a built-in
-template as Hugging Face Jinja, for convert.py); and the reader of its output dir
-that train.py trains from: read_meta, TokenSplit. Beside it in support/: tokenizer_files.py (tokenizer_config.json
-read without trust), records.py (the instruction data formats, each record checked), jinja_templates.py (a model's
-own Jinja chat template), megatron.py (Megatron-LM .bin/.idx). Problems are DataError (the input) or TemplateError
-(a conversation the template refuses), said without a script's name: main says them as prepare.py's, and the other
-scripts' mains as theirs. `import prepare` does not import torch.
+This file also owns the tokenizer and chat-template API the other scripts import (load_tokenizer, Tokenizer,
+TEMPLATES, encode_chat, template_jinja) and the reader train.py trains from (read_meta, TokenSplit). Beside it in
+support/: datafiles.py (the input files and records read), records.py (instruction formats), tokenizer_files.py,
+jinja_templates.py (a model's own Jinja template), turns.py (per-turn limits), workers.py, datadir.py (a data dir
+read without trust), prepare_checks.py (the flags), megatron.py. Problems are DataError (the input) or TemplateError
+(a conversation the template refuses); main says them in one line. `import prepare` does not import torch.
 """
 
 import argparse
-import glob
 import io
 import itertools
 import json
@@ -31,33 +26,29 @@ import re
 import shutil
 import struct
 import sys
-import sysconfig
 import time
-from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
-from support import diskspace
-from support.checks import check_json_fields, check_value, load_json
-from support.jinja_templates import (HF_TEMPLATE, JINJA_PROBE, TemplateError, builtin_jinja, check_jinja_template,
-                                     encode_jinja_chat, is_jinja, reserved_marker)
-from support.jinja_templates import jinja_turn_end  # noqa: F401 (sample.py's, with the template API here)
-from support.megatron import read_megatron, write_megatron_index
+from support import datadir, datafiles, diskspace, prepare_checks, tokenizer_files
+from support.checks import load_json
+from support.datafiles import FORMATS, INSTRUCTION_FORMATS, read_items, skip_or_stop, training_lines
+from support.jinja_templates import (HF_TEMPLATE, JINJA_PROBE, TemplateError, builtin_jinja, encode_jinja_chat,
+                                     is_jinja, reserved_marker)
+from support.jinja_templates import check_jinja_template, jinja_turn_end  # noqa: F401 (sample.py's, with the templates)
+from support.megatron import write_megatron_index
 from support.outputs import replace_dir
-from support.records import DataError, instruction_messages, normalize_role, read_records, record_field
-from support.tokenizer_files import TOKENIZER_FILES, read_tokenizer_config, special_ids_of
+from support.records import DataError, normalize_role
+from support.tokenizer_files import TOKENIZER_FILES, special_ids_of
 from support.tokenizer_files import copy_tokenizer_files  # noqa: F401 (convert.py's and sample.py's, with load_tokenizer)
+from support.turns import limit_turns
+from support.workers import chunked, ordered_map
 
 # -----------------------------------------------------------------------------
 # Tokenizers: sentencepiece (.model) and HF tokenizers (tokenizer.json) behind one small interface
-
-# names that HF-style tokenizer_config.json files and common vocabularies use for the special tokens
-BOS_NAMES = ("<s>", "<|startoftext|>", "<|begin_of_text|>", "<|endoftext|>")
-EOS_NAMES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>")
-PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 
 
 class Tokenizer:
@@ -66,25 +57,14 @@ class Tokenizer:
 
     `path` is the tokenizer file; `config` is the tokenizer_config.json dict found beside it (may be empty).
     Ours holds {"bos_id", "eos_id", "pad_id", "add_bos_token", "add_eos_token", "chat_template"}; HF's holds token
-    strings ("bos_token": "<s>" or {"content": "<s>"}); both are understood.
-
-    Which special tokens a text gets is the tokenizer's own convention, as transformers applies it: a tokenizer.json
-    beside the file decides through its post-processor (TemplateProcessing, or none); otherwise add_bos_token /
-    add_eos_token in tokenizer_config.json; otherwise sentencepiece's LLaMA default, bos and no eos. (transformers 5
-    reads a bare tokenizer.model as no bos; LLaMA's own code and transformers 4 add it, and every published LLaMA
-    tokenizer_config.json says add_bos_token explicitly.)
+    strings ("bos_token": "<s>" or {"content": "<s>"}); both are understood (support/tokenizer_files.py).
     """
 
     def __init__(self, path, config=None, chat_template=None, template_file=None):
         self.path = Path(path)
         config = config or {}
         self.template_file = template_file or self.path.parent / "tokenizer_config.json"  # named in errors
-        template = chat_template or config.get("chat_template")
-        if isinstance(template, list):  # HF's named templates: [{"name": "default", "template": "..."}, ...]
-            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                            None)
-        self.chat_template = template if isinstance(template, str) and (template in TEMPLATES or
-                                                                         is_jinja(template)) else None
+        self.chat_template = tokenizer_files.chat_template_of(config, chat_template, TEMPLATES)  # name, Jinja or None
         if self.path.suffix == ".json":
             from tokenizers import Tokenizer as HFTokenizer
             self.hf = HFTokenizer.from_file(str(self.path))
@@ -95,11 +75,11 @@ class Tokenizer:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
             self.hf = None
             self.vocab_size = self.sp.get_piece_size()
-        self.bos_id = self._special_id(config, "bos", BOS_NAMES)
-        self.eos_id = self._special_id(config, "eos", EOS_NAMES)
-        pad = self._special_id(config, "pad", PAD_NAMES)
+        self.bos_id = tokenizer_files.special_id(self, config, "bos")
+        self.eos_id = tokenizer_files.special_id(self, config, "eos")
+        pad = tokenizer_files.special_id(self, config, "pad")
         self.pad_id = self.eos_id if pad is None else pad  # padding is always masked, so eos is a safe stand-in
-        self.prefix, self.suffix = self._framing(config)
+        self.prefix, self.suffix = tokenizer_files.framing(self, config)
         if self.sp is not None:
             # The same model without sentencepiece's dummy prefix ("▁" added before the text): template text
             # that continues a prompt must not gain a space. Appending a NormalizerSpec with add_dummy_prefix=false
@@ -107,57 +87,10 @@ class Tokenizer:
             import sentencepiece as spm
             self.sp_continue = spm.SentencePieceProcessor()
             self.sp_continue.load_from_serialized_proto(self.sp.serialized_model_proto() + b"\x1a\x02\x18\x00")
-            # rendered chat text: the control pieces (<s>, </s>, ...) and HF's added tokens are matched as tokens;
-            # as transformers' LlamaTokenizer, only text at the very start gets the "▁" prefix unless legacy=true
-            added = {t["content"]: int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()
-                     if isinstance(t, dict) and isinstance(t.get("content"), str) and str(i).isdigit()
-                     and int(i) < self.vocab_size}
-            self.sp_specials = {**{self.sp.id_to_piece(i): i for i in range(self.vocab_size)
-                                   if self.sp.is_control(i) or self.sp.is_unknown(i)}, **added}
-            self.sp_added = added
-            self.sp_legacy = config.get("legacy") is True
-            self.sp_prefix_space = config.get("add_prefix_space") is not False
-
-    def _special_id(self, config, kind, names):
-        if isinstance(config.get(f"{kind}_id"), int) and config[f"{kind}_id"] >= 0:
-            return config[f"{kind}_id"]
-        token = config.get(f"{kind}_token")
-        token = token.get("content") if isinstance(token, dict) else token
-        if isinstance(token, str) and self.token_to_id(token) is not None:
-            return self.token_to_id(token)
-        if self.sp is not None:  # sentencepiece stores its own ids (-1 = none)
-            i = {"bos": self.sp.bos_id, "eos": self.sp.eos_id, "pad": self.sp.pad_id}[kind]()
-            if i >= 0:
-                return i
-        for name in names:
-            if self.token_to_id(name) is not None:
-                return self.token_to_id(name)
-        return None
-
-    def _framing(self, config):
-        """(prefix, suffix): the ids the tokenizer adds around a text (see the class docstring for who decides)."""
-        beside = self.path.parent / "tokenizer.json"
-        if beside.is_file():
-            hf = self.hf
-            if hf is None:
-                from tokenizers import Tokenizer as HFTokenizer
-                try:
-                    hf = HFTokenizer.from_file(str(beside))
-                except Exception as e:
-                    raise DataError(f"{beside}: cannot load tokenizer ({type(e).__name__}: {e})")
-            probe = "a"
-            plain, framed = hf.encode(probe, add_special_tokens=False).ids, hf.encode(probe).ids
-            at = next((i for i in range(len(framed) - len(plain) + 1) if framed[i:i + len(plain)] == plain), None)
-            if at is None:
-                raise DataError(f"{beside}: post_processor: expected special tokens around the text, "
-                                 f"got {framed} for {plain}")
-            return framed[:at], framed[at + len(plain):]
-        add_bos, add_eos = config.get("add_bos_token"), config.get("add_eos_token")
-        if not isinstance(add_bos, bool):
-            add_bos = self.sp is not None
-        bos = [self.bos_id] if add_bos and self.bos_id is not None else []
-        eos = [self.eos_id] if add_eos is True and self.eos_id is not None else []
-        return bos, eos
+            # how rendered chat text is encoded (support/jinja_templates.py): specials matched as tokens, and where
+            # text gets the "▁" prefix
+            self.sp_specials, self.sp_added, self.sp_legacy, self.sp_prefix_space = \
+                tokenizer_files.sentencepiece_chat_tokens(self.sp, config, self.vocab_size)
 
     def encode(self, text, add_special_tokens=False):
         """Text -> ids; add_special_tokens=True frames them as the tokenizer does (HF's tokenizer(text).input_ids)."""
@@ -227,16 +160,7 @@ class Tokenizer:
         out_dir.mkdir(parents=True, exist_ok=True)
         if (out_dir / self.filename).resolve() != self.path.resolve():
             shutil.copyfile(self.path, out_dir / self.filename)
-        config = {"bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                  "add_bos_token": bool(self.prefix), "add_eos_token": bool(self.suffix),
-                  "chat_template": self.chat_template if template in (None, HF_TEMPLATE) else template}
-        if self.sp is not None:
-            config["legacy"] = self.sp_legacy
-            if self.sp_added:  # HF's added tokens matched in rendered chat text, kept as transformers writes them
-                config["added_tokens_decoder"] = {str(i): {"content": t, "special": True}
-                                                  for t, i in self.sp_added.items()}
-        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-
+        tokenizer_files.write_tokenizer_config(self, out_dir / "tokenizer_config.json", template)
 
 
 def load_tokenizer(path):
@@ -244,31 +168,14 @@ def load_tokenizer(path):
 
     tokenizer_config.json beside it gives ids and conventions; a chat_template.jinja beside it (transformers' own
     file for the template) takes precedence over the config's chat_template, as in transformers."""
-    path = Path(path)
-    if path.is_dir():
-        for name in TOKENIZER_FILES:
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise DataError(f"{path}: expected a directory holding tokenizer.model or tokenizer.json")
-    if not path.is_file():
-        raise DataError(f"{path}: tokenizer file not found")
-    config_path = path.parent / "tokenizer_config.json"
-    config = read_tokenizer_config(config_path) if config_path.is_file() else {}
-    template, template_file = None, path.parent / "chat_template.jinja"
-    if template_file.is_file():
-        try:
-            template = template_file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{template_file}: not UTF-8 text ({e})")
+    path, config, template, template_file = tokenizer_files.read_tokenizer_dir(path)
     try:
-        tok = Tokenizer(path, config, template, template_file if template else config_path)
+        tok = Tokenizer(path, config, template, template_file)
     except DataError:
         raise
     except Exception as e:  # sentencepiece / tokenizers raise RuntimeError or OSError on corrupt files
         raise DataError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})")
-    special_ids_of(config_path, tok.vocab_size, config)  # the ids it states are ids of this vocabulary
+    special_ids_of(path.parent / "tokenizer_config.json", tok.vocab_size, config)  # ids of this vocabulary
     return tok
 
 
@@ -283,7 +190,6 @@ def vocabulary_difference(model_dir, data_dir):
         return f"{theirs.vocab_size:,} tokens, not {ours.vocab_size:,}"
     i = next((i for i in range(ours.vocab_size) if ours.id_to_token(i) != theirs.id_to_token(i)), None)
     return None if i is None else f"id {i} is {theirs.id_to_token(i)!r}, not {ours.id_to_token(i)!r}"
-
 
 
 def train_sentencepiece(texts, out_dir, vocab_size=8192, seed=1337):
@@ -347,8 +253,6 @@ def render_baichuan(messages, system, gen):
     return segs
 
 
-
-
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
@@ -365,8 +269,6 @@ def render_vicuna(messages, system, gen):
     if gen:
         segs.append(("ASSISTANT:", False))
     return segs
-
-
 
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
@@ -404,8 +306,6 @@ def render_alpaca(messages, system, gen):
     return segs  # the generation prompt already ends every user block
 
 
-
-
 AQUILA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 
@@ -426,8 +326,6 @@ def render_aquila(messages, system, gen):
     return segs
 
 
-
-
 def render_llama2(messages, system, gen):
     # Meta's llama-2 chat_completion: each exchange is "<s>[INST] {u} [/INST] {a} </s>", the system prompt is
     # wrapped in <<SYS>> inside the first user turn.
@@ -443,8 +341,6 @@ def render_llama2(messages, system, gen):
     return segs  # a trailing user turn is already the generation prompt
 
 
-
-
 def render_chatml(messages, system, gen):
     # "<|im_start|>role\n{content}<|im_end|>\n"; a tokenizer without <|im_end|> gets eos in its place so that
     # generation stops there.
@@ -458,8 +354,6 @@ def render_chatml(messages, system, gen):
     if gen:
         segs += [(IM_START, False), ("assistant\n", False)]
     return segs
-
-
 
 
 def render_human_assistant(messages, system, gen):
@@ -594,173 +488,6 @@ def _encode_segments(tok, segs):
 
 
 # -----------------------------------------------------------------------------
-# Inputs: files, directories and globs -> a stream of work items, in a fixed order
-
-FORMATS = {  # --format: what each record is; the container (txt, json, jsonl, parquet) follows the file
-    "auto": "by extension: .json/.jsonl/.parquet -> 'json' records, .bin/.idx -> megatron, anything else -> text",
-    "text": "plain UTF-8 text, one document per file",
-    "json": "JSON records (a .json list, .jsonl lines or .parquet rows) with the text in --text_field",
-    "jsonl": "same as json",
-    "parquet": "same as json",
-    "megatron": "Megatron-LM indexed dataset (prefix.bin + prefix.idx), already token ids",
-    "alpaca": "{instruction, input, output}; also alpaca-data-conversation ({conversations: [...]})",
-    "sharegpt": "{conversations: [{from: human|gpt, value}]} (or {messages: [{role, content}]}), multi-turn",
-    "conversation": "same as sharegpt",
-    "moss": "moss-003-sft: {meta_instruction, chat: {turn_1: {Human: '<|Human|>: ...<eoh>', MOSS: ...}}}",
-    "belle": "{instruction, input, output} (multi-turn 'Human:/Assistant:' inside instruction) or {conversations}",
-}
-INSTRUCTION_FORMATS = ("alpaca", "sharegpt", "conversation", "moss", "belle")
-RECORD_SUFFIXES = (".json", ".jsonl", ".parquet")
-TEXT_PIECE_BYTES = 4 << 20  # long text files are read and encoded in pieces of about this size (bounded memory)
-
-
-@dataclass
-class Item:
-    """One unit of work for the tokenizer workers."""
-    doc: int                       # document number in input order: decides train or val
-    text: Optional[str] = None     # text formats
-    ids: Optional[np.ndarray] = None  # Megatron input: already tokens
-    messages: Optional[list] = None   # instruction formats
-    system: Optional[str] = None
-    first: bool = True             # a long text document arrives in several pieces
-    last: bool = True
-    nbytes: int = 0                # input bytes this item consumed (progress bar)
-    where: str = ""                # "file: line N", for errors found while encoding
-
-
-def expand_inputs(specs):
-    """Files, directories (all files below, sorted) and globs -> a sorted, de-duplicated list of files."""
-    files = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        elif path.is_file():
-            found = [path]
-        else:
-            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-        if not found:
-            raise DataError(f"--input {spec}: no such file, directory or glob match")
-        files += [p for p in found if p not in files]
-    return files
-
-
-def default_corpus_files():
-    """The Python standard library's .py files (sorted): the embedded default corpus, present on every machine."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "idlelib",
-            "turtledemo", "ensurepip", "tkinter"}  # tests and GUI code are mostly noise
-    files = sorted(p for p in root.rglob("*.py")
-                   if not set(p.relative_to(root).parts[:-1]) & skip and p.stat().st_size > 0)
-    if not files:
-        raise DataError(f"{root}: no standard library sources found for the default corpus")
-    return files
-
-
-def read_text_pieces(path):
-    """Yield (text, nbytes) pieces of a text file of about TEXT_PIECE_BYTES, cut where tokens would split anyway."""
-    with open(path, "rb") as f:
-        rest, offset = b"", 0
-        while True:
-            block = f.read(TEXT_PIECE_BYTES)
-            data = rest + block
-            # cut after a newline, else before a space (tokenizers split words there), else between characters
-            cut = len(data) if not block else data.rfind(b"\n") + 1 or max(data.rfind(b" "), 0) or len(data)
-            while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:
-                cut -= 1
-            piece, rest = data[:cut], data[cut:]
-            if piece:
-                try:
-                    yield piece.decode("utf-8"), len(piece)
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}: byte {offset + e.start}: expected UTF-8 text")
-                offset += len(piece)
-            if not block:
-                return
-
-
-def read_items(files, fmt, text_field, max_chars, on_error, counters):
-    """Yield Items for all input files in order. Bad records/files: stop (DataError) or skip (warn, count)."""
-    doc, chars, megatron_seen = 0, 0, set()
-    for path in files:
-        if path.stat().st_size == 0:
-            _bad(DataError(f"{path}: file is empty"), on_error, counters)
-            continue
-        kind = fmt
-        if fmt == "auto":
-            kind = ("megatron" if path.suffix in (".bin", ".idx") else
-                    "json" if path.suffix in RECORD_SUFFIXES else "text")
-        try:
-            if kind == "text":
-                if max_chars and chars >= max_chars:  # the cap applies between documents
-                    return
-                pieces = 0
-                try:
-                    for last, (text, nbytes) in _mark_last(read_text_pieces(path)):
-                        chars += len(text)
-                        yield Item(doc, text=text, first=pieces == 0, last=last, nbytes=nbytes)
-                        pieces += 1
-                except DataError:
-                    if pieces:  # bad bytes further in: end the document already begun, then report the file
-                        yield Item(doc, text="", first=False, last=True)
-                        doc += 1
-                    raise
-                doc += 1
-            elif kind == "megatron":
-                if path.with_suffix("") in megatron_seen:  # prefix.bin and prefix.idx are one dataset
-                    continue
-                megatron_seen.add(path.with_suffix(""))
-                for ids in read_megatron(path):
-                    yield Item(doc, ids=ids, nbytes=ids.nbytes)
-                    doc += 1
-            else:
-                if path.suffix not in RECORD_SUFFIXES:
-                    raise DataError(f"{path}: format {kind!r} expects a .json, .jsonl or .parquet file")
-                for where, rec, nbytes in read_records(path):
-                    if max_chars and chars >= max_chars:
-                        return
-                    try:
-                        if isinstance(rec, DataError):  # a malformed line: the rest of the file is still read
-                            raise rec
-                        if kind in INSTRUCTION_FORMATS:
-                            messages, system = instruction_messages(rec, kind, f"{path}: {where}")
-                            chars += sum(len(m["content"]) for m in messages)
-                            yield Item(doc, messages=messages, system=system, nbytes=nbytes,
-                                       where=f"{path}: {where}")
-                        else:
-                            text = record_field(rec, text_field, f"{path}: {where}",
-                                          hint=" (set --text_field, or --format for instruction data)")
-                            chars += len(text)
-                            yield Item(doc, text=text, nbytes=nbytes)
-                        doc += 1
-                    except DataError as e:
-                        _bad(e, on_error, counters)
-        except DataError as e:
-            _bad(e, on_error, counters)
-
-
-def _mark_last(iterable):
-    """Yield (is_last, x) for each x."""
-    it = iter(iterable)
-    try:
-        prev = next(it)
-    except StopIteration:
-        return
-    for x in it:
-        yield False, prev
-        prev = x
-    yield True, prev
-
-
-def _bad(error, on_error, counters):
-    if on_error == "stop":
-        raise DataError(f"{error} (use --on_error=skip to skip bad records)")
-    counters["skipped"] = counters.get("skipped", 0) + 1
-    if counters["skipped"] <= 10 and not counters.get("quiet"):
-        print(f"prepare.py: skipped: {error}", file=sys.stderr)
-
-
-# -----------------------------------------------------------------------------
 # Tokenizing workers. Each gets the tokenizer path once (pool initializer) and chunks of Items; results come back
 # in input order, so the output does not depend on the number of workers.
 
@@ -770,45 +497,6 @@ _worker = {}
 def init_worker(tokenizer_path, template, seq_len, train_on_prompt=False, max_source_len=0, max_target_len=0):
     _worker.update(tok=load_tokenizer(tokenizer_path), template=template, seq_len=seq_len,
                    train_on_prompt=train_on_prompt, limits=(max_source_len, max_target_len))
-
-
-def split_turns(ids, mask):
-    """A conversation's (ids, reply mask) -> [(prompt ids, reply ids)]: each turn is a run of prompt tokens (mask 0,
-    the system prompt and bos go with the first) and the run of reply tokens after it (mask 1, its end token last)."""
-    turns, i, n = [], 0, len(ids)
-    while i < n:
-        j = i
-        while j < n and not mask[j]:
-            j += 1
-        k = j
-        while k < n and mask[k]:
-            k += 1
-        turns.append((ids[i:j], ids[j:k]))
-        i = k
-    return turns
-
-
-def limit_turns(ids, mask, max_source, max_target, stats):
-    """Cut each turn's prompt and reply separately, as LLaMA-Efficient-Tuning's preprocess_supervised_dataset (July
-    2023) does with max_source_length / max_target_length: a prompt keeps its first max_source tokens (bos counts,
-    the tail goes, its assistant marker too); a reply keeps its first max_target - 1 tokens and its end token (eos);
-    with both limits, the turn that would take the conversation past max_source + max_target is dropped, and every
-    turn after it. 0 = no limit."""
-    out_ids, out_mask = [], []
-    turns = split_turns(ids, mask)
-    for n, (source, target) in enumerate(turns):
-        if max_source and len(source) > max_source:
-            source = source[:max_source]
-            stats["max_source_len_cuts"] += 1
-        if max_target and len(target) > max_target:
-            target = target[:max_target - 1] + target[-1:]
-            stats["max_target_len_cuts"] += 1
-        if max_source and max_target and len(out_ids) + len(source) + len(target) > max_source + max_target:
-            stats["max_len_turns_dropped"] += len(turns) - n
-            break
-        out_ids += source + target
-        out_mask += [0] * len(source) + [1] * len(target)
-    return out_ids, out_mask
 
 
 def encode_sample(tok, template, messages, system, seq_len, stats, train_on_prompt=False, limits=(0, 0)):
@@ -885,39 +573,6 @@ def encode_chunk(items):
     tokens = np.array(list(itertools.chain.from_iterable(pieces)), dtype=np.int64)
     mask = np.array(list(itertools.chain.from_iterable(masks)), dtype=np.uint8) if masks else None
     return tokens, mask, index, stats, errors
-
-
-def chunked(items, max_chars=1 << 20, max_items=1024):
-    """Group items into chunks of about max_chars characters (one chunk is one task for a worker)."""
-    chunk, chars = [], 0
-    for item in items:
-        chunk.append(item)
-        chars += len(item.text) if item.text is not None else item.nbytes
-        if chars >= max_chars or len(chunk) >= max_items:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-def ordered_map(fn, chunks, workers, initargs):
-    """fn over chunks in order, with at most 2 * workers chunks in flight (Pool.imap would read ahead unbounded)."""
-    if workers <= 1:
-        init_worker(*initargs)
-        for chunk in chunks:
-            yield chunk, fn(chunk)
-        return
-    import multiprocessing as mp
-    with mp.get_context("fork").Pool(workers, initializer=init_worker, initargs=initargs) as pool:
-        pending = deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.apply_async(fn, (chunk,))))
-            if len(pending) >= 2 * workers:
-                chunk, result = pending.popleft()
-                yield chunk, result.get()
-        while pending:
-            chunk, result = pending.popleft()
-            yield chunk, result.get()
 
 
 # -----------------------------------------------------------------------------
@@ -1008,49 +663,13 @@ class SplitWriter:
                 f.close()
 
 
-def move_last_to_val(out_dir, writers, dtype):
-    """An empty val split (a small input) takes the train split's last document, or last row when packed."""
-    train, val = writers["train"], writers["val"]
-    offsets = np.fromfile(out_dir / "train.docs.bin", dtype=np.int64)
-    start = train.n_tokens - train.seq_len if train.pack else offsets[-2]
-    if start <= 0:
-        return False
-    k = int(np.searchsorted(offsets, start))  # first moved document
-    for name, itemsize in (("bin", np.dtype(dtype).itemsize), ("mask.bin", 1)):
-        if not (out_dir / f"train.{name}").exists():
-            continue
-        with open(out_dir / f"train.{name}", "r+b") as f:
-            f.seek(start * itemsize)
-            (out_dir / f"val.{name}").write_bytes(f.read())
-            f.truncate(start * itemsize)
-    (out_dir / "train.docs.bin").write_bytes(offsets[:k + 1].tobytes())
-    (out_dir / "val.docs.bin").write_bytes((offsets[k:] - start).tobytes())
-    val.n_tokens, val.n_docs = train.n_tokens - int(start), len(offsets) - 1 - k
-    train.n_tokens, train.n_docs = int(start), k
-    return True
-
-
-# -----------------------------------------------------------------------------
 # Reading a data dir back (train.py's input): meta.json checked, each split's tokens memmapped and cut into windows
-
-
-META_FIELDS = {"dtype": str, "vocab_size": (int, "[1, 2**32]"), "packed": bool, "seq_len": (int, "[0, inf)")}
-
 
 def read_meta(data_dir) -> dict:
     """meta.json of a data dir, the fields train.py reads of their types and in range."""
-    path = Path(data_dir)
-    if not path.is_dir():
-        raise DataError(f"data_dir={data_dir}: not found (run `python prepare.py` first, or set --data_dir)")
-    file = path / "meta.json"
-    if not file.exists():
-        raise DataError(f"{file}: not found (is {data_dir} a prepare.py output dir?)")
+    file = datadir.meta_file(data_dir)  # DataError where the dir or its meta.json is missing
     meta = load_json(file, DataError)
-    check_json_fields(meta, META_FIELDS, file, DataError, required=("dtype", "vocab_size"))
-    if meta["dtype"] not in ("uint16", "uint32"):
-        raise DataError(f"{file}: dtype={meta['dtype']!r}, expected 'uint16' or 'uint32'")
-    if meta.get("packed") and not meta.get("seq_len"):
-        raise DataError(f"{file}: packed data needs its row length, seq_len >= 1 (got {meta.get('seq_len')!r})")
+    datadir.check_meta(meta, file)
     return meta
 
 
@@ -1063,49 +682,21 @@ class TokenSplit:
     """
 
     def __init__(self, data_dir, split: str, meta: dict, seq_len: int):
-        file = Path(data_dir) / f"{split}.bin"
-        if not file.exists():
-            raise DataError(f"{file}: not found")
-        if file.stat().st_size == 0:
-            raise DataError(f"{file}: empty (no tokens)" + ("; train.py evaluates on it: prepare the data with "
-                                                           "--val_fraction > 0" if split == "val" else ""))
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        if file.stat().st_size % itemsize:
-            raise DataError(f"{file}: size {file.stat().st_size} is not a multiple of {meta['dtype']}'s "
-                            f"{itemsize} bytes")
-        self.tokens = np.memmap(file, dtype=meta["dtype"], mode="r")
+        datadir.check_split(data_dir, split, meta, seq_len)  # the files are what meta.json says, or DataError
+        self.file = Path(data_dir) / f"{split}.bin"
+        self.tokens = np.memmap(self.file, dtype=meta["dtype"], mode="r")
         mask_file = Path(data_dir) / f"{split}.mask.bin"
-        self.mask = None
-        if mask_file.exists():
-            if mask_file.stat().st_size != len(self.tokens):  # one uint8 per token
-                raise DataError(f"{mask_file}: {mask_file.stat().st_size} entries for {len(self.tokens)} tokens in "
-                                f"{file.name}")
-            self.mask = np.memmap(mask_file, dtype=np.uint8, mode="r")
+        self.mask = np.memmap(mask_file, dtype=np.uint8, mode="r") if mask_file.exists() else None
         self.packed = bool(meta.get("packed"))
         self.doc_starts = None
-        if self.packed:
-            if meta.get("seq_len") != seq_len:
-                raise DataError(f"{Path(data_dir) / 'meta.json'}: the data is packed in rows of {meta.get('seq_len')} "
-                                f"tokens; train with --seq_len={meta.get('seq_len')}")
-            if len(self.tokens) % seq_len:
-                raise DataError(f"{file}: {len(self.tokens)} tokens are not whole rows of seq_len={seq_len} "
-                                "(meta.json says packed)")
-            docs_file = Path(data_dir) / f"{split}.docs.bin"
-            if docs_file.exists():
-                self.doc_starts = read_doc_starts(docs_file, len(self.tokens))
-        self.seq_len, self.file = seq_len, file
-        if len(self.tokens) < seq_len + (0 if self.packed else 1):
-            raise DataError(f"{file}: {len(self.tokens)} tokens, fewer than one window of seq_len + 1 = "
-                            f"{seq_len + 1}")
+        docs_file = Path(data_dir) / f"{split}.docs.bin"
+        if self.packed and docs_file.exists():
+            self.doc_starts = datadir.read_doc_starts(docs_file, len(self.tokens))
+        self.seq_len = seq_len
 
-    def check_ids(self, vocab_size: int, chunk: int = 1 << 24):
-        """Raise on a token id the model has no embedding for (data from another tokenizer): one chunked pass."""
-        for start in range(0, len(self.tokens), chunk):
-            piece = np.asarray(self.tokens[start : start + chunk])
-            if piece.max() >= vocab_size:
-                i = start + int(np.argmax(piece >= vocab_size))
-                raise DataError(f"{self.file}: token id {int(self.tokens[i])} at position {i} is not below the "
-                                f"model's vocab_size={vocab_size} (prepared with another tokenizer?)")
+    def check_ids(self, vocab_size: int):
+        """Raise DataError on a token id the model has no embedding for (data from another tokenizer)."""
+        datadir.check_ids(self.tokens, self.file, vocab_size)
 
     def _rows(self, array, starts, length, pad):
         out = np.full((len(starts), length), pad, dtype=np.int64)
@@ -1132,19 +723,6 @@ class TokenSplit:
         return x, y, mask, doc_ids
 
 
-def read_doc_starts(docs_file: Path, n_tokens: int) -> np.ndarray:
-    """{split}.docs.bin: int64 start offsets of the documents, then the total, rising from 0 to n_tokens."""
-    if docs_file.stat().st_size % 8 or docs_file.stat().st_size < 16:
-        raise DataError(f"{docs_file}: {docs_file.stat().st_size} bytes, expected int64 offsets (a multiple of 8, "
-                        "at least a start and the total)")
-    offsets = np.fromfile(docs_file, dtype=np.int64)
-    falls = bool(np.any(np.diff(offsets) < 0))
-    if offsets[0] != 0 or offsets[-1] != n_tokens or falls:
-        raise DataError(f"{docs_file}: document offsets must rise from 0 to the {n_tokens} tokens of its .bin (found "
-                        f"{offsets[0]} .. {offsets[-1]}{', falling on the way' if falls else ''})")
-    return offsets[:-1]
-
-
 def unigram_entropy(split: TokenSplit, vocab_size: int, max_tokens: int = 20_000_000) -> float:
     """Entropy (nats) of the token frequencies: the loss of a model that ignores context. Learning means beating it."""
     tokens = np.asarray(split.tokens[:max_tokens]).astype(np.int64)
@@ -1161,27 +739,6 @@ def unigram_entropy(split: TokenSplit, vocab_size: int, max_tokens: int = 20_000
 def is_val(doc, val_fraction):
     """Documents go to val evenly spread through the input: exactly floor(n * val_fraction) of the first n."""
     return int((doc + 1) * val_fraction) > int(doc * val_fraction)
-
-
-def training_lines(items, max_chars):
-    """Lines of text for tokenizer training, up to max_chars characters."""
-    n = 0
-    for item in items:
-        texts = [item.text] if item.text is not None else \
-            [item.system or ""] + [m["content"] + "\n" + m.get("input", "") for m in item.messages or []]
-        for text in texts:
-            for line in text.splitlines():
-                if line.strip():
-                    yield line
-                    n += len(line)
-                    if n >= max_chars:
-                        return
-
-
-# the flags with a range: kind and interval (support.checks.check_value's words when one is out of it)
-FLAG_RANGES = {"workers": (int, "[1, inf)"), "vocab_size": (int, "[260, 2**31)"), "seq_len": (int, "[0, 2**24]"),
-               "max_chars": (int, "[0, inf)"), "tokenizer_chars": (int, "[1, inf)"), "val_fraction": (float, "[0, 1)"),
-               "max_source_len": (int, "[0, 2**24]"), "max_target_len": (int, "[0, 2**24]")}
 
 
 def parse_args(argv=None):
@@ -1228,39 +785,17 @@ def parse_args(argv=None):
                                                                  "characters (0 = all)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
     args = parser.parse_args(argv)
-    if args.format not in FORMATS:
-        parser.exit(2, f"prepare.py: --format={args.format}: unknown format; expected one of {', '.join(FORMATS)}\n")
-    if args.template is not None and args.template not in (*TEMPLATES, HF_TEMPLATE):
-        parser.exit(2, f"prepare.py: --template={args.template}: unknown template; expected one of "
-                       f"{', '.join(TEMPLATES)} or {HF_TEMPLATE}\n")
-    for name, (kind, interval) in FLAG_RANGES.items():
-        try:
-            check_value(name, getattr(args, name), kind, interval)
-        except ValueError as e:
-            parser.exit(2, f"prepare.py: --{e}\n")
-    for name in ("max_source_len", "max_target_len"):
-        if getattr(args, name) and args.format not in INSTRUCTION_FORMATS:
-            parser.exit(2, f"prepare.py: --{name}: applies to instruction data (--format one of "
-                           f"{', '.join(INSTRUCTION_FORMATS)}), not to --format={args.format}\n")
-    if args.pack and not args.seq_len:
-        parser.exit(2, "prepare.py: --pack: needs --seq_len (the row length)\n")
-    if args.one_per_row and not args.pack:
-        parser.exit(2, "prepare.py: --one_per_row: needs --pack (and --seq_len, the row length)\n")
+    try:
+        prepare_checks.check_flags(args, TEMPLATES)
+    except prepare_checks.FlagError as e:
+        parser.exit(2, f"prepare.py: {e}\n")
     return args
 
 
 def prepare(args):
     """Run the whole pipeline into a temporary dir next to the output; rename it into place at the end."""
-    if args.input:
-        files, fmt, source = expand_inputs(args.input), args.format, [str(p) for p in expand_inputs(args.input)]
-        out = Path(args.out or Path("data") / Path(args.input[0].rstrip("/*")).stem)
-    else:
-        files, fmt = default_corpus_files(), "text"
-        source = [str(p) for p in files]
-        out = Path(args.out or "data/default")
-    instruction = fmt in INSTRUCTION_FORMATS
-    if not args.tokenizer and any(f.suffix in (".bin", ".idx") for f in files) and fmt in ("auto", "megatron"):
-        raise DataError("--tokenizer: required for Megatron input (its tokens are already ids)")
+    files, fmt, out = datafiles.input_files(args)  # --input (or the default corpus), its --format, the output dir
+    source, instruction = [str(p) for p in files], fmt in INSTRUCTION_FORMATS
     inputs = [*files, *(args.input or []), *([args.tokenizer] if args.tokenizer else [])]
     counters, total = {}, sum(f.stat().st_size for f in files)
     total = min(total, args.max_chars) if args.max_chars else total  # about: characters, not bytes
@@ -1302,10 +837,10 @@ def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes, cou
     initargs = (str(tok.path), template, seq_len, args.train_on_prompt, args.max_source_len, args.max_target_len)
     if args.drop_system:
         items = (replace(item, system=None) for item in items)
-    for chunk, (tokens, mask, index, chunk_stats, errors) in ordered_map(encode_chunk, chunked(items),
-                                                                         args.workers, initargs):
+    for chunk, (tokens, mask, index, chunk_stats, errors) in ordered_map(encode_chunk, chunked(items), args.workers,
+                                                                         init_worker, initargs):
         for error in errors:
-            _bad(DataError(error), args.on_error, counters)
+            skip_or_stop(DataError(error), args.on_error, counters)
         if tokens.size and tokens.max() >= tok.vocab_size:
             raise DataError(f"token id {tokens.max()} >= vocab_size {tok.vocab_size} (Megatron input "
                              f"prepared with another tokenizer?)")
@@ -1326,34 +861,14 @@ def tokenize_into(writers, items, tok, template, args, seq_len, total_bytes, cou
     return stats
 
 
-META_LAYOUT = {
-    "tokens": "{split}.bin: token ids of all documents back to back; text documents are the text framed as the "
-              "tokenizer frames it (LLaMA's: bos first) and end with eos, instruction documents are one "
-              "chat-templated conversation ending with eos",
-    "documents": "{split}.docs.bin: int64 start offset of every document, then the total token count",
-    "mask": "{split}.mask.bin: uint8 per token, 1 = the token is a target that counts in the loss "
-            "(assistant replies and their end token; every token with train_on_prompt)",
-    "packed": "rows of exactly seq_len tokens, each holding whole documents; a row's tail is pad_id with "
-              "mask 0 and belongs to its last document",
-}
-
-
 def _prepare_into(out_dir, args, files, fmt, source, instruction, counters):
     tok = get_tokenizer(args, files, fmt, out_dir)
-    own = tok.template_name
-    template = args.template or own
-    if instruction and template is None:
-        raise DataError(f"--template: required for {fmt} data (one of {', '.join(TEMPLATES)})")
-    if template == HF_TEMPLATE:
-        if own != HF_TEMPLATE:
-            raise DataError(f"--template=hf: {tok.template_file} holds no Jinja chat_template")
-        check_jinja_template(tok)
-    elif template in TEMPLATES and (warning := literal_id_warning(tok, template)):
+    template = args.template or tok.template_name
+    prepare_checks.check_template(tok, template, fmt, instruction, TEMPLATES)  # DataError where it cannot be used
+    if template in TEMPLATES and (warning := literal_id_warning(tok, template)):
         print(f"prepare.py: {warning}", file=sys.stderr)
     dtype = args.dtype if args.dtype != "auto" else "uint16" if tok.vocab_size <= 65536 else "uint32"
-    if tok.vocab_size > np.iinfo(dtype).max + 1:
-        raise DataError(f"--dtype={dtype}: vocab_size {tok.vocab_size} does not fit "
-                         f"(ids up to {np.iinfo(dtype).max}); use --dtype=uint32")
+    prepare_checks.check_dtype(tok, dtype)
     with_mask = instruction or args.pack
     writers = {s: SplitWriter(out_dir, s, dtype, with_mask, args.seq_len, args.pack, tok.pad_id, args.one_per_row)
                for s in ("train", "val")}
@@ -1368,7 +883,7 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction, counters):
     n_tokens = sum(w.n_tokens for w in writers.values())
     if n_tokens == 0:
         raise DataError("--input: no documents left to write (all empty, skipped or dropped)")
-    if args.val_fraction > 0 and writers["val"].n_docs == 0 and move_last_to_val(out_dir, writers, dtype):
+    if args.val_fraction > 0 and writers["val"].n_docs == 0 and datadir.move_last_to_val(out_dir, writers, dtype):
         print("prepare.py: the val split was empty: it holds the last train document instead", file=sys.stderr)
     elapsed = time.time() - t0
     if args.megatron:
@@ -1391,7 +906,7 @@ def _prepare_into(out_dir, args, files, fmt, source, instruction, counters):
         "has_mask": with_mask, "seq_len": args.seq_len, "packed": args.pack, "one_per_row": args.one_per_row,
         "max_source_len": args.max_source_len, "max_target_len": args.max_target_len,
         "val_fraction": args.val_fraction,
-        "megatron": args.megatron, "stats": stats, "layout": META_LAYOUT,
+        "megatron": args.megatron, "stats": stats, "layout": datadir.META_LAYOUT,
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     tag = "".join(f", {k}={v}" for k, v in stats.items())

@@ -1,10 +1,10 @@
 """
 Megatron-LM's indexed dataset (.bin + .idx), read and written.
 
-Used by prepare.py: `--format=megatron` (or a .bin/.idx input) reads documents that are already token ids, and
-`--megatron` writes an .idx beside each split so that train.bin / val.bin are also Megatron-LM datasets. What it
-adds: the MMIDIDX index layout, and every field of an untrusted index checked against the layout and its .bin
-(errors are support.records.DataError, one line naming the file).
+Used by prepare.py: `--format=megatron` (or a .bin/.idx input; support/datafiles.py) reads documents that are
+already token ids, and `--megatron` writes an .idx beside each split so that train.bin / val.bin are also
+Megatron-LM datasets. What it adds: the MMIDIDX index layout, and every field of an untrusted index checked
+against the layout and its .bin (errors are support.records.DataError, one line naming the file).
 """
 
 import struct

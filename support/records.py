@@ -2,10 +2,10 @@
 Instruction and text records read without trust: JSON lists, JSON lines, parquet rows, and the record formats of
 the instruction data sets (alpaca, sharegpt/conversation, moss, belle) turned into chat messages.
 
-Used by prepare.py (its reader of --input files) and by support/megatron.py (the error type). What it adds: every
-field checked where the data enters (types, unpaired surrogates, unknown roles), each problem one DataError that
-names the file, the line or row, and the field; a malformed JSON line is handed on as a DataError record so that
---on_error=skip can read on.
+Used by prepare.py through support/datafiles.py (its reader of --input files), and by the other support files
+(the error type). What it adds: every field checked where the data enters (types, unpaired surrogates, unknown
+roles), each problem one DataError that names the file, the line or row, and the field; a malformed JSON line is
+handed on as a DataError record so that --on_error=skip can read on.
 """
 
 import re

@@ -39,7 +39,7 @@ import train
 import support.peft
 import support.weights
 from model import PRESETS, CheckpointError, Transformer, apply_lora, lora_state_dict
-from support import megatron, runlock
+from support import datafiles, megatron, runlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -744,7 +744,7 @@ def test_fuzz_records(S, tmp_path):
     def variant(name, fmt, data):
         def setup(t, S):
             f = write(t / name, data)
-            extra = ["--template", "alpaca"] if fmt in prepare.INSTRUCTION_FORMATS else []
+            extra = ["--template", "alpaca"] if fmt in datafiles.INSTRUCTION_FORMATS else []
             return prepare_cli("--input", f, "--format", fmt, "--tokenizer", S["sp"], "--out", t / "o",
                                *extra), name
         return setup

@@ -21,7 +21,7 @@ import pytest
 
 import prepare
 from prepare import TEMPLATES, encode_chat, load_tokenizer
-from support import megatron
+from support import datafiles, megatron
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the a model data token chat user assistant reply question answer python code function return value list "
@@ -380,7 +380,7 @@ def test_text_dir_glob_json_field_and_parquet_agree(sp_path, tmp_path):
 def test_long_text_read_in_pieces_gives_the_same_tokens(sp_path, sp, tmp_path, monkeypatch):
     text = "\n".join(sentences(200, seed=7)) + "\n"
     (tmp_path / "big.txt").write_text(text)
-    monkeypatch.setattr(prepare, "TEXT_PIECE_BYTES", 97)  # many pieces, cut after newlines
+    monkeypatch.setattr(datafiles, "TEXT_PIECE_BYTES", 97)  # many pieces, cut after newlines
     meta = run("--input", tmp_path / "big.txt", "--tokenizer", sp_path, "--out", tmp_path / "out",
                "--val_fraction", "0")
     tokens, _, offsets = load_split(tmp_path / "out", "train", meta)
@@ -805,14 +805,14 @@ def test_default_corpus_mini_build_is_deterministic(tmp_path):
 def test_help_lists_formats_and_templates():
     r = subprocess.run([sys.executable, "prepare.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0
-    for name in list(TEMPLATES) + list(prepare.FORMATS):
+    for name in list(TEMPLATES) + list(datafiles.FORMATS):
         assert name in r.stdout
 
 
 def test_invalid_utf8_text_file_is_reported_and_can_be_skipped(sp_path, sp, tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_bytes(b"Good line.\n" * 30 + b"bad \xff byte\n")
     (tmp_path / "b.txt").write_text("Next document.")
-    monkeypatch.setattr(prepare, "TEXT_PIECE_BYTES", 64)  # the bad bytes come after pieces already written
+    monkeypatch.setattr(datafiles, "TEXT_PIECE_BYTES", 64)  # the bad bytes come after pieces already written
     base = ["--input", tmp_path / "a.txt", tmp_path / "b.txt", "--tokenizer", sp_path, "--val_fraction", "0"]
     assert "a.txt: byte 334: expected UTF-8" in fails(*base, "--out", tmp_path / "o1")
     meta = run(*base, "--out", tmp_path / "o2", "--on_error", "skip")
@@ -824,8 +824,8 @@ def test_invalid_utf8_text_file_is_reported_and_can_be_skipped(sp_path, sp, tmp_
 def test_text_without_newlines_is_cut_between_characters(tmp_path, monkeypatch):
     text = "é🙂x" * 50  # multi-byte characters and no newline to cut after
     (tmp_path / "u.txt").write_text(text)
-    monkeypatch.setattr(prepare, "TEXT_PIECE_BYTES", 7)
-    pieces = [t for t, _ in prepare.read_text_pieces(tmp_path / "u.txt")]
+    monkeypatch.setattr(datafiles, "TEXT_PIECE_BYTES", 7)
+    pieces = [t for t, _ in datafiles.read_text_pieces(tmp_path / "u.txt")]
     assert len(pieces) > 10 and "".join(pieces) == text
 
 
@@ -851,7 +851,7 @@ def test_pack_text_cuts_long_documents_and_masks_only_padding(sp_path, sp, tmp_p
     real = np.concatenate([tokens[a:b][mask[a:b] == 1] for a, b in zip(offsets[:-1], offsets[1:])])
     expected = [t for text in texts for t in sp.frame_document(sp.encode(text.replace(". ", ".\n")))]
     assert list(real) == expected  # nothing lost
-    monkeypatch.setattr(prepare, "TEXT_PIECE_BYTES", 50)  # documents arriving in pieces pack the same way
+    monkeypatch.setattr(datafiles, "TEXT_PIECE_BYTES", 50)  # documents arriving in pieces pack the same way
     run(*args, "--out", tmp_path / "pieces")
     for name in ("train.bin", "train.mask.bin", "train.docs.bin"):
         assert (tmp_path / "pieces" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
