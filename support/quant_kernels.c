@@ -1,5 +1,6 @@
-/* support/quant_kernels.c: the CPU kernels that multiply by quantised weights (int8, int4, NF4) and find NF4
-   codes; support/quant.py builds this file with the C compiler for the CPU at hand on first use and loads it. */
+/* support/quant_kernels.c: the CPU kernels that multiply one token (or a few) by a weight matrix: fp32, quantised
+   (int8, int4, NF4), and find NF4 codes; support/quant.py builds this file with the C compiler for the CPU at hand on
+   first use and loads it. Each product has an AVX-512 path where the CPU has one, an AVX2 path, and plain C. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -12,10 +13,93 @@ static float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 #endif
+#if defined(AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define AVX512 1
+#endif
 
 #define PARALLEL_WORK (1L << 18) /* multiply-adds below which one thread is faster than waking a second */
 #define NF4_ROWS 4 /* rows of x that share each decoded NF4 block */
+#ifndef PREFETCH
 #define PREFETCH 1024 /* bytes ahead asked for early: the hardware prefetcher alone leaves DRAM idle 10-25% */
+#endif
+#ifndef FP32_PREFETCH
+#define FP32_PREFETCH 2048 /* the same for fp32 weights, which stream 4x as many bytes per multiply-add */
+#endif
+#define FP32_ROWS 4 /* rows of x multiplied by each pair of weight rows as they stream in */
+
+/* y[m, n], y[m, n + 1] (R = 1 or 2 rows of w from wn, T <= FP32_ROWS rows of x): fp32 dot products over K.
+   Inlined with constant R and T, so that the sums stay in registers. */
+static inline __attribute__((always_inline)) void fp32_dots(const float* x, const float* wn, float* y, long N,
+                                                             long K, int R, int T) {
+  float acc[2][FP32_ROWS] = {{0}};
+  long k = 0;
+#if defined(AVX512)
+  __m512 a[2][FP32_ROWS];
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) a[r][t] = _mm512_setzero_ps();
+  for (; k < K; k += 16) {  /* 16 columns a step, the last one masked */
+    __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+    __m512 w[2];
+    for (int r = 0; r < R; r++) {
+      __builtin_prefetch(wn + r * K + k + FP32_PREFETCH / 4);
+      w[r] = _mm512_maskz_loadu_ps(mask, wn + r * K + k);
+    }
+    for (int t = 0; t < T; t++) {
+      __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * K + k);
+      for (int r = 0; r < R; r++) a[r][t] = _mm512_fmadd_ps(w[r], xv, a[r][t]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) acc[r][t] = _mm512_reduce_add_ps(a[r][t]);
+#elif defined(AVX2)
+  __m256 a[2][FP32_ROWS];
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) a[r][t] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    __m256 w[2];
+    for (int r = 0; r < R; r++) {
+      if (k % 16 == 0) __builtin_prefetch(wn + r * K + k + FP32_PREFETCH / 4);
+      w[r] = _mm256_loadu_ps(wn + r * K + k);
+    }
+    for (int t = 0; t < T; t++) {
+      __m256 xv = _mm256_loadu_ps(x + t * K + k);
+      for (int r = 0; r < R; r++) a[r][t] = _mm256_fmadd_ps(w[r], xv, a[r][t]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) acc[r][t] = hsum(a[r][t]);
+#endif
+  for (; k < K; k++)
+    for (int r = 0; r < R; r++)
+      for (int t = 0; t < T; t++) acc[r][t] += wn[r * K + k] * x[t * K + k];
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) y[t * N + r] = acc[r][t];
+}
+
+/* y (M, N) = x (M, K) @ w (N, K)^T in fp32, for a few rows of x (decoding): each thread streams its share of the
+   rows of w once, two at a time, each multiplied by up to FP32_ROWS rows of x while it sits in registers */
+void fp32_matmul(const float* x, const float* w, float* y, long M, long N, long K) {
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK / 4)
+  for (long n = 0; n < N; n += 2) {
+    int R = N - n < 2 ? 1 : 2;
+    for (long m = 0; m < M; m += FP32_ROWS) {
+      int T = M - m < FP32_ROWS ? (int)(M - m) : FP32_ROWS;
+      const float* xm = x + m * K;
+      float* ym = y + m * N + n;
+      if (R == 2) switch (T) {
+        case 1: fp32_dots(xm, w + n * K, ym, N, K, 2, 1); break;
+        case 2: fp32_dots(xm, w + n * K, ym, N, K, 2, 2); break;
+        case 3: fp32_dots(xm, w + n * K, ym, N, K, 2, 3); break;
+        default: fp32_dots(xm, w + n * K, ym, N, K, 2, 4);
+      } else switch (T) {
+        case 1: fp32_dots(xm, w + n * K, ym, N, K, 1, 1); break;
+        case 2: fp32_dots(xm, w + n * K, ym, N, K, 1, 2); break;
+        case 3: fp32_dots(xm, w + n * K, ym, N, K, 1, 3); break;
+        default: fp32_dots(xm, w + n * K, ym, N, K, 1, 4);
+      }
+    }
+  }
+}
 
 /* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
 void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
