@@ -23,63 +23,99 @@ static float hsum(__m256 v) {
 #define PREFETCH 1024 /* bytes ahead asked for early: the hardware prefetcher alone leaves DRAM idle 10-25% */
 #endif
 #ifndef FP32_PREFETCH
-#define FP32_PREFETCH 2048 /* the same for fp32 weights, which stream 4x as many bytes per multiply-add */
+#define FP32_PREFETCH 8192 /* the same for fp32 weights, which stream 4x as many bytes per multiply-add */
+#endif
+#ifndef FP32_LOCALITY
+#define FP32_LOCALITY 3 /* __builtin_prefetch's: 3 into L1 */
 #endif
 #define FP32_ROWS 4 /* rows of x multiplied by each pair of weight rows as they stream in */
 
-/* y[m, n], y[m, n + 1] (R = 1 or 2 rows of w from wn, T <= FP32_ROWS rows of x): fp32 dot products over K.
-   Inlined with constant R and T, so that the sums stay in registers. */
+/* y[m, n] for T <= FP32_ROWS rows m of x and one row of w: fp32 dot products over K. Inlined with a constant T, so
+   that the sums stay in registers. (Two rows of w a step, sharing the loads of x, streamed ~25% slower.) */
 static inline __attribute__((always_inline)) void fp32_dots(const float* x, const float* wn, float* y, long N,
-                                                             long K, int R, int T) {
-  float acc[2][FP32_ROWS] = {{0}};
+                                                             long K, int T) {
+  float acc[FP32_ROWS] = {0};
   long k = 0;
 #if defined(AVX512)
-  __m512 a[2][FP32_ROWS];
-  for (int r = 0; r < R; r++)
-    for (int t = 0; t < T; t++) a[r][t] = _mm512_setzero_ps();
+  __m512 a[FP32_ROWS];
+  for (int t = 0; t < T; t++) a[t] = _mm512_setzero_ps();
   for (; k < K; k += 16) {  /* 16 columns a step, the last one masked */
     __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
-    __m512 w[2];
-    for (int r = 0; r < R; r++) {
-      __builtin_prefetch(wn + r * K + k + FP32_PREFETCH / 4);
-      w[r] = _mm512_maskz_loadu_ps(mask, wn + r * K + k);
-    }
-    for (int t = 0; t < T; t++) {
-      __m512 xv = _mm512_maskz_loadu_ps(mask, x + t * K + k);
-      for (int r = 0; r < R; r++) a[r][t] = _mm512_fmadd_ps(w[r], xv, a[r][t]);
-    }
+    __builtin_prefetch(wn + k + FP32_PREFETCH / 4, 0, FP32_LOCALITY);
+    __m512 w = _mm512_maskz_loadu_ps(mask, wn + k);
+    for (int t = 0; t < T; t++) a[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + t * K + k), a[t]);
   }
-  for (int r = 0; r < R; r++)
-    for (int t = 0; t < T; t++) acc[r][t] = _mm512_reduce_add_ps(a[r][t]);
+  for (int t = 0; t < T; t++) acc[t] = _mm512_reduce_add_ps(a[t]);
 #elif defined(AVX2)
-  __m256 a[2][FP32_ROWS];
-  for (int r = 0; r < R; r++)
-    for (int t = 0; t < T; t++) a[r][t] = _mm256_setzero_ps();
+  __m256 a[FP32_ROWS];
+  for (int t = 0; t < T; t++) a[t] = _mm256_setzero_ps();
   for (; k + 8 <= K; k += 8) {
-    __m256 w[2];
-    for (int r = 0; r < R; r++) {
-      if (k % 16 == 0) __builtin_prefetch(wn + r * K + k + FP32_PREFETCH / 4);
-      w[r] = _mm256_loadu_ps(wn + r * K + k);
-    }
-    for (int t = 0; t < T; t++) {
-      __m256 xv = _mm256_loadu_ps(x + t * K + k);
-      for (int r = 0; r < R; r++) a[r][t] = _mm256_fmadd_ps(w[r], xv, a[r][t]);
-    }
+    if (k % 16 == 0) __builtin_prefetch(wn + k + FP32_PREFETCH / 4, 0, FP32_LOCALITY);
+    __m256 w = _mm256_loadu_ps(wn + k);
+    for (int t = 0; t < T; t++) a[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * K + k), a[t]);
   }
-  for (int r = 0; r < R; r++)
-    for (int t = 0; t < T; t++) acc[r][t] = hsum(a[r][t]);
+  for (int t = 0; t < T; t++) acc[t] = hsum(a[t]);
 #endif
   for (; k < K; k++)
-    for (int r = 0; r < R; r++)
-      for (int t = 0; t < T; t++) acc[r][t] += wn[r * K + k] * x[t * K + k];
-  for (int r = 0; r < R; r++)
-    for (int t = 0; t < T; t++) y[t * N + r] = acc[r][t];
+    for (int t = 0; t < T; t++) acc[t] += wn[k] * x[t * K + k];
+  for (int t = 0; t < T; t++) y[t * N] = acc[t];
 }
 
 /* y (M, N) = x (M, K) @ w (N, K)^T in fp32, for a few rows of x (decoding): each thread streams its share of the
-   rows of w once, two at a time, each multiplied by up to FP32_ROWS rows of x while it sits in registers */
+   rows of w once, each multiplied by up to FP32_ROWS rows of x while it sits in registers */
 void fp32_matmul(const float* x, const float* w, float* y, long M, long N, long K) {
   #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK / 4)
+  for (long n = 0; n < N; n++)
+    for (long m = 0; m < M; m += FP32_ROWS) {
+      const float *xm = x + m * K, *wn = w + n * K;
+      float* ym = y + m * N + n;
+      switch (M - m < FP32_ROWS ? M - m : FP32_ROWS) {
+        case 1: fp32_dots(xm, wn, ym, N, K, 1); break;
+        case 2: fp32_dots(xm, wn, ym, N, K, 2); break;
+        case 3: fp32_dots(xm, wn, ym, N, K, 3); break;
+        default: fp32_dots(xm, wn, ym, N, K, 4);
+      }
+    }
+}
+
+#ifdef AVX512
+/* int8_matmul's y[m, n], y[m, n + 1] (R = 1 or 2 rows of w, T <= FP32_ROWS rows of x), with the AVX2 path's numbers:
+   its four 8-lane sums over columns k % 32 are the halves of two 16-lane ones here, added in the same order. Each
+   weight is converted once for the T rows of x, each x loaded once for the R rows of w. */
+static inline __attribute__((always_inline)) void int8_dots(const float* x, const int8_t* wn, const float* s,
+                                                             float* y, long N, long K, int R, int T) {
+  __m512 a[2][FP32_ROWS][2];
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) a[r][t][0] = a[r][t][1] = _mm512_setzero_ps();
+  long k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512 w[2][2];
+    for (int r = 0; r < R; r++) {
+      __builtin_prefetch(wn + r * K + k + PREFETCH);
+      for (int j = 0; j < 2; j++)
+        w[r][j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wn + r * K + k + 16 * j))));
+    }
+    for (int t = 0; t < T; t++)
+      for (int j = 0; j < 2; j++) {
+        __m512 xv = _mm512_loadu_ps(x + t * K + k + 16 * j);
+        for (int r = 0; r < R; r++) a[r][t][j] = _mm512_fmadd_ps(w[r][j], xv, a[r][t][j]);
+      }
+  }
+  for (int r = 0; r < R; r++)
+    for (int t = 0; t < T; t++) {
+      __m256 a0 = _mm512_castps512_ps256(a[r][t][0]), a1 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[r][t][0]), 1));
+      __m256 a2 = _mm512_castps512_ps256(a[r][t][1]), a3 = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[r][t][1]), 1));
+      float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+      for (long j = k; j < K; j++) acc += x[t * K + j] * wn[r * K + j];
+      y[t * N + r] = acc * s[r];
+    }
+}
+#endif
+
+/* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
+void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
+#ifdef AVX512
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
   for (long n = 0; n < N; n += 2) {
     int R = N - n < 2 ? 1 : 2;
     for (long m = 0; m < M; m += FP32_ROWS) {
@@ -87,22 +123,19 @@ void fp32_matmul(const float* x, const float* w, float* y, long M, long N, long 
       const float* xm = x + m * K;
       float* ym = y + m * N + n;
       if (R == 2) switch (T) {
-        case 1: fp32_dots(xm, w + n * K, ym, N, K, 2, 1); break;
-        case 2: fp32_dots(xm, w + n * K, ym, N, K, 2, 2); break;
-        case 3: fp32_dots(xm, w + n * K, ym, N, K, 2, 3); break;
-        default: fp32_dots(xm, w + n * K, ym, N, K, 2, 4);
+        case 1: int8_dots(xm, w + n * K, s + n, ym, N, K, 2, 1); break;
+        case 2: int8_dots(xm, w + n * K, s + n, ym, N, K, 2, 2); break;
+        case 3: int8_dots(xm, w + n * K, s + n, ym, N, K, 2, 3); break;
+        default: int8_dots(xm, w + n * K, s + n, ym, N, K, 2, 4);
       } else switch (T) {
-        case 1: fp32_dots(xm, w + n * K, ym, N, K, 1, 1); break;
-        case 2: fp32_dots(xm, w + n * K, ym, N, K, 1, 2); break;
-        case 3: fp32_dots(xm, w + n * K, ym, N, K, 1, 3); break;
-        default: fp32_dots(xm, w + n * K, ym, N, K, 1, 4);
+        case 1: int8_dots(xm, w + n * K, s + n, ym, N, K, 1, 1); break;
+        case 2: int8_dots(xm, w + n * K, s + n, ym, N, K, 1, 2); break;
+        case 3: int8_dots(xm, w + n * K, s + n, ym, N, K, 1, 3); break;
+        default: int8_dots(xm, w + n * K, s + n, ym, N, K, 1, 4);
       }
     }
   }
-}
-
-/* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
-void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
+#else
   #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
   for (long n = 0; n < N; n++) {
     const int8_t* wn = w + n * K;
@@ -125,6 +158,7 @@ void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long
       y[m * N + n] = acc * s[n];
     }
   }
+#endif
 }
 
 /* y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15] two per byte
