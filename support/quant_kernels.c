@@ -31,7 +31,7 @@ static float hsum(__m256 v) {
 #define INT8_PREFETCH 8192
 #endif
 #ifndef INT4_PREFETCH
-#define INT4_PREFETCH 4096
+#define INT4_PREFETCH 8192
 #endif
 #ifndef LOCALITY
 #define LOCALITY 3 /* __builtin_prefetch's locality: into L1 (L2 only, or non-temporal, was no faster) */
