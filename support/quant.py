@@ -11,7 +11,8 @@ AVX2 CPU neither torch's packed int8/int4 kernels (written for AVX-512 and AMX) 
 torch.compile come near that rate (`bench.py --mode=matvec` measures each side by side), so on a CPU the products go
 through small C kernels, built with -march=native (AVX2 paths where the CPU has AVX2, plain C otherwise) and cached;
 with 16-64 rows (prefill) the int8/int4 ones still match MKL's fp32 GEMM. Other devices, and machines without a C
-compiler, dequantise a block of rows at a time (dequantised_linear).
+compiler, dequantise a block of rows at a time (dequantised_linear). The same file has an fp32 kernel for a few rows
+(fp32_matmul): torch's fp32 matrix-vector product streams the weights at about half the memory's rate.
 """
 
 import ctypes
