@@ -11,7 +11,8 @@ AVX2 CPU neither torch's packed int8/int4 kernels (written for AVX-512 and AMX) 
 torch.compile come near that rate (`bench.py --mode=matvec` measures each side by side), so on a CPU the products go
 through small C kernels, built with -march=native (AVX2 paths where the CPU has AVX2, plain C otherwise) and cached;
 with 16-64 rows (prefill) the int8/int4 ones still match MKL's fp32 GEMM. Other devices, and machines without a C
-compiler, dequantise a block of rows at a time (dequantised_linear).
+compiler, dequantise a block of rows at a time (dequantised_linear). The same file has an fp32 kernel for a few rows
+(fp32_matmul): torch's fp32 matrix-vector product streams the weights at about half the memory's rate.
 """
 
 import ctypes
@@ -50,12 +51,13 @@ def _cpu_id() -> str:
 
 
 @functools.cache
-def quant_kernels():
+def quant_kernels(extra_flags: tuple[str, ...] = ()):
     """quant_kernels.c as a ctypes library: built with the C compiler ($CC, else cc) for this CPU on first use (about
     a second) into ~/.cache/nanollama, then loaded from there. None, with one warning, where that fails (no compiler,
-    no OpenMP): the products are then dequantised a block at a time (dequantised_linear)."""
+    no OpenMP): the products are then dequantised a block at a time (dequantised_linear). extra_flags (tests only)
+    builds a separate library with more compiler flags, e.g. ("-mno-avx512f",) for the AVX2 paths."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *extra_flags]
     source = SOURCE.read_text()
     key = hashlib.sha256("\n".join([source, *cmd, platform.machine(), _cpu_id()]).encode()).hexdigest()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanollama"
@@ -79,6 +81,7 @@ def quant_kernels():
                       f"dequantising blocks of weights instead (slower decoding)")
         return None
     ptr, long = ctypes.c_void_p, ctypes.c_long
+    c.fp32_matmul.argtypes = [ptr] * 3 + [long] * 3
     c.int8_matmul.argtypes = [ptr] * 4 + [long] * 3
     c.int4_matmul.argtypes = [ptr] * 5 + [long] * 4
     c.nf4_matmul.argtypes = [ptr] * 7 + [long] * 3
@@ -127,6 +130,23 @@ def torch_op(name: str, output_shape):
 
 
 # The kernels, dequantising where none was built. x is fp32 (M, K); the result (M, N).
+FP32_KERNEL_ROWS = 16  # fp32_matmul's rows of x at most: with more, MKL's GEMM (which reuses each weight more) is faster
+
+
+@torch_op("fp32_matmul", lambda x, weight: weight.size(0))
+def fp32_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight (N, K)^T for fp32 x and weight, as F.linear, for decoding on a CPU: the C kernel streams each row of
+    the weight once at the memory's rate (torch's matrix-vector product reads it at ~2/3 of that). More than
+    FP32_KERNEL_ROWS rows of x, or no kernel built: F.linear."""
+    c = quant_kernels()
+    if c is None or x.size(0) > FP32_KERNEL_ROWS:
+        return F.linear(x, weight)
+    x, weight = x.contiguous(), weight.contiguous()
+    y = x.new_empty(x.size(0), weight.size(0))
+    c.fp32_matmul(x.data_ptr(), weight.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
+    return y
+
+
 @torch_op("int8_matmul", lambda x, weight, *_: weight.size(0))
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x @ (weight (N, K) int8 * scales (N,) fp32)^T."""

@@ -1,5 +1,6 @@
-/* support/quant_kernels.c: the CPU kernels that multiply by quantised weights (int8, int4, NF4) and find NF4
-   codes; support/quant.py builds this file with the C compiler for the CPU at hand on first use and loads it. */
+/* support/quant_kernels.c: the CPU kernels that multiply one token (or a few) by a weight matrix: fp32, quantised
+   (int8, int4, NF4), and find NF4 codes; support/quant.py builds this file with the C compiler for the CPU at hand on
+   first use and loads it. Each product has an AVX-512 path where the CPU has one, an AVX2 path, and plain C. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -12,13 +13,125 @@ static float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 #endif
+#if defined(AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define AVX512 1
+#endif
 
 #define PARALLEL_WORK (1L << 18) /* multiply-adds below which one thread is faster than waking a second */
 #define NF4_ROWS 4 /* rows of x that share each decoded NF4 block */
+#ifndef PREFETCH
 #define PREFETCH 1024 /* bytes ahead asked for early: the hardware prefetcher alone leaves DRAM idle 10-25% */
+#endif
+/* the same for fp32, int8 and int4 (their AVX2 loops too), tuned on a Zen 5 with 2 threads: 1 KB ahead was 10-30%
+   slower than 8 KB, 16-32 KB no faster */
+#ifndef FP32_PREFETCH
+#define FP32_PREFETCH 8192
+#endif
+#ifndef INT8_PREFETCH
+#define INT8_PREFETCH 8192
+#endif
+#ifndef INT4_PREFETCH
+#define INT4_PREFETCH 8192
+#endif
+#ifndef LOCALITY
+#define LOCALITY 3 /* __builtin_prefetch's locality: into L1 (L2 only, or non-temporal, was no faster) */
+#endif
+#ifndef INT4_ROWS
+#define INT4_ROWS 2 /* rows of w int4_matmul's AVX-512 loop multiplies by each row of x together, sharing its loads */
+#endif
+#define FP32_ROWS 4 /* rows of x multiplied by each fp32 or int8 weight row as it streams in */
+
+/* y[m, n] for T <= FP32_ROWS rows m of x and one row of w: fp32 dot products over K. Inlined with a constant T, so
+   that the sums stay in registers. (Two rows of w a step, sharing the loads of x, streamed ~25% slower.) */
+static inline __attribute__((always_inline)) void fp32_dots(const float* x, const float* wn, float* y, long N,
+                                                             long K, int T) {
+  float acc[FP32_ROWS] = {0};
+  long k = 0;
+#if defined(AVX512)
+  __m512 a[FP32_ROWS];
+  for (int t = 0; t < T; t++) a[t] = _mm512_setzero_ps();
+  for (; k < K; k += 16) {  /* 16 columns a step, the last one masked */
+    __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+    __builtin_prefetch(wn + k + FP32_PREFETCH / 4, 0, LOCALITY);
+    __m512 w = _mm512_maskz_loadu_ps(mask, wn + k);
+    for (int t = 0; t < T; t++) a[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, x + t * K + k), a[t]);
+  }
+  for (int t = 0; t < T; t++) acc[t] = _mm512_reduce_add_ps(a[t]);
+#elif defined(AVX2)
+  __m256 a[FP32_ROWS];
+  for (int t = 0; t < T; t++) a[t] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    if (k % 16 == 0) __builtin_prefetch(wn + k + FP32_PREFETCH / 4, 0, LOCALITY);
+    __m256 w = _mm256_loadu_ps(wn + k);
+    for (int t = 0; t < T; t++) a[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * K + k), a[t]);
+  }
+  for (int t = 0; t < T; t++) acc[t] = hsum(a[t]);
+#endif
+  for (; k < K; k++)
+    for (int t = 0; t < T; t++) acc[t] += wn[k] * x[t * K + k];
+  for (int t = 0; t < T; t++) y[t * N] = acc[t];
+}
+
+/* y (M, N) = x (M, K) @ w (N, K)^T in fp32, for a few rows of x (decoding): each thread streams its share of the
+   rows of w once, each multiplied by up to FP32_ROWS rows of x while it sits in registers */
+void fp32_matmul(const float* x, const float* w, float* y, long M, long N, long K) {
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK / 4)
+  for (long n = 0; n < N; n++)
+    for (long m = 0; m < M; m += FP32_ROWS) {
+      const float *xm = x + m * K, *wn = w + n * K;
+      float* ym = y + m * N + n;
+      switch (M - m < FP32_ROWS ? M - m : FP32_ROWS) {
+        case 1: fp32_dots(xm, wn, ym, N, K, 1); break;
+        case 2: fp32_dots(xm, wn, ym, N, K, 2); break;
+        case 3: fp32_dots(xm, wn, ym, N, K, 3); break;
+        default: fp32_dots(xm, wn, ym, N, K, 4);
+      }
+    }
+}
+
+#ifdef AVX512
+/* int8_matmul's y[m, n] for T <= FP32_ROWS rows of x and one row of w, with the AVX2 path's numbers: its four 8-lane
+   sums over columns k % 32 are the halves of two 16-lane ones here, added in the same order. Each weight is
+   converted once for the T rows of x. */
+static inline __attribute__((always_inline)) void int8_dots(const float* x, const int8_t* wn, float s, float* y,
+                                                             long N, long K, int T) {
+  __m512 a[FP32_ROWS][2];
+  for (int t = 0; t < T; t++) a[t][0] = a[t][1] = _mm512_setzero_ps();
+  long k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __builtin_prefetch(wn + k + INT8_PREFETCH, 0, LOCALITY);
+    for (int j = 0; j < 2; j++) {
+      __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wn + k + 16 * j))));
+      for (int t = 0; t < T; t++) a[t][j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * K + k + 16 * j), a[t][j]);
+    }
+  }
+  for (int t = 0; t < T; t++) {
+    __m256 a0 = _mm512_castps512_ps256(a[t][0]), a1 = _mm512_extractf32x8_ps(a[t][0], 1);
+    __m256 a2 = _mm512_castps512_ps256(a[t][1]), a3 = _mm512_extractf32x8_ps(a[t][1], 1);
+    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (long j = k; j < K; j++) acc += x[t * K + j] * wn[j];
+    y[t * N] = acc * s;
+  }
+}
+#endif
 
 /* y (M, N) = x (M, K) @ (w (N, K) * s (N))^T: each int8 weight read once, converted in registers, fp32 sums */
 void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long M, long N, long K) {
+#ifdef AVX512
+  #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
+  for (long n = 0; n < N; n++)
+    for (long m = 0; m < M; m += FP32_ROWS) {
+      const float* xm = x + m * K;
+      const int8_t* wn = w + n * K;
+      float* ym = y + m * N + n;
+      switch (M - m < FP32_ROWS ? M - m : FP32_ROWS) {
+        case 1: int8_dots(xm, wn, s[n], ym, N, K, 1); break;
+        case 2: int8_dots(xm, wn, s[n], ym, N, K, 2); break;
+        case 3: int8_dots(xm, wn, s[n], ym, N, K, 3); break;
+        default: int8_dots(xm, wn, s[n], ym, N, K, 4);
+      }
+    }
+#else
   #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
   for (long n = 0; n < N; n++) {
     const int8_t* wn = w + n * K;
@@ -29,7 +142,7 @@ void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long
 #ifdef AVX2
       __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       for (; k + 32 <= K; k += 32) {  /* 4 x 8 weights: sign-extend to int32, convert, multiply-add */
-        __builtin_prefetch(wn + k + PREFETCH);
+        __builtin_prefetch(wn + k + INT8_PREFETCH);
         for (int j = 0; j < 4; j++)
           a[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
                                      _mm_loadl_epi64((const __m128i*)(wn + k + 8 * j)))),
@@ -41,7 +154,47 @@ void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long
       y[m * N + n] = acc * s[n];
     }
   }
+#endif
 }
+
+#ifdef AVX512
+/* int4_matmul's chunks [0, chunks - chunks % 2) of R <= INT4_ROWS rows of w (p: the first, rows K / 2 bytes apart;
+   sn: its scales, rows G apart) and one row of x (xm, its centre cm and steps dx), two chunks (four blocks) a step,
+   into sums[r]: the AVX2 loop's integers (vpdpbusd sums the same four products per lane as vpmaddubsw and
+   vpmaddwd) and scales, added to its 8 lanes in the same order, so its numbers. The rows share the loads of x. */
+static inline __attribute__((always_inline)) void int4_pairs(const uint8_t* p, const float* sn, const int8_t* xm,
+                                                              const int32_t* cm, const float* dx, const int32_t* group,
+                                                              long chunks, long K, long G, int R, __m256* sums) {
+  const __m512i nibbles = _mm512_set1_epi8(15);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  for (long c = 0; c + 2 <= chunks; c += 2) {
+    __m512i x0 = _mm512_loadu_si512(xm + 64 * c), x1 = _mm512_loadu_si512(xm + 64 * c + 64);
+    __m512i even = _mm512_shuffle_i64x2(x0, x1, 0x44), odd = _mm512_shuffle_i64x2(x0, x1, 0xee);
+    __m512i centred = _mm512_loadu_si512(cm + 8 * c);
+    __m128 dxs = _mm_loadu_ps(dx + 2 * c);
+    const int32_t* gb = group + 2 * c;
+    for (int r = 0; r < R; r++) {
+      const uint8_t* pr = p + r * (K / 2) + 32 * c;
+      const float* sr = sn + r * G;
+      __builtin_prefetch(pr + INT4_PREFETCH, 0, LOCALITY);
+      __m512i v = _mm512_loadu_si512(pr);
+      __m512i lo = _mm512_and_si512(v, nibbles), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibbles);
+#ifdef __AVX512VNNI__
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even), hi, odd);
+#else
+      __m512i dot = _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo, even), _mm512_maddubs_epi16(hi, odd)),
+                                      _mm512_set1_epi16(1));
+#endif
+      __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot, centred));
+      /* the four blocks' scales sn[g] * dx[b] (the same products), each spread over its four lanes */
+      __m128 sg = gb[0] == gb[3] ? _mm_set1_ps(sr[gb[0]]) : _mm_set_ps(sr[gb[3]], sr[gb[2]], sr[gb[1]], sr[gb[0]]);
+      __m512 sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(sg, dxs)));
+      sums[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(d), _mm512_castps512_ps256(sc), sums[r]);
+      sums[r] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(d, 1), _mm512_extractf32x8_ps(sc, 1), sums[r]);
+    }
+  }
+}
+#endif
 
 /* y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15] two per byte
    (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per block of 32 columns (step
@@ -75,48 +228,66 @@ void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* 
     }
   }
   long chunks = gs % 32 == 0 ? K / 64 : 0;  /* chunks of whole blocks, each block inside one group */
+  int32_t* group = malloc(B * sizeof(int32_t));  /* each 32-column block's group */
+  for (long b = 0; b < B; b++) group[b] = (int32_t)(32 * b / gs);
   #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
-  for (long n = 0; n < N; n++) {
-    const uint8_t* p = w + n * (K / 2);
-    const float* sn = s + n * G;
+  for (long n0 = 0; n0 < N; n0 += INT4_ROWS) {
+    int R = N - n0 < INT4_ROWS ? (int)(N - n0) : INT4_ROWS;
     for (long m = 0; m < M; m++) {
       const int8_t* xm = xq + m * C * 64;
       const float* dx = step + m * B;
-      float acc = 0;
-      long c = 0;
+      long c0 = 0;  /* the chunks done for all R rows */
 #ifdef AVX2
-      const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-      __m256 vacc = _mm256_setzero_ps();
-      for (long g = 0, end = gs; c < chunks; c++) {  /* 32 bytes = 64 weights, two blocks */
-        __builtin_prefetch(p + 32 * c + PREFETCH);
-        __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
-        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-        __m256i even = _mm256_loadu_si256((const __m256i*)(xm + 64 * c));
-        __m256i odd = _mm256_loadu_si256((const __m256i*)(xm + 64 * c + 32));
-        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
-        __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),  /* lanes 0-3 the first block, 4-7 the second */
-                                       _mm256_loadu_si256((const __m256i*)(centre + (m * C + c) * 8)));
-        float s0 = sn[g] * dx[2 * c];
-        if (64 * c + 32 >= end) { g++; end += gs; }
-        float s1 = sn[g] * dx[2 * c + 1];
-        if (64 * c + 64 >= end) { g++; end += gs; }
-        __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
-        vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, vacc);
-      }
-      acc = hsum(vacc);
+      __m256 sums[INT4_ROWS];
+      for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_ps();
+#ifdef AVX512
+      const int32_t* cm = centre + m * C * 8;
+      if (R == 2) int4_pairs(w + n0 * (K / 2), s + n0 * G, xm, cm, dx, group, chunks, K, G, 2, sums);
+      else int4_pairs(w + n0 * (K / 2), s + n0 * G, xm, cm, dx, group, chunks, K, G, 1, sums);
+      c0 = chunks - chunks % 2;
 #endif
-      for (long b = 32 * c; b < K / 2; b++) {  /* the rest, one byte (two weights) at a time */
-        const int8_t* xc = xm + (b / 32) * 64 + b % 32;
-        acc += sn[2 * b / gs] * dx[b / 16] * (float)(((p[b] & 15) - 8) * xc[0] + ((p[b] >> 4) - 8) * xc[32]);
+#endif
+      for (int r = 0; r < R; r++) {
+        long n = n0 + r, c = c0;
+        const uint8_t* p = w + n * (K / 2);
+        const float* sn = s + n * G;
+        float acc = 0;
+#ifdef AVX2
+        const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+        __m256 vacc = sums[r];
+        for (long g = c < chunks ? group[2 * c] : 0, end = (g + 1) * gs; c < chunks; c++) {  /* 32 bytes = 64 weights */
+          __builtin_prefetch(p + 32 * c + INT4_PREFETCH);
+          __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
+          __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          __m256i even = _mm256_loadu_si256((const __m256i*)(xm + 64 * c));
+          __m256i odd = _mm256_loadu_si256((const __m256i*)(xm + 64 * c + 32));
+          __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+          __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),  /* lanes 0-3 the first block, 4-7 the second */
+                                         _mm256_loadu_si256((const __m256i*)(centre + (m * C + c) * 8)));
+          float s0 = sn[g] * dx[2 * c];
+          if (64 * c + 32 >= end) { g++; end += gs; }
+          float s1 = sn[g] * dx[2 * c + 1];
+          if (64 * c + 64 >= end) { g++; end += gs; }
+          __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
+          vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, vacc);
+        }
+        acc = hsum(vacc);
+#endif
+        for (long b = 32 * c; b < K / 2; b++) {  /* the rest, one byte (two weights) at a time */
+          const int8_t* xc = xm + (b / 32) * 64 + b % 32;
+          acc += sn[2 * b / gs] * dx[b / 16] * (float)(((p[b] & 15) - 8) * xc[0] + ((p[b] >> 4) - 8) * xc[32]);
+        }
+        for (long g = 0; g < G; g++) acc += (z[n * G + g] + 8 * sn[g]) * xsum[m * G + g];
+        y[m * N + n] = acc;
       }
-      for (long g = 0; g < G; g++) acc += (z[n * G + g] + 8 * sn[g]) * xsum[m * G + g];
-      y[m * N + n] = acc;
     }
   }
   free(xq);
   free(centre);
   free(step);
+  free(group);
 }
+
 /* nf4_quantize's blocks of 64 fp32 weights (n of them): each block's absmax, and each weight's code, the number of
    the 15 midpoints between NF4 values below w / absmax (torch.bucketize's count), two per byte, high nibble first */
 void nf4_quantize(const float* w, long n, const float* mids, float* absmax, uint8_t* packed) {
