@@ -310,7 +310,7 @@ def generate_workload(opt, model_args: ModelArgs, ours, device, dtype, result: d
         model.to(dtype).eval()
         if not hf:
             model.init_buffers()  # RoPE tables back to fp32 after .to(dtype)
-            from sample import decode_layout
+            from support.decode_layout import decode_layout
 
             decode_layout(model)  # as sample.py loads it
         decode_step = None
@@ -772,7 +772,8 @@ STREAMS = (1, 4, 8)  # concurrent streamed clients serve mode times
 def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     """--mode=serve: total tokens/s of --batch_size concurrent clients and of the same requests sent in turn; the
     time of a short request sent while a long one decodes."""
-    from sample import CompiledDecode, Engine, decode_layout
+    from sample import CompiledDecode, Engine
+    from support.decode_layout import decode_layout
     from support.server import ModelServer
 
     if opt.prompt_len + opt.new_tokens > model_args.max_seq_len:
@@ -1087,7 +1088,8 @@ def run_llama_cpp_compare(opt) -> dict:
     except ImportError:
         raise BenchError("--compare=llama.cpp: llama_cpp is not importable; build llama-cpp-python from source "
                          "(docs/speed.md)")
-    from sample import decode_layout, generate
+    from sample import generate
+    from support.decode_layout import decode_layout
     from support.quant import quantize_model
     from support import gguf as gguf_format
 
