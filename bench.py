@@ -851,7 +851,7 @@ def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict
     n8, n4 = [sum(t.numel() * t.element_size() for t in q.stored()) for q in (q8, q4)]
     nf4_parts = nf4.nf4()  # packed codes, absmax_q, absmax_scale, absmax_offset: nf4_matmul's arguments in order
     n_nf4 = sum(t.numel() * t.element_size() for t in nf4_parts.values())
-    w_t = w.t().contiguous()  # (in, out), as sample.decode_layout holds fp32 weights
+    w_t = w.t().contiguous()  # (in, out), as support/decode_layout.py holds fp32 weights
     scales_and_zeros = torch.stack([q4.scales, q4.zeros + 8 * q4.scales], -1).transpose(0, 1).contiguous()  # q - 8
     codes = torch.stack([q4.weight & 15, q4.weight >> 4], -1).flatten(1).int()
     packed4 = torch._convert_weight_to_int4pack_for_cpu(codes, 2)

@@ -1,7 +1,8 @@
 """support/sample_checks.py: sample.py's input checks. Used by sample.py (its flags, the checkpoint dir, --device, the
-tokenizer's vocabulary, --prompt_file, the flags that load a checkpoint, --system, prompts longer than the context) and, through sample.Engine, by
-support/server.py (the ranges requests' settings are checked against); what it adds: the range of each generation
-setting and each checked flag, raised as FlagError or SampleError with the one line sample.py prints.
+tokenizer's vocabulary, --prompt_file, the flags that load a checkpoint, --system, prompts longer than the context)
+and, through sample.Engine and serve, by support/server.py (the ranges requests' settings are checked against,
+--system); what it adds: the range of each generation setting and each checked flag, raised as FlagError or
+SampleError with the one line sample.py prints, and log (sample.py's stderr lines).
 """
 import os
 import re

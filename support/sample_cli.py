@@ -1,7 +1,8 @@
 """support/sample_cli.py: sample.py's command line. Used by sample.py (its main); what it adds: the flags
-(parse_flags), --save_quantized (write_quantized), and the interactive loops around generation: prompts read one after another on a terminal
-(run_prompts, FlagAI's interactive generate.py) and the chat (run_chat: a turn a line or, with --multiline, a turn up
-to Ctrl-D; /reset and /exit, FastChat's !!reset and !!exit; the oldest turns dropped where the context is full).
+(parse_flags), --save_quantized (write_quantized), and the interactive loops around generation: prompts read one
+after another on a terminal (run_prompts, FlagAI's interactive generate.py) and the chat (run_chat: a turn a line or,
+with --multiline, a turn up to Ctrl-D; /reset and /exit, FastChat's !!reset and !!exit; the oldest turns dropped
+where the context is full).
 
 Generation itself is sample.py's, handed in as `sampler` (its module: generate, stream_text, encode_turn,
 chat_end_ids), as support/batching.py takes it; support/ imports no script.
