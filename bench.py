@@ -311,7 +311,7 @@ def generate_workload(opt, model_args: ModelArgs, ours, device, dtype, result: d
         model.to(dtype).eval()
         if not hf:
             model.init_buffers()  # RoPE tables back to fp32 after .to(dtype)
-            from sample import decode_layout
+            from support.decode_layout import decode_layout
 
             decode_layout(model)  # as sample.py loads it
         decode_step = None
@@ -773,7 +773,8 @@ STREAMS = (1, 4, 8)  # concurrent streamed clients serve mode times
 def serve_bench(opt, model_args: ModelArgs, device: torch.device) -> dict:
     """--mode=serve: total tokens/s of --batch_size concurrent clients and of the same requests sent in turn; the
     time of a short request sent while a long one decodes."""
-    from sample import CompiledDecode, Engine, decode_layout
+    from sample import CompiledDecode, Engine
+    from support.decode_layout import decode_layout
     from support.server import ModelServer
 
     if opt.prompt_len + opt.new_tokens > model_args.max_seq_len:
@@ -851,7 +852,7 @@ def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict
     n8, n4 = [sum(t.numel() * t.element_size() for t in q.stored()) for q in (q8, q4)]
     nf4_parts = nf4.nf4()  # packed codes, absmax_q, absmax_scale, absmax_offset: nf4_matmul's arguments in order
     n_nf4 = sum(t.numel() * t.element_size() for t in nf4_parts.values())
-    w_t = w.t().contiguous()  # (in, out), as sample.decode_layout holds fp32 weights
+    w_t = w.t().contiguous()  # (in, out), as support/decode_layout.py holds fp32 weights
     scales_and_zeros = torch.stack([q4.scales, q4.zeros + 8 * q4.scales], -1).transpose(0, 1).contiguous()  # q - 8
     codes = torch.stack([q4.weight & 15, q4.weight >> 4], -1).flatten(1).int()
     packed4 = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
@@ -1088,7 +1089,8 @@ def run_llama_cpp_compare(opt) -> dict:
     except ImportError:
         raise BenchError("--compare=llama.cpp: llama_cpp is not importable; build llama-cpp-python from source "
                          "(docs/speed.md)")
-    from sample import decode_layout, generate
+    from sample import generate
+    from support.decode_layout import decode_layout
     from support.quant import quantize_model
     from support import gguf as gguf_format
 

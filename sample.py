@@ -26,37 +26,26 @@ buffers allocated once; only the last position's logits are sampled; everything 
 CPU multiplies by the int8/int4/NF4 weights in small C kernels (support/quant.py) that read each stored byte once (a 7B
 model in 5-8 GiB at 2-3 tokens/s on two cores).
 """
-import argparse
-import collections
-import os
-import queue
 import resource
-import signal
 import sys
-import threading
 import time
 import warnings
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
 import model as model_lib
-from support import batching, checks, peft, weights
+from support import batching, peft, sample_cli, weights
 import prepare
+from support.decode_layout import decode_layout, normalise_head
 from support.memory import MemoryBudgetError, check_memory, kv_budget
-from support.quant import quantize_from_meta, quantize_model, save_quantized
-from support.device import check_device
-from support.sample_checks import FlagError, check_checkpoint_dir, check_flags, not_utf8, read_prompt_file
+from support.quant import load_quantized, quantize_from_meta
+from support.sample_checks import (FlagError, SampleError, check_checkpoint_dir, check_load_flags, check_system,
+                                   check_vocab, device_flag, fit_prompt, log, read_prompt_file)
 
 # In --chat, the published settings of the family's chat models (model.FAMILIES) apply unless a flag overrides them;
 # without --chat (base models, plain continuation), nanoGPT-like settings.
 PLAIN_GENERATION_DEFAULTS = dict(temperature=0.8, top_k=200, top_p=None, repetition_penalty=1.0)
-
-
-class SampleError(Exception):
-    """A flag, a checkpoint or an input sample.py cannot use: main prints it in one line and exits 1."""
 
 
 # -----------------------------------------------------------------------------
@@ -297,55 +286,10 @@ def stream_text(tok, tokens, context_ids=(), stop=(), end_ids=None):
 
 
 # -----------------------------------------------------------------------------
-# decode layout
-
-class InputMajorLinear(nn.Module):
-    """A frozen fp32 CPU linear stored transposed, (in, out): decoding one token reads it at about twice the memory
-    bandwidth MKL's matrix-vector product gets from the usual (out, in) rows (bench-llama's 65 MB output layer:
-    5.4 ms instead of 9.6; the whole decode ~15% faster). More rows take the same GEMM as before."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_t", linear.weight.detach().t().contiguous())  # (in, out)
-
-    def forward(self, x):
-        return x @ self.weight_t if x.numel() == self.in_features else F.linear(x, self.weight_t.t())
-
-
-def decode_layout(model):
-    """Swap every bias-free fp32 nn.Linear of a CPU model for an InputMajorLinear, in place (the same memory; bf16
-    and other devices keep (out, in): there torch's bf16 matrix-vector product is the faster one)."""
-    for name, mod in list(model.named_modules()):
-        if type(mod) in (nn.Linear, model_lib.Linear) and mod.bias is None and mod.weight.dtype == torch.float32 \
-                and mod.weight.device.type == "cpu":
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, InputMajorLinear(mod))
-    return model
-
+# loading
 
 def model_bytes(model):
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
-# -----------------------------------------------------------------------------
-# loading
-
-
-
-def normalise_head(model):
-    """Baichuan2's NormHead re-normalises the output rows in every forward; for inference do it once, in fp32."""
-    head = model.output
-    if isinstance(head, model_lib.NormHead):
-        plain = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
-        plain.weight = nn.Parameter(F.normalize(head.weight.float(), dim=-1).to(head.weight.dtype),
-                                    requires_grad=False)
-        model.output = plain
-    return model
-
-
-QUANTIZATION = {"quantization": dict, "quantization.mode": str, "quantization.group_size": (int, "[1, inf)"),
-                "quantization.tied_head": bool}
 
 
 def load_model(ckpt, device, dtype, quantize=None, group_size=None, adapter=None, family="llama"):
@@ -382,27 +326,10 @@ def load_model(ckpt, device, dtype, quantize=None, group_size=None, adapter=None
     with torch.device("meta"):
         model = model_lib.Transformer(args)
     normalise_head(model)  # saved heads are already normalised: this only swaps the module type
-    where = os.path.join(ckpt, "config.json")
     try:
-        checks.check_json_fields(config, QUANTIZATION, where, required=("quantization.mode",))
-        quantize_model(model.to(dtype), quant["mode"], quant.get("group_size", 128), empty=True,
-                       tied_head=quant.get("tied_head", False))  # (dirs saved before it existed have none)
-    except ValueError as e:
-        raise SampleError(f"{e}" if str(e).startswith(where) else f"{where}: quantization: {e}")
-    expected = model.state_dict()
-    if set(expected) != set(tensors):
-        raise SampleError(f"{ckpt}: quantised tensors do not match config.json "
-                          f"(e.g. {sorted(set(expected) ^ set(tensors))[:1]})")
-    for name, t in tensors.items():  # the C kernels read these bytes as the dtypes the modules declare
-        want = expected[name]
-        floats = t.is_floating_point() and want.is_floating_point()  # another float dtype is converted
-        if t.shape != want.shape or (t.dtype != want.dtype and not floats):
-            raise SampleError(f"{ckpt}: tensor {name}: {str(t.dtype)[6:]} {list(t.shape)}, where config.json's "
-                              "quantization needs "
-                              f"{str(want.dtype)[6:]} {list(want.shape)}")
-    state = {k: t.to(device=device, dtype=expected[k].dtype) for k, t in tensors.items()}  # NF4's scales stay fp32
-    model.load_state_dict(state, assign=True)
-    model.materialize_buffers(device)
+        load_quantized(model, ckpt, config, tensors, dtype, device)
+    except ValueError as e:  # config.json's quantization and the tensors do not fit each other
+        raise SampleError(str(e))
     return peft.attach_adapter(model, updates, replaced).eval(), config
 
 
@@ -427,71 +354,13 @@ class Engine(batching.Engine):
 
 def serve(model, tok, args, family, template, decode_step=None):
     """python sample.py --serve: the OpenAI-compatible server (support/server.py) on --host:--port until Ctrl-C or
-    SIGTERM, which let the answers in progress finish within --grace_period seconds."""
+    SIGTERM, generating with Engine."""
     from support import server as http_server  # FastAPI and uvicorn: only --serve needs them
-
-    if template is None:  # no --template: the checkpoint's or the family's; without one only completions work
-        try:
-            template = resolve_template(None, tok, family)
-        except SampleError as e:
-            log(f"sample.py: warning: {e}; /v1/chat/completions will refuse")
-    check_system(tok, template, args.system)  # else every request that sends no system message would be refused
-    engine = Engine(model, tok, template=template, system=args.system,
-                    plain_settings=generation_settings(args, family, chat=False),
-                    chat_settings=generation_settings(args, family, chat=True), max_new_tokens=args.max_new_tokens,
-                    seed=args.seed, max_batch=args.max_batch, decode_step=decode_step or decode_one)
-    try:
-        server = http_server.ModelServer(
-            engine, host=args.host, port=args.port, name=os.path.basename(os.path.normpath(args.ckpt)),
-            allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
-            grace_period=args.grace_period, max_requests=args.max_requests)
-    except OSError as e:  # port taken, address not on this machine
-        engine.close()
-        raise SampleError(f"--host={args.host} --port={args.port}: cannot listen there ({e.strerror or e})")
-    host, port = server.server_address[:2]
-    log(f"serving {server.name} at http://{host if ':' not in host else f'[{host}]'}:{port}/ (chat page; the API "
-        f"under /v1) (chat template {template}, batches of up to {args.max_batch}, KV cache of up to "
-        f"{engine.max_positions} positions, {args.max_requests} requests at once); Ctrl-C stops")
-    main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:  # SIGTERM (docker stop, systemd, kill) stops it as Ctrl-C does
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:  # the signal that stopped it, raised again once the server has stopped
-        pass
-    finally:
-        server.server_close()
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    log("stopped")
+    http_server.serve(sys.modules[__name__], model, tok, args, family, template, decode_step)
 
 
 # -----------------------------------------------------------------------------
 # command line
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def fit_prompt(ids, max_new_tokens, max_seq_len, policy, what, bos_id=None):
-    """Make prompt + max_new_tokens fit the context: a clear error, or keep the last tokens (and bos) with a
-    warning, as --on_long_prompt says."""
-    room = max_seq_len - max_new_tokens
-    if room < 1:
-        raise SampleError(f"--max_new_tokens={max_new_tokens}: leaves no room for a prompt in the model's max_seq_len "
-                          f"{max_seq_len}")
-    if len(ids) <= room:
-        return ids
-    if policy == "error":
-        raise SampleError(f"{what}: {len(ids)} tokens + --max_new_tokens={max_new_tokens} exceed the model's "
-                          "max_seq_len "
-                          f"{max_seq_len}; shorten it, lower --max_new_tokens, or pass --on_long_prompt=truncate")
-    keep_bos = bos_id is not None and ids[0] == bos_id
-    kept = ids[:1] + ids[len(ids) - room + 1:] if keep_bos else ids[len(ids) - room:]
-    log(f"sample.py: warning: {what}: {len(ids)} tokens do not fit with --max_new_tokens={max_new_tokens} in "
-        f"max_seq_len {max_seq_len}; keeping the last {len(kept)} tokens")
-    return kept
-
 
 def resolve_template(flag, tok, family):
     """--template, else the checkpoint's own (a built-in name, or its Jinja template: "hf"), else the family's."""
@@ -525,24 +394,6 @@ def generation_settings(args, family, chat):
     return settings
 
 
-def timed_stream(pieces, stats, out):
-    """Write text pieces to `out` as they come; count time."""
-    t0 = time.perf_counter()
-    text = []
-    for piece in pieces:
-        out.write(piece)
-        out.flush()
-        text.append(piece)
-    stats["seconds"] += time.perf_counter() - t0
-    return "".join(text)
-
-
-def counted(tokens, stats):
-    for t in tokens:
-        stats["tokens"] += 1
-        yield t
-
-
 def chat_end_ids(tok, template):
     """eos plus the template's own end-of-turn tokens (those the vocabulary has; for a model's Jinja template, the
     special token that closes an assistant turn in it)."""
@@ -566,168 +417,24 @@ def encode_prompt(tok, text):
     return tok.encode(text, add_special_tokens=True) or [tok.bos_id] * (tok.bos_id is not None)
 
 
-def check_system(tok, template, system):
-    """--system, refused at start in one line by a chat template without a system role (Mistral's), not at the first
-    turn or in every request."""
-    if template and system:
-        try:
-            prepare.encode_chat(tok, template, [{"role": "user", "content": "Hi"}], system=system,
-                                add_generation_prompt=True)
-        except ValueError as e:
-            raise SampleError(f"--system: the chat template refuses a system prompt ({e})")
-
-
 def encode_turn(tok, template, messages, system):
     """Chat turns rendered with the template, ending where the assistant's reply starts (TemplateError where the
     template refuses them)."""
     return prepare.encode_chat(tok, template, messages, system=system, add_generation_prompt=True)[0]
 
 
-EXIT, RESET = ("/exit", "!!exit"), ("/reset", "!!reset")  # ours and FastChat's CLI's spellings
-
-
-def is_terminal(stream) -> bool:
-    return hasattr(stream, "isatty") and stream.isatty()
-
-
-def read_input(stdin, prompt: str, multiline: bool):
-    """One input of the user: a line, or with multiline every line up to an end of input (Ctrl-D on an empty line of
-    a terminal, as FastChat's --multiline); a command (/exit, /reset) on the first line ends it at once. The prompt
-    goes to stderr on a terminal; an input that is not UTF-8 is skipped with a warning. None at the end of input."""
-    while True:
-        if is_terminal(stdin):
-            sys.stderr.write(prompt + (" [Ctrl-D on an empty line ends it]" if multiline else "") + "> ")
-            sys.stderr.flush()
-        line = stdin.readline()
-        if not line:
-            return None
-        lines = [line.rstrip("\n")]
-        while multiline and lines[0].strip() not in EXIT + RESET:
-            line = stdin.readline()
-            if not line:
-                break
-            lines.append(line.rstrip("\n"))
-        if not (bad := not_utf8(text := "\n".join(lines))):
-            return text
-        log(f"sample.py: warning: input skipped: {bad}")
-
-
-def run_prompts(model, tok, args, common, stdin, stdout) -> dict:
-    """Without --prompt on a terminal: read a prompt, stream its continuation, and again (FlagAI's interactive
-    generate.py); each prompt on its own, /exit or the end of input quits."""
-    stats = dict(tokens=0, seconds=0.0)
-    log("sample.py: type a prompt (Enter generates); /exit or Ctrl-D quits")
-    while (text := read_input(stdin, "prompt", args.multiline)) is not None and text.strip() not in EXIT:
-        if not text.strip():
-            continue
-        ids = fit_prompt(tok.encode(text, add_special_tokens=True), args.max_new_tokens, model.args.max_seq_len,
-                         args.on_long_prompt, "prompt", tok.bos_id)
-        timed_stream(stream_text(tok, counted(generate(model, ids, args.max_new_tokens, **common), stats), ids,
-                                 args.stop), stats, stdout)
-        stdout.write("\n")
-        stdout.flush()
-    return stats
-
-
-def run_chat(model, tok, template, settings, *, system, max_new_tokens, on_long_prompt, stop, stdin, stdout,
-             generator=None, decode_step=None, multiline=False):
-    """Interactive chat: each user input is a turn (a line, or with multiline the lines up to Ctrl-D); /reset
-    clears the history, /exit (or end of input) quits; FastChat's !!reset and !!exit work too."""
-    history, stats = [], dict(tokens=0, seconds=0.0)
-    end_ids = chat_end_ids(tok, template)
-    interactive = is_terminal(stdin)
-    log(f"chat: template {template}, {settings}; /reset clears the history, /exit quits")
-    while True:
-        line = read_input(stdin, "user", multiline)
-        if line is None or line.strip() in EXIT:
-            break
-        if line.strip() in RESET:
-            history = []
-            log("(history cleared)")
-            continue
-        if not line.strip():
-            continue
-        messages = history + [{"role": "user", "content": line}]
-        ids = encode_turn(tok, template, messages, system)
-        # drop the oldest turns while the conversation does not fit; a single turn follows --on_long_prompt
-        while len(ids) + max_new_tokens > model.args.max_seq_len and len(messages) > 2:
-            messages = messages[2:]
-            ids = encode_turn(tok, template, messages, system)
-            log("sample.py: warning: conversation too long for the context; dropped the oldest turn")
-        ids = fit_prompt(ids, max_new_tokens, model.args.max_seq_len, on_long_prompt, "chat turn", tok.bos_id)
-        tokens = generate(model, ids, max_new_tokens, eos_id=end_ids, pad_id=max(tok.pad_id or 0, 0),
-                          generator=generator, decode_step=decode_step, **settings)
-        if interactive:
-            sys.stderr.write("assistant> ")
-        reply = timed_stream(stream_text(tok, counted(tokens, stats), ids, stop, end_ids), stats, stdout)
-        stdout.write("\n")
-        stdout.flush()
-        history = messages + [{"role": "assistant", "content": reply.strip()}]
-    return stats
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint dir (config.json, weights, tokenizer)")
-    p.add_argument("--prompt", default=None, help="text to continue (default: on a terminal, ask for "
-                   "prompts one after another; else start from bos)")
-    p.add_argument("--prompt_file", default=None, help="one prompt per line, generated as left-padded batches")
-    p.add_argument("--max_new_tokens", type=int, default=None,
-                   help="default 256, or half the model's max_seq_len where that is less")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.8, or family chat)")
-    p.add_argument("--top_k", type=int, default=None, help="0 = off (default 200, or family chat default)")
-    p.add_argument("--top_p", type=float, default=None)
-    p.add_argument("--repetition_penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--stop", action="append", default=[],
-                   help="stop string, not empty (repeatable; \\n and \\t understood)")
-    p.add_argument("--chat", action="store_true", help="interactive chat with the checkpoint's template")
-    p.add_argument("--multiline", action="store_true", help="interactive input of several lines, ended by Ctrl-D "
-                   "on an empty line (FastChat's CLI --multiline)")
-    p.add_argument("--system", default=None, help="system prompt for --chat")
-    p.add_argument("--template", default=None, help="chat template: a built-in name, or hf for the checkpoint's own "
-                                                    "Jinja template (default: the checkpoint's, else the family's)")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter dir (train.py's out_dir/adapter, or any PEFT "
-                   "LoRA adapter of the checkpoint's HF export) folded into the weights at load")
-    p.add_argument("--quantize", choices=["int8", "int4", "nf4"], default=None, help="weight-only quantisation "
-                   "while loading (nf4: QLoRA's 4-bit base; an --adapter then runs beside it, unmerged)")
-    p.add_argument("--group_size", type=int, default=None, help="int4 group size (must divide in_features; default: "
-                   "the largest up to 128 that divides every layer's, a multiple of 32 where one does)")
-    p.add_argument("--save_quantized", default=None, help="write the quantised checkpoint to this dir")
-    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: bfloat16 on accelerators, float32 on CPU")
-    p.add_argument("--device", default=None, help="default: kernels.device_type()")
-    p.add_argument("--on_long_prompt", choices=["error", "truncate"], default="error")
-    p.add_argument("--serve", action="store_true", help="serve the OpenAI API (/v1/completions, /v1/chat/completions)")
-    p.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="--serve: port (0 = any free one)")
-    p.add_argument("--max_batch", type=int, default=8, help="--serve: most requests decoded together")
-    p.add_argument("--grace_period", type=float, default=8.0, help="--serve: seconds the answers in progress get to "
-                   "finish once Ctrl-C or SIGTERM stops the server (8: within docker stop's 10)")
-    p.add_argument("--max_requests", type=int, default=256, help="--serve: requests in progress at once (answered or "
-                   "waiting); past it, 503 with Retry-After")
-    p.add_argument("--allowed_origins", default="", help="--serve: web pages (comma-separated origins such as "
-                                                         "http://localhost:3000, or *) whose scripts may call the "
-                                                         "server from a browser (CORS); none by default")
-    args = p.parse_args(argv)
-    args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     try:
-        check_flags(args)
+        return sample_cli.parse_flags(argv, __doc__.split("\n\n")[0])
     except FlagError as e:  # as argparse's own errors: the command line ends here
         raise SystemExit(f"sample.py: {e}") from None
-    return args
 
 
 def load_checkpoint(args):
     """The checks on --ckpt, --device, the tokenizer and the chat template, then the model loaded (quantised,
     adapted) as the flags say. -> (model, tok, family, template, device)."""
     check_checkpoint_dir(args.ckpt)
-    try:
-        device = str(check_device(args.device)) if args.device else kernels.device_type()
-    except ValueError as e:
-        raise SampleError(f"--device={args.device}: {str(e).split(': ', 1)[-1]}")
+    device = device_flag(args.device)
     dtype = getattr(torch, args.dtype or ("float32" if device == "cpu" else "bfloat16"))
     try:
         model_args, ckpt_config = model_lib.read_config(args.ckpt)
@@ -736,23 +443,12 @@ def load_checkpoint(args):
     family = ckpt_config.get("family", "llama")
     tok = prepare.load_tokenizer(args.ckpt)
     template = resolve_template(args.template, tok, family) if args.chat or args.template else None
-    if tok.vocab_size > model_args.vocab_size:  # ids past the embedding would crash mid-generation
-        raise SampleError(f"--ckpt={args.ckpt}: the tokenizer has {tok.vocab_size} tokens, the model's "
-                          f"vocab_size={model_args.vocab_size} (a tokenizer from another model?)")
+    check_vocab(args.ckpt, tok, model_args)
 
     check_memory(model_args, device, dtype, args.ckpt)
     t0 = time.perf_counter()
     quantized = ckpt_config.get("quantization")
-    if args.adapter and quantized and not (isinstance(quantized, dict) and quantized.get("mode") == "nf4"):
-        raise SampleError(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint "
-                          "(or use nf4: "
-                          "an adapter runs beside NF4 weights)")
-    if args.adapter and args.save_quantized and args.quantize == "nf4":
-        raise SampleError("--save_quantized: with --quantize=nf4 the adapter stays apart from the NF4 weights; "
-                          "save without "
-                          "--adapter, then pass --adapter with the saved dir")
-    if args.quantize and quantized:
-        raise SampleError(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({quantized})")
+    check_load_flags(args, quantized)
     try:  # quantised while loading, one weight at a time
         model, _ = load_model(args.ckpt, device, dtype, args.quantize, args.group_size, args.adapter, family)
     except ValueError as e:  # a --group_size that does not suit the shapes
@@ -800,7 +496,7 @@ def run_prompt(model, tok, args, common, stdout) -> dict:
         if i:
             log("---------------")
         tokens = generate(model, ids, args.max_new_tokens, **common)
-        timed_stream(stream_text(tok, counted(tokens, stats), ids, args.stop), stats, stdout)
+        sample_cli.timed_stream(stream_text(tok, sample_cli.counted(tokens, stats), ids, args.stop), stats, stdout)
         stdout.write("\n")
         stdout.flush()
     return stats
@@ -821,16 +517,7 @@ def run(args, stdin=None, stdout=None):
     if args.max_new_tokens is None:  # room for a prompt in a small context (the default model's is 256)
         args.max_new_tokens = min(256, model.args.max_seq_len // 2)
     if args.save_quantized:
-        if not args.quantize:
-            raise SampleError("--save_quantized: also pass --quantize=int8|int4|nf4")
-        try:
-            save_quantized(model, args.ckpt, args.save_quantized, args.quantize, args.group_size, family)
-        except ValueError as e:  # support.outputs refused the destination
-            raise SampleError(str(e)) from None
-        except OSError as e:  # a full destination
-            raise SampleError(f"--save_quantized={args.save_quantized}: cannot write there "
-                              f"({e.strerror}: {e.filename})")
-        log(f"wrote {args.save_quantized}")
+        sample_cli.write_quantized(model, args, family)
         if args.prompt is None and args.prompt_file is None and not args.chat and not args.serve:
             return
 
@@ -843,18 +530,19 @@ def run(args, stdin=None, stdout=None):
     if args.serve:
         return serve(model, tok, args, family, template, decode_step)
     if args.chat:
-        check_system(tok, template, args.system)
+        check_system(tok, template, args.system, encode_turn)
         stop = args.stop + chat_stop_strings(template)
         try:
-            stats = run_chat(model, tok, template, settings, system=args.system, max_new_tokens=args.max_new_tokens,
-                             on_long_prompt=args.on_long_prompt, stop=stop, stdin=stdin, stdout=stdout,
-                             generator=generator, decode_step=decode_step, multiline=args.multiline)
+            stats = sample_cli.run_chat(sys.modules[__name__], model, tok, template, settings, system=args.system,
+                                        max_new_tokens=args.max_new_tokens, on_long_prompt=args.on_long_prompt,
+                                        stop=stop, stdin=stdin, stdout=stdout, generator=generator,
+                                        decode_step=decode_step, multiline=args.multiline)
         except prepare.TemplateError as e:  # the template refuses the conversation
             raise SampleError(f"--chat: {e}") from None
     elif args.prompt_file:
         stats = run_prompt_file(model, tok, args, common, stdout)
-    elif args.prompt is None and is_terminal(stdin):
-        stats = run_prompts(model, tok, args, common, stdin, stdout)
+    elif args.prompt is None and sample_cli.is_terminal(stdin):
+        stats = sample_cli.run_prompts(sys.modules[__name__], model, tok, args, common, stdin, stdout)
     else:
         stats = run_prompt(model, tok, args, common, stdout)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"

@@ -2,7 +2,8 @@
 its NF4Linear; what it adds: the int8 / int4 linear layers for decoding on a CPU, NF4 (QLoRA's 4-bit NormalFloat base:
 quantisation, the autograd op, the linear layer), and the C kernels (support/quant_kernels.c) built for the CPU at
 hand on first use and called through ctypes; and the wiring: a model's linears quantised in place (quantize_model),
-built straight into its quantised form from the meta device (quantize_from_meta), and saved (save_quantized).
+built straight into its quantised form from the meta device (quantize_from_meta), saved (save_quantized) and loaded
+back (load_quantized).
 
 Decoding a token multiplies one row of activations by every weight matrix, so its speed is the rate the weights
 stream from memory: int8, int4 and NF4 read 4x and ~7x fewer bytes than fp32, if the product reads the stored bytes
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from kernels import compute_dtype  # kernels.py is a library; it does not import this file
 from support.cpu_linear import CHUNK_WEIGHTS, by_weight_rows, row_slices
-from support import outputs, weights
+from support import checks, outputs, weights
 from support.tokenizer_files import copy_tokenizer_files
 
 SOURCE = Path(__file__).with_name("quant_kernels.c")
@@ -504,6 +505,39 @@ def quantize_from_meta(model, mode, group_size, weight, device="cpu"):
         mod.quantize_from(weight("tok_embeddings.weight" if tied else f"{name}.weight"))
     rest = {name: weight(name).to(device=device, dtype=p.dtype) for name, p in model.named_parameters()}
     model.load_state_dict(rest, strict=False, assign=True)
+    model.materialize_buffers(device)
+    return model
+
+
+QUANTIZATION = {"quantization": dict, "quantization.mode": str, "quantization.group_size": (int, "[1, inf)"),
+                "quantization.tied_head": bool}
+
+
+def load_quantized(model, ckpt, config, tensors, dtype, device):
+    """Make a model built on the meta device real from a dir --save_quantized wrote: its linears swapped for those
+    config.json's quantization names, then the saved tensors assigned (nothing materialised twice). ValueError, with
+    the file, where config.json and the tensors do not fit each other."""
+    quant = config["quantization"]
+    where = os.path.join(ckpt, "config.json")
+    try:
+        checks.check_json_fields(config, QUANTIZATION, where, required=("quantization.mode",))
+        quantize_model(model.to(dtype), quant["mode"], quant.get("group_size", 128), empty=True,
+                       tied_head=quant.get("tied_head", False))  # (dirs saved before it existed have none)
+    except ValueError as e:
+        raise ValueError(f"{e}" if str(e).startswith(where) else f"{where}: quantization: {e}") from None
+    expected = model.state_dict()
+    if set(expected) != set(tensors):
+        raise ValueError(f"{ckpt}: quantised tensors do not match config.json "
+                         f"(e.g. {sorted(set(expected) ^ set(tensors))[:1]})")
+    for name, t in tensors.items():  # the C kernels read these bytes as the dtypes the modules declare
+        want = expected[name]
+        floats = t.is_floating_point() and want.is_floating_point()  # another float dtype is converted
+        if t.shape != want.shape or (t.dtype != want.dtype and not floats):
+            raise ValueError(f"{ckpt}: tensor {name}: {str(t.dtype)[6:]} {list(t.shape)}, where config.json's "
+                             "quantization needs "
+                             f"{str(want.dtype)[6:]} {list(want.shape)}")
+    state = {k: t.to(device=device, dtype=expected[k].dtype) for k, t in tensors.items()}  # NF4's scales stay fp32
+    model.load_state_dict(state, assign=True)
     model.materialize_buffers(device)
     return model
 

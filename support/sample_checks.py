@@ -1,10 +1,15 @@
-"""support/sample_checks.py: sample.py's input checks. Used by sample.py (its flags, the checkpoint dir, --prompt_file)
-and, through sample.Engine, by support/server.py (the ranges requests' settings are checked against); what it adds: the
-range of each generation setting and each checked flag, raised as FlagError with the one line sample.py prints.
+"""support/sample_checks.py: sample.py's input checks. Used by sample.py (its flags, the checkpoint dir, --device, the
+tokenizer's vocabulary, --prompt_file, the flags that load a checkpoint, --system, prompts longer than the context)
+and, through sample.Engine and serve, by support/server.py (the ranges requests' settings are checked against,
+--system); what it adds: the range of each generation setting and each checked flag, raised as FlagError or
+SampleError with the one line sample.py prints, and log (sample.py's stderr lines).
 """
 import os
 import re
+import sys
 
+import kernels  # kernels.py is a library; it does not import this file
+from support.device import check_device
 from support import checks
 from support.tokenizer_files import TOKENIZER_FILES
 
@@ -16,6 +21,14 @@ SETTINGS = {"temperature": (float, "[0, inf)"), "top_k": (int, "[0, inf)"), "top
 
 class FlagError(ValueError):
     """A flag, or what a flag names (the checkpoint dir, the prompt file), that sample.py cannot use."""
+
+
+class SampleError(Exception):
+    """A flag, a checkpoint or an input sample.py cannot use: main prints it in one line and exits 1."""
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
 
 
 def check_settings(settings: dict):
@@ -87,3 +100,63 @@ def read_prompt_file(path) -> list[str]:
     if not prompts:
         raise FlagError(f"--prompt_file={path}: expected one prompt per line, found none")
     return prompts
+
+
+def device_flag(flag) -> str:
+    """--device, checked (SampleError where this machine has no such device), else kernels.device_type()."""
+    try:
+        return str(check_device(flag)) if flag else kernels.device_type()
+    except ValueError as e:
+        raise SampleError(f"--device={flag}: {str(e).split(': ', 1)[-1]}")
+
+
+def check_vocab(ckpt, tok, model_args):
+    """A tokenizer whose ids fit the model's embedding (SampleError otherwise)."""
+    if tok.vocab_size > model_args.vocab_size:  # ids past the embedding would crash mid-generation
+        raise SampleError(f"--ckpt={ckpt}: the tokenizer has {tok.vocab_size} tokens, the model's "
+                          f"vocab_size={model_args.vocab_size} (a tokenizer from another model?)")
+
+
+def check_load_flags(args, quantized):
+    """--adapter, --quantize and --save_quantized against each other and the checkpoint's quantization (config.json's,
+    or None): SampleError for a pair that cannot load."""
+    if args.adapter and quantized and not (isinstance(quantized, dict) and quantized.get("mode") == "nf4"):
+        raise SampleError(f"--adapter: {args.ckpt} is quantised; fold adapters into a full-precision checkpoint "
+                          "(or use nf4: "
+                          "an adapter runs beside NF4 weights)")
+    if args.adapter and args.save_quantized and args.quantize == "nf4":
+        raise SampleError("--save_quantized: with --quantize=nf4 the adapter stays apart from the NF4 weights; "
+                          "save without "
+                          "--adapter, then pass --adapter with the saved dir")
+    if args.quantize and quantized:
+        raise SampleError(f"--quantize={args.quantize}: {args.ckpt} is already quantised ({quantized})")
+
+
+def check_system(tok, template, system, encode_turn):
+    """--system, refused at start in one line by a chat template without a system role (Mistral's), not at the first
+    turn or in every request. encode_turn: sample.py's (the template's rendering)."""
+    if template and system:
+        try:
+            encode_turn(tok, template, [{"role": "user", "content": "Hi"}], system)
+        except ValueError as e:
+            raise SampleError(f"--system: the chat template refuses a system prompt ({e})")
+
+
+def fit_prompt(ids, max_new_tokens, max_seq_len, policy, what, bos_id=None):
+    """Make prompt + max_new_tokens fit the context: a clear error, or keep the last tokens (and bos) with a
+    warning, as --on_long_prompt says."""
+    room = max_seq_len - max_new_tokens
+    if room < 1:
+        raise SampleError(f"--max_new_tokens={max_new_tokens}: leaves no room for a prompt in the model's max_seq_len "
+                          f"{max_seq_len}")
+    if len(ids) <= room:
+        return ids
+    if policy == "error":
+        raise SampleError(f"{what}: {len(ids)} tokens + --max_new_tokens={max_new_tokens} exceed the model's "
+                          "max_seq_len "
+                          f"{max_seq_len}; shorten it, lower --max_new_tokens, or pass --on_long_prompt=truncate")
+    keep_bos = bos_id is not None and ids[0] == bos_id
+    kept = ids[:1] + ids[len(ids) - room + 1:] if keep_bos else ids[len(ids) - room:]
+    log(f"sample.py: warning: {what}: {len(ids)} tokens do not fit with --max_new_tokens={max_new_tokens} in "
+        f"max_seq_len {max_seq_len}; keeping the last {len(kept)} tokens")
+    return kept

@@ -1,4 +1,4 @@
-"""Used by sample.py (--serve) and bench.py (--mode=serve): the OpenAI-compatible HTTP server and its chat page
+"""Used by sample.py (--serve: serve) and bench.py (--mode=serve): the OpenAI-compatible HTTP server and its chat page
 (chat.html beside this file), on FastAPI and uvicorn.
 
 sample.py's Engine is the generation (continuous batching, text, log-probabilities); this file adds what HTTP needs:
@@ -14,7 +14,9 @@ sample.py's Engine is the generation (continuous batching, text, log-probabiliti
 """
 import asyncio
 import json
+import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -32,6 +34,7 @@ from starlette.middleware.cors import CORSMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from support import checks
+from support.sample_checks import SampleError, check_system, log
 
 MAX_BODY_BYTES = 1 << 20
 CHAT_PAGE = Path(__file__).with_name("chat.html")
@@ -673,3 +676,45 @@ class Answer:
     def echoed_piece(self):
         text, logprobs = self.echoed()
         return text, None, logprobs
+
+
+def serve(sampler, model, tok, args, family, template, decode_step=None):
+    """python sample.py --serve: the server on --host:--port until Ctrl-C or SIGTERM, which let the answers in
+    progress finish within --grace_period seconds (SampleError where it cannot listen there). sampler: sample.py's
+    module (its Engine, template and settings), as support/batching.py takes it; support/ imports no script."""
+    if template is None:  # no --template: the checkpoint's or the family's; without one only completions work
+        try:
+            template = sampler.resolve_template(None, tok, family)
+        except SampleError as e:
+            log(f"sample.py: warning: {e}; /v1/chat/completions will refuse")
+    # else every request that sends no system message would be refused
+    check_system(tok, template, args.system, sampler.encode_turn)
+    engine = sampler.Engine(model, tok, template=template, system=args.system,
+                            plain_settings=sampler.generation_settings(args, family, chat=False),
+                            chat_settings=sampler.generation_settings(args, family, chat=True),
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, max_batch=args.max_batch,
+                            decode_step=decode_step or sampler.decode_one)
+    try:
+        server = ModelServer(
+            engine, host=args.host, port=args.port, name=os.path.basename(os.path.normpath(args.ckpt)),
+            allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
+            grace_period=args.grace_period, max_requests=args.max_requests)
+    except OSError as e:  # port taken, address not on this machine
+        engine.close()
+        raise SampleError(f"--host={args.host} --port={args.port}: cannot listen there ({e.strerror or e})")
+    host, port = server.server_address[:2]
+    log(f"serving {server.name} at http://{host if ':' not in host else f'[{host}]'}:{port}/ (chat page; the API "
+        f"under /v1) (chat template {template}, batches of up to {args.max_batch}, KV cache of up to "
+        f"{engine.max_positions} positions, {args.max_requests} requests at once); Ctrl-C stops")
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # SIGTERM (docker stop, systemd, kill) stops it as Ctrl-C does
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # the signal that stopped it, raised again once the server has stopped
+        pass
+    finally:
+        server.server_close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    log("stopped")
