@@ -1132,8 +1132,9 @@ def run_llama_cpp_compare(opt) -> dict:
     weights = [t for name, t in list(ours.named_parameters()) + list(ours.named_buffers())
                if (t.dim() == 2 or name.endswith(".scales")) and not name.startswith(("tok_embeddings.", "rope_"))]
     ours_bytes = sum(t.numel() * t.element_size() for t in weights)
-    if ours.output is None:  # tied and not quantised: the embedding is the output layer
-        ours_bytes += ours.tok_embeddings.weight.numel() * ours.tok_embeddings.weight.element_size()
+    embedding = ours.tok_embeddings.weight
+    if ours.output is None or getattr(ours.output, "weight", None) is embedding:  # tied, not quantised: the embedding
+        ours_bytes += embedding.numel() * embedding.element_size()           # is the output layer
     result = {"mode": "generate", "compare": "llama.cpp", "gguf": str(opt.gguf), "family": family,
               "quantize": opt.quantize, "threads": threads, "prompt_len": opt.prompt_len,
               "new_tokens": opt.new_tokens, "llama_cpp_version": getattr(llama_cpp, "__version__", None)}

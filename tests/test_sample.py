@@ -83,13 +83,14 @@ def test_cached_equals_uncached(tiny):
 
 
 def test_decode_layout_gives_the_same_logits_and_tokens(pair):
-    """sample.py stores fp32 CPU linears transposed for decoding: same greedy tokens as transformers, same logits."""
+    """sample.py multiplies fp32 CPU linears in its C kernel when decoding: same greedy tokens as transformers, same
+    logits."""
     import copy
 
     hf, ours, _ = pair
     moved = sample.decode_layout(copy.deepcopy(ours))
     kinds = {type(m).__name__ for m in moved.modules()}
-    assert "InputMajorLinear" in kinds and "Linear" not in kinds
+    assert "DecodeLinear" in kinds and "Linear" not in kinds
     ids = torch.tensor([PROMPT])
     torch.testing.assert_close(moved(ids)[0], ours(ids)[0], rtol=1e-5, atol=1e-5)
     assert list(sample.generate(moved, PROMPT, 12, temperature=0)) == hf_greedy(hf, PROMPT, 12)
