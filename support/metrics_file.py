@@ -1,4 +1,4 @@
-"""support/metrics_file.py: used by train.py (start_metrics). metrics.jsonl is the history of the run that exists: a
+"""support/metrics_file.py: used by train.py (train: start_metrics, Throughput). metrics.jsonl is the history of the run that exists: a
 resume from step S drops the rows of the steps after S, which the rolled-back run had logged and the resumed one
 logs again (a loss curve, or bench.py --plot, would read them twice).
 
@@ -6,11 +6,21 @@ Rows are JSON objects, one a line: a step's row has "step", a start row "start_s
 S and the start rows of runs that started before S (the resumed run adds its own); dropped: the rest, and a line cut
 short by a killed run. The
 file is replaced whole (written beside it, then renamed), so a kill while rewinding leaves the old or the new one.
+
+It also writes the rows: the start of a run (start_metrics: what is trained, the unigram baseline, the peak FLOP/s
+MFU is measured against) and every log interval's (Throughput: loss, lr, grad norm, tokens/s, MFU, memory).
 """
 
 import json
 import os
+import time
 from pathlib import Path
+
+import torch
+
+from model import count_weights
+from support.planner import flops_per_token, local_state_bytes, mm_peak_flops, peak_memory_gib
+from support.stepdir import Ranks
 
 
 def rewind(path, step: int) -> int:
@@ -38,3 +48,55 @@ def rewind(path, step: int) -> int:
 def _number(row: dict, key: str) -> float:
     value = row.get(key)
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else -1
+
+
+def start_metrics(run, baseline: float) -> float:
+    """Open metrics.jsonl, log what is trained and the unigram baseline; -> the peak FLOP/s for MFU."""
+    cfg, args, d = run.cfg, run.args, run.d
+    peak = cfg.peak_flops or mm_peak_flops(torch.float32, 1024, run.device, repeats=1, seconds=0.5)
+    if d.master and cfg.init_from == "resume" and (dropped := rewind(run.out_dir / "metrics.jsonl", run.step)):
+        run.log(f"metrics.jsonl: dropped {dropped} rows of the steps after {run.step}, which this run trains again")
+    run.metrics = open(run.out_dir / "metrics.jsonl", "a") if d.master else None
+    n_params = count_weights(run.model)  # QLoRA's NF4 weights too
+    source = {"scratch": cfg.model, "resume": f"of {run.out_dir}"}.get(cfg.init_from, cfg.init_from)
+    run.log(f"model {source} ({run.family}): "
+            f"{n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}; {len(run.train_data.tokens):,} "
+            f"train tokens; {cfg.global_batch_size * cfg.seq_len:,} tokens per step (grad_accum {run.grad_accum}, "
+            f"dp {d.dp}, tp {d.tp}); dtype {cfg.dtype}; activation checkpointing {cfg.activation_checkpointing}")
+    run.log(f"unigram baseline (entropy of the train tokens): {baseline:.4f} nats; MFU against a peak of "
+            f"{peak / 1e9:.1f} GFLOP/s per device ({'configured' if cfg.peak_flops else 'measured torch.mm fp32'})")
+    run.record({"unigram_baseline": baseline, "n_params": n_params, "peak_flops": peak, "start_step": run.step})
+    return peak
+
+
+class Throughput:
+    """The log line every log_interval steps: loss, lr, grad norm, tokens/s per device and MFU (means over ranks),
+    memory per device; to stderr and metrics.jsonl. ranks: the run's processes, whose figures it gathers."""
+
+    def __init__(self, run, peak: float, ranks: Ranks = Ranks()):
+        self.run, self.peak, self.ranks = run, peak, ranks
+        self.flops_token = flops_per_token(run.args, run.cfg.seq_len)
+        self.t_log, self.first_step = time.perf_counter(), run.step
+
+    def restart(self):
+        """Time and count steps from now on (an eval or a checkpoint is not training throughput)."""
+        self.t_log, self.first_step = time.perf_counter(), self.run.step
+
+    def log(self, loss: float, lr: float, grad_norm: float):
+        run, ranks, scaler = self.run, self.ranks, self.run.scaler
+        mean_over_ranks = lambda x: sum(ranks.all_gather(x)) / ranks.world_size  # noqa: E731
+        tokens = run.cfg.global_batch_size * run.cfg.seq_len * (run.step - self.first_step)
+        rank_tokens_per_s = tokens / (time.perf_counter() - self.t_log) / ranks.world_size
+        tokens_per_s = mean_over_ranks(rank_tokens_per_s)
+        mfu = mean_over_ranks(self.flops_token * rank_tokens_per_s / self.peak)
+        mem = ranks.all_gather(peak_memory_gib(run.device))
+        state_bytes = [int(b) for b in ranks.all_gather(local_state_bytes(run.model, run.optimizer))]
+        run.record({"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                    "mfu": mfu, "mem_gib": max(mem), "mem_gib_per_device": mem,
+                    "param_optim_bytes_per_device": state_bytes, "skipped_steps": scaler.skipped,
+                    "loss_scale": scaler.scale, "elapsed_s": time.perf_counter() - run.t_start})
+        run.log(f"step {run.step}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
+                f"{tokens_per_s:,.0f} tokens/s/device, MFU {mfu:.1%}, mem {max(mem):.2f} GiB"
+                + (f" (max over {ranks.world_size} devices)" if ranks.world_size > 1 else "")
+                + (f", loss scale {scaler.scale:g}, skipped {scaler.skipped}" if scaler.enabled else ""))
+        self.t_log, self.first_step = time.perf_counter(), run.step
