@@ -35,18 +35,19 @@ from tqdm import tqdm
 import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
-from support.planner import local_state_bytes, training_plan
+from support.planner import training_plan
 from convert import dcp_to_native, merge_lora
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, lora_state_dict, read_config
 from support import config as configurator
+from support.collectives import barrier, mean_over_ranks, rank_device, ranks_of, stop_requested
 from support import diskspace, preemption, runlock, train_checks
 from support.config import ConfigError
 from support.checks import ranged
 from support.metrics_file import Throughput, start_metrics
 from support.peft import write_peft_adapter
-from support.stepdir import (RESUME_FIELDS, Ranks, dcp_load, newest_step_dir, read_step_dir, step_dirs,
+from support.stepdir import (RESUME_FIELDS, dcp_load, newest_step_dir, read_step_dir, step_dirs,
                              verify_step_dir, write_step_dir)
-from support.train_checks import TrainError, as_train_error, last_good
+from support.train_checks import TrainError, as_train_error, check_room, last_good
 from support.weights import load_tensors
 
 
@@ -221,25 +222,6 @@ def setup_distributed(cfg: Config, args: ModelArgs) -> Dist:
                 cpu_group=None if device == "cpu" else dist.new_group(backend="gloo"))
 
 
-def barrier(d: Dist):
-    if d.world_size > 1:
-        dist.barrier()
-
-
-def mean_over_ranks(x: float, d: Dist) -> float:
-    return sum(gather_over_ranks(x, d)) / d.world_size
-
-
-def gather_over_ranks(x: float, d: Dist) -> list[float]:
-    """Every rank's value of x, in rank order (a collective: every rank calls it)."""
-    if d.world_size == 1:
-        return [x]
-    t = torch.tensor([x], dtype=torch.float64, device=_device(d))
-    out = [torch.zeros_like(t) for _ in range(d.world_size)]
-    dist.all_gather(out, t)
-    return [v.item() for v in out]
-
-
 def loss_parallel_context(d: Dist):
     """Forward and backward of a tensor-parallel model run in torch's loss_parallel: its logits are sharded on the
     vocabulary and kernels.cross_entropy computes the loss on the shards."""
@@ -248,11 +230,6 @@ def loss_parallel_context(d: Dist):
     from torch.distributed.tensor.parallel import loss_parallel
 
     return loss_parallel()
-
-
-def _device(d: Dist) -> torch.device:
-    kind = kernels.device_type()
-    return torch.device(kind, d.local_rank) if kind in ("cuda", "npu") else torch.device(kind)
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str, n_blocks: int = 0):
@@ -337,7 +314,7 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
       the optimiser state, which needs the optimiser built first.
     """
     if cfg.lora_rank:
-        model = build_lora_model(args, cfg, _device(d))
+        model = build_lora_model(args, cfg, rank_device(d))
     else:
         with torch.device("meta"):
             model = Transformer(args)
@@ -351,7 +328,7 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
         apply_fsdp(model, cfg, d.mesh["dp"])
     if cfg.lora_rank:
         return model
-    model.to_empty(device=_device(d))
+    model.to_empty(device=rank_device(d))
     model.init_buffers()
     if cfg.init_from == "scratch":
         draw_weights(model, args, cfg, d)
@@ -377,7 +354,7 @@ def apply_fsdp(model: Transformer, cfg: Config, mesh):
 def draw_weights(model, args: ModelArgs, cfg: Config, d: Dist):
     """Weights from scratch: one CPU process draws them in place; otherwise rank 0 draws the whole model on the CPU
     with the seed and broadcasts it, each rank keeping its shards (the same draws, so every mesh starts alike)."""
-    if d.world_size == 1 and _device(d).type == "cpu":
+    if d.world_size == 1 and rank_device(d).type == "cpu":
         torch.manual_seed(cfg.seed)  # the very draws of the path below, without a second copy of the model
         model.init_weights()
         return
@@ -574,28 +551,14 @@ def on_event(name: str, step: int):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def all_gather(obj, d: Dist) -> list:
-    """Every rank's obj in rank order (a list of one in a single process)."""
-    if d.world_size == 1:
-        return [obj]
-    out = [None] * d.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def ranks_of(d: Dist) -> Ranks:
-    """The processes of this run as support/stepdir.py's functions take them: rank, count and collectives."""
-    return Ranks(d.rank, d.world_size, lambda: barrier(d), lambda obj: all_gather(obj, d))
-
-
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dict, args: ModelArgs, family: str,
                     cfg: Config, d: Dist, need: int = 0) -> Path:
     """out_dir/step_XXXXXXXX with this rank's shards of model and optimiser, its RNG, and train_state (need: the
     bytes it is expected to take, for the message of a full disk)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     rng = {"torch": torch.get_rng_state().tolist()}
-    if _device(d).type in ("cuda", "npu"):
-        rng["device"] = getattr(torch, _device(d).type).get_rng_state().tolist()
+    if rank_device(d).type in ("cuda", "npu"):
+        rng["device"] = getattr(torch, rank_device(d).type).get_rng_state().tolist()
     return write_step_dir(out_dir, step, {"model": model_sd, "optim": optim_sd}, rng,
                           {**asdict(args), "family": family}, train_state,
                           copy_tokenizer=lambda dst: prepare.copy_tokenizer_files(cfg.data_dir, dst),
@@ -612,8 +575,8 @@ def load_checkpoint(step_dir: Path, model, optimizer, d: Dist) -> dict:
     if rng:  # a rank that did not exist in the saving run keeps its seeded RNG
         try:
             torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-            if "device" in rng and _device(d).type in ("cuda", "npu"):
-                getattr(torch, _device(d).type).set_rng_state(torch.tensor(rng["device"], dtype=torch.uint8))
+            if "device" in rng and rank_device(d).type in ("cuda", "npu"):
+                getattr(torch, rank_device(d).type).set_rng_state(torch.tensor(rng["device"], dtype=torch.uint8))
         except RuntimeError as e:  # a state of the wrong size
             raise CheckpointError(f"{step_dir / f'rng_rank{d.rank}.json'}: not an RNG state of this torch "
                                   f"({str(e).splitlines()[0]})") from None
@@ -807,11 +770,11 @@ def setup(cfg: Config, model_overrides: dict, lock: runlock.OutDirLock) -> Run:
         train_data, val_data = (TokenSplit(cfg.data_dir, split, meta, cfg.seq_len) for split in ("train", "val"))
         for split in (train_data, val_data):
             split.check_ids(args.vocab_size)
-    train_checks.check_memory(args, cfg, d.dp, d.tp, _device(d), train_data.packed)
-    out_dir = train_checks.prepare_out_dir(cfg, ranks_of(d), lock)  # refused, or ours alone
+    train_checks.check_memory(args, cfg, d, train_data.packed)
+    out_dir = train_checks.prepare_out_dir(cfg, d, lock)  # refused, or ours alone
     model = build_model(args, cfg, d)
-    return Run(cfg, model_overrides, args, family, d, _device(d), out_dir, train_data, val_data, model,
-               optimizer=build_optimizer(model, cfg, _device(d)),
+    return Run(cfg, model_overrides, args, family, d, rank_device(d), out_dir, train_data, val_data, model,
+               optimizer=build_optimizer(model, cfg, rank_device(d)),
                scaler=LossScaler(cfg.dtype == "float16", cfg.loss_scale, cfg.loss_scale_window, cfg.static_loss_scale,
                                  cfg.loss_scale_hysteresis, cfg.min_loss_scale),
                sampler=EpochSampler(len(train_data.tokens), cfg.seq_len, micro_per_step, cfg.seed,
@@ -863,7 +826,7 @@ def train(run: Run) -> dict:
     autocast = contextlib.nullcontext() if cfg.dtype == "float32" else torch.autocast(run.device.type,
                                                                                      dtype=DTYPES[cfg.dtype])
     baseline = unigram_entropy(run.train_data, run.args.vocab_size)  # the loss of knowing token frequencies only
-    throughput = Throughput(run, start_metrics(run, baseline), ranks_of(d))
+    throughput = Throughput(run, start_metrics(run, baseline))
     run.t_start = time.perf_counter()
     bar = tqdm(total=cfg.max_iters, initial=run.step, disable=not d.master, dynamic_ncols=True, file=sys.stderr)
     with bar:  # closed however the loop ends: a stopping run's message comes after the bar, not inside it
@@ -900,17 +863,6 @@ def train(run: Run) -> dict:
                 throughput.restart()
     return {"losses": run.losses, "val_loss": run.val_loss, "best_val_loss": run.best_val,
             "unigram_baseline": baseline, "last_checkpoint": run.last_ckpt, "skipped_steps": run.scaler.skipped}
-
-
-def stop_requested(run: Run) -> int:
-    """The signal every rank stops on, 0 for none: the largest any rank has received (a scheduler may signal some
-    ranks only), agreed by an all-reduce on the CPU before each step, which waits for no device."""
-    signum = run.stop.signum if run.stop else 0
-    if run.d.world_size == 1:
-        return signum
-    flag = torch.tensor([signum], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.d.cpu_group)
-    return int(flag.item())
 
 
 def train_step(run: Run, autocast) -> tuple[float, torch.Tensor, torch.Tensor]:
@@ -950,13 +902,13 @@ def train_step(run: Run, autocast) -> tuple[float, torch.Tensor, torch.Tensor]:
     else:
         if scaler.at_floor():
             raise TrainError(f"step {run.step + 1}: float16 overflow at min_loss_scale={scaler.min_scale:g}: no lower scale is "
-                 f"allowed; stopping{last_good(run.out_dir)}")
+                 f"allowed; stopping{last_good(run)}")
         run.log(f"step {run.step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
         run.skipped_in_a_row += 1
         if run.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
             raise TrainError(f"step {run.step + 1}: loss {mean_over_ranks(loss_sum.item(), d)}, grad norm {grad_norm.item()} not "
                  f"finite in {run.skipped_in_a_row} float16 steps in a row (last loss scale {scaler.scale:g}); "
-                 f"stopping{last_good(run.out_dir)}")
+                 f"stopping{last_good(run)}")
     scaler.update(finite)
     run.optimizer.zero_grad(set_to_none=True)
     return lr, loss_sum, grad_norm
@@ -995,15 +947,9 @@ def read_steps(run: Run) -> tuple[float, float, float]:
     for step, loss, grad_norm in zip(steps, losses, grad_norms):
         if not run.scaler.enabled and not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise TrainError(f"step {step}: loss {loss}, grad norm {grad_norm} is not finite in {run.cfg.dtype}; stopping"
-                 f"{last_good(run.out_dir)}")
+                 f"{last_good(run)}")
         run.losses[step] = loss
     return losses[-1], lrs[-1], grad_norms[-1]
-
-
-def check_room(run: Run, where: Path | None = None, step_bytes: int = 0) -> int:
-    """The bytes the next step dir takes, once out_dir's disk has room for it (support/train_checks.py)."""
-    return train_checks.check_room(run.out_dir, run.cfg.keep_last, ranks_of(run.d),
-                                   local_state_bytes(run.model, run.optimizer), where, step_bytes)
 
 
 def checkpoint(run: Run) -> Path:

@@ -20,7 +20,7 @@ import torch
 
 from model import count_weights
 from support.planner import flops_per_token, local_state_bytes, mm_peak_flops, peak_memory_gib
-from support.stepdir import Ranks
+from support.collectives import gather_over_ranks, mean_over_ranks
 
 
 def rewind(path, step: int) -> int:
@@ -71,10 +71,10 @@ def start_metrics(run, baseline: float) -> float:
 
 class Throughput:
     """The log line every log_interval steps: loss, lr, grad norm, tokens/s per device and MFU (means over ranks),
-    memory per device; to stderr and metrics.jsonl. ranks: the run's processes, whose figures it gathers."""
+    memory per device; to stderr and metrics.jsonl."""
 
-    def __init__(self, run, peak: float, ranks: Ranks = Ranks()):
-        self.run, self.peak, self.ranks = run, peak, ranks
+    def __init__(self, run, peak: float):
+        self.run, self.peak = run, peak
         self.flops_token = flops_per_token(run.args, run.cfg.seq_len)
         self.t_log, self.first_step = time.perf_counter(), run.step
 
@@ -83,20 +83,19 @@ class Throughput:
         self.t_log, self.first_step = time.perf_counter(), self.run.step
 
     def log(self, loss: float, lr: float, grad_norm: float):
-        run, ranks, scaler = self.run, self.ranks, self.run.scaler
-        mean_over_ranks = lambda x: sum(ranks.all_gather(x)) / ranks.world_size  # noqa: E731
+        run, d, scaler = self.run, self.run.d, self.run.scaler
         tokens = run.cfg.global_batch_size * run.cfg.seq_len * (run.step - self.first_step)
-        rank_tokens_per_s = tokens / (time.perf_counter() - self.t_log) / ranks.world_size
-        tokens_per_s = mean_over_ranks(rank_tokens_per_s)
-        mfu = mean_over_ranks(self.flops_token * rank_tokens_per_s / self.peak)
-        mem = ranks.all_gather(peak_memory_gib(run.device))
-        state_bytes = [int(b) for b in ranks.all_gather(local_state_bytes(run.model, run.optimizer))]
+        rank_tokens_per_s = tokens / (time.perf_counter() - self.t_log) / d.world_size
+        tokens_per_s = mean_over_ranks(rank_tokens_per_s, d)
+        mfu = mean_over_ranks(self.flops_token * rank_tokens_per_s / self.peak, d)
+        mem = gather_over_ranks(peak_memory_gib(run.device), d)
+        state_bytes = [int(b) for b in gather_over_ranks(local_state_bytes(run.model, run.optimizer), d)]
         run.record({"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                     "mfu": mfu, "mem_gib": max(mem), "mem_gib_per_device": mem,
                     "param_optim_bytes_per_device": state_bytes, "skipped_steps": scaler.skipped,
                     "loss_scale": scaler.scale, "elapsed_s": time.perf_counter() - run.t_start})
         run.log(f"step {run.step}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
                 f"{tokens_per_s:,.0f} tokens/s/device, MFU {mfu:.1%}, mem {max(mem):.2f} GiB"
-                + (f" (max over {ranks.world_size} devices)" if ranks.world_size > 1 else "")
+                + (f" (max over {d.world_size} devices)" if d.world_size > 1 else "")
                 + (f", loss scale {scaler.scale:g}, skipped {scaler.skipped}" if scaler.enabled else ""))
         self.t_log, self.first_step = time.perf_counter(), run.step

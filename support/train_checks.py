@@ -24,11 +24,11 @@ from model import PRESETS, ModelArgs
 from support import diskspace, runlock
 from support.checks import check_value
 from support.outputs import check_output
-from support.planner import memory_plan
-from support.stepdir import (ROOM_ADVICE, Ranks, last_good_step_dir, newest_step_dir, read_train_state,
+from support.collectives import all_gather, barrier, gather_over_ranks, rank_device
+from support.planner import local_state_bytes, memory_plan
+from support.stepdir import (ROOM_ADVICE, last_good_step_dir, newest_step_dir, read_train_state,
                              remove_unfinished_step_dirs, step_dirs)
 
-MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
 AC_MODES = ("none", "full", "selective")
 LOSS_WEIGHTINGS = ("token", "micro_batch")
 RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets beside WORLD_SIZE
@@ -176,12 +176,13 @@ def check_mesh(cfg, args: ModelArgs, world: int, world_name: str = "WORLD_SIZE")
     return dp
 
 
-def check_memory(args: ModelArgs, cfg, dp: int, tp: int, device, packed: bool):
+def check_memory(args: ModelArgs, cfg, d, packed: bool):
     """Refuse, before allocating any of it, a run whose planned bytes per device (planner.memory_plan, what --dry_run
     prints) exceed the memory this device has available; the processes of one machine share its CPU memory."""
+    device = rank_device(d)
     available = kernels.available_memory(device)
     try:
-        plan = memory_plan(args, cfg, dp, tp, packed)
+        plan = memory_plan(args, cfg, d.dp, d.tp, packed)
     except ValueError as e:  # lora_targets that match no layer
         raise TrainError(str(e))
     need = plan["bytes"]["total"] * (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1)
@@ -196,7 +197,7 @@ def check_memory(args: ModelArgs, cfg, dp: int, tp: int, device, packed: bool):
 
 
 def check_same_shape(path, saved: ModelArgs, args: ModelArgs):
-    diff = [f"{f}={getattr(saved, f)!r} (config has {getattr(args, f)!r})" for f in MODEL_FIELDS
+    diff = [f"{f}={getattr(saved, f)!r} (config has {getattr(args, f)!r})" for f in (f.name for f in fields(ModelArgs))
             if getattr(saved, f) != getattr(args, f)]
     if diff:
         raise TrainError(f"{path}: checkpoint of another model: " + ", ".join(diff))
@@ -223,7 +224,7 @@ def check_base_tensor(init_from, tensors: dict, name: str, shape):
 # out_dir: its writing, its disk room
 
 
-def prepare_out_dir(cfg, ranks: Ranks, lock: runlock.OutDirLock) -> Path:
+def prepare_out_dir(cfg, d, lock: runlock.OutDirLock) -> Path:
     """Refuse an out_dir that is, holds or lies inside this run's data or start checkpoint, and two runs in one
     out_dir: one that another process holds (lock: rank 0 holds it for this run until the end), and a previous run's
     unless init_from='resume' or --overwrite."""
@@ -235,7 +236,7 @@ def prepare_out_dir(cfg, ranks: Ranks, lock: runlock.OutDirLock) -> Path:
     except ValueError as e:
         raise TrainError(str(e))
     problem = None
-    if ranks.rank == 0:
+    if d.master:
         try:  # a path under a file, a read-only dir or file system: one line now, not a traceback at the first save
             out_dir.mkdir(parents=True, exist_ok=True)
             if warning := lock.take(out_dir):
@@ -247,40 +248,38 @@ def prepare_out_dir(cfg, ranks: Ranks, lock: runlock.OutDirLock) -> Path:
             problem = f"out_dir={out_dir}: cannot write there ({e.strerror}: {e.filename})"
         except runlock.Busy as e:
             problem = str(e)
-    if problem := ranks.all_gather(problem)[0]:  # every rank stops with rank 0's line
+    if problem := all_gather(problem, d)[0]:  # every rank stops with rank 0's line
         raise TrainError(problem)
     previous = step_dirs(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "export") if p.exists()]
     if cfg.init_from != "resume" and previous and not cfg.overwrite:
         raise TrainError(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
              f"it, or --overwrite to replace it")
-    if ranks.rank == 0:
+    if d.master:
         if cfg.init_from != "resume":
             for p in previous:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         remove_unfinished_step_dirs(out_dir)
-    ranks.barrier()
+    barrier(d)
     return out_dir
 
 
-def check_room(out_dir: Path, keep_last: int, ranks: Ranks, state_bytes: int, where: Path | None = None,
-               step_bytes: int = 0) -> int:
+def check_room(run, where: Path | None = None, step_bytes: int = 0) -> int:
     """The bytes a step dir takes: the newest one's (step_bytes, or the newest in out_dir), before the first the
-    parameters and optimiser state of every rank (state_bytes: this rank's); stops every rank in one line, naming the
-    last good checkpoint, when out_dir's disk has not that much room (plus a margin) for the next one beside the
-    keep_last kept."""
-    state_bytes = sum(ranks.all_gather(state_bytes))  # on every rank
+    parameters and optimiser state of every rank; stops every rank in one line, naming the last good checkpoint,
+    when out_dir's disk has not that much room (plus a margin) for the next one beside the keep_last kept."""
+    state_bytes = sum(gather_over_ranks(local_state_bytes(run.model, run.optimizer), run.d))  # on every rank
     problem, need = None, 0
-    if ranks.rank == 0:
-        newest = step_dirs(out_dir)
+    if run.d.master:
+        newest = step_dirs(run.out_dir)
         need = step_bytes or (diskspace.tree_bytes(newest[-1]) if newest else int(state_bytes))
-        problem = diskspace.room_problem(out_dir, need, ROOM_ADVICE.format(keep_last),
+        problem = diskspace.room_problem(run.out_dir, need, ROOM_ADVICE.format(run.cfg.keep_last),
                                          f"{where.name if where else 'the next checkpoint'}")
-    if problem := ranks.all_gather(problem)[0]:
-        raise TrainError(f"{problem}{last_good(out_dir)}")
+    if problem := all_gather(problem, run.d)[0]:
+        raise TrainError(f"{problem}{last_good(run)}")
     return need
 
 
-def last_good(out_dir) -> str:
+def last_good(run) -> str:
     """'; the last good checkpoint is ...': the newest step dir that verifies (and so holds finite weights)."""
-    last = last_good_step_dir(out_dir)
+    last = last_good_step_dir(run.out_dir)
     return f"; the last good checkpoint is {last}" if last else "; no good checkpoint was written"
