@@ -35,19 +35,18 @@ from tqdm import tqdm
 import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
-from support.planner import training_plan
 from convert import dcp_to_native, merge_lora
 from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, lora_state_dict, read_config
 from support import config as configurator
 from support.collectives import barrier, mean_over_ranks, rank_device, ranks_of, stop_requested
-from support import diskspace, preemption, runlock, train_checks
+from support import diskspace, dry_run, preemption, runlock, train_checks
 from support.config import ConfigError
 from support.checks import ranged
-from support.metrics_file import Throughput, start_metrics
+from support.metrics_file import Throughput, read_steps, start_metrics
 from support.peft import write_peft_adapter
 from support.stepdir import (RESUME_FIELDS, dcp_load, newest_step_dir, read_step_dir, step_dirs,
                              verify_step_dir, write_step_dir)
-from support.train_checks import TrainError, as_train_error, check_room, last_good
+from support.train_checks import TrainError, as_train_error, check_room
 from support.weights import load_tensors
 
 
@@ -132,7 +131,6 @@ class Config:
 
 
 MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
-MAX_SKIPPED_IN_A_ROW = 32  # float16 steps skipped in a row (loss scale / 2^32) before a run stops as diverged
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -644,27 +642,12 @@ def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# --dry_run: the plan of a config on its mesh (support/planner.py computes it)
+# --dry_run: the plan of a config on its mesh (support/dry_run.py and support/planner.py compute it)
 
 
 def plan(cfg: Config, model_overrides: dict) -> dict:
-    """--dry_run: print the parameter count, per-device memory and step time of this config on its mesh; build nothing
-    but a meta-device model. Returns the numbers (tests)."""
-    notes = []
-    data = Path(cfg.data_dir) / "meta.json"
-    meta = load_meta(cfg.data_dir) if data.exists() else None
-    if cfg.init_from not in ("scratch", "resume") and not Path(cfg.init_from).exists():
-        notes.append(f"init_from={cfg.init_from} is not here: planned with the preset model={cfg.model!r}")
-        cfg = replace(cfg, init_from="scratch")
-    if meta is None:
-        notes.append(f"{data} is not here: the model's vocabulary and unpacked rows assumed (prepare.py --pack adds "
-                     "a per-sequence attention mask, in the plan once the data is here)")
-        vocab = PRESETS[cfg.model].vocab_size if cfg.model in PRESETS else 1
-        meta = {"vocab_size": model_overrides.get("vocab_size", vocab)}
-    args, family = model_args_for(cfg, model_overrides, meta)
-    dp = train_checks.check_mesh(cfg, args, cfg.devices or int(os.environ.get("WORLD_SIZE", "1")), "devices")
-    with as_train_error(ValueError):  # lora_targets that match no layer
-        return training_plan(args, family, cfg, dp, cfg.tp, meta, notes)
+    """--dry_run: print the parameter count, per-device memory and step time of this config on its mesh."""
+    return dry_run.plan(cfg, model_overrides, model_args_for, load_meta)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -899,16 +882,8 @@ def train_step(run: Run, autocast) -> tuple[float, torch.Tensor, torch.Tensor]:
     if finite:
         run.optimizer.step()
         run.skipped_in_a_row = 0
-    else:
-        if scaler.at_floor():
-            raise TrainError(f"step {run.step + 1}: float16 overflow at min_loss_scale={scaler.min_scale:g}: no lower scale is "
-                 f"allowed; stopping{last_good(run)}")
-        run.log(f"step {run.step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
-        run.skipped_in_a_row += 1
-        if run.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
-            raise TrainError(f"step {run.step + 1}: loss {mean_over_ranks(loss_sum.item(), d)}, grad norm {grad_norm.item()} not "
-                 f"finite in {run.skipped_in_a_row} float16 steps in a row (last loss scale {scaler.scale:g}); "
-                 f"stopping{last_good(run)}")
+    else:  # said and counted; one at min_loss_scale, or 32 in a row, stops the run
+        train_checks.skip_overflowed_step(run, loss_sum, grad_norm)
     scaler.update(finite)
     run.optimizer.zero_grad(set_to_none=True)
     return lr, loss_sum, grad_norm
@@ -929,27 +904,6 @@ def loss_weights(batches: list, weighting: str, d: Dist) -> tuple[list, object]:
     if d.dp > 1:
         dist.all_reduce(whole, group=d.mesh.get_group("dp"))
     return [n * d.dp for n in counted], whole.clamp(min=1)  # none counted: a zero loss, as a micro batch's alone
-
-
-def read_steps(run: Run) -> tuple[float, float, float]:
-    """The losses and grad norms of the steps since the last read, off the device at once: each step's loss (the
-    mean of its dp ranks' parts) into run.losses. A float32 or bfloat16 step whose loss or grad norm is not finite
-    stops the run, named (a float16 one was skipped). -> (loss, lr, grad norm) of the last step."""
-    d = run.d
-    steps, lrs, losses, grad_norms = zip(*run.unread)
-    run.unread.clear()
-    values = torch.stack([torch.stack(losses), torch.stack(grad_norms)]).double()  # (2, steps)
-    if d.dp > 1:  # the grad norms are the same on every rank
-        parts = [torch.empty_like(values) for _ in range(d.dp)]
-        dist.all_gather(parts, values, group=d.mesh.get_group("dp"))
-        values[0] = sum(part[0] for part in parts) / d.dp
-    losses, grad_norms = values.tolist()
-    for step, loss, grad_norm in zip(steps, losses, grad_norms):
-        if not run.scaler.enabled and not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise TrainError(f"step {step}: loss {loss}, grad norm {grad_norm} is not finite in {run.cfg.dtype}; stopping"
-                 f"{last_good(run)}")
-        run.losses[step] = loss
-    return losses[-1], lrs[-1], grad_norms[-1]
 
 
 def checkpoint(run: Run) -> Path:

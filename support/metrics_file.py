@@ -1,26 +1,31 @@
-"""support/metrics_file.py: used by train.py (train: start_metrics, Throughput). metrics.jsonl is the history of the run that exists: a
-resume from step S drops the rows of the steps after S, which the rolled-back run had logged and the resumed one
-logs again (a loss curve, or bench.py --plot, would read them twice).
+"""support/metrics_file.py: used by train.py (its loop: start_metrics, read_steps, Throughput). metrics.jsonl is
+the history of the run that exists: a resume from step S drops the rows of the steps after S, which the rolled-back
+run had logged and the resumed one logs again (a loss curve, or bench.py --plot, would read them twice).
 
 Rows are JSON objects, one a line: a step's row has "step", a start row "start_step". Kept: the rows of steps up to
 S and the start rows of runs that started before S (the resumed run adds its own); dropped: the rest, and a line cut
-short by a killed run. The
-file is replaced whole (written beside it, then renamed), so a kill while rewinding leaves the old or the new one.
+short by a killed run. The file is replaced whole (written beside it, then renamed), so a kill while rewinding leaves
+the old or the new one.
 
-It also writes the rows: the start of a run (start_metrics: what is trained, the unigram baseline, the peak FLOP/s
-MFU is measured against) and every log interval's (Throughput: loss, lr, grad norm, tokens/s, MFU, memory).
+It also makes the rows: the start of a run (start_metrics: what is trained, the unigram baseline, the peak FLOP/s
+MFU is measured against), the losses and grad norms of the steps, read off the device at once when a row, an eval or
+a checkpoint needs them (read_steps: a step does not wait for the device; a non-finite one stops the run), and every
+log interval's row (Throughput: loss, lr, grad norm, tokens/s, MFU, memory).
 """
 
 import json
+import math
 import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from model import count_weights
 from support.planner import flops_per_token, local_state_bytes, mm_peak_flops, peak_memory_gib
 from support.collectives import gather_over_ranks, mean_over_ranks
+from support.train_checks import TrainError, last_good
 
 
 def rewind(path, step: int) -> int:
@@ -67,6 +72,27 @@ def start_metrics(run, baseline: float) -> float:
             f"{peak / 1e9:.1f} GFLOP/s per device ({'configured' if cfg.peak_flops else 'measured torch.mm fp32'})")
     run.record({"unigram_baseline": baseline, "n_params": n_params, "peak_flops": peak, "start_step": run.step})
     return peak
+
+
+def read_steps(run) -> tuple[float, float, float]:
+    """The losses and grad norms of the steps since the last read, off the device at once: each step's loss (the
+    mean of its dp ranks' parts) into run.losses. A float32 or bfloat16 step whose loss or grad norm is not finite
+    stops the run, named (a float16 one was skipped). -> (loss, lr, grad norm) of the last step."""
+    d = run.d
+    steps, lrs, losses, grad_norms = zip(*run.unread)
+    run.unread.clear()
+    values = torch.stack([torch.stack(losses), torch.stack(grad_norms)]).double()  # (2, steps)
+    if d.dp > 1:  # the grad norms are the same on every rank
+        parts = [torch.empty_like(values) for _ in range(d.dp)]
+        dist.all_gather(parts, values, group=d.mesh.get_group("dp"))
+        values[0] = sum(part[0] for part in parts) / d.dp
+    losses, grad_norms = values.tolist()
+    for step, loss, grad_norm in zip(steps, losses, grad_norms):
+        if not run.scaler.enabled and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrainError(f"step {step}: loss {loss}, grad norm {grad_norm} is not finite in {run.cfg.dtype}; stopping"
+                 f"{last_good(run)}")
+        run.losses[step] = loss
+    return losses[-1], lrs[-1], grad_norms[-1]
 
 
 class Throughput:

@@ -6,7 +6,8 @@ against the data and the run (check_model_args, check_preset, check_vocabulary),
 its step dir (resumed_lora_settings), of the launch and the (dp, tp) mesh (check_launch, check_mesh), of loaded
 weights (check_same_shape, check_tensors, check_base_tensor), of out_dir (prepare_out_dir: never an input, one run
 at a time, a previous run kept unless resumed or overwritten), of memory (check_memory) and disk room for the next
-checkpoint (check_room); and the words a stopping run ends with (last_good).
+checkpoint (check_room); and the stops of a run that cannot go on: float16 overflows no loss scale helps
+(skip_overflowed_step), the words naming the last good checkpoint (last_good).
 """
 
 import contextlib
@@ -24,7 +25,7 @@ from model import PRESETS, ModelArgs
 from support import diskspace, runlock
 from support.checks import check_value
 from support.outputs import check_output
-from support.collectives import all_gather, barrier, gather_over_ranks, rank_device
+from support.collectives import all_gather, barrier, gather_over_ranks, mean_over_ranks, rank_device
 from support.planner import local_state_bytes, memory_plan
 from support.stepdir import (ROOM_ADVICE, last_good_step_dir, newest_step_dir, read_train_state,
                              remove_unfinished_step_dirs, step_dirs)
@@ -32,6 +33,7 @@ from support.stepdir import (ROOM_ADVICE, last_good_step_dir, newest_step_dir, r
 AC_MODES = ("none", "full", "selective")
 LOSS_WEIGHTINGS = ("token", "micro_batch")
 RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets beside WORLD_SIZE
+MAX_SKIPPED_IN_A_ROW = 32  # float16 steps skipped in a row (loss scale / 2^32) before a run stops as diverged
 
 
 class TrainError(Exception):
@@ -277,6 +279,25 @@ def check_room(run, where: Path | None = None, step_bytes: int = 0) -> int:
     if problem := all_gather(problem, run.d)[0]:
         raise TrainError(f"{problem}{last_good(run)}")
     return need
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# a run that cannot go on
+
+
+def skip_overflowed_step(run, loss_sum, grad_norm):
+    """A float16 step whose gradients overflowed (train_step skips its update): said and counted; an overflow at
+    min_loss_scale, or the MAX_SKIPPED_IN_A_ROW-th in a row, stops the run naming the last good checkpoint."""
+    scaler, d = run.scaler, run.d
+    if scaler.at_floor():
+        raise TrainError(f"step {run.step + 1}: float16 overflow at min_loss_scale={scaler.min_scale:g}: no lower scale is "
+             f"allowed; stopping{last_good(run)}")
+    run.log(f"step {run.step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
+    run.skipped_in_a_row += 1
+    if run.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
+        raise TrainError(f"step {run.step + 1}: loss {mean_over_ranks(loss_sum.item(), d)}, grad norm {grad_norm.item()} not "
+             f"finite in {run.skipped_in_a_row} float16 steps in a row (last loss scale {scaler.scale:g}); "
+             f"stopping{last_good(run)}")
 
 
 def last_good(run) -> str:
