@@ -1,13 +1,14 @@
-"""Used by train.py: what a run is given, checked where it enters, and refused in one line (TrainError) before the
-run allocates, joins a process group or writes anything it cannot finish.
+"""Used by train.py: what a run is given, checked where it enters, and refused in one line (TrainError, which
+train.py's main says) before the run allocates, joins a process group or writes what it cannot finish.
 
 What it adds to train.py: the checks of its config beyond each key's declared range (check_config), of the model
-against the data and the run (check_model_args, check_preset, check_vocabulary), of a resume's LoRA settings against
-its step dir (resumed_lora_settings), of the launch and the (dp, tp) mesh (check_launch, check_mesh), of loaded
-weights (check_same_shape, check_tensors, check_base_tensor), of out_dir (prepare_out_dir: never an input, one run
-at a time, a previous run kept unless resumed or overwritten), of memory (check_memory) and disk room for the next
-checkpoint (check_room); and the stops of a run that cannot go on: float16 overflows no loss scale helps
-(skip_overflowed_step), the words naming the last good checkpoint (last_good).
+against the data and the run (check_preset, check_vocabulary, check_model_args), of a resume's LoRA settings against
+its step dir (resumed_lora_settings), of the launch and the (dp, tp) mesh (check_launch, check_mesh), of the data's
+size (check_windows), of loaded weights (check_same_shape, check_tensors, check_base_tensor), of out_dir
+(prepare_out_dir: never an input, one run at a time, a previous run kept unless resumed or overwritten), of memory
+(check_memory) and of disk room for the next checkpoint (check_room); the stops of a run that cannot go on (float16
+overflows no loss scale helps: skip_overflowed_step) with the words naming its last good checkpoint (last_good); and
+as_train_error, which says a library's own error (a checkpoint's, the data's) as the run's.
 """
 
 import contextlib
