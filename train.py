@@ -5,35 +5,20 @@
     python train.py config/default.py --init_from=resume       # continue the run in out_dir exactly
     python train.py config/sft_tiny.py --init_from=path/to/checkpoint_dir   # fine-tune converted weights
     python train.py config/baichuan2_13b_sft.py --dry_run      # memory and step time on its mesh (support/planner.py)
-
-Configuration is nanoGPT-style: the defaults are the fields of `Config` below; each config/<recipe>.py assigns some
-of them as plain Python globals; `--key=value` overrides come last (values parsed with ast.literal_eval, anything
-that is not a Python literal is a string). Every value is type-checked against its default. The model is a preset
-of model.PRESETS (`model='tiny'`) plus overrides of any ModelArgs field (`--n_layers=4`).
-
-Data (prepare.py's output dir): train.bin / val.bin memmapped tokens, train.mask.bin / val.mask.bin
-for instruction data (loss only on mask=1 tokens), meta.json. Training walks through the tokens in epochs of
-non-overlapping seq_len windows in an order drawn from (seed, epoch), so the data position is two integers.
-
-Checkpoints: every ckpt_interval steps, out_dir/step_XXXXXXXX/ in the step dir format of support/stepdir.py (its
-docstring): model and optimiser (torch.distributed.checkpoint, resharded on load), every rank's RNG, loss scaler, data
-position, and the size and sha256 of every file, written under a temporary name and renamed when complete; resume
-checks them and falls back past a damaged one. With export=True the last one becomes a checkpoint dir for sample.py.
-
-Distributed (torchrun) runs the same code on a (dp, tp) device mesh; a single process is the trivial (1, 1) mesh
-and needs no process group. FSDP2 shards over dp, tensor + sequence parallelism splits each block over tp:
-
     torchrun --standalone --nproc_per_node=4 train.py config/default.py --tp=2   # dp=2 x tp=2
-    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST0 --nproc_per_node=8 train.py ...   # and node_rank=1 on HOST1
+
+The defaults are the fields of `Config`; a config/<recipe>.py assigns some of them and `--key=value` overrides come
+last (any ModelArgs field too: `--n_layers=4`). A run walks its data in epochs of seq_len windows (EpochSampler),
+saves a step dir (support/stepdir.py) every ckpt_interval steps and resumes from one exactly. One process is the
+trivial (1, 1) mesh; under torchrun the same code runs on a (dp, tp) mesh: FSDP2 over dp, tensor and sequence
+parallelism over tp. docs/training.md says the rest.
 """
 
 import contextlib
-import difflib
 import functools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -50,19 +35,20 @@ from tqdm import tqdm
 import kernels
 import prepare
 from prepare import TokenSplit, unigram_entropy
-from support.planner import flops_per_token, memory_plan, mm_peak_flops, peak_memory_gib, training_plan
 from convert import dcp_to_native, merge_lora
-from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, count_weights, lora_state_dict, read_config
+from model import LORA_DEFAULT_TARGETS, PRESET_FAMILY, PRESETS, CheckpointError, ModelArgs, Transformer, apply_lora, lora_state_dict, read_config
 from support import config as configurator
-from support import diskspace, metrics_file, preemption, runlock
+from support.collectives import barrier, mean_over_ranks, rank_device, ranks_of, stop_requested
+from support import diskspace, dry_run, preemption, runlock, train_checks
 from support.config import ConfigError
-from support.checks import check_value, ranged
-from support.outputs import check_output
+from support.checks import ranged
+from support.metrics_file import Throughput, read_steps, start_metrics
 from support.peft import write_peft_adapter
-from support.stepdir import (RESUME_FIELDS, ROOM_ADVICE, Ranks, dcp_load, last_good_step_dir, newest_step_dir, read_step_dir,
-                             read_train_state, remove_unfinished_step_dirs, step_dirs, verify_step_dir, write_step_dir)
+from support.stepdir import (RESUME_FIELDS, dcp_load, newest_step_dir, read_step_dir, step_dirs,
+                             verify_step_dir, write_step_dir)
+from support.train_checks import TrainError, as_train_error, check_room
 from support.weights import load_tensors
-from support.device import available_memory, freed_memory_returned_to_os
+from support.device import freed_memory_returned_to_os
 
 
 @dataclass
@@ -146,15 +132,7 @@ class Config:
 
 
 MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
-MAX_SKIPPED_IN_A_ROW = 32  # float16 steps skipped in a row (loss scale / 2^32) before a run stops as diverged
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AC_MODES = ("none", "full", "selective")
-LOSS_WEIGHTINGS = ("token", "micro_batch")
-
-
-class TrainError(Exception):
-    """A run that cannot start or go on (its config, data, mesh, weights or out_dir): one line for a person, which
-    main says as train.py's with a non-zero exit and no traceback."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -178,83 +156,21 @@ def model_args_for(cfg: Config, overrides: dict, meta: dict) -> tuple[ModelArgs,
     if cfg.init_from == "resume":
         source, saved = newest_step_dir(cfg.out_dir, read_config)
     elif cfg.init_from != "scratch":
-        try:
+        with as_train_error(CheckpointError, prefix="init_from: "):
             saved, source = read_config(cfg.init_from), cfg.init_from
-        except CheckpointError as e:
-            raise TrainError(f"init_from: {e}")
-    if source is not None and (diff := prepare.vocabulary_difference(source, cfg.data_dir)):
-        raise TrainError(f"data_dir={cfg.data_dir}: prepared with another tokenizer than init_from={source}'s ({diff}); "
-             f"prepare it with --tokenizer={source}")
+    if source is not None:  # the data must be tokenized as the model was
+        train_checks.check_vocabulary(source, cfg.data_dir, prepare.vocabulary_difference(source, cfg.data_dir))
     if saved is not None:
         base, family = saved[0], saved[1].get("family", "llama")
     else:  # from scratch, or a resume with no step dir (which resume then reports)
-        if cfg.model not in PRESETS:
-            close = difflib.get_close_matches(cfg.model, list(PRESETS), n=1)
-            raise TrainError(f"model={cfg.model!r}: unknown preset" + (f"; did you mean {close[0]!r}?" if close else "")
-                 + f" (presets: {', '.join(PRESETS)})")
+        train_checks.check_preset(cfg.model)
         base, family = PRESETS[cfg.model], PRESET_FAMILY[cfg.model]
         if "vocab_size" not in overrides:  # a model trained from scratch takes the data's vocabulary
             base = replace(base, vocab_size=meta["vocab_size"])
-    try:
+    with as_train_error(ValueError):
         args = replace(base, **overrides)
-    except ValueError as e:
-        raise TrainError(str(e))
-    if cfg.seq_len > args.max_seq_len:
-        raise TrainError(f"seq_len={cfg.seq_len} is above the model's max_seq_len={args.max_seq_len}")
-    if cfg.activation_checkpointing_layers > args.n_layers:
-        raise TrainError(f"activation_checkpointing_layers={cfg.activation_checkpointing_layers} is above the model's "
-             f"n_layers={args.n_layers}")
-    if meta["vocab_size"] > args.vocab_size:
-        raise TrainError(f"{cfg.data_dir}/meta.json: vocab_size={meta['vocab_size']} is larger than the model's "
-             f"vocab_size={args.vocab_size} (was the data prepared with this model's tokenizer?)")
+    train_checks.check_model_args(cfg, args, meta)
     return args, family
-
-
-LORA_SHAPE = ("lora_rank", "lora_targets", "qlora")  # what a LoRA run's step dir holds: fixed for its resumes
-
-
-def resumed_lora_settings(cfg: Config) -> Config:
-    """A resume trains what its newest readable step dir holds: a LoRA run takes that run's LoRA settings when the
-    command line gives none (as a fine-tuning run takes its model); settings that contradict it are refused."""
-    if cfg.init_from != "resume":
-        return cfg
-    step_dir, state = newest_step_dir(cfg.out_dir, read_train_state)
-    saved = state.get("config") if step_dir is not None else None
-    if not isinstance(saved, dict):  # no step dir (resume reports it), or no settings recorded: resume checks the rest
-        return cfg
-    file = step_dir / "train_state.json"
-    lora = {k: saved.get(k, getattr(Config, k)) for k in ("lora_alpha", "lora_dropout", *LORA_SHAPE)}
-    for key, value in lora.items():
-        try:
-            check_value(key, value, Config.__dataclass_fields__[key].type,
-                        Config.__dataclass_fields__[key].metadata.get("range"))
-        except ValueError as e:
-            raise TrainError(f"{file}: config: {e}")
-    if lora["lora_rank"] and not cfg.lora_rank:
-        return replace(cfg, **lora)
-    if (lora["lora_rank"] or cfg.lora_rank) and any(getattr(cfg, k) != lora[k] for k in LORA_SHAPE):
-        held = ", ".join(f"{k}={lora[k]!r}" for k in LORA_SHAPE)
-        raise TrainError(f"init_from=resume: {step_dir} holds a LoRA run with {held}; resume it with those (or none)"
-             if lora["lora_rank"] else f"init_from=resume: {step_dir} holds a run without LoRA; resume it without "
-             f"lora_rank")
-    return cfg
-
-
-def check_config(cfg: Config):
-    """What the declared ranges (checked as each key is set) cannot say alone."""
-    if cfg.dtype not in DTYPES:
-        raise TrainError(f"dtype={cfg.dtype!r}: expected one of {', '.join(DTYPES)}")
-    if cfg.activation_checkpointing not in AC_MODES:
-        raise TrainError(f"activation_checkpointing={cfg.activation_checkpointing!r}: expected one of {', '.join(AC_MODES)}")
-    if cfg.loss_weighting not in LOSS_WEIGHTINGS:
-        raise TrainError(f"loss_weighting={cfg.loss_weighting!r}: expected one of {', '.join(LOSS_WEIGHTINGS)}")
-    if cfg.lr_decay not in ("cosine", "linear"):
-        raise TrainError(f"lr_decay={cfg.lr_decay!r}: expected 'cosine' or 'linear'")
-    if cfg.qlora and not cfg.lora_rank:
-        raise TrainError("qlora=True trains adapters on a 4-bit base: set lora_rank too (e.g. --lora_rank=8)")
-    if cfg.lora_rank and cfg.init_from not in ("scratch", "resume") and (Path(cfg.init_from) / ".metadata").exists():
-        raise TrainError(f"init_from={cfg.init_from}: LoRA needs a checkpoint dir as its base; export the step dir first "
-             f"(python convert.py dcp-to-native --src={cfg.init_from} --dst=...)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -279,30 +195,17 @@ class Dist:
         return self.rank == 0
 
 
-RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets beside WORLD_SIZE
-
-
 def setup_distributed(cfg: Config, args: ModelArgs) -> Dist:
-    """Check the mesh against the launch and the model, then join the process group and build the (dp, tp) mesh.
-
-    Every check runs before the first collective, on every rank: bad input is one clear line and an exit, never a
-    hang at the rendezvous. Collectives time out after dist_timeout_s, so a dead rank cannot hang the others.
+    """Check the mesh against the launch and the model (before the first collective: bad input is one line, never a
+    hang at the rendezvous), then join the process group and build the (dp, tp) mesh. Collectives time out after
+    dist_timeout_s, so a dead rank cannot hang the others.
     """
     from datetime import timedelta
 
     env = os.environ
-    if not env.get("WORLD_SIZE", "1").isdigit() or int(env.get("WORLD_SIZE", "1")) < 1:
-        raise TrainError(f"WORLD_SIZE={env['WORLD_SIZE']!r}: expected a positive integer (torchrun sets it)")
-    world_size = int(env.get("WORLD_SIZE", "1"))
-    dp = check_mesh(cfg, args, world_size)
+    world_size, dp = train_checks.check_launch(cfg, args, env)
     if world_size == 1:
         return Dist()
-    missing = [k for k in RENDEZVOUS_ENV if k not in env]
-    if missing:
-        raise TrainError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun --nproc_per_node=N "
-             "(and --nnodes, --node_rank, --master_addr across machines)")
-    if not (env["RANK"].isdigit() and env["LOCAL_RANK"].isdigit() and int(env["RANK"]) < world_size):
-        raise TrainError(f"RANK={env['RANK']!r}, LOCAL_RANK={env['LOCAL_RANK']!r}: expected integers, RANK < WORLD_SIZE")
     from torch.distributed.device_mesh import init_device_mesh
 
     device = kernels.device_type()
@@ -318,46 +221,6 @@ def setup_distributed(cfg: Config, args: ModelArgs) -> Dist:
                 cpu_group=None if device == "cpu" else dist.new_group(backend="gloo"))
 
 
-def check_mesh(cfg: Config, args: ModelArgs, world: int, world_name: str = "WORLD_SIZE") -> int:
-    """The dp degree of the (dp, tp) mesh over `world` devices, once the mesh fits them, the model and the batch; else
-    one clear line. A run (setup_distributed) and its plan (--dry_run, world_name 'devices') ask the same."""
-    dp = cfg.dp or max(1, world // cfg.tp)
-    if dp * cfg.tp != world:
-        raise TrainError(f"dp={dp} x tp={cfg.tp} = {dp * cfg.tp} processes, but {world_name}={world}: dp * tp must be the "
-             "number of processes (--nnodes x --nproc_per_node of torchrun)")
-    if cfg.tp > 1:
-        for key, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads), ("seq_len", cfg.seq_len)):
-            if n % cfg.tp:
-                raise TrainError(f"tp={cfg.tp} does not divide {key}={n}: each tensor-parallel rank holds whole attention heads "
-                     "and an equal slice of the sequence")
-        if args.tie_embeddings or cfg.lora_rank:
-            raise TrainError(f"tp={cfg.tp} with {'tie_embeddings' if args.tie_embeddings else 'lora_rank'}: not supported; "
-                 "use data parallelism (--tp=1)")
-    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
-        raise TrainError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size * dp = "
-             f"{cfg.micro_batch_size * dp}")
-    return dp
-
-
-def barrier(d: Dist):
-    if d.world_size > 1:
-        dist.barrier()
-
-
-def mean_over_ranks(x: float, d: Dist) -> float:
-    return sum(gather_over_ranks(x, d)) / d.world_size
-
-
-def gather_over_ranks(x: float, d: Dist) -> list[float]:
-    """Every rank's value of x, in rank order (a collective: every rank calls it)."""
-    if d.world_size == 1:
-        return [x]
-    t = torch.tensor([x], dtype=torch.float64, device=_device(d))
-    out = [torch.zeros_like(t) for _ in range(d.world_size)]
-    dist.all_gather(out, t)
-    return [v.item() for v in out]
-
-
 def loss_parallel_context(d: Dist):
     """Forward and backward of a tensor-parallel model run in torch's loss_parallel: its logits are sharded on the
     vocabulary and kernels.cross_entropy computes the loss on the shards."""
@@ -366,11 +229,6 @@ def loss_parallel_context(d: Dist):
     from torch.distributed.tensor.parallel import loss_parallel
 
     return loss_parallel()
-
-
-def _device(d: Dist) -> torch.device:
-    kind = kernels.device_type()
-    return torch.device(kind, d.local_rank) if kind in ("cuda", "npu") else torch.device(kind)
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str, n_blocks: int = 0):
@@ -455,7 +313,7 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
       the optimiser state, which needs the optimiser built first.
     """
     if cfg.lora_rank:
-        model = build_lora_model(args, cfg, _device(d))
+        model = build_lora_model(args, cfg, rank_device(d))
     else:
         with torch.device("meta"):
             model = Transformer(args)
@@ -469,7 +327,7 @@ def build_model(args: ModelArgs, cfg: Config, d: Dist) -> torch.nn.Module:
         apply_fsdp(model, cfg, d.mesh["dp"])
     if cfg.lora_rank:
         return model
-    model.to_empty(device=_device(d))
+    model.to_empty(device=rank_device(d))
     model.init_buffers()
     if cfg.init_from == "scratch":
         draw_weights(model, args, cfg, d)
@@ -495,7 +353,7 @@ def apply_fsdp(model: Transformer, cfg: Config, mesh):
 def draw_weights(model, args: ModelArgs, cfg: Config, d: Dist):
     """Weights from scratch: one CPU process draws them in place; otherwise rank 0 draws the whole model on the CPU
     with the seed and broadcasts it, each rank keeping its shards (the same draws, so every mesh starts alike)."""
-    if d.world_size == 1 and _device(d).type == "cpu":
+    if d.world_size == 1 and rank_device(d).type == "cpu":
         torch.manual_seed(cfg.seed)  # the very draws of the path below, without a second copy of the model
         model.init_weights()
         return
@@ -527,19 +385,15 @@ def build_lora_model(args: ModelArgs, cfg: Config, device: torch.device) -> Tran
         for pname, p in module.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
             if tensors is not None:
-                if full not in tensors or tensors[full].shape != p.shape:
-                    raise TrainError(f"init_from={cfg.init_from}: tensor {full} is missing or has another shape than the "
-                         f"config's {tuple(p.shape)}")
+                train_checks.check_base_tensor(cfg.init_from, tensors, full, p.shape)
                 p.data = tensors[full].to(device=device, dtype=frozen_dtype)
             else:
                 model.init_parameter(full, p)
                 p.data = p.data.to(frozen_dtype)
 
-    try:
+    with as_train_error(ValueError):  # lora_targets that match no layer
         adapted = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
                              quantize_base=cfg.qlora, fill=fill)
-    except ValueError as e:
-        raise TrainError(str(e))
     for name, module in model.named_modules():  # what apply_lora did not reach: embeddings, norms, the head
         if any(p.is_meta for p in module.parameters(recurse=False)):
             fill(name, module)
@@ -548,16 +402,6 @@ def build_lora_model(args: ModelArgs, cfg: Config, device: torch.device) -> Tran
         p.data = p.data.to(device=device, dtype=torch.float32)
     model.lora_adapted = adapted
     return model
-
-
-def local_state_bytes(model, optimizer) -> int:
-    """Bytes of parameters and optimiser state held by this rank: its shards under FSDP and TP."""
-    def nbytes(t):
-        t = t.to_local() if hasattr(t, "to_local") else t
-        return t.numel() * t.element_size()
-
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return sum(nbytes(t) for t in [*model.parameters(), *state])
 
 
 def build_optimizer(model, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
@@ -638,10 +482,8 @@ class LossScaler:
 
 
 def load_meta(data_dir: str) -> dict:
-    try:
+    with as_train_error(prepare.DataError):
         return prepare.read_meta(data_dir)
-    except prepare.DataError as e:
-        raise TrainError(str(e))
 
 
 def batch_on(split: TokenSplit, starts, device):
@@ -663,9 +505,7 @@ class EpochSampler:
         self.n_tokens, self.seq_len, self.per_step, self.seed, self.rows = n_tokens, seq_len, per_step, seed, rows
         self.epoch, self.index = 0, 0
         self._order_epoch, self._offset, self._order = None, 0, None
-        if self._windows(0) < per_step:
-            raise TrainError(f"train split has {n_tokens} tokens: fewer than one micro step of {per_step} windows of "
-                 f"{seq_len + 1} tokens; lower micro_batch_size or seq_len")
+        train_checks.check_windows(n_tokens, self._windows(0), per_step, seq_len)
 
     def _windows(self, offset):
         return (self.n_tokens - offset - (0 if self.rows else 1)) // self.seq_len
@@ -710,28 +550,14 @@ def on_event(name: str, step: int):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def all_gather(obj, d: Dist) -> list:
-    """Every rank's obj in rank order (a list of one in a single process)."""
-    if d.world_size == 1:
-        return [obj]
-    out = [None] * d.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def ranks_of(d: Dist) -> Ranks:
-    """The processes of this run as support/stepdir.py's functions take them: rank, count and collectives."""
-    return Ranks(d.rank, d.world_size, lambda: barrier(d), lambda obj: all_gather(obj, d))
-
-
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, train_state: dict, args: ModelArgs, family: str,
                     cfg: Config, d: Dist, need: int = 0) -> Path:
     """out_dir/step_XXXXXXXX with this rank's shards of model and optimiser, its RNG, and train_state (need: the
     bytes it is expected to take, for the message of a full disk)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     rng = {"torch": torch.get_rng_state().tolist()}
-    if _device(d).type in ("cuda", "npu"):
-        rng["device"] = getattr(torch, _device(d).type).get_rng_state().tolist()
+    if rank_device(d).type in ("cuda", "npu"):
+        rng["device"] = getattr(torch, rank_device(d).type).get_rng_state().tolist()
     return write_step_dir(out_dir, step, {"model": model_sd, "optim": optim_sd}, rng,
                           {**asdict(args), "family": family}, train_state,
                           copy_tokenizer=lambda dst: prepare.copy_tokenizer_files(cfg.data_dir, dst),
@@ -748,8 +574,8 @@ def load_checkpoint(step_dir: Path, model, optimizer, d: Dist) -> dict:
     if rng:  # a rank that did not exist in the saving run keeps its seeded RNG
         try:
             torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-            if "device" in rng and _device(d).type in ("cuda", "npu"):
-                getattr(torch, _device(d).type).set_rng_state(torch.tensor(rng["device"], dtype=torch.uint8))
+            if "device" in rng and rank_device(d).type in ("cuda", "npu"):
+                getattr(torch, rank_device(d).type).set_rng_state(torch.tensor(rng["device"], dtype=torch.uint8))
         except RuntimeError as e:  # a state of the wrong size
             raise CheckpointError(f"{step_dir / f'rng_rank{d.rank}.json'}: not an RNG state of this torch "
                                   f"({str(e).splitlines()[0]})") from None
@@ -766,20 +592,13 @@ def resume_checkpoint(out_dir: Path, model, optimizer, args: ModelArgs, d: Dist,
         try:
             verify_step_dir(step_dir, ranks_of(d), required=RESUME_FIELDS)
             saved, _ = read_config(step_dir)
-            check_same_shape(step_dir, saved, args)  # another model is a mistake in the config, not damage: fails
+            train_checks.check_same_shape(step_dir, saved, args)  # another model is a mistake in the config, not damage: fails
             return step_dir, load_checkpoint(step_dir, model, optimizer, d)
         except CheckpointError as e:
             problem = str(e)
             if found:
                 log(f"train.py: {step_dir.name} is damaged: {problem}; falling back to {found[-1].name}")
     raise TrainError(f"init_from=resume: {problem}; no intact checkpoint left in out_dir={out_dir}")
-
-
-def check_same_shape(path, saved: ModelArgs, args: ModelArgs):
-    diff = [f"{f}={getattr(saved, f)!r} (config has {getattr(args, f)!r})" for f in MODEL_FIELDS
-            if getattr(saved, f) != getattr(args, f)]
-    if diff:
-        raise TrainError(f"{path}: checkpoint of another model: " + ", ".join(diff))
 
 
 def load_weights(path: Path, model, args: ModelArgs):
@@ -789,66 +608,17 @@ def load_weights(path: Path, model, args: ModelArgs):
     """
     if (path / ".metadata").exists():  # a training step dir: read just the model from the DCP files
         state = {"model": get_model_state_dict(model)}
-        try:
+        with as_train_error(CheckpointError, prefix=f"init_from={path}: "):
             if (path / "train_state.json").exists():  # each rank checks every file here: init happens once
                 verify_step_dir(path)
             dcp_load(state, path, no_dist=not dist.is_initialized())
-        except CheckpointError as e:
-            raise TrainError(f"init_from={path}: {e}")
         set_model_state_dict(model, state["model"])
         return
-    try:
+    with as_train_error(CheckpointError, prefix="init_from: "):
         tensors = load_tensors(path)
-    except CheckpointError as e:
-        raise TrainError(f"init_from: {e}")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    expected = {k: tuple(v.shape) for k, v in full.items()}
-    for name in sorted(set(expected) | set(tensors)):
-        if name not in tensors or name not in expected:
-            raise TrainError(f"init_from={path}: tensor {name} is {'missing' if name not in tensors else 'unexpected'}")
-        if tuple(tensors[name].shape) != expected[name]:
-            raise TrainError(f"init_from={path}: tensor {name} has shape {tuple(tensors[name].shape)}, model expects "
-                 f"{expected[name]}")
+    train_checks.check_tensors(path, tensors, {k: tuple(v.shape) for k, v in full.items()})
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
-
-
-def prepare_out_dir(cfg: Config, d: Dist, lock: runlock.OutDirLock) -> Path:
-    """Refuse an out_dir that is, holds or lies inside this run's data or start checkpoint, and two runs in one
-    out_dir: one that another process holds (lock: rank 0 holds it for this run until the end), and a previous run's
-    unless init_from='resume' or --overwrite."""
-    out_dir = Path(cfg.out_dir)
-    inputs = [cfg.data_dir] + ([cfg.init_from] if cfg.init_from not in ("scratch", "resume") else [])
-    try:  # not ".", a file, the data or the checkpoint this run reads, nor a dir holding them (so nothing that
-        # --overwrite removes is an input) or inside them
-        check_output(out_dir, inputs, flag="out_dir")
-    except ValueError as e:
-        raise TrainError(str(e))
-    problem = None
-    if d.master:
-        try:  # a path under a file, a read-only dir or file system: one line now, not a traceback at the first save
-            out_dir.mkdir(parents=True, exist_ok=True)
-            if warning := lock.take(out_dir):
-                tqdm.write(f"train.py: warning: {warning}", file=sys.stderr)
-            probe = out_dir / f".write_test_{os.getpid()}"
-            probe.touch()
-            probe.unlink()
-        except OSError as e:
-            problem = f"out_dir={out_dir}: cannot write there ({e.strerror}: {e.filename})"
-        except runlock.Busy as e:
-            problem = str(e)
-    if problem := all_gather(problem, d)[0]:  # every rank stops with rank 0's line
-        raise TrainError(problem)
-    previous = step_dirs(out_dir) + [p for p in (out_dir / "metrics.jsonl", out_dir / "export") if p.exists()]
-    if cfg.init_from != "resume" and previous and not cfg.overwrite:
-        raise TrainError(f"out_dir={out_dir} holds another run ({previous[-1].name}); use --init_from=resume to continue "
-             f"it, or --overwrite to replace it")
-    if d.master:
-        if cfg.init_from != "resume":
-            for p in previous:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        remove_unfinished_step_dirs(out_dir)
-    barrier(d)
-    return out_dir
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -873,29 +643,12 @@ def evaluate(model, val: TokenSplit, starts: list[list[int]], autocast, device) 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# --dry_run: the plan of a config on its mesh (support/planner.py computes it)
+# --dry_run: the plan of a config on its mesh (support/dry_run.py and support/planner.py compute it)
 
 
 def plan(cfg: Config, model_overrides: dict) -> dict:
-    """--dry_run: print the parameter count, per-device memory and step time of this config on its mesh; build nothing
-    but a meta-device model. Returns the numbers (tests)."""
-    notes = []
-    data = Path(cfg.data_dir) / "meta.json"
-    meta = load_meta(cfg.data_dir) if data.exists() else None
-    if cfg.init_from not in ("scratch", "resume") and not Path(cfg.init_from).exists():
-        notes.append(f"init_from={cfg.init_from} is not here: planned with the preset model={cfg.model!r}")
-        cfg = replace(cfg, init_from="scratch")
-    if meta is None:
-        notes.append(f"{data} is not here: the model's vocabulary and unpacked rows assumed (prepare.py --pack adds "
-                     "a per-sequence attention mask, in the plan once the data is here)")
-        vocab = PRESETS[cfg.model].vocab_size if cfg.model in PRESETS else 1
-        meta = {"vocab_size": model_overrides.get("vocab_size", vocab)}
-    args, family = model_args_for(cfg, model_overrides, meta)
-    dp = check_mesh(cfg, args, cfg.devices or int(os.environ.get("WORLD_SIZE", "1")), "devices")
-    try:
-        return training_plan(args, family, cfg, dp, cfg.tp, meta, notes)
-    except ValueError as e:  # lora_targets that match no layer
-        raise TrainError(str(e))
+    """--dry_run: print the parameter count, per-device memory and step time of this config on its mesh."""
+    return dry_run.plan(cfg, model_overrides, model_args_for, load_meta)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -964,8 +717,8 @@ def main(argv=None) -> dict:
 def run_training(argv: list[str]) -> dict:
     """The plan (--dry_run), or the run: setup, restore, train, finish."""
     cfg, model_overrides = parse_config(argv)
-    cfg = resumed_lora_settings(cfg)
-    check_config(cfg)
+    cfg = train_checks.resumed_lora_settings(cfg)
+    train_checks.check_config(cfg, DTYPES)
     if cfg.dry_run:  # the plan only: no data, no model, no process group
         return plan(cfg, model_overrides)
     script = sys.argv[0] if Path(sys.argv[0]).name == "train.py" else os.path.relpath(__file__)
@@ -997,39 +750,21 @@ def setup(cfg: Config, model_overrides: dict, lock: runlock.OutDirLock) -> Run:
     args, family = model_args_for(cfg, model_overrides, meta)
     d = setup_distributed(cfg, args)
     micro_per_step = cfg.micro_batch_size * d.dp
-    try:
+    with as_train_error(prepare.DataError):
         train_data, val_data = (TokenSplit(cfg.data_dir, split, meta, cfg.seq_len) for split in ("train", "val"))
         for split in (train_data, val_data):
             split.check_ids(args.vocab_size)
-    except prepare.DataError as e:
-        raise TrainError(str(e))
-    check_memory(args, cfg, d, train_data.packed)
-    out_dir = prepare_out_dir(cfg, d, lock)
+    train_checks.check_memory(args, cfg, d, train_data.packed)
+    out_dir = train_checks.prepare_out_dir(cfg, d, lock)  # refused, or ours alone
     model = build_model(args, cfg, d)
-    return Run(cfg, model_overrides, args, family, d, _device(d), out_dir, train_data, val_data, model,
-               optimizer=build_optimizer(model, cfg, _device(d)),
+    return Run(cfg, model_overrides, args, family, d, rank_device(d), out_dir, train_data, val_data, model,
+               optimizer=build_optimizer(model, cfg, rank_device(d)),
                scaler=LossScaler(cfg.dtype == "float16", cfg.loss_scale, cfg.loss_scale_window, cfg.static_loss_scale,
                                  cfg.loss_scale_hysteresis, cfg.min_loss_scale),
                sampler=EpochSampler(len(train_data.tokens), cfg.seq_len, micro_per_step, cfg.seed,
                                     rows=train_data.packed),
                grad_accum=cfg.global_batch_size // micro_per_step, losses={},
                lora_base=str(Path(cfg.init_from).resolve()) if cfg.lora_rank and cfg.init_from != "scratch" else None)
-
-
-def check_memory(args: ModelArgs, cfg: Config, d: Dist, packed: bool):
-    """Refuse, before allocating any of it, a run whose planned bytes per device (planner.memory_plan, what --dry_run
-    prints) exceed the memory this device has available; the processes of one machine share its CPU memory."""
-    device = _device(d)
-    available = available_memory(device)
-    try:
-        plan = memory_plan(args, cfg, d.dp, d.tp, packed)
-    except ValueError as e:  # lora_targets that match no layer
-        raise TrainError(str(e))
-    need = plan["bytes"]["total"] * (int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1)
-    if available is not None and need > available:
-        raise TrainError(f"the model (dim={args.dim}, n_layers={args.n_layers}, vocab_size={args.vocab_size}: "
-             f"{plan['n_params'] / 1e9:.2f}B parameters) needs {need / 2**30:.1f} GiB for this run on {device}, which "
-             f"has {available / 2**30:.1f} GiB available; see --dry_run for where it goes")
 
 
 def restore(run: Run):
@@ -1067,27 +802,6 @@ def eval_batches(run: Run) -> list[list[int]]:
                             d.dp)[d.dp_rank] * stride).tolist() for _ in range(cfg.eval_iters)]
 
 
-def start_metrics(run: Run) -> tuple[float, float]:
-    """Open metrics.jsonl, log what is trained and the unigram baseline; -> (peak FLOP/s for MFU, baseline)."""
-    cfg, args, d = run.cfg, run.args, run.d
-    peak = cfg.peak_flops or mm_peak_flops(torch.float32, 1024, run.device, repeats=1, seconds=0.5)
-    baseline = unigram_entropy(run.train_data, args.vocab_size)
-    if d.master and cfg.init_from == "resume" and (dropped := metrics_file.rewind(run.out_dir / "metrics.jsonl",
-                                                                                  run.step)):
-        run.log(f"metrics.jsonl: dropped {dropped} rows of the steps after {run.step}, which this run trains again")
-    run.metrics = open(run.out_dir / "metrics.jsonl", "a") if d.master else None
-    n_params = count_weights(run.model)  # QLoRA's NF4 weights too
-    source = {"scratch": cfg.model, "resume": f"of {run.out_dir}"}.get(cfg.init_from, cfg.init_from)
-    run.log(f"model {source} ({run.family}): "
-            f"{n_params / 1e6:.2f}M parameters, {args.n_layers} layers, dim {args.dim}; {len(run.train_data.tokens):,} "
-            f"train tokens; {cfg.global_batch_size * cfg.seq_len:,} tokens per step (grad_accum {run.grad_accum}, "
-            f"dp {d.dp}, tp {d.tp}); dtype {cfg.dtype}; activation checkpointing {cfg.activation_checkpointing}")
-    run.log(f"unigram baseline (entropy of the train tokens): {baseline:.4f} nats; MFU against a peak of "
-            f"{peak / 1e9:.1f} GFLOP/s per device ({'configured' if cfg.peak_flops else 'measured torch.mm fp32'})")
-    run.record({"unigram_baseline": baseline, "n_params": n_params, "peak_flops": peak, "start_step": run.step})
-    return peak, baseline
-
-
 def train(run: Run) -> dict:
     """The loop: a step, then a log line, an eval and a checkpoint when their intervals say so. -> the summary."""
     cfg, d = run.cfg, run.d
@@ -1095,8 +809,8 @@ def train(run: Run) -> dict:
     eval_starts = eval_batches(run)
     autocast = contextlib.nullcontext() if cfg.dtype == "float32" else torch.autocast(run.device.type,
                                                                                      dtype=DTYPES[cfg.dtype])
-    peak, baseline = start_metrics(run)
-    throughput = Throughput(run, peak)
+    baseline = unigram_entropy(run.train_data, run.args.vocab_size)  # the loss of knowing token frequencies only
+    throughput = Throughput(run, start_metrics(run, baseline))
     run.t_start = time.perf_counter()
     bar = tqdm(total=cfg.max_iters, initial=run.step, disable=not d.master, dynamic_ncols=True, file=sys.stderr)
     with bar:  # closed however the loop ends: a stopping run's message comes after the bar, not inside it
@@ -1135,17 +849,6 @@ def train(run: Run) -> dict:
             "unigram_baseline": baseline, "last_checkpoint": run.last_ckpt, "skipped_steps": run.scaler.skipped}
 
 
-def stop_requested(run: Run) -> int:
-    """The signal every rank stops on, 0 for none: the largest any rank has received (a scheduler may signal some
-    ranks only), agreed by an all-reduce on the CPU before each step, which waits for no device."""
-    signum = run.stop.signum if run.stop else 0
-    if run.d.world_size == 1:
-        return signum
-    flag = torch.tensor([signum], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=run.d.cpu_group)
-    return int(flag.item())
-
-
 def train_step(run: Run, autocast) -> tuple[float, torch.Tensor, torch.Tensor]:
     """One optimiser step over grad_accum micro-batches -> (lr, this rank's part of the loss, grad norm), the last two
     left on the device: the loop reads them at the log interval (read_steps), so the host never waits for the device
@@ -1180,16 +883,8 @@ def train_step(run: Run, autocast) -> tuple[float, torch.Tensor, torch.Tensor]:
     if finite:
         run.optimizer.step()
         run.skipped_in_a_row = 0
-    else:
-        if scaler.at_floor():
-            raise TrainError(f"step {run.step + 1}: float16 overflow at min_loss_scale={scaler.min_scale:g}: no lower scale is "
-                 f"allowed; stopping{last_good(run)}")
-        run.log(f"step {run.step + 1}: float16 overflow (loss scale {scaler.scale:g}): step skipped")
-        run.skipped_in_a_row += 1
-        if run.skipped_in_a_row == MAX_SKIPPED_IN_A_ROW:  # no loss scale helps: a NaN from the data or the weights
-            raise TrainError(f"step {run.step + 1}: loss {mean_over_ranks(loss_sum.item(), d)}, grad norm {grad_norm.item()} not "
-                 f"finite in {run.skipped_in_a_row} float16 steps in a row (last loss scale {scaler.scale:g}); "
-                 f"stopping{last_good(run)}")
+    else:  # said and counted; one at min_loss_scale, or 32 in a row, stops the run
+        train_checks.skip_overflowed_step(run, loss_sum, grad_norm)
     scaler.update(finite)
     run.optimizer.zero_grad(set_to_none=True)
     return lr, loss_sum, grad_norm
@@ -1212,65 +907,6 @@ def loss_weights(batches: list, weighting: str, d: Dist) -> tuple[list, object]:
     return [n * d.dp for n in counted], whole.clamp(min=1)  # none counted: a zero loss, as a micro batch's alone
 
 
-def read_steps(run: Run) -> tuple[float, float, float]:
-    """The losses and grad norms of the steps since the last read, off the device at once: each step's loss (the
-    mean of its dp ranks' parts) into run.losses. A float32 or bfloat16 step whose loss or grad norm is not finite
-    stops the run, named (a float16 one was skipped). -> (loss, lr, grad norm) of the last step."""
-    d = run.d
-    steps, lrs, losses, grad_norms = zip(*run.unread)
-    run.unread.clear()
-    values = torch.stack([torch.stack(losses), torch.stack(grad_norms)]).double()  # (2, steps)
-    if d.dp > 1:  # the grad norms are the same on every rank
-        parts = [torch.empty_like(values) for _ in range(d.dp)]
-        dist.all_gather(parts, values, group=d.mesh.get_group("dp"))
-        values[0] = sum(part[0] for part in parts) / d.dp
-    losses, grad_norms = values.tolist()
-    for step, loss, grad_norm in zip(steps, losses, grad_norms):
-        if not run.scaler.enabled and not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise TrainError(f"step {step}: loss {loss}, grad norm {grad_norm} is not finite in {run.cfg.dtype}; stopping"
-                 f"{last_good(run)}")
-        run.losses[step] = loss
-    return losses[-1], lrs[-1], grad_norms[-1]
-
-
-def last_good(run: Run) -> str:
-    """'; the last good checkpoint is ...': the newest step dir that verifies (and so holds finite weights)."""
-    last = last_good_step_dir(run.out_dir)
-    return f"; the last good checkpoint is {last}" if last else "; no good checkpoint was written"
-
-
-class Throughput:
-    """The log line every log_interval steps: loss, lr, grad norm, tokens/s per device and MFU (means over ranks),
-    memory per device; to stderr and metrics.jsonl."""
-
-    def __init__(self, run: Run, peak: float):
-        self.run, self.peak = run, peak
-        self.flops_token = flops_per_token(run.args, run.cfg.seq_len)
-        self.t_log, self.first_step = time.perf_counter(), run.step
-
-    def restart(self):
-        """Time and count steps from now on (an eval or a checkpoint is not training throughput)."""
-        self.t_log, self.first_step = time.perf_counter(), self.run.step
-
-    def log(self, loss: float, lr: float, grad_norm: float):
-        run, d, scaler = self.run, self.run.d, self.run.scaler
-        tokens = run.cfg.global_batch_size * run.cfg.seq_len * (run.step - self.first_step)
-        rank_tokens_per_s = tokens / (time.perf_counter() - self.t_log) / d.world_size
-        tokens_per_s = mean_over_ranks(rank_tokens_per_s, d)
-        mfu = mean_over_ranks(self.flops_token * rank_tokens_per_s / self.peak, d)
-        mem = gather_over_ranks(peak_memory_gib(run.device), d)
-        state_bytes = [int(b) for b in gather_over_ranks(local_state_bytes(run.model, run.optimizer), d)]
-        run.record({"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                    "mfu": mfu, "mem_gib": max(mem), "mem_gib_per_device": mem,
-                    "param_optim_bytes_per_device": state_bytes, "skipped_steps": scaler.skipped,
-                    "loss_scale": scaler.scale, "elapsed_s": time.perf_counter() - run.t_start})
-        run.log(f"step {run.step}: loss {loss:.4f}, lr {lr:.2e}, grad norm {grad_norm:.3f}, "
-                f"{tokens_per_s:,.0f} tokens/s/device, MFU {mfu:.1%}, mem {max(mem):.2f} GiB"
-                + (f" (max over {d.world_size} devices)" if d.world_size > 1 else "")
-                + (f", loss scale {scaler.scale:g}, skipped {scaler.skipped}" if scaler.enabled else ""))
-        self.t_log, self.first_step = time.perf_counter(), run.step
-
-
 def checkpoint(run: Run) -> Path:
     """Save the run at its current step (save_checkpoint with everything needed to continue it exactly), once the
     disk has room for it (check_room)."""
@@ -1281,22 +917,6 @@ def checkpoint(run: Run) -> Path:
                    "model_overrides": run.model_overrides, "lora_base": run.lora_base}
     return save_checkpoint(run.out_dir, run.step, run.model, run.optimizer, train_state, run.args, run.family, cfg,
                            run.d, need)
-
-
-def check_room(run: Run, where: Path | None = None, step_bytes: int = 0) -> int:
-    """The bytes a step dir takes: the newest one's (step_bytes, or the newest in out_dir), before the first the
-    parameters and optimiser state of every rank; stops every rank in one line, naming the last good checkpoint,
-    when out_dir's disk has not that much room (plus a margin) for the next one beside the keep_last kept."""
-    state_bytes = sum(gather_over_ranks(local_state_bytes(run.model, run.optimizer), run.d))  # on every rank
-    problem, need = None, 0
-    if run.d.master:
-        newest = step_dirs(run.out_dir)
-        need = step_bytes or (diskspace.tree_bytes(newest[-1]) if newest else int(state_bytes))
-        problem = diskspace.room_problem(run.out_dir, need, ROOM_ADVICE.format(run.cfg.keep_last),
-                                         f"{where.name if where else 'the next checkpoint'}")
-    if problem := all_gather(problem, run.d)[0]:
-        raise TrainError(f"{problem}{last_good(run)}")
-    return need
 
 
 def finish(run: Run, summary: dict) -> dict:

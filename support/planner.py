@@ -3,8 +3,9 @@ check_memory's refusal of a run that cannot fit, the log line's MFU and memory) 
 
 It adds what a run needs to know before it allocates anything: training FLOPs per token (flops_per_token), the
 bytes one training step of a config takes per device on a (dp, tp) mesh, term by term (memory_plan), and the step
-time at a given MFU (training_plan, printed as --dry_run's table); and two measurements: the best torch.mm FLOP/s
-of this device (mm_peak_flops, the MFU denominator when no peak_flops is configured) and this process's peak memory.
+time at a given MFU (training_plan, printed as --dry_run's table); and three measurements: the best torch.mm FLOP/s
+of this device (mm_peak_flops, the MFU denominator when no peak_flops is configured), this process's peak memory
+and the bytes of parameters and optimiser state it holds (local_state_bytes).
 Standing here (not in bench.py) ends the train <-> bench import circle: both import it, it imports neither.
 """
 
@@ -60,6 +61,16 @@ def peak_memory_gib(device: torch.device) -> float:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20  # KiB
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def local_state_bytes(model, optimizer) -> int:
+    """Bytes of parameters and optimiser state held by this rank: its shards under FSDP and TP."""
+    def nbytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(nbytes(t) for t in [*model.parameters(), *state])
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> int:

@@ -1,6 +1,6 @@
-"""support/runlock.py: used by train.py (prepare_out_dir). One run per out_dir: the lock a run holds on its out_dir
-while it runs, so a second process that would write there (any init_from: scratch, resume, a checkpoint) is refused
-in one line naming the process that holds it.
+"""support/runlock.py: used by train.py (through support/train_checks.prepare_out_dir). One run per out_dir: the lock
+a run holds on its out_dir while it runs, so a second process that would write there (any init_from: scratch, resume,
+a checkpoint) is refused in one line naming the process that holds it.
 
 The lock is a flock on out_dir/.train.lock, taken by rank 0 of a run (the one process of a multi-node run that
 writes the step dirs' shared files) and held until the run ends. The kernel releases it however the process ends

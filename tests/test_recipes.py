@@ -253,7 +253,7 @@ def test_dry_run_of_a_mesh_that_does_not_add_up_is_one_line():
 
 
 def test_dry_run_refuses_the_meshes_a_run_refuses():
-    # the plan asks train.check_mesh as the run does: a plan for a mesh no run could use is not printed
+    # the plan asks support/train_checks.check_mesh as the run does: a plan for a mesh no run could use is not printed
     with pytest.raises(SystemExit) as e:
         train.main(["config/baichuan_13b_chat_lora.py", "--dry_run", "--tp=2", "--devices=2"])
     assert str(e.value) == "train.py: tp=2 with lora_rank: not supported; use data parallelism (--tp=1)"

@@ -20,6 +20,7 @@ import torch
 import prepare
 import train
 from model import ModelArgs, Transformer
+from support import metrics_file
 from conftest import is_timing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -374,16 +375,16 @@ def test_throughput_counts_only_the_steps_timed_since_an_eval_or_checkpoint(monk
     import types
 
     clock = iter([0.0, 10.0, 12.0])  # start; an eval ends at t=10 (step 3); the log at t=12 (step 4)
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock, 12.0))
-    monkeypatch.setattr(train, "peak_memory_gib", lambda device: 0.0)
-    monkeypatch.setattr(train, "local_state_bytes", lambda model, optimizer: 0)
+    monkeypatch.setattr(metrics_file.time, "perf_counter", lambda: next(clock, 12.0))
+    monkeypatch.setattr(metrics_file, "peak_memory_gib", lambda device: 0.0)
+    monkeypatch.setattr(metrics_file, "local_state_bytes", lambda model, optimizer: 0)
     cfg = types.SimpleNamespace(global_batch_size=2, seq_len=8, device="cpu")
     records = []
     run = types.SimpleNamespace(cfg=cfg, args=ModelArgs(dim=8, n_layers=1, n_heads=1, hidden_dim=8, vocab_size=16),
                                 step=0, d=types.SimpleNamespace(world_size=1), device="cpu", model=None,
                                 optimizer=None, scaler=train.LossScaler(False, 1.0, 1), t_start=0.0,
                                 record=records.append, log=lambda line: None)
-    throughput = train.Throughput(run, peak=1e9)
+    throughput = metrics_file.Throughput(run, peak=1e9)
     run.step = 3
     throughput.restart()
     run.step = 4
