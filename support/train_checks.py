@@ -21,7 +21,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import kernels
 from model import PRESETS, ModelArgs
 from support import diskspace, runlock
 from support.checks import check_value
