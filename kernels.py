@@ -335,12 +335,11 @@ def attention(q, k, v, *, causal=True, alibi_slopes=None, key_padding_mask=None,
     Returns (B, H, T, D).
     """
     B, H, T, D = q.shape
-    S = k.size(2)
-    kv_len = S if kv_len is None else kv_len
-    kernel = _npu_attention_kernel(q, q.dtype, H, k.size(1), D, T, S, doc_ids)
+    kv_len = k.size(2) if kv_len is None else kv_len
     if alibi_slopes is not None and alibi_bias is None:
         alibi_bias = alibi_attention_bias(alibi_slopes, q.dtype, D, T, kv_len, q_start, causal=causal,
                                           key_padding_mask=key_padding_mask, doc_ids=doc_ids, device=q.device)
+    kernel = _npu_attention_kernel(q, q.dtype, H, k.size(1), D, T, k.size(2), doc_ids) if _on_npu(q) else None
     if kernel is not None:
         return _npu_dispatch(kernel, q, k, v, causal, alibi_bias, key_padding_mask, doc_ids, q_start, kv_len)
     k, v = k[:, :, :kv_len], v[:, :, :kv_len]
