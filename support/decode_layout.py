@@ -37,8 +37,9 @@ def decode_layout(model):
                 and mod.weight.device.type == "cpu":
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, DecodeLinear(mod))
-    embedding = model.tok_embeddings.weight
-    if model.output is None and embedding.dtype == torch.float32 and embedding.device.type == "cpu":
+    embedding = model.tok_embeddings.weight if isinstance(model, model_lib.Transformer) else None
+    if embedding is not None and model.output is None and embedding.dtype == torch.float32 \
+            and embedding.device.type == "cpu":
         # a tied embedding is also the output layer: the same matrix (no copy), multiplied by the kernel
         model.output = DecodeLinear(nn.Linear(embedding.size(1), embedding.size(0), bias=False, device="meta"))
         model.output.weight = embedding
