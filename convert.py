@@ -56,6 +56,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 DEFAULT_SHARD = "2GB"
 
 
+def streamed(items, args: ModelArgs) -> Streamed:
+    """(name, tensor) pairs produced on demand, for write_checkpoint, with the model's size for its shard plan."""
+    return Streamed(items, sum(math.prod(shape) for shape in native_shapes(args).values()))
+
+
 def fail(msg):
     """Every converter reports a problem as CheckpointError naming the file and the field; main says it in one line."""
     raise CheckpointError(msg)
@@ -179,7 +184,7 @@ def hf_to_native(src, dst, family=None, dtype=None, template=None, overwrite=Fal
             del shard  # unmap this shard before the next is mapped
 
     with staged(dst, overwrite, (src,)) as tmp:
-        write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
+        write_checkpoint(tmp, streamed(tensors(), args), args, family, max_shard_bytes=max_shard_bytes)
         ids = special_ids(args.vocab_size, src / "config.json", src / "generation_config.json")
         write_tokenizer(src, tmp, ids, template, family_template(family))
     return args, family
@@ -358,7 +363,7 @@ def meta_to_native(src, dst, dtype=None, max_seq_len=2048, template=None, overwr
             yield name, out
 
     with staged(dst, overwrite, (src,)) as tmp:
-        write_checkpoint(tmp, Streamed(tensors()), args, "llama", max_shard_bytes=max_shard_bytes)
+        write_checkpoint(tmp, streamed(tensors(), args), args, "llama", max_shard_bytes=max_shard_bytes)
         tok_dir = src if (src / "tokenizer.model").exists() else src.parent  # Meta ships it beside the model dirs
         write_tokenizer(tok_dir, tmp, {}, template, family_template("llama"))
     return args
@@ -429,7 +434,7 @@ def apply_delta(base, delta, dst, dtype=None, template=None, overwrite=False, ma
             yield name, out.to(dtype or d.dtype)
 
     with staged(dst, overwrite, (base, delta)) as tmp:
-        write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
+        write_checkpoint(tmp, streamed(tensors(), args), args, family, max_shard_bytes=max_shard_bytes)
         if "family" in read_json(delta / "config.json"):  # native delta: its tokenizer_config.json holds our ids
             ids = prepare.special_ids_of(delta / "tokenizer_config.json", args.vocab_size)
         else:
@@ -459,7 +464,7 @@ def dcp_to_native(step_dir, dst, dtype=None, overwrite=False, max_shard_bytes=No
             return merge_lora(base, Path(tmp) / "adapter", dst, dtype, overwrite, max_shard_bytes)
     tensors = stepdir.read_model(step, stored, native_shapes(args), max_shard_bytes or parse_size(DEFAULT_SHARD))
     with staged(dst, overwrite, (step,)) as tmp:
-        write_checkpoint(tmp, Streamed((n, cast(t, dtype)) for n, t in tensors), args, family,
+        write_checkpoint(tmp, streamed(((n, cast(t, dtype)) for n, t in tensors), args), args, family,
                          max_shard_bytes=max_shard_bytes,
                          extra_config={k: v for k, v in cfg.items()  # whatever else train.py recorded
                                        if k != "family" and k not in args.__dataclass_fields__})
@@ -493,7 +498,7 @@ def merge_lora(src, adapter, dst, dtype=None, overwrite=False, max_shard_bytes=N
                 yield name, own(w, dtype)
 
     with staged(dst, overwrite, (src, adapter)) as tmp:
-        write_checkpoint(tmp, Streamed(tensors()), args, family, max_shard_bytes=max_shard_bytes)
+        write_checkpoint(tmp, streamed(tensors(), args), args, family, max_shard_bytes=max_shard_bytes)
         prepare.copy_tokenizer_files(src, tmp)
     return args, family
 
@@ -512,7 +517,7 @@ def ascendspeed_to_native(src, dst, like=None, dtype=None, overwrite=False, max_
         args = replace(args, norm_head=True)
     tensors = ascendspeed.read_native(src, args)  # checked against args' shapes
     with staged(dst, overwrite, (src, like)) as tmp:
-        write_checkpoint(tmp, Streamed((n, own(t, dtype)) for n, t in tensors.items()), args, family,
+        write_checkpoint(tmp, streamed(((n, own(t, dtype)) for n, t in tensors.items()), args), args, family,
                          max_shard_bytes=max_shard_bytes)
         ascendspeed.copy_beside(like, tmp)
         (tmp / "config.json").write_text(json.dumps({**asdict(args), "family": family}, indent=2))
@@ -523,7 +528,7 @@ def flagai_to_native(src: Path, dst, dtype=None, template=None, overwrite=False,
     """FlagAI's Aquila dir (support/flagai.py): Meta's tensor names with interleaved rotary pairs; family aquila."""
     args, tensors = flagai.read_native(src, meta_to_rotate_half)
     with staged(dst, overwrite, (src,)) as tmp:
-        write_checkpoint(tmp, Streamed((n, own(t, dtype)) for n, t in tensors), args, "aquila",
+        write_checkpoint(tmp, streamed(((n, own(t, dtype)) for n, t in tensors), args), args, "aquila",
                          max_shard_bytes=max_shard_bytes)
         write_tokenizer(src, tmp, {}, template, family_template("aquila"))
     return args
@@ -567,7 +572,7 @@ def gguf_to_native(src, dst, dtype=None, overwrite=False, max_shard_bytes=None):
     src = Path(src)
     args, family, fields, tensors = gguf.read_gguf(src)
     with staged(dst, overwrite, (src,)) as tmp:
-        write_checkpoint(tmp, Streamed((name, cast(t, dtype)) for name, t in tensors), args, family,
+        write_checkpoint(tmp, streamed(((name, cast(t, dtype)) for name, t in tensors), args), args, family,
                          max_shard_bytes=max_shard_bytes)
         if "tokenizer.ggml.tokens" not in fields:
             print(f"convert.py: warning: {src}: no tokenizer; add one to the output dir before sampling",

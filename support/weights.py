@@ -10,7 +10,6 @@ infinity; read: HF's and our weight dirs one shard at a time (WeightFiles), pick
 """
 
 import json
-import math
 import os
 import pickle
 import re
@@ -319,8 +318,8 @@ class Streamed:
     """A state dict whose items are produced on demand: write_checkpoint only iterates .items(), so converting and
     writing interleave and at most one output shard is held in memory."""
 
-    def __init__(self, items):
-        self._items = items
+    def __init__(self, items, elements: int):
+        self._items, self.elements = items, elements  # elements: how many the items hold, for the shard plan
 
     def items(self):
         return self._items
@@ -332,11 +331,7 @@ def write_checkpoint(path, state_dict, args, family: str, *, max_shard_bytes=Non
     path.mkdir(parents=True, exist_ok=True)
     config = {**asdict(args), "family": family, **(extra_config or {})}
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    if isinstance(state_dict, dict):
-        elements = sum(t.numel() for t in state_dict.values())
-    else:  # Streamed: the model's shapes (imported here: model.py imports this file to load checkpoints)
-        from support.hf_names import native_shapes
-        elements = sum(math.prod(shape) for shape in native_shapes(args).values())
+    elements = state_dict.elements if isinstance(state_dict, Streamed) else sum(t.numel() for t in state_dict.values())
     writer = ShardWriter(path, max_shard_bytes, elements)
     for name, tensor in state_dict.items():
         writer.add(name, tensor)
