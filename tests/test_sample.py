@@ -598,6 +598,33 @@ def test_quantising_while_loading_equals_quantising_the_loaded_model(tmp_path, m
         assert torch.equal(got(idx)[0], want(idx)[0])
 
 
+@pytest.mark.parametrize("mode", [None, "int8", "int4"])
+def test_decode_layout_makes_qkv_and_gate_up_one_product_each_with_the_same_numbers(tiny, mode):
+    """decode_layout stacks q/k/v and gate/up into one linear each (RowsOf): one kernel call where there were three
+    and two, the same logits (each output row is the same dot product) and the same greedy tokens, eager and
+    compiled; the weights are counted once."""
+    import copy
+
+    from support.decode_layout import RowsOf
+
+    kernels_built()
+    plain = quant.quantize_model(copy.deepcopy(tiny), mode, group_size=16) if mode else copy.deepcopy(tiny)
+    shared = sample.decode_layout(copy.deepcopy(plain))
+    attention, ffn = shared.layers[0].attention, shared.layers[0].feed_forward
+    assert all(isinstance(getattr(attention, n), RowsOf) for n in ("wq", "wk", "wv"))
+    assert all(isinstance(getattr(ffn, n), RowsOf) for n in ("w1", "w3"))
+    calls = []
+    attention.wq.product.register_forward_hook(lambda *_: calls.append(1))
+    idx = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        torch.testing.assert_close(shared(idx)[0], plain(idx)[0], rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1  # q, k and v from one call
+    assert sample.model_bytes(shared) == pytest.approx(sample.model_bytes(plain), rel=0.01)
+    eager = list(sample.generate(plain, PROMPT, 8, temperature=0))
+    assert list(sample.generate(shared, PROMPT, 8, temperature=0)) == eager
+    assert list(sample.generate(shared, PROMPT, 8, temperature=0, decode_step=sample.CompiledDecode())) == eager
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int4", "nf4"])
 def test_compiled_decode_keeps_the_kernels_in_one_graph(tiny, mode):
