@@ -1112,6 +1112,7 @@ def run_llama_cpp_compare(opt) -> dict:
         """(seconds to the first token: the prompt, seconds for the rest, the tokens)."""
         t0 = time.perf_counter()
         if which == "llama.cpp":
+            llm.reset()  # else it keeps the last run's prompt in its cache and evaluates only the last token again
             stream = llm.generate(prompt.tolist(), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
         else:
             stream = generate(ours, prompt.tolist(), opt.new_tokens, temperature=0.0)

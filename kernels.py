@@ -294,7 +294,8 @@ def alibi_attention_bias(slopes, dtype, head_dim, T, S, q_start=0, *, causal=Tru
     takes the compressed bias, only its last ALIBI_ROWS rows are built, (1, H, ALIBI_ROWS, S). head_dim: the query's.
     """
     device = device or slopes.device
-    if _alibi_compressed(slopes, dtype, head_dim, T, S, q_start, causal, key_padding_mask, doc_ids, device):
+    if _on_npu(slopes) and _alibi_compressed(slopes, dtype, head_dim, T, S, q_start, causal, key_padding_mask, doc_ids,
+                                             device):
         T, q_start = ALIBI_ROWS, q_start + T - ALIBI_ROWS  # the rows of the last ALIBI_ROWS queries, and no others
     bias = _alibi_bias(slopes, T, S, q_start, device)
     allowed = _allowed(T, S, q_start, causal, key_padding_mask, doc_ids, device)
