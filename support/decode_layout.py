@@ -1,7 +1,8 @@
 """support/decode_layout.py: a model's weights laid out for generation. Used by sample.py (load_model, and after
 loading, before it generates) and bench.py; what it adds: Baichuan2's NormHead normalised once instead of in every
-forward (normalise_head), and on a CPU the fp32 linears multiplied by a C kernel (DecodeLinear), which a one-token decode step
-reads at about twice the memory bandwidth of torch's matrix-vector product.
+forward (normalise_head), and on a CPU the fp32 linears multiplied by a C kernel (DecodeLinear), which a one-token
+decode step reads at about twice the memory bandwidth of torch's matrix-vector product, and q/k/v and gate/up as one
+product each (RowsOf): fewer, larger kernel calls per token.
 """
 import copy
 
