@@ -66,8 +66,11 @@ def argv(data, out, *extra):
 
 
 def start(cmd, tmp_path, name):
+    """cmd as a terminal starts it: SIGINT and SIGTERM at their defaults, even where this test runs in a background
+    job (which starts with SIGINT ignored, and a run keeps an ignored signal ignored, as nohup wants)."""
     err = open(tmp_path / f"{name}.err", "w")
-    return subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+    return subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=err,
+                            preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)])
 
 
 def stderr_lines(tmp_path, name) -> list[str]:
