@@ -1089,7 +1089,7 @@ def run_llama_cpp_compare(opt) -> dict:
     except ImportError:
         raise BenchError("--compare=llama.cpp: llama_cpp is not importable; build llama-cpp-python from source "
                          "(docs/speed.md)")
-    from sample import generate
+    from sample import CompiledDecode, generate
     from support.decode_layout import decode_layout
     from support.quant import quantize_model
     from support import gguf as gguf_format
@@ -1103,6 +1103,7 @@ def run_llama_cpp_compare(opt) -> dict:
     if opt.quantize:
         quantize_model(ours, opt.quantize, opt.group_size)
     decode_layout(ours.eval())
+    decode_step = CompiledDecode() if opt.compile else None  # compiled in the first (warm-up) round
     n_ctx = opt.prompt_len + opt.new_tokens
     llm = llama_cpp.Llama(model_path=str(opt.gguf), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
                           n_batch=max(opt.prompt_len, 8), verbose=False)
@@ -1115,7 +1116,7 @@ def run_llama_cpp_compare(opt) -> dict:
             llm.reset()  # else it keeps the last run's prompt in its cache and evaluates only the last token again
             stream = llm.generate(prompt.tolist(), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
         else:
-            stream = generate(ours, prompt.tolist(), opt.new_tokens, temperature=0.0)
+            stream = generate(ours, prompt.tolist(), opt.new_tokens, temperature=0.0, decode_step=decode_step)
         tokens, first = [], None
         for token in stream:
             tokens.append(int(token))
@@ -1137,7 +1138,7 @@ def run_llama_cpp_compare(opt) -> dict:
     if ours.output is None or getattr(ours.output, "weight", None) is embedding:  # tied, not quantised: the embedding
         ours_bytes += embedding.numel() * embedding.element_size()           # is the output layer
     result = {"mode": "generate", "compare": "llama.cpp", "gguf": str(opt.gguf), "family": family,
-              "quantize": opt.quantize, "threads": threads, "prompt_len": opt.prompt_len,
+              "quantize": opt.quantize, "compile": opt.compile, "threads": threads, "prompt_len": opt.prompt_len,
               "new_tokens": opt.new_tokens, "llama_cpp_version": getattr(llama_cpp, "__version__", None)}
     rows = {}
     for which, runs in times.items():
@@ -1149,7 +1150,8 @@ def run_llama_cpp_compare(opt) -> dict:
     result.update(rows, ratio=round(rows["ours"]["decode_tokens_per_s"] / rows["llama.cpp"]["decode_tokens_per_s"],
                                     2), same_tokens=times["ours"][0][2] == times["llama.cpp"][0][2])
     a, b = rows["llama.cpp"], rows["ours"]
-    print(f"| {Path(opt.gguf).name} | {opt.quantize or 'fp32'} | {a['decode_tokens_per_s']} | "
+    print(f"| {Path(opt.gguf).name} | {opt.quantize or 'fp32'}{' compiled' if opt.compile else ''} | "
+          f"{a['decode_tokens_per_s']} | "
           f"{b['decode_tokens_per_s']} | {result['ratio']}x | {a['bytes_per_token'] / 1e6:,.0f} / "
           f"{b['bytes_per_token'] / 1e6:,.0f} MB | {a['gb_per_s']} / {b['gb_per_s']} |", file=sys.stderr)
     return result
