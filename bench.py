@@ -843,7 +843,7 @@ def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict
     packed CPU kernels, a dequantise-and-dot fused by torch.compile, and dequantising blocks of rows."""
     from support.quant import nf4_dequantised_matmul, nf4_matmul
     from support.quant import dequantised_linear, int4_dequantize, int4_matmul, int8_dequantize, int8_matmul
-    from support.quant import NF4Linear
+    from support.quant import fp32_matmul, NF4Linear
     from support.quant import Int4Linear, Int8Linear
 
     q8 = Int8Linear(w.size(1), w.size(0)).quantize_from(w)
@@ -852,7 +852,6 @@ def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict
     n8, n4 = [sum(t.numel() * t.element_size() for t in q.stored()) for q in (q8, q4)]
     nf4_parts = nf4.nf4()  # packed codes, absmax_q, absmax_scale, absmax_offset: nf4_matmul's arguments in order
     n_nf4 = sum(t.numel() * t.element_size() for t in nf4_parts.values())
-    w_t = w.t().contiguous()  # (in, out), as support/decode_layout.py holds fp32 weights
     scales_and_zeros = torch.stack([q4.scales, q4.zeros + 8 * q4.scales], -1).transpose(0, 1).contiguous()  # q - 8
     codes = torch.stack([q4.weight & 15, q4.weight >> 4], -1).flatten(1).int()
     packed4 = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
@@ -863,7 +862,8 @@ def matvec_candidates(w: torch.Tensor, x: torch.Tensor, group_size: int) -> dict
         return torch._int_mm(torch.round(x / step).to(torch.int8), q.t()) * step * s
     fused4 = torch.compile(lambda x, q, s, z: ((int4_dequantize(q, s, z, x.dtype)) * x).sum(-1))
     return {
-        "fp32 torch.mm": (lambda: x @ w_t, 4 * w.numel()),
+        "fp32 C kernel": (lambda: fp32_matmul(x, w), 4 * w.numel()),  # what support/decode_layout.py decodes with
+        "fp32 torch F.linear": (lambda: F.linear(x, w), 4 * w.numel()),
         "int8 C kernel": (lambda: int8_matmul(x, q8.weight, q8.scales), n8),
         "int8 torch._weight_int8pack_mm": (lambda: torch._weight_int8pack_mm(x, q8.weight, q8.scales), n8),
         "int8 torch.compile dequantise-and-dot": (lambda: fused8(x, q8.weight, q8.scales), n8),
