@@ -22,9 +22,10 @@ Library use:
 How it is fast (gpt-fast style): a static KV cache allocated once per call (model.setup_cache), the prompt is
 prefilled in one forward, then one token per step; the per-step key padding mask and positions are views of
 buffers allocated once; only the last position's logits are sampled; everything runs under inference_mode; and
-`--compile` compiles the one-token decode step. `--quantize` quantises while loading, one weight at a time, and on a
-CPU multiplies by the int8/int4/NF4 weights in small C kernels (support/quant.py) that read each stored byte once (a 7B
-model in 5-8 GiB at 2-3 tokens/s on two cores).
+`--compile` compiles the one-token decode step. On a CPU every weight is multiplied in small C kernels that read each
+stored byte once: fp32 (support/decode_layout.py, q/k/v and gate/up as one product each) and, with `--quantize`
+(quantised while loading, one weight at a time), int8/int4/NF4 (support/quant.py: a 7B model in 5-8 GiB at 2-3
+tokens/s on two cores).
 """
 import resource
 import sys
