@@ -4,8 +4,6 @@ forward (normalise_head), and on a CPU the fp32 linears multiplied by a C kernel
 decode step reads at about twice the memory bandwidth of torch's matrix-vector product, and q/k/v and gate/up as one
 product each (RowsOf): fewer, larger kernel calls per token.
 """
-import copy
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,9 +62,10 @@ def stacked(linears: list[nn.Module]) -> nn.Module | None:
     out = sum(m.out_features for m in linears)
     if isinstance(first, DecodeLinear):
         return DecodeLinear(nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=False))
-    product = copy.copy(first)  # the same settings; buffers of every linear's rows, stacked
-    product._buffers = {name: torch.cat([m._buffers[name] for m in linears]) for name in first._buffers}
-    product.out_features = out
+    settings = {"group_size": first.group_size} if isinstance(first, quant.Int4Linear) else {}
+    product = type(first)(first.in_features, out, device="meta", **settings)
+    for name in first._buffers:  # every linear's rows, stacked
+        setattr(product, name, torch.cat([m._buffers[name] for m in linears]))
     return product
 
 
