@@ -124,15 +124,55 @@ def test_the_avx512_paths_give_the_avx2_paths_numbers(N, K, gs):
 
 
 def test_fp32_matmul_op_is_f_linear():
-    for M in (1, 16, 17):  # the kernel up to FP32_KERNEL_ROWS rows, F.linear beyond
+    for M in (1, quant.FP32_KERNEL_ROWS, quant.FP32_KERNEL_ROWS + 1, 40):  # the kernel, then the GEMM
         x, w = data(M, 45, 70)
         torch.testing.assert_close(quant.fp32_matmul(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_fp32_matmul_op_without_a_kernel_is_f_linear(monkeypatch):
+def test_fp32_matmul_op_without_a_kernel_is_the_gemm(monkeypatch):
     monkeypatch.setattr(quant, "quant_kernels", lambda: None)
     x, w = data(2, 45, 70)
-    assert torch.equal(quant.fp32_matmul(x, w), F.linear(x, w))
+    assert torch.equal(quant.fp32_matmul(x, w), quant.fp32_gemm(x, w))
+    torch.testing.assert_close(quant.fp32_matmul(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,N,K", [(17, 45, 70), (128, 96, 576), (40, 33, 2048)])
+def test_int8_gemm_is_within_its_bound_of_the_float64_product(M, N, K):
+    x, w = data(M, N, K)
+    x[:, 3] *= 40  # an outlier column: each row's largest element sets its steps
+    q, s = quant.Int8Linear.quantize_rows(w)
+    w64 = quant.int8_dequantize(q, s.double(), torch.float64)
+    want = x.double() @ w64.t()
+    bound = x.abs().amax(1, keepdim=True).double() / 64516 * w64.abs().sum(1) + 1e-5 * (x.double().abs() @ w64.abs().t())
+    assert ((quant.int8_gemm(x, q, s).double() - want).abs() <= bound).all()
+
+
+def test_int8_matmul_takes_the_gemm_only_for_many_rows_where_int_mm_is_exact(monkeypatch):
+    x, w = data(quant.INT8_KERNEL_ROWS + 1, 45, 64)
+    q, s = quant.Int8Linear.quantize_rows(w)
+    kernel = torch.cat([quant.int8_matmul(x[i:i + 1], q, s) for i in range(x.size(0))])  # one row at a time
+    if quant.exact_int_mm():
+        assert torch.equal(quant.int8_matmul(x, q, s), quant.int8_gemm(x, q, s))
+    monkeypatch.setattr(quant, "exact_int_mm", lambda: False)
+    assert torch.equal(quant.int8_matmul(x, q, s), kernel)
+
+
+def test_exact_int_mm_says_whether_onednn_has_vnni_here():
+    """oneDNN's int8 GEMM without VNNI (held to AVX2 here by ONEDNN_MAX_CPU_ISA, or an AVX2-only CPU) overflows its
+    int16 pairs; with VNNI it is exact. exact_int_mm must tell them apart on the real library."""
+    import os
+    import subprocess
+    import sys
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if not quant.onednn_fp32() or " avx2" not in flags:
+        pytest.skip("needs an x86 CPU and torch's oneDNN")
+    code = "from support import quant; print(quant.exact_int_mm())"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = lambda **env: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                                       env={**os.environ, **env}, check=True).stdout.strip()
+    assert run(ONEDNN_MAX_CPU_ISA="AVX2") == "False"
+    vnni = " avx512_vnni" in flags or " avx_vnni" in flags
+    assert run() == str(vnni)
 
 
 def test_a_build_with_extra_flags_is_a_library_of_its_own():

@@ -442,7 +442,9 @@ def test_kernels_compute_the_product_with_the_dequantised_weight(mode, rows, col
     want = x @ layer.dequantize(torch.float32).T
     got = layer(x)
     assert got.shape == (2, m, rows)
-    if mode == "int8":  # the same products, summed in another order
+    if mode == "int8" and 2 * m > quant.INT8_KERNEL_ROWS and quant.exact_int_mm():  # x in two int8 parts: each
+        assert (got - want).norm() / want.norm() < 1e-4  # off by ~max|x| / (127 * 254 * 12 ** 0.5): ~4e-5 of N(0, 1)
+    elif mode == "int8":  # the same products, summed in another order
         assert (got - want).norm() / want.norm() < 1e-5
     else:  # x rounded to int8 per 32 columns: ~0.5% off, against int4's own ~10% from the true weight
         assert (got - want).norm() / want.norm() < 0.015
