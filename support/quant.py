@@ -39,6 +39,7 @@ from support import checks, outputs, weights
 from support.tokenizer_files import copy_tokenizer_files
 
 SOURCE = Path(__file__).with_name("quant_kernels.c")
+OPS_SOURCE = Path(__file__).with_name("quant_ops.cpp")  # the kernels as torch ops
 
 
 def _cpu_id() -> str:
@@ -51,34 +52,66 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def _build_commands(out: Path, extra_flags: tuple[str, ...]) -> list[list[str]]:
+    """The compiler runs that make the library out (quant_kernels.c for this CPU, loaded with ctypes) and, but for
+    extra_flags builds, out's ".ops.so" twin: quant_ops.cpp against this torch's headers and libraries with the same
+    object, the torch ops. A process loads one ops library at most: a second registration of the ops aborts it."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+    obj = str(out.with_suffix(".o"))
+    commands = [[cc, "-O3", "-march=native", "-fopenmp", "-fPIC", *extra_flags, "-c", str(SOURCE), "-o", obj],
+                [cc, "-shared", "-fopenmp", obj, "-o", str(out)]]
+    if extra_flags:
+        return commands
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or "c++"
+    torch_dir = Path(torch.__file__).parent
+    return commands + [[cxx, "-O2", "-std=c++20", "-shared", "-fPIC", f"-I{torch_dir / 'include'}",
+                        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", str(OPS_SOURCE), obj,
+                        f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-fopenmp", "-o", str(out.with_suffix(".ops.so"))]]
+
+
+def _ops_registered() -> bool:
+    try:
+        return torch.ops.nanollama.int4_matmul is not None
+    except AttributeError:
+        return False
+
+
 @functools.cache
 def quant_kernels(extra_flags: tuple[str, ...] = ()):
-    """quant_kernels.c as a ctypes library: built with the C compiler ($CC, else cc) for this CPU on first use (about
-    a second) into ~/.cache/nanollama, then loaded from there. None, with one warning, where that fails (no compiler,
-    no OpenMP): the products are then dequantised a block at a time (dequantised_linear). extra_flags (tests only)
-    builds a separate library with more compiler flags, e.g. ("-mno-avx512f",) for the AVX2 paths."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", *extra_flags]
-    source = SOURCE.read_text()
-    key = hashlib.sha256("\n".join([source, *cmd, platform.machine(), _cpu_id()]).encode()).hexdigest()
+    """quant_kernels.c as a ctypes library, and its products as the torch ops nanollama::* (quant_ops.cpp): built with
+    the C and C++ compilers ($CC, $CXX) for this CPU and this torch on first use (~5 s) into ~/.cache/nanollama, then
+    loaded from there. None, with one warning, where that fails (no compiler, no OpenMP): the products are then
+    dequantised a block at a time (dequantised_linear). extra_flags (tests only) builds a separate C-only library with
+    more compiler flags, e.g. ("-mno-avx512f",) for the AVX2 paths."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanollama"
-    lib = cache / f"quant_kernels_{key[:16]}.so"
+    probe = _build_commands(cache / "x.so", extra_flags)
+    sources = [SOURCE.read_text()] + ([] if extra_flags else [OPS_SOURCE.read_text(), torch.__version__])
+    key = hashlib.sha256("\n".join([*sources, *map(" ".join, probe), platform.machine(), _cpu_id()]).encode())
+    lib = cache / f"quant_kernels_{key.hexdigest()[:16]}.so"
+    ops = lib.with_suffix(".ops.so")
     try:
-        if not lib.exists():
+        if not lib.exists() or not (extra_flags or ops.exists()):
             cache.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            built_files = [(tmp, lib)] + ([] if extra_flags else [(tmp.with_suffix(".ops.so"), ops)])
             t0 = time.perf_counter()
             try:
-                subprocess.run([*cmd, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
-                os.replace(tmp, lib)  # atomic: a process building beside this one never loads half a file
+                for cmd in _build_commands(tmp, extra_flags):
+                    subprocess.run(cmd, check=True, capture_output=True, text=True)
+                for built, final in reversed(built_files):  # atomic: a process beside this one never loads half a file
+                    os.replace(built, final)              # (the ops first: lib's presence says both are there)
             finally:
-                tmp.unlink(missing_ok=True)
+                for path in (tmp, tmp.with_suffix(".o"), tmp.with_suffix(".ops.so")):
+                    path.unlink(missing_ok=True)
             print(f"kernels: built the quantised matmul kernels for this CPU in {time.perf_counter() - t0:.1f}s "
                   f"({lib})", file=sys.stderr)
         c = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.CalledProcessError) as e:
+        register = not extra_flags and not _ops_registered()
+        if register:
+            torch.ops.load_library(str(ops))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         why = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1:] or [type(e).__name__]
-        warnings.warn(f"kernels: cannot build the quantised matmul kernels with {cc} ({why[0][:200]}); "
+        warnings.warn(f"kernels: cannot build the quantised matmul kernels ({why[0][:200]}); "
                       f"dequantising blocks of weights instead (slower decoding)")
         return None
     ptr, long = ctypes.c_void_p, ctypes.c_long
@@ -87,7 +120,19 @@ def quant_kernels(extra_flags: tuple[str, ...] = ()):
     c.int4_matmul.argtypes = [ptr] * 5 + [long] * 4
     c.nf4_matmul.argtypes = [ptr] * 7 + [long] * 3
     c.nf4_quantize.argtypes = [ptr, long, ptr, ptr, ptr]
+    if register:
+        for name, rows in (("fp32_matmul", lambda x, w, *_: w.size(0)), ("int8_matmul", lambda x, w, *_: w.size(0)),
+                           ("int4_matmul", lambda x, w, *_: w.size(0)),
+                           ("nf4_matmul", lambda x, packed, *_: packed.numel() * 2 // x.size(1))):
+            torch.library.register_fake(f"nanollama::{name}")(
+                lambda x, *args, rows=rows: x.new_empty(x.size(0), rows(x, *args)))  # the shape torch.compile sees
     return c
+
+
+@torch.compiler.assume_constant_result
+def kernels_built() -> bool:
+    """Whether quant_kernels() built (a constant to torch.compile, which would otherwise trace the build)."""
+    return quant_kernels() is not None
 
 
 def int8_dequantize(weight, scales, dtype):
@@ -113,21 +158,6 @@ def dequantised_linear(x, dequantize, weight, *params):
         rows = slice(s, s + step)
         out[..., rows] = F.linear(x, dequantize(weight[rows], *(p[rows] for p in params), x.dtype))
     return out
-
-
-def torch_op(name: str, output_shape):
-    """fn as the torch op nanollama::{name}, so that a torch.compile'd decode step keeps it in its graph
-    (output_shape(*args) tells the compiler its output's shape); outside compilation fn is called directly: the op
-    dispatcher costs ~45 us a call, as much as multiplying one token by a 576x576 weight."""
-    def register(fn):
-        op = torch.library.custom_op(f"nanollama::{name}", fn, mutates_args=())
-        op.register_fake(lambda x, *args: x.new_empty(x.size(0), output_shape(x, *args)))
-
-        @functools.wraps(fn)
-        def call(*args):
-            return op(*args) if torch.compiler.is_compiling() else fn(*args)
-        return call
-    return register
 
 
 # Many rows of x (a prompt): the GEMMs oneDNN has. Its fp32 GEMM uses AVX-512 on AMD CPUs, where MKL's (torch.mm)
@@ -191,46 +221,30 @@ FP32_KERNEL_ROWS = 4 if onednn_fp32() else 16
 INT8_KERNEL_ROWS = 16
 
 
-@torch_op("fp32_matmul", lambda x, weight: weight.size(0))
 def fp32_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight (N, K)^T for fp32 x and weight, as F.linear, for decoding on a CPU: the C kernel streams each row of
     the weight once at the memory's rate (torch's matrix-vector product reads it at ~2/3 of that). More than
     FP32_KERNEL_ROWS rows of x, or no kernel built: fp32_gemm."""
-    c = quant_kernels()
-    if c is None or x.size(0) > FP32_KERNEL_ROWS:
+    if x.size(0) > FP32_KERNEL_ROWS or not kernels_built():
         return fp32_gemm(x, weight)
-    x, weight = x.contiguous(), weight.contiguous()
-    y = x.new_empty(x.size(0), weight.size(0))
-    c.fp32_matmul(x.data_ptr(), weight.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
-    return y
+    return torch.ops.nanollama.fp32_matmul(x, weight)
 
 
-@torch_op("int8_matmul", lambda x, weight, *_: weight.size(0))
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x @ (weight (N, K) int8 * scales (N,) fp32)^T: the C kernel in exact fp32 products of x, or for more than
     INT8_KERNEL_ROWS rows int8_gemm where torch._int_mm is exact here."""
     if x.size(0) > INT8_KERNEL_ROWS and exact_int_mm():
         return int8_gemm(x, weight, scales)
-    c = quant_kernels()
-    if c is None:
+    if not kernels_built():
         return dequantised_linear(x, int8_dequantize, weight, scales)
-    x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
-    y = x.new_empty(x.size(0), weight.size(0))
-    c.int8_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
-    return y
+    return torch.ops.nanollama.int8_matmul(x, weight, scales)
 
 
-@torch_op("int4_matmul", lambda x, weight, *_: weight.size(0))
 def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     """x @ W^T for Int4Linear's packed weight (N, K/2) and fp32 scales, zeros (N, groups)."""
-    c = quant_kernels()
-    if c is None:
+    if not kernels_built():
         return dequantised_linear(x, int4_dequantize, weight, scales, zeros)
-    x, weight, scales, zeros = x.contiguous(), weight.contiguous(), scales.contiguous(), zeros.contiguous()
-    y = x.new_empty(x.size(0), weight.size(0))
-    c.int4_matmul(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), *y.shape,
-                  x.size(1), x.size(1) // scales.size(1))
-    return y
+    return torch.ops.nanollama.int4_matmul(x, weight, scales, zeros)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -247,7 +261,7 @@ class QuantizedLinear(nn.Module):
             return dequantised_linear(x, self.unpack, *self.stored())
         weight, *params = self.stored()
         y = self.matmul(x.reshape(-1, self.in_features).float(), weight, *(p.float() for p in params))
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y.to(x.dtype).view(x.shape[:-1] + (self.out_features,))
 
     def dequantize(self, dtype):
         return self.unpack(*self.stored(), dtype)
@@ -273,8 +287,9 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
 
-    def stored(self):
-        return self.weight, self.scales
+    def stored(self):  # (self._buffers, not getattr: nn.Module's lookup costs ~0.6 us a buffer, 121 calls a token)
+        b = self._buffers
+        return b["weight"], b["scales"]
 
     @staticmethod
     def quantize_rows(w):
@@ -296,7 +311,8 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=dtype, device=device))
 
     def stored(self):
-        return self.weight, self.scales, self.zeros
+        b = self._buffers
+        return b["weight"], b["scales"], b["zeros"]
 
     def quantize_rows(self, w):
         g = w.reshape(w.size(0), -1, self.group_size)  # (rows, n_groups, group_size)
@@ -438,22 +454,14 @@ def nf4_linear(x: torch.Tensor, q: dict[str, torch.Tensor], shape: tuple[int, in
 _NF4_CODE_CPU = NF4_CODE.float().contiguous()  # the table the C kernel reads
 
 
-@torch_op("nf4_matmul", lambda x, packed, *_: packed.numel() * 2 // x.size(1))
 def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
                absmax_offset: torch.Tensor) -> torch.Tensor:
     """x @ W^T for the NF4 weight W (N, K) of nf4_quantize (blocks of 64), K a multiple of 32."""
-    c = quant_kernels()
-    if c is None:
+    if not kernels_built():
         q = dict(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale, absmax_offset=absmax_offset)
         return nf4_dequantised_matmul(x, q, (packed.numel() * 2 // x.size(1), x.size(1)), torch.float32)
-    if packed.dtype != torch.uint8 or absmax_q.dtype != torch.int8:  # the kernel reads their bytes as these
-        raise TypeError(f"nf4_matmul: packed {packed.dtype}, absmax_q {absmax_q.dtype}: expected uint8 and int8")
-    x, packed, absmax_q, absmax_scale, absmax_offset = (
-        t.contiguous() for t in (x.float(), packed, absmax_q, absmax_scale.float(), absmax_offset.float()))
-    y = x.new_empty(x.size(0), packed.numel() * 2 // x.size(1))
-    c.nf4_matmul(x.data_ptr(), packed.data_ptr(), absmax_q.data_ptr(), absmax_scale.data_ptr(),
-                 absmax_offset.data_ptr(), _NF4_CODE_CPU.data_ptr(), y.data_ptr(), *y.shape, x.size(1))
-    return y
+    return torch.ops.nanollama.nf4_matmul(x.float(), packed, absmax_q, absmax_scale.float(), absmax_offset.float(),
+                                          _NF4_CODE_CPU)
 
 
 class NF4Linear(nn.Module):

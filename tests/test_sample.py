@@ -546,12 +546,14 @@ def test_kernels_are_built_once_per_cpu_then_loaded_from_the_cache(tmp_path, mon
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert quant.quant_kernels.__wrapped__() is not None
     assert "built the quantised matmul kernels for this CPU" in capsys.readouterr().err
-    assert [p.suffix for p in (tmp_path / "nanollama").iterdir()] == [".so"]  # no source or half file left behind
+    names = sorted(p.name for p in (tmp_path / "nanollama").iterdir())  # no object or half file left behind
+    assert len(names) == 2 and names[0].endswith(".ops.so") and names[1] == names[0].replace(".ops.so", ".so")
     assert quant.quant_kernels.__wrapped__() is not None and "built" not in capsys.readouterr().err
 
 
-def test_a_failed_kernel_build_warns_and_leaves_the_dequantising_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+@pytest.mark.parametrize("compiler", ["CC", "CXX"])  # the C kernels, the C++ torch ops
+def test_a_failed_kernel_build_warns_and_leaves_the_dequantising_path(tmp_path, monkeypatch, compiler):
+    monkeypatch.setenv(compiler, str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build to fall back on
     with pytest.warns(UserWarning, match="cannot build the quantised matmul kernels .*dequantising"):
         assert quant.quant_kernels.__wrapped__() is None
