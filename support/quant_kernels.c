@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define AVX2 1
@@ -37,7 +38,7 @@ static float hsum(__m256 v) {
 #define LOCALITY 3 /* __builtin_prefetch's locality: into L1 (L2 only, or non-temporal, was no faster) */
 #endif
 #ifndef INT4_ROWS
-#define INT4_ROWS 2 /* rows of w int4_matmul's AVX-512 loop multiplies by each row of x together, sharing its loads */
+#define INT4_ROWS 4 /* rows of w int4_matmul's AVX-512 loop multiplies by each row of x together, sharing its loads */
 #endif
 #define FP32_ROWS 4 /* rows of x multiplied by each fp32 or int8 weight row as it streams in */
 
@@ -157,135 +158,228 @@ void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long
 #endif
 }
 
-#ifdef AVX512
-/* int4_matmul's chunks [0, chunks - chunks % 2) of R <= INT4_ROWS rows of w (p: the first, rows K / 2 bytes apart;
-   sn: its scales, rows G apart) and one row of x (xm, its centre cm and steps dx), two chunks (four blocks) a step,
-   into sums[r]: the AVX2 loop's integers (vpdpbusd sums the same four products per lane as vpmaddubsw and
-   vpmaddwd) and scales, added to its 8 lanes in the same order, so its numbers. The rows share the loads of x. */
-static inline __attribute__((always_inline)) void int4_pairs(const uint8_t* p, const float* sn, const int8_t* xm,
-                                                              const int32_t* cm, const float* dx, const int32_t* group,
-                                                              long chunks, long K, long G, int R, __m256* sums) {
-  const __m512i nibbles = _mm512_set1_epi8(15);
-  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  for (long c = 0; c + 2 <= chunks; c += 2) {
-    __m512i x0 = _mm512_loadu_si512(xm + 64 * c), x1 = _mm512_loadu_si512(xm + 64 * c + 64);
-    __m512i even = _mm512_shuffle_i64x2(x0, x1, 0x44), odd = _mm512_shuffle_i64x2(x0, x1, 0xee);
-    __m512i centred = _mm512_loadu_si512(cm + 8 * c);
-    __m128 dxs = _mm_loadu_ps(dx + 2 * c);
-    const int32_t* gb = group + 2 * c;
-    for (int r = 0; r < R; r++) {
-      const uint8_t* pr = p + r * (K / 2) + 32 * c;
-      const float* sr = sn + r * G;
-      __builtin_prefetch(pr + INT4_PREFETCH, 0, LOCALITY);
-      __m512i v = _mm512_loadu_si512(pr);
-      __m512i lo = _mm512_and_si512(v, nibbles), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibbles);
-#ifdef __AVX512VNNI__
-      __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even), hi, odd);
-#else
-      __m512i dot = _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo, even), _mm512_maddubs_epi16(hi, odd)),
-                                      _mm512_set1_epi16(1));
-#endif
-      __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot, centred));
-      /* the four blocks' scales sn[g] * dx[b] (the same products), each spread over its four lanes */
-      __m128 sg = gb[0] == gb[3] ? _mm_set1_ps(sr[gb[0]]) : _mm_set_ps(sr[gb[3]], sr[gb[2]], sr[gb[1]], sr[gb[0]]);
-      __m512 sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(sg, dxs)));
-      sums[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(d), _mm512_castps512_ps256(sc), sums[r]);
-      sums[r] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(d, 1), _mm512_extractf32x8_ps(sc, 1), sums[r]);
-    }
+/* int4_matmul: y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15]
+   two per byte (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per block of 32
+   columns (xq, step dx = max|x| / 127), so q . x runs in integers: 128 weights a vpdpbusd pair where fp32 takes 16
+   an instruction. The codes count as centred, (q - 8) s + (z + 8 s), so that x's rounding errors are multiplied by
+   |q - 8| <= 8, but the centring is x's alone and stays out of the loop over w:
+     y[m, n] = sum_b s[n, g(b)] dx[m, b] (q[n] . xq[m] over block b) + sum_g (z + 8 s)[n, g] xsum[m, g] - s[n, g] cx[m, g]
+   xsum: x summed over group g; cx: 8 dx xq summed over it. */
+
+/* x prepared once per call. Columns [0, V) (whole blocks, V a multiple of 64) in steps of 128: per row and step xv,
+   the 64 even columns' int8 values then the 64 odd ones' (the low and high nibbles of the step's 64 packed bytes;
+   zero past V), and dv, the blocks' steps spread over the 16 int32 lanes of vpdpbusd (lane l sums columns 8l..8l+7
+   of the step: block l / 4). The columns from V on (a last block where K % 64 == 32; all of them without AVX2, or
+   where groups split blocks) are multiplied one at a time from xq and dx. */
+typedef struct {
+  long S, V;         /* steps of 128 columns (the last one half where V % 128 == 64), columns in them */
+  int8_t *xq, *xv;   /* (M, K); (M, S, 128) */
+  float *dx, *dv;    /* (M, blocks); (M, S, 16) */
+  float *xsum, *cx;  /* (M, G) each */
+  int32_t* gb;       /* (S, 4): each block of a step's group (past K: the last group, its lanes zero) */
+} int4_x;
+
+#ifdef AVX2
+/* A block of 32 columns of x (xb) rounded as llama.cpp's Q8_0 (step max|x| / 127; the conversion rounds to nearest
+   even, as lrintf): q, and the step; the columns added to *group, and q's sum to *qsum */
+static float int4_block(const float* xb, int8_t* q, __m256* group, int* qsum) {
+  __m256 v[4], a = _mm256_setzero_ps();
+  for (int j = 0; j < 4; j++) {
+    v[j] = _mm256_loadu_ps(xb + 8 * j);
+    a = _mm256_max_ps(a, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[j]));
+    *group = _mm256_add_ps(*group, v[j]);
   }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  __m256 inv = _mm256_set1_ps(amax > 0 ? 127 / amax : 0);
+  __m256i sum = _mm256_setzero_si256();
+  int32_t qi[32];
+  for (int j = 0; j < 4; j++) {
+    __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+    sum = _mm256_add_epi32(sum, r);
+    _mm256_storeu_si256((__m256i*)(qi + 8 * j), r);
+  }
+  for (int k = 0; k < 32; k++) q[k] = (int8_t)qi[k];
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+  *qsum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1)));
+  return amax / 127;
 }
 #endif
 
-/* y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15] two per byte
-   (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per block of 32 columns (step
-   max|x| / 127), so q . x runs in integers: 64 weights per step (vpmaddubsw) where fp32 would take 8 per step. The
-   codes are centred, (q - 8) * s + (z + 8 s), so that x's rounding errors are multiplied by |q - 8| <= 8. */
-void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
-                 long M, long N, long K, long gs) {
-  long G = K / gs, C = (K + 63) / 64, B = (K + 31) / 32;  /* weight groups, 64-column chunks, 32-column blocks */
-  int8_t* xq = calloc(M * C * 64, 1);  /* per row and chunk: the int8 x of its 32 even columns, then of its odd */
-  int32_t* centre = malloc(M * C * 8 * sizeof(int32_t));  /* per chunk: 8 x the sum of xq under each int32 lane */
-  float* step = malloc((M * B + M * G) * sizeof(float));  /* per row: the step of each block, then x summed per group */
-  float* xsum = step + M * B;
+static int4_x int4_prepare(const float* x, long M, long K, long gs, long V) {
+  long G = K / gs, B = (K + 31) / 32, S = (V + 127) / 128;
+  int4_x p = {S, V};
+  p.xq = malloc(M * K + M * S * 128);
+  p.xv = p.xq + M * K;
+  memset(p.xv, 0, M * S * 128);
+  p.dx = calloc(M * B + M * S * 16 + 2 * M * G, sizeof(float));
+  p.dv = p.dx + M * B;
+  p.xsum = p.dv + M * S * 16;
+  p.cx = p.xsum + M * G;
+  p.gb = malloc((S * 4 + 1) * sizeof(int32_t));
+  for (long b = 0; b < S * 4; b++) p.gb[b] = (int32_t)(32 * b < K ? 32 * b / gs : G - 1);
   for (long m = 0; m < M; m++) {
     const float* xm = x + m * K;
-    for (long blk = 0; blk < B; blk++) {
-      float amax = 0;
-      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++) amax = fmaxf(amax, fabsf(xm[k]));
-      float inv = amax > 0 ? 127 / amax : 0;
-      for (long k = 32 * blk; k < K && k < 32 * blk + 32; k++)
-        xq[m * C * 64 + (k / 64) * 64 + (k % 2) * 32 + (k % 64) / 2] = (int8_t)lrintf(xm[k] * inv);
-      step[m * B + blk] = amax / 127;
-    }
-    for (long g = 0; g < G; g++) {
-      float t = 0;
-      for (long k = g * gs; k < g * gs + gs; k++) t += xm[k];
-      xsum[m * G + g] = t;
-    }
-    for (long i = 0; i < C * 8; i++) {  /* lane i % 8 of a chunk: bytes 4i..4i+3, their even and odd columns */
-      const int8_t* e = xq + m * C * 64 + (i / 8) * 64 + (i % 8) * 4;
-      centre[m * C * 8 + i] = 8 * (e[0] + e[1] + e[2] + e[3] + e[32] + e[33] + e[34] + e[35]);
+    int8_t *q = p.xq + m * K, *v = p.xv + m * S * 128;
+    float *xsum = p.xsum + m * G, *cx = p.cx + m * G;
+#ifdef AVX2
+    __m256 group = _mm256_setzero_ps();
+#endif
+    for (long b = 0; b < B; b++) {
+      float step;
+#ifdef AVX2
+      if (gs % 32 == 0) {  /* whole blocks, each inside a group */
+        int qsum;
+        step = int4_block(xm + 32 * b, q + 32 * b, &group, &qsum);
+        cx[32 * b / gs] += 8 * step * (float)qsum;
+        if ((32 * b + 32) % gs == 0) {
+          xsum[32 * b / gs] = hsum(group);
+          group = _mm256_setzero_ps();
+        }
+      } else
+#endif
+      {
+        long end = 32 * b + 32 < K ? 32 * b + 32 : K;
+        float amax = 0;
+        for (long k = 32 * b; k < end; k++) amax = fmaxf(amax, fabsf(xm[k]));
+        float inv = amax > 0 ? 127 / amax : 0;
+        step = amax / 127;
+        for (long k = 32 * b; k < end; k++) {
+          q[k] = (int8_t)lrintf(xm[k] * inv);
+          xsum[k / gs] += xm[k];
+          cx[k / gs] += 8 * step * q[k];
+        }
+      }
+      p.dx[m * B + b] = step;
+      if (32 * b < V) {  /* the vector loop's layout: 16 even columns, 16 odd, a step's lanes 4 (b % 4) .. + 3 */
+        int8_t* st = v + b / 4 * 128 + b % 4 * 16;
+        for (int k = 0; k < 16; k++) {
+          st[k] = q[32 * b + 2 * k];
+          st[64 + k] = q[32 * b + 2 * k + 1];
+        }
+        for (int l = 0; l < 4; l++) p.dv[(m * S + b / 4) * 16 + b % 4 * 4 + l] = step;
+      }
     }
   }
-  long chunks = gs % 32 == 0 ? K / 64 : 0;  /* chunks of whole blocks, each block inside one group */
-  int32_t* group = malloc(B * sizeof(int32_t));  /* each 32-column block's group */
-  for (long b = 0; b < B; b++) group[b] = (int32_t)(32 * b / gs);
+  return p;
+}
+
+static void int4_release(int4_x* p) {
+  free(p->xq);
+  free(p->dx);
+  free(p->gb);
+}
+
+/* The rest of y[m, n] after the vector loop: columns [V, K) one byte (two columns) at a time, and (groups) the groups'
+   terms */
+static float int4_rest(const int4_x* p, const uint8_t* wn, const float* sn, const float* zn, long m, long K, long gs,
+                       int groups) {
+  long G = K / gs, B = (K + 31) / 32;
+  const int8_t* q = p->xq + m * K;
+  float acc = 0;
+  for (long b = p->V / 2; b < K / 2; b++)
+    acc += sn[2 * b / gs] * p->dx[m * B + 2 * b / 32] * (float)((wn[b] & 15) * q[2 * b] + (wn[b] >> 4) * q[2 * b + 1]);
+  for (long g = 0; groups && g < G; g++)
+    acc += (zn[g] + 8 * sn[g]) * p->xsum[m * G + g] - sn[g] * p->cx[m * G + g];
+  return acc;
+}
+
+#if defined(AVX512) && defined(__AVX512VNNI__)
+#define INT4_512 1
+/* y[m, n0 .. n0 + R - 1] for R <= INT4_ROWS rows of w (from wn, rows K / 2 bytes apart; their scales from sn, rows G
+   apart) and row m of x, over the vector loop's columns: the rows share each step's loads of x */
+static inline __attribute__((always_inline)) void int4_rows512(const int4_x* p, const uint8_t* wn, const float* sn,
+                                                                const float* zn, long m, long K, long G, int R,
+                                                                float* out) {
+  const __m512i nibbles = _mm512_set1_epi8(15);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512 acc[INT4_ROWS];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  const int8_t* xv = p->xv + m * p->S * 128;
+  const float* dv = p->dv + m * p->S * 16;
+  for (long t = 0; t < p->S; t++) {
+    __mmask64 mask = 128 * t + 128 <= p->V ? ~0ULL : 0xffffffffULL;  /* a half step: its first 32 bytes */
+    __m512i even = _mm512_loadu_si512(xv + 128 * t), odd = _mm512_loadu_si512(xv + 128 * t + 64);
+    __m512 d = _mm512_loadu_ps(dv + 16 * t);
+    const int32_t* g = p->gb + 4 * t;
+    for (int r = 0; r < R; r++) {
+      const uint8_t* pr = wn + r * (K / 2) + 64 * t;
+      const float* sr = sn + r * G;
+      __builtin_prefetch(pr + INT4_PREFETCH, 0, LOCALITY);
+      __m512i v = _mm512_maskz_loadu_epi8(mask, pr);
+      __m512i lo = _mm512_and_si512(v, nibbles), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibbles);
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even), hi, odd);
+      __m512 sc = g[0] == g[3] ? _mm512_set1_ps(sr[g[0]])
+                               : _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+                                                                   _mm_set_ps(sr[g[3]], sr[g[2]], sr[g[1]], sr[g[0]])));
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), d), sc, acc[r]);
+    }
+  }
+  for (long g = 0; g < G; g += 16) {  /* the groups' terms, 16 a step */
+    __mmask16 mask = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
+    __m512 xs = _mm512_maskz_loadu_ps(mask, p->xsum + m * G + g), cx = _mm512_maskz_loadu_ps(mask, p->cx + m * G + g);
+    for (int r = 0; r < R; r++) {
+      __m512 sr = _mm512_maskz_loadu_ps(mask, sn + r * G + g), zr = _mm512_maskz_loadu_ps(mask, zn + r * G + g);
+      acc[r] = _mm512_fnmadd_ps(sr, cx, _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(8), sr, zr), xs, acc[r]));
+    }
+  }
+  for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+#endif
+
+void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
+                 long M, long N, long K, long gs) {
+  long G = K / gs;
+#ifdef AVX2
+  long V = gs % 32 == 0 ? K - K % 64 : 0;  /* the vector loop's columns: whole blocks, each inside one group */
+#else
+  long V = 0;
+#endif
+  int4_x p = int4_prepare(x, M, K, gs, V);
   #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
   for (long n0 = 0; n0 < N; n0 += INT4_ROWS) {
     int R = N - n0 < INT4_ROWS ? (int)(N - n0) : INT4_ROWS;
     for (long m = 0; m < M; m++) {
-      const int8_t* xm = xq + m * C * 64;
-      const float* dx = step + m * B;
-      long c0 = 0;  /* the chunks done for all R rows */
-#ifdef AVX2
-      __m256 sums[INT4_ROWS];
-      for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_ps();
-#ifdef AVX512
-      const int32_t* cm = centre + m * C * 8;
-      if (R == 2) int4_pairs(w + n0 * (K / 2), s + n0 * G, xm, cm, dx, group, chunks, K, G, 2, sums);
-      else int4_pairs(w + n0 * (K / 2), s + n0 * G, xm, cm, dx, group, chunks, K, G, 1, sums);
-      c0 = chunks - chunks % 2;
-#endif
+      float acc[INT4_ROWS] = {0};
+      int groups = 1;  /* the groups' terms still to add */
+#ifdef INT4_512
+      groups = 0;
+      switch (R) {
+        case 1: int4_rows512(&p, w + n0 * (K / 2), s + n0 * G, z + n0 * G, m, K, G, 1, acc); break;
+        case 2: int4_rows512(&p, w + n0 * (K / 2), s + n0 * G, z + n0 * G, m, K, G, 2, acc); break;
+        case 3: int4_rows512(&p, w + n0 * (K / 2), s + n0 * G, z + n0 * G, m, K, G, 3, acc); break;
+        default: int4_rows512(&p, w + n0 * (K / 2), s + n0 * G, z + n0 * G, m, K, G, INT4_ROWS, acc);
+      }
+#elif defined(AVX2)
+      for (int r = 0; r < R; r++) {
+        const uint8_t* pr = w + (n0 + r) * (K / 2);
+        const float* sr = s + (n0 + r) * G;
+        const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+        __m256 vacc = _mm256_setzero_ps();
+        for (long c = 0; c < V / 64; c++) {  /* 32 bytes = 64 weights, blocks 2c and 2c + 1 */
+          __builtin_prefetch(pr + 32 * c + INT4_PREFETCH);
+          __m256i v = _mm256_loadu_si256((const __m256i*)(pr + 32 * c));
+          __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          const int8_t* xc = p.xv + (m * p.S + c / 2) * 128 + c % 2 * 32;
+          __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xc)),
+                                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xc + 64))));
+          __m256 d = _mm256_loadu_ps(p.dv + (m * p.S + c / 2) * 16 + c % 2 * 8);
+          const int32_t* g = p.gb + 2 * c;
+          __m256 sc = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(sr[g[0]])), _mm_set1_ps(sr[g[1]]), 1);
+          vacc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), d), sc, vacc);
+        }
+        acc[r] = hsum(vacc);
+      }
 #endif
       for (int r = 0; r < R; r++) {
-        long n = n0 + r, c = c0;
-        const uint8_t* p = w + n * (K / 2);
-        const float* sn = s + n * G;
-        float acc = 0;
-#ifdef AVX2
-        const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-        __m256 vacc = sums[r];
-        for (long g = c < chunks ? group[2 * c] : 0, end = (g + 1) * gs; c < chunks; c++) {  /* 32 bytes = 64 weights */
-          __builtin_prefetch(p + 32 * c + INT4_PREFETCH);
-          __m256i v = _mm256_loadu_si256((const __m256i*)(p + 32 * c));
-          __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-          __m256i even = _mm256_loadu_si256((const __m256i*)(xm + 64 * c));
-          __m256i odd = _mm256_loadu_si256((const __m256i*)(xm + 64 * c + 32));
-          __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
-          __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),  /* lanes 0-3 the first block, 4-7 the second */
-                                         _mm256_loadu_si256((const __m256i*)(centre + (m * C + c) * 8)));
-          float s0 = sn[g] * dx[2 * c];
-          if (64 * c + 32 >= end) { g++; end += gs; }
-          float s1 = sn[g] * dx[2 * c + 1];
-          if (64 * c + 64 >= end) { g++; end += gs; }
-          __m256 scale = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(s0)), _mm_set1_ps(s1), 1);
-          vacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, vacc);
-        }
-        acc = hsum(vacc);
-#endif
-        for (long b = 32 * c; b < K / 2; b++) {  /* the rest, one byte (two weights) at a time */
-          const int8_t* xc = xm + (b / 32) * 64 + b % 32;
-          acc += sn[2 * b / gs] * dx[b / 16] * (float)(((p[b] & 15) - 8) * xc[0] + ((p[b] >> 4) - 8) * xc[32]);
-        }
-        for (long g = 0; g < G; g++) acc += (z[n * G + g] + 8 * sn[g]) * xsum[m * G + g];
-        y[m * N + n] = acc;
+        long n = n0 + r;
+        y[m * N + n] = acc[r] + int4_rest(&p, w + n * (K / 2), s + n * G, z + n * G, m, K, gs, groups);
       }
     }
   }
-  free(xq);
-  free(centre);
-  free(step);
-  free(group);
+  int4_release(&p);
 }
 
 /* nf4_quantize's blocks of 64 fp32 weights (n of them): each block's absmax, and each weight's code, the number of

@@ -112,15 +112,16 @@ def test_int4_matmul_is_the_float64_product_of_its_weights_and_rounded_x(lib, M,
 
 
 @pytest.mark.parametrize("N,K,gs", INT4_SHAPES)
-def test_the_avx512_paths_give_the_avx2_paths_numbers(N, K, gs):
+def test_the_avx512_paths_give_the_avx2_paths_numbers_or_int4s_within_rounding(N, K, gs):
     native, avx2 = both_builds()
     x, w = data(5, N, K)
     q8, s8 = quant.Int8Linear.quantize_rows(w)
     assert torch.equal(int8(native, x, q8, s8), int8(avx2, x, q8, s8))  # the same sums in the same order
     q, s, z = quant.Int4Linear(K, N, gs).quantize_rows(w)
-    # int4: the same integer dot products and scaled sums; the zeros' few fp32 terms the compiler may vectorise
-    # differently per instruction set (~1 ulp)
-    torch.testing.assert_close(int4(native, x, q, s, z), int4(avx2, x, q, s, z), rtol=1e-6, atol=1e-6)
+    # int4: the same integer dot products, their scaled sums added 16 or 8 lanes at a time: the same within fp32's
+    # rounding of sums of their size
+    _, scale, _ = int4_reference(x, q, s, z)
+    assert_close(int4(native, x, q, s, z), int4(avx2, x, q, s, z).double(), scale, rel=1e-6)
 
 
 def test_fp32_matmul_op_is_f_linear():
