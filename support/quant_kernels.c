@@ -4,6 +4,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define AVX2 1
@@ -38,6 +39,9 @@ static float hsum(__m256 v) {
 #endif
 #ifndef INT4_ROWS
 #define INT4_ROWS 2 /* rows of w int4_matmul's AVX-512 loop multiplies by each row of x together, sharing its loads */
+#endif
+#ifndef INT4_TILE_FROM
+#define INT4_TILE_FROM 8 /* rows of x from which int4_matmul multiplies in tiles (int4_tiled) */
 #endif
 #define FP32_ROWS 4 /* rows of x multiplied by each fp32 or int8 weight row as it streams in */
 
@@ -196,12 +200,206 @@ static inline __attribute__((always_inline)) void int4_pairs(const uint8_t* p, c
 }
 #endif
 
+#ifdef AVX2
+/* int4_matmul for many rows of x (a prompt): tiles of TILE_M rows of x by TILE_N rows of w, so that each unpacked step
+   of weights serves TILE_M rows of x and each prepared step of x TILE_N rows of w. A step is TILE_STEP columns: one
+   register of packed weights (64 bytes AVX-512, 32 AVX2), its int32 lanes 8 columns each (4 bytes, the low nibbles
+   the even columns, the high the odd), block (32 columns) l / 4 under lane l. */
+#ifdef AVX512
+#define TILE_STEP 128
+#define TILE_M 4
+#define TILE_N 4
+#else
+#define TILE_STEP 64
+#define TILE_M 2
+#define TILE_N 2
+#endif
+#define TILE_LANES (TILE_STEP / 8)
+#define TILE_XSTEP (2 * TILE_STEP) /* bytes of a prepared step of x, below */
+
+/* One row of x (K columns, gs a multiple of 32), prepared for int4_tile: per step (xt, zeroed beforehand, steps past
+   K stay zero) TILE_STEP / 2 bytes, its even columns rounded to int8 (llama.cpp's Q8_0: the row loop's numbers, the
+   conversion rounding as lrintf does), TILE_STEP / 2 of its odd, then per lane -8 x the sum of its 8 int8 (the codes'
+   centring, the lane's starting value) and per lane its block's step max|x| / 127 (fp32); xsum: x summed per group
+   (in 8 lanes), G of them, then zeros up to Gp. */
+static void int4_tile_x(const float* xm, long K, long gs, int8_t* xt, float* xsum) {
+  __m256 group = _mm256_setzero_ps();
+  for (long b = 0; b < K / 32; b++) {
+    __m256 v[4], a = _mm256_setzero_ps();
+    for (int j = 0; j < 4; j++) {
+      v[j] = _mm256_loadu_ps(xm + 32 * b + 8 * j);
+      a = _mm256_max_ps(a, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[j]));
+      group = _mm256_add_ps(group, v[j]);
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    float inv = amax > 0 ? 127 / amax : 0;
+    int32_t q[32];
+    for (int j = 0; j < 4; j++)
+      _mm256_storeu_si256((__m256i*)(q + 8 * j), _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv))));
+    int8_t* st = xt + (32 * b / TILE_STEP) * TILE_XSTEP;
+    long c0 = 32 * b % TILE_STEP;  /* the block's first column in the step, its first lane c0 / 8 */
+    int32_t* centre = (int32_t*)(st + TILE_STEP);
+    float* dx = (float*)(st + TILE_STEP + 4 * TILE_LANES);
+    for (int j = 0; j < 4; j++) {
+      int sum = 0;
+      for (int k = 8 * j; k < 8 * j + 8; k++) {
+        st[(k % 2) * (TILE_STEP / 2) + (c0 + k) / 2] = (int8_t)q[k];
+        sum += q[k];
+      }
+      centre[c0 / 8 + j] = -8 * sum;
+      dx[c0 / 8 + j] = amax / 127;
+    }
+    if ((32 * b + 32) % gs == 0) {
+      xsum[(32 * b + 32) / gs - 1] = hsum(group);
+      group = _mm256_setzero_ps();
+    }
+  }
+}
+
+/* y[i, r] (rows N apart) for i < rm <= TILE_M rows of prepared x (xt, rows xrow bytes apart, xsum Gp apart) and
+   r < rn <= TILE_N rows of w (p, rows K / 2 bytes apart, TILE_N of them readable; ws: each row's scale under each lane
+   of each of the S steps, then its z + 8 s per group, Gp, rows wrow apart). A step's last tail bytes of weights are
+   the ones read in the last step (a partial one past K, else a whole one); the rest of the register is zero. Per
+   step and pair the integers are int4_matmul's row loop's (the same dot products, started at the centring), times
+   the same scale products, summed in another order. */
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t* p, long K, const int8_t* xt, long xrow,
+                                                             const float* ws, long wrow, const float* xsum, long Gp,
+                                                             long S, int tail, float* y, long N, int rm, int rn) {
+#ifdef AVX512
+  const __m512i nibbles = _mm512_set1_epi8(15);
+  __m512 acc[TILE_M][TILE_N];
+  for (int i = 0; i < TILE_M; i++)
+    for (int r = 0; r < TILE_N; r++) acc[i][r] = _mm512_setzero_ps();
+  for (long t = 0; t < S; t++) {
+    __mmask64 mask = t + 1 < S || tail == 64 ? ~0ull : (1ull << tail) - 1;
+    __m512i lo[TILE_N], hi[TILE_N];
+    for (int r = 0; r < TILE_N; r++) {
+      __m512i v = _mm512_maskz_loadu_epi8(mask, p + r * (K / 2) + 64 * t);
+      lo[r] = _mm512_and_si512(v, nibbles);
+      hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibbles);
+    }
+    for (int i = 0; i < TILE_M; i++) {
+      const int8_t* st = xt + i * xrow + t * TILE_XSTEP;
+      __m512i even = _mm512_loadu_si512(st), odd = _mm512_loadu_si512(st + 64);
+      __m512i centre = _mm512_loadu_si512(st + 128);
+      __m512 dx = _mm512_loadu_ps(st + 192);
+      for (int r = 0; r < TILE_N; r++) {
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(centre, lo[r], even), hi[r], odd);
+        __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(ws + r * wrow + TILE_LANES * t), dx);
+        acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[i][r]);
+      }
+    }
+  }
+  for (long g = 0; g < Gp; g += 16)
+    for (int i = 0; i < TILE_M; i++)
+      for (int r = 0; r < TILE_N; r++)
+        acc[i][r] = _mm512_fmadd_ps(_mm512_loadu_ps(xsum + i * Gp + g),
+                                    _mm512_loadu_ps(ws + r * wrow + S * TILE_LANES + g), acc[i][r]);
+  float sums[TILE_M][TILE_N];  /* all of them, so that acc stays in registers */
+  for (int i = 0; i < TILE_M; i++)
+    for (int r = 0; r < TILE_N; r++) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
+  for (int i = 0; i < rm; i++)
+    for (int r = 0; r < rn; r++) y[i * N + r] = sums[i][r];
+#else
+  const __m256i nibbles = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  __m256 acc[TILE_M][TILE_N];
+  for (int i = 0; i < TILE_M; i++)
+    for (int r = 0; r < TILE_N; r++) acc[i][r] = _mm256_setzero_ps();
+  for (long t = 0; t < S; t++) {
+    __m256i lo[TILE_N], hi[TILE_N];
+    for (int r = 0; r < TILE_N; r++) {
+      const uint8_t* pr = p + r * (K / 2) + 32 * t;
+      __m256i v = t + 1 < S || tail == 32 ? _mm256_loadu_si256((const __m256i*)pr)
+                                          : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)pr));
+      lo[r] = _mm256_and_si256(v, nibbles);
+      hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibbles);
+    }
+    for (int i = 0; i < TILE_M; i++) {
+      const int8_t* st = xt + i * xrow + t * TILE_XSTEP;
+      __m256i even = _mm256_loadu_si256((const __m256i*)st), odd = _mm256_loadu_si256((const __m256i*)(st + 32));
+      __m256i centre = _mm256_loadu_si256((const __m256i*)(st + 64));
+      __m256 dx = _mm256_loadu_ps((const float*)(st + 96));
+      for (int r = 0; r < TILE_N; r++) {
+        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], even), _mm256_maddubs_epi16(hi[r], odd));
+        __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), centre);
+        __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(ws + r * wrow + TILE_LANES * t), dx);
+        acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[i][r]);
+      }
+    }
+  }
+  for (long g = 0; g < Gp; g += 8)
+    for (int i = 0; i < TILE_M; i++)
+      for (int r = 0; r < TILE_N; r++)
+        acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xsum + i * Gp + g),
+                                    _mm256_loadu_ps(ws + r * wrow + S * TILE_LANES + g), acc[i][r]);
+  float sums[TILE_M][TILE_N];
+  for (int i = 0; i < TILE_M; i++)
+    for (int r = 0; r < TILE_N; r++) sums[i][r] = hsum(acc[i][r]);
+  for (int i = 0; i < rm; i++)
+    for (int r = 0; r < rn; r++) y[i * N + r] = sums[i][r];
+#endif
+}
+
+/* int4_matmul in tiles (gs a multiple of 32): x prepared once (int4_tile_x; rows past M zero, to fill the last
+   tile), then the threads take TILE_N rows of w at a time, spread their scales per lane, and multiply them by every
+   tile of x. A last partial tile of w is copied, zero rows after it. */
+static void int4_tiled(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
+                       long M, long N, long K, long gs) {
+  long G = K / gs, S = (K + TILE_STEP - 1) / TILE_STEP, Gp = (G + TILE_LANES - 1) / TILE_LANES * TILE_LANES;
+  long Mp = (M + TILE_M - 1) / TILE_M * TILE_M, xrow = S * TILE_XSTEP, wrow = S * TILE_LANES + Gp;
+  int tail = (int)(K % TILE_STEP ? K % TILE_STEP / 2 : TILE_STEP / 2);  /* bytes of weights in the last step */
+  int8_t* xt = calloc(Mp * xrow, 1);
+  float* xsum = calloc(Mp * Gp, sizeof(float));
+  int32_t* lane_group = malloc(S * TILE_LANES * sizeof(int32_t));  /* each lane's group, -1 past K */
+  for (long l = 0; l < S * TILE_LANES; l++) lane_group[l] = l / 4 < K / 32 ? (int32_t)(32 * (l / 4) / gs) : -1;
+  #pragma omp parallel if (M * N * K >= PARALLEL_WORK)
+  {
+    #pragma omp for schedule(static)
+    for (long m = 0; m < M; m++) int4_tile_x(x + m * K, K, gs, xt + m * xrow, xsum + m * Gp);
+    float* ws = malloc(TILE_N * wrow * sizeof(float));
+    uint8_t* edge = NULL;
+    #pragma omp for schedule(static)
+    for (long n0 = 0; n0 < N; n0 += TILE_N) {
+      int rn = N - n0 < TILE_N ? (int)(N - n0) : TILE_N;
+      const uint8_t* p = w + n0 * (K / 2);
+      if (rn < TILE_N) {
+        edge = calloc(TILE_N * (K / 2), 1);
+        memcpy(edge, p, rn * (K / 2));
+        p = edge;
+      }
+      for (int r = 0; r < TILE_N; r++) {
+        long n = n0 + r < N ? n0 + r : N - 1;
+        float* wr = ws + r * wrow;
+        for (long l = 0; l < S * TILE_LANES; l++) wr[l] = lane_group[l] >= 0 ? s[n * G + lane_group[l]] : 0;
+        for (long g = 0; g < Gp; g++) wr[S * TILE_LANES + g] = g < G ? z[n * G + g] + 8 * s[n * G + g] : 0;
+      }
+      for (long m0 = 0; m0 < M; m0 += TILE_M)
+        int4_tile(p, K, xt + m0 * xrow, xrow, ws, wrow, xsum + m0 * Gp, Gp, S, tail, y + m0 * N + n0, N,
+                  M - m0 < TILE_M ? (int)(M - m0) : TILE_M, rn);
+    }
+    free(ws);
+    free(edge);
+  }
+  free(xt);
+  free(xsum);
+  free(lane_group);
+}
+#endif
+
 /* y (M, N) = x (M, K) @ w^T, w[n, k] = q[n, k] * s[n, g] + z[n, g] for group g = k / gs, q in [0, 15] two per byte
    (column 2b in the low nibble of byte b). As llama.cpp does, x is rounded to int8 per block of 32 columns (step
    max|x| / 127), so q . x runs in integers: 64 weights per step (vpmaddubsw) where fp32 would take 8 per step. The
    codes are centred, (q - 8) * s + (z + 8 s), so that x's rounding errors are multiplied by |q - 8| <= 8. */
 void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
                  long M, long N, long K, long gs) {
+#ifdef AVX2
+  if (M >= INT4_TILE_FROM && gs % 32 == 0) {
+    int4_tiled(x, w, s, z, y, M, N, K, gs);
+    return;
+  }
+#endif
   long G = K / gs, C = (K + 63) / 64, B = (K + 31) / 32;  /* weight groups, 64-column chunks, 32-column blocks */
   int8_t* xq = calloc(M * C * 64, 1);  /* per row and chunk: the int8 x of its 32 even columns, then of its odd */
   int32_t* centre = malloc(M * C * 8 * sizeof(int32_t));  /* per chunk: 8 x the sum of xq under each int32 lane */
