@@ -201,56 +201,93 @@ static inline __attribute__((always_inline)) void int4_pairs(const uint8_t* p, c
 #endif
 
 #ifdef AVX2
-/* int4_matmul for many rows of x (a prompt): tiles of TILE_M rows of x by TILE_N rows of w, so that each unpacked step
-   of weights serves TILE_M rows of x and each prepared step of x TILE_N rows of w. A step is TILE_STEP columns: one
-   register of packed weights (64 bytes AVX-512, 32 AVX2), its int32 lanes 8 columns each (4 bytes, the low nibbles
-   the even columns, the high the odd), block (32 columns) l / 4 under lane l. */
+/* int4_matmul for many rows of x (a prompt): tiles of TILE_M rows of x by TILE_N rows of w. x is prepared once per
+   call (int4_tile_x) and each tile of w once (int4_tile_w), in the layouts the tile's loop (int4_tile) reads in
+   order, so that the loop is little more than integer dot products of whole registers and one conversion and
+   scaling per lane and step. A register's int32 lanes hold 4 bytes each, a byte a pair of columns (2c, 2c + 1: the
+   low and high nibble of a packed byte): one register of the even columns' values, one of the odd. Beside each row
+   of x, xsum: x summed per group, Gp (G rounded up to a register) a row, zeros past G; after a tile of w, z + 8 s
+   per group, Gp a row. */
 #ifdef AVX512
-#define TILE_STEP 128
+/* AVX-512, 4 x 4 tiles. Steps of 512 columns, K / 512 of them, 16 blocks: 4 registers of even and of odd columns,
+   lane l of register k holding columns 32 l + 8 k .. 32 l + 8 k + 7, so that a lane sums a whole block, converted and
+   scaled once; then steps of 128 columns, 1 register each, lane l holding columns 8 l .. 8 l + 7, the last zero past
+   K. x is stored as x + 128 (vpdpbusd's unsigned bytes, 1 to 255) and w as q - 8 (signed); each lane's sum starts
+   from -128 x the sum of its q - 8, so that it ends as the row loop's integer, x . (q - 8). */
 #define TILE_M 4
 #define TILE_N 4
+#define TILE_LANES 16
+/* bytes of a step of R register pairs: of x, the registers, then each lane's block's step max|x| / 127 (fp32); of
+   a row of w, the registers, each lane's starting value (int32), each lane's group's scale s (fp32) */
+#define X_STEP(R) (128 * (R) + 64)
+#define W_STEP(R) (128 * (R) + 128)
+static long tile_wide(long K) { return K / 512; }  /* the steps of 512 columns, then of 128 */
+static long tile_narrow(long K) { return (K % 512 + 127) / 128; }
+static long tile_xrow(long K) { return X_STEP(4) * tile_wide(K) + X_STEP(1) * tile_narrow(K); }
+static long tile_wsize(long K, long Gp) {
+  return TILE_N * (W_STEP(4) * tile_wide(K) + W_STEP(1) * tile_narrow(K) + Gp * (long)sizeof(float));
+}
 #else
-#define TILE_STEP 64
+/* AVX2, 2 x 2 tiles. Steps of 64 columns, 1 register each, lane l holding columns 8 l .. 8 l + 7, the last zero
+   past K. x is int8, as the row loop's; w its packed bytes (vpmaddubsw's unsigned operand, unpacked in the loop).
+   Each lane's sum starts from -8 x the sum of its 8 x (the codes' centring), so that it ends as x . (q - 8). */
 #define TILE_M 2
 #define TILE_N 2
+#define TILE_LANES 8
+/* bytes of a step: of x, the even and odd registers, each lane's starting value (int32), each lane's block's step
+   max|x| / 127 (fp32); of a row of w, the packed bytes, each lane's group's scale s (fp32) */
+#define X_STEP 128
+#define W_STEP 64
+static long tile_xrow(long K) { return X_STEP * ((K + 63) / 64); }
+static long tile_wsize(long K, long Gp) { return TILE_N * (W_STEP * ((K + 63) / 64) + Gp * (long)sizeof(float)); }
 #endif
-#define TILE_LANES (TILE_STEP / 8)
-#define TILE_XSTEP (2 * TILE_STEP) /* bytes of a prepared step of x, below */
 
-/* One row of x (K columns, gs a multiple of 32), prepared for int4_tile: per step (xt, zeroed beforehand, steps past
-   K stay zero) TILE_STEP / 2 bytes, its even columns rounded to int8 (llama.cpp's Q8_0: the row loop's numbers, the
-   conversion rounding as lrintf does), TILE_STEP / 2 of its odd, then per lane -8 x the sum of its 8 int8 (the codes'
-   centring, the lane's starting value) and per lane its block's step max|x| / 127 (fp32); xsum: x summed per group
-   (in 8 lanes), G of them, then zeros up to Gp. */
-static void int4_tile_x(const float* xm, long K, long gs, int8_t* xt, float* xsum) {
+/* A row of x's block b (32 columns from xb) rounded to int8 as the row loop does (Q8_0: step max|x| / 127, the
+   conversion rounding to nearest as lrintf): q, and the step; group: x's 8-lane sums, added to */
+static float int4_tile_block(const float* xb, int32_t* q, __m256* group) {
+  __m256 v[4], a = _mm256_setzero_ps();
+  for (int j = 0; j < 4; j++) {
+    v[j] = _mm256_loadu_ps(xb + 8 * j);
+    a = _mm256_max_ps(a, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[j]));
+    *group = _mm256_add_ps(*group, v[j]);
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  float inv = amax > 0 ? 127 / amax : 0;
+  for (int j = 0; j < 4; j++)
+    _mm256_storeu_si256((__m256i*)(q + 8 * j), _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv))));
+  return amax / 127;
+}
+
+/* A row of x (K columns, gs a multiple of 32) in int4_tile's layout (xt, zeroed beforehand), and its xsum */
+static void int4_tile_x(const float* xm, long K, long gs, uint8_t* xt, float* xsum) {
   __m256 group = _mm256_setzero_ps();
   for (long b = 0; b < K / 32; b++) {
-    __m256 v[4], a = _mm256_setzero_ps();
-    for (int j = 0; j < 4; j++) {
-      v[j] = _mm256_loadu_ps(xm + 32 * b + 8 * j);
-      a = _mm256_max_ps(a, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[j]));
-      group = _mm256_add_ps(group, v[j]);
-    }
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-    float inv = amax > 0 ? 127 / amax : 0;
     int32_t q[32];
-    for (int j = 0; j < 4; j++)
-      _mm256_storeu_si256((__m256i*)(q + 8 * j), _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv))));
-    int8_t* st = xt + (32 * b / TILE_STEP) * TILE_XSTEP;
-    long c0 = 32 * b % TILE_STEP;  /* the block's first column in the step, its first lane c0 / 8 */
-    int32_t* centre = (int32_t*)(st + TILE_STEP);
-    float* dx = (float*)(st + TILE_STEP + 4 * TILE_LANES);
-    for (int j = 0; j < 4; j++) {
+    float step = int4_tile_block(xm + 32 * b, q, &group);
+#ifdef AVX512
+    long wide = 16 * tile_wide(K);  /* blocks in the steps of 512 columns */
+    int R = b < wide ? 4 : 1;
+    uint8_t* st = b < wide ? xt + b / 16 * X_STEP(4) : xt + wide / 16 * X_STEP(4) + (b - wide) / 4 * X_STEP(1);
+    long lane = b < wide ? b % 16 : (b - wide) % 4 * 4;  /* the block's (first) lane */
+    for (int k = 0; k < 32; k++)
+      st[(R == 4 ? k / 8 * 128 : 0) + k % 2 * 64 + 4 * (R == 4 ? lane : lane + k / 8) + k % 8 / 2] =
+          (uint8_t)(q[k] + 128);
+    for (int l = 0; l < 4 / R; l++) ((float*)(st + 128 * R))[lane + l] = step;
+#else
+    uint8_t* st = xt + b / 2 * X_STEP;
+    int32_t* start = (int32_t*)(st + 64);
+    for (int l = 4 * (b % 2); l < 4 * (b % 2) + 4; l++) {
       int sum = 0;
-      for (int k = 8 * j; k < 8 * j + 8; k++) {
-        st[(k % 2) * (TILE_STEP / 2) + (c0 + k) / 2] = (int8_t)q[k];
+      for (int k = 8 * (l % 4); k < 8 * (l % 4) + 8; k++) {
+        st[k % 2 * 32 + 4 * l + k % 8 / 2] = (uint8_t)q[k];
         sum += q[k];
       }
-      centre[c0 / 8 + j] = -8 * sum;
-      dx[c0 / 8 + j] = amax / 127;
+      start[l] = -8 * sum;
+      ((float*)(st + 96))[l] = step;
     }
+#endif
     if ((32 * b + 32) % gs == 0) {
       xsum[(32 * b + 32) / gs - 1] = hsum(group);
       group = _mm256_setzero_ps();
@@ -258,73 +295,131 @@ static void int4_tile_x(const float* xm, long K, long gs, int8_t* xt, float* xsu
   }
 }
 
-/* y[i, r] (rows N apart) for i < rm <= TILE_M rows of prepared x (xt, rows xrow bytes apart, xsum Gp apart) and
-   r < rn <= TILE_N rows of w (p, rows K / 2 bytes apart, TILE_N of them readable; ws: each row's scale under each lane
-   of each of the S steps, then its z + 8 s per group, Gp, rows wrow apart). A step's last tail bytes of weights are
-   the ones read in the last step (a partial one past K, else a whole one); the rest of the register is zero. Per
-   step and pair the integers are int4_matmul's row loop's (the same dot products, started at the centring), times
-   the same scale products, summed in another order. */
-static inline __attribute__((always_inline)) void int4_tile(const uint8_t* p, long K, const int8_t* xt, long xrow,
-                                                             const float* ws, long wrow, const float* xsum, long Gp,
-                                                             long S, int tail, float* y, long N, int rm, int rn) {
+/* Rows n0 .. n0 + TILE_N - 1 of w (p, s, z: at row n0; rows K / 2 bytes, G scales apart) in int4_tile's layout (wt:
+   per step the TILE_N rows' steps, then their z + 8 s); rows past N are zero. group: each block's group. */
+static void int4_tile_w(const uint8_t* p, const float* s, const float* z, long n0, long N, long K, long G, long Gp,
+                        const int32_t* group, uint8_t* wt) {
+  long B = K / 32;
+  float* zs = (float*)(wt + tile_wsize(K, Gp)) - TILE_N * Gp;
+  for (int r = 0; r < TILE_N; r++) {
+    int live = n0 + r < N;
+    const uint8_t* pr = p + r * (K / 2);
+    const float* sr = s + r * G;
+    for (long g = 0; g < Gp; g++) zs[r * Gp + g] = live && g < G ? z[r * G + g] + 8 * sr[g] : 0;
 #ifdef AVX512
-  const __m512i nibbles = _mm512_set1_epi8(15);
-  __m512 acc[TILE_M][TILE_N];
-  for (int i = 0; i < TILE_M; i++)
-    for (int r = 0; r < TILE_N; r++) acc[i][r] = _mm512_setzero_ps();
-  for (long t = 0; t < S; t++) {
-    __mmask64 mask = t + 1 < S || tail == 64 ? ~0ull : (1ull << tail) - 1;
-    __m512i lo[TILE_N], hi[TILE_N];
-    for (int r = 0; r < TILE_N; r++) {
-      __m512i v = _mm512_maskz_loadu_epi8(mask, p + r * (K / 2) + 64 * t);
-      lo[r] = _mm512_and_si512(v, nibbles);
-      hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibbles);
+    const __m512i nibbles = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8), x128 = _mm512_set1_epi8((char)128);
+    const __m512i chunks = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    long wide = tile_wide(K);
+    for (long t = 0; t < wide + tile_narrow(K); t++) {
+      int R = t < wide ? 4 : 1;
+      uint8_t* ws = t < wide ? wt + (t * TILE_N + r) * W_STEP(4)
+                             : wt + wide * TILE_N * W_STEP(4) + ((t - wide) * TILE_N + r) * W_STEP(1);
+      long b0 = t < wide ? 16 * t : 16 * wide + 4 * (t - wide);  /* the step's first block */
+      __m512i v[4];
+      if (R == 4) {  /* 256 bytes, 4 registers of 4 blocks: lane l of register k <- lane 4 (l % 4) + k of l / 4 */
+        for (int j = 0; j < 4; j++)
+          v[j] = _mm512_permutexvar_epi32(chunks, live ? _mm512_loadu_si512(pr + 256 * t + 64 * j)
+                                                       : _mm512_setzero_si512());
+        __m512i a = _mm512_shuffle_i32x4(v[0], v[1], 0x44), b = _mm512_shuffle_i32x4(v[0], v[1], 0xee);
+        __m512i c = _mm512_shuffle_i32x4(v[2], v[3], 0x44), d = _mm512_shuffle_i32x4(v[2], v[3], 0xee);
+        v[0] = _mm512_shuffle_i32x4(a, c, 0x88), v[1] = _mm512_shuffle_i32x4(a, c, 0xdd);
+        v[2] = _mm512_shuffle_i32x4(b, d, 0x88), v[3] = _mm512_shuffle_i32x4(b, d, 0xdd);
+      }
+      long bytes = K / 2 - 256 * wide - 64 * (t - wide);  /* of a narrow step, its row's bytes left */
+      __mmask64 mask = R == 4 ? ~0ull : !live ? 0 : bytes >= 64 ? ~0ull : (1ull << bytes) - 1;
+      if (R == 1) v[0] = _mm512_maskz_loadu_epi8(mask, pr + 256 * wide + 64 * (t - wide));
+      __m512i sum = _mm512_setzero_si512();
+      for (int k = 0; k < R; k++) {
+        __m512i lo = _mm512_maskz_sub_epi8(mask, _mm512_and_si512(v[k], nibbles), eight);
+        __m512i hi = _mm512_maskz_sub_epi8(mask, _mm512_and_si512(_mm512_srli_epi16(v[k], 4), nibbles), eight);
+        _mm512_storeu_si512(ws + 128 * k, lo);
+        _mm512_storeu_si512(ws + 128 * k + 64, hi);
+        sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, x128, lo), x128, hi);
+      }
+      _mm512_storeu_si512(ws + 128 * R, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+      for (int l = 0; l < 16; l++) {
+        long blk = b0 + (R == 4 ? l : l / 4);
+        ((float*)(ws + 128 * R + 64))[l] = live && blk < B ? sr[group[blk]] : 0;
+      }
     }
+#else
+    for (long t = 0; t < (K + 63) / 64; t++) {
+      uint8_t* ws = wt + (t * TILE_N + r) * W_STEP;
+      for (long j = 0; j < 32; j++) ws[j] = live && 32 * t + j < K / 2 ? pr[32 * t + j] : 0;
+      for (int l = 0; l < 8; l++) {
+        long blk = 2 * t + l / 4;
+        ((float*)(ws + 32))[l] = live && blk < B ? sr[group[blk]] : 0;
+      }
+    }
+#endif
+  }
+}
+
+#ifdef AVX512
+/* int4_tile's steps of R register pairs, from xt (TILE_M rows xrow bytes apart) and wt, into acc */
+static inline __attribute__((always_inline)) void int4_tile_steps(const uint8_t* xt, long xrow, const uint8_t* wt,
+                                                                   long steps, int R, __m512 acc[TILE_M][TILE_N]) {
+  for (long t = 0; t < steps; t++) {
+    const uint8_t* ws = wt + t * TILE_N * W_STEP(R);
     for (int i = 0; i < TILE_M; i++) {
-      const int8_t* st = xt + i * xrow + t * TILE_XSTEP;
-      __m512i even = _mm512_loadu_si512(st), odd = _mm512_loadu_si512(st + 64);
-      __m512i centre = _mm512_loadu_si512(st + 128);
-      __m512 dx = _mm512_loadu_ps(st + 192);
+      const uint8_t* xs = xt + i * xrow + t * X_STEP(R);
+      __m512i xv[8];
+      for (int j = 0; j < 2 * R; j++) xv[j] = _mm512_loadu_si512(xs + 64 * j);
+      __m512 dx = _mm512_loadu_ps(xs + 128 * R);
       for (int r = 0; r < TILE_N; r++) {
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(centre, lo[r], even), hi[r], odd);
-        __m512 sc = _mm512_mul_ps(_mm512_loadu_ps(ws + r * wrow + TILE_LANES * t), dx);
+        const uint8_t* wr = ws + r * W_STEP(R);
+        __m512i dot = _mm512_loadu_si512(wr + 128 * R);
+        for (int j = 0; j < 2 * R; j++) dot = _mm512_dpbusd_epi32(dot, xv[j], _mm512_loadu_si512(wr + 64 * j));
+        __m512 sc = _mm512_mul_ps(dx, _mm512_loadu_ps(wr + 128 * R + 64));
         acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[i][r]);
       }
     }
   }
+}
+#endif
+
+/* y[i, r] (rows N apart) for i < rm <= TILE_M rows of x prepared (xt, rows xrow bytes apart; xsum, rows Gp apart) and
+   r < rn <= TILE_N rows of w prepared (wt): per lane the row loop's integers times the same scale products, and the
+   zeros' terms, summed in another order */
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t* xt, long xrow, const float* xsum,
+                                                             const uint8_t* wt, long K, long Gp, float* y, long N,
+                                                             int rm, int rn) {
+  const float* zs = (const float*)(wt + tile_wsize(K, Gp)) - TILE_N * Gp;
+  float sums[TILE_M][TILE_N];  /* all of them, so that the sums stay in registers */
+#ifdef AVX512
+  __m512 acc[TILE_M][TILE_N];
+  for (int i = 0; i < TILE_M; i++)
+    for (int r = 0; r < TILE_N; r++) acc[i][r] = _mm512_setzero_ps();
+  long wide = tile_wide(K);
+  int4_tile_steps(xt, xrow, wt, wide, 4, acc);
+  int4_tile_steps(xt + wide * X_STEP(4), xrow, wt + wide * TILE_N * W_STEP(4), tile_narrow(K), 1, acc);
   for (long g = 0; g < Gp; g += 16)
     for (int i = 0; i < TILE_M; i++)
       for (int r = 0; r < TILE_N; r++)
-        acc[i][r] = _mm512_fmadd_ps(_mm512_loadu_ps(xsum + i * Gp + g),
-                                    _mm512_loadu_ps(ws + r * wrow + S * TILE_LANES + g), acc[i][r]);
-  float sums[TILE_M][TILE_N];  /* all of them, so that acc stays in registers */
+        acc[i][r] = _mm512_fmadd_ps(_mm512_loadu_ps(xsum + i * Gp + g), _mm512_loadu_ps(zs + r * Gp + g), acc[i][r]);
   for (int i = 0; i < TILE_M; i++)
     for (int r = 0; r < TILE_N; r++) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
-  for (int i = 0; i < rm; i++)
-    for (int r = 0; r < rn; r++) y[i * N + r] = sums[i][r];
 #else
   const __m256i nibbles = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   __m256 acc[TILE_M][TILE_N];
   for (int i = 0; i < TILE_M; i++)
     for (int r = 0; r < TILE_N; r++) acc[i][r] = _mm256_setzero_ps();
-  for (long t = 0; t < S; t++) {
+  for (long t = 0; t < (K + 63) / 64; t++) {
     __m256i lo[TILE_N], hi[TILE_N];
     for (int r = 0; r < TILE_N; r++) {
-      const uint8_t* pr = p + r * (K / 2) + 32 * t;
-      __m256i v = t + 1 < S || tail == 32 ? _mm256_loadu_si256((const __m256i*)pr)
-                                          : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)pr));
+      __m256i v = _mm256_loadu_si256((const __m256i*)(wt + (t * TILE_N + r) * W_STEP));
       lo[r] = _mm256_and_si256(v, nibbles);
       hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibbles);
     }
     for (int i = 0; i < TILE_M; i++) {
-      const int8_t* st = xt + i * xrow + t * TILE_XSTEP;
-      __m256i even = _mm256_loadu_si256((const __m256i*)st), odd = _mm256_loadu_si256((const __m256i*)(st + 32));
-      __m256i centre = _mm256_loadu_si256((const __m256i*)(st + 64));
-      __m256 dx = _mm256_loadu_ps((const float*)(st + 96));
+      const uint8_t* xs = xt + i * xrow + t * X_STEP;
+      __m256i even = _mm256_loadu_si256((const __m256i*)xs), odd = _mm256_loadu_si256((const __m256i*)(xs + 32));
+      __m256i start = _mm256_loadu_si256((const __m256i*)(xs + 64));
+      __m256 dx = _mm256_loadu_ps((const float*)(xs + 96));
       for (int r = 0; r < TILE_N; r++) {
         __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], even), _mm256_maddubs_epi16(hi[r], odd));
-        __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), centre);
-        __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(ws + r * wrow + TILE_LANES * t), dx);
+        __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), start);
+        __m256 sc = _mm256_mul_ps(dx, _mm256_loadu_ps((const float*)(wt + (t * TILE_N + r) * W_STEP + 32)));
         acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[i][r]);
       }
     }
@@ -332,59 +427,43 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* p, lo
   for (long g = 0; g < Gp; g += 8)
     for (int i = 0; i < TILE_M; i++)
       for (int r = 0; r < TILE_N; r++)
-        acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xsum + i * Gp + g),
-                                    _mm256_loadu_ps(ws + r * wrow + S * TILE_LANES + g), acc[i][r]);
-  float sums[TILE_M][TILE_N];
+        acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xsum + i * Gp + g), _mm256_loadu_ps(zs + r * Gp + g), acc[i][r]);
   for (int i = 0; i < TILE_M; i++)
     for (int r = 0; r < TILE_N; r++) sums[i][r] = hsum(acc[i][r]);
+#endif
   for (int i = 0; i < rm; i++)
     for (int r = 0; r < rn; r++) y[i * N + r] = sums[i][r];
-#endif
 }
 
-/* int4_matmul in tiles (gs a multiple of 32): x prepared once (int4_tile_x; rows past M zero, to fill the last
-   tile), then the threads take TILE_N rows of w at a time, spread their scales per lane, and multiply them by every
-   tile of x. A last partial tile of w is copied, zero rows after it. */
+/* int4_matmul in tiles (gs a multiple of 32): x prepared by the threads a row each (rows past M zero, filling the
+   last tile), then each thread takes its share of the tiles of w, prepares each and multiplies it by every tile of
+   x in turn (the prepared tile stays in L1) */
 static void int4_tiled(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
                        long M, long N, long K, long gs) {
-  long G = K / gs, S = (K + TILE_STEP - 1) / TILE_STEP, Gp = (G + TILE_LANES - 1) / TILE_LANES * TILE_LANES;
-  long Mp = (M + TILE_M - 1) / TILE_M * TILE_M, xrow = S * TILE_XSTEP, wrow = S * TILE_LANES + Gp;
-  int tail = (int)(K % TILE_STEP ? K % TILE_STEP / 2 : TILE_STEP / 2);  /* bytes of weights in the last step */
-  int8_t* xt = calloc(Mp * xrow, 1);
+  long G = K / gs, Gp = (G + TILE_LANES - 1) / TILE_LANES * TILE_LANES, Mp = (M + TILE_M - 1) / TILE_M * TILE_M;
+  long xrow = tile_xrow(K), wsize = tile_wsize(K, Gp);
+  uint8_t* xt = aligned_alloc(64, Mp * xrow);
+  memset(xt, 0, Mp * xrow);
   float* xsum = calloc(Mp * Gp, sizeof(float));
-  int32_t* lane_group = malloc(S * TILE_LANES * sizeof(int32_t));  /* each lane's group, -1 past K */
-  for (long l = 0; l < S * TILE_LANES; l++) lane_group[l] = l / 4 < K / 32 ? (int32_t)(32 * (l / 4) / gs) : -1;
+  int32_t* group = malloc(K / 32 * sizeof(int32_t));
+  for (long b = 0; b < K / 32; b++) group[b] = (int32_t)(32 * b / gs);
   #pragma omp parallel if (M * N * K >= PARALLEL_WORK)
   {
     #pragma omp for schedule(static)
     for (long m = 0; m < M; m++) int4_tile_x(x + m * K, K, gs, xt + m * xrow, xsum + m * Gp);
-    float* ws = malloc(TILE_N * wrow * sizeof(float));
-    uint8_t* edge = NULL;
+    uint8_t* wt = aligned_alloc(64, wsize);
     #pragma omp for schedule(static)
     for (long n0 = 0; n0 < N; n0 += TILE_N) {
-      int rn = N - n0 < TILE_N ? (int)(N - n0) : TILE_N;
-      const uint8_t* p = w + n0 * (K / 2);
-      if (rn < TILE_N) {
-        edge = calloc(TILE_N * (K / 2), 1);
-        memcpy(edge, p, rn * (K / 2));
-        p = edge;
-      }
-      for (int r = 0; r < TILE_N; r++) {
-        long n = n0 + r < N ? n0 + r : N - 1;
-        float* wr = ws + r * wrow;
-        for (long l = 0; l < S * TILE_LANES; l++) wr[l] = lane_group[l] >= 0 ? s[n * G + lane_group[l]] : 0;
-        for (long g = 0; g < Gp; g++) wr[S * TILE_LANES + g] = g < G ? z[n * G + g] + 8 * s[n * G + g] : 0;
-      }
+      int4_tile_w(w + n0 * (K / 2), s + n0 * G, z + n0 * G, n0, N, K, G, Gp, group, wt);
       for (long m0 = 0; m0 < M; m0 += TILE_M)
-        int4_tile(p, K, xt + m0 * xrow, xrow, ws, wrow, xsum + m0 * Gp, Gp, S, tail, y + m0 * N + n0, N,
-                  M - m0 < TILE_M ? (int)(M - m0) : TILE_M, rn);
+        int4_tile(xt + m0 * xrow, xrow, xsum + m0 * Gp, wt, K, Gp, y + m0 * N + n0, N,
+                  M - m0 < TILE_M ? (int)(M - m0) : TILE_M, N - n0 < TILE_N ? (int)(N - n0) : TILE_N);
     }
-    free(ws);
-    free(edge);
+    free(wt);
   }
   free(xt);
   free(xsum);
-  free(lane_group);
+  free(group);
 }
 #endif
 
