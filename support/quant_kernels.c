@@ -207,8 +207,10 @@ static inline __attribute__((always_inline)) void int4_pairs(const uint8_t* p, c
    sums a whole block; then steps of 8 LANES columns, 1 pair, lane l holding columns 8 l .. 8 l + 7, the last zero
    past K. x is stored as x + 128 (unsigned bytes, 1 to 255) and w as q - 8 (signed); each lane's sum starts from
    -128 x the sum of its q - 8, so that it ends as the row loop's integer, x . (q - 8). Beside each row of x, xsum:
-   x summed per group, Gp (G rounded up to a register) a row, zeros past G; after a tile of w, z + 8 s per group. */
-#ifdef AVX512
+   x summed per group, Gp (G rounded up to a register) a row, zeros past G; after a tile of w, z + 8 s per group.
+   Registers of 64 bytes where the CPU has AVX-512 VNNI (vpdpbusd), else of 32 (vpmaddubsw). */
+#if defined(AVX512) && defined(__AVX512VNNI__)
+#define TILE512 1
 #define VEC 64
 #define TILE_M 4
 #define TILE_N 4
@@ -234,7 +236,7 @@ static long tile_wsize(long K, long Gp) {
 /* A row of x (K columns, gs a multiple of 32) in int4_tile's layout (xt, zeroed beforehand), and its xsum: each
    block rounded to int8 as the row loop does (Q8_0: step max|x| / 127, converted rounding to nearest as lrintf) */
 static void int4_tile_x(const float* xm, long K, long gs, uint8_t* xt, float* xsum) {
-  long wide = K / WIDE * LANES;  /* blocks in the wide steps */
+  long blocks = K / WIDE * LANES;  /* in the wide steps */
   __m256 group = _mm256_setzero_ps();
   for (long b = 0; b < K / 32; b++) {
     __m256 v[4], a = _mm256_setzero_ps();
@@ -250,9 +252,10 @@ static void int4_tile_x(const float* xm, long K, long gs, uint8_t* xt, float* xs
     int32_t q[32];
     for (int j = 0; j < 4; j++)
       _mm256_storeu_si256((__m256i*)(q + 8 * j), _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv))));
-    int R = b < wide ? 4 : 1;
-    uint8_t* st = b < wide ? xt + b / LANES * X_STEP(4) : xt + wide / LANES * X_STEP(4) + (b - wide) / (LANES / 4) * X_STEP(1);
-    long lane = b < wide ? b % LANES : (b - wide) % (LANES / 4) * 4;  /* the block's (first) lane */
+    int R = b < blocks ? 4 : 1;
+    uint8_t* st = b < blocks ? xt + b / LANES * X_STEP(4)
+                             : xt + blocks / LANES * X_STEP(4) + (b - blocks) / (LANES / 4) * X_STEP(1);
+    long lane = b < blocks ? b % LANES : (b - blocks) % (LANES / 4) * 4;  /* the block's (first) lane */
     for (int k = 0; k < 32; k++)
       st[(R == 4 ? k / 8 * 2 * VEC : 0) + k % 2 * VEC + 4 * (R == 4 ? lane : lane + k / 8) + k % 8 / 2] =
           (uint8_t)(q[k] + 128);
@@ -297,7 +300,7 @@ static void int4_tile_w(const uint8_t* p, const float* s, const float* z, long n
         long b = b0 + (R == 4 ? l : l / 4);
         scale[l] = b < K / 32 ? sr[group[b]] : 0;
       }
-#ifdef AVX512
+#ifdef TILE512
       /* a wide step: 4 registers of 4 blocks each; pair k's lane l <- register l / 4's lane 4 (l % 4) + k */
       __m512i v[4];
       if (R == 4) {
@@ -353,7 +356,7 @@ static void int4_tile_w(const uint8_t* p, const float* s, const float* z, long n
 /* int4_tile's steps of R register pairs, from xt (TILE_M rows xrow bytes apart) and wt, added to acc: per lane, its
    integer (vpdpbusd; or vpmaddubsw, whose int16 sums of 8 pairs stay within 8 x 2 x 255 x 8 < 2^15, and vpmaddwd),
    converted, times its block's step times its group's scale */
-#ifdef AVX512
+#ifdef TILE512
 static inline __attribute__((always_inline)) void int4_tile_steps(const uint8_t* xt, long xrow, const uint8_t* wt,
                                                                    long steps, int R, __m512 acc[TILE_M][TILE_N]) {
   for (long t = 0; t < steps; t++) {
@@ -408,7 +411,7 @@ static inline __attribute__((always_inline)) void int4_tile(const uint8_t* xt, l
   const float* zs = (const float*)(wt + tile_wsize(K, Gp)) - TILE_N * Gp;
   float sums[TILE_M][TILE_N];  /* all of them, so that the sums stay in registers */
   long wide = K / WIDE;
-#ifdef AVX512
+#ifdef TILE512
   __m512 acc[TILE_M][TILE_N];
   for (int i = 0; i < TILE_M; i++)
     for (int r = 0; r < TILE_N; r++) acc[i][r] = _mm512_setzero_ps();
