@@ -17,6 +17,9 @@ static float hsum(__m256 v) {
 #if defined(AVX2) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define AVX512 1
 #endif
+#if defined(AVX512) && defined(__AVX512VNNI__)
+#define VNNI512 1 /* int4's 64-byte loops (vpdpbusd); without VNNI they take 32 bytes a step, as with AVX2 */
+#endif
 
 #define PARALLEL_WORK (1L << 18) /* multiply-adds below which one thread is faster than waking a second */
 #define NF4_ROWS 4 /* rows of x that share each decoded NF4 block */
@@ -286,8 +289,7 @@ static float int4_rest(const int4_x* p, const uint8_t* wn, const float* sn, cons
   return acc;
 }
 
-#if defined(AVX512) && defined(__AVX512VNNI__)
-#define INT4_512 1
+#ifdef VNNI512
 /* y[m, n0 .. n0 + R - 1] for R <= INT4_ROWS rows of w (from wn, rows K / 2 bytes apart; their scales from sn, rows G
    apart) and row m of x, over the vector loop's columns: the rows share each step's loads of x */
 static inline __attribute__((always_inline)) void int4_rows512(const int4_x* p, const uint8_t* wn, const float* sn,
@@ -329,8 +331,288 @@ static inline __attribute__((always_inline)) void int4_rows512(const int4_x* p, 
 }
 #endif
 
+#ifdef AVX2
+/* int4_matmul for many rows of x (a prompt): tiles of TILE_M rows of x by TILE_N rows of w. x is prepared once per
+   call (int4_tile_x), each tile of w once (int4_tile_w), in the layouts the tile's loop (int4_tile) reads in order,
+   so that the loop is little more than integer dot products of whole registers (VEC bytes, LANES int32 lanes of 4
+   bytes) and one conversion and scaling per block. A byte is a pair of columns (2c, 2c + 1: the low and high nibble
+   of a packed byte), in one register of the even columns' values and one of the odd. The steps: first K / WIDE of
+   WIDE columns, 4 pairs of registers, lane l of pair k holding columns 32 l + 8 k .. 32 l + 8 k + 7, so that a lane
+   sums a whole block; then steps of 8 LANES columns, 1 pair, lane l holding columns 8 l .. 8 l + 7, the last zero
+   past K. x is stored as x + 128 (unsigned bytes, 1 to 255) and w as q - 8 (signed); each lane's sum starts from
+   -128 x the sum of its q - 8, so that it ends as the integer x . (q - 8). Beside each row of x, xsum:
+   x summed per group, Gp (G rounded up to a register) a row, zeros past G; after a tile of w, z + 8 s per group.
+   Registers of 64 bytes where the CPU has AVX-512 VNNI (vpdpbusd), else of 32 (vpmaddubsw). */
+#ifdef VNNI512
+#define VEC 64
+#define TILE_M 4
+#define TILE_N 4
+#define TILE_FROM 3 /* rows of x from which the tiles are faster (with 2 rows the row loop is as fast or 10% faster) */
+#else
+#define VEC 32
+#define TILE_M 1 /* 16 registers: x's 8 of a wide step, each then multiplied by 12 rows of w (2 x 4: 10-15% slower) */
+#define TILE_N 12
+#define TILE_FROM 2 /* 1.25x the row loop with 2 rows of x, 1.5x with 3 */
+#endif
+#define LANES (VEC / 4)
+#define WIDE (32 * LANES)
+/* bytes of a step of R register pairs: of x, the pairs, then each lane's block's step max|x| / 127 (fp32); of a row
+   of w, the pairs, each lane's starting value (int32), each lane's group's scale s (fp32) */
+#define X_STEP(R) (2 * VEC * (R) + VEC)
+#define W_STEP(R) (2 * VEC * (R) + 2 * VEC)
+static long tile_narrow(long K) { return (K % WIDE + 8 * LANES - 1) / (8 * LANES); }  /* steps after the wide ones */
+static long tile_xrow(long K) { return X_STEP(4) * (K / WIDE) + X_STEP(1) * tile_narrow(K); }
+static long tile_wsize(long K, long Gp) {
+  return TILE_N * (W_STEP(4) * (K / WIDE) + W_STEP(1) * tile_narrow(K) + Gp * (long)sizeof(float));
+}
+
+/* A row of x (K columns, gs a multiple of 32) in int4_tile's layout (xt, zeroed beforehand), and its xsum: each
+   block rounded to int8 as the row loop does (Q8_0: step max|x| / 127, converted rounding to nearest as lrintf) */
+static void int4_tile_x(const float* xm, long K, long gs, uint8_t* xt, float* xsum) {
+  long blocks = K / WIDE * LANES;  /* in the wide steps */
+  __m256 group = _mm256_setzero_ps();
+  for (long b = 0; b < K / 32; b++) {
+    __m256 v[4], a = _mm256_setzero_ps();
+    for (int j = 0; j < 4; j++) {
+      v[j] = _mm256_loadu_ps(xm + 32 * b + 8 * j);
+      a = _mm256_max_ps(a, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[j]));
+      group = _mm256_add_ps(group, v[j]);
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    float inv = amax > 0 ? 127 / amax : 0;
+    int32_t q[32];
+    for (int j = 0; j < 4; j++)
+      _mm256_storeu_si256((__m256i*)(q + 8 * j), _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv))));
+    int R = b < blocks ? 4 : 1;
+    uint8_t* st = b < blocks ? xt + b / LANES * X_STEP(4)
+                             : xt + blocks / LANES * X_STEP(4) + (b - blocks) / (LANES / 4) * X_STEP(1);
+    long lane = b < blocks ? b % LANES : (b - blocks) % (LANES / 4) * 4;  /* the block's (first) lane */
+    for (int k = 0; k < 32; k++)
+      st[(R == 4 ? k / 8 * 2 * VEC : 0) + k % 2 * VEC + 4 * (R == 4 ? lane : lane + k / 8) + k % 8 / 2] =
+          (uint8_t)(q[k] + 128);
+    for (int l = 0; l < 4 / R; l++) ((float*)(st + 2 * VEC * R))[lane + l] = amax / 127;
+    if ((32 * b + 32) % gs == 0) {
+      xsum[(32 * b + 32) / gs - 1] = hsum(group);
+      group = _mm256_setzero_ps();
+    }
+  }
+}
+
+/* Rows n0 .. n0 + TILE_N - 1 of w (p, s, z: at row n0; rows K / 2 bytes, G scales apart) in int4_tile's layout (wt:
+   per step the TILE_N rows' steps, then their z + 8 s); rows past N, and lanes past K, are zero. group: each
+   block's group. */
+static void int4_tile_w(const uint8_t* p, const float* s, const float* z, long n0, long N, long K, long G, long Gp,
+                        const int32_t* group, uint8_t* wt) {
+  long wide = K / WIDE;
+  float* zs = (float*)(wt + tile_wsize(K, Gp)) - TILE_N * Gp;
+  for (int r = 0; r < TILE_N; r++) {
+    int live = n0 + r < N;
+    const uint8_t* pr = p + r * (K / 2);
+    const float* sr = s + r * G;
+    for (long g = 0; g < Gp; g++) zs[r * Gp + g] = live && g < G ? z[r * G + g] + 8 * sr[g] : 0;
+    for (long t = 0; t < wide + tile_narrow(K); t++) {
+      int R = t < wide ? 4 : 1;
+      uint8_t* ws = t < wide ? wt + (t * TILE_N + r) * W_STEP(4)
+                             : wt + wide * TILE_N * W_STEP(4) + ((t - wide) * TILE_N + r) * W_STEP(1);
+      if (!live) {
+        memset(ws, 0, W_STEP(R));
+        continue;
+      }
+      long b0 = t < wide ? LANES * t : LANES * wide + LANES / 4 * (t - wide);  /* the step's first block */
+      const uint8_t* at = pr + 16 * b0;
+      uint8_t last[VEC];  /* a last narrow step's bytes, then q = 8 (stored as 0) */
+      if (R == 1 && K / 2 - 16 * b0 < VEC) {
+        memset(last, 0x88, VEC);
+        memcpy(last, at, K / 2 - 16 * b0);
+        at = last;
+      }
+      float* scale = (float*)(ws + 2 * VEC * R + VEC);
+      for (int l = 0; l < LANES; l++) {
+        long b = b0 + (R == 4 ? l : l / 4);
+        scale[l] = b < K / 32 ? sr[group[b]] : 0;
+      }
+#ifdef VNNI512
+      /* a wide step: 4 registers of 4 blocks each; pair k's lane l <- register l / 4's lane 4 (l % 4) + k */
+      __m512i v[4];
+      if (R == 4) {
+        const __m512i chunks = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+        for (int j = 0; j < 4; j++) v[j] = _mm512_permutexvar_epi32(chunks, _mm512_loadu_si512(at + 64 * j));
+        __m512i a = _mm512_shuffle_i32x4(v[0], v[1], 0x44), b = _mm512_shuffle_i32x4(v[0], v[1], 0xee);
+        __m512i c = _mm512_shuffle_i32x4(v[2], v[3], 0x44), d = _mm512_shuffle_i32x4(v[2], v[3], 0xee);
+        v[0] = _mm512_shuffle_i32x4(a, c, 0x88), v[1] = _mm512_shuffle_i32x4(a, c, 0xdd);
+        v[2] = _mm512_shuffle_i32x4(b, d, 0x88), v[3] = _mm512_shuffle_i32x4(b, d, 0xdd);
+      } else {
+        v[0] = _mm512_loadu_si512(at);
+      }
+      const __m512i nibbles = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8), x128 = _mm512_set1_epi8((char)128);
+      __m512i sum = _mm512_setzero_si512();
+      for (int k = 0; k < R; k++) {
+        __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v[k], nibbles), eight);
+        __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v[k], 4), nibbles), eight);
+        _mm512_store_si512(ws + 2 * VEC * k, lo);
+        _mm512_store_si512(ws + 2 * VEC * k + VEC, hi);
+        sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sum, x128, lo), x128, hi);
+      }
+      _mm512_store_si512(ws + 2 * VEC * R, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+#else
+      /* a wide step: 4 registers of 2 blocks each; pair k's lane l <- register l / 2's lane 4 (l % 2) + k */
+      __m256i v[4];
+      if (R == 4) {
+        const __m256i pairs = _mm256_set_epi32(7, 3, 6, 2, 5, 1, 4, 0);
+        for (int j = 0; j < 4; j++)
+          v[j] = _mm256_permutevar8x32_epi32(_mm256_loadu_si256((const __m256i*)(at + 32 * j)), pairs);
+        __m256i a = _mm256_unpacklo_epi64(v[0], v[1]), b = _mm256_unpackhi_epi64(v[0], v[1]);
+        __m256i c = _mm256_unpacklo_epi64(v[2], v[3]), d = _mm256_unpackhi_epi64(v[2], v[3]);
+        v[0] = _mm256_permute2x128_si256(a, c, 0x20), v[1] = _mm256_permute2x128_si256(b, d, 0x20);
+        v[2] = _mm256_permute2x128_si256(a, c, 0x31), v[3] = _mm256_permute2x128_si256(b, d, 0x31);
+      } else {
+        v[0] = _mm256_loadu_si256((const __m256i*)at);
+      }
+      const __m256i nibbles = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8), x128 = _mm256_set1_epi8((char)128);
+      __m256i sum = _mm256_setzero_si256();  /* int16: 8 x 2 x 128 x 8 at most */
+      for (int k = 0; k < R; k++) {
+        __m256i lo = _mm256_sub_epi8(_mm256_and_si256(v[k], nibbles), eight);
+        __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v[k], 4), nibbles), eight);
+        _mm256_store_si256((__m256i*)(ws + 2 * VEC * k), lo);
+        _mm256_store_si256((__m256i*)(ws + 2 * VEC * k + VEC), hi);
+        sum = _mm256_add_epi16(sum, _mm256_add_epi16(_mm256_maddubs_epi16(x128, lo), _mm256_maddubs_epi16(x128, hi)));
+      }
+      _mm256_store_si256((__m256i*)(ws + 2 * VEC * R),
+                         _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_madd_epi16(sum, _mm256_set1_epi16(1))));
+#endif
+    }
+  }
+}
+
+/* int4_tile's steps of R register pairs, from xt (TILE_M rows xrow bytes apart) and wt, added to acc: per lane, its
+   integer (vpdpbusd; or vpmaddubsw, whose int16 sums of 8 pairs stay within 8 x 2 x 255 x 8 < 2^15, and vpmaddwd),
+   converted, times its block's step times its group's scale */
+#ifdef VNNI512
+static inline __attribute__((always_inline)) void int4_tile_steps(const uint8_t* xt, long xrow, const uint8_t* wt,
+                                                                   long steps, int R, __m512 acc[TILE_M][TILE_N]) {
+  for (long t = 0; t < steps; t++) {
+    const uint8_t* ws = wt + t * TILE_N * W_STEP(R);
+    #pragma GCC unroll 4  /* so that acc stays in registers (else GCC may keep w there, acc in memory) */
+    for (int i = 0; i < TILE_M; i++) {
+      const uint8_t* xs = xt + i * xrow + t * X_STEP(R);
+      __m512i xv[8];
+      for (int j = 0; j < 2 * R; j++) xv[j] = _mm512_load_si512(xs + VEC * j);
+      __m512 dx = _mm512_load_ps(xs + 2 * VEC * R);
+      for (int r = 0; r < TILE_N; r++) {
+        const uint8_t* wr = ws + r * W_STEP(R);
+        __m512i dot = _mm512_load_si512(wr + 2 * VEC * R);
+        for (int j = 0; j < 2 * R; j++) dot = _mm512_dpbusd_epi32(dot, xv[j], _mm512_load_si512(wr + VEC * j));
+        __m512 sc = _mm512_mul_ps(dx, _mm512_load_ps(wr + 2 * VEC * R + VEC));
+        acc[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[i][r]);
+      }
+    }
+  }
+}
+#else
+static inline __attribute__((always_inline)) void int4_tile_steps(const uint8_t* xt, long xrow, const uint8_t* wt,
+                                                                   long steps, int R, __m256 acc[TILE_M][TILE_N]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (long t = 0; t < steps; t++) {
+    const uint8_t* ws = wt + t * TILE_N * W_STEP(R);
+    for (int i = 0; i < TILE_M; i++) {
+      const uint8_t* xs = xt + i * xrow + t * X_STEP(R);
+      __m256 dx = _mm256_load_ps((const float*)(xs + 2 * VEC * R));
+      for (int r = 0; r < TILE_N; r++) {
+        const uint8_t* wr = ws + r * W_STEP(R);
+        __m256i pairs = _mm256_setzero_si256();
+        for (int j = 0; j < 2 * R; j++)
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)(xs + VEC * j)),
+                                                               _mm256_load_si256((const __m256i*)(wr + VEC * j))));
+        __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones),
+                                       _mm256_load_si256((const __m256i*)(wr + 2 * VEC * R)));
+        __m256 sc = _mm256_mul_ps(dx, _mm256_load_ps((const float*)(wr + 2 * VEC * R + VEC)));
+        acc[i][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[i][r]);
+      }
+    }
+  }
+}
+#endif
+
+/* y[i, r] (rows N apart) for i < rm <= TILE_M rows of x prepared (xt, rows xrow bytes apart; xsum, rows Gp apart) and
+   r < rn <= TILE_N rows of w prepared (wt): per block the row loop's integers times the same scale products, and the
+   zeros' terms, summed in another order */
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t* xt, long xrow, const float* xsum,
+                                                             const uint8_t* wt, long K, long Gp, float* y, long N,
+                                                             int rm, int rn) {
+  const float* zs = (const float*)(wt + tile_wsize(K, Gp)) - TILE_N * Gp;
+  float sums[TILE_M][TILE_N];  /* all of them, so that the sums stay in registers */
+  long wide = K / WIDE;
+#ifdef VNNI512
+  __m512 acc[TILE_M][TILE_N];
+  for (int i = 0; i < TILE_M; i++)
+    for (int r = 0; r < TILE_N; r++) acc[i][r] = _mm512_setzero_ps();
+  int4_tile_steps(xt, xrow, wt, wide, 4, acc);
+  int4_tile_steps(xt + wide * X_STEP(4), xrow, wt + wide * TILE_N * W_STEP(4), tile_narrow(K), 1, acc);
+  for (long g = 0; g < Gp; g += LANES)
+    for (int i = 0; i < TILE_M; i++)
+      for (int r = 0; r < TILE_N; r++)
+        acc[i][r] = _mm512_fmadd_ps(_mm512_loadu_ps(xsum + i * Gp + g), _mm512_loadu_ps(zs + r * Gp + g), acc[i][r]);
+  for (int i = 0; i < TILE_M; i++)
+    for (int r = 0; r < TILE_N; r++) sums[i][r] = _mm512_reduce_add_ps(acc[i][r]);
+#else
+  __m256 acc[TILE_M][TILE_N];
+  for (int i = 0; i < TILE_M; i++)
+    for (int r = 0; r < TILE_N; r++) acc[i][r] = _mm256_setzero_ps();
+  int4_tile_steps(xt, xrow, wt, wide, 4, acc);
+  int4_tile_steps(xt + wide * X_STEP(4), xrow, wt + wide * TILE_N * W_STEP(4), tile_narrow(K), 1, acc);
+  for (long g = 0; g < Gp; g += LANES)
+    for (int i = 0; i < TILE_M; i++)
+      for (int r = 0; r < TILE_N; r++)
+        acc[i][r] = _mm256_fmadd_ps(_mm256_loadu_ps(xsum + i * Gp + g), _mm256_loadu_ps(zs + r * Gp + g), acc[i][r]);
+  for (int i = 0; i < TILE_M; i++)
+    for (int r = 0; r < TILE_N; r++) sums[i][r] = hsum(acc[i][r]);
+#endif
+  for (int i = 0; i < rm; i++)
+    for (int r = 0; r < rn; r++) y[i * N + r] = sums[i][r];
+}
+
+/* int4_matmul in tiles (gs a multiple of 32): x prepared by the threads a row each (rows past M zero, filling the
+   last tile), then each thread takes its share of the tiles of w, prepares each and multiplies it by every tile of
+   x in turn (the prepared tile stays in L1) */
+static void int4_tiled(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
+                       long M, long N, long K, long gs) {
+  long G = K / gs, Gp = (G + LANES - 1) / LANES * LANES, Mp = (M + TILE_M - 1) / TILE_M * TILE_M;
+  long xrow = tile_xrow(K), wsize = tile_wsize(K, Gp);
+  uint8_t* xt = aligned_alloc(64, (Mp * xrow + 63) / 64 * 64);
+  memset(xt, 0, Mp * xrow);
+  float* xsum = calloc(Mp * Gp, sizeof(float));
+  int32_t* group = malloc(K / 32 * sizeof(int32_t));
+  for (long b = 0; b < K / 32; b++) group[b] = (int32_t)(32 * b / gs);
+  #pragma omp parallel if (M * N * K >= PARALLEL_WORK)
+  {
+    #pragma omp for schedule(static)
+    for (long m = 0; m < M; m++) int4_tile_x(x + m * K, K, gs, xt + m * xrow, xsum + m * Gp);
+    uint8_t* wt = aligned_alloc(64, (wsize + 63) / 64 * 64);
+    #pragma omp for schedule(static)
+    for (long n0 = 0; n0 < N; n0 += TILE_N) {
+      int4_tile_w(w + n0 * (K / 2), s + n0 * G, z + n0 * G, n0, N, K, G, Gp, group, wt);
+      for (long m0 = 0; m0 < M; m0 += TILE_M)
+        int4_tile(xt + m0 * xrow, xrow, xsum + m0 * Gp, wt, K, Gp, y + m0 * N + n0, N,
+                  M - m0 < TILE_M ? (int)(M - m0) : TILE_M, N - n0 < TILE_N ? (int)(N - n0) : TILE_N);
+    }
+    free(wt);
+  }
+  free(xt);
+  free(xsum);
+  free(group);
+}
+#endif
+
 void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* z, float* y,
                  long M, long N, long K, long gs) {
+#ifdef AVX2
+  if (M >= TILE_FROM && gs % 32 == 0) {  /* a prompt, in tiles */
+    int4_tiled(x, w, s, z, y, M, N, K, gs);
+    return;
+  }
+#endif
   long G = K / gs;
 #ifdef AVX2
   long V = gs % 32 == 0 ? K - K % 64 : 0;  /* the vector loop's columns: whole blocks, each inside one group */
@@ -344,7 +626,7 @@ void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* 
     for (long m = 0; m < M; m++) {
       float acc[INT4_ROWS] = {0};
       int groups = 1;  /* the groups' terms still to add */
-#ifdef INT4_512
+#ifdef VNNI512
       groups = 0;
       switch (R) {
         case 1: int4_rows512(&p, w + n0 * (K / 2), s + n0 * G, z + n0 * G, m, K, G, 1, acc); break;

@@ -95,11 +95,13 @@ def int4_reference(x, q, s, z):
             x64 @ quant.int4_dequantize(q, s.double(), z.double(), torch.float64).t())
 
 
-INT4_SHAPES = [(37, 100, 10), (37, 160, 32), (29, 576, 96), (64, 2048, 128), (31, 320, 64)]  # K, group size:
-# no whole blocks (group 10), a half chunk at the end (160), an odd number of chunks (576), whole pairs of chunks
+INT4_SHAPES = [(37, 100, 10), (37, 160, 32), (29, 576, 96), (64, 2048, 128), (31, 320, 64), (45, 1632, 96)]
+# K, group size: for the row loop (steps of 128 columns), no whole blocks (group 10), a last block taken a column pair
+# at a time (160), a half step at the end (576, 1632), whole steps (2048, 320); for the tiles (int4_tiled, from 2 or 3 rows of x): no whole 256 / 512-column step (160, 320), one or
+# more and a partial one after (576, 1632), whole ones (2048); N not a multiple of the tile (4 rows, AVX2's 12)
 
 
-@pytest.mark.parametrize("M", [1, 3, 17])
+@pytest.mark.parametrize("M", [1, 2, 3, 17, 40])
 @pytest.mark.parametrize("N,K,gs", INT4_SHAPES)
 def test_int4_matmul_is_the_float64_product_of_its_weights_and_rounded_x(lib, M, N, K, gs):
     x, w = data(M, N, K)
@@ -109,6 +111,17 @@ def test_int4_matmul_is_the_float64_product_of_its_weights_and_rounded_x(lib, M,
     assert_close(y, want, scale)
     # and near the product with x unrounded: x's rounding, ~0.5% of the output's size
     assert (y.double() - exact).abs().max() < 0.02 * exact.abs().max()
+
+
+@pytest.mark.parametrize("N,K,gs", INT4_SHAPES)
+def test_int4_matmul_in_tiles_is_the_row_loops_product(lib, N, K, gs):
+    """A prompt's rows (int4_tiled) against each row alone (the row loop): the same integers and scales, the fp32 sums
+    in another order"""
+    x, w = data(19, N, K)
+    q, s, z = quant.Int4Linear(K, N, gs).quantize_rows(w)
+    rows = torch.cat([int4(lib, x[m:m + 1], q, s, z) for m in range(x.size(0))])
+    dq = quant.int4_dequantize(q, s.double(), z.double(), torch.float64)
+    assert_close(int4(lib, x, q, s, z), rows.double(), x.double().abs() @ dq.abs().t())
 
 
 @pytest.mark.parametrize("N,K,gs", INT4_SHAPES)
