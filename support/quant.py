@@ -1,19 +1,20 @@
 """support/quant.py: quantised weights. sample.py (--quantize) uses its linears, model.py (apply_lora's QLoRA base)
 its NF4Linear; what it adds: the int8 / int4 linear layers for decoding on a CPU, NF4 (QLoRA's 4-bit NormalFloat base:
 quantisation, the autograd op, the linear layer), and the C kernels (support/quant_kernels.c) built for the CPU at
-hand on first use and called through ctypes; and the wiring: a model's linears quantised in place (quantize_model),
-built straight into its quantised form from the meta device (quantize_from_meta), saved (save_quantized) and loaded
-back (load_quantized).
+hand on first use and called as torch ops (support/quant_ops.cpp); the GEMMs a prompt's rows take; and the wiring: a
+model's linears quantised in place (quantize_model), built straight into its quantised form from the meta device
+(quantize_from_meta), saved (save_quantized) and loaded back (load_quantized).
 
 Decoding a token multiplies one row of activations by every weight matrix, so its speed is the rate the weights
 stream from memory: int8, int4 and NF4 read 4x and ~7x fewer bytes than fp32, if the product reads the stored bytes
 and nothing more (dequantising a matrix for F.linear writes and rereads an fp32 copy: slower than fp32 itself). On an
 AVX2 CPU neither torch's packed int8/int4 kernels (written for AVX-512 and AMX) nor a dequantise-and-dot fused by
 torch.compile come near that rate (`bench.py --mode=matvec` measures each side by side), so on a CPU the products go
-through small C kernels, built with -march=native (AVX2 paths where the CPU has AVX2, plain C otherwise) and cached;
-with 16-64 rows (prefill) the int8/int4 ones still match MKL's fp32 GEMM. Other devices, and machines without a C
-compiler, dequantise a block of rows at a time (dequantised_linear). The same file has an fp32 kernel for a few rows
-(fp32_matmul): torch's fp32 matrix-vector product streams the weights at about half the memory's rate.
+through small C kernels, built with -march=native (AVX-512 or AVX2 paths as the CPU has them, plain C otherwise) and
+cached. The same file has an fp32 kernel for a few rows (fp32_matmul): torch's fp32 matrix-vector product streams the
+weights at about half the memory's rate. A prompt's many rows reuse each weight instead: fp32 and int8 take oneDNN's
+GEMMs (fp32_gemm, int8_gemm), int4 the kernel's tiles. Other devices, and machines without C and C++ compilers,
+dequantise a block of rows at a time (dequantised_linear).
 """
 
 import ctypes

@@ -40,9 +40,6 @@ static float hsum(__m256 v) {
 #ifndef LOCALITY
 #define LOCALITY 3 /* __builtin_prefetch's locality: into L1 (L2 only, or non-temporal, was no faster) */
 #endif
-#ifndef INT4_ROWS
-#define INT4_ROWS 4 /* rows of w int4_matmul's AVX-512 loop multiplies by each row of x together, sharing its loads */
-#endif
 #define FP32_ROWS 4 /* rows of x multiplied by each fp32 or int8 weight row as it streams in */
 
 /* y[m, n] for T <= FP32_ROWS rows m of x and one row of w: fp32 dot products over K. Inlined with a constant T, so
@@ -290,44 +287,36 @@ static float int4_rest(const int4_x* p, const uint8_t* wn, const float* sn, cons
 }
 
 #ifdef VNNI512
-/* y[m, n0 .. n0 + R - 1] for R <= INT4_ROWS rows of w (from wn, rows K / 2 bytes apart; their scales from sn, rows G
-   apart) and row m of x, over the vector loop's columns: the rows share each step's loads of x */
-static inline __attribute__((always_inline)) void int4_rows512(const int4_x* p, const uint8_t* wn, const float* sn,
-                                                                const float* zn, long m, long K, long G, int R,
-                                                                float* out) {
+/* y[m, n] over the vector loop's columns, and the groups' terms, for a row of w (wn; its scales sn, zeros zn) and row
+   m of x. One row of w at a time: four sharing the loads of x were 1.7x faster with w in cache, but 20% slower
+   streaming it from memory (four streams a thread), as decoding does. */
+static float int4_row512(const int4_x* p, const uint8_t* wn, const float* sn, const float* zn, long m, long G) {
   const __m512i nibbles = _mm512_set1_epi8(15);
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512 acc[INT4_ROWS];
-  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  __m512 acc = _mm512_setzero_ps();
   const int8_t* xv = p->xv + m * p->S * 128;
   const float* dv = p->dv + m * p->S * 16;
   for (long t = 0; t < p->S; t++) {
     __mmask64 mask = 128 * t + 128 <= p->V ? ~0ULL : 0xffffffffULL;  /* a half step: its first 32 bytes */
-    __m512i even = _mm512_loadu_si512(xv + 128 * t), odd = _mm512_loadu_si512(xv + 128 * t + 64);
-    __m512 d = _mm512_loadu_ps(dv + 16 * t);
     const int32_t* g = p->gb + 4 * t;
-    for (int r = 0; r < R; r++) {
-      const uint8_t* pr = wn + r * (K / 2) + 64 * t;
-      const float* sr = sn + r * G;
-      __builtin_prefetch(pr + INT4_PREFETCH, 0, LOCALITY);
-      __m512i v = _mm512_maskz_loadu_epi8(mask, pr);
-      __m512i lo = _mm512_and_si512(v, nibbles), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibbles);
-      __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, even), hi, odd);
-      __m512 sc = g[0] == g[3] ? _mm512_set1_ps(sr[g[0]])
-                               : _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
-                                                                   _mm_set_ps(sr[g[3]], sr[g[2]], sr[g[1]], sr[g[0]])));
-      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), d), sc, acc[r]);
-    }
+    __builtin_prefetch(wn + 64 * t + INT4_PREFETCH, 0, LOCALITY);
+    __m512i v = _mm512_maskz_loadu_epi8(mask, wn + 64 * t);
+    __m512i lo = _mm512_and_si512(v, nibbles), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibbles);
+    __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xv + 128 * t)),
+                                      hi, _mm512_loadu_si512(xv + 128 * t + 64));
+    __m512 sc = g[0] == g[3] ? _mm512_set1_ps(sn[g[0]])
+                             : _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+                                                                 _mm_set_ps(sn[g[3]], sn[g[2]], sn[g[1]], sn[g[0]])));
+    acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(dv + 16 * t)), sc, acc);
   }
   for (long g = 0; g < G; g += 16) {  /* the groups' terms, 16 a step */
     __mmask16 mask = G - g >= 16 ? 0xffff : (__mmask16)((1u << (G - g)) - 1);
-    __m512 xs = _mm512_maskz_loadu_ps(mask, p->xsum + m * G + g), cx = _mm512_maskz_loadu_ps(mask, p->cx + m * G + g);
-    for (int r = 0; r < R; r++) {
-      __m512 sr = _mm512_maskz_loadu_ps(mask, sn + r * G + g), zr = _mm512_maskz_loadu_ps(mask, zn + r * G + g);
-      acc[r] = _mm512_fnmadd_ps(sr, cx, _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(8), sr, zr), xs, acc[r]));
-    }
+    __m512 sg = _mm512_maskz_loadu_ps(mask, sn + g), zg = _mm512_maskz_loadu_ps(mask, zn + g);
+    acc = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(8), sg, zg), _mm512_maskz_loadu_ps(mask, p->xsum + m * G + g),
+                          acc);
+    acc = _mm512_fnmadd_ps(sg, _mm512_maskz_loadu_ps(mask, p->cx + m * G + g), acc);
   }
-  for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+  return _mm512_reduce_add_ps(acc);
 }
 #endif
 
@@ -621,44 +610,33 @@ void int4_matmul(const float* x, const uint8_t* w, const float* s, const float* 
 #endif
   int4_x p = int4_prepare(x, M, K, gs, V);
   #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_WORK)
-  for (long n0 = 0; n0 < N; n0 += INT4_ROWS) {
-    int R = N - n0 < INT4_ROWS ? (int)(N - n0) : INT4_ROWS;
+  for (long n = 0; n < N; n++) {
+    const uint8_t* wn = w + n * (K / 2);
+    const float *sn = s + n * G, *zn = z + n * G;
     for (long m = 0; m < M; m++) {
-      float acc[INT4_ROWS] = {0};
-      int groups = 1;  /* the groups' terms still to add */
 #ifdef VNNI512
-      groups = 0;
-      switch (R) {
-        case 1: int4_rows512(&p, w + n0 * (K / 2), s + n0 * G, z + n0 * G, m, K, G, 1, acc); break;
-        case 2: int4_rows512(&p, w + n0 * (K / 2), s + n0 * G, z + n0 * G, m, K, G, 2, acc); break;
-        case 3: int4_rows512(&p, w + n0 * (K / 2), s + n0 * G, z + n0 * G, m, K, G, 3, acc); break;
-        default: int4_rows512(&p, w + n0 * (K / 2), s + n0 * G, z + n0 * G, m, K, G, INT4_ROWS, acc);
+      y[m * N + n] = int4_row512(&p, wn, sn, zn, m, G) + int4_rest(&p, wn, sn, zn, m, K, gs, 0);
+#else
+      float acc = 0;
+#ifdef AVX2
+      const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+      __m256 vacc = _mm256_setzero_ps();
+      for (long c = 0; c < V / 64; c++) {  /* 32 bytes = 64 weights, blocks 2c and 2c + 1 */
+        __builtin_prefetch(wn + 32 * c + INT4_PREFETCH);
+        __m256i v = _mm256_loadu_si256((const __m256i*)(wn + 32 * c));
+        __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        const int8_t* xc = p.xv + (m * p.S + c / 2) * 128 + c % 2 * 32;
+        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xc)),
+                                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xc + 64))));
+        __m256 d = _mm256_loadu_ps(p.dv + (m * p.S + c / 2) * 16 + c % 2 * 8);
+        const int32_t* g = p.gb + 2 * c;
+        __m256 sc = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(sn[g[0]])), _mm_set1_ps(sn[g[1]]), 1);
+        vacc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), d), sc, vacc);
       }
-#elif defined(AVX2)
-      for (int r = 0; r < R; r++) {
-        const uint8_t* pr = w + (n0 + r) * (K / 2);
-        const float* sr = s + (n0 + r) * G;
-        const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-        __m256 vacc = _mm256_setzero_ps();
-        for (long c = 0; c < V / 64; c++) {  /* 32 bytes = 64 weights, blocks 2c and 2c + 1 */
-          __builtin_prefetch(pr + 32 * c + INT4_PREFETCH);
-          __m256i v = _mm256_loadu_si256((const __m256i*)(pr + 32 * c));
-          __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-          const int8_t* xc = p.xv + (m * p.S + c / 2) * 128 + c % 2 * 32;
-          __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i*)xc)),
-                                           _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i*)(xc + 64))));
-          __m256 d = _mm256_loadu_ps(p.dv + (m * p.S + c / 2) * 16 + c % 2 * 8);
-          const int32_t* g = p.gb + 2 * c;
-          __m256 sc = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(sr[g[0]])), _mm_set1_ps(sr[g[1]]), 1);
-          vacc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), d), sc, vacc);
-        }
-        acc[r] = hsum(vacc);
-      }
+      acc = hsum(vacc);
 #endif
-      for (int r = 0; r < R; r++) {
-        long n = n0 + r;
-        y[m * N + n] = acc[r] + int4_rest(&p, w + n * (K / 2), s + n * G, z + n * G, m, K, gs, groups);
-      }
+      y[m * N + n] = acc + int4_rest(&p, wn, sn, zn, m, K, gs, 1);
+#endif
     }
   }
   int4_release(&p);
