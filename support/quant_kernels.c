@@ -361,19 +361,9 @@ static void int4_tile_x(const float* xm, long K, long gs, uint8_t* xt, float* xs
   long blocks = K / WIDE * LANES;  /* in the wide steps */
   __m256 group = _mm256_setzero_ps();
   for (long b = 0; b < K / 32; b++) {
-    __m256 v[4], a = _mm256_setzero_ps();
-    for (int j = 0; j < 4; j++) {
-      v[j] = _mm256_loadu_ps(xm + 32 * b + 8 * j);
-      a = _mm256_max_ps(a, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[j]));
-      group = _mm256_add_ps(group, v[j]);
-    }
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-    float inv = amax > 0 ? 127 / amax : 0;
-    int32_t q[32];
-    for (int j = 0; j < 4; j++)
-      _mm256_storeu_si256((__m256i*)(q + 8 * j), _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv))));
+    int8_t q[32];
+    int qsum;
+    float step = int4_block(xm + 32 * b, q, &group, &qsum);
     int R = b < blocks ? 4 : 1;
     uint8_t* st = b < blocks ? xt + b / LANES * X_STEP(4)
                              : xt + blocks / LANES * X_STEP(4) + (b - blocks) / (LANES / 4) * X_STEP(1);
@@ -381,7 +371,7 @@ static void int4_tile_x(const float* xm, long K, long gs, uint8_t* xt, float* xs
     for (int k = 0; k < 32; k++)
       st[(R == 4 ? k / 8 * 2 * VEC : 0) + k % 2 * VEC + 4 * (R == 4 ? lane : lane + k / 8) + k % 8 / 2] =
           (uint8_t)(q[k] + 128);
-    for (int l = 0; l < 4 / R; l++) ((float*)(st + 2 * VEC * R))[lane + l] = amax / 127;
+    for (int l = 0; l < 4 / R; l++) ((float*)(st + 2 * VEC * R))[lane + l] = step;
     if ((32 * b + 32) % gs == 0) {
       xsum[(32 * b + 32) / gs - 1] = hsum(group);
       group = _mm256_setzero_ps();
