@@ -15,7 +15,7 @@ from support import quant
 class DecodeLinear(nn.Module):
     """A frozen fp32 CPU linear for decoding: up to FP32_KERNEL_ROWS rows of x go through support/quant.py's
     fp32_matmul, a C kernel that streams each weight row once at the memory's rate (torch's matrix-vector product
-    reads it at about half of that: ~21 against ~45 GB/s for a 1.1B model's layers on 2 Zen 4 cores); more rows (a
+    reads it at about half of that: ~21 against ~45 GB/s for a 1.1B model's layers on 2 Zen 5 cores); more rows (a
     long prompt) take a GEMM (quant.fp32_gemm), which reuses each weight across the rows. The weight stays as it was
     (out, in)."""
 

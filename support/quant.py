@@ -67,7 +67,8 @@ def _build_commands(out: Path, extra_flags: tuple[str, ...]) -> list[list[str]]:
     torch_dir = Path(torch.__file__).parent
     return commands + [[cxx, "-O2", "-std=c++20", "-shared", "-fPIC", f"-I{torch_dir / 'include'}",
                         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", str(OPS_SOURCE), obj,
-                        f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-fopenmp", "-o", str(out.with_suffix(".ops.so"))]]
+                        f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", "-fopenmp",
+                        "-o", str(out.with_suffix(".ops.so"))]]
 
 
 def _ops_registered() -> bool:

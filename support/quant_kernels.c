@@ -163,7 +163,8 @@ void int8_matmul(const float* x, const int8_t* w, const float* s, float* y, long
    columns (xq, step dx = max|x| / 127), so q . x runs in integers: 128 weights a vpdpbusd pair where fp32 takes 16
    an instruction. The codes count as centred, (q - 8) s + (z + 8 s), so that x's rounding errors are multiplied by
    |q - 8| <= 8, but the centring is x's alone and stays out of the loop over w:
-     y[m, n] = sum_b s[n, g(b)] dx[m, b] (q[n] . xq[m] over block b) + sum_g (z + 8 s)[n, g] xsum[m, g] - s[n, g] cx[m, g]
+     y[m, n] = sum_b s[n, g(b)] dx[m, b] (q[n] . xq[m] over block b)
+             + sum_g (z + 8 s)[n, g] xsum[m, g] - s[n, g] cx[m, g]
    xsum: x summed over group g; cx: 8 dx xq summed over it. */
 
 /* x prepared once per call. Columns [0, V) (whole blocks, V a multiple of 64) in steps of 128: per row and step xv,

@@ -97,8 +97,9 @@ def int4_reference(x, q, s, z):
 
 INT4_SHAPES = [(37, 100, 10), (37, 160, 32), (29, 576, 96), (64, 2048, 128), (31, 320, 64), (45, 1632, 96)]
 # K, group size: for the row loop (steps of 128 columns), no whole blocks (group 10), a last block taken a column pair
-# at a time (160), a half step at the end (576, 1632), whole steps (2048, 320); for the tiles (int4_tiled, from 2 or 3 rows of x): no whole 256 / 512-column step (160, 320), one or
-# more and a partial one after (576, 1632), whole ones (2048); N not a multiple of the tile (4 rows, AVX2's 12)
+# at a time (160), a half step at the end (576, 1632), whole steps (2048, 320); for the tiles (int4_tiled, from 2 or 3
+# rows of x), no whole 256 / 512-column step (160, 320), one or more and a partial one after (576, 1632), whole ones
+# (2048); N not a multiple of the tile (4 rows, AVX2's 12)
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 17, 40])
@@ -157,7 +158,8 @@ def test_int8_gemm_is_within_its_bound_of_the_float64_product(M, N, K):
     q, s = quant.Int8Linear.quantize_rows(w)
     w64 = quant.int8_dequantize(q, s.double(), torch.float64)
     want = x.double() @ w64.t()
-    bound = x.abs().amax(1, keepdim=True).double() / 64516 * w64.abs().sum(1) + 1e-5 * (x.double().abs() @ w64.abs().t())
+    rounding = x.abs().amax(1, keepdim=True).double() / 64516 * w64.abs().sum(1)  # x's, at most
+    bound = rounding + 1e-5 * (x.double().abs() @ w64.abs().t())
     assert ((quant.int8_gemm(x, q, s).double() - want).abs() <= bound).all()
 
 
