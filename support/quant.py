@@ -168,8 +168,7 @@ def dequantised_linear(x, dequantize, weight, *params):
 # VNNI it saturates (vpmaddubsw's int16 pairs) and is wrong, so it is used only where a check of its sums passes.
 
 
-@functools.cache
-def onednn_fp32() -> bool:
+def _onednn_fp32() -> bool:
     """Whether this torch has oneDNN's linear for dense fp32 weights (x86 builds)."""
     try:
         x = torch.ones(2, 4)
@@ -179,17 +178,19 @@ def onednn_fp32() -> bool:
         return False
 
 
+ONEDNN_FP32 = _onednn_fp32()  # asked once, at import (torch.compile cannot trace the question)
+
+
 def fp32_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight^T for many rows of fp32 x: oneDNN's GEMM where torch has it, else F.linear."""
-    if onednn_fp32():
+    """x @ weight^T for many rows of fp32 x: oneDNN's GEMM where torch has it, else (and in a compiled graph, where
+    inductor picks its own) F.linear."""
+    if ONEDNN_FP32 and not torch.compiler.is_compiling():
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
 
 @functools.cache
-def exact_int_mm() -> bool:
-    """Whether torch._int_mm sums int8 products exactly here: checked once on the largest products (127 x 127) over
-    a prompt-sized shape, the case that overflows vpmaddubsw's int16 pairs on CPUs without VNNI."""
+def _exact_int_mm() -> bool:
     g = torch.Generator().manual_seed(0)
     a = (torch.randint(0, 2, (32, 256), generator=g, dtype=torch.int8) * 2 - 1) * 127
     b = (torch.randint(0, 2, (256, 64), generator=g, dtype=torch.int8) * 2 - 1) * 127
@@ -197,6 +198,13 @@ def exact_int_mm() -> bool:
         return torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
     except (AttributeError, RuntimeError):
         return False
+
+
+@torch.compiler.assume_constant_result
+def exact_int_mm() -> bool:
+    """Whether torch._int_mm sums int8 products exactly here: checked once on the largest products (127 x 127) over
+    a prompt-sized shape, the case that overflows vpmaddubsw's int16 pairs on CPUs without VNNI."""
+    return _exact_int_mm()
 
 
 def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -219,7 +227,7 @@ def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> to
 # The kernels, dequantising where none was built. x is fp32 (M, K); the result (M, N).
 # Rows of x up to which the C kernels multiply (each weight row streamed once); more go to a GEMM, which reuses each
 # weight across rows: oneDNN's fp32 GEMM from ~4-8 rows (MKL's from ~32), the int8 GEMM from ~16.
-FP32_KERNEL_ROWS = 4 if onednn_fp32() else 16
+FP32_KERNEL_ROWS = 4 if ONEDNN_FP32 else 16
 INT8_KERNEL_ROWS = 16
 
 

@@ -180,7 +180,7 @@ def test_exact_int_mm_says_whether_onednn_has_vnni_here():
     import subprocess
     import sys
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if not quant.onednn_fp32() or " avx2" not in flags:
+    if not quant.ONEDNN_FP32 or " avx2" not in flags:
         pytest.skip("needs an x86 CPU and torch's oneDNN")
     code = "from support import quant; print(quant.exact_int_mm())"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

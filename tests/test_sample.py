@@ -645,6 +645,22 @@ def test_compiled_decode_keeps_the_kernels_in_one_graph(tiny, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_compiled_decode_of_more_rows_than_the_kernels_take_is_one_graph(tiny, mode):
+    """A batch of more rows than FP32_KERNEL_ROWS / INT8_KERNEL_ROWS (a server's) takes the GEMMs, in the graph"""
+    import copy
+
+    kernels_built()
+    m = copy.deepcopy(tiny)
+    m = sample.decode_layout(quant.quantize_model(m, mode) if mode else m)
+    rows = max(quant.FP32_KERNEL_ROWS, quant.INT8_KERNEL_ROWS) + 1
+    m.setup_cache(rows, 16)
+    explained = torch._dynamo.explain(sample.decode_one)(m, torch.ones(rows, 1, dtype=torch.long), 3, None, None)
+    m.clear_cache()
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_decode_gives_the_same_greedy_tokens(tiny, dtype):
     import copy
