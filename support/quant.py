@@ -92,16 +92,16 @@ def quant_kernels(extra_flags: tuple[str, ...] = ()):
     lib = cache / f"quant_kernels_{key.hexdigest()[:16]}.so"
     ops = lib.with_suffix(".ops.so")
     try:
-        if not lib.exists() or not (extra_flags or ops.exists()):
+        if not all(path.exists() for path in ([lib] if extra_flags else [lib, ops])):
             cache.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-            built_files = [(tmp, lib)] + ([] if extra_flags else [(tmp.with_suffix(".ops.so"), ops)])
             t0 = time.perf_counter()
             try:
                 for cmd in _build_commands(tmp, extra_flags):
                     subprocess.run(cmd, check=True, capture_output=True, text=True)
-                for built, final in reversed(built_files):  # atomic: a process beside this one never loads half a file
-                    os.replace(built, final)              # (the ops first: lib's presence says both are there)
+                if not extra_flags:  # atomic: a process beside this one never loads half a file
+                    os.replace(tmp.with_suffix(".ops.so"), ops)
+                os.replace(tmp, lib)
             finally:
                 for path in (tmp, tmp.with_suffix(".o"), tmp.with_suffix(".ops.so")):
                     path.unlink(missing_ok=True)
